@@ -1,0 +1,271 @@
+"""The only module that knows which concurrency mode is in use.
+
+Everything else asks a :class:`Backend` for what differs between modes: the lock that guards
+a group's bookkeeping, the one-shot signal a waiter sleeps on, a deadline for blocking driver
+calls, sleeping, background tasks, the identity of the running task, and how psycopg2 is
+made to yield.
+
+Why the cooperative modes use no lock at all: under gevent and eventlet a greenlet only
+switches when it blocks, and the pool's critical sections never block (no I/O, no logging,
+no waiting inside them), so they are atomic by construction. A lock there would only add
+cost. In ``threaded`` mode the same sections run under a real ``threading.Lock``.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import warnings
+from collections.abc import Callable, Hashable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Protocol
+
+from .errors import ConfigError
+
+
+class Signal(Protocol):
+    """A one-shot wake-up for one waiter."""
+
+    def set(self) -> None: ...
+
+    def wait(self, timeout: float | None) -> bool: ...
+
+
+class Task(Protocol):
+    def kill(self) -> None: ...
+
+
+class Backend:
+    """What the pool needs from a concurrency model. Subclasses fill in the differences."""
+
+    name = "?"
+    #: True when other tasks can run while one waits (a wait can be satisfied by someone).
+    can_wait = True
+
+    def lock(self) -> AbstractContextManager[Any]:
+        return nullcontext()
+
+    def signal(self) -> Signal:
+        raise NotImplementedError
+
+    def deadline(self, seconds: float, error: BaseException) -> AbstractContextManager[Any]:
+        """Raise ``error`` if the body is still blocked after ``seconds``.
+
+        Needed because with a green wait callback libpq ignores ``connect_timeout``: only the
+        event loop can interrupt a hung connect. Blocking modes return a no-op and rely on
+        libpq's own timeouts instead.
+        """
+        return nullcontext()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    def spawn(self, func: Callable[[], None]) -> Task | None:
+        """Start a background task, or return None where the mode has no background work."""
+        return None
+
+    def current(self) -> Hashable:
+        """Identity of the running task: a greenlet, or a thread id."""
+        return threading.get_ident()
+
+    def resolve(self, host: str, port: int) -> str | None:
+        """An IP address for ``host`` without blocking the hub, or None to let libpq resolve."""
+        return None
+
+    def patch_driver(self) -> None:
+        """Make psycopg2 cooperate with this mode (idempotent)."""
+
+    def readable(self, fd: int) -> bool:
+        """Whether ``fd`` has data to read right now: a zero-timeout poll, never a switch."""
+        return bool(_original_select([fd], [], [], 0)[0])
+
+
+def _load_original_select() -> Callable[..., Any]:
+    """The real ``select.select`` even if gevent or eventlet patched the module."""
+    try:
+        from gevent.monkey import get_original
+
+        return get_original("select", "select")
+    except ImportError:  # pragma: no cover - gevent is a hard dependency
+        import select
+
+        return select.select
+
+
+_original_select = _load_original_select()
+
+
+def _is_address(host: str) -> bool:
+    if host.startswith("/"):
+        return True  # a Unix socket directory: nothing to resolve
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+            return True
+        except OSError:
+            pass
+    return False
+
+
+class _ThreadTask:
+    def __init__(self, func: Callable[[], None]) -> None:
+        self._thread = threading.Thread(target=func, name="greenpool-maintenance", daemon=True)
+        self._thread.start()
+
+    def kill(self) -> None:  # the loop exits on its own once the pool's stop signal is set
+        pass
+
+
+class GeventBackend(Backend):
+    name = "gevent"
+
+    def __init__(self) -> None:
+        import gevent
+        import gevent.event
+        import gevent.socket
+
+        self._gevent = gevent
+        self._event = gevent.event.Event
+        self._getaddrinfo = gevent.socket.getaddrinfo
+
+    def signal(self) -> Signal:
+        return self._event()
+
+    def deadline(self, seconds: float, error: BaseException) -> AbstractContextManager[Any]:
+        return self._gevent.Timeout(seconds, error)
+
+    def sleep(self, seconds: float) -> None:
+        self._gevent.sleep(seconds)
+
+    def spawn(self, func: Callable[[], None]) -> Task:
+        return self._gevent.spawn(func)
+
+    def current(self) -> Hashable:
+        return self._gevent.getcurrent()
+
+    def resolve(self, host: str, port: int) -> str | None:
+        if _is_address(host):
+            return None
+        infos = self._getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+        return str(infos[0][4][0]) if infos else None
+
+    def patch_driver(self) -> None:
+        from psycogreen.gevent import gevent_wait_callback, patch_psycopg
+        from psycopg2 import extensions
+
+        if extensions.get_wait_callback() is not gevent_wait_callback:
+            patch_psycopg()
+
+
+class _EventletSignal:
+    """eventlet's Event cannot time out cleanly; a zero semaphore can."""
+
+    def __init__(self, semaphore_class: Any) -> None:
+        self._sem = semaphore_class(0)
+
+    def set(self) -> None:
+        self._sem.release()
+
+    def wait(self, timeout: float | None) -> bool:
+        return bool(self._sem.acquire(blocking=True, timeout=timeout))
+
+
+class _EventletTask:
+    def __init__(self, thread: Any) -> None:
+        self._thread = thread
+
+    def kill(self) -> None:
+        self._thread.kill()
+
+
+class EventletBackend(Backend):
+    name = "eventlet"
+
+    def __init__(self) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # eventlet warns about its own deprecation on import
+            import eventlet
+            import eventlet.semaphore
+        self._eventlet = eventlet
+        self._semaphore = eventlet.semaphore.Semaphore
+
+    def signal(self) -> Signal:
+        return _EventletSignal(self._semaphore)
+
+    def deadline(self, seconds: float, error: BaseException) -> AbstractContextManager[Any]:
+        return self._eventlet.Timeout(seconds, error)
+
+    def sleep(self, seconds: float) -> None:
+        self._eventlet.sleep(seconds)
+
+    def spawn(self, func: Callable[[], None]) -> Task:
+        return _EventletTask(self._eventlet.spawn(func))
+
+    def current(self) -> Hashable:
+        return self._eventlet.getcurrent()
+
+    def patch_driver(self) -> None:
+        from psycogreen.eventlet import eventlet_wait_callback, patch_psycopg
+        from psycopg2 import extensions
+
+        if extensions.get_wait_callback() is not eventlet_wait_callback:
+            patch_psycopg()
+
+
+class ThreadedBackend(Backend):
+    name = "threaded"
+
+    def lock(self) -> AbstractContextManager[Any]:
+        return threading.Lock()
+
+    def signal(self) -> Signal:
+        return threading.Event()
+
+    def spawn(self, func: Callable[[], None]) -> Task:
+        return _ThreadTask(func)
+
+
+class _NeverSignal:
+    """With a single thread and no greenlets nobody else can hand a connection back."""
+
+    def set(self) -> None:
+        pass
+
+    def wait(self, timeout: float | None) -> bool:
+        return False
+
+
+class SingleBackend(Backend):
+    """``non-threaded``: one caller at a time, no background work, no locking."""
+
+    name = "non-threaded"
+    can_wait = False
+
+    def signal(self) -> Signal:
+        return _NeverSignal()
+
+
+_BACKENDS: dict[str, Callable[[], Backend]] = {
+    "gevent": GeventBackend,
+    "eventlet": EventletBackend,
+    "threaded": ThreadedBackend,
+    "non-threaded": SingleBackend,
+}
+
+
+def backend_for(mode: str) -> Backend:
+    """The backend of ``mode``, with psycopg2 patched for it."""
+    try:
+        factory = _BACKENDS[mode]
+    except KeyError:
+        raise ConfigError(f"type: expected one of {', '.join(_BACKENDS)}; got {mode!r}") from None
+    try:
+        backend = factory()
+    except ImportError as exc:
+        raise ConfigError(
+            f"type: mode {mode!r} needs a package that is not installed ({exc.name}); "
+            f"install it (pip install 'greenpool[{mode}]') or pick another mode"
+        ) from exc
+    backend.patch_driver()
+    return backend

@@ -1,0 +1,265 @@
+"""One pooled psycopg2 connection: how it is opened, checked on borrow and reset on return.
+
+The rules come from measured driver behaviour (see docs/field-notes in the README):
+
+* Under a green wait callback libpq ignores ``connect_timeout``, so every connect runs under
+  a deadline of our own.
+* An idle connection whose server went away still says ``closed == 0``; its socket is
+  readable, though. So borrowing costs one zero-timeout poll, and a real ``SELECT 1`` is
+  only sent when the socket is readable or the connection sat idle for a while.
+* psycopg2's ``rollback()`` does nothing in autocommit mode, so the reset on return is
+  judged by the server-reported transaction status, not by the autocommit flag.
+* Anything whose state is unknown (interrupted mid-query, mid-rollback) is discarded.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import psycopg2
+import psycopg2.extras
+from psycopg2 import extensions
+
+from .concurrency import Backend
+from .config import EndpointConfig, GroupConfig
+from .endpoint import Endpoint
+
+_STATUS_IDLE = extensions.TRANSACTION_STATUS_IDLE
+_STATUS_OPEN = (extensions.TRANSACTION_STATUS_INTRANS, extensions.TRANSACTION_STATUS_INERROR)
+
+_ROW_FACTORIES: dict[str, Any] = {
+    "tuple": None,
+    "dict": psycopg2.extras.RealDictCursor,
+    "namedtuple": psycopg2.extras.NamedTupleCursor,
+}
+
+# Connect errors that retrying the same configuration cannot fix. psycopg2 gives no SQLSTATE
+# for errors raised while connecting, so the server's message is all there is.
+_FATAL_CONNECT_MARKERS = (
+    "password authentication failed",
+    "authentication failed",
+    "no pg_hba.conf entry",
+    "does not exist",
+    "no password supplied",
+    "invalid connection option",
+)
+
+
+class ConnectError(Exception):
+    """A connect attempt to one endpoint failed. ``fatal``: retrying cannot help."""
+
+    def __init__(self, endpoint: EndpointConfig, message: str, *, fatal: bool = False) -> None:
+        super().__init__(f"{endpoint.label}: {message}")
+        self.endpoint = endpoint
+        self.reason = message
+        self.fatal = fatal
+
+
+class _Deadline(Exception):
+    """Raised into a task whose driver call outlived its deadline. Private: never escapes."""
+
+
+class PooledConnection:
+    """A raw psycopg2 connection plus the bookkeeping the pool needs about it."""
+
+    __slots__ = ("created", "endpoint", "expires", "generation", "last_used", "raw")
+
+    def __init__(self, raw: Any, endpoint: Endpoint, expires: float, generation: int) -> None:
+        now = time.monotonic()
+        self.raw = raw
+        self.endpoint = endpoint
+        self.created = now
+        self.last_used = now
+        self.expires = expires
+        self.generation = generation
+
+    def __repr__(self) -> str:
+        state = "closed" if self.raw.closed else "open"
+        return f"<PooledConnection {self.endpoint.label} {state}>"
+
+
+def _escape_option(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(" ", "\\ ")
+
+
+def connect_kwargs(
+    endpoint: EndpointConfig, group: GroupConfig, application_name: str
+) -> dict[str, Any]:
+    """The psycopg2.connect arguments for a connection of ``group`` to ``endpoint``.
+
+    Session settings travel in the startup packet (``options``): no extra round trip.
+    """
+    settings: list[str] = []
+    statement_timeout = group.statement_timeout
+    if statement_timeout is None:
+        statement_timeout = endpoint.statement_timeout
+    if statement_timeout is not None:
+        settings.append(f"statement_timeout={int(statement_timeout * 1000)}")
+    if endpoint.temp_buffers_mb is not None:
+        settings.append(f"temp_buffers={endpoint.temp_buffers_mb}MB")
+    if group.readonly:
+        settings.append("default_transaction_read_only=on")
+
+    kwargs: dict[str, Any] = {
+        "host": endpoint.host,
+        "port": endpoint.port,
+        "dbname": endpoint.dbname,
+        "application_name": application_name,
+        **endpoint.keepalives,
+        **endpoint.options,
+    }
+    if endpoint.user is not None:
+        kwargs["user"] = endpoint.user
+    if endpoint.password is not None:
+        kwargs["password"] = endpoint.password
+    if endpoint.sslmode is not None:
+        kwargs["sslmode"] = endpoint.sslmode
+    if settings:
+        ours = " ".join(f"-c {_escape_option(s)}" for s in settings)
+        kwargs["options"] = f"{kwargs['options']} {ours}" if "options" in kwargs else ours
+    factory = _ROW_FACTORIES[group.row_factory]
+    if factory is not None:
+        kwargs["cursor_factory"] = factory
+    return kwargs
+
+
+def open_connection(
+    endpoint: EndpointConfig,
+    group: GroupConfig,
+    kwargs: dict[str, Any],
+    backend: Backend,
+    seconds: float,
+) -> Any:
+    """Open one raw connection within ``seconds``, or raise :class:`ConnectError`."""
+    kwargs = dict(kwargs)
+    # Blocking modes: libpq's own timeout works there (whole seconds, at least 2).
+    kwargs["connect_timeout"] = max(2, int(seconds + 0.999))
+    deadline = _Deadline()
+    try:
+        with backend.deadline(seconds, deadline):
+            hostaddr = backend.resolve(endpoint.host, endpoint.port)
+            if hostaddr is not None:
+                kwargs["hostaddr"] = hostaddr
+            raw = psycopg2.connect(**kwargs)
+    except _Deadline as exc:
+        if exc is not deadline:
+            raise
+        raise ConnectError(endpoint, f"no answer within {seconds:.2f} s") from None
+    except psycopg2.Error as exc:
+        message = str(exc).strip().replace("\n", " ")
+        fatal = any(marker in message for marker in _FATAL_CONNECT_MARKERS)
+        raise ConnectError(endpoint, message, fatal=fatal) from None
+    except OSError as exc:  # name resolution failed
+        raise ConnectError(endpoint, f"cannot resolve host: {exc}") from None
+    raw.autocommit = group.autocommit
+    return raw
+
+
+def _round_trip(raw: Any, sql: str, backend: Backend, seconds: float) -> None:
+    deadline = _Deadline()
+    try:
+        with backend.deadline(seconds, deadline), raw.cursor() as cursor:
+            cursor.execute(sql)
+    except _Deadline as exc:
+        if exc is not deadline:
+            raise
+        raise psycopg2.OperationalError(f"no answer to {sql!r} within {seconds:.2f} s") from None
+
+
+def check_on_borrow(pc: PooledConnection, group: GroupConfig, backend: Backend, now: float) -> str:
+    """'' if ``pc`` may be handed out, else the reason to discard it.
+
+    Costs one zero-timeout poll; sends ``SELECT 1`` only when the socket has something to say
+    (a closed server, a NOTIFY) or the connection sat idle longer than ``check_idle_after``.
+    """
+    raw = pc.raw
+    if raw.closed:
+        return "closed"
+    if now >= pc.expires:
+        return "max_lifetime"
+    idle_for = now - pc.last_used
+    if idle_for >= group.max_idle:
+        return "max_idle"
+    if idle_for < group.check_idle_after and not backend.readable(raw.fileno()):
+        return ""
+    try:
+        if raw.autocommit:
+            _round_trip(raw, "SELECT 1", backend, pc.endpoint.config.connect_timeout)
+        else:  # without autocommit the ping would open a transaction
+            raw.autocommit = True
+            try:
+                _round_trip(raw, "SELECT 1", backend, pc.endpoint.config.connect_timeout)
+            finally:
+                if not raw.closed:
+                    raw.autocommit = False
+    except psycopg2.Error:
+        return "failed_check"
+    del raw.notifies[:]
+    return ""
+
+
+def reset_on_return(pc: PooledConnection, group: GroupConfig, backend: Backend) -> str:
+    """Bring ``pc`` back to a clean session; '' if reusable, else the reason to discard it.
+
+    May raise a BaseException (timeout, kill) from the rollback; the caller then discards.
+    """
+    raw = pc.raw
+    if raw.closed:
+        return "broken"
+    status = raw.info.transaction_status
+    if status != _STATUS_IDLE:
+        if status not in _STATUS_OPEN:
+            return "unknown_state"  # a command still running, or the link is gone
+        try:
+            if raw.autocommit:  # psycopg2's rollback() is a no-op here
+                _round_trip(raw, "ROLLBACK", backend, pc.endpoint.config.connect_timeout)
+            else:
+                raw.rollback()
+        except psycopg2.Error:
+            return "reset_failed"
+        if raw.info.transaction_status != _STATUS_IDLE:
+            return "reset_failed"
+    if raw.readonly is not None or raw.isolation_level is not None or raw.deferrable is not None:
+        # psycopg2 may have sent these to the server as SETs (in autocommit) or kept them
+        # client-side; which one depends on history we cannot see. Start afresh instead.
+        return "session_changed"
+    if raw.autocommit != group.autocommit:
+        raw.autocommit = group.autocommit
+    if raw.notices:
+        del raw.notices[:]
+    if raw.notifies:
+        del raw.notifies[:]
+    return "max_lifetime" if time.monotonic() >= pc.expires else ""
+
+
+def close_quietly(pc: PooledConnection) -> None:
+    """Close without raising: the connection is being thrown away anyway."""
+    try:
+        pc.raw.close()
+    except Exception:
+        pass
+
+
+def silence_inherited(pc: PooledConnection) -> None:
+    """Point a connection inherited from the parent process at /dev/null.
+
+    Runs in the child right after ``fork()``. The socket is shared with the parent: any
+    byte the child sends (a query, or the Terminate message a close sends) would land in
+    the parent's session. After ``dup2`` the descriptor is /dev/null: the child can neither
+    read from nor write into the parent's session, and a later close is harmless. Only
+    syscalls here, no locks: the child may be about to ``exec``.
+    """
+    raw = pc.raw
+    if raw.closed:
+        return
+    try:
+        fd = raw.fileno()
+        devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            os.dup2(devnull, fd, inheritable=False)
+        finally:
+            os.close(devnull)
+    except (OSError, psycopg2.Error):
+        pass

@@ -1,0 +1,433 @@
+"""One endpoint group: a bounded set of connections, a fair waiting line, exact accounting.
+
+Invariants (all changed only under ``self._lock``, in sections that never block):
+
+* ``_size`` counts *slots*: idle connections + lent connections + connects in progress. A
+  slot is reserved before a connect starts, so the group never exceeds
+  ``connection_count`` however greenlets interleave.
+* Whoever holds a slot gives it back exactly once: by lending a connection (which comes back
+  through :meth:`release`), by handing it to the oldest waiter, or by decrementing
+  ``_size``. Every path that can be interrupted (``gevent.Timeout``, ``GreenletExit``, any
+  ``BaseException``) gives its slot back before re-raising.
+* Someone waits only if nothing is idle; a returned connection or a freed slot goes to the
+  oldest waiter directly (first come, first served).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+from .concurrency import Backend
+from .config import GroupConfig
+from .connection import (
+    ConnectError,
+    PooledConnection,
+    check_on_borrow,
+    close_quietly,
+    connect_kwargs,
+    open_connection,
+    reset_on_return,
+    silence_inherited,
+)
+from .endpoint import Endpoint
+from .errors import ConnectFailed, NoHealthyEndpoint, PoolClosed, PoolTimeout, TooManyWaiters
+from .stats import GroupCounters
+from .waiting import SLOT, Waiter, WaitLine
+
+logger = logging.getLogger("greenpool")
+
+_monotonic = time.monotonic
+_BACKOFF_CAP = 2.0  # seconds: the longest pause between two rounds of connect attempts
+_LIFETIME_JITTER = 0.1  # up to 10 % shorter, so connections opened together do not expire together
+
+# Connections that were lent out when this process was forked from its parent; kept
+# referenced so that they are never deallocated (see Group.after_fork_in_child).
+_inherited_in_use: list[PooledConnection] = []
+
+
+class Group:
+    """The connections of one group, e.g. ``'write'`` or ``'read'``."""
+
+    def __init__(
+        self,
+        config: GroupConfig,
+        endpoints: Sequence[Endpoint],
+        backend: Backend,
+        application_name: str,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.counters = GroupCounters()
+        self._backend = backend
+        self._lock = backend.lock()
+        self._endpoints = list(endpoints)
+        self._kwargs = {
+            ep: connect_kwargs(ep.config, config, application_name) for ep in self._endpoints
+        }
+        self._open_per_endpoint = dict.fromkeys(self._endpoints, 0)
+        self._rotation = random.randrange(len(self._endpoints))
+        self._idle: deque[PooledConnection] = deque()  # right end = most recently returned
+        self._lent: set[PooledConnection] = set()
+        self._line = WaitLine()
+        self._size = 0
+        self._closed = False
+        self._generation = 0
+
+    # --- borrowing ------------------------------------------------------------------------
+
+    def acquire(self, timeout: float | None = None) -> PooledConnection:
+        """A healthy connection within ``timeout`` seconds (the group's default if None).
+
+        Raises :class:`PoolTimeout` (or :class:`NoHealthyEndpoint` when connecting kept
+        failing), :class:`TooManyWaiters`, :class:`ConnectFailed` or :class:`PoolClosed`.
+        """
+        wait_for = self.config.timeout if timeout is None else timeout
+        deadline = _monotonic() + wait_for
+        self.counters.acquires += 1
+        waiter = None
+        with self._lock:
+            if self._closed:
+                raise PoolClosed(f"group {self.name!r}: the pool is closed")
+            if self._line:
+                item: Any = None  # others were first: queue behind them
+            elif self._idle:
+                item = self._idle.pop()
+            elif self._size < self.config.connection_count:
+                self._size += 1
+                item = SLOT
+            else:
+                item = None
+            if item is None:
+                waiter = self._join_line(wait_for)
+        if waiter is not None:
+            item = self._wait(waiter, deadline, wait_for)
+            if item is not SLOT:
+                self._lent.add(item)  # handed over straight from release(): already clean
+                return item
+        return self._prepare(item, deadline)
+
+    def _join_line(self, wait_for: float) -> Waiter:
+        max_waiting = self.config.max_waiting
+        if max_waiting and len(self._line) >= max_waiting:
+            raise TooManyWaiters(
+                f"group {self.name!r}: {len(self._line)} callers already wait for a connection "
+                f"(max_waiting={max_waiting}); shed load or raise connection_count"
+            )
+        if not self._backend.can_wait or wait_for <= 0:
+            self.counters.timeouts += 1
+            raise PoolTimeout(self._busy_message(wait_for))
+        waiter = Waiter(self._backend.signal())
+        self._line.join(waiter)
+        return waiter
+
+    def _wait(self, waiter: Waiter, deadline: float, wait_for: float) -> Any:
+        self.counters.waits += 1
+        started = _monotonic()
+        try:
+            waiter.signal.wait(max(0.0, deadline - started))
+        except BaseException:
+            self._abandon(waiter)
+            raise
+        finally:
+            self.counters.wait_time += _monotonic() - started
+        with self._lock:
+            if not waiter.served:
+                self._line.leave(waiter)
+        if waiter.error is not None:
+            raise waiter.error
+        if waiter.item is None:
+            self.counters.timeouts += 1
+            raise PoolTimeout(self._busy_message(wait_for))
+        return waiter.item
+
+    def _abandon(self, waiter: Waiter) -> None:
+        """A waiter was interrupted: leave the line, or pass on what it was just handed."""
+        with self._lock:
+            if not waiter.served:
+                self._line.leave(waiter)
+                return
+        if waiter.item is SLOT:
+            self._free_slot()
+        elif waiter.item is not None:
+            self._give_back(waiter.item)
+
+    def _prepare(self, item: Any, deadline: float) -> PooledConnection:
+        """Turn a reserved slot (an idle connection to check, or SLOT) into a lent connection."""
+        try:
+            if item is not SLOT:
+                reason = check_on_borrow(item, self.config, self._backend, _monotonic())
+                if not reason:
+                    self._lent.add(item)
+                    return item
+                self._discard(item, reason)
+                if reason in ("closed", "failed_check"):
+                    self._evict_dead_idle(item.endpoint)
+                item = SLOT
+            pc = self._open(deadline)
+            self._lent.add(pc)
+            return pc
+        except BaseException:
+            if item is not SLOT:  # interrupted while checking it: its state is unknown
+                self._discard(item, "interrupted")
+            self._free_slot()
+            raise
+
+    # --- connecting -----------------------------------------------------------------------
+
+    def _endpoint_order(self) -> list[Endpoint]:
+        """Fewest connections (per weight) first; ties rotate so no endpoint is favoured."""
+        endpoints = self._endpoints
+        if len(endpoints) == 1:
+            return endpoints
+        start = self._rotation
+        self._rotation = (start + 1) % len(endpoints)
+        rotated = endpoints[start:] + endpoints[:start]
+        counts = self._open_per_endpoint
+        return sorted(rotated, key=lambda ep: counts[ep] / ep.config.weight)
+
+    def _open(self, deadline: float) -> PooledConnection:
+        """Connect to the first endpoint that answers, retrying with backoff until deadline."""
+        last_error: ConnectError | None = None
+        attempt = 0
+        while True:
+            for endpoint in self._endpoint_order():
+                remaining = deadline - _monotonic()
+                if remaining <= 0:
+                    break
+                seconds = min(endpoint.config.connect_timeout, remaining)
+                try:
+                    raw = open_connection(
+                        endpoint.config, self.config, self._kwargs[endpoint], self._backend, seconds
+                    )
+                except ConnectError as exc:
+                    last_error = exc
+                    self.counters.connect_errors += 1
+                    endpoint.record_connect_error(exc.reason)
+                    logger.warning("group %r: cannot connect to %s", self.name, exc)
+                    if exc.fatal:
+                        raise ConnectFailed(
+                            f"group {self.name!r}: {exc}; fix the endpoint's configuration"
+                        ) from None
+                    continue
+                endpoint.record_connect()
+                self.counters.connects += 1
+                self._open_per_endpoint[endpoint] += 1
+                lifetime = self.config.max_lifetime * (1 - _LIFETIME_JITTER * random.random())
+                return PooledConnection(raw, endpoint, _monotonic() + lifetime, self._generation)
+            remaining = deadline - _monotonic()
+            if remaining <= 0:
+                self.counters.timeouts += 1
+                raise NoHealthyEndpoint(self._unreachable_message(last_error))
+            base = min(ep.config.retry_sleep for ep in self._endpoints)
+            pause = random.uniform(0, min(_BACKOFF_CAP, base * 2**attempt))  # full jitter
+            self._backend.sleep(min(pause, remaining))
+            attempt += 1
+
+    # --- returning ------------------------------------------------------------------------
+
+    def release(self, pc: PooledConnection, discard: str = "") -> None:
+        """Take a lent connection back: reset it and reuse it, or discard it and free its slot.
+
+        ``discard`` forces a discard with that reason. Never loses the slot, even when the
+        reset is interrupted; the interruption is re-raised after the accounting is done.
+        """
+        self._lent.discard(pc)
+        if pc.generation != self._generation:  # the parent's, lent at fork time: see below
+            return
+        reason = discard
+        if not reason:
+            try:
+                reason = reset_on_return(pc, self.config, self._backend)
+            except BaseException:
+                self._discard(pc, "interrupted")
+                self._free_slot()
+                raise
+        if reason:
+            self._discard(pc, reason)
+            self._free_slot()
+        else:
+            pc.last_used = _monotonic()
+            self._give_back(pc)
+
+    def _give_back(self, pc: PooledConnection) -> None:
+        """A clean connection: to the oldest waiter, else to the idle stack."""
+        with self._lock:
+            if not self._closed:
+                if not self._line.serve(pc):
+                    self._idle.append(pc)
+                return
+            self._size -= 1
+        self._discard(pc, "pool_closed")
+
+    def _free_slot(self) -> None:
+        """A slot whose connection is gone: to the oldest waiter (who will connect), or free."""
+        with self._lock:
+            if self._closed or not self._line.serve(SLOT):
+                self._size -= 1
+
+    def _discard(self, pc: PooledConnection, reason: str) -> None:
+        """Close ``pc`` and count why. The caller deals with its slot."""
+        self.counters.discards[reason] += 1
+        self._open_per_endpoint[pc.endpoint] -= 1
+        close_quietly(pc)
+        logger.debug("group %r: discarded a connection to %s (%s)", self.name, pc.endpoint, reason)
+
+    def _evict_dead_idle(self, endpoint: Endpoint) -> None:
+        """One dead connection to ``endpoint`` found: drop its idle peers that look dead too.
+
+        Cheap (a zero-timeout poll each) and done at once, so a server restart does not cost
+        one failed check per pooled connection, one borrow at a time.
+        """
+        readable = self._backend.readable
+        with self._lock:
+            dead = [
+                pc
+                for pc in self._idle
+                if pc.endpoint is endpoint and (pc.raw.closed or readable(pc.raw.fileno()))
+            ]
+            for pc in dead:
+                self._idle.remove(pc)
+        for pc in dead:
+            self._discard(pc, "evicted")
+            self._free_slot()
+
+    # --- housekeeping ---------------------------------------------------------------------
+
+    def maintain(self) -> None:
+        """Retire idle connections past ``max_idle``/``max_lifetime``, drop dead ones, refill
+        to ``min_size``. Runs in the pool's background task, never on the request path."""
+        now = _monotonic()
+        config = self.config
+        readable = self._backend.readable
+        with self._lock:
+            if self._closed:
+                return
+            retire, suspect = [], []
+            spare = self._size - config.min_size
+            for pc in list(self._idle):  # oldest-returned first
+                if pc.raw.closed or now >= pc.expires or (
+                    spare > 0 and now - pc.last_used >= config.max_idle
+                ):
+                    retire.append(pc)
+                    spare -= 1
+                elif readable(pc.raw.fileno()):
+                    suspect.append(pc)
+            for pc in retire + suspect:
+                self._idle.remove(pc)
+            refill = 0
+            if not self._line:
+                refill = max(0, config.min_size - self._size + len(retire))
+            self._size += refill
+        for pc in retire:
+            self._discard(pc, "closed" if pc.raw.closed else "expired")
+            self._free_slot()
+        for pc in suspect:  # readable while idle: a NOTIFY, or the server went away
+            try:
+                reason = check_on_borrow(pc, config, self._backend, _monotonic())
+            except BaseException:
+                self._discard(pc, "interrupted")
+                self._free_slot()
+                raise
+            if reason:
+                self._discard(pc, reason)
+                self._free_slot()
+            else:
+                self._give_back(pc)
+        for _ in range(refill):
+            self._refill_one()
+
+    def _refill_one(self) -> None:
+        endpoint_timeout = max(ep.config.connect_timeout for ep in self._endpoints)
+        try:
+            pc = self._open(_monotonic() + endpoint_timeout)
+        except BaseException:
+            self._free_slot()
+            raise
+        self._give_back(pc)
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close idle connections now, lent ones when they come back; fail every waiter."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            idle = list(self._idle)
+            self._idle.clear()
+            self._size -= len(idle)
+            self._line.fail_all(self._closed_error)
+        for pc in idle:
+            self._discard(pc, "pool_closed")
+
+    def _closed_error(self) -> BaseException:
+        return PoolClosed(f"group {self.name!r}: the pool was closed while waiting")
+
+    def after_fork_in_child(self) -> None:
+        """Forget the parent's connections without disturbing the parent's sessions.
+
+        Runs inside ``os.fork()`` in the child (also before every ``subprocess`` exec), so
+        it only resets state and makes syscalls. Connections lent at fork time are never
+        closed in the child: psycopg2 holds a connection's mutex across a green wait, so a
+        connection that was mid-query in the parent has that mutex locked forever in the
+        child, and closing it would hang. They are silenced and kept referenced instead.
+        """
+        idle, lent = list(self._idle), list(self._lent)
+        self._lock = self._backend.lock()  # a lock held by a parent thread would never be freed
+        self._idle.clear()
+        self._lent.clear()
+        self._line = WaitLine()
+        self._size = 0
+        self._generation += 1
+        self._open_per_endpoint = dict.fromkeys(self._endpoints, 0)
+        for pc in idle + lent:
+            silence_inherited(pc)
+        _inherited_in_use.extend(lent)
+        for pc in idle:  # idle ones are not mid-query: closing only writes to /dev/null
+            close_quietly(pc)
+
+    # --- reporting ------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def stats(self) -> dict[str, Any]:
+        idle, in_use = len(self._idle), len(self._lent)
+        return {
+            "size": self._size,
+            "max_size": self.config.connection_count,
+            "idle": idle,
+            "in_use": in_use,
+            "connecting": self._size - idle - in_use,
+            "waiting": len(self._line),
+            **self.counters.export(),
+        }
+
+    def _busy_message(self, wait_for: float) -> str:
+        return (
+            f"group {self.name!r}: no connection free within {wait_for:.2f} s "
+            f"({len(self._lent)} of {self.config.connection_count} in use, "
+            f"{len(self._line)} waiting); raise connection_count or timeout, "
+            f"or look for code holding connections too long"
+        )
+
+    def _unreachable_message(self, last_error: ConnectError | None) -> str:
+        endpoints = "; ".join(ep.describe() for ep in self._endpoints)
+        return (
+            f"group {self.name!r}: could not connect to any endpoint within the acquire "
+            f"timeout. Endpoints: {endpoints}. Check that the servers are up and reachable."
+        )
+
+    def __repr__(self) -> str:
+        s = self.stats()
+        return (
+            f"<Group {self.name!r} size={s['size']}/{s['max_size']} idle={s['idle']} "
+            f"in_use={s['in_use']} waiting={s['waiting']}>"
+        )
+

@@ -1,0 +1,151 @@
+"""The pool: endpoint groups built from one configuration, their housekeeping, fork safety."""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+from .concurrency import Backend, Signal, backend_for
+from .config import PoolConfig, parse_config
+from .endpoint import Endpoint
+from .errors import ConfigError, PoolClosed
+from .group import Group
+from .handler import Handler
+
+logger = logging.getLogger("greenpool")
+
+_live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+
+
+class Pool:
+    """Connections to one or more PostgreSQL endpoints, organised in named groups.
+
+    Create it after ``gevent.monkey.patch_all()`` (in gunicorn: lazily on first use or in
+    ``post_worker_init``, never in the master before fork) and ``close()`` it at exit.
+    """
+
+    def __init__(self, config: Mapping[str, Any] | PoolConfig) -> None:
+        self.config = parse_config(config)
+        self._backend: Backend = backend_for(self.config.mode)
+        self._endpoints = [Endpoint(c) for c in self.config.endpoints]
+        every = range(len(self._endpoints))
+        self._groups = {
+            name: Group(
+                group,
+                [self._endpoints[i] for i in (group.endpoints or every)],
+                self._backend,
+                self.config.application_name,
+            )
+            for name, group in self.config.groups.items()
+        }
+        self._only_group = next(iter(self._groups)) if len(self._groups) == 1 else None
+        # (group name, task identity) -> the outermost Handler that task holds in that group
+        self._held: dict[Any, Handler] = {}
+        self._closed = False
+        self._forked = False
+        self._stop: Signal | None = None
+        self._start_maintenance()
+        _live_pools.add(self)
+
+    # --- the API --------------------------------------------------------------------------
+
+    def handler(self, group: str | None = None, *, timeout: float | None = None) -> Handler:
+        """A context manager lending one connection of ``group`` for a block.
+
+        ``group`` may be omitted when only one group is configured. ``timeout`` overrides the
+        group's acquire timeout for this block.
+        """
+        if self._forked:
+            self._resume_after_fork()
+        return Handler(self, self.group(group), timeout)
+
+    def group(self, name: str | None = None) -> Group:
+        """The :class:`Group` called ``name`` (lower-level: ``acquire``/``release``)."""
+        if name is None:
+            if self._only_group is None:
+                raise ConfigError(f"handler(): name a group; configured: {sorted(self._groups)}")
+            name = self._only_group
+        try:
+            return self._groups[name]
+        except KeyError:
+            if self._closed:
+                raise PoolClosed("the pool is closed") from None
+            raise ConfigError(
+                f"group {name!r} is not configured; configured groups: {sorted(self._groups)}"
+            ) from None
+
+    def stats(self) -> dict[str, Any]:
+        """Gauges and counters per group, and what is known per endpoint."""
+        return {
+            "groups": {name: group.stats() for name, group in self._groups.items()},
+            "endpoints": {ep.label: ep.export() for ep in self._endpoints},
+        }
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Close idle connections now and lent ones as they come back; waiters get
+        :class:`PoolClosed`. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._stop is not None:
+            self._stop.set()
+        for group in self._groups.values():
+            group.close()
+        _live_pools.discard(self)
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        groups = ", ".join(repr(g) for g in self._groups.values())
+        return f"<greenpool.Pool {self._backend.name} {state}: {groups}>"
+
+    # --- housekeeping ---------------------------------------------------------------------
+
+    def _start_maintenance(self) -> None:
+        stop = self._backend.signal()
+        task = self._backend.spawn(lambda: self._maintain(stop, os.getpid()))
+        self._stop = stop if task is not None else None
+
+    def _maintain(self, stop: Signal, pid: int) -> None:
+        interval = self.config.maintenance_interval
+        while not stop.wait(interval):
+            if os.getpid() != pid:
+                return  # inherited across fork: the child starts a loop of its own
+            for group in list(self._groups.values()):
+                try:
+                    group.maintain()
+                except Exception as exc:
+                    logger.warning("group %r: housekeeping failed: %s", group.name, exc)
+
+    def _after_fork_in_child(self) -> None:
+        """Runs inside ``os.fork()`` in the child: only drop state, start nothing."""
+        for group in self._groups.values():
+            group.after_fork_in_child()
+        self._held.clear()
+        self._forked = True
+
+    def _resume_after_fork(self) -> None:
+        self._forked = False
+        if not self._closed:
+            self._start_maintenance()
+
+
+def _after_fork_in_child() -> None:
+    for pool in list(_live_pools):
+        pool._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,32 @@
+"""Counters a group keeps about itself, exported by ``Pool.stats()`` under stable keys."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class GroupCounters:
+    """Monotonic counters; gauges (size, idle, ...) are read from the group when exported."""
+
+    acquires: int = 0
+    waits: int = 0
+    wait_time: float = 0.0
+    timeouts: int = 0
+    connects: int = 0
+    connect_errors: int = 0
+    discards: Counter[str] = field(default_factory=Counter)
+
+    def export(self) -> dict[str, Any]:
+        return {
+            "acquires": self.acquires,
+            "waits": self.waits,
+            "wait_time": round(self.wait_time, 6),
+            "timeouts": self.timeouts,
+            "connects": self.connects,
+            "connect_errors": self.connect_errors,
+            "discards": sum(self.discards.values()),
+            "discards_by_reason": dict(self.discards),
+        }

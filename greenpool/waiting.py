@@ -1,0 +1,72 @@
+"""The waiting line of a group: strict first-come-first-served, with direct hand-off.
+
+A queue that waiters ``get()`` from is not fair: a greenlet that returns a connection and
+asks again at once can take it back ahead of everyone already waiting. Here a returned
+connection (or a freed slot) is *given* to the oldest waiter, whose signal is then set; no
+one can overtake. Each waiter is a small object so that a waiter that gives up (timeout,
+kill) can be taken out of the line, and so that a hand-off that raced with its giving up is
+never lost (see :meth:`Group._abandon`).
+
+All methods are called with the group's lock held; none of them blocks.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from .concurrency import Signal
+
+#: What a waiter receives when a slot (permission to open a connection) is freed instead of
+#: a connection being returned.
+SLOT = object()
+
+
+class Waiter:
+    __slots__ = ("error", "item", "signal")
+
+    def __init__(self, signal: Signal) -> None:
+        self.signal = signal
+        self.item: Any = None  # a PooledConnection or SLOT once served
+        self.error: BaseException | None = None
+
+    @property
+    def served(self) -> bool:
+        return self.item is not None or self.error is not None
+
+
+class WaitLine:
+    __slots__ = ("_line",)
+
+    def __init__(self) -> None:
+        self._line: deque[Waiter] = deque()
+
+    def __len__(self) -> int:
+        return len(self._line)
+
+    def join(self, waiter: Waiter) -> None:
+        self._line.append(waiter)
+
+    def leave(self, waiter: Waiter) -> None:
+        """Take a waiter that gave up out of the line (it may already have been served)."""
+        try:
+            self._line.remove(waiter)
+        except ValueError:
+            pass
+
+    def serve(self, item: Any) -> bool:
+        """Give ``item`` to the oldest waiter; False if nobody waits."""
+        if not self._line:
+            return False
+        waiter = self._line.popleft()
+        waiter.item = item
+        waiter.signal.set()
+        return True
+
+    def fail_all(self, make_error: Callable[[], BaseException]) -> None:
+        """Wake every waiter with an error of its own (used by close)."""
+        while self._line:
+            waiter = self._line.popleft()
+            waiter.error = make_error()
+            waiter.signal.set()

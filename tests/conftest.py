@@ -1,0 +1,170 @@
+"""Test-wide setup: one concurrency mode per process, real PostgreSQL servers, real faults.
+
+``GREENPOOL_TEST_MODE`` picks the mode (``gevent`` by default, ``threaded`` or ``eventlet``).
+Monkey-patching must happen before anything imports socket/threading users, so it is the
+very first thing this file does.
+"""
+
+from __future__ import annotations
+
+import os
+
+MODE = os.environ.get("GREENPOOL_TEST_MODE", "gevent")
+if MODE == "gevent":
+    from gevent import monkey
+
+    monkey.patch_all()
+elif MODE == "eventlet":
+    import warnings
+
+    with warnings.catch_warnings():  # "eventlet is deprecated" is not news to us
+        warnings.simplefilter("ignore")
+        import eventlet
+    eventlet.monkey_patch()
+elif MODE != "threaded":
+    raise RuntimeError(f"GREENPOOL_TEST_MODE must be gevent, threaded or eventlet, not {MODE!r}")
+
+import time  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from typing import Any  # noqa: E402
+
+import pytest  # noqa: E402
+from faults import BlackHole  # noqa: E402
+
+from greenpool.throwaway import Cluster  # noqa: E402
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> bool | None:
+    """Make pytest-timeout's signal method work under eventlet (gevent needs no help).
+
+    Under eventlet, pytest-timeout thinks it is not in the main thread and falls back to its
+    thread method, whose timer is a green thread (it never fires while the hub is blocked)
+    and which ends with ``os._exit``, leaking the throwaway servers. Instead the SIGALRM
+    handler raises the failure in the test's greenlet: directly, through the hub greenlet
+    (whose parent it is: eventlet replaces a dead hub), or by scheduling a throw.
+    """
+    if MODE != "eventlet" or settings.method != "signal":
+        return None
+    import signal
+
+    import greenlet
+    from eventlet import hubs
+
+    target = greenlet.getcurrent()
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        exc = pytest.fail.Exception(f"Timeout (>{settings.timeout}s) from pytest-timeout.")
+        current, hub = greenlet.getcurrent(), hubs.get_hub()
+        if current is target or (current is hub.greenlet and current.parent is target):
+            raise exc
+        hub.schedule_call_global(0, target.throw, exc)
+
+    def cancel() -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+    item.cancel_timeout = cancel  # type: ignore[attr-defined]
+    signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, settings.timeout)
+    return True
+
+
+@pytest.fixture(scope="session")
+def mode() -> str:
+    """The concurrency mode of this test process: gevent, threaded or eventlet."""
+    return MODE
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[Cluster]:
+    """One started throwaway cluster shared by the whole session; do not stop it in tests."""
+    with Cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def pg_factory() -> Iterator[Callable[..., Cluster]]:
+    """``make(start=True, standby_of=None, **Cluster_kwargs)``: extra clusters, gone after the test.
+
+    Use these for anything destructive (stop, restart, promote); ``standby_of=primary``
+    returns a started streaming standby of ``primary``.
+    """
+    made: list[Cluster] = []
+
+    def make(start: bool = True, standby_of: Cluster | None = None, **kw: Any) -> Cluster:
+        if standby_of is not None:
+            cluster = standby_of.make_standby(**kw)
+            made.append(cluster)
+            return cluster
+        cluster = Cluster(**kw)
+        made.append(cluster)
+        cluster.init()
+        if start:
+            cluster.start()
+        return cluster
+
+    yield make
+    for cluster in reversed(made):
+        cluster.destroy()
+
+
+@pytest.fixture
+def blackhole() -> Iterator[BlackHole]:
+    """A loopback endpoint that accepts TCP connections and never answers."""
+    with BlackHole() as hole:
+        yield hole
+
+
+@pytest.fixture
+def make_pool(pg: Cluster, mode: str) -> Iterator[Callable[..., Any]]:
+    """``make(groups, db=None, **top_level_keys) -> Pool`` in this process's mode, closed
+    after the test. ``db`` defaults to the shared cluster ``pg``."""
+    from greenpool import Pool
+
+    made: list[Any] = []
+
+    def make(groups: dict[str, Any], db: Any = None, **top: Any) -> Any:
+        pool = Pool({"type": mode, "db": db or pg.endpoint(), "groups": groups, **top})
+        made.append(pool)
+        return pool
+
+    yield make
+    for pool in made:
+        pool.close()
+
+
+@pytest.fixture
+def server_conns(pg: Cluster) -> Callable[..., int]:
+    """``count(application_name=None, dbname=None, user=None, cluster=None, expect=None)``.
+
+    Counts client backends in pg_stat_activity (of ``cluster``, default ``pg``) matching the
+    given filters, not counting the connection that asks. Backends leave asynchronously
+    after a client disconnects, so with ``expect=N`` it polls for up to ``timeout`` seconds
+    until the count equals N and returns the last count seen.
+    """
+
+    def count(
+        application_name: str | None = None,
+        dbname: str | None = None,
+        user: str | None = None,
+        cluster: Cluster | None = None,
+        expect: int | None = None,
+        timeout: float = 5.0,
+    ) -> int:
+        where = ["backend_type = 'client backend'", "pid <> pg_backend_pid()"]
+        params: list[str] = []
+        for column, value in (("application_name", application_name), ("datname", dbname),
+                              ("usename", user)):
+            if value is not None:
+                where.append(f"{column} = %s")
+                params.append(value)
+        query = "SELECT count(*) FROM pg_stat_activity WHERE " + " AND ".join(where)
+        deadline = time.monotonic() + timeout
+        while True:
+            found = int((cluster or pg).execute(query, params)[0][0])
+            if expect is None or found == expect or time.monotonic() > deadline:
+                return found
+            time.sleep(0.05)
+
+    return count

@@ -1,0 +1,161 @@
+"""The handler API against a real server: the issue's example, commit/rollback rules, nesting."""
+
+from __future__ import annotations
+
+import psycopg2
+import pytest
+
+import greenpool
+from greenpool import CommitOutcomeUnknown, TransactionAborted
+
+
+@pytest.fixture
+def table(pg):
+    pg.execute("DROP TABLE IF EXISTS t; CREATE TABLE t (id serial PRIMARY KEY, v text)")
+    yield "t"
+    pg.execute("DROP TABLE IF EXISTS t")
+
+
+def count(pg, value):
+    return pg.execute("SELECT count(*) FROM t WHERE v = %s", (value,))[0][0]
+
+
+def test_issue_example_commits_and_rolls_back(pg, mode, table):
+    greenpool.init(
+        {
+            "type": mode,
+            "db": [pg.endpoint()],
+            "groups": {
+                "write": {"connection_count": 10, "autocommit": False},
+                "read": {"connection_count": 20, "autocommit": True},
+            },
+        }
+    )
+    try:
+        with greenpool.handler("write") as db:
+            assert db.query("INSERT INTO t (v) VALUES (%s)", ("x",)) == 1
+            rows = db.query("SELECT id, v FROM t WHERE v = %s", ("x",))
+        assert [v for _, v in rows] == ["x"]
+        assert count(pg, "x") == 1  # committed at clean exit
+
+        with pytest.raises(ZeroDivisionError), greenpool.handler("write") as db:
+            db.query("INSERT INTO t (v) VALUES (%s)", ("gone",))
+            1 / 0  # noqa: B018
+        assert count(pg, "gone") == 0  # rolled back
+
+        with greenpool.handler("read") as db:
+            assert db.query("SELECT v FROM t WHERE v = %s", ("x",)) == [("x",)]
+    finally:
+        greenpool.close()
+
+
+def test_init_twice_is_an_error_and_close_allows_again(pg, mode):
+    config = {"type": mode, "db": pg.endpoint(), "groups": {"g": {}}}
+    greenpool.init(config)
+    try:
+        with pytest.raises(greenpool.PoolError, match="already"):
+            greenpool.init(config)
+    finally:
+        greenpool.close()
+    greenpool.init(config)
+    greenpool.close()
+    with pytest.raises(greenpool.PoolError, match="not initialised"):
+        greenpool.handler("g")
+
+
+def test_manual_begin_on_autocommit_is_rolled_back_on_error(make_pool, pg, table):
+    pool = make_pool({"read": {"connection_count": 1, "autocommit": True}})
+    with pytest.raises(RuntimeError), pool.handler("read") as db:
+        db.execute("BEGIN")
+        db.query("INSERT INTO t (v) VALUES ('manual')")
+        raise RuntimeError
+    with pool.handler("read") as db:  # the same (only) connection comes back clean
+        assert db.connection.info.transaction_status == 0
+    assert count(pg, "manual") == 0
+    assert pg.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction'"
+    ) == [(0,)]
+
+
+def test_query_returns_rows_or_rowcount_and_execute_runs_many(make_pool, table):
+    pool = make_pool({"g": {"row_factory": "dict"}})
+    with pool.handler("g") as db:
+        assert db.execute(
+            ["INSERT INTO t (v) VALUES ('a')", ("INSERT INTO t (v) VALUES (%s)", ("b",))]
+        ) == 2
+        db.executemany("INSERT INTO t (v) VALUES (%s)", [("c",), ("d",)])
+        assert db.query("UPDATE t SET v = v WHERE v IN ('a', 'b')") == 2
+        assert db.query_one("SELECT v FROM t WHERE v = 'c'") == {"v": "c"}
+        assert db.query_one("SELECT v FROM t WHERE v = 'nope'") is None
+        assert len(db.query("SELECT * FROM t")) == 4
+        with db.cursor() as cursor:
+            cursor.execute("SELECT 1 AS one")
+            assert cursor.fetchone() == {"one": 1}
+
+
+def test_nested_handler_reuses_connection_with_savepoint(make_pool, pg, table):
+    pool = make_pool({"g": {"connection_count": 1, "timeout": 1}})
+    with pool.handler("g") as outer:
+        outer.query("INSERT INTO t (v) VALUES ('outer')")
+        with pool.handler("g") as inner:  # a pool of one: a second acquire would deadlock
+            assert inner.connection is outer.connection
+            inner.query("INSERT INTO t (v) VALUES ('kept')")
+        with pytest.raises(ValueError), pool.handler("g") as inner:
+            inner.query("INSERT INTO t (v) VALUES ('undone')")
+            raise ValueError
+        assert outer.query("SELECT count(*) FROM t")[0][0] == 2
+    assert count(pg, "outer") == 1 and count(pg, "kept") == 1 and count(pg, "undone") == 0
+
+
+def test_caught_sql_error_is_not_committed_silently(make_pool, pg, table):
+    pool = make_pool({"g": {}})
+    with pytest.raises(TransactionAborted, match="rolled back"), pool.handler("g") as db:
+        db.query("INSERT INTO t (v) VALUES ('lost')")
+        with pytest.raises(psycopg2.errors.UndefinedTable):
+            db.query("SELECT * FROM no_such_table")
+    assert count(pg, "lost") == 0
+    with pool.handler("g") as db:  # and the connection is usable again
+        assert db.query("SELECT 1") == [(1,)]
+
+
+def test_connection_killed_before_commit_raises_outcome_unknown(make_pool, pg, table):
+    pool = make_pool({"g": {"connection_count": 1}})
+    with pytest.raises(CommitOutcomeUnknown), pool.handler("g") as db:
+        db.query("INSERT INTO t (v) VALUES ('maybe')")
+        pid = db.query("SELECT pg_backend_pid()")[0][0]
+        pg.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    assert count(pg, "maybe") == 0
+    with pool.handler("g") as db:  # the broken connection was replaced
+        assert db.query("SELECT pg_backend_pid()")[0][0] != pid
+    assert pool.stats()["groups"]["g"]["discards"] == 1
+
+
+def test_statement_timeout_and_readonly_are_session_settings(make_pool, table):
+    pool = make_pool({"ro": {"readonly": True, "statement_timeout": 0.2, "autocommit": True}})
+    with pool.handler("ro") as db:
+        with pytest.raises(psycopg2.errors.QueryCanceled):
+            db.query("SELECT pg_sleep(2)")
+        with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction):
+            db.query("INSERT INTO t (v) VALUES ('no')")
+        assert db.query("SHOW default_transaction_read_only") == [("on",)]
+
+
+def test_settings_changed_in_a_block_are_restored(make_pool):
+    pool = make_pool({"g": {"connection_count": 1, "autocommit": False}})
+    with pool.handler("g") as db:
+        db.connection.autocommit = True
+        db.connection.set_session(readonly=True)
+    with pool.handler("g") as db:
+        assert db.connection.autocommit is False
+        assert db.connection.readonly is None
+        db.connection.autocommit = True  # flipped and nothing else: restored, not discarded
+        assert db.query("SHOW default_transaction_read_only") == [("off",)]
+    with pool.handler("g") as db:
+        assert db.connection.autocommit is False
+    assert pool.stats()["groups"]["g"]["discards_by_reason"] == {"session_changed": 1}
+
+
+def test_unknown_group_names_the_configured_ones(make_pool):
+    pool = make_pool({"write": {}, "read": {}})
+    with pytest.raises(greenpool.ConfigError, match=r"'nope'.*\['read', 'write'\]"):
+        pool.handler("nope")

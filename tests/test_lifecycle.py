@@ -1,0 +1,102 @@
+"""Lifetime, idle retirement, warm-up, stats, and fork safety."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from modes import GREEN, MODE, wait_until
+
+STATS_KEYS = {
+    "size", "max_size", "idle", "in_use", "connecting", "waiting", "acquires", "waits",
+    "wait_time", "timeouts", "connects", "connect_errors", "discards", "discards_by_reason",
+}
+
+
+def test_stats_report_every_documented_key(make_pool):
+    pool = make_pool({"g": {"connection_count": 3}})
+    with pool.handler("g") as db:
+        db.query("SELECT 1")
+        inside = pool.stats()["groups"]["g"]
+    after = pool.stats()
+    assert set(inside) >= STATS_KEYS
+    assert inside["in_use"] == 1 and inside["size"] == 1 and inside["acquires"] == 1
+    assert after["groups"]["g"]["idle"] == 1 and after["groups"]["g"]["in_use"] == 0
+    (endpoint,) = after["endpoints"].values()
+    assert endpoint["connects"] == 1 and endpoint["last_error"] is None
+
+
+def test_max_lifetime_replaces_old_connections(make_pool):
+    pool = make_pool({"g": {"connection_count": 1, "max_lifetime": 1.0}})
+    with pool.handler("g") as db:
+        first = db.connection.get_backend_pid()
+    group = pool.group("g")
+    (pc,) = list(group._idle)
+    assert 0.85 <= pc.expires - pc.created <= 1.0  # jittered by at most 10 %
+    pc.expires = pc.created  # age it instead of sleeping for the lifetime
+    with pool.handler("g") as db:
+        assert db.connection.get_backend_pid() != first
+    assert group.stats()["discards_by_reason"] == {"max_lifetime": 1}
+
+
+@pytest.mark.skipif(MODE not in ("gevent", "threaded", "eventlet"), reason="needs housekeeping")
+def test_housekeeping_retires_idle_connections_down_to_min_size(make_pool):
+    pool = make_pool(
+        {"g": {"connection_count": 4, "min_size": 1, "max_idle": 0.3}},
+        maintenance_interval=0.05,
+    )
+    group = pool.group("g")
+    wait_until(lambda: group.stats()["idle"] == 1, 5, "warm-up to min_size")
+    held = [group.acquire() for _ in range(4)]
+    for pc in held:
+        group.release(pc)
+    assert group.stats()["idle"] == 4
+    wait_until(lambda: group.stats()["size"] == 1, 5, "idle connections retired")
+    assert group.stats()["discards_by_reason"].get("expired") == 3
+
+
+def test_housekeeping_drops_idle_connections_whose_server_ended_them(make_pool, pg):
+    app = "gp-housekeeping"
+    pool = make_pool({"g": {"connection_count": 2}}, application_name=app,
+                     maintenance_interval=0.05)
+    group = pool.group("g")
+    held = [group.acquire() for _ in range(2)]
+    for pc in held:
+        group.release(pc)
+    pg.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+               "WHERE application_name = %s", (app,))
+    wait_until(lambda: group.stats()["size"] == 0, 5, "dead idle connections dropped")
+    assert group.stats()["discards"] == 2
+
+
+@pytest.mark.skipif(MODE == "eventlet", reason="eventlet's fork support is not exercised")
+def test_fork_child_never_uses_the_parents_connections(make_pool):
+    pool = make_pool({"g": {"connection_count": 2}})
+    group = pool.group("g")
+    held = [group.acquire() for _ in range(2)]
+    parent_pids = {pc.raw.get_backend_pid() for pc in held}
+    for pc in held:
+        group.release(pc)
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: report the backend it gets, then leave without cleanup
+        code = 1
+        try:
+            os.close(read_end)
+            with pool.handler("g") as db:
+                pid = db.query("SELECT pg_backend_pid()")[0][0]
+            os.write(write_end, str(pid).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    _, status = os.waitpid(child, 0)
+    reported = os.read(read_end, 64).decode()
+    os.close(read_end)
+    assert status == 0
+    assert int(reported) not in parent_pids
+    # the parent's sessions survived the child's exit: the same backends still answer
+    with pool.handler("g") as db:
+        assert db.query("SELECT pg_backend_pid()")[0][0] in parent_pids
+    assert group.stats()["discards"] == 0
+    assert GREEN or MODE == "threaded"

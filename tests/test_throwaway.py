@@ -1,0 +1,159 @@
+"""The test scaffolding itself: throwaway clusters, the black hole and the ticker are real."""
+
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import psycopg2
+import pytest
+from faults import BlackHole, Ticker
+
+from greenpool.throwaway import Cluster, ClusterError, PostgresNotFound, find_pg_bin
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, step: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something truthy, failing after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout}s")
+        time.sleep(step)
+
+
+def test_cluster_answers_with_password(pg: Cluster) -> None:
+    conn = psycopg2.connect(host=pg.host, port=pg.port, dbname=pg.dbname, user=pg.user,
+                            password=pg.password, connect_timeout=10)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1")
+            assert cur.fetchone() == (1,)
+    finally:
+        conn.close()
+    assert pg.execute("SELECT current_setting('fsync')") == [("off",)]
+
+
+def test_wrong_password_is_rejected(pg: Cluster) -> None:
+    with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
+        pg.connect(password="not-the-password")
+
+
+def test_repr_and_errors_hide_password(pg: Cluster) -> None:
+    assert pg.password not in repr(pg).replace("greenpool-pg-", "")
+    assert f"port={pg.port}" in pg.dsn()
+    assert pg.endpoint(name="other")["name"] == "other"
+
+
+def test_users_databases_and_dsn_quoting(pg: Cluster, server_conns: Callable[..., int]) -> None:
+    name = f"u_{uuid.uuid4().hex[:8]}"
+    password = "sp ace'quote\\back"
+    pg.create_user(name, password)
+    pg.create_database(name, owner=name)
+    conn = pg.connect(user=name, password=password, dbname=name, application_name=name)
+    try:
+        assert server_conns(application_name=name) == 1
+        assert server_conns(dbname=name, user=name) == 1
+    finally:
+        conn.close()
+    assert server_conns(application_name=name, expect=0) == 0
+
+
+def test_standby_replicates_and_promotes(pg_factory: Callable[..., Cluster]) -> None:
+    primary = pg_factory()
+    primary.execute("CREATE TABLE t (x int)")
+    standby = pg_factory(standby_of=primary)
+    assert standby.port != primary.port
+    assert standby.execute("SELECT pg_is_in_recovery()") == [(True,)]
+
+    primary.execute("INSERT INTO t VALUES (42)")
+    wait_for(lambda: standby.execute("SELECT x FROM t") == [(42,)])
+    with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction):
+        standby.execute("INSERT INTO t VALUES (1)")
+
+    standby.promote()
+    assert standby.execute("SELECT pg_is_in_recovery()") == [(False,)]
+    standby.execute("INSERT INTO t VALUES (43)")
+    assert standby.execute("SELECT x FROM t ORDER BY x") == [(42,), (43,)]
+
+
+def test_stop_immediate_then_start(pg_factory: Callable[..., Cluster]) -> None:
+    cluster = pg_factory()
+    pid = cluster.pid
+    assert pid is not None and cluster.is_running()
+    cluster.stop("immediate")
+    assert not cluster.is_running() and cluster.pid is None
+    with pytest.raises(psycopg2.OperationalError):
+        cluster.connect(connect_timeout=2)
+    cluster.start()
+    assert cluster.execute("SELECT 1") == [(1,)]
+    assert cluster.pid not in (None, pid)
+
+
+def test_start_failure_raises_cluster_error_with_log(pg: Cluster) -> None:
+    clash = Cluster(port=pg.port)  # the port is taken: the server must fail to start
+    try:
+        clash.init()
+        with pytest.raises(ClusterError, match="server log tail") as info:
+            clash.start()
+        assert pg.password not in str(info.value).replace("greenpool-pg-", "")
+    finally:
+        clash.destroy()
+    assert not clash.root.exists()
+
+
+def test_pg_bin_env_var(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    real = find_pg_bin()
+    monkeypatch.setenv("PG_BIN", str(real))
+    assert find_pg_bin() == real
+    monkeypatch.setenv("PG_BIN", str(tmp_path))
+    with pytest.raises(PostgresNotFound, match="PG_BIN"):
+        find_pg_bin()
+
+
+def test_blackhole_connects_but_never_answers(blackhole: BlackHole) -> None:
+    sock = socket.create_connection((blackhole.host, blackhole.port), timeout=2)
+    try:
+        sock.sendall(b"hello?")
+        sock.settimeout(0.2)
+        started = time.monotonic()
+        with pytest.raises(socket.timeout):
+            sock.recv(1)
+        assert time.monotonic() - started >= 0.15
+    finally:
+        sock.close()
+    assert blackhole.endpoint(port=1)["port"] == 1
+
+
+def test_blackhole_times_out_libpq(blackhole: BlackHole) -> None:
+    if psycopg2.extensions.get_wait_callback() is not None:
+        pytest.skip("libpq ignores connect_timeout on green (async) connects: "
+                    "the pool must enforce its own connect deadline")
+    started = time.monotonic()
+    with pytest.raises(psycopg2.OperationalError):
+        psycopg2.connect(host=blackhole.host, port=blackhole.port, dbname="x", user="x",
+                         connect_timeout=2)
+    assert time.monotonic() - started >= 1.5
+
+
+def test_ticker_sees_a_blocked_hub(mode: str) -> None:
+    if mode == "gevent":
+        from gevent import monkey
+
+        blocking_sleep = monkey.get_original("time", "sleep")
+    elif mode == "eventlet":
+        from eventlet import patcher
+
+        blocking_sleep = patcher.original("time").sleep
+    else:
+        pytest.skip("no event loop to block in threaded mode")
+    ticker = Ticker()
+    time.sleep(0.1)  # cooperative: the ticker keeps ticking
+    assert len(ticker.stamps) >= 3
+    blocking_sleep(0.3)  # blocks the hub: no tick can happen
+    assert ticker.stop() >= 0.29
