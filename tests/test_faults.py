@@ -61,7 +61,7 @@ def test_server_restart_under_a_live_pool(make_pool, pg_factory):
     assert stats["discards"] == 5 and stats["size"] <= 5
 
 
-def test_idle_sessions_terminated_by_the_server_are_replaced(make_pool, pg):
+def test_idle_sessions_terminated_by_the_server_are_replaced(make_pool, pg, server_conns):
     app = "gp-terminated"
     pool = make_pool({"g": {"connection_count": 3}}, application_name=app)
     group = pool.group("g")
@@ -69,10 +69,13 @@ def test_idle_sessions_terminated_by_the_server_are_replaced(make_pool, pg):
     for pc in warm:
         group.release(pc)
     killed = pg.execute(
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = %s",
+        "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity "
+        "WHERE application_name = %s",
         (app,),
     )[0][0]
     assert killed == 3
+    # pg_terminate_backend only sends the signal: wait until the sessions are really gone
+    assert server_conns(application_name=app, expect=0) == 0
     for _ in range(5):
         with pool.handler("g") as db:
             assert db.query("SELECT 1") == [(1,)]

@@ -123,7 +123,7 @@ def test_connection_killed_before_commit_raises_outcome_unknown(make_pool, pg, t
     with pytest.raises(CommitOutcomeUnknown), pool.handler("g") as db:
         db.query("INSERT INTO t (v) VALUES ('maybe')")
         pid = db.query("SELECT pg_backend_pid()")[0][0]
-        pg.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        pg.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,))
     assert count(pg, "maybe") == 0
     with pool.handler("g") as db:  # the broken connection was replaced
         assert db.query("SELECT pg_backend_pid()")[0][0] != pid

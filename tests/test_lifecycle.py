@@ -63,7 +63,7 @@ def test_housekeeping_drops_idle_connections_whose_server_ended_them(make_pool, 
     held = [group.acquire() for _ in range(2)]
     for pc in held:
         group.release(pc)
-    pg.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+    pg.execute("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
                "WHERE application_name = %s", (app,))
     wait_until(lambda: group.stats()["size"] == 0, 5, "dead idle connections dropped")
     assert group.stats()["discards"] == 2
