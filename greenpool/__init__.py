@@ -75,9 +75,11 @@ def get_pool() -> Pool:
     return _pool
 
 
-def handler(group: str | None = None, *, timeout: float | None = None) -> Handler:
+def handler(
+    group: str | None = None, *, timeout: float | None = None, idempotent: bool = False
+) -> Handler:
     """``with greenpool.handler('write') as db:`` on the process-wide pool."""
-    return get_pool().handler(group, timeout=timeout)
+    return get_pool().handler(group, timeout=timeout, idempotent=idempotent)
 
 
 def stats() -> dict[str, Any]:

@@ -19,6 +19,9 @@ from .errors import ConfigError
 
 MODES = ("gevent", "eventlet", "threaded", "non-threaded")
 ROW_FACTORIES = ("tuple", "dict", "namedtuple")
+#: libpq's target_session_attrs words for what a group may connect to.
+ROLES = ("any", "primary", "standby", "prefer-standby")
+LAG_POLICIES = ("use-primary", "fail")
 
 # libpq keepalive defaults: a peer that vanished (power loss, partition) is noticed in about
 # a minute instead of the kernel's two hours.
@@ -41,7 +44,7 @@ class EndpointConfig:
     password: str | None = field(default=None, repr=False)
     sslmode: str | None = None
     connect_timeout: float = 5.0
-    retry_sleep: float = 0.1
+    retry_sleep: float | None = None
     statement_timeout: float | None = None
     temp_buffers_mb: int | None = None
     weight: int = 1
@@ -72,6 +75,9 @@ class GroupConfig:
     statement_timeout: float | None = None
     row_factory: str = "tuple"
     endpoints: tuple[int, ...] = ()
+    role: str = "any"
+    max_lag: float | None = None
+    on_lag: str = "use-primary"
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,9 @@ class PoolConfig:
     groups: Mapping[str, GroupConfig]
     application_name: str = "greenpool"
     maintenance_interval: float = 1.0
+    quarantine_initial: float = 0.5
+    quarantine_max: float = 30.0
+    role_check_interval: float = 2.0
 
 
 # --- value checkers -----------------------------------------------------------------------
@@ -260,6 +269,9 @@ _GROUP_KEYS: dict[str, Callable[[str, Any], Any]] = {
     "statement_timeout": lambda p, v: _number(p, v, allow_none=True),
     "row_factory": lambda p, v: _choice(p, v, ROW_FACTORIES),
     "endpoints": lambda p, v: v,  # resolved against ``db`` in _group_endpoints
+    "role": lambda p, v: _choice(p, v, ROLES),
+    "max_lag": lambda p, v: _number(p, v, allow_none=True),
+    "on_lag": lambda p, v: _choice(p, v, LAG_POLICIES),
 }
 
 
@@ -288,6 +300,8 @@ def parse_group(
     values = {key: _GROUP_KEYS[key](f"{path}.{key}", value) for key, value in given.items()}
     if "endpoints" in values:
         values["endpoints"] = _group_endpoints(f"{path}.endpoints", values["endpoints"], endpoints)
+    if "readonly" not in values and values.get("role") in ("standby", "prefer-standby"):
+        values["readonly"] = True  # a read group: replaying a read after a failover is safe
     group = GroupConfig(name=name, **values)
     if group.min_size > group.connection_count:
         raise _fail(f"{path}.min_size", "must not exceed connection_count")
@@ -303,6 +317,9 @@ _TOP_KEYS = {
     "defaults": None,
     "application_name": None,
     "maintenance_interval": None,
+    "quarantine_initial": None,
+    "quarantine_max": None,
+    "role_check_interval": None,
 }
 
 
@@ -338,5 +355,12 @@ def parse_config(raw: Any) -> PoolConfig:
         application_name=_text("application_name", top.get("application_name", "greenpool")),
         maintenance_interval=_number(
             "maintenance_interval", top.get("maintenance_interval", 1.0), minimum=0.01
+        ),
+        quarantine_initial=_number(
+            "quarantine_initial", top.get("quarantine_initial", 0.5), minimum=0.001
+        ),
+        quarantine_max=_number("quarantine_max", top.get("quarantine_max", 30.0), minimum=0.001),
+        role_check_interval=_number(
+            "role_check_interval", top.get("role_check_interval", 2.0), minimum=0.01
         ),
     )

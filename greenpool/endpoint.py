@@ -1,47 +1,163 @@
-"""A server the pool connects to, shared by every group that uses it.
+"""A server the pool connects to, shared by every group that uses it: its health and role.
 
-Holds what the pool has learnt about the server (connect successes and failures, the last
-error) so that errors and stats can say which endpoint failed and why.
+Health is a small state machine::
+
+    up --connect refused/timed out--> quarantined --backoff expired, one prober--> probing
+    probing --connect ok--> up (slow start)        probing --fails--> quarantined (longer)
+
+Only a failed connect quarantines: that is the one signal that says "this server cannot
+take connections now". A connection lost mid-use evicts the endpoint's idle connections
+(see ``Pool._endpoint_failed``), and the connect that follows decides. Exhaustion,
+statement timeouts and SQL errors never touch the state.
+
+While quarantined nobody connects; when the backoff expires, exactly one caller (or the
+housekeeping task) is let through as the prober. Back up, the endpoint is in *slow start*:
+at most 2 connects in flight, doubling with each success, so a recovering server is not hit
+by every waiting greenlet at once.
+
+The role (primary or standby) is *detected*, never configured: from the ``in_hot_standby``
+parameter status at connect and on every borrow (no round trip), and by housekeeping probes.
 """
 
 from __future__ import annotations
 
+import logging
+import random
 import time
 
 from .config import EndpointConfig
 
+logger = logging.getLogger("greenpool")
+
+UP, QUARANTINED, PROBING = "up", "quarantined", "probing"
+PRIMARY, STANDBY, UNKNOWN = "primary", "standby", "unknown"
+
+_SLOW_START = 2  # connects in flight allowed right after recovery
+_SLOW_START_DONE = 32  # past this many, the endpoint is treated as fully recovered
+
 
 class Endpoint:
-    __slots__ = ("config", "connect_errors", "connects", "label", "last_error", "last_error_at")
+    """What the pool knows about one server. Mutated only in non-blocking sections."""
 
-    def __init__(self, config: EndpointConfig) -> None:
+    def __init__(self, config: EndpointConfig, quarantine_initial: float, quarantine_max: float):
         self.config = config
         self.label = config.label
+        self.state = UP
+        self.role = UNKNOWN
+        self.lag: float | None = None
+        self.promoted_at: float | None = None  # when we saw it turn from standby to primary
+        self.role_seen_at = 0.0  # when the role was last observed (monotonic)
+        self.open = 0  # connections open to it, all groups together
+        self.connecting = 0  # connects in flight
+        self.ramp: int | None = None  # slow-start limit on connects in flight; None: no limit
+        self.quarantined_until = 0.0
+        self._failures = 0  # consecutive failed connects, drives the backoff
+        self._initial = config.retry_sleep if config.retry_sleep is not None else quarantine_initial
+        self._max = max(quarantine_max, self._initial)
         self.connects = 0
+        self.connect_attempts = 0
         self.connect_errors = 0
+        self.quarantines = 0
+        self.split_brain = 0  # times it was seen claiming primary together with another
         self.last_error: str | None = None
         self.last_error_at: float | None = None
 
-    def record_connect(self) -> None:
-        self.connects += 1
+    # --- health ---------------------------------------------------------------------------
 
-    def record_connect_error(self, message: str) -> None:
+    def may_connect(self, now: float) -> bool:
+        """Whether a connect attempt may start now (for a quarantined endpoint: as prober)."""
+        if self.state == UP:
+            return self.ramp is None or self.connecting < self.ramp
+        return self.state == QUARANTINED and now >= self.quarantined_until
+
+    def begin_connect(self) -> None:
+        """Claim a connect attempt; the caller must end it with one of the three below."""
+        if self.state == QUARANTINED:
+            self.state = PROBING  # the one prober: others see PROBING and keep away
+        self.connecting += 1
+        self.connect_attempts += 1
+
+    def connect_succeeded(self, role: str) -> None:
+        self.connecting -= 1
+        self.connects += 1
+        self.open += 1
+        if self.state != UP:
+            logger.warning("endpoint %s is back up (role %s)", self.label, role)
+            self.state = UP
+            self.ramp = _SLOW_START
+        elif self.ramp is not None:
+            self.ramp *= 2
+            if self.ramp >= _SLOW_START_DONE:
+                self.ramp = None
+        self._failures = 0
+        self.observe_role(role)
+
+    def connect_failed(self, message: str) -> None:
+        self.connecting -= 1
         self.connect_errors += 1
         self.last_error = message
         self.last_error_at = time.time()
+        self._quarantine()
+
+    def connect_abandoned(self) -> None:
+        """The attempt was interrupted (timeout or kill of the caller): no verdict."""
+        self.connecting -= 1
+        if self.state == PROBING:
+            self.state = QUARANTINED  # let the next prober in at once
+
+    def _quarantine(self) -> None:
+        self._failures += 1
+        ceiling = min(self._max, self._initial * 2 ** (self._failures - 1))
+        delay = random.uniform(self._initial, max(self._initial, ceiling))  # jittered backoff
+        self.quarantined_until = time.monotonic() + delay
+        self.ramp = None
+        if self.state == UP:
+            self.quarantines += 1
+            logger.warning(
+                "endpoint %s quarantined for %.2f s: %s", self.label, delay, self.last_error
+            )
+        self.state = QUARANTINED
+
+    def connection_closed(self) -> None:
+        self.open -= 1
+
+    # --- role -----------------------------------------------------------------------------
+
+    def observe_role(self, role: str) -> None:
+        if role == UNKNOWN:
+            return
+        self.role_seen_at = time.monotonic()
+        if role == self.role:
+            return
+        if role == PRIMARY and self.role == STANDBY:
+            self.promoted_at = time.monotonic()
+            logger.warning("endpoint %s was promoted: it is now a primary", self.label)
+        elif role == STANDBY and self.role == PRIMARY:
+            logger.warning("endpoint %s is now a standby", self.label)
+        self.role = role
+        if role == PRIMARY:
+            self.lag = None
+
+    # --- reporting ------------------------------------------------------------------------
 
     def describe(self) -> str:
-        """``host:port/db`` plus the last error, for error messages (never a password)."""
-        if self.last_error is None:
-            return self.label
-        return f"{self.label} (last error: {self.last_error})"
+        """Label, state, role and last error, for error messages (never a password)."""
+        text = f"{self.label} [{self.state}, {self.role}]"
+        return f"{text} last error: {self.last_error}" if self.last_error else text
 
     def export(self) -> dict[str, object]:
         return {
+            "state": self.state,
+            "role": self.role,
+            "lag": self.lag,
+            "open": self.open,
             "connects": self.connects,
+            "connect_attempts": self.connect_attempts,
             "connect_errors": self.connect_errors,
+            "quarantines": self.quarantines,
+            "split_brain": self.split_brain,
             "last_error": self.last_error,
         }
 
     def __repr__(self) -> str:
-        return f"<Endpoint {self.label}>"
+        return f"<Endpoint {self.label} {self.state} {self.role}>"

@@ -16,10 +16,11 @@ Invariants (all changed only under ``self._lock``, in sections that never block)
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .concurrency import Backend
@@ -34,15 +35,17 @@ from .connection import (
     reset_on_return,
     silence_inherited,
 )
-from .endpoint import Endpoint
+from .endpoint import UNKNOWN, UP, Endpoint
 from .errors import ConnectFailed, NoHealthyEndpoint, PoolClosed, PoolTimeout, TooManyWaiters
+from .roles import candidates, fits, query_role, role_of
 from .stats import GroupCounters
 from .waiting import SLOT, Waiter, WaitLine
 
 logger = logging.getLogger("greenpool")
 
 _monotonic = time.monotonic
-_BACKOFF_CAP = 2.0  # seconds: the longest pause between two rounds of connect attempts
+_RECHECK_PAUSE = 0.02  # seconds between looks while another caller probes an endpoint
+_ROLE_RECHECK = 1.0  # a standby's role is re-checked by connecting at most this often
 _LIFETIME_JITTER = 0.1  # up to 10 % shorter, so connections opened together do not expire together
 
 # Connections that were lent out when this process was forked from its parent; kept
@@ -77,6 +80,9 @@ class Group:
         self._size = 0
         self._closed = False
         self._generation = 0
+        #: Called with an endpoint whose connections proved dead: the pool evicts that
+        #: endpoint's idle connections in every group at once.
+        self.on_endpoint_failure: Callable[[Endpoint], None] = self.evict_idle
 
     # --- borrowing ------------------------------------------------------------------------
 
@@ -161,12 +167,14 @@ class Group:
         try:
             if item is not SLOT:
                 reason = check_on_borrow(item, self.config, self._backend, _monotonic())
+                if not reason and not self._role_fits(item):
+                    reason = "wrong_role"
                 if not reason:
                     self._lent.add(item)
                     return item
                 self._discard(item, reason)
                 if reason in ("closed", "failed_check"):
-                    self._evict_dead_idle(item.endpoint)
+                    self.on_endpoint_failure(item.endpoint)
                 item = SLOT
             pc = self._open(deadline)
             self._lent.add(pc)
@@ -179,54 +187,116 @@ class Group:
 
     # --- connecting -----------------------------------------------------------------------
 
-    def _endpoint_order(self) -> list[Endpoint]:
-        """Fewest connections (per weight) first; ties rotate so no endpoint is favoured."""
-        endpoints = self._endpoints
-        if len(endpoints) == 1:
-            return endpoints
-        start = self._rotation
-        self._rotation = (start + 1) % len(endpoints)
-        rotated = endpoints[start:] + endpoints[:start]
-        counts = self._open_per_endpoint
-        return sorted(rotated, key=lambda ep: counts[ep] / ep.config.weight)
+    def _role_fits(self, pc: PooledConnection) -> bool:
+        """Zero-round-trip role check on borrow: the server's last ParameterStatus."""
+        role = role_of(pc.raw)
+        pc.endpoint.observe_role(role)
+        return fits(self.config.role, role if role != UNKNOWN else pc.endpoint.role)
+
+    def _connect_order(self, now: float) -> list[Endpoint]:
+        """Endpoints to try now: the first preference tier with any endpoint that can take a
+        connect; within it fewest of our connections per weight first, ties rotating so no
+        endpoint is favoured (each process starts at a random point)."""
+        config = self.config
+        for tier in candidates(self._endpoints, config.role, config.max_lag, config.on_lag):
+            ready = [
+                ep for ep in tier
+                if ep.may_connect(now)
+                and (config.role != "primary" or ep.role != "standby"
+                     or now - ep.role_seen_at >= _ROLE_RECHECK)
+            ]
+            if not ready:
+                continue
+            if len(ready) == 1:
+                return ready
+            start = self._rotation % len(ready)
+            self._rotation += 1
+            rotated = ready[start:] + ready[:start]
+            counts = self._open_per_endpoint
+            return sorted(rotated, key=lambda ep: counts[ep] / ep.config.weight)
+        return []
 
     def _open(self, deadline: float) -> PooledConnection:
-        """Connect to the first endpoint that answers, retrying with backoff until deadline."""
-        last_error: ConnectError | None = None
-        attempt = 0
+        """Connect to the best endpoint that takes it, moving on when one fails, waiting out
+        quarantines, until the deadline."""
+        moved_on = False
+        fatal: set[Endpoint] = set()
         while True:
-            for endpoint in self._endpoint_order():
+            now = _monotonic()
+            for endpoint in self._connect_order(now):
                 remaining = deadline - _monotonic()
                 if remaining <= 0:
                     break
-                seconds = min(endpoint.config.connect_timeout, remaining)
-                try:
-                    raw = open_connection(
-                        endpoint.config, self.config, self._kwargs[endpoint], self._backend, seconds
-                    )
-                except ConnectError as exc:
-                    last_error = exc
-                    self.counters.connect_errors += 1
-                    endpoint.record_connect_error(exc.reason)
-                    logger.warning("group %r: cannot connect to %s", self.name, exc)
-                    if exc.fatal:
-                        raise ConnectFailed(
-                            f"group {self.name!r}: {exc}; fix the endpoint's configuration"
-                        ) from None
+                if not endpoint.may_connect(_monotonic()):
                     continue
-                endpoint.record_connect()
-                self.counters.connects += 1
-                self._open_per_endpoint[endpoint] += 1
-                lifetime = self.config.max_lifetime * (1 - _LIFETIME_JITTER * random.random())
-                return PooledConnection(raw, endpoint, _monotonic() + lifetime, self._generation)
+                pc = self._try_connect(endpoint, min(endpoint.config.connect_timeout, remaining),
+                                       fatal)
+                if pc is not None:
+                    if moved_on:
+                        self.counters.failovers += 1
+                    return pc
+                moved_on = True
+            if fatal and fatal.issuperset(self._endpoints):
+                raise ConnectFailed(
+                    f"group {self.name!r}: {self._endpoint_list()}; retrying cannot help: fix "
+                    f"the configuration (credentials, database name)"
+                )
             remaining = deadline - _monotonic()
             if remaining <= 0:
                 self.counters.timeouts += 1
-                raise NoHealthyEndpoint(self._unreachable_message(last_error))
-            base = min(ep.config.retry_sleep for ep in self._endpoints)
-            pause = random.uniform(0, min(_BACKOFF_CAP, base * 2**attempt))  # full jitter
-            self._backend.sleep(min(pause, remaining))
-            attempt += 1
+                raise NoHealthyEndpoint(
+                    f"group {self.name!r}: no endpoint took a connection within the acquire "
+                    f"timeout. Endpoints: {self._endpoint_list()}. Check that the servers "
+                    f"are up and reachable."
+                )
+            self._backend.sleep(min(remaining, self._next_chance()))
+
+    def _next_chance(self) -> float:
+        """How long until an endpoint of this group may take a connect attempt again."""
+        now = _monotonic()
+        waits = [
+            ep.quarantined_until - now if ep.state == "quarantined" else _RECHECK_PAUSE
+            for ep in self._endpoints
+        ]
+        return max(0.001, min(waits))
+
+    def _try_connect(
+        self, endpoint: Endpoint, seconds: float, fatal: set[Endpoint]
+    ) -> PooledConnection | None:
+        endpoint.begin_connect()
+        try:
+            raw = open_connection(
+                endpoint.config, self.config, self._kwargs[endpoint], self._backend, seconds
+            )
+        except ConnectError as exc:
+            endpoint.connect_failed(exc.reason)
+            self.counters.connect_errors += 1
+            logger.warning("group %r: cannot connect to %s", self.name, exc)
+            if exc.fatal:
+                fatal.add(endpoint)
+            self.on_endpoint_failure(endpoint)
+            return None
+        except BaseException:
+            endpoint.connect_abandoned()
+            raise
+        role = role_of(raw)
+        if role == UNKNOWN and self.config.role != "any":  # PostgreSQL < 14: ask
+            try:
+                role, _ = query_role(raw)
+            except BaseException:
+                raw.close()
+                endpoint.connect_abandoned()
+                raise
+        endpoint.connect_succeeded(role)
+        if not fits(self.config.role, role):
+            raw.close()
+            endpoint.connection_closed()
+            self.counters.discards["wrong_role"] += 1
+            return None
+        self.counters.connects += 1
+        self._open_per_endpoint[endpoint] += 1
+        lifetime = self.config.max_lifetime * (1 - _LIFETIME_JITTER * random.random())
+        return PooledConnection(raw, endpoint, _monotonic() + lifetime, self._generation)
 
     # --- returning ------------------------------------------------------------------------
 
@@ -274,27 +344,26 @@ class Group:
         """Close ``pc`` and count why. The caller deals with its slot."""
         self.counters.discards[reason] += 1
         self._open_per_endpoint[pc.endpoint] -= 1
+        pc.endpoint.connection_closed()
         close_quietly(pc)
         logger.debug("group %r: discarded a connection to %s (%s)", self.name, pc.endpoint, reason)
 
-    def _evict_dead_idle(self, endpoint: Endpoint) -> None:
-        """One dead connection to ``endpoint`` found: drop its idle peers that look dead too.
-
-        Cheap (a zero-timeout poll each) and done at once, so a server restart does not cost
-        one failed check per pooled connection, one borrow at a time.
-        """
-        readable = self._backend.readable
+    def evict_idle(self, endpoint: Endpoint) -> None:
+        """Close every idle connection to ``endpoint`` at once: one of its connections proved
+        dead, so the rest are suspect, and checking them one borrow at a time would hand
+        the failure to one caller after another."""
         with self._lock:
-            dead = [
-                pc
-                for pc in self._idle
-                if pc.endpoint is endpoint and (pc.raw.closed or readable(pc.raw.fileno()))
-            ]
-            for pc in dead:
+            gone = [pc for pc in self._idle if pc.endpoint is endpoint]
+            for pc in gone:
                 self._idle.remove(pc)
-        for pc in dead:
+        for pc in gone:
             self._discard(pc, "evicted")
             self._free_slot()
+
+    def connection_lost(self, pc: PooledConnection) -> None:
+        """A lent connection died in use: discard it, evict its endpoint's idle peers."""
+        self.release(pc, discard="lost")
+        self.on_endpoint_failure(pc.endpoint)
 
     # --- housekeeping ---------------------------------------------------------------------
 
@@ -340,6 +409,98 @@ class Group:
                 self._give_back(pc)
         for _ in range(refill):
             self._refill_one()
+        if len(self._endpoints) > 1:
+            self._rebalance()
+
+    def _rebalance(self) -> None:
+        """Move idle connections to where they belong: off endpoints whose role no longer
+        fits, off fallback endpoints once a preferred one is up again, and off endpoints
+        above their weighted share while another is below it (a restarted server gets its
+        share back). Each moved connection is closed and reopened through the normal
+        choice, which picks the endpoint with the fewest connections."""
+        with self._lock:
+            if self._closed or self._line:
+                return
+            moving = self._misplaced_idle()
+            for pc in moving:
+                self._idle.remove(pc)
+        for pc in moving:
+            self._discard(pc, "rebalance")
+            self._free_slot()
+        for _ in moving:
+            with self._lock:
+                if self._closed or self._line or self._size >= self.config.connection_count:
+                    return
+                self._size += 1
+            self._refill_one()
+
+    def _misplaced_idle(self) -> list[PooledConnection]:
+        config = self.config
+        tiers = candidates(self._endpoints, config.role, config.max_lag, config.on_lag)
+        preferred = next(([ep for ep in t if ep.state == UP] for t in tiers
+                          if any(ep.state == UP for ep in t)), [])
+        if not preferred:
+            return []
+        moving = [pc for pc in self._idle
+                  if pc.endpoint not in preferred or not fits(config.role, pc.endpoint.role)]
+        counts = {ep: self._open_per_endpoint[ep] for ep in preferred}
+        total, weights = sum(counts.values()), sum(ep.config.weight for ep in preferred)
+        share = {ep: total * ep.config.weight / weights for ep in preferred}
+        if any(counts[ep] < int(share[ep]) for ep in preferred):
+            for ep in preferred:
+                excess = counts[ep] - math.ceil(share[ep])
+                for pc in self._idle:
+                    if excess <= 0:
+                        break
+                    if pc.endpoint is ep and pc not in moving:
+                        moving.append(pc)
+                        excess -= 1
+        return moving
+
+    def uses(self, endpoint: Endpoint) -> bool:
+        return endpoint in self._open_per_endpoint
+
+    @property
+    def role(self) -> str:
+        return self.config.role
+
+    def probe_quarantined(self, endpoint: Endpoint) -> None:
+        """Housekeeping's probe of a quarantined endpoint whose backoff expired: connect
+        once; success brings it back up (the connection goes to the idle stack if a slot is
+        free, else is closed)."""
+        pc = self._try_connect(endpoint, endpoint.config.connect_timeout, set())
+        if pc is None:
+            return
+        with self._lock:
+            keep = not self._closed and self._size < self.config.connection_count
+            if keep:
+                self._size += 1
+        if keep:
+            self._give_back(pc)
+        else:
+            self._discard(pc, "probe")
+
+    def probe_role(self, endpoint: Endpoint) -> bool:
+        """Refresh ``endpoint``'s role and lag with one query on one of our idle
+        connections to it. False if we have none idle."""
+        with self._lock:
+            pc = next((c for c in self._idle if c.endpoint is endpoint), None)
+            if pc is None:
+                return False
+            self._idle.remove(pc)
+        try:
+            role, lag = query_role(pc.raw)
+        except BaseException as exc:
+            self._discard(pc, "failed_check")
+            self._free_slot()
+            if not isinstance(exc, Exception):
+                raise
+            self.on_endpoint_failure(endpoint)
+            return True
+        endpoint.observe_role(role)
+        endpoint.lag = lag
+        self._give_back(pc)
+        return True
 
     def _refill_one(self) -> None:
         endpoint_timeout = max(ep.config.connect_timeout for ep in self._endpoints)
@@ -417,12 +578,8 @@ class Group:
             f"or look for code holding connections too long"
         )
 
-    def _unreachable_message(self, last_error: ConnectError | None) -> str:
-        endpoints = "; ".join(ep.describe() for ep in self._endpoints)
-        return (
-            f"group {self.name!r}: could not connect to any endpoint within the acquire "
-            f"timeout. Endpoints: {endpoints}. Check that the servers are up and reachable."
-        )
+    def _endpoint_list(self) -> str:
+        return "; ".join(ep.describe() for ep in self._endpoints)
 
     def __repr__(self) -> str:
         s = self.stats()

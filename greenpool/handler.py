@@ -10,6 +10,17 @@ thread) reuses the connection already held instead of taking a second one (which
 deadlock a group of size 1). Without autocommit the inner block runs in a SAVEPOINT: its
 exception rolls back only its own work; its clean exit commits nothing — the outermost
 block decides.
+
+Replays: a statement is re-run on a fresh connection (another endpoint if its server is
+gone) only when re-running cannot duplicate a write and cannot lose earlier work:
+
+* it was the first statement of its transaction (always so in autocommit), and
+* its connection died and the group is read-only (the server itself refuses writes there)
+  or the handler was opened with ``idempotent=True``; or it was refused with SQLSTATE
+  25006 by a server that is now a standby while the group wants the primary (nothing was
+  written, so it is re-run once on the primary).
+
+Everything else propagates: in particular a write whose connection died is never re-run.
 """
 
 from __future__ import annotations
@@ -21,7 +32,9 @@ import psycopg2
 import psycopg2.extras
 from psycopg2 import extensions
 
+from .endpoint import STANDBY
 from .errors import CommitOutcomeUnknown, TransactionAborted
+from .roles import failure_kind, role_of
 
 if TYPE_CHECKING:
     from .connection import PooledConnection
@@ -38,12 +51,17 @@ _INERROR = extensions.TRANSACTION_STATUS_INERROR
 class Handler:
     """The object bound by ``with ... as db``. Not reusable after its block ends."""
 
-    __slots__ = ("_group", "_key", "_outer", "_pc", "_pool", "_savepoint", "_timeout")
+    __slots__ = (
+        "_group", "_idempotent", "_key", "_outer", "_pc", "_pool", "_savepoint", "_timeout"
+    )
 
-    def __init__(self, pool: Pool, group: Group, timeout: float | None) -> None:
+    def __init__(
+        self, pool: Pool, group: Group, timeout: float | None, idempotent: bool = False
+    ) -> None:
         self._pool = pool
         self._group = group
         self._timeout = timeout
+        self._idempotent = idempotent
         self._pc: PooledConnection | None = None
         self._outer: Handler | None = None
         self._savepoint: str | None = None
@@ -115,7 +133,7 @@ class Handler:
         if status == _IDLE:
             return
         if status == _INTRANS:
-            self._commit(raw, where)
+            self._commit(raw, where, self._group, pc)
             return
         if status == _INERROR:
             raise TransactionAborted(
@@ -125,7 +143,9 @@ class Handler:
         raise TransactionAborted(f"{where}: the connection is in an unknown state; not committed")
 
     @staticmethod
-    def _commit(raw: Any, where: str) -> None:
+    def _commit(
+        raw: Any, where: str, group: Group | None = None, pc: PooledConnection | None = None
+    ) -> None:
         try:
             if raw.autocommit:  # a BEGIN sent by hand: psycopg2's commit() would skip it
                 with raw.cursor() as cursor:
@@ -134,6 +154,8 @@ class Handler:
                 raw.commit()
         except psycopg2.Error as exc:
             if raw.closed:
+                if group is not None and pc is not None:
+                    group.on_endpoint_failure(pc.endpoint)
                 raise CommitOutcomeUnknown(
                     f"{where}: the connection broke during COMMIT, so the transaction may or "
                     f"may not have been applied; it is not retried. Check before retrying."
@@ -158,45 +180,103 @@ class Handler:
 
     def query(self, sql: str, params: Any = None) -> list[Any] | int:
         """Run one statement: its rows if it returns rows, else the number of rows affected."""
-        with self.connection.cursor() as cursor:
+
+        def run(cursor: Any) -> list[Any] | int:
             cursor.execute(sql, params)
             if cursor.description is None:
                 return int(cursor.rowcount)
             return cursor.fetchall()
 
+        return self._run(run)
+
     def query_one(self, sql: str, params: Any = None) -> Any:
         """The first row of the result, or None."""
-        with self.connection.cursor() as cursor:
+
+        def run(cursor: Any) -> Any:
             cursor.execute(sql, params)
-            if cursor.description is None:
-                return None
-            return cursor.fetchone()
+            return None if cursor.description is None else cursor.fetchone()
+
+        return self._run(run)
 
     def execute(self, statements: str | Iterable[Statement], params: Any = None) -> int:
         """Run one statement, a ``;``-separated script, or a list of statements (each a
         string or a ``(sql, params)`` pair) on one cursor. Returns the rows affected."""
-        items: Iterable[Statement] = (
-            [(statements, params)] if isinstance(statements, str) else statements
+        items: list[Statement] = (
+            [(statements, params)] if isinstance(statements, str) else list(statements)
         )
-        total = 0
-        with self.connection.cursor() as cursor:
+
+        def run(cursor: Any) -> int:
+            total = 0
             for item in items:
                 sql, args = (item, None) if isinstance(item, str) else item
                 cursor.execute(sql, args)
                 if cursor.rowcount > 0:
                     total += cursor.rowcount
-        return total
+            return total
+
+        return self._run(run)
 
     def executemany(self, sql: str, params_seq: Sequence[Any], page_size: int = 100) -> None:
         """Run ``sql`` for each parameter set, batching round trips (``execute_batch``)."""
         with self.connection.cursor() as cursor:
             psycopg2.extras.execute_batch(cursor, sql, params_seq, page_size=page_size)
 
+    # --- replays --------------------------------------------------------------------------
+
+    _MAX_REPLAYS = 3
+
+    def _run(self, work: Any) -> Any:
+        """Run ``work(cursor)``; re-run it on a fresh connection where that is safe."""
+        replays = 0
+        while True:
+            raw = self.connection
+            first = raw.info.transaction_status == _IDLE
+            try:
+                with raw.cursor() as cursor:
+                    return work(cursor)
+            except psycopg2.Error as exc:
+                kind = failure_kind(exc, raw)
+                if kind == "lost":
+                    self._group.on_endpoint_failure(self._current().endpoint)
+                if not kind or not first or replays >= self._MAX_REPLAYS:
+                    raise
+                if not self._may_replay(kind, raw):
+                    raise
+                self._replace_connection("lost" if kind == "lost" else "wrong_role")
+                replays += 1
+                self._group.counters.replays += 1
+
+    def _may_replay(self, kind: str, raw: Any) -> bool:
+        if self._savepoint is not None or (self._outer is not None and self._outer._savepoint):
+            return False
+        if kind == "lost":
+            return self._group.config.readonly or self._idempotent
+        # 25006 in a group that wants the primary, and the server now says it is a standby
+        # (a read-only transaction asked for by the caller is not a role problem)
+        role = role_of(raw)
+        if role == STANDBY:
+            self._current().endpoint.observe_role(role)
+        return self._group.role == "primary" and role == STANDBY
+
+    def _current(self) -> PooledConnection:
+        if self._pc is None:
+            raise RuntimeError("the handler is used outside its 'with' block")
+        return self._pc
+
+    def _replace_connection(self, reason: str) -> None:
+        """Give the broken (or wrong-role) connection back and take another in its place."""
+        root = self._outer or self
+        old = self._current()
+        self._pc = root._pc = None
+        self._group.release(old, discard=reason)
+        new = self._group.acquire(self._timeout)
+        self._pc = root._pc = new
+
     def commit(self) -> None:
         """Commit now (inside a nested block this commits the outer transaction too)."""
         raw = self.connection
         if raw.info.transaction_status != _IDLE:
-            self._commit(raw, f"group {self._group.name!r}")
+            self._commit(raw, f"group {self._group.name!r}", self._group, self._pc)
 
     def rollback(self) -> None:
         """Roll back now, even on an autocommit connection with a hand-made ``BEGIN``."""

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import weakref
 from collections.abc import Mapping
 from typing import Any
 
 from .concurrency import Backend, Signal, backend_for
 from .config import PoolConfig, parse_config
-from .endpoint import Endpoint
+from .endpoint import QUARANTINED, UP, Endpoint
 from .errors import ConfigError, PoolClosed
 from .group import Group
 from .handler import Handler
@@ -30,7 +31,10 @@ class Pool:
     def __init__(self, config: Mapping[str, Any] | PoolConfig) -> None:
         self.config = parse_config(config)
         self._backend: Backend = backend_for(self.config.mode)
-        self._endpoints = [Endpoint(c) for c in self.config.endpoints]
+        self._endpoints = [
+            Endpoint(c, self.config.quarantine_initial, self.config.quarantine_max)
+            for c in self.config.endpoints
+        ]
         every = range(len(self._endpoints))
         self._groups = {
             name: Group(
@@ -41,7 +45,11 @@ class Pool:
             )
             for name, group in self.config.groups.items()
         }
+        for group in self._groups.values():
+            group.on_endpoint_failure = self._endpoint_failed
         self._only_group = next(iter(self._groups)) if len(self._groups) == 1 else None
+        self._roles_matter = any(g.role != "any" for g in self.config.groups.values())
+        self._next_role_check = 0.0
         # (group name, task identity) -> the outermost Handler that task holds in that group
         self._held: dict[Any, Handler] = {}
         self._closed = False
@@ -52,15 +60,19 @@ class Pool:
 
     # --- the API --------------------------------------------------------------------------
 
-    def handler(self, group: str | None = None, *, timeout: float | None = None) -> Handler:
+    def handler(
+        self, group: str | None = None, *, timeout: float | None = None, idempotent: bool = False
+    ) -> Handler:
         """A context manager lending one connection of ``group`` for a block.
 
         ``group`` may be omitted when only one group is configured. ``timeout`` overrides the
-        group's acquire timeout for this block.
+        group's acquire timeout for this block. ``idempotent=True`` declares that re-running
+        a statement of this block is harmless, so one whose connection died is re-run
+        elsewhere (read-only groups get that without asking).
         """
         if self._forked:
             self._resume_after_fork()
-        return Handler(self, self.group(group), timeout)
+        return Handler(self, self.group(group), timeout, idempotent)
 
     def group(self, name: str | None = None) -> Group:
         """The :class:`Group` called ``name`` (lower-level: ``acquire``/``release``)."""
@@ -123,16 +135,46 @@ class Pool:
         while not stop.wait(interval):
             if os.getpid() != pid:
                 return  # inherited across fork: the child starts a loop of its own
+            try:
+                self._probe_endpoints()
+            except Exception as exc:
+                logger.warning("endpoint probes failed: %s", exc)
             for group in list(self._groups.values()):
                 try:
                     group.maintain()
                 except Exception as exc:
                     logger.warning("group %r: housekeeping failed: %s", group.name, exc)
 
+    def _endpoint_failed(self, endpoint: Endpoint) -> None:
+        """One connection to ``endpoint`` proved dead: evict its idle peers in every group."""
+        for group in self._groups.values():
+            group.evict_idle(endpoint)
+
+    def _probe_endpoints(self) -> None:
+        """Bring quarantined endpoints back without waiting for traffic, and keep roles and
+        replay lag current where a group cares about them."""
+        now = time.monotonic()
+        for endpoint in self._endpoints:
+            if endpoint.state == QUARANTINED and endpoint.may_connect(now):
+                group = next((g for g in self._groups.values() if g.uses(endpoint)), None)
+                if group is not None:
+                    group.probe_quarantined(endpoint)
+        if not self._roles_matter or now < self._next_role_check:
+            return
+        self._next_role_check = now + self.config.role_check_interval
+        for endpoint in self._endpoints:
+            if endpoint.state != UP:
+                continue
+            for group in self._groups.values():
+                if group.uses(endpoint) and group.probe_role(endpoint):
+                    break
+
     def _after_fork_in_child(self) -> None:
         """Runs inside ``os.fork()`` in the child: only drop state, start nothing."""
         for group in self._groups.values():
             group.after_fork_in_child()
+        for endpoint in self._endpoints:
+            endpoint.open = endpoint.connecting = 0
         self._held.clear()
         self._forked = True
 

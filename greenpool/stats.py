@@ -17,6 +17,8 @@ class GroupCounters:
     timeouts: int = 0
     connects: int = 0
     connect_errors: int = 0
+    failovers: int = 0
+    replays: int = 0
     discards: Counter[str] = field(default_factory=Counter)
 
     def export(self) -> dict[str, Any]:
@@ -27,6 +29,8 @@ class GroupCounters:
             "timeouts": self.timeouts,
             "connects": self.connects,
             "connect_errors": self.connect_errors,
+            "failovers": self.failovers,
+            "replays": self.replays,
             "discards": sum(self.discards.values()),
             "discards_by_reason": dict(self.discards),
         }
