@@ -92,6 +92,7 @@ class PoolConfig:
     quarantine_initial: float = 0.5
     quarantine_max: float = 30.0
     role_check_interval: float = 2.0
+    startup_timeout: float = 0.0
 
 
 # --- value checkers -----------------------------------------------------------------------
@@ -320,6 +321,7 @@ _TOP_KEYS = {
     "quarantine_initial": None,
     "quarantine_max": None,
     "role_check_interval": None,
+    "startup_timeout": None,
 }
 
 
@@ -363,4 +365,5 @@ def parse_config(raw: Any) -> PoolConfig:
         role_check_interval=_number(
             "role_check_interval", top.get("role_check_interval", 2.0), minimum=0.01
         ),
+        startup_timeout=_number("startup_timeout", top.get("startup_timeout", 0.0)),
     )

@@ -57,6 +57,12 @@ class Pool:
         self._stop: Signal | None = None
         self._start_maintenance()
         _live_pools.add(self)
+        if self.config.startup_timeout > 0:
+            try:
+                self.wait(self.config.startup_timeout)
+            except BaseException:
+                self.close()
+                raise
 
     # --- the API --------------------------------------------------------------------------
 
@@ -88,6 +94,20 @@ class Pool:
             raise ConfigError(
                 f"group {name!r} is not configured; configured groups: {sorted(self._groups)}"
             ) from None
+
+    def wait(self, timeout: float = 30.0) -> None:
+        """Block until every group can hand out a connection (one each is opened and kept
+        idle), or raise the first group's error once ``timeout`` has passed.
+
+        Lazy by default, a pool never blocks at creation; call this (or set
+        ``startup_timeout``) to fail fast at startup instead of on the first request. A
+        group is ready as soon as *one* eligible endpoint answers: a dead standby does not
+        hold up startup.
+        """
+        deadline = time.monotonic() + timeout
+        for group in self._groups.values():
+            pc = group.acquire(max(0.0, deadline - time.monotonic()))
+            group.release(pc)
 
     def stats(self) -> dict[str, Any]:
         """Gauges and counters per group, and what is known per endpoint."""

@@ -100,3 +100,25 @@ def test_fork_child_never_uses_the_parents_connections(make_pool):
         assert db.query("SELECT pg_backend_pid()")[0][0] in parent_pids
     assert group.stats()["discards"] == 0
     assert GREEN or MODE == "threaded"
+
+
+def test_startup_waits_for_one_live_endpoint_per_group_and_ignores_dead_ones(pg, mode,
+                                                                             blackhole):
+    """Degraded, not fatal: a dead endpoint does not hold up startup; no live one fails it."""
+    import time
+
+    from greenpool import NoHealthyEndpoint, Pool
+
+    dead = dict(blackhole.endpoint(), connect_timeout=0.3)
+    pool = Pool({"type": mode, "db": [dead, pg.endpoint()], "startup_timeout": 5,
+                 "groups": {"g": {"connection_count": 2}}})
+    try:
+        stats = pool.stats()
+        assert stats["groups"]["g"]["idle"] == 1  # opened and kept by the startup wait
+        assert stats["endpoints"][f"127.0.0.1:{pg.port}/postgres"]["open"] == 1
+    finally:
+        pool.close()
+    started = time.monotonic()
+    with pytest.raises(NoHealthyEndpoint):
+        Pool({"type": mode, "db": [dead], "startup_timeout": 1, "groups": {"g": {}}})
+    assert time.monotonic() - started < 1 + (2.5 if mode == "threaded" else 0.4)
