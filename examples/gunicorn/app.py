@@ -1,55 +1,270 @@
-"""A small WSGI app reading and writing through greenpool (run with gunicorn.conf.py).
+"""A small notes service on greenpool, for gunicorn's gevent worker (see README.md here).
 
-The pool is created lazily on the first request of each worker, i.e. after the gevent
-worker has monkey-patched, and never in the gunicorn master.
+Configuration comes from one environment variable, ``GREENPOOL_CONFIG``: a JSON object in
+greenpool's (pgdbpool's) format. It is parsed and validated when this module is imported,
+so a bad configuration stops gunicorn at boot, but nothing is opened then: the pool is
+created per worker, after gevent has monkey-patched (``open_pool()``, called by
+gunicorn.conf.py's ``post_worker_init``, or lazily by the first request).
+
+Endpoints (JSON in, JSON out):
+
+    POST /notes          {"body": "..."}  -> 201 {"id", "body", "created"}      (write group)
+    GET  /notes/<id>                      -> 200 the note, or 404                (read group)
+    GET  /notes?limit=N                   -> 200 {"count", "latest": [...]}      (read group)
+    GET  /health                          -> 200 {"read": "ok", "write": "ok"}   (both)
+    GET  /stats                           -> 200 {"pid", "groups", "endpoints"}  (no query)
+
+When the database cannot serve, the answer is ``503`` with ``Retry-After`` and a JSON body
+``{"error": <what>, "detail": <message>}``: ``error`` is the greenpool exception's name
+(``PoolTimeout``, ``NoHealthyEndpoint``, ``TooManyWaiters``, ``PoolClosed``,
+``ConnectFailed``, ``CommitOutcomeUnknown``) or ``DatabaseUnavailable`` for a server lost
+mid-query. Anything else is a bug: ``500`` with a JSON body, traceback in gunicorn's log.
+
+``python app.py schema`` creates the table through the ``write`` group.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from collections.abc import Callable, Iterable
+import re
+import sys
+import traceback
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
+from urllib.parse import parse_qs
+
+import psycopg2
 
 import greenpool
 
-CONFIG = {
-    "db": os.environ.get("GREENPOOL_DSN", "host=127.0.0.1 dbname=postgres"),
-    "groups": {
-        "write": {"connection_count": 5, "timeout": 5},
-        "read": {"connection_count": 10, "autocommit": True, "timeout": 5},
-    },
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS notes (
+    id      bigserial PRIMARY KEY,
+    body    text NOT NULL,
+    created timestamptz NOT NULL DEFAULT now()
+)"""
+
+# Used when GREENPOOL_CONFIG has no "groups". Each gunicorn worker has its own pool, so the
+# server sees up to workers * (5 + 10) connections from this app.
+DEFAULT_GROUPS = {
+    "write": {"connection_count": 5, "timeout": 5},
+    "read": {"connection_count": 10, "autocommit": True, "timeout": 5},
 }
+DEFAULT_APPLICATION_NAME = "greenpool-gunicorn-example"
+HEALTH_TIMEOUT = 2.0  # seconds per group for /health, whatever the groups' own timeouts
+MAX_BODY = 64 * 1024  # bytes of request body
+MAX_NOTE = 1000  # characters of a note
 
 
-def pool() -> greenpool.Pool:
+def load_config(environ: Mapping[str, str] = os.environ) -> greenpool.PoolConfig:
+    """Parse and check ``GREENPOOL_CONFIG``; pure (opens nothing), so safe in the master."""
+    raw = environ.get("GREENPOOL_CONFIG")
+    if not raw:
+        raise RuntimeError(
+            "GREENPOOL_CONFIG is not set: give a JSON pool configuration, e.g. "
+            """'{"db": "postgresql://app@127.0.0.1/app"}'"""
+        )
+    try:
+        config = json.loads(raw)
+    except ValueError as exc:
+        raise RuntimeError(f"GREENPOOL_CONFIG is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise RuntimeError("GREENPOOL_CONFIG must be a JSON object")
+    config.setdefault("groups", DEFAULT_GROUPS)
+    config.setdefault("application_name", DEFAULT_APPLICATION_NAME)
+    parsed = greenpool.parse_config(config)  # ConfigError names the bad key
+    missing = sorted({"read", "write"} - set(parsed.groups))
+    if missing:
+        raise RuntimeError(f"GREENPOOL_CONFIG: groups {missing} are missing (need read, write)")
+    for name in ("read", "write"):
+        if parsed.groups[name].row_factory != "tuple":
+            raise RuntimeError(f"GREENPOOL_CONFIG: groups.{name}.row_factory must be 'tuple'")
+    return parsed
+
+
+CONFIG = load_config()
+
+# --- the pool's life cycle: one pool per worker process -----------------------------------
+
+_closed_in_pid: int | None = None  # the process whose pool close_pool() closed
+
+
+def open_pool() -> greenpool.Pool:
+    """This process's pool, created on first call.
+
+    Call it only where gevent has already monkey-patched: in a gunicorn gevent worker that
+    is ``post_worker_init`` or any request, never ``post_fork`` and never the master.
+    """
     try:
         return greenpool.get_pool()
     except greenpool.PoolError:
-        return greenpool.init(CONFIG)
+        pass
+    if _closed_in_pid == os.getpid():  # a request that outlived worker_exit: do not reopen
+        raise greenpool.PoolClosed("this worker is shutting down")
+    if CONFIG.mode == "gevent":
+        from gevent import monkey
+
+        if not monkey.is_module_patched("socket"):
+            raise RuntimeError("open_pool() before gevent monkey-patching: it would block "
+                               "the hub (in gunicorn: use -k gevent; never open in the master)")
+    return greenpool.init(CONFIG)
+
+
+def close_pool() -> None:
+    """Close this process's pool (idempotent); later requests answer 503 PoolClosed."""
+    global _closed_in_pid
+    _closed_in_pid = os.getpid()
+    greenpool.close()
+
+
+# --- HTTP plumbing --------------------------------------------------------------------------
+
+
+class HTTPError(Exception):
+    def __init__(self, status: str, error: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.error, self.detail = status, error, detail
+
+
+def read_json(environ: dict[str, Any]) -> Any:
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        raise HTTPError("400 Bad Request", "BadRequest", "bad Content-Length") from None
+    if length > MAX_BODY:
+        raise HTTPError("413 Content Too Large", "BadRequest", f"body over {MAX_BODY} bytes")
+    try:
+        return json.loads(environ["wsgi.input"].read(length) or b"null")
+    except ValueError:
+        raise HTTPError("400 Bad Request", "BadRequest", "the body is not JSON") from None
+
+
+def note(row: tuple[Any, ...]) -> dict[str, Any]:
+    return {"id": row[0], "body": row[1], "created": row[2].isoformat()}
+
+
+# --- endpoints ------------------------------------------------------------------------------
+
+
+def create_note(environ: dict[str, Any]) -> tuple[str, Any]:
+    payload = read_json(environ)
+    body = payload.get("body") if isinstance(payload, dict) else None
+    if not isinstance(body, str) or not 0 < len(body) <= MAX_NOTE:
+        raise HTTPError("400 Bad Request", "BadRequest",
+                        f'expected {{"body": "<1 to {MAX_NOTE} characters>"}}')
+    with greenpool.handler("write") as db:  # commits on a clean exit, rolls back otherwise
+        row = db.query_one("INSERT INTO notes (body) VALUES (%s) RETURNING id, body, created",
+                           (body,))
+    return "201 Created", note(row)
+
+
+def get_note(environ: dict[str, Any], note_id: str) -> tuple[str, Any]:
+    with greenpool.handler("read") as db:
+        row = db.query_one("SELECT id, body, created FROM notes WHERE id = %s", (int(note_id),))
+    if row is None:
+        raise HTTPError("404 Not Found", "NotFound", f"no note {note_id}")
+    return "200 OK", note(row)
+
+
+def list_notes(environ: dict[str, Any]) -> tuple[str, Any]:
+    query = parse_qs(environ.get("QUERY_STRING", ""))
+    try:
+        limit = min(100, max(0, int(query.get("limit", ["10"])[0])))
+    except ValueError:
+        raise HTTPError("400 Bad Request", "BadRequest", "limit must be a number") from None
+    with greenpool.handler("read") as db:
+        (count,) = db.query_one("SELECT count(*) FROM notes")
+        rows = db.query("SELECT id, body, created FROM notes ORDER BY id DESC LIMIT %s",
+                        (limit,))
+    return "200 OK", {"count": count, "latest": [note(r) for r in rows]}
+
+
+def health(environ: dict[str, Any]) -> tuple[str, Any]:
+    for group in ("read", "write"):
+        with greenpool.handler(group, timeout=HEALTH_TIMEOUT) as db:
+            db.query_one("SELECT 1")
+    return "200 OK", {"read": "ok", "write": "ok"}
+
+
+def stats(environ: dict[str, Any]) -> tuple[str, Any]:
+    return "200 OK", {"pid": os.getpid(), **greenpool.stats()}
+
+
+def index(environ: dict[str, Any]) -> tuple[str, Any]:
+    return "200 OK", {"endpoints": [f"{m} {p}" for m, p, _ in ROUTES]}
+
+
+Route = Callable[..., tuple[str, Any]]
+ROUTES: list[tuple[str, str, Route]] = [
+    ("GET", "/", index),
+    ("POST", "/notes", create_note),
+    ("GET", "/notes", list_notes),
+    ("GET", r"/notes/(\d{1,18})", get_note),
+    ("GET", "/health", health),
+    ("GET", "/stats", stats),
+]
+
+
+def dispatch(environ: dict[str, Any]) -> tuple[str, Any]:
+    method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO") or "/"
+    allowed = []
+    for route_method, pattern, func in ROUTES:
+        match = re.fullmatch(pattern, path)
+        if match:
+            if method == route_method:
+                open_pool()
+                return func(environ, *match.groups())
+            allowed.append(route_method)
+    if allowed:
+        raise HTTPError("405 Method Not Allowed", "MethodNotAllowed", f"use {allowed}")
+    raise HTTPError("404 Not Found", "NotFound", f"no route {path}")
 
 
 def application(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-    path = environ.get("PATH_INFO", "/")
+    headers = [("Content-Type", "application/json"), ("Cache-Control", "no-store")]
     try:
-        if path == "/write":
-            with pool().handler("write") as db:
-                db.execute("CREATE TABLE IF NOT EXISTS hits (id serial PRIMARY KEY, at timestamptz "
-                           "DEFAULT now())")
-                (new_id,) = db.query_one("INSERT INTO hits DEFAULT VALUES RETURNING id")
-            body: Any = {"id": new_id}
-        elif path == "/read":
-            with pool().handler("read") as db:
-                body = {"server_time": str(db.query_one("SELECT now()")[0])}
-        elif path == "/stats":
-            body = pool().stats()
-        else:
-            start_response("404 Not Found", [("Content-Type", "text/plain")])
-            return [b"try /read, /write or /stats\n"]
-        status = "200 OK"
-    except greenpool.PoolError as exc:
-        status, body = "503 Service Unavailable", {"error": str(exc)}
+        status, body = dispatch(environ)
+    except HTTPError as exc:
+        status, body = exc.status, {"error": exc.error, "detail": exc.detail}
+    except greenpool.TransactionAborted as exc:  # a statement failed and was swallowed: a bug
+        status, body = "500 Internal Server Error", {"error": "TransactionAborted",
+                                                     "detail": str(exc)}
+    except psycopg2.OperationalError as exc:
+        # greenpool's errors (PoolTimeout, NoHealthyEndpoint, TooManyWaiters, PoolClosed,
+        # ConnectFailed, CommitOutcomeUnknown) subclass OperationalError; the rest is the
+        # driver's: server lost mid-query, shutting down, query cancelled.
+        name = type(exc).__name__  # pool errors, or psycopg2.errors' AdminShutdown, ...
+        if type(exc) is psycopg2.OperationalError:  # libpq's own: server gone, refused, ...
+            name = "DatabaseUnavailable"
+        status = "503 Service Unavailable"
+        body = {"error": name,
+                "detail": " ".join(str(exc).split()) or repr(exc)}
+        headers.append(("Retry-After", "1"))
+    except Exception as exc:
+        environ["wsgi.errors"].write(traceback.format_exc())  # gunicorn's error log
+        status, body = "500 Internal Server Error", {"error": "InternalError",
+                                                     "detail": type(exc).__name__}
     data = json.dumps(body).encode()
-    start_response(status, [("Content-Type", "application/json"),
-                            ("Content-Length", str(len(data)))])
+    start_response(status, [*headers, ("Content-Length", str(len(data)))])
     return [data]
+
+
+def main(argv: list[str]) -> int:
+    if argv != ["schema"]:
+        print("usage: GREENPOOL_CONFIG='{...}' python app.py schema", file=sys.stderr)
+        return 2
+    # a one-shot command: no event loop needed, so no monkey-patching either
+    pool = greenpool.Pool(dataclasses.replace(CONFIG, mode="non-threaded"))
+    try:
+        with pool.handler("write") as db:
+            db.execute(SCHEMA)
+    finally:
+        pool.close()
+    print("schema created")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

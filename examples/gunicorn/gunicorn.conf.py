@@ -1,17 +1,57 @@
-"""gunicorn settings for the greenpool example: ``gunicorn -c gunicorn.conf.py app:application``.
+"""gunicorn settings for the greenpool example: ``gunicorn -c examples/gunicorn/gunicorn.conf.py``.
 
-The gevent worker monkey-patches *after* ``post_fork`` runs, so nothing here creates the
-pool: app.py creates it lazily on the first request, after patching. ``worker_exit`` closes
-it so no server connection outlives the worker.
+Pool life cycle per worker (see README.md here for why):
+
+- master (and ``--preload``): app.py is imported and GREENPOOL_CONFIG validated; nothing
+  is opened, so nothing can be shared with the workers through fork.
+- ``post_fork``: runs in the new worker *before* the gevent worker monkey-patches, so it is
+  too early for the pool. Not used.
+- ``post_worker_init``: after patching and after the app is loaded: the pool is created.
+- ``worker_exit``: after the worker stopped serving (graceful shutdown): the pool is closed,
+  so no server connection outlives the worker.
+
+Command-line options override these, e.g. ``-b 127.0.0.1:9000 -w 4``.
 """
 
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+_here = os.path.dirname(os.path.abspath(__file__))
+
+wsgi_app = "app:application"
+pythonpath = _here  # so "app" imports from any working directory
 bind = "127.0.0.1:8000"
 worker_class = "gevent"
-workers = 2
-worker_connections = 1000
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+worker_connections = 1000  # concurrent requests per worker; the pool bounds the DB side
+graceful_timeout = 10  # seconds for in-flight requests at shutdown, then they are killed
+# gunicorn >= 27 opens a control socket at ~/.gunicorn/gunicorn.ctl by default, one path for
+# every instance of the user; the example does not need it (older gunicorns ignore this).
+control_socket_disable = True
 
 
-def worker_exit(server, worker):  # gunicorn calls it with both
-    import greenpool
+def _app_module(worker: Any) -> Any:
+    """The module gunicorn loaded the WSGI callable from (None if loading failed)."""
+    wsgi = getattr(worker, "wsgi", None)
+    return sys.modules.get(getattr(wsgi, "__module__", ""), None)
 
-    greenpool.close()
+
+def post_worker_init(worker: Any) -> None:
+    app = _app_module(worker)
+    if app is not None and hasattr(app, "open_pool"):
+        app.open_pool()
+        worker.log.info("greenpool: pool opened in worker %s", worker.pid)
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    # gunicorn also calls this hook in the *master*, for a worker that was already gone when
+    # the master tried to kill it. There is no pool there, and the worker's is in its grave.
+    if worker.pid != os.getpid():
+        return
+    app = _app_module(worker)
+    if app is not None and hasattr(app, "close_pool"):
+        app.close_pool()
+        server.log.info("greenpool: pool closed in worker %s", worker.pid)
