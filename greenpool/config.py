@@ -78,6 +78,7 @@ class GroupConfig:
     role: str = "any"
     max_lag: float | None = None
     on_lag: str = "use-primary"
+    leak_threshold: float | None = None
 
 
 @dataclass(frozen=True)
@@ -273,6 +274,7 @@ _GROUP_KEYS: dict[str, Callable[[str, Any], Any]] = {
     "role": lambda p, v: _choice(p, v, ROLES),
     "max_lag": lambda p, v: _number(p, v, allow_none=True),
     "on_lag": lambda p, v: _choice(p, v, LAG_POLICIES),
+    "leak_threshold": lambda p, v: _number(p, v, minimum=0.001, allow_none=True),
 }
 
 

@@ -64,7 +64,9 @@ class _Deadline(Exception):
 class PooledConnection:
     """A raw psycopg2 connection plus the bookkeeping the pool needs about it."""
 
-    __slots__ = ("created", "endpoint", "expires", "generation", "last_used", "raw")
+    __slots__ = (
+        "created", "endpoint", "expires", "generation", "last_used", "lent_at", "lent_from", "raw"
+    )
 
     def __init__(self, raw: Any, endpoint: Endpoint, expires: float, generation: int) -> None:
         now = time.monotonic()
@@ -74,6 +76,8 @@ class PooledConnection:
         self.last_used = now
         self.expires = expires
         self.generation = generation
+        self.lent_at = 0.0  # set only when leak detection is on
+        self.lent_from: str | None = None  # "file:line in function" of the code that took it
 
     def __repr__(self) -> str:
         state = "closed" if self.raw.closed else "open"

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -51,6 +53,19 @@ _LIFETIME_JITTER = 0.1  # up to 10 % shorter, so connections opened together do 
 # Connections that were lent out when this process was forked from its parent; kept
 # referenced so that they are never deallocated (see Group.after_fork_in_child).
 _inherited_in_use: list[PooledConnection] = []
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _caller_outside_greenpool() -> str:
+    """``file:line in function`` of the innermost frame that is not greenpool's own."""
+    frame = sys._getframe(1)
+    while frame is not None and os.path.dirname(frame.f_code.co_filename) == _PACKAGE_DIR:
+        frame = frame.f_back  # type: ignore[assignment]
+    if frame is None:
+        return "unknown"
+    return f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"
 
 
 class Group:
@@ -113,9 +128,30 @@ class Group:
         if waiter is not None:
             item = self._wait(waiter, deadline, wait_for)
             if item is not SLOT:
-                self._lent.add(item)  # handed over straight from release(): already clean
-                return item
+                return self._lend(item)  # handed over straight from release(): already clean
         return self._prepare(item, deadline)
+
+    def _lend(self, pc: PooledConnection) -> PooledConnection:
+        self._lent.add(pc)
+        if self.config.leak_threshold is not None:
+            pc.lent_at = _monotonic()
+            pc.lent_from = _caller_outside_greenpool()
+        return pc
+
+    def _warn_about_leaks(self, now: float) -> None:
+        """One warning per lent connection held past ``leak_threshold``, naming the code
+        that took it (a connection never returned starves the group)."""
+        threshold = self.config.leak_threshold
+        if threshold is None:
+            return
+        for pc in list(self._lent):
+            if pc.lent_from is not None and now - pc.lent_at > threshold:
+                logger.warning(
+                    "group %r: a connection to %s has been held for %.1f s (leak_threshold "
+                    "%.1f s); it was taken at %s",
+                    self.name, pc.endpoint.label, now - pc.lent_at, threshold, pc.lent_from,
+                )
+                pc.lent_from = None  # once per loan
 
     def _join_line(self, wait_for: float) -> Waiter:
         max_waiting = self.config.max_waiting
@@ -170,15 +206,12 @@ class Group:
                 if not reason and not self._role_fits(item):
                     reason = "wrong_role"
                 if not reason:
-                    self._lent.add(item)
-                    return item
+                    return self._lend(item)
                 self._discard(item, reason)
                 if reason in ("closed", "failed_check"):
                     self.on_endpoint_failure(item.endpoint)
                 item = SLOT
-            pc = self._open(deadline)
-            self._lent.add(pc)
-            return pc
+            return self._lend(self._open(deadline))
         except BaseException:
             if item is not SLOT:  # interrupted while checking it: its state is unknown
                 self._discard(item, "interrupted")
@@ -369,8 +402,10 @@ class Group:
 
     def maintain(self) -> None:
         """Retire idle connections past ``max_idle``/``max_lifetime``, drop dead ones, refill
-        to ``min_size``. Runs in the pool's background task, never on the request path."""
+        to ``min_size``, warn about leaks. Runs in the pool's background task, never on the
+        request path."""
         now = _monotonic()
+        self._warn_about_leaks(now)
         config = self.config
         readable = self._backend.readable
         with self._lock:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from modes import GREEN, MODE, wait_until
+from modes import GREEN, MODE, sleep, wait_until
 
 STATS_KEYS = {
     "size", "max_size", "idle", "in_use", "connecting", "waiting", "acquires", "waits",
@@ -122,3 +122,21 @@ def test_startup_waits_for_one_live_endpoint_per_group_and_ignores_dead_ones(pg,
     with pytest.raises(NoHealthyEndpoint):
         Pool({"type": mode, "db": [dead], "startup_timeout": 1, "groups": {"g": {}}})
     assert time.monotonic() - started < 1 + (2.5 if mode == "threaded" else 0.4)
+
+
+def test_a_connection_held_past_the_leak_threshold_is_reported_once(make_pool, caplog):
+    import inspect
+
+    pool = make_pool({"g": {"leak_threshold": 0.1}}, maintenance_interval=0.02)
+    with caplog.at_level("WARNING", logger="greenpool"):
+        with pool.handler("g") as db:
+            line = inspect.currentframe().f_lineno - 1  # the `with` line above took it
+            db.query("SELECT 1")
+            wait_until(lambda: "held for" in caplog.text, 5, "the leak warning")
+            sleep(0.1)  # a few more housekeeping rounds: the warning must not repeat
+        with pool.handler("g"):  # a short loan afterwards: no warning
+            pass
+        sleep(0.2)
+    leaks = [r for r in caplog.records if "held for" in r.getMessage()]
+    assert len(leaks) == 1
+    assert f"test_lifecycle.py:{line} in " in leaks[0].getMessage()
