@@ -65,7 +65,8 @@ class PooledConnection:
     """A raw psycopg2 connection plus the bookkeeping the pool needs about it."""
 
     __slots__ = (
-        "created", "endpoint", "expires", "generation", "last_used", "lent_at", "lent_from", "raw"
+        "created", "endpoint", "expires", "generation", "last_used", "lent_at", "lent_from",
+        "raw", "role",
     )
 
     def __init__(self, raw: Any, endpoint: Endpoint, expires: float, generation: int) -> None:
@@ -76,6 +77,7 @@ class PooledConnection:
         self.last_used = now
         self.expires = expires
         self.generation = generation
+        self.role = "unknown"  # as this connection's server last reported it
         self.lent_at = 0.0  # set only when leak detection is on
         self.lent_from: str | None = None  # "file:line in function" of the code that took it
 

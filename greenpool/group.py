@@ -221,10 +221,14 @@ class Group:
     # --- connecting -----------------------------------------------------------------------
 
     def _role_fits(self, pc: PooledConnection) -> bool:
-        """Zero-round-trip role check on borrow: the server's last ParameterStatus."""
+        """Zero-round-trip role check on borrow: the server's last ParameterStatus. Only a
+        *change* reported on this connection is news about the endpoint: an idle connection
+        opened before a promotion still carries the old status until its next round trip."""
         role = role_of(pc.raw)
-        pc.endpoint.observe_role(role)
-        return fits(self.config.role, role if role != UNKNOWN else pc.endpoint.role)
+        if role != pc.role and role != UNKNOWN:
+            pc.role = role
+            pc.endpoint.observe_role(role)
+        return fits(self.config.role, pc.role if pc.role != UNKNOWN else pc.endpoint.role)
 
     def _connect_order(self, now: float) -> list[Endpoint]:
         """Endpoints to try now: the first preference tier with any endpoint that can take a
@@ -304,7 +308,7 @@ class Group:
         except ConnectError as exc:
             endpoint.connect_failed(exc.reason)
             self.counters.connect_errors += 1
-            logger.warning("group %r: cannot connect to %s", self.name, exc)
+            logger.info("group %r: cannot connect to %s", self.name, exc)
             if exc.fatal:
                 fatal.add(endpoint)
             self.on_endpoint_failure(endpoint)
@@ -329,7 +333,9 @@ class Group:
         self.counters.connects += 1
         self._open_per_endpoint[endpoint] += 1
         lifetime = self.config.max_lifetime * (1 - _LIFETIME_JITTER * random.random())
-        return PooledConnection(raw, endpoint, _monotonic() + lifetime, self._generation)
+        pc = PooledConnection(raw, endpoint, _monotonic() + lifetime, self._generation)
+        pc.role = role
+        return pc
 
     # --- returning ------------------------------------------------------------------------
 

@@ -1,0 +1,184 @@
+"""``greenpool demo``: the pool through a failover, with no configuration at all.
+
+Starts a throwaway primary and a streaming standby (synchronous, so that an acknowledged
+write survives the primary's death) on free loopback ports. It then runs greenlets reading
+through ``read`` (prefer-standby) and writing through ``write`` (primary), cuts some of them
+off with timeouts, kills the primary and promotes the standby mid-run, and prints what the
+pool did: a timeline of endpoint events, the errors the application saw, throughput before
+and after, and whether every acknowledged write survived.
+
+With ``GREENPOOL_DSN`` (or ``--dsn``) set, it runs the same load against that server, with
+no failover.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+
+class _Timeline(logging.Handler):
+    """Collects the pool's WARNING+ log lines (endpoint state changes) with timestamps."""
+
+    def __init__(self, started: float) -> None:
+        super().__init__(logging.WARNING)
+        self.started = started
+        self.events: list[tuple[float, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.events.append((time.monotonic() - self.started, record.getMessage()))
+
+    def note(self, message: str) -> None:
+        self.events.append((time.monotonic() - self.started, message))
+
+
+def run(dsn: str | None, clients: int, seconds: float) -> int:
+    """Run the demo; returns the process exit status (0: the pool behaved)."""
+    from gevent import monkey
+
+    monkey.patch_all()
+    import gevent
+
+    import greenpool
+    from greenpool.throwaway import Cluster, ClusterError, PostgresNotFound
+
+    clusters: list[Cluster] = []
+    try:
+        if dsn:
+            endpoints: list[Any] = [dsn]
+            print("using the server in GREENPOOL_DSN (no failover without a standby)")
+        else:
+            primary = Cluster(settings={"synchronous_commit": "on"})
+            clusters.append(primary)
+            primary.init()
+            primary.start()
+            standby = primary.make_standby()
+            clusters.append(standby)
+            primary.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
+            primary.execute("SELECT pg_reload_conf()")
+            endpoints = [primary.endpoint(), standby.endpoint()]
+            print(f"started a throwaway primary on 127.0.0.1:{primary.port} and a streaming "
+                  f"standby on 127.0.0.1:{standby.port}")
+    except PostgresNotFound as exc:
+        print(f"greenpool demo: {exc}")
+        return 2
+    except ClusterError as exc:
+        print(f"greenpool demo: could not start PostgreSQL: {exc}")
+        for cluster in clusters:
+            cluster.destroy()
+        return 2
+
+    started = time.monotonic()
+    timeline = _Timeline(started)
+    log = logging.getLogger("greenpool")
+    log.addHandler(timeline)
+    log.propagate = False  # the timeline prints them, in order, at the end
+    pool = greenpool.init({
+        "db": endpoints,
+        "groups": {
+            "write": {"connection_count": 4, "role": "primary", "timeout": 5},
+            "read": {"connection_count": 8, "role": "prefer-standby", "autocommit": True,
+                     "timeout": 5},
+        },
+        "maintenance_interval": 0.2,
+        "role_check_interval": 0.5,
+    })
+    done: list[tuple[float, str]] = []  # (time, 'read'|'write') of each success
+    errors: list[tuple[float, str]] = []
+    acked: list[int] = []
+    cut_short = 0
+    try:
+        with greenpool.handler("write") as db:
+            db.execute("DROP TABLE IF EXISTS greenpool_demo; "
+                       "CREATE TABLE greenpool_demo (id bigint PRIMARY KEY)")
+
+        def client(i: int) -> None:
+            nonlocal cut_short
+            deadline = time.monotonic() + seconds
+            n = 0
+            while time.monotonic() < deadline:
+                n += 1
+                kind = "write" if n % 3 == 0 else "read"
+                try:
+                    # every 7th request is cut short by a timeout, as a slow client's would be
+                    with gevent.Timeout(0.005 if n % 7 == 0 else None), \
+                            greenpool.handler(kind) as db:
+                        if kind == "write":
+                            key = i * 1_000_000 + n
+                            db.query("INSERT INTO greenpool_demo VALUES (%s)", (key,))
+                        else:
+                            db.query("SELECT count(*) FROM greenpool_demo")
+                    if kind == "write":
+                        acked.append(key)
+                    done.append((time.monotonic() - started, kind))
+                except gevent.Timeout:
+                    cut_short += 1
+                except Exception as exc:
+                    errors.append((time.monotonic() - started,
+                                   f"{kind}: {type(exc).__name__}: {str(exc).splitlines()[0]}"))
+                gevent.sleep(0.002)
+
+        tasks = [gevent.spawn(client, i) for i in range(clients)]
+        timeline.note(f"{clients} greenlets reading and writing for {seconds:.0f} s")
+        failed_at = None
+        if len(clusters) == 2:
+            gevent.sleep(seconds / 3)
+            failed_at = time.monotonic() - started
+            timeline.note("killing the primary (pg_ctl stop -m immediate), promoting the standby")
+            clusters[0].stop(mode="immediate")
+            clusters[1].promote()
+            timeline.note("standby promoted")
+        gevent.joinall(tasks)
+        timeline.note("load finished")
+
+        with greenpool.handler("write") as db:
+            rows = db.query("SELECT id FROM greenpool_demo")
+            assert isinstance(rows, list)  # a SELECT returns rows
+            stored = {row[0] for row in rows}
+        lost = len(set(acked) - stored)
+        stats = pool.stats()
+        _report(timeline, done, errors, cut_short, len(acked), lost, failed_at, seconds, stats)
+        leaked = sum(g["in_use"] for g in stats["groups"].values())
+        return 0 if leaked == 0 and lost == 0 else 1
+    finally:
+        greenpool.close()
+        log.removeHandler(timeline)
+        log.propagate = True
+        for cluster in reversed(clusters):
+            cluster.destroy()
+
+
+def _report(timeline: _Timeline, done: list[tuple[float, str]], errors: list[tuple[float, str]],
+            cut_short: int, acked: int, lost: int, failed_at: float | None, seconds: float,
+            stats: dict[str, Any]) -> None:
+    print("\nTimeline (endpoint events as the pool logged them):")
+    for at, message in sorted(timeline.events + errors[:5]):
+        print(f"  {at:6.2f}s  {message}")
+    if len(errors) > 5:
+        print(f"  ... and {len(errors) - 5} more application errors")
+    print("\nWhat the application saw:")
+    print(f"  successful requests: {len(done)}  (writes acknowledged: {acked})")
+    print(f"  requests cut short by their own timeout: {cut_short}")
+    print(f"  errors: {len(errors)}")
+    if failed_at is not None:
+        before = [t for t, _ in done if t < failed_at]
+        after = [t for t, _ in done if t >= failed_at]
+        span_after = max(seconds - failed_at, 0.001)
+        print(f"  throughput before the failover: {len(before) / failed_at:8.0f} req/s")
+        print(f"  throughput after the failover:  {len(after) / span_after:8.0f} req/s")
+        writes_after = sorted(t for t, kind in done if kind == "write" and t >= failed_at)
+        if writes_after:
+            print(f"  first write on the new primary: {writes_after[0] - failed_at:.2f} s "
+                  f"after the primary was killed")
+    print(f"  acknowledged writes lost: {lost} (must be 0)")
+    print("\nPool:")
+    for name, group in stats["groups"].items():
+        print(f"  group {name!r}: size {group['size']}/{group['max_size']}, "
+              f"acquires {group['acquires']}, failovers {group['failovers']}, "
+              f"replays {group['replays']}, discards {group['discards_by_reason']}")
+    for label, endpoint in stats["endpoints"].items():
+        print(f"  endpoint {label}: {endpoint['state']}, {endpoint['role']}, "
+              f"quarantines {endpoint['quarantines']}, connects {endpoint['connects']}")
+    leaked = sum(g["in_use"] for g in stats["groups"].values())
+    print(f"  connections still lent out: {leaked} (must be 0)")
