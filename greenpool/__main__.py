@@ -1,6 +1,8 @@
 """``greenpool`` / ``python -m greenpool``: the command line.
 
 * ``greenpool demo``: the pool through a failover, with no configuration (see demo.py).
+* ``greenpool check [CONFIG]``: each endpoint's reachability, role, lag; exit 1 when a group
+  has no eligible endpoint (see check.py).
 """
 
 from __future__ import annotations
@@ -17,7 +19,13 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--dsn", help="use this server instead of throwaway ones")
     demo.add_argument("--clients", type=int, default=100, help="greenlets (default 100)")
     demo.add_argument("--seconds", type=float, default=9.0, help="duration (default 9)")
+    check = commands.add_parser("check", help="probe every endpoint; exit 1 if a group has none")
+    check.add_argument("config", nargs="?", help=".json/.toml/.py file (default: environment)")
     args = parser.parse_args(argv)
+    if args.command == "check":
+        from .check import run as check_run
+
+        return check_run(args.config)
     if args.command == "demo":
         from .demo import run
 

@@ -107,8 +107,9 @@ def open_pool() -> greenpool.Pool:
         from gevent import monkey
 
         if not monkey.is_module_patched("socket"):
-            raise RuntimeError("open_pool() before gevent monkey-patching: it would block "
-                               "the hub (in gunicorn: use -k gevent; never open in the master)")
+            raise RuntimeError("open_pool() before gevent monkey-patching: in gunicorn use "
+                               "-k gevent and open in post_worker_init, never in the master "
+                               "or post_fork")
     return greenpool.init(CONFIG)
 
 
