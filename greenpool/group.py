@@ -23,6 +23,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 from .concurrency import Backend
@@ -348,20 +349,31 @@ class Group:
         self._lent.discard(pc)
         if pc.generation != self._generation:  # the parent's, lent at fork time: see below
             return
-        reason = discard
-        if not reason:
-            try:
-                reason = reset_on_return(pc, self.config, self._backend)
-            except BaseException:
-                self._discard(pc, "interrupted")
-                self._free_slot()
-                raise
-        if reason:
-            self._discard(pc, reason)
-            self._free_slot()
+        if discard:
+            self._drop(pc, discard)
         else:
+            self._settle(pc, lambda: reset_on_return(pc, self.config, self._backend), touch=True)
+
+    def _settle(self, pc: PooledConnection, judge: Callable[[], str], touch: bool) -> None:
+        """Keep or discard a connection we hold a slot for, as ``judge`` decides ('' keeps).
+        An interruption while judging leaves it in an unknown state: discarded, slot freed,
+        then re-raised."""
+        try:
+            reason = judge()
+        except BaseException:
+            self._drop(pc, "interrupted")
+            raise
+        if reason:
+            self._drop(pc, reason)
+            return
+        if touch:
             pc.last_used = _monotonic()
-            self._give_back(pc)
+        self._give_back(pc)
+
+    def _drop(self, pc: PooledConnection, reason: str) -> None:
+        """Discard a connection and free its slot (to the oldest waiter, if any)."""
+        self._discard(pc, reason)
+        self._free_slot()
 
     def _give_back(self, pc: PooledConnection) -> None:
         """A clean connection: to the oldest waiter, else to the idle stack."""
@@ -396,8 +408,7 @@ class Group:
             for pc in gone:
                 self._idle.remove(pc)
         for pc in gone:
-            self._discard(pc, "evicted")
-            self._free_slot()
+            self._drop(pc, "evicted")
 
     def connection_lost(self, pc: PooledConnection) -> None:
         """A lent connection died in use: discard it, evict its endpoint's idle peers."""
@@ -434,20 +445,10 @@ class Group:
                 refill = max(0, config.min_size - self._size + len(retire))
             self._size += refill
         for pc in retire:
-            self._discard(pc, "closed" if pc.raw.closed else "expired")
-            self._free_slot()
+            self._drop(pc, "closed" if pc.raw.closed else "expired")
         for pc in suspect:  # readable while idle: a NOTIFY, or the server went away
-            try:
-                reason = check_on_borrow(pc, config, self._backend, _monotonic())
-            except BaseException:
-                self._discard(pc, "interrupted")
-                self._free_slot()
-                raise
-            if reason:
-                self._discard(pc, reason)
-                self._free_slot()
-            else:
-                self._give_back(pc)
+            self._settle(pc, partial(check_on_borrow, pc, config, self._backend, now),
+                         touch=False)
         for _ in range(refill):
             self._refill_one()
         if len(self._endpoints) > 1:
@@ -466,8 +467,7 @@ class Group:
             for pc in moving:
                 self._idle.remove(pc)
         for pc in moving:
-            self._discard(pc, "rebalance")
-            self._free_slot()
+            self._drop(pc, "rebalance")
         for _ in moving:
             with self._lock:
                 if self._closed or self._line or self._size >= self.config.connection_count:
@@ -532,8 +532,7 @@ class Group:
         try:
             role, lag = query_role(pc.raw)
         except BaseException as exc:
-            self._discard(pc, "failed_check")
-            self._free_slot()
+            self._drop(pc, "failed_check")
             if not isinstance(exc, Exception):
                 raise
             self.on_endpoint_failure(endpoint)
