@@ -289,6 +289,18 @@ class Group:
                 )
             self._backend.sleep(min(remaining, self._next_chance()))
 
+    def _in_best_tier(self, endpoint: Endpoint) -> bool:
+        """Now that a connect told us ``endpoint``'s role: is it still among the endpoints
+        the group prefers right now (the first tier with anyone able to take a connect)?"""
+        if self.config.role == "any":
+            return True
+        now = _monotonic()
+        config = self.config
+        for tier in candidates(self._endpoints, config.role, config.max_lag, config.on_lag):
+            if any(ep is endpoint or ep.may_connect(now) for ep in tier):
+                return endpoint in tier
+        return False
+
     def _next_chance(self) -> float:
         """How long until an endpoint of this group may take a connect attempt again."""
         now = _monotonic()
@@ -326,8 +338,8 @@ class Group:
                 endpoint.connect_abandoned()
                 raise
         endpoint.connect_succeeded(role)
-        if not fits(self.config.role, role):
-            raw.close()
+        if not fits(self.config.role, role) or not self._in_best_tier(endpoint):
+            raw.close()  # e.g. a cold start met the primary first in a prefer-standby group
             endpoint.connection_closed()
             self.counters.discards["wrong_role"] += 1
             return None
@@ -521,14 +533,17 @@ class Group:
         else:
             self._discard(pc, "probe")
 
-    def probe_role(self, endpoint: Endpoint) -> bool:
-        """Refresh ``endpoint``'s role and lag with one query on one of our idle
-        connections to it. False if we have none idle."""
+    def probe_role(self, endpoint: Endpoint) -> None:
+        """Refresh ``endpoint``'s role and lag with one query: on one of our idle connections
+        to it, else on a short-lived connection (an endpoint the group moved away from, e.g.
+        a lagging standby, must still be watched to be used again)."""
         with self._lock:
             pc = next((c for c in self._idle if c.endpoint is endpoint), None)
-            if pc is None:
-                return False
-            self._idle.remove(pc)
+            if pc is not None:
+                self._idle.remove(pc)
+        if pc is None:
+            self._probe_with_own_connection(endpoint)
+            return
         try:
             role, lag = query_role(pc.raw)
         except BaseException as exc:
@@ -536,11 +551,32 @@ class Group:
             if not isinstance(exc, Exception):
                 raise
             self.on_endpoint_failure(endpoint)
-            return True
+            return
         endpoint.observe_role(role)
         endpoint.lag = lag
         self._give_back(pc)
-        return True
+
+    def _probe_with_own_connection(self, endpoint: Endpoint) -> None:
+        endpoint.begin_connect()
+        try:
+            raw = open_connection(endpoint.config, self.config, self._kwargs[endpoint],
+                                  self._backend, endpoint.config.connect_timeout)
+        except ConnectError as exc:
+            endpoint.connect_failed(exc.reason)
+            self.on_endpoint_failure(endpoint)
+            return
+        except BaseException:
+            endpoint.connect_abandoned()
+            raise
+        try:
+            role, lag = query_role(raw)
+            endpoint.connect_succeeded(role)
+            endpoint.lag = lag
+            endpoint.connection_closed()
+        except Exception:
+            endpoint.connect_abandoned()
+        finally:
+            raw.close()
 
     def _refill_one(self) -> None:
         endpoint_timeout = max(ep.config.connect_timeout for ep in self._endpoints)

@@ -185,9 +185,9 @@ class Pool:
         for endpoint in self._endpoints:
             if endpoint.state != UP:
                 continue
-            for group in self._groups.values():
-                if group.uses(endpoint) and group.probe_role(endpoint):
-                    break
+            group = next((g for g in self._groups.values() if g.uses(endpoint)), None)
+            if group is not None:
+                group.probe_role(endpoint)
 
     def _after_fork_in_child(self) -> None:
         """Runs inside ``os.fork()`` in the child: only drop state, start nothing."""
