@@ -14,6 +14,7 @@ cost. In ``threaded`` mode the same sections run under a real ``threading.Lock``
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 import time
 import warnings
@@ -76,13 +77,26 @@ class Backend:
     def patch_driver(self) -> None:
         """Make psycopg2 cooperate with this mode (idempotent)."""
 
+    _select: Callable[..., Any] | None = None
+
     def readable(self, fd: int) -> bool:
         """Whether ``fd`` has data to read right now: a zero-timeout poll, never a switch."""
-        return bool(_original_select([fd], [], [], 0)[0])
+        select = self._select
+        if select is None:
+            select = self._select = _load_original_select()
+        return bool(select([fd], [], [], 0)[0])
 
 
 def _load_original_select() -> Callable[..., Any]:
-    """The real ``select.select`` even if gevent or eventlet patched the module."""
+    """The real ``select.select`` whichever library patched the module.
+
+    Each library keeps the original its own way: asking gevent's registry in an eventlet
+    process returns eventlet's *green* select, which registers with the hub and switches.
+    """
+    if "eventlet.patcher" in sys.modules:
+        from eventlet import patcher
+
+        return patcher.original("select").select
     try:
         from gevent.monkey import get_original
 
@@ -91,9 +105,6 @@ def _load_original_select() -> Callable[..., Any]:
         import select
 
         return select.select
-
-
-_original_select = _load_original_select()
 
 
 def _is_address(host: str) -> bool:

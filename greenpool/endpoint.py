@@ -97,7 +97,11 @@ class Endpoint:
         self.connect_errors += 1
         self.last_error = message
         self.last_error_at = time.time()
-        self._quarantine()
+        if self.state != QUARANTINED:
+            self._quarantine()
+        # else: an attempt that started before the quarantine. It is no news, so it must
+        # neither extend the quarantine nor raise the backoff: only the first failure and
+        # failed probes do.
 
     def connect_abandoned(self) -> None:
         """The attempt was interrupted (timeout or kill of the caller): no verdict."""

@@ -96,6 +96,7 @@ class Group:
         self._size = 0
         self._closed = False
         self._generation = 0
+        self._roles_matter = config.role != "any"
         #: Called with an endpoint whose connections proved dead: the pool evicts that
         #: endpoint's idle connections in every group at once.
         self.on_endpoint_failure: Callable[[Endpoint], None] = self.evict_idle
@@ -204,7 +205,7 @@ class Group:
         try:
             if item is not SLOT:
                 reason = check_on_borrow(item, self.config, self._backend, _monotonic())
-                if not reason and not self._role_fits(item):
+                if not reason and self._roles_matter and not self._role_fits(item):
                     reason = "wrong_role"
                 if not reason:
                     return self._lend(item)

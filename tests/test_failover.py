@@ -1,0 +1,501 @@
+"""Issue 3, multi-endpoint failover: roles, promotion, losing and regaining endpoints,
+quarantine with backoff, replays. Every test runs against real servers it starts itself
+(destructive steps only on clusters from ``pg_factory``) and real faults: ``pg_ctl stop -m
+immediate``, ``pg_ctl promote``, a black-hole listener, ``pg_terminate_backend``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any
+
+import psycopg2
+import psycopg2.errors
+import pytest
+from faults import Ticker
+from modes import GREEN, join_all, sleep, spawn, wait_until
+
+from greenpool import CommitOutcomeUnknown, NoHealthyEndpoint, PoolTimeout
+
+SECRET = "Failover-S3cret-pw"
+
+
+def label(cluster: Any) -> str:
+    """How the pool names a throwaway cluster's endpoint in stats and errors."""
+    return f"{cluster.host}:{cluster.port}/{cluster.dbname}"
+
+
+def endpoint_stats(pool: Any, cluster: Any) -> dict[str, Any]:
+    return pool.stats()["endpoints"][label(cluster)]
+
+
+def held_ports(pool: Any, group_name: str, n: int) -> list[int]:
+    """Hold ``n`` connections of a group at once; the server port of each."""
+    group = pool.group(group_name)
+    held = [group.acquire() for _ in range(n)]
+    try:
+        ports = []
+        for pc in held:
+            with pc.raw.cursor() as cursor:
+                cursor.execute("SELECT inet_server_port()")
+                ports.append(cursor.fetchone()[0])
+        return ports
+    finally:
+        for pc in held:
+            group.release(pc)
+
+
+def max_gap(stamps: list[float]) -> float:
+    return max((b - a for a, b in itertools.pairwise(sorted(stamps))), default=0.0)
+
+
+# --- 1. roles ---------------------------------------------------------------------------------
+
+
+def test_roles_send_writes_to_the_primary_and_reads_to_the_standby(make_pool, pg_factory):
+    """Check 1: with a primary and a streaming standby, every `write` (role primary)
+    connection lands on the primary, every `read` (standby) and `prefer` (prefer-standby)
+    connection on the standby, even the very first ones of a pool that knows no roles yet;
+    and a write through `read` fails cleanly with ReadOnlySqlTransaction: nothing retried
+    elsewhere, no endpoint marked down.
+
+    Each group starts at a random endpoint, so each group is checked first thing on 8 fresh
+    pools: a group that keeps a connection to the wrong server when it happens to try that
+    one first fails with probability 1 - 2**-8."""
+    primary = pg_factory()
+    standby = pg_factory(standby_of=primary)
+    groups = {
+        "write": {"role": "primary", "connection_count": 4},
+        "read": {"role": "standby", "connection_count": 4, "autocommit": True},
+        "prefer": {"role": "prefer-standby", "connection_count": 4, "autocommit": True},
+    }
+    expected = {"write": primary.port, "read": standby.port, "prefer": standby.port}
+    for name, port in expected.items():
+        for _ in range(8):
+            fresh = make_pool(groups, db=[standby.endpoint(), primary.endpoint()])
+            assert held_ports(fresh, name, 3) == [port] * 3, name
+            fresh.close()
+    pool = make_pool(groups, db=[standby.endpoint(), primary.endpoint()])
+    assert held_ports(pool, "write", 4) == [primary.port] * 4
+    assert held_ports(pool, "read", 4) == [standby.port] * 4
+    assert held_ports(pool, "prefer", 4) == [standby.port] * 4
+
+    with pool.handler("write") as db:
+        db.execute("CREATE TABLE written (id int)")
+        assert db.query_one("SELECT inet_server_port()") == (primary.port,)
+    wait_until(lambda: standby.execute("SELECT to_regclass('written') IS NOT NULL")[0][0],
+               10, "the new table to reach the standby")
+
+    with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction), pool.handler("read") as db:
+        db.execute("CREATE TABLE must_not_exist (id int)")
+    with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction), pool.handler("read") as db:
+        db.execute("INSERT INTO written VALUES (1)")
+    assert primary.execute("SELECT to_regclass('must_not_exist') IS NULL")[0][0] is True
+    assert primary.execute("SELECT count(*) FROM written")[0][0] == 0  # not retried there
+
+    endpoints = pool.stats()["endpoints"]
+    assert endpoints[label(primary)]["role"] == "primary"
+    assert endpoints[label(standby)]["role"] == "standby"
+    for name in (label(primary), label(standby)):
+        assert endpoints[name]["state"] == "up" and endpoints[name]["quarantines"] == 0
+    groups = pool.stats()["groups"]
+    assert groups["read"]["replays"] == 0 and groups["read"]["failovers"] == 0
+
+
+# --- 2. promotion under write load --------------------------------------------------------------
+
+
+def test_promotion_under_write_load_moves_writes_and_loses_no_acknowledged_write(
+    make_pool, pg_factory
+):
+    """Check 2: 50 tasks insert unique ids through `write` while the standby is promoted and
+    the old primary crashes. Afterwards writes succeed on the new primary without a pool
+    restart, every acknowledged id is on the new primary, every failure is a clear
+    psycopg2/greenpool error, and no task hangs.
+
+    Replication is made synchronous so that an acknowledged commit is on the standby too:
+    then a missing id could only be the pool's fault (e.g. reporting success for a commit
+    whose outcome it did not see)."""
+    primary = pg_factory()
+    primary.execute("CREATE TABLE acked (id int PRIMARY KEY)")
+    standby = pg_factory(standby_of=primary)
+    primary.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
+    primary.execute("ALTER SYSTEM SET synchronous_commit = 'on'")
+    primary.execute("SELECT pg_reload_conf()")
+    wait_until(
+        lambda: primary.execute(
+            "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'"
+        )[0][0] == 1,
+        10,
+        "the standby to become synchronous",
+    )
+    pool = make_pool(
+        {"write": {"role": "primary", "connection_count": 10, "timeout": 10}},
+        db=[primary.endpoint(), standby.endpoint()],
+        role_check_interval=0.5,
+        quarantine_max=2,
+    )
+    ids = itertools.count()
+    acked: list[tuple[int, int]] = []  # (id, server port) of acknowledged inserts
+    errors: list[BaseException] = []
+    running = [True]
+
+    def writer() -> None:
+        while running[0]:
+            i = next(ids)
+            try:
+                with pool.handler("write") as db:
+                    row = db.query_one(
+                        "INSERT INTO acked VALUES (%s) RETURNING inet_server_port()", (i,)
+                    )
+            except Exception as exc:
+                errors.append(exc)
+                sleep(0.01)
+            else:
+                acked.append((i, row[0]))
+
+    tasks = [spawn(writer) for _ in range(50)]
+    try:
+        wait_until(lambda: len(acked) >= 200, 10, "200 writes on the old primary")
+        standby.promote()
+        primary.stop("immediate")
+        wait_until(
+            lambda: sum(port == standby.port for _, port in acked) >= 200,
+            20,
+            "200 writes acknowledged by the promoted standby",
+        )
+    finally:
+        running[0] = False
+        join_all(tasks, 15)  # bounded: a hung writer fails the test here
+
+    assert {port for _, port in acked} == {primary.port, standby.port}
+    with pool.handler("write") as db:
+        assert db.query_one("SELECT inet_server_port()") == (standby.port,)
+    stored = {row[0] for row in standby.execute("SELECT id FROM acked")}
+    lost = sorted(i for i, _ in acked if i not in stored)
+    assert lost == [], f"{len(lost)} acknowledged writes are missing: {lost[:20]}"
+    for exc in errors:
+        assert isinstance(exc, psycopg2.Error), repr(exc)
+        assert str(exc).strip(), f"{type(exc).__name__} without a message"
+    assert endpoint_stats(pool, standby)["role"] == "primary"
+    assert endpoint_stats(pool, primary)["state"] != "up"
+
+
+# --- 3. losing one of two endpoints under read load ---------------------------------------------
+
+
+def test_losing_one_endpoint_is_invisible_to_readers_and_its_return_is_used(
+    make_pool, pg_factory, server_conns
+):
+    """Check 3: under a steady read load through a readonly autocommit group spanning two
+    servers, crashing one causes no error and no task waits more than 1 s between two
+    successful reads; once it is started again, connections spread back onto it within
+    15 s by themselves."""
+    first, second = pg_factory(), pg_factory()
+    app = "gp-failover-readers"
+    pool = make_pool(
+        {"read": {"role": "any", "autocommit": True, "readonly": True,
+                  "connection_count": 8, "timeout": 5}},
+        db=[first.endpoint(), second.endpoint()],
+        application_name=app,
+    )
+    successes: list[list[tuple[float, int]]] = [[] for _ in range(8)]
+    errors: list[BaseException] = []
+    running = [True]
+
+    def reader(mine: list[tuple[float, int]]) -> None:
+        while running[0]:
+            try:
+                with pool.handler("read") as db:
+                    port = db.query_one("SELECT inet_server_port()")[0]
+            except Exception as exc:
+                errors.append(exc)
+            else:
+                mine.append((time.monotonic(), port))
+            sleep(0.005)
+
+    def ports_since(t: float) -> set[int]:
+        return {port for mine in successes for stamp, port in mine if stamp >= t}
+
+    tasks = [spawn(reader, mine) for mine in successes]
+    try:
+        wait_until(lambda: ports_since(0) == {first.port, second.port}, 10,
+                   "reads served by both servers")
+        crashed_at = time.monotonic()
+        second.stop("immediate")
+        sleep(2.0)  # the read load keeps running against one server
+        after_crash = time.monotonic()
+        assert errors == []
+        for mine in successes:
+            stamps = [stamp for stamp, _ in mine if stamp >= crashed_at - 0.5]
+            assert stamps and stamps[-1] > after_crash - 1.0, "a reader stopped making progress"
+            assert max_gap([crashed_at, *stamps, after_crash]) < 1.0
+        assert ports_since(crashed_at + 1.0) == {first.port}
+
+        second.start()
+        wait_until(
+            lambda: endpoint_stats(pool, second)["open"] > 0
+            and endpoint_stats(pool, first)["open"] > 0,
+            15,
+            "connections to spread back over both servers",
+        )
+        assert server_conns(application_name=app, cluster=second) > 0
+        assert server_conns(application_name=app, cluster=first) > 0
+        restarted_at = time.monotonic()
+        wait_until(lambda: ports_since(restarted_at) == {first.port, second.port}, 10,
+                   "reads served by both servers again")
+    finally:
+        running[0] = False
+        join_all(tasks, 10)
+    assert errors == []
+    assert endpoint_stats(pool, second)["state"] == "up"
+
+
+# --- 4. a black hole first in the list -----------------------------------------------------------
+
+
+def test_black_hole_first_fails_over_within_the_connect_timeout(make_pool, pg, blackhole):
+    """Check 4: with a never-answering endpoint listed before a real one, acquires move on
+    to the real endpoint within the black hole's per-attempt connect timeout (0.5 s; libpq's
+    whole seconds, at least 2, in threaded mode), and the event loop never blocks."""
+    per_attempt = 0.5 if GREEN else 2.0
+    pool = make_pool(
+        {"g": {"connection_count": 3, "timeout": 10}},
+        db=[blackhole.endpoint(connect_timeout=0.5), pg.endpoint()],
+    )
+    ticker = Ticker()
+    sleep(0.05)
+    started = time.monotonic()
+    ports = held_ports(pool, "g", 3)
+    elapsed = time.monotonic() - started
+    gap = ticker.stop()
+    assert ports == [pg.port] * 3
+    assert elapsed < per_attempt + 0.6, elapsed
+    if GREEN:
+        assert gap < 0.1, f"the event loop was blocked for {gap:.3f} s"
+    hole = pool.stats()["endpoints"][f"127.0.0.1:{blackhole.port}/blackhole"]
+    assert hole["connect_attempts"] >= 1 and hole["connect_errors"] >= 1
+    assert hole["state"] in ("quarantined", "probing") and hole["quarantines"] >= 1
+    assert hole["last_error"]
+    assert endpoint_stats(pool, pg)["state"] == "up"
+    assert pool.stats()["groups"]["g"]["failovers"] >= 1
+
+
+# --- 5. everything down, then back ---------------------------------------------------------------
+
+
+def test_all_endpoints_down_raises_no_healthy_endpoint_then_recovers_by_itself(
+    make_pool, pg_factory
+):
+    """Check 5: with every endpoint down, NoHealthyEndpoint comes within the acquire
+    timeout and names each endpoint, its state and its last error, never the password;
+    started again, an endpoint is found up by housekeeping alone, and handlers work."""
+    first, second = pg_factory(password=SECRET), pg_factory(password=SECRET)
+    timeout = 1.0
+    pool = make_pool(
+        {"g": {"connection_count": 2, "timeout": timeout}},
+        db=[first.endpoint(), second.endpoint()],
+        quarantine_max=1.0,
+    )
+    assert sorted(held_ports(pool, "g", 2)) == sorted([first.port, second.port])
+    first.stop("immediate")
+    second.stop("immediate")
+
+    started = time.monotonic()
+    with pytest.raises(NoHealthyEndpoint) as info, pool.handler("g") as db:
+        db.query("SELECT 1")
+    elapsed = time.monotonic() - started
+    assert timeout - 0.3 <= elapsed <= timeout + 0.3, elapsed
+    message = str(info.value)
+    for cluster in (first, second):
+        assert label(cluster) in message
+    assert message.count("refused") >= 2, message
+    assert "quarantined" in message or "probing" in message, message
+    assert SECRET not in message and SECRET not in repr(pool.stats())
+    for cluster in (first, second):
+        stats = endpoint_stats(pool, cluster)
+        assert stats["state"] != "up" and stats["quarantines"] >= 1
+        assert "refused" in stats["last_error"]
+
+    second.start()
+    wait_until(lambda: endpoint_stats(pool, second)["state"] == "up", 10,
+               "housekeeping to find the restarted server up, without any request")
+    with pool.handler("g") as db:
+        assert db.query_one("SELECT inet_server_port()") == (second.port,)
+    assert endpoint_stats(pool, first)["state"] != "up"
+
+
+# --- 6. what must not quarantine -----------------------------------------------------------------
+
+
+def test_exhaustion_timeouts_and_sql_errors_never_quarantine(make_pool, pg, pg_factory):
+    """Check 6: PoolTimeout from exhaustion, a statement timeout (QueryCanceled) and SQL
+    errors leave every endpoint up with no quarantine, and nothing is replayed: not even
+    in a readonly group, where a lost connection would be."""
+    other = pg_factory()
+    pool = make_pool(
+        {
+            "small": {"connection_count": 1, "timeout": 0.2},
+            "slow": {"autocommit": True, "readonly": True, "statement_timeout": 0.1},
+        },
+        db=[pg.endpoint(), other.endpoint()],
+    )
+    small = pool.group("small")
+    held = small.acquire()
+    try:
+        with pytest.raises(PoolTimeout), pool.handler("small"):
+            pass
+    finally:
+        small.release(held)
+
+    started = time.monotonic()
+    with pytest.raises(psycopg2.errors.QueryCanceled), pool.handler("slow") as db:
+        db.query("SELECT pg_sleep(2)")
+    assert time.monotonic() - started < 1.0  # cancelled once, not re-run
+    with pytest.raises(psycopg2.errors.SyntaxError), pool.handler("slow") as db:
+        db.query("SELEC 1")
+    with pytest.raises(psycopg2.errors.UndefinedTable), pool.handler("small") as db:
+        db.query("SELECT * FROM no_such_table")
+    with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction), pool.handler("slow") as db:
+        db.query("CREATE TABLE never (id int)")
+    for _ in range(4):  # the pool still works, on either endpoint
+        with pool.handler("slow") as db:
+            assert db.query("SELECT 1") == [(1,)]
+
+    stats = pool.stats()
+    for name in (label(pg), label(other)):
+        ep = stats["endpoints"][name]
+        assert (ep["state"], ep["quarantines"], ep["connect_errors"]) == ("up", 0, 0), ep
+    for name in ("small", "slow"):
+        assert stats["groups"][name]["failovers"] == 0
+        assert stats["groups"][name]["replays"] == 0
+
+
+# --- 7. backoff -----------------------------------------------------------------------------------
+
+
+def test_backoff_of_a_dead_endpoint_is_visible_and_bounded(make_pool, pg_factory, pg):
+    """Check 7: 200 requests over about 3 s, each needing a new connection, through a group
+    spanning a stopped server and a live one: all succeed on the live one, and the dead one
+    sees a handful of connect attempts spaced by the backoff (at least quarantine_initial
+    apart, at most quarantine_max plus a little), not one attempt per request."""
+    dead = pg_factory()
+    dead.stop("immediate")
+    initial, ceiling = 0.25, 1.0
+    pool = make_pool(
+        {"g": {"connection_count": 4, "timeout": 5}},
+        db=[dead.endpoint(), pg.endpoint()],
+        quarantine_initial=initial,
+        quarantine_max=ceiling,
+        maintenance_interval=0.1,
+    )
+    group = pool.group("g")
+    attempts_seen: list[tuple[float, int]] = []  # (when first seen, connect_attempts)
+    ports = []
+    started = time.monotonic()
+    for i in range(200):
+        pc = group.acquire()
+        try:
+            with pc.raw.cursor() as cursor:
+                cursor.execute("SELECT inet_server_port()")
+                ports.append(cursor.fetchone()[0])
+        finally:
+            group.release(pc, discard="test: every request connects anew")
+        count = endpoint_stats(pool, dead)["connect_attempts"]
+        if count and (not attempts_seen or count != attempts_seen[-1][1]):
+            attempts_seen.append((time.monotonic(), count))
+        sleep(max(0.0, started + (i + 1) * 0.015 - time.monotonic()))
+    window = time.monotonic() - started
+
+    assert ports == [pg.port] * 200
+    stats = endpoint_stats(pool, dead)
+    attempts = stats["connect_attempts"]
+    assert 2 <= attempts <= window / initial + 2, (attempts, window, attempts_seen)
+    assert stats["connect_errors"] == attempts and stats["connects"] == 0
+    assert stats["state"] in ("quarantined", "probing")
+    # from the first failure on, each change seen is one attempt, spaced as the backoff says
+    steps = [(b[0] - a[0], b[1] - a[1]) for a, b in itertools.pairwise(attempts_seen)]
+    assert all(n == 1 for _, n in steps), attempts_seen
+    assert all(initial - 0.05 <= dt <= ceiling + 0.3 for dt, _ in steps), attempts_seen
+
+
+# --- replays ---------------------------------------------------------------------------------
+
+
+def _terminate_and_wait(cluster: Any, server_conns: Any, app: str) -> None:
+    killed = cluster.execute(
+        "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity "
+        "WHERE application_name = %s", (app,)
+    )[0][0]
+    assert killed == 1
+    # pg_terminate_backend only signals: wait until the session is really gone
+    assert server_conns(application_name=app, cluster=cluster, expect=0) == 0
+
+
+def test_idempotent_handler_replays_its_first_statement_after_a_lost_connection(
+    make_pool, pg, server_conns
+):
+    """A read through an `idempotent=True` handler of a read-write group is re-run on a new
+    connection when its backend was terminated before it ran (single endpoint: the replay
+    reconnects to the same server); the same fault on a plain handler, or on a statement
+    that is not the first of its transaction, raises the driver's OperationalError."""
+    app = "gp-failover-replay"
+    pool = make_pool({"g": {"connection_count": 1, "autocommit": False, "timeout": 5}},
+                     application_name=app)
+    with pool.handler("g") as db:
+        old_pid = db.query_one("SELECT pg_backend_pid()")[0]
+
+    with pool.handler("g", idempotent=True) as db:
+        _terminate_and_wait(pg, server_conns, app)
+        new_pid = db.query_one("SELECT pg_backend_pid()")[0]
+    assert new_pid != old_pid
+    assert pool.stats()["groups"]["g"]["replays"] == 1
+
+    with pytest.raises(psycopg2.OperationalError) as info, pool.handler("g") as db:
+        _terminate_and_wait(pg, server_conns, app)
+        db.query("SELECT pg_backend_pid()")
+    assert not isinstance(info.value, NoHealthyEndpoint)
+
+    with pytest.raises(psycopg2.OperationalError), pool.handler("g", idempotent=True) as db:
+        db.query("SELECT 1")
+        _terminate_and_wait(pg, server_conns, app)
+        db.query("SELECT 2")  # not the first statement of its transaction: never re-run
+
+    assert pool.stats()["groups"]["g"]["replays"] == 1
+    with pool.handler("g") as db:  # and the pool is fine afterwards
+        assert db.query("SELECT 1") == [(1,)]
+
+
+def test_commit_outcome_unknown_is_never_retried(make_pool, pg_factory, server_conns):
+    """A connection that breaks during COMMIT raises CommitOutcomeUnknown, even on an
+    idempotent handler, and the transaction is not re-run. The COMMIT is held by a
+    synchronous standby that does not exist, and its backend is terminated meanwhile (the
+    server then keeps the locally committed transaction)."""
+    server = pg_factory(settings={"synchronous_standby_names": "nobody"})
+    server.execute("CREATE TABLE t (id int)")  # synchronous_commit is off by default here
+    app = "gp-failover-commit"
+    pool = make_pool({"g": {"connection_count": 1, "timeout": 5}}, db=server.endpoint(),
+                     application_name=app)
+
+    def terminate_during_commit() -> None:
+        wait_until(
+            lambda: server.execute(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE application_name = %s AND wait_event = 'SyncRep'", (app,)
+            )[0][0] == 1,
+            10,
+            "the COMMIT to wait for the synchronous standby",
+        )
+        _terminate_and_wait(server, server_conns, app)
+
+    killer = spawn(terminate_during_commit)
+    with pytest.raises(CommitOutcomeUnknown) as info, pool.handler("g", idempotent=True) as db:
+        db.execute("SET LOCAL synchronous_commit = on")
+        db.execute("INSERT INTO t VALUES (1)")
+    join_all([killer], 15)
+    assert killer.error is None, killer.error
+    assert str(info.value).strip()
+    assert server.execute("SELECT count(*) FROM t")[0][0] == 1  # committed once, not twice
+    assert pool.stats()["groups"]["g"]["replays"] == 0
+    assert endpoint_stats(pool, server)["state"] == "up"
