@@ -97,6 +97,7 @@ class Group:
         self._closed = False
         self._generation = 0
         self._roles_matter = config.role != "any"
+        self._leak_threshold = config.leak_threshold
         #: Called with an endpoint whose connections proved dead: the pool evicts that
         #: endpoint's idle connections in every group at once.
         self.on_endpoint_failure: Callable[[Endpoint], None] = self.evict_idle
@@ -135,7 +136,7 @@ class Group:
 
     def _lend(self, pc: PooledConnection) -> PooledConnection:
         self._lent.add(pc)
-        if self.config.leak_threshold is not None:
+        if self._leak_threshold is not None:
             pc.lent_at = _monotonic()
             pc.lent_from = _caller_outside_greenpool()
         return pc

@@ -71,7 +71,7 @@ class Handler:
 
     def __enter__(self) -> Handler:
         held = self._pool._held
-        key = (self._group.name, self._pool._backend.current())
+        key = (self._group.name, self._pool._current_task())
         outer = held.get(key)
         if outer is not None:
             self._outer = outer

@@ -31,6 +31,7 @@ class Pool:
     def __init__(self, config: Mapping[str, Any] | PoolConfig) -> None:
         self.config = parse_config(config)
         self._backend: Backend = backend_for(self.config.mode)
+        self._current_task = self._backend.current  # on every handler entry: bound once
         self._endpoints = [
             Endpoint(c, self.config.quarantine_initial, self.config.quarantine_max)
             for c in self.config.endpoints
