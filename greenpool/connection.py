@@ -214,7 +214,7 @@ def reset_on_return(pc: PooledConnection, group: GroupConfig, backend: Backend) 
     raw = pc.raw
     if raw.closed:
         return "broken"
-    status = raw.info.transaction_status
+    status = raw.get_transaction_status()
     if status != _STATUS_IDLE:
         if status not in _STATUS_OPEN:
             return "unknown_state"  # a command still running, or the link is gone
@@ -225,7 +225,7 @@ def reset_on_return(pc: PooledConnection, group: GroupConfig, backend: Backend) 
                 raw.rollback()
         except psycopg2.Error:
             return "reset_failed"
-        if raw.info.transaction_status != _STATUS_IDLE:
+        if raw.get_transaction_status() != _STATUS_IDLE:
             return "reset_failed"
     if raw.readonly is not None or raw.isolation_level is not None or raw.deferrable is not None:
         # psycopg2 may have sent these to the server as SETs (in autocommit) or kept them

@@ -366,7 +366,7 @@ class Group:
         if discard:
             self._drop(pc, discard)
         else:
-            self._settle(pc, lambda: reset_on_return(pc, self.config, self._backend), touch=True)
+            self._settle(pc, partial(reset_on_return, pc, self.config, self._backend), touch=True)
 
     def _settle(self, pc: PooledConnection, judge: Callable[[], str], touch: bool) -> None:
         """Keep or discard a connection we hold a slot for, as ``judge`` decides ('' keeps).

@@ -112,7 +112,7 @@ class Handler:
         if clean:
             with raw.cursor() as cursor:
                 cursor.execute(f"RELEASE SAVEPOINT {self._savepoint}")
-        elif not raw.closed and raw.info.transaction_status in (_INTRANS, _INERROR):
+        elif not raw.closed and raw.get_transaction_status() in (_INTRANS, _INERROR):
             try:
                 with raw.cursor() as cursor:
                     cursor.execute(f"ROLLBACK TO SAVEPOINT {self._savepoint}")
@@ -129,7 +129,7 @@ class Handler:
                 f"{where}: the connection was lost inside the block (the error was caught); "
                 f"nothing was committed"
             )
-        status = raw.info.transaction_status
+        status = raw.get_transaction_status()
         if status == _IDLE:
             return
         if status == _INTRANS:
@@ -230,7 +230,7 @@ class Handler:
         replays = 0
         while True:
             raw = self.connection
-            first = raw.info.transaction_status == _IDLE
+            first = raw.get_transaction_status() == _IDLE
             try:
                 with raw.cursor() as cursor:
                     return work(cursor)
@@ -275,14 +275,14 @@ class Handler:
     def commit(self) -> None:
         """Commit now (inside a nested block this commits the outer transaction too)."""
         raw = self.connection
-        if raw.info.transaction_status != _IDLE:
+        if raw.get_transaction_status() != _IDLE:
             self._commit(raw, f"group {self._group.name!r}", self._group, self._pc)
 
     def rollback(self) -> None:
         """Roll back now, even on an autocommit connection with a hand-made ``BEGIN``."""
         raw = self.connection
         if raw.autocommit:
-            if raw.info.transaction_status != _IDLE:
+            if raw.get_transaction_status() != _IDLE:
                 with raw.cursor() as cursor:
                     cursor.execute("ROLLBACK")
         else:

@@ -68,7 +68,7 @@ def failure_kind(exc: BaseException, raw: Any) -> str:
         return "read_only"
     if raw.closed or (code and (code.startswith("08") or code in _LOST_STATES)):
         return "lost"
-    if raw.info.transaction_status == extensions.TRANSACTION_STATUS_UNKNOWN:
+    if raw.get_transaction_status() == extensions.TRANSACTION_STATUS_UNKNOWN:
         return "lost"
     return ""
 
