@@ -1,0 +1,1 @@
+"""greenpool's benchmark suite: ``python -m benchmarks`` (see benchmarks/README.md)."""

@@ -1,0 +1,394 @@
+"""One small adapter per pool, all with the same interface, each written the way that pool's
+users write it under gevent.
+
+Every adapter takes a :class:`Target` (where to connect) plus ``size``, ``autocommit`` and
+``readonly``, and offers:
+
+* ``session()``: a context manager lending one connection for a block; the object it yields
+  has ``query(sql)`` (rows). A clean exit commits, an exception rolls back and propagates.
+* ``checkout()``: checkout and checkin only, no statement.
+* ``close()``; ``retries``: exhaustion errors a retry loop absorbed (psycopg2.pool only).
+
+Import this module only after ``gevent.monkey.patch_all()`` (see :mod:`benchmarks.worker`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+# psycopg2.pool raises at once on exhaustion; users wrap getconn in a bounded retry.
+GETCONN_RETRY_SLEEP = 0.01  # seconds between attempts
+GETCONN_RETRY_ATTEMPTS = 300  # so a caller gives up after about 3 s
+ACQUIRE_TIMEOUT = 5  # seconds, for the pools that have an acquire timeout
+
+
+@dataclass
+class Target:
+    """One or more loopback endpoints of throwaway clusters, plus session settings."""
+
+    hosts: list[tuple[str, int]]
+    user: str
+    password: str
+    dbname: str
+    app_name: str
+    extra: dict[str, str] = field(default_factory=dict)  # more libpq keywords
+
+    def libpq_params(self, readonly: bool = False) -> dict[str, str]:
+        params = {
+            "host": ",".join(h for h, _ in self.hosts),
+            "port": ",".join(str(p) for _, p in self.hosts),
+            "dbname": self.dbname, "user": self.user, "password": self.password,
+            "application_name": self.app_name, **self.extra,
+        }
+        if readonly:
+            params["options"] = "-c default_transaction_read_only=on"
+        return params
+
+    def dsn(self, readonly: bool = False) -> str:
+        def quote(v: str) -> str:
+            return "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+        return " ".join(f"{k}={quote(v)}" for k, v in self.libpq_params(readonly).items())
+
+
+class _Rows:
+    """``query(sql)`` over a psycopg2 (or psycopg 3) connection."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    def query(self, sql: str) -> list[Any]:
+        with self.conn.cursor() as cur:
+            cur.execute(sql)
+            return cur.fetchall()
+
+
+class Adapter:
+    name = "?"
+    psycopg2_based = True
+    pooled = True
+
+    def __init__(self, target: Target, size: int, autocommit: bool = True,
+                 readonly: bool = False) -> None:
+        self.target, self.size = target, size
+        self.autocommit, self.readonly = autocommit, readonly
+        self.retries = 0
+
+    def session(self) -> contextlib.AbstractContextManager[Any]:
+        raise NotImplementedError
+
+    def checkout(self) -> contextlib.AbstractContextManager[Any]:
+        return self.session()
+
+    def close(self) -> None:
+        pass
+
+
+class Raw(Adapter):
+    """The floor: one psycopg2 connection reused, no pool (single greenlet only)."""
+
+    name, pooled = "raw psycopg2", False
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        import psycopg2
+
+        self.conn = psycopg2.connect(self.target.dsn(self.readonly))
+        self.conn.autocommit = self.autocommit
+        self.rows = _Rows(self.conn)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[_Rows]:
+        yield self.rows
+        if not self.autocommit:
+            self.conn.commit()
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class _Psycopg2Pool(Adapter):
+    """psycopg2.pool with minconn == maxconn (a smaller minconn closes returned connections)."""
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        from psycopg2 import pool
+
+        self.pool_error = pool.PoolError
+        self.pool = self.pool_class(pool)(self.size, self.size, self.target.dsn(self.readonly))
+
+    def pool_class(self, module: Any) -> Any:
+        raise NotImplementedError
+
+    def _getconn(self) -> Any:
+        for _ in range(GETCONN_RETRY_ATTEMPTS):
+            try:
+                return self.pool.getconn()
+            except self.pool_error as exc:
+                if "exhausted" not in str(exc):
+                    raise
+                self.retries += 1
+                time.sleep(GETCONN_RETRY_SLEEP)  # gevent's sleep after patch_all
+        raise self.pool_error("connection pool exhausted (gave up retrying)")
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[_Rows]:
+        conn = self._getconn()
+        try:
+            if conn.autocommit != self.autocommit:
+                conn.autocommit = self.autocommit
+            yield _Rows(conn)
+            conn.commit()
+        except Exception:
+            conn.rollback()
+            raise
+        finally:
+            self.pool.putconn(conn)
+
+    @contextlib.contextmanager
+    def checkout(self) -> Iterator[None]:
+        conn = self._getconn()
+        try:
+            yield
+        finally:
+            self.pool.putconn(conn)
+
+    def close(self) -> None:
+        self.pool.closeall()
+
+
+class Psycopg2Simple(_Psycopg2Pool):
+    name = "psycopg2 SimpleConnectionPool"
+
+    def pool_class(self, module: Any) -> Any:
+        return module.SimpleConnectionPool
+
+
+class Psycopg2Threaded(_Psycopg2Pool):
+    name = "psycopg2 ThreadedConnectionPool"
+
+    def pool_class(self, module: Any) -> Any:
+        return module.ThreadedConnectionPool
+
+
+class PsycopgPool(Adapter):
+    """psycopg 3's psycopg_pool.ConnectionPool (psycopg detects gevent's patching itself)."""
+
+    name, psycopg2_based = "psycopg_pool ConnectionPool", False
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        from psycopg_pool import ConnectionPool
+
+        self.pool = ConnectionPool(
+            self.target.dsn(self.readonly), min_size=self.size, max_size=self.size,
+            kwargs={"autocommit": self.autocommit}, timeout=ACQUIRE_TIMEOUT, open=True,
+        )
+        self.pool.wait(30)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[_Rows]:
+        with self.pool.connection() as conn:
+            yield _Rows(conn)
+
+    @contextlib.contextmanager
+    def checkout(self) -> Iterator[None]:
+        with self.pool.connection():
+            yield
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+class SQLAlchemyQueuePool(Adapter):
+    """create_engine(..., poolclass=QueuePool); the URL lists every host (libpq multi-host)."""
+
+    name = "SQLAlchemy QueuePool"
+    pre_ping = False
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        from urllib.parse import quote
+
+        from sqlalchemy import create_engine
+        from sqlalchemy.pool import QueuePool
+
+        t = self.target
+        hosts = "&".join(f"host={h}:{p}" for h, p in t.hosts)
+        url = f"postgresql+psycopg2://{t.user}:{quote(t.password)}@/{t.dbname}?{hosts}"
+        params = t.libpq_params(self.readonly)
+        connect_args = {k: v for k, v in params.items()
+                        if k not in ("host", "port", "dbname", "user", "password")}
+        self.engine = create_engine(
+            url, poolclass=QueuePool, pool_size=self.size, max_overflow=0,
+            pool_timeout=ACQUIRE_TIMEOUT, pool_pre_ping=self.pre_ping, connect_args=connect_args,
+            isolation_level="AUTOCOMMIT" if self.autocommit else None,
+        )
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Any]:
+        with self.engine.begin() as conn:
+            yield _SQLAlchemyRows(conn)
+
+    @contextlib.contextmanager
+    def checkout(self) -> Iterator[None]:
+        with self.engine.connect():
+            yield
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+class _SQLAlchemyRows:
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    def query(self, sql: str) -> list[Any]:
+        return list(self.conn.exec_driver_sql(sql).fetchall())
+
+
+class SQLAlchemyPrePing(SQLAlchemyQueuePool):
+    name, pre_ping = "SQLAlchemy QueuePool pre_ping", True
+
+
+class DBUtilsPooledDB(Adapter):
+    """DBUtils PooledDB, blocking when exhausted; a creator function sets autocommit."""
+
+    name = "DBUtils PooledDB"
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        import psycopg2
+        from dbutils.pooled_db import PooledDB
+
+        dsn, autocommit = self.target.dsn(self.readonly), self.autocommit
+
+        def connect() -> Any:
+            conn = psycopg2.connect(dsn)
+            conn.autocommit = autocommit
+            return conn
+
+        self.pool = PooledDB(connect, mincached=self.size, maxcached=self.size,
+                             maxconnections=self.size, blocking=True)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[_Rows]:
+        conn = self.pool.connection()
+        try:
+            yield _Rows(conn)
+            conn.commit()
+        except Exception:
+            conn.rollback()
+            raise
+        finally:
+            conn.close()  # back to the pool
+
+    @contextlib.contextmanager
+    def checkout(self) -> Iterator[None]:
+        conn = self.pool.connection()
+        try:
+            yield
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+class PgDbPool(Adapter):
+    """pgdbpool: its config has no port and no application_name, so libpq's PGPORT and
+    PGAPPNAME environment variables carry them (a comma list of ports for several hosts)."""
+
+    name = "pgdbpool"
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        from pgdbpool import pool
+
+        t = self.target
+        params = t.libpq_params(self.readonly)
+        os.environ["PGPORT"] = params["port"]
+        os.environ["PGAPPNAME"] = t.app_name
+        for key, env in (("load_balance_hosts", "PGLOADBALANCEHOSTS"),):
+            if key in params:
+                os.environ[env] = params[key]
+        self.module = pool
+        pool.Connection.init({
+            "type": "threaded",
+            "db": {"host": params["host"], "name": t.dbname, "user": t.user,
+                   "pass": t.password, "query_timeout": 30000},
+            "groups": {"g": {"connection_count": self.size, "autocommit": self.autocommit}},
+        })
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Any]:
+        with self.module.Handler("g") as db:
+            yield _PgDbPoolRows(db)
+
+    @contextlib.contextmanager
+    def checkout(self) -> Iterator[None]:
+        with self.module.Handler("g"):
+            yield
+
+
+class _PgDbPoolRows:
+    __slots__ = ("db",)
+
+    def __init__(self, db: Any) -> None:
+        self.db = db
+
+    def query(self, sql: str) -> list[Any]:
+        return list(self.db.query(sql).fetchall())
+
+
+class GreenPool(Adapter):
+    name = "greenpool"
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        import greenpool
+
+        t = self.target
+        self.pool = greenpool.Pool({
+            "db": [{"host": h, "port": p, "name": t.dbname, "user": t.user, "pass": t.password}
+                   for h, p in t.hosts],
+            "application_name": t.app_name,
+            "groups": {"g": {"connection_count": self.size, "autocommit": self.autocommit,
+                             "readonly": self.readonly, "role": "any",
+                             "timeout": ACQUIRE_TIMEOUT}},
+        })
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Any]:
+        with self.pool.handler("g") as db:
+            yield db
+
+    @contextlib.contextmanager
+    def checkout(self) -> Iterator[None]:
+        with self.pool.handler("g"):
+            yield
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+ADAPTERS: dict[str, type[Adapter]] = {
+    "raw": Raw,
+    "simple": Psycopg2Simple,
+    "threaded": Psycopg2Threaded,
+    "psycopg_pool": PsycopgPool,
+    "sqlalchemy": SQLAlchemyQueuePool,
+    "sqlalchemy_preping": SQLAlchemyPrePing,
+    "dbutils": DBUtilsPooledDB,
+    "pgdbpool": PgDbPool,
+    "greenpool": GreenPool,
+}

@@ -1,0 +1,217 @@
+"""The orchestrator: ``python -m benchmarks`` (see benchmarks/README.md).
+
+Starts throwaway PostgreSQL clusters (one for the single-endpoint workloads, two for
+failover), runs every (workload, pool) pair in a fresh subprocess per repetition, keeps the
+raw results in ``results/raw.json`` and writes ``results/results.md`` and ``results.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from greenpool.throwaway import Cluster
+
+from . import report
+from .adapters import ADAPTERS, Target
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+SETTINGS = {"max_connections": 300}
+WORKER_TIMEOUT = 90  # seconds; a wedged pool is killed and reported as such
+
+# Seconds per workload: FULL for the suite, QUICK (--quick) while developing.
+FULL = {"overhead": (1.0, 0.5), "contention": (0.5, 1.2), "iobound": (0.6, 1.6),
+        "chaos": 1.5, "failover": (3.0, 7.0, 5.0)}
+QUICK = {"overhead": (0.3, 0.2), "contention": (0.3, 0.5), "iobound": (0.6, 1.0),
+         "chaos": 0.5, "failover": (1.0, 2.0, 1.5)}
+WORKLOADS = ("overhead", "contention", "iobound", "chaos", "failover")
+FAILOVER_GREENLETS, FAILOVER_SIZE, FAILOVER_PACE = 50, 10, 0.1
+
+
+def worker_spec(peer: str, workload: str, rep: int, cluster: Cluster,
+                durations: dict[str, Any]) -> dict[str, Any]:
+    app = f"bench-{peer}-{workload}-{rep}"
+    target = Target([(cluster.host, cluster.port)], cluster.user, cluster.password,
+                    cluster.dbname, app)
+    spec: dict[str, Any] = {"peer": peer, "workload": workload, "target": asdict(target)}
+    if workload == "overhead":
+        seconds, checkout = durations["overhead"]
+        spec.update(size=10, params={"seconds": seconds, "checkout_seconds": checkout})
+    elif workload == "contention":
+        warmup, seconds = durations["contention"]
+        spec.update(size=10, params={"greenlets": 200, "warmup": warmup, "seconds": seconds})
+    elif workload == "iobound":
+        warmup, seconds = durations["iobound"]
+        spec.update(size=20, params={"greenlets": 500, "size": 20, "sleep": 0.02,
+                                     "warmup": warmup, "seconds": seconds})
+    elif workload == "chaos":
+        spec.update(size=10, autocommit=False,
+                    params={"greenlets": 100, "seconds": durations["chaos"],
+                            "admin_dsn": cluster.dsn(), "app_name": app})
+    return spec
+
+
+def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One subprocess; its RESULT line, or what went wrong."""
+    started = time.monotonic()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.worker", json.dumps(spec)],
+                              cwd=HERE.parent, capture_output=True, text=True,
+                              timeout=WORKER_TIMEOUT, check=False)
+    except subprocess.TimeoutExpired:
+        return {"failed": f"killed after {WORKER_TIMEOUT} s (hung)"}
+    return _parse(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started)
+
+
+def _parse(code: int, stdout: str, stderr: str, wall: float) -> dict[str, Any]:
+    for line in reversed(stdout.splitlines()):
+        if line.startswith("RESULT "):
+            result = json.loads(line[len("RESULT "):])
+            result["wall_s"] = round(wall, 2)
+            return result
+    tail = " | ".join(stderr.strip().splitlines()[-3:])[-400:]
+    return {"failed": f"exit {code}: {tail}"}
+
+
+def run_failover(peers: list[str], a: Cluster, b: Cluster, rep: int,
+                 durations: dict[str, Any]) -> dict[str, Any]:
+    """Every pool at once, in its own process, against endpoints A and B; A is stopped
+    (immediate) at 3 s and started at 7 s. All pools see the very same outage."""
+    stop_at, start_at, window = durations["failover"]
+    seconds = start_at + window + 1.5  # room for the start itself, then a full window
+    procs = {}
+    for peer in peers:
+        if not ADAPTERS[peer].pooled:
+            continue
+        target = Target([(a.host, a.port), (b.host, b.port)], a.user, a.password, a.dbname,
+                        f"bench-{peer}-failover-{rep}", {"load_balance_hosts": "random"})
+        spec = {"peer": peer, "workload": "failover", "target": asdict(target),
+                "size": FAILOVER_SIZE, "autocommit": True, "readonly": True,
+                "params": {"greenlets": FAILOVER_GREENLETS, "seconds": seconds,
+                           "pace": FAILOVER_PACE}}
+        procs[peer] = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.worker", json.dumps(spec)], cwd=HERE.parent,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ready = {}
+    for peer, proc in procs.items():  # each says READY once its pool is connected
+        assert proc.stdout is not None
+        ready[peer] = proc.stdout.readline().strip() == "READY"
+    t0 = time.time() + 0.3
+    for peer, proc in procs.items():
+        if ready[peer]:
+            assert proc.stdin is not None
+            proc.stdin.write(f"{t0}\n")
+            proc.stdin.flush()
+    time.sleep(max(0.0, t0 + stop_at - time.time()))
+    stopped = time.time() - t0
+    a.stop("immediate")
+    time.sleep(max(0.0, t0 + start_at - time.time()))
+    a.start()
+    restarted = time.time() - t0  # A accepts connections again
+    results: dict[str, Any] = {}
+    for peer, proc in procs.items():
+        try:
+            out, err = proc.communicate(timeout=seconds + 60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        raw = _parse(proc.returncode, out, err, 0.0)
+        results[peer] = raw if "failed" in raw else report.failover_metrics(
+            raw, a.port, stopped, restarted, min(restarted + window, seconds), seconds)
+    results["_timeline"] = {"stopped": stopped, "restarted": restarted, "seconds": seconds}
+    return results
+
+
+def machine_info(cluster: Cluster) -> dict[str, Any]:
+    cpuinfo, meminfo = _read("/proc/cpuinfo"), _read("/proc/meminfo")
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem_kb = next(int(line.split()[1]) for line in meminfo.splitlines()
+                  if line.startswith("MemTotal"))
+    packages = ("greenpool", "gevent", "greenlet", "psycopg2-binary", "psycogreen", "psycopg",
+                "psycopg-pool", "SQLAlchemy", "DBUtils", "pgdbpool", "gunicorn")
+    versions = {}
+    for name in packages:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return {
+        "nproc": os.cpu_count(), "cpu": cpu, "mem_gb": round(mem_kb / 2**20, 1),
+        "python": platform.python_version(), "kernel": platform.release(),
+        "postgres": cluster.execute("SHOW server_version")[0][0], "packages": versions,
+        "loadavg_start": _read("/proc/loadavg").split()[:3],
+    }
+
+
+def _read(path: str) -> str:
+    return Path(path).read_text()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="short runs, for development")
+    parser.add_argument("--peers", default=",".join(ADAPTERS), help="comma-separated")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated")
+    parser.add_argument("--no-profile", action="store_true", help="skip the hot-path profile")
+    parser.add_argument("--note", default="", help="a line for the results header")
+    args = parser.parse_args(argv)
+    peers, workloads = args.peers.split(","), args.workloads.split(",")
+    durations = QUICK if args.quick else FULL
+    RESULTS.mkdir(exist_ok=True)
+    began = time.monotonic()
+    raw: dict[str, Any] = {"runs": {w: {p: [] for p in peers} for w in workloads}}
+    with Cluster(settings=SETTINGS) as main_pg, Cluster(settings=SETTINGS) as a, \
+            Cluster(settings=SETTINGS) as b:
+        raw["machine"] = machine_info(main_pg)
+        raw["config"] = {"reps": args.reps, "durations": durations, "note": args.note,
+                         "quick": args.quick}
+        for rep in range(args.reps):
+            for workload in workloads:
+                if workload == "failover":
+                    res = run_failover(peers, a, b, rep, durations)
+                    for peer in peers:
+                        raw["runs"]["failover"][peer].append(res.get(peer, {"n/a": True}))
+                    raw.setdefault("failover_timeline", []).append(res["_timeline"])
+                    _progress(began, rep, workload, "all", res.get("greenpool", {}))
+                    continue
+                shift = rep % len(peers)  # rotate the order, so no pool always runs last
+                for peer in peers[shift:] + peers[:shift]:
+                    if not ADAPTERS[peer].pooled and workload != "overhead":
+                        raw["runs"][workload][peer].append({"n/a": True})
+                        continue
+                    res = run_worker(worker_spec(peer, workload, rep, main_pg, durations))
+                    raw["runs"][workload][peer].append(res)
+                    _progress(began, rep, workload, peer, res)
+        if not args.no_profile and "greenpool" in peers:
+            from .profile_hotpath import profile
+
+            raw["profile"] = profile(main_pg, RESULTS / "profile.txt")
+    raw["machine"]["loadavg_end"] = _read("/proc/loadavg").split()[:3]
+    raw["total_s"] = round(time.monotonic() - began, 1)
+    (RESULTS / "raw.json").write_text(json.dumps(raw, indent=1))
+    report.write(raw, RESULTS)
+    print(f"done in {raw['total_s']} s: {RESULTS / 'results.md'}")
+    return 0
+
+
+def _progress(began: float, rep: int, workload: str, peer: str, res: dict[str, Any]) -> None:
+    brief = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in res.items()
+             if not isinstance(v, (dict, list))}
+    print(f"[{time.monotonic() - began:6.1f}s] rep {rep} {workload:10} {peer:20} {brief}",
+          flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""One pool, one workload, one fresh process: ``python -m benchmarks.worker '<json spec>'``.
+
+gevent patches everything before anything else is imported; psycopg2-based pools also get
+psycogreen's wait callback. The result is printed as one JSON line on stdout.
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import json  # noqa: E402
+import sys  # noqa: E402
+from typing import Any  # noqa: E402
+
+
+def main(spec: dict[str, Any]) -> dict[str, Any]:
+    from .adapters import ADAPTERS, Target
+
+    cls = ADAPTERS[spec["peer"]]
+    if cls.psycopg2_based:
+        from psycogreen.gevent import patch_psycopg
+
+        patch_psycopg()
+    from . import workloads
+
+    target = Target(**spec["target"])
+    adapter = cls(target, spec["size"], autocommit=spec.get("autocommit", True),
+                  readonly=spec.get("readonly", False))
+    params = dict(spec["params"])
+    if spec["workload"] == "failover":
+        params["start_signal"] = _start_signal
+    try:
+        return getattr(workloads, spec["workload"])(adapter, **params)
+    finally:
+        adapter.close()
+
+
+def _start_signal() -> float:
+    """Tell the orchestrator we are ready; it answers with the common start time."""
+    sys.stdout.write("READY\n")
+    sys.stdout.flush()
+    return float(sys.stdin.readline())
+
+
+if __name__ == "__main__":
+    out = main(json.loads(sys.argv[1]))
+    sys.stdout.write("\nRESULT " + json.dumps(out) + "\n")
+    sys.stdout.flush()

@@ -1,0 +1,247 @@
+"""The workloads. Each takes an adapter (see :mod:`benchmarks.adapters`) and returns a dict of
+plain numbers. Every loop is bounded by a deadline; warm-up phases open the pool's
+connections before anything is measured.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+import psycopg2
+
+from .adapters import Adapter
+
+_now = time.perf_counter
+
+
+def jain(values: list[int]) -> float:
+    """Jain's fairness index: 1.0 when every greenlet did the same number of operations."""
+    total, squares = sum(values), sum(v * v for v in values)
+    return (total * total) / (len(values) * squares) if squares else 0.0
+
+
+def percentile(values: list[float], pct: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(pct / 100 * (len(ordered) - 1)))]
+
+
+def overhead(adapter: Adapter, seconds: float, checkout_seconds: float) -> dict[str, Any]:
+    """One greenlet: checkout + SELECT 1 + checkin in a loop; then checkout + checkin alone."""
+    for _ in range(200):  # warm-up: connect, caches
+        with adapter.session() as db:
+            db.query("SELECT 1")
+    ops, start, cpu = 0, _now(), time.process_time()
+    deadline = start + seconds
+    while _now() < deadline:
+        for _ in range(50):
+            with adapter.session() as db:
+                db.query("SELECT 1")
+        ops += 50
+    elapsed = _now() - start
+    # client CPU per operation: the pool's own cost plus the driver's, whatever else runs
+    result: dict[str, Any] = {"ops_s": ops / elapsed,
+                              "cpu_us": (time.process_time() - cpu) / ops * 1e6}
+    if not adapter.pooled:
+        result["checkout_us"] = None
+        return result
+    n, start = 0, _now()
+    deadline = start + checkout_seconds
+    while _now() < deadline:
+        for _ in range(100):
+            with adapter.checkout():
+                pass
+        n += 100
+    result["checkout_us"] = (_now() - start) / n * 1e6
+    return result
+
+
+def _closed_loop(adapter: Adapter, greenlets: int, sql: str, warmup: float,
+                 seconds: float) -> dict[str, Any]:
+    """``greenlets`` run ``sql`` back to back; only operations that finish inside the
+    measuring window [warmup, warmup + seconds] count."""
+    started = _now()
+    window_start, window_end = started + warmup, started + warmup + seconds
+    ops = [0] * greenlets
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+
+    def run(i: int) -> None:
+        while True:
+            t0 = _now()
+            if t0 >= window_end:
+                return
+            try:
+                with adapter.session() as db:
+                    db.query(sql)
+            except Exception as exc:
+                name = type(exc).__name__
+                errors[name] = errors.get(name, 0) + 1
+                gevent.sleep(0.01)  # an error path must not spin
+                continue
+            t1 = _now()
+            if window_start <= t1 <= window_end:
+                ops[i] += 1
+                latencies.append(t1 - t0)
+
+    retries_before = adapter.retries
+    jobs = [gevent.spawn(run, i) for i in range(greenlets)]
+    gevent.joinall(jobs, timeout=warmup + seconds + 30)
+    gevent.killall(jobs, timeout=5)
+    total = sum(ops)
+    return {
+        "ops_s": total / seconds,
+        "p50_ms": percentile(latencies, 50) * 1e3,
+        "p99_ms": percentile(latencies, 99) * 1e3,
+        "max_ms": max(latencies, default=float("nan")) * 1e3,
+        "errors": sum(errors.values()),
+        "error_kinds": errors,
+        "exhaustion_retries": adapter.retries - retries_before,
+        "fairness": jain(ops),
+        "starved": sum(1 for n in ops if n == 0),
+    }
+
+
+def contention(adapter: Adapter, greenlets: int, warmup: float, seconds: float) -> dict[str, Any]:
+    return _closed_loop(adapter, greenlets, "SELECT 1", warmup, seconds)
+
+
+def iobound(adapter: Adapter, greenlets: int, size: int, sleep: float, warmup: float,
+            seconds: float) -> dict[str, Any]:
+    result = _closed_loop(adapter, greenlets, f"SELECT pg_sleep({sleep})", warmup, seconds)
+    limit = size / sleep
+    ideal_ms = greenlets / size * sleep * 1e3  # FIFO: wait for greenlets/size turns
+    result.update(limit_ops_s=limit, pct_of_limit=100 * result["ops_s"] / limit,
+                  ideal_ms=ideal_ms, p99_vs_ideal=result["p99_ms"] / ideal_ms)
+    return result
+
+
+def chaos(adapter: Adapter, greenlets: int, seconds: float, admin_dsn: str,
+          app_name: str) -> dict[str, Any]:
+    """10 % of operations fail: 5 % raise inside the block, 2.5 % are cut mid-query by a
+    gevent.Timeout inside the block, 2.5 % by a gevent.Timeout around the whole operation
+    (often while waiting for a connection). Then: can the pool still serve 50 plain
+    operations, how many server connections does it hold, are any idle in transaction?"""
+    outcomes = {"ok": 0, "raised": 0, "timeout_inside": 0, "timeout_around": 0, "errors": 0}
+    error_kinds: dict[str, int] = {}
+    deadline = _now() + seconds
+
+    def run(seed: int) -> None:
+        rng = random.Random(seed)
+        while _now() < deadline:
+            roll = rng.random()
+            try:
+                if roll < 0.05:
+                    with adapter.session() as db:
+                        db.query("SELECT 1")
+                        raise RuntimeError("boom")
+                elif roll < 0.075:
+                    with adapter.session() as db, gevent.Timeout(0.002):
+                        db.query("SELECT pg_sleep(0.01)")
+                elif roll < 0.10:
+                    with gevent.Timeout(0.005), adapter.session() as db:
+                        db.query("SELECT pg_sleep(0.01)")
+                else:
+                    with adapter.session() as db:
+                        db.query("SELECT 1")
+                    outcomes["ok"] += 1
+            except RuntimeError as exc:
+                if str(exc) != "boom":
+                    _count(error_kinds, exc)
+                    outcomes["errors"] += 1
+                else:
+                    outcomes["raised"] += 1
+            except gevent.Timeout:
+                outcomes["timeout_inside" if roll < 0.075 else "timeout_around"] += 1
+            except Exception as exc:
+                _count(error_kinds, exc)
+                outcomes["errors"] += 1
+                gevent.sleep(0.005)
+
+    jobs = [gevent.spawn(run, i) for i in range(greenlets)]
+    gevent.joinall(jobs, timeout=seconds + 2)
+    stuck = sum(1 for job in jobs if not job.ready())  # still inside one operation
+    gevent.killall(jobs, timeout=5)
+    gevent.sleep(0.2)
+    before = _server_sessions(admin_dsn, app_name)
+
+    served = [0]
+
+    def plain() -> None:
+        try:
+            with gevent.Timeout(3), adapter.session() as db:
+                db.query("SELECT 1")
+            served[0] += 1
+        except BaseException as exc:  # a Timeout here means the pool no longer serves
+            _count(error_kinds, exc, prefix="after: ")
+
+    after_jobs = [gevent.spawn(plain) for _ in range(50)]
+    gevent.joinall(after_jobs, timeout=10)
+    gevent.killall(after_jobs, timeout=5)
+    gevent.sleep(0.2)
+    after = _server_sessions(admin_dsn, app_name)
+    return {**outcomes, "stuck": stuck, "error_kinds": error_kinds, "served_after": served[0],
+            "server_conns_before": before[0], "idle_in_tx_before": before[1],
+            "server_conns": after[0], "idle_in_tx": after[1]}
+
+
+def _warm_one(adapter: Adapter) -> None:
+    with adapter.session() as db:
+        db.query("SELECT 1")
+        gevent.sleep(0.05)  # hold it, so that every connection of the pool gets opened
+
+
+def _count(kinds: dict[str, int], exc: BaseException, prefix: str = "") -> None:
+    key = prefix + type(exc).__name__
+    kinds[key] = kinds.get(key, 0) + 1
+
+
+def _server_sessions(admin_dsn: str, app_name: str) -> tuple[int, int]:
+    conn = psycopg2.connect(admin_dsn, application_name="greenpool-bench-admin")
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT count(*), count(*) FILTER (WHERE state = 'idle in transaction')"
+                " FROM pg_stat_activity WHERE application_name = %s", (app_name,))
+            total, idle_in_tx = cur.fetchone()
+        return int(total), int(idle_in_tx)
+    finally:
+        conn.close()
+
+
+def failover(adapter: Adapter, greenlets: int, seconds: float, pace: float,
+             start_signal: Callable[[], float]) -> dict[str, Any]:
+    """Paced reads of ``SELECT inet_server_port()`` for ``seconds`` from the wall-clock time
+    ``start_signal()`` returns (the orchestrator starts every pool at once, then stops and
+    restarts an endpoint). Returns raw samples: ``ok`` as [time, port] and ``err`` as
+    [time, kind], times relative to that start."""
+    warm = [gevent.spawn(_warm_one, adapter) for _ in range(adapter.size)]
+    gevent.joinall(warm, timeout=30)  # connect before the clock starts
+    ok: list[tuple[float, int]] = []
+    err: list[tuple[float, str]] = []
+    t0 = start_signal()
+    gevent.sleep(max(0.0, t0 - time.time()))
+    end = t0 + seconds
+
+    def run(i: int) -> None:
+        gevent.sleep(pace * i / greenlets)  # spread the greenlets over one pace
+        while time.time() < end:
+            try:
+                with adapter.session() as db:
+                    port = db.query("SELECT inet_server_port()")[0][0]
+                ok.append((round(time.time() - t0, 4), int(port)))
+            except Exception as exc:
+                err.append((round(time.time() - t0, 4), type(exc).__name__))
+            gevent.sleep(pace)
+
+    jobs = [gevent.spawn(run, i) for i in range(greenlets)]
+    gevent.joinall(jobs, timeout=max(0.0, end - time.time()) + 5)
+    hung = sum(1 for job in jobs if not job.ready())
+    gevent.killall(jobs, timeout=5)
+    return {"ok": ok, "err": err, "hung": hung}
