@@ -47,6 +47,10 @@ class Backend:
     def lock(self) -> AbstractContextManager[Any]:
         return nullcontext()
 
+    def rlock(self) -> AbstractContextManager[Any]:
+        """A lock its holder may take again (an endpoint's methods call each other)."""
+        return nullcontext()
+
     def signal(self) -> Signal:
         raise NotImplementedError
 
@@ -229,6 +233,9 @@ class ThreadedBackend(Backend):
 
     def lock(self) -> AbstractContextManager[Any]:
         return threading.Lock()
+
+    def rlock(self) -> AbstractContextManager[Any]:
+        return threading.RLock()
 
     def signal(self) -> Signal:
         return threading.Event()

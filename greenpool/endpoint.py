@@ -24,6 +24,8 @@ from __future__ import annotations
 import logging
 import random
 import time
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 from .config import EndpointConfig
 
@@ -39,7 +41,16 @@ _SLOW_START_DONE = 32  # past this many, the endpoint is treated as fully recove
 class Endpoint:
     """What the pool knows about one server. Mutated only in non-blocking sections."""
 
-    def __init__(self, config: EndpointConfig, quarantine_initial: float, quarantine_max: float):
+    def __init__(
+        self,
+        config: EndpointConfig,
+        quarantine_initial: float,
+        quarantine_max: float,
+        lock: AbstractContextManager[Any] | None = None,
+    ) -> None:
+        #: Guards the counters and the state in threaded mode; a no-op where switching is
+        #: cooperative (these methods never block).
+        self._lock = lock if lock is not None else nullcontext()
         self.config = config
         self.label = config.label
         self.state = UP
@@ -70,44 +81,52 @@ class Endpoint:
             return self.ramp is None or self.connecting < self.ramp
         return self.state == QUARANTINED and now >= self.quarantined_until
 
-    def begin_connect(self) -> None:
-        """Claim a connect attempt; the caller must end it with one of the three below."""
-        if self.state == QUARANTINED:
-            self.state = PROBING  # the one prober: others see PROBING and keep away
-        self.connecting += 1
-        self.connect_attempts += 1
+    def begin_connect(self, now: float) -> bool:
+        """Claim a connect attempt if one may start now (one step, so that two threads
+        cannot both become the prober). If True, end it with one of the three below."""
+        with self._lock:
+            if not self.may_connect(now):
+                return False
+            if self.state == QUARANTINED:
+                self.state = PROBING  # the one prober: others see PROBING and keep away
+            self.connecting += 1
+            self.connect_attempts += 1
+            return True
 
     def connect_succeeded(self, role: str) -> None:
-        self.connecting -= 1
-        self.connects += 1
-        self.open += 1
-        if self.state != UP:
-            logger.warning("endpoint %s is back up (role %s)", self.label, role)
-            self.state = UP
-            self.ramp = _SLOW_START
-        elif self.ramp is not None:
-            self.ramp *= 2
-            if self.ramp >= _SLOW_START_DONE:
-                self.ramp = None
-        self._failures = 0
-        self.observe_role(role)
+        with self._lock:
+            self.connecting -= 1
+            self.connects += 1
+            self.open += 1
+            if self.state != UP:
+                logger.warning("endpoint %s is back up (role %s)", self.label, role)
+                self.state = UP
+                self.ramp = _SLOW_START
+            elif self.ramp is not None:
+                self.ramp *= 2
+                if self.ramp >= _SLOW_START_DONE:
+                    self.ramp = None
+            self._failures = 0
+            self.observe_role(role)
 
     def connect_failed(self, message: str) -> None:
-        self.connecting -= 1
-        self.connect_errors += 1
-        self.last_error = message
-        self.last_error_at = time.time()
-        if self.state != QUARANTINED:
-            self._quarantine()
-        # else: an attempt that started before the quarantine. It is no news, so it must
-        # neither extend the quarantine nor raise the backoff: only the first failure and
-        # failed probes do.
+        with self._lock:
+            self.connecting -= 1
+            self.connect_errors += 1
+            self.last_error = message
+            self.last_error_at = time.time()
+            if self.state != QUARANTINED:
+                self._quarantine()
+            # else: an attempt that started before the quarantine. It is no news, so it must
+            # neither extend the quarantine nor raise the backoff: only the first failure and
+            # failed probes do.
 
     def connect_abandoned(self) -> None:
         """The attempt was interrupted (timeout or kill of the caller): no verdict."""
-        self.connecting -= 1
-        if self.state == PROBING:
-            self.state = QUARANTINED  # let the next prober in at once
+        with self._lock:
+            self.connecting -= 1
+            if self.state == PROBING:
+                self.state = QUARANTINED  # let the next prober in at once
 
     def _quarantine(self) -> None:
         self._failures += 1
@@ -123,24 +142,26 @@ class Endpoint:
         self.state = QUARANTINED
 
     def connection_closed(self) -> None:
-        self.open -= 1
+        with self._lock:
+            self.open -= 1
 
     # --- role -----------------------------------------------------------------------------
 
     def observe_role(self, role: str) -> None:
-        if role == UNKNOWN:
-            return
-        self.role_seen_at = time.monotonic()
-        if role == self.role:
-            return
-        if role == PRIMARY and self.role == STANDBY:
-            self.promoted_at = time.monotonic()
-            logger.warning("endpoint %s was promoted: it is now a primary", self.label)
-        elif role == STANDBY and self.role == PRIMARY:
-            logger.warning("endpoint %s is now a standby", self.label)
-        self.role = role
-        if role == PRIMARY:
-            self.lag = None
+        with self._lock:
+            if role == UNKNOWN:
+                return
+            self.role_seen_at = time.monotonic()
+            if role == self.role:
+                return
+            if role == PRIMARY and self.role == STANDBY:
+                self.promoted_at = time.monotonic()
+                logger.warning("endpoint %s was promoted: it is now a primary", self.label)
+            elif role == STANDBY and self.role == PRIMARY:
+                logger.warning("endpoint %s is now a standby", self.label)
+            self.role = role
+            if role == PRIMARY:
+                self.lag = None
 
     # --- reporting ------------------------------------------------------------------------
 

@@ -97,6 +97,8 @@ class Group:
         self._closed = False
         self._generation = 0
         self._roles_matter = config.role != "any"
+        self._preferred: frozenset[Endpoint] = frozenset(self._endpoints)
+        self._preferred_until = 0.0
         self._leak_threshold = config.leak_threshold
         #: Called with an endpoint whose connections proved dead: the pool evicts that
         #: endpoint's idle connections in every group at once.
@@ -231,7 +233,26 @@ class Group:
         if role != pc.role and role != UNKNOWN:
             pc.role = role
             pc.endpoint.observe_role(role)
-        return fits(self.config.role, pc.role if pc.role != UNKNOWN else pc.endpoint.role)
+        if not fits(self.config.role, pc.role if pc.role != UNKNOWN else pc.endpoint.role):
+            return False
+        return pc.endpoint in self._preferred_endpoints()
+
+    def _preferred_endpoints(self) -> frozenset[Endpoint]:
+        """The endpoints this group should use now (e.g. not a standby that started to lag),
+        recomputed at most every 50 ms: borrowing must not hand out a connection to an
+        endpoint the group has moved away from while housekeeping is still moving it."""
+        now = _monotonic()
+        if now >= self._preferred_until:
+            config = self.config
+            chosen: frozenset[Endpoint] = frozenset()
+            for tier in candidates(self._endpoints, config.role, config.max_lag, config.on_lag):
+                up = [ep for ep in tier if ep.state == UP]
+                if up:
+                    chosen = frozenset(up)
+                    break
+            self._preferred = chosen or frozenset(self._endpoints)
+            self._preferred_until = now + 0.05
+        return self._preferred
 
     def _connect_order(self, now: float) -> list[Endpoint]:
         """Endpoints to try now: the first preference tier with any endpoint that can take a
@@ -315,7 +336,8 @@ class Group:
     def _try_connect(
         self, endpoint: Endpoint, seconds: float, fatal: set[Endpoint]
     ) -> PooledConnection | None:
-        endpoint.begin_connect()
+        if not endpoint.begin_connect(_monotonic()):
+            return None  # another caller took the probe, or the slow-start limit is reached
         try:
             raw = open_connection(
                 endpoint.config, self.config, self._kwargs[endpoint], self._backend, seconds
@@ -346,7 +368,8 @@ class Group:
             self.counters.discards["wrong_role"] += 1
             return None
         self.counters.connects += 1
-        self._open_per_endpoint[endpoint] += 1
+        with self._lock:
+            self._open_per_endpoint[endpoint] += 1
         lifetime = self.config.max_lifetime * (1 - _LIFETIME_JITTER * random.random())
         pc = PooledConnection(raw, endpoint, _monotonic() + lifetime, self._generation)
         pc.role = role
@@ -408,7 +431,8 @@ class Group:
     def _discard(self, pc: PooledConnection, reason: str) -> None:
         """Close ``pc`` and count why. The caller deals with its slot."""
         self.counters.discards[reason] += 1
-        self._open_per_endpoint[pc.endpoint] -= 1
+        with self._lock:
+            self._open_per_endpoint[pc.endpoint] -= 1
         pc.endpoint.connection_closed()
         close_quietly(pc)
         logger.debug("group %r: discarded a connection to %s (%s)", self.name, pc.endpoint, reason)
@@ -559,7 +583,8 @@ class Group:
         self._give_back(pc)
 
     def _probe_with_own_connection(self, endpoint: Endpoint) -> None:
-        endpoint.begin_connect()
+        if not endpoint.begin_connect(_monotonic()):
+            return
         try:
             raw = open_connection(endpoint.config, self.config, self._kwargs[endpoint],
                                   self._backend, endpoint.config.connect_timeout)

@@ -33,7 +33,8 @@ class Pool:
         self._backend: Backend = backend_for(self.config.mode)
         self._current_task = self._backend.current  # on every handler entry: bound once
         self._endpoints = [
-            Endpoint(c, self.config.quarantine_initial, self.config.quarantine_max)
+            Endpoint(c, self.config.quarantine_initial, self.config.quarantine_max,
+                     self._backend.rlock())
             for c in self.config.endpoints
         ]
         every = range(len(self._endpoints))

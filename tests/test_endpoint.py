@@ -16,7 +16,7 @@ def make() -> Endpoint:
 def test_a_burst_of_in_flight_failures_quarantines_once_for_the_initial_delay():
     ep = make()
     for _ in range(5):
-        ep.begin_connect()
+        assert ep.begin_connect(time.monotonic())
     for _ in range(5):
         ep.connect_failed("refused")
     assert ep.state == QUARANTINED and ep.quarantines == 1
@@ -26,14 +26,14 @@ def test_a_burst_of_in_flight_failures_quarantines_once_for_the_initial_delay():
 
 def test_only_one_prober_and_failed_probes_raise_the_ceiling_up_to_the_max():
     ep = make()
-    ep.begin_connect()
+    assert ep.begin_connect(time.monotonic())
     ep.connect_failed("refused")
     ceilings = []
     for _ in range(6):
         ep.quarantined_until = 0.0  # the backoff expired
         assert ep.may_connect(time.monotonic())
-        ep.begin_connect()
-        assert ep.state == PROBING and not ep.may_connect(time.monotonic())  # one prober
+        assert ep.begin_connect(time.monotonic())
+        assert ep.state == PROBING and not ep.begin_connect(time.monotonic())  # one prober
         ep.connect_failed("refused")
         ceilings.append(ep.quarantined_until - time.monotonic())
     assert ceilings[-1] <= 4.0  # capped at quarantine_max
@@ -43,18 +43,18 @@ def test_only_one_prober_and_failed_probes_raise_the_ceiling_up_to_the_max():
 
 def test_recovery_is_a_slow_start_and_an_interrupted_probe_lets_the_next_one_in():
     ep = make()
-    ep.begin_connect()
+    assert ep.begin_connect(time.monotonic())
     ep.connect_failed("refused")
     ep.quarantined_until = 0.0
-    ep.begin_connect()
+    assert ep.begin_connect(time.monotonic())
     ep.connect_abandoned()  # the prober was killed: no verdict
     assert ep.state == QUARANTINED and ep.may_connect(time.monotonic())
-    ep.begin_connect()
+    assert ep.begin_connect(time.monotonic())
     ep.connect_succeeded("primary")
     assert ep.state == UP and ep.ramp == 2
-    ep.begin_connect()
-    ep.begin_connect()
-    assert not ep.may_connect(time.monotonic())  # 2 in flight: the ramp's limit
+    assert ep.begin_connect(time.monotonic())
+    assert ep.begin_connect(time.monotonic())
+    assert not ep.begin_connect(time.monotonic())  # 2 in flight: the ramp's limit
     ep.connect_succeeded("primary")
     ep.connect_succeeded("primary")
     assert ep.ramp == 8 and ep.may_connect(time.monotonic())

@@ -13,37 +13,13 @@ from typing import Any
 import psycopg2
 import psycopg2.errors
 import pytest
+from endpoints import endpoint_stats, held_ports, label
 from faults import Ticker
 from modes import GREEN, join_all, sleep, spawn, wait_until
 
 from greenpool import CommitOutcomeUnknown, NoHealthyEndpoint, PoolTimeout
 
 SECRET = "Failover-S3cret-pw"
-
-
-def label(cluster: Any) -> str:
-    """How the pool names a throwaway cluster's endpoint in stats and errors."""
-    return f"{cluster.host}:{cluster.port}/{cluster.dbname}"
-
-
-def endpoint_stats(pool: Any, cluster: Any) -> dict[str, Any]:
-    return pool.stats()["endpoints"][label(cluster)]
-
-
-def held_ports(pool: Any, group_name: str, n: int) -> list[int]:
-    """Hold ``n`` connections of a group at once; the server port of each."""
-    group = pool.group(group_name)
-    held = [group.acquire() for _ in range(n)]
-    try:
-        ports = []
-        for pc in held:
-            with pc.raw.cursor() as cursor:
-                cursor.execute("SELECT inet_server_port()")
-                ports.append(cursor.fetchone()[0])
-        return ports
-    finally:
-        for pc in held:
-            group.release(pc)
 
 
 def max_gap(stamps: list[float]) -> float:

@@ -10,33 +10,10 @@ from typing import Any
 
 import psycopg2.errors
 import pytest
+from endpoints import endpoint_stats, held_ports, label
 from modes import wait_until
 
 from greenpool import NoHealthyEndpoint, PoolTimeout
-
-
-def label(cluster: Any) -> str:
-    return f"{cluster.host}:{cluster.port}/{cluster.dbname}"
-
-
-def endpoint_stats(pool: Any, cluster: Any) -> dict[str, Any]:
-    return pool.stats()["endpoints"][label(cluster)]
-
-
-def held_ports(pool: Any, group_name: str, n: int) -> list[int]:
-    """Hold ``n`` connections of a group at once; the server port of each."""
-    group = pool.group(group_name)
-    held = [group.acquire() for _ in range(n)]
-    try:
-        ports = []
-        for pc in held:
-            with pc.raw.cursor() as cursor:
-                cursor.execute("SELECT inet_server_port()")
-                ports.append(cursor.fetchone()[0])
-        return ports
-    finally:
-        for pc in held:
-            group.release(pc)
 
 
 def read_port(pool: Any, group_name: str) -> int:
