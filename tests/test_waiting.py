@@ -48,7 +48,7 @@ def test_200_tasks_on_5_connections(make_pool, pg):
     assert [t.error for t in tasks if t.error] == []
     assert sorted(t.result for t in tasks) == list(range(200))
     assert 0 < peak["server"] <= 5 and peak["pool"] <= 5
-    assert 1.9 <= elapsed <= 3.0, elapsed  # ideal: 200 x 0.05 / 5 = 2.0 s
+    assert 3.0 >= elapsed >= 1.9, elapsed  # ideal: 200 x 0.05 / 5 = 2.0 s
     stats = pool.stats()["groups"]["g"]
     assert stats["connects"] == 5 and stats["in_use"] == 0 and stats["waiting"] == 0
     if GREEN:  # tasks arrive in spawn order; those that had to wait are served in that order
