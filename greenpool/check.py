@@ -88,7 +88,8 @@ def _probe(config: PoolConfig, index: int) -> dict[str, Any]:
         started = time.perf_counter()
         role, lag = query_role(raw)
         row["rtt_ms"] = (time.perf_counter() - started) * 1000
-        row.update(reachable=True, role=role_of(raw) if role_of(raw) != UNKNOWN else role,
+        reported = role_of(raw)
+        row.update(reachable=True, role=reported if reported != UNKNOWN else role,
                    lag=lag, version=raw.info.parameter_status("server_version") or "",
                    tls="yes" if raw.info.ssl_in_use else "no")
     except Exception as exc:

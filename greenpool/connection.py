@@ -52,7 +52,6 @@ class ConnectError(Exception):
 
     def __init__(self, endpoint: EndpointConfig, message: str, *, fatal: bool = False) -> None:
         super().__init__(f"{endpoint.label}: {message}")
-        self.endpoint = endpoint
         self.reason = message
         self.fatal = fatal
 

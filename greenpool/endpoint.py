@@ -71,7 +71,6 @@ class Endpoint:
         self.quarantines = 0
         self.split_brain = 0  # times it was seen claiming primary together with another
         self.last_error: str | None = None
-        self.last_error_at: float | None = None
 
     # --- health ---------------------------------------------------------------------------
 
@@ -114,7 +113,6 @@ class Endpoint:
             self.connecting -= 1
             self.connect_errors += 1
             self.last_error = message
-            self.last_error_at = time.time()
             if self.state != QUARANTINED:
                 self._quarantine()
             # else: an attempt that started before the quarantine. It is no news, so it must

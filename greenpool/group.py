@@ -238,21 +238,24 @@ class Group:
         return pc.endpoint in self._preferred_endpoints()
 
     def _preferred_endpoints(self) -> frozenset[Endpoint]:
-        """The endpoints this group should use now (e.g. not a standby that started to lag),
-        recomputed at most every 50 ms: borrowing must not hand out a connection to an
-        endpoint the group has moved away from while housekeeping is still moving it."""
+        """:meth:`_where_to_be`, recomputed at most every 50 ms: the borrow path asks it
+        for every loan of a group with a role."""
         now = _monotonic()
         if now >= self._preferred_until:
-            config = self.config
-            chosen: frozenset[Endpoint] = frozenset()
-            for tier in candidates(self._endpoints, config.role, config.max_lag, config.on_lag):
-                up = [ep for ep in tier if ep.state == UP]
-                if up:
-                    chosen = frozenset(up)
-                    break
-            self._preferred = chosen or frozenset(self._endpoints)
+            self._preferred = self._where_to_be()
             self._preferred_until = now + 0.05
         return self._preferred
+
+    def _where_to_be(self) -> frozenset[Endpoint]:
+        """The endpoints this group should use now: the up endpoints of its first preference
+        tier that has any (so not a standby that started to lag, not the primary once a
+        preferred standby is back). Every endpoint when none is up: nothing to move to."""
+        config = self.config
+        for tier in candidates(self._endpoints, config.role, config.max_lag, config.on_lag):
+            up = frozenset(ep for ep in tier if ep.state == UP)
+            if up:
+                return up
+        return frozenset(self._endpoints)
 
     def _connect_order(self, now: float) -> list[Endpoint]:
         """Endpoints to try now: the first preference tier with any endpoint that can take a
@@ -288,8 +291,8 @@ class Group:
                 remaining = deadline - _monotonic()
                 if remaining <= 0:
                     break
-                if not endpoint.may_connect(_monotonic()):
-                    continue
+                if not endpoint.begin_connect(_monotonic()):
+                    continue  # another caller probes it, or its slow start is at its limit
                 pc = self._try_connect(endpoint, min(endpoint.config.connect_timeout, remaining),
                                        fatal)
                 if pc is not None:
@@ -312,18 +315,6 @@ class Group:
                 )
             self._backend.sleep(min(remaining, self._next_chance()))
 
-    def _in_best_tier(self, endpoint: Endpoint) -> bool:
-        """Now that a connect told us ``endpoint``'s role: is it still among the endpoints
-        the group prefers right now (the first tier with anyone able to take a connect)?"""
-        if self.config.role == "any":
-            return True
-        now = _monotonic()
-        config = self.config
-        for tier in candidates(self._endpoints, config.role, config.max_lag, config.on_lag):
-            if any(ep is endpoint or ep.may_connect(now) for ep in tier):
-                return endpoint in tier
-        return False
-
     def _next_chance(self) -> float:
         """How long until an endpoint of this group may take a connect attempt again."""
         now = _monotonic()
@@ -336,8 +327,7 @@ class Group:
     def _try_connect(
         self, endpoint: Endpoint, seconds: float, fatal: set[Endpoint]
     ) -> PooledConnection | None:
-        if not endpoint.begin_connect(_monotonic()):
-            return None  # another caller took the probe, or the slow-start limit is reached
+        """One connect attempt the caller has claimed (``endpoint.begin_connect``)."""
         try:
             raw = open_connection(
                 endpoint.config, self.config, self._kwargs[endpoint], self._backend, seconds
@@ -362,7 +352,9 @@ class Group:
                 endpoint.connect_abandoned()
                 raise
         endpoint.connect_succeeded(role)
-        if not fits(self.config.role, role) or not self._in_best_tier(endpoint):
+        if not fits(self.config.role, role) or (
+            self._roles_matter and endpoint not in self._where_to_be()
+        ):
             raw.close()  # e.g. a cold start met the primary first in a prefer-standby group
             endpoint.connection_closed()
             self.counters.discards["wrong_role"] += 1
@@ -448,11 +440,6 @@ class Group:
         for pc in gone:
             self._drop(pc, "evicted")
 
-    def connection_lost(self, pc: PooledConnection) -> None:
-        """A lent connection died in use: discard it, evict its endpoint's idle peers."""
-        self.release(pc, discard="lost")
-        self.on_endpoint_failure(pc.endpoint)
-
     # --- housekeeping ---------------------------------------------------------------------
 
     def maintain(self) -> None:
@@ -515,9 +502,7 @@ class Group:
 
     def _misplaced_idle(self) -> list[PooledConnection]:
         config = self.config
-        tiers = candidates(self._endpoints, config.role, config.max_lag, config.on_lag)
-        preferred = next(([ep for ep in t if ep.state == UP] for t in tiers
-                          if any(ep.state == UP for ep in t)), [])
+        preferred = [ep for ep in self._where_to_be() if ep.state == UP]
         if not preferred:
             return []
         moving = [pc for pc in self._idle
@@ -547,6 +532,8 @@ class Group:
         """Housekeeping's probe of a quarantined endpoint whose backoff expired: connect
         once; success brings it back up (the connection goes to the idle stack if a slot is
         free, else is closed)."""
+        if not endpoint.begin_connect(_monotonic()):
+            return
         pc = self._try_connect(endpoint, endpoint.config.connect_timeout, set())
         if pc is None:
             return
