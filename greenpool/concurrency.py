@@ -20,6 +20,7 @@ import time
 import warnings
 from collections.abc import Callable, Hashable
 from contextlib import AbstractContextManager, nullcontext
+from functools import partial
 from typing import Any, Protocol
 
 from .errors import ConfigError
@@ -70,9 +71,9 @@ class Backend:
         """Start a background task, or return None where the mode has no background work."""
         return None
 
-    def current(self) -> Hashable:
-        """Identity of the running task: a greenlet, or a thread id."""
-        return threading.get_ident()
+    #: Identity of the running task: a greenlet, or a thread id. A plain function, not a
+    #: method: the handler asks on every block.
+    current: Callable[[], Hashable] = staticmethod(threading.get_ident)
 
     def resolve(self, host: str, port: int) -> str | None:
         """An IP address for ``host`` without blocking the hub, or None to let libpq resolve."""
@@ -81,18 +82,24 @@ class Backend:
     def patch_driver(self) -> None:
         """Make psycopg2 cooperate with this mode (idempotent)."""
 
-    _select: Callable[..., Any] | None = None
+    def poller(self, fd: int) -> Callable[[], object]:
+        """A zero-timeout "does ``fd`` have something to say?" check, truthy when it has data
+        or was hung up; never a switch. Made once per connection: a registered ``poll``
+        object costs one syscall per check where ``select()`` also builds its fd sets."""
+        poll_class = _original_select("poll")
+        if poll_class is None:  # no poll() on this platform
+            select = _original_select("select")
+            return lambda: select([fd], [], [], 0)[0]
+        poller = poll_class()
+        poller.register(fd, _POLLIN)
+        return partial(poller.poll, 0)
 
-    def readable(self, fd: int) -> bool:
-        """Whether ``fd`` has data to read right now: a zero-timeout poll, never a switch."""
-        select = self._select
-        if select is None:
-            select = self._select = _load_original_select()
-        return bool(select([fd], [], [], 0)[0])
+
+_POLLIN = 1  # select.POLLIN on every platform that has poll()
 
 
-def _load_original_select() -> Callable[..., Any]:
-    """The real ``select.select`` whichever library patched the module.
+def _original_select(name: str) -> Any:
+    """The real ``select.<name>`` whichever library patched the module (None if absent).
 
     Each library keeps the original its own way: asking gevent's registry in an eventlet
     process returns eventlet's *green* select, which registers with the hub and switches.
@@ -100,15 +107,13 @@ def _load_original_select() -> Callable[..., Any]:
     if "eventlet.patcher" in sys.modules:
         from eventlet import patcher
 
-        return patcher.original("select").select
+        return getattr(patcher.original("select"), name, None)
+    from gevent.monkey import get_original
+
     try:
-        from gevent.monkey import get_original
-
-        return get_original("select", "select")
-    except ImportError:  # pragma: no cover - gevent is a hard dependency
-        import select
-
-        return select.select
+        return get_original("select", name)
+    except AttributeError:
+        return None
 
 
 def _is_address(host: str) -> bool:
@@ -132,20 +137,51 @@ class _ThreadTask:
         pass
 
 
+class _GeventSignal:
+    """A one-shot wake-up built on gevent's low-level ``Waiter``, not an ``Event``.
+
+    An ``Event`` keeps a list of links and notifies them from a callback that walks it; a
+    waiting line needs only "wake this one greenlet", once, on the hot path of every
+    hand-off under contention. A wake-up that arrives after the waiter gave up (its timer
+    fired, or it was killed) is only stored by the ``Waiter``, never switched into.
+    """
+
+    __slots__ = ("_loop", "_waiter")
+
+    def __init__(self, hub: Any, waiter_class: Any) -> None:
+        self._loop = hub.loop
+        self._waiter = waiter_class(hub)
+
+    def set(self) -> None:
+        self._loop.run_callback(self._waiter.switch, True)
+
+    def wait(self, timeout: float | None) -> bool:
+        if timeout is None:
+            return bool(self._waiter.get())
+        timer = self._loop.timer(timeout)
+        timer.start(self._waiter.switch, False)
+        try:
+            return bool(self._waiter.get())
+        finally:
+            timer.close()
+
+
 class GeventBackend(Backend):
     name = "gevent"
 
     def __init__(self) -> None:
         import gevent
-        import gevent.event
+        import gevent.hub
         import gevent.socket
 
         self._gevent = gevent
-        self._event = gevent.event.Event
+        self.current = gevent.getcurrent
+        self._get_hub = gevent.hub.get_hub
+        self._waiter = gevent.hub.Waiter
         self._getaddrinfo = gevent.socket.getaddrinfo
 
     def signal(self) -> Signal:
-        return self._event()
+        return _GeventSignal(self._get_hub(), self._waiter)
 
     def deadline(self, seconds: float, error: BaseException) -> AbstractContextManager[Any]:
         return self._gevent.Timeout(seconds, error)
@@ -155,9 +191,6 @@ class GeventBackend(Backend):
 
     def spawn(self, func: Callable[[], None]) -> Task:
         return self._gevent.spawn(func)
-
-    def current(self) -> Hashable:
-        return self._gevent.getcurrent()
 
     def resolve(self, host: str, port: int) -> str | None:
         if _is_address(host):
@@ -203,6 +236,7 @@ class EventletBackend(Backend):
             import eventlet
             import eventlet.semaphore
         self._eventlet = eventlet
+        self.current = eventlet.getcurrent
         self._semaphore = eventlet.semaphore.Semaphore
 
     def signal(self) -> Signal:
@@ -216,9 +250,6 @@ class EventletBackend(Backend):
 
     def spawn(self, func: Callable[[], None]) -> Task:
         return _EventletTask(self._eventlet.spawn(func))
-
-    def current(self) -> Hashable:
-        return self._eventlet.getcurrent()
 
     def patch_driver(self) -> None:
         from psycogreen.eventlet import eventlet_wait_callback, patch_psycopg

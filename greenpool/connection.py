@@ -65,12 +65,16 @@ class PooledConnection:
 
     __slots__ = (
         "created", "endpoint", "expires", "generation", "last_used", "lent_at", "lent_from",
-        "raw", "role",
+        "raw", "readable", "role",
     )
 
-    def __init__(self, raw: Any, endpoint: Endpoint, expires: float, generation: int) -> None:
+    def __init__(
+        self, raw: Any, endpoint: Endpoint, expires: float, generation: int, backend: Backend
+    ) -> None:
         now = time.monotonic()
         self.raw = raw
+        #: zero-timeout poll of the socket: truthy when the server sent something or hung up
+        self.readable = backend.poller(raw.fileno())
         self.endpoint = endpoint
         self.created = now
         self.last_used = now
@@ -187,7 +191,7 @@ def check_on_borrow(pc: PooledConnection, group: GroupConfig, backend: Backend, 
     idle_for = now - pc.last_used
     if idle_for >= group.max_idle:
         return "max_idle"
-    if idle_for < group.check_idle_after and not backend.readable(raw.fileno()):
+    if idle_for < group.check_idle_after and not pc.readable():
         return ""
     try:
         if raw.autocommit:
@@ -206,7 +210,8 @@ def check_on_borrow(pc: PooledConnection, group: GroupConfig, backend: Backend, 
 
 
 def reset_on_return(pc: PooledConnection, group: GroupConfig, backend: Backend) -> str:
-    """Bring ``pc`` back to a clean session; '' if reusable, else the reason to discard it.
+    """Bring ``pc`` back to a clean session and mark it used now; '' if reusable, else the
+    reason to discard it.
 
     May raise a BaseException (timeout, kill) from the rollback; the caller then discards.
     """
@@ -236,7 +241,11 @@ def reset_on_return(pc: PooledConnection, group: GroupConfig, backend: Backend) 
         del raw.notices[:]
     if raw.notifies:
         del raw.notifies[:]
-    return "max_lifetime" if time.monotonic() >= pc.expires else ""
+    now = time.monotonic()
+    if now >= pc.expires:
+        return "max_lifetime"
+    pc.last_used = now
+    return ""
 
 
 def close_quietly(pc: PooledConnection) -> None:

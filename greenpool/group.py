@@ -23,7 +23,6 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from functools import partial
 from typing import Any
 
 from .concurrency import Backend
@@ -112,10 +111,9 @@ class Group:
         Raises :class:`PoolTimeout` (or :class:`NoHealthyEndpoint` when connecting kept
         failing), :class:`TooManyWaiters`, :class:`ConnectFailed` or :class:`PoolClosed`.
         """
+        now = _monotonic()
         wait_for = self.config.timeout if timeout is None else timeout
-        deadline = _monotonic() + wait_for
         self.counters.acquires += 1
-        waiter = None
         with self._lock:
             if self._closed:
                 raise PoolClosed(f"group {self.name!r}: the pool is closed")
@@ -128,13 +126,12 @@ class Group:
                 item = SLOT
             else:
                 item = None
-            if item is None:
-                waiter = self._join_line(wait_for)
+            waiter = self._join_line(wait_for) if item is None else None
         if waiter is not None:
-            item = self._wait(waiter, deadline, wait_for)
+            item = self._wait(waiter, now + wait_for, wait_for)
             if item is not SLOT:
                 return self._lend(item)  # handed over straight from release(): already clean
-        return self._prepare(item, deadline)
+        return self._prepare(item, now, now + wait_for)
 
     def _lend(self, pc: PooledConnection) -> PooledConnection:
         self._lent.add(pc)
@@ -169,7 +166,7 @@ class Group:
             self.counters.timeouts += 1
             raise PoolTimeout(self._busy_message(wait_for))
         waiter = Waiter(self._backend.signal())
-        self._line.join(waiter)
+        self._line.append(waiter)
         return waiter
 
     def _wait(self, waiter: Waiter, deadline: float, wait_for: float) -> Any:
@@ -182,6 +179,8 @@ class Group:
             raise
         finally:
             self.counters.wait_time += _monotonic() - started
+        if waiter.item is not None:
+            return waiter.item
         with self._lock:
             if not waiter.served:
                 self._line.leave(waiter)
@@ -203,11 +202,11 @@ class Group:
         elif waiter.item is not None:
             self._give_back(waiter.item)
 
-    def _prepare(self, item: Any, deadline: float) -> PooledConnection:
+    def _prepare(self, item: Any, now: float, deadline: float) -> PooledConnection:
         """Turn a reserved slot (an idle connection to check, or SLOT) into a lent connection."""
         try:
             if item is not SLOT:
-                reason = check_on_borrow(item, self.config, self._backend, _monotonic())
+                reason = check_on_borrow(item, self.config, self._backend, now)
                 if not reason and self._roles_matter and not self._role_fits(item):
                     reason = "wrong_role"
                 if not reason:
@@ -363,7 +362,8 @@ class Group:
         with self._lock:
             self._open_per_endpoint[endpoint] += 1
         lifetime = self.config.max_lifetime * (1 - _LIFETIME_JITTER * random.random())
-        pc = PooledConnection(raw, endpoint, _monotonic() + lifetime, self._generation)
+        pc = PooledConnection(raw, endpoint, _monotonic() + lifetime, self._generation,
+                              self._backend)
         pc.role = role
         return pc
 
@@ -381,23 +381,21 @@ class Group:
         if discard:
             self._drop(pc, discard)
         else:
-            self._settle(pc, partial(reset_on_return, pc, self.config, self._backend), touch=True)
+            self._settle(pc, reset_on_return, pc, self.config, self._backend)
 
-    def _settle(self, pc: PooledConnection, judge: Callable[[], str], touch: bool) -> None:
-        """Keep or discard a connection we hold a slot for, as ``judge`` decides ('' keeps).
-        An interruption while judging leaves it in an unknown state: discarded, slot freed,
-        then re-raised."""
+    def _settle(self, pc: PooledConnection, judge: Callable[..., str], *args: Any) -> None:
+        """Keep or discard a connection we hold a slot for, as ``judge(*args)`` decides (''
+        keeps). An interruption while judging leaves it in an unknown state: discarded, slot
+        freed, then re-raised."""
         try:
-            reason = judge()
+            reason = judge(*args)
         except BaseException:
             self._drop(pc, "interrupted")
             raise
         if reason:
             self._drop(pc, reason)
-            return
-        if touch:
-            pc.last_used = _monotonic()
-        self._give_back(pc)
+        else:
+            self._give_back(pc)
 
     def _drop(self, pc: PooledConnection, reason: str) -> None:
         """Discard a connection and free its slot (to the oldest waiter, if any)."""
@@ -408,7 +406,9 @@ class Group:
         """A clean connection: to the oldest waiter, else to the idle stack."""
         with self._lock:
             if not self._closed:
-                if not self._line.serve(pc):
+                if self._line:
+                    self._line.serve(pc)
+                else:
                     self._idle.append(pc)
                 return
             self._size -= 1
@@ -417,7 +417,9 @@ class Group:
     def _free_slot(self) -> None:
         """A slot whose connection is gone: to the oldest waiter (who will connect), or free."""
         with self._lock:
-            if self._closed or not self._line.serve(SLOT):
+            if self._line and not self._closed:
+                self._line.serve(SLOT)
+            else:
                 self._size -= 1
 
     def _discard(self, pc: PooledConnection, reason: str) -> None:
@@ -449,7 +451,6 @@ class Group:
         now = _monotonic()
         self._warn_about_leaks(now)
         config = self.config
-        readable = self._backend.readable
         with self._lock:
             if self._closed:
                 return
@@ -461,7 +462,7 @@ class Group:
                 ):
                     retire.append(pc)
                     spare -= 1
-                elif readable(pc.raw.fileno()):
+                elif pc.readable():
                     suspect.append(pc)
             for pc in retire + suspect:
                 self._idle.remove(pc)
@@ -472,8 +473,7 @@ class Group:
         for pc in retire:
             self._drop(pc, "closed" if pc.raw.closed else "expired")
         for pc in suspect:  # readable while idle: a NOTIFY, or the server went away
-            self._settle(pc, partial(check_on_borrow, pc, config, self._backend, now),
-                         touch=False)
+            self._settle(pc, check_on_borrow, pc, config, self._backend, now)
         for _ in range(refill):
             self._refill_one()
         if len(self._endpoints) > 1:

@@ -97,7 +97,8 @@ class Handler:
         self._pool._held.pop(self._key, None)
         if pc is None:
             return
-        if exc_type is None:
+        raw = pc.raw
+        if exc_type is None and (raw.closed or raw.get_transaction_status() != _IDLE):
             try:
                 self._commit_at_exit(pc)
             except BaseException:
@@ -120,6 +121,7 @@ class Handler:
                 pass  # the outer block will roll the whole transaction back
 
     def _commit_at_exit(self, pc: PooledConnection) -> None:
+        """The block ended cleanly with a transaction open, or with its connection lost."""
         raw = pc.raw
         where = f"group {self._group.name!r} on {pc.endpoint.label}"
         if raw.closed:

@@ -80,7 +80,8 @@ class Pool:
         """
         if self._forked:
             self._resume_after_fork()
-        return Handler(self, self.group(group), timeout, idempotent)
+        found = self._groups.get(group) if group is not None else None
+        return Handler(self, found or self.group(group), timeout, idempotent)
 
     def group(self, name: str | None = None) -> Group:
         """The :class:`Group` called ``name`` (lower-level: ``acquire``/``release``)."""

@@ -36,37 +36,28 @@ class Waiter:
         return self.item is not None or self.error is not None
 
 
-class WaitLine:
-    __slots__ = ("_line",)
+class WaitLine(deque[Waiter]):
+    """The waiters of a group, oldest first. A ``deque`` itself, so that "is anyone
+    waiting?" on every borrow and return is a C-level truth test, not a method call."""
 
-    def __init__(self) -> None:
-        self._line: deque[Waiter] = deque()
-
-    def __len__(self) -> int:
-        return len(self._line)
-
-    def join(self, waiter: Waiter) -> None:
-        self._line.append(waiter)
+    __slots__ = ()
 
     def leave(self, waiter: Waiter) -> None:
         """Take a waiter that gave up out of the line (it may already have been served)."""
         try:
-            self._line.remove(waiter)
+            self.remove(waiter)
         except ValueError:
             pass
 
-    def serve(self, item: Any) -> bool:
-        """Give ``item`` to the oldest waiter; False if nobody waits."""
-        if not self._line:
-            return False
-        waiter = self._line.popleft()
+    def serve(self, item: Any) -> None:
+        """Give ``item`` to the oldest waiter. The caller checked that someone waits."""
+        waiter = self.popleft()
         waiter.item = item
         waiter.signal.set()
-        return True
 
     def fail_all(self, make_error: Callable[[], BaseException]) -> None:
         """Wake every waiter with an error of its own (used by close)."""
-        while self._line:
-            waiter = self._line.popleft()
+        while self:
+            waiter = self.popleft()
             waiter.error = make_error()
             waiter.signal.set()
