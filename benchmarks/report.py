@@ -56,6 +56,8 @@ def status(runs: list[dict[str, Any]]) -> str:
     """'' when at least one repetition produced numbers, else why not."""
     if not runs or all(r.get("n/a") for r in runs):
         return "n/a"
+    if all("skipped" in r for r in runs):
+        return "skipped: " + runs[0]["skipped"]
     if all("failed" in r for r in runs):
         return "failed: " + runs[0]["failed"]
     return ""
@@ -95,6 +97,10 @@ ROBUST = {
     "chaos": [("served_after", ".0f", "/50"), ("server_conns", ".0f", ""),
               ("idle_in_tx", ".0f", ""), ("errors", ".0f", "")],
 }
+WEB = {
+    "gunicorn": [("rps", ",.0f", ""), ("p50_ms", ".1f", ""), ("p99_ms", ".1f", ""),
+                 ("non2xx", ".0f", ""), ("socket_errors", ".0f", "")],
+}
 PERF_HEAD = ("| pool | overhead ops/s | client CPU µs/op | checkout+checkin µs "
              "| contention ops/s | p50 ms | p99 ms | errors | getconn retries | fairness "
              "| starved |")
@@ -102,12 +108,18 @@ IO_HEAD = ("| pool | io-bound ops/s | % of 1000/s | p50 ms | p99 ms | p99 ÷ ide
            "| errors | getconn retries | fairness | starved |")
 ROBUST_HEAD = ("| pool | failover app errors | longest gap s | reads on restarted endpoint "
                "| chaos: served after | server conns (≤10) | idle in tx | chaos errors |")
+WEB_HEAD = "| pool | requests/s | p50 ms | p99 ms | non-2xx | socket errors |"
 
 
-def table(raw: dict[str, Any], head: str, groups: dict[str, list[tuple[str, str, str]]]) -> str:
+def table(raw: dict[str, Any], head: str, groups: dict[str, list[tuple[str, str, str]]],
+          only_taking_part: bool = False) -> str:
+    """One row per pool; ``only_taking_part`` leaves out pools that are n/a throughout."""
     ncols = head.count("|") - 1
     lines = [head, "|" + "---|" * ncols]
     for peer in raw["runs"][next(iter(raw["runs"]))]:
+        if only_taking_part and all(
+                status(raw["runs"].get(w, {}).get(peer, [])) == "n/a" for w in groups):
+            continue
         cells = [ADAPTERS[peer].name]
         for workload, columns in groups.items():
             cells += _cells(raw["runs"], peer, workload, columns)
@@ -230,6 +242,22 @@ the measuring window; latencies only cover completed operations, so a pool that 
 most greenlets shows low latencies."""
 
 
+WEB_NOTES = """\
+The example app (`examples/gunicorn`) under `gunicorn -k gevent -w 1`, on greenpool as it
+is, and on each peer through `benchmarks/webapp.py` (the same app, its pool calls backed by
+the peer's adapter); `read` group of 10 connections, `write` of 5. `wrk -t1 -c100` sends
+`GET /notes/<random seeded id>` after a warm-up; latencies are wrk's. No target is set for
+this workload: numbers only."""
+
+
+def web_section(raw: dict[str, Any]) -> list[str]:
+    """The gunicorn table, when the run had that workload (older raw.json files do not)."""
+    if "gunicorn" not in raw["runs"]:
+        return []
+    return ["## gunicorn (gevent worker, wrk, 100 connections)", "", WEB_NOTES, "",
+            table(raw, WEB_HEAD, WEB, only_taking_part=True), ""]
+
+
 def write(raw: dict[str, Any], out_dir: Path) -> None:
     parts = [
         header(raw), "",
@@ -238,6 +266,7 @@ def write(raw: dict[str, Any], out_dir: Path) -> None:
         "## io-bound (500 greenlets, 20 connections, pg_sleep(0.02))", "",
         table(raw, IO_HEAD, IO), "",
         "## Failover and chaos", "", table(raw, ROBUST_HEAD, ROBUST), "",
+        *web_section(raw),
         "## greenpool targets", "", *targets(raw), "",
         "## Notes", "", NOTES, "",
     ]
@@ -264,8 +293,10 @@ def chart(raw: dict[str, Any], path: Path) -> None:
               ("contention", "fairness", "contention: Jain fairness"),
               ("iobound", "pct_of_limit", "io-bound: % of 1000 ops/s"),
               ("failover", "longest_gap_s", "failover: longest gap (s)"),
-              ("chaos", "server_conns", "chaos: server conns left (limit 10)")]
-    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
+              ("chaos", "server_conns", "chaos: server conns left (limit 10)"),
+              ("gunicorn", "rps", "gunicorn + wrk: requests/s"),
+              ("gunicorn", "p99_ms", "gunicorn + wrk: p99 latency (ms)")]
+    fig, axes = plt.subplots(2, 4, figsize=(20, 8.5))
     for ax, (workload, key, title) in zip(axes.flat, panels, strict=True):
         runs = raw["runs"].get(workload, {})
         names, values, colors = [], [], []

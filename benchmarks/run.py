@@ -1,8 +1,9 @@
 """The orchestrator: ``python -m benchmarks`` (see benchmarks/README.md).
 
 Starts throwaway PostgreSQL clusters (one for the single-endpoint workloads, two for
-failover), runs every (workload, pool) pair in a fresh subprocess per repetition, keeps the
-raw results in ``results/raw.json`` and writes ``results/results.md`` and ``results.png``.
+failover), runs every (workload, pool) pair in a fresh subprocess per repetition (for
+gunicorn: a fresh gunicorn, loaded by wrk), keeps the raw results in ``results/raw.json``
+and writes ``results/results.md`` and ``results.png``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 from greenpool.throwaway import Cluster
 
-from . import report
+from . import report, web
 from .adapters import ADAPTERS, Target
 
 HERE = Path(__file__).resolve().parent
@@ -29,12 +30,13 @@ RESULTS = HERE / "results"
 SETTINGS = {"max_connections": 300}
 WORKER_TIMEOUT = 90  # seconds; a wedged pool is killed and reported as such
 
-# Seconds per workload: FULL for the suite, QUICK (--quick) while developing.
+# Seconds per workload: FULL for the suite, QUICK (--quick) while developing. gunicorn's are
+# wrk's warm-up and measured run, whole seconds (wrk takes no fractions).
 FULL = {"overhead": (1.0, 0.5), "contention": (0.5, 1.2), "iobound": (0.6, 1.6),
-        "chaos": 1.5, "failover": (3.0, 7.0, 5.0)}
+        "chaos": 1.5, "failover": (3.0, 7.0, 5.0), "gunicorn": (1, 3)}
 QUICK = {"overhead": (0.3, 0.2), "contention": (0.3, 0.5), "iobound": (0.6, 1.0),
-         "chaos": 0.5, "failover": (1.0, 2.0, 1.5)}
-WORKLOADS = ("overhead", "contention", "iobound", "chaos", "failover")
+         "chaos": 0.5, "failover": (1.0, 2.0, 1.5), "gunicorn": (1, 2)}
+WORKLOADS = ("overhead", "contention", "iobound", "chaos", "failover", "gunicorn")
 FAILOVER_GREENLETS, FAILOVER_SIZE, FAILOVER_PACE = 50, 10, 0.1
 
 
@@ -81,6 +83,13 @@ def _parse(code: int, stdout: str, stderr: str, wall: float) -> dict[str, Any]:
             return result
     tail = " | ".join(stderr.strip().splitlines()[-3:])[-400:]
     return {"failed": f"exit {code}: {tail}"}
+
+
+def applies(workload: str, peer: str) -> bool:
+    """Whether ``peer`` takes part in ``workload`` (else it is reported as n/a)."""
+    if workload == "gunicorn":
+        return peer in web.PEERS
+    return ADAPTERS[peer].pooled or workload == "overhead"
 
 
 def run_failover(peers: list[str], a: Cluster, b: Cluster, rep: int,
@@ -177,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         raw["machine"] = machine_info(main_pg)
         raw["config"] = {"reps": args.reps, "durations": durations, "note": args.note,
                          "quick": args.quick}
+        notes = web.prepare(main_pg) if "gunicorn" in workloads else (0, 0)
         for rep in range(args.reps):
             for workload in workloads:
                 if workload == "failover":
@@ -188,10 +198,14 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 shift = rep % len(peers)  # rotate the order, so no pool always runs last
                 for peer in peers[shift:] + peers[:shift]:
-                    if not ADAPTERS[peer].pooled and workload != "overhead":
+                    if not applies(workload, peer):
                         raw["runs"][workload][peer].append({"n/a": True})
                         continue
-                    res = run_worker(worker_spec(peer, workload, rep, main_pg, durations))
+                    if workload == "gunicorn":
+                        res = web.run(peer, main_pg, f"bench-{peer}-gunicorn-{rep}", notes,
+                                      durations["gunicorn"])
+                    else:
+                        res = run_worker(worker_spec(peer, workload, rep, main_pg, durations))
                     raw["runs"][workload][peer].append(res)
                     _progress(began, rep, workload, peer, res)
         if not args.no_profile and "greenpool" in peers:
