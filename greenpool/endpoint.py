@@ -11,7 +11,10 @@ take connections now". A connection lost mid-use evicts the endpoint's idle conn
 statement timeouts and SQL errors never touch the state.
 
 While quarantined nobody connects; when the backoff expires, exactly one caller (or the
-housekeeping task) is let through as the prober. Back up, the endpoint is in *slow start*:
+housekeeping task) is let through as the prober. The backoff doubles with each failed probe
+but never exceeds a quarter of how long the endpoint has been down: a server that comes back
+is found within about a quarter of its outage, so a short outage is not followed by a long
+exile, while a long one is probed rarely. Back up, the endpoint is in *slow start*:
 at most 2 connects in flight, doubling with each success, so a recovering server is not hit
 by every waiting greenlet at once.
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -36,6 +40,11 @@ PRIMARY, STANDBY, UNKNOWN = "primary", "standby", "unknown"
 
 _SLOW_START = 2  # connects in flight allowed right after recovery
 _SLOW_START_DONE = 32  # past this many, the endpoint is treated as fully recovered
+_BACKOFF_SHARE_OF_OUTAGE = 0.25  # the backoff ceiling, as a share of the time down so far
+
+
+def _nothing() -> None:
+    pass
 
 
 class Endpoint:
@@ -62,6 +71,7 @@ class Endpoint:
         self.connecting = 0  # connects in flight
         self.ramp: int | None = None  # slow-start limit on connects in flight; None: no limit
         self.quarantined_until = 0.0
+        self.down_since = 0.0  # when the current outage began (monotonic); while not up
         self._failures = 0  # consecutive failed connects, drives the backoff
         self._initial = config.retry_sleep if config.retry_sleep is not None else quarantine_initial
         self._max = max(quarantine_max, self._initial)
@@ -71,6 +81,8 @@ class Endpoint:
         self.quarantines = 0
         self.split_brain = 0  # times it was seen claiming primary together with another
         self.last_error: str | None = None
+        #: Called when a quarantine begins (the pool wakes its housekeeping to probe on time).
+        self.on_quarantine: Callable[[], None] = _nothing
 
     # --- health ---------------------------------------------------------------------------
 
@@ -127,10 +139,17 @@ class Endpoint:
                 self.state = QUARANTINED  # let the next prober in at once
 
     def _quarantine(self) -> None:
+        now = time.monotonic()
+        if self.state == UP:
+            self.down_since = now
         self._failures += 1
-        ceiling = min(self._max, self._initial * 2 ** (self._failures - 1))
+        ceiling = min(
+            self._max,
+            self._initial * 2 ** (self._failures - 1),
+            _BACKOFF_SHARE_OF_OUTAGE * (now - self.down_since),
+        )
         delay = random.uniform(self._initial, max(self._initial, ceiling))  # jittered backoff
-        self.quarantined_until = time.monotonic() + delay
+        self.quarantined_until = now + delay
         self.ramp = None
         if self.state == UP:
             self.quarantines += 1
@@ -138,6 +157,7 @@ class Endpoint:
                 "endpoint %s quarantined for %.2f s: %s", self.label, delay, self.last_error
             )
         self.state = QUARANTINED
+        self.on_quarantine()
 
     def connection_closed(self) -> None:
         with self._lock:

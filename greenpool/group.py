@@ -90,6 +90,8 @@ class Group:
         self._open_per_endpoint = dict.fromkeys(self._endpoints, 0)
         self._rotation = random.randrange(len(self._endpoints))
         self._idle: deque[PooledConnection] = deque()  # right end = most recently returned
+        # smooth weighted round robin over endpoints on borrow (None: a single endpoint)
+        self._turns = dict.fromkeys(self._endpoints, 0.0) if len(self._endpoints) > 1 else None
         self._lent: set[PooledConnection] = set()
         self._line = WaitLine()
         self._size = 0
@@ -120,7 +122,7 @@ class Group:
             if self._line:
                 item: Any = None  # others were first: queue behind them
             elif self._idle:
-                item = self._idle.pop()
+                item = self._idle.pop() if self._turns is None else self._take_idle_in_turn()
             elif self._size < self.config.connection_count:
                 self._size += 1
                 item = SLOT
@@ -132,6 +134,31 @@ class Group:
             if item is not SLOT:
                 return self._lend(item)  # handed over straight from release(): already clean
         return self._prepare(item, now, now + wait_for)
+
+    def _take_idle_in_turn(self) -> PooledConnection:
+        """The idle connection to lend in a group with several endpoints: the most recently
+        returned one of the endpoint whose turn it is (smooth weighted round robin among
+        the endpoints that have one idle). Plain last-in-first-out would send a light load
+        to whichever endpoint's connections happen to be on top, whatever the weights."""
+        idle, turns = self._idle, self._turns
+        assert turns is not None
+        latest: dict[Endpoint, int] = {}
+        for i, pc in enumerate(idle):
+            latest[pc.endpoint] = i  # the last one seen is the most recently returned
+        if len(latest) == 1:
+            return idle.pop()
+        total, chosen = 0.0, None
+        for endpoint in latest:
+            weight = endpoint.config.weight
+            total += weight
+            turns[endpoint] += weight
+            if chosen is None or turns[endpoint] > turns[chosen]:
+                chosen = endpoint
+        assert chosen is not None
+        turns[chosen] -= total
+        pc = idle[latest[chosen]]
+        del idle[latest[chosen]]
+        return pc
 
     def _lend(self, pc: PooledConnection) -> PooledConnection:
         self._lent.add(pc)

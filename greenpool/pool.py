@@ -19,6 +19,7 @@ from .handler import Handler
 logger = logging.getLogger("greenpool")
 
 _live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+_MIN_NAP = 0.01  # seconds: housekeeping never spins, even on an overdue quarantine
 
 
 class Pool:
@@ -56,7 +57,9 @@ class Pool:
         self._held: dict[Any, Handler] = {}
         self._closed = False
         self._forked = False
-        self._stop: Signal | None = None
+        self._wake: Signal | None = None  # cuts housekeeping's current nap short
+        for endpoint in self._endpoints:
+            endpoint.on_quarantine = self._wake_housekeeping
         self._start_maintenance()
         _live_pools.add(self)
         if self.config.startup_timeout > 0:
@@ -129,8 +132,7 @@ class Pool:
         if self._closed:
             return
         self._closed = True
-        if self._stop is not None:
-            self._stop.set()
+        self._wake_housekeeping()
         for group in self._groups.values():
             group.close()
         _live_pools.discard(self)
@@ -149,41 +151,65 @@ class Pool:
     # --- housekeeping ---------------------------------------------------------------------
 
     def _start_maintenance(self) -> None:
-        stop = self._backend.signal()
-        task = self._backend.spawn(lambda: self._maintain(stop, os.getpid()))
-        self._stop = stop if task is not None else None
+        pid = os.getpid()
+        self._backend.spawn(lambda: self._maintain(pid))
 
-    def _maintain(self, stop: Signal, pid: int) -> None:
+    def _wake_housekeeping(self) -> None:
+        """Make housekeeping look again now: the pool closed, or an endpoint was quarantined
+        (its probe is due when the quarantine ends, maybe before the next upkeep)."""
+        wake = self._wake
+        if wake is not None:
+            wake.set()
+
+    def _maintain(self, pid: int) -> None:
+        """Every ``maintenance_interval``: probes, then each group's upkeep. In between it
+        also wakes when a quarantine expires, so that a recovered server is probed then,
+        not up to an interval later, and gets its share back at once."""
         interval = self.config.maintenance_interval
-        while not stop.wait(interval):
-            if os.getpid() != pid:
-                return  # inherited across fork: the child starts a loop of its own
+        upkeep_at = time.monotonic() + interval
+        while True:
+            wake = self._wake = self._backend.signal()  # before the check: close() sets it
+            if self._closed or os.getpid() != pid:
+                return  # closed, or inherited across fork (the child starts its own loop)
+            if wake.wait(self._until_next_duty(upkeep_at)):
+                continue  # woken: look at the quarantines again (or stop)
             try:
-                self._probe_endpoints()
+                recovered = self._probe_endpoints()
             except Exception as exc:
                 logger.warning("endpoint probes failed: %s", exc)
+                recovered = False
+            now = time.monotonic()
+            if now < upkeep_at and not recovered:
+                continue
+            upkeep_at = now + interval
             for group in list(self._groups.values()):
                 try:
                     group.maintain()
                 except Exception as exc:
                     logger.warning("group %r: housekeeping failed: %s", group.name, exc)
 
+    def _until_next_duty(self, upkeep_at: float) -> float:
+        due = [ep.quarantined_until for ep in self._endpoints if ep.state == QUARANTINED]
+        return max(_MIN_NAP, min([upkeep_at, *due]) - time.monotonic())
+
     def _endpoint_failed(self, endpoint: Endpoint) -> None:
         """One connection to ``endpoint`` proved dead: evict its idle peers in every group."""
         for group in self._groups.values():
             group.evict_idle(endpoint)
 
-    def _probe_endpoints(self) -> None:
+    def _probe_endpoints(self) -> bool:
         """Bring quarantined endpoints back without waiting for traffic, and keep roles and
-        replay lag current where a group cares about them."""
+        replay lag current where a group cares about them. True if an endpoint came back."""
         now = time.monotonic()
+        recovered = False
         for endpoint in self._endpoints:
             if endpoint.state == QUARANTINED and endpoint.may_connect(now):
                 group = next((g for g in self._groups.values() if g.uses(endpoint)), None)
                 if group is not None:
                     group.probe_quarantined(endpoint)
+                    recovered = recovered or endpoint.state == UP
         if not self._roles_matter or now < self._next_role_check:
-            return
+            return recovered
         self._next_role_check = now + self.config.role_check_interval
         for endpoint in self._endpoints:
             if endpoint.state != UP:
@@ -191,6 +217,7 @@ class Pool:
             group = next((g for g in self._groups.values() if g.uses(endpoint)), None)
             if group is not None:
                 group.probe_role(endpoint)
+        return recovered
 
     def _after_fork_in_child(self) -> None:
         """Runs inside ``os.fork()`` in the child: only drop state, start nothing."""

@@ -31,6 +31,7 @@ def test_only_one_prober_and_failed_probes_raise_the_ceiling_up_to_the_max():
     ceilings = []
     for _ in range(6):
         ep.quarantined_until = 0.0  # the backoff expired
+        ep.down_since -= 100  # a long outage: the backoff may grow up to quarantine_max
         assert ep.may_connect(time.monotonic())
         assert ep.begin_connect(time.monotonic())
         assert ep.state == PROBING and not ep.begin_connect(time.monotonic())  # one prober
@@ -39,6 +40,22 @@ def test_only_one_prober_and_failed_probes_raise_the_ceiling_up_to_the_max():
     assert ceilings[-1] <= 4.0  # capped at quarantine_max
     assert max(ceilings) > 0.5  # and it did grow
     assert ep.quarantines == 1  # one outage, however many failed probes
+
+
+def test_the_backoff_stays_within_a_quarter_of_the_outage():
+    """A server down for 4 s is probed at least every second, however many probes failed:
+    a short outage must not be followed by a long exile (issue 5's failover workload)."""
+    ep = make()
+    assert ep.begin_connect(time.monotonic())
+    ep.connect_failed("refused")
+    delays = []
+    for _ in range(8):
+        ep.down_since = time.monotonic() - 4.0
+        ep.quarantined_until = 0.0
+        assert ep.begin_connect(time.monotonic())
+        ep.connect_failed("refused")
+        delays.append(ep.quarantined_until - time.monotonic())
+    assert max(delays) <= 1.0 + 0.01, delays  # 4 s / 4 (quarantine_max is 4 here)
 
 
 def test_recovery_is_a_slow_start_and_an_interrupted_probe_lets_the_next_one_in():

@@ -228,6 +228,54 @@ def test_losing_one_endpoint_is_invisible_to_readers_and_its_return_is_used(
     assert endpoint_stats(pool, second)["state"] == "up"
 
 
+def test_a_light_load_follows_the_weights_not_the_top_of_the_idle_stack(make_pool, pg, pg_factory):
+    """One task reading in sequence never needs more than one connection: a plain
+    last-in-first-out pool would send every read to the same server. Reads go round the
+    endpoints in proportion to their weights instead (1:3 here)."""
+    light, heavy = pg, pg_factory()
+    pool = make_pool(
+        {"read": {"role": "any", "autocommit": True, "connection_count": 4, "timeout": 5}},
+        db=[light.endpoint(weight=1), heavy.endpoint(weight=3)],
+    )
+    assert sorted(held_ports(pool, "read", 4)) == sorted([light.port] + [heavy.port] * 3)
+    ports = []
+    for _ in range(400):
+        with pool.handler("read") as db:
+            ports.append(db.query_one("SELECT inet_server_port()")[0])
+    heavy_share = ports.count(heavy.port) / len(ports)
+    assert 0.7 <= heavy_share <= 0.8, heavy_share
+    assert pool.stats()["groups"]["read"]["connects"] == 4  # balanced, not reconnected
+
+
+def test_a_recovered_endpoint_is_probed_when_its_quarantine_ends_and_gets_its_share(
+    make_pool, pg, pg_factory
+):
+    """Housekeeping runs every 30 s here, yet a restarted server is probed as soon as its
+    quarantine (at most 0.4 s) is over, without any traffic, and connections move back onto
+    it right away: the time a recovered server stays unused is the backoff, not the
+    housekeeping interval."""
+    flaky = pg_factory()
+    pool = make_pool(
+        {"read": {"role": "any", "autocommit": True, "connection_count": 4, "timeout": 5}},
+        db=[pg.endpoint(), flaky.endpoint()],
+        maintenance_interval=30, quarantine_initial=0.2, quarantine_max=0.4,
+    )
+    assert sorted(held_ports(pool, "read", 4)) == sorted([pg.port, flaky.port] * 2)
+    flaky.stop("immediate")
+
+    def read_until_quarantined() -> bool:
+        with pool.handler("read") as db:
+            db.query_one("SELECT 1")
+        return endpoint_stats(pool, flaky)["state"] == "quarantined"
+
+    wait_until(read_until_quarantined, 10, "the stopped server to be quarantined")
+    flaky.start()
+    started = time.monotonic()
+    wait_until(lambda: endpoint_stats(pool, flaky)["state"] == "up", 5, "the probe")
+    wait_until(lambda: endpoint_stats(pool, flaky)["open"] >= 1, 5, "a connection back on it")
+    assert time.monotonic() - started < 3  # far below the 30 s housekeeping interval
+
+
 # --- 4. a black hole first in the list -----------------------------------------------------------
 
 

@@ -97,7 +97,8 @@ def test_server_down_then_back(make_pool, pg_factory):
     with pool.handler("g", timeout=5) as db:
         assert db.query("SELECT 1") == [(1,)]
     stats = pool.stats()["groups"]["g"]
-    assert stats["size"] == 1 and stats["in_use"] == 0
+    # the request's connection, and perhaps housekeeping's probe (kept: a slot was free)
+    assert 1 <= stats["size"] <= 2 and stats["size"] == stats["idle"]
 
 
 def test_wrong_password_fails_at_once_and_never_shows_it(pg, mode, caplog):
