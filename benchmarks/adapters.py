@@ -92,26 +92,39 @@ class Adapter:
 
 
 class Raw(Adapter):
-    """The floor: one psycopg2 connection reused, no pool (single greenlet only)."""
+    """The floor: no pool, each greenlet on a psycopg2 connection of its own, opened on its
+    first use and reused. With one greenlet that is one connection (overhead); with
+    ``size`` greenlets it is the io-bound ceiling, where nobody ever waits for a connection.
+    """
 
     name, pooled = "raw psycopg2", False
 
     def __init__(self, *a: Any, **kw: Any) -> None:
         super().__init__(*a, **kw)
+        self.mine: dict[Any, _Rows] = {}
+
+    def _rows(self) -> _Rows:
+        import gevent
         import psycopg2
 
-        self.conn = psycopg2.connect(self.target.dsn(self.readonly))
-        self.conn.autocommit = self.autocommit
-        self.rows = _Rows(self.conn)
+        me = gevent.getcurrent()
+        rows = self.mine.get(me)
+        if rows is None:
+            conn = psycopg2.connect(self.target.dsn(self.readonly))
+            conn.autocommit = self.autocommit
+            rows = self.mine[me] = _Rows(conn)
+        return rows
 
     @contextlib.contextmanager
     def session(self) -> Iterator[_Rows]:
-        yield self.rows
+        rows = self._rows()
+        yield rows
         if not self.autocommit:
-            self.conn.commit()
+            rows.conn.commit()
 
     def close(self) -> None:
-        self.conn.close()
+        for rows in self.mine.values():
+            rows.conn.close()
 
 
 class _Psycopg2Pool(Adapter):

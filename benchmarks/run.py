@@ -32,7 +32,7 @@ WORKER_TIMEOUT = 90  # seconds; a wedged pool is killed and reported as such
 
 # Seconds per workload: FULL for the suite, QUICK (--quick) while developing. gunicorn's are
 # wrk's warm-up and measured run, whole seconds (wrk takes no fractions).
-FULL = {"overhead": (1.0, 0.5), "contention": (0.5, 1.2), "iobound": (0.6, 1.6),
+FULL = {"overhead": (1.0, 0.5), "contention": (0.5, 1.2), "iobound": (0.6, 3.0),
         "chaos": 1.5, "failover": (3.0, 7.0, 5.0), "gunicorn": (1, 3)}
 QUICK = {"overhead": (0.3, 0.2), "contention": (0.3, 0.5), "iobound": (0.6, 1.0),
          "chaos": 0.5, "failover": (1.0, 2.0, 1.5), "gunicorn": (1, 2)}
@@ -89,7 +89,7 @@ def applies(workload: str, peer: str) -> bool:
     """Whether ``peer`` takes part in ``workload`` (else it is reported as n/a)."""
     if workload == "gunicorn":
         return peer in web.PEERS
-    return ADAPTERS[peer].pooled or workload == "overhead"
+    return ADAPTERS[peer].pooled or workload in ("overhead", "iobound")
 
 
 def run_failover(peers: list[str], a: Cluster, b: Cluster, rep: int,
