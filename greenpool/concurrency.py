@@ -13,6 +13,7 @@ cost. In ``threaded`` mode the same sections run under a real ``threading.Lock``
 
 from __future__ import annotations
 
+import select
 import socket
 import sys
 import threading
@@ -88,14 +89,14 @@ class Backend:
         object costs one syscall per check where ``select()`` also builds its fd sets."""
         poll_class = _original_select("poll")
         if poll_class is None:  # no poll() on this platform
-            select = _original_select("select")
-            return lambda: select([fd], [], [], 0)[0]
+            real_select = _original_select("select")
+            return lambda: real_select([fd], [], [], 0)[0]
         poller = poll_class()
         poller.register(fd, _POLLIN)
         return partial(poller.poll, 0)
 
 
-_POLLIN = 1  # select.POLLIN on every platform that has poll()
+_POLLIN = getattr(select, "POLLIN", 1)  # monkey-patching replaces functions, not constants
 
 
 def _original_select(name: str) -> Any:
