@@ -35,6 +35,16 @@ class Signal(Protocol):
     def wait(self, timeout: float | None) -> bool: ...
 
 
+class Waiter(Signal, Protocol):
+    """A signal that also carries what its task is woken with: a connection or a slot
+    (``item``), or an error. One object per waiting task: it is made on every wait."""
+
+    item: Any
+    error: BaseException | None
+    #: set when the group's line times this waiter out (see :meth:`Backend.call_later`)
+    deadline: float | None
+
+
 class Task(Protocol):
     def kill(self) -> None: ...
 
@@ -45,6 +55,8 @@ class Backend:
     name = "?"
     #: True when other tasks can run while one waits (a wait can be satisfied by someone).
     can_wait = True
+    #: True when :meth:`call_later` works (the green modes, which have an event loop).
+    can_call_later = False
 
     def lock(self) -> AbstractContextManager[Any]:
         return nullcontext()
@@ -53,7 +65,8 @@ class Backend:
         """A lock its holder may take again (an endpoint's methods call each other)."""
         return nullcontext()
 
-    def signal(self) -> Signal:
+    def waiter(self) -> Waiter:
+        """A fresh one-shot waiter (``item`` and ``error`` None)."""
         raise NotImplementedError
 
     def deadline(self, seconds: float, error: BaseException) -> AbstractContextManager[Any]:
@@ -67,6 +80,11 @@ class Backend:
 
     def sleep(self, seconds: float) -> None:
         time.sleep(seconds)
+
+    def call_later(self, seconds: float, func: Callable[[], None]) -> Callable[[], None] | None:
+        """Run ``func`` in the event loop after ``seconds``; return what cancels it. None
+        where the mode has no event loop: there each waiter times out on its own."""
+        return None
 
     def spawn(self, func: Callable[[], None]) -> Task | None:
         """Start a background task, or return None where the mode has no background work."""
@@ -138,37 +156,39 @@ class _ThreadTask:
         pass
 
 
-class _GeventSignal:
-    """A one-shot wake-up built on gevent's low-level ``Waiter``, not an ``Event``.
-
-    An ``Event`` keeps a list of links and notifies them from a callback that walks it; a
-    waiting line needs only "wake this one greenlet", once, on the hot path of every
-    hand-off under contention. A wake-up that arrives after the waiter gave up (its timer
-    fired, or it was killed) is only stored by the ``Waiter``, never switched into.
+def _gevent_waiter_class(base: Any) -> type:
+    """A waiter that *is* a gevent ``Waiter`` (a subclass of the compiled one), not an
+    ``Event``: a waiting line needs only "wake this one greenlet", once, on the hot path of
+    every hand-off under contention, and one object per wait is cheaper than three.
+    ``item``/``error`` default on the class, so making one costs no dictionary.
+    A wake-up that arrives after the waiter gave up (its timer fired, or it was killed) is
+    only stored by gevent's ``Waiter``, never switched into.
     """
 
-    __slots__ = ("_loop", "_waiter")
+    class GeventWaiter(base):
+        item: Any = None
+        error: BaseException | None = None
+        deadline: float | None = None
 
-    def __init__(self, hub: Any, waiter_class: Any) -> None:
-        self._loop = hub.loop
-        self._waiter = waiter_class(hub)
+        def set(self) -> None:
+            self.hub.loop.run_callback(self.switch, True)
 
-    def set(self) -> None:
-        self._loop.run_callback(self._waiter.switch, True)
+        def wait(self, timeout: float | None) -> bool:
+            if timeout is None:
+                return bool(self.get())
+            timer = self.hub.loop.timer(timeout)
+            timer.start(self.switch, False)
+            try:
+                return bool(self.get())
+            finally:
+                timer.close()
 
-    def wait(self, timeout: float | None) -> bool:
-        if timeout is None:
-            return bool(self._waiter.get())
-        timer = self._loop.timer(timeout)
-        timer.start(self._waiter.switch, False)
-        try:
-            return bool(self._waiter.get())
-        finally:
-            timer.close()
+    return GeventWaiter
 
 
 class GeventBackend(Backend):
     name = "gevent"
+    can_call_later = True
 
     def __init__(self) -> None:
         import gevent
@@ -177,15 +197,17 @@ class GeventBackend(Backend):
 
         self._gevent = gevent
         self.current = gevent.getcurrent
-        self._get_hub = gevent.hub.get_hub
-        self._waiter = gevent.hub.Waiter
+        #: the class itself: with no argument its compiled constructor finds the hub
+        self.waiter = _gevent_waiter_class(gevent.hub.Waiter)  # type: ignore[method-assign]
         self._getaddrinfo = gevent.socket.getaddrinfo
-
-    def signal(self) -> Signal:
-        return _GeventSignal(self._get_hub(), self._waiter)
 
     def deadline(self, seconds: float, error: BaseException) -> AbstractContextManager[Any]:
         return self._gevent.Timeout(seconds, error)
+
+    def call_later(self, seconds: float, func: Callable[[], None]) -> Callable[[], None]:
+        timer = self._gevent.get_hub().loop.timer(seconds, ref=False)  # never keeps a hub alive
+        timer.start(func)
+        return timer.close
 
     def sleep(self, seconds: float) -> None:
         self._gevent.sleep(seconds)
@@ -207,8 +229,12 @@ class GeventBackend(Backend):
             patch_psycopg()
 
 
-class _EventletSignal:
+class _EventletWaiter:
     """eventlet's Event cannot time out cleanly; a zero semaphore can."""
+
+    item: Any = None
+    error: BaseException | None = None
+    deadline: float | None = None
 
     def __init__(self, semaphore_class: Any) -> None:
         self._sem = semaphore_class(0)
@@ -230,21 +256,26 @@ class _EventletTask:
 
 class EventletBackend(Backend):
     name = "eventlet"
+    can_call_later = True
 
     def __init__(self) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # eventlet warns about its own deprecation on import
             import eventlet
+            import eventlet.hubs
             import eventlet.semaphore
         self._eventlet = eventlet
         self.current = eventlet.getcurrent
         self._semaphore = eventlet.semaphore.Semaphore
 
-    def signal(self) -> Signal:
-        return _EventletSignal(self._semaphore)
+    def waiter(self) -> Waiter:
+        return _EventletWaiter(self._semaphore)
 
     def deadline(self, seconds: float, error: BaseException) -> AbstractContextManager[Any]:
         return self._eventlet.Timeout(seconds, error)
+
+    def call_later(self, seconds: float, func: Callable[[], None]) -> Callable[[], None]:
+        return self._eventlet.hubs.get_hub().schedule_call_global(seconds, func).cancel
 
     def sleep(self, seconds: float) -> None:
         self._eventlet.sleep(seconds)
@@ -260,6 +291,12 @@ class EventletBackend(Backend):
             patch_psycopg()
 
 
+class _ThreadWaiter(threading.Event):
+    item: Any = None
+    error: BaseException | None = None
+    deadline: float | None = None
+
+
 class ThreadedBackend(Backend):
     name = "threaded"
 
@@ -269,15 +306,19 @@ class ThreadedBackend(Backend):
     def rlock(self) -> AbstractContextManager[Any]:
         return threading.RLock()
 
-    def signal(self) -> Signal:
-        return threading.Event()
+    def waiter(self) -> Waiter:
+        return _ThreadWaiter()
 
     def spawn(self, func: Callable[[], None]) -> Task:
         return _ThreadTask(func)
 
 
-class _NeverSignal:
+class _NeverWaiter:
     """With a single thread and no greenlets nobody else can hand a connection back."""
+
+    item: Any = None
+    error: BaseException | None = None
+    deadline: float | None = None
 
     def set(self) -> None:
         pass
@@ -292,8 +333,8 @@ class SingleBackend(Backend):
     name = "non-threaded"
     can_wait = False
 
-    def signal(self) -> Signal:
-        return _NeverSignal()
+    def waiter(self) -> Waiter:
+        return _NeverWaiter()
 
 
 _BACKENDS: dict[str, Callable[[], Backend]] = {

@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .concurrency import Backend
+from .concurrency import Backend, Waiter
 from .config import GroupConfig
 from .connection import (
     ConnectError,
@@ -41,7 +41,7 @@ from .endpoint import UNKNOWN, UP, Endpoint
 from .errors import ConnectFailed, NoHealthyEndpoint, PoolClosed, PoolTimeout, TooManyWaiters
 from .roles import candidates, fits, query_role, role_of
 from .stats import GroupCounters
-from .waiting import SLOT, Waiter, WaitLine
+from .waiting import SLOT, WaitLine
 
 logger = logging.getLogger("greenpool")
 
@@ -94,6 +94,13 @@ class Group:
         self._turns = dict.fromkeys(self._endpoints, 0.0) if len(self._endpoints) > 1 else None
         self._lent: set[PooledConnection] = set()
         self._line = WaitLine()
+        self._new_waiter = backend.waiter
+        self._can_wait = backend.can_wait
+        self._max_waiting = config.max_waiting or math.inf
+        # whether waiters with the default timeout share one timer (see _sweep)
+        self._line_keeps_time = backend.can_call_later and math.isfinite(config.timeout)
+        self._sweep_armed = False
+        self._cancel_sweep: Callable[[], None] | None = None
         self._size = 0
         self._closed = False
         self._generation = 0
@@ -115,11 +122,13 @@ class Group:
         """
         now = _monotonic()
         wait_for = self.config.timeout if timeout is None else timeout
-        self.counters.acquires += 1
+        counters = self.counters
+        counters.acquires += 1
         with self._lock:
             if self._closed:
                 raise PoolClosed(f"group {self.name!r}: the pool is closed")
-            if self._line:
+            line = self._line
+            if line:
                 item: Any = None  # others were first: queue behind them
             elif self._idle:
                 item = self._idle.pop() if self._turns is None else self._take_idle_in_turn()
@@ -128,12 +137,34 @@ class Group:
                 item = SLOT
             else:
                 item = None
-            waiter = self._join_line(wait_for) if item is None else None
-        if waiter is not None:
-            item = self._wait(waiter, now + wait_for, wait_for)
-            if item is not SLOT:
-                return self._lend(item)  # handed over straight from release(): already clean
-        return self._prepare(item, now, now + wait_for)
+            if item is None:
+                if len(line) >= self._max_waiting or wait_for <= 0 or not self._can_wait:
+                    self._refuse_to_wait(wait_for)
+                waiter = self._new_waiter()
+                line.append(waiter)
+                if timeout is None and self._line_keeps_time:
+                    waiter.deadline = now + wait_for
+                    if not self._sweep_armed:
+                        self._arm_sweep(wait_for)
+                    own_timeout: float | None = None  # the line's timer times it out
+                else:  # the microseconds spent joining the line are not worth a clock read
+                    own_timeout = wait_for
+        if item is not None:
+            return self._prepare(item, now, now + wait_for)
+        counters.waits += 1
+        try:
+            waiter.wait(own_timeout)
+        except BaseException:
+            self._abandon(waiter)
+            raise
+        finally:
+            counters.wait_time += _monotonic() - now
+        item = waiter.item
+        if item is None:
+            item = self._not_served(waiter, wait_for)
+        if item is SLOT:
+            return self._prepare(item, now, now + wait_for)
+        return self._lend(item)  # handed over straight from release(): already clean
 
     def _take_idle_in_turn(self) -> PooledConnection:
         """The idle connection to lend in a group with several endpoints: the most recently
@@ -182,34 +213,49 @@ class Group:
                 )
                 pc.lent_from = None  # once per loan
 
-    def _join_line(self, wait_for: float) -> Waiter:
+    def _arm_sweep(self, seconds: float) -> None:
+        self._cancel_sweep = self._backend.call_later(seconds, self._sweep)
+        self._sweep_armed = True
+
+    def _sweep(self) -> None:
+        """The line's timer (green modes). Waiters with the group's default timeout do not
+        each arm a timer of their own, which costs more than the rest of a hand-off: they
+        joined in deadline order, so one timer, armed for the oldest one's deadline, times
+        out every waiter whose deadline passed and re-arms for the next. It fires about
+        once per ``timeout`` while the line is busy, and never when nobody waits that long."""
+        now = _monotonic()
+        with self._lock:
+            self._sweep_armed = False
+            expired = []
+            for waiter in self._line:  # oldest first
+                deadline = waiter.deadline
+                if deadline is None:
+                    continue  # a timeout of its own: its own timer
+                if deadline > now:
+                    self._arm_sweep(deadline - now)
+                    break
+                expired.append(waiter)
+            for waiter in expired:
+                self._line.remove(waiter)
+                self.counters.timeouts += 1
+                waiter.error = PoolTimeout(self._busy_message(self.config.timeout))
+                waiter.set()
+
+    def _refuse_to_wait(self, wait_for: float) -> None:
         max_waiting = self.config.max_waiting
         if max_waiting and len(self._line) >= max_waiting:
             raise TooManyWaiters(
                 f"group {self.name!r}: {len(self._line)} callers already wait for a connection "
                 f"(max_waiting={max_waiting}); shed load or raise connection_count"
             )
-        if not self._backend.can_wait or wait_for <= 0:
-            self.counters.timeouts += 1
-            raise PoolTimeout(self._busy_message(wait_for))
-        waiter = Waiter(self._backend.signal())
-        self._line.append(waiter)
-        return waiter
+        self.counters.timeouts += 1
+        raise PoolTimeout(self._busy_message(wait_for))
 
-    def _wait(self, waiter: Waiter, deadline: float, wait_for: float) -> Any:
-        self.counters.waits += 1
-        started = _monotonic()
-        try:
-            waiter.signal.wait(max(0.0, deadline - started))
-        except BaseException:
-            self._abandon(waiter)
-            raise
-        finally:
-            self.counters.wait_time += _monotonic() - started
-        if waiter.item is not None:
-            return waiter.item
+    def _not_served(self, waiter: Waiter, wait_for: float) -> Any:
+        """The wait ended without a connection in hand: the pool closed, or the timeout
+        (unless a hand-off raced with it: then that is taken)."""
         with self._lock:
-            if not waiter.served:
+            if not self._line.served(waiter):
                 self._line.leave(waiter)
         if waiter.error is not None:
             raise waiter.error
@@ -221,7 +267,7 @@ class Group:
     def _abandon(self, waiter: Waiter) -> None:
         """A waiter was interrupted: leave the line, or pass on what it was just handed."""
         with self._lock:
-            if not waiter.served:
+            if not self._line.served(waiter):
                 self._line.leave(waiter)
                 return
         if waiter.item is SLOT:
@@ -405,10 +451,16 @@ class Group:
         self._lent.discard(pc)
         if pc.generation != self._generation:  # the parent's, lent at fork time: see below
             return
-        if discard:
-            self._drop(pc, discard)
-        else:
-            self._settle(pc, reset_on_return, pc, self.config, self._backend)
+        if not discard:
+            try:
+                discard = reset_on_return(pc, self.config, self._backend)
+            except BaseException:  # interrupted mid-reset: its state is unknown
+                self._drop(pc, "interrupted")
+                raise
+            if not discard:
+                self._give_back(pc)
+                return
+        self._drop(pc, discard)
 
     def _settle(self, pc: PooledConnection, judge: Callable[..., str], *args: Any) -> None:
         """Keep or discard a connection we hold a slot for, as ``judge(*args)`` decides (''
@@ -636,6 +688,8 @@ class Group:
             if self._closed:
                 return
             self._closed = True
+            if self._cancel_sweep is not None:
+                self._cancel_sweep()
             idle = list(self._idle)
             self._idle.clear()
             self._size -= len(idle)
@@ -660,6 +714,7 @@ class Group:
         self._idle.clear()
         self._lent.clear()
         self._line = WaitLine()
+        self._sweep_armed = False  # the parent's timer is not this process's to trust
         self._size = 0
         self._generation += 1
         self._open_per_endpoint = dict.fromkeys(self._endpoints, 0)

@@ -25,7 +25,7 @@ Everything else propagates: in particular a write whose connection died is never
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Union
 
 import psycopg2
@@ -182,23 +182,11 @@ class Handler:
 
     def query(self, sql: str, params: Any = None) -> list[Any] | int:
         """Run one statement: its rows if it returns rows, else the number of rows affected."""
-
-        def run(cursor: Any) -> list[Any] | int:
-            cursor.execute(sql, params)
-            if cursor.description is None:
-                return int(cursor.rowcount)
-            return cursor.fetchall()
-
-        return self._run(run)
+        return self._run(_rows_or_count, sql, params)
 
     def query_one(self, sql: str, params: Any = None) -> Any:
         """The first row of the result, or None."""
-
-        def run(cursor: Any) -> Any:
-            cursor.execute(sql, params)
-            return None if cursor.description is None else cursor.fetchone()
-
-        return self._run(run)
+        return self._run(_first_row, sql, params)
 
     def execute(self, statements: str | Iterable[Statement], params: Any = None) -> int:
         """Run one statement, a ``;``-separated script, or a list of statements (each a
@@ -206,17 +194,7 @@ class Handler:
         items: list[Statement] = (
             [(statements, params)] if isinstance(statements, str) else list(statements)
         )
-
-        def run(cursor: Any) -> int:
-            total = 0
-            for item in items:
-                sql, args = (item, None) if isinstance(item, str) else item
-                cursor.execute(sql, args)
-                if cursor.rowcount > 0:
-                    total += cursor.rowcount
-            return total
-
-        return self._run(run)
+        return self._run(_affected_rows, items)
 
     def executemany(self, sql: str, params_seq: Sequence[Any], page_size: int = 100) -> None:
         """Run ``sql`` for each parameter set, batching round trips (``execute_batch``)."""
@@ -227,15 +205,15 @@ class Handler:
 
     _MAX_REPLAYS = 3
 
-    def _run(self, work: Any) -> Any:
-        """Run ``work(cursor)``; re-run it on a fresh connection where that is safe."""
+    def _run(self, work: Callable[..., Any], *args: Any) -> Any:
+        """Run ``work(cursor, *args)``; re-run it on a fresh connection where that is safe."""
         replays = 0
         while True:
-            raw = self.connection
+            raw = self._current().raw
             first = raw.get_transaction_status() == _IDLE
             try:
                 with raw.cursor() as cursor:
-                    return work(cursor)
+                    return work(cursor, *args)
             except psycopg2.Error as exc:
                 kind = failure_kind(exc, raw)
                 if kind == "lost":
@@ -293,3 +271,28 @@ class Handler:
     def __repr__(self) -> str:
         where = self._pc.endpoint.label if self._pc is not None else "not in a block"
         return f"<Handler group={self._group.name!r} {where}>"
+
+
+# What the statement methods run on a cursor (module-level: no closure per call).
+
+
+def _rows_or_count(cursor: Any, sql: str, params: Any) -> list[Any] | int:
+    cursor.execute(sql, params)
+    if cursor.description is None:
+        return int(cursor.rowcount)
+    return cursor.fetchall()
+
+
+def _first_row(cursor: Any, sql: str, params: Any) -> Any:
+    cursor.execute(sql, params)
+    return None if cursor.description is None else cursor.fetchone()
+
+
+def _affected_rows(cursor: Any, items: list[Statement]) -> int:
+    total = 0
+    for item in items:
+        sql, args = (item, None) if isinstance(item, str) else item
+        cursor.execute(sql, args)
+        if cursor.rowcount > 0:
+            total += cursor.rowcount
+    return total

@@ -168,7 +168,7 @@ class Pool:
         interval = self.config.maintenance_interval
         upkeep_at = time.monotonic() + interval
         while True:
-            wake = self._wake = self._backend.signal()  # before the check: close() sets it
+            wake = self._wake = self._backend.waiter()  # before the check: close() sets it
             if self._closed or os.getpid() != pid:
                 return  # closed, or inherited across fork (the child starts its own loop)
             if wake.wait(self._until_next_duty(upkeep_at)):

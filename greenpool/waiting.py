@@ -3,9 +3,9 @@
 A queue that waiters ``get()`` from is not fair: a greenlet that returns a connection and
 asks again at once can take it back ahead of everyone already waiting. Here a returned
 connection (or a freed slot) is *given* to the oldest waiter, whose signal is then set; no
-one can overtake. Each waiter is a small object so that a waiter that gives up (timeout,
-kill) can be taken out of the line, and so that a hand-off that raced with its giving up is
-never lost (see :meth:`Group._abandon`).
+one can overtake. Each waiter is a small object (the backend's :class:`~.concurrency.Waiter`)
+so that a waiter that gives up (timeout, kill) can be taken out of the line, and so that a
+hand-off that raced with its giving up is never lost (see :meth:`Group._abandon`).
 
 All methods are called with the group's lock held; none of them blocks.
 """
@@ -16,24 +16,11 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from .concurrency import Signal
+from .concurrency import Waiter
 
 #: What a waiter receives when a slot (permission to open a connection) is freed instead of
 #: a connection being returned.
 SLOT = object()
-
-
-class Waiter:
-    __slots__ = ("error", "item", "signal")
-
-    def __init__(self, signal: Signal) -> None:
-        self.signal = signal
-        self.item: Any = None  # a PooledConnection or SLOT once served
-        self.error: BaseException | None = None
-
-    @property
-    def served(self) -> bool:
-        return self.item is not None or self.error is not None
 
 
 class WaitLine(deque[Waiter]):
@@ -53,11 +40,15 @@ class WaitLine(deque[Waiter]):
         """Give ``item`` to the oldest waiter. The caller checked that someone waits."""
         waiter = self.popleft()
         waiter.item = item
-        waiter.signal.set()
+        waiter.set()
+
+    @staticmethod
+    def served(waiter: Waiter) -> bool:
+        return waiter.item is not None or waiter.error is not None
 
     def fail_all(self, make_error: Callable[[], BaseException]) -> None:
         """Wake every waiter with an error of its own (used by close)."""
         while self:
             waiter = self.popleft()
             waiter.error = make_error()
-            waiter.signal.set()
+            waiter.set()

@@ -97,6 +97,58 @@ def test_acquire_timeout_is_honoured(make_pool):
         assert db.query("SELECT 1") == [(1,)]
 
 
+def test_default_and_own_timeouts_in_one_line_each_end_on_time(make_pool):
+    """Waiters with the group's timeout (timed out together by the line's timer in the green
+    modes) and waiters with a timeout of their own, interleaved in one line: each times out
+    at its own deadline, the others stay in line, and one that is still there is served."""
+    pool = make_pool({"g": {"connection_count": 1, "timeout": 0.6}})
+    group = pool.group("g")
+    held = group.acquire()
+
+    def wait(timeout):
+        started = time.monotonic()
+        try:
+            with pool.handler("g", timeout=timeout):
+                return "served", time.monotonic() - started
+        except PoolTimeout:
+            return "timeout", time.monotonic() - started
+
+    tasks = {}
+    for name, timeout in (("default_1", None), ("own_0.2", 0.2), ("default_2", None),
+                          ("own_3", 3.0)):
+        tasks[name] = spawn(wait, timeout)
+        in_line = len(tasks)
+        wait_until(lambda n=in_line: group.stats()["waiting"] == n, 5, f"{name} in line")
+    wait_until(lambda: group.stats()["waiting"] == 1, 5, "three waiters to time out")
+    group.release(held)
+    join_all(list(tasks.values()), 5)
+    outcome = {name: task.result for name, task in tasks.items()}
+    assert [outcome[n][0] for n in tasks] == ["timeout", "timeout", "timeout", "served"], outcome
+    assert 0.15 <= outcome["own_0.2"][1] <= 0.45, outcome
+    assert 0.55 <= outcome["default_1"][1] <= 0.9, outcome
+    assert 0.55 <= outcome["default_2"][1] <= 0.9, outcome
+    assert group.stats()["timeouts"] == 3 and group.stats()["waiting"] == 0
+
+
+def test_a_waiter_is_timed_out_from_its_own_arrival(make_pool):
+    """The line's timer is armed for the oldest waiter; when that one is served first, the
+    next waiter still gets its whole timeout (not the remainder of the first one's)."""
+    pool = make_pool({"g": {"connection_count": 1, "timeout": 0.5}})
+    group = pool.group("g")
+    held = group.acquire()
+    first = spawn(group.acquire)
+    wait_until(lambda: group.stats()["waiting"] == 1, 5, "the first waiter")
+    sleep(0.2)
+    group.release(held)
+    join_all([first], 5)
+    assert first.error is None
+    started = time.monotonic()
+    with pytest.raises(PoolTimeout):
+        group.acquire()
+    assert 0.45 <= time.monotonic() - started <= 0.8
+    group.release(first.result)
+
+
 def test_max_waiting_bounds_the_line(make_pool):
     pool = make_pool({"g": {"connection_count": 1, "max_waiting": 2, "timeout": 5}})
     group = pool.group("g")
@@ -142,15 +194,15 @@ def test_a_waiter_signal_wakes_once_and_never_late():
     from greenpool.concurrency import backend_for
 
     backend = backend_for(MODE)
-    early = backend.signal()
+    early = backend.waiter()
     early.set()
     assert early.wait(5) is True
 
     started = time.monotonic()
-    assert backend.signal().wait(0.05) is False
+    assert backend.waiter().wait(0.05) is False
     assert time.monotonic() - started >= 0.045
 
-    late = backend.signal()
+    late = backend.waiter()
     timed_out, naps = [], []
 
     def waiter():
