@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import subprocess
 import sys
 import time
@@ -196,8 +197,11 @@ def main(argv: list[str] | None = None) -> int:
                     raw.setdefault("failover_timeline", []).append(res["_timeline"])
                     _progress(began, rep, workload, "all", res.get("greenpool", {}))
                     continue
-                shift = rep % len(peers)  # rotate the order, so no pool always runs last
-                for peer in peers[shift:] + peers[:shift]:
+                # A fresh order per repetition and workload (seeded: the same every run), so
+                # no pool always runs right after the same other one or at the same place.
+                order = list(peers)
+                random.Random(f"{rep}:{workload}").shuffle(order)
+                for peer in order:
                     if not applies(workload, peer):
                         raw["runs"][workload][peer].append({"n/a": True})
                         continue
