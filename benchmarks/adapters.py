@@ -6,6 +6,9 @@ Every adapter takes a :class:`Target` (where to connect) plus ``size``, ``autoco
 
 * ``session()``: a context manager lending one connection for a block; the object it yields
   has ``query(sql)`` (rows). A clean exit commits, an exception rolls back and propagates.
+  Context managers are classes, never ``@contextmanager`` generators: a generator layer
+  costs every pool a few microseconds per operation (more when the task switches inside
+  it, waiting for a connection), and no user of these pools needs one.
 * ``checkout()``: checkout and checkin only, no statement.
 * ``close()``; ``retries``: exhaustion errors a retry loop absorbed (psycopg2.pool only).
 
@@ -17,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +72,55 @@ class _Rows:
             return cur.fetchall()
 
 
+class _Entered:
+    """A pool's own context manager with a ``query`` shim over what it yields: what a user
+    of that pool writes as ``with pool.connection() as conn`` directly."""
+
+    __slots__ = ("inner", "shim")
+
+    def __init__(self, inner: Any, shim: Any) -> None:
+        self.inner, self.shim = inner, shim
+
+    def __enter__(self) -> Any:
+        return self.shim(self.inner.__enter__())
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self.inner.__exit__(*exc)
+
+
+class _Borrowed:
+    """A user's helper for a pool without a context manager of its own (psycopg2.pool,
+    DBUtils): borrow, commit on a clean exit, roll back on an error, give back. A
+    ``BaseException`` (gevent.Timeout, a kill) gets no rollback, as in the usual
+    ``except Exception`` helper: what the pool then does with the connection is its own."""
+
+    __slots__ = ("adapter", "conn", "statement")
+
+    def __init__(self, adapter: Any, statement: bool = True) -> None:
+        self.adapter, self.statement = adapter, statement
+        self.conn: Any = None
+
+    def __enter__(self) -> Any:
+        conn = self.conn = self.adapter.borrow()
+        return _Rows(conn) if self.statement else None
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        conn = self.conn
+        try:
+            if not self.statement:
+                return
+            if exc_type is None:
+                try:
+                    conn.commit()
+                except Exception:
+                    conn.rollback()
+                    raise
+            elif issubclass(exc_type, Exception):
+                conn.rollback()
+        finally:
+            self.adapter.give_back(conn)
+
+
 class Adapter:
     name = "?"
     psycopg2_based = True
@@ -115,16 +166,27 @@ class Raw(Adapter):
             rows = self.mine[me] = _Rows(conn)
         return rows
 
-    @contextlib.contextmanager
-    def session(self) -> Iterator[_Rows]:
-        rows = self._rows()
-        yield rows
-        if not self.autocommit:
-            rows.conn.commit()
+    def session(self) -> _RawSession:
+        return _RawSession(self)
 
     def close(self) -> None:
         for rows in self.mine.values():
             rows.conn.close()
+
+
+class _RawSession:
+    __slots__ = ("adapter", "rows")
+
+    def __init__(self, adapter: Raw) -> None:
+        self.adapter = adapter
+
+    def __enter__(self) -> _Rows:
+        self.rows = self.adapter._rows()
+        return self.rows
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None and not self.adapter.autocommit:
+            self.rows.conn.commit()
 
 
 class _Psycopg2Pool(Adapter):
@@ -140,6 +202,12 @@ class _Psycopg2Pool(Adapter):
     def pool_class(self, module: Any) -> Any:
         raise NotImplementedError
 
+    def borrow(self) -> Any:
+        conn = self._getconn()
+        if conn.autocommit != self.autocommit:
+            conn.autocommit = self.autocommit
+        return conn
+
     def _getconn(self) -> Any:
         for _ in range(GETCONN_RETRY_ATTEMPTS):
             try:
@@ -151,27 +219,14 @@ class _Psycopg2Pool(Adapter):
                 time.sleep(GETCONN_RETRY_SLEEP)  # gevent's sleep after patch_all
         raise self.pool_error("connection pool exhausted (gave up retrying)")
 
-    @contextlib.contextmanager
-    def session(self) -> Iterator[_Rows]:
-        conn = self._getconn()
-        try:
-            if conn.autocommit != self.autocommit:
-                conn.autocommit = self.autocommit
-            yield _Rows(conn)
-            conn.commit()
-        except Exception:
-            conn.rollback()
-            raise
-        finally:
-            self.pool.putconn(conn)
+    def give_back(self, conn: Any) -> None:
+        self.pool.putconn(conn)
 
-    @contextlib.contextmanager
-    def checkout(self) -> Iterator[None]:
-        conn = self._getconn()
-        try:
-            yield
-        finally:
-            self.pool.putconn(conn)
+    def session(self) -> _Borrowed:
+        return _Borrowed(self)
+
+    def checkout(self) -> _Borrowed:
+        return _Borrowed(self, statement=False)
 
     def close(self) -> None:
         self.pool.closeall()
@@ -206,15 +261,11 @@ class PsycopgPool(Adapter):
         )
         self.pool.wait(30)
 
-    @contextlib.contextmanager
-    def session(self) -> Iterator[_Rows]:
-        with self.pool.connection() as conn:
-            yield _Rows(conn)
+    def session(self) -> _Entered:
+        return _Entered(self.pool.connection(), _Rows)
 
-    @contextlib.contextmanager
-    def checkout(self) -> Iterator[None]:
-        with self.pool.connection():
-            yield
+    def checkout(self) -> Any:
+        return self.pool.connection()
 
     def close(self) -> None:
         self.pool.close()
@@ -245,15 +296,11 @@ class SQLAlchemyQueuePool(Adapter):
             isolation_level="AUTOCOMMIT" if self.autocommit else None,
         )
 
-    @contextlib.contextmanager
-    def session(self) -> Iterator[Any]:
-        with self.engine.begin() as conn:
-            yield _SQLAlchemyRows(conn)
+    def session(self) -> _Entered:
+        return _Entered(self.engine.begin(), _SQLAlchemyRows)
 
-    @contextlib.contextmanager
-    def checkout(self) -> Iterator[None]:
-        with self.engine.connect():
-            yield
+    def checkout(self) -> Any:
+        return self.engine.connect()
 
     def close(self) -> None:
         self.engine.dispose()
@@ -293,25 +340,17 @@ class DBUtilsPooledDB(Adapter):
         self.pool = PooledDB(connect, mincached=self.size, maxcached=self.size,
                              maxconnections=self.size, blocking=True)
 
-    @contextlib.contextmanager
-    def session(self) -> Iterator[_Rows]:
-        conn = self.pool.connection()
-        try:
-            yield _Rows(conn)
-            conn.commit()
-        except Exception:
-            conn.rollback()
-            raise
-        finally:
-            conn.close()  # back to the pool
+    def borrow(self) -> Any:
+        return self.pool.connection()
 
-    @contextlib.contextmanager
-    def checkout(self) -> Iterator[None]:
-        conn = self.pool.connection()
-        try:
-            yield
-        finally:
-            conn.close()
+    def give_back(self, conn: Any) -> None:
+        conn.close()  # back to the pool
+
+    def session(self) -> _Borrowed:
+        return _Borrowed(self)
+
+    def checkout(self) -> _Borrowed:
+        return _Borrowed(self, statement=False)
 
     def close(self) -> None:
         self.pool.close()
@@ -342,15 +381,11 @@ class PgDbPool(Adapter):
             "groups": {"g": {"connection_count": self.size, "autocommit": self.autocommit}},
         })
 
-    @contextlib.contextmanager
-    def session(self) -> Iterator[Any]:
-        with self.module.Handler("g") as db:
-            yield _PgDbPoolRows(db)
+    def session(self) -> _Entered:
+        return _Entered(self.module.Handler("g"), _PgDbPoolRows)
 
-    @contextlib.contextmanager
-    def checkout(self) -> Iterator[None]:
-        with self.module.Handler("g"):
-            yield
+    def checkout(self) -> Any:
+        return self.module.Handler("g")
 
 
 class _PgDbPoolRows:
@@ -380,15 +415,11 @@ class GreenPool(Adapter):
                              "timeout": ACQUIRE_TIMEOUT}},
         })
 
-    @contextlib.contextmanager
-    def session(self) -> Iterator[Any]:
-        with self.pool.handler("g") as db:
-            yield db
+    def session(self) -> Any:
+        return self.pool.handler("g")  # its block object has query() itself
 
-    @contextlib.contextmanager
-    def checkout(self) -> Iterator[None]:
-        with self.pool.handler("g"):
-            yield
+    def checkout(self) -> Any:
+        return self.pool.handler("g")
 
     def close(self) -> None:
         self.pool.close()
