@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -39,6 +40,7 @@ QUICK = {"overhead": (0.3, 0.2), "contention": (0.3, 0.5), "iobound": (0.6, 1.0)
          "chaos": 0.5, "failover": (1.0, 2.0, 1.5), "gunicorn": (1, 2)}
 WORKLOADS = ("overhead", "contention", "iobound", "chaos", "failover", "gunicorn")
 FAILOVER_GREENLETS, FAILOVER_SIZE, FAILOVER_PACE = 50, 10, 0.1
+IOBOUND_SLEEP = 0.02  # seconds of pg_sleep per io-bound operation
 
 
 def worker_spec(peer: str, workload: str, rep: int, cluster: Cluster,
@@ -55,7 +57,7 @@ def worker_spec(peer: str, workload: str, rep: int, cluster: Cluster,
         spec.update(size=10, params={"greenlets": 200, "warmup": warmup, "seconds": seconds})
     elif workload == "iobound":
         warmup, seconds = durations["iobound"]
-        spec.update(size=20, params={"greenlets": 500, "size": 20, "sleep": 0.02,
+        spec.update(size=20, params={"greenlets": 500, "size": 20, "sleep": IOBOUND_SLEEP,
                                      "warmup": warmup, "seconds": seconds})
     elif workload == "chaos":
         spec.update(size=10, autocommit=False,
@@ -164,6 +166,23 @@ def machine_info(cluster: Cluster) -> dict[str, Any]:
     }
 
 
+def sleep_round_trip(cluster: Cluster, seconds: float, times: int = 40) -> float:
+    """Median ms that one ``SELECT pg_sleep(seconds)`` takes on one connection with nothing
+    else running. No pool can beat it: the io-bound limit (connections ÷ ``seconds``) is
+    reachable here at most to ``seconds`` ÷ this, whatever the client does."""
+    conn = cluster.connect()
+    samples = []
+    try:
+        with conn.cursor() as cur:
+            for _ in range(times):
+                started = time.perf_counter()
+                cur.execute("SELECT pg_sleep(%s)", (seconds,))
+                samples.append(time.perf_counter() - started)
+    finally:
+        conn.close()
+    return statistics.median(samples) * 1e3
+
+
 def _read(path: str) -> str:
     return Path(path).read_text()
 
@@ -185,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     with Cluster(settings=SETTINGS) as main_pg, Cluster(settings=SETTINGS) as a, \
             Cluster(settings=SETTINGS) as b:
         raw["machine"] = machine_info(main_pg)
+        if "iobound" in workloads:
+            raw["machine"]["pg_sleep_ms"] = sleep_round_trip(main_pg, IOBOUND_SLEEP)
         raw["config"] = {"reps": args.reps, "durations": durations, "note": args.note,
                          "quick": args.quick}
         notes = web.prepare(main_pg) if "gunicorn" in workloads else (0, 0)
