@@ -22,8 +22,8 @@ import random
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Hashable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .concurrency import Backend, Waiter
 from .config import GroupConfig
@@ -42,6 +42,9 @@ from .errors import ConnectFailed, NoHealthyEndpoint, PoolClosed, PoolTimeout, T
 from .roles import candidates, fits, query_role, role_of
 from .stats import GroupCounters
 from .waiting import SLOT, WaitLine
+
+if TYPE_CHECKING:
+    from .handler import Handler
 
 logger = logging.getLogger("greenpool")
 
@@ -108,6 +111,9 @@ class Group:
         self._preferred: frozenset[Endpoint] = frozenset(self._endpoints)
         self._preferred_until = 0.0
         self._leak_threshold = config.leak_threshold
+        #: task identity -> the outermost handler block that task holds in this group (a
+        #: nested block of the same task reuses its connection: see handler.py)
+        self.holders: dict[Hashable, Handler] = {}
         #: Called with an endpoint whose connections proved dead: the pool evicts that
         #: endpoint's idle connections in every group at once.
         self.on_endpoint_failure: Callable[[Endpoint], None] = self.evict_idle
@@ -713,6 +719,7 @@ class Group:
         self._lock = self._backend.lock()  # a lock held by a parent thread would never be freed
         self._idle.clear()
         self._lent.clear()
+        self.holders.clear()
         self._line = WaitLine()
         self._sweep_armed = False  # the parent's timer is not this process's to trust
         self._size = 0

@@ -52,7 +52,7 @@ class Handler:
     """The object bound by ``with ... as db``. Not reusable after its block ends."""
 
     __slots__ = (
-        "_group", "_idempotent", "_key", "_outer", "_pc", "_pool", "_savepoint", "_timeout"
+        "_group", "_idempotent", "_outer", "_pc", "_pool", "_savepoint", "_task", "_timeout"
     )
 
     def __init__(
@@ -65,14 +65,14 @@ class Handler:
         self._pc: PooledConnection | None = None
         self._outer: Handler | None = None
         self._savepoint: str | None = None
-        self._key: Any = None
+        self._task: Any = None
 
     # --- the block ------------------------------------------------------------------------
 
     def __enter__(self) -> Handler:
-        held = self._pool._held
-        key = (self._group.name, self._pool._current_task())
-        outer = held.get(key)
+        holders = self._group.holders
+        task = self._pool._current_task()
+        outer = holders.get(task)
         if outer is not None:
             self._outer = outer
             self._pc = outer._pc
@@ -83,8 +83,8 @@ class Handler:
                     cursor.execute(f"SAVEPOINT {self._savepoint}")
             return self
         self._pc = self._group.acquire(self._timeout)
-        self._key = key
-        held[key] = self
+        self._task = task
+        holders[task] = self
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -94,7 +94,7 @@ class Handler:
             return
         pc = self._pc
         self._pc = None
-        self._pool._held.pop(self._key, None)
+        self._group.holders.pop(self._task, None)
         if pc is None:
             return
         raw = pc.raw

@@ -53,8 +53,6 @@ class Pool:
         self._only_group = next(iter(self._groups)) if len(self._groups) == 1 else None
         self._roles_matter = any(g.role != "any" for g in self.config.groups.values())
         self._next_role_check = 0.0
-        # (group name, task identity) -> the outermost Handler that task holds in that group
-        self._held: dict[Any, Handler] = {}
         self._closed = False
         self._forked = False
         self._wake: Signal | None = None  # cuts housekeeping's current nap short
@@ -225,7 +223,6 @@ class Pool:
             group.after_fork_in_child()
         for endpoint in self._endpoints:
             endpoint.open = endpoint.connecting = 0
-        self._held.clear()
         self._forked = True
 
     def _resume_after_fork(self) -> None:
