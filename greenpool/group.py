@@ -220,15 +220,18 @@ class Group:
                 pc.lent_from = None  # once per loan
 
     def _arm_sweep(self, seconds: float) -> None:
-        self._cancel_sweep = self._backend.call_later(seconds, self._sweep)
+        generation = self._generation
+        self._cancel_sweep = self._backend.call_later(seconds, lambda: self._sweep(generation))
         self._sweep_armed = True
 
-    def _sweep(self) -> None:
+    def _sweep(self, generation: int) -> None:
         """The line's timer (green modes). Waiters with the group's default timeout do not
         each arm a timer of their own, which costs more than the rest of a hand-off: they
         joined in deadline order, so one timer, armed for the oldest one's deadline, times
-        out every waiter whose deadline passed and re-arms for the next. It fires about
-        once per ``timeout`` while the line is busy, and never when nobody waits that long."""
+        out every waiter whose deadline passed and re-arms for the next. While the line is
+        busy it fires about once per ``timeout``; once nobody waits it is not re-armed."""
+        if generation != self._generation:
+            return  # armed in the parent before a fork: this process's line is not its own
         now = _monotonic()
         with self._lock:
             self._sweep_armed = False
@@ -238,7 +241,7 @@ class Group:
                 if deadline is None:
                     continue  # a timeout of its own: its own timer
                 if deadline > now:
-                    self._arm_sweep(deadline - now)
+                    self._arm_sweep(deadline - now)  # re-armed before anything can fail
                     break
                 expired.append(waiter)
             for waiter in expired:
@@ -721,7 +724,7 @@ class Group:
         self._lent.clear()
         self.holders.clear()
         self._line = WaitLine()
-        self._sweep_armed = False  # the parent's timer is not this process's to trust
+        self._sweep_armed = False  # a timer the parent armed returns at once here
         self._size = 0
         self._generation += 1
         self._open_per_endpoint = dict.fromkeys(self._endpoints, 0)
