@@ -148,7 +148,14 @@ def targets(raw: dict[str, Any]) -> list[str]:
             check(label, None, f"{peer}: no number")
             return
         check(label, gp / other >= need,
-              f"{gp:,.0f} vs {other:,.0f} ops/s = {gp / other:.2f}×, need ≥ {need}×")
+              f"{gp:,.0f} vs {other:,.0f} ops/s = {gp / other:.2f}×, need ≥ {need}×; "
+              f"per repetition {paired(workload, key, peer)}")
+
+    def paired(workload: str, key: str, peer: str) -> str:
+        """greenpool ÷ peer within each repetition: how much of the verdict is noise."""
+        pairs = zip(runs[workload][GP], runs[workload][peer], strict=True)
+        shown = [f"{a[key] / b[key]:.2f}" for a, b in pairs if a.get(key) and b.get(key)]
+        return ", ".join(shown) or "n/a"
 
     ratio("overhead", "ops_s", "simple", 0.95, "overhead ≥ 0.95× SimpleConnectionPool")
     ratio("overhead", "ops_s", "raw", 0.9, "overhead ≥ 0.9× raw psycopg2")
