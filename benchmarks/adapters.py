@@ -174,6 +174,23 @@ class Raw(Adapter):
             rows.conn.close()
 
 
+class _Borrowing(Adapter):
+    """A pool without a context manager of its own: subclasses say how to borrow and give
+    back, :class:`_Borrowed` does the rest."""
+
+    def borrow(self) -> Any:
+        raise NotImplementedError
+
+    def give_back(self, conn: Any) -> None:
+        raise NotImplementedError
+
+    def session(self) -> _Borrowed:
+        return _Borrowed(self)
+
+    def checkout(self) -> _Borrowed:
+        return _Borrowed(self, statement=False)
+
+
 class _RawSession:
     __slots__ = ("adapter", "rows")
 
@@ -189,7 +206,7 @@ class _RawSession:
             self.rows.conn.commit()
 
 
-class _Psycopg2Pool(Adapter):
+class _Psycopg2Pool(_Borrowing):
     """psycopg2.pool with minconn == maxconn (a smaller minconn closes returned connections)."""
 
     def __init__(self, *a: Any, **kw: Any) -> None:
@@ -222,11 +239,6 @@ class _Psycopg2Pool(Adapter):
     def give_back(self, conn: Any) -> None:
         self.pool.putconn(conn)
 
-    def session(self) -> _Borrowed:
-        return _Borrowed(self)
-
-    def checkout(self) -> _Borrowed:
-        return _Borrowed(self, statement=False)
 
     def close(self) -> None:
         self.pool.closeall()
@@ -320,7 +332,7 @@ class SQLAlchemyPrePing(SQLAlchemyQueuePool):
     name, pre_ping = "SQLAlchemy QueuePool pre_ping", True
 
 
-class DBUtilsPooledDB(Adapter):
+class DBUtilsPooledDB(_Borrowing):
     """DBUtils PooledDB, blocking when exhausted; a creator function sets autocommit."""
 
     name = "DBUtils PooledDB"
@@ -346,11 +358,6 @@ class DBUtilsPooledDB(Adapter):
     def give_back(self, conn: Any) -> None:
         conn.close()  # back to the pool
 
-    def session(self) -> _Borrowed:
-        return _Borrowed(self)
-
-    def checkout(self) -> _Borrowed:
-        return _Borrowed(self, statement=False)
 
     def close(self) -> None:
         self.pool.close()
