@@ -251,11 +251,10 @@ class Group:
                 waiter.set()
 
     def _refuse_to_wait(self, wait_for: float) -> None:
-        max_waiting = self.config.max_waiting
-        if max_waiting and len(self._line) >= max_waiting:
+        if len(self._line) >= self._max_waiting:
             raise TooManyWaiters(
                 f"group {self.name!r}: {len(self._line)} callers already wait for a connection "
-                f"(max_waiting={max_waiting}); shed load or raise connection_count"
+                f"(max_waiting={self.config.max_waiting}); shed load or raise connection_count"
             )
         self.counters.timeouts += 1
         raise PoolTimeout(self._busy_message(wait_for))
@@ -460,16 +459,10 @@ class Group:
         self._lent.discard(pc)
         if pc.generation != self._generation:  # the parent's, lent at fork time: see below
             return
-        if not discard:
-            try:
-                discard = reset_on_return(pc, self.config, self._backend)
-            except BaseException:  # interrupted mid-reset: its state is unknown
-                self._drop(pc, "interrupted")
-                raise
-            if not discard:
-                self._give_back(pc)
-                return
-        self._drop(pc, discard)
+        if discard:
+            self._drop(pc, discard)
+        else:
+            self._settle(pc, reset_on_return, pc, self.config, self._backend)
 
     def _settle(self, pc: PooledConnection, judge: Callable[..., str], *args: Any) -> None:
         """Keep or discard a connection we hold a slot for, as ``judge(*args)`` decides (''
