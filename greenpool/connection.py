@@ -277,3 +277,23 @@ def silence_inherited(pc: PooledConnection) -> None:
             os.close(devnull)
     except (OSError, psycopg2.Error):
         pass
+
+
+def ping(pc: PooledConnection, backend: Backend, seconds: float) -> str:
+    """One bounded ``SELECT 1`` on an idle connection (housekeeping keeps ``min_size``
+    connections usable with it); '' if it answered, else the reason to discard it."""
+    raw = pc.raw
+    if raw.closed:
+        return "closed"
+    autocommit = raw.autocommit
+    try:
+        raw.autocommit = True  # without autocommit the ping would open a transaction
+        _round_trip(raw, "SELECT 1", backend, seconds)
+    except psycopg2.Error:
+        return "failed_check"
+    finally:
+        if not raw.closed:
+            raw.autocommit = autocommit
+    del raw.notifies[:]
+    pc.last_used = time.monotonic()
+    return ""

@@ -69,7 +69,10 @@ class Endpoint:
         self.role_seen_at = 0.0  # when the role was last observed (monotonic)
         self.open = 0  # connections open to it, all groups together
         self.connecting = 0  # connects in flight
-        self.ramp: int | None = None  # slow-start limit on connects in flight; None: no limit
+        #: slow-start limit on connects in flight; None: no limit. A new endpoint starts
+        #: slowly too: a cold pool does not send every waiter's connect to a server that
+        #: may never answer
+        self.ramp: int | None = _SLOW_START
         self.quarantined_until = 0.0
         self.down_since = 0.0  # when the current outage began (monotonic); while not up
         self._failures = 0  # consecutive failed connects, drives the backoff
@@ -130,6 +133,20 @@ class Endpoint:
             # else: an attempt that started before the quarantine. It is no news, so it must
             # neither extend the quarantine nor raise the backoff: only the first failure and
             # failed probes do.
+
+    def connect_refused(self, message: str) -> None:
+        """The server answered and refused (bad password, missing database, a setting a
+        pooler rejects): retrying cannot fix it, and it says nothing bad about the server's
+        health. A probe that gets this answer found the server up."""
+        with self._lock:
+            self.connecting -= 1
+            self.connect_errors += 1
+            self.last_error = message
+            if self.state == PROBING:
+                logger.warning("endpoint %s answers again (it refused: %s)", self.label, message)
+                self.state = UP
+                self.ramp = _SLOW_START
+                self._failures = 0
 
     def connect_abandoned(self) -> None:
         """The attempt was interrupted (timeout or kill of the caller): no verdict."""

@@ -1,24 +1,28 @@
 """One endpoint group: a bounded set of connections, a fair waiting line, exact accounting.
 
+This is the hot path. How connections are made is the connector's job
+(:mod:`greenpool.connector`), which endpoint they go to is placement's
+(:mod:`greenpool.placement`), and upkeep is housekeeping's (:mod:`greenpool.housekeeping`).
+
 Invariants (all changed only under ``self._lock``, in sections that never block):
 
-* ``_size`` counts *slots*: idle connections + lent connections + connects in progress. A
-  slot is reserved before a connect starts, so the group never exceeds
-  ``connection_count`` however greenlets interleave.
-* Whoever holds a slot gives it back exactly once: by lending a connection (which comes back
-  through :meth:`release`), by handing it to the oldest waiter, or by decrementing
-  ``_size``. Every path that can be interrupted (``gevent.Timeout``, ``GreenletExit``, any
-  ``BaseException``) gives its slot back before re-raising.
-* Someone waits only if nothing is idle; a returned connection or a freed slot goes to the
-  oldest waiter directly (first come, first served).
+* ``_size`` counts *slots*: idle connections + lent connections + connects in progress
+  (``_connecting``). A slot is reserved before a connect starts, so the group never exceeds
+  ``connection_count`` however tasks interleave.
+* Whoever holds a slot gives it back exactly once: a lent connection through
+  :meth:`release`; a connect task by delivering a connection (:meth:`deliver`) or by
+  freeing its slot; housekeeping by giving back or dropping what it took. Every path that
+  can be interrupted (``gevent.Timeout``, ``GreenletExit``, any ``BaseException``) gives its
+  slot back before re-raising.
+* Someone waits only if nothing is idle; a returned or new connection goes to the oldest
+  waiter directly (first come, first served). A waiter never connects itself: it asks the
+  connector, and whatever connection comes first serves the oldest waiter.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import os
-import random
 import sys
 import time
 from collections import deque
@@ -28,37 +32,31 @@ from typing import TYPE_CHECKING, Any
 from .concurrency import Backend, Waiter
 from .config import GroupConfig
 from .connection import (
-    ConnectError,
     PooledConnection,
     check_on_borrow,
     close_quietly,
-    connect_kwargs,
-    open_connection,
     reset_on_return,
     silence_inherited,
 )
-from .endpoint import UNKNOWN, UP, Endpoint
-from .errors import ConnectFailed, NoHealthyEndpoint, PoolClosed, PoolTimeout, TooManyWaiters
-from .roles import candidates, fits, query_role, role_of
+from .connector import Connector
+from .endpoint import UNKNOWN, Endpoint
+from .errors import PoolClosed, PoolError, PoolTimeout, TooManyWaiters
+from .placement import move_target, take_in_turn, unserved, where_to_be
+from .roles import fits, role_of
 from .stats import GroupCounters
-from .waiting import SLOT, WaitLine
+from .waiting import WaitLine
 
 if TYPE_CHECKING:
     from .handler import Handler
 
-logger = logging.getLogger("greenpool")
-
 _monotonic = time.monotonic
-_RECHECK_PAUSE = 0.02  # seconds between looks while another caller probes an endpoint
-_ROLE_RECHECK = 1.0  # a standby's role is re-checked by connecting at most this often
-_LIFETIME_JITTER = 0.1  # up to 10 % shorter, so connections opened together do not expire together
 
-# Connections that were lent out when this process was forked from its parent; kept
-# referenced so that they are never deallocated (see Group.after_fork_in_child).
+# Connections that were lent out, or being opened, when this process was forked from its
+# parent; kept referenced so that they are never deallocated (see after_fork_in_child).
 _inherited_in_use: list[PooledConnection] = []
 
-
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_MOVES_IN_FLIGHT = 2  # a connection moves only while fewer connects than this are under way
 
 
 def _caller_outside_greenpool() -> str:
@@ -86,15 +84,15 @@ class Group:
         self.counters = GroupCounters()
         self._backend = backend
         self._lock = backend.lock()
-        self._endpoints = list(endpoints)
-        self._kwargs = {
-            ep: connect_kwargs(ep.config, config, application_name) for ep in self._endpoints
-        }
-        self._open_per_endpoint = dict.fromkeys(self._endpoints, 0)
-        self._rotation = random.randrange(len(self._endpoints))
+        self.endpoints = list(endpoints)
+        self.connector = Connector(config, self.endpoints, backend, application_name,
+                                   self.counters)
+        self.connector.slots = self
         self._idle: deque[PooledConnection] = deque()  # right end = most recently returned
         # smooth weighted round robin over endpoints on borrow (None: a single endpoint)
-        self._turns = dict.fromkeys(self._endpoints, 0.0) if len(self._endpoints) > 1 else None
+        self._turns: dict[Endpoint, float] | None = (
+            dict.fromkeys(self.endpoints, 0.0) if len(self.endpoints) > 1 else None
+        )
         self._lent: set[PooledConnection] = set()
         self._line = WaitLine()
         self._new_waiter = backend.waiter
@@ -105,11 +103,15 @@ class Group:
         self._sweep_armed = False
         self._cancel_sweep: Callable[[], None] | None = None
         self._size = 0
+        self._connecting = 0  # slots held by connect tasks
         self._closed = False
         self._generation = 0
         self._roles_matter = config.role != "any"
-        self._preferred: frozenset[Endpoint] = frozenset(self._endpoints)
+        self._preferred: frozenset[Endpoint] = frozenset(self.endpoints)
         self._preferred_until = 0.0
+        #: set by housekeeping (and when an endpoint comes back) while connections should
+        #: move to another endpoint: only then does a return look at placement
+        self.imbalanced = False
         self._leak_threshold = config.leak_threshold
         #: task identity -> the outermost handler block that task holds in this group (a
         #: nested block of the same task reuses its connection: see handler.py)
@@ -123,40 +125,56 @@ class Group:
     def acquire(self, timeout: float | None = None) -> PooledConnection:
         """A healthy connection within ``timeout`` seconds (the group's default if None).
 
-        Raises :class:`PoolTimeout` (or :class:`NoHealthyEndpoint` when connecting kept
+        Raises :class:`PoolTimeout` (:class:`NoHealthyEndpoint` when connecting kept
         failing), :class:`TooManyWaiters`, :class:`ConnectFailed` or :class:`PoolClosed`.
         """
         now = _monotonic()
         wait_for = self.config.timeout if timeout is None else timeout
+        self.counters.acquires += 1
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise PoolClosed(f"group {self.name!r}: the pool is closed")
+                if self._line or not self._idle:
+                    break
+                pc = self._idle.pop() if self._turns is None else self._take_idle_in_turn()
+            found = self._checked(pc, now)
+            if found is not None:
+                return self._lend(found)
+            # that one was dead: try the next idle connection, else wait for a new one
+        return self._wait(now, wait_for, timeout is None)
+
+    def _wait(self, now: float, wait_for: float, default_timeout: bool) -> PooledConnection:
+        """Nothing idle (or others were first): ask for a connection if the group has room,
+        and wait in line for whichever connection comes first."""
         counters = self.counters
-        counters.acquires += 1
+        if not self._can_wait:
+            return self._connect_inline(now + wait_for)
+        error = self.connector.fatal_error()
+        if error is not None:
+            raise error  # every endpoint refused this group: waiting cannot help
         with self._lock:
-            if self._closed:
-                raise PoolClosed(f"group {self.name!r}: the pool is closed")
             line = self._line
-            if line:
-                item: Any = None  # others were first: queue behind them
-            elif self._idle:
-                item = self._idle.pop() if self._turns is None else self._take_idle_in_turn()
-            elif self._size < self.config.connection_count:
+            grow = self._size < self.config.connection_count and self._wants_connect(
+                len(line) + 1)
+            if grow:
                 self._size += 1
-                item = SLOT
-            else:
-                item = None
-            if item is None:
-                if len(line) >= self._max_waiting or wait_for <= 0 or not self._can_wait:
-                    self._refuse_to_wait(wait_for)
+                self._connecting += 1
+            refuse = len(line) >= self._max_waiting or wait_for <= 0
+            if not refuse:
                 waiter = self._new_waiter()
                 line.append(waiter)
-                if timeout is None and self._line_keeps_time:
+                if default_timeout and self._line_keeps_time:
                     waiter.deadline = now + wait_for
                     if not self._sweep_armed:
                         self._arm_sweep(wait_for)
                     own_timeout: float | None = None  # the line's timer times it out
-                else:  # the microseconds spent joining the line are not worth a clock read
+                else:
                     own_timeout = wait_for
-        if item is not None:
-            return self._prepare(item, now, now + wait_for)
+        if grow:
+            self.connector.start(self._generation)
+        if refuse:
+            self._refuse_to_wait(wait_for)
         counters.waits += 1
         try:
             waiter.wait(own_timeout)
@@ -168,34 +186,65 @@ class Group:
         item = waiter.item
         if item is None:
             item = self._not_served(waiter, wait_for)
-        if item is SLOT:
-            return self._prepare(item, now, now + wait_for)
-        return self._lend(item)  # handed over straight from release(): already clean
+        return self._lend(item)  # handed over by release() or the connector: already clean
+
+    def _wants_connect(self, waiters: int) -> bool:
+        """Whether ``waiters`` callers need one more connect than is under way. Cold (none
+        lent, so none will come back) every waiter gets one; warm, the group grows one
+        connect at a time, because a returned connection usually comes sooner than a new
+        one (a burst does not grow the group to its maximum for nothing)."""
+        connecting = self._connecting
+        if self.connector.fatal_error() is not None:
+            return False
+        return waiters > connecting and (not self._lent or connecting == 0)
+
+    def _connect_inline(self, deadline: float) -> PooledConnection:
+        """``non-threaded``: nobody else can return a connection, so connect now if the
+        group has room, else refuse at once."""
+        with self._lock:
+            room = self._size < self.config.connection_count
+            if room:
+                self._size += 1
+        if not room:
+            self.counters.timeouts += 1
+            raise PoolTimeout(
+                f"group {self.name!r}: all {self.config.connection_count} connections are in "
+                f"use, and in non-threaded mode nobody can return one while you wait; return "
+                f"connections before taking another, or raise connection_count"
+            )
+        try:
+            pc = self.connector.open_now(deadline, self._generation)
+        except BaseException:
+            with self._lock:
+                self._size -= 1
+            raise
+        return self._lend(pc)
 
     def _take_idle_in_turn(self) -> PooledConnection:
-        """The idle connection to lend in a group with several endpoints: the most recently
-        returned one of the endpoint whose turn it is (smooth weighted round robin among
-        the endpoints that have one idle). Plain last-in-first-out would send a light load
-        to whichever endpoint's connections happen to be on top, whatever the weights."""
-        idle, turns = self._idle, self._turns
-        assert turns is not None
-        latest: dict[Endpoint, int] = {}
-        for i, pc in enumerate(idle):
-            latest[pc.endpoint] = i  # the last one seen is the most recently returned
-        if len(latest) == 1:
-            return idle.pop()
-        total, chosen = 0.0, None
-        for endpoint in latest:
-            weight = endpoint.config.weight
-            total += weight
-            turns[endpoint] += weight
-            if chosen is None or turns[endpoint] > turns[chosen]:
-                chosen = endpoint
-        assert chosen is not None
-        turns[chosen] -= total
-        pc = idle[latest[chosen]]
-        del idle[latest[chosen]]
+        idle = self._idle
+        assert self._turns is not None
+        index = take_in_turn([pc.endpoint for pc in idle], self._turns)
+        pc = idle[index]
+        del idle[index]
         return pc
+
+    def _checked(self, pc: PooledConnection, now: float) -> PooledConnection | None:
+        """``pc`` if it may be lent; else it is discarded and its slot goes to a connect."""
+        try:
+            reason = check_on_borrow(pc, self.config, self._backend, now)
+            if not reason and self._roles_matter and not self._role_fits(pc):
+                reason = "wrong_role"
+        except BaseException:  # interrupted while checking it: its state is unknown
+            self.drop(pc, "interrupted")
+            raise
+        if not reason:
+            return pc
+        if reason in ("closed", "failed_check"):
+            self.replace(pc, reason)
+            self.on_endpoint_failure(pc.endpoint)
+        else:
+            self.drop(pc, reason)
+        return None
 
     def _lend(self, pc: PooledConnection) -> PooledConnection:
         self._lent.add(pc)
@@ -203,21 +252,6 @@ class Group:
             pc.lent_at = _monotonic()
             pc.lent_from = _caller_outside_greenpool()
         return pc
-
-    def _warn_about_leaks(self, now: float) -> None:
-        """One warning per lent connection held past ``leak_threshold``, naming the code
-        that took it (a connection never returned starves the group)."""
-        threshold = self.config.leak_threshold
-        if threshold is None:
-            return
-        for pc in list(self._lent):
-            if pc.lent_from is not None and now - pc.lent_at > threshold:
-                logger.warning(
-                    "group %r: a connection to %s has been held for %.1f s (leak_threshold "
-                    "%.1f s); it was taken at %s",
-                    self.name, pc.endpoint.label, now - pc.lent_at, threshold, pc.lent_from,
-                )
-                pc.lent_from = None  # once per loan
 
     def _arm_sweep(self, seconds: float) -> None:
         generation = self._generation
@@ -246,8 +280,7 @@ class Group:
                 expired.append(waiter)
             for waiter in expired:
                 self._line.remove(waiter)
-                self.counters.timeouts += 1
-                waiter.error = PoolTimeout(self._busy_message(self.config.timeout))
+                waiter.error = self._timeout_error(self.config.timeout)
                 waiter.set()
 
     def _refuse_to_wait(self, wait_for: float) -> None:
@@ -256,20 +289,29 @@ class Group:
                 f"group {self.name!r}: {len(self._line)} callers already wait for a connection "
                 f"(max_waiting={self.config.max_waiting}); shed load or raise connection_count"
             )
+        raise self._timeout_error(wait_for)
+
+    def _timeout_error(self, wait_for: float) -> PoolError:
+        """What a caller whose time ran out gets: the reason no endpoint can be connected to
+        when that is why, else a plain timeout."""
+        error = self.connector.fatal_error()
+        if error is not None:
+            return error
+        if self.connector.failing:  # the latest connects all failed: say why
+            return self.connector.no_endpoint_error()
         self.counters.timeouts += 1
-        raise PoolTimeout(self._busy_message(wait_for))
+        return PoolTimeout(self._busy_message(wait_for))
 
     def _not_served(self, waiter: Waiter, wait_for: float) -> Any:
-        """The wait ended without a connection in hand: the pool closed, or the timeout
-        (unless a hand-off raced with it: then that is taken)."""
+        """The wait ended without a connection in hand: an error (closed, a failure
+        retrying cannot fix), or the timeout, unless a hand-off raced with it."""
         with self._lock:
             if not self._line.served(waiter):
                 self._line.leave(waiter)
         if waiter.error is not None:
             raise waiter.error
         if waiter.item is None:
-            self.counters.timeouts += 1
-            raise PoolTimeout(self._busy_message(wait_for))
+            raise self._timeout_error(wait_for)
         return waiter.item
 
     def _abandon(self, waiter: Waiter) -> None:
@@ -278,32 +320,8 @@ class Group:
             if not self._line.served(waiter):
                 self._line.leave(waiter)
                 return
-        if waiter.item is SLOT:
-            self._free_slot()
-        elif waiter.item is not None:
-            self._give_back(waiter.item)
-
-    def _prepare(self, item: Any, now: float, deadline: float) -> PooledConnection:
-        """Turn a reserved slot (an idle connection to check, or SLOT) into a lent connection."""
-        try:
-            if item is not SLOT:
-                reason = check_on_borrow(item, self.config, self._backend, now)
-                if not reason and self._roles_matter and not self._role_fits(item):
-                    reason = "wrong_role"
-                if not reason:
-                    return self._lend(item)
-                self._discard(item, reason)
-                if reason in ("closed", "failed_check"):
-                    self.on_endpoint_failure(item.endpoint)
-                item = SLOT
-            return self._lend(self._open(deadline))
-        except BaseException:
-            if item is not SLOT:  # interrupted while checking it: its state is unknown
-                self._discard(item, "interrupted")
-            self._free_slot()
-            raise
-
-    # --- connecting -----------------------------------------------------------------------
+        if waiter.item is not None:
+            self.give_back(waiter.item)
 
     def _role_fits(self, pc: PooledConnection) -> bool:
         """Zero-round-trip role check on borrow: the server's last ParameterStatus. Only a
@@ -315,138 +333,18 @@ class Group:
             pc.endpoint.observe_role(role)
         if not fits(self.config.role, pc.role if pc.role != UNKNOWN else pc.endpoint.role):
             return False
-        return pc.endpoint in self._preferred_endpoints()
+        return pc.endpoint in self.preferred_endpoints()
 
-    def _preferred_endpoints(self) -> frozenset[Endpoint]:
-        """:meth:`_where_to_be`, recomputed at most every 50 ms: the borrow path asks it
-        for every loan of a group with a role."""
+    def preferred_endpoints(self) -> frozenset[Endpoint]:
+        """Where this group should be now (:func:`placement.where_to_be`), recomputed at
+        most every 50 ms: the borrow path asks it for every loan of a group with a role."""
         now = _monotonic()
         if now >= self._preferred_until:
-            self._preferred = self._where_to_be()
+            config = self.config
+            self._preferred = where_to_be(self.endpoints, config.role, config.max_lag,
+                                          config.on_lag)
             self._preferred_until = now + 0.05
         return self._preferred
-
-    def _where_to_be(self) -> frozenset[Endpoint]:
-        """The endpoints this group should use now: the up endpoints of its first preference
-        tier that has any (so not a standby that started to lag, not the primary once a
-        preferred standby is back). Every endpoint when none is up: nothing to move to."""
-        config = self.config
-        for tier in candidates(self._endpoints, config.role, config.max_lag, config.on_lag):
-            up = frozenset(ep for ep in tier if ep.state == UP)
-            if up:
-                return up
-        return frozenset(self._endpoints)
-
-    def _connect_order(self, now: float) -> list[Endpoint]:
-        """Endpoints to try now: the first preference tier with any endpoint that can take a
-        connect; within it fewest of our connections per weight first, ties rotating so no
-        endpoint is favoured (each process starts at a random point)."""
-        config = self.config
-        for tier in candidates(self._endpoints, config.role, config.max_lag, config.on_lag):
-            ready = [
-                ep for ep in tier
-                if ep.may_connect(now)
-                and (config.role != "primary" or ep.role != "standby"
-                     or now - ep.role_seen_at >= _ROLE_RECHECK)
-            ]
-            if not ready:
-                continue
-            if len(ready) == 1:
-                return ready
-            start = self._rotation % len(ready)
-            self._rotation += 1
-            rotated = ready[start:] + ready[:start]
-            counts = self._open_per_endpoint
-            return sorted(rotated, key=lambda ep: counts[ep] / ep.config.weight)
-        return []
-
-    def _open(self, deadline: float) -> PooledConnection:
-        """Connect to the best endpoint that takes it, moving on when one fails, waiting out
-        quarantines, until the deadline."""
-        moved_on = False
-        fatal: set[Endpoint] = set()
-        while True:
-            now = _monotonic()
-            for endpoint in self._connect_order(now):
-                remaining = deadline - _monotonic()
-                if remaining <= 0:
-                    break
-                if not endpoint.begin_connect(_monotonic()):
-                    continue  # another caller probes it, or its slow start is at its limit
-                pc = self._try_connect(endpoint, min(endpoint.config.connect_timeout, remaining),
-                                       fatal)
-                if pc is not None:
-                    if moved_on:
-                        self.counters.failovers += 1
-                    return pc
-                moved_on = True
-            if fatal and fatal.issuperset(self._endpoints):
-                raise ConnectFailed(
-                    f"group {self.name!r}: {self._endpoint_list()}; retrying cannot help: fix "
-                    f"the configuration (credentials, database name)"
-                )
-            remaining = deadline - _monotonic()
-            if remaining <= 0:
-                self.counters.timeouts += 1
-                raise NoHealthyEndpoint(
-                    f"group {self.name!r}: no endpoint took a connection within the acquire "
-                    f"timeout. Endpoints: {self._endpoint_list()}. Check that the servers "
-                    f"are up and reachable."
-                )
-            self._backend.sleep(min(remaining, self._next_chance()))
-
-    def _next_chance(self) -> float:
-        """How long until an endpoint of this group may take a connect attempt again."""
-        now = _monotonic()
-        waits = [
-            ep.quarantined_until - now if ep.state == "quarantined" else _RECHECK_PAUSE
-            for ep in self._endpoints
-        ]
-        return max(0.001, min(waits))
-
-    def _try_connect(
-        self, endpoint: Endpoint, seconds: float, fatal: set[Endpoint]
-    ) -> PooledConnection | None:
-        """One connect attempt the caller has claimed (``endpoint.begin_connect``)."""
-        try:
-            raw = open_connection(
-                endpoint.config, self.config, self._kwargs[endpoint], self._backend, seconds
-            )
-        except ConnectError as exc:
-            endpoint.connect_failed(exc.reason)
-            self.counters.connect_errors += 1
-            logger.info("group %r: cannot connect to %s", self.name, exc)
-            if exc.fatal:
-                fatal.add(endpoint)
-            self.on_endpoint_failure(endpoint)
-            return None
-        except BaseException:
-            endpoint.connect_abandoned()
-            raise
-        role = role_of(raw)
-        if role == UNKNOWN and self.config.role != "any":  # PostgreSQL < 14: ask
-            try:
-                role, _ = query_role(raw)
-            except BaseException:
-                raw.close()
-                endpoint.connect_abandoned()
-                raise
-        endpoint.connect_succeeded(role)
-        if not fits(self.config.role, role) or (
-            self._roles_matter and endpoint not in self._where_to_be()
-        ):
-            raw.close()  # e.g. a cold start met the primary first in a prefer-standby group
-            endpoint.connection_closed()
-            self.counters.discards["wrong_role"] += 1
-            return None
-        self.counters.connects += 1
-        with self._lock:
-            self._open_per_endpoint[endpoint] += 1
-        lifetime = self.config.max_lifetime * (1 - _LIFETIME_JITTER * random.random())
-        pc = PooledConnection(raw, endpoint, _monotonic() + lifetime, self._generation,
-                              self._backend)
-        pc.role = role
-        return pc
 
     # --- returning ------------------------------------------------------------------------
 
@@ -455,237 +353,231 @@ class Group:
 
         ``discard`` forces a discard with that reason. Never loses the slot, even when the
         reset is interrupted; the interruption is re-raised after the accounting is done.
+        Releasing a connection this group did not lend, or releasing it twice, raises
+        :class:`PoolError` and changes nothing.
         """
-        self._lent.discard(pc)
-        if pc.generation != self._generation:  # the parent's, lent at fork time: see below
-            return
-        if discard:
-            self._drop(pc, discard)
-        else:
-            self._settle(pc, reset_on_return, pc, self.config, self._backend)
-
-    def _settle(self, pc: PooledConnection, judge: Callable[..., str], *args: Any) -> None:
-        """Keep or discard a connection we hold a slot for, as ``judge(*args)`` decides (''
-        keeps). An interruption while judging leaves it in an unknown state: discarded, slot
-        freed, then re-raised."""
         try:
-            reason = judge(*args)
+            self._lent.remove(pc)  # one atomic step: two releases cannot both pass
+        except KeyError:
+            if pc.generation != self._generation:
+                return  # the parent's, lent at fork time: see after_fork_in_child
+            raise PoolError(
+                f"group {self.name!r}: this connection is not lent by this group (returned "
+                f"twice, or taken from another group or pool); nothing was changed"
+            ) from None
+        if discard:
+            self.drop(pc, discard)
+            return
+        try:
+            reason = reset_on_return(pc, self.config, self._backend)
         except BaseException:
-            self._drop(pc, "interrupted")
+            self.drop(pc, "interrupted")
             raise
         if reason:
-            self._drop(pc, reason)
+            self.drop(pc, reason)
         else:
-            self._give_back(pc)
+            self.give_back(pc)
 
-    def _drop(self, pc: PooledConnection, reason: str) -> None:
-        """Discard a connection and free its slot (to the oldest waiter, if any)."""
-        self._discard(pc, reason)
-        self._free_slot()
-
-    def _give_back(self, pc: PooledConnection) -> None:
-        """A clean connection: to the oldest waiter, else to the idle stack."""
+    def give_back(self, pc: PooledConnection) -> None:
+        """A clean connection we hold a slot for: to the oldest waiter, else idle; or, while
+        the group is imbalanced, retired so that its slot opens a connection where it
+        belongs (load moves back even when every connection is busy)."""
         with self._lock:
             if not self._closed:
+                target = self._move_target(pc) if self.imbalanced else None
+                if target is None:
+                    if self._line:
+                        self._line.serve(pc)
+                    else:
+                        self._idle.append(pc)
+                    return
+                self._connecting += 1
+            else:
+                self._size -= 1
+                target = None
+        if target is None:
+            self.connector.close(pc, "pool_closed")
+            return
+        self.connector.close(pc, "rebalance")
+        self.connector.start(self._generation, target)
+
+    def _move_target(self, pc: PooledConnection) -> Endpoint | None:
+        if self._connecting >= _MOVES_IN_FLIGHT:
+            return None  # within the slow start: at most this many connects under way
+        target = move_target(pc.endpoint, self.preferred_endpoints(), self.connector.counts,
+                             _monotonic())
+        if target is None and not self._connecting:
+            self.imbalanced = False  # nothing more to move: returns stop looking
+        return target
+
+    def drop(self, pc: PooledConnection, reason: str) -> None:
+        """Discard a connection we hold a slot for; the slot goes to a connect if waiters
+        need one, else it is freed."""
+        self.connector.close(pc, reason)
+        self._slot_freed()
+
+    def replace(self, pc: PooledConnection, reason: str) -> None:
+        """Discard a connection a borrow found dead and open another in its slot, in the
+        background: the connect finds out at once whether the server is gone (a
+        quarantine) or only that connection was. (Housekeeping, in quiet times, only
+        drops: a server that ends idle sessions on purpose is not fought.)"""
+        self.connector.close(pc, reason)
+        with self._lock:
+            start = not self._closed
+            if start:
+                self._connecting += 1
+            else:
+                self._size -= 1
+        if start:
+            self.connector.start(self._generation)
+
+    def _slot_freed(self) -> None:
+        with self._lock:
+            start = not self._closed and self._wants_connect(len(self._line))
+            if start:
+                self._connecting += 1
+            else:
+                self._size -= 1
+        if start:
+            self.connector.start(self._generation)
+
+    # --- what the connector calls (connector.Slots) ---------------------------------------
+
+    def deliver(self, pc: PooledConnection, generation: int) -> None:
+        if generation != self._generation:  # opened by a task inherited across fork
+            silence_inherited(pc)
+            _inherited_in_use.append(pc)
+            return
+        starts: list[Endpoint | None] = []
+        with self._lock:
+            self._connecting -= 1
+            closed = self._closed
+            if closed:
+                self._size -= 1
+            else:
                 if self._line:
                     self._line.serve(pc)
                 else:
                     self._idle.append(pc)
-                return
+                if self._size < self.config.connection_count:
+                    if self._wants_connect(len(self._line)):
+                        starts.append(None)  # waiters remain: grow by one more
+                    elif self._turns is not None:
+                        starts.extend(self._unserved_endpoints())
+                    self._size += len(starts)
+                    self._connecting += len(starts)
+        if closed:
+            self.connector.close(pc, "pool_closed")
+            return
+        for target in starts:
+            self.connector.start(generation, target)
+
+    def _unserved_endpoints(self) -> list[Endpoint]:
+        """A group with room and several endpoints opens one connection on each preferred
+        endpoint that has none, so that even a light load is spread by weight."""
+        room = self.config.connection_count - self._size
+        if room <= 0 or self._connecting:
+            return []
+        return unserved(self.preferred_endpoints(), self.connector.counts)[:room]
+
+    def still_needed(self, generation: int) -> bool:
+        if generation != self._generation:
+            return False
+        with self._lock:
+            if not self._closed and (self._line or self._size <= self.config.min_size):
+                return True
+            self._connecting -= 1
             self._size -= 1
-        self._discard(pc, "pool_closed")
+            return False
 
-    def _free_slot(self) -> None:
-        """A slot whose connection is gone: to the oldest waiter (who will connect), or free."""
+    def slot_abandoned(self, generation: int) -> None:
+        if generation != self._generation:
+            return
         with self._lock:
-            if self._line and not self._closed:
-                self._line.serve(SLOT)
-            else:
-                self._size -= 1
+            self._connecting -= 1
+        self._slot_freed()
 
-    def _discard(self, pc: PooledConnection, reason: str) -> None:
-        """Close ``pc`` and count why. The caller deals with its slot."""
-        self.counters.discards[reason] += 1
+    def fail_waiters(self, make_error: Callable[[], BaseException], generation: int) -> None:
+        if generation != self._generation:
+            return
         with self._lock:
-            self._open_per_endpoint[pc.endpoint] -= 1
-        pc.endpoint.connection_closed()
-        close_quietly(pc)
-        logger.debug("group %r: discarded a connection to %s (%s)", self.name, pc.endpoint, reason)
+            self._line.fail_all(make_error)
+
+    def endpoint_failed(self, endpoint: Endpoint) -> None:
+        self.on_endpoint_failure(endpoint)
+
+    # --- what housekeeping calls ----------------------------------------------------------
+
+    def take_idle(
+        self, choose: Callable[[list[PooledConnection]], list[PooledConnection]]
+    ) -> list[PooledConnection]:
+        """Take the idle connections ``choose`` picks (given them oldest-returned first).
+        Their slots stay held: give each back (:meth:`give_back`) or :meth:`drop` it."""
+        with self._lock:
+            if self._closed:
+                return []
+            taken = choose(list(self._idle))
+            for pc in taken:
+                self._idle.remove(pc)
+            return taken
+
+    def grow(self, count: int, target: Endpoint | None = None, *, if_idle: bool = True) -> int:
+        """Start up to ``count`` connects within the group's room (refill, probes);
+        the number started. With ``if_idle``, only while nobody waits."""
+        with self._lock:
+            if self._closed or (if_idle and self._line):
+                return 0
+            count = max(0, min(count, self.config.connection_count - self._size))
+            self._size += count
+            self._connecting += count
+        for _ in range(count):
+            self.connector.start(self._generation, target)
+        return count
+
+    def reserve_slot(self) -> bool:
+        """Hold one slot of the group's room for a connect housekeeping makes itself (a
+        probe); end it with :meth:`deliver` or :meth:`slot_abandoned`."""
+        with self._lock:
+            if self._closed or self._size >= self.config.connection_count:
+                return False
+            self._size += 1
+            self._connecting += 1
+            return True
+
+    @property
+    def generation(self) -> int:
+        return self._generation
 
     def evict_idle(self, endpoint: Endpoint) -> None:
         """Close every idle connection to ``endpoint`` at once: one of its connections proved
         dead, so the rest are suspect, and checking them one borrow at a time would hand
         the failure to one caller after another."""
-        with self._lock:
-            gone = [pc for pc in self._idle if pc.endpoint is endpoint]
-            for pc in gone:
-                self._idle.remove(pc)
-        for pc in gone:
-            self._drop(pc, "evicted")
+        for pc in self.take_idle(lambda idle: [c for c in idle if c.endpoint is endpoint]):
+            self.drop(pc, "evicted")
 
-    # --- housekeeping ---------------------------------------------------------------------
+    def lent(self) -> list[PooledConnection]:
+        return list(self._lent)
 
-    def maintain(self) -> None:
-        """Retire idle connections past ``max_idle``/``max_lifetime``, drop dead ones, refill
-        to ``min_size``, warn about leaks. Runs in the pool's background task, never on the
-        request path."""
-        now = _monotonic()
-        self._warn_about_leaks(now)
-        config = self.config
-        with self._lock:
-            if self._closed:
-                return
-            retire, suspect = [], []
-            spare = self._size - config.min_size
-            for pc in list(self._idle):  # oldest-returned first
-                if pc.raw.closed or now >= pc.expires or (
-                    spare > 0 and now - pc.last_used >= config.max_idle
-                ):
-                    retire.append(pc)
-                    spare -= 1
-                elif pc.readable():
-                    suspect.append(pc)
-            for pc in retire + suspect:
-                self._idle.remove(pc)
-            refill = 0
-            if not self._line:
-                refill = max(0, config.min_size - self._size + len(retire))
-            self._size += refill
-        for pc in retire:
-            self._drop(pc, "closed" if pc.raw.closed else "expired")
-        for pc in suspect:  # readable while idle: a NOTIFY, or the server went away
-            self._settle(pc, check_on_borrow, pc, config, self._backend, now)
-        for _ in range(refill):
-            self._refill_one()
-        if len(self._endpoints) > 1:
-            self._rebalance()
+    @property
+    def size(self) -> int:
+        return self._size
 
-    def _rebalance(self) -> None:
-        """Move idle connections to where they belong: off endpoints whose role no longer
-        fits, off fallback endpoints once a preferred one is up again, and off endpoints
-        above their weighted share while another is below it (a restarted server gets its
-        share back). Each moved connection is closed and reopened through the normal
-        choice, which picks the endpoint with the fewest connections."""
-        with self._lock:
-            if self._closed or self._line:
-                return
-            moving = self._misplaced_idle()
-            for pc in moving:
-                self._idle.remove(pc)
-        for pc in moving:
-            self._drop(pc, "rebalance")
-        for _ in moving:
-            with self._lock:
-                if self._closed or self._line or self._size >= self.config.connection_count:
-                    return
-                self._size += 1
-            self._refill_one()
-
-    def _misplaced_idle(self) -> list[PooledConnection]:
-        config = self.config
-        preferred = [ep for ep in self._where_to_be() if ep.state == UP]
-        if not preferred:
-            return []
-        moving = [pc for pc in self._idle
-                  if pc.endpoint not in preferred or not fits(config.role, pc.endpoint.role)]
-        counts = {ep: self._open_per_endpoint[ep] for ep in preferred}
-        total, weights = sum(counts.values()), sum(ep.config.weight for ep in preferred)
-        share = {ep: total * ep.config.weight / weights for ep in preferred}
-        if any(counts[ep] < int(share[ep]) for ep in preferred):
-            for ep in preferred:
-                excess = counts[ep] - math.ceil(share[ep])
-                for pc in self._idle:
-                    if excess <= 0:
-                        break
-                    if pc.endpoint is ep and pc not in moving:
-                        moving.append(pc)
-                        excess -= 1
-        return moving
-
-    def uses(self, endpoint: Endpoint) -> bool:
-        return endpoint in self._open_per_endpoint
+    @property
+    def waiting(self) -> int:
+        return len(self._line)
 
     @property
     def role(self) -> str:
         return self.config.role
 
-    def probe_quarantined(self, endpoint: Endpoint) -> None:
-        """Housekeeping's probe of a quarantined endpoint whose backoff expired: connect
-        once; success brings it back up (the connection goes to the idle stack if a slot is
-        free, else is closed)."""
-        if not endpoint.begin_connect(_monotonic()):
-            return
-        pc = self._try_connect(endpoint, endpoint.config.connect_timeout, set())
-        if pc is None:
-            return
-        with self._lock:
-            keep = not self._closed and self._size < self.config.connection_count
-            if keep:
-                self._size += 1
-        if keep:
-            self._give_back(pc)
-        else:
-            self._discard(pc, "probe")
-
-    def probe_role(self, endpoint: Endpoint) -> None:
-        """Refresh ``endpoint``'s role and lag with one query: on one of our idle connections
-        to it, else on a short-lived connection (an endpoint the group moved away from, e.g.
-        a lagging standby, must still be watched to be used again)."""
-        with self._lock:
-            pc = next((c for c in self._idle if c.endpoint is endpoint), None)
-            if pc is not None:
-                self._idle.remove(pc)
-        if pc is None:
-            self._probe_with_own_connection(endpoint)
-            return
-        try:
-            role, lag = query_role(pc.raw)
-        except BaseException as exc:
-            self._drop(pc, "failed_check")
-            if not isinstance(exc, Exception):
-                raise
-            self.on_endpoint_failure(endpoint)
-            return
-        endpoint.observe_role(role)
-        endpoint.lag = lag
-        self._give_back(pc)
-
-    def _probe_with_own_connection(self, endpoint: Endpoint) -> None:
-        if not endpoint.begin_connect(_monotonic()):
-            return
-        try:
-            raw = open_connection(endpoint.config, self.config, self._kwargs[endpoint],
-                                  self._backend, endpoint.config.connect_timeout)
-        except ConnectError as exc:
-            endpoint.connect_failed(exc.reason)
-            self.on_endpoint_failure(endpoint)
-            return
-        except BaseException:
-            endpoint.connect_abandoned()
-            raise
-        try:
-            role, lag = query_role(raw)
-            endpoint.connect_succeeded(role)
-            endpoint.lag = lag
-            endpoint.connection_closed()
-        except Exception:
-            endpoint.connect_abandoned()
-        finally:
-            raw.close()
-
-    def _refill_one(self) -> None:
-        endpoint_timeout = max(ep.config.connect_timeout for ep in self._endpoints)
-        try:
-            pc = self._open(_monotonic() + endpoint_timeout)
-        except BaseException:
-            self._free_slot()
-            raise
-        self._give_back(pc)
+    def uses(self, endpoint: Endpoint) -> bool:
+        return endpoint in self.connector.counts
 
     # --- lifecycle ------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close idle connections now, lent ones when they come back; fail every waiter."""
+        """Close idle connections now, lent ones when they come back; fail every waiter;
+        interrupt connects in flight."""
         with self._lock:
             if self._closed:
                 return
@@ -697,7 +589,8 @@ class Group:
             self._size -= len(idle)
             self._line.fail_all(self._closed_error)
         for pc in idle:
-            self._discard(pc, "pool_closed")
+            self.connector.close(pc, "pool_closed")
+        self.connector.stop()
 
     def _closed_error(self) -> BaseException:
         return PoolClosed(f"group {self.name!r}: the pool was closed while waiting")
@@ -710,6 +603,8 @@ class Group:
         closed in the child: psycopg2 holds a connection's mutex across a green wait, so a
         connection that was mid-query in the parent has that mutex locked forever in the
         child, and closing it would hang. They are silenced and kept referenced instead.
+        A connect task inherited from the parent delivers into the parent's generation:
+        its connection is silenced and kept too (see :meth:`deliver`).
         """
         idle, lent = list(self._idle), list(self._lent)
         self._lock = self._backend.lock()  # a lock held by a parent thread would never be freed
@@ -718,9 +613,9 @@ class Group:
         self.holders.clear()
         self._line = WaitLine()
         self._sweep_armed = False  # a timer the parent armed returns at once here
-        self._size = 0
+        self._size = self._connecting = 0
         self._generation += 1
-        self._open_per_endpoint = dict.fromkeys(self._endpoints, 0)
+        self.connector.forget_after_fork()
         for pc in idle + lent:
             silence_inherited(pc)
         _inherited_in_use.extend(lent)
@@ -740,21 +635,19 @@ class Group:
             "max_size": self.config.connection_count,
             "idle": idle,
             "in_use": in_use,
-            "connecting": self._size - idle - in_use,
+            "connecting": self._connecting,
             "waiting": len(self._line),
             **self.counters.export(),
         }
 
     def _busy_message(self, wait_for: float) -> str:
+        connecting = f", {self._connecting} connecting" if self._connecting else ""
         return (
             f"group {self.name!r}: no connection free within {wait_for:.2f} s "
-            f"({len(self._lent)} of {self.config.connection_count} in use, "
+            f"({len(self._lent)} of {self.config.connection_count} in use{connecting}, "
             f"{len(self._line)} waiting); raise connection_count or timeout, "
             f"or look for code holding connections too long"
         )
-
-    def _endpoint_list(self) -> str:
-        return "; ".join(ep.describe() for ep in self._endpoints)
 
     def __repr__(self) -> str:
         s = self.stats()
@@ -762,4 +655,3 @@ class Group:
             f"<Group {self.name!r} size={s['size']}/{s['max_size']} idle={s['idle']} "
             f"in_use={s['in_use']} waiting={s['waiting']}>"
         )
-

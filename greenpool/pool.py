@@ -9,17 +9,17 @@ import weakref
 from collections.abc import Mapping
 from typing import Any
 
-from .concurrency import Backend, Signal, backend_for
+from .concurrency import Backend, backend_for
 from .config import PoolConfig, parse_config
-from .endpoint import QUARANTINED, UP, Endpoint
+from .endpoint import Endpoint
 from .errors import ConfigError, PoolClosed
 from .group import Group
 from .handler import Handler
+from .housekeeping import Housekeeping
 
 logger = logging.getLogger("greenpool")
 
 _live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
-_MIN_NAP = 0.01  # seconds: housekeeping never spins, even on an overdue quarantine
 
 
 class Pool:
@@ -51,14 +51,11 @@ class Pool:
         for group in self._groups.values():
             group.on_endpoint_failure = self._endpoint_failed
         self._only_group = next(iter(self._groups)) if len(self._groups) == 1 else None
-        self._roles_matter = any(g.role != "any" for g in self.config.groups.values())
-        self._next_role_check = 0.0
         self._closed = False
         self._forked = False
-        self._wake: Signal | None = None  # cuts housekeeping's current nap short
-        for endpoint in self._endpoints:
-            endpoint.on_quarantine = self._wake_housekeeping
-        self._start_maintenance()
+        self._housekeeping = Housekeeping(self.config, list(self._groups.values()),
+                                          self._endpoints, self._backend, self._endpoint_failed)
+        self._housekeeping.start()
         _live_pools.add(self)
         if self.config.startup_timeout > 0:
             try:
@@ -130,7 +127,7 @@ class Pool:
         if self._closed:
             return
         self._closed = True
-        self._wake_housekeeping()
+        self._housekeeping.stop()
         for group in self._groups.values():
             group.close()
         _live_pools.discard(self)
@@ -146,76 +143,12 @@ class Pool:
         groups = ", ".join(repr(g) for g in self._groups.values())
         return f"<greenpool.Pool {self._backend.name} {state}: {groups}>"
 
-    # --- housekeeping ---------------------------------------------------------------------
-
-    def _start_maintenance(self) -> None:
-        pid = os.getpid()
-        self._backend.spawn(lambda: self._maintain(pid))
-
-    def _wake_housekeeping(self) -> None:
-        """Make housekeeping look again now: the pool closed, or an endpoint was quarantined
-        (its probe is due when the quarantine ends, maybe before the next upkeep)."""
-        wake = self._wake
-        if wake is not None:
-            wake.set()
-
-    def _maintain(self, pid: int) -> None:
-        """Every ``maintenance_interval``: probes, then each group's upkeep. In between it
-        also wakes when a quarantine expires, so that a recovered server is probed then,
-        not up to an interval later, and gets its share back at once."""
-        interval = self.config.maintenance_interval
-        upkeep_at = time.monotonic() + interval
-        while True:
-            wake = self._wake = self._backend.waiter()  # before the check: close() sets it
-            if self._closed or os.getpid() != pid:
-                return  # closed, or inherited across fork (the child starts its own loop)
-            if wake.wait(self._until_next_duty(upkeep_at)):
-                continue  # woken: look at the quarantines again (or stop)
-            try:
-                recovered = self._probe_endpoints()
-            except Exception as exc:
-                logger.warning("endpoint probes failed: %s", exc)
-                recovered = False
-            now = time.monotonic()
-            if now < upkeep_at and not recovered:
-                continue
-            upkeep_at = now + interval
-            for group in list(self._groups.values()):
-                try:
-                    group.maintain()
-                except Exception as exc:
-                    logger.warning("group %r: housekeeping failed: %s", group.name, exc)
-
-    def _until_next_duty(self, upkeep_at: float) -> float:
-        due = [ep.quarantined_until for ep in self._endpoints if ep.state == QUARANTINED]
-        return max(_MIN_NAP, min([upkeep_at, *due]) - time.monotonic())
+    # --- housekeeping and fork -----------------------------------------------------------
 
     def _endpoint_failed(self, endpoint: Endpoint) -> None:
         """One connection to ``endpoint`` proved dead: evict its idle peers in every group."""
         for group in self._groups.values():
             group.evict_idle(endpoint)
-
-    def _probe_endpoints(self) -> bool:
-        """Bring quarantined endpoints back without waiting for traffic, and keep roles and
-        replay lag current where a group cares about them. True if an endpoint came back."""
-        now = time.monotonic()
-        recovered = False
-        for endpoint in self._endpoints:
-            if endpoint.state == QUARANTINED and endpoint.may_connect(now):
-                group = next((g for g in self._groups.values() if g.uses(endpoint)), None)
-                if group is not None:
-                    group.probe_quarantined(endpoint)
-                    recovered = recovered or endpoint.state == UP
-        if not self._roles_matter or now < self._next_role_check:
-            return recovered
-        self._next_role_check = now + self.config.role_check_interval
-        for endpoint in self._endpoints:
-            if endpoint.state != UP:
-                continue
-            group = next((g for g in self._groups.values() if g.uses(endpoint)), None)
-            if group is not None:
-                group.probe_role(endpoint)
-        return recovered
 
     def _after_fork_in_child(self) -> None:
         """Runs inside ``os.fork()`` in the child: only drop state, start nothing."""
@@ -228,7 +161,7 @@ class Pool:
     def _resume_after_fork(self) -> None:
         self._forked = False
         if not self._closed:
-            self._start_maintenance()
+            self._housekeeping.start()
 
 
 def _after_fork_in_child() -> None:

@@ -13,8 +13,18 @@ def make() -> Endpoint:
     return Endpoint(EndpointConfig(host="127.0.0.1"), quarantine_initial=0.5, quarantine_max=4)
 
 
+def test_a_new_endpoint_starts_slowly_two_connects_in_flight_then_doubling():
+    ep = make()
+    assert ep.begin_connect(time.monotonic()) and ep.begin_connect(time.monotonic())
+    assert not ep.begin_connect(time.monotonic())  # a cold pool does not storm one server
+    ep.connect_succeeded("primary")
+    ep.connect_succeeded("primary")
+    assert sum(ep.begin_connect(time.monotonic()) for _ in range(10)) == 8  # 2 -> 4 -> 8
+
+
 def test_a_burst_of_in_flight_failures_quarantines_once_for_the_initial_delay():
     ep = make()
+    ep.ramp = None  # past its slow start
     for _ in range(5):
         assert ep.begin_connect(time.monotonic())
     for _ in range(5):

@@ -52,7 +52,7 @@ def test_housekeeping_retires_idle_connections_down_to_min_size(make_pool):
         group.release(pc)
     assert group.stats()["idle"] == 4
     wait_until(lambda: group.stats()["size"] == 1, 5, "idle connections retired")
-    assert group.stats()["discards_by_reason"].get("expired") == 3
+    assert group.stats()["discards_by_reason"].get("max_idle") == 3
 
 
 def test_housekeeping_drops_idle_connections_whose_server_ended_them(make_pool, pg):
@@ -118,10 +118,13 @@ def test_startup_waits_for_one_live_endpoint_per_group_and_ignores_dead_ones(pg,
         assert stats["endpoints"][f"127.0.0.1:{pg.port}/postgres"]["open"] == 1
     finally:
         pool.close()
+    # each attempt is bounded by connect_timeout alone (libpq's, at least 2 s, in threaded
+    # mode), so the startup wait must outlast one attempt to know that it failed
+    startup = 3 if mode == "threaded" else 1
     started = time.monotonic()
     with pytest.raises(NoHealthyEndpoint):
-        Pool({"type": mode, "db": [dead], "startup_timeout": 1, "groups": {"g": {}}})
-    assert time.monotonic() - started < 1 + (2.5 if mode == "threaded" else 0.4)
+        Pool({"type": mode, "db": [dead], "startup_timeout": startup, "groups": {"g": {}}})
+    assert time.monotonic() - started < startup + 0.4
 
 
 def test_a_connection_held_past_the_leak_threshold_is_reported_once(make_pool, caplog):

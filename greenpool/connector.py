@@ -1,0 +1,320 @@
+"""The connector: the pool, not the caller who asks, opens a group's connections.
+
+A caller that finds nothing idle waits in the group's line; the group reserves a slot and
+asks the connector for a connection. The connector opens it in a background task (a
+greenlet, or a thread in ``threaded`` mode) and hands the finished connection to the group,
+which gives it to whoever is first in line *then*, or keeps it idle. So:
+
+* a caller's timeout ends its wait, never an attempt in flight: a connection a caller gave up
+  on serves the next one (no livelock when deadlines are near the connect time);
+* every attempt is bounded by the endpoint's ``connect_timeout`` alone, so its failure is
+  the server's doing, and only such a failure (refused, reset, no answer within the whole
+  ``connect_timeout``, shutting down) counts against the endpoint: a caller with 2 ms left
+  never quarantines a healthy server;
+* a task holds its slot until it delivers a connection or the group no longer needs it
+  (nobody waits and the group is at ``min_size``), so a failed refill never loses a slot;
+* a failure that retrying cannot fix (bad password, missing database, a parameter a pooler
+  refuses) does not quarantine the server; it fails the waiting callers at once instead.
+
+``non-threaded`` mode has no background: :meth:`Connector.open_now` connects inline, under
+the same rule (each attempt bounded by ``connect_timeout``, never by the caller's time).
+
+The group talks to the connector through :meth:`Connector.start`, and the connector back to
+the group through the small :class:`Slots` interface: nothing here knows the waiting line.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Protocol
+
+from .concurrency import Backend, Task
+from .config import GroupConfig
+from .connection import (
+    ConnectError,
+    PooledConnection,
+    close_quietly,
+    connect_kwargs,
+    open_connection,
+)
+from .endpoint import QUARANTINED, UNKNOWN, Endpoint
+from .errors import ConnectFailed, NoHealthyEndpoint
+from .placement import connect_order, where_to_be
+from .roles import fits, query_role, role_of
+from .stats import GroupCounters
+
+logger = logging.getLogger("greenpool")
+
+_monotonic = time.monotonic
+_RECHECK_PAUSE = 0.02  # seconds between looks while no endpoint may take a connect
+_LIFETIME_JITTER = 0.1  # up to 10 % shorter, so connections opened together do not expire together
+
+
+class Slots(Protocol):
+    """What the connector needs from its group. Each call names the group generation the
+    task started in, so that a task inherited across ``fork()`` touches nothing."""
+
+    def deliver(self, pc: PooledConnection, generation: int) -> None:
+        """A new connection, for the slot the task held."""
+
+    def still_needed(self, generation: int) -> bool:
+        """After a failed round: keep the slot and try again (True), or the slot was freed."""
+
+    def slot_abandoned(self, generation: int) -> None:
+        """The task ends without a connection (interrupted, or the group is closed)."""
+
+    def fail_waiters(self, make_error: Callable[[], BaseException], generation: int) -> None:
+        """Every caller waiting now gets an error (a failure retrying cannot fix)."""
+
+    def endpoint_failed(self, endpoint: Endpoint) -> None:
+        """A connect to ``endpoint`` failed for a server reason: its idle peers are suspect."""
+
+
+class Connector:
+    """Opens and closes the connections of one group, and knows where they are."""
+
+    def __init__(
+        self,
+        config: GroupConfig,
+        endpoints: Sequence[Endpoint],
+        backend: Backend,
+        application_name: str,
+        counters: GroupCounters,
+    ) -> None:
+        self.config = config
+        self.endpoints = list(endpoints)
+        self.counters = counters
+        self._backend = backend
+        self._lock = backend.lock()
+        self._kwargs = {ep: connect_kwargs(ep.config, config, application_name) for ep in endpoints}
+        #: the group's open connections per endpoint (placement balances on these)
+        self.counts: dict[Endpoint, int] = dict.fromkeys(self.endpoints, 0)
+        self._rotation = random.randrange(len(self.endpoints))
+        #: endpoint -> (until when, message): a failure retrying cannot fix, for this group
+        self._fatal: dict[Endpoint, tuple[float, str]] = {}
+        #: True while the latest finished round of attempts found no endpoint to take one
+        self.failing = False
+        self._tasks: set[Task] = set()
+        self._fatal_pause = 30.0
+        self.slots: Slots | None = None
+
+    # --- asked by the group -------------------------------------------------------------
+
+    def start(self, generation: int, target: Endpoint | None = None) -> None:
+        """Open one connection in the background for a slot the group has reserved
+        (preferably to ``target``) and deliver it; never raises."""
+        holder: list[Task] = []
+
+        def run() -> None:
+            try:
+                self._run(generation, target)
+            finally:
+                for task in holder:
+                    self._tasks.discard(task)
+
+        task = self._backend.spawn(run)
+        if task is not None:
+            holder.append(task)
+            self._tasks.add(task)
+
+    def open_now(self, deadline: float, generation: int) -> PooledConnection:
+        """Connect inline (``non-threaded`` mode): rounds of attempts, each bounded by its
+        endpoint's ``connect_timeout``, starting new ones only until ``deadline``."""
+        while True:
+            pc = self._round(None, generation)
+            if pc is not None:
+                return pc
+            self._raise_if_hopeless()
+            remaining = deadline - _monotonic()
+            if remaining <= 0:
+                raise self.no_endpoint_error()
+            self._backend.sleep(min(remaining, self._next_chance()))
+
+    def probe(self, endpoint: Endpoint, generation: int) -> PooledConnection | None:
+        """One connect to ``endpoint`` whatever placement says (housekeeping's probes, in a
+        slot the group reserved); None if it may not be tried now or failed."""
+        if not endpoint.begin_connect(_monotonic()):
+            return None
+        return self._attempt(endpoint, generation, placed=False)
+
+    def belongs(self, endpoint: Endpoint, role: str) -> bool:
+        """Whether a connection to ``endpoint`` (whose server reports ``role``) may serve
+        the group now."""
+        config = self.config
+        return fits(config.role, role) and (
+            config.role == "any"
+            or endpoint in where_to_be(self.endpoints, config.role, config.max_lag,
+                                       config.on_lag)
+        )
+
+    def fatal_error(self) -> ConnectFailed | None:
+        """The error to raise at once when every endpoint refused this group for a reason
+        retrying cannot fix (within the last ``quarantine_max``), else None."""
+        if not self._fatal:
+            return None
+        now = _monotonic()
+        messages = []
+        for ep in self.endpoints:
+            until, message = self._fatal.get(ep, (0.0, ""))
+            if until <= now:
+                return None
+            messages.append(f"{ep.label}: {message}")
+        return ConnectFailed(
+            f"group {self.config.name!r}: {'; '.join(messages)}; retrying cannot help: fix "
+            f"the configuration (credentials, database name, settings a pooler refuses)"
+        )
+
+    def no_endpoint_error(self) -> NoHealthyEndpoint:
+        self.counters.timeouts += 1
+        return NoHealthyEndpoint(
+            f"group {self.config.name!r}: no endpoint took a connection within the acquire "
+            f"timeout. Endpoints: {self.describe()}. Check that the servers are up and "
+            f"reachable."
+        )
+
+    def describe(self) -> str:
+        return "; ".join(ep.describe() for ep in self.endpoints)
+
+    def close(self, pc: PooledConnection, reason: str) -> None:
+        """Close ``pc`` and count why. The caller deals with its slot."""
+        self.counters.discards[reason] += 1
+        with self._lock:
+            self.counts[pc.endpoint] -= 1
+        pc.endpoint.connection_closed()
+        close_quietly(pc)
+        logger.debug("group %r: discarded a connection to %s (%s)", self.config.name,
+                     pc.endpoint, reason)
+
+    def stop(self) -> None:
+        """Interrupt background connects (green modes; threads end on their own)."""
+        for task in list(self._tasks):
+            task.kill()
+
+    def forget_after_fork(self) -> None:
+        self.counts = dict.fromkeys(self.endpoints, 0)
+        self._tasks = set()
+        self._lock = self._backend.lock()
+
+    # --- the background task ------------------------------------------------------------
+
+    def _run(self, generation: int, target: Endpoint | None) -> None:
+        slots = self.slots
+        assert slots is not None
+        try:
+            while True:
+                pc = self._round(target, generation)
+                if pc is not None:
+                    slots.deliver(pc, generation)
+                    return
+                target = None  # a failed preference falls back to the normal choice
+                error = self.fatal_error()
+                if error is not None:
+                    logger.error("%s", error)
+                    slots.fail_waiters(partial(ConnectFailed, str(error)), generation)
+                    slots.slot_abandoned(generation)
+                    return
+                if not slots.still_needed(generation):
+                    return
+                self._backend.sleep(self._next_chance())
+        except BaseException:
+            slots.slot_abandoned(generation)
+            raise
+
+    def _round(self, target: Endpoint | None, generation: int) -> PooledConnection | None:
+        """One attempt on each endpoint that may take one now, best first, until one
+        succeeds. None if none did (``failing`` then says whether any server failed)."""
+        now = _monotonic()
+        config = self.config
+        order = connect_order(self.endpoints, config.role, config.max_lag, config.on_lag,
+                              self.counts, now, self._rotation)
+        self._rotation += 1
+        if target is not None and target in order:
+            order.remove(target)
+            order.insert(0, target)
+        moved_on = False
+        for endpoint in order:
+            fatal = self._fatal.get(endpoint)
+            if fatal is not None and fatal[0] > now:
+                continue
+            if not endpoint.begin_connect(_monotonic()):
+                continue  # another task probes it, or its slow start is at its limit
+            pc = self._attempt(endpoint, generation)
+            if pc is not None:
+                if moved_on:
+                    self.counters.failovers += 1
+                self.failing = False
+                return pc
+            moved_on = True
+        if moved_on:
+            self.failing = True
+        return None
+
+    def _attempt(
+        self, endpoint: Endpoint, generation: int, placed: bool = True
+    ) -> PooledConnection | None:
+        """One connect attempt the caller has claimed (``endpoint.begin_connect``). With
+        ``placed``, a connection the group should not use now is closed at once."""
+        try:
+            raw = open_connection(endpoint.config, self.config, self._kwargs[endpoint],
+                                  self._backend, endpoint.config.connect_timeout)
+        except ConnectError as exc:
+            self.counters.connect_errors += 1
+            if exc.fatal:  # the server answered: nothing wrong with its health
+                endpoint.connect_refused(exc.reason)
+                self._fatal[endpoint] = (_monotonic() + self._fatal_pause, exc.reason)
+                logger.warning("group %r: %s refused the connection: %s", self.config.name,
+                               endpoint.label, exc.reason)
+            else:
+                endpoint.connect_failed(exc.reason)
+                logger.info("group %r: cannot connect to %s", self.config.name, exc)
+                if self.slots is not None:
+                    self.slots.endpoint_failed(endpoint)
+            return None
+        except BaseException:
+            endpoint.connect_abandoned()
+            raise
+        self._fatal.pop(endpoint, None)
+        try:
+            role = role_of(raw)
+            if role == UNKNOWN and self.config.role != "any":  # PostgreSQL < 14: ask
+                role, _ = query_role(raw)
+        except BaseException as exc:
+            raw.close()
+            endpoint.connect_abandoned()
+            if isinstance(exc, Exception):
+                return None
+            raise
+        endpoint.connect_succeeded(role)
+        config = self.config
+        if placed and not self.belongs(endpoint, role):
+            raw.close()  # e.g. a cold start met the primary first in a prefer-standby group
+            endpoint.connection_closed()
+            self.counters.discards["wrong_role"] += 1
+            return None
+        self.counters.connects += 1
+        with self._lock:
+            self.counts[endpoint] += 1
+        lifetime = config.max_lifetime * (1 - _LIFETIME_JITTER * random.random())
+        pc = PooledConnection(raw, endpoint, _monotonic() + lifetime, generation,
+                              self._backend)
+        pc.role = role
+        return pc
+
+    def _raise_if_hopeless(self) -> None:
+        error = self.fatal_error()
+        if error is not None:
+            raise error
+
+    def _next_chance(self) -> float:
+        """How long until an endpoint of this group may take a connect attempt again."""
+        now = _monotonic()
+        waits = [
+            ep.quarantined_until - now if ep.state == QUARANTINED else _RECHECK_PAUSE
+            for ep in self.endpoints
+        ]
+        return max(0.001, min(waits))
+

@@ -1,0 +1,362 @@
+"""Housekeeping: the pool's background upkeep, on top of groups, connector and placement.
+
+One loop per pool (a greenlet, or a thread in ``threaded`` mode; ``non-threaded`` mode has
+none). Every ``maintenance_interval`` it runs each group's upkeep, and in between it wakes
+when a quarantine ends, so that a recovered server is probed then.
+
+Nothing that can block runs in the loop itself: each group's upkeep, each probe and each
+connect runs in a task of its own, at most one of each kind at a time, every round trip
+under a deadline. One stalled server (a backend stopped with SIGSTOP) stalls only the task
+that talks to it, never the leak warnings, probes and refills of everything else.
+
+Probes stay within the groups' budgets: a role and lag probe runs on an idle connection to
+the endpoint, or on a connection opened within a group's room (it then stays as an idle
+connection of that group); a group that is full and busy skips it. A quarantine probe is a
+connect within a group's room; only when every group using the endpoint is full does it
+open one short-lived connection of its own (at most one per endpoint: the endpoint lets a
+single prober through), closed at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+from .concurrency import Backend, Signal
+from .config import PoolConfig
+from .connection import (
+    PooledConnection,
+    check_on_borrow,
+    connect_kwargs,
+    open_connection,
+    ping,
+)
+from .endpoint import QUARANTINED, UP, Endpoint
+from .group import Group
+from .placement import misplaced, move_target
+from .roles import query_role
+
+logger = logging.getLogger("greenpool")
+
+_MIN_NAP = 0.01  # seconds: housekeeping never spins, even on an overdue quarantine
+
+
+class _Deadline(Exception):
+    """Raised into a probe whose round trip outlived its deadline. Private."""
+
+
+class Housekeeping:
+    """The upkeep of one pool's groups and endpoints."""
+
+    def __init__(
+        self,
+        config: PoolConfig,
+        groups: Sequence[Group],
+        endpoints: Sequence[Endpoint],
+        backend: Backend,
+        on_endpoint_failure: Callable[[Endpoint], None],
+    ) -> None:
+        self._config = config
+        self._groups = list(groups)
+        self._endpoints = list(endpoints)
+        self._backend = backend
+        self._on_endpoint_failure = on_endpoint_failure
+        self._roles_matter = any(g.role != "any" for g in self._groups)
+        self._next_role_check = 0.0
+        self._stopped = False
+        self._wake: Signal | None = None  # cuts the loop's current nap short
+        self._busy: set[Any] = set()  # keys of tasks under way (one of each kind at a time)
+        for endpoint in self._endpoints:
+            endpoint.on_quarantine = self.wake
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        pid = os.getpid()
+        self._busy = set()
+        self._backend.spawn(lambda: self._loop(pid))
+
+    def stop(self) -> None:
+        self._stopped = True
+        self.wake()
+
+    def wake(self) -> None:
+        """Look again now: the pool closed, or an endpoint was quarantined (its probe is due
+        when the quarantine ends, maybe before the next upkeep)."""
+        wake = self._wake
+        if wake is not None:
+            wake.set()
+
+    def _loop(self, pid: int) -> None:
+        interval = self._config.maintenance_interval
+        upkeep_at = time.monotonic() + interval
+        while True:
+            wake = self._wake = self._backend.waiter()  # before the check: stop() sets it
+            if self._stopped or os.getpid() != pid:
+                return  # closed, or inherited across fork (the child starts its own loop)
+            if wake.wait(self._until_next_duty(upkeep_at)):
+                continue  # woken: look at the quarantines again (or stop)
+            try:
+                self._probe_endpoints()
+            except Exception as exc:
+                logger.warning("endpoint probes failed: %s", exc)
+            now = time.monotonic()
+            if now < upkeep_at:
+                continue
+            upkeep_at = now + interval
+            for group in self._groups:
+                self._warn_about_leaks(group, now)
+                self._in_task(("upkeep", group.name), partial(self._upkeep, group))
+
+    def _until_next_duty(self, upkeep_at: float) -> float:
+        due = [ep.quarantined_until for ep in self._endpoints if ep.state == QUARANTINED]
+        return max(_MIN_NAP, min([upkeep_at, *due]) - time.monotonic())
+
+    def _in_task(self, key: Any, work: Callable[[], None]) -> None:
+        """Run ``work`` in a task of its own unless one with ``key`` is still under way."""
+        if key in self._busy:
+            return
+        self._busy.add(key)
+        busy = self._busy
+
+        def run() -> None:
+            try:
+                work()
+            except Exception as exc:
+                logger.warning("housekeeping (%s) failed: %s", key[0], exc)
+            finally:
+                busy.discard(key)
+
+        if self._backend.spawn(run) is None:
+            busy.discard(key)
+
+    # --- per group ------------------------------------------------------------------------
+
+    def _warn_about_leaks(self, group: Group, now: float) -> None:
+        """One warning per lent connection held past ``leak_threshold``, naming the code
+        that took it (a connection never returned starves the group)."""
+        threshold = group.config.leak_threshold
+        if threshold is None:
+            return
+        for pc in group.lent():
+            if pc.lent_from is not None and now - pc.lent_at > threshold:
+                logger.warning(
+                    "group %r: a connection to %s has been held for %.1f s (leak_threshold "
+                    "%.1f s); it was taken at %s",
+                    group.name, pc.endpoint.label, now - pc.lent_at, threshold, pc.lent_from,
+                )
+                pc.lent_from = None  # once per loan
+
+    def _upkeep(self, group: Group) -> None:
+        """Retire idle connections past ``max_idle``/``max_lifetime``, check suspect ones,
+        keep ``min_size`` connections usable, refill to ``min_size``, move connections to
+        where they belong."""
+        now = time.monotonic()
+        config = group.config
+        refresh_after = config.max_idle / 2  # pinged well before the borrow check drops it
+        interval = self._config.maintenance_interval
+
+        def choose(idle: list[PooledConnection]) -> list[PooledConnection]:
+            spare = group.size - config.min_size
+            chosen = []
+            for pc in idle:  # oldest-returned first
+                idle_for = now - pc.last_used
+                expiring = pc.raw.closed or now >= pc.expires - 2 * interval
+                if expiring or (spare > 0 and idle_for >= config.max_idle):
+                    chosen.append(pc)
+                    spare -= 1
+                elif pc.readable() or (spare <= 0 and idle_for >= refresh_after):
+                    chosen.append(pc)  # a suspect, or one kept for min_size getting old
+            return chosen
+
+        for pc in group.take_idle(choose):
+            idle_for = now - pc.last_used
+            if pc.raw.closed:
+                group.drop(pc, "closed")
+            elif now >= pc.expires - 2 * interval:
+                group.drop(pc, "expired")  # replaced below, in the background
+            elif idle_for >= config.max_idle and group.size > config.min_size:
+                group.drop(pc, "max_idle")
+            elif pc.readable():  # while idle: a NOTIFY, or the server went away
+                self._check(group, pc, partial(check_on_borrow, pc, config, self._backend, now))
+            else:  # kept for min_size and getting old: one ping keeps it usable
+                self._check(group, pc, partial(ping, pc, self._backend,
+                                               pc.endpoint.config.connect_timeout))
+        if group.size < config.min_size:
+            group.grow(config.min_size - group.size)
+        if len(group.endpoints) > 1:
+            self._rebalance(group)
+
+    def _check(self, group: Group, pc: PooledConnection, check: Callable[[], str]) -> None:
+        try:
+            reason = check()
+        except BaseException:
+            group.drop(pc, "interrupted")
+            raise
+        if reason:
+            group.drop(pc, reason)
+            if reason == "failed_check":
+                self._on_endpoint_failure(pc.endpoint)
+            return
+        pc.last_used = time.monotonic()
+        group.give_back(pc)
+
+    def _rebalance(self, group: Group) -> None:
+        """Idle connections on the wrong endpoint are closed and reopened through the normal
+        choice; while a busy group holds more than its share somewhere, returns move
+        connections (``Group.imbalanced``, see ``Group.give_back``)."""
+        preferred = group.preferred_endpoints()
+        counts = group.connector.counts
+        moving = group.take_idle(
+            lambda idle: misplaced(idle, preferred, group.role, counts)
+        )
+        for pc in moving:
+            group.drop(pc, "rebalance")
+        if moving:
+            group.grow(len(moving))
+        now = time.monotonic()
+        group.imbalanced = any(
+            move_target(ep, preferred, counts, now) is not None
+            for ep, count in counts.items() if count
+        )
+
+    # --- endpoints ------------------------------------------------------------------------
+
+    def _probe_endpoints(self) -> None:
+        """Bring quarantined endpoints back without waiting for traffic, and keep roles and
+        replay lag current where a group cares about them."""
+        now = time.monotonic()
+        for endpoint in self._endpoints:
+            if endpoint.state == QUARANTINED and endpoint.may_connect(now):
+                self._probe_quarantined(endpoint)
+        if not self._roles_matter or now < self._next_role_check:
+            return
+        self._next_role_check = now + self._config.role_check_interval
+        for endpoint in self._endpoints:
+            if endpoint.state == UP:
+                self._in_task(("role", endpoint.label), partial(self._probe_role, endpoint))
+
+    def _probe_quarantined(self, endpoint: Endpoint) -> None:
+        self._in_task(("probe", endpoint.label), partial(self._probe, endpoint))
+
+    def _probe_role(self, endpoint: Endpoint) -> None:
+        """Refresh ``endpoint``'s role and lag with one bounded query on an idle connection
+        to it, else on a probe connection (:meth:`_probe`)."""
+        for group in self._users(endpoint):
+            taken = group.take_idle(partial(_latest_to, endpoint))
+            if not taken:
+                continue
+            (pc,) = taken
+            if self._ask_role(group, pc):
+                group.give_back(pc)
+            return
+        self._probe(endpoint)
+
+    def _probe(self, endpoint: Endpoint) -> None:
+        """One connect to ``endpoint``, and its role and lag, within the room of a group
+        that uses it: the connection then serves that group if it fits there, else it is
+        closed. When every such group is full, one short-lived connection of its own."""
+        users = self._users(endpoint)
+        for group in users:
+            if not group.reserve_slot():
+                continue
+            generation = group.generation
+            try:
+                pc = group.connector.probe(endpoint, generation)
+                if pc is None or not self._ask_role(group, pc):
+                    group.slot_abandoned(generation)
+                    return
+            except BaseException:
+                group.slot_abandoned(generation)
+                raise
+            if group.connector.belongs(endpoint, pc.role):
+                group.deliver(pc, generation)
+            else:
+                group.connector.close(pc, "probe")
+                group.slot_abandoned(generation)
+            self._after_probe(endpoint)
+            return
+        if users:
+            self._probe_outside_groups(users[0], endpoint)
+
+    def _after_probe(self, endpoint: Endpoint) -> None:
+        """An endpoint answered again: idle connections move back onto it now, busy groups
+        move theirs as they come back (``Group.imbalanced``)."""
+        if endpoint.state != UP:
+            return
+        for group in self._users(endpoint):
+            if len(group.endpoints) > 1:
+                group.imbalanced = True
+                self._in_task(("rebalance", group.name), partial(self._rebalance, group))
+
+    def _ask_role(self, group: Group, pc: PooledConnection) -> bool:
+        """Role and lag of ``pc``'s server by one bounded query; False (``pc`` discarded) if
+        it did not answer."""
+        endpoint = pc.endpoint
+        try:
+            role, lag = self._bounded(partial(query_role, pc.raw),
+                                      endpoint.config.connect_timeout)
+        except BaseException as exc:
+            group.connector.close(pc, "failed_check")
+            if not isinstance(exc, Exception):
+                raise
+            self._on_endpoint_failure(endpoint)
+            return False
+        pc.role = role
+        endpoint.observe_role(role)
+        endpoint.lag = lag
+        return True
+
+    def _users(self, endpoint: Endpoint) -> list[Group]:
+        return [g for g in self._groups if g.uses(endpoint)]
+
+    def _probe_outside_groups(self, group: Group, endpoint: Endpoint) -> None:
+        """Every group using ``endpoint`` is full: one short-lived connection decides."""
+        if not endpoint.begin_connect(time.monotonic()):
+            return
+        kwargs = connect_kwargs(endpoint.config, group.config, self._config.application_name)
+        try:
+            raw = open_connection(endpoint.config, group.config, kwargs, self._backend,
+                                  endpoint.config.connect_timeout)
+        except Exception as exc:
+            reason = str(getattr(exc, "reason", exc))
+            if getattr(exc, "fatal", False):
+                endpoint.connect_refused(reason)
+            else:
+                endpoint.connect_failed(reason)
+            return
+        except BaseException:
+            endpoint.connect_abandoned()
+            raise
+        try:
+            role, lag = self._bounded(partial(query_role, raw), endpoint.config.connect_timeout)
+            endpoint.connect_succeeded(role)
+            endpoint.lag = lag
+            endpoint.connection_closed()
+        except Exception:
+            endpoint.connect_abandoned()
+        finally:
+            raw.close()
+        self._after_probe(endpoint)
+
+    def _bounded(self, work: Callable[[], Any], seconds: float) -> Any:
+        deadline = _Deadline()
+        try:
+            with self._backend.deadline(seconds, deadline):
+                return work()
+        except _Deadline as exc:
+            if exc is not deadline:
+                raise
+            raise TimeoutError(f"no answer within {seconds:.2f} s") from None
+
+
+def _latest_to(endpoint: Endpoint, idle: list[PooledConnection]) -> list[PooledConnection]:
+    """The most recently returned idle connection to ``endpoint``, if any."""
+    for pc in reversed(idle):
+        if pc.endpoint is endpoint:
+            return [pc]
+    return []

@@ -1,0 +1,151 @@
+"""Placement: which endpoint a group should use, connect to, borrow from, or move off.
+
+Pure functions over endpoints and counts. Nothing here knows about slots, waiting lines or
+how connections are made, so each rule can be read (and tested) on its own:
+
+* :func:`where_to_be` — the endpoints a group should use now (its first preference tier
+  with an endpoint up);
+* :func:`connect_order` — where the next connect goes: fewest of the group's connections
+  per unit of weight first, ties rotating;
+* :func:`take_in_turn` — which idle connection a borrow takes (smooth weighted round robin
+  over the endpoints that have one idle);
+* :func:`move_target` / :func:`misplaced` — whether connections should move to another
+  endpoint (a restarted server gets its share back, a preferred one returns).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from .endpoint import STANDBY, UP, Endpoint
+from .roles import candidates, fits
+
+#: A standby is re-tried by a ``primary`` group (it may have been promoted) at most this often.
+ROLE_RECHECK = 1.0
+
+
+def where_to_be(
+    endpoints: Sequence[Endpoint], role: str, max_lag: float | None, on_lag: str
+) -> frozenset[Endpoint]:
+    """The up endpoints of the first preference tier that has any (so not a standby that
+    started to lag, not the primary once a preferred standby is back). Every endpoint when
+    none is up: there is nothing better to move to."""
+    for tier in candidates(endpoints, role, max_lag, on_lag):
+        up = frozenset(ep for ep in tier if ep.state == UP)
+        if up:
+            return up
+    return frozenset(endpoints)
+
+
+def connect_order(
+    endpoints: Sequence[Endpoint],
+    role: str,
+    max_lag: float | None,
+    on_lag: str,
+    counts: Mapping[Endpoint, int],
+    now: float,
+    rotation: int,
+) -> list[Endpoint]:
+    """Endpoints to try now: the first preference tier with an endpoint that may take a
+    connect; within it fewest of the group's connections per weight first, ties rotating
+    from ``rotation`` so that a fleet of workers does not all pick the first one."""
+    for tier in candidates(endpoints, role, max_lag, on_lag):
+        ready = [
+            ep for ep in tier
+            if ep.may_connect(now)
+            and (role != "primary" or ep.role != STANDBY or now - ep.role_seen_at >= ROLE_RECHECK)
+        ]
+        if len(ready) > 1:
+            start = rotation % len(ready)
+            ready = ready[start:] + ready[:start]
+            ready.sort(key=lambda ep: counts.get(ep, 0) / ep.config.weight)
+        if ready:
+            return ready
+    return []
+
+
+def take_in_turn(endpoints_of_idle: Sequence[Endpoint], turns: dict[Endpoint, float]) -> int:
+    """The index, in the idle stack, of the connection a borrow takes: the most recently
+    returned one of the endpoint whose turn it is (smooth weighted round robin among the
+    endpoints with one idle). Plain last-in-first-out would send a light load to whichever
+    endpoint's connections happen to be on top, whatever the weights."""
+    latest: dict[Endpoint, int] = {}
+    for i, endpoint in enumerate(endpoints_of_idle):
+        latest[endpoint] = i  # the last one seen is the most recently returned
+    if len(latest) == 1:
+        return len(endpoints_of_idle) - 1
+    total, chosen = 0.0, None
+    for endpoint in latest:
+        weight = endpoint.config.weight
+        total += weight
+        turns[endpoint] = turns.get(endpoint, 0.0) + weight
+        if chosen is None or turns[endpoint] > turns[chosen]:
+            chosen = endpoint
+    assert chosen is not None
+    turns[chosen] -= total
+    return latest[chosen]
+
+
+def _shares(preferred: Iterable[Endpoint], counts: Mapping[Endpoint, int]) -> dict[Endpoint, float]:
+    eps = list(preferred)
+    total = sum(counts.get(ep, 0) for ep in eps)
+    weights = sum(ep.config.weight for ep in eps)
+    return {ep: total * ep.config.weight / weights for ep in eps}
+
+
+def move_target(
+    source: Endpoint,
+    preferred: frozenset[Endpoint],
+    counts: Mapping[Endpoint, int],
+    now: float,
+) -> Endpoint | None:
+    """An endpoint a connection to ``source`` should move to, or None.
+
+    A connection moves when ``source`` is not a preferred endpoint, or holds more than its
+    weighted share while a preferred endpoint that may take a connect now holds less than
+    its own (rounded so that a balanced group never moves back and forth)."""
+    ready = [ep for ep in preferred if ep.state == UP and ep.may_connect(now)]
+    if not ready:
+        return None
+    if source in preferred:
+        shares = _shares(preferred, counts)
+        if counts.get(source, 0) <= math.ceil(shares[source]):
+            return None
+        ready = [ep for ep in ready if counts.get(ep, 0) < int(shares[ep])]
+        if not ready:
+            return None
+    return min(ready, key=lambda ep: counts.get(ep, 0) / ep.config.weight)
+
+
+def misplaced(
+    idle: Sequence[Any],
+    preferred: frozenset[Endpoint],
+    role: str,
+    counts: Mapping[Endpoint, int],
+) -> list[Any]:
+    """Idle connections (anything with an ``endpoint``) that should move: off endpoints whose
+    role no longer fits, off fallback endpoints once a preferred one is up, and off
+    endpoints above their weighted share while another is below it."""
+    up = frozenset(ep for ep in preferred if ep.state == UP)
+    if not up:
+        return []
+    moving = [pc for pc in idle if pc.endpoint not in up or not fits(role, pc.endpoint.role)]
+    shares = _shares(up, counts)
+    if any(counts.get(ep, 0) < int(shares[ep]) for ep in up):
+        for ep in up:
+            excess = counts.get(ep, 0) - math.ceil(shares[ep])
+            for pc in idle:
+                if excess <= 0:
+                    break
+                if pc.endpoint is ep and pc not in moving:
+                    moving.append(pc)
+                    excess -= 1
+    return moving
+
+
+def unserved(preferred: frozenset[Endpoint], counts: Mapping[Endpoint, int]) -> list[Endpoint]:
+    """Preferred endpoints that are up and hold none of the group's connections: a group
+    with room opens one on each, so that even a light load is spread by weight."""
+    return [ep for ep in preferred if ep.state == UP and not counts.get(ep, 0)]
