@@ -254,12 +254,13 @@ class Housekeeping:
             if self._ask_role(group, pc):
                 group.give_back(pc)
             return
-        self._probe(endpoint)
+        self._probe(endpoint, outside_groups=False)  # every group full and busy: skipped
 
-    def _probe(self, endpoint: Endpoint) -> None:
+    def _probe(self, endpoint: Endpoint, outside_groups: bool = True) -> None:
         """One connect to ``endpoint``, and its role and lag, within the room of a group
         that uses it: the connection then serves that group if it fits there, else it is
-        closed. When every such group is full, one short-lived connection of its own."""
+        closed. When every such group is full, one short-lived connection of its own
+        (``outside_groups``: quarantine probes only)."""
         users = self._users(endpoint)
         for group in users:
             if not group.reserve_slot():
@@ -280,7 +281,7 @@ class Housekeeping:
                 group.slot_abandoned(generation)
             self._after_probe(endpoint)
             return
-        if users:
+        if users and outside_groups:
             self._probe_outside_groups(users[0], endpoint)
 
     def _after_probe(self, endpoint: Endpoint) -> None:
