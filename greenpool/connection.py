@@ -64,8 +64,8 @@ class PooledConnection:
     """A raw psycopg2 connection plus the bookkeeping the pool needs about it."""
 
     __slots__ = (
-        "created", "endpoint", "expires", "generation", "last_used", "lent_at", "lent_from",
-        "raw", "readable", "role",
+        "__weakref__", "created", "endpoint", "expires", "generation", "last_used", "lent_at",
+        "lent_from", "raw", "readable", "role",
     )
 
     def __init__(

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Protocol
@@ -99,6 +100,9 @@ class Connector:
         #: True while the latest finished round of attempts found no endpoint to take one
         self.failing = False
         self._tasks: set[Task] = set()
+        #: every connection this connector opened and has not seen collected: after fork
+        #: the child silences them all, idle, lent or in transit (being checked or reset)
+        self.opened: weakref.WeakSet[PooledConnection] = weakref.WeakSet()
         self._fatal_pause = 30.0
         self.slots: Slots | None = None
 
@@ -194,10 +198,15 @@ class Connector:
         for task in list(self._tasks):
             task.kill()
 
-    def forget_after_fork(self) -> None:
+    def forget_after_fork(self) -> list[PooledConnection]:
+        """In the child: forget everything; the parent's connections, to be silenced."""
+        inherited = list(self.opened)
+        self.opened = weakref.WeakSet()
         self.counts = dict.fromkeys(self.endpoints, 0)
         self._tasks = set()
         self._lock = self._backend.lock()
+        self.failing = False
+        return inherited
 
     # --- the background task ------------------------------------------------------------
 
@@ -302,6 +311,7 @@ class Connector:
         pc = PooledConnection(raw, endpoint, _monotonic() + lifetime, generation,
                               self._backend)
         pc.role = role
+        self.opened.add(pc)
         return pc
 
     def _raise_if_hopeless(self) -> None:

@@ -176,6 +176,14 @@ class Endpoint:
         self.state = QUARANTINED
         self.on_quarantine()
 
+    def after_fork_in_child(self, lock: AbstractContextManager[Any]) -> None:
+        """The child has no connection and no connect of the parent's; a lock a parent
+        thread held at fork would never be released, so it gets a new one."""
+        self._lock = lock
+        self.open = self.connecting = 0
+        if self.state == PROBING:
+            self.state = QUARANTINED  # the parent's prober is not the child's
+
     def connection_closed(self) -> None:
         with self._lock:
             self.open -= 1

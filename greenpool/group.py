@@ -382,6 +382,8 @@ class Group:
         """A clean connection we hold a slot for: to the oldest waiter, else idle; or, while
         the group is imbalanced, retired so that its slot opens a connection where it
         belongs (load moves back even when every connection is busy)."""
+        if pc.generation != self._generation:
+            return  # the parent's, handed back by a task that went on in the child
         with self._lock:
             if not self._closed:
                 target = self._move_target(pc) if self.imbalanced else None
@@ -413,6 +415,8 @@ class Group:
     def drop(self, pc: PooledConnection, reason: str) -> None:
         """Discard a connection we hold a slot for; the slot goes to a connect if waiters
         need one, else it is freed."""
+        if pc.generation != self._generation:
+            return  # the parent's: silenced and kept at fork, never closed here
         self.connector.close(pc, reason)
         self._slot_freed()
 
@@ -421,6 +425,8 @@ class Group:
         background: the connect finds out at once whether the server is gone (a
         quarantine) or only that connection was. (Housekeeping, in quiet times, only
         drops: a server that ends idle sessions on purpose is not fought.)"""
+        if pc.generation != self._generation:
+            return
         self.connector.close(pc, reason)
         with self._lock:
             start = not self._closed
@@ -599,15 +605,20 @@ class Group:
         """Forget the parent's connections without disturbing the parent's sessions.
 
         Runs inside ``os.fork()`` in the child (also before every ``subprocess`` exec), so
-        it only resets state and makes syscalls. Connections lent at fork time are never
-        closed in the child: psycopg2 holds a connection's mutex across a green wait, so a
-        connection that was mid-query in the parent has that mutex locked forever in the
-        child, and closing it would hang. They are silenced and kept referenced instead.
-        A connect task inherited from the parent delivers into the parent's generation:
-        its connection is silenced and kept too (see :meth:`deliver`).
+        it only resets state and makes syscalls. Every connection the parent had, idle,
+        lent, or in transit (being checked on borrow or reset on return by a task that goes
+        on in the child), is pointed at /dev/null first: nothing the child does can reach
+        the parent's sessions. Connections that may have been mid-query are never closed in
+        the child: psycopg2 holds a connection's mutex across a green wait, so one that was
+        mid-query in the parent has that mutex locked forever in the child, and closing it
+        would hang. They are kept referenced instead. Whatever a parent's task later hands
+        back in the child (a connection, a slot) carries the parent's generation and is
+        ignored. Callers that were waiting in the parent are woken with an error.
         """
-        idle, lent = list(self._idle), list(self._lent)
+        idle = set(self._idle)
+        inherited = self.connector.forget_after_fork()
         self._lock = self._backend.lock()  # a lock held by a parent thread would never be freed
+        old_line = self._line
         self._idle.clear()
         self._lent.clear()
         self.holders.clear()
@@ -615,12 +626,16 @@ class Group:
         self._sweep_armed = False  # a timer the parent armed returns at once here
         self._size = self._connecting = 0
         self._generation += 1
-        self.connector.forget_after_fork()
-        for pc in idle + lent:
+        for pc in inherited:
             silence_inherited(pc)
-        _inherited_in_use.extend(lent)
+        _inherited_in_use.extend(pc for pc in inherited if pc not in idle)
         for pc in idle:  # idle ones are not mid-query: closing only writes to /dev/null
             close_quietly(pc)
+        old_line.fail_all(self._forked_error)
+
+    def _forked_error(self) -> BaseException:
+        return PoolError(f"group {self.name!r}: the process forked while this task waited; "
+                         f"the wait belonged to the parent")
 
     # --- reporting ------------------------------------------------------------------------
 

@@ -155,7 +155,7 @@ class Pool:
         for group in self._groups.values():
             group.after_fork_in_child()
         for endpoint in self._endpoints:
-            endpoint.open = endpoint.connecting = 0
+            endpoint.after_fork_in_child(self._backend.rlock())
         self._forked = True
 
     def _resume_after_fork(self) -> None:

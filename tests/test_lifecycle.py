@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from modes import GREEN, MODE, sleep, wait_until
+from modes import GREEN, MODE, join_all, sleep, spawn, wait_until
 
 STATS_KEYS = {
     "size", "max_size", "idle", "in_use", "connecting", "waiting", "acquires", "waits",
@@ -143,3 +143,51 @@ def test_a_connection_held_past_the_leak_threshold_is_reported_once(make_pool, c
     leaks = [r for r in caplog.records if "held for" in r.getMessage()]
     assert len(leaks) == 1
     assert f"test_lifecycle.py:{line} in " in leaks[0].getMessage()
+
+
+@pytest.mark.skipif(MODE == "eventlet", reason="eventlet's fork support is not exercised")
+def test_fork_while_a_connection_is_being_reset_gives_the_child_none_of_it(make_pool):
+    """Issue 14, item 7: a connection in transit at fork time (its ROLLBACK on return is
+    stuck on a backend stopped with SIGSTOP) is never used by the child, and the child's
+    counts stay within connection_count; the parent finishes the reset once the backend
+    resumes, with its accounting intact."""
+    import signal
+
+    pool = make_pool({"g": {"connection_count": 1, "timeout": 5}})
+    group = pool.group("g")
+    pc = group.acquire()
+    with pc.raw.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")  # opens a transaction: return must roll back
+        parent_pid = cursor.fetchone()[0]
+    os.kill(parent_pid, signal.SIGSTOP)
+    try:
+        returning = spawn(group.release, pc)
+        wait_until(lambda: group.stats()["in_use"] == 0, 5, "the return to start its reset")
+        read_end, write_end = os.pipe()
+        child = os.fork()
+        if child == 0:
+            code = 1
+            try:
+                os.close(read_end)
+                with pool.handler("g") as db:
+                    pid = db.query("SELECT pg_backend_pid()")[0][0]
+                size = group.stats()["size"]
+                os.write(write_end, f"{pid} {size}".encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write_end)
+        _, status = os.waitpid(child, 0)
+        reported = os.read(read_end, 64).decode().split()
+        os.close(read_end)
+    finally:
+        os.kill(parent_pid, signal.SIGCONT)
+    join_all([returning], 10)
+    assert status == 0 and reported
+    child_pid, child_size = int(reported[0]), int(reported[1])
+    assert child_pid != parent_pid and child_size == 1
+    stats = group.stats()
+    assert stats["size"] == stats["idle"] + stats["in_use"] + stats["connecting"] <= 1
+    with pool.handler("g") as db:  # the parent's group still works, within its size
+        db.query("SELECT 1")
+    assert group.stats()["size"] <= 1
