@@ -73,7 +73,9 @@ class Endpoint:
         self.lag: float | None = None
         self.role_seen_at = 0.0  # when the role was last observed (monotonic)
         self.role_stale_after = ROLE_STALE_AFTER
-        self.primary_since: float | None = None  # first seen as primary (this run of it)
+        #: since when we see it as primary (first sight or promotion). Never a tie-break: it
+        #: tells whether another primary's last answer predates this one's claim.
+        self.primary_since: float | None = None
         self.timeline: int | None = None  # a primary's timeline and WAL position, last probe
         self.wal_lsn: int | None = None
         self.rank = next(_ranks)

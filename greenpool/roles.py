@@ -1,15 +1,16 @@
 """Roles: detecting primary/standby, choosing endpoints for a group, classifying failures.
 
 **Split brain** (two endpoints answer as primary, e.g. an old primary still running after a
-promotion). Every process decides alike, from what the servers said in their probes, never
-from when this process happened to notice something: the claimant on the **highest
-timeline** wins (a promotion starts a new one), then the one with the **highest current WAL
-position**, then the first in the configuration. A claimant is an endpoint that answers as
-primary *now*: it is up (not quarantined, not being probed), its role was seen within
-``Endpoint.role_stale_after``, and it was seen as primary after every other claimant became
-one (so a dead old primary whose last answer predates the promotion claims nothing). The
-others are skipped; the event is logged at ERROR and counted (``split_brain``) once per
-change, remembered on the endpoints, which belong to one pool.
+promotion). Every process chooses alike, from what the servers said in their probes, never
+from when it happened to notice something: among the primaries that are up (not quarantined,
+not being probed) and whose role is not stale (seen within ``Endpoint.role_stale_after``),
+the one on the **highest timeline** (a promotion starts a new one), then with the **highest
+current WAL position**, then the first in the configuration. The others are skipped.
+
+It is raised (logged at ERROR, counted in ``split_brain``) only for endpoints that answer as
+primary *now*: each of those must also have answered after this process first saw the others
+as primary, so a dead old primary whose last answer predates the promotion is no claimant.
+Once per change of the claimants, remembered on the endpoints (which belong to one pool).
 """
 
 from __future__ import annotations
@@ -149,16 +150,17 @@ def failure_kind(exc: BaseException, raw: Any) -> str:
     return ""
 
 
-def _claimants(primaries: list[Endpoint], now: float) -> list[Endpoint]:
-    """The endpoints that answer as primary now (see the module docstring)."""
-    live = [
+def _answering(primaries: list[Endpoint], now: float) -> list[Endpoint]:
+    """Primaries that are up and whose role is not stale: those the rule chooses among."""
+    return [
         ep for ep in primaries
         if ep.state == UP and now - ep.role_seen_at <= ep.role_stale_after
     ]
-    if len(live) < 2:
-        return live
-    # Each must have been seen as primary since the last of them became one: they answered
-    # at overlapping times. A dead old primary's last answer predates the promotion.
+
+
+def _claimants(live: list[Endpoint]) -> list[Endpoint]:
+    """Those of ``live`` that answered as primary since every other one was first seen as
+    primary: they were primaries at the same time, not one after the other."""
     newest = max(ep.primary_since or 0.0 for ep in live)
     return [ep for ep in live if ep.role_seen_at >= newest]
 
@@ -177,11 +179,12 @@ def _chosen_primary(endpoints: Sequence[Endpoint], primaries: list[Endpoint]) ->
         if only.split_reported:
             only.split_reported.clear()
         return only
-    claiming = _claimants(primaries, time.monotonic())
+    live = _answering(primaries, time.monotonic())
+    claiming = _claimants(live) if len(live) > 1 else live
     for ep in endpoints:
         if ep.split_reported and ep not in claiming:
             ep.split_reported.clear()  # it claims nothing now: a later claim is news
-    chosen = max(claiming or primaries, key=_precedence)  # nobody answers now: still a rule
+    chosen = max(live or primaries, key=_precedence)  # nobody answers now: still a rule
     if len(claiming) < 2:
         return chosen
     together = frozenset(claiming)
