@@ -52,6 +52,7 @@ PROBE_SQL = (
 LAG_UNKNOWN = math.inf
 
 _LOST_STATES = ("57P01", "57P02", "57P03")  # admin/crash shutdown, cannot connect now
+_STATUS_IDLE = extensions.TRANSACTION_STATUS_IDLE
 
 
 class RoleReport(NamedTuple):
@@ -107,7 +108,9 @@ def read_role(
                     cursor.execute(PROBE_SQL)
                     row = cursor.fetchone()
         finally:
-            if not raw.closed:
+            # Interrupted mid-query (a deadline, a kill), the connection is busy or closed:
+            # touching it would raise and hide the interruption. Its caller discards it.
+            if not raw.closed and raw.get_transaction_status() == _STATUS_IDLE:
                 raw.autocommit = autocommit
     except _ProbeDeadline as exc:
         if exc is not deadline:

@@ -249,6 +249,7 @@ def test_role_probe_of_a_stalled_backend_gives_up_at_its_deadline(stopped_backen
 @pytest.mark.skipif(not GREEN, reason="an outer green timeout exists only in the green modes")
 def test_an_outer_timeout_during_the_probe_is_not_turned_into_a_probe_error(stopped_backend):
     conn = stopped_backend()
+    conn.autocommit = False  # the probe switches it on; interrupted, it must not switch back
     outer = Timeout(0.2)
     with pytest.raises(type(outer)) as info, outer:
         read_role(conn, backend_for(MODE), 5.0)
