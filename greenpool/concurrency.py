@@ -13,6 +13,7 @@ cost. In ``threaded`` mode the same sections run under a real ``threading.Lock``
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import sys
@@ -254,6 +255,37 @@ class _EventletTask:
         self._thread.kill()
 
 
+def _eventlet_getaddrinfo() -> Callable[..., Any]:
+    """A ``getaddrinfo`` that never blocks eventlet's hub.
+
+    eventlet's own green resolver (greendns: the hosts file, then DNS over green sockets;
+    dnspython is one of eventlet's dependencies) when it is on, as it is unless
+    ``EVENTLET_NO_GREENDNS=yes``. Then ``eventlet.green.socket.getaddrinfo`` is the blocking
+    one, so the system resolver runs in eventlet's thread pool instead. That pool does not
+    survive ``fork()`` (its threads are gone in the child, and a call would wait forever), so
+    a child whose parent had started it resolves in place, blocking, but answering.
+    """
+    from eventlet.green import socket as green_socket
+    from eventlet.support import greendns
+
+    if green_socket.getaddrinfo is greendns.getaddrinfo:
+        return green_socket.getaddrinfo
+    from eventlet import patcher, tpool
+
+    blocking = patcher.original("socket").getaddrinfo
+    started_in: list[int] = []  # the process that started the thread pool through us
+
+    def in_thread_pool(*args: Any) -> Any:
+        pid = os.getpid()
+        if not tpool._setup_already:
+            started_in[:] = [pid]
+        elif started_in and started_in[0] != pid:
+            return blocking(*args)  # we started the pool before a fork: no threads here
+        return tpool.execute(blocking, *args)
+
+    return in_thread_pool
+
+
 class EventletBackend(Backend):
     name = "eventlet"
     can_call_later = True
@@ -267,6 +299,7 @@ class EventletBackend(Backend):
         self._eventlet = eventlet
         self.current = eventlet.getcurrent
         self._semaphore = eventlet.semaphore.Semaphore
+        self._getaddrinfo = _eventlet_getaddrinfo()
 
     def waiter(self) -> Waiter:
         return _EventletWaiter(self._semaphore)
@@ -282,6 +315,12 @@ class EventletBackend(Backend):
 
     def spawn(self, func: Callable[[], None]) -> Task:
         return _EventletTask(self._eventlet.spawn(func))
+
+    def resolve(self, host: str, port: int) -> str | None:
+        if _is_address(host):
+            return None
+        infos = self._getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+        return str(infos[0][4][0]) if infos else None
 
     def patch_driver(self) -> None:
         from psycogreen.eventlet import eventlet_wait_callback, patch_psycopg

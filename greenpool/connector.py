@@ -290,7 +290,7 @@ class Connector:
         try:
             role = role_of(raw)
             if role == UNKNOWN and self.config.role != "any":  # PostgreSQL < 14: ask
-                role, _ = query_role(raw)
+                role, _ = query_role(raw, self._backend, endpoint.config.connect_timeout)
         except BaseException as exc:
             raw.close()
             endpoint.connect_abandoned()

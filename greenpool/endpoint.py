@@ -19,11 +19,13 @@ at most 2 connects in flight, doubling with each success, so a recovering server
 by every waiting greenlet at once.
 
 The role (primary or standby) is *detected*, never configured: from the ``in_hot_standby``
-parameter status at connect and on every borrow (no round trip), and by housekeeping probes.
+parameter status at connect and on every borrow (no round trip), and by housekeeping probes,
+which also give a primary's timeline and WAL position (the split-brain rule in roles.py).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import time
@@ -41,6 +43,10 @@ PRIMARY, STANDBY, UNKNOWN = "primary", "standby", "unknown"
 _SLOW_START = 2  # connects in flight allowed right after recovery
 _SLOW_START_DONE = 32  # past this many, the endpoint is treated as fully recovered
 _BACKOFF_SHARE_OF_OUTAGE = 0.25  # the backoff ceiling, as a share of the time down so far
+#: a role not seen for this long is stale (3 of the default role_check_interval; the pool
+#: may set each endpoint's ``role_stale_after`` from its own interval)
+ROLE_STALE_AFTER = 6.0
+_ranks = itertools.count()  # endpoints are made in configuration order: the last tie-break
 
 
 def _nothing() -> None:
@@ -65,8 +71,16 @@ class Endpoint:
         self.state = UP
         self.role = UNKNOWN
         self.lag: float | None = None
-        self.promoted_at: float | None = None  # when we saw it turn from standby to primary
         self.role_seen_at = 0.0  # when the role was last observed (monotonic)
+        self.role_stale_after = ROLE_STALE_AFTER
+        #: since when we see it as primary (first sight or promotion). Never a tie-break: it
+        #: tells whether another primary's last answer predates this one's claim.
+        self.primary_since: float | None = None
+        self.timeline: int | None = None  # a primary's timeline and WAL position, last probe
+        self.wal_lsn: int | None = None
+        self.rank = next(_ranks)
+        #: claimant sets this endpoint was already reported in (split brain, once per change)
+        self.split_reported: set[frozenset[Endpoint]] = set()
         self.open = 0  # connections open to it, all groups together
         self.connecting = 0  # connects in flight
         #: slow-start limit on connects in flight; None: no limit. A new endpoint starts
@@ -190,21 +204,30 @@ class Endpoint:
 
     # --- role -----------------------------------------------------------------------------
 
-    def observe_role(self, role: str) -> None:
+    def observe_role(
+        self, role: str, timeline: int | None = None, lsn: int | None = None
+    ) -> None:
+        """Record a role the server reported; a probe of a primary also gives its timeline
+        and WAL position. A role change without them forgets the old ones."""
         with self._lock:
             if role == UNKNOWN:
                 return
-            self.role_seen_at = time.monotonic()
+            now = time.monotonic()
+            self.role_seen_at = now
+            if role == PRIMARY and (timeline is not None or self.role != PRIMARY):
+                self.timeline, self.wal_lsn = timeline, lsn
             if role == self.role:
                 return
-            if role == PRIMARY and self.role == STANDBY:
-                self.promoted_at = time.monotonic()
-                logger.warning("endpoint %s was promoted: it is now a primary", self.label)
-            elif role == STANDBY and self.role == PRIMARY:
-                logger.warning("endpoint %s is now a standby", self.label)
-            self.role = role
             if role == PRIMARY:
+                self.primary_since = now
                 self.lag = None
+                if self.role == STANDBY:
+                    logger.warning("endpoint %s was promoted: it is now a primary", self.label)
+            else:
+                self.primary_since = self.timeline = self.wal_lsn = None
+                if self.role == PRIMARY:
+                    logger.warning("endpoint %s is now a standby", self.label)
+            self.role = role
 
     # --- reporting ------------------------------------------------------------------------
 
@@ -223,6 +246,7 @@ class Endpoint:
             "connect_attempts": self.connect_attempts,
             "connect_errors": self.connect_errors,
             "quarantines": self.quarantines,
+            "timeline": self.timeline,
             "split_brain": self.split_brain,
             "last_error": self.last_error,
         }

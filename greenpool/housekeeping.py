@@ -38,15 +38,11 @@ from .connection import (
 from .endpoint import QUARANTINED, UP, Endpoint
 from .group import Group
 from .placement import misplaced, move_target
-from .roles import query_role
+from .roles import read_role
 
 logger = logging.getLogger("greenpool")
 
 _MIN_NAP = 0.01  # seconds: housekeeping never spins, even on an overdue quarantine
-
-
-class _Deadline(Exception):
-    """Raised into a probe whose round trip outlived its deadline. Private."""
 
 
 class Housekeeping:
@@ -299,17 +295,16 @@ class Housekeeping:
         it did not answer."""
         endpoint = pc.endpoint
         try:
-            role, lag = self._bounded(partial(query_role, pc.raw),
-                                      endpoint.config.connect_timeout)
+            report = read_role(pc.raw, self._backend, endpoint.config.connect_timeout)
         except BaseException as exc:
             group.connector.close(pc, "failed_check")
             if not isinstance(exc, Exception):
                 raise
             self._on_endpoint_failure(endpoint)
             return False
-        pc.role = role
-        endpoint.observe_role(role)
-        endpoint.lag = lag
+        pc.role = report.role
+        endpoint.observe_role(report.role, report.timeline, report.lsn)
+        endpoint.lag = report.lag
         return True
 
     def _users(self, endpoint: Endpoint) -> list[Group]:
@@ -334,25 +329,16 @@ class Housekeeping:
             endpoint.connect_abandoned()
             raise
         try:
-            role, lag = self._bounded(partial(query_role, raw), endpoint.config.connect_timeout)
-            endpoint.connect_succeeded(role)
-            endpoint.lag = lag
+            report = read_role(raw, self._backend, endpoint.config.connect_timeout)
+            endpoint.connect_succeeded(report.role)
+            endpoint.observe_role(report.role, report.timeline, report.lsn)
+            endpoint.lag = report.lag
             endpoint.connection_closed()
         except Exception:
             endpoint.connect_abandoned()
         finally:
             raw.close()
         self._after_probe(endpoint)
-
-    def _bounded(self, work: Callable[[], Any], seconds: float) -> Any:
-        deadline = _Deadline()
-        try:
-            with self._backend.deadline(seconds, deadline):
-                return work()
-        except _Deadline as exc:
-            if exc is not deadline:
-                raise
-            raise TimeoutError(f"no answer within {seconds:.2f} s") from None
 
 
 def _latest_to(endpoint: Endpoint, idle: list[PooledConnection]) -> list[PooledConnection]:

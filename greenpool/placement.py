@@ -30,13 +30,15 @@ def where_to_be(
     endpoints: Sequence[Endpoint], role: str, max_lag: float | None, on_lag: str
 ) -> frozenset[Endpoint]:
     """The up endpoints of the first preference tier that has any (so not a standby that
-    started to lag, not the primary once a preferred standby is back). Every endpoint when
-    none is up: there is nothing better to move to."""
-    for tier in candidates(endpoints, role, max_lag, on_lag):
+    started to lag, not the primary once a preferred standby is back). When none is up,
+    every endpoint of every tier: nothing better to move to. Never an endpoint no tier
+    lists (a standby whose lag is unknown, for a group that must not use the primary)."""
+    tiers = candidates(endpoints, role, max_lag, on_lag)
+    for tier in tiers:
         up = frozenset(ep for ep in tier if ep.state == UP)
         if up:
             return up
-    return frozenset(endpoints)
+    return frozenset(ep for tier in tiers for ep in tier)
 
 
 def connect_order(

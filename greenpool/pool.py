@@ -11,7 +11,7 @@ from typing import Any
 
 from .concurrency import Backend, backend_for
 from .config import PoolConfig, parse_config
-from .endpoint import Endpoint
+from .endpoint import ROLE_STALE_AFTER, Endpoint
 from .errors import ConfigError, PoolClosed
 from .group import Group
 from .handler import Handler
@@ -38,6 +38,8 @@ class Pool:
                      self._backend.rlock())
             for c in self.config.endpoints
         ]
+        for endpoint in self._endpoints:  # a role unseen for 3 probe rounds is stale
+            endpoint.role_stale_after = max(ROLE_STALE_AFTER, 3 * self.config.role_check_interval)
         every = range(len(self._endpoints))
         self._groups = {
             name: Group(

@@ -1,32 +1,73 @@
 """Roles: detecting primary/standby, choosing endpoints for a group, classifying failures.
 
-Choosing for a group of role ``primary`` when two endpoints both claim to be primary (split
-brain, e.g. an old primary still running after a promotion): the one **most recently seen
-being promoted** wins; if none was seen being promoted, the first in the configuration.
-The other is skipped, and the event is logged at ERROR and counted (``split_brain``).
+**Split brain** (two endpoints answer as primary, e.g. an old primary still running after a
+promotion). Every process chooses alike, from what the servers said in their probes, never
+from when it happened to notice something: among the primaries that are up (not quarantined,
+not being probed) and whose role is not stale (seen within ``Endpoint.role_stale_after``),
+the one on the **highest timeline** (a promotion starts a new one), then with the **highest
+current WAL position**, then the first in the configuration. The others are skipped.
+
+It is raised (logged at ERROR, counted in ``split_brain``) only for endpoints that answer as
+primary *now*: each of those must also have answered after this process first saw the others
+as primary, so a dead old primary whose last answer predates the promotion is no claimant.
+Once per change of the claimants, remembered on the endpoints (which belong to one pool).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
+import psycopg2
 from psycopg2 import extensions
 
-from .endpoint import PRIMARY, QUARANTINED, STANDBY, UNKNOWN, Endpoint
+from .concurrency import Backend
+from .endpoint import PRIMARY, STANDBY, UNKNOWN, UP, Endpoint
 
 logger = logging.getLogger("greenpool")
 
-# One round trip: the role, and for a standby how far behind the primary its replay is
-# (0 when everything received is replayed, so an idle primary does not look like lag).
+# One round trip. For a standby: whether its WAL receiver streams, and how far behind the
+# primary its replay is (0 when everything received is replayed, so an idle primary does not
+# look like lag). A user without pg_read_all_stats sees the receiver's row but not its
+# status: a running receiver then counts as streaming. For a primary: its current WAL file
+# (the timeline is its first 8 hex digits, right after a promotion: pg_control_checkpoint()
+# shows the new timeline only after the next checkpoint) and WAL position. The role is read
+# once (OFFSET 0 keeps the subquery from being inlined), so the columns agree.
 PROBE_SQL = (
-    "SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() THEN "
-    "CASE WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 "
-    "ELSE COALESCE(EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()), 0) END END"
+    "SELECT r, "
+    "CASE WHEN r THEN EXISTS (SELECT FROM pg_stat_wal_receiver "
+    "WHERE coalesce(status, 'streaming') = 'streaming') END, "
+    "CASE WHEN r THEN CASE WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 "
+    "ELSE coalesce(extract(epoch FROM now() - pg_last_xact_replay_timestamp()), 0) END END, "
+    "CASE WHEN NOT r THEN pg_walfile_name(lsn) END, "
+    "CASE WHEN NOT r THEN lsn::text END "
+    "FROM (SELECT pg_is_in_recovery() AS r, "
+    "CASE WHEN NOT pg_is_in_recovery() THEN pg_current_wal_lsn() END AS lsn OFFSET 0) AS s"
 )
 
+#: The lag of a standby whose WAL receiver is not streaming: unknown, beyond any max_lag.
+LAG_UNKNOWN = math.inf
+
 _LOST_STATES = ("57P01", "57P02", "57P03")  # admin/crash shutdown, cannot connect now
+_STATUS_IDLE = extensions.TRANSACTION_STATUS_IDLE
+
+
+class RoleReport(NamedTuple):
+    """What one probe learned about a server."""
+
+    role: str
+    #: standby: seconds its replay is behind, LAG_UNKNOWN when not streaming; primary: None
+    lag: float | None
+    #: primary: the timeline it writes on, and its current WAL position in bytes
+    timeline: int | None
+    lsn: int | None
+
+
+class _ProbeDeadline(Exception):
+    """Raised into a probe that outlived its deadline. Private: never escapes."""
 
 
 def role_of(raw: Any) -> str:
@@ -37,18 +78,57 @@ def role_of(raw: Any) -> str:
     return STANDBY if status == "on" else PRIMARY
 
 
-def query_role(raw: Any) -> tuple[str, float | None]:
-    """Role and replay lag by query (servers older than 14, and housekeeping probes)."""
+def _lsn_bytes(text: str) -> int:
+    high, low = text.split("/")
+    return (int(high, 16) << 32) | int(low, 16)
+
+
+def read_role(
+    raw: Any, backend: Backend | None = None, seconds: float | None = None
+) -> RoleReport:
+    """Role, replay lag, timeline and WAL position, in one round trip bounded by ``seconds``
+    (under ``backend.deadline``; no bound when either is None). A probe that runs out of
+    time raises ``psycopg2.OperationalError``; the connection is then in an unknown state
+    and must be discarded. Never leaves a transaction open."""
+    if seconds is not None and not seconds > 0:  # also NaN: no time left, send nothing
+        raise psycopg2.OperationalError(f"no time left for the role probe ({seconds!r} s)")
+    bounded = backend is not None and seconds is not None and seconds != math.inf
+    deadline = _ProbeDeadline()
     autocommit = raw.autocommit
-    raw.autocommit = True  # never leave a transaction behind
     try:
-        with raw.cursor() as cursor:
-            cursor.execute(PROBE_SQL)
-            in_recovery, lag = cursor.fetchone()
-    finally:
-        if not raw.closed:
-            raw.autocommit = autocommit
-    return (STANDBY if in_recovery else PRIMARY), (float(lag) if lag is not None else None)
+        raw.autocommit = True  # never leave a transaction behind
+        try:
+            if bounded:
+                assert backend is not None and seconds is not None
+                with backend.deadline(seconds, deadline), raw.cursor() as cursor:
+                    cursor.execute(PROBE_SQL)
+                    row = cursor.fetchone()
+            else:
+                with raw.cursor() as cursor:
+                    cursor.execute(PROBE_SQL)
+                    row = cursor.fetchone()
+        finally:
+            # Interrupted mid-query (a deadline, a kill), the connection is busy or closed:
+            # touching it would raise and hide the interruption. Its caller discards it.
+            if not raw.closed and raw.get_transaction_status() == _STATUS_IDLE:
+                raw.autocommit = autocommit
+    except _ProbeDeadline as exc:
+        if exc is not deadline:
+            raise
+        raise psycopg2.OperationalError(f"no answer to the role probe within {seconds:.2f} s"
+                                        ) from None
+    in_recovery, streaming, lag, walfile, lsn = row
+    if in_recovery:
+        return RoleReport(STANDBY, float(lag) if streaming else LAG_UNKNOWN, None, None)
+    return RoleReport(PRIMARY, None, int(walfile[:8], 16), _lsn_bytes(lsn))
+
+
+def query_role(
+    raw: Any, backend: Backend | None = None, seconds: float | None = None
+) -> tuple[str, float | None]:
+    """Role and replay lag (see :func:`read_role`, which also gives timeline and position)."""
+    report = read_role(raw, backend, seconds)
+    return report.role, report.lag
 
 
 def fits(group_role: str, role: str) -> bool:
@@ -73,26 +153,53 @@ def failure_kind(exc: BaseException, raw: Any) -> str:
     return ""
 
 
-_reported_split: frozenset[Endpoint] = frozenset()
+def _answering(primaries: list[Endpoint], now: float) -> list[Endpoint]:
+    """Primaries that are up and whose role is not stale: those the rule chooses among."""
+    return [
+        ep for ep in primaries
+        if ep.state == UP and now - ep.role_seen_at <= ep.role_stale_after
+    ]
 
 
-def _chosen_primary(primaries: list[Endpoint]) -> Endpoint:
-    """The primary a ``primary`` group uses. An endpoint that is quarantined claims nothing
-    now; among reachable ones that all claim to be primary, the most recently promoted."""
-    global _reported_split
-    claiming = [ep for ep in primaries if ep.state != QUARANTINED] or primaries
-    if len(claiming) == 1:
-        return claiming[0]
-    seen = [ep for ep in claiming if ep.promoted_at is not None]
-    chosen = max(seen, key=lambda ep: ep.promoted_at or 0.0) if seen else claiming[0]
-    if frozenset(claiming) != _reported_split:  # loudly, but once per change
-        _reported_split = frozenset(claiming)
+def _claimants(live: list[Endpoint]) -> list[Endpoint]:
+    """Those of ``live`` that answered as primary since every other one was first seen as
+    primary: they were primaries at the same time, not one after the other."""
+    newest = max(ep.primary_since or 0.0 for ep in live)
+    return [ep for ep in live if ep.role_seen_at >= newest]
+
+
+def _precedence(ep: Endpoint) -> tuple[int, int, int]:
+    """The split-brain order: timeline, then WAL position, then configuration order."""
+    return (ep.timeline if ep.timeline is not None else -1,
+            ep.wal_lsn if ep.wal_lsn is not None else -1,
+            -ep.rank)
+
+
+def _chosen_primary(endpoints: Sequence[Endpoint], primaries: list[Endpoint]) -> Endpoint:
+    """The primary a ``primary`` group uses."""
+    if len(primaries) == 1:
+        only = primaries[0]
+        if only.split_reported:
+            only.split_reported.clear()
+        return only
+    live = _answering(primaries, time.monotonic())
+    claiming = _claimants(live) if len(live) > 1 else live
+    for ep in endpoints:
+        if ep.split_reported and ep not in claiming:
+            ep.split_reported.clear()  # it claims nothing now: a later claim is news
+    chosen = max(live or primaries, key=_precedence)  # nobody answers now: still a rule
+    if len(claiming) < 2:
+        return chosen
+    together = frozenset(claiming)
+    if not all(together in ep.split_reported for ep in claiming):  # loudly, once per change
         for ep in claiming:
+            ep.split_reported.add(together)
             ep.split_brain += 1
         logger.error(
-            "split brain: %s all claim to be primary; using %s (most recently promoted, else "
-            "first configured). Fence the other one.",
-            ", ".join(ep.label for ep in claiming),
+            "split brain: %s all answer as primary; using %s (highest timeline, then highest "
+            "WAL position, then first configured). Fence the other one.",
+            ", ".join(f"{ep.label} (timeline {ep.timeline}, lsn {ep.wal_lsn})"
+                      for ep in claiming),
             chosen.label,
         )
     return chosen
@@ -110,10 +217,11 @@ def candidates(
     standbys = [ep for ep in endpoints if ep.role == STANDBY]
     unknown = [ep for ep in endpoints if ep.role == UNKNOWN]
     if group_role == "primary":
-        chosen = [_chosen_primary(primaries)] if primaries else []
+        chosen = [_chosen_primary(endpoints, primaries)] if primaries else []
         # A standby may have been promoted since we last looked: connecting tells.
         return [chosen + unknown, standbys]
-    fresh = [ep for ep in standbys if max_lag is None or ep.lag is None or ep.lag <= max_lag]
+    fresh = [ep for ep in standbys if max_lag is None or ep.lag is None
+             or (ep.lag <= max_lag and ep.lag != LAG_UNKNOWN)]
     lagging = [ep for ep in standbys if ep not in fresh]
     tiers = [fresh + unknown]
     if group_role == "prefer-standby":

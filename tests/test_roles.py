@@ -117,3 +117,137 @@ def test_connections_spread_by_weight_fewest_open_first(make_pool, pg, pg_factor
     ports = Counter(held_ports(pool, "g", 8))
     assert ports == {other.port: 6, pg.port: 2}
     assert endpoint_stats(pool, other)["open"] == 6 and endpoint_stats(pool, pg)["open"] == 2
+
+
+# --- issue 14 item 8: a standby whose WAL receiver does not stream has unknown lag -------------
+
+APP_USER, APP_PASSWORD = "app_reader", "app-reader-pw"  # an ordinary login role, no superuser
+
+
+@pytest.fixture(params=["superuser", "ordinary user"])
+def replicated(request, pg_factory) -> tuple[Any, Any, dict[str, Any]]:
+    """A primary with a table ``rows`` and a streaming standby, and the credentials the pool
+    uses: the superuser, or a plain login role that cannot read the WAL receiver's status
+    (``pg_stat_wal_receiver`` shows it the receiver's pid only)."""
+    primary = pg_factory()
+    primary.execute("CREATE TABLE rows (id int)")
+    primary.create_user(APP_USER, APP_PASSWORD)
+    primary.execute(f"GRANT SELECT ON rows TO {APP_USER}")
+    standby = pg_factory(standby_of=primary)
+    creds = {} if request.param == "superuser" else {"user": APP_USER, "pass": APP_PASSWORD}
+    return primary, standby, creds
+
+
+def _conninfo(standby: Any) -> str:
+    return str(standby.execute("SELECT setting FROM pg_settings "
+                               "WHERE name = 'primary_conninfo'")[0][0])
+
+
+def _set_conninfo(standby: Any, conninfo: str) -> None:
+    standby.execute("ALTER SYSTEM SET primary_conninfo = %s", (conninfo,))
+    standby.execute("SELECT pg_reload_conf()")
+
+
+def _cut_wal_receiver(standby: Any) -> str:
+    """Stop the standby's WAL receiver (an empty primary_conninfo); the old conninfo."""
+    conninfo = _conninfo(standby)
+    _set_conninfo(standby, "")
+    wait_until(lambda: standby.execute("SELECT count(*) FROM pg_stat_wal_receiver")[0][0] == 0,
+               10, "the WAL receiver to stop")
+    return conninfo
+
+
+def _rows(cluster: Any) -> int:
+    return int(cluster.execute("SELECT count(*) FROM rows")[0][0])
+
+
+def _lag_groups() -> dict[str, Any]:
+    common = {"max_lag": 1, "autocommit": True, "timeout": 1}
+    return {
+        "strict": {"role": "standby", "on_lag": "fail", **common},
+        "prefer": {"role": "prefer-standby", "on_lag": "use-primary", **common},
+    }
+
+
+def _primary_dies_after_the_standby_missed_5_rows(primary: Any, standby: Any) -> None:
+    """The standby misses 5 committed rows, then its primary is stopped with ``-m
+    immediate`` and the standby's receiver tries the dead primary again and again."""
+    conninfo = _cut_wal_receiver(standby)
+    primary.execute("INSERT INTO rows SELECT generate_series(1, 5)")
+    primary.stop("immediate")
+    _set_conninfo(standby, conninfo)
+    assert _rows(standby) == 0
+    assert standby.execute("SELECT pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn()") == [
+        (True,)]  # what the old probe read as "lag 0"
+
+
+def test_standby_whose_primary_died_is_not_served_by_a_max_lag_group(make_pool, replicated):
+    """Receive LSN == replay LSN on a standby cut off from its dead primary, yet its lag is
+    unknown: a ``max_lag=1, on_lag='fail'`` group raises instead of serving the stale rows,
+    in a pool that measured the standby streaming before and in one started after."""
+    primary, standby, creds = replicated
+    db = [primary.endpoint(**creds), standby.endpoint(**creds)]
+    groups = {"strict": _lag_groups()["strict"]}
+    before = make_pool(groups, db=db, role_check_interval=0.1, maintenance_interval=0.05)
+    wait_until(lambda: endpoint_stats(before, standby)["lag"] == 0, 10,
+               "housekeeping to measure the streaming standby")
+
+    _primary_dies_after_the_standby_missed_5_rows(primary, standby)
+    after = make_pool(groups, db=db, role_check_interval=0.1, maintenance_interval=0.05)
+    for pool in (before, after):
+        wait_until(lambda: endpoint_stats(pool, standby)["lag"] == float("inf"), 10,  # noqa: B023
+                   "housekeeping to find the WAL receiver not streaming")
+        with pytest.raises(PoolTimeout), pool.handler("strict") as db:
+            db.query("SELECT count(*) FROM rows")
+        assert endpoint_stats(pool, standby)["state"] == "up"  # unknown lag is no failure
+
+
+def test_an_idle_connection_to_a_standby_cut_off_is_not_lent(make_pool, replicated):
+    """Same fault, but the group holds an idle connection to the standby from before."""
+    primary, standby, creds = replicated
+    pool = make_pool({"strict": _lag_groups()["strict"]},
+                     db=[primary.endpoint(**creds), standby.endpoint(**creds)],
+                     role_check_interval=0.1, maintenance_interval=0.05)
+    wait_until(lambda: endpoint_stats(pool, standby)["lag"] == 0, 10,
+               "housekeeping to measure the streaming standby")
+    with pool.handler("strict") as db:
+        assert db.query_one("SELECT inet_server_port(), count(*) FROM rows") == (standby.port, 0)
+    _primary_dies_after_the_standby_missed_5_rows(primary, standby)
+    wait_until(lambda: endpoint_stats(pool, standby)["lag"] == float("inf"), 10,
+               "housekeeping to find the WAL receiver not streaming")
+    with pytest.raises(PoolTimeout), pool.handler("strict") as db:
+        db.query("SELECT count(*) FROM rows")
+
+
+def test_standby_with_its_wal_receiver_cut_sends_reads_to_the_primary_and_back(
+    make_pool, replicated
+):
+    """The primary runs, the standby's WAL receiver is cut and 5 rows are missing there: a
+    prefer-standby group with ``on_lag='use-primary'`` reads them on the primary, the
+    ``fail`` group raises; once the receiver streams again, reads return to the standby."""
+    primary, standby, creds = replicated
+    pool = make_pool(_lag_groups(), db=[primary.endpoint(**creds), standby.endpoint(**creds)],
+                     role_check_interval=0.1, maintenance_interval=0.05)
+    wait_until(lambda: endpoint_stats(pool, standby)["lag"] == 0, 10,
+               "housekeeping to measure the streaming standby")
+    assert read_port(pool, "prefer") == standby.port
+
+    conninfo = _cut_wal_receiver(standby)
+    primary.execute("INSERT INTO rows SELECT generate_series(1, 5)")
+    assert _rows(standby) == 0
+    wait_until(lambda: endpoint_stats(pool, standby)["lag"] == float("inf"), 10,
+               "housekeeping to find the WAL receiver not streaming")
+    wait_until(lambda: read_port(pool, "prefer") == primary.port, 5, "reads to move")
+    with pool.handler("prefer") as db:
+        assert db.query_one("SELECT inet_server_port(), count(*) FROM rows") == (primary.port, 5)
+    with pytest.raises(PoolTimeout), pool.handler("strict") as db:
+        db.query("SELECT count(*) FROM rows")
+
+    _set_conninfo(standby, conninfo)
+    wait_until(lambda: (endpoint_stats(pool, standby)["lag"] or 0) <= 1, 15,
+               "housekeeping to see the receiver streaming again")
+    wait_until(lambda: _rows(standby) == 5, 10, "the standby to catch up")
+    with pool.handler("strict") as db:
+        assert db.query_one("SELECT inet_server_port(), count(*) FROM rows") == (standby.port, 5)
+    wait_until(lambda: read_port(pool, "prefer") == standby.port, 15,
+               "prefer-standby reads to come back to the standby")

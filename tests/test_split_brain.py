@@ -1,0 +1,266 @@
+"""Issue 14 item 9: split brain is decided alike by every process, from the servers' own state
+(timeline, then WAL position, then configuration order), and raised only for endpoints that
+answer as primary now. Real primaries, promoted standbys and ``pg_ctl stop -m immediate``;
+the role probe is bounded by a deadline (a backend stopped with SIGSTOP).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg2
+import pytest
+from endpoints import endpoint_stats, label
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from modes import GREEN, MODE, Timeout, wait_until
+
+from greenpool.concurrency import backend_for
+from greenpool.config import EndpointConfig
+from greenpool.endpoint import PRIMARY, STANDBY, Endpoint
+from greenpool.roles import candidates, read_role
+
+SPLIT = "split brain"
+
+
+def split_errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.levelno == logging.ERROR and SPLIT in r.getMessage()]
+
+
+def write_port(pool: Any) -> int:
+    with pool.handler("write") as db:
+        return int(db.query_one("SELECT inet_server_port()")[0])
+
+
+@pytest.fixture
+def promoted_while_old_primary_runs(pg_factory) -> Iterator[tuple[Any, Any]]:
+    """A primary and a standby of it, the standby then promoted while the primary runs on."""
+    primary = pg_factory()
+    standby = pg_factory(standby_of=primary)
+    yield primary, standby
+
+
+def endpoints_of(*clusters: Any) -> list[Endpoint]:
+    """Endpoints as one pool makes them: in configuration order, one set per pool."""
+    return [Endpoint(EndpointConfig(host=c.host, port=c.port), 0.5, 30.0) for c in clusters]
+
+
+def observe(endpoint: Endpoint, cluster: Any) -> None:
+    """What group code does with a housekeeping probe: one bounded round trip, recorded."""
+    conn = cluster.connect()
+    try:
+        report = read_role(conn, backend_for(MODE), 2.0)
+    finally:
+        conn.close()
+    endpoint.observe_role(report.role, report.timeline, report.lsn)
+    endpoint.lag = report.lag
+
+
+def chosen(endpoints: list[Endpoint]) -> Endpoint:
+    return candidates(endpoints, "primary", None, "use-primary")[0][0]
+
+
+# --- the rule, fed from real servers -----------------------------------------------------------
+
+
+def test_two_pools_started_before_and_after_a_promotion_choose_the_promoted_primary(
+    promoted_while_old_primary_runs, caplog
+):
+    """One pool knew the old primary before the promotion, one starts after it and happens to
+    see the old primary last: both choose the promoted standby (its timeline is higher, read
+    right after ``pg_ctl promote``), and each reports the split once."""
+    primary, standby = promoted_while_old_primary_runs
+    early = endpoints_of(primary, standby)  # the old primary is first in the configuration
+    observe(early[0], primary)
+    observe(early[1], standby)
+    assert [ep.role for ep in early] == [PRIMARY, STANDBY]
+    assert chosen(early) is early[0]
+
+    standby.promote()  # its new timeline is in its WAL file names at once
+    late = endpoints_of(primary, standby)
+    observe(late[1], standby)
+    observe(late[0], primary)
+    observe(early[1], standby)
+    for _ in range(3):  # a few probe rounds, in opposite orders, with borrows in between
+        for eps, order in ((early, (0, 1)), (late, (1, 0))):
+            for i in order:
+                observe(eps[i], (primary, standby)[i])
+                assert chosen(eps) is eps[1]
+    assert [ep.timeline for ep in early] == [ep.timeline for ep in late] == [1, 2]
+    errors = split_errors(caplog)
+    assert len(errors) == 2, "once per pool, not once per process nor once per call"
+    for eps in (early, late):
+        assert [ep.split_brain for ep in eps] == [1, 1]
+    assert all(label(standby) in r.getMessage() and "timeline 2" in r.getMessage()
+               for r in errors)
+
+
+def test_an_old_primary_that_died_before_the_promotion_claims_nothing(pg_factory, caplog):
+    """Its last answer as primary predates the promotion: no split brain, even while its
+    endpoint still looks up (nobody has tried to connect since it died)."""
+    primary = pg_factory()
+    standby = pg_factory(standby_of=primary)
+    eps = endpoints_of(primary, standby)
+    observe(eps[0], primary)
+    observe(eps[1], standby)
+    primary.stop("immediate")
+    standby.promote()
+    observe(eps[1], standby)
+    assert eps[0].state == "up" and eps[0].role == PRIMARY  # stale, but not yet known so
+    assert chosen(eps) is eps[1]
+    assert not split_errors(caplog) and eps[0].split_brain == eps[1].split_brain == 0
+
+
+def test_quarantined_probing_and_stale_primaries_are_not_claimants(
+    promoted_while_old_primary_runs, caplog
+):
+    primary, standby = promoted_while_old_primary_runs
+    standby.promote()
+    eps = endpoints_of(primary, standby)
+    observe(eps[0], primary)
+    observe(eps[1], standby)
+    observe(eps[0], primary)  # each answered since the other was first seen: both claim
+    for state in ("quarantined", "probing"):
+        eps[1].state = state  # what the health state machine sets (its own tests drive it)
+        assert chosen(eps) is eps[0]
+    eps[1].state = "up"
+    eps[1].role_stale_after = 0.0  # its role was last seen longer ago than that
+    assert chosen(eps) is eps[0]
+    assert not split_errors(caplog)
+    eps[1].role_stale_after = 60.0
+    assert chosen(eps) is eps[1]
+    assert len(split_errors(caplog)) == 1
+
+
+# --- the rule, for any order of observation ----------------------------------------------------
+
+_state = st.tuples(st.integers(1, 3), st.integers(0, 2))  # (timeline, WAL position)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_state, min_size=2, max_size=4), st.randoms(use_true_random=False))
+def test_every_process_chooses_alike_whatever_it_saw_first(states, rnd) -> None:
+    """Pools that saw the same primaries in different orders (each at least twice, as
+    housekeeping does) choose the same one: highest timeline, then WAL position, then the
+    first configured."""
+    picks = []
+    for _ in range(3):
+        eps = [Endpoint(EndpointConfig(host=f"10.0.0.{i}"), 0.5, 30.0)
+               for i in range(len(states))]
+        sightings = [i for i in range(len(states)) for _ in range(2)]
+        rnd.shuffle(sightings)
+        sightings += range(len(states))  # a full round last: everyone answered since
+        for i in sightings:
+            eps[i].observe_role(PRIMARY, *states[i])
+            chosen(eps)
+        picks.append(eps.index(chosen(eps)))
+    best = max(range(len(states)), key=lambda i: (*states[i], -i))
+    assert picks == [best] * 3
+
+
+# --- whole pools -------------------------------------------------------------------------------
+
+
+def test_pools_made_before_and_after_a_promotion_write_to_the_same_primary(
+    make_pool, promoted_while_old_primary_runs, caplog
+):
+    primary, standby = promoted_while_old_primary_runs
+    db = [primary.endpoint(), standby.endpoint()]
+
+    def make() -> Any:
+        return make_pool({"write": {"role": "primary", "timeout": 2}}, db=db,
+                         role_check_interval=0.1, maintenance_interval=0.05)
+
+    early = make()
+    assert write_port(early) == primary.port
+    standby.promote()
+    late = make()
+    for pool in (early, late):
+        wait_until(lambda: endpoint_stats(pool, standby)["timeline"] == 2, 5,  # noqa: B023
+                   "housekeeping to read the promoted standby's timeline")
+        wait_until(lambda: endpoint_stats(pool, primary)["split_brain"] == 1, 5,  # noqa: B023
+                   "the split brain to be reported")
+    assert write_port(early) == write_port(late) == standby.port
+    assert len(split_errors(caplog)) == 2
+
+
+def test_a_pool_never_reports_a_dead_old_primary_as_split_brain(make_pool, pg_factory, caplog):
+    """The demo's case: the primary is stopped with ``-m immediate`` and stays dead while its
+    standby is promoted; housekeeping keeps probing the dead one. Nothing is split."""
+    primary = pg_factory()
+    standby = pg_factory(standby_of=primary)
+    pool = make_pool({"write": {"role": "primary", "timeout": 3}},
+                     db=[primary.endpoint(), standby.endpoint()],
+                     role_check_interval=0.1, maintenance_interval=0.05,
+                     quarantine_initial=0.05, quarantine_max=0.1)
+    assert write_port(pool) == primary.port
+    primary.stop("immediate")
+    standby.promote()
+    wait_until(lambda: write_port(pool) == standby.port, 10, "writes to follow the promotion")
+    attempts = endpoint_stats(pool, primary)["connect_attempts"]
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:  # borrows while the dead one is quarantined and probed
+        assert write_port(pool) == standby.port
+    assert endpoint_stats(pool, primary)["connect_attempts"] >= attempts + 3  # it was probed
+    assert not split_errors(caplog)
+    assert endpoint_stats(pool, primary)["split_brain"] == 0
+    assert endpoint_stats(pool, standby)["split_brain"] == 0
+
+
+# --- the probe's deadline ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def stopped_backend(pg) -> Iterator[Callable[[], Any]]:
+    """``stop()`` -> a connection whose server backend is stopped with SIGSTOP (resumed and
+    closed at the end)."""
+    stopped: list[tuple[Any, int]] = []
+
+    def stop() -> Any:
+        conn = pg.connect()
+        stopped.append((conn, conn.get_backend_pid()))
+        os.kill(stopped[-1][1], signal.SIGSTOP)
+        return conn
+
+    yield stop
+    for conn, pid in stopped:
+        os.kill(pid, signal.SIGCONT)
+        conn.close()
+
+
+@pytest.mark.skipif(not GREEN, reason="threaded mode needs socket-level timeouts (issue 14 "
+                    "item 3, another change): backend.deadline() is a no-op there")
+def test_role_probe_of_a_stalled_backend_gives_up_at_its_deadline(stopped_backend):
+    conn = stopped_backend()
+    started = time.monotonic()
+    with pytest.raises(psycopg2.OperationalError, match=r"role probe within 0\.30 s"):
+        read_role(conn, backend_for(MODE), 0.3)
+    assert 0.25 <= time.monotonic() - started < 1.5
+
+
+@pytest.mark.skipif(not GREEN, reason="an outer green timeout exists only in the green modes")
+def test_an_outer_timeout_during_the_probe_is_not_turned_into_a_probe_error(stopped_backend):
+    conn = stopped_backend()
+    conn.autocommit = False  # the probe switches it on; interrupted, it must not switch back
+    outer = Timeout(0.2)
+    with pytest.raises(type(outer)) as info, outer:
+        read_role(conn, backend_for(MODE), 5.0)
+    assert info.value is outer
+
+
+@pytest.mark.parametrize("seconds", [0.0, -1.0, math.nan])
+def test_a_probe_with_no_time_left_sends_nothing(pg, seconds):
+    conn = pg.connect()
+    try:
+        with pytest.raises(psycopg2.OperationalError, match="no time left"):
+            read_role(conn, backend_for(MODE), seconds)
+        assert read_role(conn, backend_for(MODE), 5.0).role == PRIMARY  # still usable
+        assert conn.autocommit is True
+    finally:
+        conn.close()
