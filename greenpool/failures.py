@@ -50,9 +50,7 @@ _RULES = (
           "the endpoint is behind a connection pooler that refuses this startup parameter: "
           "remove it from the endpoint's options, or add it to the pooler's "
           "ignore_startup_parameters"),
-    _rule(r"password authentication failed|authentication failed for user|"
-          r"\b(ident|peer|ldap|radius|pam|cert|gss|sspi) authentication failed|"
-          r"SASL authentication failed|invalid password",
+    _rule(r"authentication failed|invalid password",
           True, "authentication", "check the endpoint's `user` and `pass`"),
     _rule(r"no password supplied|password is required", True, "no_password",
           "the server asks for a password: give the endpoint a `pass`"),

@@ -48,7 +48,8 @@ def test_dsn_and_uri_endpoints():
     [
         (lambda c: c["groups"]["g"].update(conection_count=3), r"groups\.g\.conection_count: "
          r"unknown key \(did you mean 'connection_count'\?\)"),
-        (lambda c: c["groups"]["g"].update(connection_count=0), r"connection_count: expected a whole number from 1 to"),
+        (lambda c: c["groups"]["g"].update(connection_count=0),
+         r"connection_count: expected a whole number from 1 to"),
         (lambda c: c["groups"]["g"].update(timeout="soon"), r"g\.timeout: expected a number"),
         (lambda c: c["groups"]["g"].update(autocommit="yes"), r"autocommit: expected true"),
         (lambda c: c["groups"]["g"].update(min_size=5, connection_count=2), r"min_size"),
