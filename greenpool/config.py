@@ -196,11 +196,11 @@ def _number(
     try:
         number = float(value)
     except OverflowError:  # an int beyond float's range
-        raise _fail(path, f"expected {allowed}; got a number too large") from None
+        number = math.inf
     if math.isnan(number) or math.isinf(number):
-        raise _fail(path, f"expected {allowed}; got {value!r} (not a finite number)")
+        raise _fail(path, f"expected {allowed}; got {_short.repr(value)} (not a finite number)")
     if number < minimum or (open_min and number == minimum) or number > maximum:
-        raise _fail(path, f"expected {allowed}; got {value!r}")
+        raise _fail(path, f"expected {allowed}; got {_short.repr(value)}")
     return number
 
 
