@@ -209,6 +209,10 @@ def test_real_shutting_down_is_transient(pg_factory: Any, mode: str) -> None:
         assert (exc.fatal, exc.kind) == (False, "shutting_down")
     finally:
         held.close()
+        # the smart shutdown now completes; let it, so the fixture's stop does not race it
+        deadline = time.monotonic() + 10
+        while cluster.is_running() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 def test_pool_fails_fast_on_a_wrong_password(auth_server: Cluster, mode: str) -> None:
