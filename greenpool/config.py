@@ -2,15 +2,26 @@
 
 The input is pgdbpool's dictionary (``type``, ``db``, ``groups``) so its users can switch
 without rewriting their config; every key greenpool adds has a default. Validation happens
-once, up front: an unknown key or a bad value is a :class:`ConfigError` that names the key
-(with a "did you mean" for typos), never a late ``KeyError`` inside a request.
+once, up front, and covers every key: type, range, finiteness, units and the rules between
+keys. Anything wrong is a :class:`ConfigError` that names the key, the value (never a secret's)
+and what is allowed, raised by :func:`parse_config` (so by ``Pool()``), never a late
+``KeyError``/``OverflowError`` inside a request.
+
+The checks are hand-written rather than a schema library's: the format has aliases
+(``pass``/``password``, ``name``/``dbname``), DSN strings, pgdbpool's millisecond
+``query_timeout`` and secrets that must never be echoed, and a pool library should not pull
+a large dependency (pydantic and its compiled core) into every application for a table of
+~40 keys checked once at startup.
 """
 
 from __future__ import annotations
 
 import difflib
+import math
+import re
+import reprlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from psycopg2.extensions import parse_dsn
@@ -22,6 +33,7 @@ ROW_FACTORIES = ("tuple", "dict", "namedtuple")
 #: libpq's target_session_attrs words for what a group may connect to.
 ROLES = ("any", "primary", "standby", "prefer-standby")
 LAG_POLICIES = ("use-primary", "fail")
+SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 # libpq keepalive defaults: a peer that vanished (power loss, partition) is noticed in about
 # a minute instead of the kernel's two hours.
@@ -31,17 +43,41 @@ DEFAULT_KEEPALIVES = {
     "keepalives_interval": 10,
     "keepalives_count": 3,
 }
+#: Linux's limits for the keepalive socket options (TCP_KEEPIDLE/INTVL: 32767 s, CNT: 127).
+_KEEPALIVE_MAX = {"keepalives": 1, "keepalives_idle": 32767, "keepalives_interval": 32767,
+                  "keepalives_count": 127}
+
+#: libpq connection parameters whose value is a secret: redacted in reprs, never echoed.
+SECRET_OPTIONS = frozenset({"password", "sslpassword"})
+#: Endpoint parameters that have their own key; in ``options`` they would bypass its checks
+#: (and the endpoint's label would lie about where it connects).
+_OWN_KEYS = {"host": "host", "port": "port", "dbname": "name", "user": "user",
+             "password": "pass", "sslmode": "ssl", "connect_timeout": "connect_timeout"}
+
+DAY = 86400.0
+#: PostgreSQL's statement_timeout is an int of milliseconds.
+_STATEMENT_TIMEOUT_MAX_MS = 2**31 - 1
+#: PostgreSQL's ceiling for max_connections: no group can usefully hold more.
+_CONNECTIONS_MAX = 262143
+#: temp_buffers is at most 2**30 - 1 blocks of 8 kB.
+_TEMP_BUFFERS_MAX_MB = (2**30 - 1) * 8 // 1024
+#: A retry pause (and a first quarantine) shorter than this is a connect storm, not a backoff.
+MIN_RETRY_SLEEP = 0.01
+
+_short = reprlib.Repr()
+_short.maxstring = 60
+_short.maxother = 60
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class EndpointConfig:
-    """One PostgreSQL server. The password is kept out of ``repr``."""
+    """One PostgreSQL server. Its repr shows neither the password nor a secret option."""
 
     host: str
     port: int = 5432
     dbname: str = "postgres"
     user: str | None = None
-    password: str | None = field(default=None, repr=False)
+    password: str | None = None
     sslmode: str | None = None
     connect_timeout: float = 5.0
     retry_sleep: float | None = None
@@ -56,6 +92,25 @@ class EndpointConfig:
         """How the endpoint is named in errors, logs and stats (never with the password)."""
         where = self.host if self.host.startswith("/") else f"{self.host}:{self.port}"
         return f"{where}/{self.dbname}"
+
+    def secrets(self) -> tuple[str, ...]:
+        """The secret values this endpoint holds, for scrubbing them out of driver messages."""
+        found = [self.password or ""]
+        found += [v for k, v in self.options.items() if k in SECRET_OPTIONS]
+        return tuple(s for s in found if s)
+
+    def __repr__(self) -> str:
+        shown = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "password":
+                value = None if value is None else "***"
+            elif f.name == "options":
+                value = {k: ("***" if k in SECRET_OPTIONS else v) for k, v in value.items()}
+            shown.append(f"{f.name}={value!r}")
+        return f"EndpointConfig({', '.join(shown)})"
+
+    __str__ = __repr__
 
 
 @dataclass(frozen=True)
@@ -103,48 +158,105 @@ def _fail(path: str, message: str) -> ConfigError:
     return ConfigError(f"{path}: {message}")
 
 
-def _number(path: str, value: Any, *, minimum: float = 0.0, allow_none: bool = False) -> Any:
+def _is_secret(path: str) -> bool:
+    last = path.rsplit(".", 1)[-1]
+    return last in ("pass", "password", "dsn", *SECRET_OPTIONS)
+
+
+def _shown(path: str, value: Any) -> str:
+    """How a bad value appears in an error: shortened, and a secret only by its type."""
+    if _is_secret(path):
+        return f"a {type(value).__name__} (not shown: it is a secret)"
+    return _short.repr(value)
+
+
+def _range_text(minimum: float, maximum: float, open_min: bool) -> str:
+    low = f"> {minimum:g}" if open_min else f">= {minimum:g}"
+    return f"{low} and <= {maximum:g}"
+
+
+def _number(
+    path: str,
+    value: Any,
+    *,
+    minimum: float = 0.0,
+    maximum: float = DAY,
+    open_min: bool = False,
+    allow_none: bool = False,
+    unit: str = "seconds",
+) -> Any:
+    """A finite int or float within [minimum, maximum] (``open_min``: above minimum)."""
     if value is None and allow_none:
         return None
+    allowed = f"a number of {unit} {_range_text(minimum, maximum, open_min)}"
+    if allow_none:
+        allowed += ", or null"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _fail(path, f"expected a number of seconds, got {value!r}")
-    if value < minimum:
-        raise _fail(path, f"must be >= {minimum}, got {value!r}")
-    return float(value)
+        raise _fail(path, f"expected {allowed}; got {_shown(path, value)}")
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float's range
+        number = math.inf
+    if math.isnan(number) or math.isinf(number):
+        raise _fail(path, f"expected {allowed}; got {_short.repr(value)} (not a finite number)")
+    if number < minimum or (open_min and number == minimum) or number > maximum:
+        raise _fail(path, f"expected {allowed}; got {_short.repr(value)}")
+    return number
 
 
-def _integer(path: str, value: Any, *, minimum: int = 0) -> int:
+def _integer(path: str, value: Any, *, minimum: int = 0, maximum: int = 2**31 - 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _fail(path, f"expected a whole number, got {value!r}")
-    if value < minimum:
-        raise _fail(path, f"must be >= {minimum}, got {value!r}")
-    return value
+        what = "true/false" if isinstance(value, bool) else _shown(path, value)
+        raise _fail(path, f"expected a whole number from {minimum} to {maximum}; got {what}")
+    if not minimum <= value <= maximum:
+        shown = _short.repr(value)
+        raise _fail(path, f"expected a whole number from {minimum} to {maximum}; got {shown}")
+    return int(value)
 
 
 def _boolean(path: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise _fail(path, f"expected true or false, got {value!r}")
+        raise _fail(path, f"expected true or false; got {_shown(path, value)}")
     return value
 
 
-def _text(path: str, value: Any) -> str:
+def _text(path: str, value: Any, *, allow_none: bool = False) -> Any:
+    """A non-empty string without NUL (libpq cannot carry one; psycopg2 would fail later)."""
+    if value is None and allow_none:
+        return None
+    allowed = "a non-empty string" + (", or null" if allow_none else "")
     if not isinstance(value, str) or not value:
-        raise _fail(path, f"expected a non-empty string, got {value!r}")
+        raise _fail(path, f"expected {allowed}; got {_shown(path, value)}")
+    if "\x00" in value:
+        raise _fail(path, "must not contain a NUL character")
+    return value
+
+
+def _password(path: str, value: Any) -> str | None:
+    """``None`` means "no password" (libpq's .pgpass/environment may still supply one)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _fail(path, f"expected a string or null; got a {type(value).__name__} "
+                          "(not shown: it is a secret)")
+    if "\x00" in value:
+        raise _fail(path, "must not contain a NUL character (value not shown: it is a secret)")
     return value
 
 
 def _choice(path: str, value: Any, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise _fail(path, f"expected one of {', '.join(choices)}; got {value!r}")
-    return str(value)
+    if not isinstance(value, str) or value not in choices:
+        raise _fail(path, f"expected one of {', '.join(choices)}; got {_shown(path, value)}")
+    return value
 
 
-def _reject_unknown(path: str, given: Mapping[str, Any], known: Mapping[str, Any]) -> None:
+def _reject_unknown(path: str, given: Mapping[Any, Any], known: Mapping[str, Any]) -> None:
     for key in given:
         if key not in known:
             hint = difflib.get_close_matches(str(key), list(known), n=1)
             suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise _fail(f"{path}.{key}" if path else str(key), f"unknown key{suggestion}")
+            name = _short.repr(key) if not isinstance(key, str) else key
+            raise _fail(f"{path}.{name}" if path else name, f"unknown key{suggestion}")
 
 
 def _mapping(path: str, value: Any) -> Mapping[str, Any]:
@@ -153,7 +265,45 @@ def _mapping(path: str, value: Any) -> Mapping[str, Any]:
     return value
 
 
+def _statement_timeout(path: str, value: Any) -> float | None:
+    """Seconds; sent to the server as whole milliseconds, so below 1 ms would round to 0,
+    which PostgreSQL reads as "no timeout". 0 itself is accepted and means exactly that."""
+    maximum = _STATEMENT_TIMEOUT_MAX_MS / 1000.0
+    seconds = _number(path, value, maximum=maximum, allow_none=True)
+    if seconds is None or seconds == 0:
+        return seconds
+    if int(seconds * 1000) < 1:
+        raise _fail(path, f"{value!r} s is below 1 ms and would round to 0, which turns the "
+                          "timeout off; give at least 0.001 (or 0 to mean no timeout)")
+    return float(seconds)
+
+
+def _query_timeout(path: str, value: Any) -> float:
+    """pgdbpool passes query_timeout straight to statement_timeout: milliseconds."""
+    ms = _number(path, value, maximum=_STATEMENT_TIMEOUT_MAX_MS, unit="milliseconds")
+    if 0 < ms < 1:
+        raise _fail(path, f"{value!r} ms would round to 0, which turns the timeout off; "
+                          "give at least 1 (or 0 to mean no timeout)")
+    return float(ms) / 1000.0
+
+
 # --- endpoints ----------------------------------------------------------------------------
+
+_MULTI_HOST = ("a libpq multi-host list cannot be used here (greenpool resolves and "
+               "balances each server itself): list each server as its own entry of `db`")
+
+
+def _host(path: str, value: Any) -> str:
+    host = _text(path, value)
+    if "," in host:
+        raise _fail(path, f"{_short.repr(host)}: {_MULTI_HOST}")
+    return str(host)
+
+
+def _port(path: str, value: Any) -> int:
+    if isinstance(value, str) and "," in value:
+        raise _fail(path, f"{_short.repr(value)}: {_MULTI_HOST}")
+    return _integer(path, value, minimum=1, maximum=65535)
 
 
 def _ssl(path: str, value: Any) -> str | None:
@@ -164,9 +314,7 @@ def _ssl(path: str, value: Any) -> str | None:
         return "require"
     if value is False:
         return "disable"
-    return _choice(
-        path, value, ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
-    )
+    return _choice(path, value, SSLMODES)
 
 
 def _keepalives(path: str, value: Any) -> Mapping[str, int]:
@@ -178,54 +326,105 @@ def _keepalives(path: str, value: Any) -> Mapping[str, int]:
     _reject_unknown(path, given, DEFAULT_KEEPALIVES)
     merged = dict(DEFAULT_KEEPALIVES)
     for key, item in given.items():
-        merged[key] = _integer(f"{path}.{key}", item)
+        merged[key] = _integer(f"{path}.{key}", item, maximum=_KEEPALIVE_MAX[key])
     return merged
 
 
+def _libpq_knows(keyword: str) -> bool:
+    """Whether libpq accepts ``keyword`` as a connection parameter (asked of libpq itself)."""
+    if not re.fullmatch(r"[a-z_]+", keyword):
+        return False
+    try:
+        parse_dsn(f"{keyword}=x")
+    except Exception:
+        return False
+    return True
+
+
 def _options(path: str, value: Any) -> Mapping[str, str]:
+    """Other libpq parameters: known keywords only, string or whole-number values."""
     given = _mapping(path, value)
-    return {str(k): str(v) for k, v in given.items()}
+    options: dict[str, str] = {}
+    for key, item in given.items():
+        if not isinstance(key, str) or not _libpq_knows(key):
+            raise _fail(f"{path}.{_short.repr(key) if not isinstance(key, str) else key}",
+                        "not a libpq connection parameter")
+        where = f"{path}.{key}"
+        if key in _OWN_KEYS:
+            raise _fail(where, f"give it as the endpoint key `{_OWN_KEYS[key]}`, not in options")
+        if isinstance(item, int) and not isinstance(item, bool):
+            options[key] = str(item)
+        elif isinstance(item, str):
+            if "\x00" in item:
+                raise _fail(where, "must not contain a NUL character")
+            if key == "hostaddr" and "," in item:
+                raise _fail(where, _MULTI_HOST)
+            options[key] = item
+        else:
+            raise _fail(where, f"expected a string or a whole number; got {_shown(where, item)}")
+    return options
 
 
 _ENDPOINT_KEYS: dict[str, Callable[[str, Any], tuple[str, Any]]] = {
-    "host": lambda p, v: ("host", _text(p, v)),
-    "port": lambda p, v: ("port", _integer(p, v, minimum=1)),
+    "host": lambda p, v: ("host", _host(p, v)),
+    "port": lambda p, v: ("port", _port(p, v)),
     "name": lambda p, v: ("dbname", _text(p, v)),
     "dbname": lambda p, v: ("dbname", _text(p, v)),
-    "user": lambda p, v: ("user", _text(p, v)),
-    "pass": lambda p, v: ("password", str(v)),
-    "password": lambda p, v: ("password", str(v)),
+    "user": lambda p, v: ("user", _text(p, v, allow_none=True)),
+    "pass": lambda p, v: ("password", _password(p, v)),
+    "password": lambda p, v: ("password", _password(p, v)),
     "ssl": lambda p, v: ("sslmode", _ssl(p, v)),
     "sslmode": lambda p, v: ("sslmode", _ssl(p, v)),
-    "connect_timeout": lambda p, v: ("connect_timeout", _number(p, v, minimum=0.001)),
-    "connection_retry_sleep": lambda p, v: ("retry_sleep", _number(p, v)),
-    # pgdbpool passes query_timeout straight to statement_timeout, i.e. milliseconds.
-    "query_timeout": lambda p, v: ("statement_timeout", _number(p, v) / 1000.0),
-    "statement_timeout": lambda p, v: ("statement_timeout", _number(p, v, allow_none=True)),
-    "session_tmp_buffer": lambda p, v: ("temp_buffers_mb", _integer(p, v, minimum=1)),
-    "weight": lambda p, v: ("weight", _integer(p, v, minimum=1)),
+    "connect_timeout": lambda p, v: (
+        "connect_timeout", _number(p, v, minimum=0.001, maximum=3600.0)),
+    "connection_retry_sleep": lambda p, v: (
+        "retry_sleep", _number(p, v, minimum=MIN_RETRY_SLEEP, maximum=3600.0, allow_none=True)),
+    "query_timeout": lambda p, v: ("statement_timeout", _query_timeout(p, v)),
+    "statement_timeout": lambda p, v: ("statement_timeout", _statement_timeout(p, v)),
+    "session_tmp_buffer": lambda p, v: (
+        "temp_buffers_mb", _integer(p, v, minimum=1, maximum=_TEMP_BUFFERS_MAX_MB)),
+    "weight": lambda p, v: ("weight", _integer(p, v, minimum=1, maximum=1000)),
     "keepalives": lambda p, v: ("keepalives", _keepalives(p, v)),
     "options": lambda p, v: ("options", _options(p, v)),
 }
+# Aliases that name the same setting: giving both is ambiguous.
+_SAME_SETTING = (("name", "dbname"), ("pass", "password"), ("ssl", "sslmode"),
+                 ("query_timeout", "statement_timeout"))
 
 # libpq parameters a DSN may carry, mapped onto pgdbpool's words; the rest become options.
 _DSN_ALIASES = {"dbname": "name", "password": "pass", "sslmode": "ssl"}
 _DSN_NUMERIC = {"port", "connect_timeout"}
 
 
+def _masked(libpq_message: str) -> str:
+    """libpq's DSN parse error with every quoted token hidden: it may echo the password."""
+    first = libpq_message.strip().splitlines()[0] if libpq_message.strip() else ""
+    return re.sub(r'"[^"]*"', '"…"', first)
+
+
 def _dsn_to_keys(path: str, dsn: str) -> dict[str, Any]:
+    # The raise happens outside the ``except``: libpq's error must not even be the
+    # ``__context__`` of ours, since its message echoes the DSN's tokens.
+    problem = None
     try:
         parsed = parse_dsn(dsn)
-    except Exception as exc:  # psycopg2.ProgrammingError: the message never echoes the DSN
-        raise _fail(path, "not a valid libpq DSN or postgresql:// URI") from exc
+    except Exception as exc:  # psycopg2.ProgrammingError
+        problem = _masked(str(exc).removeprefix("invalid dsn: "))
+    if problem is not None:
+        detail = f" (libpq: {problem})" if problem else ""
+        raise _fail(path, f"not a valid libpq DSN or postgresql:// URI{detail}; the DSN "
+                          "is not shown because it may hold the password")
     keys: dict[str, Any] = {}
     options: dict[str, str] = {}
     for key, value in parsed.items():
+        if key in ("host", "hostaddr", "port") and "," in value:
+            raise _fail(f"{path}.{key}", f"{_short.repr(value)}: {_MULTI_HOST}")
         if key in _DSN_NUMERIC:
-            try:
-                keys[key] = int(value)
-            except ValueError:
-                raise _fail(f"{path}.{key}", f"expected a whole number, got {value!r}") from None
+            number = int(value) if re.fullmatch(r"\s*[0-9]{1,9}\s*", value) else None
+            if number is None:
+                raise _fail(f"{path}.{key}",
+                            f"expected a whole number; got {_short.repr(value)}")
+            keys[key] = number
         elif key in _DSN_ALIASES:
             keys[_DSN_ALIASES[key]] = value
         elif key in ("host", "user"):
@@ -240,13 +439,24 @@ def _dsn_to_keys(path: str, dsn: str) -> dict[str, Any]:
 def parse_endpoint(path: str, raw: Any) -> EndpointConfig:
     """One entry of ``db``: a pgdbpool dict, a dict with ``dsn``, or a DSN/URI string."""
     if isinstance(raw, str):
-        given: dict[str, Any] = _dsn_to_keys(path, raw)
+        given: dict[str, Any] = _dsn_to_keys(path, _text(f"{path}.dsn", raw))
     else:
         given = dict(_mapping(path, raw))
         if "dsn" in given:
             from_dsn = _dsn_to_keys(f"{path}.dsn", _text(f"{path}.dsn", given.pop("dsn")))
+            if "options" in from_dsn and "options" in given:
+                extra = _mapping(f"{path}.options", given["options"])
+                given["options"] = {**from_dsn.pop("options"), **extra}
+            for a, b in _SAME_SETTING:  # an explicit key overrides the DSN's
+                if a in given and b in from_dsn:
+                    from_dsn.pop(b)
+                if b in given and a in from_dsn:
+                    from_dsn.pop(a)
             given = {**from_dsn, **given}
     _reject_unknown(path, given, _ENDPOINT_KEYS)
+    for a, b in _SAME_SETTING:
+        if a in given and b in given:
+            raise _fail(f"{path}.{b}", f"`{a}` and `{b}` are the same setting: give one")
     values: dict[str, Any] = {}
     for key, value in given.items():
         attr, checked = _ENDPOINT_KEYS[key](f"{path}.{key}", value)
@@ -259,16 +469,16 @@ def parse_endpoint(path: str, raw: Any) -> EndpointConfig:
 # --- groups -------------------------------------------------------------------------------
 
 _GROUP_KEYS: dict[str, Callable[[str, Any], Any]] = {
-    "connection_count": lambda p, v: _integer(p, v, minimum=1),
-    "min_size": lambda p, v: _integer(p, v),
+    "connection_count": lambda p, v: _integer(p, v, minimum=1, maximum=_CONNECTIONS_MAX),
+    "min_size": lambda p, v: _integer(p, v, maximum=_CONNECTIONS_MAX),
     "autocommit": _boolean,
     "readonly": _boolean,
     "timeout": lambda p, v: _number(p, v),
-    "max_waiting": lambda p, v: _integer(p, v),
-    "max_lifetime": lambda p, v: _number(p, v, minimum=1.0),
-    "max_idle": lambda p, v: _number(p, v, minimum=0.1),
+    "max_waiting": lambda p, v: _integer(p, v, maximum=10**6),
+    "max_lifetime": lambda p, v: _number(p, v, minimum=1.0, maximum=30 * DAY),
+    "max_idle": lambda p, v: _number(p, v, minimum=0.1, maximum=30 * DAY),
     "check_idle_after": lambda p, v: _number(p, v),
-    "statement_timeout": lambda p, v: _number(p, v, allow_none=True),
+    "statement_timeout": _statement_timeout,
     "row_factory": lambda p, v: _choice(p, v, ROW_FACTORIES),
     "endpoints": lambda p, v: v,  # resolved against ``db`` in _group_endpoints
     "role": lambda p, v: _choice(p, v, ROLES),
@@ -283,14 +493,18 @@ def _group_endpoints(path: str, value: Any, endpoints: tuple[EndpointConfig, ...
     if not isinstance(value, (list, tuple)) or not value:
         raise _fail(path, "expected a non-empty list of endpoint indexes or labels")
     labels = {ep.label: i for i, ep in enumerate(endpoints)}
-    chosen = []
+    chosen: list[int] = []
     for item in value:
         if isinstance(item, int) and not isinstance(item, bool) and 0 <= item < len(endpoints):
-            chosen.append(item)
+            index = item
         elif isinstance(item, str) and item in labels:
-            chosen.append(labels[item])
+            index = labels[item]
         else:
-            raise _fail(path, f"{item!r} is not an index into db nor one of {sorted(labels)}")
+            raise _fail(path, f"{_short.repr(item)} is not an index into db (0 to "
+                              f"{len(endpoints) - 1}) nor one of {sorted(labels)}")
+        if index in chosen:
+            raise _fail(path, f"{_short.repr(item)} names db[{index}] a second time")
+        chosen.append(index)
     return tuple(chosen)
 
 
@@ -307,7 +521,9 @@ def parse_group(
         values["readonly"] = True  # a read group: replaying a read after a failover is safe
     group = GroupConfig(name=name, **values)
     if group.min_size > group.connection_count:
-        raise _fail(f"{path}.min_size", "must not exceed connection_count")
+        raise _fail(f"{path}.min_size", f"{group.min_size} exceeds connection_count "
+                                        f"({group.connection_count}); allowed: 0 to "
+                                        f"connection_count")
     return group
 
 
@@ -327,6 +543,20 @@ _TOP_KEYS = {
 }
 
 
+def _endpoints(db: Any) -> tuple[EndpointConfig, ...]:
+    entries = db if isinstance(db, (list, tuple)) else [db]
+    if not entries:
+        raise _fail("db", "the list of endpoints is empty")
+    endpoints = tuple(parse_endpoint(f"db[{i}]", entry) for i, entry in enumerate(entries))
+    seen: dict[str, int] = {}
+    for i, ep in enumerate(endpoints):
+        if ep.label in seen:  # stats, errors and group subsets name endpoints by label
+            raise _fail(f"db[{i}]", f"{ep.label} is already db[{seen[ep.label]}]; "
+                                    "list each server and database once")
+        seen[ep.label] = i
+    return endpoints
+
+
 def parse_config(raw: Any) -> PoolConfig:
     """Validate a pgdbpool-style dictionary; raise :class:`ConfigError` naming the bad key."""
     if isinstance(raw, PoolConfig):
@@ -337,35 +567,41 @@ def parse_config(raw: Any) -> PoolConfig:
 
     if "db" not in top:
         raise _fail("db", "missing: give one endpoint (dict or DSN) or a list of them")
-    db = top["db"]
-    entries = db if isinstance(db, (list, tuple)) else [db]
-    if not entries:
-        raise _fail("db", "the list of endpoints is empty")
-    endpoints = tuple(parse_endpoint(f"db[{i}]", entry) for i, entry in enumerate(entries))
+    endpoints = _endpoints(top["db"])
 
     defaults = _mapping("defaults", top.get("defaults", {}))
     _reject_unknown("defaults", defaults, _GROUP_KEYS)
     groups_raw = _mapping("groups", top.get("groups", {"default": {}}))
     if not groups_raw:
         raise _fail("groups", "no group configured")
-    groups = {
-        str(name): parse_group(str(name), spec, defaults, endpoints)
-        for name, spec in groups_raw.items()
-    }
+    groups = {}
+    for name, spec in groups_raw.items():
+        if not isinstance(name, str) or not name:
+            raise _fail(f"groups.{_short.repr(name)}", "a group's name must be a non-empty string")
+        groups[name] = parse_group(name, spec, defaults, endpoints)
+
+    quarantine_initial = _number("quarantine_initial", top.get("quarantine_initial", 0.5),
+                                 minimum=MIN_RETRY_SLEEP, maximum=3600.0)
+    quarantine_max = _number("quarantine_max", top.get("quarantine_max", 30.0),
+                             minimum=MIN_RETRY_SLEEP, maximum=DAY)
+    if quarantine_initial > quarantine_max:
+        raise _fail("quarantine_initial", f"{quarantine_initial:g} exceeds quarantine_max "
+                                          f"({quarantine_max:g}); allowed: up to quarantine_max")
     return PoolConfig(
         mode=mode,
         endpoints=endpoints,
         groups=groups,
         application_name=_text("application_name", top.get("application_name", "greenpool")),
         maintenance_interval=_number(
-            "maintenance_interval", top.get("maintenance_interval", 1.0), minimum=0.01
+            "maintenance_interval", top.get("maintenance_interval", 1.0), minimum=0.01,
+            maximum=3600.0,
         ),
-        quarantine_initial=_number(
-            "quarantine_initial", top.get("quarantine_initial", 0.5), minimum=0.001
-        ),
-        quarantine_max=_number("quarantine_max", top.get("quarantine_max", 30.0), minimum=0.001),
+        quarantine_initial=quarantine_initial,
+        quarantine_max=quarantine_max,
         role_check_interval=_number(
-            "role_check_interval", top.get("role_check_interval", 2.0), minimum=0.01
+            "role_check_interval", top.get("role_check_interval", 2.0), minimum=0.01,
+            maximum=3600.0,
         ),
-        startup_timeout=_number("startup_timeout", top.get("startup_timeout", 0.0)),
+        startup_timeout=_number("startup_timeout", top.get("startup_timeout", 0.0),
+                                maximum=3600.0),
     )

@@ -25,6 +25,7 @@ from psycopg2 import extensions
 from .concurrency import Backend
 from .config import EndpointConfig, GroupConfig
 from .endpoint import Endpoint
+from .failures import Verdict, classify, no_answer, unresolvable
 
 _STATUS_IDLE = extensions.TRANSACTION_STATUS_IDLE
 _STATUS_OPEN = (extensions.TRANSACTION_STATUS_INTRANS, extensions.TRANSACTION_STATUS_INERROR)
@@ -35,25 +36,40 @@ _ROW_FACTORIES: dict[str, Any] = {
     "namedtuple": psycopg2.extras.NamedTupleCursor,
 }
 
-# Connect errors that retrying the same configuration cannot fix. psycopg2 gives no SQLSTATE
-# for errors raised while connecting, so the server's message is all there is.
-_FATAL_CONNECT_MARKERS = (
-    "password authentication failed",
-    "authentication failed",
-    "no pg_hba.conf entry",
-    "does not exist",
-    "no password supplied",
-    "invalid connection option",
-)
-
-
 class ConnectError(Exception):
-    """A connect attempt to one endpoint failed. ``fatal``: retrying cannot help."""
+    """A connect attempt to one endpoint failed. ``fatal``: retrying cannot help.
 
-    def __init__(self, endpoint: EndpointConfig, message: str, *, fatal: bool = False) -> None:
-        super().__init__(f"{endpoint.label}: {message}")
+    ``reason`` is the server's (or our) words, with the endpoint's secrets scrubbed out;
+    ``kind`` and ``hint`` come from :mod:`greenpool.failures`: what happened, what to do.
+    """
+
+    def __init__(
+        self,
+        endpoint: EndpointConfig,
+        message: str,
+        *,
+        fatal: bool = False,
+        kind: str = "unknown",
+        hint: str = "",
+    ) -> None:
+        super().__init__(f"{endpoint.label}: {message}" + (f" ({hint})" if hint else ""))
+        self.label = endpoint.label
         self.reason = message
         self.fatal = fatal
+        self.kind = kind
+        self.hint = hint
+
+    @classmethod
+    def judged(cls, endpoint: EndpointConfig, message: str, verdict: Verdict) -> ConnectError:
+        return cls(endpoint, message, fatal=verdict.fatal, kind=verdict.kind, hint=verdict.hint)
+
+
+def _scrubbed(message: str, endpoint: EndpointConfig) -> str:
+    """A driver message on one line, without any secret of the endpoint in it."""
+    text = " ".join(message.split())
+    for secret in endpoint.secrets():
+        text = text.replace(secret, "***")
+    return text
 
 
 class _Deadline(Exception):
@@ -146,6 +162,9 @@ def open_connection(
     # Blocking modes: libpq's own timeout works there (whole seconds, at least 2).
     kwargs["connect_timeout"] = max(2, int(seconds + 0.999))
     deadline = _Deadline()
+    # Each failure is raised after its ``except`` block, so the driver's exception is not even
+    # the ``__context__`` of ours: its message may echo a conninfo value.
+    failure: ConnectError | None = None
     try:
         with backend.deadline(seconds, deadline):
             hostaddr = backend.resolve(endpoint.host, endpoint.port)
@@ -155,13 +174,15 @@ def open_connection(
     except _Deadline as exc:
         if exc is not deadline:
             raise
-        raise ConnectError(endpoint, f"no answer within {seconds:.2f} s") from None
+        failure = ConnectError.judged(endpoint, f"no answer within {seconds:.2f} s", no_answer())
     except psycopg2.Error as exc:
-        message = str(exc).strip().replace("\n", " ")
-        fatal = any(marker in message for marker in _FATAL_CONNECT_MARKERS)
-        raise ConnectError(endpoint, message, fatal=fatal) from None
+        message = _scrubbed(str(exc), endpoint)
+        failure = ConnectError.judged(endpoint, message, classify(message))
     except OSError as exc:  # name resolution failed
-        raise ConnectError(endpoint, f"cannot resolve host: {exc}") from None
+        message = _scrubbed(f"cannot resolve host: {exc}", endpoint)
+        failure = ConnectError.judged(endpoint, message, unresolvable())
+    if failure is not None:
+        raise failure
     raw.autocommit = group.autocommit
     return raw
 

@@ -1,0 +1,171 @@
+"""Secrets never show: not in reprs, errors and their whole chain, log records or stats.
+
+Each scenario plants three secrets — the password, an ``sslpassword`` in ``options`` and a
+password given inside ``options`` (rejected: it has its own key) — then greps everything a
+user or an operator can see under the failures the suite can produce: a DSN with a syntax
+error, a wrong password and a missing database against the real ``pg`` fixture, a port
+nobody listens on, a server that never answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from greenpool import ConfigError, Pool, PoolError, parse_config
+from greenpool.throwaway import Cluster, free_port
+
+PASSWORD = "Pw-7xq-hunter2"
+SSL_PASSWORD = "SslPw-31-kiwi"
+WRONG = "Wrong-9zz-pw"
+SECRETS = (PASSWORD, SSL_PASSWORD, WRONG, "hunt%zz", "hunt")
+
+
+def texts(thing: Any) -> Iterator[str]:
+    """Everything a human might read of ``thing``: str, repr, and for an exception its whole
+    chain (``__cause__`` and ``__context__``) and formatted traceback."""
+    if isinstance(thing, BaseException):
+        seen: list[BaseException] = []
+        todo: list[BaseException | None] = [thing]
+        while todo:
+            exc = todo.pop()
+            if exc is None or exc in seen:
+                continue
+            seen.append(exc)
+            yield str(exc)
+            yield repr(exc)
+            yield from (str(arg) for arg in exc.args)
+            todo += [exc.__cause__, exc.__context__]
+        yield "".join(traceback.format_exception(thing))
+    else:
+        yield str(thing)
+        yield repr(thing)
+
+
+def assert_no_secret(*things: Any) -> None:
+    for thing in things:
+        for text in texts(thing):
+            for secret in SECRETS:
+                assert secret not in text, f"{secret!r} leaked in {text[:300]!r}"
+
+
+def assert_clean_logs(caplog: pytest.LogCaptureFixture) -> None:
+    for record in caplog.records:
+        text = record.getMessage()
+        if record.exc_info:
+            text += "".join(traceback.format_exception(*record.exc_info))
+        assert_no_secret(text)
+
+
+@pytest.fixture(scope="module")
+def secret_user(pg: Cluster) -> str:
+    """A role whose password is PASSWORD (the fixture's own password is a common word)."""
+    pg.create_user("secret_user", PASSWORD)
+    return "secret_user"
+
+
+def endpoint(host: str, port: int, **overrides: Any) -> dict[str, Any]:
+    return {"host": host, "port": port, "name": "postgres", "user": "secret_user",
+            "pass": PASSWORD, "options": {"sslpassword": SSL_PASSWORD}, **overrides}
+
+
+@pytest.mark.parametrize("dsn", [
+    "postgresql://u:hunt%zz@127.0.0.1/db",  # invalid percent-encoded token: "hunt%zz"
+    f"host=127.0.0.1 password='{PASSWORD}",  # unterminated quoted string
+    f"host=127.0.0.1 password {PASSWORD}",  # missing "=" after "password"
+    f"host=127.0.0.1 {PASSWORD}=x",  # invalid connection option
+    f"postgresql://u:{PASSWORD}@127.0.0.1:notaport/db",
+    f"host=127.0.0.1 password={PASSWORD} sslpassword={SSL_PASSWORD} port=99999",
+])
+def test_bad_dsn_errors_never_show_a_secret(dsn: str) -> None:
+    for raw in (dsn, {"dsn": dsn}):
+        with pytest.raises(ConfigError) as info:
+            parse_config({"db": raw})
+        assert info.value.__cause__ is None and info.value.__context__ is None
+        assert_no_secret(info.value)
+
+
+@pytest.mark.parametrize("bad", [
+    {"options": {"password": PASSWORD}},  # a password inside options: has its own key
+    {"options": {"sslpassword": 5.5}},
+    {"pass": 12345},
+    {"pass": f"{PASSWORD}\x00"},
+    {"dsn": PASSWORD.encode()},
+])
+def test_bad_values_next_to_secrets_never_show_them(bad: dict[str, Any]) -> None:
+    raw = {**endpoint("127.0.0.1", 5432), **bad}
+    with pytest.raises(ConfigError) as info:
+        parse_config({"db": raw})
+    assert_no_secret(info.value)
+    assert "not shown" in str(info.value) or "options" in str(info.value)
+
+
+def test_reprs_hide_the_password_and_secret_options() -> None:
+    config = parse_config({"db": [
+        endpoint("127.0.0.1", 5432),
+        f"host=127.0.0.2 password={PASSWORD} sslpassword={SSL_PASSWORD}",
+        f"postgresql://u:{PASSWORD}@127.0.0.3/db?sslpassword={SSL_PASSWORD}",
+    ]})
+    assert_no_secret(config, *config.endpoints, *config.groups.values())
+    assert "sslpassword" in repr(config.endpoints[0])  # the key shows, its value does not
+    assert all(ep.password == PASSWORD for ep in config.endpoints)
+
+
+def _failing_pool(mode: str, db: Any, **group: Any) -> Pool:
+    return Pool({"type": mode, "db": db, "groups": {"g": {"timeout": 1.0, **group}},
+                 "quarantine_initial": 0.05})
+
+
+@pytest.mark.parametrize("case", ["wrong_password", "missing_database", "refused", "silent"])
+def test_connect_failures_never_show_a_secret(
+    case: str, pg: Cluster, secret_user: str, mode: str, blackhole: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    db = {
+        "wrong_password": endpoint(pg.host, pg.port, **{"pass": WRONG}),
+        "missing_database": endpoint(pg.host, pg.port, name="nodb"),
+        "refused": endpoint("127.0.0.1", free_port()),
+        "silent": endpoint(blackhole.host, blackhole.port, connect_timeout=0.2),
+    }[case]
+    caplog.set_level(logging.DEBUG)
+    pool = _failing_pool(mode, [db, {**db, "pass": WRONG, "name": "other"}])
+    try:
+        with pytest.raises(PoolError) as info, pool.handler("g"):
+            pass
+        assert_no_secret(info.value, pool, pool.stats(), pool.config, pool.group("g"))
+    finally:
+        pool.close()
+    assert caplog.records, "the failure was not logged at all"
+    assert_clean_logs(caplog)
+
+
+def test_a_working_pool_never_shows_a_secret(
+    pg: Cluster, secret_user: str, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    pool = _failing_pool(mode, endpoint(pg.host, pg.port), min_size=1)
+    try:
+        with pool.handler("g") as db:
+            assert db.query_one("SELECT current_user")[0] == secret_user
+            assert_no_secret(db)
+        pool.wait(5)
+        assert_no_secret(pool, pool.stats(), pool.config, pool.group("g"))
+    finally:
+        pool.close()
+    assert_clean_logs(caplog)
+
+
+@pytest.mark.xfail(reason="psycopg2 obscures only `password` in connection.dsn and repr; "
+                          "needs a connection_factory in connection.py (not this change)",
+                   strict=False)
+def test_the_raw_connection_hides_sslpassword(pg: Cluster, secret_user: str, mode: str) -> None:
+    pool = _failing_pool(mode, endpoint(pg.host, pg.port))
+    try:
+        with pool.handler("g") as db:
+            assert_no_secret(db.connection, db.connection.dsn)
+    finally:
+        pool.close()
