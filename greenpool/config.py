@@ -22,6 +22,8 @@ ROW_FACTORIES = ("tuple", "dict", "namedtuple")
 #: libpq's target_session_attrs words for what a group may connect to.
 ROLES = ("any", "primary", "standby", "prefer-standby")
 LAG_POLICIES = ("use-primary", "fail")
+#: when a returned connection's session is reset (see connection.reset_on_return)
+RESET_POLICIES = ("auto", "always", "never")
 
 # libpq keepalive defaults: a peer that vanished (power loss, partition) is noticed in about
 # a minute instead of the kernel's two hours.
@@ -79,6 +81,8 @@ class GroupConfig:
     max_lag: float | None = None
     on_lag: str = "use-primary"
     leak_threshold: float | None = None
+    reset: str = "auto"
+    on_return: Callable[[Any], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -130,6 +134,12 @@ def _boolean(path: str, value: Any) -> bool:
 def _text(path: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise _fail(path, f"expected a non-empty string, got {value!r}")
+    return value
+
+
+def _callable(path: str, value: Any) -> Any:
+    if value is not None and not callable(value):
+        raise _fail(path, f"expected a function taking the psycopg2 connection, got {value!r}")
     return value
 
 
@@ -275,6 +285,8 @@ _GROUP_KEYS: dict[str, Callable[[str, Any], Any]] = {
     "max_lag": lambda p, v: _number(p, v, allow_none=True),
     "on_lag": lambda p, v: _choice(p, v, LAG_POLICIES),
     "leak_threshold": lambda p, v: _number(p, v, minimum=0.001, allow_none=True),
+    "reset": lambda p, v: _choice(p, v, RESET_POLICIES),
+    "on_return": lambda p, v: _callable(p, v),
 }
 
 
