@@ -37,6 +37,7 @@ from .endpoint import Endpoint
 logger = logging.getLogger("greenpool")
 
 _STATUS_IDLE = extensions.TRANSACTION_STATUS_IDLE
+_PSYCOPG_READY = extensions.STATUS_READY
 _STATUS_OPEN = (extensions.TRANSACTION_STATUS_INTRANS, extensions.TRANSACTION_STATUS_INERROR)
 
 _ROW_FACTORIES: dict[str, Any] = {
@@ -296,6 +297,14 @@ def reset_on_return(pc: PooledConnection, group: GroupConfig, backend: Backend) 
         except psycopg2.Error:
             return "reset_failed"
         if raw.get_transaction_status() != _STATUS_IDLE:
+            return "reset_failed"
+    elif not raw.autocommit and raw.status != _PSYCOPG_READY:
+        # a COMMIT or ROLLBACK sent as SQL: the server is idle, but psycopg2 still thinks a
+        # transaction is open and would not send BEGIN for the next borrower. Its own
+        # rollback() puts it right (the server only warns that nothing was open).
+        try:
+            _bounded(backend, pc.endpoint.config.connect_timeout, "ROLLBACK", raw.rollback)
+        except psycopg2.Error:
             return "reset_failed"
     if raw.readonly is not None or raw.isolation_level is not None or raw.deferrable is not None:
         # psycopg2 may have sent these to the server as SETs (in autocommit) or kept them
