@@ -58,8 +58,8 @@ class Handler:
     ``RuntimeError`` and takes nothing)."""
 
     __slots__ = (
-        "_epoch", "_group", "_idempotent", "_outer", "_pc", "_pool", "_savepoint", "_state",
-        "_task", "_timeout",
+        "_epoch", "_group", "_idempotent", "_nest", "_outer", "_pc", "_pool", "_savepoint",
+        "_state", "_task", "_timeout",
     )
 
     def __init__(
@@ -78,6 +78,8 @@ class Handler:
         #: replaced inside the nest; a nested block's savepoint exists only while the epoch
         #: it recorded at entry is current
         self._epoch = 0
+        #: outermost block: its open nested blocks, innermost last (made on first nesting)
+        self._nest: list[Handler] | None = None
         self._state = _NEW
         self._task: Any = None
 
@@ -102,6 +104,9 @@ class Handler:
                 self._savepoint = savepoint
                 self._epoch = outer._epoch
             self._outer = outer
+            if outer._nest is None:
+                outer._nest = []
+            outer._nest.append(self)
         else:
             pc = self._group.acquire(self._timeout)
             pc.dirty = False  # this handler sees everything the loan does from here
@@ -118,6 +123,8 @@ class Handler:
         outer = self._outer
         if outer is not None:
             self._outer = None
+            if outer._nest and self in outer._nest:
+                outer._nest.remove(self)
             self._exit_nested(outer, exc_type is None)
             return
         pc = self._pc
@@ -362,16 +369,36 @@ class Handler:
         pc = self._current()
         raw = pc.raw
         if raw.closed or raw.get_transaction_status() != _IDLE:
-            (self._outer or self)._epoch += 1  # the nest's savepoints end with it
-            self._commit_open(pc, explicit=True)
+            root = self._outer or self
+            root._epoch += 1  # the nest's savepoints end with the transaction
+            try:
+                self._commit_open(pc, explicit=True)
+            finally:
+                self._renew_savepoints(root, raw)
 
     def rollback(self) -> None:
         """Roll back now, even on an autocommit connection with a hand-made ``BEGIN``. In a
         nested block this rolls back the whole transaction, like :meth:`commit`."""
         raw = self._current().raw
         if raw.get_transaction_status() != _IDLE:
-            (self._outer or self)._epoch += 1
-            _rollback(raw)
+            root = self._outer or self
+            root._epoch += 1
+            try:
+                _rollback(raw)
+            finally:
+                self._renew_savepoints(root, raw)
+
+    @staticmethod
+    def _renew_savepoints(root: Handler, raw: Any) -> None:
+        """After a commit or rollback inside a nest, give each open nested block a fresh
+        savepoint, so an error leaving it still undoes only what it did since then."""
+        if not root._nest or raw.closed or raw.get_transaction_status() != _IDLE:
+            return
+        for nested in root._nest:
+            if nested._savepoint is not None:
+                with raw.cursor() as cursor:
+                    cursor.execute(f"SAVEPOINT {nested._savepoint}")
+                nested._epoch = root._epoch
 
     def __repr__(self) -> str:
         pc = self._held()
