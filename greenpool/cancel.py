@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -36,21 +37,32 @@ _ACTIVE = extensions.TRANSACTION_STATUS_ACTIVE
 MAX_IN_FLIGHT = 8
 
 _in_flight: list[None] = []  # list append/pop are atomic under the GIL: no lock needed
+if hasattr(os, "register_at_fork"):  # a child has none of the parent's threads
+    os.register_at_fork(after_in_child=_in_flight.clear)
 _libpq: Any = None
 _libpq_loaded = False
 
 
 def _find_libpq() -> str | None:
-    """The path of the libpq this process has loaded (psycopg2-binary bundles its own)."""
+    """The path of the libpq psycopg2 uses, as this process has loaded it.
+
+    psycopg2-binary bundles its own (under ``psycopg2_binary.libs``). Another driver in the
+    process (psycopg 3's binary package) may have loaded a second one, whose structures
+    need not match psycopg2's connection: when it is not clear which copy is psycopg2's,
+    there is no cancel rather than a wrong one.
+    """
     try:
         with open("/proc/self/maps") as maps:
-            for line in maps:
-                path = line.rsplit(None, 1)[-1]
-                if "/libpq" in path and ".so" in path:
-                    return path
+            loaded = {line.rsplit(None, 1)[-1] for line in maps if "/libpq" in line}
     except OSError:
-        pass
-    return ctypes.util.find_library("pq")
+        return ctypes.util.find_library("pq")
+    loaded = {path for path in loaded if ".so" in path}
+    ours = [path for path in loaded if "psycopg2" in path]
+    if len(ours) == 1:
+        return ours[0]
+    if len(loaded) == 1 and not ours:
+        return loaded.pop()
+    return None
 
 
 def _load() -> Any:

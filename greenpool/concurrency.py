@@ -5,8 +5,9 @@ a group's bookkeeping, the one-shot signal a waiter sleeps on, a deadline for bl
 calls, sleeping, background tasks, the identity of the running task, and how psycopg2 is
 made to yield.
 
-Every mode installs a psycopg2 wait callback of ours. In the green modes it is psycogreen's
-plus one thing: when the wait is interrupted (a timeout, a kill) while a statement runs, it
+Every mode installs a psycopg2 wait callback of ours. In the green modes it waits as
+psycogreen's does (gevent's own loop; eventlet's wraps psycogreen's), plus one thing: when
+the wait is interrupted (a timeout, a kill) while a statement runs, it
 asks the server to cancel that statement, from an OS thread (see cancel.py). In the blocking
 modes it is a ``poll()`` loop that honours the running thread's :meth:`Backend.deadline`:
 a gevent timeout cannot reach a blocking libpq call, so without it a stalled server would
@@ -180,6 +181,30 @@ def _cancelling(wait: Callable[..., None]) -> Callable[[Any], None]:
             raise
 
     return cancelling_wait
+
+
+def _gevent_wait_callback() -> Callable[[Any], None]:
+    """psycopg2's non-blocking protocol, each wait a gevent I/O wait (what psycogreen does),
+    in one frame with the cancel on interruption: this runs for every statement."""
+    from gevent.socket import wait_read, wait_write
+
+    def gevent_wait(conn: Any) -> None:
+        try:
+            while True:
+                state = conn.poll()
+                if state == _POLL_OK:
+                    return
+                if state == _POLL_READ:
+                    wait_read(conn.fileno())
+                elif state == _POLL_WRITE:
+                    wait_write(conn.fileno())
+                else:
+                    raise psycopg2.OperationalError(f"unexpected poll state {state!r}")
+        except BaseException:
+            _cancel_interrupted(conn)
+            raise
+
+    return gevent_wait
 
 
 class _Deadlines(threading.local):
@@ -357,9 +382,7 @@ class GeventBackend(Backend):
         return str(infos[0][4][0]) if infos else None
 
     def patch_driver(self) -> None:
-        from psycogreen.gevent import gevent_wait_callback
-
-        _install_wait_callback("gevent", lambda: _cancelling(gevent_wait_callback))
+        _install_wait_callback("gevent", _gevent_wait_callback)
 
 
 class _EventletWaiter:
