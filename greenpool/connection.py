@@ -284,13 +284,14 @@ def reset_on_return(pc: PooledConnection, group: GroupConfig, backend: Backend) 
     raw = pc.raw
     if raw.closed:
         return "broken"
+    autocommit = raw.autocommit
     status = raw.get_transaction_status()
     if status != _STATUS_IDLE:
         if status not in _STATUS_OPEN:
             return "unknown_state"  # a command still running, or the link is gone
         bound = pc.endpoint.config.connect_timeout
         try:
-            if raw.autocommit:  # psycopg2's rollback() is a no-op here
+            if autocommit:  # psycopg2's rollback() is a no-op here
                 round_trip(raw, "ROLLBACK", backend, bound)
             else:
                 _bounded(backend, bound, "ROLLBACK", raw.rollback)
@@ -298,7 +299,7 @@ def reset_on_return(pc: PooledConnection, group: GroupConfig, backend: Backend) 
             return "reset_failed"
         if raw.get_transaction_status() != _STATUS_IDLE:
             return "reset_failed"
-    elif not raw.autocommit and raw.status != _PSYCOPG_READY:
+    elif not autocommit and raw.status != _PSYCOPG_READY:
         # a COMMIT or ROLLBACK sent as SQL: the server is idle, but psycopg2 still thinks a
         # transaction is open and would not send BEGIN for the next borrower. Its own
         # rollback() puts it right (the server only warns that nothing was open).
@@ -310,7 +311,7 @@ def reset_on_return(pc: PooledConnection, group: GroupConfig, backend: Backend) 
         # psycopg2 may have sent these to the server as SETs (in autocommit) or kept them
         # client-side; which one depends on history we cannot see. Start afresh instead.
         return "session_changed"
-    if raw.autocommit != group.autocommit:
+    if autocommit != group.autocommit:
         raw.autocommit = group.autocommit
     if pc.dirty or group.reset == "always":
         reason = _reset_session(pc, group, backend)

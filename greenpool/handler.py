@@ -49,9 +49,6 @@ _INTRANS = extensions.TRANSACTION_STATUS_INTRANS
 _INERROR = extensions.TRANSACTION_STATUS_INERROR
 
 
-_NEW, _IN_BLOCK, _DONE = 0, 1, 2
-
-
 class Handler:
     """The object bound by ``with ... as db``: single-use, and bound to the task that
     entered it (a second ``with``, or use from another greenlet or thread, raises
@@ -59,7 +56,7 @@ class Handler:
 
     __slots__ = (
         "_epoch", "_group", "_idempotent", "_nest", "_outer", "_pc", "_pool", "_savepoint",
-        "_state", "_task", "_timeout",
+        "_task", "_timeout",
     )
 
     def __init__(
@@ -80,19 +77,19 @@ class Handler:
         self._epoch = 0
         #: outermost block: its open nested blocks, innermost last (made on first nesting)
         self._nest: list[Handler] | None = None
-        self._state = _NEW
+        #: the task that entered the block; set once, first thing on entry, and never
+        #: cleared: it is also what makes the handler single-use
         self._task: Any = None
 
     # --- the block ------------------------------------------------------------------------
 
     def __enter__(self) -> Handler:
-        if self._state != _NEW:
+        if self._task is not None:
             raise RuntimeError(
                 f"this handler of group {self._group.name!r} was already used for a 'with' "
                 f"block; a handler is single-use: call handler({self._group.name!r}) again"
             )
-        self._state = _DONE  # until it holds what it needs: a failed entry cannot be retried
-        task = self._pool._current_task()
+        task = self._task = self._pool._current_task()  # a failed entry cannot be retried
         holders = self._group.holders
         outer = holders.get(task)
         if outer is not None and outer._pc is not None:
@@ -112,14 +109,9 @@ class Handler:
             pc.dirty = False  # this handler sees everything the loan does from here
             self._pc = pc
             holders[task] = self
-        self._task = task
-        self._state = _IN_BLOCK
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if self._state != _IN_BLOCK:
-            return
-        self._state = _DONE
         outer = self._outer
         if outer is not None:
             self._outer = None
@@ -128,10 +120,13 @@ class Handler:
             self._exit_nested(outer, exc_type is None)
             return
         pc = self._pc
+        if pc is None:  # not in a block, or a replay lost the connection and found none
+            holders = self._group.holders
+            if self._task is not None and holders.get(self._task) is self:
+                del holders[self._task]
+            return
         self._pc = None
         self._group.holders.pop(self._task, None)
-        if pc is None:
-            return
         raw = pc.raw
         if exc_type is None and (raw.closed or raw.get_transaction_status() != _IDLE):
             try:

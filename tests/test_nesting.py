@@ -205,3 +205,25 @@ def test_a_failed_entry_leaves_the_handler_unusable_and_nothing_taken(make_pool)
     with pytest.raises(RuntimeError, match="single-use"), handler:
         pass
     assert pool.stats()["groups"]["g"]["in_use"] == 0
+
+
+def test_a_replay_that_finds_no_connection_leaves_nothing_behind(pg_factory, mode):
+    from greenpool import Pool, PoolTimeout
+
+    server = pg_factory()
+    pool = Pool({"type": mode, "db": server.endpoint(connect_timeout=0.3),
+                 "groups": {"ro": {"connection_count": 1, "readonly": True, "autocommit": True,
+                                   "timeout": 0.5}}})
+    try:
+        with pytest.raises((PoolTimeout, psycopg2.OperationalError)), pool.handler("ro") as db:
+            db.query("SELECT 1")
+            server.stop(mode="immediate")
+            db.query("SELECT 1")  # lost: replayed, but no connection can be had
+        group = pool.group("ro")
+        assert group.holders == {}
+        assert group.stats()["in_use"] == 0
+        server.start()
+        with pool.handler("ro", timeout=5) as db:  # the same task, a fresh outermost block
+            assert db.query("SELECT 1") == [(1,)]
+    finally:
+        pool.close()
