@@ -9,12 +9,18 @@ Nesting: a ``handler()`` for the same group inside a block of the same greenlet 
 thread) reuses the connection already held instead of taking a second one (which could
 deadlock a group of size 1). Without autocommit the inner block runs in a SAVEPOINT: its
 exception rolls back only its own work; its clean exit commits nothing — the outermost
-block decides.
+block decides. A statement error caught inside it rolls back to its savepoint and raises
+TransactionAborted at its exit. ``commit()``/``rollback()`` act on the whole transaction,
+then give each open nested block a fresh savepoint. The README has the full table.
+
+Session state: the handler marks a loan dirty when a statement may change the session (see
+sessionstate.py) or the raw cursor/connection is used; only a dirty loan is reset on return.
 
 Replays: a statement is re-run on a fresh connection (another endpoint if its server is
 gone) only when re-running cannot duplicate a write and cannot lose earlier work:
 
-* it was the first statement of its transaction (always so in autocommit), and
+* it was the first statement of its transaction (always so in autocommit), the loan has
+  not changed the session (a fresh connection would lack that state), and
 * its connection died and the group is read-only (the server itself refuses writes there)
   or the handler was opened with ``idempotent=True``; or it was refused with SQLSTATE
   25006 by a server that is now a standby while the group wants the primary (nothing was
