@@ -5,6 +5,14 @@ a group's bookkeeping, the one-shot signal a waiter sleeps on, a deadline for bl
 calls, sleeping, background tasks, the identity of the running task, and how psycopg2 is
 made to yield.
 
+Every mode installs a psycopg2 wait callback of ours. In the green modes it waits as
+psycogreen's does (gevent's own loop; eventlet's wraps psycogreen's), plus one thing: when
+the wait is interrupted (a timeout, a kill) while a statement runs, it
+asks the server to cancel that statement, from an OS thread (see cancel.py). In the blocking
+modes it is a ``poll()`` loop that honours the running thread's :meth:`Backend.deadline`:
+a gevent timeout cannot reach a blocking libpq call, so without it a stalled server would
+hold a thread for ever.
+
 Why the cooperative modes use no lock at all: under gevent and eventlet a greenlet only
 switches when it blocks, and the pool's critical sections never block (no I/O, no logging,
 no waiting inside them), so they are atomic by construction. A lock there would only add
@@ -25,6 +33,10 @@ from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from typing import Any, Protocol
 
+import psycopg2
+from psycopg2 import extensions
+
+from .cancel import cancel_job, run_cancel
 from .errors import ConfigError
 
 
@@ -74,8 +86,8 @@ class Backend:
         """Raise ``error`` if the body is still blocked after ``seconds``.
 
         Needed because with a green wait callback libpq ignores ``connect_timeout``: only the
-        event loop can interrupt a hung connect. Blocking modes return a no-op and rely on
-        libpq's own timeouts instead.
+        event loop can interrupt a hung connect. The blocking modes' wait callback reads the
+        thread's deadline instead: there it bounds the driver's waits only.
         """
         return nullcontext()
 
@@ -134,6 +146,154 @@ def _original_select(name: str) -> Any:
         return get_original("select", name)
     except AttributeError:
         return None
+
+
+def _original_start_thread() -> Callable[..., Any]:
+    """The real ``_thread.start_new_thread``: an OS thread, whichever library patched it."""
+    if "eventlet.patcher" in sys.modules:
+        from eventlet import patcher
+
+        return patcher.original("_thread").start_new_thread
+    from gevent.monkey import get_original
+
+    return get_original("_thread", "start_new_thread")
+
+
+def _cancel_interrupted(conn: Any) -> None:
+    """A wait on ``conn`` was interrupted: cancel its running statement, off the hub."""
+    job = cancel_job(conn)
+    if job is not None:
+        try:
+            run_cancel(job, _original_start_thread())
+        except Exception:
+            pass  # best effort: the interruption itself is what the caller must see
+
+
+def _cancelling(wait: Callable[..., None]) -> Callable[[Any], None]:
+    """``wait`` (psycogreen's callback) that cancels the statement it was waiting for when
+    interrupted. It must happen here: once the callback has raised, psycopg2 closes the
+    connection and the chance is gone. A try block costs nothing until something raises."""
+
+    def cancelling_wait(conn: Any) -> None:
+        try:
+            wait(conn)
+        except BaseException:
+            _cancel_interrupted(conn)
+            raise
+
+    return cancelling_wait
+
+
+def _gevent_wait_callback() -> Callable[[Any], None]:
+    """psycopg2's non-blocking protocol, each wait a gevent I/O wait (what psycogreen does),
+    in one frame with the cancel on interruption: this runs for every statement."""
+    from gevent.socket import wait_read, wait_write
+
+    def gevent_wait(conn: Any) -> None:
+        try:
+            while True:
+                state = conn.poll()
+                if state == _POLL_OK:
+                    return
+                if state == _POLL_READ:
+                    wait_read(conn.fileno())
+                elif state == _POLL_WRITE:
+                    wait_write(conn.fileno())
+                else:
+                    raise psycopg2.OperationalError(f"unexpected poll state {state!r}")
+        except BaseException:
+            _cancel_interrupted(conn)
+            raise
+
+    return gevent_wait
+
+
+class _Deadlines(threading.local):
+    """The running thread's earliest driver deadline: ``(monotonic time, error)`` or None."""
+
+    current: tuple[float, BaseException] | None = None
+
+
+_deadlines = _Deadlines()
+_POLL_OK = extensions.POLL_OK
+_POLL_READ = extensions.POLL_READ
+_POLL_WRITE = extensions.POLL_WRITE
+
+
+def _blocking_wait_callback() -> Callable[[Any], None]:
+    """The wait callback of the blocking modes: psycopg2 in its non-blocking protocol, waited
+    for with ``poll()`` up to the thread's deadline. Past it, the running statement is
+    cancelled and the deadline's error raised; psycopg2 then closes the connection, which
+    the pool discards. Without a deadline it waits as long as a blocking call would."""
+    poll_class = _original_select("poll")
+    monotonic = time.monotonic
+    pollin, pollout = _POLLIN, getattr(select, "POLLOUT", 4)
+
+    def blocking_wait(conn: Any) -> None:
+        try:
+            deadline = _deadlines.current
+            while True:
+                state = conn.poll()
+                if state == _POLL_OK:
+                    return
+                if state == _POLL_READ:
+                    mask = pollin
+                elif state == _POLL_WRITE:
+                    mask = pollout
+                else:
+                    raise psycopg2.OperationalError(f"unexpected poll state {state!r}")
+                if deadline is None:
+                    timeout_ms = None
+                else:
+                    left = deadline[0] - monotonic()
+                    if left <= 0:
+                        raise deadline[1]
+                    timeout_ms = int(left * 1000) + 1
+                poller = poll_class()
+                poller.register(conn.fileno(), mask)
+                poller.poll(timeout_ms)
+        except BaseException:
+            _cancel_interrupted(conn)
+            raise
+
+    return blocking_wait
+
+
+class _BlockingDeadline:
+    """:meth:`Backend.deadline` of the blocking modes: read by :func:`blocking_wait`, so it
+    bounds the driver's waits (connects, queries), not arbitrary code in the body."""
+
+    __slots__ = ("_error", "_saved", "_seconds")
+
+    def __init__(self, seconds: float, error: BaseException) -> None:
+        self._seconds = seconds
+        self._error = error
+        self._saved: tuple[float, BaseException] | None = None
+
+    def __enter__(self) -> None:
+        saved = self._saved = _deadlines.current
+        at = time.monotonic() + self._seconds
+        if saved is None or at < saved[0]:  # a nested deadline never extends an outer one
+            _deadlines.current = (at, self._error)
+
+    def __exit__(self, *exc_info: object) -> None:
+        _deadlines.current = self._saved
+
+
+#: one callback object per kind, so re-installing is recognised (and idempotent)
+_WAIT_CALLBACKS: dict[str, Callable[[Any], None]] = {}
+
+
+def _install_wait_callback(
+    kind: str, make: Callable[[], Callable[[Any], None]], *, only_if_none: bool = False
+) -> None:
+    callback = _WAIT_CALLBACKS.get(kind)
+    if callback is None:
+        callback = _WAIT_CALLBACKS.setdefault(kind, make())
+    current = extensions.get_wait_callback()
+    if current is callback or (only_if_none and current is not None):
+        return
+    extensions.set_wait_callback(callback)
 
 
 def _is_address(host: str) -> bool:
@@ -223,11 +383,7 @@ class GeventBackend(Backend):
         return str(infos[0][4][0]) if infos else None
 
     def patch_driver(self) -> None:
-        from psycogreen.gevent import gevent_wait_callback, patch_psycopg
-        from psycopg2 import extensions
-
-        if extensions.get_wait_callback() is not gevent_wait_callback:
-            patch_psycopg()
+        _install_wait_callback("gevent", _gevent_wait_callback)
 
 
 class _EventletWaiter:
@@ -323,11 +479,9 @@ class EventletBackend(Backend):
         return str(infos[0][4][0]) if infos else None
 
     def patch_driver(self) -> None:
-        from psycogreen.eventlet import eventlet_wait_callback, patch_psycopg
-        from psycopg2 import extensions
+        from psycogreen.eventlet import eventlet_wait_callback
 
-        if extensions.get_wait_callback() is not eventlet_wait_callback:
-            patch_psycopg()
+        _install_wait_callback("eventlet", lambda: _cancelling(eventlet_wait_callback))
 
 
 class _ThreadWaiter(threading.Event):
@@ -350,6 +504,14 @@ class ThreadedBackend(Backend):
 
     def spawn(self, func: Callable[[], None]) -> Task:
         return _ThreadTask(func)
+
+    def deadline(self, seconds: float, error: BaseException) -> AbstractContextManager[Any]:
+        return _BlockingDeadline(seconds, error)
+
+    def patch_driver(self) -> None:
+        # Not over a green callback someone installed (a threaded pool in a gevent process):
+        # replacing it would block that process's hub.
+        _install_wait_callback("blocking", _blocking_wait_callback, only_if_none=True)
 
 
 class _NeverWaiter:
@@ -374,6 +536,9 @@ class SingleBackend(Backend):
 
     def waiter(self) -> Waiter:
         return _NeverWaiter()
+
+    deadline = ThreadedBackend.deadline
+    patch_driver = ThreadedBackend.patch_driver
 
 
 _BACKENDS: dict[str, Callable[[], Backend]] = {

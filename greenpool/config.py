@@ -34,6 +34,8 @@ ROW_FACTORIES = ("tuple", "dict", "namedtuple")
 ROLES = ("any", "primary", "standby", "prefer-standby")
 LAG_POLICIES = ("use-primary", "fail")
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+#: when a returned connection's session is reset (see connection.reset_on_return)
+RESET_POLICIES = ("auto", "always", "never")
 
 # libpq keepalive defaults: a peer that vanished (power loss, partition) is noticed in about
 # a minute instead of the kernel's two hours.
@@ -134,6 +136,8 @@ class GroupConfig:
     max_lag: float | None = None
     on_lag: str = "use-primary"
     leak_threshold: float | None = None
+    reset: str = "auto"
+    on_return: Callable[[Any], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -241,6 +245,12 @@ def _password(path: str, value: Any) -> str | None:
                           "(not shown: it is a secret)")
     if "\x00" in value:
         raise _fail(path, "must not contain a NUL character (value not shown: it is a secret)")
+    return value
+
+
+def _callable(path: str, value: Any) -> Any:
+    if value is not None and not callable(value):
+        raise _fail(path, f"expected a function taking the psycopg2 connection, got {value!r}")
     return value
 
 
@@ -485,6 +495,8 @@ _GROUP_KEYS: dict[str, Callable[[str, Any], Any]] = {
     "max_lag": lambda p, v: _number(p, v, allow_none=True),
     "on_lag": lambda p, v: _choice(p, v, LAG_POLICIES),
     "leak_threshold": lambda p, v: _number(p, v, minimum=0.001, allow_none=True),
+    "reset": lambda p, v: _choice(p, v, RESET_POLICIES),
+    "on_return": lambda p, v: _callable(p, v),
 }
 
 

@@ -10,12 +10,20 @@ The rules come from measured driver behaviour (see docs/field-notes in the READM
 * psycopg2's ``rollback()`` does nothing in autocommit mode, so the reset on return is
   judged by the server-reported transaction status, not by the autocommit flag.
 * Anything whose state is unknown (interrupted mid-query, mid-rollback) is discarded.
+* A loan that may have changed the session (``PooledConnection.dirty``: the handler sets
+  it for SQL that can, and for any use of the raw cursor or connection) is reset with one
+  ``DISCARD ALL``, which also restores the startup packet's settings (the group's
+  ``statement_timeout``, ``readonly``). A clean loan costs no round trip.
+* Every round trip the pool makes is bounded (:func:`round_trip`): the borrow check by the
+  caller's remaining time, the rollback and reset on return by ``connect_timeout``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import psycopg2
@@ -27,7 +35,10 @@ from .config import EndpointConfig, GroupConfig
 from .endpoint import Endpoint
 from .failures import Verdict, classify, no_answer, unresolvable
 
+logger = logging.getLogger("greenpool")
+
 _STATUS_IDLE = extensions.TRANSACTION_STATUS_IDLE
+_PSYCOPG_READY = extensions.STATUS_READY
 _STATUS_OPEN = (extensions.TRANSACTION_STATUS_INTRANS, extensions.TRANSACTION_STATUS_INERROR)
 
 _ROW_FACTORIES: dict[str, Any] = {
@@ -76,12 +87,17 @@ class _Deadline(Exception):
     """Raised into a task whose driver call outlived its deadline. Private: never escapes."""
 
 
+class RoundTripTimeout(psycopg2.OperationalError):
+    """A round trip the pool made got no answer within its bound. psycopg2 has closed the
+    connection by then (unless nothing was sent: no time was left): discard it."""
+
+
 class PooledConnection:
     """A raw psycopg2 connection plus the bookkeeping the pool needs about it."""
 
     __slots__ = (
-        "__weakref__", "created", "endpoint", "expires", "generation", "last_used", "lent_at",
-        "lent_from", "raw", "readable", "role",
+        "__weakref__", "created", "dirty", "endpoint", "expires", "generation", "last_used",
+        "lent_at", "lent_from", "raw", "readable", "role",
     )
 
     def __init__(
@@ -99,6 +115,10 @@ class PooledConnection:
         self.role = "unknown"  # as this connection's server last reported it
         self.lent_at = 0.0  # set only when leak detection is on
         self.lent_from: str | None = None  # "file:line in function" of the code that took it
+        #: the loan may have changed the session: reset it on return. True unless a handler
+        #: (which sees every statement) clears it when it takes the connection: a hand-made
+        #: loan (``group.acquire()``) can do anything with ``raw``.
+        self.dirty = True
 
     def __repr__(self) -> str:
         state = "closed" if self.raw.closed else "open"
@@ -187,22 +207,56 @@ def open_connection(
     return raw
 
 
-def _round_trip(raw: Any, sql: str, backend: Backend, seconds: float) -> None:
+def round_trip(
+    raw: Any, sql: str, backend: Backend, seconds: float, params: Any = None
+) -> list[Any] | None:
+    """Run ``sql`` on ``raw`` within ``seconds``: its rows, or None when it returns none.
+
+    For every query the pool makes itself. Past the bound it raises
+    :class:`RoundTripTimeout` (the statement is cancelled on the server by the wait
+    callback, and psycopg2 has closed the connection); with no time left it sends nothing.
+    """
+    if not seconds > 0:  # also NaN
+        raise RoundTripTimeout(f"no time left for {sql!r}")
     deadline = _Deadline()
     try:
         with backend.deadline(seconds, deadline), raw.cursor() as cursor:
-            cursor.execute(sql)
+            cursor.execute(sql, params)
+            return None if cursor.description is None else cursor.fetchall()
     except _Deadline as exc:
         if exc is not deadline:
             raise
-        raise psycopg2.OperationalError(f"no answer to {sql!r} within {seconds:.2f} s") from None
+        raise RoundTripTimeout(f"no answer to {sql!r} within {seconds:.2f} s") from None
 
 
-def check_on_borrow(pc: PooledConnection, group: GroupConfig, backend: Backend, now: float) -> str:
+def _bounded(backend: Backend, seconds: float, what: str, func: Callable[..., Any],
+             *args: Any) -> Any:
+    """``func(*args)`` (driver calls inside) within ``seconds``, else RoundTripTimeout."""
+    deadline = _Deadline()
+    try:
+        with backend.deadline(seconds, deadline):
+            return func(*args)
+    except _Deadline as exc:
+        if exc is not deadline:
+            raise
+        raise RoundTripTimeout(f"no answer to {what} within {seconds:.2f} s") from None
+
+
+def check_on_borrow(
+    pc: PooledConnection,
+    group: GroupConfig,
+    backend: Backend,
+    now: float,
+    deadline: float | None = None,
+) -> str:
     """'' if ``pc`` may be handed out, else the reason to discard it.
 
     Costs one zero-timeout poll; sends ``SELECT 1`` only when the socket has something to say
     (a closed server, a NOTIFY) or the connection sat idle longer than ``check_idle_after``.
+    The ping is bounded by ``connect_timeout`` and by ``deadline`` (the caller's, in
+    ``time.monotonic()`` terms) when that comes first. A ping cut short by the caller's
+    deadline says nothing about the server: the reason is then ``check_timeout``, not
+    ``failed_check`` (with no time left at all nothing is sent and ``pc`` stays open).
     """
     raw = pc.raw
     if raw.closed:
@@ -214,16 +268,24 @@ def check_on_borrow(pc: PooledConnection, group: GroupConfig, backend: Backend, 
         return "max_idle"
     if idle_for < group.check_idle_after and not pc.readable():
         return ""
+    bound = pc.endpoint.config.connect_timeout
+    cut_by_caller = False
+    if deadline is not None:
+        left = deadline - time.monotonic()
+        if not left >= bound:
+            bound, cut_by_caller = left, True
     try:
         if raw.autocommit:
-            _round_trip(raw, "SELECT 1", backend, pc.endpoint.config.connect_timeout)
+            round_trip(raw, "SELECT 1", backend, bound)
         else:  # without autocommit the ping would open a transaction
             raw.autocommit = True
             try:
-                _round_trip(raw, "SELECT 1", backend, pc.endpoint.config.connect_timeout)
+                round_trip(raw, "SELECT 1", backend, bound)
             finally:
                 if not raw.closed:
                     raw.autocommit = False
+    except RoundTripTimeout:
+        return "check_timeout" if cut_by_caller else "failed_check"
     except psycopg2.Error:
         return "failed_check"
     del raw.notifies[:]
@@ -231,33 +293,52 @@ def check_on_borrow(pc: PooledConnection, group: GroupConfig, backend: Backend, 
 
 
 def reset_on_return(pc: PooledConnection, group: GroupConfig, backend: Backend) -> str:
-    """Bring ``pc`` back to a clean session and mark it used now; '' if reusable, else the
-    reason to discard it.
+    """Bring ``pc`` back to the group's configured session and mark it used now; '' if
+    reusable, else the reason to discard it.
 
-    May raise a BaseException (timeout, kill) from the rollback; the caller then discards.
+    A clean loan costs no round trip beyond the rollback of a transaction left open. A
+    dirty one (see :attr:`PooledConnection.dirty`; every loan with ``reset: 'always'``)
+    costs one more: ``DISCARD ALL``, then the group's ``on_return`` hook if it has one.
+    Each round trip is bounded by the endpoint's ``connect_timeout``. May raise a
+    BaseException (timeout, kill); the caller then discards.
     """
     raw = pc.raw
     if raw.closed:
         return "broken"
+    autocommit = raw.autocommit
     status = raw.get_transaction_status()
     if status != _STATUS_IDLE:
         if status not in _STATUS_OPEN:
             return "unknown_state"  # a command still running, or the link is gone
+        bound = pc.endpoint.config.connect_timeout
         try:
-            if raw.autocommit:  # psycopg2's rollback() is a no-op here
-                _round_trip(raw, "ROLLBACK", backend, pc.endpoint.config.connect_timeout)
+            if autocommit:  # psycopg2's rollback() is a no-op here
+                round_trip(raw, "ROLLBACK", backend, bound)
             else:
-                raw.rollback()
+                _bounded(backend, bound, "ROLLBACK", raw.rollback)
         except psycopg2.Error:
             return "reset_failed"
         if raw.get_transaction_status() != _STATUS_IDLE:
+            return "reset_failed"
+    elif not autocommit and raw.status != _PSYCOPG_READY:
+        # a COMMIT or ROLLBACK sent as SQL: the server is idle, but psycopg2 still thinks a
+        # transaction is open and would not send BEGIN for the next borrower. Its own
+        # rollback() puts it right (the server only warns that nothing was open).
+        try:
+            _bounded(backend, pc.endpoint.config.connect_timeout, "ROLLBACK", raw.rollback)
+        except psycopg2.Error:
             return "reset_failed"
     if raw.readonly is not None or raw.isolation_level is not None or raw.deferrable is not None:
         # psycopg2 may have sent these to the server as SETs (in autocommit) or kept them
         # client-side; which one depends on history we cannot see. Start afresh instead.
         return "session_changed"
-    if raw.autocommit != group.autocommit:
+    if autocommit != group.autocommit:
         raw.autocommit = group.autocommit
+    if pc.dirty or group.reset == "always":
+        reason = _reset_session(pc, group, backend)
+        if reason:
+            return reason
+    pc.dirty = True  # until a handler takes it again
     if raw.notices:
         del raw.notices[:]
     if raw.notifies:
@@ -267,6 +348,51 @@ def reset_on_return(pc: PooledConnection, group: GroupConfig, backend: Backend) 
         return "max_lifetime"
     pc.last_used = now
     return ""
+
+
+def _reset_session(pc: PooledConnection, group: GroupConfig, backend: Backend) -> str:
+    """``DISCARD ALL`` (unless ``reset: 'never'``) and the user's hook, on an idle connection
+    with the group's autocommit flag; '' if the session is the configured one again."""
+    raw = pc.raw
+    bound = pc.endpoint.config.connect_timeout
+    try:
+        if group.reset != "never":
+            if raw.autocommit:
+                round_trip(raw, "DISCARD ALL", backend, bound)
+            else:  # DISCARD ALL refuses to run in a transaction, which psycopg2 would open
+                raw.autocommit = True
+                try:
+                    round_trip(raw, "DISCARD ALL", backend, bound)
+                finally:
+                    if not raw.closed:
+                        raw.autocommit = False
+        hook = group.on_return
+        if hook is not None:
+            try:
+                _bounded(backend, bound, "the on_return hook", hook, raw)
+            except psycopg2.Error:
+                raise
+            except Exception:
+                logger.warning("group %r: the on_return hook failed; the connection is "
+                               "discarded", group.name, exc_info=True)
+                return "reset_failed"
+    except psycopg2.Error:
+        return "reset_failed"
+    if raw.closed or raw.get_transaction_status() != _STATUS_IDLE:
+        return "reset_failed"
+    if raw.autocommit != group.autocommit:
+        raw.autocommit = group.autocommit
+    info = raw.info
+    datestyle = info.parameter_status("DateStyle") or "ISO"
+    encoding = info.parameter_status("client_encoding") or raw.encoding
+    if not datestyle.startswith("ISO") or _norm(encoding) != _norm(raw.encoding):
+        # psycopg2 set these at connect and parses by them; the reset undid its setting
+        return "session_changed"
+    return ""
+
+
+def _norm(encoding: str) -> str:
+    return encoding.upper().replace("-", "").replace("_", "")
 
 
 def close_quietly(pc: PooledConnection) -> None:
@@ -309,7 +435,7 @@ def ping(pc: PooledConnection, backend: Backend, seconds: float) -> str:
     autocommit = raw.autocommit
     try:
         raw.autocommit = True  # without autocommit the ping would open a transaction
-        _round_trip(raw, "SELECT 1", backend, seconds)
+        round_trip(raw, "SELECT 1", backend, seconds)
     except psycopg2.Error:
         return "failed_check"
     finally:

@@ -138,7 +138,7 @@ class Group:
                 if self._line or not self._idle:
                     break
                 pc = self._idle.pop() if self._turns is None else self._take_idle_in_turn()
-            found = self._checked(pc, now)
+            found = self._checked(pc, now, now + wait_for)
             if found is not None:
                 return self._lend(found)
             # that one was dead: try the next idle connection, else wait for a new one
@@ -150,6 +150,11 @@ class Group:
         counters = self.counters
         if not self._can_wait:
             return self._connect_inline(now + wait_for)
+        spent = _monotonic() - now
+        if spent > 0.001:  # borrow checks took time: wait only for what is left
+            wait_for = max(0.0, wait_for - spent)
+            default_timeout = False
+            now += spent
         error = self.connector.fatal_error()
         if error is not None:
             raise error  # every endpoint refused this group: waiting cannot help
@@ -228,10 +233,14 @@ class Group:
         del idle[index]
         return pc
 
-    def _checked(self, pc: PooledConnection, now: float) -> PooledConnection | None:
-        """``pc`` if it may be lent; else it is discarded and its slot goes to a connect."""
+    def _checked(
+        self, pc: PooledConnection, now: float, deadline: float
+    ) -> PooledConnection | None:
+        """``pc`` if it may be lent; else it is discarded and its slot goes to a connect.
+        The check's ping is bounded by the caller's ``deadline``: a ping the caller's time
+        cut short says nothing about the server."""
         try:
-            reason = check_on_borrow(pc, self.config, self._backend, now)
+            reason = check_on_borrow(pc, self.config, self._backend, now, deadline)
             if not reason and self._roles_matter and not self._role_fits(pc):
                 reason = "wrong_role"
         except BaseException:  # interrupted while checking it: its state is unknown
@@ -239,6 +248,12 @@ class Group:
             raise
         if not reason:
             return pc
+        if reason == "check_timeout":
+            if pc.raw.closed:
+                self.drop(pc, reason)
+            else:
+                self.give_back(pc)  # nothing was sent: it is as good as before
+            raise self._timeout_error(deadline - now)
         if reason in ("closed", "failed_check"):
             self.replace(pc, reason)
             self.on_endpoint_failure(pc.endpoint)

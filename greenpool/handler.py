@@ -9,12 +9,18 @@ Nesting: a ``handler()`` for the same group inside a block of the same greenlet 
 thread) reuses the connection already held instead of taking a second one (which could
 deadlock a group of size 1). Without autocommit the inner block runs in a SAVEPOINT: its
 exception rolls back only its own work; its clean exit commits nothing — the outermost
-block decides.
+block decides. A statement error caught inside it rolls back to its savepoint and raises
+TransactionAborted at its exit. ``commit()``/``rollback()`` act on the whole transaction,
+then give each open nested block a fresh savepoint. The README has the full table.
+
+Session state: the handler marks a loan dirty when a statement may change the session (see
+sessionstate.py) or the raw cursor/connection is used; only a dirty loan is reset on return.
 
 Replays: a statement is re-run on a fresh connection (another endpoint if its server is
 gone) only when re-running cannot duplicate a write and cannot lose earlier work:
 
-* it was the first statement of its transaction (always so in autocommit), and
+* it was the first statement of its transaction (always so in autocommit), the loan has
+  not changed the session (a fresh connection would lack that state), and
 * its connection died and the group is read-only (the server itself refuses writes there)
   or the handler was opened with ``idempotent=True``; or it was refused with SQLSTATE
   25006 by a server that is now a standby while the group wants the primary (nothing was
@@ -35,6 +41,7 @@ from psycopg2 import extensions
 from .endpoint import STANDBY
 from .errors import CommitOutcomeUnknown, TransactionAborted
 from .roles import failure_kind, role_of
+from .sessionstate import CLEAN, changes_session
 
 if TYPE_CHECKING:
     from .connection import PooledConnection
@@ -49,10 +56,13 @@ _INERROR = extensions.TRANSACTION_STATUS_INERROR
 
 
 class Handler:
-    """The object bound by ``with ... as db``. Not reusable after its block ends."""
+    """The object bound by ``with ... as db``: single-use, and bound to the task that
+    entered it (a second ``with``, or use from another greenlet or thread, raises
+    ``RuntimeError`` and takes nothing)."""
 
     __slots__ = (
-        "_group", "_idempotent", "_outer", "_pc", "_pool", "_savepoint", "_task", "_timeout"
+        "_epoch", "_group", "_idempotent", "_nest", "_outer", "_pc", "_pool", "_savepoint",
+        "_task", "_timeout",
     )
 
     def __init__(
@@ -62,66 +72,118 @@ class Handler:
         self._group = group
         self._timeout = timeout
         self._idempotent = idempotent
+        #: the connection; only the outermost block of a nest holds it (nested blocks read
+        #: it through ``_outer``, so a replay that replaces it is seen at every level)
         self._pc: PooledConnection | None = None
-        self._outer: Handler | None = None
+        self._outer: Handler | None = None  # the outermost block, for a nested one
         self._savepoint: str | None = None
+        #: outermost block: bumped whenever the transaction ends or the connection is
+        #: replaced inside the nest; a nested block's savepoint exists only while the epoch
+        #: it recorded at entry is current
+        self._epoch = 0
+        #: outermost block: its open nested blocks, innermost last (made on first nesting)
+        self._nest: list[Handler] | None = None
+        #: the task that entered the block; set once, first thing on entry, and never
+        #: cleared: it is also what makes the handler single-use
         self._task: Any = None
 
     # --- the block ------------------------------------------------------------------------
 
     def __enter__(self) -> Handler:
+        if self._task is not None:
+            raise RuntimeError(
+                f"this handler of group {self._group.name!r} was already used for a 'with' "
+                f"block; a handler is single-use: call handler({self._group.name!r}) again"
+            )
+        task = self._task = self._pool._current_task()  # a failed entry cannot be retried
         holders = self._group.holders
-        task = self._pool._current_task()
         outer = holders.get(task)
-        if outer is not None:
-            self._outer = outer
-            self._pc = outer._pc
-            raw = self._pc.raw  # type: ignore[union-attr]
+        if outer is not None and outer._pc is not None:
+            raw = outer._pc.raw
             if not raw.autocommit:
-                self._savepoint = f"greenpool_{id(self):x}"
+                savepoint = f"greenpool_{id(self):x}"
                 with raw.cursor() as cursor:
-                    cursor.execute(f"SAVEPOINT {self._savepoint}")
-            return self
-        self._pc = self._group.acquire(self._timeout)
-        self._task = task
-        holders[task] = self
+                    cursor.execute(f"SAVEPOINT {savepoint}")
+                self._savepoint = savepoint
+                self._epoch = outer._epoch
+            self._outer = outer
+            if outer._nest is None:
+                outer._nest = []
+            outer._nest.append(self)
+        else:
+            pc = self._group.acquire(self._timeout)
+            pc.dirty = False  # this handler sees everything the loan does from here
+            self._pc = pc
+            holders[task] = self
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if self._outer is not None:
-            self._exit_nested(exc_type is None)
-            self._pc = None
+        outer = self._outer
+        if outer is not None:
+            self._outer = None
+            if outer._nest and self in outer._nest:
+                outer._nest.remove(self)
+            self._exit_nested(outer, exc_type is None)
             return
         pc = self._pc
+        if pc is None:  # not in a block, or a replay lost the connection and found none
+            holders = self._group.holders
+            if self._task is not None and holders.get(self._task) is self:
+                del holders[self._task]
+            return
         self._pc = None
         self._group.holders.pop(self._task, None)
-        if pc is None:
-            return
         raw = pc.raw
         if exc_type is None and (raw.closed or raw.get_transaction_status() != _IDLE):
             try:
-                self._commit_at_exit(pc)
+                self._commit_open(pc, explicit=False)
             except BaseException:
                 self._group.release(pc)
                 raise
         self._group.release(pc)  # rolls back whatever is still open, or discards
 
-    def _exit_nested(self, clean: bool) -> None:
-        if self._savepoint is None or self._pc is None:
+    def _exit_nested(self, outer: Handler, clean: bool) -> None:
+        """End a nested block: release its savepoint, or roll back to it. A caught error
+        inside it (the transaction failed) rolls back to the savepoint and raises
+        TransactionAborted here: the block's work is gone, and saying nothing would let the
+        outer block commit as if it were not. Without a savepoint (autocommit) or after the
+        transaction it belonged to ended (commit, rollback, replay), there is nothing to do."""
+        savepoint = self._savepoint
+        pc = outer._pc
+        if savepoint is None or self._epoch != outer._epoch or pc is None or pc.raw.closed:
             return
-        raw = self._pc.raw
-        if clean:
+        raw = pc.raw
+        status = raw.get_transaction_status()
+        if clean and status == _INTRANS:
             with raw.cursor() as cursor:
-                cursor.execute(f"RELEASE SAVEPOINT {self._savepoint}")
-        elif not raw.closed and raw.get_transaction_status() in (_INTRANS, _INERROR):
+                cursor.execute(f"RELEASE SAVEPOINT {savepoint}")
+            return
+        if status not in (_INTRANS, _INERROR):
+            return
+        undo = f"ROLLBACK TO SAVEPOINT {savepoint}; RELEASE SAVEPOINT {savepoint}"
+        if not clean:
             try:
                 with raw.cursor() as cursor:
-                    cursor.execute(f"ROLLBACK TO SAVEPOINT {self._savepoint}")
+                    cursor.execute(undo)
             except psycopg2.Error:
-                pass  # the outer block will roll the whole transaction back
+                pass  # the exception in flight says more; the outer block rolls back
+            return
+        aborted = TransactionAborted(
+            f"group {self._group.name!r} on {pc.endpoint.label}: a statement failed inside a "
+            f"nested block and its error was caught; the block's work was rolled back to its "
+            f"savepoint, the outer transaction goes on"
+        )
+        try:
+            with raw.cursor() as cursor:
+                cursor.execute(undo)
+        except psycopg2.Error as exc:
+            raise aborted from exc
+        raise aborted
 
-    def _commit_at_exit(self, pc: PooledConnection) -> None:
-        """The block ended cleanly with a transaction open, or with its connection lost."""
+    def _commit_open(self, pc: PooledConnection, explicit: bool) -> None:
+        """Commit what is open, by the server-reported status. A failed transaction is
+        never reported as committed: TransactionAborted (explicit ``commit()`` also rolls it
+        back at once, so the block can go on)."""
         raw = pc.raw
         where = f"group {self._group.name!r} on {pc.endpoint.label}"
         if raw.closed:
@@ -138,10 +200,16 @@ class Handler:
             self._commit(raw, where, self._group, pc)
             return
         if status == _INERROR:
-            raise TransactionAborted(
+            aborted = TransactionAborted(
                 f"{where}: a statement failed inside the block and its error was caught; "
                 f"the transaction was rolled back, not committed"
             )
+            if explicit:
+                try:
+                    _rollback(raw)
+                except psycopg2.Error as exc:
+                    raise aborted from exc
+            raise aborted
         raise TransactionAborted(f"{where}: the connection is in an unknown state; not committed")
 
     @staticmethod
@@ -170,23 +238,27 @@ class Handler:
     def connection(self) -> Any:
         """The raw psycopg2 connection, for what this API does not cover.
 
-        Do not close it or keep it past the block; the pool resets it on return.
+        Do not close it or keep it past the block. Using it marks the loan as one that may
+        have changed the session: the pool resets the session on return (one round trip).
         """
-        if self._pc is None:
-            raise RuntimeError("the handler is used outside its 'with' block")
-        return self._pc.raw
+        pc = self._current()
+        pc.dirty = True
+        return pc.raw
 
     def cursor(self, *args: Any, **kwargs: Any) -> Any:
-        """A new cursor (with the group's row factory unless ``cursor_factory`` is given)."""
+        """A new cursor (with the group's row factory unless ``cursor_factory`` is given).
+        Like :attr:`connection`, it makes the pool reset the session on return."""
         return self.connection.cursor(*args, **kwargs)
 
     def query(self, sql: str, params: Any = None) -> list[Any] | int:
         """Run one statement: its rows if it returns rows, else the number of rows affected."""
-        return self._run(_rows_or_count, sql, params)
+        changes = (sql.__class__ is not str or sql not in CLEAN) and self._changes(sql)
+        return self._run(changes, _rows_or_count, sql, params)
 
     def query_one(self, sql: str, params: Any = None) -> Any:
         """The first row of the result, or None."""
-        return self._run(_first_row, sql, params)
+        changes = (sql.__class__ is not str or sql not in CLEAN) and self._changes(sql)
+        return self._run(changes, _first_row, sql, params)
 
     def execute(self, statements: str | Iterable[Statement], params: Any = None) -> int:
         """Run one statement, a ``;``-separated script, or a list of statements (each a
@@ -194,83 +266,153 @@ class Handler:
         items: list[Statement] = (
             [(statements, params)] if isinstance(statements, str) else list(statements)
         )
-        return self._run(_affected_rows, items)
+        changes = False
+        for item in items:
+            sql = item if isinstance(item, str) else item[0]
+            if (sql.__class__ is not str or sql not in CLEAN) and self._changes(sql):
+                changes = True
+                break
+        return self._run(changes, _affected_rows, items)
 
     def executemany(self, sql: str, params_seq: Sequence[Any], page_size: int = 100) -> None:
         """Run ``sql`` for each parameter set, batching round trips (``execute_batch``)."""
-        with self.connection.cursor() as cursor:
+        pc = self._current()
+        if (sql.__class__ is not str or sql not in CLEAN) and self._changes(sql):
+            pc.dirty = True
+        with pc.raw.cursor() as cursor:
             psycopg2.extras.execute_batch(cursor, sql, params_seq, page_size=page_size)
+
+    def _changes(self, sql: Any) -> bool:
+        pc = self._held()
+        return changes_session(sql, pc.raw if pc is not None else None)
+
+    def _held(self) -> PooledConnection | None:
+        if self._pc is not None:
+            return self._pc
+        return self._outer._pc if self._outer is not None else None
 
     # --- replays --------------------------------------------------------------------------
 
     _MAX_REPLAYS = 3
 
-    def _run(self, work: Callable[..., Any], *args: Any) -> Any:
-        """Run ``work(cursor, *args)``; re-run it on a fresh connection where that is safe."""
+    def _run(self, changes: bool, work: Callable[..., Any], *args: Any) -> Any:
+        """Run ``work(cursor, *args)``; re-run it on a fresh connection where that is safe.
+        ``changes``: the statement may change the session (the reset on return must run)."""
         replays = 0
         while True:
-            raw = self._current().raw
+            pc = self._current()
+            raw = pc.raw
             first = raw.get_transaction_status() == _IDLE
+            # state set by earlier statements would be missing on a fresh connection
+            session_set = pc.dirty
+            if changes:
+                pc.dirty = True
             try:
                 with raw.cursor() as cursor:
                     return work(cursor, *args)
             except psycopg2.Error as exc:
                 kind = failure_kind(exc, raw)
                 if kind == "lost":
-                    self._group.on_endpoint_failure(self._current().endpoint)
-                if not kind or not first or replays >= self._MAX_REPLAYS:
+                    self._group.on_endpoint_failure(pc.endpoint)
+                if not kind or not first or session_set or replays >= self._MAX_REPLAYS:
                     raise
-                if not self._may_replay(kind, raw):
+                if not self._may_replay(kind, raw, pc):
                     raise
-                self._replace_connection("lost" if kind == "lost" else "wrong_role")
+                self._replace_connection(pc, "lost" if kind == "lost" else "wrong_role")
                 replays += 1
                 self._group.counters.replays += 1
 
-    def _may_replay(self, kind: str, raw: Any) -> bool:
-        if self._savepoint is not None or (self._outer is not None and self._outer._savepoint):
-            return False
+    def _may_replay(self, kind: str, raw: Any, pc: PooledConnection) -> bool:
         if kind == "lost":
             return self._group.config.readonly or self._idempotent
         # 25006 in a group that wants the primary, and the server now says it is a standby
         # (a read-only transaction asked for by the caller is not a role problem)
         role = role_of(raw)
         if role == STANDBY:
-            self._current().endpoint.observe_role(role)
+            pc.endpoint.observe_role(role)
         return self._group.role == "primary" and role == STANDBY
 
     def _current(self) -> PooledConnection:
-        if self._pc is None:
-            raise RuntimeError("the handler is used outside its 'with' block")
-        return self._pc
+        """The connection of the block, for the task that entered it."""
+        pc = self._pc
+        if pc is None:
+            outer = self._outer
+            pc = outer._pc if outer is not None else None
+            if pc is None:
+                raise RuntimeError(
+                    f"this handler of group {self._group.name!r} is used outside its 'with' "
+                    f"block"
+                )
+        if self._task != self._pool._current_task():
+            raise RuntimeError(
+                f"this handler of group {self._group.name!r} belongs to the task that entered "
+                f"its 'with' block; another greenlet or thread must open its own "
+                f"with handler({self._group.name!r})"
+            )
+        return pc
 
-    def _replace_connection(self, reason: str) -> None:
-        """Give the broken (or wrong-role) connection back and take another in its place."""
+    def _replace_connection(self, old: PooledConnection, reason: str) -> None:
+        """Give the broken (or wrong-role) connection back and take another in its place.
+        Every level of a nest sees the new one: only the outermost block holds it."""
         root = self._outer or self
-        old = self._current()
-        self._pc = root._pc = None
+        root._pc = None
+        root._epoch += 1
         self._group.release(old, discard=reason)
         new = self._group.acquire(self._timeout)
-        self._pc = root._pc = new
+        new.dirty = False
+        root._pc = new
 
     def commit(self) -> None:
-        """Commit now (inside a nested block this commits the outer transaction too)."""
-        raw = self.connection
-        if raw.get_transaction_status() != _IDLE:
-            self._commit(raw, f"group {self._group.name!r}", self._group, self._pc)
+        """Commit now, by the server-reported status. In a nested block this commits the
+        whole transaction, the outer blocks' work too (there is one transaction per
+        connection). A transaction that failed (a statement's error was caught) is rolled
+        back and ``TransactionAborted`` raised: it is never reported as committed."""
+        pc = self._current()
+        raw = pc.raw
+        if raw.closed or raw.get_transaction_status() != _IDLE:
+            root = self._outer or self
+            root._epoch += 1  # the nest's savepoints end with the transaction
+            try:
+                self._commit_open(pc, explicit=True)
+            finally:
+                self._renew_savepoints(root, raw)
 
     def rollback(self) -> None:
-        """Roll back now, even on an autocommit connection with a hand-made ``BEGIN``."""
-        raw = self.connection
-        if raw.autocommit:
-            if raw.get_transaction_status() != _IDLE:
+        """Roll back now, even on an autocommit connection with a hand-made ``BEGIN``. In a
+        nested block this rolls back the whole transaction, like :meth:`commit`."""
+        raw = self._current().raw
+        if raw.get_transaction_status() != _IDLE:
+            root = self._outer or self
+            root._epoch += 1
+            try:
+                _rollback(raw)
+            finally:
+                self._renew_savepoints(root, raw)
+
+    @staticmethod
+    def _renew_savepoints(root: Handler, raw: Any) -> None:
+        """After a commit or rollback inside a nest, give each open nested block a fresh
+        savepoint, so an error leaving it still undoes only what it did since then."""
+        if not root._nest or raw.closed or raw.get_transaction_status() != _IDLE:
+            return
+        for nested in root._nest:
+            if nested._savepoint is not None:
                 with raw.cursor() as cursor:
-                    cursor.execute("ROLLBACK")
-        else:
-            raw.rollback()
+                    cursor.execute(f"SAVEPOINT {nested._savepoint}")
+                nested._epoch = root._epoch
 
     def __repr__(self) -> str:
-        where = self._pc.endpoint.label if self._pc is not None else "not in a block"
+        pc = self._held()
+        where = pc.endpoint.label if pc is not None else "not in a block"
         return f"<Handler group={self._group.name!r} {where}>"
+
+
+def _rollback(raw: Any) -> None:
+    if raw.autocommit:  # psycopg2's rollback() is a no-op here
+        with raw.cursor() as cursor:
+            cursor.execute("ROLLBACK")
+    else:
+        raw.rollback()
 
 
 # What the statement methods run on a cursor (module-level: no closure per call).

@@ -232,8 +232,6 @@ def test_pool_fails_fast_on_a_wrong_password(auth_server: Cluster, mode: str) ->
         pool.close()
 
 
-@pytest.mark.xfail(reason="needs greenpool/group.py (lead): a fatal verdict must not "
-                          "quarantine the endpoint", strict=False)
 def test_a_fatal_failure_does_not_quarantine_a_healthy_server(auth_server: Cluster,
                                                               mode: str) -> None:
     from greenpool import Pool
