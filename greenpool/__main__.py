@@ -130,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
             _say(name, str(exc))
             return exc.status
         except Exception as exc:  # the one place that turns a bug into a sentence
-            if received:  # a signal came during the cleanup of this error: report the signal
-                _say(name, f"interrupted by {signal.Signals(received[0]).name}")
+            if received:  # the cleanup after a signal failed too: report both, exit as signalled
+                _say(name, f"interrupted by {signal.Signals(received[0]).name}, then "
+                           f"{type(exc).__name__} while stopping: {' '.join(str(exc).split())}")
                 return 128 + received[0]
             return _unexpected(name, exc, args.debug)
 

@@ -356,8 +356,11 @@ def _kill_group(proc: subprocess.Popen[str]) -> None:
     with contextlib.suppress(Exception):
         proc.wait(STOP_WAIT)
     for stream in (proc.stdout, proc.stderr):
+        # gevent's communicate() may still be reading it in another greenlet: then it is
+        # closed when that reader sees the EOF of the killed tool, not here
         if stream is not None:
-            stream.close()
+            with contextlib.suppress(Exception):
+                stream.close()
 
 
 def _alive(pid: int) -> bool:
