@@ -20,14 +20,12 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import Any, NoReturn
+from collections.abc import Callable
+from typing import NoReturn
 
-from .check import BAD_INPUT, BUG, UNREACHABLE, CheckFailed, Interrupted
+from .check import BAD_INPUT, BUG, UNREACHABLE, CheckFailed, Interrupted, signals_as_exceptions
 
 MAX_CLIENTS = 100_000
-_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -96,25 +94,6 @@ def _command(args: argparse.Namespace) -> Callable[[], int]:
                             args.seconds)
 
 
-@contextmanager
-def signals_as_exceptions() -> Iterator[list[int]]:
-    """The first SIGINT/SIGTERM/SIGHUP raises :class:`Interrupted`; later ones are only
-    recorded (in the yielded list), so the cleanup the first one started runs to its end."""
-    received: list[int] = []
-
-    def on_signal(signum: int, frame: Any) -> None:
-        received.append(signum)
-        if len(received) == 1:
-            raise Interrupted(signum)
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in _SIGNALS}
-    try:
-        yield received
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def main(argv: list[str] | None = None) -> int:
     with signals_as_exceptions() as received:
         args = _parser().parse_args(argv)
@@ -129,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         except CheckFailed as exc:
             _say(name, str(exc))
             return exc.status
+        except BrokenPipeError:  # stdout closed early (piped into head): say nothing more
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return 128 + signal.SIGPIPE
         except Exception as exc:  # the one place that turns a bug into a sentence
             if received:  # the cleanup after a signal failed too: report both, exit as signalled
                 _say(name, f"interrupted by {signal.Signals(received[0]).name}, then "

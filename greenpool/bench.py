@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from .check import FAILED, OK, UNREACHABLE, CheckFailed, read_config
+from .check import FAILED, OK, UNREACHABLE, CheckFailed, read_config, shielded
 
 MIN_WAIT = 0.001  # the shortest acquire timeout bench asks for near the end of the run
 
@@ -58,7 +58,8 @@ def run(path: str | None, group: str | None, clients: int, seconds: float, sql: 
                 raise CheckFailed(str(exc)) from None
             return _load(pool, target.name, clients, seconds, sql, gevent, events)
         finally:
-            pool.close()
+            with shielded():
+                pool.close()
     finally:
         log.removeHandler(events)
         log.propagate = True
@@ -129,7 +130,8 @@ def _load(pool: Any, name: str, clients: int, seconds: float, sql: str, gevent: 
         gevent.joinall(tasks, timeout=deadline + acquire_timeout - time.monotonic())
         cut_off = sum(1 for task in tasks if not task.dead)
     finally:
-        gevent.killall([*tasks, ticker])
+        with shielded():
+            gevent.killall([*tasks, ticker])
     elapsed = time.monotonic() - started
     stats = pool.stats()
     done = sorted(latencies)

@@ -15,8 +15,10 @@ from __future__ import annotations
 import json
 import os
 import runpy
+import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from .config import PoolConfig, parse_config
@@ -55,6 +57,49 @@ class Interrupted(SystemExit):
     def __init__(self, signum: int) -> None:
         super().__init__(128 + signum)
         self.signum = signum
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_received: list[int] = []  # signals since signals_as_exceptions() began
+_held: list[int] = []  # the first signal, if it came inside shielded() and is not raised yet
+_shields = 0  # > 0 inside shielded()
+
+
+@contextmanager
+def signals_as_exceptions() -> Iterator[list[int]]:
+    """The first SIGINT/SIGTERM/SIGHUP raises :class:`Interrupted`; later ones are only
+    recorded (in the yielded list), so the cleanup the first one started runs to its end."""
+
+    def on_signal(signum: int, frame: Any) -> None:
+        _received.append(signum)
+        if len(_received) == 1:
+            if _shields:
+                _held.append(signum)
+            else:
+                raise Interrupted(signum)
+
+    del _received[:], _held[:]
+    previous = {sig: signal.signal(sig, on_signal) for sig in _SIGNALS}
+    try:
+        yield _received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextmanager
+def shielded() -> Iterator[None]:
+    """Cleanup that a signal must not cut short (stopping servers, closing a pool): the
+    first signal arriving inside is held, then raised as :class:`Interrupted` once the
+    outermost shielded block is done."""
+    global _shields
+    _shields += 1
+    try:
+        yield
+    finally:
+        _shields -= 1
+        if not _shields and _held:
+            raise Interrupted(_held.pop())
 
 
 def load_config(path: str | None) -> Mapping[str, Any] | PoolConfig:

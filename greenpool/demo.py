@@ -17,7 +17,7 @@ import logging
 import time
 from typing import Any
 
-from .check import FAILED, OK, UNREACHABLE, CheckFailed
+from .check import FAILED, OK, UNREACHABLE, CheckFailed, shielded
 from .errors import ConfigError
 
 
@@ -70,11 +70,12 @@ def run(dsn: str | None, clients: int, seconds: float) -> int:
             raise CheckFailed(f"bad --dsn: {exc}") from None
         return _demo(greenpool, gevent, timeline, tasks, clusters, clients, seconds)
     finally:
-        gevent.killall(tasks)
-        greenpool.close()
-        log.removeHandler(timeline)
-        log.propagate = True
-        destroy_all()  # every cluster of this process is the demo's
+        with shielded():  # a signal now waits until the servers are gone
+            gevent.killall(tasks)
+            greenpool.close()
+            log.removeHandler(timeline)
+            log.propagate = True
+            destroy_all()  # every cluster of this process is the demo's
 
 
 def _servers(dsn: str | None, clusters: list[Any]) -> list[Any]:

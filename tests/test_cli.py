@@ -322,3 +322,20 @@ def test_every_exit_status_is_in_the_readme() -> None:
     section = readme.split("## The `greenpool` command", 1)[1].split("\n## ", 1)[0]
     for status in ("`0`", "`1`", "`2`", "`3`", "`4`", "`130`", "`143`"):
         assert status in section, status
+
+
+def test_a_signal_inside_a_shielded_cleanup_waits_for_its_end() -> None:
+    """A real SIGTERM to this process: held while shielded, raised after; later ones ignored."""
+    from greenpool.check import Interrupted, shielded, signals_as_exceptions
+
+    steps = []
+    with signals_as_exceptions() as received, pytest.raises(Interrupted) as info, shielded():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the handler has run by now (and must not have raised)
+        steps.append("cleanup finished")
+        os.kill(os.getpid(), signal.SIGINT)  # a second signal: recorded only
+        time.sleep(0.05)
+        steps.append("still not interrupted")
+    assert steps == ["cleanup finished", "still not interrupted"]
+    assert info.value.signum == signal.SIGTERM and info.value.code == 143
+    assert received == [signal.SIGTERM, signal.SIGINT]
