@@ -332,9 +332,17 @@ class Cluster:
         # Its own session: a terminal's Ctrl-C reaches us, not the tool, and on any way out
         # (a timeout, a signal turned into an exception) the tool's whole process group,
         # children included (initdb runs postgres), is killed before we go on.
-        proc = subprocess.Popen([str(self.bin / tool), *args], cwd=self.root, env=full_env,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
+        try:
+            proc = subprocess.Popen([str(self.bin / tool), *args], cwd=self.root, env=full_env,
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                    **kw)
+        except BaseException:
+            # interrupted inside Popen() (gevent's waits for the exec there): no handle, so
+            # find it by the directory on its command line
+            for pid in _pids_naming(self.root):
+                _stop_pid(pid, signal.SIGKILL, STOP_WAIT)
+            raise
         try:
             stdout, stderr = proc.communicate(timeout=TIMEOUT + 30)
         except subprocess.TimeoutExpired:
@@ -355,6 +363,13 @@ def _kill_group(proc: subprocess.Popen[str]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     with contextlib.suppress(Exception):
         proc.wait(STOP_WAIT)
+    deadline = time.monotonic() + STOP_WAIT  # its children die (and are reaped) a bit later
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            break
+        time.sleep(0.005)
     for stream in (proc.stdout, proc.stderr):
         # gevent's communicate() may still be reading it in another greenlet: then it is
         # closed when that reader sees the EOF of the killed tool, not here
