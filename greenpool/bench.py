@@ -13,6 +13,7 @@ status is 1.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -40,7 +41,8 @@ def run(path: str | None, group: str | None, clients: int, seconds: float, sql: 
     import greenpool
     from greenpool.errors import ConfigError, PoolError
 
-    config = read_config(path)
+    # the load is greenlets, so the pool is a gevent one whatever the configuration's type
+    config = dataclasses.replace(read_config(path), mode="gevent")
     events = _Events()  # the pool's log lines, in the report rather than over the progress line
     log = logging.getLogger("greenpool")
     log.addHandler(events)

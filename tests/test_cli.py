@@ -339,3 +339,12 @@ def test_a_signal_inside_a_shielded_cleanup_waits_for_its_end() -> None:
     assert steps == ["cleanup finished", "still not interrupted"]
     assert info.value.signum == signal.SIGTERM and info.value.code == 143
     assert received == [signal.SIGTERM, signal.SIGINT]
+
+
+def test_bench_runs_on_gevent_whatever_the_type(pg: Any, tmp_path: Path) -> None:
+    for mode in ("threaded", "eventlet", "non-threaded"):
+        path = tmp_path / f"{mode}.json"
+        path.write_text(json.dumps({"db": pg.endpoint(), "type": mode}))
+        result = greenpool("bench", str(path), "--seconds", "0.3", "--clients", "3")
+        assert result.returncode == 0, (mode, result.stdout, result.stderr)
+        assert "errors: 0" in result.stdout
