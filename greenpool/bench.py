@@ -4,17 +4,25 @@ N greenlets run a statement through ``handler(group)`` in a loop for T seconds, 
 progress line. Then: throughput, latency percentiles, time spent waiting for a
 connection, errors by kind, and the pool's own stats. It is for sizing a group against
 your server. Comparing pools is the job of ``benchmarks/``.
+
+The run ends on time whatever the server does: no acquire may wait past the end, and a
+statement still running one acquire timeout after it is cut off. When nothing at all was
+served, one line says why (the errors seen, what the endpoints last reported) and the exit
+status is 1.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import sys
 import time
 from collections import Counter
 from typing import Any
 
-from .check import CheckFailed, load_config
-from .errors import ConfigError
+from .check import FAILED, OK, UNREACHABLE, CheckFailed, read_config, shielded
+
+MIN_WAIT = 0.001  # the shortest acquire timeout bench asks for near the end of the run
 
 
 def _percentile(sorted_values: list[float], share: float) -> float:
@@ -25,41 +33,87 @@ def _percentile(sorted_values: list[float], share: float) -> float:
 
 
 def run(path: str | None, group: str | None, clients: int, seconds: float, sql: str) -> int:
-    try:
-        config = load_config(path)
-    except CheckFailed as exc:
-        print(f"greenpool bench: {exc}")
-        return 2
     from gevent import monkey
 
     monkey.patch_all()
     import gevent
 
     import greenpool
+    from greenpool.errors import ConfigError, PoolError
 
+    # the load is greenlets, so the pool is a gevent one whatever the configuration's type
+    config = dataclasses.replace(read_config(path), mode="gevent")
+    events = _Events()  # the pool's log lines, in the report rather than over the progress line
+    log = logging.getLogger("greenpool")
+    log.addHandler(events)
+    log.propagate = False
     try:
-        pool = greenpool.Pool(config)
-        target = pool.group(group)
-    except ConfigError as exc:
-        print(f"greenpool bench: bad configuration: {exc}")
-        return 2
+        try:
+            pool = greenpool.Pool(config)  # with startup_timeout: waits for the server
+        except PoolError as exc:
+            raise CheckFailed(f"cannot reach the database: {type(exc).__name__}: {exc}",
+                              UNREACHABLE) from None
+        try:
+            try:
+                target = pool.group(group)
+            except ConfigError as exc:
+                raise CheckFailed(str(exc)) from None
+            return _load(pool, target.name, clients, seconds, sql, gevent, events)
+        finally:
+            with shielded():
+                pool.close()
+    finally:
+        log.removeHandler(events)
+        log.propagate = True
+
+
+class _Events(logging.Handler):
+    """Counts the pool's WARNING+ lines and keeps the last few."""
+
+    KEEP = 5
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+        self.last: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+        self.last = [*self.last[-(self.KEEP - 1):], " ".join(record.getMessage().split())]
+
+
+def _load(pool: Any, name: str, clients: int, seconds: float, sql: str, gevent: Any,
+          events: _Events) -> int:
+    from greenpool.errors import PoolTimeout
+
+    acquire_timeout = pool.config.groups[name].timeout
     latencies: list[float] = []
     errors: Counter[str] = Counter()
+    samples: dict[str, str] = {}  # one message per kind of error, for the diagnosis
     started = time.monotonic()
     deadline = started + seconds
 
     def client() -> None:
-        while time.monotonic() < deadline:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
             began = time.perf_counter()
+            wait = max(MIN_WAIT, min(acquire_timeout, left))
             try:
-                with pool.handler(target.name) as db:
+                with pool.handler(name, timeout=wait) as db:
                     db.query(sql)
                 latencies.append(time.perf_counter() - began)
-            except Exception as exc:
-                errors[type(exc).__name__] += 1
+            except Exception as exc:  # counted by kind and reported
+                if type(exc) is PoolTimeout and wait < acquire_timeout:
+                    return  # a wait cut short by the end of the run: not an error
+                kind = type(exc).__name__
+                errors[kind] += 1
+                samples.setdefault(kind, " ".join(str(exc).split())[:200])
                 gevent.sleep(0.01)  # do not spin on a failing server
 
     def progress() -> None:
+        target = pool.group(name)
         while time.monotonic() < deadline:
             gevent.sleep(0.5)
             elapsed = time.monotonic() - started
@@ -71,29 +125,56 @@ def run(path: str | None, group: str | None, clients: int, seconds: float, sql: 
             )
             sys.stdout.flush()
 
+    tasks = [gevent.spawn(client) for _ in range(clients)]
+    ticker = gevent.spawn(progress)
     try:
-        tasks = [gevent.spawn(client) for _ in range(clients)]
-        ticker = gevent.spawn(progress)
-        gevent.joinall(tasks)
-        ticker.kill()
-        elapsed = time.monotonic() - started
-        stats = pool.stats()
+        # a statement still running one acquire timeout past the end is cut off
+        gevent.joinall(tasks, timeout=deadline + acquire_timeout - time.monotonic())
+        cut_off = sum(1 for task in tasks if not task.dead)
     finally:
-        pool.close()
+        with shielded():
+            gevent.killall([*tasks, ticker])
+    elapsed = time.monotonic() - started
+    stats = pool.stats()
     done = sorted(latencies)
-    group_stats = stats["groups"][target.name]
-    print(f"\n\ngroup {target.name!r}: {clients} greenlets for {seconds:.0f} s running {sql!r}")
+    group_stats = stats["groups"][name]
+    print(f"\n\ngroup {name!r}: {clients} greenlets for {seconds:g} s running {sql!r}")
     print(f"  throughput: {len(done) / elapsed:.0f} ops/s ({len(done)} ok)")
     print("  latency ms: " + "  ".join(
-        f"p{int(q * 100)} {_percentile(done, q) * 1000:.2f}" for q in (0.5, 0.9, 0.99, 0.999)))
+        f"p{q * 100:g} {_percentile(done, q) * 1000:.2f}" for q in (0.5, 0.9, 0.99, 0.999)))
     waited = group_stats["wait_time"] / max(group_stats["waits"], 1)
     print(f"  waits for a connection: {group_stats['waits']} (mean {waited * 1000:.2f} ms)")
     print(f"  errors: {dict(errors) if errors else 0}")
+    if cut_off:
+        print(f"  statements cut off at the end: {cut_off}")
     print(f"  pool: {_compact(group_stats)}")
     for label, endpoint in stats["endpoints"].items():
         print(f"  endpoint {label}: {_compact(endpoint)}")
-    return 1 if errors and not done else 0
+    if events.count:
+        print(f"  pool warnings: {events.count}, the last {len(events.last)}:")
+        for line in events.last:
+            print(f"    {line}")
+    sys.stdout.flush()
+    if done:
+        return OK
+    raise CheckFailed(f"nothing was served in {elapsed:.1f} s: "
+                      f"{_diagnosis(errors, samples, cut_off, stats['endpoints'])}", FAILED)
+
+
+def _diagnosis(errors: Counter[str], samples: dict[str, str], cut_off: int,
+               endpoints: dict[str, dict[str, Any]]) -> str:
+    """Why nothing was served, in one line: the commonest errors, then the endpoints."""
+    parts = [f"{count} x {kind} ({samples[kind]})" for kind, count in errors.most_common(2)]
+    if cut_off:
+        parts.append(f"{cut_off} statements still running at the end")
+    for label, values in endpoints.items():
+        if values["state"] != "up" or values["last_error"]:
+            parts.append(f"endpoint {label} is {values['state']}"
+                         + (f", last error: {values['last_error']}" if values["last_error"]
+                            else ""))
+    return "; ".join(parts) or "no statement completed"
 
 
 def _compact(values: dict[str, Any]) -> str:
-    return ", ".join(f"{key} {value}" for key, value in values.items() if value not in (None, {}))
+    return ", ".join(f"{key} {' '.join(str(value).split())}" for key, value in values.items()
+                     if value not in (None, {}))

@@ -15,7 +15,10 @@ from __future__ import annotations
 import json
 import os
 import runpy
+import signal
 import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from .config import PoolConfig, parse_config
@@ -24,13 +27,88 @@ from .endpoint import PRIMARY, STANDBY, UNKNOWN
 from .errors import ConfigError
 from .roles import fits, query_role, role_of
 
+# The exit statuses of every ``greenpool`` command (the README's command table lists them).
+OK = 0  # done; check: every group has an eligible endpoint
+FAILED = 1  # it ran and found a failure: check: a group without endpoint; bench: nothing served
+BAD_INPUT = 2  # bad command line or configuration
+UNREACHABLE = 3  # the database (or the throwaway servers) could not be reached or started
+BUG = 4  # an unexpected error inside greenpool
+# interrupted by a signal: 128 + its number (130 for SIGINT, 143 for SIGTERM)
+
+PROBE_QUERY_SECONDS = 5.0  # the role/version queries of a probe, after its connect
+
 
 class CheckFailed(Exception):
-    """A problem the user must fix, said in one sentence (no traceback)."""
+    """A problem the user must fix, said in one sentence (no traceback); ``status`` is the
+    exit status the command ends with."""
+
+    def __init__(self, message: str, status: int = BAD_INPUT) -> None:
+        super().__init__(" ".join(message.split()))
+        self.status = status
 
 
-def load_config(path: str | None) -> dict[str, Any]:
-    """The configuration from a file, or from the environment when ``path`` is None."""
+class Interrupted(SystemExit):
+    """SIGINT/SIGTERM/SIGHUP, raised where the process happens to be so cleanup runs.
+
+    A ``SystemExit`` because gevent's hub passes those to the main greenlet without printing
+    a traceback, wherever the signal handler ran (hub, main or another greenlet).
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_received: list[int] = []  # signals since signals_as_exceptions() began
+_held: list[int] = []  # the first signal, if it came inside shielded() and is not raised yet
+_shields = 0  # > 0 inside shielded()
+
+
+@contextmanager
+def signals_as_exceptions() -> Iterator[list[int]]:
+    """The first SIGINT/SIGTERM/SIGHUP raises :class:`Interrupted`; later ones are only
+    recorded (in the yielded list), so the cleanup the first one started runs to its end."""
+
+    def on_signal(signum: int, frame: Any) -> None:
+        _received.append(signum)
+        if len(_received) == 1:
+            if _shields:
+                _held.append(signum)
+            else:
+                raise Interrupted(signum)
+
+    del _received[:], _held[:]
+    previous = {sig: signal.signal(sig, on_signal) for sig in _SIGNALS}
+    try:
+        yield _received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextmanager
+def shielded() -> Iterator[None]:
+    """Cleanup that a signal must not cut short (stopping servers, closing a pool): the
+    first signal arriving inside is held, then raised as :class:`Interrupted` once the
+    outermost shielded block is done."""
+    global _shields
+    _shields += 1
+    try:
+        yield
+    finally:
+        _shields -= 1
+        if not _shields and _held:
+            raise Interrupted(_held.pop())
+
+
+def load_config(path: str | None) -> Mapping[str, Any] | PoolConfig:
+    """The configuration from a file, or from the environment when ``path`` is None.
+
+    Every way a file can be wrong (missing, a directory, unreadable, not UTF-8, not
+    JSON/TOML, a ``.py`` that raises or exits, ``CONFIG`` missing or not a mapping) is a
+    :class:`CheckFailed` naming the file and the problem.
+    """
     if path is None:
         if os.environ.get("GREENPOOL_CONFIG"):
             return _json(os.environ["GREENPOOL_CONFIG"], "GREENPOOL_CONFIG")
@@ -38,31 +116,97 @@ def load_config(path: str | None) -> dict[str, Any]:
             return {"db": os.environ["GREENPOOL_DSN"]}
         raise CheckFailed("no configuration: give a file, or set GREENPOOL_CONFIG or "
                           "GREENPOOL_DSN")
-    if not os.path.exists(path):
-        raise CheckFailed(f"{path}: no such file")
-    if path.endswith(".json"):
-        with open(path, encoding="utf-8") as handle:
-            return _json(handle.read(), path)
-    if path.endswith(".toml"):
-        import tomllib
+    kind = os.path.splitext(path)[1].lower()
+    if kind not in (".json", ".toml", ".py"):
+        raise CheckFailed(f"{path}: expected a .json, .toml or .py file")
+    if kind == ".py":
+        _readable(path)
+        return _python(path)
+    text = _text(path, _readable(path))
+    if kind == ".json":
+        return _json(text, path)
+    import tomllib
 
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise CheckFailed(f"{path}: not valid TOML ({exc})") from None
+    except RecursionError:
+        raise CheckFailed(f"{path}: not valid TOML (nested too deeply)") from None
+
+
+def read_config(path: str | None) -> PoolConfig:
+    """:func:`load_config`, parsed and validated; any problem is a :class:`CheckFailed`."""
+    raw = load_config(path)
+    try:
+        return parse_config(raw)
+    except ConfigError as exc:
+        raise CheckFailed(f"bad configuration: {exc}") from None
+    except (RecursionError, TypeError, ValueError, AttributeError, KeyError) as exc:
+        # parse_config should say ConfigError for every bad value; until it does, one sentence
+        raise CheckFailed(f"bad configuration: {type(exc).__name__}: {exc}") from None
+
+
+def _readable(path: str) -> bytes:
+    try:
         with open(path, "rb") as handle:
-            try:
-                return tomllib.load(handle)
-            except tomllib.TOMLDecodeError as exc:
-                raise CheckFailed(f"{path}: not valid TOML ({exc})") from None
-    if path.endswith(".py"):
-        namespace = runpy.run_path(path)
-        if "CONFIG" not in namespace:
-            raise CheckFailed(f"{path}: define the configuration as a variable named CONFIG")
-        return dict(namespace["CONFIG"])
-    raise CheckFailed(f"{path}: expected a .json, .toml or .py file")
+            return handle.read()
+    except FileNotFoundError:
+        raise CheckFailed(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise CheckFailed(f"{path}: is a directory, not a configuration file") from None
+    except PermissionError:
+        raise CheckFailed(f"{path}: cannot read it (permission denied)") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        raise CheckFailed(f"{path}: cannot read it ({getattr(exc, 'strerror', None) or exc})"
+                          ) from None
+
+
+def _text(path: str, data: bytes) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise CheckFailed(f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
+                          f"{exc.start})") from None
+
+
+def _python(path: str) -> Mapping[str, Any] | PoolConfig:
+    try:
+        namespace = runpy.run_path(path, run_name="greenpool_config")
+    except (Interrupted, KeyboardInterrupt):
+        raise
+    except SystemExit as exc:
+        raise CheckFailed(f"{path}: called sys.exit({exc.code!r}) instead of defining "
+                          "CONFIG") from None
+    except SyntaxError as exc:
+        raise CheckFailed(f"{path}: not valid Python (line {exc.lineno}: {exc.msg})") from None
+    except BaseException as exc:  # the user's code: anything can come out
+        raise CheckFailed(f"{path}: raised {type(exc).__name__} while loading: "
+                          f"{_first_line(exc)}") from None
+    if "CONFIG" not in namespace:
+        raise CheckFailed(f"{path}: define the configuration as a variable named CONFIG")
+    config = namespace["CONFIG"]
+    if isinstance(config, PoolConfig):
+        return config
+    if not isinstance(config, Mapping):
+        raise CheckFailed(f"{path}: CONFIG must be a dict, not {type(config).__name__}")
+    return config
+
+
+def _first_line(exc: BaseException) -> str:
+    try:
+        text = str(exc).strip()
+    except Exception:  # a user exception whose __str__ fails
+        text = ""
+    return text.splitlines()[0][:300] if text else "(no message)"
 
 
 def _json(text: str, where: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except RecursionError:
+        raise CheckFailed(f"{where}: not valid JSON (nested too deeply)") from None
+    except ValueError as exc:  # JSONDecodeError, or an integer with too many digits
         raise CheckFailed(f"{where}: not valid JSON ({exc})") from None
     if not isinstance(value, dict):
         raise CheckFailed(f"{where}: expected a JSON object")
@@ -70,20 +214,35 @@ def _json(text: str, where: str) -> dict[str, Any]:
 
 
 def _probe(config: PoolConfig, index: int) -> dict[str, Any]:
+    import gevent
+
+    endpoint = config.endpoints[index]
+    row: dict[str, Any] = {"endpoint": endpoint.label, "reachable": False, "role": UNKNOWN,
+                           "version": "", "lag": None, "rtt_ms": None, "tls": "", "error": ""}
+    budget = endpoint.connect_timeout + PROBE_QUERY_SECONDS
+    try:
+        with gevent.Timeout(budget, False):  # a stalled server costs the budget, not forever
+            _probe_into(row, config, index)
+            return row
+        row["error"] = f"no answer within {budget:.1f} s"
+    except Exception as exc:  # any failure is this endpoint's row, not a crash
+        row["reachable"] = False
+        row["error"] = _first_line(exc)
+    return row
+
+
+def _probe_into(row: dict[str, Any], config: PoolConfig, index: int) -> None:
     from .concurrency import backend_for
 
     endpoint = config.endpoints[index]
     group = next(iter(config.groups.values()))
-    backend = backend_for(config.mode)
-    row: dict[str, Any] = {"endpoint": endpoint.label, "reachable": False, "role": UNKNOWN,
-                           "version": "", "lag": None, "rtt_ms": None, "tls": "", "error": ""}
     try:
         raw = open_connection(endpoint, group,
                               connect_kwargs(endpoint, group, f"{config.application_name}-check"),
-                              backend, endpoint.connect_timeout)
+                              backend_for("gevent"), endpoint.connect_timeout)
     except ConnectError as exc:
-        row["error"] = exc.reason
-        return row
+        row["error"] = " ".join(exc.reason.split())
+        return
     try:
         started = time.perf_counter()
         role, lag = query_role(raw)
@@ -92,27 +251,29 @@ def _probe(config: PoolConfig, index: int) -> dict[str, Any]:
         row.update(reachable=True, role=reported if reported != UNKNOWN else role,
                    lag=lag, version=raw.info.parameter_status("server_version") or "",
                    tls="yes" if raw.info.ssl_in_use else "no")
-    except Exception as exc:
-        row["error"] = str(exc).strip().splitlines()[0]
     finally:
         raw.close()
-    return row
 
 
 def run(path: str | None) -> int:
-    try:
-        config = parse_config(load_config(path))
-    except ConfigError as exc:
-        print(f"greenpool check: bad configuration: {exc}")
-        return 2
-    except CheckFailed as exc:
-        print(f"greenpool check: {exc}")
-        return 2
-    if config.mode == "gevent":
-        from gevent import monkey
+    """Probe every endpoint at once; the exit status says whether every group can serve.
 
-        monkey.patch_all()
-    rows = [_probe(config, i) for i in range(len(config.endpoints))]
+    The probes run concurrently on gevent whatever the configuration's mode (this process
+    is not the application), so the whole check takes one connect timeout plus
+    ``PROBE_QUERY_SECONDS`` at most.
+    """
+    from gevent import monkey
+
+    monkey.patch_all()
+    import gevent
+
+    config = read_config(path)
+    tasks = [gevent.spawn(_probe, config, i) for i in range(len(config.endpoints))]
+    try:
+        gevent.joinall(tasks, raise_error=True)
+    finally:
+        gevent.killall(tasks)
+    rows = [task.value for task in tasks]
     print(f"{'endpoint':<32} {'reachable':<9} {'version':<8} {'role':<8} {'lag s':>6} "
           f"{'rtt ms':>7} {'tls':<3}  error")
     for row in rows:
@@ -131,7 +292,7 @@ def run(path: str | None) -> int:
             failing += 1
         status = f"ok via {', '.join(eligible)}" if eligible else "NO eligible endpoint"
         print(f"group {name!r} (role {group.role}): {status}")
-    return 1 if failing else 0
+    return FAILED if failing else OK
 
 
 def _eligible(group_role: str, row: dict[str, Any], max_lag: float | None) -> bool:

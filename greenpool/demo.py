@@ -17,6 +17,9 @@ import logging
 import time
 from typing import Any
 
+from .check import FAILED, OK, UNREACHABLE, CheckFailed, shielded
+from .errors import ConfigError
+
 
 class _Timeline(logging.Handler):
     """Collects the pool's WARNING+ log lines (endpoint state changes) with timestamps."""
@@ -34,47 +37,72 @@ class _Timeline(logging.Handler):
 
 
 def run(dsn: str | None, clients: int, seconds: float) -> int:
-    """Run the demo; returns the process exit status (0: the pool behaved)."""
+    """Run the demo; returns the process exit status (0: the pool behaved).
+
+    Whatever ends it (the normal end, an error at any step, SIGINT/SIGTERM turned into
+    :class:`~greenpool.check.Interrupted` by the command line), the ``finally`` below stops
+    and removes every throwaway server this process started, by PID (see throwaway.py).
+    """
     from gevent import monkey
 
     monkey.patch_all()
     import gevent
 
     import greenpool
-    from greenpool.throwaway import Cluster, ClusterError, PostgresNotFound
+    from greenpool.throwaway import ClusterError, PostgresNotFound, destroy_all
 
-    clusters: list[Cluster] = []
-    try:
-        if dsn:
-            endpoints: list[Any] = [dsn]
-            print("using the server in GREENPOOL_DSN (no failover without a standby)")
-        else:
-            primary = Cluster(settings={"synchronous_commit": "on"})
-            clusters.append(primary)
-            primary.init()
-            primary.start()
-            standby = primary.make_standby()
-            clusters.append(standby)
-            primary.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
-            primary.execute("SELECT pg_reload_conf()")
-            endpoints = [primary.endpoint(), standby.endpoint()]
-            print(f"started a throwaway primary on 127.0.0.1:{primary.port} and a streaming "
-                  f"standby on 127.0.0.1:{standby.port}")
-    except PostgresNotFound as exc:
-        print(f"greenpool demo: {exc}")
-        return 2
-    except ClusterError as exc:
-        print(f"greenpool demo: could not start PostgreSQL: {exc}")
-        for cluster in clusters:
-            cluster.destroy()
-        return 2
-
-    started = time.monotonic()
-    timeline = _Timeline(started)
     log = logging.getLogger("greenpool")
-    log.addHandler(timeline)
-    log.propagate = False  # the timeline prints them, in order, at the end
-    pool = greenpool.init({
+    timeline = _Timeline(time.monotonic())
+    tasks: list[Any] = []
+    clusters: list[Any] = []
+    try:
+        try:
+            endpoints = _servers(dsn, clusters)
+        except PostgresNotFound as exc:
+            raise CheckFailed(str(exc), UNREACHABLE) from None
+        except ClusterError as exc:
+            raise CheckFailed(f"could not start PostgreSQL: {exc}", UNREACHABLE) from None
+        log.addHandler(timeline)
+        log.propagate = False  # the timeline prints them, in order, at the end
+        try:
+            greenpool.init(_config(endpoints))
+        except ConfigError as exc:
+            raise CheckFailed(f"bad --dsn: {exc}") from None
+        return _demo(greenpool, gevent, timeline, tasks, clusters, clients, seconds)
+    finally:
+        with shielded():  # a signal now waits until the servers are gone
+            gevent.killall(tasks)
+            greenpool.close()
+            log.removeHandler(timeline)
+            log.propagate = True
+            destroy_all()  # every cluster of this process is the demo's
+
+
+def _servers(dsn: str | None, clusters: list[Any]) -> list[Any]:
+    """The endpoints to load: ``dsn``, or a throwaway primary and its synchronous standby
+    (appended to ``clusters`` as soon as each exists)."""
+    from greenpool.throwaway import Cluster
+
+    if dsn:
+        _say("using the server in --dsn/GREENPOOL_DSN (no failover without a standby)")
+        return [dsn]
+    primary = Cluster(settings={"synchronous_commit": "on"})
+    clusters.append(primary)
+    _say(f"setting up a throwaway primary in {primary.root} (initdb)")
+    primary.init()
+    primary.start()
+    _say(f"primary running on 127.0.0.1:{primary.port} (pid {primary.pid}); "
+         "copying it into a standby (pg_basebackup)")
+    standby = primary.make_standby()
+    clusters.append(standby)
+    _say(f"standby running on 127.0.0.1:{standby.port} (pid {standby.pid}) in {standby.root}")
+    primary.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
+    primary.execute("SELECT pg_reload_conf()")
+    return [primary.endpoint(), standby.endpoint()]
+
+
+def _config(endpoints: list[Any]) -> dict[str, Any]:
+    return {
         "db": endpoints,
         "groups": {
             "write": {"connection_count": 4, "role": "primary", "timeout": 5},
@@ -83,7 +111,16 @@ def run(dsn: str | None, clients: int, seconds: float) -> int:
         },
         "maintenance_interval": 0.2,
         "role_check_interval": 0.5,
-    })
+    }
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)  # flushed: a pipe reader (or a test) sees each step as it starts
+
+
+def _demo(greenpool: Any, gevent: Any, timeline: _Timeline, tasks: list[Any],
+          clusters: list[Any], clients: int, seconds: float) -> int:
+    started = timeline.started
     done: list[tuple[float, str]] = []  # (time, 'read'|'write') of each success
     errors: list[tuple[float, str]] = []
     acked: list[int] = []
@@ -92,63 +129,61 @@ def run(dsn: str | None, clients: int, seconds: float) -> int:
         with greenpool.handler("write") as db:
             db.execute("DROP TABLE IF EXISTS greenpool_demo; "
                        "CREATE TABLE greenpool_demo (id bigint PRIMARY KEY)")
+    except greenpool.PoolError as exc:
+        raise CheckFailed(f"cannot reach the database: {type(exc).__name__}: {exc}",
+                          UNREACHABLE) from None
 
-        def client(i: int) -> None:
-            nonlocal cut_short
-            deadline = time.monotonic() + seconds
-            n = 0
-            while time.monotonic() < deadline:
-                n += 1
-                kind = "write" if n % 3 == 0 else "read"
-                try:
-                    # every 7th request is cut short by a timeout, as a slow client's would be
-                    with gevent.Timeout(0.005 if n % 7 == 0 else None), \
-                            greenpool.handler(kind) as db:
-                        if kind == "write":
-                            key = i * 1_000_000 + n
-                            db.query("INSERT INTO greenpool_demo VALUES (%s)", (key,))
-                        else:
-                            db.query("SELECT count(*) FROM greenpool_demo")
+    def client(i: int) -> None:
+        nonlocal cut_short
+        deadline = time.monotonic() + seconds
+        n = 0
+        while time.monotonic() < deadline:
+            n += 1
+            kind = "write" if n % 3 == 0 else "read"
+            try:
+                # every 7th request is cut short by a timeout, as a slow client's would be
+                with gevent.Timeout(0.005 if n % 7 == 0 else None), \
+                        greenpool.handler(kind) as db:
                     if kind == "write":
-                        acked.append(key)
-                    done.append((time.monotonic() - started, kind))
-                except gevent.Timeout:
-                    cut_short += 1
-                except Exception as exc:
-                    errors.append((time.monotonic() - started,
-                                   f"{kind}: {type(exc).__name__}: {str(exc).splitlines()[0]}"))
-                gevent.sleep(0.002)
+                        key = i * 1_000_000 + n
+                        db.query("INSERT INTO greenpool_demo VALUES (%s)", (key,))
+                    else:
+                        db.query("SELECT count(*) FROM greenpool_demo")
+                if kind == "write":
+                    acked.append(key)
+                done.append((time.monotonic() - started, kind))
+            except gevent.Timeout:
+                cut_short += 1
+            except Exception as exc:  # what the application saw, reported
+                errors.append((time.monotonic() - started,
+                               f"{kind}: {type(exc).__name__}: {str(exc).splitlines()[0]}"))
+            gevent.sleep(0.002)
 
-        tasks = [gevent.spawn(client, i) for i in range(clients)]
-        timeline.note(f"{clients} greenlets reading and writing for {seconds:.0f} s")
-        failed_at = down_at = None
-        if len(clusters) == 2:
-            gevent.sleep(seconds / 3)
-            failed_at = time.monotonic() - started
-            timeline.note("killing the primary (pg_ctl stop -m immediate), promoting the standby")
-            clusters[0].stop(mode="immediate")
-            down_at = time.monotonic() - started
-            clusters[1].promote()
-            timeline.note("standby promoted")
-        gevent.joinall(tasks)
-        timeline.note("load finished")
+    tasks.extend(gevent.spawn(client, i) for i in range(clients))
+    timeline.note(f"{clients} greenlets reading and writing for {seconds:g} s")
+    _say(f"load running: {clients} greenlets for {seconds:g} s")
+    failed_at = down_at = None
+    if len(clusters) == 2:
+        gevent.sleep(seconds / 3)
+        failed_at = time.monotonic() - started
+        timeline.note("killing the primary (pg_ctl stop -m immediate), promoting the standby")
+        clusters[0].stop(mode="immediate")
+        down_at = time.monotonic() - started
+        clusters[1].promote()
+        timeline.note("standby promoted")
+    gevent.joinall(tasks)
+    timeline.note("load finished")
 
-        with greenpool.handler("write") as db:
-            rows = db.query("SELECT id FROM greenpool_demo")
-            assert isinstance(rows, list)  # a SELECT returns rows
-            stored = {row[0] for row in rows}
-        lost = len(set(acked) - stored)
-        stats = pool.stats()
-        _report(timeline, done, errors, cut_short, len(acked), lost, failed_at, down_at,
-                seconds, stats)
-        leaked = sum(g["in_use"] for g in stats["groups"].values())
-        return 0 if leaked == 0 and lost == 0 else 1
-    finally:
-        greenpool.close()
-        log.removeHandler(timeline)
-        log.propagate = True
-        for cluster in reversed(clusters):
-            cluster.destroy()
+    with greenpool.handler("write") as db:
+        rows = db.query("SELECT id FROM greenpool_demo")
+        assert isinstance(rows, list)  # a SELECT returns rows
+        stored = {row[0] for row in rows}
+    lost = len(set(acked) - stored)
+    stats = greenpool.stats()
+    _report(timeline, done, errors, cut_short, len(acked), lost, failed_at, down_at,
+            seconds, stats)
+    leaked = sum(g["in_use"] for g in stats["groups"].values())
+    return OK if leaked == 0 and lost == 0 else FAILED
 
 
 def _report(timeline: _Timeline, done: list[tuple[float, str]], errors: list[tuple[float, str]],

@@ -16,9 +16,11 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +28,13 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2 import sql as pgsql
 
-__all__ = ["Cluster", "ClusterError", "PostgresNotFound", "find_pg_bin", "free_port"]
+__all__ = ["Cluster", "ClusterError", "PostgresNotFound", "destroy_all", "find_pg_bin",
+           "free_port"]
 
 SERVER_OS_USER = "postgres"  # who runs the server when we are root
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 TIMEOUT = 60  # seconds; every server command gets one so a wedged tool cannot hang a test run
+STOP_WAIT = 10.0  # seconds a postmaster gets to exit after SIGQUIT before SIGKILL
 _live: set[Cluster] = set()  # clusters not destroyed yet, cleaned up at exit
 
 _HBA = """\
@@ -221,9 +225,20 @@ class Cluster:
         return pid
 
     def destroy(self) -> None:
-        """Stop at once (nothing here deserves a clean shutdown) and delete every file."""
+        """Stop at once and delete every file; safe to call from cleanup after a signal.
+
+        No subprocess is started here (a second signal could cut it short): the postmaster
+        gets SIGQUIT by PID, which is what ``pg_ctl stop -m immediate`` sends, then SIGKILL if
+        it has not exited within ``STOP_WAIT``. Any other process still naming this cluster's
+        directory on its command line (an ``initdb``, a ``pg_basebackup``, a postmaster that
+        had not written its PID file yet) is killed too. Idempotent.
+        """
         try:
-            self.stop("immediate")
+            pid = self.pid
+            if pid is not None:
+                _stop_pid(pid, signal.SIGQUIT, STOP_WAIT)
+            for other in _pids_naming(self.root):
+                _stop_pid(other, signal.SIGKILL, STOP_WAIT)
         finally:
             _live.discard(self)
             shutil.rmtree(self.root, ignore_errors=True)
@@ -314,22 +329,107 @@ class Cluster:
             kw = {"user": self._owner.pw_uid, "group": self._owner.pw_gid, "extra_groups": []}
             full_env["HOME"] = str(self.root)
         what = f"{tool} {args[0]}" if tool == "pg_ctl" else tool
+        # Its own session: a terminal's Ctrl-C reaches us, not the tool, and on any way out
+        # (a timeout, a signal turned into an exception) the tool's whole process group,
+        # children included (initdb runs postgres), is killed before we go on.
         try:
-            proc = subprocess.run([str(self.bin / tool), *args], cwd=self.root, env=full_env,
-                                  stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                  timeout=TIMEOUT + 30, check=False, **kw)
+            proc = subprocess.Popen([str(self.bin / tool), *args], cwd=self.root, env=full_env,
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                    **kw)
+        except BaseException:
+            # interrupted inside Popen() (gevent's waits for the exec there): no handle, so
+            # find it by the directory on its command line
+            for pid in _pids_naming(self.root):
+                _stop_pid(pid, signal.SIGKILL, STOP_WAIT)
+            raise
+        try:
+            stdout, stderr = proc.communicate(timeout=TIMEOUT + 30)
         except subprocess.TimeoutExpired:
+            _kill_group(proc)
             raise ClusterError(self._redact(f"{what} timed out" + self._log_tail())) from None
+        except BaseException:
+            _kill_group(proc)
+            raise
         if proc.returncode != 0:
-            stderr = (proc.stderr or proc.stdout).strip()[-2000:]
+            stderr = (stderr or stdout).strip()[-2000:]
             raise ClusterError(self._redact(f"{what} failed (exit {proc.returncode}) for {self!r}:"
                                             f" {stderr}" + self._log_tail()))
-        return proc.stdout
+        return stdout
+
+
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(Exception):
+        proc.wait(STOP_WAIT)
+    deadline = time.monotonic() + STOP_WAIT  # its children die (and are reaped) a bit later
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            break
+        time.sleep(0.005)
+    for stream in (proc.stdout, proc.stderr):
+        # gevent's communicate() may still be reading it in another greenlet: then it is
+        # closed when that reader sees the EOF of the killed tool, not here
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                stream.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours is dead for our purpose
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _stop_pid(pid: int, first: signal.Signals, within: float) -> None:
+    """Send ``first``; if ``pid`` is still alive after ``within`` seconds, SIGKILL it."""
+    for sig, wait in ((first, within), (signal.SIGKILL, within)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not _alive(pid):
+            return
+
+
+def _pids_naming(root: Path) -> list[int]:
+    """Processes (other than us) whose command line mentions ``root``: by /proc, no tools."""
+    needle = os.fsencode(str(root)) + b"/"
+    found = []
+    for entry in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            with open(entry, "rb") as handle:
+                cmdline = handle.read()
+        except OSError:
+            continue
+        pid = int(entry.split("/")[2])
+        if needle in cmdline and pid != os.getpid():
+            found.append(pid)
+    return found
+
+
+def destroy_all() -> None:
+    """Destroy every cluster of this process not destroyed yet (cleanup after a signal)."""
+    for cluster in list(_live):
+        with contextlib.suppress(Exception):
+            cluster.destroy()
 
 
 @atexit.register
 def _destroy_leftovers() -> None:
     """Never leave a postmaster behind when a test run forgets (or fails) to destroy one."""
-    for cluster in list(_live):
-        with contextlib.suppress(Exception):
-            cluster.destroy()
+    destroy_all()

@@ -35,4 +35,4 @@ def test_bench_needs_a_group_when_there_are_several(pg, tmp_path):
     result = subprocess.run([sys.executable, "-m", "greenpool", "bench", str(path)],
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 2
-    assert "name a group" in result.stdout and "Traceback" not in result.stderr
+    assert "name a group" in result.stderr and "Traceback" not in result.stderr

@@ -46,5 +46,6 @@ def test_check_shows_roles_and_fails_only_without_an_eligible_endpoint(pg_factor
 def test_check_says_what_is_wrong_without_a_traceback(tmp_path):
     result = check(tmp_path, {"db": {"host": "127.0.0.1"}, "groups": {"g": {"conection_count": 1}}})
     assert result.returncode == 2
-    assert "did you mean 'connection_count'" in result.stdout
+    assert "did you mean 'connection_count'" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
     assert "Traceback" not in result.stdout + result.stderr

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from modes import MODE
@@ -28,3 +31,136 @@ def test_demo_runs_a_failover_and_reports_it():
     assert "acknowledged writes lost: 0" in out
     assert "connections still lent out: 0" in out
     assert "Traceback" not in out + result.stderr
+
+
+# --- every way out removes both servers -----------------------------------------------------
+
+ROOT = re.compile(r"(/\S*greenpool-pg-[^\s/)]+)")
+PID = re.compile(r"\(pid (\d+)\)")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
+
+
+def _naming(root: str) -> list[int]:
+    """PIDs whose command line names ``root`` (initdb, pg_basebackup, postgres -D ...)."""
+    needle = (root + "/").encode()
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if needle in cmdline.read_bytes():
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def _tool_running(tool: bytes, needle: bytes) -> bool:
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes()
+        except OSError:
+            continue
+        if tool in text.split(b"\0", 1)[0] and needle in text:
+            return True
+    return False
+
+
+def wait_for(predicate: object, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "never happened"
+        time.sleep(0.005)
+
+
+def _assert_gone(out: str) -> None:
+    """Every data directory and postmaster the demo announced is gone (by path and PID)."""
+    roots, pids = ROOT.findall(out), [int(p) for p in PID.findall(out)]
+    assert roots, out
+    for root in roots:
+        assert not Path(root).exists(), f"{root} left behind"
+        assert _naming(root) == [], f"processes still use {root}"
+    for pid in pids:
+        assert not _alive(pid), f"postmaster {pid} still running"
+
+
+def _pg_ctl_status(root: str) -> int:
+    from greenpool.throwaway import find_pg_bin
+
+    return subprocess.run([str(find_pg_bin() / "pg_ctl"), "status", "-D", f"{root}/data"],
+                          capture_output=True, timeout=30, check=False).returncode
+
+
+@pytest.mark.skipif(MODE != "gevent", reason="runs once, in the gevent test process")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize(("step", "marker", "servers"), [
+    ("initdb", "(initdb)", 0),
+    ("pg_basebackup", "(pg_basebackup)", 1),
+    ("load", "load running", 2),
+    ("load, then a second signal at once", "load running", 2),
+])
+def test_a_signal_at_any_step_stops_and_removes_both_servers(sig: signal.Signals, step: str,
+                                                             marker: str, servers: int) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "GREENPOOL_DSN"}
+    proc = subprocess.Popen([sys.executable, "-m", "greenpool", "demo", "--seconds", "30",
+                             "--clients", "10"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env)
+    assert proc.stdout is not None
+    out = ""
+    try:
+        deadline = time.monotonic() + 60
+        while marker not in out:  # each step prints its line (flushed) as it begins
+            line = proc.stdout.readline().decode()
+            assert line, f"the demo ended before {step}: {out}"
+            out += line
+            assert time.monotonic() < deadline
+        pids = [int(p) for p in PID.findall(out)]
+        assert len(pids) == servers and all(_alive(p) for p in pids), out
+        if step == "initdb":  # initdb itself is running
+            wait_for(lambda: _naming(ROOT.findall(out)[0]))
+        elif step == "pg_basebackup":  # pg_basebackup itself is running
+            port = re.findall(r"127\.0\.0\.1:(\d+)", out)[0]
+            wait_for(lambda: _tool_running(b"pg_basebackup", f"-p\0{port}\0".encode()))
+        proc.send_signal(sig)
+        if "second signal" in step:  # an impatient user: it must not cut the cleanup short
+            proc.send_signal(signal.SIGINT if sig == signal.SIGTERM else signal.SIGTERM)
+        rest, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    out += rest.decode()
+    # two signals pending at once are handled lowest number first: either may be "the first"
+    first = signal.Signals(proc.returncode - 128) if "second signal" in step else sig
+    assert proc.returncode == 128 + first, out + err.decode()
+    assert err.decode().splitlines() == [
+        f"greenpool demo: interrupted by {first.name}; what it started is stopped and removed"]
+    _assert_gone(out)
+    for root in ROOT.findall(out):
+        assert _pg_ctl_status(root) != 0  # pg_ctl finds no server (nor directory) there
+
+
+@pytest.mark.skipif(MODE != "gevent", reason="runs once, in the gevent test process")
+def test_a_failure_in_init_removes_both_servers(tmp_path: Path) -> None:
+    """greenpool.init() cannot be made to fail from outside with the demo's fixed, valid
+    configuration, so a wrapper replaces it with one that raises (a simulated bug)."""
+    script = tmp_path / "broken_init.py"
+    script.write_text(
+        "import sys, greenpool\n"
+        "def broken(config): raise RuntimeError('init broke')\n"
+        "greenpool.init = broken\n"
+        "from greenpool.__main__ import main\n"
+        "sys.exit(main(['demo', '--seconds', '1']))\n")
+    env = {k: v for k, v in os.environ.items() if k != "GREENPOOL_DSN"}
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            timeout=90, env=env, check=False)
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert "RuntimeError: init broke" in result.stderr
+    assert len(PID.findall(result.stdout)) == 2  # both servers had started
+    _assert_gone(result.stdout)

@@ -109,9 +109,10 @@ class App:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")[-5000:]
 
-    def call(self, method: str, path: str, body: Any = None, timeout: float = 15.0) -> Reply:
+    def call(self, method: str, path: str, body: Any = None, timeout: float = 15.0,
+             raw: bytes | None = None) -> Reply:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        data = None if body is None else json.dumps(body).encode()
+        data = raw if raw is not None else None if body is None else json.dumps(body).encode()
         started = time.monotonic()
         try:
             conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
@@ -367,3 +368,144 @@ def test_preload_pools_are_opened_per_worker(
     pids = {app.call("GET", "/stats").body["pid"] for _ in range(20)}
     assert app.proc is not None and app.proc.pid not in pids
     stop_and_check_goodbyes(app, db, server_conns)
+
+
+# --- malformed requests and what /stats shows ------------------------------------------------
+
+NASTY_BODIES = [
+    json.dumps({"body": "a\u0000b"}).encode(),  # NUL: PostgreSQL text cannot hold it
+    json.dumps({"body": "\ud800"}).encode(),  # a lone surrogate: not encodable as UTF-8
+    b"[" * 60000,  # under MAX_BODY, but Python's JSON parser recurses too deep
+    b'{"body": "caf\xe9"}',  # not UTF-8
+    b"1" * 5000,  # an integer with more digits than Python converts
+]
+
+
+def test_malformed_requests_are_400_and_stats_hide_endpoint_errors(
+    pg_factory: Callable[..., Cluster], app_factory: Callable[[dict[str, Any]], App],
+    blackhole: Any,
+) -> None:
+    db = pg_factory()
+    refused = dict(db.endpoint(), port=free_port())  # nobody listens there: refused at once
+    app = app_factory({"db": [db.endpoint(), refused], "application_name": APP_NAME,
+                       "groups": groups()})
+    app.create_schema()
+    app.start()
+    for raw in NASTY_BODIES:
+        reply = app.call("POST", "/notes", raw=raw)
+        assert reply.status == 400, reply
+        assert reply.body["error"] == "BadRequest" and reply.body["detail"], reply
+    assert app.call("POST", "/notes", raw=b"x" * (70 * 1024)).status == 413
+    assert app.call("GET", "/notes?limit=ten").status == 400
+
+    # the refused endpoint has a last_error by now (balancing tried it): not in /stats
+    deadline = time.monotonic() + 20
+    while True:
+        assert app.call("GET", "/notes").status in (200, 503)
+        stats = app.call("GET", "/stats")
+        label = f"127.0.0.1:{refused['port']}/postgres"
+        if stats.body["endpoints"][label]["connect_errors"] > 0:
+            break
+        assert time.monotonic() < deadline, stats
+    assert stats.status == 200
+    for values in stats.body["endpoints"].values():
+        assert "last_error" not in values and "state" in values
+    assert "refused" not in stats.raw.decode().lower()
+    assert app.stop() == 0
+    log = app.log_text()
+    assert "Traceback" not in log, log
+
+
+@pytest.fixture(scope="module")
+def app_module(pg: Cluster) -> Iterator[Any]:
+    """examples/gunicorn/app.py imported in this process, its pool on a database of its own."""
+    import importlib.util
+
+    import greenpool as gp
+
+    name = "gunicorn_example_inprocess"
+    pg.execute(f"DROP DATABASE IF EXISTS {name}")
+    pg.create_database(name)
+    config = {"db": pg.endpoint(name=name), "application_name": APP_NAME,
+              "groups": groups()}
+    previous = os.environ.get("GREENPOOL_CONFIG")
+    os.environ["GREENPOOL_CONFIG"] = json.dumps(config)
+    try:
+        spec = importlib.util.spec_from_file_location(name, EXAMPLE / "app.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        if previous is None:
+            del os.environ["GREENPOOL_CONFIG"]
+        else:
+            os.environ["GREENPOOL_CONFIG"] = previous
+    gp.close()
+    module.open_pool()
+    try:
+        with gp.handler("write") as db:
+            db.execute(module.SCHEMA)
+        yield module
+    finally:
+        gp.close()
+
+
+def wsgi(module: Any, method: str, path: str, body: bytes = b"",
+         length: str | None = None) -> tuple[int, Any, str]:
+    import io
+
+    path, _, query = path.partition("?")
+    errors = io.StringIO()
+    environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query,
+               "CONTENT_LENGTH": str(len(body)) if length is None else length,
+               "wsgi.input": io.BytesIO(body), "wsgi.errors": errors}
+    started: list[str] = []
+    data = b"".join(module.application(environ, lambda status, headers: started.append(status)))
+    return int(started[0].split()[0]), json.loads(data), errors.getvalue()
+
+
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+ANY_TEXT = st.text(st.characters(codec=None, exclude_categories=()), max_size=30)
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | ANY_TEXT,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.sampled_from(["body", "id", ""]) | ANY_TEXT, inner, max_size=3),
+    max_leaves=8,
+)
+BODIES = (st.binary(max_size=200)
+          | JSON_VALUES.map(lambda v: json.dumps(v).encode())
+          | ANY_TEXT.map(lambda t: json.dumps({"body": t}).encode()))
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(raw=BODIES)
+@example(raw=NASTY_BODIES[0])
+@example(raw=NASTY_BODIES[1])
+@example(raw=NASTY_BODIES[2])
+def test_any_post_body_is_a_note_or_a_4xx(app_module: Any, raw: bytes) -> None:
+    status, body, errors = wsgi(app_module, "POST", "/notes", raw)
+    assert errors == ""  # nothing went to the error log (no traceback)
+    if status == 201:
+        sent = json.loads(raw)["body"]
+        assert body["body"] == sent
+        status, fetched, _ = wsgi(app_module, "GET", f"/notes/{body['id']}")
+        assert status == 200 and fetched == body
+    else:
+        assert status in (400, 413), (status, body)
+        assert body["error"] == "BadRequest" and body["detail"]
+
+
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(path=st.text(max_size=30), query=st.text(max_size=30), length=st.text(max_size=8),
+       method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "HEAD", "get"]))
+def test_any_request_line_is_an_answer_or_a_4xx(app_module: Any, path: str, query: str,
+                                                length: str, method: str) -> None:
+    status, body, errors = wsgi(app_module, method, "/" + path + "?" + query, b"{}", length)
+    assert errors == ""
+    assert status in (200, 201, 400, 404, 405, 413), (status, body)
+    if status >= 400:
+        assert body["error"] and body["detail"]

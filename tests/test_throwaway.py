@@ -6,6 +6,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psycopg2
@@ -157,3 +158,43 @@ def test_ticker_sees_a_blocked_hub(mode: str) -> None:
     assert len(ticker.stamps) >= 3
     blocking_sleep(0.3)  # blocks the hub: no tick can happen
     assert ticker.stop() >= 0.29
+
+
+def _naming(root: Any) -> list[int]:
+    needle = (str(root) + "/").encode()
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if needle in cmdline.read_bytes():
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_an_interrupted_initdb_is_killed_with_its_children(mode: str) -> None:
+    """A BaseException while initdb runs (thrown into the caller, as a signal handler's
+    exception would be): the tool's whole process group is gone before the exception goes
+    on, and destroy() leaves nothing behind."""
+    if mode != "gevent":
+        pytest.skip("throws into the greenlet that waits for initdb")
+    import gevent
+
+    cluster = Cluster()
+    main = gevent.getcurrent()
+
+    def interrupt_once_initdb_runs() -> None:
+        while not _naming(cluster.root):
+            gevent.sleep(0.005)
+        main.throw(KeyboardInterrupt)
+
+    interrupter = gevent.spawn(interrupt_once_initdb_runs)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            cluster.init()
+        assert _naming(cluster.root) == []  # initdb and its postgres children are gone
+    finally:
+        interrupter.kill()
+        cluster.destroy()
+    assert not cluster.root.exists()
+    assert _naming(cluster.root) == []

@@ -12,13 +12,16 @@ Endpoints (JSON in, JSON out):
     GET  /notes/<id>                      -> 200 the note, or 404                (read group)
     GET  /notes?limit=N                   -> 200 {"count", "latest": [...]}      (read group)
     GET  /health                          -> 200 {"read": "ok", "write": "ok"}   (both)
-    GET  /stats                           -> 200 {"pid", "groups", "endpoints"}  (no query)
+    GET  /stats                           -> 200 {"pid", "groups", "endpoints"}  (no query;
+                                             endpoints without last_error: see README.md)
 
 When the database cannot serve, the answer is ``503`` with ``Retry-After`` and a JSON body
 ``{"error": <what>, "detail": <message>}``: ``error`` is the greenpool exception's name
 (``PoolTimeout``, ``NoHealthyEndpoint``, ``TooManyWaiters``, ``PoolClosed``,
 ``ConnectFailed``, ``CommitOutcomeUnknown``) or ``DatabaseUnavailable`` for a server lost
-mid-query. Anything else is a bug: ``500`` with a JSON body, traceback in gunicorn's log.
+mid-query. A malformed request (not JSON, nested too deeply, a note with NUL or a lone
+surrogate, a bad Content-Length) is a ``400`` (``413`` if too large) with the same body.
+Anything else is a bug: ``500`` with a JSON body, traceback in gunicorn's log.
 
 ``python app.py schema`` creates the table through the ``write`` group.
 """
@@ -130,16 +133,34 @@ class HTTPError(Exception):
 
 
 def read_json(environ: dict[str, Any]) -> Any:
+    """The request body as JSON; every malformed body is a 4xx, never an exception."""
     try:
         length = int(environ.get("CONTENT_LENGTH") or 0)
     except ValueError:
         raise HTTPError("400 Bad Request", "BadRequest", "bad Content-Length") from None
+    if length < 0:  # read(-1) would read to the end, whatever its size
+        raise HTTPError("400 Bad Request", "BadRequest", "bad Content-Length")
     if length > MAX_BODY:
         raise HTTPError("413 Content Too Large", "BadRequest", f"body over {MAX_BODY} bytes")
     try:
         return json.loads(environ["wsgi.input"].read(length) or b"null")
-    except ValueError:
+    except RecursionError:  # "[[[[..." within MAX_BODY: Python's parser recurses
+        raise HTTPError("400 Bad Request", "BadRequest", "the body is nested too deeply"
+                        ) from None
+    except ValueError:  # not JSON, not UTF-8, or an integer with too many digits
         raise HTTPError("400 Bad Request", "BadRequest", "the body is not JSON") from None
+
+
+def storable_text(value: str) -> str | None:
+    """Why PostgreSQL cannot store ``value`` as text, or None: NUL is not allowed in a text
+    value, and a lone surrogate (JSON's ``"\\ud800"``) is not encodable as UTF-8."""
+    if "\x00" in value:
+        return "must not contain NUL (\\u0000)"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "must be valid Unicode (no lone surrogate such as \\ud800)"
+    return None
 
 
 def note(row: tuple[Any, ...]) -> dict[str, Any]:
@@ -155,6 +176,9 @@ def create_note(environ: dict[str, Any]) -> tuple[str, Any]:
     if not isinstance(body, str) or not 0 < len(body) <= MAX_NOTE:
         raise HTTPError("400 Bad Request", "BadRequest",
                         f'expected {{"body": "<1 to {MAX_NOTE} characters>"}}')
+    problem = storable_text(body)
+    if problem is not None:
+        raise HTTPError("400 Bad Request", "BadRequest", f"body {problem}")
     with greenpool.handler("write") as db:  # commits on a clean exit, rolls back otherwise
         row = db.query_one("INSERT INTO notes (body) VALUES (%s) RETURNING id, body, created",
                            (body,))
@@ -189,8 +213,23 @@ def health(environ: dict[str, Any]) -> tuple[str, Any]:
     return "200 OK", {"read": "ok", "write": "ok"}
 
 
+# Endpoint fields /stats leaves out: last_error quotes the server and the driver (host
+# names, user names, authentication failures), which is for operators, not for any client.
+PRIVATE_ENDPOINT_FIELDS = frozenset({"last_error"})
+
+
+def public_stats() -> dict[str, Any]:
+    """greenpool.stats() without what a public route must not show (see README.md here)."""
+    stats = greenpool.stats()
+    stats["endpoints"] = {
+        label: {k: v for k, v in values.items() if k not in PRIVATE_ENDPOINT_FIELDS}
+        for label, values in stats["endpoints"].items()
+    }
+    return stats
+
+
 def stats(environ: dict[str, Any]) -> tuple[str, Any]:
-    return "200 OK", {"pid": os.getpid(), **greenpool.stats()}
+    return "200 OK", {"pid": os.getpid(), **public_stats()}
 
 
 def index(environ: dict[str, Any]) -> tuple[str, Any]:
