@@ -47,6 +47,7 @@ WORKLOADS = ("overhead", "contention", "iobound", "chaos", "failover", "gunicorn
              "saturated-failover", "deadline-storm")
 FAILOVERS = ("failover", "saturated-failover")  # every pool at once, against A and B
 FAILOVER_GREENLETS, FAILOVER_SIZE, FAILOVER_PACE = 50, 10, 0.1
+FAILOVER_GRACE = 20.0  # seconds after a failover run's end before a silent pool is killed
 SATURATED_HOLD = 0.05  # seconds each saturated-failover read keeps its connection busy
 STORM_GREENLETS, STORM_SIZE, STORM_TIMEOUTS = 20, 2, (0.001, 0.020)
 IOBOUND_SLEEP = 0.02  # seconds of pg_sleep per io-bound operation
@@ -161,12 +162,15 @@ def run_failover(peers: list[str], a: Cluster, b: Cluster, rep: int,
     restarted = time.time() - t0  # A accepts connections again
     results: dict[str, Any] = {}
     for peer, proc in procs.items():
+        # its own joins end 10 s after the run at most; the clock has run since t0
+        grace = max(1.0, t0 + seconds + FAILOVER_GRACE - time.time())
         try:
-            out, err = proc.communicate(timeout=seconds + 60)
+            out, err = proc.communicate(timeout=grace)
+            raw = _parse(proc.returncode, out, err, 0.0)
         except subprocess.TimeoutExpired:
             proc.kill()
-            out, err = proc.communicate()
-        raw = _parse(proc.returncode, out, err, 0.0)
+            proc.communicate()
+            raw = {"failed": f"hung: killed {FAILOVER_GRACE:.0f} s after the run's end"}
         results[peer] = raw if "failed" in raw else report.failover_metrics(
             raw, a.port, stopped, restarted, min(restarted + window_to, seconds), seconds,
             window_start=restarted + window_from)
