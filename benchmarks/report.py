@@ -331,10 +331,12 @@ def ratio_section(raw: dict[str, Any]) -> list[str]:
     now, before = simple_ratios(raw), raw.get("baseline", {}).get("ratios", {})
     if not now and not before:
         return []
+    source = raw.get("baseline", {}).get("source")
+    where = (f"the baseline is `{source}`, an earlier run on this machine" if source else
+             "no baseline (the output directory held no earlier raw.json)")
     lines = ["## greenpool ÷ SimpleConnectionPool, this run and the baseline", "",
-             "Ratios of the medians (per repetition in brackets); the baseline is "
-             f"`{raw.get('baseline', {}).get('source', 'none')}`, an earlier run on this "
-             "machine.", "", "| ratio | this run | baseline |", "|---|---|---|"]
+             f"Ratios of the medians (per repetition in brackets); {where}.", "",
+             "| ratio | this run | baseline |", "|---|---|---|"]
 
     def cell(r: dict[str, Any] | None) -> str:
         if not r:
@@ -440,18 +442,24 @@ def web_section(raw: dict[str, Any]) -> list[str]:
 
 
 def write(raw: dict[str, Any], out_dir: Path) -> None:
+    def section(title: str, head: str, groups: dict[str, Any]) -> list[str]:
+        """A table only for a run that had one of its workloads (``--workloads``)."""
+        if not any(w in raw["runs"] for w in groups):
+            return []
+        return [title, "", table(raw, head, groups), ""]
+
     parts = [
         header(raw), "",
-        "## Overhead (1 greenlet) and contention (200 greenlets, 10 connections)", "",
-        table(raw, PERF_HEAD, PERF), "",
-        "## io-bound (500 greenlets, 20 connections, pg_sleep(0.02))", "",
-        table(raw, IO_HEAD, IO), "",
-        "## Failover and chaos", "", table(raw, ROBUST_HEAD, ROBUST), "",
+        *section("## Overhead (1 greenlet) and contention (200 greenlets, 10 connections)",
+                 PERF_HEAD, PERF),
+        *section("## io-bound (500 greenlets, 20 connections, pg_sleep(0.02))", IO_HEAD, IO),
+        *section("## Failover and chaos", ROBUST_HEAD, ROBUST),
         *new_sections(raw),
         *web_section(raw),
         *ratio_section(raw),
         "## greenpool targets", "", *targets(raw), "",
-        "## Notes", "", NOTES, "", NEW_NOTES, "",
+        "## Notes", "", NOTES, "",
+        *([NEW_NOTES, ""] if {"saturated-failover", "deadline-storm"} & set(raw["runs"]) else []),
     ]
     timeline = raw.get("failover_timeline")
     if timeline:
