@@ -502,7 +502,12 @@ def chart(raw: dict[str, Any], path: Path) -> None:
             names.append(ADAPTERS[peer].name.replace(" ", "\n", 1))
             values.append(value)
             colors.append("tab:green" if peer == GP else "tab:gray")
+        if not values:  # a workload this run did not have
+            ax.set_visible(False)
+            continue
         ax.barh(names, values, color=colors)
+        if key == "share_back":
+            ax.set_xlim(0, 1)
         ax.set_title(title, fontsize=10)
         ax.tick_params(axis="y", labelsize=7)
         ax.invert_yaxis()
