@@ -11,6 +11,10 @@ Every adapter takes a :class:`Target` (where to connect) plus ``size``, ``autoco
   it, waiting for a connection), and no user of these pools needs one.
 * ``checkout()``: checkout and checkin only, no statement.
 * ``close()``; ``retries``: exhaustion errors a retry loop absorbed (psycopg2.pool only).
+* ``session_within(timeout)``: ``session()`` with a per-call acquire timeout, for the pools
+  that have one (``acquire_timeout_errors`` names what they raise when it runs out).
+
+``lazy=True`` builds the pool empty, so that it connects on demand (deadline storm).
 
 Import this module only after ``gevent.monkey.patch_all()`` (see :mod:`benchmarks.worker`).
 """
@@ -125,15 +129,21 @@ class Adapter:
     name = "?"
     psycopg2_based = True
     pooled = True
+    # what a per-call acquire timeout raises; empty: the pool has no per-call timeout
+    acquire_timeout_errors: tuple[type[BaseException], ...] = ()
+    no_acquire_timeout = "no per-call acquire timeout"  # why deadline-storm is n/a for it
 
     def __init__(self, target: Target, size: int, autocommit: bool = True,
-                 readonly: bool = False) -> None:
+                 readonly: bool = False, lazy: bool = False) -> None:
         self.target, self.size = target, size
-        self.autocommit, self.readonly = autocommit, readonly
+        self.autocommit, self.readonly, self.lazy = autocommit, readonly, lazy
         self.retries = 0
 
     def session(self) -> contextlib.AbstractContextManager[Any]:
         raise NotImplementedError
+
+    def session_within(self, timeout: float) -> contextlib.AbstractContextManager[Any]:
+        raise NotImplementedError(self.no_acquire_timeout)
 
     def checkout(self) -> contextlib.AbstractContextManager[Any]:
         return self.session()
@@ -149,6 +159,7 @@ class Raw(Adapter):
     """
 
     name, pooled = "raw psycopg2", False
+    no_acquire_timeout = "no pool"
 
     def __init__(self, *a: Any, **kw: Any) -> None:
         super().__init__(*a, **kw)
@@ -209,6 +220,8 @@ class _RawSession:
 class _Psycopg2Pool(_Borrowing):
     """psycopg2.pool with minconn == maxconn (a smaller minconn closes returned connections)."""
 
+    no_acquire_timeout = "getconn() never waits (it raises at once when exhausted)"
+
     def __init__(self, *a: Any, **kw: Any) -> None:
         super().__init__(*a, **kw)
         from psycopg2 import pool
@@ -262,19 +275,26 @@ class PsycopgPool(Adapter):
     """psycopg 3's psycopg_pool.ConnectionPool (psycopg detects gevent's patching itself)."""
 
     name, psycopg2_based = "psycopg_pool ConnectionPool", False
+    no_acquire_timeout = ""  # connection(timeout=...)
 
     def __init__(self, *a: Any, **kw: Any) -> None:
         super().__init__(*a, **kw)
-        from psycopg_pool import ConnectionPool
+        from psycopg_pool import ConnectionPool, PoolTimeout
 
+        self.acquire_timeout_errors = (PoolTimeout,)
         self.pool = ConnectionPool(
-            self.target.dsn(self.readonly), min_size=self.size, max_size=self.size,
-            kwargs={"autocommit": self.autocommit}, timeout=ACQUIRE_TIMEOUT, open=True,
+            self.target.dsn(self.readonly), min_size=0 if self.lazy else self.size,
+            max_size=self.size, kwargs={"autocommit": self.autocommit},
+            timeout=ACQUIRE_TIMEOUT, open=True,
         )
-        self.pool.wait(30)
+        if not self.lazy:
+            self.pool.wait(30)
 
     def session(self) -> _Entered:
         return _Entered(self.pool.connection(), _Rows)
+
+    def session_within(self, timeout: float) -> _Entered:
+        return _Entered(self.pool.connection(timeout=timeout), _Rows)
 
     def checkout(self) -> Any:
         return self.pool.connection()
@@ -288,6 +308,7 @@ class SQLAlchemyQueuePool(Adapter):
 
     name = "SQLAlchemy QueuePool"
     pre_ping = False
+    no_acquire_timeout = "pool_timeout is per engine, not per call"
 
     def __init__(self, *a: Any, **kw: Any) -> None:
         super().__init__(*a, **kw)
@@ -336,6 +357,7 @@ class DBUtilsPooledDB(_Borrowing):
     """DBUtils PooledDB, blocking when exhausted; a creator function sets autocommit."""
 
     name = "DBUtils PooledDB"
+    no_acquire_timeout = "blocking=True waits without a timeout"
 
     def __init__(self, *a: Any, **kw: Any) -> None:
         super().__init__(*a, **kw)
@@ -368,6 +390,7 @@ class PgDbPool(Adapter):
     PGAPPNAME environment variables carry them (a comma list of ports for several hosts)."""
 
     name = "pgdbpool"
+    no_acquire_timeout = "Handler() takes no timeout"
 
     def __init__(self, *a: Any, **kw: Any) -> None:
         super().__init__(*a, **kw)
@@ -406,12 +429,16 @@ class _PgDbPoolRows:
 
 
 class GreenPool(Adapter):
+    """greenpool; its groups are lazy already (``min_size`` 0), so ``lazy`` changes nothing."""
+
     name = "greenpool"
+    no_acquire_timeout = ""  # handler(group, timeout=...)
 
     def __init__(self, *a: Any, **kw: Any) -> None:
         super().__init__(*a, **kw)
         import greenpool
 
+        self.acquire_timeout_errors = (greenpool.PoolTimeout,)
         t = self.target
         self.pool = greenpool.Pool({
             "db": [{"host": h, "port": p, "name": t.dbname, "user": t.user, "pass": t.password}
@@ -424,6 +451,9 @@ class GreenPool(Adapter):
 
     def session(self) -> Any:
         return self.pool.handler("g")  # its block object has query() itself
+
+    def session_within(self, timeout: float) -> Any:
+        return self.pool.handler("g", timeout=timeout)
 
     def checkout(self) -> Any:
         return self.pool.handler("g")

@@ -9,6 +9,7 @@ and writes ``results/results.md`` and ``results.png``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -34,12 +35,21 @@ WORKER_TIMEOUT = 90  # seconds; a wedged pool is killed and reported as such
 
 # Seconds per workload: FULL for the suite, QUICK (--quick) while developing. gunicorn's are
 # wrk's warm-up and measured run, whole seconds (wrk takes no fractions).
-FULL = {"overhead": (1.0, 0.5), "contention": (0.5, 1.2), "iobound": (0.6, 3.0),
-        "chaos": 1.5, "failover": (3.0, 7.0, 5.0), "gunicorn": (1, 3)}
-QUICK = {"overhead": (0.3, 0.2), "contention": (0.3, 0.5), "iobound": (0.6, 1.0),
-         "chaos": 0.5, "failover": (1.0, 2.0, 1.5), "gunicorn": (1, 2)}
-WORKLOADS = ("overhead", "contention", "iobound", "chaos", "failover", "gunicorn")
+# Failovers: (stop at, start at, window from, window to), the window counted from the moment
+# the endpoint accepts connections again.
+FULL: dict[str, Any] = {"overhead": (1.0, 0.5), "contention": (0.5, 1.2), "iobound": (0.6, 3.0),
+        "chaos": 1.5, "failover": (3.0, 7.0, 0.0, 5.0), "gunicorn": (1, 3),
+        "saturated-failover": (3.0, 7.0, 1.0, 5.0), "deadline-storm": 5.0}
+QUICK: dict[str, Any] = {"overhead": (0.3, 0.2), "contention": (0.3, 0.5), "iobound": (0.6, 1.0),
+         "chaos": 0.5, "failover": (1.0, 2.0, 0.0, 1.5), "gunicorn": (1, 2),
+         "saturated-failover": (1.0, 2.0, 0.5, 2.0), "deadline-storm": 2.0}
+WORKLOADS = ("overhead", "contention", "iobound", "chaos", "failover", "gunicorn",
+             "saturated-failover", "deadline-storm")
+FAILOVERS = ("failover", "saturated-failover")  # every pool at once, against A and B
 FAILOVER_GREENLETS, FAILOVER_SIZE, FAILOVER_PACE = 50, 10, 0.1
+FAILOVER_GRACE = 20.0  # seconds after a failover run's end before a silent pool is killed
+SATURATED_HOLD = 0.05  # seconds each saturated-failover read keeps its connection busy
+STORM_GREENLETS, STORM_SIZE, STORM_TIMEOUTS = 20, 2, (0.001, 0.020)
 IOBOUND_SLEEP = 0.02  # seconds of pg_sleep per io-bound operation
 
 
@@ -63,6 +73,12 @@ def worker_spec(peer: str, workload: str, rep: int, cluster: Cluster,
         spec.update(size=10, autocommit=False,
                     params={"greenlets": 100, "seconds": durations["chaos"],
                             "admin_dsn": cluster.dsn(), "app_name": app})
+    elif workload == "deadline-storm":  # the cluster logs connections (log_connections)
+        low, high = STORM_TIMEOUTS
+        spec.update(size=STORM_SIZE, lazy=True,
+                    params={"greenlets": STORM_GREENLETS, "seconds": durations[workload],
+                            "low": low, "high": high, "seed": rep,
+                            "log_path": str(cluster.logfile)})
     return spec
 
 
@@ -92,25 +108,39 @@ def applies(workload: str, peer: str) -> bool:
     """Whether ``peer`` takes part in ``workload`` (else it is reported as n/a)."""
     if workload == "gunicorn":
         return peer in web.PEERS
+    if workload == "deadline-storm":
+        return not ADAPTERS[peer].no_acquire_timeout
     return ADAPTERS[peer].pooled or workload in ("overhead", "iobound")
 
 
+def not_applying(workload: str, peer: str) -> dict[str, Any]:
+    """The n/a record, with the reason where there is one to give."""
+    if workload == "deadline-storm":
+        return {"n/a": True, "why": ADAPTERS[peer].no_acquire_timeout}
+    return {"n/a": True}
+
+
 def run_failover(peers: list[str], a: Cluster, b: Cluster, rep: int,
-                 durations: dict[str, Any]) -> dict[str, Any]:
+                 durations: dict[str, Any], workload: str = "failover") -> dict[str, Any]:
     """Every pool at once, in its own process, against endpoints A and B; A is stopped
     (immediate) at 3 s and started at 7 s. All pools see the very same outage."""
-    stop_at, start_at, window = durations["failover"]
-    seconds = start_at + window + 1.5  # room for the start itself, then a full window
+    stop_at, start_at, window_from, window_to = durations[workload]
+    seconds = start_at + window_to + 1.5  # room for the start itself, then a full window
+    if workload == "failover":
+        params: dict[str, Any] = {"greenlets": FAILOVER_GREENLETS, "seconds": seconds,
+                                  "pace": FAILOVER_PACE}
+    else:
+        params = {"greenlets": FAILOVER_GREENLETS, "seconds": seconds,
+                  "hold": SATURATED_HOLD}
     procs = {}
     for peer in peers:
         if not ADAPTERS[peer].pooled:
             continue
         target = Target([(a.host, a.port), (b.host, b.port)], a.user, a.password, a.dbname,
-                        f"bench-{peer}-failover-{rep}", {"load_balance_hosts": "random"})
-        spec = {"peer": peer, "workload": "failover", "target": asdict(target),
+                        f"bench-{peer}-{workload}-{rep}", {"load_balance_hosts": "random"})
+        spec = {"peer": peer, "workload": workload, "target": asdict(target),
                 "size": FAILOVER_SIZE, "autocommit": True, "readonly": True,
-                "params": {"greenlets": FAILOVER_GREENLETS, "seconds": seconds,
-                           "pace": FAILOVER_PACE}}
+                "params": params}
         procs[peer] = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.worker", json.dumps(spec)], cwd=HERE.parent,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -132,15 +162,21 @@ def run_failover(peers: list[str], a: Cluster, b: Cluster, rep: int,
     restarted = time.time() - t0  # A accepts connections again
     results: dict[str, Any] = {}
     for peer, proc in procs.items():
+        # its own joins end 10 s after the run at most; the clock has run since t0
+        grace = max(1.0, t0 + seconds + FAILOVER_GRACE - time.time())
         try:
-            out, err = proc.communicate(timeout=seconds + 60)
+            out, err = proc.communicate(timeout=grace)
+            raw = _parse(proc.returncode, out, err, 0.0)
         except subprocess.TimeoutExpired:
             proc.kill()
-            out, err = proc.communicate()
-        raw = _parse(proc.returncode, out, err, 0.0)
+            proc.communicate()
+            raw = {"failed": f"hung: killed {FAILOVER_GRACE:.0f} s after the run's end"}
         results[peer] = raw if "failed" in raw else report.failover_metrics(
-            raw, a.port, stopped, restarted, min(restarted + window, seconds), seconds)
-    results["_timeline"] = {"stopped": stopped, "restarted": restarted, "seconds": seconds}
+            raw, a.port, stopped, restarted, min(restarted + window_to, seconds), seconds,
+            window_start=restarted + window_from)
+    results["_timeline"] = {"stopped": stopped, "restarted": restarted, "seconds": seconds,
+                            "window": [restarted + window_from,
+                                       min(restarted + window_to, seconds)]}
     return results
 
 
@@ -195,27 +231,46 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated")
     parser.add_argument("--no-profile", action="store_true", help="skip the hot-path profile")
     parser.add_argument("--note", default="", help="a line for the results header")
+    parser.add_argument("--out", type=Path, default=RESULTS,
+                        help="where results go (default benchmarks/results)")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="an earlier raw.json whose greenpool ÷ SimpleConnectionPool "
+                             "ratios the report shows beside this run's (default: the "
+                             "raw.json in --out, before it is replaced)")
     args = parser.parse_args(argv)
     peers, workloads = args.peers.split(","), args.workloads.split(",")
+    unknown = sorted(set(workloads) - set(WORKLOADS)) + sorted(set(peers) - set(ADAPTERS))
+    if unknown:
+        parser.error(f"unknown workload or peer {', '.join(unknown)}; workloads: "
+                     f"{', '.join(WORKLOADS)}; peers: {', '.join(ADAPTERS)}")
     durations = QUICK if args.quick else FULL
-    RESULTS.mkdir(exist_ok=True)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    baseline = args.baseline or out / "raw.json"
     began = time.monotonic()
     raw: dict[str, Any] = {"runs": {w: {p: [] for p in peers} for w in workloads}}
-    with Cluster(settings=SETTINGS) as main_pg, Cluster(settings=SETTINGS) as a, \
-            Cluster(settings=SETTINGS) as b:
+    if baseline.is_file():
+        raw["baseline"] = report.baseline_of(json.loads(baseline.read_text()), str(baseline))
+    with contextlib.ExitStack() as stack:
+        main_pg, a, b = (stack.enter_context(Cluster(settings=SETTINGS)) for _ in range(3))
+        # the deadline storm counts the backends it starts in the log of a server of its own
+        storm_pg = (stack.enter_context(Cluster(settings={**SETTINGS, "log_connections": True}))
+                    if "deadline-storm" in workloads else main_pg)
         raw["machine"] = machine_info(main_pg)
         if "iobound" in workloads:
             raw["machine"]["pg_sleep_ms"] = sleep_round_trip(main_pg, IOBOUND_SLEEP)
         raw["config"] = {"reps": args.reps, "durations": durations, "note": args.note,
                          "quick": args.quick}
-        notes = web.prepare(main_pg) if "gunicorn" in workloads else (0, 0)
+        notes: tuple[int, int] = web.prepare(main_pg) if "gunicorn" in workloads else (0, 0)
         for rep in range(args.reps):
             for workload in workloads:
-                if workload == "failover":
-                    res = run_failover(peers, a, b, rep, durations)
+                if workload in FAILOVERS:
+                    res = run_failover(peers, a, b, rep, durations, workload)
                     for peer in peers:
-                        raw["runs"]["failover"][peer].append(res.get(peer, {"n/a": True}))
-                    raw.setdefault("failover_timeline", []).append(res["_timeline"])
+                        raw["runs"][workload][peer].append(res.get(peer, {"n/a": True}))
+                    key = "failover_timeline" if workload == "failover" else \
+                        f"{workload}_timeline"
+                    raw.setdefault(key, []).append(res["_timeline"])
                     _progress(began, rep, workload, "all", res.get("greenpool", {}))
                     continue
                 # A fresh order per repetition and workload (seeded: the same every run), so
@@ -224,24 +279,25 @@ def main(argv: list[str] | None = None) -> int:
                 random.Random(f"{rep}:{workload}").shuffle(order)
                 for peer in order:
                     if not applies(workload, peer):
-                        raw["runs"][workload][peer].append({"n/a": True})
+                        raw["runs"][workload][peer].append(not_applying(workload, peer))
                         continue
                     if workload == "gunicorn":
                         res = web.run(peer, main_pg, f"bench-{peer}-gunicorn-{rep}", notes,
                                       durations["gunicorn"])
                     else:
-                        res = run_worker(worker_spec(peer, workload, rep, main_pg, durations))
+                        cluster = storm_pg if workload == "deadline-storm" else main_pg
+                        res = run_worker(worker_spec(peer, workload, rep, cluster, durations))
                     raw["runs"][workload][peer].append(res)
                     _progress(began, rep, workload, peer, res)
         if not args.no_profile and "greenpool" in peers:
             from .profile_hotpath import profile
 
-            raw["profile"] = profile(main_pg, RESULTS / "profile.txt")
+            raw["profile"] = profile(main_pg, out / "profile.txt")
     raw["machine"]["loadavg_end"] = _read("/proc/loadavg").split()[:3]
     raw["total_s"] = round(time.monotonic() - began, 1)
-    (RESULTS / "raw.json").write_text(json.dumps(raw, indent=1))
-    report.write(raw, RESULTS)
-    print(f"done in {raw['total_s']} s: {RESULTS / 'results.md'}")
+    (out / "raw.json").write_text(json.dumps(raw, indent=1))
+    report.write(raw, out)
+    print(f"done in {raw['total_s']} s: {out / 'results.md'}")
     return 0
 
 

@@ -105,5 +105,5 @@ def _target(raw: dict[str, Any]) -> Target:
                   raw.get("application_name", example.DEFAULT_APPLICATION_NAME))
 
 
-example.greenpool = PeerPools(os.environ[PEER_ENV])  # type: ignore[assignment]
+example.greenpool = PeerPools(os.environ[PEER_ENV])
 application = example.application  # its __module__ stays "app": the config's hooks find it

@@ -24,13 +24,16 @@ def main(spec: dict[str, Any]) -> dict[str, Any]:
     from . import workloads
 
     target = Target(**spec["target"])
-    adapter = cls(target, spec["size"], autocommit=spec.get("autocommit", True),
-                  readonly=spec.get("readonly", False))
+    workload = spec["workload"].replace("-", "_")  # the names on the command line use "-"
     params = dict(spec["params"])
-    if spec["workload"] == "failover":
+    if workload == "deadline_storm":  # before the pool exists: none of its connects count
+        params.update(workloads.storm_baseline(target.dsn(), params["log_path"]))
+    adapter = cls(target, spec["size"], autocommit=spec.get("autocommit", True),
+                  readonly=spec.get("readonly", False), lazy=spec.get("lazy", False))
+    if workload in ("failover", "saturated_failover"):
         params["start_signal"] = _start_signal
     try:
-        return getattr(workloads, spec["workload"])(adapter, **params)
+        return getattr(workloads, workload)(adapter, **params)
     finally:
         adapter.close()
 

@@ -6,6 +6,7 @@ connections before anything is measured.
 from __future__ import annotations
 
 import random
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -219,18 +220,22 @@ def _server_sessions(admin_dsn: str, app_name: str) -> tuple[int, int]:
             cur.execute(
                 "SELECT count(*), count(*) FILTER (WHERE state = 'idle in transaction')"
                 " FROM pg_stat_activity WHERE application_name = %s", (app_name,))
-            total, idle_in_tx = cur.fetchone()
-        return int(total), int(idle_in_tx)
+            row = cur.fetchone()
+        assert row is not None  # an aggregate always returns one row
+        return int(row[0]), int(row[1])
     finally:
         conn.close()
 
 
 def failover(adapter: Adapter, greenlets: int, seconds: float, pace: float,
-             start_signal: Callable[[], float]) -> dict[str, Any]:
+             start_signal: Callable[[], float], sql: str = "SELECT inet_server_port()",
+             error_pause: float | None = None) -> dict[str, Any]:
     """Paced reads of ``SELECT inet_server_port()`` for ``seconds`` from the wall-clock time
     ``start_signal()`` returns (the orchestrator starts every pool at once, then stops and
     restarts an endpoint). Returns raw samples: ``ok`` as [time, port] and ``err`` as
-    [time, kind], times relative to that start."""
+    [time, kind], times relative to that start. ``sql`` must return the serving port first;
+    after an error a greenlet pauses ``error_pause`` (default: ``pace``)."""
+    pause_after_error = pace if error_pause is None else error_pause
     warm = [gevent.spawn(_warm_one, adapter) for _ in range(adapter.size)]
     gevent.joinall(warm, timeout=30)  # connect before the clock starts
     ok: list[tuple[float, int]] = []
@@ -244,10 +249,12 @@ def failover(adapter: Adapter, greenlets: int, seconds: float, pace: float,
         while time.time() < end:
             try:
                 with adapter.session() as db:
-                    port = db.query("SELECT inet_server_port()")[0][0]
+                    port = db.query(sql)[0][0]
                 ok.append((round(time.time() - t0, 4), int(port)))
             except Exception as exc:
                 err.append((round(time.time() - t0, 4), type(exc).__name__))
+                gevent.sleep(pause_after_error)  # an error path must not spin
+                continue
             gevent.sleep(pace)
 
     jobs = [gevent.spawn(run, i) for i in range(greenlets)]
@@ -255,3 +262,100 @@ def failover(adapter: Adapter, greenlets: int, seconds: float, pace: float,
     hung = sum(1 for job in jobs if not job.ready())
     gevent.killall(jobs, timeout=5)
     return {"ok": ok, "err": err, "hung": hung}
+
+
+def saturated_failover(adapter: Adapter, greenlets: int, seconds: float, hold: float,
+                       start_signal: Callable[[], float]) -> dict[str, Any]:
+    """:func:`failover` with every connection busy all the time: ``greenlets`` (5 times the
+    pool) read back to back, each read holding its connection ``hold`` seconds on the server
+    (``pg_sleep``), so a line of waiters is always there. The read returns the serving
+    port, which tells the endpoints apart at no extra round trip."""
+    return failover(adapter, greenlets, seconds, 0.0, start_signal,
+                    sql=f"SELECT inet_server_port() FROM pg_sleep({hold})", error_pause=0.01)
+
+
+CONNECTION_RECEIVED = b"connection received:"  # log_connections: one line per backend forked
+CONNECTION_AUTHORIZED = b"connection authorized:"  # ... and one per session that got in
+
+
+def storm_baseline(dsn: str, log_path: str, times: int = 20) -> dict[str, Any]:
+    """Before the pool exists: the median time of one plain psycopg2 connect here (``times``
+    in a row, each closed at once), then where the server log ends, so that the storm counts
+    only the backends its pool starts."""
+    samples = []
+    for _ in range(times):
+        started = _now()
+        psycopg2.connect(dsn).close()
+        samples.append(_now() - started)
+    with open(log_path, "rb") as log:
+        offset = log.seek(0, 2)
+    return {"connect_ms": statistics.median(samples) * 1e3, "log_offset": offset}
+
+
+def _backends_since(log_path: str, offset: int) -> tuple[int, int]:
+    """(backends started, sessions authorized) in the server log after ``offset``."""
+    with open(log_path, "rb") as log:
+        log.seek(offset)
+        text = log.read()
+    return text.count(CONNECTION_RECEIVED), text.count(CONNECTION_AUTHORIZED)
+
+
+def deadline_storm(adapter: Adapter, greenlets: int, seconds: float, low: float, high: float,
+                   seed: int, log_path: str, log_offset: int, connect_ms: float
+                   ) -> dict[str, Any]:
+    """``greenlets`` loop for ``seconds``: acquire with a timeout drawn from [low, high]
+    seconds (seeded per greenlet), ``SELECT 1``, give back; a timed-out caller tries again at
+    once with a fresh draw. The pool starts empty (see the adapters), so its connects happen
+    under these deadlines. Counted: operations served, acquire timeouts, other errors, and
+    the backends the server started meanwhile (its log, ``log_connections``): a pool that
+    throws half-made connections away shows more of them than its size."""
+    end = _now() + seconds
+    served: list[float] = []  # the timeout each served operation was drawn with
+    timed_out: list[float] = []
+    failed: list[float] = []
+    errors: dict[str, int] = {}
+    timeout_errors = adapter.acquire_timeout_errors
+
+    def run(i: int) -> None:
+        rng = random.Random(f"{seed}:{i}")
+        while _now() < end:
+            timeout = rng.uniform(low, high)
+            try:
+                with adapter.session_within(timeout) as db:
+                    db.query("SELECT 1")
+            except timeout_errors:
+                timed_out.append(timeout)
+                continue
+            except Exception as exc:
+                failed.append(timeout)
+                _count(errors, exc)
+                gevent.sleep(0.01)  # an error path must not spin
+                continue
+            served.append(timeout)
+
+    jobs = [gevent.spawn(run, i) for i in range(greenlets)]
+    gevent.joinall(jobs, timeout=seconds + 10)
+    hung = sum(1 for job in jobs if not job.ready())
+    gevent.killall(jobs, timeout=5)
+    started, authorized = _backends_since(log_path, log_offset)
+    bar = 2 * connect_ms / 1e3  # "long enough": twice the median connect
+
+    def above(values: list[float]) -> int:
+        return sum(1 for t in values if t >= bar)
+
+    eligible = above(served) + above(timed_out) + above(failed)
+    buckets = {}  # served share per 5 ms of timeout: how the outcome follows the budget
+    for lo in range(0, 20, 5):
+        def inside(values: list[float], lo: int = lo) -> int:
+            return sum(1 for t in values if lo <= t * 1e3 < lo + 5)
+
+        total = inside(served) + inside(timed_out) + inside(failed)
+        buckets[f"{lo}-{lo + 5} ms"] = inside(served) / total if total else None
+    return {
+        "served": len(served), "timeouts": len(timed_out), "errors": len(failed),
+        "error_kinds": errors, "hung": hung, "ops_s": len(served) / seconds,
+        "backends_started": started, "sessions_authorized": authorized,
+        "connect_ms": connect_ms, "eligible": eligible,
+        "served_share_eligible": above(served) / eligible if eligible else None,
+        "served_share_by_timeout": buckets,
+    }
