@@ -444,7 +444,7 @@ class Group:
             return
         self.connector.close(pc, reason)
         with self._lock:
-            start = not self._closed
+            start = not self._closed and self._can_wait  # non-threaded: no background
             if start:
                 self._connecting += 1
             else:
@@ -671,6 +671,12 @@ class Group:
         }
 
     def _busy_message(self, wait_for: float) -> str:
+        if self._connecting and not self._lent:
+            return (
+                f"group {self.name!r}: no connection within {wait_for:.2f} s: "
+                f"{self._connecting} connect(s) under way have not completed yet (each may "
+                f"take up to connect_timeout). Endpoints: {self.connector.describe()}"
+            )
         connecting = f", {self._connecting} connecting" if self._connecting else ""
         return (
             f"group {self.name!r}: no connection free within {wait_for:.2f} s "

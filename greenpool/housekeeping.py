@@ -156,28 +156,39 @@ class Housekeeping:
         refresh_after = config.max_idle / 2  # pinged well before the borrow check drops it
         interval = self._config.maintenance_interval
 
-        def choose(idle: list[PooledConnection]) -> list[PooledConnection]:
+        def expired(pc: PooledConnection) -> bool:
+            return pc.raw.closed or now >= pc.expires - 2 * interval
+
+        def retire(idle: list[PooledConnection]) -> list[PooledConnection]:
             spare = group.size - config.min_size
             chosen = []
             for pc in idle:  # oldest-returned first
-                idle_for = now - pc.last_used
-                expiring = pc.raw.closed or now >= pc.expires - 2 * interval
-                if expiring or (spare > 0 and idle_for >= config.max_idle):
+                if expired(pc) or (spare > 0 and now - pc.last_used >= config.max_idle):
                     chosen.append(pc)
                     spare -= 1
-                elif pc.readable() or (spare <= 0 and idle_for >= refresh_after):
-                    chosen.append(pc)  # a suspect, or one kept for min_size getting old
             return chosen
 
-        for pc in group.take_idle(choose):
-            idle_for = now - pc.last_used
-            if pc.raw.closed:
-                group.drop(pc, "closed")
-            elif now >= pc.expires - 2 * interval:
-                group.drop(pc, "expired")  # replaced below, in the background
-            elif idle_for >= config.max_idle and group.size > config.min_size:
-                group.drop(pc, "max_idle")
-            elif pc.readable():  # while idle: a NOTIFY, or the server went away
+        for pc in group.take_idle(retire):  # no round trip: all at once
+            group.drop(pc, "closed" if pc.raw.closed else
+                       "expired" if expired(pc) else "max_idle")
+
+        checked: set[int] = set()
+
+        def next_to_check(idle: list[PooledConnection]) -> list[PooledConnection]:
+            kept = group.size - config.min_size <= 0
+            for pc in idle:
+                if id(pc) not in checked and (
+                    pc.readable() or (kept and now - pc.last_used >= refresh_after)
+                ):
+                    return [pc]
+            return []
+
+        # one at a time: a ping stuck on a stalled backend keeps only its own connection
+        # out of reach, never the healthy ones
+        while taken := group.take_idle(next_to_check):
+            (pc,) = taken
+            checked.add(id(pc))
+            if pc.readable():  # while idle: a NOTIFY, or the server went away
                 self._check(group, pc, partial(check_on_borrow, pc, config, self._backend, now))
             else:  # kept for min_size and getting old: one ping keeps it usable
                 self._check(group, pc, partial(ping, pc, self._backend,
