@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -170,6 +171,24 @@ def connect_kwargs(
     return kwargs
 
 
+_SECRET_IN_DSN = re.compile(r"\b(sslpassword|password)=('(?:[^'\\]|\\.)*'|\S+)")
+
+
+class _Connection(extensions.connection):
+    """psycopg2's connection, with the ``sslpassword`` hidden from ``dsn`` and ``repr``
+    too (psycopg2 itself hides only ``password``)."""
+
+    @property
+    def dsn(self) -> str:
+        return _SECRET_IN_DSN.sub(r"\1=xxx", super().dsn)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<greenpool connection object at {id(self):#x}; dsn: '{self.dsn}', {state}>"
+
+    __str__ = __repr__
+
+
 def open_connection(
     endpoint: EndpointConfig,
     group: GroupConfig,
@@ -190,7 +209,7 @@ def open_connection(
             hostaddr = backend.resolve(endpoint.host, endpoint.port)
             if hostaddr is not None:
                 kwargs["hostaddr"] = hostaddr
-            raw = psycopg2.connect(**kwargs)
+            raw = psycopg2.connect(connection_factory=_Connection, **kwargs)
     except _Deadline as exc:
         if exc is not deadline:
             raise

@@ -300,6 +300,7 @@ class Group:
 
     def _refuse_to_wait(self, wait_for: float) -> None:
         if len(self._line) >= self._max_waiting:
+            self.counters.refusals += 1
             raise TooManyWaiters(
                 f"group {self.name!r}: {len(self._line)} callers already wait for a connection "
                 f"(max_waiting={self.config.max_waiting}); shed load or raise connection_count"

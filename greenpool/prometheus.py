@@ -57,6 +57,7 @@ _GROUP_COUNTERS = (
     ("connection_errors", "connect_errors", "Failed connect attempts"),
     ("failovers", "failovers", "Acquires that moved on after an endpoint failed"),
     ("replays", "replays", "Statements re-run after their connection died"),
+    ("connections_refused", "refusals", "Acquires shed at once because max_waiting was reached"),
 )
 _ENDPOINT_COUNTERS = (
     ("endpoint_quarantines", "quarantines", "Times the endpoint was quarantined"),

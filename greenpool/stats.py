@@ -19,6 +19,7 @@ class GroupCounters:
     connect_errors: int = 0
     failovers: int = 0
     replays: int = 0
+    refusals: int = 0  # acquires shed at once by max_waiting (TooManyWaiters)
     discards: Counter[str] = field(default_factory=Counter)
 
     def export(self) -> dict[str, Any]:
@@ -31,6 +32,7 @@ class GroupCounters:
             "connect_errors": self.connect_errors,
             "failovers": self.failovers,
             "replays": self.replays,
+            "refusals": self.refusals,
             "discards": sum(self.discards.values()),
             "discards_by_reason": dict(self.discards),
         }

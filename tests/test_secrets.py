@@ -159,9 +159,6 @@ def test_a_working_pool_never_shows_a_secret(
     assert_clean_logs(caplog)
 
 
-@pytest.mark.xfail(reason="psycopg2 obscures only `password` in connection.dsn and repr; "
-                          "needs a connection_factory in connection.py (not this change)",
-                   strict=False)
 def test_the_raw_connection_hides_sslpassword(pg: Cluster, secret_user: str, mode: str) -> None:
     pool = _failing_pool(mode, endpoint(pg.host, pg.port))
     try:

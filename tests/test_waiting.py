@@ -160,6 +160,7 @@ def test_max_waiting_bounds_the_line(make_pool):
     with pytest.raises(TooManyWaiters, match="max_waiting=2"):
         group.acquire()
     assert time.monotonic() - started < 0.1  # at once, no waiting
+    assert group.stats()["refusals"] == 1  # counted, and exported to Prometheus
     group.release(held)
     join_all(waiters, 5)
     assert [w.error for w in waiters] == [None, None]
