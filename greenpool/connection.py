@@ -261,6 +261,20 @@ def _bounded(backend: Backend, seconds: float, what: str, func: Callable[..., An
         raise RoundTripTimeout(f"no answer to {what} within {seconds:.2f} s") from None
 
 
+def _outside_transaction(raw: Any, sql: str, backend: Backend, seconds: float) -> None:
+    """Run ``sql`` in autocommit: a ping must not open a transaction, and ``DISCARD ALL``
+    refuses to run in one (which psycopg2 would open without autocommit)."""
+    if raw.autocommit:
+        round_trip(raw, sql, backend, seconds)
+        return
+    raw.autocommit = True
+    try:
+        round_trip(raw, sql, backend, seconds)
+    finally:
+        if not raw.closed:
+            raw.autocommit = False
+
+
 def check_on_borrow(
     pc: PooledConnection,
     group: GroupConfig,
@@ -294,15 +308,7 @@ def check_on_borrow(
         if not left >= bound:
             bound, cut_by_caller = left, True
     try:
-        if raw.autocommit:
-            round_trip(raw, "SELECT 1", backend, bound)
-        else:  # without autocommit the ping would open a transaction
-            raw.autocommit = True
-            try:
-                round_trip(raw, "SELECT 1", backend, bound)
-            finally:
-                if not raw.closed:
-                    raw.autocommit = False
+        _outside_transaction(raw, "SELECT 1", backend, bound)
     except RoundTripTimeout:
         return "check_timeout" if cut_by_caller else "failed_check"
     except psycopg2.Error:
@@ -376,15 +382,7 @@ def _reset_session(pc: PooledConnection, group: GroupConfig, backend: Backend) -
     bound = pc.endpoint.config.connect_timeout
     try:
         if group.reset != "never":
-            if raw.autocommit:
-                round_trip(raw, "DISCARD ALL", backend, bound)
-            else:  # DISCARD ALL refuses to run in a transaction, which psycopg2 would open
-                raw.autocommit = True
-                try:
-                    round_trip(raw, "DISCARD ALL", backend, bound)
-                finally:
-                    if not raw.closed:
-                        raw.autocommit = False
+            _outside_transaction(raw, "DISCARD ALL", backend, bound)
         hook = group.on_return
         if hook is not None:
             try:
@@ -451,15 +449,10 @@ def ping(pc: PooledConnection, backend: Backend, seconds: float) -> str:
     raw = pc.raw
     if raw.closed:
         return "closed"
-    autocommit = raw.autocommit
     try:
-        raw.autocommit = True  # without autocommit the ping would open a transaction
-        round_trip(raw, "SELECT 1", backend, seconds)
+        _outside_transaction(raw, "SELECT 1", backend, seconds)
     except psycopg2.Error:
         return "failed_check"
-    finally:
-        if not raw.closed:
-            raw.autocommit = autocommit
     del raw.notifies[:]
     pc.last_used = time.monotonic()
     return ""

@@ -444,18 +444,16 @@ class Group:
         if pc.generation != self._generation:
             return
         self.connector.close(pc, reason)
-        with self._lock:
-            start = not self._closed and self._can_wait  # non-threaded: no background
-            if start:
-                self._connecting += 1
-            else:
-                self._size -= 1
-        if start:
-            self.connector.start(self._generation)
+        self._reuse_slot(lambda: self._can_wait)  # non-threaded: no background to connect
 
     def _slot_freed(self) -> None:
+        self._reuse_slot(lambda: self._wants_connect(len(self._line)))
+
+    def _reuse_slot(self, wanted: Callable[[], bool]) -> None:
+        """A slot whose connection is gone: a connect in the background if ``wanted()``
+        (asked under the lock), else freed."""
         with self._lock:
-            start = not self._closed and self._wants_connect(len(self._line))
+            start = not self._closed and wanted()
             if start:
                 self._connecting += 1
             else:
