@@ -253,3 +253,27 @@ def test_probe_connections_are_counted_in_the_endpoint_budget(make_pool, pg, pg_
     finally:
         for pc in held:
             group.release(pc)
+
+
+def test_non_threaded_mode_connects_inline_and_says_it_cannot_wait(pg):
+    """Non-threaded mode has no background: the connect runs in the caller, and an exhausted
+    group fails at once with a message that claims no wait it never made (issue 15)."""
+    from greenpool import Pool
+
+    pool = Pool({"type": "non-threaded", "db": pg.endpoint(),
+                 "groups": {"g": {"connection_count": 1, "timeout": 30}}})
+    try:
+        group = pool.group("g")
+        held = group.acquire()
+        started = time.monotonic()
+        with pytest.raises(PoolTimeout) as info:
+            group.acquire()
+        assert time.monotonic() - started < 1
+        assert "30.00 s" not in str(info.value)
+        assert "nobody can return one while you wait" in str(info.value)
+        group.release(held)
+        pc = group.acquire()  # the slot came back: no connect was lost
+        group.release(pc)
+        assert group.stats()["size"] == 1 and group.stats()["connects"] == 1
+    finally:
+        pool.close()
