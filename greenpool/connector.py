@@ -103,7 +103,8 @@ class Connector:
         #: every connection this connector opened and has not seen collected: after fork
         #: the child silences them all, idle, lent or in transit (being checked or reset)
         self.opened: weakref.WeakSet[PooledConnection] = weakref.WeakSet()
-        self._fatal_pause = 30.0
+        #: how long a group leaves an endpoint alone after a failure retrying cannot fix
+        self._fatal_pause = max(ep.backoff_max for ep in self.endpoints)
         self.slots: Slots | None = None
 
     # --- asked by the group -------------------------------------------------------------
@@ -274,7 +275,8 @@ class Connector:
             self.counters.connect_errors += 1
             if exc.fatal:  # the server answered: nothing wrong with its health
                 endpoint.connect_refused(exc.reason)
-                self._fatal[endpoint] = (_monotonic() + self._fatal_pause, exc.reason)
+                told = f"{exc.reason} ({exc.hint})" if exc.hint else exc.reason
+                self._fatal[endpoint] = (_monotonic() + self._fatal_pause, told)
                 logger.warning("group %r: %s refused the connection: %s", self.config.name,
                                endpoint.label, exc.reason)
             else:

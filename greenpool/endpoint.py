@@ -103,6 +103,11 @@ class Endpoint:
 
     # --- health ---------------------------------------------------------------------------
 
+    @property
+    def backoff_max(self) -> float:
+        """The longest quarantine (``quarantine_max``, at least the first one)."""
+        return self._max
+
     def may_connect(self, now: float) -> bool:
         """Whether a connect attempt may start now (for a quarantined endpoint: as prober)."""
         if self.state == UP:
