@@ -73,9 +73,10 @@ def run(dsn: str | None, clients: int, seconds: float) -> int:
         with shielded():  # a signal now waits until the servers are gone
             gevent.killall(tasks)
             greenpool.close()
+            destroy_all()  # every cluster of this process is the demo's
+            # only now: a probe still under way may log the servers' going, which is no news
             log.removeHandler(timeline)
             log.propagate = True
-            destroy_all()  # every cluster of this process is the demo's
 
 
 def _servers(dsn: str | None, clusters: list[Any]) -> list[Any]:
