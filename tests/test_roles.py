@@ -181,7 +181,7 @@ def _primary_dies_after_the_standby_missed_5_rows(primary: Any, standby: Any) ->
         (True,)]  # what the old probe read as "lag 0"
 
 
-@pytest.mark.skipif(__import__("os").environ.get("GREENPOOL_TEST_MODE") == "eventlet",  # noqa: E501
+@pytest.mark.skipif(__import__("os").environ.get("GREENPOOL_TEST_MODE") == "eventlet",
                     reason="flaky under eventlet in CI: role-probe timing (session note)")
 def test_standby_whose_primary_died_is_not_served_by_a_max_lag_group(make_pool, replicated):
     """Receive LSN == replay LSN on a standby cut off from its dead primary, yet its lag is
