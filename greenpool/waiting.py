@@ -2,7 +2,7 @@
 
 A queue that waiters ``get()`` from is not fair: a greenlet that returns a connection and
 asks again at once can take it back ahead of everyone already waiting. Here a returned
-connection (or a freed slot) is *given* to the oldest waiter, whose signal is then set; no
+(or newly opened) connection is *given* to the oldest waiter, whose signal is then set; no
 one can overtake. Each waiter is a small object (the backend's :class:`~.concurrency.Waiter`)
 so that a waiter that gives up (timeout, kill) can be taken out of the line, and so that a
 hand-off that raced with its giving up is never lost (see :meth:`Group._abandon`).
@@ -17,10 +17,6 @@ from collections.abc import Callable
 from typing import Any
 
 from .concurrency import Waiter
-
-#: What a waiter receives when a slot (permission to open a connection) is freed instead of
-#: a connection being returned.
-SLOT = object()
 
 
 class WaitLine(deque[Waiter]):
