@@ -315,7 +315,7 @@ class Housekeeping:
             return False
         pc.role = report.role
         endpoint.observe_role(report.role, report.timeline, report.lsn)
-        endpoint.lag = report.lag
+        endpoint.observe_lag(report.lag, report.receiver, report.receiver_age)
         return True
 
     def _users(self, endpoint: Endpoint) -> list[Group]:
@@ -343,7 +343,7 @@ class Housekeeping:
             report = read_role(raw, self._backend, endpoint.config.connect_timeout)
             endpoint.connect_succeeded(report.role)
             endpoint.observe_role(report.role, report.timeline, report.lsn)
-            endpoint.lag = report.lag
+            endpoint.observe_lag(report.lag, report.receiver, report.receiver_age)
             endpoint.connection_closed()
         except Exception:
             endpoint.connect_abandoned()
