@@ -350,3 +350,17 @@ def test_a_server_connection_that_crashes_mid_transaction(bouncer: PgBouncer, pg
     assert not isinstance(info.value, PoolError)
     with pool.handler("g") as db:
         assert db.query_one("SELECT 1")[0] == 1
+
+
+def test_the_role_probe_reads_tuples_for_a_dict_group(pg: Cluster) -> None:
+    """Not a pooler matter, found here: the probe's columns repeat names, so a group's
+    ``row_factory: 'dict'`` cursor lost columns and every probe failed."""
+    import psycopg2.extras
+
+    from greenpool.roles import read_role
+
+    raw = psycopg2.connect(pg.dsn(), cursor_factory=psycopg2.extras.RealDictCursor)
+    try:
+        assert read_role(raw).role == "primary"
+    finally:
+        raw.close()
