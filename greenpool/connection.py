@@ -240,6 +240,13 @@ def open_connection(
         ):
             raise
         refused = exc
+    else:
+        if not through_pooler and group.readonly and pooler.may_detect(endpoint) and (
+            pooler.dropped_options(raw)
+        ):
+            close_raw(raw)
+            pooler.detected(endpoint, "dropped")
+            refused = ConnectError(endpoint, "a pooler dropped the `options` startup parameter")
     if refused is not None:  # a pooler: once more, without ``options`` (outside the except)
         pooler.detected(endpoint)
         through_pooler = True

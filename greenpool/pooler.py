@@ -20,7 +20,10 @@ How the pool knows: the endpoint key ``pooler`` (``session`` / ``transaction``; 
 means PostgreSQL itself), or, when the key is not given, detection: the first refusal of
 ``options`` marks that address as a pooler for the life of the process (treated as
 ``transaction``, which is correct in both modes) and the connect is retried at once without
-it, with one warning saying to set the key.
+it, with one warning saying to set the key. A pooler that drops ``options`` silently
+(``ignore_startup_parameters = options``) is caught the same way by a readonly group, whose
+connection then reports ``default_transaction_read_only=off``; a group with only a
+``statement_timeout`` cannot tell, which is what the key is for.
 
 Roles: PgBouncer reports ``in_hot_standby`` at login from a cached server connection, so a
 server promoted behind it is still reported as a standby to new clients (measured with
@@ -68,17 +71,25 @@ def may_detect(endpoint: EndpointConfig) -> bool:
     return endpoint.pooler is None and "options" not in endpoint.options
 
 
-def detected(endpoint: EndpointConfig) -> None:
-    """``endpoint`` refused ``options``: from now on it is treated as a transaction pooler."""
+def detected(endpoint: EndpointConfig, how: str = "refused") -> None:
+    """``endpoint`` refused (or dropped) ``options``: from now on it is treated as a
+    transaction pooler."""
     address = _address(endpoint)
     if address in _detected:
         return
     _detected.add(address)
     logger.warning(
-        "endpoint %s refused the `options` startup parameter: it is a connection pooler "
+        "endpoint %s %s the `options` startup parameter: it is a connection pooler "
         "(PgBouncer). greenpool now sends statement_timeout and readonly with each "
         "transaction instead; set `pooler: 'transaction'` (or 'session') on this endpoint "
-        "to say so and skip the refused attempt", endpoint.label)
+        "to say so and skip the first attempt", endpoint.label, how)
+
+
+def dropped_options(raw: Any) -> bool:
+    """A readonly group's connection told ``default_transaction_read_only=off`` although
+    ``options`` asked for ``on``: a pooler ignored the parameter (PgBouncer's
+    ``ignore_startup_parameters = options``). PostgreSQL < 14 does not report it: None."""
+    return bool(raw.get_parameter_status("default_transaction_read_only") == "off")
 
 
 def forget_detected() -> None:

@@ -123,6 +123,19 @@ def test_a_pooler_is_detected_without_the_key(pg: Cluster, pools: Any,
         assert len(warned) == 1 and "pooler: 'transaction'" in warned[0]
 
 
+def test_a_pooler_that_drops_options_is_detected_by_a_readonly_group(
+    pg: Cluster, pools: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``ignore_startup_parameters = options`` makes PgBouncer drop the settings silently;
+    the readonly group's connection then reports default_transaction_read_only=off."""
+    with PgBouncer(pg, pool_mode="transaction", ignore_startup_parameters="options") as b:
+        pool = pools(b.endpoint(), {"g": {"readonly": True, "statement_timeout": 0.3}})
+        with caplog.at_level(logging.WARNING, "greenpool"), pool.handler("g") as db:
+            assert db.query_one("SHOW statement_timeout")[0] == "300ms"
+            assert db.query_one("SHOW transaction_read_only")[0] == "on"
+        assert any("dropped the `options`" in r.getMessage() for r in caplog.records)
+
+
 def test_pooler_none_fails_fast_and_says_what_to_do(bouncer: PgBouncer, pools: Any) -> None:
     pool = pools(bouncer.endpoint(pooler="none"), {"g": {"readonly": True, "timeout": 30}})
     started = time.monotonic()
