@@ -36,6 +36,8 @@ LAG_POLICIES = ("use-primary", "fail")
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 #: when a returned connection's session is reset (see connection.reset_on_return)
 RESET_POLICIES = ("auto", "always", "never")
+#: what an endpoint is: PostgreSQL itself, or a pooler (PgBouncer) in that pool mode
+POOLER_MODES = ("none", "session", "transaction")
 
 # libpq keepalive defaults: a peer that vanished (power loss, partition) is noticed in about
 # a minute instead of the kernel's two hours.
@@ -88,6 +90,9 @@ class EndpointConfig:
     weight: int = 1
     keepalives: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_KEEPALIVES))
     options: Mapping[str, str] = field(default_factory=dict)
+    #: None: not said (a pooler is detected by its refusal of ``options``); else ``none``
+    #: (PostgreSQL itself), ``session`` or ``transaction`` (a pooler in that pool mode)
+    pooler: str | None = None
 
     @property
     def label(self) -> str:
@@ -396,6 +401,7 @@ _ENDPOINT_KEYS: dict[str, Callable[[str, Any], tuple[str, Any]]] = {
     "weight": lambda p, v: ("weight", _integer(p, v, minimum=1, maximum=1000)),
     "keepalives": lambda p, v: ("keepalives", _keepalives(p, v)),
     "options": lambda p, v: ("options", _options(p, v)),
+    "pooler": lambda p, v: ("pooler", _choice(p, v, POOLER_MODES)),
 }
 # Aliases that name the same setting: giving both is ambiguous.
 _SAME_SETTING = (("name", "dbname"), ("pass", "password"), ("ssl", "sslmode"),
@@ -473,6 +479,10 @@ def parse_endpoint(path: str, raw: Any) -> EndpointConfig:
         values[attr] = checked
     if "host" not in values:
         raise _fail(f"{path}.host", "missing: the server's address (or a Unix socket directory)")
+    if values.get("pooler") in ("session", "transaction") and "temp_buffers_mb" in values:
+        raise _fail(f"{path}.session_tmp_buffer", "temp_buffers cannot travel through a pooler "
+                    "(it is fixed once a session has used a temporary table): set it on the "
+                    "server with ALTER ROLE ... SET temp_buffers, or drop this key")
     return EndpointConfig(**values)
 
 

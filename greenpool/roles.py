@@ -58,6 +58,7 @@ LAG_UNKNOWN = math.inf
 
 _LOST_STATES = ("57P01", "57P02", "57P03")  # admin/crash shutdown, cannot connect now
 _STATUS_IDLE = extensions.TRANSACTION_STATUS_IDLE
+_PLAIN = extensions.cursor  # tuples, whatever the group's row_factory (its columns repeat names)
 
 
 class RoleReport(NamedTuple):
@@ -110,11 +111,12 @@ def read_role(
         try:
             if bounded:
                 assert backend is not None and seconds is not None
-                with backend.deadline(seconds, deadline), raw.cursor() as cursor:
+                with backend.deadline(seconds, deadline), \
+                        raw.cursor(cursor_factory=_PLAIN) as cursor:
                     cursor.execute(PROBE_SQL)
                     row = cursor.fetchone()
             else:
-                with raw.cursor() as cursor:
+                with raw.cursor(cursor_factory=_PLAIN) as cursor:
                     cursor.execute(PROBE_SQL)
                     row = cursor.fetchone()
         finally:
