@@ -104,7 +104,7 @@ def test_examples_rst_wsgi_script(pg: Any, db_entry: dict, table: str) -> None:
                 start_response("200 OK", [("Content-Type", "application/json; charset=UTF-8")])
                 sql = """SELECT col1, col2 FROM testtable1"""
                 with dbpool.Handler("db1") as db:
-                    for rec in db.query(sql):
+                    for rec in db.query(sql):  # noqa: UP028 (the example, as written)
                         yield rec
             except Exception:
                 yield "500 Internal Server Error"
@@ -169,9 +169,8 @@ def test_readme_threading_models(db_entry: dict, mode: str, kind: str | None,
         config["type"] = kind
     dbpool.Connection.init(config)
     assert dbpool.Connection.get_threading_model() == (kind or "threaded")
-    with caplog.at_level(logging.INFO, logger="greenpool"):
-        with dbpool.Handler("g") as db:
-            assert db.query("SELECT 1").fetchone()[0] == 1
+    with caplog.at_level(logging.INFO, logger="greenpool"), dbpool.Handler("g") as db:
+        assert db.query("SELECT 1").fetchone()[0] == 1
     expected = "non-threaded" if kind == "non-threaded" else mode
     assert dbpool.Connection.pool().config.mode == expected
     assert any(f"greenpool's {expected!r} mode" in r.getMessage() for r in caplog.records)
@@ -224,12 +223,12 @@ def test_pgdbpool_session_defaults(db_entry: dict) -> None:
 
 def test_unconfigured_group_and_uninitialised_pool(db_entry: dict) -> None:
     """pgdbpool's test_handler_non_existing_group, and a Handler before init."""
-    with pytest.raises(dbpool.UnconfiguredGroupError, match="Connection.init"):
+    with pytest.raises(dbpool.UnconfiguredGroupError, match=r"Connection\.init"):
         dbpool.Handler("group1")
     dbpool.Connection.init({"db": db_entry, "groups": {"group1": {"connection_count": 5}}})
-    with pytest.raises(dbpool.UnconfiguredGroupError, match="group2"):
-        with dbpool.Handler("group2") as db:
-            db.query("SELECT * FROM test")
+    with pytest.raises(dbpool.UnconfiguredGroupError, match="group2"), \
+            dbpool.Handler("group2") as db:
+        db.query("SELECT * FROM test")
     assert issubclass(dbpool.UnconfiguredGroupError, greenpool.ConfigError)
 
 
@@ -272,9 +271,9 @@ def test_waits_for_a_busy_pool_then_times_out_as_db_connection_error(
     holders = [spawn(hold) for _ in range(5)]
     try:
         wait_until(lambda: len(holding) == 5, 10, "all five connections held")
-        with pytest.raises(dbpool.DBConnectionError) as info:
-            with dbpool.Handler("group1", timeout=0.2):
-                pass
+        with pytest.raises(dbpool.DBConnectionError) as info, \
+                dbpool.Handler("group1", timeout=0.2):
+            pass
         assert not isinstance(info.value, dbpool.DBOfflineError)
         assert isinstance(info.value.__cause__, greenpool.PoolTimeout)
     finally:
@@ -298,9 +297,9 @@ def test_wrong_password_is_db_connection_error_without_the_password(
     secret = "Compat-Wrong-Pw-51"
     dbpool.Connection.init({"db": {**db_entry, "pass": secret},
                             "groups": {"g": {"connection_count": 1, "timeout": 3}}})
-    with caplog.at_level(logging.DEBUG, logger="greenpool"):
-        with pytest.raises(dbpool.DBConnectionError) as info, dbpool.Handler("g") as db:
-            db.query("SELECT 1")
+    with caplog.at_level(logging.DEBUG, logger="greenpool"), \
+            pytest.raises(dbpool.DBConnectionError) as info, dbpool.Handler("g") as db:
+        db.query("SELECT 1")
     everything = [*texts(info.value), repr(dbpool.Connection.pool()),
                   repr(dbpool.Connection.pool().config),
                   *(r.getMessage() for r in caplog.records)]
