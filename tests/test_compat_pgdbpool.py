@@ -20,7 +20,7 @@ from typing import Any
 
 import psycopg2
 import pytest
-from modes import join_all, spawn, wait_until
+from modes import Timeout, join_all, spawn, wait_until
 from test_secrets import texts
 
 import greenpool
@@ -304,3 +304,19 @@ def test_wrong_password_is_db_connection_error_without_the_password(
                   repr(dbpool.Connection.pool().config),
                   *(r.getMessage() for r in caplog.records)]
     assert all(secret not in text for text in everything)
+
+
+@pytest.mark.skipif(Timeout is None, reason="a green timeout interrupts a query only in the "
+                                            "green modes")
+def test_a_query_interrupted_by_a_timeout_loses_no_slot(pg: Any, db_entry: dict) -> None:
+    """A BaseException (gevent's/eventlet's Timeout) passes through the compat handler as it
+    is, not as DBQueryError, and the group's only connection slot comes back."""
+    dbpool.Connection.init({"db": db_entry, "groups": {"g": {"connection_count": 1,
+                                                             "timeout": 5}}})
+    with pytest.raises(Timeout), Timeout(0.2), dbpool.Handler("g") as db:
+        db.query("SELECT pg_sleep(5)")
+    with dbpool.Handler("g", timeout=2) as db:
+        assert db.query("SELECT 3").fetchone()[0] == 3
+    wait_until(lambda: not pg.execute("SELECT 1 FROM pg_stat_activity "
+                                      "WHERE query = 'SELECT pg_sleep(5)' AND state = 'active'"),
+               5, "the interrupted statement cancelled on the server")
