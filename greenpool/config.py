@@ -26,6 +26,7 @@ from typing import Any
 
 from psycopg2.extensions import parse_dsn
 
+from . import environ
 from .errors import ConfigError
 
 MODES = ("gevent", "eventlet", "threaded", "non-threaded")
@@ -469,16 +470,18 @@ def parse_endpoint(path: str, raw: Any) -> EndpointConfig:
                 if b in given and a in from_dsn:
                     from_dsn.pop(a)
             given = {**from_dsn, **given}
+    given, sources = environ.fill_endpoint(given)  # libpq's PG* variables fill the gaps
     _reject_unknown(path, given, _ENDPOINT_KEYS)
     for a, b in _SAME_SETTING:
         if a in given and b in given:
             raise _fail(f"{path}.{b}", f"`{a}` and `{b}` are the same setting: give one")
     values: dict[str, Any] = {}
     for key, value in given.items():
-        attr, checked = _ENDPOINT_KEYS[key](f"{path}.{key}", value)
+        attr, checked = _ENDPOINT_KEYS[key](environ.where(path, key, sources), value)
         values[attr] = checked
     if "host" not in values:
-        raise _fail(f"{path}.host", "missing: the server's address (or a Unix socket directory)")
+        raise _fail(f"{path}.host", "missing: the server's address (or a Unix socket directory)"
+                                    "; give it, or set PGHOST")
     if values.get("pooler") in ("session", "transaction") and "temp_buffers_mb" in values:
         raise _fail(f"{path}.session_tmp_buffer", "temp_buffers cannot travel through a pooler "
                     "(it is fixed once a session has used a temporary table): set it on the "
@@ -585,11 +588,13 @@ def parse_config(raw: Any) -> PoolConfig:
         return raw
     top = _mapping("config", raw)
     _reject_unknown("", top, _TOP_KEYS)
+    top = environ.fill_top(top)
     mode = _choice("type", top.get("type", "gevent"), MODES)
 
-    if "db" not in top:
-        raise _fail("db", "missing: give one endpoint (dict or DSN) or a list of them")
-    endpoints = _endpoints(top["db"])
+    if "db" not in top and not environ.has_host():
+        raise _fail("db", "missing: give one endpoint (dict or DSN) or a list of them, or "
+                          "set PGHOST")
+    endpoints = _endpoints(top.get("db", {}))
 
     defaults = _mapping("defaults", top.get("defaults", {}))
     _reject_unknown("defaults", defaults, _GROUP_KEYS)

@@ -9,7 +9,7 @@ import weakref
 from collections.abc import Mapping
 from typing import Any
 
-from .concurrency import Backend, backend_for
+from .concurrency import Backend, backend_for, check_mode_fits
 from .config import PoolConfig, parse_config
 from .endpoint import ROLE_STALE_AFTER, Endpoint
 from .errors import ConfigError, PoolClosed
@@ -31,6 +31,7 @@ class Pool:
 
     def __init__(self, config: Mapping[str, Any] | PoolConfig) -> None:
         self.config = parse_config(config)
+        check_mode_fits(self.config.mode)  # a misfit fails here, not as a LoopExit later
         self._backend: Backend = backend_for(self.config.mode)
         self._current_task = self._backend.current  # on every handler entry: bound once
         self._endpoints = [
