@@ -21,11 +21,12 @@ How SQLAlchemy's pool duties map onto greenpool's:
   twice; a ``Connection`` still ends its own transaction first, as always;
 * **recycle, pre-ping**: greenpool's ``max_lifetime`` and its borrow check.
 
-A ``before_cursor_execute`` listener (installed by the ``greenpool`` engine plugin, which
-:func:`create_engine` and :func:`engine_options` use) tells greenpool which loans ran a
-statement that may change the session, so a clean loan costs no ``DISCARD ALL``. Without it
-(a :class:`GreenpoolPool` handed to ``sqlalchemy.create_engine`` by hand) every loan is
-reset.
+Two engine listeners (installed by the ``greenpool`` engine plugin, which
+:func:`create_engine` and :func:`engine_options` use) tell greenpool which loans ran a
+statement that may change the session, so a clean loan costs no ``DISCARD ALL``: a loan
+taken by a ``Connection`` starts clean (``engine_connect``) and each statement is checked
+(``before_cursor_execute``). A loan nobody watched (``engine.raw_connection()``, or a
+:class:`GreenpoolPool` handed to ``sqlalchemy.create_engine`` by hand) is reset.
 """
 
 from __future__ import annotations
@@ -117,8 +118,8 @@ class GreenpoolPool(_SAPool):
         self._group_name = group
         self._group: Group | None = None
         self._timeout = timeout
-        #: the engine plugin tells us of statements that change the session (else every
-        #: loan counts as dirty and is reset with DISCARD ALL)
+        #: the engine plugin watches this pool's statements (else every loan is dirty and
+        #: reset with DISCARD ALL); informational, set by the plugin
         self.track_statements = track_statements
         #: id(raw connection) -> its loan, while SQLAlchemy holds it
         self._loans: dict[int, PooledConnection] = {}
@@ -148,9 +149,7 @@ class GreenpoolPool(_SAPool):
         return self._loans.get(id(dbapi_connection))
 
     def _borrow(self) -> PooledConnection:
-        pc = self.group.acquire(self._timeout)
-        if self.track_statements:
-            pc.dirty = False  # the listener sees every statement from here
+        pc = self.group.acquire(self._timeout)  # dirty until a tracked Connection takes it
         self._loans[id(pc.raw)] = pc
         return pc
 
@@ -271,7 +270,7 @@ class GreenpoolPlugin(CreateEnginePlugin):
                 timeout = None
             if timeout is None or not 0 <= timeout <= 86400:
                 raise ConfigError("greenpool_timeout: seconds from 0 to 86400, or None")
-        kwargs["pool"] = GreenpoolPool(source, group, timeout=timeout, track_statements=True)
+        kwargs["pool"] = GreenpoolPool(source, group, timeout=timeout)
 
     def update_url(self, url: URL) -> URL:
         return url.difference_update_query(["greenpool_group", "greenpool_timeout"])
@@ -279,10 +278,23 @@ class GreenpoolPlugin(CreateEnginePlugin):
     def engine_created(self, engine: Engine) -> None:
         pool = engine.pool
         if isinstance(pool, GreenpoolPool):
+            pool.track_statements = True
+            event.listen(engine, "engine_connect", _trust_loan)
             event.listen(engine, "before_cursor_execute", _track_statement)
 
 
 plugins.register("greenpool", __name__, "GreenpoolPlugin")
+
+
+def _trust_loan(conn: Any) -> None:
+    """A ``Connection`` took the loan: its statements are seen from here, so the loan is
+    reset on return only if one of them may have changed the session. A loan taken with
+    ``engine.raw_connection()`` is not a Connection's and stays dirty (always reset)."""
+    pool = conn.engine.pool
+    fairy = conn.connection
+    pc = pool.loan_of(fairy.dbapi_connection) if isinstance(pool, GreenpoolPool) else None
+    if pc is not None:
+        pc.dirty = False
 
 
 def _track_statement(conn: Any, cursor: Any, statement: Any, parameters: Any,

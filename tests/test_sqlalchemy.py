@@ -154,6 +154,30 @@ def test_a_loan_that_changed_the_session_is_reset_before_the_next(make_pool, tab
     assert group_stats(pool)["connects"] == 1  # the same connection, reset, not replaced
 
 
+def test_raw_connections_and_isolation_levels_start_from_the_configured_session(
+    make_pool, tables
+):
+    """What the statement tracking cannot see is reset anyway: a loan taken with
+    ``engine.raw_connection()`` gets DISCARD ALL; a per-connection isolation level (which
+    psycopg2 keeps as session state) makes greenpool replace the connection."""
+    pool = make_pool({"write": {"connection_count": 1}})
+    engine = create_engine(pool, "write")
+    raw = engine.raw_connection()
+    with raw.cursor() as cur:
+        cur.execute("SET work_mem = '9MB'")
+    raw.commit()
+    raw.close()
+    serializable = engine.execution_options(isolation_level="SERIALIZABLE")
+    with serializable.connect() as conn:
+        assert conn.execute(text("SHOW work_mem")).scalar() != "9MB"
+        assert conn.execute(text("SHOW transaction_isolation")).scalar() == "serializable"
+    with engine.connect() as conn:
+        assert conn.execute(text("SHOW transaction_isolation")).scalar() == "read committed"
+    stats = group_stats(pool)
+    assert stats["discards_by_reason"] == {"session_changed": 1}
+    assert stats["in_use"] == 0
+
+
 def test_no_pool_on_top_of_greenpool(make_pool, tables, server_conns):
     """20 tasks share a group of 3 through the engine: never more than 3 server connections,
     waits in greenpool's line; SQLAlchemy's pool-sizing arguments are refused."""
@@ -221,6 +245,7 @@ def test_a_connection_sqlalchemy_invalidates_is_discarded_by_greenpool(make_pool
     assert caught.value.connection_invalidated
     stats = group_stats(pool)
     assert stats["discards_by_reason"].get("invalidated") == 1
+    assert stats["discards_by_reason"].get("evicted") == 2  # its idle peers, at once
     assert stats["in_use"] == 0
     with Session(engine) as session, session.begin():
         session.add(User(name="after"))
