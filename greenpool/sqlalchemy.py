@@ -270,7 +270,10 @@ class GreenpoolPlugin(CreateEnginePlugin):
                 timeout = None
             if timeout is None or not 0 <= timeout <= 86400:
                 raise ConfigError("greenpool_timeout: seconds from 0 to 86400, or None")
-        kwargs["pool"] = GreenpoolPool(source, group, timeout=timeout)
+        # the pool's logging options mean the same here (Flask-SQLAlchemy sets echo_pool)
+        kwargs["pool"] = GreenpoolPool(source, group, timeout=timeout,
+                                       echo=kwargs.pop("echo_pool", None),
+                                       logging_name=kwargs.pop("pool_logging_name", None))
 
     def update_url(self, url: URL) -> URL:
         return url.difference_update_query(["greenpool_group", "greenpool_timeout"])
