@@ -136,9 +136,10 @@ class GreenpoolPool(_SAPool):
 
     @property
     def group(self) -> Group:
-        """The greenpool group this pool lends from (the greenpool pool is resolved here)."""
+        """The greenpool group this pool lends from. A function given as the pool is asked
+        again once its pool was closed (``greenpool.close()`` then ``init()`` again)."""
         group = self._group
-        if group is None:
+        if group is None or (group.closed and callable(self._source)):
             source = self._source
             pool = source() if callable(source) else source
             group = self._group = pool.group(self._group_name)

@@ -222,6 +222,12 @@ def test_flask_style_engine_options_and_the_process_wide_pool(pg, tables, mode):
                 session.add(User(name=f"via-{id(eng)}"))
         assert pg.execute("SELECT count(*) FROM sqla_users") == [(2,)]
         assert greenpool.stats()["groups"]["w"]["connects"] == 1
+        greenpool.close()  # a new process-wide pool: the engine follows it
+        greenpool.init({"type": mode, "db": pg.endpoint(),
+                        "groups": {"w": {"connection_count": 1}}})
+        with Session(engine) as session:
+            assert session.scalars(select(func.count(User.id))).one() == 2
+        assert greenpool.stats()["groups"]["w"]["acquires"] >= 1
     finally:
         greenpool.close()
 
