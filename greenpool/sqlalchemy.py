@@ -258,19 +258,24 @@ class GreenpoolPlugin(CreateEnginePlugin):
             )
         for key, instead in _REFUSED.items():
             if key in kwargs or key in query:
+                value = kwargs[key] if key in kwargs else query[key]
                 raise ConfigError(
-                    f"{key}: refused on a greenpool engine (group {group!r}), so that "
-                    f"SQLAlchemy does not pool on top of greenpool; instead: {instead}"
+                    f"{key}={value!r}: refused on a greenpool engine (group {group!r}), so "
+                    f"that SQLAlchemy does not pool on top of greenpool; instead: {instead}"
                 )
         if "pool" in kwargs:
             raise ConfigError(f"pool: the greenpool plugin provides the pool of group {group!r}")
         if timeout is not None:
+            given = timeout
             try:
                 timeout = float(timeout)
             except (TypeError, ValueError):
                 timeout = None
-            if timeout is None or not 0 <= timeout <= 86400:
-                raise ConfigError("greenpool_timeout: seconds from 0 to 86400, or None")
+            if isinstance(given, bool) or timeout is None or not 0 <= timeout <= 86400:
+                raise ConfigError(f"greenpool_timeout: {given!r} is not allowed; give seconds "
+                                  f"from 0 to 86400, or None for the group's timeout")
+        if not callable(source):
+            source.group(group)  # an unknown group: ConfigError now, not on first use
         # the pool's logging options mean the same here (Flask-SQLAlchemy sets echo_pool)
         kwargs["pool"] = GreenpoolPool(source, group, timeout=timeout,
                                        echo=kwargs.pop("echo_pool", None),

@@ -9,11 +9,12 @@ and a primary lost (``pg_ctl stop -m immediate``) while its standby is promoted.
 from __future__ import annotations
 
 import itertools
+import random
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from modes import GREEN, MODE, join_all, sleep, spawn, wait_until
+from modes import GREEN, MODE, Timeout, join_all, sleep, spawn, wait_until
 
 sqlalchemy = pytest.importorskip("sqlalchemy")
 
@@ -232,6 +233,27 @@ def test_flask_style_engine_options_and_the_process_wide_pool(pg, tables, mode):
         greenpool.close()
 
 
+def test_bad_engine_options_are_refused_at_once(make_pool):
+    """Bad input to the plugin is a ConfigError at create_engine, never at first use."""
+    pool = make_pool({"write": {"connection_count": 1}})
+    url = "postgresql+psycopg2://"
+    with pytest.raises(ConfigError, match="greenpool_group"):
+        sqlalchemy.create_engine(url, plugins=["greenpool"], greenpool_pool=pool)
+    with pytest.raises(ConfigError, match="'reed' is not configured"):
+        create_engine(pool, "reed")
+    with pytest.raises(ConfigError, match="greenpool_timeout"):
+        create_engine(pool, "write", timeout="soon")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="greenpool_timeout"):
+        sqlalchemy.create_engine(url + "?plugin=greenpool&greenpool_group=write"
+                                 "&greenpool_timeout=-1", greenpool_pool=pool)
+    with pytest.raises(ConfigError, match="pool: the greenpool plugin"):
+        sqlalchemy.create_engine(url, **engine_options(pool, "write"), pool=object())
+    engine = sqlalchemy.create_engine(url + "?plugin=greenpool&greenpool_group=write"
+                                      "&greenpool_timeout=0.25", greenpool_pool=pool)
+    assert engine.pool._timeout == 0.25
+    assert "greenpool" not in str(engine.url)  # the plugin's keys are not connect arguments
+
+
 # --- invalidation, interruption -----------------------------------------------------------
 
 
@@ -299,12 +321,59 @@ def test_a_greenlet_killed_mid_flush_loses_no_slot_and_commits_nothing(
     assert pg.execute("SELECT count(*) FROM sqla_orders") == [(0,)]
     stats = group_stats(pool)
     assert stats["in_use"] == 0
-    assert stats["discards"] == 1  # in an unknown state: discarded, not reused
+    assert stats["discards_by_reason"] == {"invalidated": 1}, stats  # unknown state: discarded
     assert server_conns(application_name="sqla-kill", expect=0) == 0
     with Session(engine) as session, session.begin():
         session.add(User(name="next"))
     assert sorted(r[0] for r in pg.execute("SELECT name FROM sqla_users")) == ["before", "next"]
     assert group_stats(pool)["size"] == 1
+
+
+@pytest.mark.skipif(not GREEN, reason="a thread cannot be interrupted from outside")
+def test_100_orm_transactions_cut_by_timeouts_at_random_points(make_pool, tables, pg):
+    """Timeouts hit while waiting for a connection, mid-flush, mid-query, inside the block
+    and during the commit. Afterwards the group hands out exactly its size, nobody is left
+    idle in a transaction, every acknowledged user is stored, and no user is stored without
+    its orders (the flush's INSERTs are one transaction)."""
+    pool = make_pool({"write": {"connection_count": 4, "timeout": 10}},
+                     application_name="sqla-cut")
+    engine = create_engine(pool, "write")
+    rng = random.Random(12)
+    acked: list[str] = []
+    cut: list[int] = []
+
+    def victim(i: int) -> None:
+        try:
+            with Timeout(rng.uniform(0.0, 0.12)), Session(engine) as session, \
+                    session.begin():
+                session.add(User(name=f"v{i}", orders=[Order(item="a"), Order(item="b")]))
+                session.flush()
+                session.execute(text("SELECT pg_sleep(:s)"), {"s": rng.uniform(0, 0.04)})
+                sleep(rng.uniform(0, 0.03))
+        except Timeout:
+            cut.append(i)
+        else:
+            acked.append(f"v{i}")
+
+    tasks = [spawn(victim, i) for i in range(100)]
+    join_all(tasks, 60)
+    assert [t.error for t in tasks if t.error] == []
+    assert len(cut) > 30  # the timeouts really hit
+    stats = group_stats(pool)
+    assert stats["in_use"] == 0 and stats["size"] <= 4
+    group = pool.group("write")
+    held = [group.acquire(5) for _ in range(4)]  # all four slots can be lent at once
+    for pc in held:
+        group.release(pc)
+    assert pg.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+                      "'sqla-cut' AND state LIKE 'idle in transaction%'") == [(0,)]
+    stored = dict(pg.execute(
+        "SELECT u.name, count(o.id) FROM sqla_users u LEFT JOIN sqla_orders o "
+        "ON o.user_id = u.id GROUP BY u.name"))
+    assert set(acked) <= set(stored)
+    assert set(stored.values()) <= {2}, "a user stored without both of its orders"
+    with Session(engine) as session, session.begin():
+        session.add(User(name="after"))
 
 
 def test_an_acquire_timeout_is_greenpools(make_pool, tables):
