@@ -185,8 +185,10 @@ class Connector:
         return "; ".join(ep.describe() for ep in self.endpoints)
 
     def close(self, pc: PooledConnection, reason: str) -> None:
-        """Close ``pc`` and count why. The caller deals with its slot."""
-        self.counters.discards[reason] += 1
+        """Close ``pc`` and count why (no reason: an exclusive connection's normal end, not
+        a discard). The caller deals with its slot."""
+        if reason:
+            self.counters.discards[reason] += 1
         with self._lock:
             self.counts[pc.endpoint] -= 1
         pc.endpoint.connection_closed()
