@@ -185,16 +185,20 @@ class Connector:
         return "; ".join(ep.describe() for ep in self.endpoints)
 
     def close(self, pc: PooledConnection, reason: str) -> None:
-        """Close ``pc`` and count why (no reason: an exclusive connection's normal end, not
-        a discard). The caller deals with its slot."""
-        if reason:
-            self.counters.discards[reason] += 1
+        """Close ``pc`` and count why. The caller deals with its slot."""
+        self.counters.discards[reason] += 1
         with self._lock:
             self.counts[pc.endpoint] -= 1
         pc.endpoint.connection_closed()
         close_quietly(pc)
         logger.debug("group %r: discarded a connection to %s (%s)", self.config.name,
                      pc.endpoint, reason)
+
+    def uncount(self, pc: PooledConnection) -> None:
+        """Leave ``pc`` out of :attr:`counts`: a dedicated connection (exclusive.py) lives
+        outside the group's slots, and placement balances only what it can move."""
+        with self._lock:
+            self.counts[pc.endpoint] -= 1
 
     def stop(self) -> None:
         """Interrupt background connects (green modes; threads end on their own)."""

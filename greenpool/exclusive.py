@@ -19,7 +19,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .concurrency import Backend, Waiter
-from .connection import PooledConnection
+from .connection import PooledConnection, close_quietly
 from .errors import PoolClosed, PoolError, PoolTimeout
 from .stats import ExclusiveCounters
 from .waiting import WaitLine
@@ -124,6 +124,7 @@ class ExclusiveSlots:
         if group.closed:
             raise PoolClosed(f"group {group.name!r}: the pool is closed")
         pc = group.connector.open_now(deadline, group.generation)
+        group.connector.uncount(pc)
         self.counters.opened += 1
         return pc
 
@@ -132,7 +133,10 @@ class ExclusiveSlots:
         group's; none for a normal end). Its limit slot is the caller's to give back."""
         if pc.generation != self.group.generation:
             return  # the parent's, silenced at fork: never touched in the child
-        self.group.connector.close(pc, reason)
+        if reason:
+            self.group.counters.discards[reason] += 1
+        pc.endpoint.connection_closed()
+        close_quietly(pc)
 
     # --- reporting and lifecycle ----------------------------------------------------------
 

@@ -254,7 +254,7 @@ class Listener:
             wait = self._check_at - now
             if deadline is not None:
                 wait = min(wait, deadline - now)
-            ready = self._wait([raw.fileno(), self._wake_r], max(0.0, wait)) if wait > 0 else []
+            ready = self._wait([raw.fileno(), self._wake_r], max(0.0, wait))
             if self._closing:
                 return None
             if ready and raw.fileno() in ready:

@@ -194,6 +194,32 @@ def test_the_listener_follows_a_promotion_and_reports_the_gap(make_pool, pg_fact
     no_session_left(standby)
 
 
+def test_the_listener_moves_when_the_primary_moves_while_the_old_one_runs(
+    make_pool, pg_factory
+):
+    """Split brain: the standby is promoted while the old primary keeps running, so the
+    listener's connection is never lost. Its heartbeat asks placement, which now chooses
+    the promoted server (higher timeline): the listener moves there and reports the gap."""
+    primary = pg_factory()
+    standby = pg_factory(standby_of=primary)
+    pool = make_pool({"write": {"role": "primary"}},
+                     db=[primary.endpoint(), standby.endpoint()], application_name=APP,
+                     role_check_interval=0.1, maintenance_interval=0.05)
+    with pool.listen("write", "jobs", heartbeat=0.2) as listener:
+        assert listener.endpoint == label(primary)
+        standby.promote()
+        promoted_at = time.monotonic()
+        gap = listener.get(15)
+        assert isinstance(gap, Gap), gap
+        assert time.monotonic() - promoted_at < 10
+        assert gap.previous == label(primary) and gap.endpoint == label(standby)
+        assert "no longer belongs" in gap.reason
+        standby.execute("NOTIFY jobs, 'on the new primary'")
+        assert listener.get(5).payload == "on the new primary"
+    assert listening_sessions(primary) == 0
+    no_session_left(standby)
+
+
 def test_a_stalled_server_is_noticed_by_the_heartbeat_within_its_deadline(make_pool, pg):
     """The listener's backend is stopped with SIGSTOP (TCP stays up, nothing answers): the
     heartbeat's bounded SELECT 1 gives up, the listener reconnects and reports a gap."""
