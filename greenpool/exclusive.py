@@ -44,6 +44,8 @@ class ExclusiveSlots:
         self._closed = False
         #: listeners open now (each holds one slot while it lives)
         self.listeners = 0
+        #: bumped in a forked child: a slot taken in the parent is never given back here
+        self.generation = 0
 
     # --- the limit ------------------------------------------------------------------------
 
@@ -166,6 +168,7 @@ class ExclusiveSlots:
         self._line = WaitLine()
         self._taken = 0
         self.listeners = 0
+        self.generation += 1
         old_line.fail_all(lambda: PoolError(
             f"group {self.group.name!r}: the process forked while this task waited for an "
             f"exclusive connection; the wait belonged to the parent"))
@@ -176,13 +179,14 @@ class Exclusive:
     own for the block (the group's autocommit and session settings; a transaction left open
     is rolled back when it is closed at the end). Single-use."""
 
-    __slots__ = ("_pc", "_slots", "_timeout", "_used")
+    __slots__ = ("_generation", "_pc", "_slots", "_timeout", "_used")
 
     def __init__(self, slots: ExclusiveSlots, timeout: float | None) -> None:
         self._slots = slots
         self._timeout = timeout
         self._pc: PooledConnection | None = None
         self._used = False
+        self._generation = slots.generation
 
     def __enter__(self) -> Any:
         if self._used:
@@ -190,6 +194,7 @@ class Exclusive:
         self._used = True
         slots = self._slots
         deadline = slots.deadline(self._timeout)  # one bound for the slot and the connect
+        self._generation = slots.generation
         slots.take(self._timeout)
         try:
             self._pc = slots.open(deadline)
@@ -205,7 +210,8 @@ class Exclusive:
         try:
             self._slots.close_connection(pc)
         finally:
-            self._slots.give()
+            if self._generation == self._slots.generation:  # else taken before a fork
+                self._slots.give()
 
     @property
     def endpoint(self) -> str | None:

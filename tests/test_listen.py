@@ -388,3 +388,41 @@ def test_the_example_refuses_a_stream_over_the_limit_with_a_503(example_app):
     finally:
         for stream in streams:
             stream.close()
+
+
+@pytest.mark.skipif(MODE == "eventlet", reason="eventlet's fork support is not exercised")
+def test_a_forked_child_drops_the_parents_listener_and_its_session_survives(make_pool, pg):
+    """The child starts with no listener and no exclusive slot taken (the parent's
+    connection was silenced, never closed); it can listen on its own; the parent's
+    listener still receives afterwards."""
+    pool = make_pool({"g": {"exclusive_limit": 2}}, application_name=APP)
+    listener = pool.listen("g", "jobs")
+    block = pool.exclusive("g")
+    block.__enter__()  # an exclusive block open across the fork, ended in both processes
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: report what it sees, then leave without cleanup
+        code = 1
+        try:
+            os.close(read_end)
+            block.__exit__(None, None, None)  # the parent's slot: not given back here
+            stats = pool.stats()["groups"]["g"]
+            mine = pool.listen("g", "jobs", timeout=5)
+            report = [listener.closed, stats["exclusive_open"], stats["listeners"],
+                      mine.endpoint]
+            mine.close()
+            os.write(write_end, json.dumps(report).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    _, status = os.waitpid(child, 0)
+    reported = json.loads(os.read(read_end, 512).decode())
+    os.close(read_end)
+    assert status == 0
+    assert reported == [True, 0, 0, label(pg)]
+    block.__exit__(None, None, None)
+    assert group_stats(pool)["exclusive_open"] == 1  # the listener's
+    pg.execute("NOTIFY jobs, 'parent'")
+    assert listener.get(5).payload == "parent"
+    listener.close()
