@@ -86,6 +86,10 @@ class ExclusiveSlots:
         if waiter.item is None:
             raise self._timeout_error(wait_for)
 
+    def count_listener(self, change: int) -> None:
+        with self._lock:
+            self.listeners += change
+
     def give(self) -> None:
         """Give a slot back: to the oldest waiter, else free it."""
         with self._lock:

@@ -44,7 +44,8 @@ from .roles import role_of
 logger = logging.getLogger("greenpool")
 
 _MAX_CHANNEL_BYTES = 63  # PostgreSQL's NAMEDATALEN - 1: a longer name would be truncated
-_RETRY_PAUSE = 0.2  # seconds between reconnect rounds while no endpoint takes one
+_RETRY_PAUSE = 0.2  # seconds between reconnect rounds while no endpoint takes one...
+_RETRY_PAUSE_MAX = 2.0  # ...doubling up to this while the outage lasts
 _RECONNECT_ROUND = 1.0  # seconds of connect attempts between looks at close()
 
 
@@ -152,7 +153,7 @@ class Listener:
             deadline = self._slots.deadline(timeout)
             self._slots.take(timeout)
             self._holds_slot = True
-            self._slots.listeners += 1
+            self._slots.count_listener(1)
             pc = self._slots.open(deadline)
             self._listen_on(pc)
         except BaseException:
@@ -304,6 +305,7 @@ class Listener:
     def _reconnect(self, deadline: float | None) -> None:
         """Connect and LISTEN again, until it works, the listener closes or ``deadline``;
         on success a :class:`Gap` is queued."""
+        pause = _RETRY_PAUSE
         while not self._closing:
             budget = _RECONNECT_ROUND  # short rounds, so a close() is seen between them
             if deadline is not None:
@@ -318,11 +320,10 @@ class Listener:
                 return
             except (PoolError, psycopg2.Error) as exc:
                 logger.info("group %r: listener cannot reconnect yet: %s", self._group.name, exc)
-                pause = _RETRY_PAUSE
-                if deadline is not None:
-                    pause = min(pause, deadline - time.monotonic())
-                if pause > 0:
-                    self._wait([self._wake_r], pause)
+                rest = pause if deadline is None else min(pause, deadline - time.monotonic())
+                if rest > 0:
+                    self._wait([self._wake_r], rest)  # a close() ends the pause
+                pause = min(pause * 2, _RETRY_PAUSE_MAX)
                 continue
             reason, lost_at, previous = self._lost_info
             self._slots.counters.gaps += 1
@@ -361,7 +362,7 @@ class Listener:
         finally:
             if self._holds_slot:
                 self._holds_slot = False
-                self._slots.listeners -= 1
+                self._slots.count_listener(-1)
                 self._slots.give()
             for fd in (self._wake_r, self._wake_w):
                 try:
