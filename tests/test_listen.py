@@ -302,6 +302,40 @@ def test_a_listener_dropped_by_a_dead_reconnect_loop_can_still_be_closed(make_po
     assert group_stats(pool)["exclusive_open"] == 0 and group_stats(pool)["listeners"] == 0
 
 
+def test_a_refused_reconnect_keeps_trying_and_never_shows_the_password(
+    make_pool, pg_factory, caplog
+):
+    """The listener's session is terminated and its password changed meanwhile: reconnects
+    are refused (a failure retrying cannot fix, for now), get(timeout) still returns on
+    time, no log line, Gap or repr carries either password, and once the password is back
+    the listener resumes and reports the gap."""
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="greenpool")
+    server = pg_factory()
+    secret, changed = "Listen-S3cret-pw", "Changed-S3cret-pw"
+    server.create_user("listener", secret)
+    pool = make_pool({"g": {}}, db=server.endpoint(user="listener", **{"pass": secret}),
+                     application_name=APP, quarantine_max=0.5)
+    listener = pool.listen("g", "jobs")
+    server.execute(f"ALTER ROLE listener PASSWORD '{changed}'")
+    server.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                   "WHERE usename = 'listener'")
+    for _ in range(3):
+        started = time.monotonic()
+        assert listener.get(0.5) is None
+        assert time.monotonic() - started < 3
+    assert listener.endpoint is None and not listener.closed
+    server.execute(f"ALTER ROLE listener PASSWORD '{secret}'")
+    gap = listener.get(15)
+    assert isinstance(gap, Gap), gap
+    shown = [repr(listener), repr(gap), *(r.getMessage() for r in caplog.records)]
+    assert any("password authentication failed" in text for text in shown)
+    for text in shown:
+        assert secret not in text and changed not in text
+    listener.close()
+
+
 # --- the example app's server-sent events -------------------------------------------------
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "gunicorn"
