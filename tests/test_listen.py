@@ -460,3 +460,92 @@ def test_a_forked_child_drops_the_parents_listener_and_its_session_survives(make
     pg.execute("NOTIFY jobs, 'parent'")
     assert listener.get(5).payload == "parent"
     listener.close()
+
+
+@pytest.mark.skipif(MODE != "gevent", reason="the example runs under gunicorn's gevent worker")
+@pytest.mark.timeout(90)
+def test_the_example_under_gunicorn_streams_a_note_and_drops_a_client_that_left(
+    pg, tmp_path
+):
+    """Real gunicorn (``-k gevent``): a client reads ``GET /events`` over a socket, a note
+    posted meanwhile arrives as an event; once the client hangs up, the next event's write
+    fails, gunicorn closes the response and the listener's server session ends."""
+    import http.client
+    import socket
+    import subprocess
+    import sys
+
+    pytest.importorskip("gunicorn")
+    from greenpool.throwaway import free_port
+
+    app_name = "greenpool-listen-gunicorn"
+    name = "listen_example_gunicorn"
+    pg.execute(f"DROP DATABASE IF EXISTS {name}")
+    pg.create_database(name)
+    config = {"db": pg.endpoint(name=name), "application_name": app_name,
+              "groups": {"write": {"connection_count": 2, "timeout": 5},
+                         "read": {"connection_count": 2, "timeout": 5}}}
+    env = {**os.environ, "GREENPOOL_CONFIG": json.dumps(config)}
+    done = subprocess.run([sys.executable, str(EXAMPLE / "app.py"), "schema"], env=env,
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+    port = free_port()
+    log = tmp_path / "gunicorn.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-w", "1", "-c", str(EXAMPLE / "gunicorn.conf.py"),
+             "-b", f"127.0.0.1:{port}"],
+            env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    try:
+        def answers() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return True
+            except OSError:
+                assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+                return False
+
+        wait_until(answers, 30, "gunicorn to listen")
+
+        def post(text: str) -> int:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            try:
+                conn.request("POST", "/notes", body=json.dumps({"body": text}),
+                             headers={"Content-Type": "application/json"})
+                reply = conn.getresponse()
+                assert reply.status == 201, reply.read()
+                return int(json.loads(reply.read())["id"])
+            finally:
+                conn.close()
+
+        client = socket.create_connection(("127.0.0.1", port), timeout=10)
+        client.sendall(b"GET /events HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        received = b""
+        while b"retry: 2000" not in received:
+            received += client.recv(4096)
+        assert b"text/event-stream" in received
+        wait_until(lambda: listening_sessions(pg, app_name) == 1, 10, "the stream's listener")
+        note_id = post("streamed")
+        while f"data: {note_id}".encode() not in received:
+            chunk = client.recv(4096)
+            assert chunk, received
+            received += chunk
+        assert b"event: note" in received
+        client.close()
+        left_at = time.monotonic()
+        # the first write after the hang-up still succeeds (the peer answers it with a
+        # reset); the next one fails, and gunicorn closes the response
+        post("after the client left")
+        post("after the client left, again")
+        wait_until(lambda: listening_sessions(pg, app_name) == 0, 10,
+                   "the listener of the client that left to end")
+        assert time.monotonic() - left_at < 10  # well before the 15 s keep-alive
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
