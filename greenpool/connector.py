@@ -197,6 +197,12 @@ class Connector:
         logger.debug("group %r: discarded a connection to %s (%s)", self.config.name,
                      pc.endpoint, reason)
 
+    def uncount(self, pc: PooledConnection) -> None:
+        """Leave ``pc`` out of :attr:`counts`: a dedicated connection (exclusive.py) lives
+        outside the group's slots, and placement balances only what it can move."""
+        with self._lock:
+            self.counts[pc.endpoint] -= 1
+
     def stop(self) -> None:
         """Interrupt background connects (green modes; threads end on their own)."""
         for task in list(self._tasks):
