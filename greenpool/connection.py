@@ -187,6 +187,10 @@ class _Connection(extensions.connection):
     """psycopg2's connection, with the ``sslpassword`` hidden from ``dsn`` and ``repr``
     too (psycopg2 itself hides only ``password``)."""
 
+    #: tells the green wait callback that this connect is greenpool's (see
+    #: ``concurrency.InheritedAcrossFork``): a user's own connections are left alone
+    greenpool_owned = True
+
     @property
     def dsn(self) -> str:
         return _SECRET_IN_DSN.sub(r"\1=xxx", super().dsn)

@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, Protocol
 
-from .concurrency import Backend, Task
+from .concurrency import Backend, InheritedAcrossFork, Task
 from .config import GroupConfig
 from .connection import (
     ConnectError,
@@ -295,6 +295,8 @@ class Connector:
                 if self.slots is not None:
                     self.slots.endpoint_failed(endpoint)
             return None
+        except InheritedAcrossFork:
+            raise  # the parent's attempt: the child's endpoint never counted it
         except BaseException:
             endpoint.connect_abandoned()
             raise

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
-from .concurrency import Backend, Signal
+from .concurrency import Backend, InheritedAcrossFork, Signal
 from .config import PoolConfig
 from .connection import (
     PooledConnection,
@@ -336,6 +336,8 @@ class Housekeeping:
             else:
                 endpoint.connect_failed(reason)
             return
+        except InheritedAcrossFork:
+            raise  # the parent's probe: the child's endpoint never counted it
         except BaseException:
             endpoint.connect_abandoned()
             raise
