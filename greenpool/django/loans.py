@@ -7,8 +7,10 @@ connection forever. So each loan also watches the task that took it:
 
 * a ``gevent.Greenlet`` (``gevent.spawn``, gunicorn's request greenlets, Celery's gevent
   pool): ``rawlink`` — the loan is given back as soon as the greenlet ends;
-* any other greenlet or thread: a ``weakref.finalize`` on it — the loan is given back once
-  the ended task is collected (CPython: when its last reference goes, usually at once).
+* a thread: an object kept in its ``threading.local``, which CPython drops as the thread
+  ends — the loan is given back then;
+* any other greenlet: a ``weakref.finalize`` on it — the loan is given back once the ended
+  greenlet is collected (CPython: when its last reference goes).
 
 Either callback runs where the task ended (gevent: in the hub, which must not block), so the
 give-back itself — a ROLLBACK and maybe a DISCARD ALL, each bounded by connect_timeout — runs
@@ -138,28 +140,57 @@ def _watch_task(loan: Loan) -> Any:
     function that cancels that (called when Django gives the loan back itself). The
     callback holds the loan strongly: a task that ended without closing its connection
     leaves nothing else that would."""
-    task = _current_task()
 
     def ended(*_: Any) -> None:
         loan.given_back_for_ended_task()
 
+    if green_mode() is None:
+        return _watch_thread(ended)
+    import greenlet
+
+    task = greenlet.getcurrent()
     rawlink = getattr(task, "rawlink", None)
     if rawlink is not None and not task.dead:  # a gevent.Greenlet
         rawlink(ended)
         return lambda: task.unlink(ended)
-    finalizer = weakref.finalize(task, ended)
+    finalizer = weakref.finalize(task, ended)  # any other greenlet: once it is collected
     finalizer.atexit = False
     return finalizer.detach
 
 
-def _current_task() -> Any:
-    """The greenlet running now where threads are greenlets (gevent or eventlet
-    monkey-patching), else the current thread object."""
-    if green_mode() is not None:
-        import greenlet
+class _Watch:
+    """Lives in a thread's ``threading.local`` only: CPython drops it when the thread ends."""
 
-        return greenlet.getcurrent()
-    return threading.current_thread()
+    __slots__ = ("__weakref__",)
+
+
+class _Watches(set[_Watch]):
+    """The thread's watches (a set subclass, so that it can be referenced weakly)."""
+
+
+_per_thread = threading.local()
+
+
+def _watch_thread(ended: Any) -> Any:
+    """The loan holds the returned ``unwatch``, and the finalizer holds the loan, so
+    ``unwatch`` must reach the watch only weakly: else the watch would keep itself alive."""
+    watches = getattr(_per_thread, "watches", None)
+    if watches is None:
+        watches = _per_thread.watches = _Watches()
+    watch = _Watch()
+    watches.add(watch)
+    finalizer = weakref.finalize(watch, ended)
+    finalizer.atexit = False
+    watch_ref, watches_ref = weakref.ref(watch), weakref.ref(watches)
+    del watch, watches
+
+    def unwatch() -> None:
+        finalizer.detach()
+        found, found_in = watch_ref(), watches_ref()
+        if found is not None and found_in is not None:
+            found_in.discard(found)
+
+    return unwatch
 
 
 def green_mode() -> str | None:
