@@ -6,4 +6,4 @@ class Note(models.Model):
     created = models.DateTimeField(auto_now_add=True)
 
     class Meta:
-        ordering = ["id"]
+        ordering = ("id",)

@@ -3,9 +3,9 @@ from django.db import migrations, models
 
 class Migration(migrations.Migration):
     initial = True
-    dependencies: list = []
+    dependencies = ()
 
-    operations = [
+    operations = (
         migrations.CreateModel(
             name="Note",
             fields=[
@@ -14,6 +14,6 @@ class Migration(migrations.Migration):
                 ("body", models.TextField()),
                 ("created", models.DateTimeField(auto_now_add=True)),
             ],
-            options={"ordering": ["id"]},
+            options={"ordering": ("id",)},
         ),
-    ]
+    )
