@@ -191,6 +191,9 @@ def _make_pool(alias: str, settings_dict: Mapping[str, Any], key: tuple[Any, ...
         indices = []
         for server in _servers(name, member, parts["servers"]):
             at = (str(server["host"]), int(server.get("port", 5432)))
+            if labels.get(at) in indices:
+                raise ImproperlyConfigured(f"DATABASES[{name!r}]['OPTIONS']['servers']: "
+                                           f"{at[0]}:{at[1]} is listed twice")
             if at not in labels:
                 labels[at] = len(db)
                 options = dict(parts["libpq"])

@@ -52,6 +52,9 @@ def spawn(request):
 
 
 def stats(request):
+    """The worker's pools (touches no database): ``pid`` tells the workers apart."""
+    import os
+
     from greenpool.django.pools import stats as pool_stats
 
-    return JsonResponse(pool_stats())
+    return JsonResponse({"pid": os.getpid(), **pool_stats()})
