@@ -342,3 +342,31 @@ def test_max_conns_is_django_db_geventpools_name_for_the_bound(project: Any, pg:
         assert group.config.connection_count == 3
     finally:
         project.close_all()
+
+
+# --- Django's own test runner ----------------------------------------------------------------
+
+
+def test_django_test_runner_creates_and_drops_its_test_database(pg: Cluster) -> None:
+    """``manage.py test`` (its own process: not monkey-patched, so the mode detected is
+    threaded) creates ``test_<NAME>``, mirrors the replica alias onto it, runs the project's
+    TestCase, and drops it: no pooled session is left to block the DROP DATABASE."""
+    if MODE != "gevent":
+        pytest.skip("runs in a subprocess of its own: once is enough")
+    import subprocess
+
+    name = "django_runner"
+    if not pg.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)):
+        pg.create_database(name)
+    dbs = databases(pg, name)
+    for alias in dbs.values():
+        alias["OPTIONS"] = {k: v for k, v in alias["OPTIONS"].items() if k != "greenpool"}
+    env = {**os.environ, "GREENPOOL_DJANGO_DATABASES": json.dumps(dbs),
+           "PYTHONPATH": os.pathsep.join([str(PROJECT.parent.parent), str(PROJECT)])}
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+    done = subprocess.run([sys.executable, "manage.py", "test", "notes", "--noinput", "-v", "1"],
+                          cwd=PROJECT, env=env, capture_output=True, text=True, timeout=50,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Ran 1 test" in done.stderr and "OK" in done.stderr, done.stderr[-2000:]
+    assert not pg.execute("SELECT 1 FROM pg_database WHERE datname = %s", (f"test_{name}",))

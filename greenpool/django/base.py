@@ -13,7 +13,8 @@ What changes against Django's backend, and why:
   only be leaked.
 * ``pool`` is always None: Django's own psycopg 3 pool never sits on top of greenpool's.
 * The no-database alias Django uses to create and drop test databases connects directly,
-  outside the pool: it must not hold a slot, nor a session to a database being dropped.
+  outside the pool, and first closes this process's pools: no pooled session may block the
+  ``DROP DATABASE``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from django.db.backends.base.base import NO_DB_ALIAS
 
 from .flavour import postgresql_base
 from .loans import Loan
-from .pools import DJANGO_KEYS, ENDPOINT_KEYS, GROUP_KEYS, POOL_KEYS, group_for
+from .pools import DJANGO_KEYS, ENDPOINT_KEYS, GROUP_KEYS, POOL_KEYS, close_all, group_for
 
 _postgresql = postgresql_base()
 #: OPTIONS keys that are greenpool's, not libpq's (``sslmode`` is both)
@@ -84,6 +85,11 @@ class DatabaseWrapper(_DjangoWrapper):
 
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
         if not self._pooled():
+            # Django connects without a database only to create or drop one (test runs,
+            # management commands): no pooled session may stand in the way of a DROP
+            # DATABASE, and the test runner leaves mirror aliases naming the dropped test
+            # database. The pools are made again on next use.
+            close_all()
             return super().get_new_connection(conn_params)
         level = (self.settings_dict.get("OPTIONS") or {}).get("isolation_level")
         read_committed = _postgresql.IsolationLevel.READ_COMMITTED

@@ -56,6 +56,8 @@ POOL_KEYS = frozenset({
 DJANGO_KEYS = frozenset({"isolation_level", "assume_role"})
 
 _pools: dict[tuple[Any, ...], Pool] = {}
+#: (alias, id(settings_dict), NAME, time zone) -> its group and pool (see group_for)
+_cached: dict[tuple[Any, ...], tuple[Group, Pool]] = {}
 _lock = threading.Lock()  # cooperative once gevent patched threading; no I/O under it
 
 
@@ -131,6 +133,9 @@ def _servers(alias: str, settings_dict: Mapping[str, Any], servers: Any) -> list
     return found
 
 
+_KEY = ("NAME", "USER", "PASSWORD", "time zone", "endpoint", "libpq", "pool")
+
+
 def _database_key(settings_dict: Mapping[str, Any], parts: Mapping[str, Any],
                   time_zone: str | None) -> tuple[Any, ...]:
     """What must be equal for two aliases to share a pool (the servers may differ)."""
@@ -150,30 +155,45 @@ def _frozen(value: Any) -> Any:
 
 
 def group_for(alias: str, settings_dict: Mapping[str, Any], time_zone: str | None) -> Group:
-    """The greenpool group of ``alias``, making its pool on first use in this process."""
+    """The greenpool group of ``alias``, making its pool on first use in this process.
+    Asked on every loan: the answer is cached until the alias's NAME changes or its pool
+    is closed."""
+    cache_key = (alias, id(settings_dict), settings_dict.get("NAME"), time_zone)
+    cached = _cached.get(cache_key)
+    if cached is not None and not cached[1].closed:
+        return cached[0]
     parts = split_options(alias, settings_dict)
     key = _database_key(settings_dict, parts, time_zone)
+    pool = _pool(key, alias, settings_dict, time_zone, alone=False)
+    try:
+        group = pool.group(alias)
+    except ConfigError:
+        # the alias came to name this database after its pool was made (Django's test
+        # runner points mirror aliases at the test database): a pool of its own
+        pool = _pool((*key, alias), alias, settings_dict, time_zone, alone=True)
+        group = pool.group(alias)
+    _cached[cache_key] = (group, pool)
+    return group
+
+
+def _pool(key: tuple[Any, ...], alias: str, settings_dict: Mapping[str, Any],
+          time_zone: str | None, alone: bool) -> Pool:
     pool = _pools.get(key)
     if pool is None or pool.closed:
         with _lock:
             pool = _pools.get(key)
             if pool is None or pool.closed:
-                pool = _pools[key] = _make_pool(alias, settings_dict, key, time_zone)
-    try:
-        return pool.group(alias)
-    except ConfigError:
-        raise ImproperlyConfigured(
-            f"DATABASES[{alias!r}] was added or changed after its database's pool was made in "
-            f"this process; call greenpool.django.pools.close_all() after changing DATABASES"
-        ) from None
+                pool = _pools[key] = _make_pool(alias, settings_dict, key[:len(_KEY)],
+                                                time_zone, alone)
+    return pool
 
 
 def _make_pool(alias: str, settings_dict: Mapping[str, Any], key: tuple[Any, ...],
-               time_zone: str | None) -> Pool:
+               time_zone: str | None, alone: bool) -> Pool:
     from django.db import connections
 
     members = {alias: settings_dict}
-    for other, other_dict in connections.settings.items():
+    for other, other_dict in () if alone else connections.settings.items():
         if other != alias and other_dict.get("ENGINE") == ENGINE:
             try:
                 other_parts = split_options(other, other_dict)
@@ -233,6 +253,7 @@ def close_all() -> None:
     with _lock:
         pools = list(_pools.values())
         _pools.clear()
+        _cached.clear()
     for pool in pools:
         pool.close()
 
