@@ -370,3 +370,20 @@ def test_django_test_runner_creates_and_drops_its_test_database(pg: Cluster) -> 
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Ran 1 test" in done.stderr and "OK" in done.stderr, done.stderr[-2000:]
     assert not pg.execute("SELECT 1 FROM pg_database WHERE datname = %s", (f"test_{name}",))
+
+
+def test_a_connection_closed_inside_an_atomic_block_is_not_used_again(pools: Any) -> None:
+    """Django keeps ``connection`` set until the atomic block ends; by then the connection is
+    back in the pool, maybe lent to another task: any use fails instead of reaching it."""
+    from django.db import Error, connection, transaction
+
+    from notes.models import Note
+
+    with pytest.raises(Error), transaction.atomic(using="default"):
+        Note.objects.using("default").create(body="lost")
+        connection.close()
+        assert group_stats(pools)["in_use"] == 0  # given back (and rolled back) at once
+        Note.objects.using("default").count()
+    assert connection.connection is None
+    assert Note.objects.using("default").count() == 0
+    connection.close()
