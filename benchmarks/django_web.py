@@ -265,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict[str, Any]]] = {c: [] for c in contenders}
+    load_before = os.getloadavg()
     order = random.Random(12)
     with Cluster(settings={"max_connections": 300}) as cluster:
         ids = prepare(cluster)
@@ -276,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     table = render(results)
     (out / "django_web.json").write_text(json.dumps(
         {"versions": versions(), "python": sys.version.split()[0], "cpus": os.cpu_count(),
+         "load_average": {"before": load_before, "after": os.getloadavg()},
          "results": results}, indent=1) + "\n")
     (out / "django_web.md").write_text(table)
     print(table)

@@ -376,7 +376,6 @@ def test_a_connection_closed_inside_an_atomic_block_is_not_used_again(pools: Any
     """Django keeps ``connection`` set until the atomic block ends; by then the connection is
     back in the pool, maybe lent to another task: any use fails instead of reaching it."""
     from django.db import Error, connection, transaction
-
     from notes.models import Note
 
     with pytest.raises(Error), transaction.atomic(using="default"):
