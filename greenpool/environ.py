@@ -53,10 +53,11 @@ def _get(env: Mapping[str, str], name: str) -> str | None:
 def _converted(name: str, value: str) -> Any:
     """Numbers as the config wants them; anything else stays a string for the config's own
     check to reject, naming the variable."""
-    if name == "PGPORT" and re.fullmatch(r"[0-9]{1,9}", value.strip()):
-        return int(value)
-    if name == "PGCONNECT_TIMEOUT" and re.fullmatch(r"-?[0-9]{1,9}", value.strip()):
-        return int(value)
+    stripped = value.strip()  # also \x1c-\x1f, which int() does not take
+    if name == "PGPORT" and re.fullmatch(r"[0-9]{1,9}", stripped):
+        return int(stripped)
+    if name == "PGCONNECT_TIMEOUT" and re.fullmatch(r"-?[0-9]{1,9}", stripped):
+        return int(stripped)
     return value
 
 

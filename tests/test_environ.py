@@ -8,7 +8,7 @@ from typing import Any
 from unittest import mock
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from test_secrets import texts
 
@@ -171,6 +171,7 @@ _given = st.fixed_dictionaries({}, optional={
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_environments, _given)
+@example(env={"PGPORT": "0\x1f"}, given_keys={})  # int() refused what str.strip() kept
 def test_the_environment_only_fills_gaps(env: dict[str, str], given_keys: dict) -> None:
     filled, sources = fill_endpoint(given_keys, env)
     for key, value in given_keys.items():
