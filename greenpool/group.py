@@ -405,6 +405,11 @@ class Group:
         belongs (load moves back even when every connection is busy)."""
         if pc.generation != self._generation:
             return  # the parent's, handed back by a task that went on in the child
+        if self._roles_matter and self._line and pc.endpoint not in self.preferred_endpoints():
+            # A waiter gets it without a borrow check: not one the group should use now (a
+            # standby that began to lag while housekeeping probed this very connection)
+            self.drop(pc, "wrong_role")
+            return
         with self._lock:
             if not self._closed:
                 target = self._move_target(pc) if self.imbalanced else None

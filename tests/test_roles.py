@@ -233,7 +233,8 @@ def test_standby_with_its_wal_receiver_cut_sends_reads_to_the_primary_and_back(
                      role_check_interval=0.1, maintenance_interval=0.05)
     wait_until(lambda: endpoint_stats(pool, standby)["lag"] == 0, 10,
                "housekeeping to measure the streaming standby")
-    assert read_port(pool, "prefer") == standby.port
+    # a fresh prefer-standby group may start on the primary, then moves (test_failover)
+    wait_until(lambda: read_port(pool, "prefer") == standby.port, 5, "reads on the standby")
 
     conninfo = _cut_wal_receiver(standby)
     primary.execute("INSERT INTO rows SELECT generate_series(1, 5)")
