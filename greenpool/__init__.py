@@ -15,7 +15,7 @@ Quick use::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .config import PoolConfig, parse_config
@@ -30,7 +30,9 @@ from .errors import (
     TooManyWaiters,
     TransactionAborted,
 )
+from .exclusive import Exclusive
 from .handler import Handler
+from .listen import Gap, Listener
 from .pool import Pool
 
 __version__ = "0.1.0"
@@ -39,7 +41,10 @@ __all__ = [
     "CommitOutcomeUnknown",
     "ConfigError",
     "ConnectFailed",
+    "Exclusive",
+    "Gap",
     "Handler",
+    "Listener",
     "NoHealthyEndpoint",
     "Pool",
     "PoolClosed",
@@ -49,9 +54,11 @@ __all__ = [
     "TooManyWaiters",
     "TransactionAborted",
     "close",
+    "exclusive",
     "get_pool",
     "handler",
     "init",
+    "listen",
     "parse_config",
     "stats",
 ]
@@ -80,6 +87,19 @@ def handler(
 ) -> Handler:
     """``with greenpool.handler('write') as db:`` on the process-wide pool."""
     return get_pool().handler(group, timeout=timeout, idempotent=idempotent)
+
+
+def exclusive(group: str | None = None, *, timeout: float | None = None) -> Exclusive:
+    """``with greenpool.exclusive('write') as conn:`` on the process-wide pool."""
+    return get_pool().exclusive(group, timeout=timeout)
+
+
+def listen(
+    group: str | None, channels: str | Iterable[str], *, timeout: float | None = None,
+    heartbeat: float = 5.0,
+) -> Listener:
+    """``greenpool.listen("write", ["jobs"])`` on the process-wide pool (see Pool.listen)."""
+    return get_pool().listen(group, channels, timeout=timeout, heartbeat=heartbeat)
 
 
 def stats() -> dict[str, Any]:

@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Hashable
 from contextlib import AbstractContextManager, nullcontext
 from functools import partial
@@ -184,12 +185,56 @@ def _cancelling(wait: Callable[..., None]) -> Callable[[Any], None]:
     return cancelling_wait
 
 
+try:
+    from greenlet import GreenletExit as _TaskEnd
+except ImportError:  # threaded-only installs: no greenlets to copy into a child
+    _TaskEnd = BaseException
+
+
+class InheritedAcrossFork(_TaskEnd):
+    """Raised in a forked child into a connect the parent had in flight: the green task
+    doing it was copied with the process. Its socket is the parent's (pointed at /dev/null
+    in the child), so the copy gives up without reading a byte: the reply is the parent's.
+    A ``GreenletExit``, so that the copied task ends quietly; nothing is to be accounted
+    for in the child, which starts with no connects in flight."""
+
+
+#: greenpool's connections that are being opened by a green wait callback right now
+_connecting: weakref.WeakSet[Any] = weakref.WeakSet()
+_STATUS_SETUP = extensions.STATUS_SETUP
+
+
+def _silence_connects_in_child() -> None:
+    """At fork, in the child: every connect in flight is the parent's (see
+    :class:`InheritedAcrossFork`). Only syscalls: the child may be about to ``exec``."""
+    for conn in list(_connecting):
+        try:
+            devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                os.dup2(devnull, conn.fileno(), inheritable=False)
+            finally:
+                os.close(devnull)
+        except (OSError, psycopg2.Error):
+            pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_silence_connects_in_child)
+
+
 def _gevent_wait_callback() -> Callable[[Any], None]:
     """psycopg2's non-blocking protocol, each wait a gevent I/O wait (what psycogreen does),
-    in one frame with the cancel on interruption: this runs for every statement."""
+    in one frame with the cancel on interruption: this runs for every statement. A connect
+    of greenpool's is tracked while it runs, so that a fork meeting it in flight cannot let
+    the child's copy of the task read the parent's handshake."""
     from gevent.socket import wait_read, wait_write
 
+    getpid = os.getpid
+
     def gevent_wait(conn: Any) -> None:
+        if conn.status == _STATUS_SETUP and getattr(conn, "greenpool_owned", False):
+            _connecting_wait(conn)
+            return
         try:
             while True:
                 state = conn.poll()
@@ -204,6 +249,25 @@ def _gevent_wait_callback() -> Callable[[Any], None]:
         except BaseException:
             _cancel_interrupted(conn)
             raise
+
+    def _connecting_wait(conn: Any) -> None:
+        pid = getpid()
+        _connecting.add(conn)
+        try:
+            while True:
+                if getpid() != pid:
+                    raise InheritedAcrossFork("a connect of the parent process, in the child")
+                state = conn.poll()
+                if state == _POLL_OK:
+                    return
+                if state == _POLL_READ:
+                    wait_read(conn.fileno())
+                elif state == _POLL_WRITE:
+                    wait_write(conn.fileno())
+                else:
+                    raise psycopg2.OperationalError(f"unexpected poll state {state!r}")
+        finally:
+            _connecting.discard(conn)
 
     return gevent_wait
 
@@ -564,3 +628,81 @@ def backend_for(mode: str) -> Backend:
         ) from exc
     backend.patch_driver()
     return backend
+
+
+# --- does the mode fit the process? -------------------------------------------------------
+
+#: the modes whose waits are cooperative, and the library that makes them so
+GREEN_MODES = ("gevent", "eventlet")
+_HOW_TO_PATCH = {
+    "gevent": "call `from gevent import monkey; monkey.patch_all()` first thing at startup, "
+              "before other imports (gunicorn -k gevent and Celery -P gevent do it for you: "
+              "create the pool in the worker, not in the master before fork)",
+    "eventlet": "call `import eventlet; eventlet.monkey_patch()` first thing at startup, "
+                "before other imports",
+}
+
+
+def patched_modules(library: str) -> dict[str, bool]:
+    """Whether ``library`` (gevent or eventlet) has patched ``threading`` and ``socket``.
+
+    Asked of the library's own registry, and only if the library's patcher was imported at
+    all: a process nobody patched does not pay for importing gevent to find out.
+    """
+    if library == "gevent":
+        if "gevent.monkey" not in sys.modules:
+            return {"threading": False, "socket": False}
+        from gevent import monkey
+
+        return {m: bool(monkey.is_module_patched(m)) for m in ("threading", "socket")}
+    if "eventlet.patcher" not in sys.modules:
+        return {"threading": False, "socket": False}
+    from eventlet import patcher
+
+    return {"threading": bool(patcher.is_monkey_patched("thread")),
+            "socket": bool(patcher.is_monkey_patched("socket"))}
+
+
+def process_mode() -> str:
+    """The mode that fits this process: the green library whose patching made ``threading``
+    cooperative, else ``threaded``."""
+    for library in GREEN_MODES:
+        if patched_modules(library)["threading"]:
+            return library
+    return "threaded"
+
+
+def check_mode_fits(mode: str) -> None:
+    """Raise :class:`ConfigError` at ``Pool()`` when ``mode`` does not fit the process.
+
+    A green mode in a process whose threading its library has not patched fails much later
+    and obscurely: real threads sharing gevent's waits die with gevent's ``LoopExit``. A
+    ``threaded`` pool in a patched process would block every greenlet in each query. The
+    ``non-threaded`` mode fits anywhere: it is single-caller and blocking by design.
+    """
+    if mode == "non-threaded":
+        return
+    actual = process_mode()
+    if mode in GREEN_MODES:
+        patched = patched_modules(mode)
+        if all(patched.values()):
+            return
+        if actual != "threaded":
+            raise ConfigError(
+                f"type: {mode!r}, but this process was monkey-patched by {actual}, not "
+                f"{mode}; set type to {actual!r}"
+            )
+        missing = " and ".join(m for m, done in patched.items() if not done)
+        raise ConfigError(
+            f"type: {mode!r} needs a process {mode} has monkey-patched, but its {missing} "
+            f"{'is' if ' and ' not in missing else 'are'} not (real threads sharing {mode}'s "
+            f"waits fail later, e.g. with gevent's LoopExit); {_HOW_TO_PATCH[mode]}, or set "
+            f"type to 'threaded' for a server that runs on OS threads"
+        )
+    if mode == "threaded" and actual != "threaded":
+        raise ConfigError(
+            f"type: 'threaded', but this process was monkey-patched by {actual}: its threads "
+            f"are greenlets, and the threaded mode's blocking driver waits would stop all of "
+            f"them during each query; set type to {actual!r} (or 'non-threaded' for a "
+            f"one-shot script that may block)"
+        )

@@ -26,6 +26,7 @@ from typing import Any
 
 from psycopg2.extensions import parse_dsn
 
+from . import environ
 from .errors import ConfigError
 
 MODES = ("gevent", "eventlet", "threaded", "non-threaded")
@@ -36,6 +37,8 @@ LAG_POLICIES = ("use-primary", "fail")
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 #: when a returned connection's session is reset (see connection.reset_on_return)
 RESET_POLICIES = ("auto", "always", "never")
+#: what an endpoint is: PostgreSQL itself, or a pooler (PgBouncer) in that pool mode
+POOLER_MODES = ("none", "session", "transaction")
 
 # libpq keepalive defaults: a peer that vanished (power loss, partition) is noticed in about
 # a minute instead of the kernel's two hours.
@@ -88,6 +91,9 @@ class EndpointConfig:
     weight: int = 1
     keepalives: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_KEEPALIVES))
     options: Mapping[str, str] = field(default_factory=dict)
+    #: None: not said (a pooler is detected by its refusal of ``options``); else ``none``
+    #: (PostgreSQL itself), ``session`` or ``transaction`` (a pooler in that pool mode)
+    pooler: str | None = None
 
     @property
     def label(self) -> str:
@@ -138,6 +144,9 @@ class GroupConfig:
     leak_threshold: float | None = None
     reset: str = "auto"
     on_return: Callable[[Any], None] | None = None
+    #: dedicated connections (``pool.exclusive()``, ``pool.listen()``) open at once, outside
+    #: ``connection_count``; 0 turns them off for the group
+    exclusive_limit: int = 10
 
 
 @dataclass(frozen=True)
@@ -396,6 +405,7 @@ _ENDPOINT_KEYS: dict[str, Callable[[str, Any], tuple[str, Any]]] = {
     "weight": lambda p, v: ("weight", _integer(p, v, minimum=1, maximum=1000)),
     "keepalives": lambda p, v: ("keepalives", _keepalives(p, v)),
     "options": lambda p, v: ("options", _options(p, v)),
+    "pooler": lambda p, v: ("pooler", _choice(p, v, POOLER_MODES)),
 }
 # Aliases that name the same setting: giving both is ambiguous.
 _SAME_SETTING = (("name", "dbname"), ("pass", "password"), ("ssl", "sslmode"),
@@ -463,16 +473,22 @@ def parse_endpoint(path: str, raw: Any) -> EndpointConfig:
                 if b in given and a in from_dsn:
                     from_dsn.pop(a)
             given = {**from_dsn, **given}
+    given, sources = environ.fill_endpoint(given)  # libpq's PG* variables fill the gaps
     _reject_unknown(path, given, _ENDPOINT_KEYS)
     for a, b in _SAME_SETTING:
         if a in given and b in given:
             raise _fail(f"{path}.{b}", f"`{a}` and `{b}` are the same setting: give one")
     values: dict[str, Any] = {}
     for key, value in given.items():
-        attr, checked = _ENDPOINT_KEYS[key](f"{path}.{key}", value)
+        attr, checked = _ENDPOINT_KEYS[key](environ.where(path, key, sources), value)
         values[attr] = checked
     if "host" not in values:
-        raise _fail(f"{path}.host", "missing: the server's address (or a Unix socket directory)")
+        raise _fail(f"{path}.host", "missing: the server's address (or a Unix socket directory)"
+                                    "; give it, or set PGHOST")
+    if values.get("pooler") in ("session", "transaction") and "temp_buffers_mb" in values:
+        raise _fail(f"{path}.session_tmp_buffer", "temp_buffers cannot travel through a pooler "
+                    "(it is fixed once a session has used a temporary table): set it on the "
+                    "server with ALTER ROLE ... SET temp_buffers, or drop this key")
     return EndpointConfig(**values)
 
 
@@ -497,6 +513,7 @@ _GROUP_KEYS: dict[str, Callable[[str, Any], Any]] = {
     "leak_threshold": lambda p, v: _number(p, v, minimum=0.001, allow_none=True),
     "reset": lambda p, v: _choice(p, v, RESET_POLICIES),
     "on_return": lambda p, v: _callable(p, v),
+    "exclusive_limit": lambda p, v: _integer(p, v, maximum=_CONNECTIONS_MAX),
 }
 
 
@@ -575,11 +592,13 @@ def parse_config(raw: Any) -> PoolConfig:
         return raw
     top = _mapping("config", raw)
     _reject_unknown("", top, _TOP_KEYS)
+    top = environ.fill_top(top)
     mode = _choice("type", top.get("type", "gevent"), MODES)
 
-    if "db" not in top:
-        raise _fail("db", "missing: give one endpoint (dict or DSN) or a list of them")
-    endpoints = _endpoints(top["db"])
+    if "db" not in top and not environ.has_host():
+        raise _fail("db", "missing: give one endpoint (dict or DSN) or a list of them, or "
+                          "set PGHOST")
+    endpoints = _endpoints(top.get("db", {}))
 
     defaults = _mapping("defaults", top.get("defaults", {}))
     _reject_unknown("defaults", defaults, _GROUP_KEYS)

@@ -13,7 +13,8 @@ The rules come from measured driver behaviour (see docs/field-notes in the READM
 * A loan that may have changed the session (``PooledConnection.dirty``: the handler sets
   it for SQL that can, and for any use of the raw cursor or connection) is reset with one
   ``DISCARD ALL``, which also restores the startup packet's settings (the group's
-  ``statement_timeout``, ``readonly``). A clean loan costs no round trip.
+  ``statement_timeout``, ``readonly``). A clean loan costs no round trip. Through a
+  transaction-mode pooler no ``DISCARD ALL`` is sent (see :func:`_reset_session`).
 * Every round trip the pool makes is bounded (:func:`round_trip`): the borrow check by the
   caller's remaining time, the rollback and reset on return by ``connect_timeout``.
 """
@@ -31,6 +32,7 @@ import psycopg2
 import psycopg2.extras
 from psycopg2 import extensions
 
+from . import pooler
 from .concurrency import Backend
 from .config import EndpointConfig, GroupConfig
 from .endpoint import Endpoint
@@ -130,19 +132,26 @@ def _escape_option(value: str) -> str:
     return value.replace("\\", "\\\\").replace(" ", "\\ ")
 
 
+def _statement_timeout_ms(endpoint: EndpointConfig, group: GroupConfig) -> int | None:
+    seconds = group.statement_timeout
+    if seconds is None:
+        seconds = endpoint.statement_timeout
+    return None if seconds is None else int(seconds * 1000)
+
+
 def connect_kwargs(
     endpoint: EndpointConfig, group: GroupConfig, application_name: str
 ) -> dict[str, Any]:
     """The psycopg2.connect arguments for a connection of ``group`` to ``endpoint``.
 
     Session settings travel in the startup packet (``options``): no extra round trip.
+    :func:`open_connection` takes them out again for an endpoint behind a pooler (see
+    :mod:`greenpool.pooler`), where they travel with each transaction instead.
     """
     settings: list[str] = []
-    statement_timeout = group.statement_timeout
-    if statement_timeout is None:
-        statement_timeout = endpoint.statement_timeout
-    if statement_timeout is not None:
-        settings.append(f"statement_timeout={int(statement_timeout * 1000)}")
+    statement_timeout_ms = _statement_timeout_ms(endpoint, group)
+    if statement_timeout_ms is not None:
+        settings.append(f"statement_timeout={statement_timeout_ms}")
     if endpoint.temp_buffers_mb is not None:
         settings.append(f"temp_buffers={endpoint.temp_buffers_mb}MB")
     if group.readonly:
@@ -178,6 +187,10 @@ class _Connection(extensions.connection):
     """psycopg2's connection, with the ``sslpassword`` hidden from ``dsn`` and ``repr``
     too (psycopg2 itself hides only ``password``)."""
 
+    #: tells the green wait callback that this connect is greenpool's (see
+    #: ``concurrency.InheritedAcrossFork``): a user's own connections are left alone
+    greenpool_owned = True
+
     @property
     def dsn(self) -> str:
         return _SECRET_IN_DSN.sub(r"\1=xxx", super().dsn)
@@ -189,6 +202,24 @@ class _Connection(extensions.connection):
     __str__ = __repr__
 
 
+class _PoolerConnection(pooler.ThroughPooler, _Connection):
+    """A connection to an endpoint behind a pooler: the group's settings go with each
+    transaction, and the pooler's cached ``in_hot_standby`` is not trusted."""
+
+
+def is_pooled(raw: Any) -> bool:
+    """Whether ``raw`` talks to a pooler (its role must be asked by query)."""
+    return isinstance(raw, _PoolerConnection)
+
+
+def _without_our_options(endpoint: EndpointConfig, kwargs: dict[str, Any]) -> dict[str, Any]:
+    kwargs = dict(kwargs)
+    kwargs.pop("options", None)
+    if "options" in endpoint.options:
+        kwargs["options"] = endpoint.options["options"]  # the user's own: let the pooler judge
+    return kwargs
+
+
 def open_connection(
     endpoint: EndpointConfig,
     group: GroupConfig,
@@ -196,8 +227,53 @@ def open_connection(
     backend: Backend,
     seconds: float,
 ) -> Any:
-    """Open one raw connection within ``seconds``, or raise :class:`ConnectError`."""
-    kwargs = dict(kwargs)
+    """Open one raw connection within ``seconds``, or raise :class:`ConnectError`.
+
+    Behind a pooler (the endpoint's ``pooler`` key, or detected: see
+    :mod:`greenpool.pooler`) the group's settings leave the startup packet and travel with
+    each transaction.
+    """
+    started = time.monotonic()
+    through_pooler = pooler.mode_of(endpoint) != pooler.NONE
+    refused: ConnectError | None = None
+    try:
+        raw = _open(endpoint, kwargs, backend, seconds, through_pooler)
+    except ConnectError as exc:
+        if through_pooler or exc.kind != "pooler_startup_parameter" or not (
+            pooler.may_detect(endpoint)
+        ):
+            raise
+        refused = exc
+    else:
+        if not through_pooler and group.readonly and pooler.may_detect(endpoint) and (
+            pooler.dropped_options(raw)
+        ):
+            close_raw(raw)
+            pooler.detected(endpoint, "dropped")
+            refused = ConnectError(endpoint, "a pooler dropped the `options` startup parameter")
+    if refused is not None:  # a pooler: once more, without ``options`` (outside the except)
+        pooler.detected(endpoint)
+        through_pooler = True
+        left = seconds - (time.monotonic() - started)
+        if not left > 0:
+            raise refused
+        raw = _open(endpoint, kwargs, backend, left, through_pooler)
+    raw.autocommit = group.autocommit
+    if through_pooler:
+        raw.greenpool_prefix = pooler.settings_prefix(
+            _statement_timeout_ms(endpoint, group), group.readonly)
+    return raw
+
+
+def _open(
+    endpoint: EndpointConfig,
+    kwargs: dict[str, Any],
+    backend: Backend,
+    seconds: float,
+    through_pooler: bool,
+) -> Any:
+    kwargs = _without_our_options(endpoint, kwargs) if through_pooler else dict(kwargs)
+    factory = _PoolerConnection if through_pooler else _Connection
     # Blocking modes: libpq's own timeout works there (whole seconds, at least 2).
     kwargs["connect_timeout"] = max(2, int(seconds + 0.999))
     deadline = _Deadline()
@@ -209,7 +285,7 @@ def open_connection(
             hostaddr = backend.resolve(endpoint.host, endpoint.port)
             if hostaddr is not None:
                 kwargs["hostaddr"] = hostaddr
-            raw = psycopg2.connect(connection_factory=_Connection, **kwargs)
+            raw = psycopg2.connect(connection_factory=factory, **kwargs)
     except _Deadline as exc:
         if exc is not deadline:
             raise
@@ -222,7 +298,6 @@ def open_connection(
         failure = ConnectError.judged(endpoint, message, unresolvable())
     if failure is not None:
         raise failure
-    raw.autocommit = group.autocommit
     return raw
 
 
@@ -380,8 +455,13 @@ def _reset_session(pc: PooledConnection, group: GroupConfig, backend: Backend) -
     with the group's autocommit flag; '' if the session is the configured one again."""
     raw = pc.raw
     bound = pc.endpoint.config.connect_timeout
+    # Through a transaction-mode pooler the loan's session state (if it made any, which it
+    # must not) is on whatever server connection ran it, and DISCARD ALL would run on
+    # whichever the pooler picks now: it cannot undo anything, so it is not sent. The
+    # group's settings travel per transaction there, so there is nothing to restore either.
+    discard = group.reset != "never" and pooler.mode_of(pc.endpoint.config) != pooler.TRANSACTION
     try:
-        if group.reset != "never":
+        if discard:
             _outside_transaction(raw, "DISCARD ALL", backend, bound)
         hook = group.on_return
         if hook is not None:
@@ -414,10 +494,22 @@ def _norm(encoding: str) -> str:
 
 def close_quietly(pc: PooledConnection) -> None:
     """Close without raising: the connection is being thrown away anyway."""
+    close_raw(pc.raw)
+
+
+def close_raw(raw: Any) -> None:
+    """Close a raw connection without raising."""
     try:
-        pc.raw.close()
+        raw.close()
     except Exception:
         pass
+
+
+def failed_behind_pooler(endpoint: EndpointConfig, exc: BaseException) -> ConnectError:
+    """The pooler let us in but its first query failed: judged like a failed connect to
+    the server behind it (``server login has been failing``, ``query_wait_timeout``, ...)."""
+    message = _scrubbed(str(exc), endpoint) or "the pooler closed the connection"
+    return ConnectError.judged(endpoint, f"through the pooler: {message}", classify(message))
 
 
 def silence_inherited(pc: PooledConnection) -> None:

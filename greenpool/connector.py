@@ -31,15 +31,18 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Protocol
+from typing import Any, Protocol
 
-from .concurrency import Backend, Task
+from .concurrency import Backend, InheritedAcrossFork, Task
 from .config import GroupConfig
 from .connection import (
     ConnectError,
     PooledConnection,
     close_quietly,
+    close_raw,
     connect_kwargs,
+    failed_behind_pooler,
+    is_pooled,
     open_connection,
 )
 from .endpoint import QUARANTINED, UNKNOWN, Endpoint
@@ -194,6 +197,12 @@ class Connector:
         logger.debug("group %r: discarded a connection to %s (%s)", self.config.name,
                      pc.endpoint, reason)
 
+    def uncount(self, pc: PooledConnection) -> None:
+        """Leave ``pc`` out of :attr:`counts`: a dedicated connection (exclusive.py) lives
+        outside the group's slots, and placement balances only what it can move."""
+        with self._lock:
+            self.counts[pc.endpoint] -= 1
+
     def stop(self) -> None:
         """Interrupt background connects (green modes; threads end on their own)."""
         for task in list(self._tasks):
@@ -271,6 +280,7 @@ class Connector:
         try:
             raw = open_connection(endpoint.config, self.config, self._kwargs[endpoint],
                                   self._backend, endpoint.config.connect_timeout)
+            pooled_role = self._pooled_role(raw, endpoint) if is_pooled(raw) else None
         except ConnectError as exc:
             self.counters.connect_errors += 1
             if exc.fatal:  # the server answered: nothing wrong with its health
@@ -285,12 +295,14 @@ class Connector:
                 if self.slots is not None:
                     self.slots.endpoint_failed(endpoint)
             return None
+        except InheritedAcrossFork:
+            raise  # the parent's attempt: the child's endpoint never counted it
         except BaseException:
             endpoint.connect_abandoned()
             raise
         self._fatal.pop(endpoint, None)
         try:
-            role = role_of(raw)
+            role = pooled_role or role_of(raw)
             if role == UNKNOWN and self.config.role != "any":  # PostgreSQL < 14: ask
                 role, _ = query_role(raw, self._backend, endpoint.config.connect_timeout)
         except BaseException as exc:
@@ -315,6 +327,25 @@ class Connector:
         pc.role = role
         self.opened.add(pc)
         return pc
+
+    def _pooled_role(self, raw: Any, endpoint: Endpoint) -> str:
+        """The role of the server behind a pooler, by one query bounded by
+        ``connect_timeout``: the pooler's login says nothing about that server (it answers
+        from a cached one), so this query is what proves it is there. Its failure is judged
+        like a failed connect (PgBouncer's ``server login has been failing``,
+        ``query_wait_timeout``, a missing server database ...); ``raw`` is then closed."""
+        config = endpoint.config
+        try:
+            role, lag = query_role(raw, self._backend, config.connect_timeout)
+        except Exception as exc:
+            close_raw(raw)
+            raise failed_behind_pooler(config, exc) from None
+        except BaseException:
+            close_raw(raw)
+            raise
+        if lag is not None:
+            endpoint.lag = lag
+        return role
 
     def _raise_if_hopeless(self) -> None:
         error = self.fatal_error()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -46,6 +47,9 @@ _BACKOFF_SHARE_OF_OUTAGE = 0.25  # the backoff ceiling, as a share of the time d
 #: a role not seen for this long is stale (3 of the default role_check_interval; the pool
 #: may set each endpoint's ``role_stale_after`` from its own interval)
 ROLE_STALE_AFTER = 6.0
+#: a WAL receiver counts as streaming only once its process has lived this long: one that
+#: keeps restarting against a dead primary says "streaming" for milliseconds each time
+RECEIVER_SETTLE = 1.0
 _ranks = itertools.count()  # endpoints are made in configuration order: the last tie-break
 
 
@@ -71,6 +75,11 @@ class Endpoint:
         self.state = UP
         self.role = UNKNOWN
         self.lag: float | None = None
+        #: called when the role, the timeline or the lag changes (groups cache where they
+        #: should be)
+        self._watchers: list[Callable[[], None]] = []
+        self._receiver: int | None = None  # the WAL receiver's pid, last probe (a standby)
+        self._receiver_since = 0.0  # when that pid was first seen (monotonic); 0: no probe yet
         self.role_seen_at = 0.0  # when the role was last observed (monotonic)
         self.role_stale_after = ROLE_STALE_AFTER
         #: since when we see it as primary (first sight or promotion). Never a tie-break: it
@@ -220,6 +229,8 @@ class Endpoint:
             now = time.monotonic()
             self.role_seen_at = now
             if role == PRIMARY and (timeline is not None or self.role != PRIMARY):
+                if timeline != self.timeline:
+                    self._changed()  # the split-brain choice follows the timeline
                 self.timeline, self.wal_lsn = timeline, lsn
             if role == self.role:
                 return
@@ -233,6 +244,39 @@ class Endpoint:
                 if self.role == PRIMARY:
                     logger.warning("endpoint %s is now a standby", self.label)
             self.role = role
+            self._changed()
+
+    def watch(self, callback: Callable[[], None]) -> None:
+        """Have ``callback`` (non-blocking) called whenever the role, the timeline or the lag
+        changes."""
+        self._watchers.append(callback)
+
+    def _changed(self) -> None:
+        for callback in self._watchers:
+            callback()
+
+    def observe_lag(self, lag: float | None, receiver: int | None, age: float | None) -> None:
+        """Record a probe's replay lag (None for a primary). ``receiver`` is the streaming WAL
+        receiver's pid and ``age`` how long it has lived. A receiver younger than
+        ``RECEIVER_SETTLE`` may be one attempt of a receiver that keeps restarting against a
+        dead primary: its lag is unknown until it has lived that long. Where the server
+        hides the age, the pool's own sightings of the pid measure it; the very first
+        probe of an endpoint has none, and its lag is believed."""
+        with self._lock:
+            now = time.monotonic()
+            first = self._receiver_since == 0.0
+            if lag is None or receiver is None:
+                self._receiver, self._receiver_since = None, now
+            else:
+                if receiver != self._receiver:
+                    self._receiver, self._receiver_since = receiver, now
+                if age is None:
+                    age = math.inf if first else now - self._receiver_since
+                if age < RECEIVER_SETTLE:
+                    lag = math.inf
+            if lag != self.lag:
+                self.lag = lag
+                self._changed()
 
     # --- reporting ------------------------------------------------------------------------
 

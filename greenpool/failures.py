@@ -35,10 +35,12 @@ def _rule(pattern: str, fatal: bool, kind: str, hint: str) -> tuple[re.Pattern[s
 
 
 _POOLER_OPTIONS_HINT = (
-    "the endpoint is behind a connection pooler (PgBouncer) that refuses the `options` "
-    "startup parameter greenpool uses for statement_timeout, readonly and session_tmp_buffer: "
-    "remove those keys for this endpoint (set them with ALTER ROLE ... SET on the server "
-    "instead), or connect to PostgreSQL directly"
+    "the endpoint is a connection pooler (PgBouncer) that refuses the `options` startup "
+    "parameter: give the endpoint `pooler: 'transaction'` (or 'session', its pool_mode) and "
+    "greenpool sends statement_timeout and readonly with each transaction instead; an "
+    "`options` of your own in the endpoint's options cannot travel through it: set those "
+    "with ALTER ROLE ... SET on the server (so must session_tmp_buffer), or connect to "
+    "PostgreSQL directly"
 )
 
 # Fatal rules come first: when libpq tried several addresses and one server answered
@@ -101,7 +103,7 @@ _RULES = (
     _rule(r"could not translate host name|name or service not known|"
           r"temporary failure in name resolution|cannot resolve host", False, "dns",
           "the host name does not resolve (yet): check `host` and DNS"),
-    _rule(r"timeout expired|timed out|no answer within", False, "timeout",
+    _rule(r"timeout expired|timed out|no answer within|no answer to", False, "timeout",
           "the server did not answer in time: check the network path and the server's load"),
     _rule(r"connection reset|server closed the connection unexpectedly|broken pipe|"
           r"could not receive data|could not send|terminating connection|"

@@ -109,6 +109,8 @@ class Group:
         self._roles_matter = config.role != "any"
         self._preferred: frozenset[Endpoint] = frozenset(self.endpoints)
         self._preferred_until = 0.0
+        for endpoint in self.endpoints:  # a new role or lag is news at once, not in 50 ms
+            endpoint.watch(self._forget_placement)
         #: set by housekeeping (and when an endpoint comes back) while connections should
         #: move to another endpoint: only then does a return look at placement
         self.imbalanced = False
@@ -350,6 +352,9 @@ class Group:
         if not fits(self.config.role, pc.role if pc.role != UNKNOWN else pc.endpoint.role):
             return False
         return pc.endpoint in self.preferred_endpoints()
+
+    def _forget_placement(self) -> None:
+        self._preferred_until = 0.0
 
     def preferred_endpoints(self) -> frozenset[Endpoint]:
         """Where this group should be now (:func:`placement.where_to_be`), recomputed at

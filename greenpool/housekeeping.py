@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
-from .concurrency import Backend, Signal
+from .concurrency import Backend, InheritedAcrossFork, Signal
 from .config import PoolConfig
 from .connection import (
     PooledConnection,
@@ -315,7 +315,7 @@ class Housekeeping:
             return False
         pc.role = report.role
         endpoint.observe_role(report.role, report.timeline, report.lsn)
-        endpoint.lag = report.lag
+        endpoint.observe_lag(report.lag, report.receiver, report.receiver_age)
         return True
 
     def _users(self, endpoint: Endpoint) -> list[Group]:
@@ -336,6 +336,8 @@ class Housekeeping:
             else:
                 endpoint.connect_failed(reason)
             return
+        except InheritedAcrossFork:
+            raise  # the parent's probe: the child's endpoint never counted it
         except BaseException:
             endpoint.connect_abandoned()
             raise
@@ -343,7 +345,7 @@ class Housekeeping:
             report = read_role(raw, self._backend, endpoint.config.connect_timeout)
             endpoint.connect_succeeded(report.role)
             endpoint.observe_role(report.role, report.timeline, report.lsn)
-            endpoint.lag = report.lag
+            endpoint.observe_lag(report.lag, report.receiver, report.receiver_age)
             endpoint.connection_closed()
         except Exception:
             endpoint.connect_abandoned()

@@ -6,16 +6,18 @@ import logging
 import os
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .concurrency import Backend, backend_for
+from .concurrency import Backend, backend_for, check_mode_fits
 from .config import PoolConfig, parse_config
 from .endpoint import ROLE_STALE_AFTER, Endpoint
 from .errors import ConfigError, PoolClosed
+from .exclusive import Exclusive, ExclusiveSlots
 from .group import Group
 from .handler import Handler
 from .housekeeping import Housekeeping
+from .listen import Listener, Listeners, channel_names
 
 logger = logging.getLogger("greenpool")
 
@@ -31,6 +33,7 @@ class Pool:
 
     def __init__(self, config: Mapping[str, Any] | PoolConfig) -> None:
         self.config = parse_config(config)
+        check_mode_fits(self.config.mode)  # a misfit fails here, not as a LoopExit later
         self._backend: Backend = backend_for(self.config.mode)
         self._current_task = self._backend.current  # on every handler entry: bound once
         self._endpoints = [
@@ -53,6 +56,9 @@ class Pool:
         for group in self._groups.values():
             group.on_endpoint_failure = self._endpoint_failed
         self._only_group = next(iter(self._groups)) if len(self._groups) == 1 else None
+        self._exclusive = {name: ExclusiveSlots(group, self._backend)
+                           for name, group in self._groups.items()}
+        self._listeners = Listeners()
         self._closed = False
         self._forked = False
         self._housekeeping = Housekeeping(self.config, list(self._groups.values()),
@@ -82,6 +88,49 @@ class Pool:
             self._resume_after_fork()
         found = self._groups.get(group) if group is not None else None
         return Handler(self, found or self.group(group), timeout, idempotent)
+
+    def exclusive(self, group: str | None = None, *, timeout: float | None = None) -> Exclusive:
+        """A context manager giving a raw psycopg2 connection of the caller's own for a
+        block (``LISTEN``, session advisory locks, long sessions): opened like the group's
+        connections (role, weights, quarantine, connect deadline, settings) but outside its
+        ``connection_count``, bounded by the group's ``exclusive_limit``, and closed, never
+        pooled, at the end (an open transaction is rolled back by that). ``timeout`` bounds
+        the wait for a slot and the connect together (the group's acquire timeout if None).
+        """
+        return Exclusive(self._exclusive_slots(group), timeout)
+
+    def listen(
+        self,
+        group: str | None,
+        channels: str | Iterable[str],
+        *,
+        timeout: float | None = None,
+        heartbeat: float = 5.0,
+    ) -> Listener:
+        """A :class:`~greenpool.listen.Listener` of ``channels`` on a dedicated connection
+        of ``group`` (one ``exclusive_limit`` slot), already listening when this returns.
+
+        Iterate it (or call ``get(timeout)``) for notifications; it reconnects after the
+        server is lost or the group's primary moves and then yields a
+        :class:`~greenpool.listen.Gap` first. ``timeout`` bounds the first connect;
+        ``heartbeat`` is how long a silent connection goes unchecked. Close it (or use
+        ``with``) when done.
+        """
+        names = channel_names(channels)
+        if not (isinstance(heartbeat, (int, float)) and 0 < heartbeat < 86400):
+            raise ValueError(f"listen(): heartbeat must be seconds above 0, not {heartbeat!r}")
+        slots = self._exclusive_slots(group)
+        listener = Listener(slots, names, self._backend, float(heartbeat),
+                            on_close=self._listeners.discard)
+        self._listeners.add(listener)
+        return listener.start(timeout)
+
+    def _exclusive_slots(self, group: str | None) -> ExclusiveSlots:
+        if self._forked:
+            self._resume_after_fork()
+        if self._closed:
+            raise PoolClosed("the pool is closed")
+        return self._exclusive[self.group(group).name]
 
     def group(self, name: str | None = None) -> Group:
         """The :class:`Group` called ``name`` (lower-level: ``acquire``/``release``)."""
@@ -115,7 +164,8 @@ class Pool:
     def stats(self) -> dict[str, Any]:
         """Gauges and counters per group, and what is known per endpoint."""
         return {
-            "groups": {name: group.stats() for name, group in self._groups.items()},
+            "groups": {name: {**group.stats(), **self._exclusive[name].stats()}
+                       for name, group in self._groups.items()},
             "endpoints": {ep.label: ep.export() for ep in self._endpoints},
         }
 
@@ -130,6 +180,9 @@ class Pool:
             return
         self._closed = True
         self._housekeeping.stop()
+        self._listeners.close_all()
+        for slots in self._exclusive.values():
+            slots.close()
         for group in self._groups.values():
             group.close()
         _live_pools.discard(self)
@@ -156,6 +209,9 @@ class Pool:
         """Runs inside ``os.fork()`` in the child: only drop state, start nothing."""
         for group in self._groups.values():
             group.after_fork_in_child()
+        for slots in self._exclusive.values():
+            slots.after_fork_in_child()
+        self._listeners.after_fork_in_child()
         for endpoint in self._endpoints:
             endpoint.after_fork_in_child(self._backend.rlock())
         self._forked = True

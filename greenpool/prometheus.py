@@ -48,6 +48,12 @@ _GROUP_GAUGES = (
     ("connections_connecting", "connecting", "Connections being opened"),
     ("connections", "size", "Connections open or opening"),
     ("connections_max", "max_size", "Most connections the group may hold"),
+    ("exclusive_connections", "exclusive_open",
+     "Dedicated connections open or opening (exclusive() blocks and listeners)"),
+    ("exclusive_connections_max", "exclusive_max", "The group's exclusive_limit"),
+    ("exclusive_connections_pending", "exclusive_waiting",
+     "Callers waiting for an exclusive_limit slot"),
+    ("listeners", "listeners", "Listeners open (each holds one dedicated connection)"),
 )
 _GROUP_COUNTERS = (
     ("connections_acquired", "acquires", "Connections handed out"),
@@ -58,6 +64,12 @@ _GROUP_COUNTERS = (
     ("failovers", "failovers", "Acquires that moved on after an endpoint failed"),
     ("replays", "replays", "Statements re-run after their connection died"),
     ("connections_refused", "refusals", "Acquires shed at once because max_waiting was reached"),
+    ("exclusive_connections_created", "exclusive_opened",
+     "Dedicated connections opened, listener reconnects included"),
+    ("exclusive_connections_timeout", "exclusive_timeouts",
+     "Callers refused because exclusive_limit stayed reached"),
+    ("listen_gaps", "listen_gaps",
+     "Listener reconnects (notifications sent meanwhile may have been missed)"),
 )
 _ENDPOINT_COUNTERS = (
     ("endpoint_quarantines", "quarantines", "Times the endpoint was quarantined"),

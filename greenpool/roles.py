@@ -29,17 +29,22 @@ from .endpoint import PRIMARY, STANDBY, UNKNOWN, UP, Endpoint
 
 logger = logging.getLogger("greenpool")
 
-# One round trip. For a standby: whether its WAL receiver streams, and how far behind the
-# primary its replay is (0 when everything received is replayed, so an idle primary does not
-# look like lag). A user without pg_read_all_stats sees the receiver's row but not its
-# status: a running receiver then counts as streaming. For a primary: its current WAL file
-# (the timeline is its first 8 hex digits, right after a promotion: pg_control_checkpoint()
+# One round trip. For a standby: the pid of its WAL receiver if that receiver streams (or
+# may: a role without pg_read_all_stats sees the pid, not the status), how long that process
+# has lived (NULL where hidden), and how far behind the primary its replay is (0 when
+# everything received is replayed, so an idle primary does not look like lag). A receiver
+# says "streaming" before it has even connected, so one that keeps restarting against a
+# dead primary looks streaming for a moment each time: ``Endpoint.observe_lag`` believes a
+# receiver only once it has lived a while. For a primary: its current WAL file (the
+# timeline is its first 8 hex digits, right after a promotion: pg_control_checkpoint()
 # shows the new timeline only after the next checkpoint) and WAL position. The role is read
 # once (OFFSET 0 keeps the subquery from being inlined), so the columns agree.
 PROBE_SQL = (
     "SELECT r, "
-    "CASE WHEN r THEN EXISTS (SELECT FROM pg_stat_wal_receiver "
-    "WHERE coalesce(status, 'streaming') = 'streaming') END, "
+    "CASE WHEN r THEN (SELECT pid FROM pg_stat_wal_receiver "
+    "WHERE coalesce(status, 'streaming') = 'streaming' LIMIT 1) END AS receiver, "
+    "CASE WHEN r THEN (SELECT extract(epoch FROM now() - a.backend_start) "
+    "FROM pg_stat_activity AS a JOIN pg_stat_wal_receiver AS w USING (pid) LIMIT 1) END, "
     "CASE WHEN r THEN CASE WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 "
     "ELSE coalesce(extract(epoch FROM now() - pg_last_xact_replay_timestamp()), 0) END END, "
     "CASE WHEN NOT r THEN pg_walfile_name(lsn) END, "
@@ -53,6 +58,7 @@ LAG_UNKNOWN = math.inf
 
 _LOST_STATES = ("57P01", "57P02", "57P03")  # admin/crash shutdown, cannot connect now
 _STATUS_IDLE = extensions.TRANSACTION_STATUS_IDLE
+_PLAIN = extensions.cursor  # tuples, whatever the group's row_factory (its columns repeat names)
 
 
 class RoleReport(NamedTuple):
@@ -64,6 +70,11 @@ class RoleReport(NamedTuple):
     #: primary: the timeline it writes on, and its current WAL position in bytes
     timeline: int | None
     lsn: int | None
+    #: standby: the pid of its streaming WAL receiver (None: none streams), and how many
+    #: seconds that process has lived (None where the server hides it: a role without
+    #: pg_read_all_stats)
+    receiver: int | None = None
+    receiver_age: float | None = None
 
 
 class _ProbeDeadline(Exception):
@@ -100,11 +111,12 @@ def read_role(
         try:
             if bounded:
                 assert backend is not None and seconds is not None
-                with backend.deadline(seconds, deadline), raw.cursor() as cursor:
+                with backend.deadline(seconds, deadline), \
+                        raw.cursor(cursor_factory=_PLAIN) as cursor:
                     cursor.execute(PROBE_SQL)
                     row = cursor.fetchone()
             else:
-                with raw.cursor() as cursor:
+                with raw.cursor(cursor_factory=_PLAIN) as cursor:
                     cursor.execute(PROBE_SQL)
                     row = cursor.fetchone()
         finally:
@@ -117,9 +129,10 @@ def read_role(
             raise
         raise psycopg2.OperationalError(f"no answer to the role probe within {seconds:.2f} s"
                                         ) from None
-    in_recovery, streaming, lag, walfile, lsn = row
+    in_recovery, receiver, receiver_age, lag, walfile, lsn = row
     if in_recovery:
-        return RoleReport(STANDBY, float(lag) if streaming else LAG_UNKNOWN, None, None)
+        return RoleReport(STANDBY, LAG_UNKNOWN if receiver is None else float(lag), None, None,
+                          receiver, None if receiver_age is None else float(receiver_age))
     return RoleReport(PRIMARY, None, int(walfile[:8], 16), _lsn_bytes(lsn))
 
 

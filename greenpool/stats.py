@@ -36,3 +36,20 @@ class GroupCounters:
             "discards": sum(self.discards.values()),
             "discards_by_reason": dict(self.discards),
         }
+
+
+@dataclass
+class ExclusiveCounters:
+    """Counters of a group's dedicated connections (``pool.exclusive()``, ``pool.listen()``),
+    exported beside the group's own under ``exclusive_*`` and ``listen_*`` keys."""
+
+    opened: int = 0  # dedicated connections opened, a listener's reconnects included
+    timeouts: int = 0  # callers refused because exclusive_limit stayed reached
+    gaps: int = 0  # listener reconnects, each one a window where notifications may be lost
+
+    def export(self) -> dict[str, Any]:
+        return {
+            "exclusive_opened": self.opened,
+            "exclusive_timeouts": self.timeouts,
+            "listen_gaps": self.gaps,
+        }

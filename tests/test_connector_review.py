@@ -148,3 +148,48 @@ def test_fork_during_a_housekeeping_ping_never_lends_the_parents_session(make_po
     assert report["backend"] != parent_backend, report
     assert consistent(report), report
     assert group.stats()["discards"] == 0, group.stats()
+
+
+@pytest.mark.skipif(MODE != "gevent", reason="greenlets are copied into a forked child")
+def test_fork_during_a_connect_leaves_the_parents_handshake_to_the_parent(make_pool, pg):
+    """A background connect is in flight when the process forks (the postmaster is stopped
+    with SIGSTOP, so the startup reply is pending). The child's copy of the connect task
+    must not read the parent's handshake off the shared socket: the parent's connect then
+    succeeds, and its healthy server is not quarantined. Before the fix the copy read the
+    reply first, the parent's connect timed out and the server was quarantined."""
+    from gevent import monkey, spawn
+
+    real_sleep = monkey.get_original("time", "sleep")
+    pool = make_pool({"g": {"connection_count": 1, "timeout": 10}},
+                     db=pg.endpoint(connect_timeout=4), maintenance_interval=0.1)
+    group = pool.group("g")
+    postmaster = pg.pid
+    assert postmaster is not None
+    os.kill(postmaster, signal.SIGSTOP)  # the TCP handshake completes; the reply waits
+    try:
+        borrower = spawn(group.acquire)
+        wait_until(lambda: group.stats()["connecting"] == 1, 3, "the connect to start")
+        sleep(0.2)  # the startup packet is sent: the task waits for the reply
+        child = os.fork()
+        if child == 0:
+            try:
+                sleep(1.5)  # the child's hub runs the copied connect task
+            finally:
+                os._exit(0)
+    finally:
+        os.kill(postmaster, signal.SIGCONT)
+    real_sleep(0.8)  # the parent's hub is held: the child's copy would read first
+    _, status = os.waitpid(child, 0)
+    pc = borrower.get(timeout=8)
+    try:
+        assert pc.raw.cursor() is not None
+        with pc.raw.cursor() as cursor:
+            cursor.execute("SELECT 1")
+            assert cursor.fetchone() == (1,)
+    finally:
+        group.release(pc)
+    assert status == 0
+    stats = pool.stats()["endpoints"]
+    (endpoint,) = stats.values()
+    assert endpoint["state"] == "up" and endpoint["quarantines"] == 0, endpoint
+    assert consistent(group.stats()), group.stats()

@@ -167,8 +167,6 @@ def test_every_process_chooses_alike_whatever_it_saw_first(states, rnd) -> None:
 # --- whole pools -------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(__import__("os").environ.get("GREENPOOL_TEST_MODE") == "eventlet",
-                    reason="flaky under eventlet in CI: role-probe timing (session note)")
 def test_pools_made_before_and_after_a_promotion_write_to_the_same_primary(
     make_pool, promoted_while_old_primary_runs, caplog
 ):

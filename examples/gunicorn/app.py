@@ -14,6 +14,8 @@ Endpoints (JSON in, JSON out):
     GET  /health                          -> 200 {"read": "ok", "write": "ok"}   (both)
     GET  /stats                           -> 200 {"pid", "groups", "endpoints"}  (no query;
                                              endpoints without last_error: see README.md)
+    GET  /events                          -> 200 text/event-stream: the ids of new notes
+                                             as server-sent events, fed by NOTIFY (write)
 
 When the database cannot serve, the answer is ``503`` with ``Retry-After`` and a JSON body
 ``{"error": <what>, "detail": <message>}``: ``error`` is the greenpool exception's name
@@ -34,7 +36,7 @@ import os
 import re
 import sys
 import traceback
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -182,6 +184,8 @@ def create_note(environ: dict[str, Any]) -> tuple[str, Any]:
     with greenpool.handler("write") as db:  # commits on a clean exit, rolls back otherwise
         row = db.query_one("INSERT INTO notes (body) VALUES (%s) RETURNING id, body, created",
                            (body,))
+        # sent at commit, and only if the note is committed: /events streams it
+        db.query_one("SELECT pg_notify(%s, %s)", (NOTES_CHANNEL, str(row[0])))
     return "201 Created", note(row)
 
 
@@ -233,7 +237,50 @@ def stats(environ: dict[str, Any]) -> tuple[str, Any]:
 
 
 def index(environ: dict[str, Any]) -> tuple[str, Any]:
-    return "200 OK", {"endpoints": [f"{m} {p}" for m, p, _ in ROUTES]}
+    return "200 OK", {"endpoints": [f"{m} {p}" for m, p, _ in ROUTES] + ["GET /events"]}
+
+
+# --- GET /events: server-sent events fed by NOTIFY -----------------------------------------
+#
+# Each client gets a greenpool listener of its own: one dedicated connection of the write
+# group (notifications exist on the primary only; standbys never see them), counted against
+# the group's exclusive_limit, not its connection_count. The stream:
+#
+#     retry: 2000                the browser reconnects 2 s after a drop
+#     event: note / data: 42     a note was committed; data is its id
+#     event: gap / data: {...}   the listener lost its server and is back (a failover): notes
+#                                committed meanwhile were not announced; re-read GET /notes
+#     : keep-alive               every EVENTS_KEEPALIVE s of silence, so that a client that
+#                                went away is noticed (the write fails) and its listener closed
+#
+# The listener is closed when the client goes (gunicorn closes the generator), when the
+# worker shuts down (greenpool.close() stops every listener) or on any error.
+
+NOTES_CHANNEL = "notes"
+EVENTS_KEEPALIVE = 15.0
+EVENT_HEADERS = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-store"),
+                 ("X-Accel-Buffering", "no")]  # nginx: pass each event on at once
+
+
+def note_events(listener: greenpool.Listener,
+                keepalive: float = EVENTS_KEEPALIVE) -> Iterator[bytes]:
+    """The body of GET /events; closes ``listener`` however it ends."""
+    try:
+        yield b"retry: 2000\n\n"
+        while True:
+            item = listener.get(keepalive)
+            if item is None:
+                if listener.closed:
+                    return  # the pool was closed: the worker is shutting down
+                yield b": keep-alive\n\n"
+            elif isinstance(item, greenpool.Gap):
+                gap = {"reason": item.reason, "lost_at": item.lost_at,
+                       "resumed_at": item.resumed_at}
+                yield f"event: gap\ndata: {json.dumps(gap)}\n\n".encode()
+            else:
+                yield f"event: note\ndata: {item.payload}\n\n".encode()
+    finally:
+        listener.close()
 
 
 Route = Callable[..., tuple[str, Any]]
@@ -265,6 +312,12 @@ def dispatch(environ: dict[str, Any]) -> tuple[str, Any]:
 def application(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
     headers = [("Content-Type", "application/json"), ("Cache-Control", "no-store")]
     try:
+        if environ.get("PATH_INFO") == "/events" and environ["REQUEST_METHOD"] == "GET":
+            open_pool()
+            # listening before the response starts: no note committed after this is missed
+            listener = greenpool.listen("write", NOTES_CHANNEL)  # errors: a JSON 503
+            start_response("200 OK", EVENT_HEADERS)
+            return note_events(listener)
         status, body = dispatch(environ)
     except HTTPError as exc:
         status, body = exc.status, {"error": exc.error, "detail": exc.detail}

@@ -1,0 +1,1 @@
+"""Drop-in front ends for code written against other pools (see each module)."""

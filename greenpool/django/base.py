@@ -1,0 +1,138 @@
+"""``DatabaseWrapper`` for ``'ENGINE': 'greenpool.django'``: Django's postgresql backend
+(on psycopg2) whose connections are greenpool loans.
+
+What changes against Django's backend, and why:
+
+* ``get_new_connection`` borrows from the alias's group (fair, bounded wait: ``timeout``,
+  then ``PoolTimeout``, which Django raises as ``django.db.utils.OperationalError``) instead
+  of connecting. ``_close`` gives the loan back instead of closing the connection.
+* ``close_if_unusable_or_obsolete`` (Django's end-of-request hook) always gives the loan
+  back: a loan never outlives its request, whatever ``CONN_MAX_AGE`` says. Keeping
+  connections open between requests is the pool's job (``max_idle``, ``max_lifetime``), and
+  under gevent each request is a new greenlet, so a connection kept "for the thread" would
+  only be leaked.
+* ``pool`` is always None: Django's own psycopg 3 pool never sits on top of greenpool's.
+* The no-database alias Django uses to create and drop test databases connects directly,
+  outside the pool, and first closes this process's pools: no pooled session may block the
+  ``DROP DATABASE``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+from django.db.backends.base.base import NO_DB_ALIAS
+
+from .flavour import postgresql_base
+from .loans import Loan
+from .pools import DJANGO_KEYS, ENDPOINT_KEYS, GROUP_KEYS, POOL_KEYS, close_all, group_for
+
+_postgresql = postgresql_base()
+#: OPTIONS keys that are greenpool's, not libpq's (``sslmode`` is both)
+_OURS = (GROUP_KEYS | ENDPOINT_KEYS | POOL_KEYS | {
+    "greenpool", "servers", "MAX_CONNS", "REUSE_CONNS",
+}) - {"sslmode", "options"} - DJANGO_KEYS
+
+
+class _GivenBack:
+    """Stands in for the connection after it went back to the pool inside an atomic block
+    (Django keeps ``connection`` set until the block ends): any use fails loudly instead of
+    reaching a connection another greenlet may hold by now."""
+
+    closed = 1
+    autocommit = True
+
+    def __getattr__(self, name: str) -> Any:
+        raise _postgresql.Database.InterfaceError(
+            "connection already given back to greenpool (closed inside an atomic block)"
+        )
+
+
+_DjangoWrapper: Any = _postgresql.DatabaseWrapper
+
+
+class DatabaseWrapper(_DjangoWrapper):
+    display_name = "PostgreSQL (greenpool)"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._loan: Loan | None = None
+        #: set by the router when this task wrote here: its reads come here too until the
+        #: loan ends (see router.py)
+        self.greenpool_wrote = False
+
+    @property
+    def pool(self) -> None:
+        return None
+
+    def _pooled(self) -> bool:
+        return self.alias != NO_DB_ALIAS and self.settings_dict.get("NAME") is not None
+
+    def get_connection_params(self) -> dict[str, Any]:
+        """Django's parameters without greenpool's OPTIONS (used only by the direct
+        connection of the no-database alias; a pooled loan is configured by the pool)."""
+        options = self.settings_dict.get("OPTIONS") or {}
+        if "pool" in options:
+            raise ImproperlyConfigured(
+                f"DATABASES[{self.alias!r}]['OPTIONS']['pool']: that is Django's own psycopg 3 "
+                f"pool; with ENGINE 'greenpool.django' greenpool is the pool. Remove 'pool'"
+            )
+        params: dict[str, Any] = super().get_connection_params()
+        for key in _OURS:
+            params.pop(key, None)
+        return params
+
+    def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
+        if not self._pooled():
+            # Django connects without a database only to create or drop one (test runs,
+            # management commands): no pooled session may stand in the way of a DROP
+            # DATABASE, and the test runner leaves mirror aliases naming the dropped test
+            # database. The pools are made again on next use.
+            close_all()
+            return super().get_new_connection(conn_params)
+        level = (self.settings_dict.get("OPTIONS") or {}).get("isolation_level")
+        read_committed = _postgresql.IsolationLevel.READ_COMMITTED
+        if level is not None and _postgresql.IsolationLevel(level) != read_committed:
+            raise ImproperlyConfigured(
+                f"DATABASES[{self.alias!r}]['OPTIONS']['isolation_level']: greenpool.django "
+                f"lends connections at the server's default isolation; set "
+                f"default_transaction_isolation with ALTER ROLE or ALTER DATABASE instead, or "
+                f"use transaction-level SET TRANSACTION ISOLATION LEVEL"
+            )
+        self.isolation_level = read_committed
+        group = group_for(self.alias, self.settings_dict, self.timezone_name)
+        loan = self._loan = Loan(group, None)
+        raw = loan.raw
+        if not getattr(raw, "_greenpool_django_jsonb", False):
+            # as Django's backend does: JSONField decodes the text itself (once per
+            # connection: the typecaster stays registered across loans)
+            _postgresql.psycopg2.extras.register_default_jsonb(
+                conn_or_curs=raw, loads=lambda x: x
+            )
+            raw._greenpool_django_jsonb = True
+        return raw
+
+    def create_cursor(self, name: str | None = None) -> Any:
+        if name and self._loan is not None and self._loan.pc is not None:
+            self._loan.pc.dirty = True  # a WITH HOLD cursor outlives its transaction
+        return super().create_cursor(name)
+
+    def _close(self) -> None:
+        loan = self._loan
+        if loan is None:
+            return super()._close()
+        self._loan = None
+        self.greenpool_wrote = False
+        try:
+            with self.wrap_database_errors:
+                loan.give_back()
+        finally:
+            if self.in_atomic_block:
+                self.connection = _GivenBack()
+
+    def close_if_unusable_or_obsolete(self) -> None:
+        if self._loan is not None:
+            self.close()  # the end of a request ends its loan, whatever CONN_MAX_AGE says
+        else:
+            super().close_if_unusable_or_obsolete()

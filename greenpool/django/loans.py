@@ -1,0 +1,204 @@
+"""A Django connection as a greenpool loan: taken by one task, given back exactly once.
+
+Django keeps one connection per alias per thread — per greenlet under gevent — and closes
+it when a request ends (``close_old_connections``) or when code calls ``close()``. A greenlet
+spawned by hand, or a task that never reaches the end-of-request signal, would keep its
+connection forever. So each loan also watches the task that took it:
+
+* a ``gevent.Greenlet`` (``gevent.spawn``, gunicorn's request greenlets, Celery's gevent
+  pool): ``rawlink`` — the loan is given back as soon as the greenlet ends;
+* a thread: an object kept in its ``threading.local``, which CPython drops as the thread
+  ends — the loan is given back then;
+* any other greenlet: a ``weakref.finalize`` on it — the loan is given back once the ended
+  greenlet is collected (CPython: when its last reference goes).
+
+Either callback runs where the task ended (gevent: in the hub, which must not block), so the
+give-back itself — a ROLLBACK and maybe a DISCARD ALL, each bounded by connect_timeout — runs
+in a task of its own.
+
+Django's cursors are greenpool's too: :class:`TrackingCursor` marks the loan dirty when a
+statement may change the session (``SET``, ``SET ROLE`` from ``assume_role``, temp tables,
+...; see :mod:`greenpool.sessionstate`), so only those loans pay for ``DISCARD ALL``; and a
+statement that finds its server gone evicts that server's idle connections at once.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import weakref
+from typing import Any
+
+import psycopg2
+from psycopg2 import extensions
+
+from ..connection import PooledConnection
+from ..endpoint import STANDBY
+from ..group import Group
+from ..roles import failure_kind, role_of
+from ..sessionstate import CLEAN, changes_session
+
+#: raw connection -> its loan, while lent to Django
+_loans: dict[Any, Loan] = {}
+
+
+class TrackingCursor(extensions.cursor):
+    """psycopg2's cursor, telling the loan what its statements did to the session."""
+
+    def execute(self, query: Any, vars: Any = None) -> Any:
+        if (query.__class__ is not str or query not in CLEAN) and changes_session(
+            query, self.connection
+        ):
+            _dirty(self.connection)
+        try:
+            return super().execute(query, vars)
+        except psycopg2.Error as exc:
+            _failed(self.connection, exc)
+            raise
+
+    def executemany(self, query: Any, vars_list: Any) -> Any:
+        if (query.__class__ is not str or query not in CLEAN) and changes_session(
+            query, self.connection
+        ):
+            _dirty(self.connection)
+        try:
+            return super().executemany(query, vars_list)
+        except psycopg2.Error as exc:
+            _failed(self.connection, exc)
+            raise
+
+    def callproc(self, procname: Any, parameters: Any = None) -> Any:
+        _dirty(self.connection)  # a function may change anything
+        return super().callproc(procname, parameters)
+
+
+def _dirty(raw: Any) -> None:
+    loan = _loans.get(raw)
+    if loan is not None and loan.pc is not None:
+        loan.pc.dirty = True
+
+
+def _failed(raw: Any, exc: psycopg2.Error) -> None:
+    """What the pool learns from a failed statement (the error still propagates: Django's
+    ORM does not replay, and a write must never be replayed)."""
+    loan = _loans.get(raw)
+    if loan is None or loan.pc is None:
+        return
+    kind = failure_kind(exc, raw)
+    if kind == "lost":
+        loan.group.on_endpoint_failure(loan.pc.endpoint)
+    elif kind == "read_only" and loan.group.role == "primary":
+        role = role_of(raw)  # a write reached a server that was demoted under us
+        if role == STANDBY:
+            loan.pc.endpoint.observe_role(role)
+            loan.discard = "wrong_role"
+
+
+class Loan:
+    """One connection of ``group`` lent to the task that called :meth:`take`."""
+
+    __slots__ = ("__weakref__", "_unwatch", "discard", "group", "pc", "raw", "saved_factory")
+
+    def __init__(self, group: Group, timeout: float | None) -> None:
+        self.group = group
+        self.discard = ""
+        self._unwatch: Any = None
+        pc = group.acquire(timeout)
+        self.pc: PooledConnection | None = pc
+        try:
+            raw = self.raw = pc.raw
+            pc.dirty = False  # TrackingCursor sees every statement Django sends from here
+            self.saved_factory = raw.cursor_factory
+            raw.cursor_factory = TrackingCursor
+            _loans[raw] = self
+            self._unwatch = _watch_task(self)
+        except BaseException:
+            self.give_back()
+            raise
+
+    def give_back(self) -> None:
+        """Back to the group (rolled back, reset if dirty, discarded if in doubt). Once."""
+        pc, self.pc = self.pc, None
+        if pc is None:
+            return
+        unwatch, self._unwatch = self._unwatch, None
+        if unwatch is not None:
+            unwatch()
+        raw = pc.raw
+        _loans.pop(raw, None)
+        if not raw.closed:
+            raw.cursor_factory = self.saved_factory
+        self.group.release(pc, discard=self.discard)
+
+    def given_back_for_ended_task(self) -> None:
+        if self.pc is not None:
+            self.group._backend.spawn(self.give_back)
+
+
+def _watch_task(loan: Loan) -> Any:
+    """Arrange for ``loan`` to be given back when the current task ends; returns the
+    function that cancels that (called when Django gives the loan back itself). The
+    callback holds the loan strongly: a task that ended without closing its connection
+    leaves nothing else that would."""
+
+    def ended(*_: Any) -> None:
+        loan.given_back_for_ended_task()
+
+    if green_mode() is None:
+        return _watch_thread(ended)
+    import greenlet
+
+    task = greenlet.getcurrent()
+    rawlink = getattr(task, "rawlink", None)
+    if rawlink is not None and not task.dead:  # a gevent.Greenlet
+        rawlink(ended)
+        return lambda: task.unlink(ended)
+    finalizer = weakref.finalize(task, ended)  # any other greenlet: once it is collected
+    finalizer.atexit = False
+    return finalizer.detach
+
+
+class _Watch:
+    """Lives in a thread's ``threading.local`` only: CPython drops it when the thread ends."""
+
+    __slots__ = ("__weakref__",)
+
+
+class _Watches(set[_Watch]):
+    """The thread's watches (a set subclass, so that it can be referenced weakly)."""
+
+
+_per_thread = threading.local()
+
+
+def _watch_thread(ended: Any) -> Any:
+    """The loan holds the returned ``unwatch``, and the finalizer holds the loan, so
+    ``unwatch`` must reach the watch only weakly: else the watch would keep itself alive."""
+    watches = getattr(_per_thread, "watches", None)
+    if watches is None:
+        watches = _per_thread.watches = _Watches()
+    watch = _Watch()
+    watches.add(watch)
+    finalizer = weakref.finalize(watch, ended)
+    finalizer.atexit = False
+    watch_ref, watches_ref = weakref.ref(watch), weakref.ref(watches)
+    del watch, watches
+
+    def unwatch() -> None:
+        finalizer.detach()
+        found, found_in = watch_ref(), watches_ref()
+        if found is not None and found_in is not None:
+            found_in.discard(found)
+
+    return unwatch
+
+
+def green_mode() -> str | None:
+    """'gevent' or 'eventlet' when that library monkey-patched threading, else None."""
+    gevent_monkey = sys.modules.get("gevent.monkey")
+    if gevent_monkey is not None and gevent_monkey.is_module_patched("threading"):
+        return "gevent"
+    eventlet_patcher = sys.modules.get("eventlet.patcher")
+    if eventlet_patcher is not None and eventlet_patcher.is_monkey_patched("thread"):
+        return "eventlet"
+    return None

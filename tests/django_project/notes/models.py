@@ -1,0 +1,9 @@
+from django.db import models
+
+
+class Note(models.Model):
+    body = models.TextField()
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ("id",)

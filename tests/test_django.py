@@ -1,0 +1,388 @@
+"""greenpool.django in process: the test project's models on a real server, in this mode.
+
+Django is configured once per test process (its settings are process-wide), against a
+database of the shared cluster; each test's pool is made afresh (``close_all``). Requests
+go through Django's real WSGI handler, so the end-of-request signal runs as in a server
+(Django's test Client would disconnect it).
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from modes import MODE, Task, join_all, spawn, wait_until
+
+from greenpool.throwaway import Cluster
+
+django = pytest.importorskip("django")
+
+pytestmark = [
+    pytest.mark.skipif(MODE == "eventlet", reason="greenpool.django supports gevent and threads"),
+    pytest.mark.timeout(60),
+]
+
+PROJECT = Path(__file__).resolve().parent / "django_project"
+APP_NAME = "greenpool-django-tests"
+SIZE = 4  # connection_count of each alias
+TIMEOUT = 1.0  # the aliases' acquire timeout
+
+
+def databases(cluster: Cluster, name: str) -> dict[str, Any]:
+    common = {"ENGINE": "greenpool.django", "NAME": name, "USER": cluster.user,
+              "PASSWORD": cluster.password, "HOST": cluster.host, "PORT": cluster.port}
+    options = {"connection_count": SIZE, "timeout": TIMEOUT,
+               "greenpool": {"type": MODE, "application_name": APP_NAME}}
+    return {
+        # CONN_MAX_AGE=None asks Django to keep connections forever: a loan still ends
+        # with its request
+        "default": {**common, "CONN_MAX_AGE": None, "OPTIONS": options},
+        "replica": {**common, "OPTIONS": options, "TEST": {"MIRROR": "default"}},
+    }
+
+
+@pytest.fixture(scope="module")
+def project(pg: Cluster) -> Iterator[Any]:
+    """Django set up on the test project, migrated; yields ``greenpool.django.pools``."""
+    name = "django_app"
+    if not pg.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)):
+        pg.create_database(name)
+    os.environ["GREENPOOL_DJANGO_DATABASES"] = json.dumps(databases(pg, name))
+    os.environ["DJANGO_SETTINGS_MODULE"] = "djproject.settings"
+    if str(PROJECT) not in sys.path:
+        sys.path.insert(0, str(PROJECT))
+    django.setup()
+    from django.core.management import call_command
+
+    from greenpool.django import pools
+
+    call_command("migrate", verbosity=0, stdout=io.StringIO())
+    _close_connections()
+    pools.close_all()
+    yield pools
+    _close_connections()
+    pools.close_all()
+
+
+@pytest.fixture
+def pools(project: Any) -> Iterator[Any]:
+    """A fresh pool for the test, and nothing left lent after it."""
+    from notes.models import Note
+
+    Note.objects.all().delete()
+    _close_connections()
+    project.close_all()
+    yield project
+    _close_connections()
+    for name, group in project.stats()["groups"].items():
+        assert group["in_use"] == 0, f"{name} still lends {group['in_use']} after the test"
+    project.close_all()
+
+
+def _close_connections() -> None:
+    from django.db import connections
+
+    for conn in connections.all():
+        conn.close()
+
+
+def group_stats(pools: Any, alias: str = "default") -> dict[str, Any]:
+    return dict(pools.stats()["groups"].get(alias) or {"in_use": 0, "size": 0, "idle": 0})
+
+
+def wsgi_request(path: str, method: str = "GET", body: bytes = b"") -> tuple[str, bytes]:
+    """One request through Django's WSGI handler, response closed as a server closes it."""
+    from wsgiref.util import setup_testing_defaults
+
+    from django.core.handlers.wsgi import WSGIHandler
+
+    environ: dict[str, Any] = {"PATH_INFO": path, "REQUEST_METHOD": method,
+                               "CONTENT_LENGTH": str(len(body)), "wsgi.input": io.BytesIO(body),
+                               "CONTENT_TYPE": "application/json"}
+    setup_testing_defaults(environ)
+    status: list[str] = []
+    response = WSGIHandler()(environ, lambda s, h, exc_info=None: status.append(s))
+    try:
+        data = b"".join(response)
+    finally:
+        response.close()  # request_finished: close_old_connections
+    return status[0], data
+
+
+# --- migrations, ORM, the request life cycle ------------------------------------------------
+
+
+def test_migrations_and_orm_round_trip(pools: Any) -> None:
+    from django.db import connection, transaction
+    from notes.models import Note
+
+    assert "notes_note" in connection.introspection.table_names()
+    assert connection.Database.__name__ == "psycopg2"  # even with psycopg 3 installed
+    note = Note.objects.create(body="first")
+    Note.objects.filter(id=note.id).update(body="changed")
+    assert Note.objects.using("default").get(id=note.id).body == "changed"
+    with pytest.raises(RuntimeError), transaction.atomic():
+        Note.objects.create(body="rolled back")
+        raise RuntimeError("undo")
+    assert list(Note.objects.using("default").values_list("body", flat=True)) == ["changed"]
+    Note.objects.filter(id=note.id).delete()
+    assert Note.objects.using("default").count() == 0
+
+
+def test_a_request_ends_its_loan_whatever_conn_max_age(pools: Any) -> None:
+    status, body = wsgi_request("/notes/", "POST", b'{"body": "hello"}')
+    assert status.startswith("200"), body
+    assert json.loads(body)["db"] == "default"
+    status, body = wsgi_request("/notes/")
+    assert status.startswith("200") and json.loads(body)["count"] == 1, body
+    stats = group_stats(pools)
+    assert stats["in_use"] == 0 and stats["idle"] >= 1, stats  # back in the pool, still open
+    assert group_stats(pools, "replica")["in_use"] == 0
+
+
+def test_connections_are_never_shared_between_tasks(pools: Any) -> None:
+    from django.db import connection
+
+    seen: list[tuple[int, int]] = []
+
+    def take() -> None:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid(), pg_sleep(0.2)")
+            pid = cursor.fetchone()[0]
+        seen.append((id(connection.connection), pid))
+        connection.close()
+
+    tasks = [spawn(take) for _ in range(SIZE)]
+    join_all(tasks, 10)
+    assert all(t.error is None for t in tasks), [t.error for t in tasks]
+    assert len({raw for raw, _ in seen}) == SIZE and len({pid for _, pid in seen}) == SIZE
+
+
+def test_a_session_change_does_not_reach_the_next_loan(pools: Any) -> None:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SET search_path TO pg_catalog")
+        pid = _pid(cursor)
+    connection.close()
+    with connection.cursor() as cursor:
+        assert _pid(cursor) == pid  # the same connection, reused ...
+        cursor.execute("SHOW search_path")
+        assert cursor.fetchone()[0] == '"$user", public'  # ... and reset
+    connection.close()
+
+
+def _pid(cursor: Any) -> int:
+    cursor.execute("SELECT pg_backend_pid()")
+    return int(cursor.fetchone()[0])
+
+
+# --- the bound, the timeout, tasks that never close ----------------------------------------
+
+
+def test_a_cold_burst_stays_within_the_bound(pools: Any, server_conns: Any) -> None:
+    from django.db import connection
+
+    peak = [0]
+    done = [False]
+
+    def watch() -> None:
+        while not done[0]:
+            peak[0] = max(peak[0], server_conns(application_name=APP_NAME))
+            time.sleep(0.01)
+
+    def query() -> None:
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_sleep(0.02)")
+        finally:
+            connection.close()
+
+    watcher = spawn(watch)
+    tasks = [spawn(query) for _ in range(40)]
+    join_all(tasks, 20)
+    done[0] = True
+    join_all([watcher], 5)
+    assert [t.error for t in tasks if t.error is not None] == []
+    assert 1 <= peak[0] <= SIZE, f"{peak[0]} server connections for a bound of {SIZE}"
+    assert group_stats(pools)["size"] <= SIZE
+
+
+def test_exhaustion_times_out_with_a_clear_error(pools: Any) -> None:
+    from django.db import OperationalError, connection
+
+    from greenpool import PoolTimeout
+
+    def hold() -> None:
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_sleep(3)")
+        finally:
+            connection.close()
+
+    holders = [spawn(hold) for _ in range(SIZE)]
+    wait_until(lambda: group_stats(pools)["in_use"] == SIZE, 10, "every connection lent")
+    started = time.monotonic()
+    with pytest.raises(OperationalError) as caught, connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+    elapsed = time.monotonic() - started
+    connection.close()
+    assert isinstance(caught.value.__cause__, PoolTimeout)
+    message = str(caught.value)
+    assert "'default'" in message and str(SIZE) in message, message
+    assert TIMEOUT * 0.9 <= elapsed <= TIMEOUT + 1.0, elapsed
+    join_all(holders, 10)
+
+
+def test_a_hand_spawned_task_that_never_closes_gives_its_connection_back(
+    pools: Any, server_conns: Any
+) -> None:
+    from notes.models import Note
+
+    lent_inside: list[int] = []
+
+    def leaky() -> int:
+        count = Note.objects.using("default").count()
+        lent_inside.append(group_stats(pools)["in_use"])
+        return count  # ends without connection.close() or close_old_connections()
+
+    tasks: list[Task] = [spawn(leaky) for _ in range(SIZE * 3)]  # more than the bound
+    join_all(tasks, 20)
+    assert [t.error for t in tasks if t.error is not None] == []
+    assert max(lent_inside) >= 1
+    del tasks  # a thread is watched through its object: give it up, as a server would
+    gc.collect()
+    wait_until(lambda: group_stats(pools)["in_use"] == 0, 10, "the ended tasks' loans back")
+    assert server_conns(application_name=APP_NAME) <= SIZE
+
+
+def test_a_task_killed_mid_query_loses_no_slot(pools: Any, server_conns: Any) -> None:
+    if MODE != "gevent":
+        pytest.skip("a thread cannot be killed from outside")
+    import gevent
+    from django.db import connection
+
+    def stuck() -> None:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_sleep(30)")
+
+    task = gevent.spawn(stuck)
+    wait_until(lambda: group_stats(pools)["in_use"] == 1, 10, "the query running")
+    task.kill(timeout=5)
+    assert task.dead
+    wait_until(lambda: group_stats(pools)["in_use"] == 0, 10, "the killed task's loan back")
+    stats = group_stats(pools)
+    assert stats["size"] == 0 and stats["discards"] == 1, stats  # interrupted: discarded
+    # and the pool still serves
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+    connection.close()
+
+
+# --- routing ---------------------------------------------------------------------------------
+
+
+def test_the_router_sends_reads_to_the_replica_until_the_task_writes(pools: Any) -> None:
+    from django.db import connections, transaction
+    from notes.models import Note
+
+    assert Note.objects.all().db == "replica"
+    Note.objects.create(body="w")
+    assert Note.objects.all().db == "default"  # reads its own write
+    for conn in connections.all():
+        conn.close()  # the request ends
+    assert Note.objects.all().db == "replica"
+    with transaction.atomic():
+        assert Note.objects.all().db == "default"
+    from greenpool.django.router import PrimaryReplicaRouter
+
+    router = PrimaryReplicaRouter()
+    assert router.allow_migrate("default", "notes") and not router.allow_migrate("replica", "notes")
+
+
+# --- bad settings ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("options", "words"), [
+    ({"pool": True}, ["'pool'", "Django's own"]),
+    ({"MAX_CONNS": 2, "connection_count": 2}, ["MAX_CONNS", "not both"]),
+    ({"greenpool": {"typo": 1}}, ["'typo'", "allowed"]),
+    ({"servers": "127.0.0.1:5432"}, ["'servers'", "list"]),
+    ({"connection_count": 0}, ["connection_count", "0"]),
+    ({"no_such_libpq_parameter": "x"}, ["no_such_libpq_parameter"]),
+])
+def test_bad_options_are_refused_naming_the_key(
+    project: Any, pg: Cluster, options: dict[str, Any], words: list[str]
+) -> None:
+    from django.core.exceptions import ImproperlyConfigured
+
+    settings_dict = {**databases(pg, "django_app")["default"], "PASSWORD": "s3cret-value"}
+    settings_dict["OPTIONS"] = {"greenpool": {"type": MODE}, **options}
+    with pytest.raises(ImproperlyConfigured) as caught:
+        project.group_for("badalias", settings_dict, "UTC")
+    message = str(caught.value)
+    for word in words:
+        assert word in message, message
+    assert "s3cret-value" not in message
+
+
+def test_max_conns_is_django_db_geventpools_name_for_the_bound(project: Any, pg: Cluster) -> None:
+    settings_dict = dict(databases(pg, "django_app")["default"])
+    settings_dict["OPTIONS"] = {"MAX_CONNS": 3, "REUSE_CONNS": 2, "greenpool": {"type": MODE}}
+    try:
+        group = project.group_for("geventpool_alias", settings_dict, "UTC")
+        assert group.config.connection_count == 3
+    finally:
+        project.close_all()
+
+
+# --- Django's own test runner ----------------------------------------------------------------
+
+
+def test_django_test_runner_creates_and_drops_its_test_database(pg: Cluster) -> None:
+    """``manage.py test`` (its own process: not monkey-patched, so the mode detected is
+    threaded) creates ``test_<NAME>``, mirrors the replica alias onto it, runs the project's
+    TestCase, and drops it: no pooled session is left to block the DROP DATABASE."""
+    if MODE != "gevent":
+        pytest.skip("runs in a subprocess of its own: once is enough")
+    import subprocess
+
+    name = "django_runner"
+    if not pg.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)):
+        pg.create_database(name)
+    dbs = databases(pg, name)
+    for alias in dbs.values():
+        alias["OPTIONS"] = {k: v for k, v in alias["OPTIONS"].items() if k != "greenpool"}
+    env = {**os.environ, "GREENPOOL_DJANGO_DATABASES": json.dumps(dbs),
+           "PYTHONPATH": os.pathsep.join([str(PROJECT.parent.parent), str(PROJECT)])}
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+    done = subprocess.run([sys.executable, "manage.py", "test", "notes", "--noinput", "-v", "1"],
+                          cwd=PROJECT, env=env, capture_output=True, text=True, timeout=50,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Ran 1 test" in done.stderr and "OK" in done.stderr, done.stderr[-2000:]
+    assert not pg.execute("SELECT 1 FROM pg_database WHERE datname = %s", (f"test_{name}",))
+
+
+def test_a_connection_closed_inside_an_atomic_block_is_not_used_again(pools: Any) -> None:
+    """Django keeps ``connection`` set until the atomic block ends; by then the connection is
+    back in the pool, maybe lent to another task: any use fails instead of reaching it."""
+    from django.db import Error, connection, transaction
+    from notes.models import Note
+
+    with pytest.raises(Error), transaction.atomic(using="default"):
+        Note.objects.using("default").create(body="lost")
+        connection.close()
+        assert group_stats(pools)["in_use"] == 0  # given back (and rolled back) at once
+        Note.objects.using("default").count()
+    assert connection.connection is None
+    assert Note.objects.using("default").count() == 0
+    connection.close()

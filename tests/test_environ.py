@@ -1,0 +1,201 @@
+"""libpq's PG* environment variables fill what the config leaves out, on a real server."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+from unittest import mock
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from test_secrets import texts
+
+from greenpool import ConfigError, Pool, PoolError, parse_config
+from greenpool.environ import ENDPOINT_VARIABLES, fill_endpoint
+
+SECRET = "Env-Pw-8841-walrus"
+
+
+@pytest.fixture(autouse=True)
+def no_pg_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("PG"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="module")
+def env_user(pg: Any) -> str:
+    pg.create_user("env_user", SECRET)
+    pg.execute("CREATE DATABASE env_db OWNER env_user")
+    yield "env_user"
+    pg.execute("DROP DATABASE IF EXISTS env_db WITH (FORCE)")
+
+
+def pool_of(mode: str, **top: Any) -> Pool:
+    return Pool({"type": mode, "groups": {"g": {"connection_count": 2, "timeout": 5}}, **top})
+
+
+def test_a_config_without_db_connects_from_the_environment_alone(
+        pg: Any, mode: str, env_user: str, monkeypatch: pytest.MonkeyPatch,
+        server_conns: Any) -> None:
+    for name, value in {"PGHOST": pg.host, "PGPORT": str(pg.port), "PGUSER": env_user,
+                        "PGPASSWORD": SECRET, "PGDATABASE": "env_db",
+                        "PGAPPNAME": "env-app", "PGSSLMODE": "disable"}.items():
+        monkeypatch.setenv(name, value)
+    pool = pool_of(mode)
+    try:
+        (endpoint,) = pool.config.endpoints
+        assert (endpoint.host, endpoint.port, endpoint.user, endpoint.dbname,
+                endpoint.sslmode) == (pg.host, pg.port, env_user, "env_db", "disable")
+        with pool.handler("g") as db:
+            assert db.query_one("SELECT current_user, current_database()") == \
+                (env_user, "env_db")
+        assert server_conns(application_name="env-app", dbname="env_db") == 1
+        assert all(SECRET not in t for t in (*texts(pool.config), *texts(endpoint),
+                                             repr(pool), str(pool.stats())))
+    finally:
+        pool.close()
+
+
+def test_the_config_wins_over_the_environment(pg: Any, mode: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PGPORT", "1")  # nobody listens there
+    monkeypatch.setenv("PGDATABASE", "no_such_db")
+    monkeypatch.setenv("PGAPPNAME", "from-env")
+    pool = pool_of(mode, db=pg.endpoint(), application_name="from-config")
+    try:
+        with pool.handler("g") as db:
+            assert db.query_one("SELECT current_setting('application_name'), "
+                                "current_database()") == ("from-config", pg.dbname)
+    finally:
+        pool.close()
+
+
+def test_pgport_fills_pgdbpool_configs_which_have_no_port(
+        pg: Any, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PGPORT", str(pg.port))
+    db = {"host": pg.host, "name": pg.dbname, "user": pg.user, "pass": pg.password}
+    pool = pool_of(mode, db=[db, f"host={pg.host} dbname=template1 user={pg.user} "
+                                 f"password={pg.password}"])
+    try:
+        assert [ep.port for ep in pool.config.endpoints] == [pg.port, pg.port]
+        with pool.handler("g") as db_:
+            assert db_.query_one("SELECT inet_server_port()")[0] == pg.port
+    finally:
+        pool.close()
+
+
+def test_pgoptions_is_merged_with_greenpool_s_own_session_settings(
+        pg: Any, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """libpq drops PGOPTIONS whenever ``options`` is passed, and greenpool passes it for
+    statement_timeout: so PGOPTIONS is read here and both reach the server."""
+    monkeypatch.setenv("PGOPTIONS", "-c work_mem=7MB")
+    pool = pool_of(mode, db={**pg.endpoint(), "query_timeout": 4000})
+    try:
+        with pool.handler("g") as db:
+            assert db.query_one("SELECT current_setting('work_mem'), "
+                                "current_setting('statement_timeout')") == ("7MB", "4s")
+    finally:
+        pool.close()
+
+
+def test_a_wrong_pgpassword_never_shows(pg: Any, mode: str, env_user: str,
+                                        monkeypatch: pytest.MonkeyPatch,
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("PGPASSWORD", SECRET + "-wrong")
+    db = {"host": pg.host, "port": pg.port, "name": "env_db", "user": env_user}
+    pool = pool_of(mode, db=db)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="greenpool"), \
+                pytest.raises(PoolError) as info, pool.handler("g"):
+            pass
+        assert "password authentication failed" in str(info.value)
+        seen = [*texts(info.value), *texts(pool.config), repr(pool),
+                *(r.getMessage() for r in caplog.records)]
+        assert all(SECRET not in text for text in seen)
+    finally:
+        pool.close()
+
+
+@pytest.mark.parametrize("name, value, says", [
+    ("PGPORT", "54x2", r"^\$PGPORT as db\[0\]\.port: expected a whole number"),
+    ("PGPORT", "70000", r"^\$PGPORT as db\[0\]\.port"),
+    ("PGSSLMODE", "sometimes", r"^\$PGSSLMODE as db\[0\]\.ssl: expected one of disable"),
+    ("PGHOST", "a,b", r"^\$PGHOST as db\[0\]\.host: .*multi-host"),
+    ("PGCONNECT_TIMEOUT", "soon", r"^\$PGCONNECT_TIMEOUT as db\[0\]\.connect_timeout"),
+])
+def test_a_bad_variable_is_a_config_error_naming_it(
+        name: str, value: str, says: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PGHOST", "127.0.0.1")
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=says):
+        parse_config({"groups": {"g": {}}})
+
+
+def test_connect_timeout_from_the_environment(monkeypatch: pytest.MonkeyPatch,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("PGCONNECT_TIMEOUT", "7")
+    assert parse_config({"db": {"host": "h"}}).endpoints[0].connect_timeout == 7
+    monkeypatch.setenv("PGCONNECT_TIMEOUT", "0")  # libpq: wait for ever; greenpool: never
+    with caplog.at_level(logging.WARNING, logger="greenpool"):
+        assert parse_config({"db": {"host": "h"}}).endpoints[0].connect_timeout == 5.0
+    assert "PGCONNECT_TIMEOUT=0" in caplog.text
+
+
+def test_without_db_or_pghost_the_error_says_both() -> None:
+    with pytest.raises(ConfigError, match=r"^db: missing.*set PGHOST"):
+        parse_config({"groups": {"g": {}}})
+
+
+# --- properties ------------------------------------------------------------------------
+
+_NAMES = [n for n in (*ENDPOINT_VARIABLES, "PGOPTIONS", "PGAPPNAME") if n != "PGPASSWORD"]
+_env_value = st.one_of(
+    st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)),
+            max_size=12),
+    st.integers(-5, 70000).map(str),
+    st.sampled_from(["disable", "require", "127.0.0.1", "/tmp", "a,b"]),
+)
+#: PGPASSWORD, when set, is SECRET and nothing else is (a host may show, a password never)
+_environments = st.tuples(
+    st.dictionaries(st.sampled_from(_NAMES), _env_value, max_size=len(_NAMES)),
+    st.sampled_from([{}, {"PGPASSWORD": SECRET}]),
+).map(lambda pair: {**pair[0], **pair[1]})
+_given = st.fixed_dictionaries({}, optional={
+    "host": st.just("db.example"), "port": st.just(6000), "name": st.just("given_db"),
+    "user": st.just("given_user"), "pass": st.just("given-pw"), "ssl": st.just("require"),
+    "connect_timeout": st.just(3)})
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_environments, _given)
+@example(env={"PGPORT": "0\x1f"}, given_keys={})  # int() refused what str.strip() kept
+def test_the_environment_only_fills_gaps(env: dict[str, str], given_keys: dict) -> None:
+    filled, sources = fill_endpoint(given_keys, env)
+    for key, value in given_keys.items():
+        assert filled[key] == value and key not in sources  # a given key is never replaced
+    for key, name in sources.items():
+        assert env[name] and key not in given_keys
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_environments, _given)
+def test_any_environment_parses_or_is_a_config_error_without_the_password(
+        env: dict[str, str], given_keys: dict) -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    with mock.patch.dict(os.environ, {**clean, **env}, clear=True):
+        try:
+            config = parse_config({"db": given_keys, "groups": {"g": {}}})
+        except ConfigError as exc:
+            assert all(SECRET not in text for text in texts(exc))
+            return
+    (endpoint,) = config.endpoints
+    assert SECRET not in repr(endpoint) and SECRET not in repr(config)
+    if "pass" not in given_keys and env.get("PGPASSWORD"):
+        assert endpoint.password == env["PGPASSWORD"]
+    if "port" not in given_keys and env.get("PGPORT"):
+        assert endpoint.port == int(env["PGPORT"])
+    if "host" in given_keys:
+        assert endpoint.host == "db.example"
