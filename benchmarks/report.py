@@ -114,6 +114,10 @@ STORM = {
                        ("backends_started", ".0f", ""), ("sessions_authorized", ".0f", ""),
                        ("connect_ms", ".1f", ""), ("served_share_eligible", ".0%", "")],
 }
+DIRTY = {
+    "overhead": [("clean_loan_us", ".0f", ""), ("dirty_loan_us", ".0f", ""),
+                 ("round_trip_us", ".0f", ""), ("reset_round_trips", ".2f", "")],
+}
 WEB = {
     "gunicorn": [("rps", ",.0f", ""), ("p50_ms", ".1f", ""), ("p99_ms", ".1f", ""),
                  ("non2xx", ".0f", ""), ("socket_errors", ".0f", "")],
@@ -129,6 +133,8 @@ SATURATED_HEAD = ("| pool | app errors | longest gap s | reads on A before the s
                   "| reads on A, restart+1 s to +5 s | reads |")
 STORM_HEAD = ("| pool | served | acquire timeouts | other errors | backends started (≤ 2) "
               "| sessions authorized | median connect ms | served, timeout ≥ 2× connect |")
+DIRTY_HEAD = ("| pool | clean loan µs | dirty loan µs | one round trip µs "
+              "| (dirty − clean) ÷ round trip |")
 WEB_HEAD = "| pool | requests/s | p50 ms | p99 ms | non-2xx | socket errors |"
 
 
@@ -186,6 +192,8 @@ def targets(raw: dict[str, Any]) -> list[str]:
             out.append(f"  - client CPU per operation (less sensitive to other load): greenpool "
                        f"{cpu[GP]:.1f} µs, SimpleConnectionPool {cpu['simple']:.1f} µs, raw "
                        f"{cpu['raw']:.1f} µs")
+    if "overhead" in runs:
+        reset_target(runs, check)
     if "contention" in runs:
         fair = med("contention", GP, "fairness")
         check("contention fairness ≥ 0.95", None if fair is None else fair >= 0.95,
@@ -272,6 +280,23 @@ def saturated_targets(runs: dict[str, Any], check: Any) -> None:
           f"{statistics.median(gaps):.3f} s, worst {max(gaps):.3f} s (no target)")
 
 
+def reset_target(runs: dict[str, Any], check: Any) -> None:
+    """Issue 14: a dirty loan's reset costs at most one round trip. The cost is measured as
+    (dirty loan - clean loan) in round trips of ``SELECT 1``; half a round trip of slack
+    tells one round trip (``DISCARD ALL``, which does a little more server work than
+    ``SELECT 1``) from two, whatever the timings' noise."""
+    rs = [r for r in runs["overhead"].get(GP, []) if "reset_round_trips" in r]
+    if not rs:
+        return
+    cost = statistics.median(r["reset_round_trips"] for r in rs)
+    check("a dirty loan's reset costs at most one round trip (measured < 1.5)", cost < 1.5,
+          f"{cost:.2f} round trips: clean loan "
+          f"{statistics.median(r['clean_loan_us'] for r in rs):.0f} µs, dirty loan "
+          f"{statistics.median(r['dirty_loan_us'] for r in rs):.0f} µs, one SELECT 1 round trip "
+          f"{statistics.median(r['round_trip_us'] for r in rs):.0f} µs; per repetition "
+          + ", ".join(f"{r['reset_round_trips']:.2f}" for r in rs))
+
+
 def storm_targets(runs: dict[str, Any], check: Any) -> None:
     rs = [r for r in runs.get("deadline-storm", {}).get(GP, []) if "served" in r]
     if not rs:
@@ -289,8 +314,16 @@ def storm_targets(runs: dict[str, Any], check: Any) -> None:
           None if share is None else share >= 0.9,
           f"worst repetition {fmt(share, '.1%')} of "
           f"{min(r['eligible'] for r in rs):,} such operations; median connect "
-          f"{statistics.median(r['connect_ms'] for r in rs):.1f} ms; served share by timeout "
+          f"{statistics.median(r['connect_ms'] for r in rs):.1f} ms; timeouts drawn from "
+          f"{storm_range(rs)} ms; served share by timeout "
           f"(first repetition): {buckets(rs[0])}")
+
+
+def storm_range(rs: list[dict[str, Any]]) -> str:
+    """The storm's timeout range(s) in ms, as text (the range follows the connect time)."""
+    ranges = sorted({(round(r["timeout_range_ms"][0]), round(r["timeout_range_ms"][1]))
+                     for r in rs if r.get("timeout_range_ms")})
+    return ", ".join(f"{lo}–{hi}" for lo, hi in ranges) or "1–20"
 
 
 def buckets(run: dict[str, Any]) -> str:
@@ -428,9 +461,29 @@ def new_sections(raw: dict[str, Any]) -> list[str]:
         if spans:
             out += [f"Timelines per repetition: {spans}.", ""]
     if "deadline-storm" in raw["runs"]:
-        out += ["## Deadline storm (20 greenlets, timeouts 1–20 ms, 2 connections)", "",
-                table(raw, STORM_HEAD, STORM), ""]
+        rs = [r for runs in raw["runs"]["deadline-storm"].values() for r in runs]
+        out += [f"## Deadline storm (20 greenlets, timeouts {storm_range(rs)} ms, "
+                "2 connections)", "", table(raw, STORM_HEAD, STORM), ""]
     return out
+
+
+DIRTY_NOTES = """\
+One greenlet, alternating chunks of 50: a clean loan (`SELECT 1`), a dirty loan
+(`SELECT set_config('search_path', current_setting('search_path'), false)`: a session setting,
+left as it was, that a pool which resets must still reset; greenpool sends `DISCARD ALL` on
+return), and 50 `SELECT 1` on one connection held throughout (one round trip each). The last
+column is what the dirty loan costs beyond the clean one, in round trips. The peers reset
+nothing of the session (what the dirty loan changed goes to the next borrower), so theirs is
+about 0; it shows the noise."""
+
+
+def dirty_section(raw: dict[str, Any]) -> list[str]:
+    """The dirty-loan table, when the overhead runs measured it (older raw.json did not)."""
+    if not any("reset_round_trips" in r for rs in raw["runs"].get("overhead", {}).values()
+               for r in rs):
+        return []
+    return ["## Dirty loans (1 greenlet): what the reset costs", "", DIRTY_NOTES, "",
+            table(raw, DIRTY_HEAD, DIRTY, only_taking_part=True), ""]
 
 
 def web_section(raw: dict[str, Any]) -> list[str]:
@@ -452,6 +505,7 @@ def write(raw: dict[str, Any], out_dir: Path) -> None:
         header(raw), "",
         *section("## Overhead (1 greenlet) and contention (200 greenlets, 10 connections)",
                  PERF_HEAD, PERF),
+        *dirty_section(raw),
         *section("## io-bound (500 greenlets, 20 connections, pg_sleep(0.02))", IO_HEAD, IO),
         *section("## Failover and chaos", ROBUST_HEAD, ROBUST),
         *new_sections(raw),

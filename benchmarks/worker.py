@@ -28,6 +28,9 @@ def main(spec: dict[str, Any]) -> dict[str, Any]:
     params = dict(spec["params"])
     if workload == "deadline_storm":  # before the pool exists: none of its connects count
         params.update(workloads.storm_baseline(target.dsn(), params["log_path"]))
+        # on a slow machine the timeouts reach further, relative to its connect time
+        reach = params.pop("reach", 0.0)
+        params["high"] = max(params["high"], round(reach * params["connect_ms"] / 1e3, 4))
     adapter = cls(target, spec["size"], autocommit=spec.get("autocommit", True),
                   readonly=spec.get("readonly", False), lazy=spec.get("lazy", False))
     if workload in ("failover", "saturated_failover"):
