@@ -247,10 +247,14 @@ def target_line(raw: dict[str, Any], workload: str) -> str:
                                                runs[best]["pgbouncer"], strict=False)
                if key in a and key in b and b[key]]
     verdict = "met" if ratio >= 1.0 else "**NOT met**"
+    if per_rep and min(per_rep) < 1.0 <= max(per_rep):
+        verdict += " by the medians, within the noise of this run"
     what = "ops/s" if workload == "contention" else "share of the limit"
+    spread = (f"median {statistics.median(per_rep):.2f}, range {min(per_rep):.2f}–"
+              f"{max(per_rep):.2f}" if per_rep else "none")
     return (f"- {workload}: greenpool {_fmt(workload, ours)} against the best peer, "
             f"{LABELS[best]}, {_fmt(workload, theirs)} ({what}, both through PgBouncer): "
-            f"{ratio:.2f}×, {verdict}; per repetition "
+            f"{ratio:.2f}×, {verdict}. Per repetition ({spread}): "
             + ", ".join(f"{r:.2f}" for r in per_rep) + ".")
 
 
@@ -276,7 +280,7 @@ def report(raw: dict[str, Any]) -> str:
         "",
         "| pool | direct ops/s | PgBouncer ops/s | PgBouncer ÷ direct | p50 / p99 ms direct "
         "| p50 / p99 ms PgBouncer | fairness (starved) direct | fairness (starved) PgBouncer "
-        "| errors |",
+        "| errors (direct + PgBouncer) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     lines += _rows(raw, "contention")
@@ -287,10 +291,12 @@ def report(raw: dict[str, Any]) -> str:
         "",
         "| pool | direct % of limit | PgBouncer % of limit | PgBouncer ÷ direct "
         "| p99 ÷ ideal direct | p99 ÷ ideal PgBouncer | fairness (starved) direct "
-        "| fairness (starved) PgBouncer | errors |",
+        "| fairness (starved) PgBouncer | errors (direct + PgBouncer) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     lines += _rows(raw, "iobound")
+    lines += ["", "psycopg2's `PoolError` here is its bounded getconn retry giving up after "
+              "3 s: a starved greenlet's error, as in the suite."]
     lines += ["", "## greenpool against the best peer through the same PgBouncer", ""]
     lines += [target_line(raw, w) for w in WORKLOADS]
     lines += ["", "## Per repetition", ""]
@@ -302,6 +308,11 @@ def report(raw: dict[str, Any]) -> str:
                 values = [_fmt(workload, r[key]) if key in r else "failed"
                           for r in raw["runs"][workload][peer][route]]
                 cells.append(f"{route} " + ", ".join(values))
+            pairs = zip(raw["runs"][workload][peer]["direct"],
+                        raw["runs"][workload][peer]["pgbouncer"], strict=False)
+            ratios = [f"{b[key] / a[key]:.2f}" for a, b in pairs
+                      if key in a and key in b and a[key]]
+            cells.append("PgBouncer ÷ direct " + ", ".join(ratios))
             lines.append(f"- {workload}, {LABELS[peer]}: " + "; ".join(cells) + ".")
     failures = [f"{w} {p} {r}: {run['failed']}" for w in WORKLOADS for p in PEERS
                 for r in ROUTES for run in raw["runs"][w][p][r] if "failed" in run]
@@ -318,7 +329,11 @@ def _rows(raw: dict[str, Any], workload: str) -> list[str]:
         d, b = raw["runs"][workload][peer]["direct"], raw["runs"][workload][peer]["pgbouncer"]
         direct, bounced = _median(d, key), _median(b, key)
         ratio = bounced / direct if direct else float("nan")
-        errors = sum(r.get("errors", 0) for r in _ok(d) + _ok(b))
+        kinds: dict[str, int] = {}
+        for run in _ok(d) + _ok(b):
+            for kind, n in run.get("error_kinds", {}).items():
+                kinds[kind] = kinds.get(kind, 0) + n
+        errors = f"{sum(kinds.values())}" + (f" ({', '.join(sorted(kinds))})" if kinds else "")
         if workload == "contention":
             lat = [f"{_median(x, 'p50_ms'):.1f} / {_median(x, 'p99_ms'):.1f}" for x in (d, b)]
         else:
