@@ -101,10 +101,26 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     adapter = cls(Target(**spec["target"]), spec["size"])
     try:
+        cpu = time.process_time()
         result: dict[str, Any] = getattr(workloads, spec["workload"])(adapter, **spec["params"])
+        result["client_cpu_us"] = _per_op(time.process_time() - cpu, result, spec["params"])
         return result
     finally:
         adapter.close()
+
+
+def _per_op(cpu_s: float, result: dict[str, Any], params: dict[str, Any]) -> float | None:
+    """CPU seconds spent over the whole workload (warm-up included) per operation, in µs:
+    the operations counted are the window's only, so they are scaled to the whole run at
+    the window's rate. Less disturbed by the machine's other load than ops/s."""
+    ops = result["ops_s"] * (params["warmup"] + params["seconds"])
+    return cpu_s / ops * 1e6 if ops else None
+
+
+def _cpu_ticks(pid: int) -> int:
+    """utime + stime of ``pid`` in clock ticks (/proc), for PgBouncer's own CPU."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
 
 
 # --- the orchestrator -----------------------------------------------------------------------
@@ -188,6 +204,8 @@ def run_suite(reps: int = 3, quick: bool = False, out: Path = HERE / "results") 
     with Cluster(settings={"max_connections": 300}) as pg, \
             PgBouncer(pg, **BOUNCER_SETTINGS) as bouncer:
         raw["machine"] = machine_info(pg, BINARY)
+        assert bouncer._proc is not None  # started: the helper keeps its process
+        bouncer_pid = bouncer._proc.pid
         print(raw["machine"]["uptime_start"], flush=True)
         for rep in range(reps):
             for workload in WORKLOADS:
@@ -196,11 +214,16 @@ def run_suite(reps: int = 3, quick: bool = False, out: Path = HERE / "results") 
                 for peer, route in order:
                     where = bouncer if route == "pgbouncer" else pg
                     spec = worker_spec(peer, route, workload, rep, where, pg, durations)
+                    ticks = _cpu_ticks(bouncer_pid)
                     res = run_worker(spec)
+                    if route == "pgbouncer" and "ops_s" in res:
+                        used = (_cpu_ticks(bouncer_pid) - ticks) / os.sysconf("SC_CLK_TCK")
+                        res["pgbouncer_cpu_us"] = _per_op(used, res, spec["params"])
                     raw["runs"][workload][peer][route].append(res)
                     brief = {k: round(v, 2) if isinstance(v, float) else v
                              for k, v in res.items()
-                             if k in ("ops_s", "p99_ms", "errors", "starved", "failed")}
+                             if k in ("ops_s", "p99_ms", "errors", "starved", "failed",
+                                      "client_cpu_us", "pgbouncer_cpu_us")}
                     print(f"rep {rep} {workload:10} {peer:9} {route:9} {brief}", flush=True)
     raw["machine"]["uptime_end"] = _uptime()
     out.mkdir(parents=True, exist_ok=True)
@@ -297,6 +320,22 @@ def report(raw: dict[str, Any]) -> str:
     lines += _rows(raw, "iobound")
     lines += ["", "psycopg2's `PoolError` here is its bounded getconn retry giving up after "
               "3 s: a starved greenlet's error, as in the suite."]
+    lines += [
+        "",
+        "## CPU per operation (µs; warm-up included, less disturbed by other load)",
+        "",
+        "| pool | contention: client direct | client via PgBouncer | PgBouncer's own "
+        "| io-bound: client direct | client via PgBouncer | PgBouncer's own |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for peer in PEERS:
+        cpu: list[float] = []
+        for workload in WORKLOADS:
+            runs = raw["runs"][workload][peer]
+            cpu += [_median(runs["direct"], "client_cpu_us"),
+                      _median(runs["pgbouncer"], "client_cpu_us"),
+                      _median(runs["pgbouncer"], "pgbouncer_cpu_us")]
+        lines.append(f"| {LABELS[peer]} | " + " | ".join(f"{c:.0f}" for c in cpu) + " |")
     lines += ["", "## greenpool against the best peer through the same PgBouncer", ""]
     lines += [target_line(raw, w) for w in WORKLOADS]
     lines += ["", "## Per repetition", ""]
