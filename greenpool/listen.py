@@ -149,6 +149,8 @@ class Listener:
     def start(self, timeout: float | None) -> Listener:
         """Take a limit slot, connect and LISTEN within ``timeout`` (the group's acquire
         timeout if None); any failure closes the listener and propagates."""
+        with self._lock:
+            self._busy = True  # a close() meanwhile (Pool.close()) is acted on below
         try:
             deadline = self._slots.deadline(timeout)
             self._slots.take(timeout)
@@ -157,8 +159,17 @@ class Listener:
             pc = self._slots.open(deadline)
             self._listen_on(pc)
         except BaseException:
+            with self._lock:
+                self._busy = False
             self._shut()
             raise
+        with self._lock:
+            self._busy = False
+            closing = self._closing
+        if closing:  # else the session would listen on the server for ever
+            self._shut()
+            raise PoolClosed(f"group {self._group.name!r}: the listener was closed (the "
+                             f"pool was closed) while it connected")
         return self
 
     def close(self) -> None:
@@ -170,12 +181,12 @@ class Listener:
                 return
             self._closing = True
             busy = self._busy
-        if busy:
-            try:
-                os.write(self._wake_w, b"x")
-            except OSError:
-                pass  # the pipe is full: the reader will wake anyway
-        else:
+            if busy:  # under the lock: _shut() closes the pipe only after it sets _closed
+                try:
+                    os.write(self._wake_w, b"x")
+                except OSError:
+                    pass  # the pipe is full: the reader will wake anyway
+        if not busy:
             self._shut()
 
     @property
