@@ -181,6 +181,7 @@ class Listener:
         self._held = _Held((self._wake_r, self._wake_w))
         # dropped without close(): the slots give it all back at their next use
         self._finalizer = weakref.finalize(self, _orphaned, slots.orphans, self._held)
+        self._finalizer.atexit = False  # at exit the process ends the sessions itself
         #: (reason, when, endpoint label) of the latest loss, for the Gap that follows it
         self._lost_info = ("", 0.0, "")
 
