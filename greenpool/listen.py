@@ -114,7 +114,7 @@ class _Held:
 
     __slots__ = ("fds", "holds_slot", "pc")
 
-    def __init__(self, fds: tuple[int, int]) -> None:
+    def __init__(self, fds: tuple[int, ...]) -> None:
         self.pc: PooledConnection | None = None
         self.holds_slot = False
         self.fds = fds

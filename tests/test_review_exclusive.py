@@ -14,12 +14,15 @@ import time
 from typing import Any
 
 import pytest
+import test_listen
 from endpoints import label
 from modes import GREEN, Timeout, join_all, sleep, spawn, wait_until
 
 from greenpool import Gap, PoolClosed
 
 pytestmark = pytest.mark.timeout(120)
+
+example_app = test_listen.example_app  # the fixture: examples/gunicorn/app.py in process
 
 APP = "greenpool-review-listen"
 
@@ -208,11 +211,10 @@ def test_a_block_interrupted_mid_query_ends_its_session_and_frees_its_lock(make_
     (with the session advisory lock it took) is gone from the server soon, not when the
     query would have finished, and the slot is free."""
     pool = make_pool({"g": {"exclusive_limit": 1}}, application_name=APP)
-    with pytest.raises(Timeout), Timeout(0.5):
-        with pool.exclusive("g") as conn:
-            cursor = conn.cursor()
-            cursor.execute("SELECT pg_advisory_lock(4242)")
-            cursor.execute("SELECT pg_sleep(60)")
+    with pytest.raises(Timeout), Timeout(0.5), pool.exclusive("g") as conn:
+        cursor = conn.cursor()
+        cursor.execute("SELECT pg_advisory_lock(4242)")
+        cursor.execute("SELECT pg_sleep(60)")
     assert group_stats(pool)["exclusive_open"] == 0
     wait_until(lambda: sessions(pg) - group_stats(pool)["size"] == 0, 10,
                "the interrupted session to end")
@@ -304,3 +306,21 @@ def test_fifty_listeners_follow_a_promotion_each_with_one_gap(make_pool, pg_fact
     stats = group_stats(pool, "write")
     assert stats["listen_gaps"] == n and stats["timeouts"] == 0, stats
     wait_until(lambda: listening_sessions(standby) == 0, 10, "every session to end")
+
+
+def test_the_example_stream_closed_before_its_first_chunk_closes_its_listener(
+    example_app,
+):
+    """A WSGI server may close the response before iterating it (the client left while the
+    headers were sent): PEP 3333's close() must end the listener then too, not leave it to
+    the garbage collector (a generator closed unstarted never runs its finally)."""
+    import greenpool
+
+    status, stream = test_listen.request(example_app, "GET", "/events")
+    assert status == "200 OK"
+    assert greenpool.stats()["groups"]["write"]["listeners"] == 1
+    listener = stream.listener  # held: the garbage collector cannot help
+    stream.close()
+    assert listener.closed
+    assert greenpool.stats()["groups"]["write"]["listeners"] == 0
+    assert greenpool.stats()["groups"]["write"]["exclusive_open"] == 0
