@@ -433,6 +433,7 @@ class Listener:
     def after_fork_in_child(self) -> None:
         """In the child: the connection was silenced with the group's; drop it untouched."""
         self._finalizer.detach()
+        self._lock = self._backend.lock()  # a parent's thread may have held it at fork
         self._pc = None
         self._holds_slot = False
         self._closing = self._closed = True
