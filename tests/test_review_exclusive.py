@@ -324,3 +324,32 @@ def test_the_example_stream_closed_before_its_first_chunk_closes_its_listener(
     assert listener.closed
     assert greenpool.stats()["groups"]["write"]["listeners"] == 0
     assert greenpool.stats()["groups"]["write"]["exclusive_open"] == 0
+
+
+def test_close_from_another_task_at_random_moments_of_a_read(make_pool, pg):
+    """close() from another task (a thread in threaded mode) while the reader is anywhere
+    in get(): entering, waiting, returning a notification, leaving. The reader ends without
+    an error, and nothing is left: slot, listener count, session."""
+    import random
+
+    rng = random.Random(7)
+    pool = make_pool({"g": {"exclusive_limit": 1}}, application_name=APP)
+    for _ in range(30):
+        listener = pool.listen("g", "race", timeout=5)
+        pg.execute("NOTIFY race, 'a'; NOTIFY race, 'b'")
+
+        def read(lst: Any = listener) -> int:
+            count = 0
+            while lst.get(0.001 * rng.randint(0, 3)) is not None or not lst.closed:
+                count += 1
+            return count
+
+        reader = spawn(read)
+        sleep(rng.uniform(0, 0.01))
+        listener.close()
+        join_all([reader], 10)
+        assert reader.error is None, reader.error
+        assert listener.closed and listener.get(0) is None
+        stats = group_stats(pool)
+        assert (stats["exclusive_open"], stats["listeners"]) == (0, 0), stats
+    wait_until(lambda: listening_sessions(pg) == 0, 10, "no listening session")
