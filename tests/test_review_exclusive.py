@@ -353,3 +353,27 @@ def test_close_from_another_task_at_random_moments_of_a_read(make_pool, pg):
         stats = group_stats(pool)
         assert (stats["exclusive_open"], stats["listeners"]) == (0, 0), stats
     wait_until(lambda: listening_sessions(pg) == 0, 10, "no listening session")
+
+
+def test_pool_close_while_the_heartbeat_waits_on_a_stopped_backend(make_pool, pg):
+    """The listener's backend is stopped (SIGSTOP) and its heartbeat is waiting for the
+    answer when the pool is closed: the reader ends within the heartbeat's bound
+    (connect_timeout), and once the backend runs again no session is left."""
+    pool = make_pool({"g": {}}, db=pg.endpoint(connect_timeout=1), application_name=APP)
+    listener = pool.listen("g", "jobs", heartbeat=0.2)
+    pid = int(pg.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s "
+                         "AND query LIKE 'LISTEN %%'", (APP,))[0][0])
+    reader = spawn(lambda: list(listener))
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        sleep(0.4)  # the heartbeat is sent and waits
+        started = time.monotonic()
+        pool.close()
+        join_all([reader], 5)
+        assert time.monotonic() - started < 3
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert reader.error is None, reader.error
+    assert listener.closed
+    wait_until(lambda: pg.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s",
+                                  (pid,))[0][0] == 0, 10, "the stopped session to end")
