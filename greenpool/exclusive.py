@@ -19,6 +19,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from . import pooler
 from .concurrency import Backend, Waiter
 from .connection import PooledConnection, close_quietly
 from .errors import NoHealthyEndpoint, PoolClosed, PoolError, PoolTimeout
@@ -154,6 +155,14 @@ class ExclusiveSlots:
             raise
         group.connector.uncount(pc)
         self.counters.opened += 1
+        if pooler.mode_of(pc.endpoint.config) == pooler.TRANSACTION:
+            self.close_connection(pc)
+            raise PoolError(
+                f"group {group.name!r}: {pc.endpoint.label} is a transaction-mode pooler, "
+                f"where a dedicated connection is no session of its own (a LISTEN would "
+                f"hear nothing, a session lock would be held by another client); point the "
+                f"group at the server or at a session-mode pooler (endpoint key "
+                f"pooler: 'session')")
         return pc
 
     def close_connection(self, pc: PooledConnection, reason: str = "") -> None:

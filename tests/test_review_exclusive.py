@@ -17,6 +17,7 @@ import pytest
 import test_listen
 from endpoints import label
 from modes import GREEN, Timeout, join_all, sleep, spawn, wait_until
+from pgbouncer import available as pgbouncer_available
 
 from greenpool import Gap, PoolClosed
 
@@ -377,3 +378,28 @@ def test_pool_close_while_the_heartbeat_waits_on_a_stopped_backend(make_pool, pg
     assert listener.closed
     wait_until(lambda: pg.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s",
                                   (pid,))[0][0] == 0, 10, "the stopped session to end")
+
+
+@pytest.mark.skipif(not pgbouncer_available(), reason="needs /usr/sbin/pgbouncer")
+def test_a_transaction_pooler_cannot_give_a_session_and_says_so(make_pool, pg):
+    """Behind PgBouncer in transaction mode a 'dedicated' connection is no session (each
+    transaction may run on another server connection): a LISTEN there would silently hear
+    nothing, a session advisory lock would be held by a stranger. exclusive() and listen()
+    refuse at once, naming the endpoint and the ``pooler`` key; session mode works."""
+    from pgbouncer import PgBouncer
+
+    from greenpool import PoolError
+
+    with PgBouncer(pg, pool_mode="transaction", max_client_conn=50) as tx, \
+            PgBouncer(pg, pool_mode="session", max_client_conn=50) as session:
+        pool = make_pool({"g": {"exclusive_limit": 2}},
+                         db=tx.endpoint(pooler="transaction"), application_name=APP)
+        with pytest.raises(PoolError, match="transaction"), pool.exclusive("g", timeout=2):
+            pass
+        with pytest.raises(PoolError, match="transaction"):
+            pool.listen("g", "jobs", timeout=2)
+        assert group_stats(pool)["exclusive_open"] == 0
+        pool = make_pool({"g": {}}, db=session.endpoint(pooler="session"), application_name=APP)
+        with pool.listen("g", "jobs", timeout=5) as listener:
+            pg.execute("NOTIFY jobs, 'through a session pooler'")
+            assert listener.get(5).payload == "through a session pooler"
