@@ -16,11 +16,13 @@ connection opened for a caller who was interrupted is closed.
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from . import pooler
 from .concurrency import Backend, Waiter
 from .connection import PooledConnection, close_quietly
-from .errors import PoolClosed, PoolError, PoolTimeout
+from .errors import NoHealthyEndpoint, PoolClosed, PoolError, PoolTimeout
 from .stats import ExclusiveCounters
 from .waiting import WaitLine
 
@@ -44,6 +46,10 @@ class ExclusiveSlots:
         self._closed = False
         #: listeners open now (each holds one slot while it lives)
         self.listeners = 0
+        #: what listeners dropped without close() held (``listen._Held``), appended by their
+        #: finalizers at garbage collection (no lock there: it may run inside a locked
+        #: section) and given back by :meth:`reclaim` on the next use of these slots
+        self.orphans: deque[Any] = deque()
         #: bumped in a forked child: a slot taken in the parent is never given back here
         self.generation = 0
 
@@ -53,6 +59,7 @@ class ExclusiveSlots:
         """Hold one slot, waiting up to ``timeout`` (the group's acquire timeout if None)
         for one to be given back. Raises :class:`PoolTimeout`, :class:`PoolClosed`, or
         :class:`PoolError` when the group allows none."""
+        self.reclaim()
         wait_for = self.group.config.timeout if timeout is None else timeout
         name = self.group.name
         with self._lock:
@@ -85,6 +92,15 @@ class ExclusiveSlots:
             raise waiter.error
         if waiter.item is None:
             raise self._timeout_error(wait_for)
+
+    def reclaim(self) -> None:
+        """Give back what garbage-collected listeners held: connections, slots."""
+        while self.orphans:
+            try:
+                held = self.orphans.popleft()
+            except IndexError:
+                return
+            held.release(self)
 
     def count_listener(self, change: int) -> None:
         with self._lock:
@@ -121,17 +137,32 @@ class ExclusiveSlots:
         """``time.monotonic()`` plus ``timeout`` (the group's acquire timeout if None)."""
         return time.monotonic() + (self.group.config.timeout if timeout is None else timeout)
 
-    def open(self, deadline: float) -> PooledConnection:
+    def open(self, deadline: float, caller_waits: bool = True) -> PooledConnection:
         """A new connection of the group, outside its slots (the caller holds a limit slot):
         rounds of attempts, each bounded by its endpoint's ``connect_timeout``, started
         until ``deadline``. Raises what the group's connects raise
-        (:class:`NoHealthyEndpoint`, :class:`ConnectFailed`, :class:`PoolClosed`)."""
+        (:class:`NoHealthyEndpoint`, :class:`ConnectFailed`, :class:`PoolClosed`).
+        Without ``caller_waits`` (a listener's reconnect round) running out of time is no
+        caller's timeout, and is left out of the group's ``timeouts``."""
         group = self.group
         if group.closed:
             raise PoolClosed(f"group {group.name!r}: the pool is closed")
-        pc = group.connector.open_now(deadline, group.generation)
+        try:
+            pc = group.connector.open_now(deadline, group.generation)
+        except NoHealthyEndpoint:
+            if not caller_waits:
+                group.counters.timeouts -= 1  # the connector counted it as an acquire's
+            raise
         group.connector.uncount(pc)
         self.counters.opened += 1
+        if pooler.mode_of(pc.endpoint.config) == pooler.TRANSACTION:
+            self.close_connection(pc)
+            raise PoolError(
+                f"group {group.name!r}: {pc.endpoint.label} is a transaction-mode pooler, "
+                f"where a dedicated connection is no session of its own (a LISTEN would "
+                f"hear nothing, a session lock would be held by another client); point the "
+                f"group at the server or at a session-mode pooler (endpoint key "
+                f"pooler: 'session')")
         return pc
 
     def close_connection(self, pc: PooledConnection, reason: str = "") -> None:
@@ -147,6 +178,7 @@ class ExclusiveSlots:
     # --- reporting and lifecycle ----------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
+        self.reclaim()
         return {
             "exclusive_open": self._taken,
             "exclusive_max": self.limit,
@@ -157,6 +189,7 @@ class ExclusiveSlots:
 
     def close(self) -> None:
         """Refuse new slots; every waiter gets :class:`PoolClosed`."""
+        self.reclaim()
         with self._lock:
             self._closed = True
             self._line.fail_all(self._closed_error)
@@ -172,6 +205,7 @@ class ExclusiveSlots:
         self._line = WaitLine()
         self._taken = 0
         self.listeners = 0
+        self.orphans = deque()
         self.generation += 1
         old_line.fail_all(lambda: PoolError(
             f"group {self.group.name!r}: the process forked while this task waited for an "

@@ -35,7 +35,7 @@ import psycopg2
 from psycopg2 import sql
 
 from .concurrency import Backend
-from .connection import PooledConnection, round_trip
+from .connection import PooledConnection, close_raw, round_trip
 from .endpoint import UNKNOWN
 from .errors import PoolClosed, PoolError
 from .exclusive import ExclusiveSlots
@@ -107,6 +107,45 @@ def _readable_wait(backend: Backend) -> Callable[[list[int], float | None], list
     return poll_wait
 
 
+class _Held:
+    """What a listener holds on the server and in the pool, apart from the listener itself,
+    so that a listener dropped without :meth:`Listener.close` is still given back (see
+    :meth:`ExclusiveSlots.reclaim`): its connection, its limit slot, its wake-up pipe."""
+
+    __slots__ = ("fds", "holds_slot", "pc")
+
+    def __init__(self, fds: tuple[int, ...]) -> None:
+        self.pc: PooledConnection | None = None
+        self.holds_slot = False
+        self.fds = fds
+
+    def release(self, slots: ExclusiveSlots) -> None:
+        """Give everything back (once; the caller makes sure nobody else uses it)."""
+        pc, self.pc = self.pc, None
+        try:
+            if pc is not None:
+                slots.close_connection(pc)
+        finally:
+            if self.holds_slot:
+                self.holds_slot = False
+                slots.count_listener(-1)
+                slots.give()
+            fds, self.fds = self.fds, ()
+            for fd in fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+
+def _orphaned(orphans: deque[_Held], held: _Held) -> None:
+    """A listener was garbage-collected unclosed: end its session now (a driver call, no
+    lock: this may run inside any locked section) and leave the rest to the slots."""
+    if held.pc is not None:
+        close_raw(held.pc.raw)
+    orphans.append(held)
+
+
 class Listener:
     """Notifications of some channels, read by one task at a time.
 
@@ -132,7 +171,6 @@ class Listener:
         self._lock = backend.lock()
         self._wait = _readable_wait(backend)
         self._pending: deque[Item] = deque()
-        self._pc: PooledConnection | None = None
         self._busy = False  # a task is inside get()
         self._closing = False  # close() was asked
         self._closed = False  # everything given back
@@ -140,15 +178,36 @@ class Listener:
         self._on_close = on_close
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
-        self._holds_slot = False
+        self._held = _Held((self._wake_r, self._wake_w))
+        # dropped without close(): the slots give it all back at their next use
+        self._finalizer = weakref.finalize(self, _orphaned, slots.orphans, self._held)
+        self._finalizer.atexit = False  # at exit the process ends the sessions itself
         #: (reason, when, endpoint label) of the latest loss, for the Gap that follows it
         self._lost_info = ("", 0.0, "")
+
+    @property
+    def _pc(self) -> PooledConnection | None:
+        return self._held.pc
+
+    @_pc.setter
+    def _pc(self, pc: PooledConnection | None) -> None:
+        self._held.pc = pc
+
+    @property
+    def _holds_slot(self) -> bool:
+        return self._held.holds_slot
+
+    @_holds_slot.setter
+    def _holds_slot(self, holds: bool) -> None:
+        self._held.holds_slot = holds
 
     # --- life cycle -----------------------------------------------------------------------
 
     def start(self, timeout: float | None) -> Listener:
         """Take a limit slot, connect and LISTEN within ``timeout`` (the group's acquire
         timeout if None); any failure closes the listener and propagates."""
+        with self._lock:
+            self._busy = True  # a close() meanwhile (Pool.close()) is acted on below
         try:
             deadline = self._slots.deadline(timeout)
             self._slots.take(timeout)
@@ -157,8 +216,17 @@ class Listener:
             pc = self._slots.open(deadline)
             self._listen_on(pc)
         except BaseException:
+            with self._lock:
+                self._busy = False
             self._shut()
             raise
+        with self._lock:
+            self._busy = False
+            closing = self._closing
+        if closing:  # else the session would listen on the server for ever
+            self._shut()
+            raise PoolClosed(f"group {self._group.name!r}: the listener was closed (the "
+                             f"pool was closed) while it connected")
         return self
 
     def close(self) -> None:
@@ -170,12 +238,12 @@ class Listener:
                 return
             self._closing = True
             busy = self._busy
-        if busy:
-            try:
-                os.write(self._wake_w, b"x")
-            except OSError:
-                pass  # the pipe is full: the reader will wake anyway
-        else:
+            if busy:  # under the lock: _shut() closes the pipe only after it sets _closed
+                try:
+                    os.write(self._wake_w, b"x")
+                except OSError:
+                    pass  # the pipe is full: the reader will wake anyway
+        if not busy:
             self._shut()
 
     @property
@@ -313,7 +381,7 @@ class Listener:
                 if budget <= 0:
                     return
             try:
-                pc = self._slots.open(time.monotonic() + budget)
+                pc = self._slots.open(time.monotonic() + budget, caller_waits=False)
                 self._listen_on(pc)
             except PoolClosed:
                 self._closing = True
@@ -355,28 +423,21 @@ class Listener:
             if self._closed:
                 return
             self._closed = True
-        pc, self._pc = self._pc, None
+        self._finalizer.detach()
         try:
-            if pc is not None:
-                self._slots.close_connection(pc)
+            self._held.release(self._slots)
         finally:
-            if self._holds_slot:
-                self._holds_slot = False
-                self._slots.count_listener(-1)
-                self._slots.give()
-            for fd in (self._wake_r, self._wake_w):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
             if self._on_close is not None:
                 self._on_close(self)
 
     def after_fork_in_child(self) -> None:
         """In the child: the connection was silenced with the group's; drop it untouched."""
+        self._finalizer.detach()
+        self._lock = self._backend.lock()  # a parent's thread may have held it at fork
         self._pc = None
         self._holds_slot = False
         self._closing = self._closed = True
+        self._held.release(self._slots)  # only the pipe is left to close
 
 
 class Listeners:

@@ -283,6 +283,28 @@ def note_events(listener: greenpool.Listener,
         listener.close()
 
 
+class EventStream:
+    """The response of GET /events. Its close() (PEP 3333: the server calls it however the
+    response ends) closes the listener even if the body was never iterated, which a bare
+    generator's close() would not: its ``finally`` runs only once it has started."""
+
+    def __init__(self, listener: greenpool.Listener) -> None:
+        self.listener = listener
+        self._events = note_events(listener)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        return next(self._events)
+
+    def close(self) -> None:
+        try:
+            self._events.close()
+        finally:
+            self.listener.close()
+
+
 Route = Callable[..., tuple[str, Any]]
 ROUTES: list[tuple[str, str, Route]] = [
     ("GET", "/", index),
@@ -317,7 +339,7 @@ def application(environ: dict[str, Any], start_response: Callable[..., Any]) -> 
             # listening before the response starts: no note committed after this is missed
             listener = greenpool.listen("write", NOTES_CHANNEL)  # errors: a JSON 503
             start_response("200 OK", EVENT_HEADERS)
-            return note_events(listener)
+            return EventStream(listener)
         status, body = dispatch(environ)
     except HTTPError as exc:
         status, body = exc.status, {"error": exc.error, "detail": exc.detail}
