@@ -43,9 +43,28 @@ _loans: dict[Any, Loan] = {}
 
 
 class TrackingCursor(extensions.cursor):
-    """psycopg2's cursor, telling the loan what its statements did to the session."""
+    """psycopg2's cursor, telling the loan what its statements did to the session.
+
+    It belongs to the loan it was opened in: once that loan is given back, the connection
+    stays open and is lent again, so a cursor kept past ``close()`` (or a server-side
+    iterator left unfinished at the end of a request) would otherwise run its statements on
+    the next borrower's connection — inside its transaction, maybe while it waits on the
+    socket itself. It fails instead, as with Django's own backend (whose connection is closed
+    by then)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._greenpool_loan = _loans.get(self.connection)
+
+    def _check_loan(self) -> None:
+        if _loans.get(self.connection) is not self._greenpool_loan:
+            raise psycopg2.InterfaceError(
+                "cursor of a connection already given back to greenpool (opened before "
+                "connection.close() or the end of the request that took it)"
+            )
 
     def execute(self, query: Any, vars: Any = None) -> Any:
+        self._check_loan()
         if (query.__class__ is not str or query not in CLEAN) and changes_session(
             query, self.connection
         ):
@@ -57,6 +76,7 @@ class TrackingCursor(extensions.cursor):
             raise
 
     def executemany(self, query: Any, vars_list: Any) -> Any:
+        self._check_loan()
         if (query.__class__ is not str or query not in CLEAN) and changes_session(
             query, self.connection
         ):
@@ -68,8 +88,43 @@ class TrackingCursor(extensions.cursor):
             raise
 
     def callproc(self, procname: Any, parameters: Any = None) -> Any:
+        self._check_loan()
         _dirty(self.connection)  # a function may change anything
         return super().callproc(procname, parameters)
+
+
+class NamedTrackingCursor(TrackingCursor):
+    """A server-side cursor (``QuerySet.iterator()``): every fetch is a round trip, so each
+    checks the loan too; closing it after its loan ended sends nothing (the loan's
+    ``DISCARD ALL`` closed it on the server already)."""
+
+    def fetchone(self) -> Any:
+        self._check_loan()
+        return super().fetchone()
+
+    def fetchmany(self, size: Any = None) -> Any:
+        self._check_loan()
+        return super().fetchmany() if size is None else super().fetchmany(size)
+
+    def fetchall(self) -> Any:
+        self._check_loan()
+        return super().fetchall()
+
+    def scroll(self, value: Any, mode: str = "relative") -> Any:
+        self._check_loan()
+        return super().scroll(value, mode)
+
+    def __iter__(self) -> Any:
+        self._check_loan()
+        return super().__iter__()
+
+    def __next__(self) -> Any:
+        self._check_loan()
+        return super().__next__()
+
+    def close(self) -> None:
+        if _loans.get(self.connection) is self._greenpool_loan:
+            super().close()
 
 
 def _dirty(raw: Any) -> None:

@@ -8,4 +8,5 @@ urlpatterns = [
     path("hold/", views.hold),
     path("spawn/", views.spawn),
     path("stats/", views.stats),
+    path("stream/", views.stream),
 ]

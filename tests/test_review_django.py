@@ -1,0 +1,293 @@
+"""Hostile review of greenpool.django: transactions, faults and session state on a real
+server, through the test project's models (fixtures shared with test_django)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+from modes import MODE, wait_until
+from test_django import APP_NAME, group_stats, pools, project, wsgi_request  # noqa: F401
+
+from greenpool.throwaway import Cluster
+
+django = pytest.importorskip("django")
+
+pytestmark = [
+    pytest.mark.skipif(MODE == "eventlet", reason="greenpool.django supports gevent and threads"),
+    pytest.mark.timeout(60),
+]
+
+
+def _backend_pid() -> int:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        return int(cursor.fetchone()[0])
+
+
+def test_killed_mid_atomic_commits_nothing_and_loses_no_slot(pools: Any) -> None:  # noqa: F811
+    if MODE != "gevent":
+        pytest.skip("a thread cannot be killed from outside")
+    import gevent
+    from django.db import connection, transaction
+    from notes.models import Note
+
+    def stuck() -> None:
+        with transaction.atomic(using="default"):
+            Note.objects.using("default").create(body="half")
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_sleep(30)")
+
+    task = gevent.spawn(stuck)
+    wait_until(lambda: group_stats(pools)["in_use"] == 1, 10, "the atomic block running")
+    gevent.sleep(0.2)
+    task.kill(timeout=5)
+    assert task.dead
+    wait_until(lambda: group_stats(pools)["in_use"] == 0, 10, "the killed task's loan back")
+    assert Note.objects.using("default").count() == 0
+    connection.close()
+
+
+def test_timeout_caught_mid_atomic_then_the_task_goes_on(pools: Any) -> None:  # noqa: F811
+    if MODE != "gevent":
+        pytest.skip("gevent.Timeout")
+    import gevent
+    from django.db import Error, connection, transaction
+    from notes.models import Note
+
+    with pytest.raises(gevent.Timeout), gevent.Timeout(0.3), transaction.atomic(using="default"):
+        Note.objects.using("default").create(body="half")
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_sleep(30)")
+    # the same task carries on with the same Django connection
+    try:
+        count = Note.objects.using("default").count()
+    except Error:
+        connection.close()
+        count = Note.objects.using("default").count()
+    assert count == 0
+    connection.close()
+    assert group_stats(pools)["in_use"] == 0
+
+
+def test_timeout_caught_mid_query_outside_atomic(pools: Any) -> None:  # noqa: F811
+    if MODE != "gevent":
+        pytest.skip("gevent.Timeout")
+    import gevent
+    from django.db import Error, connection
+    from notes.models import Note
+
+    with pytest.raises(gevent.Timeout), gevent.Timeout(0.3), connection.cursor() as cursor:
+        cursor.execute("SELECT pg_sleep(30)")
+    try:
+        count = Note.objects.using("default").count()
+    except Error:
+        connection.close()
+        count = Note.objects.using("default").count()
+    assert count == 0
+    connection.close()
+    assert group_stats(pools)["in_use"] == 0
+
+
+def test_terminated_backend_mid_request(pools: Any, pg: Cluster) -> None:  # noqa: F811
+    from django.db import OperationalError, connection
+
+    pid = _backend_pid()
+    with pytest.raises(OperationalError), connection.cursor() as cursor:
+        pg.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        cursor.execute("SELECT 1")
+    connection.close()
+    assert group_stats(pools)["in_use"] == 0
+    assert _backend_pid() != pid
+    connection.close()
+
+
+def test_autocommit_off_by_hand_is_rolled_back_and_restored(pools: Any) -> None:  # noqa: F811
+    from django.db import connection, transaction
+    from notes.models import Note
+
+    transaction.set_autocommit(False, using="default")
+    Note.objects.using("default").create(body="never committed")
+    connection.close()
+    assert transaction.get_autocommit(using="default")
+    assert Note.objects.using("default").count() == 0
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+    assert connection.connection.autocommit
+    connection.close()
+
+
+def test_on_commit_select_for_update_and_savepoints(pools: Any) -> None:  # noqa: F811
+    from django.db import connection, transaction
+    from notes.models import Note
+
+    ran: list[str] = []
+    note = Note.objects.using("default").create(body="x")
+    with transaction.atomic(using="default"):
+        locked = Note.objects.using("default").select_for_update().get(id=note.id)
+        transaction.on_commit(lambda: ran.append("outer"), using="default")
+        try:
+            with transaction.atomic(using="default"):
+                transaction.on_commit(lambda: ran.append("inner"), using="default")
+                Note.objects.using("default").create(body="undone")
+                raise RuntimeError
+        except RuntimeError:
+            pass
+        locked.body = "y"
+        locked.save(using="default")
+        assert ran == []
+    assert ran == ["outer"]
+    assert list(Note.objects.using("default").values_list("body", flat=True)) == ["y"]
+    connection.close()
+
+
+def test_server_side_iterator_leaves_no_cursor(pools: Any) -> None:  # noqa: F811
+    from django.db import connection
+    from notes.models import Note
+
+    Note.objects.using("default").bulk_create([Note(body=str(i)) for i in range(50)])
+    pid = _backend_pid()
+    rows = Note.objects.using("default").iterator(chunk_size=5)
+    assert next(rows).body == "0"
+    connection.close()
+    assert _backend_pid() == pid
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_cursors")
+        assert cursor.fetchone()[0] == 0
+    connection.close()
+
+
+def test_streaming_response_keeps_its_connection_until_closed(pools: Any) -> None:  # noqa: F811
+    from io import BytesIO
+    from wsgiref.util import setup_testing_defaults
+
+    from django.core.handlers.wsgi import WSGIHandler
+    from notes.models import Note
+
+    Note.objects.using("default").bulk_create([Note(body=str(i)) for i in range(20)])
+    from django.db import connections
+    for conn in connections.all():
+        conn.close()
+    environ: dict[str, Any] = {"PATH_INFO": "/stream/", "REQUEST_METHOD": "GET",
+                               "wsgi.input": BytesIO(b"")}
+    setup_testing_defaults(environ)
+    response = WSGIHandler()(environ, lambda s, h, exc_info=None: None)
+    chunks = iter(response)
+    first = next(chunks)
+    assert first
+    lent = group_stats(pools, "replica")["in_use"] + group_stats(pools)["in_use"]
+    rest = b"".join(chunks)
+    response.close()
+    assert lent == 1
+    assert (first + rest).count(b"\n") == 20
+    assert group_stats(pools, "replica")["in_use"] == 0
+
+
+@pytest.mark.parametrize("statement", [
+    "SELECT pg_advisory_lock(42)",
+    "SELECT set_config('search_path', 'pg_catalog', false)",
+    "CREATE TEMP TABLE t_review (x int)",
+    "PREPARE review_stmt AS SELECT 1",
+    "LISTEN review_channel",
+])
+def test_session_state_never_reaches_the_next_request(pools: Any, statement: str) -> None:  # noqa: F811
+    from django.db import connection
+
+    pid = _backend_pid()
+    with connection.cursor() as cursor:
+        cursor.execute(statement)
+    connection.close()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid(), current_setting('search_path'),"
+                       " (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+                       "  AND pid = pg_backend_pid()),"
+                       " (SELECT count(*) FROM pg_prepared_statements),"
+                       " (SELECT count(*) FROM pg_listening_channels()),"
+                       " to_regclass('pg_temp.t_review') IS NULL")
+        row = cursor.fetchone()
+    connection.close()
+    if row[0] == pid:
+        assert row[1:] == ('"$user", public', 0, 0, 0, True), row
+
+
+def test_threaded_thread_without_close_gives_back(pools: Any) -> None:  # noqa: F811
+    from notes.models import Note
+
+    done = threading.Event()
+
+    def leaky() -> None:
+        Note.objects.using("default").count()
+        done.set()
+
+    if MODE == "gevent":
+        pytest.skip("threads under gevent are greenlets: covered by test_django")
+    thread = threading.Thread(target=leaky)
+    thread.start()
+    thread.join(10)
+    assert done.is_set()
+    wait_until(lambda: group_stats(pools)["in_use"] == 0, 10, "the thread's loan back")
+
+
+def test_wrong_password_not_in_error(pools: Any, pg: Cluster) -> None:  # noqa: F811
+    from django.db import connections
+    from django.db.utils import ConnectionHandler
+
+    settings = {k: dict(v) for k, v in connections.settings.items()}
+    settings["default"]["PASSWORD"] = "hunter2-wrong-secret"
+    settings["default"]["OPTIONS"] = {**settings["default"]["OPTIONS"], "timeout": 1}
+    handler = ConnectionHandler(settings)
+    conn = handler["default"]
+    with pytest.raises(Exception) as caught:
+        conn.ensure_connection()
+    text = ""
+    exc: BaseException | None = caught.value
+    while exc is not None:
+        text += repr(exc) + str(exc)
+        exc = exc.__cause__ or exc.__context__
+    assert "hunter2" not in text, text
+    conn.close()
+
+
+def test_a_cursor_kept_past_its_loan_cannot_reach_the_next_borrower(pools: Any) -> None:  # noqa: F811
+    """Django's own backend closes the connection, so a cursor kept past ``close()`` fails;
+    a pooled connection stays open and is lent again: the old cursor must fail too, not run
+    its statement inside the next borrower's transaction."""
+    from django.db import InterfaceError, connection, transaction
+    from notes.models import Note
+
+    pid = _backend_pid()
+    kept = connection.cursor()
+    connection.close()
+    with transaction.atomic(using="default"):
+        assert _backend_pid() == pid  # the same server connection, lent again
+        Note.objects.using("default").create(body="kept")
+        with pytest.raises(InterfaceError):
+            kept.execute("SELECT 1")
+        Note.objects.using("default").create(body="still fine")
+    assert Note.objects.using("default").count() == 2
+    connection.close()
+
+
+def test_an_unfinished_server_side_iterator_cannot_abort_the_next_borrower(pools: Any) -> None:  # noqa: F811
+    import gc
+
+    from django.db import Error, connection, transaction
+    from notes.models import Note
+
+    Note.objects.using("default").bulk_create([Note(body=str(i)) for i in range(50)])
+    pid = _backend_pid()
+    rows = Note.objects.using("default").iterator(chunk_size=5)
+    assert [next(rows).body for _ in range(5)] == ["0", "1", "2", "3", "4"]  # one chunk
+    connection.close()  # the request ends with the iterator unfinished
+    with transaction.atomic(using="default"):
+        assert _backend_pid() == pid
+        with pytest.raises(Error):
+            next(rows)  # the old loan's cursor: fails without touching this transaction
+        del rows
+        gc.collect()  # closing the old cursor sends nothing either
+        Note.objects.using("default").create(body="after")
+    assert Note.objects.using("default").filter(body="after").count() == 1
+    connection.close()
