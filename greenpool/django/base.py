@@ -116,7 +116,7 @@ class DatabaseWrapper(_DjangoWrapper):
     def create_cursor(self, name: str | None = None) -> Any:
         if name and self._loan is not None and self._loan.pc is not None:
             self._loan.pc.dirty = True  # a WITH HOLD cursor outlives its transaction
-            raw = self.connection
+            raw: Any = self.connection
             raw.cursor_factory = NamedTrackingCursor  # every fetch checks the loan
             try:
                 return super().create_cursor(name)

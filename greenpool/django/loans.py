@@ -110,7 +110,7 @@ class NamedTrackingCursor(TrackingCursor):
         self._check_loan()
         return super().fetchall()
 
-    def scroll(self, value: Any, mode: str = "relative") -> Any:
+    def scroll(self, value: Any, mode: Any = "relative") -> Any:
         self._check_loan()
         return super().scroll(value, mode)
 
