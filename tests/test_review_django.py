@@ -7,7 +7,7 @@ import threading
 from typing import Any
 
 import pytest
-from modes import MODE, wait_until
+from modes import MODE, join_all, spawn, wait_until
 from test_django import APP_NAME, group_stats, pools, project, wsgi_request  # noqa: F401
 
 from greenpool.throwaway import Cluster
@@ -32,6 +32,7 @@ def test_killed_mid_atomic_commits_nothing_and_loses_no_slot(pools: Any) -> None
     if MODE != "gevent":
         pytest.skip("a thread cannot be killed from outside")
     import gevent
+    import gevent.event
     from django.db import connection, transaction
     from notes.models import Note
 
@@ -55,6 +56,7 @@ def test_timeout_caught_mid_atomic_then_the_task_goes_on(pools: Any) -> None:  #
     if MODE != "gevent":
         pytest.skip("gevent.Timeout")
     import gevent
+    import gevent.event
     from django.db import Error, connection, transaction
     from notes.models import Note
 
@@ -77,6 +79,7 @@ def test_timeout_caught_mid_query_outside_atomic(pools: Any) -> None:  # noqa: F
     if MODE != "gevent":
         pytest.skip("gevent.Timeout")
     import gevent
+    import gevent.event
     from django.db import Error, connection
     from notes.models import Note
 
@@ -356,3 +359,156 @@ def test_a_pool_made_before_fork_does_not_hang_a_gevent_worker(pg: Cluster) -> N
     assert done.returncode == 0, done.stderr[-3000:]
     found = json.loads(done.stdout.strip().splitlines()[-1])
     assert found == {"results": ["ok"] * 6, "modes": ["gevent"]}, found
+
+
+def _handler_for(cluster: Cluster, **options: Any) -> Any:
+    """A ConnectionHandler of its own, on ``cluster`` (a pool of its own, too)."""
+    from django.db.utils import ConnectionHandler
+    from test_django import SIZE, TIMEOUT
+
+    settings = {"default": {
+        "ENGINE": "greenpool.django", "NAME": "postgres", "USER": cluster.user,
+        "PASSWORD": cluster.password, "HOST": cluster.host, "PORT": cluster.port,
+        "OPTIONS": {"connection_count": SIZE, "timeout": TIMEOUT, "connect_timeout": 2,
+                    "greenpool": {"type": MODE, "application_name": APP_NAME,
+                                  "quarantine_initial": 0.1, "quarantine_max": 0.5},
+                    **options}}}
+    return ConnectionHandler(settings)
+
+
+def test_server_stopped_immediately_mid_atomic(pools: Any, pg_factory: Any) -> None:  # noqa: F811
+    from django.db import Error
+
+    cluster = pg_factory()
+    handler = _handler_for(cluster)
+    group = None
+    outcome: list[BaseException | None] = []
+
+    def request() -> None:
+        conn = handler["default"]
+        try:
+            from django.db import transaction
+
+            with transaction.atomic(using=conn.alias), conn.cursor() as cursor:
+                cursor.execute("CREATE TABLE IF NOT EXISTS t_stop (x int)")
+                cursor.execute("INSERT INTO t_stop VALUES (1)")
+                cursor.execute("SELECT pg_sleep(30)")
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+        finally:
+            conn.close()
+
+    from greenpool.django.pools import group_for
+
+    task = spawn(request)
+    sleeping = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%%'"
+    wait_until(lambda: cluster.execute(sleeping)[0][0] == 1, 10, "mid-query")
+    cluster.stop("immediate")
+    join_all([task], 20)
+    assert isinstance(outcome[0], Error), outcome
+    settings_dict = handler["default"].settings_dict
+    group = group_for("default", settings_dict, "UTC")
+    assert group.stats()["in_use"] == 0
+    cluster.start()
+
+    def works() -> bool:
+        conn = handler["default"]
+        try:
+            with conn.cursor() as cursor:
+                cursor.execute("SELECT count(*) FROM pg_tables WHERE tablename = 't_stop'")
+                return cursor.fetchone()[0] == 0  # nothing half committed
+        except Error:
+            return False
+        finally:
+            conn.close()
+
+    wait_until(works, 15, "the pool serving again after the restart")
+    assert group_for("default", settings_dict, "UTC").stats()["in_use"] == 0
+
+
+def test_timeout_while_waiting_for_a_full_pool_loses_no_slot(pools: Any) -> None:  # noqa: F811
+    if MODE != "gevent":
+        pytest.skip("gevent.Timeout")
+    import gevent
+    import gevent.event
+    from django.db import connection
+    from test_django import SIZE
+
+    release = gevent.event.Event()
+
+    def hold() -> None:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        release.wait(10)
+        connection.close()
+
+    holders = [gevent.spawn(hold) for _ in range(SIZE)]
+    wait_until(lambda: group_stats(pools)["in_use"] == SIZE, 10, "every connection lent")
+    with pytest.raises(gevent.Timeout), gevent.Timeout(0.2), connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+    connection.close()
+    assert group_stats(pools)["waiting"] == 0
+    release.set()
+    gevent.joinall(holders, 10)
+    assert group_stats(pools)["in_use"] == 0
+    for _ in range(SIZE + 1):
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        connection.close()
+
+
+def test_a_view_that_raises_mid_atomic_commits_nothing(pools: Any) -> None:  # noqa: F811
+    from notes.models import Note
+
+    status, _ = wsgi_request("/boom/")
+    assert status.startswith("500"), status
+    assert group_stats(pools)["in_use"] == 0
+    assert Note.objects.using("default").count() == 0
+    from django.db import connection
+    connection.close()
+
+
+def test_a_stream_closed_early_gives_its_connection_back(pools: Any) -> None:  # noqa: F811
+    """The client went away mid-stream: the server closes the response unfinished."""
+    from io import BytesIO
+    from wsgiref.util import setup_testing_defaults
+
+    from django.core.handlers.wsgi import WSGIHandler
+    from django.db import connections
+    from notes.models import Note
+
+    Note.objects.using("default").bulk_create([Note(body=str(i)) for i in range(20)])
+    for conn in connections.all():
+        conn.close()
+    environ: dict[str, Any] = {"PATH_INFO": "/stream/", "REQUEST_METHOD": "GET",
+                               "wsgi.input": BytesIO(b"")}
+    setup_testing_defaults(environ)
+    response = WSGIHandler()(environ, lambda s, h, exc_info=None: None)
+    assert next(iter(response))
+    assert group_stats(pools, "replica")["in_use"] == 1
+    response.close()
+    assert group_stats(pools, "replica")["in_use"] == 0
+
+
+@pytest.mark.parametrize("bad", [{"PORT": "not-a-port"}, {"OPTIONS": {"connect_timeout": -1}},
+                                 {"OPTIONS": {"sslmode": "sometimes"}}])
+def test_bad_settings_never_show_the_password(pools: Any, bad: dict[str, Any]) -> None:  # noqa: F811
+    from django.db import connections
+    from django.db.utils import ConnectionHandler
+
+    settings = {k: dict(v) for k, v in connections.settings.items() if k == "default"}
+    settings["default"]["PASSWORD"] = "hunter2-wrong-secret"
+    for key, value in bad.items():
+        settings["default"][key] = ({**settings["default"]["OPTIONS"], **value}
+                                    if key == "OPTIONS" else value)
+    conn = ConnectionHandler(settings)["default"]
+    with pytest.raises(Exception) as caught:
+        conn.ensure_connection()
+    text = ""
+    exc: BaseException | None = caught.value
+    while exc is not None:
+        text += repr(exc) + str(exc)
+        exc = exc.__cause__ or exc.__context__
+    assert "hunter2" not in text, text
+    conn.close()

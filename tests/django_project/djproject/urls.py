@@ -9,4 +9,5 @@ urlpatterns = [
     path("spawn/", views.spawn),
     path("stats/", views.stats),
     path("stream/", views.stream),
+    path("boom/", views.boom),
 ]

@@ -67,3 +67,10 @@ def stream(request):
 
     rows = (f"{note.body}\n" for note in Note.objects.all().iterator(chunk_size=3))
     return StreamingHttpResponse(rows, content_type="text/plain")
+
+
+def boom(request):
+    """A view that raises inside an atomic block after a write."""
+    with transaction.atomic(using="default"):
+        Note.objects.using("default").create(body="boom")
+        raise ValueError("the view failed")
