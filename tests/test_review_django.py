@@ -512,3 +512,57 @@ def test_bad_settings_never_show_the_password(pools: Any, bad: dict[str, Any]) -
         exc = exc.__cause__ or exc.__context__
     assert "hunter2" not in text, text
     conn.close()
+
+
+def test_a_stopped_backend_cannot_hold_a_request_past_its_statement_timeout(
+    pools: Any, pg_factory: Any  # noqa: F811
+) -> None:
+    """SIGSTOP: the server cannot enforce statement_timeout, the kernel still acknowledges,
+    so only a client-side bound frees the request and its slot."""
+    import os
+    import signal
+    import time
+
+    from django.db import OperationalError
+
+    from greenpool.django.pools import group_for
+
+    cluster = pg_factory()
+    handler = _handler_for(cluster, statement_timeout=0.5, connect_timeout=1)
+    conn = handler["default"]
+    with conn.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        pid = int(cursor.fetchone()[0])
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(OperationalError) as caught, conn.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        elapsed = time.monotonic() - started
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    conn.close()
+    assert "no answer" in str(caught.value), caught.value
+    assert 1.4 <= elapsed <= 4.0, elapsed
+    group = group_for("default", conn.settings_dict, "UTC")
+    stats = group.stats()
+    assert stats["in_use"] == 0 and stats["discards"] >= 1, stats
+    with conn.cursor() as cursor:  # served again, by another connection
+        cursor.execute("SELECT pg_backend_pid()")
+        assert cursor.fetchone()[0] != pid
+    conn.close()
+
+
+def test_a_long_statement_under_its_statement_timeout_is_not_cut(
+    pools: Any, pg_factory: Any  # noqa: F811
+) -> None:
+    from greenpool.django.pools import group_for
+
+    cluster = pg_factory()
+    handler = _handler_for(cluster, statement_timeout=2, connect_timeout=1)
+    conn = handler["default"]
+    with conn.cursor() as cursor:
+        cursor.execute("SELECT pg_sleep(1.5)")
+        cursor.execute("SELECT 1")
+    conn.close()
+    assert group_for("default", conn.settings_dict, "UTC").stats()["discards"] == 0

@@ -69,8 +69,12 @@ class TrackingCursor(extensions.cursor):
             query, self.connection
         ):
             _dirty(self.connection)
+        loan = self._greenpool_loan
         try:
-            return super().execute(query, vars)
+            if loan is None or loan.bound is None:
+                return super().execute(query, vars)
+            with loan.deadline():
+                return super().execute(query, vars)
         except psycopg2.Error as exc:
             _failed(self.connection, exc)
             raise
@@ -81,8 +85,12 @@ class TrackingCursor(extensions.cursor):
             query, self.connection
         ):
             _dirty(self.connection)
+        loan = self._greenpool_loan
         try:
-            return super().executemany(query, vars_list)
+            if loan is None or loan.bound is None:
+                return super().executemany(query, vars_list)
+            with loan.deadline():
+                return super().executemany(query, vars_list)
         except psycopg2.Error as exc:
             _failed(self.connection, exc)
             raise
@@ -152,7 +160,8 @@ def _failed(raw: Any, exc: psycopg2.Error) -> None:
 class Loan:
     """One connection of ``group`` lent to the task that called :meth:`take`."""
 
-    __slots__ = ("__weakref__", "_unwatch", "discard", "group", "pc", "raw", "saved_factory")
+    __slots__ = ("__weakref__", "_unwatch", "bound", "discard", "group", "pc", "raw",
+                 "saved_factory")
 
     def __init__(self, group: Group, timeout: float | None) -> None:
         self.group = group
@@ -162,6 +171,7 @@ class Loan:
         self.pc: PooledConnection | None = pc
         try:
             raw = self.raw = pc.raw
+            self.bound = _statement_bound(group, pc)
             pc.dirty = False  # TrackingCursor sees every statement Django sends from here
             self.saved_factory = raw.cursor_factory
             raw.cursor_factory = TrackingCursor
@@ -185,9 +195,33 @@ class Loan:
             raw.cursor_factory = self.saved_factory
         self.group.release(pc, discard=self.discard)
 
+    def deadline(self) -> Any:
+        """The client-side bound of one statement: see :func:`_statement_bound`. Past it the
+        statement is cancelled, psycopg2 closes the connection (so the loan discards it) and
+        the caller gets an ``OperationalError``."""
+        assert self.bound is not None
+        return self.group._backend.deadline(self.bound, psycopg2.OperationalError(
+            f"greenpool: no answer from the server within {self.bound:.1f} s "
+            f"(statement_timeout plus connect_timeout): the connection is discarded"
+        ))
+
     def given_back_for_ended_task(self) -> None:
         if self.pc is not None:
             self.group._backend.spawn(self.give_back)
+
+
+def _statement_bound(group: Group, pc: PooledConnection) -> float | None:
+    """``statement_timeout`` (the group's, else the endpoint's) plus ``connect_timeout``;
+    None without a statement_timeout (or with 0). The server enforces statement_timeout
+    itself, but not when it cannot run (SIGSTOP, a hung host whose kernel still
+    acknowledges): then only a client-side bound frees the request and its slot. Without a
+    statement_timeout the user asked for none: long statements (migrations) stay unbounded."""
+    seconds = group.config.statement_timeout
+    if seconds is None:
+        seconds = pc.endpoint.config.statement_timeout
+    if not seconds:  # None, or 0: PostgreSQL's "no timeout"
+        return None
+    return float(seconds) + float(pc.endpoint.config.connect_timeout)
 
 
 def _watch_task(loan: Loan) -> Any:
