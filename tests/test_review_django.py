@@ -566,3 +566,34 @@ def test_a_long_statement_under_its_statement_timeout_is_not_cut(
         cursor.execute("SELECT 1")
     conn.close()
     assert group_for("default", conn.settings_dict, "UTC").stats()["discards"] == 0
+
+
+@pytest.mark.parametrize("parallel", ["1", "2"])
+def test_django_test_classes_and_the_parallel_runner(pg: Cluster, parallel: str) -> None:
+    """TestCase, TransactionTestCase, on_commit capture and ``--parallel`` (cloned test
+    databases: no pooled session may block the CREATE DATABASE ... TEMPLATE)."""
+    if MODE != "gevent":
+        pytest.skip("runs in a subprocess of its own: once is enough")
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from test_django import PROJECT, databases
+
+    name = "django_parallel"
+    if not pg.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)):
+        pg.create_database(name)
+    dbs = databases(pg, name)
+    for alias in dbs.values():
+        alias["OPTIONS"] = {k: v for k, v in alias["OPTIONS"].items() if k != "greenpool"}
+    env = {**os.environ, "GREENPOOL_DJANGO_DATABASES": json.dumps(dbs),
+           "PYTHONPATH": os.pathsep.join([str(PROJECT.parent.parent), str(PROJECT)])}
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+    done = subprocess.run([sys.executable, "manage.py", "test", "notes.review_suite",
+                           "--noinput", "--parallel", parallel], cwd=PROJECT, env=env,
+                          capture_output=True, text=True, timeout=50, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Ran 4 tests" in done.stderr and "OK" in done.stderr, done.stderr[-2000:]
+    assert not pg.execute("SELECT datname FROM pg_database WHERE datname LIKE %s",
+                          (f"test_{name}%",))
