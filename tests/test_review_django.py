@@ -385,14 +385,14 @@ def test_server_stopped_immediately_mid_atomic(pools: Any, pg_factory: Any) -> N
     outcome: list[BaseException | None] = []
 
     def request() -> None:
-        conn = handler["default"]
+        conn = handler["default"]  # transaction.atomic would take the global connections'
         try:
-            from django.db import transaction
-
-            with transaction.atomic(using=conn.alias), conn.cursor() as cursor:
+            conn.set_autocommit(False)
+            with conn.cursor() as cursor:
                 cursor.execute("CREATE TABLE IF NOT EXISTS t_stop (x int)")
                 cursor.execute("INSERT INTO t_stop VALUES (1)")
                 cursor.execute("SELECT pg_sleep(30)")
+            conn.commit()
             outcome.append(None)
         except BaseException as exc:
             outcome.append(exc)
@@ -597,3 +597,33 @@ def test_django_test_classes_and_the_parallel_runner(pg: Cluster, parallel: str)
     assert "Ran 4 tests" in done.stderr and "OK" in done.stderr, done.stderr[-2000:]
     assert not pg.execute("SELECT datname FROM pg_database WHERE datname LIKE %s",
                           (f"test_{name}%",))
+
+
+def test_a_commit_to_a_stopped_backend_is_bounded_too(pools: Any, pg_factory: Any) -> None:  # noqa: F811
+    import os
+    import signal
+
+    from django.db import OperationalError
+
+    from greenpool.django.pools import group_for
+
+    cluster = pg_factory()
+    handler = _handler_for(cluster, statement_timeout=0.5, connect_timeout=1)
+    conn = handler["default"]
+    with conn.cursor() as cursor:
+        cursor.execute("CREATE TABLE t_commit (x int)")
+    pid = None
+    try:
+        conn.set_autocommit(False)  # transaction.atomic would take the global connections'
+        with conn.cursor() as cursor:
+            cursor.execute("INSERT INTO t_commit VALUES (1) RETURNING pg_backend_pid()")
+            pid = int(cursor.fetchone()[0])
+        os.kill(pid, signal.SIGSTOP)  # the COMMIT finds it stopped
+        with pytest.raises(OperationalError) as caught:
+            conn.commit()
+        assert "no answer" in str(caught.value), caught.value
+    finally:
+        if pid is not None:
+            os.kill(pid, signal.SIGCONT)
+    conn.close()
+    assert group_for("default", conn.settings_dict, "UTC").stats()["in_use"] == 0

@@ -124,6 +124,20 @@ class DatabaseWrapper(_DjangoWrapper):
                 raw.cursor_factory = TrackingCursor
         return super().create_cursor(name)
 
+    def _commit(self) -> None:
+        loan = self._loan
+        if loan is not None and loan.bound is not None and self.connection is not None:
+            with self.wrap_database_errors, loan.deadline():  # as every statement's
+                return self.connection.commit()
+        return super()._commit()
+
+    def _rollback(self) -> None:
+        loan = self._loan
+        if loan is not None and loan.bound is not None and self.connection is not None:
+            with self.wrap_database_errors, loan.deadline():
+                return self.connection.rollback()
+        return super()._rollback()
+
     def _close(self) -> None:
         loan = self._loan
         if loan is None:
