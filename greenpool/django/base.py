@@ -25,7 +25,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.base.base import NO_DB_ALIAS
 
 from .flavour import postgresql_base
-from .loans import Loan
+from .loans import Loan, NamedTrackingCursor, TrackingCursor
 from .pools import DJANGO_KEYS, ENDPOINT_KEYS, GROUP_KEYS, POOL_KEYS, close_all, group_for
 
 _postgresql = postgresql_base()
@@ -116,7 +116,27 @@ class DatabaseWrapper(_DjangoWrapper):
     def create_cursor(self, name: str | None = None) -> Any:
         if name and self._loan is not None and self._loan.pc is not None:
             self._loan.pc.dirty = True  # a WITH HOLD cursor outlives its transaction
+            raw: Any = self.connection
+            raw.cursor_factory = NamedTrackingCursor  # every fetch checks the loan
+            try:
+                return super().create_cursor(name)
+            finally:
+                raw.cursor_factory = TrackingCursor
         return super().create_cursor(name)
+
+    def _commit(self) -> None:
+        loan = self._loan
+        if loan is not None and loan.bound is not None and self.connection is not None:
+            with self.wrap_database_errors, loan.deadline():  # as every statement's
+                return self.connection.commit()
+        return super()._commit()
+
+    def _rollback(self) -> None:
+        loan = self._loan
+        if loan is not None and loan.bound is not None and self.connection is not None:
+            with self.wrap_database_errors, loan.deadline():
+                return self.connection.rollback()
+        return super()._rollback()
 
     def _close(self) -> None:
         loan = self._loan

@@ -43,33 +43,96 @@ _loans: dict[Any, Loan] = {}
 
 
 class TrackingCursor(extensions.cursor):
-    """psycopg2's cursor, telling the loan what its statements did to the session."""
+    """psycopg2's cursor, telling the loan what its statements did to the session.
+
+    It belongs to the loan it was opened in: once that loan is given back, the connection
+    stays open and is lent again, so a cursor kept past ``close()`` (or a server-side
+    iterator left unfinished at the end of a request) would otherwise run its statements on
+    the next borrower's connection — inside its transaction, maybe while it waits on the
+    socket itself. It fails instead, as with Django's own backend (whose connection is closed
+    by then)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._greenpool_loan = _loans.get(self.connection)
+
+    def _check_loan(self) -> None:
+        if _loans.get(self.connection) is not self._greenpool_loan:
+            raise psycopg2.InterfaceError(
+                "cursor of a connection already given back to greenpool (opened before "
+                "connection.close() or the end of the request that took it)"
+            )
 
     def execute(self, query: Any, vars: Any = None) -> Any:
+        self._check_loan()
         if (query.__class__ is not str or query not in CLEAN) and changes_session(
             query, self.connection
         ):
             _dirty(self.connection)
+        loan = self._greenpool_loan
         try:
-            return super().execute(query, vars)
+            if loan is None or loan.bound is None:
+                return super().execute(query, vars)
+            with loan.deadline():
+                return super().execute(query, vars)
         except psycopg2.Error as exc:
             _failed(self.connection, exc)
             raise
 
     def executemany(self, query: Any, vars_list: Any) -> Any:
+        self._check_loan()
         if (query.__class__ is not str or query not in CLEAN) and changes_session(
             query, self.connection
         ):
             _dirty(self.connection)
+        loan = self._greenpool_loan
         try:
-            return super().executemany(query, vars_list)
+            if loan is None or loan.bound is None:
+                return super().executemany(query, vars_list)
+            with loan.deadline():
+                return super().executemany(query, vars_list)
         except psycopg2.Error as exc:
             _failed(self.connection, exc)
             raise
 
     def callproc(self, procname: Any, parameters: Any = None) -> Any:
+        self._check_loan()
         _dirty(self.connection)  # a function may change anything
         return super().callproc(procname, parameters)
+
+
+class NamedTrackingCursor(TrackingCursor):
+    """A server-side cursor (``QuerySet.iterator()``): every fetch is a round trip, so each
+    checks the loan too; closing it after its loan ended sends nothing (the loan's
+    ``DISCARD ALL`` closed it on the server already)."""
+
+    def fetchone(self) -> Any:
+        self._check_loan()
+        return super().fetchone()
+
+    def fetchmany(self, size: Any = None) -> Any:
+        self._check_loan()
+        return super().fetchmany() if size is None else super().fetchmany(size)
+
+    def fetchall(self) -> Any:
+        self._check_loan()
+        return super().fetchall()
+
+    def scroll(self, value: Any, mode: Any = "relative") -> Any:
+        self._check_loan()
+        return super().scroll(value, mode)
+
+    def __iter__(self) -> Any:
+        self._check_loan()
+        return super().__iter__()
+
+    def __next__(self) -> Any:
+        self._check_loan()
+        return super().__next__()
+
+    def close(self) -> None:
+        if _loans.get(self.connection) is self._greenpool_loan:
+            super().close()
 
 
 def _dirty(raw: Any) -> None:
@@ -97,7 +160,8 @@ def _failed(raw: Any, exc: psycopg2.Error) -> None:
 class Loan:
     """One connection of ``group`` lent to the task that called :meth:`take`."""
 
-    __slots__ = ("__weakref__", "_unwatch", "discard", "group", "pc", "raw", "saved_factory")
+    __slots__ = ("__weakref__", "_unwatch", "bound", "discard", "group", "pc", "raw",
+                 "saved_factory")
 
     def __init__(self, group: Group, timeout: float | None) -> None:
         self.group = group
@@ -107,6 +171,7 @@ class Loan:
         self.pc: PooledConnection | None = pc
         try:
             raw = self.raw = pc.raw
+            self.bound = _statement_bound(group, pc)
             pc.dirty = False  # TrackingCursor sees every statement Django sends from here
             self.saved_factory = raw.cursor_factory
             raw.cursor_factory = TrackingCursor
@@ -130,9 +195,33 @@ class Loan:
             raw.cursor_factory = self.saved_factory
         self.group.release(pc, discard=self.discard)
 
+    def deadline(self) -> Any:
+        """The client-side bound of one statement: see :func:`_statement_bound`. Past it the
+        statement is cancelled, psycopg2 closes the connection (so the loan discards it) and
+        the caller gets an ``OperationalError``."""
+        assert self.bound is not None
+        return self.group._backend.deadline(self.bound, psycopg2.OperationalError(
+            f"greenpool: no answer from the server within {self.bound:.1f} s "
+            f"(statement_timeout plus connect_timeout): the connection is discarded"
+        ))
+
     def given_back_for_ended_task(self) -> None:
         if self.pc is not None:
             self.group._backend.spawn(self.give_back)
+
+
+def _statement_bound(group: Group, pc: PooledConnection) -> float | None:
+    """``statement_timeout`` (the group's, else the endpoint's) plus ``connect_timeout``;
+    None without a statement_timeout (or with 0). The server enforces statement_timeout
+    itself, but not when it cannot run (SIGSTOP, a hung host whose kernel still
+    acknowledges): then only a client-side bound frees the request and its slot. Without a
+    statement_timeout the user asked for none: long statements (migrations) stay unbounded."""
+    seconds = group.config.statement_timeout
+    if seconds is None:
+        seconds = pc.endpoint.config.statement_timeout
+    if not seconds:  # None, or 0: PostgreSQL's "no timeout"
+        return None
+    return float(seconds) + float(pc.endpoint.config.connect_timeout)
 
 
 def _watch_task(loan: Loan) -> Any:

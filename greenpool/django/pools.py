@@ -26,6 +26,7 @@ patched it), never at import time.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -158,6 +159,8 @@ def group_for(alias: str, settings_dict: Mapping[str, Any], time_zone: str | Non
     """The greenpool group of ``alias``, making its pool on first use in this process.
     Asked on every loan: the answer is cached until the alias's NAME changes or its pool
     is closed."""
+    if _forked[0]:
+        _drop_misfits_after_fork()
     cache_key = (alias, id(settings_dict), settings_dict.get("NAME"), time_zone)
     cached = _cached.get(cache_key)
     if cached is not None and not cached[1].closed:
@@ -245,6 +248,42 @@ def _detected_mode() -> str:
     from .loans import green_mode
 
     return green_mode() or "threaded"
+
+
+#: set in a child process by os.fork(); checked (and cleared) by the next group_for
+_forked = [False]
+
+
+def _note_fork() -> None:
+    _forked[0] = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_note_fork)
+
+
+def _drop_misfits_after_fork() -> None:
+    """Forget pools inherited through a fork that no longer fit this process's mode.
+
+    A query in gunicorn's master before it forks (``--preload`` with an app that touches
+    the database while loading) makes a *threaded* pool there; the gevent worker patches
+    after the fork and would inherit it: its real locks and threads then block the whole
+    hub, and the worker hangs. Such a pool is dropped, not closed (greenpool already pointed
+    the parent's connections at /dev/null in the child, and closing one that was mid-query
+    could hang); the next use makes a pool in the right mode (or, if ``OPTIONS['greenpool']
+    ['type']`` names one that does not fit, fails with a clear error)."""
+    _forked[0] = False
+    mode = _detected_mode()
+    with _lock:
+        for key, pool in list(_pools.items()):
+            if pool.config.mode != mode:
+                del _pools[key]
+                logger.info("greenpool.django: the pool inherited through fork was made "
+                            "for %s mode; this process runs %s: a new pool is made",
+                            pool.config.mode, mode)
+        for cache_key, (_, pool) in list(_cached.items()):
+            if pool.config.mode != mode:
+                del _cached[cache_key]
 
 
 def close_all() -> None:

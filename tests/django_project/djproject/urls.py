@@ -8,4 +8,6 @@ urlpatterns = [
     path("hold/", views.hold),
     path("spawn/", views.spawn),
     path("stats/", views.stats),
+    path("stream/", views.stream),
+    path("boom/", views.boom),
 ]

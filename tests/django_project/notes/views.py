@@ -58,3 +58,19 @@ def stats(request):
     from greenpool.django.pools import stats as pool_stats
 
     return JsonResponse({"pid": os.getpid(), **pool_stats()})
+
+
+def stream(request):
+    """Rows streamed after the view returned: the connection is used while the server
+    iterates the response."""
+    from django.http import StreamingHttpResponse
+
+    rows = (f"{note.body}\n" for note in Note.objects.all().iterator(chunk_size=3))
+    return StreamingHttpResponse(rows, content_type="text/plain")
+
+
+def boom(request):
+    """A view that raises inside an atomic block after a write."""
+    with transaction.atomic(using="default"):
+        Note.objects.using("default").create(body="boom")
+        raise ValueError("the view failed")
