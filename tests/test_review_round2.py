@@ -1,0 +1,233 @@
+"""Review round 2: the per-transaction settings through a real PgBouncer, attacked.
+
+Each test is a defect found in review (issue 11's promises: a readonly group never writes,
+statement_timeout always applies), now fixed in greenpool/pooler.py:
+
+* a statement that merely *mentions* ``index`` and ``concurrently`` (a literal, a comment)
+  was taken for ``CREATE INDEX CONCURRENTLY`` and sent without the settings; a nested
+  comment hid the first keyword the same way;
+* a text that ends its transaction midway (``SELECT 1; COMMIT; INSERT ...``) ran the rest
+  in a new transaction without the settings;
+* a readonly autocommit group could ``CREATE DATABASE`` (sent without the settings, as it
+  refuses a transaction block); the server refuses it to a direct readonly connection;
+* ``callproc`` and a ``WITH HOLD`` cursor in autocommit carried no settings at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg2
+import psycopg2.errors
+import pytest
+from pgbouncer import PgBouncer, available
+
+from greenpool import Pool
+from greenpool.pooler import ends_transaction_midway, runs_outside_transaction
+from greenpool.throwaway import Cluster
+
+TABLE = "greenpool_review2_never"
+
+
+@pytest.mark.parametrize("text", [
+    "SELECT 1; COMMIT; INSERT INTO t VALUES (1)", "select 1;commit;select 2",
+    "BEGIN; INSERT INTO t VALUES (1); END; SELECT 1", "SELECT 1; ROLLBACK; SELECT 2",
+    "ABORT; SELECT 1", "/* c */ COMMIT /* d */ ; SELECT 1", "COMMIT AND CHAIN; SELECT 1",
+    "PREPARE TRANSACTION 'x'; SELECT 1", "SELECT ';'; COMMIT; SELECT 1",
+])
+def test_texts_that_end_their_transaction_midway(text: str) -> None:
+    assert ends_transaction_midway(text)
+
+
+@pytest.mark.parametrize("text", [
+    "COMMIT", "INSERT INTO t VALUES (1); COMMIT", "COMMIT;", "COMMIT; -- done",
+    "SELECT 'a; commit; b'", "SELECT $$; commit; select 1$$", "SELECT $f$;commit;$f$, 1",
+    "SELECT 1 /* ; commit; */; SELECT 2", "SELECT 1 -- ; commit;\n; SELECT 2",
+    "SELECT \"x;commit;y\" FROM t", "SELECT E'\\';commit;'", "ROLLBACK TO SAVEPOINT s; SELECT 1",
+    "ROLLBACK TO s; SELECT 1", "SELECT commit_ts FROM t; SELECT 1", "SELECT end_at; SELECT 1",
+    "SELECT 1; SELECT 2",
+])
+def test_texts_that_do_not(text: str) -> None:
+    assert not ends_transaction_midway(text)
+
+
+@pytest.mark.parametrize("text", [
+    "INSERT INTO t VALUES ('index concurrently')", "SELECT 1 -- create index concurrently",
+    "/* /* */ vacuum */ INSERT INTO t VALUES (1)", "/* vacuum */ SELECT 1",
+    "REINDEX TABLE t",
+])
+def test_a_keyword_further_in_keeps_the_settings(text: str) -> None:
+    assert not runs_outside_transaction(text)
+
+
+@pytest.mark.parametrize("text", [
+    "/* a /* b */ c */ VACUUM t", "REINDEX (VERBOSE) TABLE CONCURRENTLY t",
+    "reindex schema concurrently s",
+])
+def test_outside_a_block_after_nested_comments_and_options(text: str) -> None:
+    assert runs_outside_transaction(text)
+
+
+# --- against a real PgBouncer ---------------------------------------------------------------
+
+needs_pgbouncer = pytest.mark.skipif(not available(), reason="/usr/sbin/pgbouncer not installed")
+
+
+@pytest.fixture(scope="module", params=("session", "transaction"))
+def bouncer(request: pytest.FixtureRequest, pg: Cluster) -> Iterator[PgBouncer]:
+    if not available():
+        pytest.skip("/usr/sbin/pgbouncer not installed")
+    pg.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} (x text)")
+    pg.execute("CREATE OR REPLACE FUNCTION greenpool_review2_write() RETURNS int "
+               f"LANGUAGE sql AS $$ INSERT INTO {TABLE} VALUES ('function') RETURNING 1 $$")
+    with PgBouncer(pg, pool_mode=request.param, max_client_conn=100,
+                   default_pool_size=10) as b:
+        yield b
+    pg.execute(f"DROP TABLE IF EXISTS {TABLE}")
+    pg.execute("DROP FUNCTION IF EXISTS greenpool_review2_write()")
+
+
+@pytest.fixture
+def pools(mode: str) -> Iterator[Callable[..., Pool]]:
+    made: list[Pool] = []
+
+    def make(db: Any, groups: dict[str, Any]) -> Pool:
+        pool = Pool({"type": mode, "db": db, "groups": groups})
+        made.append(pool)
+        return pool
+
+    yield make
+    for pool in made:
+        pool.close()
+
+
+def _readonly(bouncer: PgBouncer, pools: Any, autocommit: bool) -> Pool:
+    return pools(bouncer.endpoint(pooler=str(bouncer.settings["pool_mode"])),
+                 {"ro": {"readonly": True, "statement_timeout": 0.3, "autocommit": autocommit}})
+
+
+def _rows(pg: Cluster) -> list[Any]:
+    return pg.execute(f"SELECT x FROM {TABLE}")
+
+
+WRITES = [
+    f"INSERT INTO {TABLE} VALUES ('index concurrently')",
+    f"/* /* */ vacuum */ INSERT INTO {TABLE} VALUES ('nested comment')",
+    f"SELECT 1; COMMIT; INSERT INTO {TABLE} VALUES ('after commit')",
+    f"BEGIN; SELECT 1; END; INSERT INTO {TABLE} VALUES ('after end')",
+    "SELECT greenpool_review2_write(), 'create index concurrently'",
+]
+
+
+@needs_pgbouncer
+@pytest.mark.parametrize("autocommit", [True, False])
+@pytest.mark.parametrize("sql", WRITES)
+def test_a_readonly_group_never_writes(bouncer: PgBouncer, pools: Any, pg: Cluster,
+                                       autocommit: bool, sql: str) -> None:
+    pool = _readonly(bouncer, pools, autocommit)
+    with pytest.raises(psycopg2.Error), pool.handler("ro") as db, db.cursor() as cur:
+        cur.execute(sql)
+    assert _rows(pg) == []
+
+
+@needs_pgbouncer
+@pytest.mark.parametrize("autocommit", [True, False])
+def test_callproc_and_a_held_cursor_of_a_readonly_group_never_write(
+    bouncer: PgBouncer, pools: Any, pg: Cluster, autocommit: bool
+) -> None:
+    pool = _readonly(bouncer, pools, autocommit)
+    with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction), pool.handler("ro") as db, \
+            db.cursor() as cur:
+        cur.callproc("greenpool_review2_write")
+    with pool.handler("ro") as db:
+        cur = db.cursor("held", withhold=True)
+        with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction):
+            cur.execute("SELECT greenpool_review2_write()")
+            cur.fetchall()
+        db.rollback()
+    with pool.handler("ro") as db:  # a held cursor still works, with the settings
+        with db.cursor("held_ok", withhold=True) as cur:
+            cur.execute("SELECT current_setting('transaction_read_only'), "
+                        "current_setting('statement_timeout')")
+            assert cur.fetchall() == [("on", "300ms")]
+        db.commit()
+    assert _rows(pg) == []
+
+
+@needs_pgbouncer
+@pytest.mark.parametrize("autocommit", [True, False])
+@pytest.mark.parametrize("sql", [
+    "SELECT pg_sleep(2), 'index concurrently'",
+    "/* /* */ vacuum */ SELECT pg_sleep(2)",
+    "SELECT 1; ROLLBACK; SELECT pg_sleep(2)",
+])
+def test_statement_timeout_always_applies(bouncer: PgBouncer, pools: Any, autocommit: bool,
+                                          sql: str) -> None:
+    pool = _readonly(bouncer, pools, autocommit)
+    with pytest.raises((psycopg2.errors.QueryCanceled, psycopg2.ProgrammingError)), \
+            pool.handler("ro") as db, db.cursor() as cur:
+        cur.execute(sql)
+
+
+@needs_pgbouncer
+def test_a_text_that_commits_midway_is_refused_before_it_is_sent(
+    bouncer: PgBouncer, pools: Any, pg: Cluster
+) -> None:
+    pool = pools(bouncer.endpoint(pooler=str(bouncer.settings["pool_mode"])),
+                 {"rw": {"statement_timeout": 0.3, "autocommit": True}})
+    with pytest.raises(psycopg2.ProgrammingError, match="own execute"), \
+            pool.handler("rw") as db, db.cursor() as cur:
+        cur.execute(f"INSERT INTO {TABLE} VALUES ('before'); COMMIT; SELECT pg_sleep(2)")
+    assert _rows(pg) == []  # nothing of it ran
+    with pool.handler("rw") as db:  # the same statements one by one are fine
+        db.execute(f"INSERT INTO {TABLE} VALUES ('one by one')")
+        db.execute("SELECT 1")
+    assert _rows(pg) == [("one by one",)]
+    pg.execute(f"DELETE FROM {TABLE}")
+
+
+# statements that refuse a transaction block; the ones a read-only transaction refuses name
+# things that do not exist, so that they fail harmlessly if they were let through
+OUTSIDE_A_BLOCK = [
+    "CREATE DATABASE greenpool_review2_never", "DROP DATABASE greenpool_review2_none",
+    "CREATE TABLESPACE greenpool_review2_ts LOCATION '/nonexistent'",
+    "DROP TABLESPACE greenpool_review2_none",
+    f"CREATE INDEX CONCURRENTLY greenpool_review2_i ON {TABLE} (x)",
+    "DROP INDEX CONCURRENTLY greenpool_review2_none",
+    "DROP SUBSCRIPTION greenpool_review2_none",
+    "ALTER DATABASE greenpool_review2_none SET TABLESPACE pg_default",
+    f"VACUUM {TABLE}", "DISCARD ALL", f"REINDEX TABLE CONCURRENTLY {TABLE}",
+]
+
+
+def _outcome(conn: Any, sql: str) -> str:
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql)
+        return "ran"
+    except psycopg2.errors.ReadOnlySqlTransaction:
+        return "refused: read-only"
+    except psycopg2.Error as exc:
+        return f"failed otherwise: {type(exc).__name__}"
+
+
+@needs_pgbouncer
+def test_a_readonly_autocommit_group_is_refused_what_the_server_refuses_directly(
+    bouncer: PgBouncer, pools: Any, pg: Cluster
+) -> None:
+    direct = pg.connect(options="-c default_transaction_read_only=on")
+    direct.autocommit = True
+    try:
+        expected = {sql: _outcome(direct, sql) for sql in OUTSIDE_A_BLOCK}
+    finally:
+        direct.close()
+    assert expected["CREATE DATABASE greenpool_review2_never"] == "refused: read-only"
+    pool = _readonly(bouncer, pools, True)
+    got = {}
+    for sql in OUTSIDE_A_BLOCK:
+        with pool.handler("ro") as db:
+            got[sql] = _outcome(db.connection, sql)
+    assert got == expected
+    assert pg.execute("SELECT count(*) FROM pg_database "
+                      "WHERE datname = 'greenpool_review2_never'") == [(0,)]
