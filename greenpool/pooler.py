@@ -298,6 +298,7 @@ class _PerTransactionCursor:
         settings go first in a round trip of their own (psycopg2 sends its BEGIN before).
         In autocommit they would end with that round trip, so the call gets a transaction
         of its own that carries them, committed at once as autocommit would."""
+        self.__dict__.pop("_many_rowcount", None)
         conn = self.connection
         prefix = self._prefix_now()
         if not prefix:
@@ -319,6 +320,7 @@ class _PerTransactionCursor:
             return result
 
     def execute(self, query: Any, vars: Any = None) -> Any:
+        self.__dict__.pop("_many_rowcount", None)
         conn = self.connection
         if not conn.greenpool_prefix:
             return super().execute(query, vars)  # type: ignore[misc]
@@ -338,9 +340,18 @@ class _PerTransactionCursor:
         # transaction of its own and needs the settings, so run them one by one here
         if not self.connection.greenpool_prefix:
             return super().executemany(query, vars_list)  # type: ignore[misc]
+        total = 0
         for vars in vars_list:
             self.execute(query, vars)
+            count = super().rowcount  # type: ignore[misc]
+            total = -1 if count < 0 or total < 0 else total + count
+        self._many_rowcount = total  # what psycopg2's executemany reports: the sum
         return None
+
+    @property
+    def rowcount(self) -> int:
+        many = self.__dict__.get("_many_rowcount")
+        return int(super().rowcount if many is None else many)  # type: ignore[misc]
 
     def callproc(self, procname: Any, parameters: Any = None) -> Any:
         callproc = super().callproc  # type: ignore[misc]

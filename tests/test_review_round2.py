@@ -231,3 +231,39 @@ def test_a_readonly_autocommit_group_is_refused_what_the_server_refuses_directly
     assert got == expected
     assert pg.execute("SELECT count(*) FROM pg_database "
                       "WHERE datname = 'greenpool_review2_never'") == [(0,)]
+
+
+@needs_pgbouncer
+@pytest.mark.parametrize("autocommit", [True, False])
+def test_executemany_reports_the_rows_of_every_statement(bouncer: PgBouncer, pools: Any,
+                                                         pg: Cluster, autocommit: bool) -> None:
+    """psycopg2's executemany sums the rowcounts; through a pooler it runs the statements
+    one by one (each may start a transaction) and must report the same sum."""
+    pg.execute(f"INSERT INTO {TABLE} SELECT g::text FROM generate_series(1, 5) AS g")
+    try:
+        pool = pools(bouncer.endpoint(pooler=str(bouncer.settings["pool_mode"])),
+                     {"rw": {"statement_timeout": 1, "autocommit": autocommit}})
+        with pool.handler("rw") as db, db.cursor() as cur:
+            cur.executemany(f"UPDATE {TABLE} SET x = x WHERE x::int <= %s", [(2,), (3,), (1,)])
+            assert cur.rowcount == 6
+            cur.execute(f"SELECT * FROM {TABLE}")
+            assert cur.rowcount == 5
+    finally:
+        pg.execute(f"DELETE FROM {TABLE}")
+
+
+@needs_pgbouncer
+def test_pgdbpool_config_behind_a_declared_pooler(bouncer: PgBouncer) -> None:
+    """pgdbpool's defaults include a 128 MB session_tmp_buffer, which cannot travel through
+    a pooler: it is left out for an endpoint with a ``pooler`` key (it made init fail on a
+    key the user never wrote), and its 5 s query_timeout still applies."""
+    from greenpool.compat import pgdbpool
+
+    mode = str(bouncer.settings["pool_mode"])
+    pgdbpool.Connection.init({"db": bouncer.endpoint(pooler=mode),
+                              "groups": {"g": {"connection_count": 2}}})
+    try:
+        with pgdbpool.Handler("g") as db:
+            assert db.query("SHOW statement_timeout").fetchone()[0] == "5s"
+    finally:
+        pgdbpool.Connection.close()
