@@ -130,6 +130,7 @@ _READ_ONLY_REFUSES = re.compile(
 # a new transaction without the settings
 _ENDS_TRANSACTION = re.compile(
     r"(?:commit|end|abort|rollback|prepare\s+transaction)\b(?!\s+(?:to|prepared)\b)")
+_BEGIN_ATOMIC = re.compile(r"\bbegin\s+atomic\b")
 _ENDING_WORD = re.compile(r"\b(?:commit|end|abort|rollback|prepare)\b")
 _OUTSIDE: dict[str, bool] = {}
 _OUTSIDE_MAX = 4096
@@ -234,7 +235,15 @@ def ends_transaction_midway(text: str) -> bool:
     if ";" not in text or _ENDING_WORD.search(text.lower()) is None:
         return False
     parts = [part for part in _statements(text) if part]
-    return any(_ENDS_TRANSACTION.match(part) for part in parts[:-1])
+    in_body = False  # a function body of SQL statements: BEGIN ATOMIC ...; ...; END
+    for part in parts[:-1]:
+        if in_body:
+            in_body = not part.startswith("end")
+        elif _BEGIN_ATOMIC.search(part):
+            in_body = True
+        elif _ENDS_TRANSACTION.match(part):
+            return True
+    return False
 
 
 def _as_text(query: Any, conn: Any) -> str | None:

@@ -35,6 +35,8 @@ TABLE = "greenpool_review2_never"
     "BEGIN; INSERT INTO t VALUES (1); END; SELECT 1", "SELECT 1; ROLLBACK; SELECT 2",
     "ABORT; SELECT 1", "/* c */ COMMIT /* d */ ; SELECT 1", "COMMIT AND CHAIN; SELECT 1",
     "PREPARE TRANSACTION 'x'; SELECT 1", "SELECT ';'; COMMIT; SELECT 1",
+    "CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; END; COMMIT; "
+    "SELECT 1",
 ])
 def test_texts_that_end_their_transaction_midway(text: str) -> None:
     assert ends_transaction_midway(text)
@@ -47,6 +49,8 @@ def test_texts_that_end_their_transaction_midway(text: str) -> None:
     "SELECT \"x;commit;y\" FROM t", "SELECT E'\\';commit;'", "ROLLBACK TO SAVEPOINT s; SELECT 1",
     "ROLLBACK TO s; SELECT 1", "SELECT commit_ts FROM t; SELECT 1", "SELECT end_at; SELECT 1",
     "SELECT 1; SELECT 2",
+    "CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; SELECT 2; END; "
+    "SELECT f()",
 ])
 def test_texts_that_do_not(text: str) -> None:
     assert not ends_transaction_midway(text)
@@ -267,3 +271,15 @@ def test_pgdbpool_config_behind_a_declared_pooler(bouncer: PgBouncer) -> None:
             assert db.query("SHOW statement_timeout").fetchone()[0] == "5s"
     finally:
         pgdbpool.Connection.close()
+
+
+@needs_pgbouncer
+def test_a_sql_function_body_is_not_taken_for_a_transaction_end(bouncer: PgBouncer,
+                                                                pools: Any) -> None:
+    pool = pools(bouncer.endpoint(pooler=str(bouncer.settings["pool_mode"])),
+                 {"rw": {"statement_timeout": 1}})
+    with pool.handler("rw") as db, db.cursor() as cur:
+        cur.execute("CREATE FUNCTION greenpool_review2_f() RETURNS int LANGUAGE sql "
+                    "BEGIN ATOMIC SELECT 1; SELECT 2; END; SELECT greenpool_review2_f()")
+        assert cur.fetchone() == (2,)
+        db.rollback()  # nothing of it stays
