@@ -283,3 +283,28 @@ def test_a_sql_function_body_is_not_taken_for_a_transaction_end(bouncer: PgBounc
                     "BEGIN ATOMIC SELECT 1; SELECT 2; END; SELECT greenpool_review2_f()")
         assert cur.fetchone() == (2,)
         db.rollback()  # nothing of it stays
+
+
+@needs_pgbouncer
+def test_connections_opened_before_a_dropping_pooler_was_detected_are_not_lent_again(
+    pg: Cluster, pools: Any
+) -> None:
+    """``ignore_startup_parameters = options``: a group with only a statement_timeout cannot
+    tell that its settings were dropped; once a readonly group finds out, the connections
+    the other group opened before are discarded, not lent without their timeout."""
+    from greenpool import pooler
+
+    with PgBouncer(pg, pool_mode="transaction", ignore_startup_parameters="options") as b:
+        try:
+            pool = pools(b.endpoint(), {"rw": {"statement_timeout": 0.3, "connection_count": 1},
+                                        "ro": {"readonly": True, "statement_timeout": 0.3}})
+            with pool.handler("rw") as db:
+                assert db.query_one("SHOW statement_timeout")[0] == "0"  # dropped, unseen
+            with pool.handler("ro") as db:  # finds out
+                assert db.query_one("SHOW transaction_read_only")[0] == "on"
+            for _ in range(2):
+                with pool.handler("rw") as db:
+                    assert db.query_one("SHOW statement_timeout")[0] == "300ms"
+            assert pool.stats()["groups"]["rw"]["discards_by_reason"].get("pooler_detected") == 1
+        finally:
+            pooler.forget_detected()
