@@ -131,9 +131,10 @@ _READ_ONLY_REFUSES = re.compile(
 _ENDS_TRANSACTION = re.compile(
     r"(?:commit|end|abort|rollback|prepare\s+transaction)\b(?!\s+(?:to|prepared)\b)")
 _BEGIN_ATOMIC = re.compile(r"\bbegin\s+atomic\b")
-_ENDING_WORD = re.compile(r"\b(?:commit|end|abort|rollback|prepare)\b")
+_MAYBE_ENDING = re.compile(r";\s*(?:commit|end|abort|rollback|prepare|--|/\*)")
 _OUTSIDE: dict[str, bool] = {}
 _OUTSIDE_MAX = 4096
+_CACHED_TEXT_MAX = 2048
 
 
 def _skip_blank(text: str, at: int) -> int:
@@ -161,14 +162,17 @@ def _skip_blank(text: str, at: int) -> int:
 
 
 def _first_words(text: str) -> str:
-    """``text`` lowered, from its first keyword on."""
-    lowered = text.lower()
-    return lowered[_skip_blank(lowered, 0):]
+    """The start of ``text`` from its first keyword on, lowered (enough for the patterns;
+    a bulk INSERT's text is not copied whole)."""
+    at = _skip_blank(text, 0)
+    return text[at:at + 256].lower()
 
 
 def runs_outside_transaction(text: str) -> bool:
     """Whether ``text`` may refuse to run inside a transaction block (then it is sent
     without the settings). Cached per distinct text."""
+    if len(text) > _CACHED_TEXT_MAX:  # a bulk statement's text is not kept alive
+        return _OWN_TRANSACTION.match(_first_words(text)) is not None
     known = _OUTSIDE.get(text)
     if known is None:
         known = _OWN_TRANSACTION.match(_first_words(text)) is not None
@@ -186,45 +190,47 @@ def read_only_refuses(text: str) -> bool:
 _DOLLAR_TAG = re.compile(r"\$(?:[A-Za-z_\x80-\uffff][A-Za-z0-9_\x80-\uffff]*)?\$")
 
 
+_NOTABLE = re.compile(r"[;'\"$]|--|/\*")  # where a statement, literal or comment may end
+_STRING_BODY = re.compile(r"(?:[^']|'')*'")  # the rest of '...' (standard_conforming_strings)
+_ESCAPE_STRING_BODY = re.compile(r"(?:[^'\\]|''|\\.)*'", re.S)  # the rest of E'...'
+
+
 def _statements(text: str) -> list[str]:
     """``text`` split at its top-level semicolons (not those in literals, quoted names,
-    dollar-quoted bodies or comments), each part lowered from its first keyword on."""
+    dollar-quoted bodies or comments), each part lowered from its first keyword on. Jumps
+    from one notable character to the next (a bulk INSERT's text is long)."""
     lowered = text.lower()
-    parts, start, at, n = [], 0, 0, len(lowered)
-    while at < n:
+    parts: list[str] = []
+    start = at = 0
+    n = len(lowered)
+    while True:
+        found = _NOTABLE.search(lowered, at)
+        if found is None:
+            break
+        at = found.start()
         ch = lowered[at]
         if ch == ";":
             parts.append(lowered[_skip_blank(lowered, start):at])
             start = at = at + 1
-        elif ch in "-/" and lowered.startswith(("--", "/*"), at):
+        elif ch in "-/":
             at = _skip_blank(lowered, at)
         elif ch == "'":
             escapes = at > 0 and lowered[at - 1] == "e" and (
                 at < 2 or not (lowered[at - 2].isalnum() or lowered[at - 2] in "_$"))
-            at += 1
-            while at < n:
-                if escapes and lowered[at] == "\\":
-                    at += 2
-                elif lowered[at] == "'":
-                    if lowered.startswith("''", at):
-                        at += 2
-                    else:
-                        break
-                else:
-                    at += 1
-            at += 1
+            body = (_ESCAPE_STRING_BODY if escapes else _STRING_BODY).match(lowered, at + 1)
+            at = n if body is None else body.end()
         elif ch == '"':
             close = lowered.find('"', at + 1)
             at = n if close < 0 else close + 1
-        elif ch == "$" and not (at > 0 and (lowered[at - 1].isalnum() or lowered[at - 1] in "_$")):
+        elif at > 0 and (lowered[at - 1].isalnum() or lowered[at - 1] in "_$"):
+            at += 1  # a $ inside a name, or a parameter like $1
+        else:
             tag = _DOLLAR_TAG.match(lowered, at)
             if tag is None:
                 at += 1
             else:
                 close = lowered.find(tag.group(), tag.end())
                 at = n if close < 0 else close + len(tag.group())
-        else:
-            at += 1
     parts.append(lowered[_skip_blank(lowered, start):])
     return parts
 
@@ -232,7 +238,12 @@ def _statements(text: str) -> list[str]:
 def ends_transaction_midway(text: str) -> bool:
     """Whether ``text`` ends its transaction (``COMMIT``, ``ROLLBACK``, ...) and then goes on
     with more statements: those would run in a new transaction that no settings reach."""
-    if ";" not in text or _ENDING_WORD.search(text.lower()) is None:
+    if ";" not in text:
+        return False
+    lowered = text.lower()
+    # a cheap look first: an ending statement is at the start, or after a ';' and blanks
+    if _MAYBE_ENDING.search(lowered) is None and (
+            _ENDS_TRANSACTION.match(lowered[_skip_blank(lowered, 0):]) is None):
         return False
     parts = [part for part in _statements(text) if part]
     in_body = False  # a function body of SQL statements: BEGIN ATOMIC ...; ...; END

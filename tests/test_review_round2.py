@@ -73,6 +73,18 @@ def test_outside_a_block_after_nested_comments_and_options(text: str) -> None:
     assert runs_outside_transaction(text)
 
 
+def test_bulk_statement_texts_are_not_kept_alive_by_the_cache() -> None:
+    """Every distinct text was kept (up to 4096 of them): bulk INSERTs are all distinct."""
+    from greenpool import pooler
+
+    before = len(pooler._OUTSIDE)
+    for i in range(50):
+        text = f"INSERT INTO t VALUES {', '.join(['(1)'] * 2000)} -- {i}"
+        assert not runs_outside_transaction(text)
+        assert not ends_transaction_midway(text + "; SELECT 1")
+    assert len(pooler._OUTSIDE) == before
+
+
 # --- against a real PgBouncer ---------------------------------------------------------------
 
 needs_pgbouncer = pytest.mark.skipif(not available(), reason="/usr/sbin/pgbouncer not installed")
