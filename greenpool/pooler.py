@@ -50,6 +50,7 @@ logger = logging.getLogger("greenpool")
 
 NONE, SESSION, TRANSACTION = "none", "session", "transaction"
 _IDLE = extensions.TRANSACTION_STATUS_IDLE
+_OPEN = (extensions.TRANSACTION_STATUS_INTRANS, extensions.TRANSACTION_STATUS_INERROR)
 
 #: addresses found to be poolers by their refusal of ``options`` (no ``pooler`` key given)
 _detected: set[tuple[str, int, str]] = set()
@@ -331,8 +332,11 @@ class _PerTransactionCursor:
             try:
                 result = call()
             except Exception:
-                if conn.get_transaction_status() != _IDLE:
-                    plain.execute("ROLLBACK")
+                if not conn.closed and conn.get_transaction_status() in _OPEN:
+                    try:  # the call's own error is the one to raise
+                        plain.execute("ROLLBACK")
+                    except psycopg2.Error:
+                        pass
                 raise
             # (a BaseException leaves the transaction open: the pool's return path rolls
             # it back within its bound or discards the connection)

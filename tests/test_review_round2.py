@@ -320,3 +320,22 @@ def test_connections_opened_before_a_dropping_pooler_was_detected_are_not_lent_a
             assert pool.stats()["groups"]["rw"]["discards_by_reason"].get("pooler_detected") == 1
         finally:
             pooler.forget_detected()
+
+
+@needs_pgbouncer
+def test_a_callproc_whose_server_connection_dies_raises_its_own_error(
+    bouncer: PgBouncer, pools: Any, pg: Cluster
+) -> None:
+    """In autocommit the call runs in a transaction of greenpool's; when the server
+    connection dies in it, the caller sees that error (not the failed ROLLBACK's), and no
+    slot is lost."""
+    pg.execute("CREATE OR REPLACE FUNCTION greenpool_review2_die() RETURNS bool LANGUAGE sql "
+               "AS $$ SELECT pg_terminate_backend(pg_backend_pid()) $$")
+    pool = pools(bouncer.endpoint(pooler=str(bouncer.settings["pool_mode"])),
+                 {"ro": {"readonly": True, "autocommit": True, "connection_count": 1}})
+    with pytest.raises(psycopg2.OperationalError), pool.handler("ro") as db, \
+            db.cursor() as cur:
+        cur.callproc("greenpool_review2_die")
+    assert pool.stats()["groups"]["ro"]["in_use"] == 0
+    with pool.handler("ro") as db:
+        assert db.query_one("SHOW transaction_read_only")[0] == "on"
