@@ -339,3 +339,43 @@ def test_a_callproc_whose_server_connection_dies_raises_its_own_error(
     assert pool.stats()["groups"]["ro"]["in_use"] == 0
     with pool.handler("ro") as db:
         assert db.query_one("SHOW transaction_read_only")[0] == "on"
+
+
+@needs_pgbouncer
+def test_sqlalchemy_orm_updates_several_rows_through_pgbouncer(
+    bouncer: PgBouncer, pools: Any, pg: Cluster
+) -> None:
+    """The ORM checks executemany's rowcount: with the last statement's count it raised
+    StaleDataError ("expected to update 5 row(s); 1 were matched") on every flush that
+    updated several rows through a pooler."""
+    pytest.importorskip("sqlalchemy")
+    from sqlalchemy import Column, Integer, String
+    from sqlalchemy.orm import Session, declarative_base
+
+    from greenpool.sqlalchemy import create_engine
+
+    base: Any = declarative_base()
+
+    class Item(base):  # type: ignore[misc,valid-type]
+        __tablename__ = "greenpool_review2_items"
+        id = Column(Integer, primary_key=True)
+        v = Column(String)
+
+    pg.execute("CREATE TABLE IF NOT EXISTS greenpool_review2_items (id int primary key, v text)")
+    try:
+        pool = pools(bouncer.endpoint(pooler=str(bouncer.settings["pool_mode"])),
+                     {"w": {"statement_timeout": 2}})
+        engine = create_engine(pool, "w")
+        with Session(engine) as session:
+            session.add_all([Item(id=i, v="a") for i in range(5)])
+            session.commit()
+        with Session(engine) as session:
+            for item in session.query(Item).all():
+                item.v = "b"
+            session.commit()
+            for item in session.query(Item).all():
+                session.delete(item)
+            session.commit()
+        assert pg.execute("SELECT count(*) FROM greenpool_review2_items") == [(0,)]
+    finally:
+        pg.execute("DROP TABLE IF EXISTS greenpool_review2_items")
