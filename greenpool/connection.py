@@ -350,6 +350,13 @@ def _outside_transaction(raw: Any, sql: str, backend: Backend, seconds: float) -
             raw.autocommit = False
 
 
+def _settings_dropped(pc: PooledConnection) -> bool:
+    """Opened before its endpoint was found to be a pooler that drops ``options`` (another
+    group's readonly connection finds that out): its settings never reached the server;
+    a new connection carries them with each transaction."""
+    return not is_pooled(pc.raw) and pooler.mode_of(pc.endpoint.config) != pooler.NONE
+
+
 def check_on_borrow(
     pc: PooledConnection,
     group: GroupConfig,
@@ -369,6 +376,8 @@ def check_on_borrow(
     raw = pc.raw
     if raw.closed:
         return "closed"
+    if _settings_dropped(pc):
+        return "pooler_detected"
     if now >= pc.expires:
         return "max_lifetime"
     idle_for = now - pc.last_used
@@ -405,6 +414,8 @@ def reset_on_return(pc: PooledConnection, group: GroupConfig, backend: Backend) 
     raw = pc.raw
     if raw.closed:
         return "broken"
+    if _settings_dropped(pc):
+        return "pooler_detected"
     autocommit = raw.autocommit
     status = raw.get_transaction_status()
     if status != _STATUS_IDLE:

@@ -117,7 +117,10 @@ def _endpoint(entry: Any, first: Mapping[str, Any]) -> Any:
     entry = dict(entry)
     if "query_timeout" not in entry and "statement_timeout" not in entry:
         entry["query_timeout"] = first.get("query_timeout", DEFAULT_QUERY_TIMEOUT_MS)
-    if "session_tmp_buffer" not in entry:
+    # temp_buffers cannot travel through a pooler (the config refuses the key there): the
+    # default is left out for an endpoint that says it is one, a key the user gave is not
+    behind_pooler = entry.get("pooler") in ("session", "transaction")
+    if "session_tmp_buffer" not in entry and not behind_pooler:
         entry["session_tmp_buffer"] = first.get("session_tmp_buffer",
                                                 DEFAULT_SESSION_TMP_BUFFER_MB)
     return entry
