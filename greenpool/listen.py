@@ -41,6 +41,11 @@ from .errors import PoolClosed, PoolError
 from .exclusive import ExclusiveSlots
 from .roles import role_of
 
+try:  # the unpatched write: eventlet's green os.write waits for the fd (a switch) while
+    from posix import write as _write  # we hold the lock; the pipe is non-blocking anyway
+except ImportError:  # not POSIX
+    _write = os.write
+
 logger = logging.getLogger("greenpool")
 
 _MAX_CHANNEL_BYTES = 63  # PostgreSQL's NAMEDATALEN - 1: a longer name would be truncated
@@ -240,7 +245,7 @@ class Listener:
             busy = self._busy
             if busy:  # under the lock: _shut() closes the pipe only after it sets _closed
                 try:
-                    os.write(self._wake_w, b"x")
+                    _write(self._wake_w, b"x")
                 except OSError:
                     pass  # the pipe is full: the reader will wake anyway
         if not busy:
