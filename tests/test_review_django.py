@@ -327,7 +327,8 @@ def work():
 tasks = [gevent.spawn(work) for _ in range(6)]
 gevent.joinall(tasks, timeout=15)
 from greenpool.django.pools import _pools
-print(json.dumps({"results": results, "modes": [p.config.mode for p in _pools.values()]}))
+print(json.dumps({"results": results, "modes": [p.config.mode for p in _pools.values()]}),
+      flush=True)  # os._exit() below flushes nothing
 os._exit(0)
 '''
 
