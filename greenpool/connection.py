@@ -354,7 +354,8 @@ def _settings_dropped(pc: PooledConnection) -> bool:
     """Opened before its endpoint was found to be a pooler that drops ``options`` (another
     group's readonly connection finds that out): its settings never reached the server;
     a new connection carries them with each transaction."""
-    return not is_pooled(pc.raw) and pooler.mode_of(pc.endpoint.config) != pooler.NONE
+    return bool(pooler.detected_addresses) and not is_pooled(pc.raw) and (
+        pooler.mode_of(pc.endpoint.config) != pooler.NONE)  # first: one truth test per loan
 
 
 def check_on_borrow(

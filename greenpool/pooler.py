@@ -52,8 +52,10 @@ NONE, SESSION, TRANSACTION = "none", "session", "transaction"
 _IDLE = extensions.TRANSACTION_STATUS_IDLE
 _OPEN = (extensions.TRANSACTION_STATUS_INTRANS, extensions.TRANSACTION_STATUS_INERROR)
 
-#: addresses found to be poolers by their refusal of ``options`` (no ``pooler`` key given)
-_detected: set[tuple[str, int, str]] = set()
+#: addresses found to be poolers by their refusal of ``options`` (no ``pooler`` key given);
+#: mutated in place only: the borrow path reads it directly
+detected_addresses: set[tuple[str, int, str]] = set()
+_detected = detected_addresses
 
 
 def _address(endpoint: EndpointConfig) -> tuple[str, int, str]:
