@@ -37,6 +37,7 @@ from .concurrency import Backend
 from .config import EndpointConfig, GroupConfig
 from .endpoint import Endpoint
 from .failures import Verdict, classify, no_answer, unresolvable
+from .slots import Slot
 
 logger = logging.getLogger("greenpool")
 
@@ -100,7 +101,7 @@ class PooledConnection:
 
     __slots__ = (
         "__weakref__", "created", "dirty", "endpoint", "expires", "generation", "last_used",
-        "lent_at", "lent_from", "raw", "readable", "role",
+        "lent_at", "lent_from", "raw", "readable", "role", "slot",
     )
 
     def __init__(
@@ -122,6 +123,9 @@ class PooledConnection:
         #: (which sees every statement) clears it when it takes the connection: a hand-made
         #: loan (``group.acquire()``) can do anything with ``raw``.
         self.dirty = True
+        #: the group slot this connection holds (None: a dedicated connection, outside the
+        #: group's room); given back when the group discards it, or when it is collected
+        self.slot: Slot | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self.raw.closed else "open"

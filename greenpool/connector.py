@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -45,10 +46,11 @@ from .connection import (
     is_pooled,
     open_connection,
 )
-from .endpoint import QUARANTINED, UNKNOWN, Endpoint
+from .endpoint import QUARANTINED, STANDBY, UNKNOWN, Endpoint
 from .errors import ConnectFailed, NoHealthyEndpoint
 from .placement import connect_order, where_to_be
-from .roles import fits, query_role, role_of
+from .roles import fits, read_role, role_of
+from .slots import Slot
 from .stats import GroupCounters
 
 logger = logging.getLogger("greenpool")
@@ -59,17 +61,15 @@ _LIFETIME_JITTER = 0.1  # up to 10 % shorter, so connections opened together do 
 
 
 class Slots(Protocol):
-    """What the connector needs from its group. Each call names the group generation the
-    task started in, so that a task inherited across ``fork()`` touches nothing."""
+    """What the connector needs from its group. A connect task holds a :class:`Slot`, which
+    names the group generation it was taken in, so that a task inherited across ``fork()``
+    touches nothing; a task that ends without a connection gives the slot back itself."""
 
-    def deliver(self, pc: PooledConnection, generation: int) -> None:
-        """A new connection, for the slot the task held."""
+    def deliver(self, slot: Slot, pc: PooledConnection) -> None:
+        """A new connection, for the slot the task held (attached to it by the group)."""
 
-    def still_needed(self, generation: int) -> bool:
-        """After a failed round: keep the slot and try again (True), or the slot was freed."""
-
-    def slot_abandoned(self, generation: int) -> None:
-        """The task ends without a connection (interrupted, or the group is closed)."""
+    def still_needed(self, slot: Slot) -> bool:
+        """After a failed round: keep the slot and try again (True), or it was given back."""
 
     def fail_waiters(self, make_error: Callable[[], BaseException], generation: int) -> None:
         """Every caller waiting now gets an error (a failure retrying cannot fix)."""
@@ -109,25 +109,41 @@ class Connector:
         #: how long a group leaves an endpoint alone after a failure retrying cannot fix
         self._fatal_pause = max(ep.backoff_max for ep in self.endpoints)
         self.slots: Slots | None = None
+        #: why the latest connect task could not start (a process limit on threads), if so
+        self.cannot_start: str | None = None
+        self._stopped = False
+        #: set by :meth:`stop`: a connect thread sleeping out a quarantine ends at once
+        #: (green tasks are killed instead)
+        self._stopping = threading.Event()
 
     # --- asked by the group -------------------------------------------------------------
 
-    def start(self, generation: int, target: Endpoint | None = None) -> None:
-        """Open one connection in the background for a slot the group has reserved
-        (preferably to ``target``) and deliver it; never raises."""
+    def start(self, slot: Slot, target: Endpoint | None = None) -> None:
+        """Open one connection in the background in ``slot`` (preferably to ``target``) and
+        deliver it. Never raises: a task that cannot start (a process limit on threads)
+        gives the slot back, and callers waiting learn why when their time runs out."""
         holder: list[Task] = []
 
         def run() -> None:
             try:
-                self._run(generation, target)
+                self._run(slot, target)
             finally:
                 for task in holder:
                     self._tasks.discard(task)
 
-        task = self._backend.spawn(run)
-        if task is not None:
-            holder.append(task)
-            self._tasks.add(task)
+        with slot:
+            try:
+                task = self._backend.spawn(run)
+            except Exception as exc:  # RuntimeError: can't start new thread
+                self.cannot_start = f"{type(exc).__name__}: {exc}"
+                logger.warning("group %r: cannot start a connect task: %s", self.config.name,
+                               self.cannot_start)
+                slot.give_back()
+                return
+            self.cannot_start = None
+            if task is not None:
+                holder.append(task)
+                self._tasks.add(task)
 
     def open_now(self, deadline: float, generation: int) -> PooledConnection:
         """Connect inline (``non-threaded`` mode): rounds of attempts, each bounded by its
@@ -188,7 +204,8 @@ class Connector:
         return "; ".join(ep.describe() for ep in self.endpoints)
 
     def close(self, pc: PooledConnection, reason: str) -> None:
-        """Close ``pc`` and count why. The caller deals with its slot."""
+        """Close ``pc`` and count why. Only its group calls this (``Group._discard``), which
+        gives its slot back; a dedicated connection, which has none, is closed here too."""
         self.counters.discards[reason] += 1
         with self._lock:
             self.counts[pc.endpoint] -= 1
@@ -197,6 +214,13 @@ class Connector:
         logger.debug("group %r: discarded a connection to %s (%s)", self.config.name,
                      pc.endpoint, reason)
 
+    def forget(self, endpoint: Endpoint) -> None:
+        """A connection to ``endpoint`` was collected unclosed (its slot was orphaned): the
+        driver closed it; take it out of the counts."""
+        with self._lock:
+            self.counts[endpoint] -= 1
+        endpoint.connection_closed()
+
     def uncount(self, pc: PooledConnection) -> None:
         """Leave ``pc`` out of :attr:`counts`: a dedicated connection (exclusive.py) lives
         outside the group's slots, and placement balances only what it can move."""
@@ -204,7 +228,10 @@ class Connector:
             self.counts[pc.endpoint] -= 1
 
     def stop(self) -> None:
-        """Interrupt background connects (green modes; threads end on their own)."""
+        """End background connects: green ones are killed; a thread ends at its next look
+        (its pause between rounds is cut short), never connecting again."""
+        self._stopped = True
+        self._stopping.set()
         for task in list(self._tasks):
             task.kill()
 
@@ -215,33 +242,32 @@ class Connector:
         self.counts = dict.fromkeys(self.endpoints, 0)
         self._tasks = set()
         self._lock = self._backend.lock()
+        self._stopping = threading.Event()
         self.failing = False
         return inherited
 
     # --- the background task ------------------------------------------------------------
 
-    def _run(self, generation: int, target: Endpoint | None) -> None:
+    def _run(self, slot: Slot, target: Endpoint | None) -> None:
         slots = self.slots
         assert slots is not None
-        try:
-            while True:
+        generation = slot.generation
+        with slot:  # whatever ends this task, the slot is given back unless delivered
+            while not self._stopped:
                 pc = self._round(target, generation)
                 if pc is not None:
-                    slots.deliver(pc, generation)
+                    slots.deliver(slot, pc)
                     return
                 target = None  # a failed preference falls back to the normal choice
                 error = self.fatal_error()
                 if error is not None:
                     logger.error("%s", error)
                     slots.fail_waiters(partial(ConnectFailed, str(error)), generation)
-                    slots.slot_abandoned(generation)
+                    break
+                if not slots.still_needed(slot):
                     return
-                if not slots.still_needed(generation):
-                    return
-                self._backend.sleep(self._next_chance())
-        except BaseException:
-            slots.slot_abandoned(generation)
-            raise
+                self._pause(self._next_chance())
+            slot.give_back()
 
     def _round(self, target: Endpoint | None, generation: int) -> PooledConnection | None:
         """One attempt on each endpoint that may take one now, best first, until one
@@ -303,8 +329,10 @@ class Connector:
         self._fatal.pop(endpoint, None)
         try:
             role = pooled_role or role_of(raw)
-            if role == UNKNOWN and self.config.role != "any":  # PostgreSQL < 14: ask
-                role, _ = query_role(raw, self._backend, endpoint.config.connect_timeout)
+            if pooled_role is None and self._must_measure(endpoint, role):
+                report = read_role(raw, self._backend, endpoint.config.connect_timeout)
+                endpoint.observe(report)
+                role = report.role
         except BaseException as exc:
             raw.close()
             endpoint.connect_abandoned()
@@ -328,6 +356,20 @@ class Connector:
         self.opened.add(pc)
         return pc
 
+    def _must_measure(self, endpoint: Endpoint, role: str) -> bool:
+        """Whether a new connection's server must be asked, one round trip, what its
+        login did not say: the role on PostgreSQL < 14; for a ``max_lag`` group, a
+        standby's lag; where several endpoints may be primary, a primary's timeline (so
+        that a new pool never picks a primary by configuration order in a split brain)."""
+        config = self.config
+        if config.role == "any":
+            return False
+        if role == UNKNOWN:
+            return True
+        if role == STANDBY:
+            return config.max_lag is not None
+        return len(self.endpoints) > 1
+
     def _pooled_role(self, raw: Any, endpoint: Endpoint) -> str:
         """The role of the server behind a pooler, by one query bounded by
         ``connect_timeout``: the pooler's login says nothing about that server (it answers
@@ -336,16 +378,21 @@ class Connector:
         ``query_wait_timeout``, a missing server database ...); ``raw`` is then closed."""
         config = endpoint.config
         try:
-            role, lag = query_role(raw, self._backend, config.connect_timeout)
+            report = read_role(raw, self._backend, config.connect_timeout)
         except Exception as exc:
             close_raw(raw)
             raise failed_behind_pooler(config, exc) from None
         except BaseException:
             close_raw(raw)
             raise
-        if lag is not None:
-            endpoint.lag = lag
-        return role
+        endpoint.observe(report)
+        return report.role
+
+    def _pause(self, seconds: float) -> None:
+        if self._backend.can_call_later:
+            self._backend.sleep(seconds)  # green: stop() kills the task
+        else:
+            self._stopping.wait(seconds)
 
     def _raise_if_hopeless(self) -> None:
         error = self.fatal_error()

@@ -74,7 +74,10 @@ class Endpoint:
         self.label = config.label
         self.state = UP
         self.role = UNKNOWN
+        #: a standby's replay lag in seconds as last measured (None: never measured, or a
+        #: primary); believe it only while :meth:`lag_known` says so
         self.lag: float | None = None
+        self.lag_seen_at = 0.0  # when it was measured (monotonic)
         #: called when the role, the timeline or the lag changes (groups cache where they
         #: should be)
         self._watchers: list[Callable[[], None]] = []
@@ -255,6 +258,16 @@ class Endpoint:
         for callback in self._watchers:
             callback()
 
+    def observe(self, report: Any) -> None:
+        """Record what a probe (``roles.RoleReport``) learned: role, timeline, lag."""
+        self.observe_role(report.role, report.timeline, report.lsn)
+        self.observe_lag(report.lag, report.receiver, report.receiver_age)
+
+    def lag_known(self, now: float) -> bool:
+        """Whether the lag was measured recently enough to decide on: an old measurement
+        is no measurement (no housekeeping in ``non-threaded`` mode, a stalled probe)."""
+        return self.lag is not None and now - self.lag_seen_at <= self.role_stale_after
+
     def observe_lag(self, lag: float | None, receiver: int | None, age: float | None) -> None:
         """Record a probe's replay lag (None for a primary). ``receiver`` is the streaming WAL
         receiver's pid and ``age`` how long it has lived. A receiver younger than
@@ -274,6 +287,7 @@ class Endpoint:
                     age = math.inf if first else now - self._receiver_since
                 if age < RECEIVER_SETTLE:
                     lag = math.inf
+            self.lag_seen_at = now
             if lag != self.lag:
                 self.lag = lag
                 self._changed()
@@ -282,7 +296,14 @@ class Endpoint:
 
     def describe(self) -> str:
         """Label, state, role and last error, for error messages (never a password)."""
-        text = f"{self.label} [{self.state}, {self.role}]"
+        if self.role == STANDBY:
+            lag = self.lag
+            fact = ", lag unknown" if lag is None or lag == math.inf else f", lag {lag:.1f} s"
+        elif self.role == PRIMARY:
+            fact = f", timeline {self.timeline if self.timeline is not None else 'unknown'}"
+        else:
+            fact = ""
+        text = f"{self.label} [{self.state}, {self.role}{fact}]"
         return f"{text} last error: {self.last_error}" if self.last_error else text
 
     def export(self) -> dict[str, object]:

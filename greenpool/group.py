@@ -6,14 +6,15 @@ This is the hot path. How connections are made is the connector's job
 
 Invariants (all changed only under ``self._lock``, in sections that never block):
 
-* ``_size`` counts *slots*: idle connections + lent connections + connects in progress
-  (``_connecting``). A slot is reserved before a connect starts, so the group never exceeds
+* ``_size`` counts *slots* (:mod:`greenpool.slots`): idle connections + lent connections
+  + connects in progress (``_connecting``). Room is taken only by making a :class:`Slot`
+  (:meth:`_take_slot`), before a connect starts, so the group never exceeds
   ``connection_count`` however tasks interleave.
-* Whoever holds a slot gives it back exactly once: a lent connection through
-  :meth:`release`; a connect task by delivering a connection (:meth:`deliver`) or by
-  freeing its slot; housekeeping by giving back or dropping what it took. Every path that
-  can be interrupted (``gevent.Timeout``, ``GreenletExit``, any ``BaseException``) gives its
-  slot back before re-raising.
+* A slot is given back only through its object, which lets that happen once: a connect
+  task's slot when the connect ends without a connection, a connection's slot
+  (``pc.slot``) when the group discards it (:meth:`drop`, :meth:`replace`). A slot whose
+  holder vanished without giving it back (a signal handler's exception between two lines)
+  is collected and counted back at the group's next look (:meth:`orphaned`).
 * Someone waits only if nothing is idle; a returned or new connection goes to the oldest
   waiter directly (first come, first served). A waiter never connects itself: it asks the
   connector, and whatever connection comes first serves the oldest waiter.
@@ -43,6 +44,7 @@ from .endpoint import UNKNOWN, Endpoint
 from .errors import PoolClosed, PoolError, PoolTimeout, TooManyWaiters
 from .placement import move_target, take_in_turn, unserved, where_to_be
 from .roles import fits, role_of
+from .slots import CONNECTING, RETURNED, Slot
 from .stats import GroupCounters
 from .waiting import WaitLine
 
@@ -104,6 +106,8 @@ class Group:
         self._cancel_sweep: Callable[[], None] | None = None
         self._size = 0
         self._connecting = 0  # slots held by connect tasks
+        #: (state, endpoint) of slots collected while held, counted back at the next look
+        self._orphans: deque[tuple[int, Endpoint | None]] = deque()
         self._closed = False
         self._generation = 0
         self._roles_matter = config.role != "any"
@@ -162,11 +166,10 @@ class Group:
             raise error  # every endpoint refused this group: waiting cannot help
         with self._lock:
             line = self._line
+            self._count_orphans()
             grow = self._size < self.config.connection_count and self._wants_connect(
                 len(line) + 1)
-            if grow:
-                self._size += 1
-                self._connecting += 1
+            slot = self._take_slot() if grow else None
             refuse = len(line) >= self._max_waiting or wait_for <= 0
             if not refuse:
                 waiter = self._new_waiter()
@@ -178,8 +181,8 @@ class Group:
                     own_timeout: float | None = None  # the line's timer times it out
                 else:
                     own_timeout = wait_for
-        if grow:
-            self.connector.start(self._generation)
+        if slot is not None:
+            self.connector.start(slot)
         if refuse:
             self._refuse_to_wait(wait_for)
         counters.waits += 1
@@ -209,23 +212,21 @@ class Group:
         """``non-threaded``: nobody else can return a connection, so connect now if the
         group has room, else refuse at once."""
         with self._lock:
-            room = self._size < self.config.connection_count
-            if room:
-                self._size += 1
-        if not room:
+            self._count_orphans()
+            slot = self._take_slot() if self._size < self.config.connection_count else None
+        if slot is None:
             self.counters.timeouts += 1
             raise PoolTimeout(
                 f"group {self.name!r}: all {self.config.connection_count} connections are in "
                 f"use, and in non-threaded mode nobody can return one while you wait; return "
                 f"connections before taking another, or raise connection_count"
             )
-        try:
-            pc = self.connector.open_now(deadline, self._generation)
-        except BaseException:
+        with slot:
+            pc = self.connector.open_now(deadline, slot.generation)
+            slot.attach(pc)
             with self._lock:
-                self._size -= 1
-            raise
-        return self._lend(pc)
+                self._connecting -= 1
+            return self._lend(pc)
 
     def _take_idle_in_turn(self) -> PooledConnection:
         idle = self._idle
@@ -411,7 +412,9 @@ class Group:
             self.drop(pc, "wrong_role")
             return
         with self._lock:
-            if not self._closed:
+            if self._closed:
+                target = None
+            else:
                 target = self._move_target(pc) if self.imbalanced else None
                 if target is None:
                     if self._line:
@@ -419,15 +422,11 @@ class Group:
                     else:
                         self._idle.append(pc)
                     return
-                self._connecting += 1
-            else:
-                self._size -= 1
-                target = None
         if target is None:
-            self.connector.close(pc, "pool_closed")
-            return
-        self.connector.close(pc, "rebalance")
-        self.connector.start(self._generation, target)
+            self._discard(pc, "pool_closed", reconnect=False)
+        else:
+            self._discard(pc, "rebalance", reconnect=False)
+            self.grow(1, target, if_idle=False)
 
     def _move_target(self, pc: PooledConnection) -> Endpoint | None:
         if self._connecting >= _MOVES_IN_FLIGHT:
@@ -441,66 +440,101 @@ class Group:
     def drop(self, pc: PooledConnection, reason: str) -> None:
         """Discard a connection we hold a slot for; the slot goes to a connect if waiters
         need one, else it is freed."""
-        if pc.generation != self._generation:
-            return  # the parent's: silenced and kept at fork, never closed here
-        self.connector.close(pc, reason)
-        self._slot_freed()
+        self._discard(pc, reason, reconnect=None)
 
     def replace(self, pc: PooledConnection, reason: str) -> None:
         """Discard a connection a borrow found dead and open another in its slot, in the
         background: the connect finds out at once whether the server is gone (a
         quarantine) or only that connection was. (Housekeeping, in quiet times, only
         drops: a server that ends idle sessions on purpose is not fought.)"""
+        self._discard(pc, reason, reconnect=True)
+
+    def _discard(self, pc: PooledConnection, reason: str, reconnect: bool | None) -> None:
+        """The one way a connection of this group is closed: with it goes its slot. A new
+        connect takes the room at once if ``reconnect`` (None: if waiters need one)."""
         if pc.generation != self._generation:
-            return
+            return  # the parent's: silenced and kept at fork, never closed here
+        slot = pc.slot
+        pc.slot = None
         self.connector.close(pc, reason)
-        self._reuse_slot(lambda: self._can_wait)  # non-threaded: no background to connect
+        if slot is not None and slot.state != RETURNED:
+            slot.state = RETURNED
+            self._slot_returned(slot.generation, slot.state, reconnect)
 
-    def _slot_freed(self) -> None:
-        self._reuse_slot(lambda: self._wants_connect(len(self._line)))
+    # --- slots (greenpool.slots) ------------------------------------------------------------
 
-    def _reuse_slot(self, wanted: Callable[[], bool]) -> None:
-        """A slot whose connection is gone: a connect in the background if ``wanted()``
-        (asked under the lock), else freed."""
+    def _take_slot(self) -> Slot:
+        """Room for one more connection (the caller holds the lock and checked the room)."""
+        self._size += 1
+        self._connecting += 1
+        return Slot(self, self._generation)
+
+    def returned(self, slot: Slot, was: int) -> None:
+        """A connect ended without a connection (``Slot.give_back``): free the room."""
+        self._slot_returned(slot.generation, was, reconnect=False)
+
+    def _slot_returned(self, generation: int, was: int, reconnect: bool | None) -> None:
+        if generation != self._generation:
+            return  # taken before a fork: this process never counted it
         with self._lock:
-            start = not self._closed and wanted()
-            if start:
-                self._connecting += 1
-            else:
-                self._size -= 1
-        if start:
-            self.connector.start(self._generation)
+            self._size -= 1
+            if was == CONNECTING:
+                self._connecting -= 1
+            if self._closed or not self._can_wait:
+                return
+            wanted = self._wants_connect(len(self._line)) if reconnect is None else reconnect
+            slot = self._take_slot() if wanted else None
+        if slot is not None:
+            self.connector.start(slot)
+
+    def orphaned(self, generation: int, was: int, endpoint: Endpoint | None) -> None:
+        """A slot collected while held (its holder vanished mid-line): only recorded here,
+        since this may run inside any code, even our own locked sections."""
+        if generation == self._generation:
+            self._orphans.append((was, endpoint))
+
+    def _count_orphans(self) -> None:
+        """Give back the room of orphaned slots (called with the lock held)."""
+        orphans = self._orphans
+        while orphans:
+            was, endpoint = orphans.popleft()
+            self._size -= 1
+            if was == CONNECTING:
+                self._connecting -= 1
+            elif endpoint is not None:  # its connection was lost in transit, unclosed
+                self.connector.forget(endpoint)
+            self.counters.discards["orphaned"] += 1
 
     # --- what the connector calls (connector.Slots) ---------------------------------------
 
-    def deliver(self, pc: PooledConnection, generation: int) -> None:
-        if generation != self._generation:  # opened by a task inherited across fork
+    def deliver(self, slot: Slot, pc: PooledConnection) -> None:
+        if slot.generation != self._generation:  # opened by a task inherited across fork
             silence_inherited(pc)
             _inherited_in_use.append(pc)
+            slot.state = RETURNED
             return
-        starts: list[Endpoint | None] = []
+        starts: list[Slot] = []
+        targets: list[Endpoint | None] = []
         with self._lock:
+            slot.attach(pc)
             self._connecting -= 1
             closed = self._closed
-            if closed:
-                self._size -= 1
-            else:
+            if not closed:
                 if self._line:
                     self._line.serve(pc)
                 else:
                     self._idle.append(pc)
                 if self._size < self.config.connection_count:
                     if self._wants_connect(len(self._line)):
-                        starts.append(None)  # waiters remain: grow by one more
+                        targets.append(None)  # waiters remain: grow by one more
                     elif self._turns is not None:
-                        starts.extend(self._unserved_endpoints())
-                    self._size += len(starts)
-                    self._connecting += len(starts)
+                        targets.extend(self._unserved_endpoints())
+                    starts = [self._take_slot() for _ in targets]
         if closed:
-            self.connector.close(pc, "pool_closed")
+            self._discard(pc, "pool_closed", reconnect=False)
             return
-        for target in starts:
-            self.connector.start(generation, target)
+        for new, target in zip(starts, targets, strict=True):
+            self.connector.start(new, target)
 
     def _unserved_endpoints(self) -> list[Endpoint]:
         """A group with room and several endpoints opens one connection on each preferred
@@ -510,22 +544,19 @@ class Group:
             return []
         return unserved(self.preferred_endpoints(), self.connector.counts)[:room]
 
-    def still_needed(self, generation: int) -> bool:
-        if generation != self._generation:
+    def still_needed(self, slot: Slot) -> bool:
+        """After a failed round of connects: keep trying (True), or the slot is given back
+        (nobody waits and the group is at ``min_size``)."""
+        if slot.generation != self._generation:
+            slot.state = RETURNED
             return False
         with self._lock:
             if not self._closed and (self._line or self._size <= self.config.min_size):
                 return True
+            slot.state = RETURNED
             self._connecting -= 1
             self._size -= 1
             return False
-
-    def slot_abandoned(self, generation: int) -> None:
-        if generation != self._generation:
-            return
-        with self._lock:
-            self._connecting -= 1
-        self._slot_freed()
 
     def fail_waiters(self, make_error: Callable[[], BaseException], generation: int) -> None:
         if generation != self._generation:
@@ -546,33 +577,33 @@ class Group:
         with self._lock:
             if self._closed:
                 return []
+            self._count_orphans()
             taken = choose(list(self._idle))
             for pc in taken:
                 self._idle.remove(pc)
             return taken
 
     def grow(self, count: int, target: Endpoint | None = None, *, if_idle: bool = True) -> int:
-        """Start up to ``count`` connects within the group's room (refill, probes);
+        """Start up to ``count`` connects within the group's room (refill, probes, moves);
         the number started. With ``if_idle``, only while nobody waits."""
         with self._lock:
+            self._count_orphans()
             if self._closed or (if_idle and self._line):
                 return 0
             count = max(0, min(count, self.config.connection_count - self._size))
-            self._size += count
-            self._connecting += count
-        for _ in range(count):
-            self.connector.start(self._generation, target)
+            slots = [self._take_slot() for _ in range(count)]
+        for slot in slots:
+            self.connector.start(slot, target)
         return count
 
-    def reserve_slot(self) -> bool:
-        """Hold one slot of the group's room for a connect housekeeping makes itself (a
-        probe); end it with :meth:`deliver` or :meth:`slot_abandoned`."""
+    def reserve_slot(self) -> Slot | None:
+        """One slot of the group's room for a connect housekeeping makes itself (a role
+        probe); None when the group is full. Hold it in ``with``: attach it with
+        :meth:`deliver`, or give it back."""
         with self._lock:
             if self._closed or self._size >= self.config.connection_count:
-                return False
-            self._size += 1
-            self._connecting += 1
-            return True
+                return None
+            return self._take_slot()
 
     @property
     def generation(self) -> int:
@@ -616,10 +647,9 @@ class Group:
                 self._cancel_sweep()
             idle = list(self._idle)
             self._idle.clear()
-            self._size -= len(idle)
             self._line.fail_all(self._closed_error)
         for pc in idle:
-            self.connector.close(pc, "pool_closed")
+            self._discard(pc, "pool_closed", reconnect=False)
         self.connector.stop()
 
     def _closed_error(self) -> BaseException:
@@ -649,6 +679,7 @@ class Group:
         self._line = WaitLine()
         self._sweep_armed = False  # a timer the parent armed returns at once here
         self._size = self._connecting = 0
+        self._orphans = deque()
         self._generation += 1
         for pc in inherited:
             silence_inherited(pc)
@@ -668,6 +699,9 @@ class Group:
         return self._closed
 
     def stats(self) -> dict[str, Any]:
+        if self._orphans:
+            with self._lock:
+                self._count_orphans()
         idle, in_use = len(self._idle), len(self._lent)
         return {
             "size": self._size,

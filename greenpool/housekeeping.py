@@ -127,7 +127,12 @@ class Housekeeping:
             finally:
                 busy.discard(key)
 
-        if self._backend.spawn(run) is None:
+        try:
+            started = self._backend.spawn(run) is not None
+        except Exception as exc:  # RuntimeError: can't start new thread (a process limit)
+            logger.warning("housekeeping (%s) skipped: cannot start a task: %s", key[0], exc)
+            started = False
+        if not started:
             busy.discard(key)
 
     # --- per group ------------------------------------------------------------------------
@@ -248,48 +253,64 @@ class Housekeeping:
                 self._in_task(("role", endpoint.label), partial(self._probe_role, endpoint))
 
     def _probe_quarantined(self, endpoint: Endpoint) -> None:
-        self._in_task(("probe", endpoint.label), partial(self._probe, endpoint))
+        """A quarantined endpoint is probed by one short-lived connection outside every
+        group: a probe stuck on a black hole for ``connect_timeout`` never holds a group's
+        room, so a group keeps growing on its healthy endpoints meanwhile."""
+        users = self._users(endpoint)
+        if users:
+            self._in_task(("probe", endpoint.label),
+                          partial(self._probe_outside_groups, users[0], endpoint))
 
     def _probe_role(self, endpoint: Endpoint) -> None:
         """Refresh ``endpoint``'s role and lag with one bounded query on an idle connection
-        to it, else on a probe connection (:meth:`_probe`)."""
+        to it, else on a connection opened within a group's room (:meth:`_probe`)."""
         for group in self._users(endpoint):
             taken = group.take_idle(partial(_latest_to, endpoint))
             if not taken:
                 continue
             (pc,) = taken
-            if self._ask_role(group, pc):
+            try:
+                answered = self._read_role(pc)
+            except BaseException:
+                group.drop(pc, "interrupted")
+                raise
+            if answered:
                 group.give_back(pc)
+            else:
+                group.drop(pc, "failed_check")
+                self._on_endpoint_failure(endpoint)
             return
-        self._probe(endpoint, outside_groups=False)  # every group full and busy: skipped
+        self._probe(endpoint)  # every group full and busy: skipped
 
-    def _probe(self, endpoint: Endpoint, outside_groups: bool = True) -> None:
+    def _probe(self, endpoint: Endpoint) -> None:
         """One connect to ``endpoint``, and its role and lag, within the room of a group
         that uses it: the connection then serves that group if it fits there, else it is
-        closed. When every such group is full, one short-lived connection of its own
-        (``outside_groups``: quarantine probes only)."""
-        users = self._users(endpoint)
-        for group in users:
-            if not group.reserve_slot():
+        closed. Skipped when every such group is full."""
+        for group in self._users(endpoint):
+            slot = group.reserve_slot()
+            if slot is None:
                 continue
-            generation = group.generation
-            try:
-                pc = group.connector.probe(endpoint, generation)
-                if pc is None or not self._ask_role(group, pc):
-                    group.slot_abandoned(generation)
+            connector = group.connector
+            with slot:
+                pc = connector.probe(endpoint, slot.generation)
+                if pc is None:
+                    slot.give_back()
                     return
-            except BaseException:
-                group.slot_abandoned(generation)
-                raise
-            if group.connector.belongs(endpoint, pc.role):
-                group.deliver(pc, generation)
-            else:
-                group.connector.close(pc, "probe")
-                group.slot_abandoned(generation)
+                try:
+                    answered = self._read_role(pc)
+                except BaseException:
+                    connector.close(pc, "interrupted")
+                    raise
+                if answered and connector.belongs(endpoint, pc.role):
+                    group.deliver(slot, pc)
+                else:
+                    connector.close(pc, "probe" if answered else "failed_check")
+                    slot.give_back()
+                    if not answered:
+                        self._on_endpoint_failure(endpoint)
+                        return
             self._after_probe(endpoint)
             return
-        if users and outside_groups:
-            self._probe_outside_groups(users[0], endpoint)
 
     def _after_probe(self, endpoint: Endpoint) -> None:
         """An endpoint answered again: idle connections move back onto it now, busy groups
@@ -301,21 +322,16 @@ class Housekeeping:
                 group.imbalanced = True
                 self._in_task(("rebalance", group.name), partial(self._rebalance, group))
 
-    def _ask_role(self, group: Group, pc: PooledConnection) -> bool:
-        """Role and lag of ``pc``'s server by one bounded query; False (``pc`` discarded) if
-        it did not answer."""
+    def _read_role(self, pc: PooledConnection) -> bool:
+        """Role and lag of ``pc``'s server by one bounded query, recorded on its endpoint;
+        False if it did not answer (the caller discards ``pc``)."""
         endpoint = pc.endpoint
         try:
             report = read_role(pc.raw, self._backend, endpoint.config.connect_timeout)
-        except BaseException as exc:
-            group.connector.close(pc, "failed_check")
-            if not isinstance(exc, Exception):
-                raise
-            self._on_endpoint_failure(endpoint)
+        except Exception:
             return False
         pc.role = report.role
-        endpoint.observe_role(report.role, report.timeline, report.lsn)
-        endpoint.observe_lag(report.lag, report.receiver, report.receiver_age)
+        endpoint.observe(report)
         return True
 
     def _users(self, endpoint: Endpoint) -> list[Group]:
@@ -344,8 +360,7 @@ class Housekeeping:
         try:
             report = read_role(raw, self._backend, endpoint.config.connect_timeout)
             endpoint.connect_succeeded(report.role)
-            endpoint.observe_role(report.role, report.timeline, report.lsn)
-            endpoint.observe_lag(report.lag, report.receiver, report.receiver_age)
+            endpoint.observe(report)
             endpoint.connection_closed()
         except Exception:
             endpoint.connect_abandoned()

@@ -53,7 +53,7 @@ def connect_order(
     """Endpoints to try now: the first preference tier with an endpoint that may take a
     connect; within it fewest of the group's connections per weight first, ties rotating
     from ``rotation`` so that a fleet of workers does not all pick the first one."""
-    for tier in candidates(endpoints, role, max_lag, on_lag):
+    for tier in candidates(endpoints, role, max_lag, on_lag, connecting=True):
         ready = [
             ep for ep in tier
             if ep.may_connect(now)

@@ -188,8 +188,10 @@ def _precedence(ep: Endpoint) -> tuple[int, int, int]:
             -ep.rank)
 
 
-def _chosen_primary(endpoints: Sequence[Endpoint], primaries: list[Endpoint]) -> Endpoint:
-    """The primary a ``primary`` group uses."""
+def _chosen_primary(endpoints: Sequence[Endpoint], primaries: list[Endpoint]) -> Endpoint | None:
+    """The primary a ``primary`` group uses; None while primaries answer together and one
+    of them has an unknown timeline (the next connect to it learns it): the rule cannot
+    choose without it, and configuration order is no rule."""
     if len(primaries) == 1:
         only = primaries[0]
         if only.split_reported:
@@ -200,6 +202,8 @@ def _chosen_primary(endpoints: Sequence[Endpoint], primaries: list[Endpoint]) ->
     for ep in endpoints:
         if ep.split_reported and ep not in claiming:
             ep.split_reported.clear()  # it claims nothing now: a later claim is news
+    if len(claiming) > 1 and any(ep.timeline is None for ep in claiming):
+        return None
     chosen = max(live or primaries, key=_precedence)  # nobody answers now: still a rule
     if len(claiming) < 2:
         return chosen
@@ -212,35 +216,54 @@ def _chosen_primary(endpoints: Sequence[Endpoint], primaries: list[Endpoint]) ->
             "split brain: %s all answer as primary; using %s (highest timeline, then highest "
             "WAL position, then first configured). Fence the other one.",
             ", ".join(f"{ep.label} (timeline {ep.timeline}, lsn {ep.wal_lsn})"
-                      for ep in claiming),
+                      for ep in claiming),  # never None here: see above
             chosen.label,
         )
     return chosen
 
 
 def candidates(
-    endpoints: Sequence[Endpoint], group_role: str, max_lag: float | None, on_lag: str
+    endpoints: Sequence[Endpoint],
+    group_role: str,
+    max_lag: float | None,
+    on_lag: str,
+    connecting: bool = False,
 ) -> list[list[Endpoint]]:
     """The group's endpoints in tiers of preference (first tier first). Health is not
     considered here; a later tier is used only when no endpoint of an earlier one can
-    take a connection."""
+    take a connection.
+
+    What is unknown is never taken for the convenient case: a standby whose lag is not
+    known (never measured, or measured too long ago) is no fresh standby for a ``max_lag``
+    group, and a primary whose timeline is unknown is not chosen while another answers
+    too. With ``connecting``, the tiers say where a *connect* may go, and those unknowns
+    are in the first tier: a connect measures them (``Connector._attempt``) and keeps the
+    connection only if it then fits."""
     if group_role == "any":
         return [list(endpoints)]
     primaries = [ep for ep in endpoints if ep.role == PRIMARY]
     standbys = [ep for ep in endpoints if ep.role == STANDBY]
     unknown = [ep for ep in endpoints if ep.role == UNKNOWN]
     if group_role == "primary":
-        chosen = [_chosen_primary(endpoints, primaries)] if primaries else []
+        chosen = _chosen_primary(endpoints, primaries) if primaries else None
+        first = [chosen] if chosen is not None else []
+        if chosen is None and connecting:
+            first = [ep for ep in primaries if ep.timeline is None]
         # A standby may have been promoted since we last looked: connecting tells.
-        return [chosen + unknown, standbys]
-    fresh = [ep for ep in standbys if max_lag is None or ep.lag is None
-             or (ep.lag <= max_lag and ep.lag != LAG_UNKNOWN)]
-    lagging = [ep for ep in standbys if ep not in fresh]
-    tiers = [fresh + unknown]
+        return [first + unknown, standbys]
+    if max_lag is None:
+        fresh, unmeasured, lagging = standbys, [], []
+    else:
+        now = time.monotonic()
+        unmeasured = [ep for ep in standbys if not ep.lag_known(now)]
+        fresh = [ep for ep in standbys if ep not in unmeasured and ep.lag is not None
+                 and ep.lag <= max_lag and ep.lag != LAG_UNKNOWN]
+        lagging = [ep for ep in standbys if ep not in fresh and ep not in unmeasured]
+    tiers = [fresh + unknown + (unmeasured if connecting else [])]
     if group_role == "prefer-standby":
         tiers.append(primaries)
         if on_lag == "use-primary":
             tiers.append(lagging)
-    elif lagging and on_lag == "use-primary":
+    elif (lagging or unmeasured) and on_lag == "use-primary":
         tiers.append(primaries)
     return tiers

@@ -1,0 +1,83 @@
+"""A slot of a group's room as an object: taken once, given back exactly once.
+
+A group may hold at most ``connection_count`` connections, counting the connects under way.
+Counting that by hand on every path (borrow, connect, refill, probe, rebalance, retire) lost
+slots whenever one path forgot, or was interrupted between taking and giving back. Here the
+only way to take room is to make a :class:`Slot`, and the only way to give it back is through
+that object, which lets it happen once:
+
+* while a connect is under way the slot is *connecting*; the connect either attaches it to
+  the connection it opened (:meth:`Slot.attach`), or gives it back;
+* attached, the slot lives on the connection (``PooledConnection.slot``): discarding the
+  connection gives the slot back, through the group (``Group.drop``);
+* ``with slot:`` gives it back on any exception (``gevent.Timeout``, a kill, a failed thread
+  start, ``KeyboardInterrupt``) unless it was attached by then;
+* a slot that is garbage-collected while still held (its holder was interrupted between two
+  lines, where no ``finally`` can reach: a signal handler's exception) is given back at the
+  group's next look (:meth:`SlotOwner.orphaned`, which must not block: it may run anywhere).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .connection import PooledConnection
+    from .endpoint import Endpoint
+
+CONNECTING, ATTACHED, RETURNED = 0, 1, 2
+
+
+class SlotOwner(Protocol):
+    """The group a slot belongs to. ``returned`` and ``orphaned`` are called at most once per
+    slot; ``orphaned`` may run inside any code (a finalizer) and only records."""
+
+    def returned(self, slot: Slot, was: int) -> None: ...
+
+    def orphaned(self, generation: int, was: int, endpoint: Endpoint | None) -> None: ...
+
+
+class Slot:
+    """One unit of a group's room, from the moment it is reserved until it is given back."""
+
+    __slots__ = ("_owner", "endpoint", "generation", "state")
+
+    def __init__(self, owner: SlotOwner, generation: int) -> None:
+        self._owner = owner
+        #: the group generation it was taken in: a slot taken before a fork means nothing after
+        self.generation = generation
+        self.state = CONNECTING
+        #: where its connection is, once attached (a lost connection's count is mended too)
+        self.endpoint: Endpoint | None = None
+
+    def attach(self, pc: PooledConnection) -> None:
+        """The connect succeeded: the slot now lives on ``pc`` (the owner counts the change
+        under its own lock, see ``Group.deliver``)."""
+        self.state = ATTACHED
+        self.endpoint = pc.endpoint
+        pc.slot = self
+
+    def give_back(self) -> None:
+        """Give the slot back to the group; a second call does nothing."""
+        was = self.state
+        if was == RETURNED:
+            return
+        self.state = RETURNED
+        self._owner.returned(self, was)
+
+    def __enter__(self) -> Slot:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None and self.state == CONNECTING:
+            self.give_back()
+
+    def __del__(self) -> None:
+        was = self.state
+        if was != RETURNED:
+            self.state = RETURNED
+            self._owner.orphaned(self.generation, was, self.endpoint)
+
+    def __repr__(self) -> str:
+        state = ("connecting", "attached", "returned")[self.state]
+        return f"<Slot {state} gen={self.generation}>"
