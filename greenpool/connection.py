@@ -376,7 +376,9 @@ def check_on_borrow(
     The ping is bounded by ``connect_timeout`` and by ``deadline`` (the caller's, in
     ``time.monotonic()`` terms) when that comes first. A ping cut short by the caller's
     deadline says nothing about the server: the reason is then ``check_timeout``, not
-    ``failed_check`` (with no time left at all nothing is sent and ``pc`` stays open).
+    ``failed_check``. A caller with no time left at all (``timeout=0``) gets a connection
+    that sat idle past ``check_idle_after`` unpinged when its socket shows nothing: that
+    free check is all it has time for (a readable one is ``check_timeout``, still open).
     """
     raw = pc.raw
     if raw.closed:
@@ -394,6 +396,8 @@ def check_on_borrow(
     cut_by_caller = False
     if deadline is not None:
         left = deadline - time.monotonic()
+        if not left > 0 and not pc.readable():
+            return ""  # no time for a ping, and the free check found nothing: lend it
         if not left >= bound:
             bound, cut_by_caller = left, True
     try:

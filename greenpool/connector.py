@@ -118,7 +118,7 @@ class Connector:
 
     # --- asked by the group -------------------------------------------------------------
 
-    def start(self, slot: Slot, target: Endpoint | None = None) -> None:
+    def start(self, slot: Slot, target: Endpoint | None = None) -> bool:
         """Open one connection in the background in ``slot`` (preferably to ``target``) and
         deliver it. Never raises: a task that cannot start (a process limit on threads)
         gives the slot back, and callers waiting learn why when their time runs out."""
@@ -139,17 +139,22 @@ class Connector:
                 logger.warning("group %r: cannot start a connect task: %s", self.config.name,
                                self.cannot_start)
                 slot.give_back()
-                return
+                return False
             self.cannot_start = None
             if task is not None:
                 holder.append(task)
                 self._tasks.add(task)
+            return True
 
-    def open_now(self, deadline: float, generation: int) -> PooledConnection:
-        """Connect inline (``non-threaded`` mode): rounds of attempts, each bounded by its
-        endpoint's ``connect_timeout``, starting new ones only until ``deadline``."""
+    def open_now(
+        self, deadline: float, generation: int, target: Endpoint | None = None
+    ) -> PooledConnection:
+        """Connect inline (``non-threaded`` mode, dedicated connections): rounds of
+        attempts, each bounded by its endpoint's ``connect_timeout`` and by ``deadline``,
+        the caller's. An attempt the caller's time cut short is no verdict on the server."""
         while True:
-            pc = self._round(None, generation)
+            pc = self._round(target, generation, deadline)
+            target = None
             if pc is not None:
                 return pc
             self._raise_if_hopeless()
@@ -201,7 +206,16 @@ class Connector:
         )
 
     def describe(self) -> str:
-        return "; ".join(ep.describe() for ep in self.endpoints)
+        """The endpoints, and why none fits the group's role when none does (a standby
+        of unknown lag or beyond ``max_lag``, primaries of unknown timeline)."""
+        text = "; ".join(ep.describe() for ep in self.endpoints)
+        config = self.config
+        if config.role != "any" and not where_to_be(self.endpoints, config.role,
+                                                     config.max_lag, config.on_lag):
+            lag = f" within max_lag {config.max_lag} s" if config.max_lag is not None else ""
+            text += (f". None of them is known to fit role {config.role!r}{lag} now (a lag "
+                     f"or timeline not yet measured counts as unknown, never as fresh)")
+        return text
 
     def close(self, pc: PooledConnection, reason: str) -> None:
         """Close ``pc`` and count why. Only its group calls this (``Group._discard``), which
@@ -269,7 +283,9 @@ class Connector:
                 self._pause(self._next_chance())
             slot.give_back()
 
-    def _round(self, target: Endpoint | None, generation: int) -> PooledConnection | None:
+    def _round(
+        self, target: Endpoint | None, generation: int, deadline: float | None = None
+    ) -> PooledConnection | None:
         """One attempt on each endpoint that may take one now, best first, until one
         succeeds. None if none did (``failing`` then says whether any server failed)."""
         now = _monotonic()
@@ -282,12 +298,14 @@ class Connector:
             order.insert(0, target)
         moved_on = False
         for endpoint in order:
+            if deadline is not None and _monotonic() >= deadline:
+                break
             fatal = self._fatal.get(endpoint)
             if fatal is not None and fatal[0] > now:
                 continue
             if not endpoint.begin_connect(_monotonic()):
                 continue  # another task probes it, or its slow start is at its limit
-            pc = self._attempt(endpoint, generation)
+            pc = self._attempt(endpoint, generation, deadline=deadline)
             if pc is not None:
                 if moved_on:
                     self.counters.failovers += 1
@@ -299,26 +317,39 @@ class Connector:
         return None
 
     def _attempt(
-        self, endpoint: Endpoint, generation: int, placed: bool = True
+        self,
+        endpoint: Endpoint,
+        generation: int,
+        placed: bool = True,
+        deadline: float | None = None,
     ) -> PooledConnection | None:
-        """One connect attempt the caller has claimed (``endpoint.begin_connect``). With
-        ``placed``, a connection the group should not use now is closed at once."""
+        """One connect attempt the caller has claimed (``endpoint.begin_connect``), bounded
+        by ``connect_timeout`` and ``deadline``. With ``placed``, a connection the group
+        should not use now is closed at once."""
+        seconds = endpoint.config.connect_timeout
+        cut_by_caller = False
+        if deadline is not None:
+            left = deadline - _monotonic()
+            if left < seconds:
+                seconds, cut_by_caller = max(left, 0.001), True
         try:
             raw = open_connection(endpoint.config, self.config, self._kwargs[endpoint],
-                                  self._backend, endpoint.config.connect_timeout)
+                                  self._backend, seconds)
             pooled_role = self._pooled_role(raw, endpoint) if is_pooled(raw) else None
         except ConnectError as exc:
+            if cut_by_caller and exc.kind == "timeout":
+                endpoint.connect_abandoned()  # the caller's time ran out, not the server's
+                return None
             self.counters.connect_errors += 1
+            unhealthy = endpoint.connect_error(exc.fatal, exc.kind, exc.reason)
             if exc.fatal:  # the server answered: nothing wrong with its health
-                endpoint.connect_refused(exc.reason)
                 told = f"{exc.reason} ({exc.hint})" if exc.hint else exc.reason
                 self._fatal[endpoint] = (_monotonic() + self._fatal_pause, told)
                 logger.warning("group %r: %s refused the connection: %s", self.config.name,
                                endpoint.label, exc.reason)
             else:
-                endpoint.connect_failed(exc.reason)
                 logger.info("group %r: cannot connect to %s", self.config.name, exc)
-                if self.slots is not None:
+                if unhealthy and self.slots is not None:
                     self.slots.endpoint_failed(endpoint)
             return None
         except InheritedAcrossFork:

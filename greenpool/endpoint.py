@@ -42,6 +42,9 @@ UP, QUARANTINED, PROBING = "up", "quarantined", "probing"
 PRIMARY, STANDBY, UNKNOWN = "primary", "standby", "unknown"
 
 _SLOW_START = 2  # connects in flight allowed right after recovery
+#: failure kinds (failures.py) that say the server is full, not down
+FULL_KINDS = frozenset({"too_many_connections", "pooler_full"})
+_FULL_PAUSE = (0.05, 0.25)  # seconds (jittered) a full server is left alone by connects
 _SLOW_START_DONE = 32  # past this many, the endpoint is treated as fully recovered
 _BACKOFF_SHARE_OF_OUTAGE = 0.25  # the backoff ceiling, as a share of the time down so far
 #: a role not seen for this long is stale (3 of the default role_check_interval; the pool
@@ -100,6 +103,8 @@ class Endpoint:
         #: may never answer
         self.ramp: int | None = _SLOW_START
         self.quarantined_until = 0.0
+        self.full_until = 0.0  # no connect before this: the server said it is full
+        self.full = 0  # times it said so
         self.down_since = 0.0  # when the current outage began (monotonic); while not up
         self._failures = 0  # consecutive failed connects, drives the backoff
         self._initial = config.retry_sleep if config.retry_sleep is not None else quarantine_initial
@@ -123,7 +128,7 @@ class Endpoint:
     def may_connect(self, now: float) -> bool:
         """Whether a connect attempt may start now (for a quarantined endpoint: as prober)."""
         if self.state == UP:
-            return self.ramp is None or self.connecting < self.ramp
+            return (self.ramp is None or self.connecting < self.ramp) and now >= self.full_until
         return self.state == QUARANTINED and now >= self.quarantined_until
 
     def begin_connect(self, now: float) -> bool:
@@ -178,6 +183,33 @@ class Endpoint:
                 self.state = UP
                 self.ramp = _SLOW_START
                 self._failures = 0
+
+    def connect_full(self, message: str) -> None:
+        """The server answered that it has no free connection slot: it is alive and its
+        connections are healthy, so nothing is quarantined or evicted; connects leave it
+        alone for a moment (and go to another endpoint meanwhile)."""
+        with self._lock:
+            self.connecting -= 1
+            self.connect_errors += 1
+            self.full += 1
+            self.last_error = message
+            self.full_until = time.monotonic() + random.uniform(*_FULL_PAUSE)
+            if self.state == PROBING:
+                self.state = UP
+                self.ramp = _SLOW_START
+                self._failures = 0
+
+    def connect_error(self, fatal: bool, kind: str, message: str) -> bool:
+        """End a connect attempt that failed (see ``connection.ConnectError``); True when
+        the failure says the server is unhealthy (its idle connections are suspect)."""
+        if fatal:
+            self.connect_refused(message)
+        elif kind in FULL_KINDS:
+            self.connect_full(message)
+        else:
+            self.connect_failed(message)
+            return True
+        return False
 
     def connect_abandoned(self) -> None:
         """The attempt was interrupted (timeout or kill of the caller): no verdict."""
@@ -316,6 +348,7 @@ class Endpoint:
             "connect_attempts": self.connect_attempts,
             "connect_errors": self.connect_errors,
             "quarantines": self.quarantines,
+            "full": self.full,
             "timeline": self.timeline,
             "split_brain": self.split_brain,
             "last_error": self.last_error,

@@ -99,6 +99,9 @@ class Group:
         self._line = WaitLine()
         self._new_waiter = backend.waiter
         self._can_wait = backend.can_wait
+        #: non-threaded with several endpoints: no background opens a connection on each
+        #: endpoint, so a borrow does it (see acquire)
+        self._spread_inline = not backend.can_wait and len(self.endpoints) > 1
         self._max_waiting = config.max_waiting or math.inf
         # whether waiters with the default timeout share one timer (see _sweep)
         self._line_keeps_time = backend.can_call_later and math.isfinite(config.timeout)
@@ -137,6 +140,10 @@ class Group:
         now = _monotonic()
         wait_for = self.config.timeout if timeout is None else timeout
         self.counters.acquires += 1
+        if self._spread_inline and self._size < self.config.connection_count:
+            unserved_now = unserved(self.preferred_endpoints(), self.connector.counts)
+            if unserved_now:  # non-threaded: spread a light load now, nobody else will
+                return self._connect_inline(now + wait_for, unserved_now[0])
         while True:
             with self._lock:
                 if self._closed:
@@ -181,8 +188,9 @@ class Group:
                     own_timeout: float | None = None  # the line's timer times it out
                 else:
                     own_timeout = wait_for
-        if slot is not None:
-            self.connector.start(slot)
+        if slot is not None and not self.connector.start(slot) and not refuse and not self._lent:
+            self._abandon(waiter)  # no connect can start and none is lent: nothing will come
+            raise self._timeout_error(wait_for)
         if refuse:
             self._refuse_to_wait(wait_for)
         counters.waits += 1
@@ -208,9 +216,11 @@ class Group:
             return False
         return waiters > connecting and (not self._lent or connecting == 0)
 
-    def _connect_inline(self, deadline: float) -> PooledConnection:
+    def _connect_inline(
+        self, deadline: float, target: Endpoint | None = None
+    ) -> PooledConnection:
         """``non-threaded``: nobody else can return a connection, so connect now if the
-        group has room, else refuse at once."""
+        group has room (preferably to ``target``), else refuse at once."""
         with self._lock:
             self._count_orphans()
             slot = self._take_slot() if self._size < self.config.connection_count else None
@@ -222,9 +232,9 @@ class Group:
                 f"connections before taking another, or raise connection_count"
             )
         with slot:
-            pc = self.connector.open_now(deadline, slot.generation)
-            slot.attach(pc)
+            pc = self.connector.open_now(deadline, slot.generation, target)
             with self._lock:
+                slot.attach(pc)
                 self._connecting -= 1
             return self._lend(pc)
 
@@ -714,6 +724,13 @@ class Group:
         }
 
     def _busy_message(self, wait_for: float) -> str:
+        cannot_start = self.connector.cannot_start
+        if cannot_start is not None:
+            return (
+                f"group {self.name!r}: no connection within {wait_for:.2f} s: a connect "
+                f"could not be started ({cannot_start}); the process may have reached its "
+                f"limit on threads (ulimit -u, a container's pids limit)"
+            )
         if self._connecting and not self._lent:
             return (
                 f"group {self.name!r}: no connection within {wait_for:.2f} s: "

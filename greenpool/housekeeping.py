@@ -347,10 +347,8 @@ class Housekeeping:
                                   endpoint.config.connect_timeout)
         except Exception as exc:
             reason = str(getattr(exc, "reason", exc))
-            if getattr(exc, "fatal", False):
-                endpoint.connect_refused(reason)
-            else:
-                endpoint.connect_failed(reason)
+            endpoint.connect_error(getattr(exc, "fatal", False),
+                                   getattr(exc, "kind", "unknown"), reason)
             return
         except InheritedAcrossFork:
             raise  # the parent's probe: the child's endpoint never counted it
