@@ -291,7 +291,8 @@ class Connector:
         now = _monotonic()
         config = self.config
         order = connect_order(self.endpoints, config.role, config.max_lag, config.on_lag,
-                              self.counts, now, self._rotation)
+                              self.counts, now, self._rotation,
+                              probe=not self._backend.can_wait)
         self._rotation += 1
         if target is not None and target in order:
             order.remove(target)

@@ -26,6 +26,7 @@ import math
 import os
 import sys
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -59,6 +60,7 @@ _inherited_in_use: list[PooledConnection] = []
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _MOVES_IN_FLIGHT = 2  # a connection moves only while fewer connects than this are under way
+_STUCK_AFTER = 0.25  # seconds: a connect under way this long may be stuck (_wants_connect)
 
 
 def _caller_outside_greenpool() -> str:
@@ -111,6 +113,9 @@ class Group:
         self._connecting = 0  # slots held by connect tasks
         #: (state, endpoint) of slots collected while held, counted back at the next look
         self._orphans: deque[tuple[int, Endpoint | None]] = deque()
+        #: the slots this group made, weakly (a collected one is orphaned): those still
+        #: CONNECTING are the connects under way
+        self._connects: weakref.WeakSet[Slot] = weakref.WeakSet()
         self._closed = False
         self._generation = 0
         self._roles_matter = config.role != "any"
@@ -210,11 +215,19 @@ class Group:
         """Whether ``waiters`` callers need one more connect than is under way. Cold (none
         lent, so none will come back) every waiter gets one; warm, the group grows one
         connect at a time, because a returned connection usually comes sooner than a new
-        one (a burst does not grow the group to its maximum for nothing)."""
+        one (a burst does not grow the group to its maximum for nothing). A connect under
+        way longer than ``_STUCK_AFTER`` (a black hole holds it for ``connect_timeout``) no
+        longer stops a warm group from growing on its other endpoints."""
         connecting = self._connecting
         if self.connector.fatal_error() is not None:
             return False
-        return waiters > connecting and (not self._lent or connecting == 0)
+        if not self._lent:
+            return waiters > connecting
+        if connecting:
+            now = _monotonic()
+            connecting = sum(1 for slot in self._connects
+                             if slot.state == CONNECTING and now - slot.since < _STUCK_AFTER)
+        return waiters > connecting and connecting == 0
 
     def _connect_inline(
         self, deadline: float, target: Endpoint | None = None
@@ -477,7 +490,9 @@ class Group:
         """Room for one more connection (the caller holds the lock and checked the room)."""
         self._size += 1
         self._connecting += 1
-        return Slot(self, self._generation)
+        slot = Slot(self, self._generation)
+        self._connects.add(slot)
+        return slot
 
     def returned(self, slot: Slot, was: int) -> None:
         """A connect ended without a connection (``Slot.give_back``): free the room."""
@@ -690,6 +705,7 @@ class Group:
         self._sweep_armed = False  # a timer the parent armed returns at once here
         self._size = self._connecting = 0
         self._orphans = deque()
+        self._connects = weakref.WeakSet()
         self._generation += 1
         for pc in inherited:
             silence_inherited(pc)

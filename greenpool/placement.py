@@ -49,16 +49,23 @@ def connect_order(
     counts: Mapping[Endpoint, int],
     now: float,
     rotation: int,
+    probe: bool = True,
 ) -> list[Endpoint]:
     """Endpoints to try now: the first preference tier with an endpoint that may take a
     connect; within it fewest of the group's connections per weight first, ties rotating
-    from ``rotation`` so that a fleet of workers does not all pick the first one."""
+    from ``rotation`` so that a fleet of workers does not all pick the first one. Without
+    ``probe`` (housekeeping probes quarantined endpoints), a quarantined endpoint is tried
+    only when no endpoint of its tier is up: a caller's connect is not spent on a probe
+    that may hang for ``connect_timeout`` while a healthy endpoint has room."""
     for tier in candidates(endpoints, role, max_lag, on_lag, connecting=True):
         ready = [
             ep for ep in tier
             if ep.may_connect(now)
             and (role != "primary" or ep.role != STANDBY or now - ep.role_seen_at >= ROLE_RECHECK)
         ]
+        if not probe and len(ready) > 1:
+            up = [ep for ep in ready if ep.state == UP]
+            ready = up or ready
         if len(ready) > 1:
             start = rotation % len(ready)
             ready = ready[start:] + ready[:start]

@@ -19,6 +19,7 @@ that object, which lets it happen once:
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -40,13 +41,14 @@ class SlotOwner(Protocol):
 class Slot:
     """One unit of a group's room, from the moment it is reserved until it is given back."""
 
-    __slots__ = ("_owner", "endpoint", "generation", "state")
+    __slots__ = ("__weakref__", "_owner", "endpoint", "generation", "since", "state")
 
     def __init__(self, owner: SlotOwner, generation: int) -> None:
         self._owner = owner
         #: the group generation it was taken in: a slot taken before a fork means nothing after
         self.generation = generation
         self.state = CONNECTING
+        self.since = time.monotonic()  # when it was taken (a connect under way this long)
         #: where its connection is, once attached (a lost connection's count is mended too)
         self.endpoint: Endpoint | None = None
 
