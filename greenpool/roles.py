@@ -202,7 +202,7 @@ def _chosen_primary(endpoints: Sequence[Endpoint], primaries: list[Endpoint]) ->
     for ep in endpoints:
         if ep.split_reported and ep not in claiming:
             ep.split_reported.clear()  # it claims nothing now: a later claim is news
-    if len(claiming) > 1 and any(ep.timeline is None for ep in claiming):
+    if len(live) > 1 and any(ep.timeline is None for ep in live):
         return None
     chosen = max(live or primaries, key=_precedence)  # nobody answers now: still a rule
     if len(claiming) < 2:

@@ -63,16 +63,42 @@ def test_borrow_check_is_bounded_by_the_callers_deadline(make_pool):
     assert 0.25 <= took < 0.3 + MARGIN
 
 
-def test_borrow_check_with_no_time_left_sends_nothing(make_pool):
+def test_borrow_check_with_no_time_left_lends_a_quiet_connection_unpinged(make_pool):
+    """``timeout=0`` on a quiet group: the ping needs time the caller does not have, and the
+    free check (a zero-timeout poll) found nothing, so the idle connection is lent."""
     pool = make_pool({"g": {"connection_count": 1, "check_idle_after": 0}})
     group = pool.group("g")
     pc = group.acquire()
     try:
         now = time.monotonic()
+        assert check_on_borrow(pc, group.config, pool._backend, now, now - 1) == ""
+    finally:
+        group.release(pc)
+    again = group.acquire(timeout=0)
+    try:
+        with again.raw.cursor() as cursor:
+            cursor.execute("SELECT 1")
+    finally:
+        group.release(again)
+
+
+def test_borrow_check_with_no_time_left_sends_nothing_to_a_readable_connection(make_pool, pg):
+    pool = make_pool({"g": {"connection_count": 1, "check_idle_after": 0, "autocommit": True}})
+    group = pool.group("g")
+    pc = group.acquire()
+    try:
+        with pc.raw.cursor() as cursor:
+            cursor.execute("LISTEN greenpool_deadlines")
+        pg.execute("NOTIFY greenpool_deadlines")
+        deadline = time.monotonic() + 5
+        while not pc.readable():  # the notification is on its way
+            assert time.monotonic() < deadline, "the NOTIFY never arrived"
+            time.sleep(0.01)
+        now = time.monotonic()
         assert check_on_borrow(pc, group.config, pool._backend, now, now - 1) == "check_timeout"
         assert not pc.raw.closed  # still usable: nothing was sent
         with pc.raw.cursor() as cursor:
-            cursor.execute("SELECT 1")
+            cursor.execute("UNLISTEN *")
     finally:
         group.release(pc)
 

@@ -1,0 +1,108 @@
+"""Placement and role tiers as pure rules: what is unknown is never taken as fresh or first.
+
+No server is needed: endpoints are fed what a probe would have reported.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from greenpool.config import EndpointConfig
+from greenpool.endpoint import PRIMARY, QUARANTINED, STANDBY, Endpoint
+from greenpool.placement import connect_order, where_to_be
+from greenpool.roles import RoleReport
+
+pytestmark = pytest.mark.timeout(10)
+
+
+def _endpoints(n: int) -> list[Endpoint]:
+    return [Endpoint(EndpointConfig(host=f"10.0.0.{i}"), 0.5, 30.0) for i in range(n)]
+
+
+def _standby(ep: Endpoint, lag: float | None) -> None:
+    ep.observe_role(STANDBY)
+    if lag is not None:
+        ep.observe(RoleReport(STANDBY, lag, None, None, receiver=4242, receiver_age=60.0))
+
+
+def _primary(ep: Endpoint, timeline: int | None) -> None:
+    ep.observe_role(PRIMARY, timeline, 0 if timeline is not None else None)
+
+
+def test_a_standby_of_unknown_lag_is_not_lent_by_a_max_lag_group() -> None:
+    (ep,) = _endpoints(1)
+    _standby(ep, lag=None)
+    assert where_to_be([ep], "standby", 1.0, "fail") == frozenset()
+    # ... but a connect may go there: it measures the lag before the connection is kept
+    assert connect_order([ep], "standby", 1.0, "fail", {}, time.monotonic(), 0) == [ep]
+
+
+def test_a_measured_fresh_standby_is_lent_and_a_lagging_one_is_not() -> None:
+    fresh, lagging = _endpoints(2)
+    _standby(fresh, lag=0.2)
+    _standby(lagging, lag=25.0)
+    assert where_to_be([fresh, lagging], "standby", 1.0, "fail") == frozenset({fresh})
+    assert connect_order([lagging], "standby", 1.0, "fail", {}, time.monotonic(), 0) == []
+
+
+def test_a_lag_measured_too_long_ago_is_unknown_again() -> None:
+    (ep,) = _endpoints(1)
+    _standby(ep, lag=0.1)
+    assert where_to_be([ep], "standby", 1.0, "fail") == frozenset({ep})
+    ep.lag_seen_at -= ep.role_stale_after + 1  # as if no probe ran since (non-threaded)
+    assert where_to_be([ep], "standby", 1.0, "fail") == frozenset()
+
+
+def test_unknown_lag_falls_back_to_the_primary_with_use_primary() -> None:
+    standby, primary = _endpoints(2)
+    _standby(standby, lag=None)
+    _primary(primary, timeline=1)
+    assert where_to_be([standby, primary], "standby", 1.0, "use-primary") == frozenset(
+        {primary})
+
+
+def test_without_max_lag_an_unmeasured_standby_is_used() -> None:
+    (ep,) = _endpoints(1)
+    _standby(ep, lag=None)
+    assert where_to_be([ep], "standby", None, "fail") == frozenset({ep})
+
+
+def test_two_primaries_one_of_unknown_timeline_neither_is_written_to() -> None:
+    old, new = _endpoints(2)
+    _primary(old, timeline=1)
+    _primary(new, timeline=None)
+    assert where_to_be([old, new], "primary", None, "fail") == frozenset()
+    # the next connect goes to the one whose timeline is unknown, to learn it
+    order = connect_order([old, new], "primary", None, "fail", {}, time.monotonic(), 0)
+    assert order == [new]
+    _primary(new, timeline=2)
+    assert where_to_be([old, new], "primary", None, "fail") == frozenset({new})
+
+
+def test_the_highest_timeline_wins_whatever_the_configuration_order() -> None:
+    old, new = _endpoints(2)
+    _primary(old, timeline=1)
+    _primary(new, timeline=2)
+    assert where_to_be([old, new], "primary", None, "fail") == frozenset({new})
+
+
+def test_a_quarantined_endpoint_is_left_to_housekeeping_while_a_healthy_one_has_room() -> None:
+    dead, healthy = _endpoints(2)
+    dead.state, dead.quarantined_until = QUARANTINED, 0.0  # its backoff is over: probable
+    now = time.monotonic()
+    assert connect_order([dead, healthy], "any", None, "fail", {}, now, 0, probe=False) == [
+        healthy]
+    # where nobody else probes (non-threaded), a caller's connect may
+    assert dead in connect_order([dead, healthy], "any", None, "fail", {}, now, 0, probe=True)
+
+
+def test_a_full_server_takes_no_connect_for_a_moment_and_stays_up() -> None:
+    full, other = _endpoints(2)
+    assert full.begin_connect(time.monotonic())
+    unhealthy = full.connect_error(False, "too_many_connections", "sorry, too many clients")
+    assert not unhealthy
+    assert full.state == "up" and full.quarantines == 0 and full.full == 1
+    order = connect_order([full, other], "any", None, "fail", {}, time.monotonic(), 0)
+    assert order == [other]
