@@ -130,6 +130,58 @@ def test_connection_killed_before_commit_raises_outcome_unknown(make_pool, pg, t
     assert pool.stats()["groups"]["g"]["discards"] == 1
 
 
+def _lose_the_connection_mid_transaction(db, pg, autocommit):
+    """BEGIN (by hand where the group autocommits), one INSERT, then the backend is
+    terminated and the next statement's error is caught, as a caller might."""
+    if autocommit:
+        db.execute("BEGIN")
+    db.query("INSERT INTO t (v) VALUES ('lost')")
+    pid = db.query("SELECT pg_backend_pid()")[0][0]
+    pg.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,))
+    with pytest.raises(psycopg2.OperationalError):
+        db.query("INSERT INTO t (v) VALUES ('lost too')")
+    return pid
+
+
+@pytest.mark.parametrize("autocommit", [True, False], ids=["autocommit", "transactional"])
+def test_commit_of_a_transaction_lost_with_its_connection_raises(make_pool, pg, table,
+                                                                 autocommit):
+    pool = make_pool({"g": {"connection_count": 1, "autocommit": autocommit}})
+    with pytest.raises(TransactionAborted, match="lost"), pool.handler("g") as db:
+        pid = _lose_the_connection_mid_transaction(db, pg, autocommit)
+        with pytest.raises(TransactionAborted, match="lost"):
+            db.commit()
+        # the block's clean exit says it again: the connection is gone for good
+    assert count(pg, "lost") == 0
+    with pool.handler("g") as db:  # the lost connection was replaced
+        assert db.query("SELECT pg_backend_pid()")[0][0] != pid
+
+
+@pytest.mark.parametrize("autocommit", [True, False], ids=["autocommit", "transactional"])
+def test_clean_exit_of_a_transaction_lost_with_its_connection_raises(make_pool, pg, table,
+                                                                     autocommit):
+    pool = make_pool({"g": {"connection_count": 1, "autocommit": autocommit}})
+    with pytest.raises(TransactionAborted, match="lost"), pool.handler("g") as db:
+        _lose_the_connection_mid_transaction(db, pg, autocommit)
+    assert count(pg, "lost") == 0
+
+
+def test_autocommit_statement_lost_outside_a_transaction_leaves_nothing_to_report(
+    make_pool, pg, table
+):
+    """Each autocommit statement is its own transaction: the one whose connection died
+    raised, the ones before it were committed, and a clean exit has nothing to add."""
+    pool = make_pool({"g": {"connection_count": 1, "autocommit": True}})
+    with pool.handler("g") as db:
+        db.query("INSERT INTO t (v) VALUES ('kept')")
+        pid = db.query("SELECT pg_backend_pid()")[0][0]
+        pg.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,))
+        with pytest.raises(psycopg2.OperationalError):
+            db.query("SELECT 1")
+        db.commit()  # nothing open: nothing to commit, nothing lost
+    assert count(pg, "kept") == 1
+
+
 def test_statement_timeout_and_readonly_are_session_settings(make_pool, table):
     pool = make_pool({"ro": {"readonly": True, "statement_timeout": 0.2, "autocommit": True}})
     with pool.handler("ro") as db:
