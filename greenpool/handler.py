@@ -2,8 +2,8 @@
 
 A clean exit commits; an exception rolls back and propagates. What is committed is judged
 by the server-reported transaction status, so a ``BEGIN`` sent by hand on an autocommit
-group is committed (or rolled back) too, and a transaction that failed inside the block is
-never reported as committed.
+group is committed (or rolled back) too, and a transaction that failed inside the block, or
+was open when its connection was lost, is never reported as committed.
 
 Nesting: a ``handler()`` for the same group inside a block of the same greenlet (or
 thread) reuses the connection already held instead of taking a second one (which could
@@ -61,8 +61,8 @@ class Handler:
     ``RuntimeError`` and takes nothing)."""
 
     __slots__ = (
-        "_epoch", "_group", "_idempotent", "_nest", "_outer", "_pc", "_pool", "_savepoint",
-        "_task", "_timeout",
+        "_epoch", "_group", "_idempotent", "_lost_open", "_nest", "_outer", "_pc", "_pool",
+        "_savepoint", "_task", "_timeout",
     )
 
     def __init__(
@@ -83,6 +83,10 @@ class Handler:
         self._epoch = 0
         #: outermost block: its open nested blocks, innermost last (made on first nesting)
         self._nest: list[Handler] | None = None
+        #: outermost block: a statement found the connection lost while a transaction was
+        #: open. Needed on autocommit, where a closed connection otherwise means "nothing
+        #: pending" and the server can no longer say a hand-made BEGIN was open
+        self._lost_open = False
         #: the task that entered the block; set once, first thing on entry, and never
         #: cleared: it is also what makes the handler single-use
         self._task: Any = None
@@ -187,12 +191,17 @@ class Handler:
         raw = pc.raw
         where = f"group {self._group.name!r} on {pc.endpoint.label}"
         if raw.closed:
-            if raw.autocommit:
-                return
-            raise TransactionAborted(
-                f"{where}: the connection was lost inside the block (the error was caught); "
-                f"nothing was committed"
-            )
+            if not raw.autocommit:
+                raise TransactionAborted(
+                    f"{where}: the connection was lost inside the block (the error was "
+                    f"caught); nothing was committed"
+                )
+            if (self._outer or self)._lost_open:
+                raise TransactionAborted(
+                    f"{where}: the connection was lost inside the block while a transaction "
+                    f"was open (the error was caught); that transaction was not committed"
+                )
+            return  # autocommit, nothing open: each statement committed (or raised) alone
         status = raw.get_transaction_status()
         if status == _IDLE:
             return
@@ -279,8 +288,15 @@ class Handler:
         pc = self._current()
         if (sql.__class__ is not str or sql not in CLEAN) and self._changes(sql):
             pc.dirty = True
-        with pc.raw.cursor() as cursor:
-            psycopg2.extras.execute_batch(cursor, sql, params_seq, page_size=page_size)
+        raw = pc.raw
+        open_before = raw.get_transaction_status() != _IDLE
+        try:
+            with raw.cursor() as cursor:
+                psycopg2.extras.execute_batch(cursor, sql, params_seq, page_size=page_size)
+        except psycopg2.Error as exc:
+            if open_before and failure_kind(exc, raw) == "lost":
+                (self._outer or self)._lost_open = True
+            raise
 
     def _changes(self, sql: Any) -> bool:
         pc = self._held()
@@ -314,6 +330,8 @@ class Handler:
                 kind = failure_kind(exc, raw)
                 if kind == "lost":
                     self._group.on_endpoint_failure(pc.endpoint)
+                    if not first:  # the transaction went with the connection
+                        (self._outer or self)._lost_open = True
                 if not kind or not first or session_set or replays >= self._MAX_REPLAYS:
                     raise
                 if not self._may_replay(kind, raw, pc):
@@ -366,7 +384,8 @@ class Handler:
         """Commit now, by the server-reported status. In a nested block this commits the
         whole transaction, the outer blocks' work too (there is one transaction per
         connection). A transaction that failed (a statement's error was caught) is rolled
-        back and ``TransactionAborted`` raised: it is never reported as committed."""
+        back and ``TransactionAborted`` raised: it is never reported as committed. So is one
+        whose connection was lost, autocommit or not (the block's exit raises again)."""
         pc = self._current()
         raw = pc.raw
         if raw.closed or raw.get_transaction_status() != _IDLE:

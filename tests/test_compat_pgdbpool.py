@@ -136,6 +136,36 @@ def test_config_rst_multi_group_example(pg: Any, db_entry: dict, table: str) -> 
     assert dbpool.Connection.get_max_pool_size("group2") == 30
 
 
+def test_conn_ref_after_the_block_reads_as_it_was_and_refuses_use(db_entry: dict,
+                                                                  table: str) -> None:
+    """pgdbpool code reads ``db.conn_ref`` after its block (pgdbpool's connections stay open
+    and reachable). Ours is back in the pool and lent again at once here (a group of one):
+    ``conn_ref`` reads as it was at the block's end, and any use raises InterfaceError
+    instead of reaching the next borrower's session."""
+    config = {"db": db_entry,
+              "groups": {"group1": {"connection_count": 1, "autocommit": True},
+                         "group2": {"connection_count": 1, "autocommit": False}}}
+    dbpool.Connection.init(config)
+    with dbpool.Handler("group1") as db:
+        raw = db.conn_ref
+        db.query("INSERT INTO table1 VALUES ('auto')")
+    ref = db.conn_ref
+    assert ref is not raw
+    assert ref.autocommit is True and ref.closed == 0 and "password=xxx" in ref.dsn
+    with dbpool.Handler("group1") as other:
+        assert other.conn_ref is raw  # the same connection, now another block's
+        for method in ("cursor", "commit", "rollback", "close"):
+            with pytest.raises(psycopg2.InterfaceError, match="back to the pool"):
+                getattr(ref, method)()
+        with pytest.raises(psycopg2.InterfaceError, match="back to the pool"):
+            ref.autocommit = False
+        assert other.query("SELECT v FROM table1").fetchall() == [["auto"]]
+        assert raw.autocommit is True and not raw.closed
+    with dbpool.Handler("group2") as db:
+        db.query("SELECT 1")
+    assert db.conn_ref.autocommit is False
+
+
 def test_readme_multiple_endpoints(pg: Any, pg_factory: Any, db_entry: dict,
                                    table: str) -> None:
     """README §5.1: two servers in ``db``; connections go to both. (Two throwaway servers

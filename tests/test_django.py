@@ -15,12 +15,15 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import psycopg2
 import pytest
 from modes import MODE, Task, join_all, spawn, wait_until
 
+import greenpool
 from greenpool.throwaway import Cluster
 
 django = pytest.importorskip("django")
@@ -386,3 +389,85 @@ def test_a_connection_closed_inside_an_atomic_block_is_not_used_again(pools: Any
     assert connection.connection is None
     assert Note.objects.using("default").count() == 0
     connection.close()
+
+
+@contextmanager
+def _alias_on(cluster: Cluster, alias: str, **options: Any) -> Iterator[Any]:
+    """A Django connection of this task on ``cluster`` (a pool of its own), reachable as
+    ``alias`` by ``transaction.atomic(using=alias)``; gone again afterwards."""
+    from django.db import connections
+    from django.db.utils import ConnectionHandler
+
+    handler = ConnectionHandler({"default": {
+        "ENGINE": "greenpool.django", "NAME": "postgres", "USER": cluster.user,
+        "PASSWORD": cluster.password, "HOST": cluster.host, "PORT": cluster.port,
+        "OPTIONS": {"connection_count": SIZE, "connect_timeout": 1,
+                    "greenpool": {"type": MODE, "application_name": APP_NAME,
+                                  "quarantine_initial": 0.1, "quarantine_max": 0.5},
+                    **options}}})
+    conn = handler["default"]
+    connections[alias] = conn
+    try:
+        yield conn
+    finally:
+        del connections[alias]
+        conn.close()
+
+
+def test_an_error_inside_atomic_on_a_stopped_server_arrives_at_once(
+    pools: Any, pg_factory: Any
+) -> None:
+    """Atomic.__exit__ closes the lost connection, then switches autocommit back on. That
+    switch takes no new loan (which would wait for a healthy server, then replace the
+    statement's error with a pool timeout): the statement's own error arrives at once."""
+    from django.db import OperationalError, transaction
+
+    from greenpool.django.pools import group_for
+
+    cluster = pg_factory()
+    acquire_timeout = 3.0
+    with _alias_on(cluster, "stopping", timeout=acquire_timeout) as conn:
+        started = 0.0
+        with pytest.raises(OperationalError) as caught, transaction.atomic(using="stopping"):
+            with conn.cursor() as cursor:
+                cursor.execute("CREATE TABLE lost (x int)")
+            cluster.stop("immediate")
+            started = time.monotonic()
+            with conn.cursor() as cursor:
+                cursor.execute("INSERT INTO lost VALUES (1)")
+        elapsed = time.monotonic() - started
+        cause = caught.value.__cause__
+        assert isinstance(cause, psycopg2.OperationalError), repr(cause)
+        assert not isinstance(cause, greenpool.PoolError), repr(cause)
+        assert elapsed < acquire_timeout / 3, elapsed
+        assert conn.connection is None and conn.autocommit is True
+        group = group_for("default", conn.settings_dict, "UTC")
+        assert group.stats()["in_use"] == 0
+        cluster.start()
+        with conn.cursor() as cursor:  # the next loan, in autocommit; nothing was committed
+            cursor.execute("SELECT count(*) FROM pg_tables WHERE tablename = 'lost'")
+            assert cursor.fetchone()[0] == 0
+        assert conn.connection.autocommit is True
+
+
+def test_autocommit_switched_without_a_connection_applies_to_the_next_loan(
+    pools: Any,
+) -> None:
+    """No loan is taken only to flip the flag; the next real one gets it."""
+    from django.db import connection
+
+    connection.close()
+    connection.set_autocommit(False)
+    assert connection.connection is None and group_stats(pools)["in_use"] == 0
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        assert connection.connection.autocommit is False
+        in_transaction = psycopg2.extensions.TRANSACTION_STATUS_INTRANS
+        assert connection.connection.get_transaction_status() == in_transaction
+        connection.rollback()
+        connection.set_autocommit(True)
+        assert connection.connection.autocommit is True
+    finally:
+        connection.close()
+    assert group_stats(pools)["in_use"] == 0

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import threading
+import time
+
 import psycopg2
 import pytest
+from modes import GREEN, MODE, join_all, spawn, wait_until
 
 import greenpool
 from greenpool import CommitOutcomeUnknown, TransactionAborted
+from greenpool.pool import _live_pools
 
 
 @pytest.fixture
@@ -61,6 +67,104 @@ def test_init_twice_is_an_error_and_close_allows_again(pg, mode):
     greenpool.close()
     with pytest.raises(greenpool.PoolError, match="not initialised"):
         greenpool.handler("g")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("exist_ok", [False, True], ids=["init", "init_exist_ok"])
+def test_racing_inits_make_one_pool(pg, mode, server_conns, exist_ok):
+    """Threads (greenlets in the green modes) call init() at once, each blocked in the
+    startup wait of whichever pool it makes: one pool, connection_count connections."""
+    racers = 20 if GREEN else 8
+    app = f"init-race-{exist_ok}"
+    config = {"type": mode, "db": pg.endpoint(), "application_name": app,
+              "startup_timeout": 10, "groups": {"g": {"connection_count": 2, "min_size": 2}}}
+    start = threading.Barrier(racers, timeout=10)
+
+    def race():
+        start.wait()
+        return greenpool.init(config, exist_ok=True) if exist_ok else greenpool.init(config)
+
+    tasks = [spawn(race) for _ in range(racers)]
+    try:
+        join_all(tasks, 30)
+        pools = {id(task.result) for task in tasks if task.error is None}
+        errors = [task.error for task in tasks if task.error is not None]
+        assert len(pools) == 1, f"{len(pools)} pools, errors: {errors}"
+        if exist_ok or GREEN:  # every green racer arrives while the first is connecting
+            assert not errors, errors
+        else:  # a thread that comes after the first init returned is refused, as ever
+            assert all(isinstance(e, greenpool.PoolError) and "already" in str(e)
+                       for e in errors), errors
+        assert greenpool.get_pool() is next(t.result for t in tasks if t.error is None)
+        assert server_conns(application_name=app, expect=2) == 2
+    finally:
+        greenpool.close()
+    assert server_conns(application_name=app, expect=0) == 0
+
+
+@pytest.mark.timeout(60)
+def test_init_under_way_is_shared_by_the_same_config_and_refuses_another(pg, mode,
+                                                                        blackhole):
+    """A caller racing an init() still in its startup wait: with the same config it waits
+    and shares the outcome (here the startup failure), with another it is refused at once."""
+    config = {"type": mode, "db": blackhole.endpoint(connect_timeout=1),
+              "startup_timeout": 1.5, "groups": {"g": {}}}
+    first = spawn(greenpool.init, config)
+    wait_until(lambda: any(p.config.endpoints[0].port == blackhole.port
+                           for p in list(_live_pools)), 10, "the first init under way")
+    started = time.monotonic()
+    with pytest.raises(greenpool.PoolError, match="another configuration"):
+        greenpool.init({"type": mode, "db": pg.endpoint(), "groups": {"g": {}}})
+    assert time.monotonic() - started < 1.0  # refused without waiting
+    second = spawn(greenpool.init, config)
+    join_all([first, second], 20)
+    assert isinstance(first.error, greenpool.NoHealthyEndpoint), first.error
+    assert second.error is first.error
+    with pytest.raises(greenpool.PoolError, match="not initialised"):
+        greenpool.get_pool()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(MODE == "eventlet", reason="eventlet's fork support is not exercised")
+def test_init_in_a_child_forked_while_the_parent_held_the_init_lock(pg, mode, server_conns):
+    """The lock that makes init() atomic, held by another task at fork, is made anew in
+    the child: the child's init() must not hang on it."""
+    app = "init-after-fork"
+    config = {"type": mode, "db": pg.endpoint(), "application_name": app,
+              "groups": {"g": {"connection_count": 1}}}
+    read_end, write_end = os.pipe()
+    with greenpool._guard:
+        child = os.fork()
+        if child == 0:  # the child: init, one query, close; a hang is killed by the parent
+            code = 1
+            try:
+                os.close(read_end)
+                greenpool.init(config)
+                with greenpool.handler("g") as db:
+                    os.write(write_end, str(db.query("SELECT 1")[0][0]).encode())
+                greenpool.close()
+                code = 0
+            finally:
+                os._exit(code)
+    os.close(write_end)
+    status: list[int] = []
+
+    def exited() -> bool:
+        pid, code = os.waitpid(child, os.WNOHANG)
+        if pid:
+            status.append(code)
+        return bool(pid)
+
+    try:
+        wait_until(exited, 20, "the child's init, query and close")
+    finally:
+        if not status:
+            os.kill(child, 9)
+            os.waitpid(child, 0)
+        reported = os.read(read_end, 16).decode()
+        os.close(read_end)
+    assert status == [0] and reported == "1", (status, reported)
+    assert server_conns(application_name=app, expect=0) == 0
 
 
 def test_manual_begin_on_autocommit_is_rolled_back_on_error(make_pool, pg, table):
@@ -128,6 +232,58 @@ def test_connection_killed_before_commit_raises_outcome_unknown(make_pool, pg, t
     with pool.handler("g") as db:  # the broken connection was replaced
         assert db.query("SELECT pg_backend_pid()")[0][0] != pid
     assert pool.stats()["groups"]["g"]["discards"] == 1
+
+
+def _lose_the_connection_mid_transaction(db, pg, autocommit):
+    """BEGIN (by hand where the group autocommits), one INSERT, then the backend is
+    terminated and the next statement's error is caught, as a caller might."""
+    if autocommit:
+        db.execute("BEGIN")
+    db.query("INSERT INTO t (v) VALUES ('lost')")
+    pid = db.query("SELECT pg_backend_pid()")[0][0]
+    pg.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,))
+    with pytest.raises(psycopg2.OperationalError):
+        db.query("INSERT INTO t (v) VALUES ('lost too')")
+    return pid
+
+
+@pytest.mark.parametrize("autocommit", [True, False], ids=["autocommit", "transactional"])
+def test_commit_of_a_transaction_lost_with_its_connection_raises(make_pool, pg, table,
+                                                                 autocommit):
+    pool = make_pool({"g": {"connection_count": 1, "autocommit": autocommit}})
+    with pytest.raises(TransactionAborted, match="lost"), pool.handler("g") as db:
+        pid = _lose_the_connection_mid_transaction(db, pg, autocommit)
+        with pytest.raises(TransactionAborted, match="lost"):
+            db.commit()
+        # the block's clean exit says it again: the connection is gone for good
+    assert count(pg, "lost") == 0
+    with pool.handler("g") as db:  # the lost connection was replaced
+        assert db.query("SELECT pg_backend_pid()")[0][0] != pid
+
+
+@pytest.mark.parametrize("autocommit", [True, False], ids=["autocommit", "transactional"])
+def test_clean_exit_of_a_transaction_lost_with_its_connection_raises(make_pool, pg, table,
+                                                                     autocommit):
+    pool = make_pool({"g": {"connection_count": 1, "autocommit": autocommit}})
+    with pytest.raises(TransactionAborted, match="lost"), pool.handler("g") as db:
+        _lose_the_connection_mid_transaction(db, pg, autocommit)
+    assert count(pg, "lost") == 0
+
+
+def test_autocommit_statement_lost_outside_a_transaction_leaves_nothing_to_report(
+    make_pool, pg, table
+):
+    """Each autocommit statement is its own transaction: the one whose connection died
+    raised, the ones before it were committed, and a clean exit has nothing to add."""
+    pool = make_pool({"g": {"connection_count": 1, "autocommit": True}})
+    with pool.handler("g") as db:
+        db.query("INSERT INTO t (v) VALUES ('kept')")
+        pid = db.query("SELECT pg_backend_pid()")[0][0]
+        pg.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,))
+        with pytest.raises(psycopg2.OperationalError):
+            db.query("SELECT 1")
+        db.commit()  # nothing open: nothing to commit, nothing lost
+    assert count(pg, "kept") == 1
 
 
 def test_statement_timeout_and_readonly_are_session_settings(make_pool, table):

@@ -115,7 +115,7 @@ def open_pool() -> greenpool.Pool:
             raise RuntimeError("open_pool() before gevent monkey-patching: in gunicorn use "
                                "-k gevent and open in post_worker_init, never in the master "
                                "or post_fork")
-    return greenpool.init(CONFIG)
+    return greenpool.init(CONFIG, exist_ok=True)  # racing first requests share one pool
 
 
 def close_pool() -> None:

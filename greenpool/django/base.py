@@ -12,6 +12,8 @@ What changes against Django's backend, and why:
   under gevent each request is a new greenlet, so a connection kept "for the thread" would
   only be leaked.
 * ``pool`` is always None: Django's own psycopg 3 pool never sits on top of greenpool's.
+* ``set_autocommit`` without a connection (``atomic()`` ends so after a lost connection)
+  records the wish for the next loan instead of borrowing one just to flip the flag.
 * The no-database alias Django uses to create and drop test databases connects directly,
   outside the pool, and first closes this process's pools: no pooled session may block the
   ``DROP DATABASE``.
@@ -54,10 +56,13 @@ _DjangoWrapper: Any = _postgresql.DatabaseWrapper
 
 class DatabaseWrapper(_DjangoWrapper):
     display_name = "PostgreSQL (greenpool)"
+    autocommit: bool  # Django's, set in its __init__
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._loan: Loan | None = None
+        #: autocommit asked for while there was no connection: applied by the next loan
+        self._wanted_autocommit: bool | None = None
         #: set by the router when this task wrote here: its reads come here too until the
         #: loan ends (see router.py)
         self.greenpool_wrote = False
@@ -112,6 +117,32 @@ class DatabaseWrapper(_DjangoWrapper):
             )
             raw._greenpool_django_jsonb = True
         return raw
+
+    def connect(self) -> None:
+        super().connect()  # sets the alias's AUTOCOMMIT setting
+        wanted, self._wanted_autocommit = self._wanted_autocommit, None
+        if wanted is not None and wanted != self.autocommit:
+            self.set_autocommit(wanted)
+
+    def set_autocommit(
+        self, autocommit: bool, force_begin_transaction_with_broken_autocommit: bool = False
+    ) -> None:
+        """Without a connection, only record the wish for the next loan. Django calls this
+        at the end of ``atomic()`` after a lost connection was closed: borrowing a loan
+        just to flip the flag would wait for a healthy server (up to the acquire timeout)
+        and then replace the error in flight with the pool's."""
+        if self.connection is not None or not self._pooled():
+            super().set_autocommit(autocommit, force_begin_transaction_with_broken_autocommit)
+            return
+        self.validate_no_atomic_block()
+        self._wanted_autocommit = self.autocommit = autocommit
+        if autocommit and self.run_commit_hooks_on_set_autocommit_on:  # as Django does
+            self.run_and_clear_commit_hooks()
+            self.run_commit_hooks_on_set_autocommit_on = False
+
+    def close(self) -> None:
+        self._wanted_autocommit = None  # a new connection starts from the AUTOCOMMIT setting
+        super().close()
 
     def create_cursor(self, name: str | None = None) -> Any:
         if name and self._loan is not None and self._loan.pc is not None:

@@ -239,6 +239,49 @@ def _prepared(cursor: Any, params: Any) -> Any:
     return None if row is None else row[0]
 
 
+class GivenBackConnection:
+    """What ``conn_ref`` is after its block: the connection is back in the pool, maybe
+    lent to another task already, so this is not it. Its plain attributes (``autocommit``,
+    ``closed``, ``dsn``, ``isolation_level``, ...) read as they were at the block's end;
+    anything else (``cursor()``, ``commit()``, setting an attribute) raises psycopg2's
+    ``InterfaceError``, as a closed psycopg2 connection does."""
+
+    __slots__ = ("_values",)
+
+    _KEPT = ("autocommit", "closed", "deferrable", "dsn", "encoding", "isolation_level",
+             "protocol_version", "readonly", "server_version", "status")
+
+    def __init__(self, raw: Any) -> None:
+        values: dict[str, Any] = {}
+        for name in self._KEPT if raw is not None else ():
+            try:
+                values[name] = getattr(raw, name)
+            except psycopg2.Error:  # not readable any more (closed): left out
+                pass
+        object.__setattr__(self, "_values", values)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        try:
+            return self._values[name]
+        except KeyError:
+            raise self._refused(name) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise self._refused(name)
+
+    @staticmethod
+    def _refused(name: str) -> psycopg2.InterfaceError:
+        return psycopg2.InterfaceError(
+            f"conn_ref.{name}: the connection went back to the pool at the end of its "
+            f"'with Handler(...)' block (it may be lent to another task now); use it "
+            f"inside the block")
+
+    def __repr__(self) -> str:
+        return f"<greenpool.compat.pgdbpool connection given back to the pool at {id(self):#x}>"
+
+
 class Handler:
     """``with Handler('group') as db:`` — one connection and one transaction for the block.
 
@@ -247,7 +290,7 @@ class Handler:
     nothing. ``timeout`` (seconds) overrides the group's wait for this block.
     """
 
-    __slots__ = ("_db", "_group")
+    __slots__ = ("_db", "_given_back", "_group")
 
     def __init__(self, group: str, timeout: float | None = None) -> None:
         pool = Connection.pool()
@@ -257,6 +300,7 @@ class Handler:
                 f"{sorted(pool.config.groups)}")
         self._group = group
         self._db = pool.handler(group, timeout=timeout)
+        self._given_back: GivenBackConnection | None = None
 
     def __enter__(self) -> Handler:
         try:
@@ -269,6 +313,8 @@ class Handler:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        held = self._db._held()
+        self._given_back = GivenBackConnection(held.raw if held is not None else None)
         try:
             self._db.__exit__(exc_type, exc, tb)
         except PoolError:
@@ -325,7 +371,11 @@ class Handler:
     @property
     def conn_ref(self) -> Any:
         """The raw psycopg2 connection, as pgdbpool exposed it (its use makes the pool reset
-        the session on return)."""
+        the session on return). After the block, a :class:`GivenBackConnection`: pgdbpool
+        code reads ``conn_ref`` there (its connections stayed open and reachable by anyone),
+        but ours is back in the pool, so it reads as it was and refuses any use."""
+        if self._given_back is not None:
+            return self._given_back
         return self._db.connection
 
     def __repr__(self) -> str:
