@@ -314,9 +314,11 @@ class Endpoint:
                 self._receiver, self._receiver_since = None, now
             else:
                 if receiver != self._receiver:
-                    self._receiver, self._receiver_since = receiver, now
+                    # the very first sighting is believed: as if that receiver had settled
+                    since = now - RECEIVER_SETTLE if first and age is None else now
+                    self._receiver, self._receiver_since = receiver, since
                 if age is None:
-                    age = math.inf if first else now - self._receiver_since
+                    age = now - self._receiver_since
                 if age < RECEIVER_SETTLE:
                     lag = math.inf
             self.lag_seen_at = now
