@@ -277,3 +277,50 @@ def test_non_threaded_mode_connects_inline_and_says_it_cannot_wait(pg):
         assert group.stats()["size"] == 1 and group.stats()["connects"] == 1
     finally:
         pool.close()
+
+
+# --- non-threaded mode: inline connects -------------------------------------------------------
+
+
+@pytest.mark.skipif(MODE != "threaded", reason="non-threaded runs once, in the threaded process")
+@pytest.mark.parametrize("budget", [0.3, 1.2])
+def test_non_threaded_acquire_from_a_black_hole_ends_within_its_timeout(blackhole, budget):
+    """``non-threaded`` connects inline, in the caller. Against a server that accepts TCP and
+    never answers, with a ``connect_timeout`` (3 s) longer than the caller's ``timeout``, the
+    acquire still ends within its timeout (plus a small margin) with a pool error."""
+    from greenpool import Pool
+
+    pool = Pool({"type": "non-threaded", "db": blackhole.endpoint(connect_timeout=3),
+                 "groups": {"g": {"connection_count": 2}}})
+    try:
+        started = time.monotonic()
+        with pytest.raises(PoolTimeout):
+            pool.group("g").acquire(timeout=budget)
+        elapsed = time.monotonic() - started
+        assert elapsed <= budget + (0.2 if budget < 1 else 0.3), elapsed
+        stats = pool.stats()["groups"]["g"]
+        assert stats["size"] == 0 and stats["in_use"] == 0  # no slot kept by the attempt
+    finally:
+        pool.close()
+
+
+@pytest.mark.skipif(MODE != "threaded", reason="non-threaded runs once, in the threaded process")
+def test_non_threaded_sequential_loans_are_spread_over_both_endpoints(pg, pg_factory):
+    """A light load in ``non-threaded`` mode (one loan at a time) still opens a connection
+    on each endpoint of the group, as the background modes do: both servers serve loans."""
+    from greenpool import Pool
+
+    other = pg_factory()
+    pool = Pool({"type": "non-threaded", "db": [pg.endpoint(), other.endpoint()],
+                 "groups": {"g": {"connection_count": 4, "autocommit": True}}})
+    try:
+        ports = []
+        for _ in range(8):
+            with pool.handler("g", timeout=5) as db:
+                ports.append(db.query_one("SELECT inet_server_port()")[0])
+        assert set(ports) == {pg.port, other.port}, ports
+        opened = {label: ep["open"] for label, ep in pool.stats()["endpoints"].items()}
+        assert all(count >= 1 for count in opened.values()), opened
+        assert pool.stats()["groups"]["g"]["size"] <= 4
+    finally:
+        pool.close()
