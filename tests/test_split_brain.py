@@ -264,3 +264,57 @@ def test_a_probe_with_no_time_left_sends_nothing(pg, seconds):
         assert conn.autocommit is True
     finally:
         conn.close()
+
+
+# --- a fresh pool during a split brain ---------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_a_fresh_pool_never_writes_to_the_old_primary_during_a_split_brain(
+    make_pool, promoted_while_old_primary_runs, caplog
+):
+    """Two primaries at once: the old one (timeline 1, first in the configuration) runs on
+    after its standby was promoted (timeline 2). Fresh pools, used at once after ``Pool()``
+    (no housekeeping round has run yet), send every one of their first 30 writes to the
+    promoted one: none lands on the old primary."""
+    primary, standby = promoted_while_old_primary_runs
+    primary.execute("CREATE TABLE marks (port int)")
+    wait_until(lambda: standby.execute("SELECT to_regclass('marks') IS NOT NULL")[0][0], 10,
+               "the table to reach the standby")
+    standby.promote()
+    db = [primary.endpoint(), standby.endpoint()]
+    ports = []
+    for _ in range(4):  # each fresh pool starts its rotation at a random endpoint
+        pool = make_pool({"write": {"role": "primary", "connection_count": 4, "timeout": 5}},
+                         db=db)
+        for _ in range(30):
+            with pool.handler("write") as db_:
+                ports.append(db_.query_one(
+                    "INSERT INTO marks SELECT inet_server_port() RETURNING port")[0])
+        pool.close()
+    on_old = primary.execute("SELECT count(*) FROM marks")[0][0]
+    assert (on_old, ports.count(primary.port)) == (0, 0), (
+        f"{on_old} of {len(ports)} writes of fresh pools went to the old primary")
+    assert ports == [standby.port] * len(ports)
+
+
+@pytest.mark.timeout(60)
+def test_a_split_brain_is_never_reported_with_an_unread_timeline(
+    make_pool, promoted_while_old_primary_runs, caplog
+):
+    """A fresh pool meets both primaries of a split brain at once. Whatever it logs before
+    its probes have read their timelines, no message says "timeline None"; once it has read
+    them, the split brain is reported naming the promoted one's timeline 2."""
+    primary, standby = promoted_while_old_primary_runs
+    standby.promote()
+    with caplog.at_level(logging.INFO, logger="greenpool"):
+        pool = make_pool({"write": {"role": "primary", "connection_count": 4, "timeout": 5}},
+                         db=[primary.endpoint(), standby.endpoint()],
+                         role_check_interval=0.1, maintenance_interval=0.05)
+        for _ in range(10):
+            write_port(pool)
+        wait_until(lambda: endpoint_stats(pool, standby)["split_brain"] >= 1, 10,
+                   "the split brain to be reported")
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "timeline None" in m], messages
+    assert any("timeline 2" in r.getMessage() for r in split_errors(caplog))
