@@ -149,3 +149,88 @@ def test_thread_shortage_fails_acquires_cleanly_and_leaves_no_lasting_damage(pg_
     assert result["lend_all"] == "ok", (result["lend_all"], result["g"])
     assert result["refilled"], ("housekeeping did not refill min_size", result["kept"],
                                 result["stderr"])
+
+
+# A SIGALRM handler raises KeyboardInterrupt wherever the main thread happens to be: in the
+# pool's bookkeeping, in a driver wait, between a lock and its try block.
+SIGNAL_INTERRUPTS = r'''
+import json, random, signal, sys, threading, time
+
+from greenpool import Pool
+
+endpoint = json.loads(sys.argv[1])
+wanted = int(sys.argv[2])
+SIZE = 3
+pool = Pool({"type": "threaded", "db": endpoint, "maintenance_interval": 0.1,
+             "application_name": "gp-signal-interrupts",
+             "groups": {"g": {"connection_count": SIZE, "timeout": 5}}})
+rng = random.Random(7)
+interrupts = loans = 0
+errors = {}
+running = True
+
+
+def on_alarm(signum, frame):
+    if running:
+        signal.setitimer(signal.ITIMER_REAL, rng.uniform(0.0002, 0.004))
+        raise KeyboardInterrupt
+
+
+signal.signal(signal.SIGALRM, on_alarm)
+signal.setitimer(signal.ITIMER_REAL, 0.002)
+deadline = time.monotonic() + 40
+while running:
+    try:  # an interrupt may land anywhere in here, even in an except clause: go on
+        while interrupts < wanted and time.monotonic() < deadline:
+            try:
+                with pool.handler("g") as db:
+                    db.query("SELECT 1")
+                loans += 1
+            except KeyboardInterrupt:
+                interrupts += 1
+            except Exception as exc:  # e.g. a timeout once slots are lost: counted
+                seen = errors.setdefault(type(exc).__name__, [0, str(exc)[:200]])
+                seen[0] += 1
+        running = False  # from here on the handler raises nothing
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    except KeyboardInterrupt:
+        interrupts += 1
+signal.signal(signal.SIGALRM, signal.SIG_IGN)
+result = {"interrupts": interrupts, "loans": loans, "errors": errors}
+time.sleep(0.25)  # two maintenance intervals at rest
+group = pool.group("g")
+held = []
+try:
+    for _ in range(SIZE):
+        pc = group.acquire(timeout=5)
+        held.append(pc)
+        with pc.raw.cursor() as cursor:
+            cursor.execute("SELECT 1")
+    result["lend_all"] = "ok"
+except BaseException as exc:
+    result["lend_all"] = f"lent {len(held)} of {SIZE}: {type(exc).__name__}: {exc}"
+finally:
+    for pc in held:
+        group.release(pc)
+try:
+    with pool.handler("g", timeout=5) as db:
+        result["query"] = db.query("SELECT 1") == [(1,)]
+except BaseException as exc:
+    result["query"] = f"{type(exc).__name__}: {exc}"
+result["stats"] = group.stats()
+pool.close()
+print(json.dumps(result, default=str))
+'''
+
+
+@pytest.mark.timeout(120)
+def test_keyboard_interrupts_from_a_signal_handler_lose_no_slot(pg):
+    """The main thread borrows, queries and returns in a loop while a real SIGALRM handler
+    (``setitimer`` at random 0.2-4 ms intervals) raises KeyboardInterrupt at random moments,
+    800 times; the loop catches each and goes on. At rest afterwards the group lends all
+    its connections at once, and a query on the main thread works (no deadline of an
+    interrupted block is left behind)."""
+    result = run_script(SIGNAL_INTERRUPTS, json.dumps(pg.endpoint()), "800", timeout=90)
+    assert result["interrupts"] >= 800 and result["loans"] > 0, result
+    assert result["lend_all"] == "ok", (result["lend_all"], result["stats"], result["errors"])
+    assert result["query"] is True, result["query"]
