@@ -16,10 +16,10 @@ from typing import Any
 
 import psycopg2
 import pytest
-from endpoints import endpoint_stats, label
+from endpoints import endpoint_stats, held_ports, label
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from modes import GREEN, MODE, Timeout, wait_until
+from modes import GREEN, MODE, Timeout, sleep, wait_until
 
 from greenpool.concurrency import backend_for
 from greenpool.config import EndpointConfig
@@ -302,19 +302,56 @@ def test_a_fresh_pool_never_writes_to_the_old_primary_during_a_split_brain(
 def test_a_split_brain_is_never_reported_with_an_unread_timeline(
     make_pool, promoted_while_old_primary_runs, caplog
 ):
-    """A fresh pool meets both primaries of a split brain at once. Whatever it logs before
-    its probes have read their timelines, no message says "timeline None"; once it has read
-    them, the split brain is reported naming the promoted one's timeline 2."""
+    """Fresh pools meet both primaries of a split brain at once, before their first probe:
+    right after ``Pool()`` each holds three connections together (connects to both
+    servers). Whatever they log before their probes have read the timelines, no message
+    says "timeline None"; once read, the split brain is reported naming timeline 2."""
     primary, standby = promoted_while_old_primary_runs
     standby.promote()
     with caplog.at_level(logging.INFO, logger="greenpool"):
-        pool = make_pool({"write": {"role": "primary", "connection_count": 4, "timeout": 5}},
-                         db=[primary.endpoint(), standby.endpoint()],
-                         role_check_interval=0.1, maintenance_interval=0.05)
-        for _ in range(10):
-            write_port(pool)
-        wait_until(lambda: endpoint_stats(pool, standby)["split_brain"] >= 1, 10,
-                   "the split brain to be reported")
+        for _ in range(5):
+            pool = make_pool({"write": {"role": "primary", "timeout": 5}},
+                             db=[primary.endpoint(), standby.endpoint()],
+                             role_check_interval=0.1, maintenance_interval=0.05)
+            held_ports(pool, "write", 3)
+            for _ in range(10):
+                write_port(pool)
+            wait_until(lambda: endpoint_stats(pool, standby)["timeline"] == 2  # noqa: B023
+                       and endpoint_stats(pool, standby)["split_brain"] >= 1, 10,  # noqa: B023
+                       "housekeeping to read the timelines and report the split brain")
+            for _ in range(5):
+                write_port(pool)
+            pool.close()
     messages = [r.getMessage() for r in caplog.records]
     assert not [m for m in messages if "timeline None" in m], messages
     assert any("timeline 2" in r.getMessage() for r in split_errors(caplog))
+
+
+@pytest.mark.timeout(60)
+def test_a_group_full_of_connections_to_the_old_primary_still_moves_to_the_promoted_one(
+    make_pool, promoted_while_old_primary_runs
+):
+    """Fresh pools fill their group (three connections held together right after
+    ``Pool()``) while both servers answer as primary; the connections are then idle.
+    Housekeeping's role probe must still reach the promoted server, although the group has
+    no room for a probe connection and may have no idle connection to it: within a few
+    probe rounds (0.1 s each) writes move there and stay there. Up to six fresh pools,
+    since where a cold group's connects land first varies."""
+    primary, standby = promoted_while_old_primary_runs
+    standby.promote()
+    stuck: list[dict[str, Any]] = []
+    for _ in range(6):
+        if stuck:
+            break
+        pool = make_pool({"write": {"role": "primary", "connection_count": 3, "timeout": 5}},
+                         db=[primary.endpoint(), standby.endpoint()],
+                         role_check_interval=0.1, maintenance_interval=0.05)
+        held_ports(pool, "write", 3)
+        deadline = time.monotonic() + 5
+        while write_port(pool) != standby.port and time.monotonic() < deadline:
+            sleep(0.02)
+        ports = [write_port(pool) for _ in range(10)]
+        if ports != [standby.port] * 10:
+            stuck.append({"ports": ports, "endpoints": pool.stats()["endpoints"]})
+        pool.close()
+    assert not stuck, f"writes still went to the old primary 5 s on: {stuck}"
