@@ -277,3 +277,99 @@ def test_non_threaded_mode_connects_inline_and_says_it_cannot_wait(pg):
         assert group.stats()["size"] == 1 and group.stats()["connects"] == 1
     finally:
         pool.close()
+
+
+# --- non-threaded mode: inline connects -------------------------------------------------------
+
+
+@pytest.mark.skipif(MODE != "threaded", reason="non-threaded runs once, in the threaded process")
+@pytest.mark.parametrize("budget", [0.3, 1.2])
+def test_non_threaded_acquire_from_a_black_hole_ends_within_its_timeout(blackhole, budget):
+    """``non-threaded`` connects inline, in the caller. Against a server that accepts TCP and
+    never answers, with a ``connect_timeout`` (3 s) longer than the caller's ``timeout``, the
+    acquire still ends within its timeout (plus a small margin) with a pool error."""
+    from greenpool import Pool
+
+    pool = Pool({"type": "non-threaded", "db": blackhole.endpoint(connect_timeout=3),
+                 "groups": {"g": {"connection_count": 2}}})
+    try:
+        started = time.monotonic()
+        with pytest.raises(PoolTimeout):
+            pool.group("g").acquire(timeout=budget)
+        elapsed = time.monotonic() - started
+        assert elapsed <= budget + (0.2 if budget < 1 else 0.3), elapsed
+        stats = pool.stats()["groups"]["g"]
+        assert stats["size"] == 0 and stats["in_use"] == 0  # no slot kept by the attempt
+    finally:
+        pool.close()
+
+
+@pytest.mark.skipif(MODE != "threaded", reason="non-threaded runs once, in the threaded process")
+def test_non_threaded_sequential_loans_are_spread_over_both_endpoints(pg, pg_factory):
+    """A light load in ``non-threaded`` mode (one loan at a time) still opens a connection
+    on each endpoint of the group, as the background modes do: both servers serve loans."""
+    from greenpool import Pool
+
+    other = pg_factory()
+    pool = Pool({"type": "non-threaded", "db": [pg.endpoint(), other.endpoint()],
+                 "groups": {"g": {"connection_count": 4, "autocommit": True}}})
+    try:
+        ports = []
+        for _ in range(8):
+            with pool.handler("g", timeout=5) as db:
+                ports.append(db.query_one("SELECT inet_server_port()")[0])
+        assert set(ports) == {pg.port, other.port}, ports
+        opened = {label: ep["open"] for label, ep in pool.stats()["endpoints"].items()}
+        assert all(count >= 1 for count in opened.values()), opened
+        assert pool.stats()["groups"]["g"]["size"] <= 4
+    finally:
+        pool.close()
+
+
+# --- a black hole beside a healthy server ------------------------------------------------------
+
+
+@pytest.mark.skipif(MODE == "non-threaded", reason="a warm group needs background connects")
+@pytest.mark.timeout(90)
+def test_a_black_hole_does_not_stop_a_warm_group_from_growing_on_a_healthy_server(
+    make_pool, pg, blackhole
+):
+    """A group over two endpoints, a black hole (accepts TCP, never answers; connect_timeout
+    3 s) first and a healthy server second. Warm: two connections are held throughout.
+    Then rounds 1 to 7, round k holding k connections at once, each taken with a 1 s
+    timeout (28 acquires); each round starts while the black hole is being probed again,
+    if it is. The healthy server has room for all of them (connection_count 10), so every
+    acquire succeeds however long the black hole keeps its connects hanging."""
+    pool = make_pool({"g": {"connection_count": 10, "autocommit": True}},
+                     db=[blackhole.endpoint(connect_timeout=3), pg.endpoint()])
+    group = pool.group("g")
+    warm = [group.acquire(timeout=15) for _ in range(2)]
+    failures: list[str] = []
+    hole = f"{blackhole.host}:{blackhole.port}/blackhole"
+
+    def probed() -> bool:
+        return bool(pool.stats()["endpoints"][hole]["state"] == "probing")
+
+    try:
+        for k in range(1, 8):
+            deadline = time.monotonic() + 5  # the moment a new connection is hardest to get
+            while not probed() and time.monotonic() < deadline:
+                sleep(0.01)
+            held = []
+            try:
+                for _ in range(k):
+                    try:
+                        held.append(group.acquire(timeout=1))
+                    except PoolTimeout as exc:
+                        failures.append(f"round {k}: {type(exc).__name__}: {exc}")
+                for pc in held:
+                    with pc.raw.cursor() as cursor:
+                        cursor.execute("SELECT inet_server_port()")
+                        assert cursor.fetchone()[0] == pg.port
+            finally:
+                for pc in held:
+                    group.release(pc)
+    finally:
+        for pc in warm:
+            group.release(pc)
+    assert not failures, f"{len(failures)} of 28 acquires failed; first: {failures[0]}"

@@ -164,3 +164,41 @@ def test_non_threaded_mode_never_waits(pg):
             assert time.monotonic() - started < 0.1  # nobody could ever give one back
     finally:
         pool.close()
+
+
+@pytest.mark.timeout(90)
+def test_a_full_server_is_not_a_dead_server(make_pool, pg_factory):
+    """Three pools share a server with room for 7 ordinary sessions, and want 12 between
+    them. Under load their connects meet "too many clients", which says the server is full,
+    not gone: no healthy idle connection is evicted for it, in any group, and the endpoint
+    is never quarantined for it. Every pool still serves work throughout."""
+    from endpoints import endpoint_stats
+
+    server = pg_factory(settings={"max_connections": 10, "superuser_reserved_connections": 3})
+    server.create_user("app", "app-pw")
+    endpoint = dict(server.endpoint(), user="app", **{"pass": "app-pw"})
+    pools = [make_pool({"g": {"connection_count": 4, "timeout": 1, "autocommit": True}},
+                       db=endpoint, application_name=f"gp-full-{i}") for i in range(3)]
+    served = [0, 0, 0]
+
+    def work(i: int, task: int) -> None:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            try:
+                with pools[i].handler("g") as db:
+                    db.query("SELECT pg_sleep(%s)", (0.01 * (1 + (task % 4) * 3),))
+                served[i] += 1
+            except PoolTimeout:  # a full server may leave a caller without one
+                pass
+            sleep(0.005 * task)  # idle gaps: connections sit idle while others connect
+
+    tasks = [spawn(work, i, task) for i in range(3) for task in range(5)]
+    join_all(tasks, 30)
+    assert [t.error for t in tasks if t.error] == []
+    log = server.logfile.read_text(errors="replace")
+    assert "too many clients" in log or "slots are reserved" in log, "the server never filled"
+    assert all(served), served
+    evicted = [p.stats()["groups"]["g"]["discards_by_reason"].get("evicted", 0) for p in pools]
+    quarantines = [endpoint_stats(p, server)["quarantines"] for p in pools]
+    assert (evicted, quarantines) == ([0, 0, 0], [0, 0, 0]), (
+        f"evicted per pool {evicted}, quarantines per pool {quarantines}")

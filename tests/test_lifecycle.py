@@ -191,3 +191,54 @@ def test_fork_while_a_connection_is_being_reset_gives_the_child_none_of_it(make_
     with pool.handler("g") as db:  # the parent's group still works, within its size
         db.query("SELECT 1")
     assert group.stats()["size"] <= 1
+
+
+def _greenpool_threads(before: set) -> list:
+    import threading
+
+    return [t for t in threading.enumerate()
+            if t.is_alive() and t not in before and t.name.startswith("greenpool")]
+
+
+@pytest.mark.skipif(MODE != "threaded", reason="connect threads exist in threaded mode only")
+@pytest.mark.timeout(60)
+def test_threaded_close_leaves_no_connect_thread_behind_and_connects_nothing_later(
+    pg_factory, server_conns
+):
+    """A threaded pool whose only server is down: its ``min_size`` refill thread failed,
+    the endpoint is quarantined for 3 s and the thread sleeps out that backoff. ``close()``
+    ends it promptly: within 1 s no thread of the pool is alive, and when the server comes
+    back right after the close, no session of the pool ever logs in to it."""
+    import threading
+    import time
+
+    from greenpool import Pool
+
+    server = pg_factory(settings={"log_connections": True})  # every login is in its log
+    server.stop("immediate")
+    app = "gp-closed-threads"
+    before = set(threading.enumerate())
+    pool = Pool({"type": "threaded", "db": server.endpoint(), "application_name": app,
+                 "quarantine_initial": 3, "quarantine_max": 3, "maintenance_interval": 0.05,
+                 "groups": {"g": {"connection_count": 2, "min_size": 1}}})
+    try:
+        label = f"{server.host}:{server.port}/{server.dbname}"
+        wait_until(lambda: pool.stats()["endpoints"][label]["state"] == "quarantined"
+                   and pool.stats()["groups"]["g"]["connecting"] == 1, 10,
+                   "the refill to fail and wait out the quarantine")
+        until = time.monotonic() + 3.5  # past the quarantine the sleeping thread waits out
+    finally:
+        pool.close()
+    closed_at = time.monotonic()
+    server.start()
+    left = _greenpool_threads(before)
+    while left and time.monotonic() - closed_at < 1.0:
+        time.sleep(0.02)
+        left = _greenpool_threads(before)
+    # nothing to wait on for an absence: outlast the backoff a leftover thread sleeps out
+    time.sleep(max(0.0, until + 1.0 - time.monotonic()))
+    logged_in = server.logfile.read_text(errors="replace").count(f"application_name={app}")
+    logged_in += server_conns(application_name=app, cluster=server)
+    assert (len(left), logged_in) == (0, 0), (
+        f"{len(left)} thread(s) of the pool alive 1 s after close(); {logged_in} session(s) "
+        f"of the closed pool logged in afterwards")

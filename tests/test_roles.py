@@ -11,7 +11,7 @@ from typing import Any
 import psycopg2.errors
 import pytest
 from endpoints import endpoint_stats, held_ports, label
-from modes import wait_until
+from modes import MODE, wait_until
 
 from greenpool import NoHealthyEndpoint, PoolTimeout
 
@@ -255,3 +255,81 @@ def test_standby_with_its_wal_receiver_cut_sends_reads_to_the_primary_and_back(
         assert db.query_one("SELECT inet_server_port(), count(*) FROM rows") == (standby.port, 5)
     wait_until(lambda: read_port(pool, "prefer") == standby.port, 15,
                "prefer-standby reads to come back to the standby")
+
+
+# --- a standby whose lag the pool has not measured yet ---------------------------------------
+
+
+@pytest.fixture
+def lagging_standby(pg_factory) -> tuple[Any, Any]:
+    """A primary and a standby whose replay is paused and more than 2.5 s behind (real lag:
+    a commit received but not replayed)."""
+    primary = pg_factory()
+    primary.execute("CREATE TABLE ticks (id serial PRIMARY KEY)")
+    standby = pg_factory(standby_of=primary)
+    primary.execute("INSERT INTO ticks DEFAULT VALUES")
+    wait_until(lambda: standby.execute("SELECT count(*) FROM ticks")[0][0] == 1, 10,
+               "the first commit to be replayed (so replay has a timestamp)")
+    standby.execute("SELECT pg_wal_replay_pause()")
+    primary.execute("INSERT INTO ticks DEFAULT VALUES")
+    wait_until(lambda: standby.execute(
+        "SELECT pg_last_wal_receive_lsn() > pg_last_wal_replay_lsn() AND "
+        "extract(epoch FROM now() - pg_last_xact_replay_timestamp()) > 2.5")[0][0], 15,
+        "the standby to lag 2.5 s behind (max_lag 1 plus a margin)")
+    return primary, standby
+
+
+STRICT = {"strict": {"role": "standby", "max_lag": 1, "on_lag": "fail", "autocommit": True,
+                     "connection_count": 2, "timeout": 0.5}}
+
+
+def _first_reads_of_fresh_pools(new_pool: Any) -> list[str]:
+    """Three fresh pools, each asked for a connection three times right after ``Pool()``:
+    what each acquire got (an error's text, or the port it was lent)."""
+    outcomes = []
+    for _ in range(3):
+        pool = new_pool()
+        try:
+            for _ in range(3):
+                try:
+                    with pool.handler("strict") as db:
+                        port = db.query_one("SELECT inet_server_port()")[0]
+                    outcomes.append(f"lent a connection to port {port}")
+                except PoolTimeout as exc:
+                    outcomes.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            pool.close()
+    return outcomes
+
+
+@pytest.mark.timeout(90)
+def test_a_fresh_max_lag_group_never_reads_from_a_standby_lagging_beyond_it(
+    lagging_standby, mode
+):
+    """The standby lags far beyond ``max_lag``. A fresh pool knows no lag before its first
+    probe, yet its ``standby`` group with ``on_lag='fail'`` never lends a connection to it,
+    not even on its very first acquires: each raises, and says the standby lags."""
+    from greenpool import Pool
+
+    primary, standby = lagging_standby
+    db = [primary.endpoint(), standby.endpoint()]
+    outcomes = _first_reads_of_fresh_pools(
+        lambda: Pool({"type": mode, "db": db, "groups": STRICT}))
+    assert not [o for o in outcomes if o.startswith("lent")], outcomes
+    assert all("lag" in o for o in outcomes), outcomes
+
+
+@pytest.mark.skipif(MODE != "threaded", reason="non-threaded runs once, in the threaded process")
+@pytest.mark.timeout(90)
+def test_a_non_threaded_max_lag_group_never_reads_from_a_standby_lagging_beyond_it(
+    lagging_standby,
+):
+    """The same in ``non-threaded`` mode, which has no housekeeping to probe the lag."""
+    from greenpool import Pool
+
+    primary, standby = lagging_standby
+    db = [primary.endpoint(), standby.endpoint()]
+    outcomes = _first_reads_of_fresh_pools(
+        lambda: Pool({"type": "non-threaded", "db": db, "groups": STRICT}))
+    assert not [o for o in outcomes if o.startswith("lent")], outcomes
+    assert all("lag" in o for o in outcomes), outcomes

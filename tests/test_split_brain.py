@@ -16,10 +16,10 @@ from typing import Any
 
 import psycopg2
 import pytest
-from endpoints import endpoint_stats, label
+from endpoints import endpoint_stats, held_ports, label
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from modes import GREEN, MODE, Timeout, wait_until
+from modes import GREEN, MODE, Timeout, sleep, wait_until
 
 from greenpool.concurrency import backend_for
 from greenpool.config import EndpointConfig
@@ -264,3 +264,94 @@ def test_a_probe_with_no_time_left_sends_nothing(pg, seconds):
         assert conn.autocommit is True
     finally:
         conn.close()
+
+
+# --- a fresh pool during a split brain ---------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_a_fresh_pool_never_writes_to_the_old_primary_during_a_split_brain(
+    make_pool, promoted_while_old_primary_runs, caplog
+):
+    """Two primaries at once: the old one (timeline 1, first in the configuration) runs on
+    after its standby was promoted (timeline 2). Fresh pools, used at once after ``Pool()``
+    (no housekeeping round has run yet), send every one of their first 30 writes to the
+    promoted one: none lands on the old primary."""
+    primary, standby = promoted_while_old_primary_runs
+    primary.execute("CREATE TABLE marks (port int)")
+    wait_until(lambda: standby.execute("SELECT to_regclass('marks') IS NOT NULL")[0][0], 10,
+               "the table to reach the standby")
+    standby.promote()
+    db = [primary.endpoint(), standby.endpoint()]
+    ports = []
+    for _ in range(4):  # each fresh pool starts its rotation at a random endpoint
+        pool = make_pool({"write": {"role": "primary", "connection_count": 4, "timeout": 5}},
+                         db=db)
+        for _ in range(30):
+            with pool.handler("write") as db_:
+                ports.append(db_.query_one(
+                    "INSERT INTO marks SELECT inet_server_port() RETURNING port")[0])
+        pool.close()
+    on_old = primary.execute("SELECT count(*) FROM marks")[0][0]
+    assert (on_old, ports.count(primary.port)) == (0, 0), (
+        f"{on_old} of {len(ports)} writes of fresh pools went to the old primary")
+    assert ports == [standby.port] * len(ports)
+
+
+@pytest.mark.timeout(60)
+def test_a_split_brain_is_never_reported_with_an_unread_timeline(
+    make_pool, promoted_while_old_primary_runs, caplog
+):
+    """Fresh pools meet both primaries of a split brain at once, before their first probe:
+    right after ``Pool()`` each holds three connections together (connects to both
+    servers). Whatever they log before their probes have read the timelines, no message
+    says "timeline None"; once read, the split brain is reported naming timeline 2."""
+    primary, standby = promoted_while_old_primary_runs
+    standby.promote()
+    with caplog.at_level(logging.INFO, logger="greenpool"):
+        for _ in range(5):
+            pool = make_pool({"write": {"role": "primary", "timeout": 5}},
+                             db=[primary.endpoint(), standby.endpoint()],
+                             role_check_interval=0.1, maintenance_interval=0.05)
+            held_ports(pool, "write", 3)
+            for _ in range(10):
+                write_port(pool)
+            wait_until(lambda: endpoint_stats(pool, standby)["timeline"] == 2  # noqa: B023
+                       and endpoint_stats(pool, standby)["split_brain"] >= 1, 10,  # noqa: B023
+                       "housekeeping to read the timelines and report the split brain")
+            for _ in range(5):
+                write_port(pool)
+            pool.close()
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "timeline None" in m], messages
+    assert any("timeline 2" in r.getMessage() for r in split_errors(caplog))
+
+
+@pytest.mark.timeout(60)
+def test_a_group_full_of_connections_to_the_old_primary_still_moves_to_the_promoted_one(
+    make_pool, promoted_while_old_primary_runs
+):
+    """Fresh pools fill their group (three connections held together right after
+    ``Pool()``) while both servers answer as primary; the connections are then idle.
+    Housekeeping's role probe must still reach the promoted server, although the group has
+    no room for a probe connection and may have no idle connection to it: within a few
+    probe rounds (0.1 s each) writes move there and stay there. Up to six fresh pools,
+    since where a cold group's connects land first varies."""
+    primary, standby = promoted_while_old_primary_runs
+    standby.promote()
+    stuck: list[dict[str, Any]] = []
+    for _ in range(6):
+        if stuck:
+            break
+        pool = make_pool({"write": {"role": "primary", "connection_count": 3, "timeout": 5}},
+                         db=[primary.endpoint(), standby.endpoint()],
+                         role_check_interval=0.1, maintenance_interval=0.05)
+        held_ports(pool, "write", 3)
+        deadline = time.monotonic() + 5
+        while write_port(pool) != standby.port and time.monotonic() < deadline:
+            sleep(0.02)
+        ports = [write_port(pool) for _ in range(10)]
+        if ports != [standby.port] * 10:
+            stuck.append({"ports": ports, "endpoints": pool.stats()["endpoints"]})
+        pool.close()
+    assert not stuck, f"writes still went to the old primary 5 s on: {stuck}"
