@@ -138,7 +138,7 @@ class Connector:
                 self.cannot_start = f"{type(exc).__name__}: {exc}"
                 logger.warning("group %r: cannot start a connect task: %s", self.config.name,
                                self.cannot_start)
-                slot.give_back()
+                slot.give_back(reconnect=False)  # another try would fail the same way
                 return False
             self.cannot_start = None
             if task is not None:

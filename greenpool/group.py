@@ -494,9 +494,10 @@ class Group:
         self._connects.add(slot)
         return slot
 
-    def returned(self, slot: Slot, was: int) -> None:
-        """A connect ended without a connection (``Slot.give_back``): free the room."""
-        self._slot_returned(slot.generation, was, reconnect=False)
+    def returned(self, slot: Slot, was: int, reconnect: bool | None) -> None:
+        """A connect or probe ended without a connection (``Slot.give_back``): the room goes
+        to a connect if waiters need one, else it is freed."""
+        self._slot_returned(slot.generation, was, reconnect)
 
     def _slot_returned(self, generation: int, was: int, reconnect: bool | None) -> None:
         if generation != self._generation:

@@ -188,10 +188,19 @@ def _precedence(ep: Endpoint) -> tuple[int, int, int]:
             -ep.rank)
 
 
+def _unexplored(ep: Endpoint) -> bool:
+    """Up, role never seen, and no connect to it has failed: a connect will tell (one that
+    fails, or hangs until ``connect_timeout``, quarantines it or records an error)."""
+    return ep.role == UNKNOWN and ep.state == UP and ep.connect_errors == 0
+
+
 def _chosen_primary(endpoints: Sequence[Endpoint], primaries: list[Endpoint]) -> Endpoint | None:
-    """The primary a ``primary`` group uses; None while primaries answer together and one
-    of them has an unknown timeline (the next connect to it learns it): the rule cannot
-    choose without it, and configuration order is no rule."""
+    """The primary a ``primary`` group uses; None while the rule cannot choose: primaries
+    answer together and one of them has an unknown timeline, or an endpoint that is up has
+    never been reached (a new pool: it may be the promoted primary of a split brain). The
+    next connect learns what is missing; configuration order is no rule."""
+    if any(_unexplored(ep) for ep in endpoints):
+        return None
     if len(primaries) == 1:
         only = primaries[0]
         if only.split_reported:

@@ -33,7 +33,7 @@ class SlotOwner(Protocol):
     """The group a slot belongs to. ``returned`` and ``orphaned`` are called at most once per
     slot; ``orphaned`` may run inside any code (a finalizer) and only records."""
 
-    def returned(self, slot: Slot, was: int) -> None: ...
+    def returned(self, slot: Slot, was: int, reconnect: bool | None) -> None: ...
 
     def orphaned(self, generation: int, was: int, endpoint: Endpoint | None) -> None: ...
 
@@ -59,13 +59,14 @@ class Slot:
         self.endpoint = pc.endpoint
         pc.slot = self
 
-    def give_back(self) -> None:
-        """Give the slot back to the group; a second call does nothing."""
+    def give_back(self, reconnect: bool | None = None) -> None:
+        """Give the slot back to the group; a second call does nothing. The group starts a
+        connect in the freed room if ``reconnect`` (None: if its waiters need one)."""
         was = self.state
         if was == RETURNED:
             return
         self.state = RETURNED
-        self._owner.returned(self, was)
+        self._owner.returned(self, was, reconnect)
 
     def __enter__(self) -> Slot:
         return self
