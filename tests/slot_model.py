@@ -37,13 +37,16 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import secrets
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import psycopg2
+from hypothesis import HealthCheck, Phase, settings
+from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -51,6 +54,7 @@ from hypothesis.stateful import (
     invariant,
     precondition,
     rule,
+    run_state_machine_as_test,
 )
 from modes import GREEN, MODE, sleep, spawn
 
@@ -114,7 +118,10 @@ class SlotAccountingMachine(RuleBasedStateMachine):
     """Borrow, return, interrupt, terminate, crash, restart, stall and probe; check the books.
 
     The rules that need a capability the mode lacks (a greenlet to kill, a second borrower
-    to wait) are disabled by preconditions, so one machine serves every mode.
+    to wait) are disabled by preconditions, so one machine serves every mode. Preconditions
+    depend only on the mode and on earlier rules (whether the server was stopped), never on
+    what the pool did (a borrow may or may not succeed in time): hypothesis needs the same
+    steps to be drawn when it replays an example. A rule with nothing to act on does nothing.
     """
 
     setup: ClassVar[ModelSetup]
@@ -208,10 +215,11 @@ class SlotAccountingMachine(RuleBasedStateMachine):
         if pc is not None:
             self._took(name, pc)
 
-    @precondition(lambda self: bool(self.held))
     @rule(index=st.integers(0, 15), discard=st.booleans(), use=st.booleans())
     def give_back(self, index: int, discard: bool, use: bool) -> None:
         """Return a held connection (after a ``SELECT 1`` on it, or not), or discard it."""
+        if not self.held:
+            return
         name, pc = self.held.pop(index % len(self.held))
         if use:
             self._select_1(pc)
@@ -259,11 +267,13 @@ class SlotAccountingMachine(RuleBasedStateMachine):
         if pc is not None:
             self._took(name, pc)
 
-    @precondition(lambda self: self.can_wait and bool(self.held))
+    @precondition(lambda self: self.can_wait)
     @rule(index=st.integers(0, 15))
     def hand_off_to_a_waiter(self, index: int) -> None:
         """Another borrower waits in the group's line while a held connection is returned:
         the return serves the waiter (or, if something else came first, it is idle)."""
+        if not self.held:
+            return
         name, pc = self.held.pop(index % len(self.held))
         group = self.group(name)
         task = spawn(self._acquire, name, 2.0)
@@ -335,9 +345,9 @@ class SlotAccountingMachine(RuleBasedStateMachine):
             os.kill(pid, signal.SIGSTOP)
             self.stalled.add(pid)
 
-    @precondition(lambda self: bool(self.stalled))
     @rule()
     def resume_backends(self) -> None:
+        """SIGCONT every stalled backend."""
         self._resume()
 
     def _resume(self) -> None:
@@ -562,13 +572,30 @@ def _green_kill(task: Any) -> None:
     task.kill()
 
 
-@contextlib.contextmanager
-def seeded_output(seed: int) -> Iterator[None]:
-    """Say how to replay a run, before it starts and again when it fails."""
-    line = f"slot accounting model: GREENPOOL_MODEL_SEED={seed} (mode {MODE})"
+def run_model(setup: ModelSetup, examples: int, steps: int, seed: int | None = None,
+              shrink: bool | None = None) -> None:
+    """Run the machine for ``examples`` examples of up to ``steps`` steps.
+
+    ``seed`` defaults to ``GREENPOOL_MODEL_SEED``, else a random one; it is printed before
+    the run and added to the failure. Shrinking a failure replays it many times (minutes,
+    at seconds per example), so ``shrink`` defaults to ``GREENPOOL_MODEL_SHRINK=1``; without
+    it the failure shows the steps of the example as found.
+    """
+    if seed is None:
+        chosen = os.environ.get("GREENPOOL_MODEL_SEED")
+        seed = int(chosen) if chosen else secrets.randbits(32)
+    if shrink is None:
+        shrink = os.environ.get("GREENPOOL_MODEL_SHRINK") == "1"
+    phases = [Phase.explicit, Phase.generate] + ([Phase.shrink] if shrink else [])
+    chosen_settings = settings(
+        max_examples=examples, stateful_step_count=steps, deadline=None, database=None,
+        print_blob=True, phases=phases, suppress_health_check=list(HealthCheck))
+    machine = hypothesis_seed(seed)(machine_for(setup))
+    line = (f"slot accounting model: GREENPOOL_MODEL_SEED={seed} ({setup.pool_type} pool in "
+            f"a {MODE} process, {examples} examples of up to {steps} steps)")
     print(line, flush=True)
     try:
-        yield
+        run_state_machine_as_test(machine, settings=chosen_settings)
     except BaseException as exc:
-        exc.add_note(f"replay with {line}")
+        exc.add_note(f"replay: {line}")
         raise

@@ -15,34 +15,14 @@ unless ``GREENPOOL_MODEL_SHRINK=1``; a longer soak is ``python -m benchmarks.slo
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import Iterator
 
 import pytest
-from hypothesis import HealthCheck, Phase, settings
-from hypothesis import seed as hypothesis_seed
-from hypothesis.stateful import run_state_machine_as_test
 from modes import MODE, wait_until
-from slot_model import ModelSetup, machine_for, seeded_output
+from slot_model import ModelSetup, run_model
 
 from greenpool import Pool
 from greenpool.throwaway import Cluster
-
-
-def model_settings(examples: int, steps: int) -> settings:
-    shrink = os.environ.get("GREENPOOL_MODEL_SHRINK") == "1"
-    phases = [Phase.explicit, Phase.generate] + ([Phase.shrink] if shrink else [])
-    return settings(max_examples=examples, stateful_step_count=steps, deadline=None,
-                    database=None, print_blob=True, phases=phases,
-                    suppress_health_check=list(HealthCheck))
-
-
-def run_model(setup: ModelSetup, examples: int, steps: int) -> None:
-    chosen = os.environ.get("GREENPOOL_MODEL_SEED")
-    seed = int(chosen) if chosen else secrets.randbits(32)
-    machine = hypothesis_seed(seed)(machine_for(setup))
-    with seeded_output(seed):
-        run_state_machine_as_test(machine, settings=model_settings(examples, steps))
 
 
 @pytest.fixture(scope="module")
