@@ -24,6 +24,9 @@ from slot_model import ModelSetup, run_model
 from greenpool import Pool
 from greenpool.throwaway import Cluster
 
+#: shrinking a failure replays it many times: then the tests get more time
+SHRINKING = os.environ.get("GREENPOOL_MODEL_SHRINK") == "1"
+
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
@@ -32,7 +35,7 @@ def cluster() -> Iterator[Cluster]:
         yield server
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(1800 if SHRINKING else 240)
 def test_no_slot_is_lost_under_random_loans_and_faults(cluster: Cluster) -> None:
     """In this process's mode (gevent, eventlet or threaded): borrowers killed mid-acquire,
     waiters served by returns, backends terminated, stalled and crashed, role probes on dead
@@ -41,7 +44,7 @@ def test_no_slot_is_lost_under_random_loans_and_faults(cluster: Cluster) -> None
     run_model(ModelSetup(cluster, MODE), examples=14, steps=25)
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(1800 if SHRINKING else 180)
 def test_no_slot_is_lost_in_non_threaded_mode(cluster: Cluster) -> None:
     """non-threaded: no background connects or housekeeping (the model runs upkeep and probes
     itself), connects inline, full groups refuse at once; the same books and the same at-rest
