@@ -41,7 +41,7 @@ def test_no_slot_is_lost_under_random_loans_and_faults(cluster: Cluster) -> None
     waiters served by returns, backends terminated, stalled and crashed, role probes on dead
     idle connections; every step keeps size == idle + in_use + connecting and every slot
     lends a working connection once things are at rest."""
-    run_model(ModelSetup(cluster, MODE), examples=14, steps=25)
+    run_model(ModelSetup(cluster, MODE), examples=20, steps=25)
 
 
 @pytest.mark.timeout(1800 if SHRINKING else 180)
@@ -49,7 +49,7 @@ def test_no_slot_is_lost_in_non_threaded_mode(cluster: Cluster) -> None:
     """non-threaded: no background connects or housekeeping (the model runs upkeep and probes
     itself), connects inline, full groups refuse at once; the same books and the same at-rest
     check."""
-    run_model(ModelSetup(cluster, "non-threaded"), examples=8, steps=20)
+    run_model(ModelSetup(cluster, "non-threaded"), examples=10, steps=20)
 
 
 @pytest.mark.skipif(MODE == "eventlet", reason="eventlet's fork support is not exercised")
