@@ -61,8 +61,8 @@ class Handler:
     ``RuntimeError`` and takes nothing)."""
 
     __slots__ = (
-        "_epoch", "_group", "_idempotent", "_lost_open", "_nest", "_outer", "_pc", "_pool",
-        "_savepoint", "_task", "_timeout",
+        "_epoch", "_given_up", "_group", "_idempotent", "_lost_open", "_nest", "_outer", "_pc",
+        "_pool", "_savepoint", "_task", "_timeout",
     )
 
     def __init__(
@@ -87,6 +87,9 @@ class Handler:
         #: open. Needed on autocommit, where a closed connection otherwise means "nothing
         #: pending" and the server can no longer say a hand-made BEGIN was open
         self._lost_open = False
+        #: a later block of the same task found this block's connection closed and took
+        #: its place (see _give_up)
+        self._given_up = False
         #: the task that entered the block; set once, first thing on entry, and never
         #: cleared: it is also what makes the handler single-use
         self._task: Any = None
@@ -102,6 +105,9 @@ class Handler:
         task = self._task = self._pool._current_task()  # a failed entry cannot be retried
         holders = self._group.holders
         outer = holders.get(task)
+        if outer is not None and outer._pc is not None and outer._pc.raw.closed:
+            outer._give_up(task)  # its connection is gone: no block can go on inside it
+            outer = None
         if outer is not None and outer._pc is not None:
             raw = outer._pc.raw
             if not raw.autocommit:
@@ -116,9 +122,16 @@ class Handler:
             outer._nest.append(self)
         else:
             pc = self._group.acquire(self._timeout)
-            pc.dirty = False  # this handler sees everything the loan does from here
-            self._pc = pc
-            holders[task] = self
+            try:
+                pc.dirty = False  # this handler sees everything the loan does from here
+                self._pc = pc
+                holders[task] = self
+            except BaseException:  # a signal handler's exception: no block, no holder
+                if holders.get(task) is self:
+                    del holders[task]
+                self._pc = None
+                self._group.release(pc, discard="interrupted")
+                raise
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -134,6 +147,11 @@ class Handler:
             holders = self._group.holders
             if self._task is not None and holders.get(self._task) is self:
                 del holders[self._task]
+            if self._given_up and exc_type is None:
+                raise TransactionAborted(
+                    f"group {self._group.name!r}: this block's connection was lost, and a "
+                    f"later block of the same task took a new one; nothing of this block "
+                    f"is known to be committed")
             return
         self._pc = None
         self._group.holders.pop(self._task, None)
@@ -145,6 +163,18 @@ class Handler:
                 self._group.release(pc)
                 raise
         self._group.release(pc)  # rolls back whatever is still open, or discards
+
+    def _give_up(self, task: Any) -> None:
+        """A later block of the same task found this one's connection closed: this block's
+        ``__exit__`` may never run (a signal handler's exception can skip it), so its
+        discarded connection is not taken for a live outer block; if it does exit, it
+        says so (TransactionAborted) rather than nothing."""
+        pc, self._pc, self._given_up = self._pc, None, True
+        holders = self._group.holders
+        if holders.get(task) is self:
+            del holders[task]
+        if pc is not None:
+            self._group.release(pc, discard="closed")
 
     def _exit_nested(self, outer: Handler, clean: bool) -> None:
         """End a nested block: release its savepoint, or roll back to it. A caught error
