@@ -220,8 +220,8 @@ class Connector:
     def close(self, pc: PooledConnection, reason: str) -> None:
         """Close ``pc`` and count why. Only its group calls this (``Group._discard``), which
         gives its slot back; a dedicated connection, which has none, is closed here too."""
-        self.counters.discards[reason] += 1
-        with self._lock:
+        with self._lock:  # counted under the lock: exact in threaded mode too
+            self.counters.discards[reason] += 1
             self.counts[pc.endpoint] -= 1
         pc.endpoint.connection_closed()
         close_quietly(pc)
@@ -376,10 +376,12 @@ class Connector:
         if placed and not self.belongs(endpoint, role):
             raw.close()  # e.g. a cold start met the primary first in a prefer-standby group
             endpoint.connection_closed()
-            self.counters.discards["wrong_role"] += 1
+            with self._lock:  # a connect made and discarded: connects - discards stays open
+                self.counters.connects += 1
+                self.counters.discards["wrong_role"] += 1
             return None
-        self.counters.connects += 1
         with self._lock:
+            self.counters.connects += 1
             self.counts[endpoint] += 1
         lifetime = config.max_lifetime * (1 - _LIFETIME_JITTER * random.random())
         pc = PooledConnection(raw, endpoint, _monotonic() + lifetime, generation,

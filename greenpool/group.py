@@ -529,7 +529,7 @@ class Group:
                 self._connecting -= 1
             elif endpoint is not None:  # its connection was lost in transit, unclosed
                 self.connector.forget(endpoint)
-            self.counters.discards["orphaned"] += 1
+                self.counters.discards["orphaned"] += 1
 
     # --- what the connector calls (connector.Slots) ---------------------------------------
 
