@@ -11,10 +11,15 @@ that talks to it, never the leak warnings, probes and refills of everything else
 
 Probes stay within the groups' budgets: a role and lag probe runs on an idle connection to
 the endpoint, or on a connection opened within a group's room (it then stays as an idle
-connection of that group); a group that is full and busy skips it. A quarantine probe is a
-connect within a group's room; only when every group using the endpoint is full does it
-open one short-lived connection of its own (at most one per endpoint: the endpoint lets a
-single prober through), closed at once.
+connection of that group); a group that is full and busy skips it. A quarantine probe never
+holds a group's room (a probe stuck on a black hole would stop the group from growing on its
+healthy endpoints): it is one short-lived connection of its own, at most one per endpoint
+(the endpoint lets a single prober through), closed at once.
+
+Every connection taken from a group here holds that group's slot (``pc.slot``) and is given
+back (``give_back``) or discarded through the group (``drop``), which returns the slot; a
+connection opened in a slot housekeeping reserved (``reserve_slot``) is held ``with`` that
+slot until the group takes it (``deliver``).
 """
 
 from __future__ import annotations
