@@ -249,7 +249,7 @@ def _probe_into(row: dict[str, Any], config: PoolConfig, index: int) -> None:
         row["rtt_ms"] = (time.perf_counter() - started) * 1000
         reported = role_of(raw)
         row.update(reachable=True, role=reported if reported != UNKNOWN else role,
-                   lag=lag, version=raw.info.parameter_status("server_version") or "",
+                   lag=lag, version=_short_version(raw.info.parameter_status("server_version")),
                    tls="yes" if raw.info.ssl_in_use else "no")
     finally:
         raw.close()
@@ -280,7 +280,7 @@ def run(path: str | None) -> int:
         lag = f"{row['lag']:.1f}" if row["lag"] is not None else "-"
         rtt = f"{row['rtt_ms']:.1f}" if row["rtt_ms"] is not None else "-"
         print(f"{row['endpoint']:<32} {'yes' if row['reachable'] else 'NO':<9} "
-              f"{row['version'][:8]:<8} {row['role']:<8} {lag:>6} {rtt:>7} {row['tls']:<3}  "
+              f"{row['version']:<8} {row['role']:<8} {lag:>6} {rtt:>7} {row['tls']:<3}  "
               f"{row['error']}")
     failing = 0
     print()
@@ -303,3 +303,8 @@ def _eligible(group_role: str, row: dict[str, Any], max_lag: float | None) -> bo
         return False
     lagging = max_lag is not None and row["lag"] is not None and row["lag"] > max_lag
     return not (group_role == "standby" and lagging)
+
+
+def _short_version(reported: str | None) -> str:
+    """``15.18`` of ``15.18 (Debian 15.18-0+deb12u1)``: the number, whole, whatever its length."""
+    return (reported or "").split(" ", 1)[0]
