@@ -33,7 +33,8 @@ def test_check_shows_roles_and_fails_only_without_an_eligible_endpoint(pg_factor
     rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("127.0.0.1")}
     assert " primary " in rows[f"127.0.0.1:{primary.port}/postgres"]
     version = primary.execute("SHOW server_version")[0][0].split()[0]  # "15.18", not "15.18 (D"
-    assert re.search(rf" {re.escape(version)} +primary ", rows[f"127.0.0.1:{primary.port}/postgres"])
+    row = rows[f"127.0.0.1:{primary.port}/postgres"]
+    assert re.search(rf" {re.escape(version)} +primary ", row), row
     assert " standby " in rows[f"127.0.0.1:{standby.port}/postgres"]
     assert " NO " in rows[f"127.0.0.1:{blackhole.port}/postgres"]
     assert "no answer" in rows[f"127.0.0.1:{blackhole.port}/postgres"]
