@@ -29,8 +29,8 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Hashable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import partial
 from typing import Any, Protocol
 
@@ -220,6 +220,18 @@ def _silence_connects_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_silence_connects_in_child)
+
+
+@contextmanager
+def still_connecting(conn: Any) -> Iterator[None]:
+    """Treat ``conn`` as a connect in flight while the pool's first queries on it run (the
+    role, lag and timeline measured at connect): a fork meanwhile points it at /dev/null in
+    the child, so the child's copy of the task cannot touch the parent's session."""
+    _connecting.add(conn)
+    try:
+        yield
+    finally:
+        _connecting.discard(conn)
 
 
 def _gevent_wait_callback() -> Callable[[Any], None]:

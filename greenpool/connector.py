@@ -26,6 +26,7 @@ the group through the small :class:`Slots` interface: nothing here knows the wai
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 import time
@@ -34,7 +35,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, Protocol
 
-from .concurrency import Backend, InheritedAcrossFork, Task
+from .concurrency import Backend, InheritedAcrossFork, Task, still_connecting
 from .config import GroupConfig
 from .connection import (
     ConnectError,
@@ -49,7 +50,7 @@ from .connection import (
 from .endpoint import QUARANTINED, STANDBY, UNKNOWN, Endpoint
 from .errors import ConnectFailed, NoHealthyEndpoint
 from .placement import connect_order, where_to_be
-from .roles import fits, read_role, role_of
+from .roles import EXPLORE_WAIT, fits, read_role, role_of, unexplored
 from .slots import Slot
 from .stats import GroupCounters
 
@@ -109,6 +110,8 @@ class Connector:
         #: how long a group leaves an endpoint alone after a failure retrying cannot fix
         self._fatal_pause = max(ep.backoff_max for ep in self.endpoints)
         self.slots: Slots | None = None
+        #: a primary group over several endpoints explores unknown ones before it writes
+        self._explores = config.role == "primary" and len(self.endpoints) > 1
         #: why the latest connect task could not start (a process limit on threads), if so
         self.cannot_start: str | None = None
         self._stopped = False
@@ -146,15 +149,12 @@ class Connector:
                 self._tasks.add(task)
             return True
 
-    def open_now(
-        self, deadline: float, generation: int, target: Endpoint | None = None
-    ) -> PooledConnection:
+    def open_now(self, deadline: float, generation: int) -> PooledConnection:
         """Connect inline (``non-threaded`` mode, dedicated connections): rounds of
         attempts, each bounded by its endpoint's ``connect_timeout`` and by ``deadline``,
         the caller's. An attempt the caller's time cut short is no verdict on the server."""
         while True:
-            pc = self._round(target, generation, deadline)
-            target = None
+            pc = self._round(None, generation, deadline)
             if pc is not None:
                 return pc
             self._raise_if_hopeless()
@@ -162,6 +162,15 @@ class Connector:
             if remaining <= 0:
                 raise self.no_endpoint_error()
             self._backend.sleep(min(remaining, self._next_chance()))
+
+    def try_once(
+        self, endpoint: Endpoint, generation: int, deadline: float
+    ) -> PooledConnection | None:
+        """One placed connect attempt to ``endpoint`` within ``deadline`` (non-threaded
+        spreading); None if it may not be tried now, failed, or does not fit the group."""
+        if not endpoint.begin_connect(_monotonic()):
+            return None
+        return self._attempt(endpoint, generation, deadline=deadline)
 
     def probe(self, endpoint: Endpoint, generation: int) -> PooledConnection | None:
         """One connect to ``endpoint`` whatever placement says (housekeeping's probes, in a
@@ -299,14 +308,21 @@ class Connector:
             order.insert(0, target)
         moved_on = False
         for endpoint in order:
-            if deadline is not None and _monotonic() >= deadline:
+            if self._stopped or (deadline is not None and _monotonic() >= deadline):
                 break
             fatal = self._fatal.get(endpoint)
             if fatal is not None and fatal[0] > now:
                 continue
+            bound = deadline
+            if self._explores and unexplored(endpoint):
+                # a primary is chosen only once this one has answered or EXPLORE_WAIT has
+                # passed: an attempt on it that outlasts the wait is cut, so that this task
+                # moves on to the primary that answered (no verdict on a slow server)
+                explored_by = _monotonic() + EXPLORE_WAIT
+                bound = explored_by if bound is None else min(bound, explored_by)
             if not endpoint.begin_connect(_monotonic()):
                 continue  # another task probes it, or its slow start is at its limit
-            pc = self._attempt(endpoint, generation, deadline=deadline)
+            pc = self._attempt(endpoint, generation, deadline=bound)
             if pc is not None:
                 if moved_on:
                     self.counters.failovers += 1
@@ -339,7 +355,7 @@ class Connector:
             pooled_role = self._pooled_role(raw, endpoint) if is_pooled(raw) else None
         except ConnectError as exc:
             if cut_by_caller and exc.kind == "timeout":
-                endpoint.connect_abandoned()  # the caller's time ran out, not the server's
+                endpoint.connect_cut(seconds)  # the caller's time ran out, not the server's
                 return None
             self.counters.connect_errors += 1
             unhealthy = endpoint.connect_error(exc.fatal, exc.kind, exc.reason)
@@ -359,13 +375,18 @@ class Connector:
             endpoint.connect_abandoned()
             raise
         self._fatal.pop(endpoint, None)
+        pid = os.getpid()
         try:
             role = pooled_role or role_of(raw)
             if pooled_role is None and self._must_measure(endpoint, role):
-                report = read_role(raw, self._backend, endpoint.config.connect_timeout)
+                with still_connecting(raw):
+                    report = read_role(raw, self._backend, endpoint.config.connect_timeout)
                 endpoint.observe(report)
                 role = report.role
         except BaseException as exc:
+            if os.getpid() != pid:  # the parent's connect, copied into a forked child
+                raise InheritedAcrossFork("a connect of the parent process, in the child"
+                                          ) from None
             raw.close()
             endpoint.connect_abandoned()
             if isinstance(exc, Exception):

@@ -104,6 +104,9 @@ class Endpoint:
         self.ramp: int | None = _SLOW_START
         self.quarantined_until = 0.0
         self.full_until = 0.0  # no connect before this: the server said it is full
+        #: an attempt cut by its caller's deadline got no answer: tried last until then
+        self.cut_until = 0.0
+        self.first_attempt_at = 0.0  # when the first connect attempt to it began
         self.full = 0  # times it said so
         self.down_since = 0.0  # when the current outage began (monotonic); while not up
         self._failures = 0  # consecutive failed connects, drives the backoff
@@ -139,6 +142,8 @@ class Endpoint:
                 return False
             if self.state == QUARANTINED:
                 self.state = PROBING  # the one prober: others see PROBING and keep away
+            if not self.first_attempt_at:
+                self.first_attempt_at = now
             self.connecting += 1
             self.connect_attempts += 1
             return True
@@ -210,6 +215,19 @@ class Endpoint:
             self.connect_failed(message)
             return True
         return False
+
+    def cut(self, now: float) -> bool:
+        """Whether a recent attempt got no answer within its caller's time (see
+        :meth:`connect_cut`)."""
+        return now < self.cut_until
+
+    def connect_cut(self, seconds: float) -> None:
+        """The attempt got no answer within its caller's time (``seconds``, shorter than
+        ``connect_timeout``): no verdict on the server, so no quarantine, but connects try
+        it last for a while, so that short deadlines are not spent on it one after another
+        while another endpoint answers."""
+        self.connect_abandoned()
+        self.cut_until = time.monotonic() + max(seconds, self.config.connect_timeout)
 
     def connect_abandoned(self) -> None:
         """The attempt was interrupted (timeout or kill of the caller): no verdict."""
@@ -299,6 +317,19 @@ class Endpoint:
         """Whether the lag was measured recently enough to decide on: an old measurement
         is no measurement (no housekeeping in ``non-threaded`` mode, a stalled probe)."""
         return self.lag is not None and now - self.lag_seen_at <= self.role_stale_after
+
+    def must_measure_lag(self, now: float) -> bool:
+        """Whether a ``max_lag`` group should measure the lag before deciding: it is not
+        known, or it was unknown (a receiver not streaming, or too young) a while ago. The
+        latter is measured again at most once per ``RECEIVER_SETTLE``: a receiver that
+        settles is used within a second, and a dead link costs one connect a second."""
+        if not self.lag_known(now):
+            return True
+        return self.lag == math.inf and now - self.lag_seen_at >= RECEIVER_SETTLE
+
+    def lag_stale_at(self) -> float:
+        """When the current lag measurement stops counting (``inf`` when none counts)."""
+        return math.inf if self.lag is None else self.lag_seen_at + self.role_stale_after
 
     def observe_lag(self, lag: float | None, receiver: int | None, age: float | None) -> None:
         """Record a probe's replay lag (None for a primary). ``receiver`` is the streaming WAL

@@ -41,9 +41,9 @@ from .connection import (
     silence_inherited,
 )
 from .connector import Connector
-from .endpoint import UNKNOWN, Endpoint
+from .endpoint import UNKNOWN, UP, Endpoint
 from .errors import PoolClosed, PoolError, PoolTimeout, TooManyWaiters
-from .placement import move_target, take_in_turn, unserved, where_to_be
+from .placement import connect_order, move_target, take_in_turn, unserved, where_to_be
 from .roles import fits, role_of
 from .slots import CONNECTING, RETURNED, Slot
 from .stats import GroupCounters
@@ -61,6 +61,7 @@ _inherited_in_use: list[PooledConnection] = []
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _MOVES_IN_FLIGHT = 2  # a connection moves only while fewer connects than this are under way
 _STUCK_AFTER = 0.25  # seconds: a connect under way this long may be stuck (_wants_connect)
+_SPREAD_EVERY = 1.0  # seconds between a non-threaded group's looks for where to spread
 
 
 def _caller_outside_greenpool() -> str:
@@ -102,8 +103,10 @@ class Group:
         self._new_waiter = backend.waiter
         self._can_wait = backend.can_wait
         #: non-threaded with several endpoints: no background opens a connection on each
-        #: endpoint, so a borrow does it (see acquire)
+        #: endpoint or measures a standby's lag again, so a borrow does it now and then
+        #: (see _spread)
         self._spread_inline = not backend.can_wait and len(self.endpoints) > 1
+        self._next_spread = 0.0
         self._max_waiting = config.max_waiting or math.inf
         # whether waiters with the default timeout share one timer (see _sweep)
         self._line_keeps_time = backend.can_call_later and math.isfinite(config.timeout)
@@ -145,10 +148,10 @@ class Group:
         now = _monotonic()
         wait_for = self.config.timeout if timeout is None else timeout
         self.counters.acquires += 1
-        if self._spread_inline and self._size < self.config.connection_count:
-            unserved_now = unserved(self.preferred_endpoints(), self.connector.counts)
-            if unserved_now:  # non-threaded: spread a light load now, nobody else will
-                return self._connect_inline(now + wait_for, unserved_now[0])
+        if self._spread_inline and now >= self._next_spread and wait_for > 0:
+            spread = self._spread(now, now + wait_for)
+            if spread is not None:
+                return self._lend(spread)
         while True:
             with self._lock:
                 if self._closed:
@@ -229,11 +232,36 @@ class Group:
                              if slot.state == CONNECTING and now - slot.since < _STUCK_AFTER)
         return waiters > connecting and connecting == 0
 
-    def _connect_inline(
-        self, deadline: float, target: Endpoint | None = None
-    ) -> PooledConnection:
+    def _spread(self, now: float, deadline: float) -> PooledConnection | None:
+        """``non-threaded``, at most once a second: one connect attempt, within the caller's
+        time, to the first endpoint where a connect should go and the group has none (an
+        endpoint no light load reached, a standby whose lag must be measured again). None
+        when there is none, no room, or the attempt failed: the borrow goes on as usual."""
+        self._next_spread = now + _SPREAD_EVERY
+        config = self.config
+        counts = self.connector.counts
+        targets = [ep for ep in connect_order(self.endpoints, config.role, config.max_lag,
+                                              config.on_lag, counts, now, 0)
+                   if not counts.get(ep) and ep.state == UP and not ep.cut(now)]
+        if not targets:
+            return None
+        with self._lock:
+            if self._closed or self._size >= config.connection_count:
+                return None
+            slot = self._take_slot()
+        with slot:
+            pc = self.connector.try_once(targets[0], slot.generation, deadline)
+            if pc is None:
+                slot.give_back(reconnect=False)
+                return None
+            with self._lock:
+                slot.attach(pc)
+                self._connecting -= 1
+            return pc
+
+    def _connect_inline(self, deadline: float) -> PooledConnection:
         """``non-threaded``: nobody else can return a connection, so connect now if the
-        group has room (preferably to ``target``), else refuse at once."""
+        group has room, else refuse at once."""
         with self._lock:
             self._count_orphans()
             slot = self._take_slot() if self._size < self.config.connection_count else None
@@ -245,7 +273,7 @@ class Group:
                 f"connections before taking another, or raise connection_count"
             )
         with slot:
-            pc = self.connector.open_now(deadline, slot.generation, target)
+            pc = self.connector.open_now(deadline, slot.generation)
             with self._lock:
                 slot.attach(pc)
                 self._connecting -= 1
@@ -388,7 +416,11 @@ class Group:
             config = self.config
             self._preferred = where_to_be(self.endpoints, config.role, config.max_lag,
                                           config.on_lag)
-            self._preferred_until = now + 0.05
+            until = now + 0.05
+            if config.max_lag is not None:  # a lag going stale is news too, watcher or not
+                until = min([until, *(at for ep in self.endpoints
+                                      if (at := ep.lag_stale_at()) > now)])
+            self._preferred_until = until
         return self._preferred
 
     # --- returning ------------------------------------------------------------------------

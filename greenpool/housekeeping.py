@@ -268,7 +268,7 @@ class Housekeeping:
 
     def _probe_role(self, endpoint: Endpoint) -> None:
         """Refresh ``endpoint``'s role and lag with one bounded query on an idle connection
-        to it, else on a connection opened within a group's room (:meth:`_probe`)."""
+        to it, else on a connection opened for it (:meth:`_probe`)."""
         for group in self._users(endpoint):
             taken = group.take_idle(partial(_latest_to, endpoint))
             if not taken:
@@ -285,13 +285,18 @@ class Housekeeping:
                 group.drop(pc, "failed_check")
                 self._on_endpoint_failure(endpoint)
             return
-        self._probe(endpoint)  # every group full and busy: skipped
+        self._probe(endpoint)
 
     def _probe(self, endpoint: Endpoint) -> None:
-        """One connect to ``endpoint``, and its role and lag, within the room of a group
-        that uses it: the connection then serves that group if it fits there, else it is
-        closed. Skipped when every such group is full."""
-        for group in self._users(endpoint):
+        """One connect to ``endpoint``, and its role and lag: within the room of a group
+        that should be there (the connection then serves it), else on a short-lived
+        connection of its own. A probe of an endpoint a group does not use never holds that
+        group's room (a stalled standby would starve a primary group), and a full group
+        still learns that a standby was promoted."""
+        users = self._users(endpoint)
+        for group in users:
+            if endpoint not in group.preferred_endpoints():
+                continue
             slot = group.reserve_slot()
             if slot is None:
                 continue
@@ -316,6 +321,8 @@ class Housekeeping:
                         return
             self._after_probe(endpoint)
             return
+        if users:
+            self._probe_outside_groups(users[0], endpoint)
 
     def _after_probe(self, endpoint: Endpoint) -> None:
         """An endpoint answered again: idle connections move back onto it now, busy groups

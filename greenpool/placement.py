@@ -69,7 +69,7 @@ def connect_order(
         if len(ready) > 1:
             start = rotation % len(ready)
             ready = ready[start:] + ready[:start]
-            ready.sort(key=lambda ep: counts.get(ep, 0) / ep.config.weight)
+            ready.sort(key=lambda ep: (ep.cut(now), counts.get(ep, 0) / ep.config.weight))
         if ready:
             return ready
     return []

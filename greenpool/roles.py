@@ -188,10 +188,19 @@ def _precedence(ep: Endpoint) -> tuple[int, int, int]:
             -ep.rank)
 
 
-def _unexplored(ep: Endpoint) -> bool:
-    """Up, role never seen, and no connect to it has failed: a connect will tell (one that
-    fails, or hangs until ``connect_timeout``, quarantines it or records an error)."""
-    return ep.role == UNKNOWN and ep.state == UP and ep.connect_errors == 0
+#: seconds a new pool waits for an endpoint it has never reached before it chooses a primary
+#: without it: a promoted primary of a split brain answers a connect as fast as the old one,
+#: an unreachable host (a black hole) must not hold every new pool for ``connect_timeout``
+EXPLORE_WAIT = 0.5
+
+
+def unexplored(ep: Endpoint) -> bool:
+    """Up, role never seen, no connect to it has failed, and the first attempt (if any)
+    began less than ``EXPLORE_WAIT`` ago: a connect will tell soon."""
+    if ep.role != UNKNOWN or ep.state != UP or ep.connect_errors:
+        return False
+    started = ep.first_attempt_at
+    return not started or time.monotonic() - started < EXPLORE_WAIT
 
 
 def _chosen_primary(endpoints: Sequence[Endpoint], primaries: list[Endpoint]) -> Endpoint | None:
@@ -199,7 +208,7 @@ def _chosen_primary(endpoints: Sequence[Endpoint], primaries: list[Endpoint]) ->
     answer together and one of them has an unknown timeline, or an endpoint that is up has
     never been reached (a new pool: it may be the promoted primary of a split brain). The
     next connect learns what is missing; configuration order is no rule."""
-    if any(_unexplored(ep) for ep in endpoints):
+    if any(unexplored(ep) for ep in endpoints):
         return None
     if len(primaries) == 1:
         only = primaries[0]
@@ -264,7 +273,7 @@ def candidates(
         fresh, unmeasured, lagging = standbys, [], []
     else:
         now = time.monotonic()
-        unmeasured = [ep for ep in standbys if not ep.lag_known(now)]
+        unmeasured = [ep for ep in standbys if ep.must_measure_lag(now)]
         fresh = [ep for ep in standbys if ep not in unmeasured and ep.lag is not None
                  and ep.lag <= max_lag and ep.lag != LAG_UNKNOWN]
         lagging = [ep for ep in standbys if ep not in fresh and ep not in unmeasured]
