@@ -289,14 +289,15 @@ class Housekeeping:
 
     def _probe(self, endpoint: Endpoint) -> None:
         """One connect to ``endpoint``, and its role and lag: within the room of a group
-        that should be there (the connection then serves it), else on a short-lived
-        connection of its own. A probe of an endpoint a group does not use never holds that
-        group's room (a stalled standby would starve a primary group), and a full group
-        still learns that a standby was promoted."""
+        that should be there (the connection then serves it; a full one skips the probe,
+        its borrows read the role from each connection's parameter status), else, when no
+        group should be there, on a short-lived connection of its own. So a probe of an
+        endpoint a group does not use never holds that group's room (a stalled standby
+        would starve a primary group), and a full group still learns that a standby was
+        promoted."""
         users = self._users(endpoint)
-        for group in users:
-            if endpoint not in group.preferred_endpoints():
-                continue
+        wanted_by = [group for group in users if endpoint in group.preferred_endpoints()]
+        for group in wanted_by:
             slot = group.reserve_slot()
             if slot is None:
                 continue
@@ -321,7 +322,7 @@ class Housekeeping:
                         return
             self._after_probe(endpoint)
             return
-        if users:
+        if users and not wanted_by:
             self._probe_outside_groups(users[0], endpoint)
 
     def _after_probe(self, endpoint: Endpoint) -> None:
