@@ -254,9 +254,7 @@ class Group:
             if pc is None:
                 slot.give_back(reconnect=False)
                 return None
-            with self._lock:
-                slot.attach(pc)
-                self._connecting -= 1
+            self._attach(slot, pc)
             return pc
 
     def _connect_inline(self, deadline: float) -> PooledConnection:
@@ -274,9 +272,7 @@ class Group:
             )
         with slot:
             pc = self.connector.open_now(deadline, slot.generation)
-            with self._lock:
-                slot.attach(pc)
-                self._connecting -= 1
+            self._attach(slot, pc)
             return self._lend(pc)
 
     def _take_idle_in_turn(self) -> PooledConnection:
@@ -513,8 +509,8 @@ class Group:
         pc.slot = None
         self.connector.close(pc, reason)
         if slot is not None and slot.state != RETURNED:
-            slot.state = RETURNED
-            self._slot_returned(slot.generation, slot.state, reconnect)
+            was, slot.state = slot.state, RETURNED
+            self._slot_returned(slot.generation, was, reconnect)
 
     # --- slots (greenpool.slots) ------------------------------------------------------------
 
@@ -525,6 +521,12 @@ class Group:
         slot = Slot(self, self._generation)
         self._connects.add(slot)
         return slot
+
+    def _attach(self, slot: Slot, pc: PooledConnection) -> None:
+        """A connect in ``slot`` opened ``pc`` for a caller who takes it at once."""
+        with self._lock:
+            slot.attach(pc)
+            self._connecting -= 1
 
     def returned(self, slot: Slot, was: int, reconnect: bool | None) -> None:
         """A connect or probe ended without a connection (``Slot.give_back``): the room goes
