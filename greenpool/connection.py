@@ -262,6 +262,10 @@ def open_connection(
         if not left > 0:
             raise refused
         raw = _open(endpoint, kwargs, backend, left, through_pooler)
+    if through_pooler and pooler.nonstandard_strings(raw):
+        close_raw(raw)
+        raise ConnectError(endpoint, pooler.NONSTANDARD_STRINGS, fatal=True,
+                           kind="nonstandard_strings")
     raw.autocommit = group.autocommit
     if through_pooler:
         raw.greenpool_prefix = pooler.settings_prefix(
@@ -479,7 +483,7 @@ def _reset_session(pc: PooledConnection, group: GroupConfig, backend: Backend) -
     # must not) is on whatever server connection ran it, and DISCARD ALL would run on
     # whichever the pooler picks now: it cannot undo anything, so it is not sent. The
     # group's settings travel per transaction there, so there is nothing to restore either.
-    discard = group.reset != "never" and pooler.mode_of(pc.endpoint.config) != pooler.TRANSACTION
+    discard = group.reset != "never" and pooler.discards_reach(pc.endpoint.config)
     try:
         if discard:
             _outside_transaction(raw, "DISCARD ALL", backend, bound)
