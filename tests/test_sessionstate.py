@@ -9,6 +9,7 @@ transaction-control forms, with comments, quoting and casing varied.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -262,3 +263,35 @@ def test_visible_to_the_next_borrower_iff_judged_changing(session: Any,
     assert judged or not visible, f"state left but judged clean: {text!r}"
     if not rolled_back:
         assert visible or not judged, f"judged changing but nothing left: {text!r}"
+
+
+def test_a_long_rendered_text_is_judged_at_once(server: Cluster, make_pool: Any) -> None:
+    """60 KB of ';/*' in a literal: the hand-written scanner took seconds (quadratic), and
+    froze every other greenlet meanwhile; a text that long is not parsed at all."""
+    pool = make_pool({"g": {"connection_count": 1}})
+    value = ";/*" * 20_000
+    with pool.handler("g") as db:
+        query = pgsql.SQL("SELECT length({})").format(pgsql.Literal(value))
+        started = time.monotonic()
+        assert db.query_one(query)[0] == len(value)
+        assert time.monotonic() - started < 0.5
+
+
+def test_old_style_literals_are_read_the_server_s_way(pg_factory: Callable[..., Cluster],
+                                                      mode: str) -> None:
+    """With standard_conforming_strings=off a backslash escapes a quote: the parser (which
+    reads the standard way) would end this literal early and miss the SET."""
+    from greenpool import Pool
+
+    server = pg_factory(settings={"standard_conforming_strings": "off",
+                                  "escape_string_warning": "off"})
+    pool = Pool({"type": mode, "db": server.endpoint(),
+                 "groups": {"g": {"connection_count": 1, "autocommit": True}}})
+    try:
+        with pool.handler("g") as db:
+            db.execute("SELECT 'a\\' , ' ; SET search_path TO greenpool_ss_x; --'")
+            assert db.query_one("SHOW search_path")[0] == "greenpool_ss_x"
+        with pool.handler("g") as db:
+            assert db.query_one("SHOW search_path")[0] == '"$user", public'
+    finally:
+        pool.close()
