@@ -270,7 +270,34 @@ def open_connection(
     if through_pooler:
         raw.greenpool_prefix = pooler.settings_prefix(
             _statement_timeout_ms(endpoint, group), group.readonly)
+    if group.configure is not None:
+        left = max(seconds - (time.monotonic() - started), 0.001)
+        try:
+            configure(raw, group, backend, left)
+        except Exception as exc:
+            close_raw(raw)
+            logger.warning("group %r: the configure hook failed on a new connection to %s",
+                           group.name, endpoint.label, exc_info=True)
+            # the server answered: its health is not in question (fatal: not quarantined)
+            raise ConnectError(endpoint, f"the group's configure hook failed "
+                                         f"({type(exc).__name__})", fatal=True, kind="configure",
+                               hint="see the warning logged with its traceback") from None
     return raw
+
+
+def configure(raw: Any, group: GroupConfig, backend: Backend, seconds: float) -> None:
+    """The group's ``configure`` hook on ``raw`` (opened, or reset), within ``seconds``. A
+    transaction it leaves open is committed (a ``SET`` it made would be lost otherwise)."""
+    hook = group.configure
+    if hook is None:
+        return
+    _bounded(backend, seconds, "the configure hook", hook, raw)
+    status = raw.get_transaction_status()
+    if status == extensions.TRANSACTION_STATUS_INTRANS:
+        _bounded(backend, seconds, "the configure hook's COMMIT", raw.commit)
+    elif status != _STATUS_IDLE:
+        raise psycopg2.InterfaceError("the configure hook left the connection in a failed "
+                                      "transaction")
 
 
 def _open(
@@ -487,6 +514,17 @@ def _reset_session(pc: PooledConnection, group: GroupConfig, backend: Backend) -
     try:
         if discard:
             _outside_transaction(raw, "DISCARD ALL", backend, bound)
+            if group.configure is not None:
+                if raw.autocommit != group.autocommit:
+                    raw.autocommit = group.autocommit
+                try:
+                    configure(raw, group, backend, bound)
+                except psycopg2.Error:
+                    raise
+                except Exception:
+                    logger.warning("group %r: the configure hook failed after the reset; the "
+                                   "connection is discarded", group.name, exc_info=True)
+                    return "reset_failed"
         hook = group.on_return
         if hook is not None:
             try:
