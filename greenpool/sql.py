@@ -79,11 +79,17 @@ def _stmts(tree: str) -> list[dict[str, Any]]:
 # a literal, a comment or a name, where psycopg2's quoted value would change the text's shape)
 _PLACEHOLDER = re.compile(r"%(?:\(([^)]*)\))?s|%%")
 _MARKER_BASE = 30001
-# nodes (or fields) that may leave session state; found by substring in the JSON tree first
+# Found by substring in the JSON tree, before any tree is built: nodes that change the session
+# whatever their fields (an INSERT or MERGE may fire a serial default: currval()/lastval())
+_ALWAYS = re.compile(
+    r'"(?:PrepareStmt|ListenStmt|LoadStmt|DoStmt|CallStmt|InsertStmt|MergeStmt|SetToDefault)"'
+    r'|"relpersistence":"t"')
+# ... and nodes whose fields decide (a function is suspect only if its name occurs)
 _SUSPECT = re.compile(
-    r'"(?:VariableSetStmt|PrepareStmt|ListenStmt|LoadStmt|DeclareCursorStmt|DoStmt|CallStmt'
-    r'|FuncCall|InsertStmt|MergeStmt|CopyStmt|SetToDefault|UpdateStmt|ParamRef)"'
-    r'|"relpersistence":"t"|"(?:sval|schemaname)":"pg_temp')
+    r'"(?:VariableSetStmt|DeclareCursorStmt|UpdateStmt|CopyStmt)"'
+    r'|"(?:sval|schemaname)":"(?:pg_temp|set_config"|pg_advisory_lock|pg_try_advisory_lock'
+    r'|dblink_connect|nextval"|setval"|pg_replication_origin_session_setup")')
+_PARAMETER = re.compile(r'"ParamRef":\{"number":(\d+)')
 # VAR_SET_MULTI names that end with the transaction
 _TRANSACTION_SCOPED = frozenset(("TRANSACTION", "TRANSACTION SNAPSHOT"))
 # functions that leave state in the session (by their unqualified name)
@@ -146,8 +152,7 @@ def _node_changes_session(kind: str, fields: Any) -> bool:
                     "InsertStmt", "MergeStmt", "SetToDefault")
 
 
-def _tree_changes_session(tree: str, markers: list[int]) -> bool:
-    found: list[int] = []
+def _tree_changes_session(tree: str) -> bool:
     pending: list[Any] = _stmts(tree)
     while pending:
         item = pending.pop()
@@ -160,13 +165,11 @@ def _tree_changes_session(tree: str, markers: list[int]) -> bool:
                 "pg_temp"):
             return True  # a temporary relation (RangeVar, inlined without its node name)
         for key, value in item.items():
-            if key == "ParamRef" and isinstance(value, dict):
-                found.append(value.get("number", 0))
-            elif _node_changes_session(key, value):
+            if _node_changes_session(key, value):
                 return True
             if isinstance(value, (dict, list)):
                 pending.append(value)
-    return sorted(n for n in found if n >= _MARKER_BASE) != sorted(markers)
+    return False
 
 
 def changes_session(template: str) -> bool:
@@ -179,9 +182,12 @@ def changes_session(template: str) -> bool:
         tree = _parse(text)
     except Unreadable:
         return True
-    if _SUSPECT.search(tree) is None:
-        return bool(markers)  # every placeholder inside a literal, comment or name
-    return _tree_changes_session(tree, markers)
+    if markers and sorted(
+            n for n in map(int, _PARAMETER.findall(tree)) if n >= _MARKER_BASE) != sorted(markers):
+        return True  # a placeholder inside a literal, a comment or a name
+    if _ALWAYS.search(tree) is not None:
+        return True
+    return _SUSPECT.search(tree) is not None and _tree_changes_session(tree)
 
 
 # --- transactions -----------------------------------------------------------------------------
