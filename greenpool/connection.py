@@ -270,6 +270,7 @@ def open_connection(
     if through_pooler:
         raw.greenpool_prefix = pooler.settings_prefix(
             _statement_timeout_ms(endpoint, group), group.readonly)
+        raw.greenpool_offload = backend.offload
     if group.configure is not None:
         left = max(seconds - (time.monotonic() - started), 0.001)
         try:

@@ -142,7 +142,7 @@ def _plan(raw: Any, prefix: str, text: str) -> bool:
     if nonstandard_strings(raw):
         raise psycopg2.ProgrammingError(NONSTANDARD_STRINGS)
     try:
-        found = sql.statements(text)
+        found = sql.statements(text, raw.greenpool_offload)
     except sql.Unreadable as exc:
         raise psycopg2.ProgrammingError(
             f"{exc}; through a pooler greenpool must know where each transaction begins and "
@@ -278,6 +278,8 @@ class ThroughPooler:
 
     #: the settings sent with the first statement of each transaction
     greenpool_prefix = ""
+    #: runs a long text's parse off the hub (the pool's ``Backend.offload``)
+    greenpool_offload: Any = None
     cursor_factory: Any
 
     def cursor(self, name: Any = None, cursor_factory: Any = None, withhold: bool = False,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,8 @@ from pglast import parser as _pglast
 #: texts longer than this are not parsed for the session check: they count as changing it
 #: (a bulk statement's loan pays one ``DISCARD ALL``; parsing 16 KB costs about 1 ms)
 SESSION_CHECK_MAX = 16_384
+#: texts longer than this are parsed off the hub where the mode allows (gevent's thread pool)
+OFFLOAD_MIN = 16_384
 #: texts up to this length have their reading cached (bounded by count, cleared when full)
 _CACHED_TEXT_MAX = 4_096
 _CACHE_MAX = 4_096
@@ -65,6 +68,13 @@ def _parse(text: str) -> str:
         index = exc.args[1] if len(exc.args) > 1 else None
         where = f" at character {index + 1}" if isinstance(index, int) else ""
         raise Unreadable(f"PostgreSQL's parser cannot read this text{where}") from None
+
+
+def _parse_or_refusal(text: str) -> Any:
+    try:
+        return _parse(text)
+    except Unreadable as exc:
+        return exc
 
 
 def _stmts(tree: str) -> list[dict[str, Any]]:
@@ -303,13 +313,22 @@ def _statement(node: dict[str, Any]) -> Statement:
                      label=label)
 
 
-def statements(text: str) -> tuple[Statement, ...]:
+def statements(text: str, offload: Callable[[Callable[[str], Any], str], Any] | None = None,
+               ) -> tuple[Statement, ...]:
     """The top-level statements of ``text`` (exact SQL, no placeholders), split and
-    classified as PostgreSQL does; raises :class:`Unreadable`. Cached for short texts."""
+    classified as PostgreSQL does; raises :class:`Unreadable`. Cached for short texts.
+    ``offload(parse, text)`` runs the parse of a long text off the hub (the C parse releases
+    the GIL; the rest is a regular expression over its output, or, for utility statements,
+    a tree built linearly)."""
     known = _STATEMENTS.get(text)
     if known is not None:
         return known
-    tree = _parse(text)
+    if offload is not None and len(text) > OFFLOAD_MIN:
+        tree = offload(_parse_or_refusal, text)  # (an exception there would be printed)
+        if isinstance(tree, Unreadable):
+            raise tree
+    else:
+        tree = _parse(text)
     kinds = _TOP_KIND.findall(tree)
     if all(kind in _PLAIN for kind in kinds):  # a bulk INSERT: no tree built
         found = tuple(Statement(kind) for kind in kinds)

@@ -24,6 +24,8 @@ def test_the_prefix() -> None:
 class FakeRaw:
     """What :func:`greenpool.pooler._plan` asks of a connection."""
 
+    greenpool_offload = None
+
     def __init__(self, autocommit: bool, standard: str = "on") -> None:
         self.autocommit = autocommit
         self.info = self

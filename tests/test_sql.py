@@ -169,3 +169,33 @@ def test_reading_is_linear_in_the_text() -> None:
     assert _seconds(big) < 0.05
     rows = "INSERT INTO t VALUES " + ", ".join(f"({i}, ';/*')" for i in range(6_000))
     assert _seconds(rows) < 0.1
+
+
+def test_a_long_text_is_parsed_off_the_hub(mode: str) -> None:
+    """Through a pooler every text is parsed; a long one's parse (C, GIL released) runs in
+    gevent's thread pool, so other greenlets run meanwhile instead of waiting for it."""
+    if mode != "gevent":
+        pytest.skip("the thread pool hand-off is gevent's (threads run meanwhile anyway)")
+    import gevent
+
+    from greenpool.concurrency import backend_for
+
+    ticks = [0]
+    running = [True]
+
+    def ticker() -> None:
+        while running[0]:
+            ticks[0] += 1
+            gevent.sleep(0)
+
+    task = gevent.spawn(ticker)
+    gevent.sleep(0)
+    try:
+        before = ticks[0]
+        text = "INSERT INTO t VALUES " + ", ".join(f"({i}, 'x')" for i in range(20_000))
+        assert [s.kind for s in statements(text, backend_for("gevent").offload)] == [
+            "InsertStmt"]
+        assert ticks[0] > before
+    finally:
+        running[0] = False
+        task.join(5)
