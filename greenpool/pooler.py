@@ -135,19 +135,24 @@ def _as_text(raw: Any, query: bytes) -> str:
     return query.decode(extensions.encodings.get(raw.encoding, "utf-8"))
 
 
-def _plan(raw: Any, prefix: str, text: str) -> bool:
-    """Whether ``text`` (exactly what will be sent) takes the settings in front; raises
-    what a pooler cannot send with them, where the server would have applied them to a
-    direct connection."""
+def _read(raw: Any, text: str) -> tuple[sql.Statement, ...]:
+    """``text``'s statements as the server will read them, or ``ProgrammingError``."""
     if nonstandard_strings(raw):
         raise psycopg2.ProgrammingError(NONSTANDARD_STRINGS)
     try:
-        found = sql.statements(text, raw.greenpool_offload)
+        return sql.statements(text, raw.greenpool_offload)
     except sql.Unreadable as exc:
         raise psycopg2.ProgrammingError(
             f"{exc}; through a pooler greenpool must know where each transaction begins and "
             "ends to send the group's statement_timeout/readonly with it, so it does not "
             "send a text it cannot read") from None
+
+
+def _plan(raw: Any, prefix: str, text: str) -> bool:
+    """Whether ``text`` (exactly what will be sent) takes the settings in front; raises
+    what a pooler cannot send with them, where the server would have applied them to a
+    direct connection."""
+    found = _read(raw, text)
     if any(statement.ends for statement in found[:-1]):
         raise psycopg2.ProgrammingError(
             "through a pooler the group's statement_timeout/readonly travel with each "
@@ -215,6 +220,11 @@ class _PerTransactionCursor:
             return super().execute(query, vars)  # type: ignore[misc]
         execute = super().execute  # type: ignore[misc]
         if self.name is not None:  # a DECLARE: psycopg2 composes it, so apply first
+            declared = self.mogrify(query, vars)  # type: ignore[attr-defined]
+            if len(_read(conn, _as_text(conn, declared))) > 1:
+                raise psycopg2.ProgrammingError(
+                    "a named cursor's query is one statement; through a pooler the ones after "
+                    "it could run outside the transaction that carries the group's settings")
             if conn.autocommit and not self.withhold:  # psycopg2/the server refuse it
                 return execute(query, vars)
             return self._with_settings(lambda: execute(query, vars))

@@ -88,6 +88,18 @@ def test_a_hidden_commit_is_refused_before_anything_is_sent(
 
 
 @pytest.mark.parametrize("autocommit", [True, False])
+def test_a_named_cursor_s_query_is_one_statement(
+    bouncer: PgBouncer, pools: Any, empty: Callable[[], list[Any]], autocommit: bool,
+) -> None:
+    pool = _group(bouncer, pools, autocommit)
+    with pytest.raises(psycopg2.ProgrammingError, match="one statement"), \
+            pool.handler("g") as db:
+        cur = db.cursor("named", withhold=True)
+        cur.execute(f"SELECT 1; COMMIT; INSERT INTO {T} VALUES ('after a declare')")
+    assert empty() == []
+
+
+@pytest.mark.parametrize("autocommit", [True, False])
 def test_statement_timeout_after_a_hidden_commit(bouncer: PgBouncer, pools: Any,
                                                  autocommit: bool) -> None:
     pool = _group(bouncer, pools, autocommit, readonly=False)
