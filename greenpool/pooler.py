@@ -12,9 +12,14 @@ round trip as its first statement::
 ``SET LOCAL`` and ``SET TRANSACTION`` end with their transaction, so nothing outlives it, in
 either pool mode. In autocommit the text is one simple query, which PostgreSQL runs as one
 implicit transaction block: the settings cover the statement and end with it (a ``BEGIN``
-in the text turns the block into an explicit transaction, which keeps them). Statements
-that refuse to run inside a transaction block (``VACUUM``, ``CREATE DATABASE``, ``... INDEX
-CONCURRENTLY``, ``DISCARD ALL``, ...) are sent as they are, without the settings.
+in the text turns the block into an explicit transaction, which keeps them).
+
+Where each transaction ends is read from exactly what will be sent (psycopg2's parameters
+filled in) by PostgreSQL's own parser (:mod:`greenpool.sql`): a text that ends its
+transaction and goes on, or that the parser cannot read, is refused before it is sent. A
+statement that refuses to run inside a transaction block (by node and option: ``VACUUM``,
+``CREATE DATABASE``, ``... INDEX CONCURRENTLY``, ``DISCARD ALL``, ...) is sent without the
+settings only when it is the whole text in autocommit; anywhere else the server decides.
 
 How the pool knows: the endpoint key ``pooler`` (``session`` / ``transaction``; ``none``
 means PostgreSQL itself), or, when the key is not given, detection: the first refusal of
