@@ -174,7 +174,7 @@ def changing_form(draw: Callable[..., Any]) -> str:
         f"{k('select')} 1 {k('as')} i {k('into')}{g()}{k('temp')} greenpool_ss_t2@",
         f"{k('declare')} greenpool_ss_c@ {k('cursor')} {k('with')}{g()}{k('hold')} {k('for')} "
         f"{k('select')} 1",
-        f"{k('insert')}{g()}{k('into')} greenpool_ss_serial (v) {k('values')} ('x')",
+        f"{k('insert')}{g()}{k('into')} public.greenpool_ss_serial (v) {k('values')} ('x')",
         f"{k('select')} pg_advisory_lock(42)",
         f"{k('update')} {k('only')} pg_settings {k('set')} setting = 'greenpool_ss_x' "
         f"{k('where')} name = 'search_path'",
@@ -257,7 +257,8 @@ def test_visible_to_the_next_borrower_iff_judged_changing(session: Any,
     except psycopg2.Error:  # (the generator avoids errors; an error rolls back)
         rolled_back = True
     if session.get_transaction_status() != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
-        session.rollback()  # what the pool does with a loan left in a transaction
+        with session.cursor() as cur:  # what the pool does with a loan left in a transaction
+            cur.execute("ROLLBACK")  # (psycopg2's rollback() does nothing in autocommit)
     visible = _probe(session) != before
     judged = changes_session(text)
     assert judged or not visible, f"state left but judged clean: {text!r}"
