@@ -15,7 +15,7 @@ from typing import Any
 
 import psycopg2
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from psycopg2 import sql as pgsql
 
@@ -143,10 +143,6 @@ def test_the_next_borrower_gets_a_clean_session(server: Cluster, make_pool: Any,
 
 # --- the property: visible to the next borrower <=> judged as changing the session --------------
 
-def _word(draw: Callable[..., Any], word: str) -> str:
-    return "".join(c.upper() if draw(st.booleans()) else c for c in word)
-
-
 @st.composite
 def gap(draw: Callable[..., Any]) -> str:
     """White space and comments as PostgreSQL's scanner reads them."""
@@ -156,61 +152,50 @@ def gap(draw: Callable[..., Any]) -> str:
     ]))
 
 
-@st.composite
-def changing_form(draw: Callable[..., Any]) -> str:
-    g = lambda: draw(gap())  # noqa: E731
-    k = lambda word: _word(draw, word)  # noqa: E731
-    tag = draw(st.sampled_from(["$$", "$A$", "$b_1$"]))
-    function = draw(st.sampled_from(["set_config", '"set_config"', "pg_catalog.set_config"]))
-    return draw(st.sampled_from([
-        f"{k('set')}{g()}{k('search_path')}{g()}{k('to')} greenpool_ss_x",
-        f"{k('set')} {k('session')} search_path = 'greenpool_ss_x'",
-        f"{k('select')} {function}('search_path', {tag}greenpool_ss_x{tag}, {k('false')})",
-        f"{k('set')}{g()}{k('role')} {ROLE}",
-        f"{k('prepare')}{g()}greenpool_ss_p@ {k('as')} {k('select')} {tag}x{tag}",
-        f"{k('listen')}{g()}greenpool_ss_ch",
-        f"{k('create')}{g()}{k(draw(st.sampled_from(['temp', 'temporary'])))}{g()}{k('table')}"
-        " greenpool_ss_t@ (i int)",
-        f"{k('select')} 1 {k('as')} i {k('into')}{g()}{k('temp')} greenpool_ss_t2@",
-        f"{k('declare')} greenpool_ss_c@ {k('cursor')} {k('with')}{g()}{k('hold')} {k('for')} "
-        f"{k('select')} 1",
-        f"{k('insert')}{g()}{k('into')} public.greenpool_ss_serial (v) {k('values')} ('x')",
-        f"{k('select')} pg_advisory_lock(42)",
-        f"{k('update')} {k('only')} pg_settings {k('set')} setting = 'greenpool_ss_x' "
-        f"{k('where')} name = 'search_path'",
-        f"{k('do')} {tag} {k('begin')} {k('perform')} set_config('search_path', 'greenpool_ss_x',"
-        f" false); {k('end')} {tag}",
-    ]))
+# Forms of statements: ``~`` is a gap (white space or a comment), ``$T$`` a dollar-quote tag;
+# letters outside quotes get a random case. ``@`` becomes the form's index (distinct names).
+CHANGING_FORMS = [
+    "set~search_path~to greenpool_ss_x", "set session search_path = 'greenpool_ss_x'",
+    "select set_config('search_path', $T$greenpool_ss_x$T$, false)",
+    "select \"set_config\"('search_path', 'greenpool_ss_x', false)",
+    "select pg_catalog.set_config('search_path', 'greenpool_ss_x',~false)",
+    f"set~role {ROLE}", "prepare~greenpool_ss_p@ as select $T$x$T$", "listen~greenpool_ss_ch",
+    "create~temp~table greenpool_ss_t@ (i int)", "create temporary~table greenpool_ss_u@ ()",
+    "select 1 as i into~temp greenpool_ss_t2@",
+    "declare greenpool_ss_c@ cursor with~hold for select 1",
+    "insert~into public.greenpool_ss_serial (v) values ('x')", "select pg_advisory_lock(42)",
+    "update only pg_settings set setting = 'greenpool_ss_x' where name = 'search_path'",
+    "update \"pg_settings\" set setting = 'greenpool_ss_x' where name = 'search_path'",
+    "do $T$ begin perform set_config('search_path', 'greenpool_ss_x', false); end $T$",
+]
+CLEAN_FORMS = [
+    "select~1", "select $T$SET ROLE x; LISTEN c$T$", "select '''; SET search_path TO y; --'",
+    "select 1 as \"; PREPARE p AS SELECT 1\"", "set local search_path~to greenpool_ss_x",
+    "select set_config('search_path', 'greenpool_ss_x',~true)",
+    "select pg_advisory_xact_lock(42)",
+    "select currval('public.greenpool_ss_serial_id_seq'::regclass) where false",
+]
 
 
 @st.composite
-def clean_form(draw: Callable[..., Any]) -> str:
-    g = lambda: draw(gap())  # noqa: E731
-    k = lambda word: _word(draw, word)  # noqa: E731
-    tag = draw(st.sampled_from(["$$", "$A$", "$q$"]))
-    hidden = draw(st.sampled_from([
-        "SET ROLE x; LISTEN c", "'; SET search_path TO y; --", "$a$; PREPARE p AS SELECT 1",
-    ]))
-    return draw(st.sampled_from([
-        f"{k('select')}{g()}1",
-        f"{k('select')} {tag}{hidden}{tag}",
-        f"{k('select')} '{hidden.replace(chr(39), chr(39) * 2)}'",
-        f"{k('select')} 1 {k('as')} \"{hidden.replace(chr(34), '')}\"",
-        f"{k('set')} {k('local')} search_path {k('to')} greenpool_ss_x",
-        f"{k('select')} set_config('search_path', 'greenpool_ss_x', {k('true')})",
-        f"{k('select')} pg_advisory_xact_lock(42)",
-        f"{k('select')} currval('public.greenpool_ss_serial_id_seq'::regclass) "
-        f"{k('where')} false",
-    ]))
+def form(draw: Callable[..., Any], forms: list[str]) -> str:
+    template = draw(st.sampled_from(forms)).replace(
+        "$T$", draw(st.sampled_from(["$$", "$A$", "$b_1$", "$\u00e9$"])))
+    first, *rest = template.split("~")
+    text = first + "".join(draw(gap()) + part for part in rest)
+    return mixed_case(text, draw(st.lists(st.booleans(), min_size=len(text),
+                                          max_size=len(text))))
 
 
 @st.composite
 def script(draw: Callable[..., Any]) -> tuple[str, bool]:
     """A text, and whether it ends by rolling back (then the session may keep less than
     the text asked for: the judgement may be a false 'changes')."""
-    forms = draw(st.lists(st.one_of(changing_form(), clean_form()), min_size=1, max_size=4,
+    changing = draw(st.lists(form(CHANGING_FORMS), max_size=2, unique=True))
+    clean = draw(st.lists(form(CLEAN_FORMS), min_size=0 if changing else 1, max_size=2,
                           unique=True))
-    forms = [form.replace("@", str(i)) for i, form in enumerate(forms)]  # distinct names
+    forms = draw(st.permutations(changing + clean))
+    forms = [text.replace("@", str(i)) for i, text in enumerate(forms)]  # distinct names
     explicit = draw(st.booleans())
     end = draw(st.sampled_from(["COMMIT", "end", "Commit Work", "ROLLBACK", "abort"]))
     if draw(st.booleans()):
@@ -242,8 +227,17 @@ def _probe(conn: Any) -> Any:
         return cur.fetchone()
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[
+def _each_form_alone(test: Callable[..., None]) -> Callable[..., None]:
+    """Every form, plainly spelled, as an explicit example (then hypothesis varies them)."""
+    for template in CHANGING_FORMS + CLEAN_FORMS:
+        plain = template.replace("~", " ").replace("$T$", "$$").replace("@", "0")
+        test = example(case=(plain, False))(test)
+    return test
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[
     HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@_each_form_alone
 @given(case=script())
 def test_visible_to_the_next_borrower_iff_judged_changing(session: Any,
                                                          case: tuple[str, bool]) -> None:
