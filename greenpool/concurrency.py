@@ -112,6 +112,11 @@ class Backend:
         """An IP address for ``host`` without blocking the hub, or None to let libpq resolve."""
         return None
 
+    def offload(self, func: Callable[[Any], Any], arg: Any) -> Any:
+        """``func(arg)``, a C call that releases the GIL (a long text's parse), run where it
+        does not block the hub. Inline here: threads run meanwhile anyway."""
+        return func(arg)
+
     def patch_driver(self) -> None:
         """Make psycopg2 cooperate with this mode (idempotent)."""
 
@@ -457,6 +462,9 @@ class GeventBackend(Backend):
             return None
         infos = self._getaddrinfo(host, port, 0, socket.SOCK_STREAM)
         return str(infos[0][4][0]) if infos else None
+
+    def offload(self, func: Callable[[Any], Any], arg: Any) -> Any:
+        return self._gevent.get_hub().threadpool.apply(func, (arg,))
 
     def patch_driver(self) -> None:
         _install_wait_callback("gevent", _gevent_wait_callback)

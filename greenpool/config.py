@@ -144,6 +144,9 @@ class GroupConfig:
     leak_threshold: float | None = None
     reset: str = "auto"
     on_return: Callable[[Any], None] | None = None
+    #: run with the psycopg2 connection when it opens and again after each ``DISCARD ALL``,
+    #: so setup made per connection survives the reset
+    configure: Callable[[Any], None] | None = None
     #: dedicated connections (``pool.exclusive()``, ``pool.listen()``) open at once, outside
     #: ``connection_count``; 0 turns them off for the group
     exclusive_limit: int = 10
@@ -513,6 +516,7 @@ _GROUP_KEYS: dict[str, Callable[[str, Any], Any]] = {
     "leak_threshold": lambda p, v: _number(p, v, minimum=0.001, allow_none=True),
     "reset": lambda p, v: _choice(p, v, RESET_POLICIES),
     "on_return": lambda p, v: _callable(p, v),
+    "configure": lambda p, v: _callable(p, v),
     "exclusive_limit": lambda p, v: _integer(p, v, maximum=_CONNECTIONS_MAX),
 }
 

@@ -262,11 +262,43 @@ def open_connection(
         if not left > 0:
             raise refused
         raw = _open(endpoint, kwargs, backend, left, through_pooler)
+    if through_pooler and pooler.nonstandard_strings(raw):
+        close_raw(raw)
+        raise ConnectError(endpoint, pooler.NONSTANDARD_STRINGS, fatal=True,
+                           kind="nonstandard_strings")
     raw.autocommit = group.autocommit
     if through_pooler:
         raw.greenpool_prefix = pooler.settings_prefix(
             _statement_timeout_ms(endpoint, group), group.readonly)
+        raw.greenpool_offload = backend.offload
+    if group.configure is not None:
+        left = max(seconds - (time.monotonic() - started), 0.001)
+        try:
+            configure(raw, group, backend, left)
+        except Exception as exc:
+            close_raw(raw)
+            logger.warning("group %r: the configure hook failed on a new connection to %s",
+                           group.name, endpoint.label, exc_info=True)
+            # the server answered: its health is not in question (fatal: not quarantined)
+            raise ConnectError(endpoint, f"the group's configure hook failed "
+                                         f"({type(exc).__name__})", fatal=True, kind="configure",
+                               hint="see the warning logged with its traceback") from None
     return raw
+
+
+def configure(raw: Any, group: GroupConfig, backend: Backend, seconds: float) -> None:
+    """The group's ``configure`` hook on ``raw`` (opened, or reset), within ``seconds``. A
+    transaction it leaves open is committed (a ``SET`` it made would be lost otherwise)."""
+    hook = group.configure
+    if hook is None:
+        return
+    _bounded(backend, seconds, "the configure hook", hook, raw)
+    status = raw.get_transaction_status()
+    if status == extensions.TRANSACTION_STATUS_INTRANS:
+        _bounded(backend, seconds, "the configure hook's COMMIT", raw.commit)
+    elif status != _STATUS_IDLE:
+        raise psycopg2.InterfaceError("the configure hook left the connection in a failed "
+                                      "transaction")
 
 
 def _open(
@@ -479,10 +511,21 @@ def _reset_session(pc: PooledConnection, group: GroupConfig, backend: Backend) -
     # must not) is on whatever server connection ran it, and DISCARD ALL would run on
     # whichever the pooler picks now: it cannot undo anything, so it is not sent. The
     # group's settings travel per transaction there, so there is nothing to restore either.
-    discard = group.reset != "never" and pooler.mode_of(pc.endpoint.config) != pooler.TRANSACTION
+    discard = group.reset != "never" and pooler.discards_reach(pc.endpoint.config)
     try:
         if discard:
             _outside_transaction(raw, "DISCARD ALL", backend, bound)
+            if group.configure is not None:
+                if raw.autocommit != group.autocommit:
+                    raw.autocommit = group.autocommit
+                try:
+                    configure(raw, group, backend, bound)
+                except psycopg2.Error:
+                    raise
+                except Exception:
+                    logger.warning("group %r: the configure hook failed after the reset; the "
+                                   "connection is discarded", group.name, exc_info=True)
+                    return "reset_failed"
         hook = group.on_return
         if hook is not None:
             try:

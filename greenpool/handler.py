@@ -32,11 +32,12 @@ Everything else propagates: in particular a write whose connection died is never
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Union, cast
 
 import psycopg2
 import psycopg2.extras
 from psycopg2 import extensions
+from psycopg2 import sql as pgsql
 
 from .endpoint import STANDBY
 from .errors import CommitOutcomeUnknown, TransactionAborted
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
     from .group import Group
     from .pool import Pool
 
-Statement = Union[str, "tuple[str, Any]"]
+Statement = Union[str, bytes, pgsql.Composable, "tuple[Any, Any]"]
 
 _IDLE = extensions.TRANSACTION_STATUS_IDLE
 _INTRANS = extensions.TRANSACTION_STATUS_INTRANS
@@ -299,15 +300,17 @@ class Handler:
         changes = (sql.__class__ is not str or sql not in CLEAN) and self._changes(sql)
         return self._run(changes, _first_row, sql, params)
 
-    def execute(self, statements: str | Iterable[Statement], params: Any = None) -> int:
-        """Run one statement, a ``;``-separated script, or a list of statements (each a
-        string or a ``(sql, params)`` pair) on one cursor. Returns the rows affected."""
-        items: list[Statement] = (
-            [(statements, params)] if isinstance(statements, str) else list(statements)
+    def execute(self, statements: Statement | Iterable[Statement], params: Any = None) -> int:
+        """Run one statement, a ``;``-separated script, or a list of statements (each what
+        :meth:`query` takes: a string, bytes or a ``psycopg2.sql`` object, or a ``(sql,
+        params)`` pair) on one cursor. Returns the rows affected."""
+        items: list[Any] = (
+            [(statements, params)] if _is_one_statement(statements)
+            else list(cast("Iterable[Any]", statements))
         )
         changes = False
         for item in items:
-            sql = item if isinstance(item, str) else item[0]
+            sql = item[0] if isinstance(item, (tuple, list)) else item
             if (sql.__class__ is not str or sql not in CLEAN) and self._changes(sql):
                 changes = True
                 break
@@ -479,10 +482,14 @@ def _first_row(cursor: Any, sql: str, params: Any) -> Any:
     return None if cursor.description is None else cursor.fetchone()
 
 
-def _affected_rows(cursor: Any, items: list[Statement]) -> int:
+def _is_one_statement(statements: Any) -> bool:
+    return isinstance(statements, (str, bytes, bytearray, memoryview, pgsql.Composable))
+
+
+def _affected_rows(cursor: Any, items: list[Any]) -> int:
     total = 0
     for item in items:
-        sql, args = (item, None) if isinstance(item, str) else item
+        sql, args = item if isinstance(item, (tuple, list)) else (item, None)
         cursor.execute(sql, args)
         if cursor.rowcount > 0:
             total += cursor.rowcount

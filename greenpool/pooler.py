@@ -12,15 +12,21 @@ round trip as its first statement::
 ``SET LOCAL`` and ``SET TRANSACTION`` end with their transaction, so nothing outlives it, in
 either pool mode. In autocommit the text is one simple query, which PostgreSQL runs as one
 implicit transaction block: the settings cover the statement and end with it (a ``BEGIN``
-in the text turns the block into an explicit transaction, which keeps them). Statements
-that refuse to run inside a transaction block (``VACUUM``, ``CREATE DATABASE``, ``... INDEX
-CONCURRENTLY``, ``DISCARD ALL``, ...) are sent as they are, without the settings.
+in the text turns the block into an explicit transaction, which keeps them).
+
+Where each transaction ends is read from exactly what will be sent (psycopg2's parameters
+filled in) by PostgreSQL's own parser (:mod:`greenpool.sql`): a text that ends its
+transaction and goes on, or that the parser cannot read, is refused before it is sent. A
+statement that refuses to run inside a transaction block (by node and option: ``VACUUM``,
+``CREATE DATABASE``, ``... INDEX CONCURRENTLY``, ``DISCARD ALL``, ...) is sent without the
+settings only when it is the whole text in autocommit; anywhere else the server decides.
 
 How the pool knows: the endpoint key ``pooler`` (``session`` / ``transaction``; ``none``
 means PostgreSQL itself), or, when the key is not given, detection: the first refusal of
-``options`` marks that address as a pooler for the life of the process (treated as
-``transaction``, which is correct in both modes) and the connect is retried at once without
-it, with one warning saying to set the key. A pooler that drops ``options`` silently
+``options`` marks that address as a pooler for the life of the process (its mode unknown:
+the settings travel per transaction, and a dirty loan is still reset with ``DISCARD ALL``, as
+a session-mode pooler needs) and the connect is retried at once without it, with one warning
+saying to set the key. A pooler that drops ``options`` silently
 (``ignore_startup_parameters = options``) is caught the same way by a readonly group, whose
 connection then reports ``default_transaction_read_only=off``; a group with only a
 ``statement_timeout`` cannot tell, which is what the key is for.
@@ -36,14 +42,13 @@ endpoint, and housekeeping's probes (queries already) keep it fresh.
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any
 
 import psycopg2
 import psycopg2.errors
 from psycopg2 import extensions
-from psycopg2 import sql as pgsql
 
+from . import sql
 from .config import EndpointConfig
 
 logger = logging.getLogger("greenpool")
@@ -67,6 +72,25 @@ def mode_of(endpoint: EndpointConfig) -> str:
     if endpoint.pooler is not None:
         return endpoint.pooler
     return TRANSACTION if _address(endpoint) in _detected else NONE
+
+
+def discards_reach(endpoint: EndpointConfig) -> bool:
+    """Whether a session reset (``DISCARD ALL``) reaches the session the loan used: not
+    through a pooler said to be in transaction mode. A detected pooler's mode is unknown,
+    so it gets both the per-transaction settings and the reset."""
+    return endpoint.pooler != TRANSACTION
+
+
+#: why a connection through a pooler is refused when the server reads literals the old way
+NONSTANDARD_STRINGS = (
+    "the server reports standard_conforming_strings=off: through a pooler greenpool reads "
+    "each text to keep the group's settings on every transaction, and with that setting off "
+    "a backslash in a literal would make the server end the literal where greenpool does "
+    "not (set standard_conforming_strings = on for this database or role)")
+
+
+def nonstandard_strings(raw: Any) -> bool:
+    return bool(raw.info.parameter_status("standard_conforming_strings") == "off")
 
 
 def may_detect(endpoint: EndpointConfig) -> bool:
@@ -112,193 +136,42 @@ def settings_prefix(statement_timeout_ms: int | None, readonly: bool) -> str:
     return "".join(parts)
 
 
-# Statements that refuse a transaction block, matched at the start of the text only (after
-# its comments): a keyword further in (``INSERT ... VALUES ('index concurrently')``) must not
-# cost the statement its settings.
-_OWN_TRANSACTION = re.compile(
-    r"(?:vacuum|discard\s+all|alter\s+system|(?:create|drop)\s+(?:database|tablespace)"
-    r"|(?:create|alter|drop)\s+subscription|reindex\s+(?:\([^)]*\)\s*)?(?:system|database)"
-    r"|reindex\s+(?:\([^)]*\)\s*)?(?:index|table|schema)\s+concurrently"
-    r"|(?:commit|rollback)\s+prepared|alter\s+database\s+\S+\s+set\s+tablespace"
-    r"|create\s+(?:unique\s+)?index\s+concurrently|drop\s+index\s+concurrently)\b"
-)
-# Of those, the ones a read-only transaction refuses (measured on PostgreSQL 15 with
-# default_transaction_read_only=on): a readonly group cannot send them with its setting, so
-# through a pooler greenpool refuses them itself, as the server would directly.
-_READ_ONLY_REFUSES = re.compile(
-    r"(?:(?:create|drop)\s+(?:database|tablespace)|(?:create|alter|drop)\s+subscription"
-    r"|alter\s+database|create\s+(?:unique\s+)?index|drop\s+index)\b"
-)
-# A statement that ends the transaction: whatever follows it in the same text would run in
-# a new transaction without the settings
-_ENDS_TRANSACTION = re.compile(
-    r"(?:commit|end|abort|rollback|prepare\s+transaction)\b(?!\s+(?:to|prepared)\b)")
-_BEGIN_ATOMIC = re.compile(r"\bbegin\s+atomic\b")
-_MAYBE_ENDING = re.compile(r";\s*(?:commit|end|abort|rollback|prepare|--|/\*)")
-_OUTSIDE: dict[str, bool] = {}
-_OUTSIDE_MAX = 4096
-_CACHED_TEXT_MAX = 2048
+def _as_text(raw: Any, query: bytes) -> str:
+    return query.decode(extensions.encodings.get(raw.encoding, "utf-8"))
 
 
-def _skip_blank(text: str, at: int) -> int:
-    """The index of the first character from ``at`` that is neither white space nor part of
-    a comment (``/* */`` comments nest in PostgreSQL)."""
-    n = len(text)
-    while at < n:
-        if text[at].isspace():
-            at += 1
-        elif text.startswith("--", at):
-            newline = text.find("\n", at)
-            at = n if newline < 0 else newline + 1
-        elif text.startswith("/*", at):
-            depth, at = 1, at + 2
-            while at < n and depth:
-                if text.startswith("/*", at):
-                    depth, at = depth + 1, at + 2
-                elif text.startswith("*/", at):
-                    depth, at = depth - 1, at + 2
-                else:
-                    at += 1
-        else:
-            break
-    return at
+def _read(raw: Any, text: str) -> tuple[sql.Statement, ...]:
+    """``text``'s statements as the server will read them, or ``ProgrammingError``."""
+    if nonstandard_strings(raw):
+        raise psycopg2.ProgrammingError(NONSTANDARD_STRINGS)
+    try:
+        return sql.statements(text, raw.greenpool_offload)
+    except sql.Unreadable as exc:
+        raise psycopg2.ProgrammingError(
+            f"{exc}; through a pooler greenpool must know where each transaction begins and "
+            "ends to send the group's statement_timeout/readonly with it, so it does not "
+            "send a text it cannot read") from None
 
 
-def _first_words(text: str) -> str:
-    """The start of ``text`` from its first keyword on, lowered (enough for the patterns;
-    a bulk INSERT's text is not copied whole)."""
-    at = _skip_blank(text, 0)
-    return text[at:at + 256].lower()
-
-
-def runs_outside_transaction(text: str) -> bool:
-    """Whether ``text`` may refuse to run inside a transaction block (then it is sent
-    without the settings). Cached per distinct text."""
-    if len(text) > _CACHED_TEXT_MAX:  # a bulk statement's text is not kept alive
-        return _OWN_TRANSACTION.match(_first_words(text)) is not None
-    known = _OUTSIDE.get(text)
-    if known is None:
-        known = _OWN_TRANSACTION.match(_first_words(text)) is not None
-        if len(_OUTSIDE) >= _OUTSIDE_MAX:
-            _OUTSIDE.clear()
-        _OUTSIDE[text] = known
-    return known
-
-
-def read_only_refuses(text: str) -> bool:
-    """Whether a read-only transaction refuses ``text`` (one that runs outside a block)."""
-    return _READ_ONLY_REFUSES.match(_first_words(text)) is not None
-
-
-_DOLLAR_TAG = re.compile(r"\$(?:[A-Za-z_\x80-\uffff][A-Za-z0-9_\x80-\uffff]*)?\$")
-
-
-_NOTABLE = re.compile(r"[;'\"$]|--|/\*")  # where a statement, literal or comment may end
-_STRING_BODY = re.compile(r"(?:[^']|'')*'")  # the rest of '...' (standard_conforming_strings)
-_ESCAPE_STRING_BODY = re.compile(r"(?:[^'\\]|''|\\.)*'", re.S)  # the rest of E'...'
-
-
-def _statements(text: str) -> list[str]:
-    """``text`` split at its top-level semicolons (not those in literals, quoted names,
-    dollar-quoted bodies or comments), each part lowered from its first keyword on. Jumps
-    from one notable character to the next (a bulk INSERT's text is long)."""
-    lowered = text.lower()
-    parts: list[str] = []
-    start = at = 0
-    n = len(lowered)
-    while True:
-        found = _NOTABLE.search(lowered, at)
-        if found is None:
-            break
-        at = found.start()
-        ch = lowered[at]
-        if ch == ";":
-            parts.append(lowered[_skip_blank(lowered, start):at])
-            start = at = at + 1
-        elif ch in "-/":
-            at = _skip_blank(lowered, at)
-        elif ch == "'":
-            escapes = at > 0 and lowered[at - 1] == "e" and (
-                at < 2 or not (lowered[at - 2].isalnum() or lowered[at - 2] in "_$"))
-            body = (_ESCAPE_STRING_BODY if escapes else _STRING_BODY).match(lowered, at + 1)
-            at = n if body is None else body.end()
-        elif ch == '"':
-            close = lowered.find('"', at + 1)
-            at = n if close < 0 else close + 1
-        elif at > 0 and (lowered[at - 1].isalnum() or lowered[at - 1] in "_$"):
-            at += 1  # a $ inside a name, or a parameter like $1
-        else:
-            tag = _DOLLAR_TAG.match(lowered, at)
-            if tag is None:
-                at += 1
-            else:
-                close = lowered.find(tag.group(), tag.end())
-                at = n if close < 0 else close + len(tag.group())
-    parts.append(lowered[_skip_blank(lowered, start):])
-    return parts
-
-
-def ends_transaction_midway(text: str) -> bool:
-    """Whether ``text`` ends its transaction (``COMMIT``, ``ROLLBACK``, ...) and then goes on
-    with more statements: those would run in a new transaction that no settings reach."""
-    if ";" not in text:
-        return False
-    lowered = text.lower()
-    # a cheap look first: an ending statement is at the start, or after a ';' and blanks
-    if _MAYBE_ENDING.search(lowered) is None and (
-            _ENDS_TRANSACTION.match(lowered[_skip_blank(lowered, 0):]) is None):
-        return False
-    parts = [part for part in _statements(text) if part]
-    in_body = False  # a function body of SQL statements: BEGIN ATOMIC ...; ...; END
-    for part in parts[:-1]:
-        if in_body:
-            in_body = not part.startswith("end")
-        elif _BEGIN_ATOMIC.search(part):
-            in_body = True
-        elif _ENDS_TRANSACTION.match(part):
-            return True
-    return False
-
-
-def _as_text(query: Any, conn: Any) -> str | None:
-    if isinstance(query, str):
-        return query
-    if isinstance(query, (bytes, bytearray, memoryview)):
-        return bytes(query).decode("utf-8", "replace")
-    if isinstance(query, pgsql.Composable):
-        return query.as_string(conn)
-    return None
-
-
-def _with_prefix(prefix: str, query: Any, conn: Any) -> Any:
-    """``query`` with the settings in front, or unchanged when they must not go there."""
-    text = _as_text(query, conn)
-    if text is None or runs_outside_transaction(text):
-        return query  # (psycopg2 refuses a query of another type with its own error)
-    if isinstance(query, str):
-        return prefix + query
-    if isinstance(query, pgsql.Composable):
-        return pgsql.Composed([pgsql.SQL(prefix), query])
-    return prefix.encode() + bytes(query)
-
-
-def _check(prefix: str, query: Any, conn: Any) -> None:
-    """Refuse, before sending, what the settings cannot cover through a pooler, where the
-    server would have applied them to a direct connection."""
-    text = _as_text(query, conn)
-    if text is None:
-        return
-    if ends_transaction_midway(text):
+def _plan(raw: Any, prefix: str, text: str) -> bool:
+    """Whether ``text`` (exactly what will be sent) takes the settings in front; raises
+    what a pooler cannot send with them, where the server would have applied them to a
+    direct connection."""
+    found = _read(raw, text)
+    if any(statement.ends for statement in found[:-1]):
         raise psycopg2.ProgrammingError(
             "through a pooler the group's statement_timeout/readonly travel with each "
             "transaction, and this text ends its transaction (COMMIT, ROLLBACK, ...) and then "
             "goes on: send the statements after that in their own execute()")
-    if ("READ ONLY" in prefix and conn.autocommit and runs_outside_transaction(text)
-            and read_only_refuses(text)):
-        raise psycopg2.errors.ReadOnlySqlTransaction(
-            f"cannot execute {' '.join(_first_words(text).split()[:2]).upper()} in a "
-            "read-only transaction (greenpool refused it: a readonly group behind a pooler "
-            "cannot send it with its readonly setting)")
+    if len(found) == 1 and found[0].refuses_block and raw.autocommit:
+        # alone in autocommit: it runs in no block, so the settings cannot go with it
+        if "READ ONLY" in prefix and found[0].refused_read_only:
+            raise psycopg2.errors.ReadOnlySqlTransaction(
+                f"cannot execute {found[0].label} in a read-only transaction (greenpool "
+                "refused it: a readonly group behind a pooler cannot send it with its "
+                "readonly setting)")
+        return False
+    return bool(found)
 
 
 class _PerTransactionCursor:
@@ -352,14 +225,20 @@ class _PerTransactionCursor:
             return super().execute(query, vars)  # type: ignore[misc]
         execute = super().execute  # type: ignore[misc]
         if self.name is not None:  # a DECLARE: psycopg2 composes it, so apply first
+            declared = self.mogrify(query, vars)  # type: ignore[attr-defined]
+            if len(_read(conn, _as_text(conn, declared))) > 1:
+                raise psycopg2.ProgrammingError(
+                    "a named cursor's query is one statement; through a pooler the ones after "
+                    "it could run outside the transaction that carries the group's settings")
             if conn.autocommit and not self.withhold:  # psycopg2/the server refuse it
                 return execute(query, vars)
             return self._with_settings(lambda: execute(query, vars))
-        _check(conn.greenpool_prefix, query, conn)
+        # what will be sent, exactly (placeholders filled): that is what the server reads
+        text = self.mogrify(query, vars)  # type: ignore[attr-defined]
         prefix = self._prefix_now()
-        if prefix:
-            query = _with_prefix(prefix, query, conn)
-        return execute(query, vars)
+        if _plan(conn, conn.greenpool_prefix, _as_text(conn, text)) and prefix:
+            text = prefix.encode() + text
+        return execute(text)
 
     def executemany(self, query: Any, vars_list: Any) -> Any:
         # psycopg2's executemany bypasses execute(): in autocommit each statement is a
@@ -414,6 +293,8 @@ class ThroughPooler:
 
     #: the settings sent with the first statement of each transaction
     greenpool_prefix = ""
+    #: runs a long text's parse off the hub (the pool's ``Backend.offload``)
+    greenpool_offload: Any = None
     cursor_factory: Any
 
     def cursor(self, name: Any = None, cursor_factory: Any = None, withhold: bool = False,

@@ -197,6 +197,20 @@ def test_query_returns_rows_or_rowcount_and_execute_runs_many(make_pool, table):
             assert cursor.fetchone() == {"one": 1}
 
 
+def test_execute_takes_what_query_takes(make_pool, pg, table):
+    """psycopg2.sql objects and bytes, alone, in a list, or with their parameters."""
+    from psycopg2 import sql
+
+    pool = make_pool({"g": {}})
+    insert = sql.SQL("INSERT INTO {} (v) VALUES (%s)").format(sql.Identifier("t"))
+    with pool.handler("g") as db:
+        assert db.execute(insert, ("composed",)) == 1
+        assert db.execute(b"INSERT INTO t (v) VALUES ('bytes')") == 1
+        assert db.execute(sql.SQL("INSERT INTO t (v) VALUES ('sql')")) == 1
+        assert db.execute([(insert, ("in a list",)), b"INSERT INTO t (v) VALUES ('b2')"]) == 2
+    assert count(pg, "composed") == count(pg, "bytes") == count(pg, "in a list") == 1
+
+
 def test_nested_handler_reuses_connection_with_savepoint(make_pool, pg, table):
     pool = make_pool({"g": {"connection_count": 1, "timeout": 1}})
     with pool.handler("g") as outer:

@@ -1,20 +1,16 @@
-"""The per-transaction settings text sent through a pooler (pure; see greenpool/pooler.py).
+"""The per-transaction settings sent through a pooler (pure; see greenpool/pooler.py).
 
 The behaviour against a real PgBouncer is in test_pgbouncer.py; these pin the rules that
 decide which statements carry the settings."""
 
 from __future__ import annotations
 
+import psycopg2
+import psycopg2.errors
 import pytest
-from psycopg2 import sql as pgsql
 
 from greenpool import ConfigError, parse_config
-from greenpool.pooler import (
-    _with_prefix,
-    mode_of,
-    runs_outside_transaction,
-    settings_prefix,
-)
+from greenpool.pooler import _plan, mode_of, settings_prefix
 
 PREFIX = settings_prefix(500, True)
 
@@ -25,34 +21,51 @@ def test_the_prefix() -> None:
     assert settings_prefix(0, False) == "SET LOCAL statement_timeout = 0; "
 
 
+class FakeRaw:
+    """What :func:`greenpool.pooler._plan` asks of a connection."""
+
+    greenpool_offload = None
+
+    def __init__(self, autocommit: bool, standard: str = "on") -> None:
+        self.autocommit = autocommit
+        self.info = self
+        self.standard = standard
+
+    def parameter_status(self, name: str) -> str | None:
+        return self.standard if name == "standard_conforming_strings" else None
+
+
 @pytest.mark.parametrize("text", [
-    "VACUUM t", "  vacuum analyze t", "/* c */ VACUUM t", "-- c\nVACUUM t",
-    "CREATE DATABASE x", "drop database x", "CREATE TABLESPACE s LOCATION '/x'",
+    "VACUUM t", "  vacuum t", "/* c */ VACUUM t", "-- c\nVACUUM t", "CREATE DATABASE x",
     "ALTER SYSTEM SET work_mem = '8MB'", "DISCARD ALL", "CREATE INDEX CONCURRENTLY i ON t (x)",
-    "create unique index concurrently i on t (x)", "DROP INDEX CONCURRENTLY i",
-    "REINDEX INDEX CONCURRENTLY i", "REINDEX DATABASE d", "COMMIT PREPARED 'x'",
-    "CREATE SUBSCRIPTION s CONNECTION '' PUBLICATION p",
+    "REINDEX INDEX CONCURRENTLY i", "CLUSTER", "COMMIT PREPARED 'x'",
 ])
-def test_statements_that_refuse_a_transaction_block_go_alone(text: str) -> None:
-    assert runs_outside_transaction(text)
-    assert _with_prefix(PREFIX, text, None) == text
+def test_statements_that_refuse_a_transaction_block_go_alone_in_autocommit(text: str) -> None:
+    timeout_only = settings_prefix(500, False)
+    assert not _plan(FakeRaw(autocommit=True), timeout_only, text)
+    assert _plan(FakeRaw(autocommit=False), PREFIX, text)  # in a block: as directly
 
 
 @pytest.mark.parametrize("text", [
-    "SELECT 1", "INSERT INTO vacuum_log VALUES (1)", "BEGIN", "DISCARD PLANS",
+    "SELECT 1", "INSERT INTO vacuum_log VALUES (1)", "BEGIN", "DISCARD PLANS", "ANALYZE t",
     "CREATE INDEX i ON t (x)", "SELECT 'concurrently'", "WITH x AS (SELECT 1) SELECT * FROM x",
+    "VACUUM t; SELECT 1",  # (the server refuses VACUUM in a multi-statement text anyway)
 ])
 def test_other_statements_carry_the_settings(text: str) -> None:
-    assert not runs_outside_transaction(text)
-    assert _with_prefix(PREFIX, text, None) == PREFIX + text
+    assert _plan(FakeRaw(autocommit=True), PREFIX, text)
 
 
-def test_bytes_and_composed_sql_carry_them_too() -> None:
-    assert _with_prefix(PREFIX, b"SELECT 1", None) == PREFIX.encode() + b"SELECT 1"
-    assert _with_prefix(PREFIX, b"VACUUM", None) == b"VACUUM"
-    composed = _with_prefix(PREFIX, pgsql.SQL("SELECT 1"), None)
-    assert isinstance(composed, pgsql.Composed)
-    assert composed.seq[0] == pgsql.SQL(PREFIX)
+def test_a_readonly_group_refuses_what_a_read_only_transaction_refuses() -> None:
+    with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction, match="CREATE DATABASE"):
+        _plan(FakeRaw(autocommit=True), PREFIX, "CREATE DATABASE x")
+    assert not _plan(FakeRaw(autocommit=True), settings_prefix(500, False), "CREATE DATABASE x")
+
+
+def test_unreadable_texts_and_old_style_literals_are_refused() -> None:
+    with pytest.raises(psycopg2.ProgrammingError, match="cannot read"):
+        _plan(FakeRaw(autocommit=True), PREFIX, "SELEC 1")
+    with pytest.raises(psycopg2.ProgrammingError, match="standard_conforming_strings"):
+        _plan(FakeRaw(autocommit=True, standard="off"), PREFIX, "SELECT 1")
 
 
 def test_the_pooler_key() -> None:

@@ -24,65 +24,9 @@ import pytest
 from pgbouncer import PgBouncer, available
 
 from greenpool import Pool
-from greenpool.pooler import ends_transaction_midway, runs_outside_transaction
 from greenpool.throwaway import Cluster
 
 TABLE = "greenpool_review2_never"
-
-
-@pytest.mark.parametrize("text", [
-    "SELECT 1; COMMIT; INSERT INTO t VALUES (1)", "select 1;commit;select 2",
-    "BEGIN; INSERT INTO t VALUES (1); END; SELECT 1", "SELECT 1; ROLLBACK; SELECT 2",
-    "ABORT; SELECT 1", "/* c */ COMMIT /* d */ ; SELECT 1", "COMMIT AND CHAIN; SELECT 1",
-    "PREPARE TRANSACTION 'x'; SELECT 1", "SELECT ';'; COMMIT; SELECT 1",
-    "CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; END; COMMIT; "
-    "SELECT 1",
-])
-def test_texts_that_end_their_transaction_midway(text: str) -> None:
-    assert ends_transaction_midway(text)
-
-
-@pytest.mark.parametrize("text", [
-    "COMMIT", "INSERT INTO t VALUES (1); COMMIT", "COMMIT;", "COMMIT; -- done",
-    "SELECT 'a; commit; b'", "SELECT $$; commit; select 1$$", "SELECT $f$;commit;$f$, 1",
-    "SELECT 1 /* ; commit; */; SELECT 2", "SELECT 1 -- ; commit;\n; SELECT 2",
-    "SELECT \"x;commit;y\" FROM t", "SELECT E'\\';commit;'", "ROLLBACK TO SAVEPOINT s; SELECT 1",
-    "ROLLBACK TO s; SELECT 1", "SELECT commit_ts FROM t; SELECT 1", "SELECT end_at; SELECT 1",
-    "SELECT 1; SELECT 2",
-    "CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; SELECT 2; END; "
-    "SELECT f()",
-])
-def test_texts_that_do_not(text: str) -> None:
-    assert not ends_transaction_midway(text)
-
-
-@pytest.mark.parametrize("text", [
-    "INSERT INTO t VALUES ('index concurrently')", "SELECT 1 -- create index concurrently",
-    "/* /* */ vacuum */ INSERT INTO t VALUES (1)", "/* vacuum */ SELECT 1",
-    "REINDEX TABLE t",
-])
-def test_a_keyword_further_in_keeps_the_settings(text: str) -> None:
-    assert not runs_outside_transaction(text)
-
-
-@pytest.mark.parametrize("text", [
-    "/* a /* b */ c */ VACUUM t", "REINDEX (VERBOSE) TABLE CONCURRENTLY t",
-    "reindex schema concurrently s",
-])
-def test_outside_a_block_after_nested_comments_and_options(text: str) -> None:
-    assert runs_outside_transaction(text)
-
-
-def test_bulk_statement_texts_are_not_kept_alive_by_the_cache() -> None:
-    """Every distinct text was kept (up to 4096 of them): bulk INSERTs are all distinct."""
-    from greenpool import pooler
-
-    before = len(pooler._OUTSIDE)
-    for i in range(50):
-        text = f"INSERT INTO t VALUES {', '.join(['(1)'] * 2000)} -- {i}"
-        assert not runs_outside_transaction(text)
-        assert not ends_transaction_midway(text + "; SELECT 1")
-    assert len(pooler._OUTSIDE) == before
 
 
 # --- against a real PgBouncer ---------------------------------------------------------------

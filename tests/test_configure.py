@@ -1,0 +1,53 @@
+"""The group's ``configure`` hook: setup made per connection, run when it opens and again
+after each reset, so ``DISCARD ALL`` does not wipe it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from greenpool import ConnectFailed
+
+
+def set_path(raw: Any) -> None:
+    with raw.cursor() as cur:
+        cur.execute("SET search_path TO greenpool_cf, public")
+
+
+@pytest.mark.parametrize("autocommit", [True, False])
+def test_setup_survives_the_reset(make_pool: Any, autocommit: bool) -> None:
+    calls: list[int] = []
+
+    def hook(raw: Any) -> None:
+        calls.append(raw.get_backend_pid())
+        set_path(raw)
+
+    pool = make_pool({"g": {"connection_count": 1, "autocommit": autocommit,
+                            "configure": hook}})
+    with pool.handler("g") as db:
+        assert db.query_one("SHOW search_path")[0] == "greenpool_cf, public"
+        db.execute("SET search_path TO elsewhere")  # a dirty loan: DISCARD ALL on return
+    with pool.handler("g") as db:
+        assert db.query_one("SHOW search_path")[0] == "greenpool_cf, public"
+        pid = db.query_one("SELECT pg_backend_pid()")[0]
+    assert calls == [pid, pid]  # at open, and after the one reset
+    with pool.handler("g") as db:  # a clean loan: no reset, no second run
+        db.query("SELECT 1")
+    assert len(calls) == 2
+
+
+def test_a_failing_hook_fails_the_connect_and_says_so(make_pool: Any) -> None:
+    def hook(raw: Any) -> None:
+        raise RuntimeError("no")
+
+    pool = make_pool({"g": {"configure": hook, "timeout": 1}})
+    with pytest.raises(ConnectFailed, match="configure hook failed"), pool.handler("g"):
+        pass
+
+
+def test_the_key_takes_a_function_only() -> None:
+    from greenpool import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match="configure"):
+        parse_config({"db": {"host": "h"}, "groups": {"g": {"configure": "SET x = 1"}}})
