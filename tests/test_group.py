@@ -51,3 +51,80 @@ def test_timeout_zero_gets_the_idle_connection_of_a_quiet_group(quiet_pool):
     with quiet_pool.handler("g", timeout=0) as db:
         assert db.query("SELECT 1") == [(1,)]  # the handler's own check is no wait either
     assert group.stats()["timeouts"] == 0
+
+
+# --- non-threaded spreading never costs a borrow its idle connection -------------------------
+
+NON_THREADED_ONLY = pytest.mark.skipif(
+    MODE != "threaded", reason="non-threaded runs once, in the threaded test process")
+
+
+@NON_THREADED_ONLY
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("order", ["server first", "black hole first"])
+def test_non_threaded_short_borrows_use_the_idle_connection_while_an_endpoint_never_answers(
+    pg, blackhole, order
+):
+    """A non-threaded group over a real server and a black hole (``connect_timeout`` 5):
+    once a first borrow has a connection, borrows with 0.3 s to spare all get the idle one,
+    each within its timeout, although the group would still spread to the endpoint it has
+    no connection to (and that never answers); ``timeout=0`` borrows get it too."""
+    db = [pg.endpoint(), blackhole.endpoint(connect_timeout=5)]
+    if order == "black hole first":
+        db.reverse()
+    pool = Pool({"type": "non-threaded", "db": db, "groups": {"g": {"connection_count": 4}}})
+    try:
+        group = pool.group("g")
+        first = group.acquire(timeout=15)  # may first wait out the black hole's connect
+        pid = first.raw.get_backend_pid()
+        group.release(first)
+        outcomes = []
+        for _ in range(8):
+            started = time.monotonic()
+            try:
+                pc = group.acquire(timeout=0.3)
+            except Exception as exc:
+                outcomes.append(f"{type(exc).__name__} after "
+                                f"{time.monotonic() - started:.2f} s: {exc}")
+                continue
+            took = time.monotonic() - started
+            outcomes.append("idle" if pc.raw.get_backend_pid() == pid and took < 0.6
+                            else f"pid {pc.raw.get_backend_pid()} after {took:.2f} s")
+            group.release(pc)
+        for _ in range(3):
+            try:
+                pc = group.acquire(timeout=0)
+            except Exception as exc:
+                outcomes.append(f"timeout=0: {type(exc).__name__}: {exc}")
+                continue
+            outcomes.append("idle" if pc.raw.get_backend_pid() == pid else "timeout=0: other")
+            group.release(pc)
+        assert outcomes == ["idle"] * 11, (outcomes, pool.stats()["endpoints"])
+    finally:
+        pool.close()
+
+
+@NON_THREADED_ONLY
+@pytest.mark.timeout(30)
+def test_non_threaded_timeout_zero_lends_the_idle_connection_after_a_discard(pg):
+    """A non-threaded group over two endpoints (one server, two databases) holds one idle
+    connection after another of its connections was discarded: ``timeout=0`` borrows are
+    lent the idle one, although the group has room and an endpoint without a connection."""
+    pool = Pool({"type": "non-threaded", "db": [pg.endpoint(), pg.endpoint(name="template1")],
+                 "groups": {"g": {"connection_count": 4}}})
+    try:
+        group = pool.group("g")
+        kept, dropped = group.acquire(timeout=5), group.acquire(timeout=5)
+        pid = kept.raw.get_backend_pid()
+        group.release(kept)
+        group.release(dropped, discard="failed_reset")
+        assert (group.stats()["size"], group.stats()["idle"]) == (1, 1)
+        for attempt in range(3):
+            pc = group.acquire(timeout=0)
+            try:
+                assert pc.raw.get_backend_pid() == pid, f"attempt {attempt + 1}"
+            finally:
+                group.release(pc)
+        assert group.stats()["timeouts"] == 0
+    finally:
+        pool.close()
