@@ -262,3 +262,25 @@ def test_prometheus_shows_exclusive_connections(make_pool):
     assert samples["greenpool_exclusive_connections"] == 0
     assert samples["greenpool_exclusive_connections_timeout_total"] == 0
     assert samples["greenpool_listeners"] == 0
+
+
+def test_short_exclusive_blocks_are_not_spent_on_an_endpoint_that_never_answers(
+    make_pool, pg, blackhole
+):
+    """A group over a real server and a black hole (``connect_timeout`` 5), ten
+    ``exclusive(timeout=0.5)`` blocks one after another: an attempt the caller's deadline
+    cut on the black hole makes later connects try it last, so at most one block fails and
+    every other one is connected to the real server."""
+    pool = make_pool({"g": {"connection_count": 4}},
+                     db=[pg.endpoint(), blackhole.endpoint(connect_timeout=5)])
+    outcomes = []
+    for _ in range(10):
+        started = time.monotonic()
+        try:
+            with pool.exclusive("g", timeout=0.5) as conn:
+                outcomes.append(scalar(conn, "SELECT inet_server_port()"))
+        except PoolError as exc:
+            outcomes.append(f"{type(exc).__name__} after {time.monotonic() - started:.2f} s")
+    failed = [o for o in outcomes if o != pg.port]
+    assert len(failed) <= 1 and all(isinstance(o, str) for o in failed), (
+        outcomes, pool.stats()["endpoints"])
