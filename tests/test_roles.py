@@ -5,6 +5,7 @@ lag made real with ``pg_wal_replay_pause()``.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from typing import Any
 
@@ -333,3 +334,50 @@ def test_a_non_threaded_max_lag_group_never_reads_from_a_standby_lagging_beyond_
         lambda: Pool({"type": "non-threaded", "db": db, "groups": STRICT}))
     assert not [o for o in outcomes if o.startswith("lent")], outcomes
     assert all("lag" in o for o in outcomes), outcomes
+
+
+# --- a primary group and an endpoint it has never reached ------------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["process mode", "non-threaded"])
+@pytest.mark.parametrize("order", ["primary first", "black hole first"])
+def test_a_new_primary_group_waits_briefly_for_an_endpoint_that_never_answers(
+    pg, blackhole, mode, kind, order
+):
+    """A new pool's ``role: 'primary'`` group over a healthy primary and a black hole
+    (``connect_timeout`` 3 each): before it writes it waits for the endpoint it has never
+    reached (a promoted primary would answer as fast), but at most 0.5 s, not the black
+    hole's ``connect_timeout``: its first loan, on the primary, comes within 1.5 s of
+    ``Pool()``."""
+    from greenpool import Pool
+
+    if kind == "non-threaded" and MODE != "threaded":
+        pytest.skip("non-threaded runs once, in the threaded test process")
+    db = [pg.endpoint(connect_timeout=3), blackhole.endpoint(connect_timeout=3)]
+    if order == "black hole first":
+        db.reverse()
+    started = time.monotonic()
+    pool = Pool({"type": mode if kind == "process mode" else "non-threaded", "db": db,
+                 "groups": {"w": {"role": "primary", "connection_count": 3}}})
+    try:
+        group = pool.group("w")
+        errors = []
+        while True:
+            try:
+                pc = group.acquire(timeout=1)
+                break
+            except PoolTimeout as exc:
+                errors.append(f"{type(exc).__name__} after {time.monotonic() - started:.2f} s")
+                assert time.monotonic() - started < 10, errors
+        took = time.monotonic() - started
+        try:
+            with pc.raw.cursor() as cursor:
+                cursor.execute("SELECT inet_server_port()")
+                assert cursor.fetchone() == (pg.port,)
+        finally:
+            group.release(pc)
+        assert took < 1.5, (f"first loan {took:.2f} s after Pool()", errors,
+                            pool.stats()["endpoints"])
+    finally:
+        pool.close()
