@@ -242,3 +242,53 @@ def test_threaded_close_leaves_no_connect_thread_behind_and_connects_nothing_lat
     assert (len(left), logged_in) == (0, 0), (
         f"{len(left)} thread(s) of the pool alive 1 s after close(); {logged_in} session(s) "
         f"of the closed pool logged in afterwards")
+
+
+@pytest.mark.skipif(MODE != "threaded", reason="connect threads exist in threaded mode only")
+@pytest.mark.timeout(120)
+def test_threaded_close_stops_a_connect_between_endpoints(pg_factory, blackhole):
+    """A threaded group over a black hole and a real server (``connect_timeout`` 1 each):
+    a borrow with 0.2 s to spare fails while its connect thread waits on the black hole,
+    then the pool is closed. When that attempt times out, the thread must not go on to the
+    real server: once every thread of the pool has ended, no session of the closed pool has
+    logged in. Several fresh pools (where a fresh group connects first varies); at least
+    three of them must have met the black hole first."""
+    import threading
+    import time
+
+    from greenpool import Pool, PoolTimeout
+
+    server = pg_factory(settings={"log_connections": True})  # every login is in its log
+
+    def logins(app: str) -> int:
+        return server.logfile.read_text(errors="replace").count(f"application_name={app}")
+
+    checked, late = 0, []
+    for trial in range(15):
+        if checked == 4:
+            break
+        app = f"gp-close-between-endpoints-{trial}"
+        before = set(threading.enumerate())
+        pool = Pool({"type": "threaded", "application_name": app,
+                     "db": [blackhole.endpoint(connect_timeout=1),
+                            server.endpoint(connect_timeout=1)],
+                     "groups": {"g": {"connection_count": 2}}})
+        try:
+            pool.group("g").acquire(timeout=0.2)
+        except PoolTimeout:
+            pass
+        else:
+            pool.close()  # the connect went to the server first: nothing to check here
+            continue
+        pool.close()
+        at_close = logins(app)
+        deadline = time.monotonic() + 5
+        while _greenpool_threads(before) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not _greenpool_threads(before), "a connect thread outlived its connect_timeout"
+        after = logins(app)
+        checked += 1
+        if after > at_close:
+            late.append(f"pool {trial}: {after - at_close} login(s) after close()")
+    assert checked >= 3, f"only {checked} of the fresh pools met the black hole first"
+    assert not late, late
