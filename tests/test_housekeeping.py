@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
+from endpoints import endpoint_stats, label
 from lending import discards, group_stats, lend_all
 from modes import MODE, wait_until
+
+from greenpool import PoolTimeout
 
 SIZE = 3
 PROBING = {"role_check_interval": 0.05, "maintenance_interval": 0.1}
@@ -66,3 +70,55 @@ def test_role_probe_timed_out_on_a_stalled_backend_gives_its_slot_back(make_pool
             os.kill(pids[-1], signal.SIGCONT)
         wait_until(lambda: group_stats(pool, "g")["connecting"] == 0, 10, "connects to end")
         assert len(set(lend_all(pool, "g", SIZE, within=5))) == SIZE, f"stall {stall + 1}"
+
+
+@pytest.mark.skipif(MODE == "non-threaded", reason="needs housekeeping")
+@pytest.mark.timeout(120)
+def test_role_probe_of_a_stalled_standby_leaves_a_primary_group_its_room(make_pool, pg_factory):
+    """A ``role: 'primary'`` group (``connection_count`` 3) over a primary and its standby.
+    The standby's postmaster is stopped with SIGSTOP, so housekeeping's next role probe of
+    it hangs in its connect (``connect_timeout`` 3). That probe is not the group's business
+    (it never uses a standby) and must not hold its room: with two connections lent, a
+    borrow with 1 s to spare gets a third one, on the primary, while the probe hangs."""
+    primary = pg_factory()
+    standby = pg_factory(standby_of=primary)
+    pool = make_pool({"w": {"role": "primary", "connection_count": 3}},
+                     db=[primary.endpoint(connect_timeout=3), standby.endpoint(connect_timeout=3)],
+                     role_check_interval=0.3, maintenance_interval=0.1)
+    group = pool.group("w")
+    held = [group.acquire(timeout=10)]
+    stopped = None
+    try:
+        wait_until(lambda: endpoint_stats(pool, standby)["role"] == "standby", 10,
+                   "housekeeping to probe the standby")
+        wait_until(lambda: group.stats()["connecting"] == 0, 10, "the group's connects to end")
+        for pc in group.take_idle(list):  # the probe must find the group with room
+            group.drop(pc, "rebalance")
+        (to_standby,) = [ep for ep in group.endpoints if ep.label == label(standby)]
+        wait_until(lambda: to_standby.connecting == 0, 10, "probes of the standby to end")
+        attempts = to_standby.connect_attempts
+        stopped = standby.pid
+        os.kill(stopped, signal.SIGSTOP)
+        wait_until(lambda: to_standby.connect_attempts > attempts and to_standby.connecting, 10,
+                   "a role probe to hang in its connect to the stalled standby")
+        held.append(group.acquire(timeout=1))  # two lent (idle or new)
+        started = time.monotonic()
+        try:
+            pc = group.acquire(timeout=1)
+        except PoolTimeout as exc:
+            raise AssertionError(f"no third connection while the probe hangs: {exc}; "
+                                 f"group {group.stats()}") from None
+        took = time.monotonic() - started
+        held.append(pc)
+        assert to_standby.connecting, "the probe ended before the third borrow did"
+        for pc in held:
+            assert pc.endpoint.label == label(primary)
+            with pc.raw.cursor() as cursor:
+                cursor.execute("SELECT pg_is_in_recovery()")
+                assert cursor.fetchone() == (False,)
+        assert took < 1.5
+    finally:
+        if stopped is not None:
+            os.kill(stopped, signal.SIGCONT)
+        for pc in held:
+            group.release(pc)
