@@ -19,7 +19,7 @@ import pytest
 from endpoints import endpoint_stats, held_ports, label
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from modes import GREEN, MODE, Timeout, sleep, wait_until
+from modes import GREEN, MODE, Timeout, join_all, sleep, spawn, wait_until
 
 from greenpool.concurrency import backend_for
 from greenpool.config import EndpointConfig
@@ -355,3 +355,56 @@ def test_a_group_full_of_connections_to_the_old_primary_still_moves_to_the_promo
             stuck.append({"ports": ports, "endpoints": pool.stats()["endpoints"]})
         pool.close()
     assert not stuck, f"writes still went to the old primary 5 s on: {stuck}"
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("order", ["old primary first", "standby first"])
+def test_a_busy_full_group_moves_its_writes_to_a_standby_promoted_meanwhile_and_stays(
+    make_pool, promoted_while_old_primary_runs, order
+):
+    """A running ``role: 'primary'`` group (``connection_count`` 2) kept full by two writer
+    tasks; its standby is promoted while the old primary runs on. Within a few
+    ``role_check_interval`` (0.3 s) the writes land on the promoted server, and from the
+    first one that does, none goes back to the old primary."""
+    primary, standby = promoted_while_old_primary_runs
+    primary.execute("CREATE TABLE marks (port int)")
+    wait_until(lambda: standby.execute("SELECT to_regclass('marks') IS NOT NULL")[0][0], 10,
+               "the table to reach the standby")
+    db = [primary.endpoint(), standby.endpoint()]
+    if order == "standby first":
+        db.reverse()
+    pool = make_pool({"write": {"role": "primary", "connection_count": 2}}, db=db,
+                     role_check_interval=0.3, maintenance_interval=0.1)
+    log: list[tuple[float, Any]] = []
+    running = [True]
+
+    def writer() -> None:
+        while running[0]:
+            try:
+                with pool.handler("write", timeout=1) as db_:
+                    port = db_.query_one("INSERT INTO marks SELECT inet_server_port() "
+                                         "RETURNING port")[0]
+                log.append((time.monotonic(), port))
+            except Exception as exc:
+                log.append((time.monotonic(), type(exc).__name__))
+            sleep(0.02)
+
+    tasks = [spawn(writer) for _ in range(2)]
+    try:
+        wait_until(lambda: len(log) >= 20, 10, "the writers to get going")
+        assert {port for _, port in log} == {primary.port}, log
+        standby.promote()
+        promoted = time.monotonic()
+        wait_until(lambda: any(port == standby.port for _, port in log), 10,
+                   "a write to land on the promoted server")
+        moved = next(at for at, port in log if port == standby.port)
+        wait_until(lambda: log[-1][0] > moved + 3, 10, "writes for 3 s more")
+    finally:
+        running[0] = False
+        join_all(tasks, 10)
+    after = [port for at, port in log if at >= moved]
+    assert primary.port not in after, (
+        f"{after.count(primary.port)} of {len(after)} writes went back to the old primary "
+        f"after the first one on the promoted server")
+    assert moved - promoted < 3, f"writes moved {moved - promoted:.2f} s after the promotion"
+    assert after.count(standby.port) >= 20, after
