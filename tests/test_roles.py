@@ -381,3 +381,46 @@ def test_a_new_primary_group_waits_briefly_for_an_endpoint_that_never_answers(
                             pool.stats()["endpoints"])
     finally:
         pool.close()
+
+
+@pytest.mark.skipif(MODE != "threaded", reason="non-threaded runs once, in the threaded process")
+@pytest.mark.timeout(120)
+def test_non_threaded_prefer_standby_reads_return_to_a_standby_that_caught_up(pg_factory):
+    """A non-threaded prefer-standby group with ``max_lag`` 1 (no housekeeping: its borrows
+    measure the lag). The standby lags (replay paused, a commit on the primary): reads fall
+    back to the primary. Once replay resumes and the standby has caught up, reads return
+    to the standby as soon as the lagging measurement is stale (``role_stale_after``, 6 s)
+    and a borrow measures again (at most once a second), and stay there."""
+    from greenpool import Pool
+    from greenpool.endpoint import ROLE_STALE_AFTER
+
+    primary = pg_factory()
+    primary.execute("CREATE TABLE ticks (id serial PRIMARY KEY)")
+    standby = pg_factory(standby_of=primary)
+    primary.execute("INSERT INTO ticks DEFAULT VALUES")
+    wait_until(lambda: standby.execute("SELECT count(*) FROM ticks")[0][0] == 1, 10,
+               "the first commit to be replayed (so replay has a timestamp)")
+    pool = Pool({"type": "non-threaded", "db": [primary.endpoint(), standby.endpoint()],
+                 "groups": {"r": {"role": "prefer-standby", "max_lag": 1.0, "autocommit": True,
+                                  "connection_count": 4}}})
+    try:
+        # a fresh prefer-standby group may start on the primary, then moves (test_failover)
+        wait_until(lambda: read_port(pool, "r") == standby.port, 10, "reads on the standby")
+        standby.execute("SELECT pg_wal_replay_pause()")
+        primary.execute("INSERT INTO ticks DEFAULT VALUES")  # received, not replayed
+        wait_until(lambda: read_port(pool, "r") == primary.port, 20,
+                   "reads to fall back to the primary while the standby lags")
+        fell_back = time.monotonic()  # the lag was measured just before
+
+        standby.execute("SELECT pg_wal_replay_resume()")
+        wait_until(lambda: standby.execute("SELECT count(*) FROM ticks")[0][0] == 2, 10,
+                   "the standby to catch up")
+        within = ROLE_STALE_AFTER + 2  # stale, then the next once-a-second look, and slack
+        while read_port(pool, "r") != standby.port:
+            assert time.monotonic() - fell_back < within, (
+                f"reads still on the primary {time.monotonic() - fell_back:.1f} s after they "
+                f"fell back, the standby caught up: {pool.stats()['endpoints']}")
+            time.sleep(0.1)
+        assert [read_port(pool, "r") for _ in range(10)] == [standby.port] * 10
+    finally:
+        pool.close()
