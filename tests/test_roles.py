@@ -424,3 +424,51 @@ def test_non_threaded_prefer_standby_reads_return_to_a_standby_that_caught_up(pg
         assert [read_port(pool, "r") for _ in range(10)] == [standby.port] * 10
     finally:
         pool.close()
+
+
+@pytest.mark.skipif(MODE != "threaded", reason="non-threaded runs once, in the threaded process")
+@pytest.mark.timeout(60)
+def test_non_threaded_max_lag_group_lends_soon_after_the_wal_receiver_restarted(pg_factory):
+    """The standby's WAL receiver is killed and restarts; right after the new one streams,
+    a new non-threaded ``role: 'standby'`` group with ``max_lag`` 5 and ``on_lag`` 'fail'
+    is asked for a connection again and again. A receiver younger than a second has an
+    unknown lag, but the group measures again once it has settled: its first loan comes
+    within about 2 s of the restart, not after the lag measurement goes stale (6 s)."""
+    import os
+    import signal
+
+    from greenpool import Pool
+
+    primary = pg_factory()
+    standby = pg_factory(standby_of=primary)
+    receiver = "SELECT pid FROM pg_stat_wal_receiver WHERE status = 'streaming'"
+    wait_until(lambda: standby.execute(receiver), 10, "the WAL receiver to stream")
+    old = standby.execute(receiver)[0][0]
+    os.kill(old, signal.SIGTERM)
+    wait_until(lambda: standby.execute(receiver) not in ([], [(old,)]), 20,
+               "a new WAL receiver to stream")
+    restarted = time.monotonic()
+    pool = Pool({"type": "non-threaded", "db": [standby.endpoint()],
+                 "groups": {"r": {"role": "standby", "max_lag": 5.0, "on_lag": "fail",
+                                  "connection_count": 2}}})
+    try:
+        group = pool.group("r")
+        errors = []
+        while True:
+            try:
+                pc = group.acquire(timeout=0.5)
+                break
+            except PoolTimeout as exc:
+                errors.append(f"{time.monotonic() - restarted:.2f} s: {exc}")
+                assert time.monotonic() - restarted < 15, errors
+                time.sleep(0.1)
+        first_loan = time.monotonic() - restarted
+        try:
+            with pc.raw.cursor() as cursor:
+                cursor.execute("SELECT pg_is_in_recovery()")
+                assert cursor.fetchone() == (True,)
+        finally:
+            group.release(pc)
+        assert first_loan < 2.5, (f"first loan {first_loan:.2f} s after the restart", errors)
+    finally:
+        pool.close()
