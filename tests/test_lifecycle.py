@@ -292,3 +292,54 @@ def test_threaded_close_stops_a_connect_between_endpoints(pg_factory, blackhole)
             late.append(f"pool {trial}: {after - at_close} login(s) after close()")
     assert checked >= 3, f"only {checked} of the fresh pools met the black hole first"
     assert not late, late
+
+
+@pytest.mark.skipif(MODE == "eventlet", reason="eventlet's fork support is not exercised")
+@pytest.mark.timeout(120)
+def test_fork_during_a_connects_role_query_leaves_the_parents_session_alone(
+    make_pool, pg_factory
+):
+    """A ``role: 'primary'`` group over a primary (reached through a proxy that holds the
+    role query a connect sends first for 1.5 s) and its standby. The process forks while a
+    borrow's connect waits for that answer; the child lives on for 3 s (in the green modes
+    with its copy of the connect task). The parent's connect completes, and the connection
+    it lends still answers after the child's life. Three fresh pools."""
+    from delayproxy import DelayProxy
+
+    from greenpool.roles import PROBE_SQL
+
+    mark = "pg_is_in_recovery"
+    assert mark in PROBE_SQL
+    primary = pg_factory()
+    standby = pg_factory(standby_of=primary)
+    with DelayProxy(primary.port, 1.5, mark.encode()) as proxy:
+        for trial in range(3):
+            pool = make_pool({"w": {"role": "primary", "connection_count": 2}},
+                             db=[proxy.endpoint(primary, connect_timeout=2),
+                                 standby.endpoint(connect_timeout=2)],
+                             role_check_interval=3600)
+            group = pool.group("w")
+            held_before = proxy.held()
+            taker = spawn(group.acquire, 8)
+            wait_until(lambda h=held_before: proxy.held() > h, 10,
+                       "a connect to send its role query through the proxy")
+            child = os.fork()
+            if child == 0:  # the child: outlive the held answer, then leave without cleanup
+                try:
+                    sleep(3)
+                finally:
+                    os._exit(0)
+            join_all([taker], 10)
+            _, status = os.waitpid(child, 0)
+            assert status == 0
+            assert taker.error is None, f"pool {trial + 1}: {taker.error!r}"
+            pc = taker.result
+            try:
+                with pc.raw.cursor() as cursor:
+                    cursor.execute("SELECT inet_server_port(), pg_is_in_recovery()")
+                    assert cursor.fetchone() == (primary.port, False), f"pool {trial + 1}"
+            finally:
+                group.release(pc)
+            # a connect to the standby (the group explores it) is the only discard
+            assert set(group.stats()["discards_by_reason"]) <= {"wrong_role"}, group.stats()
+            pool.close()
