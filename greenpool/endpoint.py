@@ -318,18 +318,34 @@ class Endpoint:
         is no measurement (no housekeeping in ``non-threaded`` mode, a stalled probe)."""
         return self.lag is not None and now - self.lag_seen_at <= self.role_stale_after
 
-    def must_measure_lag(self, now: float) -> bool:
-        """Whether a ``max_lag`` group should measure the lag before deciding: it is not
-        known, or it was unknown (a receiver not streaming, or too young) a while ago. The
-        latter is measured again at most once per ``RECEIVER_SETTLE``: a receiver that
-        settles is used within a second, and a dead link costs one connect a second."""
-        if not self.lag_known(now):
+    def must_measure_lag(self, now: float, max_lag: float) -> bool:
+        """Whether a group with ``max_lag`` should measure the lag before deciding: it is
+        not known; it was within ``max_lag`` but may not be any more (its worst case, see
+        :meth:`lag_at_worst`); or it was unknown (a receiver not streaming, or too young)
+        a while ago. The last is measured again at most once per ``RECEIVER_SETTLE``: a
+        receiver that settles is used within a second, a dead link costs a round trip a
+        second."""
+        lag = self.lag
+        if lag is None or not self.lag_known(now):
             return True
-        return self.lag == math.inf and now - self.lag_seen_at >= RECEIVER_SETTLE
+        if lag == math.inf:
+            return now - self.lag_seen_at >= RECEIVER_SETTLE
+        return lag <= max_lag < self.lag_at_worst(now)
 
-    def lag_stale_at(self) -> float:
-        """When the current lag measurement stops counting (``inf`` when none counts)."""
-        return math.inf if self.lag is None else self.lag_seen_at + self.role_stale_after
+    def lag_at_worst(self, now: float) -> float:
+        """The most the lag can be now: as measured, plus the time since (replay may have
+        stopped right after the measurement); ``inf`` when not known."""
+        if self.lag is None or not self.lag_known(now):
+            return math.inf
+        return self.lag + (now - self.lag_seen_at)
+
+    def fresh_until(self, max_lag: float) -> float:
+        """When this standby stops counting as within ``max_lag`` unless measured again
+        (``inf`` when nothing about it will change by itself)."""
+        if self.lag is None:
+            return math.inf
+        within = max_lag - self.lag if self.lag <= max_lag else math.inf
+        return self.lag_seen_at + min(self.role_stale_after, within)
 
     def observe_lag(self, lag: float | None, receiver: int | None, age: float | None) -> None:
         """Record a probe's replay lag (None for a primary). ``receiver`` is the streaming WAL

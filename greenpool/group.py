@@ -41,10 +41,10 @@ from .connection import (
     silence_inherited,
 )
 from .connector import Connector
-from .endpoint import UNKNOWN, UP, Endpoint
+from .endpoint import STANDBY, UNKNOWN, UP, Endpoint
 from .errors import PoolClosed, PoolError, PoolTimeout, TooManyWaiters
 from .placement import connect_order, move_target, take_in_turn, unserved, where_to_be
-from .roles import fits, role_of
+from .roles import fits, read_role, role_of
 from .slots import CONNECTING, RETURNED, Slot
 from .stats import GroupCounters
 from .waiting import WaitLine
@@ -292,7 +292,7 @@ class Group:
         try:
             reason = check_on_borrow(pc, self.config, self._backend, now, deadline)
             if not reason and self._roles_matter and not self._role_fits(pc):
-                reason = "wrong_role"
+                reason = self._measured_again(pc, deadline)
         except BaseException:  # interrupted while checking it: its state is unknown
             self.drop(pc, "interrupted")
             raise
@@ -401,6 +401,29 @@ class Group:
             return False
         return pc.endpoint in self.preferred_endpoints()
 
+    def _measured_again(self, pc: PooledConnection, deadline: float) -> str:
+        """A connection that does not fit now: '' if it does once its standby's lag, unknown
+        or aged past ``max_lag`` since its last measurement, is measured on it (one round
+        trip, bounded by the caller's time: a saturated group gets no probe from
+        housekeeping), else the reason to discard it."""
+        endpoint = pc.endpoint
+        max_lag = self.config.max_lag
+        now = _monotonic()
+        if max_lag is None or endpoint.role != STANDBY or not endpoint.must_measure_lag(
+                now, max_lag):
+            return "wrong_role"
+        seconds = min(endpoint.config.connect_timeout, deadline - now)
+        if not seconds > 0:
+            return "wrong_role"
+        try:
+            report = read_role(pc.raw, self._backend, seconds)
+        except Exception:
+            return "failed_check" if seconds == endpoint.config.connect_timeout else "lag_check"
+        pc.role = report.role
+        endpoint.observe(report)
+        self._forget_placement()
+        return "" if self._role_fits(pc) else "wrong_role"
+
     def _forget_placement(self) -> None:
         self._preferred_until = 0.0
 
@@ -413,9 +436,10 @@ class Group:
             self._preferred = where_to_be(self.endpoints, config.role, config.max_lag,
                                           config.on_lag)
             until = now + 0.05
-            if config.max_lag is not None:  # a lag going stale is news too, watcher or not
+            max_lag = config.max_lag
+            if max_lag is not None:  # a lag going stale is news too, watcher or not
                 until = min([until, *(at for ep in self.endpoints
-                                      if (at := ep.lag_stale_at()) > now)])
+                                      if (at := ep.fresh_until(max_lag)) > now)])
             self._preferred_until = until
         return self._preferred
 

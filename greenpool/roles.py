@@ -272,10 +272,12 @@ def candidates(
     if max_lag is None:
         fresh, unmeasured, lagging = standbys, [], []
     else:
+        # a lag measured t seconds ago may be lag + t now (replay may have stopped since):
+        # fresh only while that worst case is within max_lag, then measured again
         now = time.monotonic()
-        unmeasured = [ep for ep in standbys if ep.must_measure_lag(now)]
-        fresh = [ep for ep in standbys if ep not in unmeasured and ep.lag is not None
-                 and ep.lag <= max_lag and ep.lag != LAG_UNKNOWN]
+        unmeasured = [ep for ep in standbys if ep.must_measure_lag(now, max_lag)]
+        fresh = [ep for ep in standbys
+                 if ep not in unmeasured and ep.lag_at_worst(now) <= max_lag]
         lagging = [ep for ep in standbys if ep not in fresh and ep not in unmeasured]
     tiers = [fresh + unknown + (unmeasured if connecting else [])]
     if group_role == "prefer-standby":

@@ -106,3 +106,15 @@ def test_a_full_server_takes_no_connect_for_a_moment_and_stays_up() -> None:
     assert full.state == "up" and full.quarantines == 0 and full.full == 1
     order = connect_order([full, other], "any", None, "fail", {}, time.monotonic(), 0)
     assert order == [other]
+
+
+def test_a_lag_counts_at_its_worst_since_it_was_measured() -> None:
+    """Replay may have stopped right after the measurement: 0.1 s of lag measured 1 s ago
+    may be 1.1 s now, beyond a max_lag of 1 s, so it is measured again before use."""
+    (ep,) = _endpoints(1)
+    _standby(ep, lag=0.1)
+    assert where_to_be([ep], "standby", 1.0, "fail") == frozenset({ep})
+    ep.lag_seen_at -= 1.0
+    assert where_to_be([ep], "standby", 1.0, "fail") == frozenset()
+    assert connect_order([ep], "standby", 1.0, "fail", {}, time.monotonic(), 0) == [ep]
+    assert where_to_be([ep], "standby", 5.0, "fail") == frozenset({ep})  # 1.1 s is fine here
