@@ -475,6 +475,28 @@ class PatroniCluster:
             raise PatroniError(f"patronictl switchover failed ({done.returncode}):"
                                f" {done.stdout[-1000:]} {done.stderr[-1000:]}")
 
+    def maintenance(self, on: bool, timeout: float = 30.0) -> None:
+        """Patroni's maintenance mode (``patronictl pause``/``resume``), waiting until every
+        running node has taken it: Patroni then leaves PostgreSQL alone, e.g. a replay paused
+        by hand (otherwise Patroni resumes it at its next loop)."""
+        leader = self.leader()
+        if leader is None:
+            raise PatroniError("maintenance mode needs a leader to take the change")
+        status, body = leader.rest("/config", "PATCH", {"pause": on})
+        if status != 200:
+            raise PatroniError(f"PATCH /config failed ({status}): {body}")
+
+        def taken() -> bool:
+            for node in self.nodes:
+                if node.patroni_pid is None:
+                    continue
+                status, state = node.rest("/patroni", timeout=1.0)
+                if status == 0 or not isinstance(state, dict) or bool(state.get("pause")) != on:
+                    return False
+            return True
+
+        self.wait_for(taken, timeout, f"maintenance mode {'on' if on else 'off'} on every node")
+
     def pause_etcd(self) -> None:
         """SIGSTOP etcd: every Patroni loses the DCS at once (a leader then demotes itself)."""
         assert self.etcd is not None
