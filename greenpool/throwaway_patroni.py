@@ -52,6 +52,8 @@ __all__ = ["PatroniCluster", "PatroniError", "PatroniNode", "destroy_all", "miss
 HOST = "127.0.0.1"
 START_TIMEOUT = 90.0  # seconds for the whole cluster to come up (initdb + two base backups)
 STOP_WAIT = 10.0
+#: HAProxy's health checks of Patroni's REST API: a dead or demoted node is out within ~0.6 s
+HAPROXY_CHECKS = "inter 300ms fall 2 rise 1"
 _live: set[PatroniCluster] = set()
 
 
@@ -560,18 +562,30 @@ class PatroniCluster:
 
         self.wait_for(etcd_up, 30, "etcd to answer")
 
-    def _start_haproxy(self) -> None:
+    def restart_haproxy(self, checks: str = HAPROXY_CHECKS, replica_check: str = "/replica"
+                        ) -> None:
+        """Stop HAProxy by PID (its sessions are cut) and start it again on the same ports
+        with these health-check timings (``default-server`` words, e.g. Patroni's documented
+        ``inter 3s fall 3 rise 2``) and this REST check for the replica listener (``/primary``
+        routes it to the leader: a misrouted listener)."""
+        if self.haproxy is not None and self.haproxy.poll() is None:
+            _stop_pid(self.haproxy.pid, signal.SIGTERM, STOP_WAIT)
+            with contextlib.suppress(Exception):
+                self.haproxy.wait(STOP_WAIT)
+        self._start_haproxy(checks, replica_check)
+
+    def _start_haproxy(self, checks: str = HAPROXY_CHECKS, replica_check: str = "/replica"
+                       ) -> None:
         lines = [
             "global", "    maxconn 1000",
             "defaults", "    mode tcp", "    timeout connect 2s", "    timeout client 30m",
             "    timeout server 30m", "    timeout check 1s",
         ]
         for name, port, check in (("primary", self.primary_port, "/primary"),
-                                  ("replica", self.replica_port, "/replica")):
+                                  ("replica", self.replica_port, replica_check)):
             lines += [f"listen {name}", f"    bind {HOST}:{port}", "    balance roundrobin",
                       f"    option httpchk GET {check}", "    http-check expect status 200",
-                      "    default-server inter 300ms fall 2 rise 1 on-marked-down"
-                      " shutdown-sessions"]
+                      f"    default-server {checks} on-marked-down shutdown-sessions"]
             lines += [f"    server {n.name} {HOST}:{n.port} check port {n.rest_port}"
                       for n in self.nodes]
         config = self.root / "haproxy.cfg"
