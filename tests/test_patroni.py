@@ -34,7 +34,8 @@ pytestmark = [
 ]
 
 MAX_LAG = 1.0
-ROLE_CHECK = 0.5
+ROLE_CHECK = 0.25
+SECRET = "Patroni-S3cret-pw"
 # a lag is measured every ROLE_CHECK, so a read may be that much older than max_lag
 # (plus scheduling on 2 shared cores)
 STALE_BOUND = MAX_LAG + ROLE_CHECK + 0.5
@@ -46,8 +47,12 @@ def patroni() -> Iterator[PatroniCluster]:
     reason = missing(haproxy=True)
     if reason:
         pytest.skip(reason)
-    with PatroniCluster(synchronous_mode=True, haproxy=True) as cluster:
+    with PatroniCluster(synchronous_mode=True, haproxy=True, password=SECRET) as cluster:
         yield cluster
+        logs = [p for p in cluster.root.rglob("*") if p.is_file() and p.suffix in (".log", "")
+                and "log" in p.name]
+        leaked = [str(p) for p in logs if SECRET in p.read_text(errors="replace")]
+        assert logs and not leaked, f"the password is in {leaked}"
 
 
 def _restore(pc: PatroniCluster) -> None:
@@ -100,10 +105,10 @@ def make_pool(pc: PatroniCluster, via: str, read_connections: int = 10) -> Any:
               pc.haproxy_endpoint("replica", connect_timeout=2)]
         groups["write"]["endpoints"] = [0]
         groups["read"]["endpoints"] = [1]
-    # housekeeping probes roles at most once a round: a round of 0.25 s lets the role checks
-    # run every ROLE_CHECK (with the default round of 1 s they run once a second)
+    # housekeeping probes roles at most once a round: rounds of ROLE_CHECK let the role
+    # checks run every ROLE_CHECK (with the default round of 1 s they run once a second)
     return Pool({"type": MODE, "db": db, "groups": groups, "role_check_interval": ROLE_CHECK,
-                 "maintenance_interval": 0.25, "quarantine_initial": 0.05,
+                 "maintenance_interval": ROLE_CHECK, "quarantine_initial": 0.05,
                  "quarantine_max": 1.0})
 
 
