@@ -94,7 +94,10 @@ def _has_table(node: PatroniNode) -> bool:
         return False
 
 
-def make_pool(pc: PatroniCluster, via: str, read_connections: int = 10) -> Any:
+def make_pool(pc: PatroniCluster, via: str, read_connections: int = 30) -> Any:
+    """The drills' pool: 10 write connections for 25 writers, and by default 30 read
+    connections for 25 readers: room for housekeeping's role and lag probes on idle
+    connections (a saturated group gets none: SATURATED_DEFECT)."""
     groups: dict[str, Any] = {
         "write": {"role": "primary", "connection_count": 10, "timeout": 30},
         "read": {"role": "standby", "connection_count": read_connections, "timeout": 30,
@@ -211,8 +214,12 @@ def test_old_leader_returns_as_replica_used_for_reads_never_for_writes_and_never
         old.start()
         wait_for(lambda: old in pc.replicas(), 60, "the old leader to stream from the new one")
         back = time.monotonic()
-        wait_for(lambda: len(load.reads_on(old.port, back)) >= 50, 20,
-                 "reads served by the old leader again")
+        try:
+            wait_for(lambda: len(load.reads_on(old.port, back)) >= 50, 20,
+                     "reads served by the old leader again")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; endpoints: {pool.stats()['endpoints']};"
+                                 f" read group: {pool.stats()['groups']['read']}") from None
         # keep the load on a little longer: writes must still all go to the new leader
         wait_for(lambda: len(load.acks_on(new.port, back)) >= 200, 20, "200 writes after it")
     finally:
