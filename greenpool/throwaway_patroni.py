@@ -429,6 +429,19 @@ class PatroniCluster:
                      and m.get("state") in ("streaming", "running")}
         return [node for node in self.nodes if node.name in streaming]
 
+    def streaming(self, node: PatroniNode) -> bool:
+        """Whether the leader's pg_stat_replication shows ``node`` streaming (Patroni 3.0's
+        REST API says ``running`` for a replica whether or not it streams)."""
+        leader = self.leader()
+        if leader is None or leader is node:
+            return False
+        try:
+            return bool(leader.execute(
+                "SELECT count(*) FROM pg_stat_replication WHERE application_name = %s"
+                " AND state = 'streaming'", (node.name,))[0][0])
+        except psycopg2.Error:
+            return False
+
     def healthy(self) -> bool:
         """One leader, every other node streaming, the sync standby set if asked, and each
         replica's Patroni reporting it replicates."""

@@ -212,7 +212,7 @@ def test_old_leader_returns_as_replica_used_for_reads_never_for_writes_and_never
         wait_for(lambda: load.first_ack_on(new.port, killed) is not None, 15,
                  "writes on the new leader")
         old.start()
-        wait_for(lambda: old in pc.replicas(), 60, "the old leader to stream from the new one")
+        wait_for(lambda: pc.streaming(old), 60, "the old leader to stream from the new one")
         back = time.monotonic()
         try:
             wait_for(lambda: len(load.reads_on(old.port, back)) >= 50, 20,
@@ -364,11 +364,17 @@ def test_leader_cut_off_from_etcd_acknowledges_no_write_after_it_demotes(
         wait_for(lambda: time.monotonic() > demoted_at + 1.0, 5, "load with no leader")
         pc.resume_etcd()
         resumed = time.monotonic()
-        pc.wait_for(lambda: pc.leader() is not None, 60, "a leader once etcd is back")
+        pc.wait_healthy(60)  # a leader, and the others streaming from it
         leader = pc.leader()
         assert leader is not None
-        wait_for(lambda: len(load.acks_on(leader.port, resumed)) >= 100, 30,
-                 "writes on the leader elected after etcd came back")
+        try:
+            wait_for(lambda: len(load.acks_on(leader.port, resumed)) >= 100, 30,
+                     "writes on the leader elected after etcd came back")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; leader {leader}; endpoints:"
+                                 f" {pool.stats()['endpoints']}; write group:"
+                                 f" {pool.stats()['groups']['write']}; errors:"
+                                 f" {load.write_errors[-3:]}") from None
     finally:
         pc.resume_etcd()
         load.stop()
