@@ -182,7 +182,9 @@ def test_leader_killed_writes_resume_on_new_leader_and_no_acknowledged_write_is_
     print(f"\n[{MODE}/{via}] kill->Patroni leader promoted {elected - killed:.2f} s,"
           f" kill->first write {first - killed:.2f} s (seen {resumed - killed:.2f} s);"
           f" {load.summary()}")
-    assert first - killed <= elected - killed + RESUME_SLACK, (
+    # through HAProxy the new leader is in its listener only at its next check (every 0.3 s)
+    slack = RESUME_SLACK + (0.3 if via == "haproxy" else 0.0)
+    assert first - killed <= elected - killed + slack, (
         f"writes resumed {first - killed:.2f} s after the kill, Patroni had a leader after"
         f" {elected - killed:.2f} s")
     assert not load.acks_on(old.port, killed + 0.5), "a dead server acknowledged writes"
