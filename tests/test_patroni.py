@@ -196,11 +196,13 @@ def test_leader_killed_writes_resume_on_new_leader_and_no_acknowledged_write_is_
 
 OLD_LEADER_UNREAD = (
     "intermittent (2 of the last 4 gevent runs of the module, never alone), cause not yet"
-    " determined: the old leader streams (the leader's pg_stat_replication says so) but the"
-    " pool keeps its lag unknown (inf, no connection open) for 20 s and more, so the read"
-    " group does not use it; the failure message carries the pool's stats, the probe's"
-    " answer and pg_stat_wal_receiver of that node. Not in CI; GREENPOOL_DRILL_KNOWN_DEFECTS=1"
-    " runs it")
+    " determined, likely a greenpool defect: the old leader streams (the leader's"
+    " pg_stat_replication says so, and greenpool's PROBE_SQL run by hand there answers a"
+    " receiver streaming for 20 s, lag 0) but the pool keeps its lag unknown (inf, no"
+    " connection open, a free slot in the read group, 'probe' discards) for 20 s and more,"
+    " so the read group does not use it; the failure message carries the pool's stats, the"
+    " probe's answer and pg_stat_wal_receiver of that node. Not in CI;"
+    " GREENPOOL_DRILL_KNOWN_DEFECTS=1 runs it")
 
 
 @pytest.mark.skipif(not os.environ.get("GREENPOOL_DRILL_KNOWN_DEFECTS"), reason=OLD_LEADER_UNREAD)
