@@ -115,6 +115,8 @@ class Housekeeping:
 
     def _until_next_duty(self, upkeep_at: float) -> float:
         due = [ep.quarantined_until for ep in self._endpoints if ep.state == QUARANTINED]
+        if self._roles_matter:  # a role_check_interval shorter than maintenance_interval
+            due.append(self._next_role_check)
         return max(_MIN_NAP, min([upkeep_at, *due]) - time.monotonic())
 
     def _in_task(self, key: Any, work: Callable[[], None]) -> None:

@@ -19,7 +19,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from .endpoint import STANDBY, UP, Endpoint
+from .endpoint import PRIMARY, STANDBY, UP, Endpoint
 from .roles import candidates, fits
 
 #: A standby is re-tried by a ``primary`` group (it may have been promoted) at most this often.
@@ -72,6 +72,11 @@ def connect_order(
             ready.sort(key=lambda ep: (ep.cut(now), counts.get(ep, 0) / ep.config.weight))
         if ready:
             return ready
+    if role == "standby":
+        # nothing else to try: a server last seen as primary may be a standby now (demoted,
+        # or a proxy's listener now routed elsewhere); connecting tells, at most once a second
+        return [ep for ep in endpoints if ep.role == PRIMARY and ep.may_connect(now)
+                and now - ep.role_seen_at >= ROLE_RECHECK]
     return []
 
 

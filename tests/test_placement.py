@@ -118,3 +118,13 @@ def test_a_lag_counts_at_its_worst_since_it_was_measured() -> None:
     assert where_to_be([ep], "standby", 1.0, "fail") == frozenset()
     assert connect_order([ep], "standby", 1.0, "fail", {}, time.monotonic(), 0) == [ep]
     assert where_to_be([ep], "standby", 5.0, "fail") == frozenset({ep})  # 1.1 s is fine here
+
+
+def test_a_standby_group_with_nothing_to_use_retries_an_endpoint_seen_as_primary() -> None:
+    """A proxy's replica listener that once landed on a primary, or a demoted primary: when
+    nothing else can serve a standby group, connecting tells again, at most once a second."""
+    (ep,) = _endpoints(1)
+    _primary(ep, timeline=1)
+    now = time.monotonic()
+    assert connect_order([ep], "standby", None, "fail", {}, now, 0) == []
+    assert connect_order([ep], "standby", None, "fail", {}, now + 1.5, 0) == [ep]
