@@ -233,17 +233,18 @@ class Group:
         return waiters > connecting and connecting == 0
 
     def _spread(self, now: float, deadline: float) -> PooledConnection | None:
-        """``non-threaded``, at most once a second: one connect attempt, within the caller's
+        """``non-threaded``: one connect attempt, within the caller's
         time, to the first endpoint where a connect should go and the group has none (an
         endpoint no light load reached, a standby whose lag must be measured again). None
-        when there is none, no room, or the attempt failed: the borrow goes on as usual."""
-        self._next_spread = now + _SPREAD_EVERY
+        when there is none, no room, or the attempt failed: the borrow goes on as usual, and
+        the next look is a second away."""
         config = self.config
         counts = self.connector.counts
         targets = [ep for ep in connect_order(self.endpoints, config.role, config.max_lag,
                                               config.on_lag, counts, now, 0)
                    if not counts.get(ep) and ep.state == UP and not ep.cut(now)]
         if not targets:
+            self._next_spread = now + _SPREAD_EVERY  # nothing to do: look again later
             return None
         with self._lock:
             if self._closed or self._size >= config.connection_count:
@@ -252,6 +253,7 @@ class Group:
         with slot:
             pc = self.connector.try_once(targets[0], slot.generation, deadline)
             if pc is None:
+                self._next_spread = now + _SPREAD_EVERY  # it failed: not at every borrow
                 slot.give_back(reconnect=False)
                 return None
             self._attach(slot, pc)

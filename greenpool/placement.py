@@ -23,7 +23,7 @@ from .endpoint import PRIMARY, STANDBY, UP, Endpoint
 from .roles import candidates, fits
 
 #: A standby is re-tried by a ``primary`` group (it may have been promoted) at most this often.
-ROLE_RECHECK = 1.0
+ROLE_RECHECK = 0.5
 
 
 def where_to_be(
@@ -74,7 +74,7 @@ def connect_order(
             return ready
     if role == "standby":
         # nothing else to try: a server last seen as primary may be a standby now (demoted,
-        # or a proxy's listener now routed elsewhere); connecting tells, at most once a second
+        # or a proxy's listener now routed elsewhere); connecting tells, at most every ROLE_RECHECK
         return [ep for ep in endpoints if ep.role == PRIMARY and ep.may_connect(now)
                 and now - ep.role_seen_at >= ROLE_RECHECK]
     return []
