@@ -502,6 +502,20 @@ def reset_on_return(pc: PooledConnection, group: GroupConfig, backend: Backend) 
     return ""
 
 
+def _user_hook_ran(group: GroupConfig, failed: str, call: Callable[..., Any], *args: Any) -> bool:
+    """Run a user's hook on return; False (logged, the connection to be discarded) when it
+    raised anything but a driver error, which the caller judges like its own statements."""
+    try:
+        call(*args)
+    except psycopg2.Error:
+        raise
+    except Exception:
+        logger.warning("group %r: %s; the connection is discarded", group.name, failed,
+                       exc_info=True)
+        return False
+    return True
+
+
 def _reset_session(pc: PooledConnection, group: GroupConfig, backend: Backend) -> str:
     """``DISCARD ALL`` (unless ``reset: 'never'``) and the user's hook, on an idle connection
     with the group's autocommit flag; '' if the session is the configured one again."""
@@ -518,24 +532,14 @@ def _reset_session(pc: PooledConnection, group: GroupConfig, backend: Backend) -
             if group.configure is not None:
                 if raw.autocommit != group.autocommit:
                     raw.autocommit = group.autocommit
-                try:
-                    configure(raw, group, backend, bound)
-                except psycopg2.Error:
-                    raise
-                except Exception:
-                    logger.warning("group %r: the configure hook failed after the reset; the "
-                                   "connection is discarded", group.name, exc_info=True)
+                if not _user_hook_ran(group, "the configure hook failed after the reset",
+                                      configure, raw, group, backend, bound):
                     return "reset_failed"
         hook = group.on_return
-        if hook is not None:
-            try:
-                _bounded(backend, bound, "the on_return hook", hook, raw)
-            except psycopg2.Error:
-                raise
-            except Exception:
-                logger.warning("group %r: the on_return hook failed; the connection is "
-                               "discarded", group.name, exc_info=True)
-                return "reset_failed"
+        if hook is not None and not _user_hook_ran(
+                group, "the on_return hook failed", _bounded, backend, bound,
+                "the on_return hook", hook, raw):
+            return "reset_failed"
     except psycopg2.Error:
         return "reset_failed"
     if raw.closed or raw.get_transaction_status() != _STATUS_IDLE:
