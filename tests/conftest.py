@@ -168,3 +168,62 @@ def server_conns(pg: Cluster) -> Callable[..., int]:
             time.sleep(0.05)
 
     return count
+
+
+# --- the Django test project (tests/django_project; helpers in django_site.py) -------------
+
+
+@pytest.fixture(scope="module")
+def project(pg: Cluster) -> Iterator[Any]:
+    """Django set up on the test project, migrated; yields ``greenpool.django.pools``."""
+    import io
+    import json
+    import sys
+
+    import django_site
+
+    django = pytest.importorskip("django")
+    name = "django_app"
+    if not pg.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)):
+        pg.create_database(name)
+    os.environ["GREENPOOL_DJANGO_DATABASES"] = json.dumps(django_site.databases(pg, name))
+    os.environ["DJANGO_SETTINGS_MODULE"] = "djproject.settings"
+    if str(django_site.PROJECT) not in sys.path:
+        sys.path.insert(0, str(django_site.PROJECT))
+    django.setup()
+    from django.core.management import call_command
+
+    from greenpool.django import pools
+
+    call_command("migrate", verbosity=0, stdout=io.StringIO())
+    django_site.close_connections()
+    pools.close_all()
+    yield pools
+    django_site.close_connections()
+    pools.close_all()
+
+
+@pytest.fixture
+def pools(project: Any) -> Iterator[Any]:
+    """A fresh Django pool for the test, and nothing left lent after it."""
+    from django_site import close_connections
+    from notes.models import Note
+
+    Note.objects.all().delete()
+    close_connections()
+    project.close_all()
+    yield project
+    close_connections()
+    for name, group in project.stats()["groups"].items():
+        assert group["in_use"] == 0, f"{name} still lends {group['in_use']} after the test"
+    project.close_all()
+
+
+@pytest.fixture
+def example_app(pg: Cluster) -> Iterator[Any]:
+    """examples/gunicorn/app.py imported in this process, on a database of its own
+    (gunicorn_example.py; call it with ``gunicorn_example.request``)."""
+    from gunicorn_example import loaded
+
+    with loaded(pg) as module:
+        yield module

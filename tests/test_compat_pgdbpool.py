@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from modes import Timeout, join_all, spawn, wait_until
-from test_secrets import texts
+from readable import texts
 
 import greenpool
 import greenpool.compat.pgdbpool as dbpool  # README §5.3: `import pgdbpool as dbpool`

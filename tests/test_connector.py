@@ -14,7 +14,7 @@ import pytest
 from endpoints import endpoint_stats, held_ports
 from modes import GREEN, MODE, join_all, sleep, spawn, wait_until
 
-from greenpool import NoHealthyEndpoint, PoolTimeout
+from greenpool import NoHealthyEndpoint, Pool, PoolTimeout
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -373,3 +373,32 @@ def test_a_black_hole_does_not_stop_a_warm_group_from_growing_on_a_healthy_serve
         for pc in warm:
             group.release(pc)
     assert not failures, f"{len(failures)} of 28 acquires failed; first: {failures[0]}"
+
+
+# --- non-threaded mode: a replaced connection is opened on the next borrow -------------
+
+
+def test_non_threaded_a_dead_idle_connection_does_not_lose_its_slot(pg):
+    """non-threaded: the borrow check finds the idle connection's backend gone and the group
+replaces it. No background task can open the replacement in this mode (there is none), so
+the slot must not stay 'connecting' for good: the next borrows are served."""
+    pool = Pool({"type": "non-threaded", "db": pg.endpoint(), "application_name": "rv-nt",
+                 "groups": {"g": {"connection_count": 1}}})
+    try:
+        with pool.handler("g", timeout=2) as db:
+            pid = db.query_one("SELECT pg_backend_pid()")[0]
+        pg.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        wait_until(lambda: pool.group("g")._idle[0].readable(), 5, "the backend to go")
+        served = []
+        for _ in range(2):
+            try:
+                with pool.handler("g", timeout=2) as db:
+                    served.append(db.query_one("SELECT 1")[0])
+            except PoolTimeout:
+                pass
+        stats = pool.stats()["groups"]["g"]
+        assert stats["connecting"] == 0, stats
+        assert served == [1, 1], stats
+    finally:
+        pool.close()
+

@@ -274,3 +274,33 @@ def test_a_statement_that_ends_on_its_own_is_not_cancelled(make_pool, pg):
         with pytest.raises(psycopg2.errors.DivisionByZero):
             db.query("SELECT 1/0")
     assert cancels_in_flight() == 0
+
+
+# --- the borrow check ----------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not GREEN, reason="the borrow check's deadline is a green timeout")
+@pytest.mark.timeout(60)
+def test_the_borrow_check_answers_within_the_callers_timeout(make_pool, pg):
+    """An idle connection past check_idle_after is pinged on borrow (connection.py
+check_on_borrow): with its backend stalled (SIGSTOP), acquire(timeout=0.5) answers within
+the caller's budget, not after the ping's own bound (connect_timeout, 3 s)."""
+    pool = make_pool({"g": {"connection_count": 2, "check_idle_after": 0.2}},
+                     db=pg.endpoint(connect_timeout=3))
+    group = pool.group("g")
+    pc = group.acquire(timeout=5)
+    stalled = pc.raw.get_backend_pid()
+    group.release(pc)
+    sleep(0.4)  # idle past check_idle_after: the next borrow pings it
+    os.kill(stalled, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        try:
+            group.release(group.acquire(timeout=0.5))
+        except PoolTimeout:
+            pass
+        took = time.monotonic() - started
+    finally:
+        os.kill(stalled, signal.SIGCONT)
+    assert took < 1.0, took
+

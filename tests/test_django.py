@@ -9,18 +9,17 @@ go through Django's real WSGI handler, so the end-of-request signal runs as in a
 from __future__ import annotations
 
 import gc
-import io
 import json
 import os
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import psycopg2
 import pytest
+from django_site import APP_NAME, PROJECT, SIZE, TIMEOUT, databases, group_stats, wsgi_request
 from modes import MODE, Task, join_all, spawn, wait_until
 
 import greenpool
@@ -32,92 +31,6 @@ pytestmark = [
     pytest.mark.skipif(MODE == "eventlet", reason="greenpool.django supports gevent and threads"),
     pytest.mark.timeout(60),
 ]
-
-PROJECT = Path(__file__).resolve().parent / "django_project"
-APP_NAME = "greenpool-django-tests"
-SIZE = 4  # connection_count of each alias
-TIMEOUT = 1.0  # the aliases' acquire timeout
-
-
-def databases(cluster: Cluster, name: str) -> dict[str, Any]:
-    common = {"ENGINE": "greenpool.django", "NAME": name, "USER": cluster.user,
-              "PASSWORD": cluster.password, "HOST": cluster.host, "PORT": cluster.port}
-    options = {"connection_count": SIZE, "timeout": TIMEOUT,
-               "greenpool": {"type": MODE, "application_name": APP_NAME}}
-    return {
-        # CONN_MAX_AGE=None asks Django to keep connections forever: a loan still ends
-        # with its request
-        "default": {**common, "CONN_MAX_AGE": None, "OPTIONS": options},
-        "replica": {**common, "OPTIONS": options, "TEST": {"MIRROR": "default"}},
-    }
-
-
-@pytest.fixture(scope="module")
-def project(pg: Cluster) -> Iterator[Any]:
-    """Django set up on the test project, migrated; yields ``greenpool.django.pools``."""
-    name = "django_app"
-    if not pg.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)):
-        pg.create_database(name)
-    os.environ["GREENPOOL_DJANGO_DATABASES"] = json.dumps(databases(pg, name))
-    os.environ["DJANGO_SETTINGS_MODULE"] = "djproject.settings"
-    if str(PROJECT) not in sys.path:
-        sys.path.insert(0, str(PROJECT))
-    django.setup()
-    from django.core.management import call_command
-
-    from greenpool.django import pools
-
-    call_command("migrate", verbosity=0, stdout=io.StringIO())
-    _close_connections()
-    pools.close_all()
-    yield pools
-    _close_connections()
-    pools.close_all()
-
-
-@pytest.fixture
-def pools(project: Any) -> Iterator[Any]:
-    """A fresh pool for the test, and nothing left lent after it."""
-    from notes.models import Note
-
-    Note.objects.all().delete()
-    _close_connections()
-    project.close_all()
-    yield project
-    _close_connections()
-    for name, group in project.stats()["groups"].items():
-        assert group["in_use"] == 0, f"{name} still lends {group['in_use']} after the test"
-    project.close_all()
-
-
-def _close_connections() -> None:
-    from django.db import connections
-
-    for conn in connections.all():
-        conn.close()
-
-
-def group_stats(pools: Any, alias: str = "default") -> dict[str, Any]:
-    return dict(pools.stats()["groups"].get(alias) or {"in_use": 0, "size": 0, "idle": 0})
-
-
-def wsgi_request(path: str, method: str = "GET", body: bytes = b"") -> tuple[str, bytes]:
-    """One request through Django's WSGI handler, response closed as a server closes it."""
-    from wsgiref.util import setup_testing_defaults
-
-    from django.core.handlers.wsgi import WSGIHandler
-
-    environ: dict[str, Any] = {"PATH_INFO": path, "REQUEST_METHOD": method,
-                               "CONTENT_LENGTH": str(len(body)), "wsgi.input": io.BytesIO(body),
-                               "CONTENT_TYPE": "application/json"}
-    setup_testing_defaults(environ)
-    status: list[str] = []
-    response = WSGIHandler()(environ, lambda s, h, exc_info=None: status.append(s))
-    try:
-        data = b"".join(response)
-    finally:
-        response.close()  # request_finished: close_old_connections
-    return status[0], data
 
 
 # --- migrations, ORM, the request life cycle ------------------------------------------------

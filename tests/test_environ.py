@@ -10,7 +10,7 @@ from unittest import mock
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from test_secrets import texts
+from readable import texts
 
 from greenpool import ConfigError, Pool, PoolError, parse_config
 from greenpool.environ import ENDPOINT_VARIABLES, fill_endpoint

@@ -15,7 +15,7 @@ import time
 import pytest
 from endpoints import endpoint_stats, label
 from lending import discards, group_stats, lend_all
-from modes import MODE, wait_until
+from modes import GREEN, MODE, wait_until
 
 from greenpool import PoolTimeout
 
@@ -122,3 +122,29 @@ def test_role_probe_of_a_stalled_standby_leaves_a_primary_group_its_room(make_po
             os.kill(stopped, signal.SIGCONT)
         for pc in held:
             group.release(pc)
+
+
+# --- refresh pings of idle connections ---------------------------------------------------
+
+
+@pytest.mark.skipif(not GREEN, reason="housekeeping pings in a green task")
+@pytest.mark.timeout(60)
+def test_a_stalled_ping_does_not_hold_healthy_idle_connections_hostage(make_pool, pg):
+    """Housekeeping pings min_size connections due for a refresh one at a time: with the
+first one's backend stopped (SIGSTOP), its ping waits, but the healthy one stays idle
+and serves a borrower with a 1 s budget (it is not taken out for a ping at the same time)."""
+    pool = make_pool({"g": {"connection_count": 2, "min_size": 2, "max_idle": 1.0}},
+                     db=pg.endpoint(connect_timeout=4), maintenance_interval=0.1)
+    group = pool.group("g")
+    first, second = group.acquire(timeout=5), group.acquire(timeout=5)
+    stalled = first.raw.get_backend_pid()
+    group.release(first)  # the oldest returned: pinged first
+    group.release(second)
+    os.kill(stalled, signal.SIGSTOP)
+    try:
+        wait_until(lambda: group.stats()["idle"] == 1, 3, "housekeeping to take one")
+        with pool.handler("g", timeout=1.0) as db:
+            assert db.query_one("SELECT pg_backend_pid()")[0] != stalled
+    finally:
+        os.kill(stalled, signal.SIGCONT)
+

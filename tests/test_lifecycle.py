@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 
 import pytest
 from modes import GREEN, MODE, join_all, sleep, spawn, wait_until
@@ -343,3 +345,105 @@ def test_fork_during_a_connects_role_query_leaves_the_parents_session_alone(
             # a connect to the standby (the group explores it) is the only discard
             assert set(group.stats()["discards_by_reason"]) <= {"wrong_role"}, group.stats()
             pool.close()
+
+
+# --- a fork while a connection is in flight ------------------------------------------------
+
+
+def consistent(stats: dict) -> bool:
+    return (stats["size"] == stats["idle"] + stats["in_use"] + stats["connecting"]
+            and min(stats["size"], stats["idle"], stats["in_use"], stats["connecting"]) >= 0)
+
+
+@pytest.mark.skipif(MODE != "gevent", reason="greenlets are copied into a forked child")
+@pytest.mark.timeout(60)
+def test_fork_during_a_housekeeping_ping_never_lends_the_parents_session(make_pool, pg):
+    """Housekeeping pings an idle min_size connection it took out of the idle list (neither
+idle nor lent) when the process forks. The child's copy of the upkeep task must not finish
+that ping on the shared socket and put the PARENT's connection into the child's idle list:
+the child lends a session of its own, its stats add up, and the parent's own ping gets its
+reply and discards nothing."""
+    from gevent import monkey
+
+    real_sleep = monkey.get_original("time", "sleep")
+    pool = make_pool({"g": {"connection_count": 1, "min_size": 1, "max_idle": 1.0}},
+                     db=pg.endpoint(connect_timeout=3), maintenance_interval=0.1)
+    group = pool.group("g")
+    pc = group.acquire(timeout=5)
+    parent_backend = pc.raw.get_backend_pid()
+    group.release(pc)
+    os.kill(parent_backend, signal.SIGSTOP)  # the next ping waits for its reply
+    try:
+        wait_until(lambda: group.stats()["idle"] == 0, 3, "housekeeping to ping it")
+        read_end, write_end = os.pipe()
+        child = os.fork()
+        if child == 0:
+            code = 1
+            try:
+                os.close(read_end)
+                sleep(1.0)
+                with pool.handler("g", timeout=3) as db:
+                    backend = db.query_one("SELECT pg_backend_pid()")[0]
+                report = {"backend": backend, **group.stats()}
+                os.write(write_end, json.dumps(report, default=str).encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write_end)
+    finally:
+        os.kill(parent_backend, signal.SIGCONT)
+    real_sleep(0.5)  # the parent's hub is busy for a moment: the child's copy reads first
+    _, status = os.waitpid(child, 0)
+    report = json.loads(os.read(read_end, 65536).decode())
+    os.close(read_end)
+    wait_until(lambda: group.stats()["idle"] == 1, 5, "the parent's ping to end")
+    assert status == 0
+    assert report["backend"] != parent_backend, report
+    assert consistent(report), report
+    assert group.stats()["discards"] == 0, group.stats()
+
+
+@pytest.mark.skipif(MODE != "gevent", reason="greenlets are copied into a forked child")
+@pytest.mark.timeout(60)
+def test_fork_during_a_connect_leaves_the_parents_handshake_to_the_parent(make_pool, pg):
+    """A background connect is in flight when the process forks (the postmaster is stopped
+with SIGSTOP, so the startup reply is pending). The child's copy of the connect task
+must not read the parent's handshake off the shared socket: the parent's connect
+succeeds, and its healthy server is not quarantined."""
+    from gevent import monkey, spawn
+
+    real_sleep = monkey.get_original("time", "sleep")
+    pool = make_pool({"g": {"connection_count": 1, "timeout": 10}},
+                     db=pg.endpoint(connect_timeout=4), maintenance_interval=0.1)
+    group = pool.group("g")
+    postmaster = pg.pid
+    assert postmaster is not None
+    os.kill(postmaster, signal.SIGSTOP)  # the TCP handshake completes; the reply waits
+    try:
+        borrower = spawn(group.acquire)
+        wait_until(lambda: group.stats()["connecting"] == 1, 3, "the connect to start")
+        sleep(0.2)  # the startup packet is sent: the task waits for the reply
+        child = os.fork()
+        if child == 0:
+            try:
+                sleep(1.5)  # the child's hub runs the copied connect task
+            finally:
+                os._exit(0)
+    finally:
+        os.kill(postmaster, signal.SIGCONT)
+    real_sleep(0.8)  # the parent's hub is held: the child's copy would read first
+    _, status = os.waitpid(child, 0)
+    pc = borrower.get(timeout=8)
+    try:
+        assert pc.raw.cursor() is not None
+        with pc.raw.cursor() as cursor:
+            cursor.execute("SELECT 1")
+            assert cursor.fetchone() == (1,)
+    finally:
+        group.release(pc)
+    assert status == 0
+    stats = pool.stats()["endpoints"]
+    (endpoint,) = stats.values()
+    assert endpoint["state"] == "up" and endpoint["quarantines"] == 0, endpoint
+    assert consistent(group.stats()), group.stats()
+

@@ -10,18 +10,16 @@ session (``pg_listening_channels()`` only ever shows the asking session's own ch
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from endpoints import label
 from faults import Ticker
+from gunicorn_example import EXAMPLE, request
 from modes import GREEN, MODE, Timeout, join_all, sleep, spawn, wait_until
 
 import greenpool
@@ -337,51 +335,6 @@ def test_a_refused_reconnect_keeps_trying_and_never_shows_the_password(
 
 
 # --- the example app's server-sent events -------------------------------------------------
-
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "gunicorn"
-
-
-@pytest.fixture
-def example_app(pg: Any) -> Iterator[Any]:
-    """examples/gunicorn/app.py imported in this process, on a database of its own."""
-    import importlib.util
-
-    name = "listen_example_inprocess"
-    pg.execute(f"DROP DATABASE IF EXISTS {name}")
-    pg.create_database(name)
-    config = {"type": MODE, "db": pg.endpoint(name=name), "application_name": APP,
-              "groups": {"write": {"connection_count": 2, "exclusive_limit": 2, "timeout": 1},
-                         "read": {"connection_count": 2}}}
-    previous = os.environ.get("GREENPOOL_CONFIG")
-    os.environ["GREENPOOL_CONFIG"] = json.dumps(config)
-    try:
-        spec = importlib.util.spec_from_file_location(name, EXAMPLE / "app.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        if previous is None:
-            del os.environ["GREENPOOL_CONFIG"]
-        else:
-            os.environ["GREENPOOL_CONFIG"] = previous
-    greenpool.close()
-    module.open_pool()
-    try:
-        with greenpool.handler("write") as db:
-            db.execute(module.SCHEMA)
-        yield module
-    finally:
-        greenpool.close()
-
-
-def request(module: Any, method: str, path: str, body: bytes = b"") -> tuple[str, Any]:
-    environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": "",
-               "CONTENT_LENGTH": str(len(body)), "wsgi.input": io.BytesIO(body),
-               "wsgi.errors": io.StringIO()}
-    started: list[str] = []
-    result = module.application(environ, lambda status, headers: started.append(status))
-    return started[0], result
-
 
 def test_the_example_streams_committed_notes_as_server_sent_events(example_app, pg):
     status, stream = request(example_app, "GET", "/events")

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import logging
 import traceback
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from readable import texts
 
 from greenpool import ConfigError, Pool, PoolError, parse_config
 from greenpool.throwaway import Cluster, free_port
@@ -23,27 +23,6 @@ PASSWORD = "Pw-7xq-hunter2"
 SSL_PASSWORD = "SslPw-31-kiwi"
 WRONG = "Wrong-9zz-pw"
 SECRETS = (PASSWORD, SSL_PASSWORD, WRONG, "hunt%zz", "hunt")
-
-
-def texts(thing: Any) -> Iterator[str]:
-    """Everything a human might read of ``thing``: str, repr, and for an exception its whole
-    chain (``__cause__`` and ``__context__``) and formatted traceback."""
-    if isinstance(thing, BaseException):
-        seen: list[BaseException] = []
-        todo: list[BaseException | None] = [thing]
-        while todo:
-            exc = todo.pop()
-            if exc is None or exc in seen:
-                continue
-            seen.append(exc)
-            yield str(exc)
-            yield repr(exc)
-            yield from (str(arg) for arg in exc.args)
-            todo += [exc.__cause__, exc.__context__]
-        yield "".join(traceback.format_exception(thing))
-    else:
-        yield str(thing)
-        yield repr(thing)
 
 
 def assert_no_secret(*things: Any) -> None:

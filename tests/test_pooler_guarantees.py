@@ -1,16 +1,16 @@
-"""Review round 2: the per-transaction settings through a real PgBouncer, attacked.
+"""A group's settings through a real PgBouncer, attacked: a readonly group never writes and
+statement_timeout always applies (greenpool/pooler.py sends them with every transaction).
 
-Each test is a defect found in review (issue 11's promises: a readonly group never writes,
-statement_timeout always applies), now fixed in greenpool/pooler.py:
+The attacks:
 
 * a statement that merely *mentions* ``index`` and ``concurrently`` (a literal, a comment)
-  was taken for ``CREATE INDEX CONCURRENTLY`` and sent without the settings; a nested
-  comment hid the first keyword the same way;
-* a text that ends its transaction midway (``SELECT 1; COMMIT; INSERT ...``) ran the rest
-  in a new transaction without the settings;
-* a readonly autocommit group could ``CREATE DATABASE`` (sent without the settings, as it
-  refuses a transaction block); the server refuses it to a direct readonly connection;
-* ``callproc`` and a ``WITH HOLD`` cursor in autocommit carried no settings at all.
+  must not be taken for ``CREATE INDEX CONCURRENTLY`` and sent without the settings; nor
+  may a nested comment hide the first keyword;
+* a text that ends its transaction midway (``SELECT 1; COMMIT; INSERT ...``) must not run
+  the rest in a new transaction without the settings;
+* a readonly autocommit group is refused what the server refuses a direct readonly
+  connection (``CREATE DATABASE`` refuses a transaction block, so it travels without one);
+* ``callproc`` and a ``WITH HOLD`` cursor in autocommit carry the settings too.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pgbouncer import PgBouncer, available
 from greenpool import Pool
 from greenpool.throwaway import Cluster
 
-TABLE = "greenpool_review2_never"
+TABLE = "greenpool_pooled_never"
 
 
 # --- against a real PgBouncer ---------------------------------------------------------------
@@ -39,17 +39,17 @@ def bouncer(request: pytest.FixtureRequest, pg: Cluster) -> Iterator[PgBouncer]:
     if not available():
         pytest.skip("/usr/sbin/pgbouncer not installed")
     pg.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} (x text)")
-    pg.execute("CREATE OR REPLACE FUNCTION greenpool_review2_write() RETURNS int "
+    pg.execute("CREATE OR REPLACE FUNCTION greenpool_pooled_write() RETURNS int "
                f"LANGUAGE sql AS $$ INSERT INTO {TABLE} VALUES ('function') RETURNING 1 $$")
     with PgBouncer(pg, pool_mode=request.param, max_client_conn=100,
                    default_pool_size=10) as b:
         yield b
     pg.execute(f"DROP TABLE IF EXISTS {TABLE}")
-    pg.execute("DROP FUNCTION IF EXISTS greenpool_review2_write()")
+    pg.execute("DROP FUNCTION IF EXISTS greenpool_pooled_write()")
 
 
 @pytest.fixture
-def pools(mode: str) -> Iterator[Callable[..., Pool]]:
+def pool_on(mode: str) -> Iterator[Callable[..., Pool]]:
     made: list[Pool] = []
 
     def make(db: Any, groups: dict[str, Any]) -> Pool:
@@ -62,8 +62,8 @@ def pools(mode: str) -> Iterator[Callable[..., Pool]]:
         pool.close()
 
 
-def _readonly(bouncer: PgBouncer, pools: Any, autocommit: bool) -> Pool:
-    return pools(bouncer.endpoint(pooler=str(bouncer.settings["pool_mode"])),
+def _readonly(bouncer: PgBouncer, pool_on: Any, autocommit: bool) -> Pool:
+    return pool_on(bouncer.endpoint(pooler=str(bouncer.settings["pool_mode"])),
                  {"ro": {"readonly": True, "statement_timeout": 0.3, "autocommit": autocommit}})
 
 
@@ -76,16 +76,16 @@ WRITES = [
     f"/* /* */ vacuum */ INSERT INTO {TABLE} VALUES ('nested comment')",
     f"SELECT 1; COMMIT; INSERT INTO {TABLE} VALUES ('after commit')",
     f"BEGIN; SELECT 1; END; INSERT INTO {TABLE} VALUES ('after end')",
-    "SELECT greenpool_review2_write(), 'create index concurrently'",
+    "SELECT greenpool_pooled_write(), 'create index concurrently'",
 ]
 
 
 @needs_pgbouncer
 @pytest.mark.parametrize("autocommit", [True, False])
 @pytest.mark.parametrize("sql", WRITES)
-def test_a_readonly_group_never_writes(bouncer: PgBouncer, pools: Any, pg: Cluster,
+def test_a_readonly_group_never_writes(bouncer: PgBouncer, pool_on: Any, pg: Cluster,
                                        autocommit: bool, sql: str) -> None:
-    pool = _readonly(bouncer, pools, autocommit)
+    pool = _readonly(bouncer, pool_on, autocommit)
     with pytest.raises(psycopg2.Error), pool.handler("ro") as db, db.cursor() as cur:
         cur.execute(sql)
     assert _rows(pg) == []
@@ -94,16 +94,16 @@ def test_a_readonly_group_never_writes(bouncer: PgBouncer, pools: Any, pg: Clust
 @needs_pgbouncer
 @pytest.mark.parametrize("autocommit", [True, False])
 def test_callproc_and_a_held_cursor_of_a_readonly_group_never_write(
-    bouncer: PgBouncer, pools: Any, pg: Cluster, autocommit: bool
+    bouncer: PgBouncer, pool_on: Any, pg: Cluster, autocommit: bool
 ) -> None:
-    pool = _readonly(bouncer, pools, autocommit)
+    pool = _readonly(bouncer, pool_on, autocommit)
     with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction), pool.handler("ro") as db, \
             db.cursor() as cur:
-        cur.callproc("greenpool_review2_write")
+        cur.callproc("greenpool_pooled_write")
     with pool.handler("ro") as db:
         cur = db.cursor("held", withhold=True)
         with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction):
-            cur.execute("SELECT greenpool_review2_write()")
+            cur.execute("SELECT greenpool_pooled_write()")
             cur.fetchall()
         db.rollback()
     with pool.handler("ro") as db:  # a held cursor still works, with the settings
@@ -122,9 +122,9 @@ def test_callproc_and_a_held_cursor_of_a_readonly_group_never_write(
     "/* /* */ vacuum */ SELECT pg_sleep(2)",
     "SELECT 1; ROLLBACK; SELECT pg_sleep(2)",
 ])
-def test_statement_timeout_always_applies(bouncer: PgBouncer, pools: Any, autocommit: bool,
+def test_statement_timeout_always_applies(bouncer: PgBouncer, pool_on: Any, autocommit: bool,
                                           sql: str) -> None:
-    pool = _readonly(bouncer, pools, autocommit)
+    pool = _readonly(bouncer, pool_on, autocommit)
     with pytest.raises((psycopg2.errors.QueryCanceled, psycopg2.ProgrammingError)), \
             pool.handler("ro") as db, db.cursor() as cur:
         cur.execute(sql)
@@ -132,9 +132,9 @@ def test_statement_timeout_always_applies(bouncer: PgBouncer, pools: Any, autoco
 
 @needs_pgbouncer
 def test_a_text_that_commits_midway_is_refused_before_it_is_sent(
-    bouncer: PgBouncer, pools: Any, pg: Cluster
+    bouncer: PgBouncer, pool_on: Any, pg: Cluster
 ) -> None:
-    pool = pools(bouncer.endpoint(pooler=str(bouncer.settings["pool_mode"])),
+    pool = pool_on(bouncer.endpoint(pooler=str(bouncer.settings["pool_mode"])),
                  {"rw": {"statement_timeout": 0.3, "autocommit": True}})
     with pytest.raises(psycopg2.ProgrammingError, match="own execute"), \
             pool.handler("rw") as db, db.cursor() as cur:
@@ -150,13 +150,13 @@ def test_a_text_that_commits_midway_is_refused_before_it_is_sent(
 # statements that refuse a transaction block; the ones a read-only transaction refuses name
 # things that do not exist, so that they fail harmlessly if they were let through
 OUTSIDE_A_BLOCK = [
-    "CREATE DATABASE greenpool_review2_never", "DROP DATABASE greenpool_review2_none",
-    "CREATE TABLESPACE greenpool_review2_ts LOCATION '/nonexistent'",
-    "DROP TABLESPACE greenpool_review2_none",
-    f"CREATE INDEX CONCURRENTLY greenpool_review2_i ON {TABLE} (x)",
-    "DROP INDEX CONCURRENTLY greenpool_review2_none",
-    "DROP SUBSCRIPTION greenpool_review2_none",
-    "ALTER DATABASE greenpool_review2_none SET TABLESPACE pg_default",
+    "CREATE DATABASE greenpool_pooled_never", "DROP DATABASE greenpool_pooled_none",
+    "CREATE TABLESPACE greenpool_pooled_ts LOCATION '/nonexistent'",
+    "DROP TABLESPACE greenpool_pooled_none",
+    f"CREATE INDEX CONCURRENTLY greenpool_pooled_i ON {TABLE} (x)",
+    "DROP INDEX CONCURRENTLY greenpool_pooled_none",
+    "DROP SUBSCRIPTION greenpool_pooled_none",
+    "ALTER DATABASE greenpool_pooled_none SET TABLESPACE pg_default",
     f"VACUUM {TABLE}", "DISCARD ALL", f"REINDEX TABLE CONCURRENTLY {TABLE}",
 ]
 
@@ -174,7 +174,7 @@ def _outcome(conn: Any, sql: str) -> str:
 
 @needs_pgbouncer
 def test_a_readonly_autocommit_group_is_refused_what_the_server_refuses_directly(
-    bouncer: PgBouncer, pools: Any, pg: Cluster
+    bouncer: PgBouncer, pool_on: Any, pg: Cluster
 ) -> None:
     direct = pg.connect(options="-c default_transaction_read_only=on")
     direct.autocommit = True
@@ -182,26 +182,26 @@ def test_a_readonly_autocommit_group_is_refused_what_the_server_refuses_directly
         expected = {sql: _outcome(direct, sql) for sql in OUTSIDE_A_BLOCK}
     finally:
         direct.close()
-    assert expected["CREATE DATABASE greenpool_review2_never"] == "refused: read-only"
-    pool = _readonly(bouncer, pools, True)
+    assert expected["CREATE DATABASE greenpool_pooled_never"] == "refused: read-only"
+    pool = _readonly(bouncer, pool_on, True)
     got = {}
     for sql in OUTSIDE_A_BLOCK:
         with pool.handler("ro") as db:
             got[sql] = _outcome(db.connection, sql)
     assert got == expected
     assert pg.execute("SELECT count(*) FROM pg_database "
-                      "WHERE datname = 'greenpool_review2_never'") == [(0,)]
+                      "WHERE datname = 'greenpool_pooled_never'") == [(0,)]
 
 
 @needs_pgbouncer
 @pytest.mark.parametrize("autocommit", [True, False])
-def test_executemany_reports_the_rows_of_every_statement(bouncer: PgBouncer, pools: Any,
+def test_executemany_reports_the_rows_of_every_statement(bouncer: PgBouncer, pool_on: Any,
                                                          pg: Cluster, autocommit: bool) -> None:
     """psycopg2's executemany sums the rowcounts; through a pooler it runs the statements
     one by one (each may start a transaction) and must report the same sum."""
     pg.execute(f"INSERT INTO {TABLE} SELECT g::text FROM generate_series(1, 5) AS g")
     try:
-        pool = pools(bouncer.endpoint(pooler=str(bouncer.settings["pool_mode"])),
+        pool = pool_on(bouncer.endpoint(pooler=str(bouncer.settings["pool_mode"])),
                      {"rw": {"statement_timeout": 1, "autocommit": autocommit}})
         with pool.handler("rw") as db, db.cursor() as cur:
             cur.executemany(f"UPDATE {TABLE} SET x = x WHERE x::int <= %s", [(2,), (3,), (1,)])
@@ -231,19 +231,19 @@ def test_pgdbpool_config_behind_a_declared_pooler(bouncer: PgBouncer) -> None:
 
 @needs_pgbouncer
 def test_a_sql_function_body_is_not_taken_for_a_transaction_end(bouncer: PgBouncer,
-                                                                pools: Any) -> None:
-    pool = pools(bouncer.endpoint(pooler=str(bouncer.settings["pool_mode"])),
+                                                                pool_on: Any) -> None:
+    pool = pool_on(bouncer.endpoint(pooler=str(bouncer.settings["pool_mode"])),
                  {"rw": {"statement_timeout": 1}})
     with pool.handler("rw") as db, db.cursor() as cur:
-        cur.execute("CREATE FUNCTION greenpool_review2_f() RETURNS int LANGUAGE sql "
-                    "BEGIN ATOMIC SELECT 1; SELECT 2; END; SELECT greenpool_review2_f()")
+        cur.execute("CREATE FUNCTION greenpool_pooled_f() RETURNS int LANGUAGE sql "
+                    "BEGIN ATOMIC SELECT 1; SELECT 2; END; SELECT greenpool_pooled_f()")
         assert cur.fetchone() == (2,)
         db.rollback()  # nothing of it stays
 
 
 @needs_pgbouncer
 def test_connections_opened_before_a_dropping_pooler_was_detected_are_not_lent_again(
-    pg: Cluster, pools: Any
+    pg: Cluster, pool_on: Any
 ) -> None:
     """``ignore_startup_parameters = options``: a group with only a statement_timeout cannot
     tell that its settings were dropped; once a readonly group finds out, the connections
@@ -252,7 +252,7 @@ def test_connections_opened_before_a_dropping_pooler_was_detected_are_not_lent_a
 
     with PgBouncer(pg, pool_mode="transaction", ignore_startup_parameters="options") as b:
         try:
-            pool = pools(b.endpoint(), {"rw": {"statement_timeout": 0.3, "connection_count": 1},
+            pool = pool_on(b.endpoint(), {"rw": {"statement_timeout": 0.3, "connection_count": 1},
                                         "ro": {"readonly": True, "statement_timeout": 0.3}})
             with pool.handler("rw") as db:
                 assert db.query_one("SHOW statement_timeout")[0] == "0"  # dropped, unseen
@@ -268,18 +268,18 @@ def test_connections_opened_before_a_dropping_pooler_was_detected_are_not_lent_a
 
 @needs_pgbouncer
 def test_a_callproc_whose_server_connection_dies_raises_its_own_error(
-    bouncer: PgBouncer, pools: Any, pg: Cluster
+    bouncer: PgBouncer, pool_on: Any, pg: Cluster
 ) -> None:
     """In autocommit the call runs in a transaction of greenpool's; when the server
     connection dies in it, the caller sees that error (not the failed ROLLBACK's), and no
     slot is lost."""
-    pg.execute("CREATE OR REPLACE FUNCTION greenpool_review2_die() RETURNS bool LANGUAGE sql "
+    pg.execute("CREATE OR REPLACE FUNCTION greenpool_pooled_die() RETURNS bool LANGUAGE sql "
                "AS $$ SELECT pg_terminate_backend(pg_backend_pid()) $$")
-    pool = pools(bouncer.endpoint(pooler=str(bouncer.settings["pool_mode"])),
+    pool = pool_on(bouncer.endpoint(pooler=str(bouncer.settings["pool_mode"])),
                  {"ro": {"readonly": True, "autocommit": True, "connection_count": 1}})
     with pytest.raises(psycopg2.OperationalError), pool.handler("ro") as db, \
             db.cursor() as cur:
-        cur.callproc("greenpool_review2_die")
+        cur.callproc("greenpool_pooled_die")
     assert pool.stats()["groups"]["ro"]["in_use"] == 0
     with pool.handler("ro") as db:
         assert db.query_one("SHOW transaction_read_only")[0] == "on"
@@ -287,7 +287,7 @@ def test_a_callproc_whose_server_connection_dies_raises_its_own_error(
 
 @needs_pgbouncer
 def test_sqlalchemy_orm_updates_several_rows_through_pgbouncer(
-    bouncer: PgBouncer, pools: Any, pg: Cluster
+    bouncer: PgBouncer, pool_on: Any, pg: Cluster
 ) -> None:
     """The ORM checks executemany's rowcount: with the last statement's count it raised
     StaleDataError ("expected to update 5 row(s); 1 were matched") on every flush that
@@ -301,13 +301,13 @@ def test_sqlalchemy_orm_updates_several_rows_through_pgbouncer(
     base: Any = declarative_base()
 
     class Item(base):  # type: ignore[misc,valid-type]
-        __tablename__ = "greenpool_review2_items"
+        __tablename__ = "greenpool_pooled_items"
         id = Column(Integer, primary_key=True)
         v = Column(String)
 
-    pg.execute("CREATE TABLE IF NOT EXISTS greenpool_review2_items (id int primary key, v text)")
+    pg.execute("CREATE TABLE IF NOT EXISTS greenpool_pooled_items (id int primary key, v text)")
     try:
-        pool = pools(bouncer.endpoint(pooler=str(bouncer.settings["pool_mode"])),
+        pool = pool_on(bouncer.endpoint(pooler=str(bouncer.settings["pool_mode"])),
                      {"w": {"statement_timeout": 2}})
         engine = create_engine(pool, "w")
         with Session(engine) as session:
@@ -320,6 +320,6 @@ def test_sqlalchemy_orm_updates_several_rows_through_pgbouncer(
             for item in session.query(Item).all():
                 session.delete(item)
             session.commit()
-        assert pg.execute("SELECT count(*) FROM greenpool_review2_items") == [(0,)]
+        assert pg.execute("SELECT count(*) FROM greenpool_pooled_items") == [(0,)]
     finally:
-        pg.execute("DROP TABLE IF EXISTS greenpool_review2_items")
+        pg.execute("DROP TABLE IF EXISTS greenpool_pooled_items")

@@ -1,5 +1,5 @@
-"""Django's own test classes on greenpool.django (run by tests/test_review_django.py as
-``manage.py test notes.review_suite --parallel N``; not found by the default ``test*.py``
+"""Django's own test classes on greenpool.django (run by tests/test_django_processes.py as
+``manage.py test notes.runner_suite --parallel N``; not found by the default ``test*.py``
 pattern, so ``manage.py test notes`` runs only tests.py)."""
 
 from django.db import connection, transaction

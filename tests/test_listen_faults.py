@@ -1,8 +1,7 @@
-"""Review of issue 13 (exclusive connections, LISTEN/NOTIFY): scenarios that broke it.
-
-Real servers and real faults: a postmaster stopped with SIGSTOP (a connect that hangs),
-``pg_ctl stop -m immediate`` and a restart of the same server, killed tasks, closes racing
-a connect. What is left on the server is read from ``pg_stat_activity``.
+"""Listeners under real faults and races: a postmaster stopped with SIGSTOP (a connect that
+hangs), ``pg_ctl stop -m immediate`` and a restart or a promotion, terminated sessions,
+closes from another task at any moment, a pool closed under a listener. What is left on
+the server is read from ``pg_stat_activity``.
 """
 
 from __future__ import annotations
@@ -14,33 +13,16 @@ import time
 from typing import Any
 
 import pytest
-import test_listen
 from endpoints import label
-from modes import GREEN, Timeout, join_all, sleep, spawn, wait_until
-from pgbouncer import available as pgbouncer_available
+from gunicorn_example import request
+from listening import group_stats, listening_sessions, sessions
+from modes import join_all, sleep, spawn, wait_until
 
 from greenpool import Gap, PoolClosed
 
 pytestmark = pytest.mark.timeout(120)
 
-example_app = test_listen.example_app  # the fixture: examples/gunicorn/app.py in process
-
-APP = "greenpool-review-listen"
-
-
-def listening_sessions(cluster: Any) -> int:
-    return int(cluster.execute(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
-        "AND query LIKE 'LISTEN %%'", (APP,))[0][0])
-
-
-def sessions(cluster: Any) -> int:
-    return int(cluster.execute(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (APP,))[0][0])
-
-
-def group_stats(pool: Any, name: str = "g") -> dict[str, Any]:
-    return pool.stats()["groups"][name]  # type: ignore[no-any-return]
+APP = "greenpool-listen-faults"
 
 
 def test_closing_the_pool_while_a_listener_connects_leaves_no_session(make_pool, pg_factory):
@@ -62,7 +44,7 @@ def test_closing_the_pool_while_a_listener_connects_leaves_no_session(make_pool,
     join_all([opener], 15)
     assert isinstance(opener.error, PoolClosed) or (
         opener.error is None and opener.result.closed), (opener.error, opener.result)
-    wait_until(lambda: sessions(server) == 0, 10, "no session of the listener left")
+    wait_until(lambda: sessions(server, APP) == 0, 10, "no session of the listener left")
     assert group_stats(pool)["exclusive_open"] == 0 and group_stats(pool)["listeners"] == 0
 
 
@@ -74,7 +56,7 @@ def test_a_listener_dropped_without_close_gives_its_slot_back(make_pool, pg):
     assert listener.get(0) is None
     del listener
     gc.collect()
-    wait_until(lambda: listening_sessions(pg) == 0, 5, "the session to end")
+    wait_until(lambda: listening_sessions(pg, APP) == 0, 5, "the session to end")
     wait_until(lambda: group_stats(pool)["exclusive_open"] == 0, 5, "the slot to come back")
     assert group_stats(pool)["listeners"] == 0
     with pool.listen("g", "jobs", timeout=1):
@@ -117,7 +99,7 @@ def test_many_listeners_resume_after_a_restart_of_the_same_server(make_pool, pg_
     assert took < 15, took
     assert group_stats(pool)["timeouts"] == 0  # reconnect rounds are no caller's timeout
     assert group_stats(pool)["listen_gaps"] == n
-    wait_until(lambda: listening_sessions(server) == 0, 10, "every session to end")
+    wait_until(lambda: listening_sessions(server, APP) == 0, 10, "every session to end")
 
 
 def test_the_largest_payload_arrives_whole_and_a_too_large_one_is_the_senders_error(
@@ -187,7 +169,7 @@ def test_close_racing_reconnects_never_leaks(make_pool, pg_factory, blackhole):
         assert listener.closed
         stats = group_stats(pool)
         assert stats["exclusive_open"] == 0 and stats["listeners"] == 0, stats
-        wait_until(lambda: listening_sessions(server) == 0, 10, "no listening session")
+        wait_until(lambda: listening_sessions(server, APP) == 0, 10, "no listening session")
     assert raced >= 3, raced
 
 
@@ -204,72 +186,6 @@ def test_a_notification_read_with_the_loss_is_delivered_before_the_gap(make_pool
         first, second = listener.get(5), listener.get(5)
         assert getattr(first, "payload", None) == "last words", (first, second)
         assert isinstance(second, Gap), second
-
-
-@pytest.mark.skipif(not GREEN, reason="interrupting a task mid-query needs greenlets")
-def test_a_block_interrupted_mid_query_ends_its_session_and_frees_its_lock(make_pool, pg):
-    """A gevent.Timeout lands while the block's own query runs: the block ends, its session
-    (with the session advisory lock it took) is gone from the server soon, not when the
-    query would have finished, and the slot is free."""
-    pool = make_pool({"g": {"exclusive_limit": 1}}, application_name=APP)
-    with pytest.raises(Timeout), Timeout(0.5), pool.exclusive("g") as conn:
-        cursor = conn.cursor()
-        cursor.execute("SELECT pg_advisory_lock(4242)")
-        cursor.execute("SELECT pg_sleep(60)")
-    assert group_stats(pool)["exclusive_open"] == 0
-    wait_until(lambda: sessions(pg) - group_stats(pool)["size"] == 0, 10,
-               "the interrupted session to end")
-    assert pg.execute("SELECT pg_try_advisory_lock(4242)")[0][0] is True
-    with pool.exclusive("g", timeout=1):
-        pass
-
-
-@pytest.mark.skipif(not GREEN, reason="interrupting a task at any point needs greenlets")
-def test_a_storm_of_timeouts_on_exclusive_blocks_and_listeners_loses_no_slot(make_pool, pg):
-    """30 tasks open exclusive blocks and listeners under a limit of 3, most cut off by a
-    Timeout of 1 to 60 ms at whatever point it is (waiting, connecting, LISTEN, inside,
-    closing): afterwards every slot is free and no session is left."""
-    import random
-
-    pool = make_pool({"g": {"exclusive_limit": 3}}, application_name=APP)
-    rng = random.Random(13)
-    outcomes = {"done": 0, "cut": 0, "refused": 0}
-
-    def worker(seed: int) -> None:
-        local = random.Random(seed)
-        for _ in range(8):
-            try:
-                cut_at = None if local.random() < 0.25 else local.uniform(0.001, 0.06)
-                with Timeout(cut_at):  # some run to the end, under the same contention
-                    if local.random() < 0.5:
-                        with pool.exclusive("g", timeout=1) as conn:
-                            conn.cursor().execute("SELECT pg_sleep(0.01)")
-                    else:
-                        with pool.listen("g", "storm", timeout=1) as listener:
-                            listener.get(0.02)
-                outcomes["done"] += 1
-            except Timeout:
-                outcomes["cut"] += 1
-            except greenpool_errors() as exc:
-                assert "exclusive_limit" in str(exc) or "endpoint" in str(exc), exc
-                outcomes["refused"] += 1
-
-    tasks = [spawn(worker, rng.random()) for _ in range(30)]
-    join_all(tasks, 60)
-    assert all(t.error is None for t in tasks), [t.error for t in tasks if t.error]
-    assert outcomes["cut"] > 0 and outcomes["done"] > 0, outcomes
-    stats = group_stats(pool)
-    assert (stats["exclusive_open"], stats["exclusive_waiting"], stats["listeners"]) == (0, 0, 0)
-    wait_until(lambda: sessions(pg) - group_stats(pool)["size"] == 0, 10, "no session left")
-    with pool.exclusive("g", timeout=1), pool.exclusive("g", timeout=1), \
-            pool.exclusive("g", timeout=1):
-        pass
-
-
-def greenpool_errors() -> type[Exception]:
-    from greenpool import PoolTimeout
-
-    return PoolTimeout
 
 
 def test_fifty_listeners_follow_a_promotion_each_with_one_gap(make_pool, pg_factory):
@@ -307,7 +223,7 @@ def test_fifty_listeners_follow_a_promotion_each_with_one_gap(make_pool, pg_fact
         assert (g[0].previous, g[0].endpoint) == (label(primary), label(standby)), g[0]
     stats = group_stats(pool, "write")
     assert stats["listen_gaps"] == n and stats["timeouts"] == 0, stats
-    wait_until(lambda: listening_sessions(standby) == 0, 10, "every session to end")
+    wait_until(lambda: listening_sessions(standby, APP) == 0, 10, "every session to end")
 
 
 def test_the_example_stream_closed_before_its_first_chunk_closes_its_listener(
@@ -318,7 +234,7 @@ def test_the_example_stream_closed_before_its_first_chunk_closes_its_listener(
     the garbage collector (a generator closed unstarted never runs its finally)."""
     import greenpool
 
-    status, stream = test_listen.request(example_app, "GET", "/events")
+    status, stream = request(example_app, "GET", "/events")
     assert status == "200 OK"
     assert greenpool.stats()["groups"]["write"]["listeners"] == 1
     listener = stream.listener  # held: the garbage collector cannot help
@@ -354,7 +270,7 @@ def test_close_from_another_task_at_random_moments_of_a_read(make_pool, pg):
         assert listener.closed and listener.get(0) is None
         stats = group_stats(pool)
         assert (stats["exclusive_open"], stats["listeners"]) == (0, 0), stats
-    wait_until(lambda: listening_sessions(pg) == 0, 10, "no listening session")
+    wait_until(lambda: listening_sessions(pg, APP) == 0, 10, "no listening session")
 
 
 def test_pool_close_while_the_heartbeat_waits_on_a_stopped_backend(make_pool, pg):
@@ -380,27 +296,3 @@ def test_pool_close_while_the_heartbeat_waits_on_a_stopped_backend(make_pool, pg
     wait_until(lambda: pg.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s",
                                   (pid,))[0][0] == 0, 10, "the stopped session to end")
 
-
-@pytest.mark.skipif(not pgbouncer_available(), reason="needs /usr/sbin/pgbouncer")
-def test_a_transaction_pooler_cannot_give_a_session_and_says_so(make_pool, pg):
-    """Behind PgBouncer in transaction mode a 'dedicated' connection is no session (each
-    transaction may run on another server connection): a LISTEN there would silently hear
-    nothing, a session advisory lock would be held by a stranger. exclusive() and listen()
-    refuse at once, naming the endpoint and the ``pooler`` key; session mode works."""
-    from pgbouncer import PgBouncer
-
-    from greenpool import PoolError
-
-    with PgBouncer(pg, pool_mode="transaction", max_client_conn=50) as tx, \
-            PgBouncer(pg, pool_mode="session", max_client_conn=50) as session:
-        pool = make_pool({"g": {"exclusive_limit": 2}},
-                         db=tx.endpoint(pooler="transaction"), application_name=APP)
-        with pytest.raises(PoolError, match="transaction"), pool.exclusive("g", timeout=2):
-            pass
-        with pytest.raises(PoolError, match="transaction"):
-            pool.listen("g", "jobs", timeout=2)
-        assert group_stats(pool)["exclusive_open"] == 0
-        pool = make_pool({"g": {}}, db=session.endpoint(pooler="session"), application_name=APP)
-        with pool.listen("g", "jobs", timeout=5) as listener:
-            pg.execute("NOTIFY jobs, 'through a session pooler'")
-            assert listener.get(5).payload == "through a session pooler"
