@@ -89,7 +89,7 @@ def test_pool_creation_does_not_connect():
     pool.close()
 
 
-# --- the values that used to pass validation and break later (issue 10) ------------------
+# --- values that must be refused at once, not break later ------------------------------
 
 NAN, INF = float("nan"), float("inf")
 

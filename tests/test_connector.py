@@ -1,6 +1,6 @@
-"""Issue 16: connections are opened by the pool, not by the caller who asks.
+"""Connections are opened by the pool, not by the caller who asks.
 
-Each test is one of the issue's faults 1-8, on real servers with real faults. A caller's
+On real servers with real faults: a caller's
 timeout ends its wait, never a connect in flight; only the server's behaviour judges the
 server; slots are never lost; load moves back under saturation.
 """
@@ -257,7 +257,7 @@ def test_probe_connections_are_counted_in_the_endpoint_budget(make_pool, pg, pg_
 
 def test_non_threaded_mode_connects_inline_and_says_it_cannot_wait(pg):
     """Non-threaded mode has no background: the connect runs in the caller, and an exhausted
-    group fails at once with a message that claims no wait it never made (issue 15)."""
+    group fails at once with a message that claims no wait it never made."""
     from greenpool import Pool
 
     pool = Pool({"type": "non-threaded", "db": pg.endpoint(),

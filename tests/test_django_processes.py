@@ -55,8 +55,8 @@ os._exit(0)
 
 def test_a_pool_made_before_fork_does_not_hang_a_gevent_worker(pg: Cluster) -> None:
     """gunicorn ``--preload`` with an app that queries while loading: the master makes a
-    threaded pool, the gevent worker patches after the fork. Before the fix the inherited
-    pool's real locks blocked the worker's hub for good."""
+    threaded pool, the gevent worker patches after the fork. The inherited pool's real locks
+    must not block the worker's hub."""
     if MODE != "gevent":
         pytest.skip("runs in a subprocess of its own: once is enough")
     import json

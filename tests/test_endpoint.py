@@ -54,7 +54,7 @@ def test_only_one_prober_and_failed_probes_raise_the_ceiling_up_to_the_max():
 
 def test_the_backoff_stays_within_a_quarter_of_the_outage():
     """A server down for 4 s is probed at least every second, however many probes failed:
-    a short outage must not be followed by a long exile (issue 5's failover workload)."""
+    a short outage must not be followed by a long exile."""
     ep = make()
     assert ep.begin_connect(time.monotonic())
     ep.connect_failed("refused")

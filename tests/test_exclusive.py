@@ -1,4 +1,4 @@
-"""Issue 13, exclusive connections: ``pool.exclusive(group)`` opens a dedicated connection
+"""Exclusive connections: ``pool.exclusive(group)`` opens a dedicated connection
 chosen like the group's (role, quarantine, settings), outside its slots, bounded by
 ``exclusive_limit``, closed at the end; interruptions never leak it or its slot.
 

@@ -1,4 +1,4 @@
-"""Issue 3, multi-endpoint failover: roles, promotion, losing and regaining endpoints,
+"""Multi-endpoint failover: roles, promotion, losing and regaining endpoints,
 quarantine with backoff, replays. Every test runs against real servers it starts itself
 (destructive steps only on clusters from ``pg_factory``) and real faults: ``pg_ctl stop -m
 immediate``, ``pg_ctl promote``, a black-hole listener, ``pg_terminate_backend``.

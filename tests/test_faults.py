@@ -12,7 +12,7 @@ from greenpool import ConnectFailed, NoHealthyEndpoint, Pool, PoolTimeout
 
 
 def test_black_hole_endpoint_fails_within_timeout_and_never_blocks(blackhole, mode):
-    """Issue 2, check 5. Each attempt is bounded by the endpoint's connect_timeout (0.3 s
+    """Each attempt is bounded by the endpoint's connect_timeout (0.3 s
     here; in threaded mode libpq's own, whole seconds, at least 2), never by the caller's
     time; the caller's own timeout ends its wait and names the endpoint's failure."""
     timeout = 1.0 if GREEN else 3.0
@@ -39,7 +39,7 @@ def test_black_hole_endpoint_fails_within_timeout_and_never_blocks(blackhole, mo
 
 
 def test_server_restart_under_a_live_pool(make_pool, pg_factory):
-    """Issue 2, check 6: after `pg_ctl restart -m fast`, no caller sees an error."""
+    """After `pg_ctl restart -m fast`, no caller sees an error."""
     server = pg_factory()
     pool = make_pool({"g": {"connection_count": 5}}, db=server.endpoint())
     group = pool.group("g")

@@ -308,7 +308,7 @@ def test_load_outage_recovery_and_clean_shutdown(
     stop_and_check_goodbyes(app, db, server_conns)
 
 
-@pytest.mark.skipif(not hasattr(greenpool.config, "ROLES"), reason="needs failover (issue 3)")
+@pytest.mark.skipif(not hasattr(greenpool.config, "ROLES"), reason="needs failover")
 def test_reads_survive_losing_the_standby(
     pg_factory: Callable[..., Cluster], server_conns: Callable[..., int],
     app_factory: Callable[[dict[str, Any]], App],

@@ -1,4 +1,4 @@
-"""The handler API against a real server: the issue's example, commit/rollback rules, nesting."""
+"""The handler API against a real server: a first use, commit/rollback rules, nesting."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def count(pg, value):
     return pg.execute("SELECT count(*) FROM t WHERE v = %s", (value,))[0][0]
 
 
-def test_issue_example_commits_and_rolls_back(pg, mode, table):
+def test_a_handler_commits_at_a_clean_exit_and_rolls_back_on_an_error(pg, mode, table):
     greenpool.init(
         {
             "type": mode,

@@ -40,7 +40,7 @@ def assert_group_hands_out_exactly(pool, name, size):
 
 @pytest.mark.skipif(not GREEN, reason="threads cannot be interrupted from outside")
 def test_100_tasks_killed_by_timeout_at_random_points(make_pool, pg):
-    """Issue 2, check 4: timeouts while waiting, mid-query and inside the block."""
+    """Timeouts while waiting, mid-query and inside the block."""
     app = "gp-killed"
     pool = make_pool(
         {"g": {"connection_count": 5, "timeout": 10}, "ac": {"connection_count": 3,

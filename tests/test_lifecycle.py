@@ -149,7 +149,7 @@ def test_a_connection_held_past_the_leak_threshold_is_reported_once(make_pool, c
 
 @pytest.mark.skipif(MODE == "eventlet", reason="eventlet's fork support is not exercised")
 def test_fork_while_a_connection_is_being_reset_gives_the_child_none_of_it(make_pool):
-    """Issue 14, item 7: a connection in transit at fork time (its ROLLBACK on return is
+    """A connection in transit at fork time (its ROLLBACK on return is
     stuck on a backend stopped with SIGSTOP) is never used by the child, and the child's
     counts stay within connection_count; the parent finishes the reset once the backend
     resumes, with its accounting intact."""

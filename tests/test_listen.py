@@ -1,4 +1,4 @@
-"""Issue 13, LISTEN/NOTIFY: ``pool.listen(group, channels)`` delivers notifications without
+"""LISTEN/NOTIFY: ``pool.listen(group, channels)`` delivers notifications without
 blocking the hub, survives a lost server and a promotion (reporting the gap), and leaves
 nothing on the server when it is closed or its task is killed.
 

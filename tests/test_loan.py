@@ -1,4 +1,4 @@
-"""A loan is clean: nothing committed silently, no session state passed on (issue 14, 1-2).
+"""A loan is clean: nothing committed silently, no session state passed on.
 
 Every test borrows the *same* backend twice (a group of one, checked with
 pg_backend_pid()) and asserts that the second borrower sees nothing of the first one's

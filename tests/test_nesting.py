@@ -1,5 +1,5 @@
 """Nested handler blocks: one test per row of the README's nesting table, and the handler's
-ownership rules (issue 14, items 5-6)."""
+ownership rules."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 24: failover drills under load against a real Patroni cluster
+"""Failover drills under load against a real Patroni cluster
 (greenpool.throwaway_patroni): one etcd, three PostgreSQL nodes with ``synchronous_mode:
 true``, HAProxy in front.
 

@@ -1,6 +1,6 @@
 """Every group through a real PgBouncer (Debian's 1.18), in session and in transaction mode.
 
-What must hold (issue 11): the group's settings (statement_timeout, readonly, the readonly
+What must hold: the group's settings (statement_timeout, readonly, the readonly
 of a standby group) reach the server although PgBouncer refuses the ``options`` startup
 parameter, without leaving session state on a server connection in transaction mode; roles
 are found by query (PgBouncer's ``in_hot_standby`` is stale after a promotion); a server

@@ -1,4 +1,4 @@
-"""Issue 14 item 10: eventlet mode resolves host names off the hub and connects by ``hostaddr``.
+"""Eventlet mode resolves host names off the hub and connects by ``hostaddr``.
 
 A DNS server that is slow on purpose cannot be had from the machine's real resolver, so one
 runs here on loopback (a real UDP server in an OS thread, answering after a delay) and

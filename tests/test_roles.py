@@ -1,4 +1,4 @@
-"""Issue 3, roles and balancing: replay lag (max_lag/on_lag), standby groups when the standby
+"""Roles and balancing: replay lag (max_lag/on_lag), standby groups when the standby
 is down, weights. Real primaries and streaming standbys started by the tests; replication
 lag made real with ``pg_wal_replay_pause()``.
 """
@@ -123,7 +123,7 @@ def test_connections_spread_by_weight_fewest_open_first(make_pool, pg, pg_factor
     assert endpoint_stats(pool, other)["open"] == 6 and endpoint_stats(pool, pg)["open"] == 2
 
 
-# --- issue 14 item 8: a standby whose WAL receiver does not stream has unknown lag -------------
+# --- a standby whose WAL receiver does not stream has unknown lag ---------------------------
 
 APP_USER, APP_PASSWORD = "app_reader", "app-reader-pw"  # an ordinary login role, no superuser
 

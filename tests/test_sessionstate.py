@@ -113,7 +113,7 @@ def server(pg: Cluster) -> Iterator[Cluster]:
     yield pg
 
 
-ISSUE_CASES = [
+DISGUISED_SESSION_CHANGES = [
     "/* /* */ */ SET search_path TO greenpool_ss_x", "/* /* */ */ SET ROLE " + ROLE,
     "/* /* */ */ PREPARE greenpool_ss_p AS SELECT 1", "/* /* */ */ LISTEN greenpool_ss_ch",
     "SELECT 1; -- c\rSET search_path TO greenpool_ss_x",
@@ -128,7 +128,7 @@ ISSUE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("text", ISSUE_CASES)
+@pytest.mark.parametrize("text", DISGUISED_SESSION_CHANGES)
 def test_the_next_borrower_gets_a_clean_session(server: Cluster, make_pool: Any,
                                                 text: str) -> None:
     pool = make_pool({"g": {"connection_count": 1, "autocommit": True}})

@@ -1,4 +1,4 @@
-"""Issue 14 item 9: split brain is decided alike by every process, from the servers' own state
+"""Split brain is decided alike by every process, from the servers' own state
 (timeline, then WAL position, then configuration order), and raised only for endpoints that
 answer as primary now. Real primaries, promoted standbys and ``pg_ctl stop -m immediate``;
 the role probe is bounded by a deadline (a backend stopped with SIGSTOP).
@@ -234,8 +234,8 @@ def stopped_backend(pg) -> Iterator[Callable[[], Any]]:
         conn.close()
 
 
-@pytest.mark.skipif(not GREEN, reason="threaded mode needs socket-level timeouts (issue 14 "
-                    "item 3, another change): backend.deadline() is a no-op there")
+@pytest.mark.skipif(not GREEN, reason="threaded mode needs socket-level timeouts: "
+                    "backend.deadline() is a no-op there")
 def test_role_probe_of_a_stalled_backend_gives_up_at_its_deadline(stopped_backend):
     conn = stopped_backend()
     started = time.monotonic()

@@ -1,4 +1,4 @@
-"""Issue 12, part 2: SQLAlchemy 2.x ORM on greenpool (``greenpool.sqlalchemy``).
+"""SQLAlchemy 2.x ORM on greenpool (``greenpool.sqlalchemy``).
 
 Real ORM models on real servers in every mode (gevent: ``monkey.patch_all()``, see
 conftest.py): CRUD, an exception rolling a transaction back, one reset per return, no pool on

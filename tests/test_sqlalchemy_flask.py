@@ -1,4 +1,4 @@
-"""Issue 12, part 2: Flask-SQLAlchemy on greenpool through its engine options alone.
+"""Flask-SQLAlchemy on greenpool through its engine options alone.
 
 A real Flask app with Flask-SQLAlchemy 3.x models: the default engine on greenpool's
 ``write`` group and a ``read`` bind, both configured only with ``engine_options`` (no ORM

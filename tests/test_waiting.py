@@ -11,7 +11,7 @@ from greenpool import PoolClosed, PoolTimeout, TooManyWaiters
 
 
 def test_200_tasks_on_5_connections(make_pool, pg):
-    """Issue 2, check 2: all succeed, never more than 5 server connections, ~2 s, FIFO."""
+    """All succeed, never more than 5 server connections, ~2 s, FIFO."""
     app = "gp-fifo-200"
     pool = make_pool({"g": {"connection_count": 5, "timeout": 30}}, application_name=app)
     arrived, served, peak = [], [], {"server": 0, "pool": 0}
@@ -78,7 +78,7 @@ def test_waiters_are_served_in_arrival_order(make_pool):
 
 
 def test_acquire_timeout_is_honoured(make_pool):
-    """Issue 2, check 3: group of 2, both held, a third acquire raises after 0.3 s."""
+    """Group of 2, both held, a third acquire raises after 0.3 s."""
     pool = make_pool({"g": {"connection_count": 2}})
     group = pool.group("g")
     held = [group.acquire(), group.acquire()]
