@@ -227,3 +227,11 @@ def example_app(pg: Cluster) -> Iterator[Any]:
 
     with loaded(pg) as module:
         yield module
+
+
+@pytest.fixture
+def no_pg_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No libpq PG* environment variable for the test: what the config says is all there is."""
+    for name in list(os.environ):
+        if name.startswith("PG"):
+            monkeypatch.delenv(name)

@@ -23,8 +23,8 @@ import psycopg2
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from leaks import texts
 from modes import Timeout, join_all, spawn, wait_until
-from readable import texts
 
 import greenpool
 import greenpool.compat.pgdbpool as dbpool  # README §5.3: `import pgdbpool as dbpool`

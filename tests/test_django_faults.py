@@ -147,7 +147,7 @@ def test_a_stopped_backend_cannot_hold_a_request_past_its_statement_timeout(
     handler = _handler_for(cluster, statement_timeout=0.5, connect_timeout=1)
     conn = handler["default"]
     with conn.cursor() as cursor:
-        cursor.execute("SELECT pgbackend_pid()")
+        cursor.execute("SELECT pg_backend_pid()")
         pid = int(cursor.fetchone()[0])
     os.kill(pid, signal.SIGSTOP)
     try:
@@ -164,7 +164,7 @@ def test_a_stopped_backend_cannot_hold_a_request_past_its_statement_timeout(
     stats = group.stats()
     assert stats["in_use"] == 0 and stats["discards"] >= 1, stats
     with conn.cursor() as cursor:  # served again, by another connection
-        cursor.execute("SELECT pgbackend_pid()")
+        cursor.execute("SELECT pg_backend_pid()")
         assert cursor.fetchone()[0] != pid
     conn.close()
 
@@ -201,7 +201,7 @@ def test_a_commit_to_a_stopped_backend_is_bounded_too(pools: Any, pg_factory: An
     try:
         conn.set_autocommit(False)  # transaction.atomic would take the global connections'
         with conn.cursor() as cursor:
-            cursor.execute("INSERT INTO t_commit VALUES (1) RETURNING pgbackend_pid()")
+            cursor.execute("INSERT INTO t_commit VALUES (1) RETURNING pg_backend_pid()")
             pid = int(cursor.fetchone()[0])
         os.kill(pid, signal.SIGSTOP)  # the COMMIT finds it stopped
         with pytest.raises(OperationalError) as caught:

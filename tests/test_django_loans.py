@@ -91,9 +91,9 @@ def test_session_state_never_reaches_the_next_request(pools: Any, statement: str
         cursor.execute(statement)
     connection.close()
     with connection.cursor() as cursor:
-        cursor.execute("SELECT pgbackend_pid(), current_setting('search_path'),"
+        cursor.execute("SELECT pg_backend_pid(), current_setting('search_path'),"
                        " (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
-                       "  AND pid = pgbackend_pid()),"
+                       "  AND pid = pg_backend_pid()),"
                        " (SELECT count(*) FROM pg_prepared_statements),"
                        " (SELECT count(*) FROM pg_listening_channels()),"
                        " to_regclass('pg_temp.t_left_behind') IS NULL")

@@ -14,22 +14,11 @@ import traceback
 from typing import Any
 
 import pytest
-from readable import texts
+from leaks import PASSWORD, WRONG, assert_no_secret
+from leaks import secret_endpoint as endpoint
 
-from greenpool import ConfigError, Pool, PoolError, parse_config
+from greenpool import Pool, PoolError
 from greenpool.throwaway import Cluster, free_port
-
-PASSWORD = "Pw-7xq-hunter2"
-SSL_PASSWORD = "SslPw-31-kiwi"
-WRONG = "Wrong-9zz-pw"
-SECRETS = (PASSWORD, SSL_PASSWORD, WRONG, "hunt%zz", "hunt")
-
-
-def assert_no_secret(*things: Any) -> None:
-    for thing in things:
-        for text in texts(thing):
-            for secret in SECRETS:
-                assert secret not in text, f"{secret!r} leaked in {text[:300]!r}"
 
 
 def assert_clean_logs(caplog: pytest.LogCaptureFixture) -> None:
@@ -45,53 +34,6 @@ def secret_user(pg: Cluster) -> str:
     """A role whose password is PASSWORD (the fixture's own password is a common word)."""
     pg.create_user("secret_user", PASSWORD)
     return "secret_user"
-
-
-def endpoint(host: str, port: int, **overrides: Any) -> dict[str, Any]:
-    return {"host": host, "port": port, "name": "postgres", "user": "secret_user",
-            "pass": PASSWORD, "options": {"sslpassword": SSL_PASSWORD}, **overrides}
-
-
-@pytest.mark.parametrize("dsn", [
-    "postgresql://u:hunt%zz@127.0.0.1/db",  # invalid percent-encoded token: "hunt%zz"
-    f"host=127.0.0.1 password='{PASSWORD}",  # unterminated quoted string
-    f"host=127.0.0.1 password {PASSWORD}",  # missing "=" after "password"
-    f"host=127.0.0.1 {PASSWORD}=x",  # invalid connection option
-    f"postgresql://u:{PASSWORD}@127.0.0.1:notaport/db",
-    f"host=127.0.0.1 password={PASSWORD} sslpassword={SSL_PASSWORD} port=99999",
-])
-def test_bad_dsn_errors_never_show_a_secret(dsn: str) -> None:
-    for raw in (dsn, {"dsn": dsn}):
-        with pytest.raises(ConfigError) as info:
-            parse_config({"db": raw})
-        assert info.value.__cause__ is None and info.value.__context__ is None
-        assert_no_secret(info.value)
-
-
-@pytest.mark.parametrize("bad", [
-    {"options": {"password": PASSWORD}},  # a password inside options: has its own key
-    {"options": {"sslpassword": 5.5}},
-    {"pass": 12345},
-    {"pass": f"{PASSWORD}\x00"},
-    {"dsn": PASSWORD.encode()},
-])
-def test_bad_values_next_to_secrets_never_show_them(bad: dict[str, Any]) -> None:
-    raw = {**endpoint("127.0.0.1", 5432), **bad}
-    with pytest.raises(ConfigError) as info:
-        parse_config({"db": raw})
-    assert_no_secret(info.value)
-    assert "not shown" in str(info.value) or "options" in str(info.value)
-
-
-def test_reprs_hide_the_password_and_secret_options() -> None:
-    config = parse_config({"db": [
-        endpoint("127.0.0.1", 5432),
-        f"host=127.0.0.2 password={PASSWORD} sslpassword={SSL_PASSWORD}",
-        f"postgresql://u:{PASSWORD}@127.0.0.3/db?sslpassword={SSL_PASSWORD}",
-    ]})
-    assert_no_secret(config, *config.endpoints, *config.groups.values())
-    assert "sslpassword" in repr(config.endpoints[0])  # the key shows, its value does not
-    assert all(ep.password == PASSWORD for ep in config.endpoints)
 
 
 def _failing_pool(mode: str, db: Any, **group: Any) -> Pool:

@@ -17,8 +17,6 @@ from typing import Any
 import psycopg2
 import pytest
 from endpoints import endpoint_stats, held_ports, label
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from modes import GREEN, MODE, Timeout, join_all, sleep, spawn, wait_until
 
 from greenpool.concurrency import backend_for
@@ -136,32 +134,6 @@ def test_quarantined_probing_and_stale_primaries_are_not_claimants(
     eps[1].role_stale_after = 60.0
     assert chosen(eps) is eps[1]
     assert len(split_errors(caplog)) == 1
-
-
-# --- the rule, for any order of observation ----------------------------------------------------
-
-_state = st.tuples(st.integers(1, 3), st.integers(0, 2))  # (timeline, WAL position)
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.lists(_state, min_size=2, max_size=4), st.randoms(use_true_random=False))
-def test_every_process_chooses_alike_whatever_it_saw_first(states, rnd) -> None:
-    """Pools that saw the same primaries in different orders (each at least twice, as
-    housekeeping does) choose the same one: highest timeline, then WAL position, then the
-    first configured."""
-    picks = []
-    for _ in range(3):
-        eps = [Endpoint(EndpointConfig(host=f"10.0.0.{i}"), 0.5, 30.0)
-               for i in range(len(states))]
-        sightings = [i for i in range(len(states)) for _ in range(2)]
-        rnd.shuffle(sightings)
-        sightings += range(len(states))  # a full round last: everyone answered since
-        for i in sightings:
-            eps[i].observe_role(PRIMARY, *states[i])
-            chosen(eps)
-        picks.append(eps.index(chosen(eps)))
-    best = max(range(len(states)), key=lambda i: (*states[i], -i))
-    assert picks == [best] * 3
 
 
 # --- whole pools -------------------------------------------------------------------------------
