@@ -355,8 +355,8 @@ def test_a_server_connection_that_crashes_mid_transaction(bouncer: PgBouncer, pg
                                                           pools: Any) -> None:
     """The server backend dies mid-transaction: PgBouncer closes the client (libpq says
     "server closed the connection unexpectedly"; PgBouncer's ``server conn crashed?`` text
-    is judged with the recorded message in test_failures.py). The loan fails as a lost
-    connection, not a pool error, and the next one is served."""
+    is judged with the recorded message in unit/test_failure_classification.py). The loan
+    fails as a lost connection, not a pool error, and the next one is served."""
     pool = pools(bouncer.endpoint(pooler=pool_mode(bouncer)), {"g": {"timeout": 5}})
     with pytest.raises(psycopg2.OperationalError) as info, pool.handler("g") as db:
         pid = db.query_one("SELECT pg_backend_pid()")[0]
