@@ -266,3 +266,26 @@ def _mode() -> str:
     from modes import MODE
 
     return MODE
+
+
+def test_connections_whose_callers_gave_up_serve_the_next_callers_and_leak_nothing(
+    make_pool, server_conns
+):
+    """Forty exclusive(timeout=0.004) blocks one after another: connects outlive their
+    callers and go to the next caller waiting (some blocks get a connection although no
+    connect fits in 4 ms of their own); afterwards no slot, connect task or session is
+    left."""
+    pool = make_pool({"g": {"exclusive_limit": 5}}, application_name=APP)
+    served = 0
+    for _ in range(40):
+        try:
+            with pool.exclusive("g", timeout=0.004) as conn:
+                conn.cursor().execute("SELECT 1")
+                served += 1
+        except PoolError:
+            pass
+    assert served >= 1
+    wait_until(lambda: group_stats(pool, "g")["exclusive_connecting"] == 0, 10,
+               "the connect tasks to end")
+    assert group_stats(pool, "g")["exclusive_open"] == 0
+    assert server_conns(application_name=APP, expect=0) == 0
