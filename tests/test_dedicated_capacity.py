@@ -9,7 +9,14 @@ black-hole listener for a server that accepts TCP and never answers.
 
 from __future__ import annotations
 
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg2
@@ -20,6 +27,7 @@ from modes import join_all, spawn, wait_until
 from pgbouncer import available as pgbouncer_available
 
 from greenpool import NoHealthyEndpoint, PoolError, PoolTimeout
+from greenpool.throwaway import free_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -155,6 +163,47 @@ def test_an_undeclared_pooler_is_refused_for_dedicated_connections(make_pool, pg
         assert stats["exclusive_open"] == 0 and stats["listeners"] == 0
         with pool.handler("g", timeout=5) as db:
             assert db.query_one("SELECT 1")[0] == 1
+
+
+@contextmanager
+def tcp_proxy(cluster: Any) -> Iterator[int]:
+    """HAProxy in TCP mode in front of ``cluster``; yields its port."""
+    port = free_port("127.0.0.1")
+    root = tempfile.mkdtemp(prefix="greenpool-haproxy-")
+    config = os.path.join(root, "haproxy.cfg")
+    with open(config, "w") as f:
+        f.write(f"defaults\n  mode tcp\n  timeout connect 2s\n  timeout client 60s\n"
+                f"  timeout server 60s\nlisten pg\n  bind 127.0.0.1:{port}\n"
+                f"  server s1 {cluster.host}:{cluster.port}\n")
+    proc = subprocess.Popen(["haproxy", "-f", config], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "no haproxy"
+                time.sleep(0.05)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="needs haproxy")
+def test_a_tcp_proxy_is_no_pooler_and_gives_a_session(make_pool, pg):
+    """Through HAProxy (TCP mode) the login reports the real backend pid, so the pooler
+    check lets dedicated connections through: a listener hears its notification."""
+    with tcp_proxy(pg) as port:
+        pool = make_pool({"g": {}}, db=pg.endpoint(port=port), application_name=APP)
+        with pool.exclusive("g", timeout=5) as conn:
+            assert conn.cursor() is not None
+        with pool.listen("g", "through_proxy", timeout=5) as listener:
+            pg.execute("NOTIFY through_proxy, 'hello'")
+            assert listener.get(5).payload == "hello"
 
 
 def test_exclusive_and_listen_timeouts_bound_the_wait_and_the_attempt_judges_the_server(
