@@ -23,7 +23,7 @@ import psycopg2
 import pytest
 from endpoints import label
 from faults import BlackHole
-from modes import join_all, spawn, wait_until
+from modes import MODE, join_all, spawn, wait_until
 from pgbouncer import available as pgbouncer_available
 
 from greenpool import NoHealthyEndpoint, PoolError, PoolTimeout
@@ -53,7 +53,7 @@ def test_listeners_and_exclusive_blocks_leave_the_groups_the_slots_they_need(pg_
     from greenpool import Pool
 
     server = pg_factory(settings={"max_connections": 20})
-    pool = Pool({"type": _mode(), "db": server.endpoint(), "application_name": APP,
+    pool = Pool({"type": MODE, "db": server.endpoint(), "application_name": APP,
                  "groups": {"write": {"connection_count": 5, "exclusive_limit": 60},
                             "read": {"connection_count": 5, "exclusive_limit": 60}}})
     listeners: list[Any] = []
@@ -115,7 +115,7 @@ def test_too_many_clients_met_by_a_dedicated_connect_quarantines_and_evicts_noth
     from greenpool import Pool
 
     server = pg_factory(settings={"max_connections": 12})
-    pool = Pool({"type": _mode(), "db": server.endpoint(), "application_name": APP,
+    pool = Pool({"type": MODE, "db": server.endpoint(), "application_name": APP,
                  "groups": {"g": {"connection_count": 2, "min_size": 2}}})
     others: list[Any] = []
     try:
@@ -268,7 +268,7 @@ def test_a_storm_of_listeners_on_a_small_server_never_starves_the_groups(pg_fact
     from greenpool import Pool
 
     server = pg_factory(settings={"max_connections": 20})
-    pool = Pool({"type": _mode(), "db": server.endpoint(), "application_name": APP,
+    pool = Pool({"type": MODE, "db": server.endpoint(), "application_name": APP,
                  "groups": {"write": {"connection_count": 4, "exclusive_limit": 40},
                             "read": {"connection_count": 4}}})
     opened: list[Any] = []
@@ -311,12 +311,6 @@ def label_of(hole: BlackHole) -> str:
     return f"{hole.host}:{hole.port}/blackhole"
 
 
-def _mode() -> str:
-    from modes import MODE
-
-    return MODE
-
-
 def test_connections_whose_callers_gave_up_serve_the_next_callers_and_leak_nothing(
     make_pool, server_conns
 ):
@@ -338,3 +332,32 @@ def test_connections_whose_callers_gave_up_serve_the_next_callers_and_leak_nothi
                "the connect tasks to end")
     assert group_stats(pool, "g")["exclusive_open"] == 0
     assert server_conns(application_name=APP, expect=0) == 0
+
+
+@pytest.mark.skipif(MODE != "threaded", reason="non-threaded runs once, in the threaded process")
+def test_non_threaded_pools_vet_dedicated_connections_inline(pg_factory):
+    """``non-threaded`` has no background: a dedicated connect runs inline, and the same
+    rule holds: blocks beyond the server's spare slots are refused with PoolTimeout, the
+    group still opens all its connections, and nothing is left open at the end."""
+    from greenpool import Pool
+
+    server = pg_factory(settings={"max_connections": 12})
+    pool = Pool({"type": "non-threaded", "db": server.endpoint(), "application_name": APP,
+                 "groups": {"g": {"connection_count": 3, "exclusive_limit": 20}}})
+    blocks: list[Any] = []
+    try:
+        with pytest.raises(PoolTimeout, match="slots"):
+            for _ in range(20):
+                block = pool.exclusive("g", timeout=3)
+                block.__enter__()
+                blocks.append(block)
+        assert blocks
+        handlers = [pool.group("g").acquire(3) for _ in range(3)]
+        for pc in handlers:
+            pool.group("g").release(pc)
+    finally:
+        for block in blocks:
+            block.__exit__(None, None, None)
+        pool.close()
+    assert server.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                          (APP,))[0][0] == 0
