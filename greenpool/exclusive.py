@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -366,6 +367,9 @@ class ExclusiveSlots:
                 with self._lock:  # keep going only while a caller is not covered without us
                     if len(self._wanting) < self._connects or generation != self.generation:
                         return
+                    # pausing until an endpoint may take an attempt, it still covers its
+                    # caller: another task would find no endpoint either
+                    self._rounds[task_id] = math.inf
                 connector.wait_for_next_chance()
         except InheritedAcrossFork:
             return
