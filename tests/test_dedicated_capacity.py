@@ -361,3 +361,28 @@ def test_non_threaded_pools_vet_dedicated_connections_inline(pg_factory):
         pool.close()
     assert server.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
                           (APP,))[0][0] == 0
+
+
+@pytest.mark.skipif(MODE != "threaded", reason="non-threaded runs once, in the threaded process")
+def test_non_threaded_connects_cut_by_the_callers_time_leave_no_session(pg, server_conns):
+    """``non-threaded`` cuts an inline connect at the caller's deadline: the half-open
+    session ends at once, not when a garbage collection happens to free it (the cut's
+    traceback held it in a reference cycle; the collector is off here to prove it)."""
+    import gc
+
+    from greenpool import Pool
+
+    pool = Pool({"type": "non-threaded", "db": pg.endpoint(), "application_name": APP,
+                 "groups": {"g": {"exclusive_limit": 5}}})
+    gc.disable()
+    try:
+        for _ in range(40):
+            try:
+                with pool.exclusive("g", timeout=0.005):
+                    pass
+            except PoolError:
+                pass
+        assert server_conns(application_name=APP, expect=0, timeout=3) == 0
+    finally:
+        gc.enable()
+        pool.close()
