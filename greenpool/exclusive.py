@@ -55,7 +55,9 @@ import psycopg2
 from . import pooler
 from .concurrency import Backend, InheritedAcrossFork, Waiter
 from .connection import PooledConnection, close_quietly, round_trip
+from .endpoint import UP
 from .errors import ConnectFailed, NoHealthyEndpoint, PoolClosed, PoolError, PoolTimeout
+from .roles import fits
 from .stats import ExclusiveCounters
 from .waiting import WaitLine
 
@@ -344,7 +346,9 @@ class ExclusiveSlots:
         try:
             while not connector.stopped and generation == self.generation:
                 self._rounds[task_id] = time.monotonic()
-                last = [ep for ep in self.group.endpoints if ep.connecting] if rescue else []
+                last = self._short_now()
+                if rescue:
+                    last += [ep for ep in self.group.endpoints if ep.connecting]
                 pc = connector.open_round(self.group.generation, last)
                 if pc is not None and generation != self.generation:
                     connector.uncount(pc)  # a task of the parent's, going on in a forked
@@ -417,7 +421,8 @@ class ExclusiveSlots:
     def _vet(self, pc: PooledConnection) -> BaseException | None:
         """None if the fresh ``pc`` may be a dedicated connection; else it is closed and
         the error for the caller is returned. Raises :class:`_Retry` (``pc`` closed) when
-        its first query failed."""
+        its first query failed, or when its server has no spare slot while another
+        endpoint of the group may have."""
         group = self.group
         endpoint = pc.endpoint
         group.connector.uncount(pc)
@@ -466,22 +471,37 @@ class ExclusiveSlots:
                    f"ones), and the pool's groups may still open {needed} there")
             with self._lock:
                 self._no_room[endpoint] = (time.monotonic() + NO_ROOM_PAUSE, why)
+            if self._short_everywhere() is None:
+                raise _Retry  # another endpoint of the group may have room: try it first
             return self._no_room_error(why)
         return None
 
     def _refuse_if_no_room(self) -> None:
         """Refuse at once while every endpoint of the group was just found without spare
         slots (no connect is made for a caller who would be refused anyway)."""
+        why = self._short_everywhere()
+        if why is not None:
+            raise self._no_room_error(why)
+
+    def _short_everywhere(self) -> str | None:
+        """Why every endpoint that could serve the group now (up, of a fitting or unknown
+        role) was just found without spare slots; None if one was not."""
         if not self._no_room:
-            return
+            return None
         now = time.monotonic()
         reasons = []
         for endpoint in self.group.endpoints:
             until, why = self._no_room.get(endpoint, (0.0, ""))
-            if until <= now:
-                return
-            reasons.append(why)
-        raise self._no_room_error("; ".join(reasons))
+            if until > now:
+                reasons.append(why)
+            elif endpoint.state == UP and fits(self.group.config.role, endpoint.role):
+                return None
+        return "; ".join(reasons) or None
+
+    def _short_now(self) -> list[Endpoint]:
+        """The group's endpoints just found without spare slots (tried last)."""
+        now = time.monotonic()
+        return [ep for ep, (until, _) in list(self._no_room.items()) if until > now]
 
     def _no_room_error(self, why: str) -> PoolTimeout:
         self.no_room += 1

@@ -386,3 +386,35 @@ def test_non_threaded_connects_cut_by_the_callers_time_leave_no_session(pg, serv
     finally:
         gc.enable()
         pool.close()
+
+
+def test_a_dedicated_connection_goes_to_an_endpoint_with_spare_slots(pg_factory, pg):
+    """A group over two servers, one of which has fewer spare slots than the pool's groups
+    may still open there: every dedicated connection goes to the other one, without
+    refusing a caller."""
+    from greenpool import Pool
+
+    small = pg_factory(settings={"max_connections": 12})
+    others = []
+    try:
+        while True:  # leave 2 slots for ordinary roles: fewer than the groups' 3
+            in_use = small.execute("SELECT count(*) FROM pg_stat_activity "
+                                   "WHERE backend_type = 'client backend'")[0][0]
+            if in_use >= 12 - 3 - 2:
+                break
+            others.append(connect_directly(small))
+        pool = Pool({"type": MODE, "db": [small.endpoint(), pg.endpoint()],
+                     "application_name": APP,
+                     "groups": {"g": {"connection_count": 3, "exclusive_limit": 6}}})
+        try:
+            ports = []
+            for _ in range(6):
+                with pool.exclusive("g", timeout=5) as conn, conn.cursor() as cursor:
+                    cursor.execute("SELECT inet_server_port()")
+                    ports.append(cursor.fetchone()[0])
+            assert ports == [pg.port] * 6, ports
+        finally:
+            pool.close()
+    finally:
+        for conn in others:
+            conn.close()
