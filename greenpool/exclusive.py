@@ -24,16 +24,19 @@ Inside the pool's model:
   bounded by ``connect_timeout``) how many connection slots are usable by ordinary roles
   (``max_connections`` less ``superuser_reserved_connections`` and ``reserved_connections``)
   and how many are in use, and is kept only if the slots left over still hold every
-  connection this pool's groups may yet open on that server. Else it is closed and the
-  caller gets :class:`PoolTimeout` at once (and so does every caller for a second after,
-  without a connect): dedicated connections use spare capacity only.
+  connection this pool's groups may yet open on that server. Else it is closed, that
+  server is tried last for a second, and when no endpoint that could serve the group has
+  room the caller gets :class:`PoolTimeout` (as does every caller for that second, without
+  a connect): dedicated connections use spare capacity only.
 * **A session of its own, or a refusal**: through PgBouncer (any pooler that answers the
   login itself) the backend pid in the login's ``BackendKeyData`` is the pooler's invention,
   not the pid of the server session that runs the queries (a TCP proxy such as HAProxy
   passes the real one through). The same query compares them: an endpoint that turns out to
   be a pooler is refused with :class:`PoolError` unless it is declared ``pooler: 'session'``
   (a transaction-mode pooler would hand the "session" to other clients between
-  transactions: a LISTEN would hear nothing, a lock would be held by a stranger).
+  transactions: a LISTEN would hear nothing, a lock would be held by a stranger). A
+  self-addressed ``LISTEN`` + ``NOTIFY`` proves nothing there: an idle transaction pooler
+  usually gives the next transaction the same server connection, which hears it.
 
 Every path that can be interrupted gives its limit slot back before re-raising, and a
 connection opened for a caller who was interrupted is closed.
