@@ -125,28 +125,12 @@ class Connector:
         """Open one connection in the background in ``slot`` (preferably to ``target``) and
         deliver it. Never raises: a task that cannot start (a process limit on threads)
         gives the slot back, and callers waiting learn why when their time runs out."""
-        holder: list[Task] = []
-
-        def run() -> None:
-            try:
-                self._run(slot, target)
-            finally:
-                for task in holder:
-                    self._tasks.discard(task)
-
         with slot:
-            try:
-                task = self._backend.spawn(run)
-            except Exception as exc:  # RuntimeError: can't start new thread
-                self.cannot_start = f"{type(exc).__name__}: {exc}"
+            if not self.run_in_background(lambda: self._run(slot, target)):
                 logger.warning("group %r: cannot start a connect task: %s", self.config.name,
                                self.cannot_start)
                 slot.give_back(reconnect=False)  # another try would fail the same way
                 return False
-            self.cannot_start = None
-            if task is not None:
-                holder.append(task)
-                self._tasks.add(task)
             return True
 
     def open_now(self, deadline: float, generation: int) -> PooledConnection:
@@ -164,8 +148,8 @@ class Connector:
             self._backend.sleep(min(remaining, self._next_chance()))
 
     def run_in_background(self, work: Callable[[], None]) -> bool:
-        """Run ``work`` in a task of its own that :meth:`stop` ends (a dedicated
-        connect, exclusive.py); False if no task could start (``cannot_start`` says why)."""
+        """Run ``work`` in a task of its own that :meth:`stop` ends (a group's connect, a
+        dedicated one); False if no task could start (``cannot_start`` says why)."""
         holder: list[Task] = []
 
         def run() -> None:
@@ -180,6 +164,7 @@ class Connector:
         except Exception as exc:  # RuntimeError: can't start new thread
             self.cannot_start = f"{type(exc).__name__}: {exc}"
             return False
+        self.cannot_start = None
         if task is not None:
             holder.append(task)
             self._tasks.add(task)
