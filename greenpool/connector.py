@@ -125,28 +125,12 @@ class Connector:
         """Open one connection in the background in ``slot`` (preferably to ``target``) and
         deliver it. Never raises: a task that cannot start (a process limit on threads)
         gives the slot back, and callers waiting learn why when their time runs out."""
-        holder: list[Task] = []
-
-        def run() -> None:
-            try:
-                self._run(slot, target)
-            finally:
-                for task in holder:
-                    self._tasks.discard(task)
-
         with slot:
-            try:
-                task = self._backend.spawn(run)
-            except Exception as exc:  # RuntimeError: can't start new thread
-                self.cannot_start = f"{type(exc).__name__}: {exc}"
+            if not self.run_in_background(lambda: self._run(slot, target)):
                 logger.warning("group %r: cannot start a connect task: %s", self.config.name,
                                self.cannot_start)
                 slot.give_back(reconnect=False)  # another try would fail the same way
                 return False
-            self.cannot_start = None
-            if task is not None:
-                holder.append(task)
-                self._tasks.add(task)
             return True
 
     def open_now(self, deadline: float, generation: int) -> PooledConnection:
@@ -162,6 +146,48 @@ class Connector:
             if remaining <= 0:
                 raise self.no_endpoint_error()
             self._backend.sleep(min(remaining, self._next_chance()))
+
+    def run_in_background(self, work: Callable[[], None]) -> bool:
+        """Run ``work`` in a task of its own that :meth:`stop` ends (a group's connect, a
+        dedicated one); False if no task could start (``cannot_start`` says why)."""
+        holder: list[Task] = []
+
+        def run() -> None:
+            try:
+                work()
+            finally:
+                for task in holder:
+                    self._tasks.discard(task)
+
+        try:
+            task = self._backend.spawn(run)
+        except Exception as exc:  # RuntimeError: can't start new thread
+            self.cannot_start = f"{type(exc).__name__}: {exc}"
+            return False
+        self.cannot_start = None
+        if task is not None:
+            holder.append(task)
+            self._tasks.add(task)
+        return True
+
+    def open_round(
+        self, generation: int, last: Sequence[Endpoint] = ()
+    ) -> PooledConnection | None:
+        """One round of attempts, best endpoint first (those in ``last`` last), each
+        bounded by its endpoint's ``connect_timeout`` alone (a background task's, for a
+        dedicated connection): the first connection, or None (``failing`` says whether a
+        server failed)."""
+        if self._stopped:
+            return None
+        return self._round(None, generation, last=last)
+
+    def wait_for_next_chance(self) -> None:
+        """Sleep until an endpoint may take an attempt again (cut short by :meth:`stop`)."""
+        self._pause(self._next_chance())
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
 
     def try_once(
         self, endpoint: Endpoint, generation: int, deadline: float
@@ -293,7 +319,11 @@ class Connector:
             slot.give_back()
 
     def _round(
-        self, target: Endpoint | None, generation: int, deadline: float | None = None
+        self,
+        target: Endpoint | None,
+        generation: int,
+        deadline: float | None = None,
+        last: Sequence[Endpoint] = (),
     ) -> PooledConnection | None:
         """One attempt on each endpoint that may take one now, best first, until one
         succeeds. None if none did (``failing`` then says whether any server failed)."""
@@ -306,6 +336,8 @@ class Connector:
         if target is not None and target in order:
             order.remove(target)
             order.insert(0, target)
+        if last:
+            order.sort(key=last.__contains__)  # stable: the rest keep their order
         moved_on = False
         for endpoint in order:
             if self._stopped or (deadline is not None and _monotonic() >= deadline):

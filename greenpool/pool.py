@@ -13,7 +13,7 @@ from .concurrency import Backend, backend_for, check_mode_fits
 from .config import PoolConfig, parse_config
 from .endpoint import ROLE_STALE_AFTER, Endpoint
 from .errors import ConfigError, PoolClosed
-from .exclusive import Exclusive, ExclusiveSlots
+from .exclusive import Exclusive, ExclusiveSlots, missing_connections
 from .group import Group
 from .handler import Handler
 from .housekeeping import Housekeeping
@@ -56,7 +56,7 @@ class Pool:
         for group in self._groups.values():
             group.on_endpoint_failure = self._endpoint_failed
         self._only_group = next(iter(self._groups)) if len(self._groups) == 1 else None
-        self._exclusive = {name: ExclusiveSlots(group, self._backend)
+        self._exclusive = {name: ExclusiveSlots(group, self._backend, self._room_needed)
                            for name, group in self._groups.items()}
         self._listeners = Listeners()
         self._closed = False
@@ -199,6 +199,12 @@ class Pool:
         return f"<greenpool.Pool {self._backend.name} {state}: {groups}>"
 
     # --- housekeeping and fork -----------------------------------------------------------
+
+    def _room_needed(self, endpoint: Endpoint) -> int:
+        """Server connection slots on ``endpoint`` the groups may still need: a dedicated
+        connection may take only what is left over (see exclusive.py)."""
+        return sum(missing_connections(group) for group in self._groups.values()
+                   if group.uses(endpoint))
 
     def _endpoint_failed(self, endpoint: Endpoint) -> None:
         """One connection to ``endpoint`` proved dead: evict its idle peers in every group."""
