@@ -349,6 +349,7 @@ class Connector:
             left = deadline - _monotonic()
             if left < seconds:
                 seconds, cut_by_caller = max(left, 0.001), True
+        started = _monotonic()
         try:
             raw = open_connection(endpoint.config, self.config, self._kwargs[endpoint],
                                   self._backend, seconds)
@@ -404,6 +405,9 @@ class Connector:
         with self._lock:
             self.counters.connects += 1
             self.counts[endpoint] += 1
+        timings = self.counters.timings
+        if timings is not None:
+            timings.create.record(_monotonic() - started)
         lifetime = config.max_lifetime * (1 - _LIFETIME_JITTER * random.random())
         pc = PooledConnection(raw, endpoint, _monotonic() + lifetime, generation,
                               self._backend)
