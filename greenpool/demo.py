@@ -20,7 +20,7 @@ import secrets
 import time
 from typing import Any
 
-from .check import FAILED, OK, UNREACHABLE, CheckFailed, shielded
+from .check import BAD_INPUT, FAILED, OK, UNREACHABLE, CheckFailed, shielded
 from .errors import ConfigError
 
 
@@ -146,6 +146,8 @@ def _demo(greenpool: Any, gevent: Any, timeline: _Timeline, tasks: list[Any],
     errors: list[tuple[float, str]] = []
     acked: list[int] = []
     cut_short = 0
+    import psycopg2
+
     if not clusters:
         _say(f"creating table {table} for this run; it is dropped at the end")
     try:
@@ -155,6 +157,10 @@ def _demo(greenpool: Any, gevent: Any, timeline: _Timeline, tasks: list[Any],
     except greenpool.PoolError as exc:
         raise CheckFailed(f"cannot reach the database: {type(exc).__name__}: {exc}",
                           UNREACHABLE) from None
+    except (psycopg2.ProgrammingError, psycopg2.InternalError) as exc:  # no privilege, read-only
+        raise CheckFailed(f"cannot create the demo's table {table} with --dsn's user: "
+                          f"{' '.join(str(exc).split())}; the demo needs a user that may "
+                          f"create a table in its search_path", BAD_INPUT) from None
 
     def client(i: int) -> None:
         nonlocal cut_short

@@ -21,6 +21,7 @@ memory stays bounded even with a provider that never collects.
 
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -32,6 +33,8 @@ from .pool import Pool
 from .stats import TIME_BUCKETS, Timing, timings_of
 
 __all__ = ["BUFFER_LIMIT", "Instrumentation", "instrument"]
+
+logger = logging.getLogger("greenpool")
 
 #: durations a group buffers between collections before recording them on the spot
 BUFFER_LIMIT = 50_000
@@ -60,21 +63,26 @@ class _Buffer:
         values, append, flush = self.values, self.values.append, self.flush
 
         def buffered(seconds: float) -> None:
-            if len(values) < BUFFER_LIMIT:
-                append(seconds)
-            else:
+            if len(values) >= BUFFER_LIMIT:
                 flush()
-                append(seconds)
+            append(seconds)
 
         return buffered
 
     def flush(self) -> None:
+        """Record the buffered values. Never raises: it runs on the loan path when the
+        buffer is full, and a metrics failure must not fail a loan (the values are then
+        lost, and that is logged)."""
         values = self.values
         taken = values[:]
         del values[:len(taken)]  # values appended meanwhile (threads) stay for the next one
         record, attributes = self.histogram.record, self.attributes
-        for seconds in taken:
-            record(seconds, attributes)
+        try:
+            for seconds in taken:
+                record(seconds, attributes)
+        except Exception:
+            logger.exception("greenpool.otel: recording %d durations failed; they are lost",
+                             len(taken))
 
 
 class Instrumentation:
@@ -116,6 +124,10 @@ class Instrumentation:
             "db.client.connection.timeouts", [self._observer("timeouts")], unit="{timeout}",
             description="The number of connection timeouts that have occurred trying to "
                         "obtain a connection from the pool")
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
 
     def stop(self) -> None:
         """Record what is buffered, stop buffering, and report nothing more."""
@@ -168,5 +180,17 @@ def instrument(pool: Pool, name: str = "default",
     duration histograms are recorded from now on."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"instrument(): name must be a non-empty string, not {name!r}")
-    meter = get_meter("greenpool", meter_provider=meter_provider)
-    return Instrumentation(pool, name, meter)
+    with _instrumenting:
+        live = _instrumented.setdefault(pool, {})
+        held = live.get(name)
+        if held is not None and not held.stopped:
+            raise ValueError(f"instrument(): this pool is already instrumented as {name!r} "
+                             f"(each loan would be recorded twice); stop() that one first")
+        meter = get_meter("greenpool", meter_provider=meter_provider)
+        live[name] = instrumentation = Instrumentation(pool, name, meter)
+    return instrumentation
+
+
+_instrumented: weakref.WeakKeyDictionary[Pool, dict[str, Instrumentation]] = (
+    weakref.WeakKeyDictionary())
+_instrumenting = threading.Lock()

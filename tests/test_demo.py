@@ -240,3 +240,25 @@ def test_demo_with_dsn_drops_its_table_when_interrupted(user_db: Any) -> None:
     assert proc.returncode == 128 + signal.SIGINT, out + err.decode()
     assert "dropped table greenpool_demo_" in out
     assert _tables_and_rows(conn) == before
+
+
+@pytest.mark.skipif(MODE != "gevent", reason="runs once, in the gevent test process")
+def test_demo_with_dsn_says_when_its_user_may_not_create_a_table(user_db: Any) -> None:
+    """PostgreSQL 15+ gives PUBLIC no CREATE on schema public: a plain user cannot make the
+    demo's table, and is told so in one sentence (not "a bug in greenpool")."""
+    pg, name, conn = user_db
+    role = f"demo_nocreate_{os.getpid()}"
+    pg.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'x'")
+    try:
+        with conn.cursor() as cur:  # PostgreSQL 15+'s default, made sure of
+            cur.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+        result = subprocess.run(
+            [sys.executable, "-m", "greenpool", "demo", "--dsn",
+             pg.dsn(dbname=name, user=role, password="x"), "--seconds", "1", "--clients", "2"],
+            capture_output=True, text=True, timeout=60, check=False)
+    finally:
+        pg.execute(f"DROP ROLE {role}")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith("greenpool demo: cannot create the demo's table "
+                                    "greenpool_demo_"), result.stderr
+    assert "permission denied" in result.stderr and len(result.stderr.splitlines()) == 1

@@ -129,3 +129,34 @@ def test_a_buffer_never_outgrows_its_limit(make_pool, reader, monkeypatch):
     with pool.handler("g") as db:
         db.query("SELECT 1")
     assert point(read(reader), "db.client.connection.use_time", **{POOL_NAME: "g"}).count == 10
+
+
+def test_instrumenting_a_pool_twice_under_one_name_is_refused(make_pool, reader):
+    reader, provider = reader
+    pool = make_pool({"g": {}})
+    first = otel.instrument(pool, meter_provider=provider)
+    with pytest.raises(ValueError, match="already instrumented as 'default'"):
+        otel.instrument(pool, meter_provider=provider)
+    first.stop()
+    otel.instrument(pool, meter_provider=provider)  # allowed once the first is stopped
+
+
+class _BrokenHistogram:
+    """An SDK whose record() fails: a fault no real server can produce, hence a stand-in."""
+
+    def record(self, value: float, attributes: Any = None) -> None:
+        raise RuntimeError("exporter broke")
+
+
+def test_a_failing_sdk_never_fails_a_loan(make_pool, reader, monkeypatch, caplog):
+    reader, provider = reader
+    monkeypatch.setattr(otel, "BUFFER_LIMIT", 2)
+    pool = make_pool({"g": {"connection_count": 1}})
+    instrumentation = otel.instrument(pool, meter_provider=provider)
+    for _, _, buffer in instrumentation._buffers:
+        buffer.histogram = _BrokenHistogram()
+    for _ in range(6):  # the buffers fill and are flushed on the loan path
+        with pool.handler("g") as db:
+            assert db.query("SELECT 1") == [(1,)]
+    assert "recording 2 durations failed" in caplog.text
+    assert pool.stats()["groups"]["g"]["in_use"] == 0
