@@ -394,6 +394,9 @@ class Connector:
                 return None
             raise
         endpoint.connect_succeeded(role)
+        timings = self.counters.timings
+        if timings is not None:  # every connect counted in connects, a misplaced one too
+            timings.create.record(_monotonic() - started)
         config = self.config
         if placed and not self.belongs(endpoint, role):
             raw.close()  # e.g. a cold start met the primary first in a prefer-standby group
@@ -405,9 +408,6 @@ class Connector:
         with self._lock:
             self.counters.connects += 1
             self.counts[endpoint] += 1
-        timings = self.counters.timings
-        if timings is not None:
-            timings.create.record(_monotonic() - started)
         lifetime = config.max_lifetime * (1 - _LIFETIME_JITTER * random.random())
         pc = PooledConnection(raw, endpoint, _monotonic() + lifetime, generation,
                               self._backend)
