@@ -20,7 +20,6 @@ import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .concurrency import check_mode_fits
 from .config import PoolConfig, parse_config
 from .errors import (
     CommitOutcomeUnknown,
@@ -36,7 +35,7 @@ from .errors import (
 from .exclusive import Exclusive
 from .handler import Handler
 from .listen import Gap, Listener
-from .pool import Pool
+from .pool import Pool, fit_to_process
 
 __version__ = "0.1.0"
 
@@ -113,8 +112,8 @@ def init(config: Mapping[str, Any] | PoolConfig, *, exist_ok: bool = False) -> P
     config they raise :class:`PoolError` at once. Either way one process makes one pool.
     """
     global _making
-    parsed = parse_config(config)
-    check_mode_fits(parsed.mode)  # the Event a racing caller waits on must fit the process
+    # auto resolved; the Event a racing caller waits on must fit the process
+    parsed = fit_to_process(parse_config(config))
     while True:
         with _guard:
             pool, making = _pool, _making

@@ -23,7 +23,15 @@ import traceback
 from collections.abc import Callable
 from typing import NoReturn
 
-from .check import BAD_INPUT, BUG, UNREACHABLE, CheckFailed, Interrupted, signals_as_exceptions
+from .check import (
+    BAD_INPUT,
+    BUG,
+    UNREACHABLE,
+    CheckFailed,
+    Interrupted,
+    end_progress,
+    signals_as_exceptions,
+)
 
 MAX_CLIENTS = 100_000
 
@@ -140,6 +148,7 @@ def _unexpected(name: str, exc: Exception, debug: bool) -> int:
 
 
 def _say(name: str, message: str) -> None:
+    end_progress()  # on a line of its own, never after a progress line
     sys.stdout.flush()
     sys.stderr.write(f"{name}: {message}\n")
     sys.stderr.flush()

@@ -20,7 +20,17 @@ import time
 from collections import Counter
 from typing import Any
 
-from .check import FAILED, OK, UNREACHABLE, CheckFailed, read_config, shielded
+from .check import (
+    BAD_INPUT,
+    FAILED,
+    OK,
+    UNREACHABLE,
+    CheckFailed,
+    end_progress,
+    read_config,
+    shielded,
+    write_progress,
+)
 
 MIN_WAIT = 0.001  # the shortest acquire timeout bench asks for near the end of the run
 
@@ -39,10 +49,11 @@ def run(path: str | None, group: str | None, clients: int, seconds: float, sql: 
     import gevent
 
     import greenpool
-    from greenpool.errors import ConfigError, PoolError
+    from greenpool.errors import PoolError
 
     # the load is greenlets, so the pool is a gevent one whatever the configuration's type
     config = dataclasses.replace(read_config(path), mode="gevent")
+    group = _group_to_load(config.groups, group)
     events = _Events()  # the pool's log lines, in the report rather than over the progress line
     log = logging.getLogger("greenpool")
     log.addHandler(events)
@@ -54,17 +65,27 @@ def run(path: str | None, group: str | None, clients: int, seconds: float, sql: 
             raise CheckFailed(f"cannot reach the database: {type(exc).__name__}: {exc}",
                               UNREACHABLE) from None
         try:
-            try:
-                target = pool.group(group)
-            except ConfigError as exc:
-                raise CheckFailed(str(exc)) from None
-            return _load(pool, target.name, clients, seconds, sql, gevent, events)
+            return _load(pool, group, clients, seconds, sql, gevent, events)
         finally:
             with shielded():
                 pool.close()
     finally:
         log.removeHandler(events)
         log.propagate = True
+
+
+def _group_to_load(groups: Any, asked: str | None) -> str:
+    """The group ``--group`` names, or the only one; else a sentence saying what to pass."""
+    names = ", ".join(repr(name) for name in groups)
+    if asked is None:
+        if len(groups) == 1:
+            return str(next(iter(groups)))
+        raise CheckFailed(f"the configuration has {len(groups)} groups ({names}); name the one "
+                          f"to load with --group, e.g. --group {next(iter(groups))}", BAD_INPUT)
+    if asked not in groups:
+        raise CheckFailed(f"--group {asked}: no such group in the configuration; its groups: "
+                          f"{names}", BAD_INPUT)
+    return asked
 
 
 class _Events(logging.Handler):
@@ -89,6 +110,7 @@ def _load(pool: Any, name: str, clients: int, seconds: float, sql: str, gevent: 
     acquire_timeout = pool.config.groups[name].timeout
     latencies: list[float] = []
     errors: Counter[str] = Counter()
+    cut_short = [0]  # acquires the end of the run cut short: the pool counts them as timeouts
     samples: dict[str, str] = {}  # one message per kind of error, for the diagnosis
     started = time.monotonic()
     deadline = started + seconds
@@ -106,7 +128,8 @@ def _load(pool: Any, name: str, clients: int, seconds: float, sql: str, gevent: 
                 latencies.append(time.perf_counter() - began)
             except Exception as exc:  # counted by kind and reported
                 if type(exc) is PoolTimeout and wait < acquire_timeout:
-                    return  # a wait cut short by the end of the run: not an error
+                    cut_short[0] += 1  # a wait cut short by the end of the run: not an error
+                    return
                 kind = type(exc).__name__
                 errors[kind] += 1
                 samples.setdefault(kind, " ".join(str(exc).split())[:200])
@@ -118,12 +141,11 @@ def _load(pool: Any, name: str, clients: int, seconds: float, sql: str, gevent: 
             gevent.sleep(0.5)
             elapsed = time.monotonic() - started
             stats = target.stats()
-            sys.stdout.write(
-                f"\r{elapsed:5.1f}s  {len(latencies) / elapsed:9.0f} ops/s  "
+            write_progress(
+                f"{elapsed:5.1f}s  {len(latencies) / elapsed:9.0f} ops/s  "
                 f"in use {stats['in_use']}/{stats['max_size']}  waiting {stats['waiting']:4d}  "
                 f"errors {sum(errors.values())}   "
             )
-            sys.stdout.flush()
 
     tasks = [gevent.spawn(client) for _ in range(clients)]
     ticker = gevent.spawn(progress)
@@ -138,13 +160,17 @@ def _load(pool: Any, name: str, clients: int, seconds: float, sql: str, gevent: 
     stats = pool.stats()
     done = sorted(latencies)
     group_stats = stats["groups"][name]
-    print(f"\n\ngroup {name!r}: {clients} greenlets for {seconds:g} s running {sql!r}")
+    end_progress()
+    print(f"\ngroup {name!r}: {clients} greenlets for {seconds:g} s running {sql!r}")
     print(f"  throughput: {len(done) / elapsed:.0f} ops/s ({len(done)} ok)")
     print("  latency ms: " + "  ".join(
         f"p{q * 100:g} {_percentile(done, q) * 1000:.2f}" for q in (0.5, 0.9, 0.99, 0.999)))
     waited = group_stats["wait_time"] / max(group_stats["waits"], 1)
     print(f"  waits for a connection: {group_stats['waits']} (mean {waited * 1000:.2f} ms)")
     print(f"  errors: {dict(errors) if errors else 0}")
+    if cut_short[0]:
+        print(f"  waits cut short by the end of the run: {cut_short[0]} (not errors; the "
+              f"pool's timeouts count them)")
     if cut_off:
         print(f"  statements cut off at the end: {cut_off}")
     print(f"  pool: {_compact(group_stats)}")
@@ -157,22 +183,34 @@ def _load(pool: Any, name: str, clients: int, seconds: float, sql: str, gevent: 
     sys.stdout.flush()
     if done:
         return OK
-    raise CheckFailed(f"nothing was served in {elapsed:.1f} s: "
-                      f"{_diagnosis(errors, samples, cut_off, stats['endpoints'])}", FAILED)
+    connect_timeouts = {ep.label: ep.connect_timeout for ep in pool.config.endpoints}
+    why = _diagnosis(errors, samples, cut_off, stats["endpoints"], connect_timeouts)
+    raise CheckFailed(f"nothing was served in {elapsed:.1f} s: {why}", FAILED)
 
 
 def _diagnosis(errors: Counter[str], samples: dict[str, str], cut_off: int,
-               endpoints: dict[str, dict[str, Any]]) -> str:
-    """Why nothing was served, in one line: the commonest errors, then the endpoints."""
+               endpoints: dict[str, dict[str, Any]], connect_timeouts: dict[str, float]) -> str:
+    """Why nothing was served, in one line: the commonest errors, then what each endpoint
+    last reported (a connect not yet answered is said so, not "up")."""
     parts = [f"{count} x {kind} ({samples[kind]})" for kind, count in errors.most_common(2)]
     if cut_off:
         parts.append(f"{cut_off} statements still running at the end")
     for label, values in endpoints.items():
-        if values["state"] != "up" or values["last_error"]:
-            parts.append(f"endpoint {label} is {values['state']}"
-                         + (f", last error: {values['last_error']}" if values["last_error"]
-                            else ""))
-    return "; ".join(parts) or "no statement completed"
+        parts.append(f"endpoint {label}: {_last_report(values, connect_timeouts.get(label))}")
+    return "; ".join(parts)
+
+
+def _last_report(values: dict[str, Any], connect_timeout: float | None) -> str:
+    """What an endpoint last told the pool, in words."""
+    pending = values["connect_attempts"] - values["connects"] - values["connect_errors"]
+    if values["last_error"]:
+        return f"{values['state']}, last error: {values['last_error']}"
+    if not values["connect_attempts"]:
+        return "no connect was attempted"
+    if pending > 0 and not values["connects"]:
+        within = f" (connect_timeout {connect_timeout:g} s)" if connect_timeout else ""
+        return f"no answer yet to {pending} connect(s) under way{within}"
+    return f"{values['state']}, {values['connects']} connect(s) succeeded"
 
 
 def _compact(values: dict[str, Any]) -> str:

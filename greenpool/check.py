@@ -16,6 +16,7 @@ import json
 import os
 import runpy
 import signal
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -100,6 +101,25 @@ def shielded() -> Iterator[None]:
         _shields -= 1
         if not _shields and _held:
             raise Interrupted(_held.pop())
+
+
+_progress_line = [False]  # stdout ends in a progress line (no newline after it yet)
+
+
+def write_progress(text: str) -> None:
+    """Rewrite the live progress line (a carriage return, no newline)."""
+    sys.stdout.write(f"\r{text}")
+    sys.stdout.flush()
+    _progress_line[0] = True
+
+
+def end_progress() -> None:
+    """End the progress line, if one is open: what follows (a report, or a sentence on
+    stderr such as "interrupted") starts on a line of its own."""
+    if _progress_line[0]:
+        _progress_line[0] = False
+        sys.stdout.write("\n")
+        sys.stdout.flush()
 
 
 def load_config(path: str | None) -> Mapping[str, Any] | PoolConfig:

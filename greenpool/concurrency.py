@@ -692,6 +692,29 @@ def process_mode() -> str:
     return "threaded"
 
 
+def resolve_mode(mode: str) -> str:
+    """The mode a pool of ``mode`` runs in: ``auto`` becomes the one that fits this process
+    (asked at ``Pool()``, so a configuration read before monkey-patching still follows it).
+
+    A process a green library patched only in part (``socket`` but not ``threading``) was
+    meant to be green but is not: ``auto`` refuses to guess there rather than pick threads
+    that would block every greenlet in each query.
+    """
+    if mode != "auto":
+        return mode
+    for library in GREEN_MODES:
+        patched = patched_modules(library)
+        if patched["threading"]:
+            return library
+        if patched["socket"]:
+            raise ConfigError(
+                f"type: 'auto' cannot tell this process's mode: {library} has monkey-patched "
+                f"socket but not threading; patch threading too ({_HOW_TO_PATCH[library]}), "
+                f"or name the mode in type"
+            )
+    return "threaded"
+
+
 def check_mode_fits(mode: str) -> None:
     """Raise :class:`ConfigError` at ``Pool()`` when ``mode`` does not fit the process.
 

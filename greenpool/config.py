@@ -29,7 +29,7 @@ from psycopg2.extensions import parse_dsn
 from . import environ
 from .errors import ConfigError
 
-MODES = ("gevent", "eventlet", "threaded", "non-threaded")
+MODES = ("auto", "gevent", "eventlet", "threaded", "non-threaded")
 ROW_FACTORIES = ("tuple", "dict", "namedtuple")
 #: libpq's target_session_attrs words for what a group may connect to.
 ROLES = ("any", "primary", "standby", "prefer-standby")
@@ -597,7 +597,7 @@ def parse_config(raw: Any) -> PoolConfig:
     top = _mapping("config", raw)
     _reject_unknown("", top, _TOP_KEYS)
     top = environ.fill_top(top)
-    mode = _choice("type", top.get("type", "gevent"), MODES)
+    mode = _choice("type", top.get("type", "auto"), MODES)
 
     if "db" not in top and not environ.has_host():
         raise _fail("db", "missing: give one endpoint (dict or DSN) or a list of them, or "

@@ -117,7 +117,7 @@ class PooledConnection:
         self.expires = expires
         self.generation = generation
         self.role = "unknown"  # as this connection's server last reported it
-        self.lent_at = 0.0  # set only when leak detection is on
+        self.lent_at = 0.0  # set only when leak detection or timings are on
         self.lent_from: str | None = None  # "file:line in function" of the code that took it
         #: the loan may have changed the session: reset it on return. True unless a handler
         #: (which sees every statement) clears it when it takes the connection: a hand-made

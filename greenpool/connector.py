@@ -381,6 +381,7 @@ class Connector:
             left = deadline - _monotonic()
             if left < seconds:
                 seconds, cut_by_caller = max(left, 0.001), True
+        started = _monotonic()
         try:
             raw = open_connection(endpoint.config, self.config, self._kwargs[endpoint],
                                   self._backend, seconds)
@@ -425,6 +426,9 @@ class Connector:
                 return None
             raise
         endpoint.connect_succeeded(role)
+        timings = self.counters.timings
+        if timings is not None:  # every connect counted in connects, a misplaced one too
+            timings.create.record(_monotonic() - started)
         config = self.config
         if placed and not self.belongs(endpoint, role):
             raw.close()  # e.g. a cold start met the primary first in a prefer-standby group

@@ -8,16 +8,19 @@ pool did: a timeline of endpoint events, the errors the application saw, through
 and after, and whether every acknowledged write survived.
 
 With ``GREENPOOL_DSN`` (or ``--dsn``) set, it runs the same load against that server, with
-no failover.
+no failover. There it touches only a table it creates in this run under a name of its own
+(``CREATE TABLE`` without ``IF NOT EXISTS``: a name already taken fails instead of being
+reused) and drops at the end, whatever ends the run.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from typing import Any
 
-from .check import FAILED, OK, UNREACHABLE, CheckFailed, shielded
+from .check import BAD_INPUT, FAILED, OK, UNREACHABLE, CheckFailed, shielded
 from .errors import ConfigError
 
 
@@ -55,6 +58,8 @@ def run(dsn: str | None, clients: int, seconds: float) -> int:
     timeline = _Timeline(time.monotonic())
     tasks: list[Any] = []
     clusters: list[Any] = []
+    table = f"greenpool_demo_{secrets.token_hex(6)}"  # this run's own: never one it met
+    created: list[str] = []  # the table, once this run created it
     try:
         try:
             endpoints = _servers(dsn, clusters)
@@ -68,10 +73,13 @@ def run(dsn: str | None, clients: int, seconds: float) -> int:
             greenpool.init(_config(endpoints))
         except ConfigError as exc:
             raise CheckFailed(f"bad --dsn: {exc}") from None
-        return _demo(greenpool, gevent, timeline, tasks, clusters, clients, seconds)
+        return _demo(greenpool, gevent, timeline, tasks, clusters, clients, seconds, table,
+                     created)
     finally:
         with shielded():  # a signal now waits until the servers are gone
             gevent.killall(tasks)
+            if created and dsn:
+                _drop(greenpool, table)
             greenpool.close()
             destroy_all()  # every cluster of this process is the demo's
             # only now: a probe still under way may log the servers' going, which is no news
@@ -102,6 +110,17 @@ def _servers(dsn: str | None, clusters: list[Any]) -> list[Any]:
     return [primary.endpoint(), standby.endpoint()]
 
 
+def _drop(greenpool: Any, table: str) -> None:
+    """Drop the table this run created on the user's server, or say that it is left."""
+    try:
+        with greenpool.handler("write", timeout=5) as db:
+            db.execute(f"DROP TABLE {table}")
+        _say(f"dropped table {table}, which this run created")
+    except Exception as exc:  # reported: the user must know what is left on their server
+        _say(f"could not drop table {table}, which this run created ({type(exc).__name__}: "
+             f"{' '.join(str(exc).split())}); drop it yourself")
+
+
 def _config(endpoints: list[Any]) -> dict[str, Any]:
     return {
         "db": endpoints,
@@ -120,19 +139,28 @@ def _say(line: str) -> None:
 
 
 def _demo(greenpool: Any, gevent: Any, timeline: _Timeline, tasks: list[Any],
-          clusters: list[Any], clients: int, seconds: float) -> int:
+          clusters: list[Any], clients: int, seconds: float, table: str,
+          created: list[str]) -> int:
     started = timeline.started
     done: list[tuple[float, str]] = []  # (time, 'read'|'write') of each success
     errors: list[tuple[float, str]] = []
     acked: list[int] = []
     cut_short = 0
+    import psycopg2
+
+    if not clusters:
+        _say(f"creating table {table} for this run; it is dropped at the end")
     try:
         with greenpool.handler("write") as db:
-            db.execute("DROP TABLE IF EXISTS greenpool_demo; "
-                       "CREATE TABLE greenpool_demo (id bigint PRIMARY KEY)")
+            db.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY)")
+        created.append(table)
     except greenpool.PoolError as exc:
         raise CheckFailed(f"cannot reach the database: {type(exc).__name__}: {exc}",
                           UNREACHABLE) from None
+    except (psycopg2.ProgrammingError, psycopg2.InternalError) as exc:  # no privilege, read-only
+        raise CheckFailed(f"cannot create the demo's table {table} with --dsn's user: "
+                          f"{' '.join(str(exc).split())}; the demo needs a user that may "
+                          f"create a table in its search_path", BAD_INPUT) from None
 
     def client(i: int) -> None:
         nonlocal cut_short
@@ -147,9 +175,9 @@ def _demo(greenpool: Any, gevent: Any, timeline: _Timeline, tasks: list[Any],
                         greenpool.handler(kind) as db:
                     if kind == "write":
                         key = i * 1_000_000 + n
-                        db.query("INSERT INTO greenpool_demo VALUES (%s)", (key,))
+                        db.query(f"INSERT INTO {table} VALUES (%s)", (key,))
                     else:
-                        db.query("SELECT count(*) FROM greenpool_demo")
+                        db.query(f"SELECT count(*) FROM {table}")
                 if kind == "write":
                     acked.append(key)
                 done.append((time.monotonic() - started, kind))
@@ -176,7 +204,7 @@ def _demo(greenpool: Any, gevent: Any, timeline: _Timeline, tasks: list[Any],
     timeline.note("load finished")
 
     with greenpool.handler("write") as db:
-        rows = db.query("SELECT id FROM greenpool_demo")
+        rows = db.query(f"SELECT id FROM {table}")
         assert isinstance(rows, list)  # a SELECT returns rows
         stored = {row[0] for row in rows}
     lost = len(set(acked) - stored)

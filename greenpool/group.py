@@ -145,6 +145,16 @@ class Group:
         Raises :class:`PoolTimeout` (:class:`NoHealthyEndpoint` when connecting kept
         failing), :class:`TooManyWaiters`, :class:`ConnectFailed` or :class:`PoolClosed`.
         """
+        timings = self.counters.timings
+        if timings is None:
+            return self._acquire(timeout)
+        started = _monotonic()
+        pc = self._acquire(timeout)
+        pc.lent_at = now = _monotonic()  # where the use time starts
+        timings.wait.record(now - started)
+        return pc
+
+    def _acquire(self, timeout: float | None) -> PooledConnection:
         now = _monotonic()
         wait_for = self.config.timeout if timeout is None else timeout
         self.counters.acquires += 1
@@ -464,6 +474,9 @@ class Group:
                 f"group {self.name!r}: this connection is not lent by this group (returned "
                 f"twice, or taken from another group or pool); nothing was changed"
             ) from None
+        timings = self.counters.timings
+        if timings is not None and pc.lent_at:
+            timings.use.record(_monotonic() - pc.lent_at)
         if discard:
             self.drop(pc, discard)
             return
@@ -793,6 +806,7 @@ class Group:
         return {
             "size": self._size,
             "max_size": self.config.connection_count,
+            "min_size": self.config.min_size,
             "idle": idle,
             "in_use": in_use,
             "connecting": self._connecting,

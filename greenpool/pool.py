@@ -7,9 +7,10 @@ import os
 import time
 import weakref
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
-from .concurrency import Backend, backend_for, check_mode_fits
+from .concurrency import Backend, backend_for, check_mode_fits, resolve_mode
 from .config import PoolConfig, parse_config
 from .endpoint import ROLE_STALE_AFTER, Endpoint
 from .errors import ConfigError, PoolClosed
@@ -24,6 +25,14 @@ logger = logging.getLogger("greenpool")
 _live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
 
 
+def fit_to_process(config: PoolConfig) -> PoolConfig:
+    """``config`` with its mode as this process runs it (``auto`` resolved), checked to fit:
+    a misfit fails here, at ``Pool()``, not as a ``LoopExit`` later."""
+    mode = resolve_mode(config.mode)
+    check_mode_fits(mode)
+    return config if mode == config.mode else replace(config, mode=mode)
+
+
 class Pool:
     """Connections to one or more PostgreSQL endpoints, organised in named groups.
 
@@ -32,8 +41,7 @@ class Pool:
     """
 
     def __init__(self, config: Mapping[str, Any] | PoolConfig) -> None:
-        self.config = parse_config(config)
-        check_mode_fits(self.config.mode)  # a misfit fails here, not as a LoopExit later
+        self.config = fit_to_process(parse_config(config))
         self._backend: Backend = backend_for(self.config.mode)
         self._current_task = self._backend.current  # on every handler entry: bound once
         self._endpoints = [
@@ -223,6 +231,13 @@ class Pool:
         self._forked = True
 
     def _resume_after_fork(self) -> None:
+        try:  # made in a parent before fork: the child may have been patched since
+            check_mode_fits(self.config.mode)
+        except ConfigError as exc:
+            raise ConfigError(
+                f"this pool was made in {self.config.mode} mode before the process forked, "
+                f"and no longer fits it: make the pool in each worker after fork (lazily on "
+                f"first use, or in gunicorn's post_worker_init). {exc}") from None
         self._forked = False
         if not self._closed:
             self._housekeeping.start()

@@ -8,9 +8,13 @@ label, so several pools share the default registry::
     register(jobs_pool, name="jobs")    # same collector, another pool label
 
 It reads :meth:`Pool.stats` at scrape time, so it costs nothing between scrapes and never
-drifts from what the pool reports. Names follow what HikariCP users graph
+drifts from what the pool reports; the three duration histograms (wait, use, create) are
+the one thing recorded as loans happen, switched on for a pool when it is registered (a
+bisect and two additions per loan). Names follow Prometheus' conventions (a ``_total``
+counter, base units, ``_seconds`` histograms) and what HikariCP users graph
 (``*_connections_active``, ``*_connections_idle``, ``*_connections_pending``,
-``*_connections_max``, timeouts, acquire time) with psycopg_pool's counters alongside.
+``*_connections_max``). ``PoolCollector().describe()`` lists every family; the README's
+list is checked against it.
 
 Labels: ``pool`` (the name given to :func:`register`), ``group``, and ``endpoint``
 (``host:port/db``, never credentials). An endpoint's series keep the same labels through
@@ -33,11 +37,12 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import REGISTRY, Collector, CollectorRegistry
 
 from .endpoint import PRIMARY, PROBING, QUARANTINED, STANDBY, UNKNOWN, UP
 from .pool import Pool
+from .stats import GroupTimings, timings_of
 
 __all__ = ["PoolCollector", "register", "unregister"]
 
@@ -48,6 +53,7 @@ _GROUP_GAUGES = (
     ("connections_connecting", "connecting", "Connections being opened"),
     ("connections", "size", "Connections open or opening"),
     ("connections_max", "max_size", "Most connections the group may hold"),
+    ("connections_min", "min_size", "Idle connections the group keeps open (min_size)"),
     ("exclusive_connections", "exclusive_open",
      "Dedicated connections open or opening (exclusive() blocks and listeners)"),
     ("exclusive_connections_max", "exclusive_max", "The group's exclusive_limit"),
@@ -58,15 +64,15 @@ _GROUP_GAUGES = (
 _GROUP_COUNTERS = (
     ("connections_acquired", "acquires", "Connections handed out"),
     ("connections_waits", "waits", "Acquires that had to wait"),
-    ("connections_timeout", "timeouts", "Acquires that timed out"),
+    ("connections_timeouts", "timeouts", "Acquires that timed out"),
     ("connections_created", "connects", "Connections opened"),
-    ("connection_errors", "connect_errors", "Failed connect attempts"),
+    ("connections_connect_errors", "connect_errors", "Failed connect attempts"),
     ("failovers", "failovers", "Acquires that moved on after an endpoint failed"),
     ("replays", "replays", "Statements re-run after their connection died"),
     ("connections_refused", "refusals", "Acquires shed at once because max_waiting was reached"),
     ("exclusive_connections_created", "exclusive_opened",
      "Dedicated connections opened, listener reconnects included"),
-    ("exclusive_connections_timeout", "exclusive_timeouts",
+    ("exclusive_connections_timeouts", "exclusive_timeouts",
      "Callers refused because exclusive_limit stayed reached"),
     ("listen_gaps", "listen_gaps",
      "Listener reconnects (notifications sent meanwhile may have been missed)"),
@@ -78,6 +84,13 @@ _ENDPOINT_COUNTERS = (
     ("endpoint_connect_errors", "connect_errors", "Failed connect attempts to the endpoint"),
     ("endpoint_split_brain", "split_brain",
      "Times the endpoint claimed primary while another did too"),
+)
+#: the duration histograms: (metric, GroupTimings attribute, help)
+_GROUP_HISTOGRAMS = (
+    ("connections_wait_seconds", "wait",
+     "Time from asking for a connection to having one (successful acquires)"),
+    ("connections_use_seconds", "use", "Time a connection was lent, from acquire to return"),
+    ("connections_create_seconds", "create", "Time a successful connect took"),
 )
 _STATES = (UP, PROBING, QUARANTINED)
 _ROLES = (PRIMARY, STANDBY, UNKNOWN)
@@ -107,6 +120,8 @@ class PoolCollector(Collector):
                 raise ValueError(f"register(): a pool named {name!r} is already exported on "
                                  "this registry; give each pool its own name")
             self._pools[name] = weakref.ref(pool)
+        for group in pool.config.groups:
+            timings_of(pool.group(group))  # histograms are recorded from now on
 
     def remove(self, name: str) -> bool:
         """Stop exporting the pool called ``name``; False if there was none."""
@@ -120,14 +135,29 @@ class PoolCollector(Collector):
 
     def describe(self) -> list[Any]:
         """The families without samples, so registering never calls ``stats()``."""
-        return list(self._families([]))
+        return [*self._families([]), *self._histograms({})]
+
+    def _histograms(self, timings: dict[str, dict[str, GroupTimings | None]]) -> Iterator[Any]:
+        for metric, kind, doc in _GROUP_HISTOGRAMS:
+            family = HistogramMetricFamily(f"{self.prefix}_{metric}", doc,
+                                           labels=["pool", "group"], unit="seconds")
+            for name, groups in timings.items():
+                for group, recorded in groups.items():
+                    if recorded is not None:
+                        timing = getattr(recorded, kind)
+                        family.add_metric([name, group], timing.cumulative(), timing.total)
+            yield family
 
     def collect(self) -> Iterator[Any]:
         with self._lock:
             pools = [(name, ref()) for name, ref in self._pools.items()]
         snapshot = [(name, pool.stats()) for name, pool in pools
                     if pool is not None and not pool.closed]
+        timings = {name: {group: pool.group(group).counters.timings
+                          for group in pool.config.groups}
+                   for name, pool in pools if pool is not None and not pool.closed}
         yield from self._families(snapshot)
+        yield from self._histograms(timings)
 
     def _families(self, snapshot: list[tuple[str, dict[str, Any]]]) -> Iterator[Any]:
         p = self.prefix

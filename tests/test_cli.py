@@ -296,6 +296,7 @@ def test_a_signal_during_bench_closes_the_pool(pg: Any, tmp_path: Path, server_c
         proc.wait()
     result = subprocess.CompletedProcess(proc.args, proc.returncode, seen.text() + out, err)
     assert_one_sentence(result, 128 + sig, f"interrupted by {sig.name}")
+    assert result.stdout.endswith("\n")  # on a terminal, the sentence starts on its own line
     assert server_conns(application_name=name, expect=0) == 0  # the pool was closed
 
 

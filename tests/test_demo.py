@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from modes import MODE
@@ -164,3 +165,100 @@ def test_a_failure_in_init_removes_both_servers(tmp_path: Path) -> None:
     assert "RuntimeError: init broke" in result.stderr
     assert len(PID.findall(result.stdout)) == 2  # both servers had started
     _assert_gone(result.stdout)
+
+
+# --- with --dsn: the user's server ---------------------------------------------------------
+
+TABLES = ("SELECT relname FROM pg_class WHERE relkind = 'r' AND "
+          "relnamespace = 'public'::regnamespace ORDER BY 1")
+
+
+@pytest.fixture
+def user_db(pg: Any) -> Any:
+    """A database of its own on the shared server, holding a user's ``greenpool_demo``
+    table (the name the demo once dropped and filled) with rows in it."""
+    name = f"demo_user_{os.getpid()}_{time.monotonic_ns()}"
+    pg.execute(f"CREATE DATABASE {name}")
+    conn = pg.connect(dbname=name)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("CREATE TABLE greenpool_demo (id bigint PRIMARY KEY, note text);"
+                        "INSERT INTO greenpool_demo SELECT g, 'mine' FROM generate_series(1, 3) g")
+        yield pg, name, conn
+    finally:
+        conn.close()
+        pg.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+def _tables_and_rows(conn: Any) -> tuple[list[str], list[tuple[Any, ...]]]:
+    with conn.cursor() as cur:
+        cur.execute(TABLES)
+        tables = [row[0] for row in cur.fetchall()]
+        cur.execute("SELECT * FROM greenpool_demo ORDER BY id")
+        return tables, cur.fetchall()
+
+
+@pytest.mark.skipif(MODE != "gevent", reason="runs once, in the gevent test process")
+def test_demo_with_dsn_touches_only_the_table_it_created(user_db: Any) -> None:
+    pg, name, conn = user_db
+    before = _tables_and_rows(conn)
+    result = subprocess.run(
+        [sys.executable, "-m", "greenpool", "demo", "--dsn", pg.dsn(dbname=name),
+         "--seconds", "1", "--clients", "5"],
+        capture_output=True, text=True, timeout=60, check=False)
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    created = re.findall(r"creating table (greenpool_demo_[0-9a-f]+) for this run; it is "
+                         r"dropped at the end", out)
+    assert len(created) == 1, out
+    assert f"dropped table {created[0]}, which this run created" in out
+    assert _tables_and_rows(conn) == before  # the user's table and rows as they were
+
+
+@pytest.mark.skipif(MODE != "gevent", reason="runs once, in the gevent test process")
+def test_demo_with_dsn_drops_its_table_when_interrupted(user_db: Any) -> None:
+    pg, name, conn = user_db
+    before = _tables_and_rows(conn)
+    env = {k: v for k, v in os.environ.items() if k != "GREENPOOL_DSN"}
+    proc = subprocess.Popen([sys.executable, "-m", "greenpool", "demo", "--dsn",
+                             pg.dsn(dbname=name), "--seconds", "30", "--clients", "5"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout is not None
+    out = ""
+    try:
+        while "load running" not in out:
+            line = proc.stdout.readline().decode()
+            assert line, out
+            out += line
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    out += rest.decode()
+    assert proc.returncode == 128 + signal.SIGINT, out + err.decode()
+    assert "dropped table greenpool_demo_" in out
+    assert _tables_and_rows(conn) == before
+
+
+@pytest.mark.skipif(MODE != "gevent", reason="runs once, in the gevent test process")
+def test_demo_with_dsn_says_when_its_user_may_not_create_a_table(user_db: Any) -> None:
+    """PostgreSQL 15+ gives PUBLIC no CREATE on schema public: a plain user cannot make the
+    demo's table, and is told so in one sentence (not "a bug in greenpool")."""
+    pg, name, conn = user_db
+    role = f"demo_nocreate_{os.getpid()}"
+    pg.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'x'")
+    try:
+        with conn.cursor() as cur:  # PostgreSQL 15+'s default, made sure of
+            cur.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+        result = subprocess.run(
+            [sys.executable, "-m", "greenpool", "demo", "--dsn",
+             pg.dsn(dbname=name, user=role, password="x"), "--seconds", "1", "--clients", "2"],
+            capture_output=True, text=True, timeout=60, check=False)
+    finally:
+        pg.execute(f"DROP ROLE {role}")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith("greenpool demo: cannot create the demo's table "
+                                    "greenpool_demo_"), result.stderr
+    assert "permission denied" in result.stderr and len(result.stderr.splitlines()) == 1

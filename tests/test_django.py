@@ -384,3 +384,32 @@ def test_autocommit_switched_without_a_connection_applies_to_the_next_loan(
     finally:
         connection.close()
     assert group_stats(pools)["in_use"] == 0
+
+
+# --- the public handle for exporters ------------------------------------------------------
+
+def test_pools_is_the_handle_that_exports_the_backends_pools(pools: Any) -> None:
+    """Made at startup (before any request), registered, then a query shows in the scrape."""
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from notes.models import Note
+
+    from greenpool.prometheus import register, unregister
+
+    assert pools.pools() == {}  # none made yet
+    made = pools.pools(make=True)
+    assert list(made) == ["default+replica"]  # one pool; both aliases are its groups
+    registry = prometheus_client.CollectorRegistry()
+    for name, pool in made.items():
+        register(pool, name=name, registry=registry)
+    try:
+        assert Note.objects.count() == 0
+        _close_connections()
+        def total(metric: str) -> float:  # the router sends the read to the replica alias
+            return sum(registry.get_sample_value(metric, {"pool": "default+replica",
+                                                          "group": group}) or 0
+                       for group in ("default", "replica"))
+
+        assert total("greenpool_connections_acquired_total") == 1
+        assert total("greenpool_connections_use_seconds_count") == 1
+    finally:
+        unregister("default+replica", registry=registry)

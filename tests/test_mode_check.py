@@ -100,7 +100,7 @@ def build(patch: str, kind: str) -> tuple[int, str]:
 
 @pytest.mark.parametrize("patch, kind, says", [
     ("none", "gevent", ["monkey.patch_all()", "threading and socket are not", "'threaded'"]),
-    ("none", "-", ["type: 'gevent'", "monkey.patch_all()"]),  # greenpool's default
+    ("gevent-without-threading", "-", ["type: 'auto' cannot tell", "socket but not threading"]),
     ("gevent-without-threading", "gevent", ["its threading is not", "LoopExit"]),
     ("gevent", "threaded", ["patched by gevent", "set type to 'gevent'"]),
     pytest.param("gevent", "eventlet", ["patched by gevent, not eventlet"],
@@ -119,14 +119,25 @@ def test_a_misfit_is_a_config_error_at_pool(patch: str, kind: str, says: list[st
 
 
 @pytest.mark.parametrize("patch, kind", [
-    ("none", "threaded"), ("none", "non-threaded"), ("gevent", "gevent"), ("gevent", "-"),
+    ("none", "threaded"), ("none", "non-threaded"), ("gevent", "gevent"),
     ("gevent", "non-threaded"),
     pytest.param("eventlet", "eventlet", marks=needs_eventlet),
 ])
 def test_a_fitting_mode_builds(patch: str, kind: str) -> None:
     status, out = build(patch, kind)
     assert status == 0, out
-    assert out.split() == ["ok", kind if kind != "-" else "gevent"]
+    assert out.split() == ["ok", kind]
+
+
+@pytest.mark.parametrize("kind", ["auto", "-"])  # auto is the default
+@pytest.mark.parametrize("patch, expected", [
+    ("none", "threaded"), ("gevent", "gevent"),
+    pytest.param("eventlet", "eventlet", marks=needs_eventlet),
+])
+def test_auto_builds_the_mode_the_process_runs_on(patch: str, kind: str, expected: str) -> None:
+    status, out = build(patch, kind)
+    assert status == 0, out
+    assert out.split() == ["ok", expected]
 
 
 def test_this_test_process_fits_its_own_mode_only() -> None:
@@ -139,15 +150,61 @@ def test_this_test_process_fits_its_own_mode_only() -> None:
 
 
 def test_a_threaded_app_that_never_patched_fails_at_pool_not_with_loop_exit(pg: Any) -> None:
-    """A threaded app that never patched, with greenpool's default (gevent) mode, fails at
-    once with a ConfigError, not with LoopExit in some of its threads under contention."""
+    """A threaded app that never patched, with type gevent, fails at once with a
+    ConfigError, not with LoopExit in some of its threads under contention."""
     config = {"db": pg.endpoint(), "groups": {"g": {"connection_count": 3}}}
-    result = run(CONTEND, "none", "-", config, "greenpool")
+    result = run(CONTEND, "none", "gevent", config, "greenpool")
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("greenpool.ConfigError: type: 'gevent' needs a process gevent "
                            "has monkey-patched"), result.stderr
     assert "exceptions.LoopExit" not in result.stderr and result.stdout == ""
+
+
+@pytest.mark.parametrize("patch, expected", [("none", "threaded"), ("gevent", "gevent")])
+def test_one_config_without_type_serves_a_patched_and_an_unpatched_process(
+        pg: Any, patch: str, expected: str) -> None:
+    """The same configuration, no ``type``: a gevent worker and a plain script (a Flask
+    shell, a Celery producer) each run 12 callers on 3 connections of a real server."""
+    config = {"db": pg.endpoint(), "groups": {"g": {"connection_count": 3, "timeout": 30}}}
+    result = run(CONTEND, patch, "-", config, "greenpool")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report == {"errors": [], "mode": expected, "alive": 0}
+
+
+FORK_THEN_PATCH = r"""
+import json, os, sys
+import greenpool
+pool = greenpool.Pool(json.loads(sys.argv[1]))
+with pool.handler() as db:
+    db.query("SELECT 1")
+pid = os.fork()
+if pid == 0:
+    from gevent import monkey; monkey.patch_all()
+    try:
+        with pool.handler() as db:
+            db.query("SELECT 1")
+        print("used"); sys.stdout.flush(); os._exit(0)
+    except greenpool.ConfigError as exc:
+        print("ConfigError:", exc); sys.stdout.flush(); os._exit(3)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_an_auto_pool_made_before_fork_refuses_a_child_that_patched(pg: Any) -> None:
+    """gunicorn --preload: an unpatched master made the pool (threaded), the gevent worker
+    patched after fork: its first loan says what to do, not block the hub in each query."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env["PYTHONPATH"] = str(ROOT)
+    result = subprocess.run([sys.executable, "-c", FORK_THEN_PATCH,
+                             json.dumps({"db": pg.endpoint()})],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 3, (result.stdout, result.stderr)
+    assert result.stdout.startswith("ConfigError: this pool was made in threaded mode before "
+                                    "the process forked"), result.stdout
+    assert "post_worker_init" in result.stdout
 
 
 @pytest.mark.parametrize("patch, expected", [("none", "threaded"), ("gevent", "gevent")])

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -222,3 +224,84 @@ def test_endpoint_up_reads_0_while_a_down_endpoint_is_probed(make_pool, blackhol
                  state="up") == 0
     assert value(samples, "greenpool_endpoint_connect_errors_total", pool="app",
                  endpoint=label) >= 1
+
+
+# --- histograms and names ------------------------------------------------------------------
+
+def test_histograms_of_wait_use_and_create_time(make_pool, http_registry):
+    """Loans held 30 ms, and one caller made to wait for the only connection: each shows
+    in its buckets; counts match the loans, the connects and the waits."""
+    registry, url = http_registry
+    pool = make_pool({"g": {"connection_count": 1, "timeout": 10}})
+    register(pool, name="app", registry=registry)
+    for _ in range(5):
+        with pool.handler("g") as db:
+            db.query("SELECT 1")
+            time.sleep(0.03)
+    holding = spawn(lambda: _hold(pool, 0.2))
+    wait_for(lambda: pool.stats()["groups"]["g"]["in_use"] == 1)
+    with pool.handler("g") as db:  # waits about 0.2 s for the holder
+        db.query("SELECT 1")
+    join_all([holding], 10)
+    after = parse(scrape(url))
+    key = {"pool": "app", "group": "g"}
+
+    def bucket(metric: str, le: str) -> float:
+        return value(after, f"greenpool_connections_{metric}_seconds_bucket", le=le, **key)
+
+    assert value(after, "greenpool_connections_use_seconds_count", **key) == 7
+    assert bucket("use", "0.025") <= 1 and bucket("use", "+Inf") == 7  # 5 held 30 ms, 1 0.2 s
+    assert value(after, "greenpool_connections_use_seconds_sum", **key) >= 5 * 0.03 + 0.2
+    assert value(after, "greenpool_connections_wait_seconds_count", **key) == 7
+    assert bucket("wait", "0.1") == 6 and bucket("wait", "+Inf") == 7  # the one that waited
+    created = value(after, "greenpool_connections_created_total", **key)
+    assert value(after, "greenpool_connections_create_seconds_count", **key) == created >= 1
+    assert 0 < value(after, "greenpool_connections_create_seconds_sum", **key) < 10
+
+
+def _hold(pool: Any, seconds: float) -> None:
+    with pool.handler("g") as db:
+        db.query("SELECT 1")
+        time.sleep(seconds)
+
+
+def test_counters_follow_prometheus_names_and_min_size_is_exported(make_pool, http_registry):
+    registry, url = http_registry
+    pool = make_pool({"g": {"connection_count": 3, "min_size": 2}})
+    register(pool, name="app", registry=registry)
+    after = parse(scrape(url))
+    key = {"pool": "app", "group": "g"}
+    assert value(after, "greenpool_connections_min", **key) == 2
+    for name in ("greenpool_connections_timeouts_total", "greenpool_connections_refused_total",
+                 "greenpool_connections_connect_errors_total",
+                 "greenpool_exclusive_connections_timeouts_total"):
+        assert value(after, name, **key) == 0
+    old = {"greenpool_connections_timeout_total", "greenpool_connection_errors_total",
+           "greenpool_exclusive_connections_timeout_total"}
+    assert not old & {name for name, _ in after}
+
+
+def _exported_families() -> dict[str, str]:
+    """Every family the collector exports, as the names a scrape shows: counters with
+    ``_total``, histograms by their base name."""
+    families = {}
+    for family in PoolCollector().describe():
+        name = f"{family.name}_total" if family.type == "counter" else family.name
+        families[name] = family.type
+    return families
+
+
+def test_every_series_is_documented_in_the_readme_and_nothing_else():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Observability", 1)[1].split("\n## ", 1)[0]
+    documented = set()
+    for name in re.findall(r"greenpool_[a-z_]+(?:\|[a-z_|]+)?", section):
+        head, *alternatives = name.split("|")
+        if alternatives:  # greenpool_connections_active|idle: one family per alternative
+            stem = head.rsplit("_", 1)[0]
+            documented |= {head, *(f"{stem}_{alt}" for alt in alternatives)}
+        else:
+            documented.add(head)
+    exported = set(_exported_families())
+    assert exported - documented == set(), "exported but not documented"
+    assert documented - exported == set(), "documented but not exported"

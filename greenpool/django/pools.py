@@ -297,6 +297,36 @@ def close_all() -> None:
         pool.close()
 
 
+def pools(make: bool = False) -> dict[str, Pool]:
+    """This process's open pools, each named by the aliases it serves (its groups, sorted,
+    joined by ``+``: the same name in every worker): the handle to export them::
+
+        for name, pool in pools(make=True).items():
+            greenpool.prometheus.register(pool, name=name)   # or greenpool.otel.instrument
+
+    Pools are made on first use; ``make=True`` makes them now for every alias whose ENGINE
+    is greenpool's (in a worker at startup, e.g. gunicorn's ``post_worker_init``, so they are
+    exported before the first request). A pool closed by :func:`close_all` is not in the
+    answer; the one made after it must be exported again."""
+    if make:
+        from django.db import connections
+
+        for alias in connections:
+            connection = connections[alias]
+            if connection.settings_dict.get("ENGINE") == ENGINE:
+                group_for(alias, connection.settings_dict, connection.timezone_name)
+    found: dict[str, Pool] = {}
+    for pool in list(_pools.values()):
+        if not pool.closed:
+            name = base = "+".join(sorted(pool.config.groups))
+            n = 1
+            while name in found:  # a mirror alias's pool of its own (Django's test runner)
+                n += 1
+                name = f"{base}#{n}"
+            found[name] = pool
+    return found
+
+
 def stats() -> dict[str, Any]:
     """``Pool.stats()`` of each live pool, merged: groups are named by alias."""
     merged: dict[str, Any] = {"groups": {}, "endpoints": {}}

@@ -56,7 +56,7 @@ def test_dsn_and_uri_endpoints():
         (lambda c: c["groups"]["g"].update(row_factory="list"), r"row_factory: expected one of"),
         (lambda c: c["db"].update(prot=5), r"db\[0\]\.prot: unknown key \(did you mean 'port'\?\)"),
         (lambda c: c["db"].pop("host"), r"db\[0\]\.host: missing"),
-        (lambda c: c.update(type="asyncio"), r"type: expected one of gevent, eventlet"),
+        (lambda c: c.update(type="asyncio"), r"type: expected one of auto, gevent, eventlet"),
         (lambda c: c.pop("db"), r"db: missing"),
         (lambda c: c.update(groups={}), r"groups: no group configured"),
         (lambda c: c["groups"]["g"].update(endpoints=[3]), r"groups\.g\.endpoints: 3 is not"),

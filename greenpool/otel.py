@@ -1,0 +1,196 @@
+"""OpenTelemetry metrics (``pip install 'greenpool[otel]'``), by the semantic conventions for
+database client connection pools::
+
+    from greenpool.otel import instrument
+    instrument(pool)                      # the global MeterProvider (set up by your SDK)
+    instrument(jobs_pool, name="jobs", meter_provider=provider)
+
+Every instrument carries ``db.client.connection.pool.name``: the group's name (``name.group``
+for a pool instrumented under a name other than ``default``), and ``server.address`` /
+``server.port`` when the group has one endpoint (a group spread over several has no single
+server). Gauges and the timeouts counter are observed at collection from ``Pool.stats()``.
+
+The three histograms (``create_time``, ``wait_time``, ``use_time``) need every value, and
+an SDK histogram's ``record()`` costs microseconds: too much for the borrow path. So a loan
+only appends its durations to a per-group buffer, and the buffers are recorded into the
+histograms at the start of each collection (the SDK runs observable callbacks before it
+reads the histograms, so they land in that collection). A buffer holds at most
+:data:`BUFFER_LIMIT` values; a full one is recorded on the spot, so nothing is lost and
+memory stays bounded even with a provider that never collects.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observation, get_meter
+
+from .pool import Pool
+from .stats import TIME_BUCKETS, Timing, timings_of
+
+__all__ = ["BUFFER_LIMIT", "Instrumentation", "instrument"]
+
+logger = logging.getLogger("greenpool")
+
+#: durations a group buffers between collections before recording them on the spot
+BUFFER_LIMIT = 50_000
+POOL_NAME = "db.client.connection.pool.name"
+STATE = "db.client.connection.state"
+
+#: (semantic-convention name, GroupTimings attribute, description)
+_HISTOGRAMS = (
+    ("db.client.connection.create_time", "create", "The time it took to create a new connection"),
+    ("db.client.connection.wait_time", "wait",
+     "The time it took to obtain an open connection from the pool"),
+    ("db.client.connection.use_time", "use",
+     "The time between borrowing a connection and returning it to the pool"),
+)
+
+
+class _Buffer:
+    """The durations one :class:`Timing` recorded since the last collection."""
+
+    def __init__(self, histogram: Any, attributes: dict[str, Any]) -> None:
+        self.values: list[float] = []
+        self.histogram = histogram
+        self.attributes = attributes
+
+    def sink(self) -> Callable[[float], None]:
+        values, append, flush = self.values, self.values.append, self.flush
+
+        def buffered(seconds: float) -> None:
+            if len(values) >= BUFFER_LIMIT:
+                flush()
+            append(seconds)
+
+        return buffered
+
+    def flush(self) -> None:
+        """Record the buffered values. Never raises: it runs on the loan path when the
+        buffer is full, and a metrics failure must not fail a loan (the values are then
+        lost, and that is logged)."""
+        values = self.values
+        taken = values[:]
+        del values[:len(taken)]  # values appended meanwhile (threads) stay for the next one
+        record, attributes = self.histogram.record, self.attributes
+        try:
+            for seconds in taken:
+                record(seconds, attributes)
+        except Exception:
+            logger.exception("greenpool.otel: recording %d durations failed; they are lost",
+                             len(taken))
+
+
+class Instrumentation:
+    """One pool's instruments; :meth:`stop` detaches them (the pool is held weakly, and a
+    closed one reports nothing)."""
+
+    def __init__(self, pool: Pool, name: str, meter: Meter) -> None:
+        self._pool = weakref.ref(pool)
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._attributes = {group: _group_attributes(pool, name, group)
+                            for group in pool.config.groups}
+        self._buffers: list[tuple[Timing, Callable[[float], None], _Buffer]] = []
+        for metric, kind, doc in _HISTOGRAMS:
+            histogram = meter.create_histogram(
+                metric, unit="s", description=doc,
+                explicit_bucket_boundaries_advisory=list(TIME_BUCKETS))
+            for group, attributes in self._attributes.items():
+                timing: Timing = getattr(timings_of(pool.group(group)), kind)
+                buffer = _Buffer(histogram, attributes)
+                sink = buffer.sink()
+                timing.sinks = (*timing.sinks, sink)
+                self._buffers.append((timing, sink, buffer))
+        meter.create_observable_up_down_counter(
+            "db.client.connection.count", [self._count], unit="{connection}",
+            description="The number of connections that are currently in state described "
+                        "by the state attribute")
+        for metric, key, unit, doc in (
+            ("db.client.connection.max", "max_size", "{connection}",
+             "The maximum number of open connections allowed"),
+            ("db.client.connection.idle.min", "min_size", "{connection}",
+             "The minimum number of idle open connections allowed"),
+            ("db.client.connection.pending_requests", "waiting", "{request}",
+             "The number of current pending requests for an open connection"),
+        ):
+            meter.create_observable_up_down_counter(metric, [self._observer(key)], unit=unit,
+                                                    description=doc)
+        meter.create_observable_counter(
+            "db.client.connection.timeouts", [self._observer("timeouts")], unit="{timeout}",
+            description="The number of connection timeouts that have occurred trying to "
+                        "obtain a connection from the pool")
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
+    def stop(self) -> None:
+        """Record what is buffered, stop buffering, and report nothing more."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        for timing, sink, buffer in self._buffers:
+            timing.sinks = tuple(s for s in timing.sinks if s is not sink)
+            buffer.flush()
+
+    def _groups(self) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+        pool = self._pool()
+        if pool is None or pool.closed or self._stopped:
+            return
+        for group, values in pool.stats()["groups"].items():
+            yield self._attributes[group], values
+
+    def _count(self, options: CallbackOptions) -> Iterable[Observation]:
+        for _, _, buffer in self._buffers:  # first: the collection reads histograms next
+            buffer.flush()
+        found = []
+        for attributes, values in self._groups():
+            found.append(Observation(values["idle"], {**attributes, STATE: "idle"}))
+            found.append(Observation(values["in_use"], {**attributes, STATE: "used"}))
+        return found
+
+    def _observer(self, key: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            return [Observation(values[key], attributes)
+                    for attributes, values in self._groups()]
+
+        return observe
+
+
+def _group_attributes(pool: Pool, name: str, group: str) -> dict[str, Any]:
+    attributes: dict[str, Any] = {POOL_NAME: group if name == "default" else f"{name}.{group}"}
+    endpoints = pool.group(group).endpoints
+    if len(endpoints) == 1:
+        config = endpoints[0].config
+        attributes["server.address"] = config.host
+        if not config.host.startswith("/"):
+            attributes["server.port"] = config.port
+    return attributes
+
+
+def instrument(pool: Pool, name: str = "default",
+               meter_provider: MeterProvider | None = None) -> Instrumentation:
+    """Report ``pool`` through OpenTelemetry (the global MeterProvider if None). Its
+    duration histograms are recorded from now on."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"instrument(): name must be a non-empty string, not {name!r}")
+    with _instrumenting:
+        live = _instrumented.setdefault(pool, {})
+        held = live.get(name)
+        if held is not None and not held.stopped:
+            raise ValueError(f"instrument(): this pool is already instrumented as {name!r} "
+                             f"(each loan would be recorded twice); stop() that one first")
+        meter = get_meter("greenpool", meter_provider=meter_provider)
+        live[name] = instrumentation = Instrumentation(pool, name, meter)
+    return instrumentation
+
+
+_instrumented: weakref.WeakKeyDictionary[Pool, dict[str, Instrumentation]] = (
+    weakref.WeakKeyDictionary())
+_instrumenting = threading.Lock()

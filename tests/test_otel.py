@@ -1,0 +1,162 @@
+"""OpenTelemetry export, read back through the SDK's in-memory reader, on a real server."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from modes import join_all, spawn
+
+pytest.importorskip("opentelemetry.sdk")
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+from greenpool import otel
+from greenpool.stats import TIME_BUCKETS
+
+POOL_NAME = "db.client.connection.pool.name"
+
+
+def read(reader: InMemoryMetricReader) -> dict[str, list[Any]]:
+    """Every data point collected now, by instrument name."""
+    found: dict[str, list[Any]] = {}
+    data = reader.get_metrics_data()
+    for resource in data.resource_metrics if data else []:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                found.setdefault(metric.name, []).extend(metric.data.data_points)
+    return found
+
+
+def point(points: dict[str, list[Any]], name: str, **attributes: Any) -> Any:
+    matching = [p for p in points[name]
+                if all(p.attributes.get(k) == v for k, v in attributes.items())]
+    assert len(matching) == 1, (name, attributes, points.get(name))
+    return matching[0]
+
+
+@pytest.fixture
+def reader() -> Any:
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    yield reader, provider
+    provider.shutdown()
+
+
+def _hold(pool: Any, seconds: float) -> None:
+    with pool.handler("g") as db:
+        db.query("SELECT 1")
+        time.sleep(seconds)
+
+
+def test_semantic_convention_metrics_read_back_through_the_sdk(make_pool, pg, reader):
+    reader, provider = reader
+    pool = make_pool({"g": {"connection_count": 1, "min_size": 1, "timeout": 10},
+                      "other": {"connection_count": 2}})
+    otel.instrument(pool, meter_provider=provider)
+    for _ in range(4):
+        with pool.handler("g") as db:
+            db.query("SELECT 1")
+            time.sleep(0.03)
+    holder = spawn(lambda: _hold(pool, 0.3))
+    deadline = time.monotonic() + 10
+    while pool.stats()["groups"]["g"]["in_use"] != 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    waiter = spawn(lambda: _hold(pool, 0))
+    while pool.stats()["groups"]["g"]["waiting"] != 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    during = read(reader)  # one lent, one waiting
+    join_all([holder, waiter], 10)
+    after = read(reader)
+
+    group = {POOL_NAME: "g", "server.address": pg.host, "server.port": pg.port}
+    assert point(during, "db.client.connection.count", **group,
+                 **{"db.client.connection.state": "used"}).value == 1
+    assert point(during, "db.client.connection.pending_requests", **group).value == 1
+    assert point(after, "db.client.connection.pending_requests", **group).value == 0
+    assert point(after, "db.client.connection.count", **group,
+                 **{"db.client.connection.state": "idle"}).value == 1
+    assert point(after, "db.client.connection.max", **group).value == 1
+    assert point(after, "db.client.connection.idle.min", **group).value == 1
+    assert point(after, "db.client.connection.max", **{POOL_NAME: "other"}).value == 2
+    assert point(after, "db.client.connection.timeouts", **group).value == 0
+
+    use = point(after, "db.client.connection.use_time", **group)
+    assert use.count == 6 and use.sum >= 4 * 0.03 + 0.3
+    assert list(use.explicit_bounds) == list(TIME_BUCKETS)
+    wait = point(after, "db.client.connection.wait_time", **group)
+    assert wait.count == 6 and wait.max >= 0.2  # the one that waited for the holder
+    create = point(after, "db.client.connection.create_time", **group)
+    connects = pool.stats()["groups"]["g"]["connects"]
+    assert create.count == connects >= 1 and 0 < create.sum < 10
+
+
+def test_timeouts_are_counted(make_pool, reader):
+    reader, provider = reader
+    pool = make_pool({"g": {"connection_count": 1, "timeout": 0.05}})
+    otel.instrument(pool, name="app", meter_provider=provider)
+    from greenpool import PoolTimeout
+
+    holder = spawn(lambda: _hold(pool, 0.5))
+    deadline = time.monotonic() + 10
+    while pool.stats()["groups"]["g"]["in_use"] != 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    with pytest.raises(PoolTimeout), pool.handler("g"):
+        pass
+    join_all([holder], 10)
+    found = read(reader)
+    assert point(found, "db.client.connection.timeouts", **{POOL_NAME: "app.g"}).value == 1
+
+
+def test_a_buffer_never_outgrows_its_limit(make_pool, reader, monkeypatch):
+    """With nothing collecting, durations are recorded on the spot once the buffer is full:
+    memory stays bounded and no value is lost."""
+    reader, provider = reader
+    monkeypatch.setattr(otel, "BUFFER_LIMIT", 3)
+    pool = make_pool({"g": {"connection_count": 1}})
+    instrumentation = otel.instrument(pool, meter_provider=provider)
+    for _ in range(10):
+        with pool.handler("g") as db:
+            db.query("SELECT 1")
+    assert all(len(buffer.values) <= 3 for _, _, buffer in instrumentation._buffers)
+    use = point(read(reader), "db.client.connection.use_time", **{POOL_NAME: "g"})
+    assert use.count == 10
+    instrumentation.stop()
+    with pool.handler("g") as db:
+        db.query("SELECT 1")
+    assert point(read(reader), "db.client.connection.use_time", **{POOL_NAME: "g"}).count == 10
+
+
+def test_instrumenting_a_pool_twice_under_one_name_is_refused(make_pool, reader):
+    reader, provider = reader
+    pool = make_pool({"g": {}})
+    first = otel.instrument(pool, meter_provider=provider)
+    with pytest.raises(ValueError, match="already instrumented as 'default'"):
+        otel.instrument(pool, meter_provider=provider)
+    first.stop()
+    otel.instrument(pool, meter_provider=provider)  # allowed once the first is stopped
+
+
+class _BrokenHistogram:
+    """An SDK whose record() fails: a fault no real server can produce, hence a stand-in."""
+
+    def record(self, value: float, attributes: Any = None) -> None:
+        raise RuntimeError("exporter broke")
+
+
+def test_a_failing_sdk_never_fails_a_loan(make_pool, reader, monkeypatch, caplog):
+    reader, provider = reader
+    monkeypatch.setattr(otel, "BUFFER_LIMIT", 2)
+    pool = make_pool({"g": {"connection_count": 1}})
+    instrumentation = otel.instrument(pool, meter_provider=provider)
+    for _, _, buffer in instrumentation._buffers:
+        buffer.histogram = _BrokenHistogram()
+    for _ in range(6):  # the buffers fill and are flushed on the loan path
+        with pool.handler("g") as db:
+            assert db.query("SELECT 1") == [(1,)]
+    assert "recording 2 durations failed" in caplog.text
+    assert pool.stats()["groups"]["g"]["in_use"] == 0
