@@ -19,7 +19,16 @@ from typing import Any
 
 import psycopg2
 import pytest
-from django_site import APP_NAME, PROJECT, SIZE, TIMEOUT, databases, group_stats, wsgi_request
+from django_site import (
+    APP_NAME,
+    PROJECT,
+    SIZE,
+    TIMEOUT,
+    close_connections,
+    databases,
+    group_stats,
+    wsgi_request,
+)
 from modes import MODE, Task, join_all, spawn, wait_until
 
 import greenpool
@@ -403,7 +412,8 @@ def test_pools_is_the_handle_that_exports_the_backends_pools(pools: Any) -> None
         register(pool, name=name, registry=registry)
     try:
         assert Note.objects.count() == 0
-        _close_connections()
+        close_connections()
+
         def total(metric: str) -> float:  # the router sends the read to the replica alias
             return sum(registry.get_sample_value(metric, {"pool": "default+replica",
                                                           "group": group}) or 0
