@@ -266,11 +266,23 @@ def open_connection(
         close_raw(raw)
         raise ConnectError(endpoint, pooler.NONSTANDARD_STRINGS, fatal=True,
                            kind="nonstandard_strings")
-    raw.autocommit = group.autocommit
     if through_pooler:
-        raw.greenpool_prefix = pooler.settings_prefix(
-            _statement_timeout_ms(endpoint, group), group.readonly)
+        timeout_ms = _statement_timeout_ms(endpoint, group)
+        server = None
+        if timeout_ms is not None or group.readonly:  # what the server already enforces
+            left = max(seconds - (time.monotonic() - started), 0.001)
+            try:
+                server = _bounded(backend, left, "the server defaults query",
+                                  pooler.read_server_defaults, raw)
+            except Exception as exc:
+                close_raw(raw)
+                raise failed_behind_pooler(endpoint, exc) from None
+            except BaseException:
+                close_raw(raw)
+                raise
+        raw.greenpool_prefix = pooler.settings_prefix(timeout_ms, group.readonly, server)
         raw.greenpool_offload = backend.offload
+    raw.autocommit = group.autocommit
     if group.configure is not None:
         left = max(seconds - (time.monotonic() - started), 0.001)
         try:
