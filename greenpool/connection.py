@@ -101,7 +101,7 @@ class PooledConnection:
 
     __slots__ = (
         "__weakref__", "created", "dirty", "endpoint", "expires", "generation", "last_used",
-        "lent_at", "lent_from", "raw", "readable", "role", "slot",
+        "lent_at", "lent_from", "raw", "readable", "resets", "role", "slot",
     )
 
     def __init__(
@@ -123,6 +123,9 @@ class PooledConnection:
         #: (which sees every statement) clears it when it takes the connection: a hand-made
         #: loan (``group.acquire()``) can do anything with ``raw``.
         self.dirty = True
+        #: how many times ``DISCARD ALL`` wiped this session: what was set up on it before
+        #: (SQLAlchemy's ``connect`` listeners) must run again
+        self.resets = 0
         #: the group slot this connection holds (None: a dedicated connection, outside the
         #: group's room); given back when the group discards it, or when it is collected
         self.slot: Slot | None = None
@@ -540,6 +543,7 @@ def _reset_session(pc: PooledConnection, group: GroupConfig, backend: Backend) -
     discard = group.reset != "never" and pooler.discards_reach(pc.endpoint.config)
     try:
         if discard:
+            pc.resets += 1  # (before: a DISCARD ALL cut short may have run)
             _outside_transaction(raw, "DISCARD ALL", backend, bound)
             if group.configure is not None:
                 if raw.autocommit != group.autocommit:

@@ -19,7 +19,14 @@ How SQLAlchemy's pool duties map onto greenpool's:
   status, ``DISCARD ALL`` when the loan may have changed the session, each bounded).
   SQLAlchemy's ``reset_on_return`` is off, so a returned connection is never rolled back
   twice; a ``Connection`` still ends its own transaction first, as always;
-* **recycle, pre-ping**: greenpool's ``max_lifetime`` and its borrow check.
+* **recycle, pre-ping**: greenpool's ``max_lifetime`` and its borrow check;
+* **``connect`` listeners** run when the engine first meets a connection and again, before
+  the engine's next checkout of it, after every ``DISCARD ALL`` that wiped their setup (a
+  dirty loan by anyone): a ``SET search_path`` made there holds on every loan. Their setup
+  is this engine's, not the group's, so a loan of an engine with listeners of the user's
+  is always reset on return (another borrower of the group must not inherit it): one
+  ``DISCARD ALL`` and the listeners again per loan. Setup every borrower of the group
+  shares costs nothing per loan in the group's ``configure`` hook instead.
 
 Two engine listeners (installed by the ``greenpool`` engine plugin, which
 :func:`create_engine` and :func:`engine_options` use) tell greenpool which loans ran a
@@ -131,6 +138,15 @@ class GreenpoolPool(_SAPool):
         self._pending: weakref.WeakKeyDictionary[_ConnectionRecord, PooledConnection] = (
             weakref.WeakKeyDictionary()
         )
+        #: each connection's ``resets`` when this engine's ``connect`` listeners last ran on
+        #: it: after a ``DISCARD ALL`` since, they run again before the next checkout
+        self._set_up_at: weakref.WeakKeyDictionary[PooledConnection, int] = (
+            weakref.WeakKeyDictionary()
+        )
+        #: how many ``connect`` listeners SQLAlchemy itself installed (the dialect's), set
+        #: by the engine plugin; more than that: the user's, whose session state is this
+        #: engine's own, so its loans are reset on return (None: unknown, every loan reset)
+        self.dialect_listeners: int | None = None
 
     # --- the group ------------------------------------------------------------------------
 
@@ -156,10 +172,18 @@ class GreenpoolPool(_SAPool):
 
     # --- SQLAlchemy's Pool interface ------------------------------------------------------
 
+    def user_listeners(self) -> bool:
+        """Whether ``connect`` listeners beyond the dialect's are installed: their setup
+        (``SET search_path``, ...) is this engine's, not the group's session."""
+        own = self.dialect_listeners
+        return own is None or len(self.dispatch.connect) > own
+
     def _do_get(self) -> _ConnectionRecord:
         pc = self._borrow()
         record = self._records.get(pc)
         if record is not None and record.dbapi_connection is pc.raw:
+            if self._set_up_at.get(pc) != pc.resets:
+                self._set_up_again(pc, record)
             return record
         # a connection this engine has not seen: a record whose connect step (run by
         # SQLAlchemy next, with its connect events) adopts the loan
@@ -174,7 +198,22 @@ class GreenpoolPool(_SAPool):
         if pc is None:
             pc = self._borrow()
         self._records[pc] = record
+        self._set_up_at[pc] = pc.resets  # SQLAlchemy runs the connect listeners next
         return pc.raw
+
+    def _set_up_again(self, pc: PooledConnection, record: _ConnectionRecord) -> None:
+        """A ``DISCARD ALL`` wiped what this engine's ``connect`` listeners set up on
+        ``pc`` (any borrower's dirty loan): run them again, as on a new connection (the
+        dialect's one-time initialisation does not run twice). If one fails, the
+        connection is discarded, as SQLAlchemy closes a connection whose listeners fail."""
+        try:
+            self.dispatch.connect(pc.raw, record)
+        except BaseException:
+            self._loans.pop(id(pc.raw), None)
+            self._records.pop(pc, None)
+            self.group.release(pc, discard="invalidated")
+            raise
+        self._set_up_at[pc] = pc.resets
 
     def _do_return_conn(self, record: Any) -> None:
         raw = record.dbapi_connection
@@ -288,6 +327,7 @@ class GreenpoolPlugin(CreateEnginePlugin):
         pool = engine.pool
         if isinstance(pool, GreenpoolPool):
             pool.track_statements = True
+            pool.dialect_listeners = len(pool.dispatch.connect)
             event.listen(engine, "engine_connect", _trust_loan)
             event.listen(engine, "before_cursor_execute", _track_statement)
 
@@ -302,7 +342,7 @@ def _trust_loan(conn: Any) -> None:
     pool = conn.engine.pool
     fairy = conn.connection
     pc = pool.loan_of(fairy.dbapi_connection) if isinstance(pool, GreenpoolPool) else None
-    if pc is not None:
+    if pc is not None and not pool.user_listeners():
         pc.dirty = False
 
 
