@@ -143,10 +143,11 @@ class GreenpoolPool(_SAPool):
         self._set_up_at: weakref.WeakKeyDictionary[PooledConnection, int] = (
             weakref.WeakKeyDictionary()
         )
-        #: how many ``connect`` listeners SQLAlchemy itself installed (the dialect's), set
-        #: by the engine plugin; more than that: the user's, whose session state is this
-        #: engine's own, so its loans are reset on return (None: unknown, every loan reset)
-        self.dialect_listeners: int | None = None
+        #: the ``connect`` listeners SQLAlchemy itself installed (the dialect's: client-side
+        #: setup that survives ``DISCARD ALL``), set by the engine plugin. Any other is the
+        #: user's, whose session state is this engine's own: its loans are reset on return
+        #: and it runs again after each reset. None: unknown, all of them count as the user's
+        self.dialect_listeners: frozenset[Any] | None = None
 
     # --- the group ------------------------------------------------------------------------
 
@@ -172,11 +173,11 @@ class GreenpoolPool(_SAPool):
 
     # --- SQLAlchemy's Pool interface ------------------------------------------------------
 
-    def user_listeners(self) -> bool:
-        """Whether ``connect`` listeners beyond the dialect's are installed: their setup
-        (``SET search_path``, ...) is this engine's, not the group's session."""
-        own = self.dialect_listeners
-        return own is None or len(self.dispatch.connect) > own
+    def user_listeners(self) -> list[Any]:
+        """The ``connect`` listeners beyond the dialect's: their setup (``SET search_path``,
+        ...) is this engine's, not the group's session."""
+        own = self.dialect_listeners or frozenset()
+        return [fn for fn in self.dispatch.connect if fn not in own]
 
     def _do_get(self) -> _ConnectionRecord:
         pc = self._borrow()
@@ -203,11 +204,12 @@ class GreenpoolPool(_SAPool):
 
     def _set_up_again(self, pc: PooledConnection, record: _ConnectionRecord) -> None:
         """A ``DISCARD ALL`` wiped what this engine's ``connect`` listeners set up on
-        ``pc`` (any borrower's dirty loan): run them again, as on a new connection (the
-        dialect's one-time initialisation does not run twice). If one fails, the
+        ``pc`` (any borrower's dirty loan): run the user's again (the dialect's own set up
+        the client side only, which a reset leaves alone). If one fails, the
         connection is discarded, as SQLAlchemy closes a connection whose listeners fail."""
         try:
-            self.dispatch.connect(pc.raw, record)
+            for listener in self.user_listeners():
+                listener(pc.raw, record)
         except BaseException:
             self._loans.pop(id(pc.raw), None)
             self._records.pop(pc, None)
@@ -250,7 +252,7 @@ class GreenpoolPool(_SAPool):
 
     def recreate(self) -> GreenpoolPool:
         self.logger.info("Pool recreating")
-        return self.__class__(
+        made = self.__class__(
             self._source,
             self._group_name,
             timeout=self._timeout,
@@ -260,6 +262,8 @@ class GreenpoolPool(_SAPool):
             _dispatch=self.dispatch,
             dialect=self._dialect,
         )
+        made.dialect_listeners = self.dialect_listeners
+        return made
 
     def status(self) -> str:
         if self._group is None:
@@ -327,7 +331,7 @@ class GreenpoolPlugin(CreateEnginePlugin):
         pool = engine.pool
         if isinstance(pool, GreenpoolPool):
             pool.track_statements = True
-            pool.dialect_listeners = len(pool.dispatch.connect)
+            pool.dialect_listeners = frozenset(pool.dispatch.connect)
             event.listen(engine, "engine_connect", _trust_loan)
             event.listen(engine, "before_cursor_execute", _track_statement)
 
@@ -342,7 +346,7 @@ def _trust_loan(conn: Any) -> None:
     pool = conn.engine.pool
     fairy = conn.connection
     pc = pool.loan_of(fairy.dbapi_connection) if isinstance(pool, GreenpoolPool) else None
-    if pc is not None and not pool.user_listeners():
+    if pc is not None and not pool.user_listeners():  # (one empty list per loan)
         pc.dirty = False
 
 
