@@ -10,7 +10,9 @@ round trip as its first statement::
     SET LOCAL statement_timeout = 500; SET TRANSACTION READ ONLY; <the statement>
 
 ``SET LOCAL`` and ``SET TRANSACTION`` end with their transaction, so nothing outlives it, in
-either pool mode. In autocommit the text is one simple query, which PostgreSQL runs as one
+either pool mode. What the server already enforces on every session with the group's value
+(:class:`ServerDefaults`, read once per connection) is left out; with nothing left, no
+text is read at all: that is the sound set-up (README, Behind PgBouncer). In autocommit the text is one simple query, which PostgreSQL runs as one
 implicit transaction block: the settings cover the statement and end with it (a ``BEGIN``
 in the text turns the block into an explicit transaction, which keeps them).
 
