@@ -188,6 +188,35 @@ def test_a_connect_listener_setup_survives_every_reset_and_stays_the_engines(mak
     assert group_stats(pool)["connects"] == 1  # the same connection throughout
 
 
+def test_a_connect_listener_that_fails_when_run_again_costs_its_connection_not_a_slot(
+        make_pool, pg):
+    """Run again after a reset, a listener that raises fails that checkout, as a failed
+    ``connect`` listener does under SQLAlchemy's own pools: the connection is discarded,
+    its slot is free, and the next checkout sets up a new connection."""
+    pool = make_pool({"write": {"connection_count": 1}})
+    engine = create_engine(pool, "write")
+    calls = []
+
+    @sqlalchemy.event.listens_for(engine, "connect")
+    def flaky(dbapi_connection: Any, record: Any) -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("listener failed")
+        with dbapi_connection.cursor() as cur:
+            cur.execute("SET application_name = 'set-up'")
+        dbapi_connection.commit()
+
+    with engine.connect() as conn:
+        assert conn.execute(text("SHOW application_name")).scalar() == "set-up"
+    with pytest.raises(RuntimeError, match="listener failed"), engine.connect():
+        pass
+    assert group_stats(pool)["in_use"] == 0
+    with engine.connect() as conn:
+        assert conn.execute(text("SHOW application_name")).scalar() == "set-up"
+    stats = group_stats(pool)
+    assert stats["connects"] == 2 and stats["in_use"] == 0 and len(calls) == 3
+
+
 def test_raw_connections_and_isolation_levels_start_from_the_configured_session(
     make_pool, tables
 ):
