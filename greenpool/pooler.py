@@ -12,9 +12,11 @@ round trip as its first statement::
 ``SET LOCAL`` and ``SET TRANSACTION`` end with their transaction, so nothing outlives it, in
 either pool mode. What the server already enforces on every session with the group's value
 (:class:`ServerDefaults`, read once per connection) is left out; with nothing left, no
-text is read at all: that is the sound set-up (README, Behind PgBouncer). In autocommit the text is one simple query, which PostgreSQL runs as one
-implicit transaction block: the settings cover the statement and end with it (a ``BEGIN``
-in the text turns the block into an explicit transaction, which keeps them).
+text is read at all: that is the sound set-up (README, Behind PgBouncer).
+
+In autocommit the text is one simple query, which PostgreSQL runs as one implicit
+transaction block: the settings cover the statement and end with it (a ``BEGIN`` in the
+text turns the block into an explicit transaction, which keeps them).
 
 Where each transaction ends is read from exactly what will be sent (psycopg2's parameters
 filled in) by PostgreSQL's own parser (:mod:`greenpool.sql`): a text that ends its
