@@ -373,6 +373,11 @@ def prefix_verdict(statement_timeout_ms: int | None, readonly: bool,
     per-transaction prefix through this pooler, and why."""
     prefix = settings_prefix(statement_timeout_ms, readonly, server)
     where = ", ".join(f"{name} from {source}" for name, source in sorted(server.sources.items()))
+    if not readonly and server.read_only:
+        source = server.sources.get("default_transaction_read_only")
+        return ("WARNING: the server starts every transaction read-only "
+                f"(default_transaction_read_only from {source}), and this group is not "
+                "readonly: its writes will fail")
     if not (statement_timeout_ms is not None or readonly):
         return "no settings to send"
     if not prefix:

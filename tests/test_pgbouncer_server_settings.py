@@ -138,7 +138,8 @@ def test_check_says_per_group_whether_the_prefix_is_needed(server: Cluster, boun
         "db": [bouncer.endpoint(name="reports", pooler="transaction"),
                bouncer.endpoint(pooler="transaction")],
         "groups": {"ro": {"readonly": True, "statement_timeout": 0.3, "endpoints": [0]},
-                   "mixed": {"readonly": True, "statement_timeout": 0.3, "endpoints": [1]}}}))
+                   "mixed": {"readonly": True, "statement_timeout": 0.3, "endpoints": [1]},
+                   "writer": {"endpoints": [0]}}}))
     result = subprocess.run([sys.executable, "-m", "greenpool", "check", str(path)],
                             capture_output=True, text=True, timeout=60, check=False)
     out = result.stdout
@@ -150,4 +151,7 @@ def test_check_says_per_group_whether_the_prefix_is_needed(server: Cluster, boun
     mixed = lines[lines.index(next(line for line in lines
                                    if line.startswith("group 'mixed'"))) + 1]
     assert "each transaction carries" in mixed and "SET TRANSACTION READ ONLY" in mixed, out
-    assert "WARNING" not in out
+    writer = lines[lines.index(next(line for line in lines
+                                    if line.startswith("group 'writer'"))) + 1]
+    assert "WARNING" in writer and "its writes will fail" in writer, out
+    assert "WARNING" not in ro + mixed
