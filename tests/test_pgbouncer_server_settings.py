@@ -91,6 +91,25 @@ def test_settings_the_server_enforces_are_not_sent_and_still_hold(
     assert server.execute("SELECT count(*) FROM enforced")[0][0] == 0
 
 
+def test_in_session_mode_the_reset_keeps_what_the_server_enforces(server: Cluster,
+                                                                  pools: Any) -> None:
+    """Session mode resets a dirty loan with DISCARD ALL, which goes back to the role's
+    settings: still enforced, still no prefix."""
+    with PgBouncer(server, databases={"reports": f"user={ROLE} password={PASSWORD}"},
+                   pool_mode="session", default_pool_size=2) as b:
+        pool = pools(b.endpoint(name="reports", pooler="session"), {
+            "ro": {"readonly": True, "statement_timeout": 0.3, "connection_count": 1}})
+        before = prefixes_logged(server)
+        with pool.handler("ro") as db:
+            db.query("SET statement_timeout = 0")  # a dirty loan: DISCARD ALL on return
+            db.query("SET default_transaction_read_only = off")
+        with pool.handler("ro") as db:
+            assert db.query_one("SHOW statement_timeout")[0] == "300ms"
+            assert db.query_one("SHOW transaction_read_only")[0] == "on"
+        assert prefixes_logged(server) == before
+        assert pool.stats()["groups"]["ro"]["connects"] == 1
+
+
 def test_only_what_the_server_does_not_enforce_travels(server: Cluster, bouncer: PgBouncer,
                                                        pools: Any) -> None:
     pool = pools(bouncer.endpoint(name="reports", pooler="transaction"), {
