@@ -23,9 +23,10 @@ from contextlib import contextmanager
 from typing import Any
 
 from .config import PoolConfig, parse_config
-from .connection import ConnectError, connect_kwargs, open_connection
+from .connection import ConnectError, _statement_timeout_ms, connect_kwargs, open_connection
 from .endpoint import PRIMARY, STANDBY, UNKNOWN
 from .errors import ConfigError
+from .pooler import NONE, mode_of, prefix_verdict, read_server_defaults
 from .roles import fits, query_role, role_of
 
 # The exit statuses of every ``greenpool`` command (the README's command table lists them).
@@ -268,6 +269,8 @@ def _probe_into(row: dict[str, Any], config: PoolConfig, index: int) -> None:
         role, lag = query_role(raw)
         row["rtt_ms"] = (time.perf_counter() - started) * 1000
         reported = role_of(raw)
+        if mode_of(endpoint) != NONE:  # what the server enforces behind the pooler
+            row["server_defaults"] = read_server_defaults(raw)
         row.update(reachable=True, role=reported if reported != UNKNOWN else role,
                    lag=lag, version=_short_version(raw.info.parameter_status("server_version")),
                    tls="yes" if raw.info.ssl_in_use else "no")
@@ -312,6 +315,11 @@ def run(path: str | None) -> int:
             failing += 1
         status = f"ok via {', '.join(eligible)}" if eligible else "NO eligible endpoint"
         print(f"group {name!r} (role {group.role}): {status}")
+        for i in members:  # through a pooler: must the settings travel per transaction?
+            if rows[i].get("server_defaults") is not None:
+                print(f"  through {rows[i]['endpoint']}: " + prefix_verdict(
+                    _statement_timeout_ms(config.endpoints[i], group), group.readonly,
+                    rows[i]["server_defaults"]))
     return FAILED if failing else OK
 
 

@@ -101,7 +101,7 @@ class PooledConnection:
 
     __slots__ = (
         "__weakref__", "created", "dirty", "endpoint", "expires", "generation", "last_used",
-        "lent_at", "lent_from", "raw", "readable", "role", "slot",
+        "lent_at", "lent_from", "raw", "readable", "resets", "role", "slot",
     )
 
     def __init__(
@@ -123,6 +123,9 @@ class PooledConnection:
         #: (which sees every statement) clears it when it takes the connection: a hand-made
         #: loan (``group.acquire()``) can do anything with ``raw``.
         self.dirty = True
+        #: how many times ``DISCARD ALL`` wiped this session: what was set up on it before
+        #: (SQLAlchemy's ``connect`` listeners) must run again
+        self.resets = 0
         #: the group slot this connection holds (None: a dedicated connection, outside the
         #: group's room); given back when the group discards it, or when it is collected
         self.slot: Slot | None = None
@@ -266,11 +269,23 @@ def open_connection(
         close_raw(raw)
         raise ConnectError(endpoint, pooler.NONSTANDARD_STRINGS, fatal=True,
                            kind="nonstandard_strings")
-    raw.autocommit = group.autocommit
     if through_pooler:
-        raw.greenpool_prefix = pooler.settings_prefix(
-            _statement_timeout_ms(endpoint, group), group.readonly)
+        timeout_ms = _statement_timeout_ms(endpoint, group)
+        server = None
+        if timeout_ms is not None or group.readonly:  # what the server already enforces
+            left = max(seconds - (time.monotonic() - started), 0.001)
+            try:
+                server = _bounded(backend, left, "the server defaults query",
+                                  pooler.read_server_defaults, raw)
+            except Exception as exc:
+                close_raw(raw)
+                raise failed_behind_pooler(endpoint, exc) from None
+            except BaseException:
+                close_raw(raw)
+                raise
+        raw.greenpool_prefix = pooler.settings_prefix(timeout_ms, group.readonly, server)
         raw.greenpool_offload = backend.offload
+    raw.autocommit = group.autocommit
     if group.configure is not None:
         left = max(seconds - (time.monotonic() - started), 0.001)
         try:
@@ -531,6 +546,7 @@ def _reset_session(pc: PooledConnection, group: GroupConfig, backend: Backend) -
     discard = group.reset != "never" and pooler.discards_reach(pc.endpoint.config)
     try:
         if discard:
+            pc.resets += 1  # (before: a DISCARD ALL cut short may have run)
             _outside_transaction(raw, "DISCARD ALL", backend, bound)
             if group.configure is not None:
                 if raw.autocommit != group.autocommit:

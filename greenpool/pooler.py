@@ -10,9 +10,13 @@ round trip as its first statement::
     SET LOCAL statement_timeout = 500; SET TRANSACTION READ ONLY; <the statement>
 
 ``SET LOCAL`` and ``SET TRANSACTION`` end with their transaction, so nothing outlives it, in
-either pool mode. In autocommit the text is one simple query, which PostgreSQL runs as one
-implicit transaction block: the settings cover the statement and end with it (a ``BEGIN``
-in the text turns the block into an explicit transaction, which keeps them).
+either pool mode. What the server already enforces on every session with the group's value
+(:class:`ServerDefaults`, read once per connection) is left out; with nothing left, no
+text is read at all: that is the sound set-up (README, Behind PgBouncer).
+
+In autocommit the text is one simple query, which PostgreSQL runs as one implicit
+transaction block: the settings cover the statement and end with it (a ``BEGIN`` in the
+text turns the block into an explicit transaction, which keeps them).
 
 Where each transaction ends is read from exactly what will be sent (psycopg2's parameters
 filled in) by PostgreSQL's own parser (:mod:`greenpool.sql`): a text that ends its
@@ -42,7 +46,7 @@ endpoint, and housekeeping's probes (queries already) keep it fresh.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg2
 import psycopg2.errors
@@ -126,14 +130,67 @@ def forget_detected() -> None:
     _detected.clear()
 
 
-def settings_prefix(statement_timeout_ms: int | None, readonly: bool) -> str:
-    """The text sent before the first statement of each transaction ('' for none)."""
+def settings_prefix(statement_timeout_ms: int | None, readonly: bool,
+                    server: ServerDefaults | None = None) -> str:
+    """The text sent before the first statement of each transaction ('' for none): what
+    the group asks for and the server (``server``, its sessions' defaults) does not already
+    enforce on every session of that pooler database."""
     parts = []
-    if statement_timeout_ms is not None:
+    if statement_timeout_ms is not None and not (
+            server is not None and server.statement_timeout_ms == int(statement_timeout_ms)):
         parts.append(f"SET LOCAL statement_timeout = {int(statement_timeout_ms)}; ")
-    if readonly:
+    if readonly and not (server is not None and server.read_only):
         parts.append("SET TRANSACTION READ ONLY; ")
     return "".join(parts)
+
+
+class ServerDefaults(NamedTuple):
+    """The settings every session of a pooler's server connections starts with, read from
+    ``pg_settings.reset_val``: the value at login (``postgresql.conf``, ``ALTER DATABASE /
+    ROLE ... SET``), which no client's ``SET`` changes (a ``SET`` changes ``setting``
+    only, and ``RESET`` goes back to ``reset_val``). So another client of the pooler that
+    left a session ``SET`` on the server connection cannot fool it, as it could fool a
+    ``SHOW``. ``left_set``: names whose current value differs from that default (some
+    client left a session ``SET`` on this server connection), for ``greenpool check``."""
+
+    statement_timeout_ms: int | None
+    read_only: bool
+    sources: dict[str, str]
+    left_set: tuple[str, ...]
+
+
+#: one round trip; ``source`` says where the current value came from ("user", "database",
+#: "database user", "configuration file", "default", or "session" when a client SET it)
+SERVER_DEFAULTS_QUERY = (
+    "SELECT name, reset_val, setting, source FROM pg_catalog.pg_settings "
+    "WHERE name IN ('statement_timeout', 'default_transaction_read_only')")
+
+
+def server_defaults(rows: list[tuple[str, str, str, str]]) -> ServerDefaults:
+    """:class:`ServerDefaults` from the rows of :data:`SERVER_DEFAULTS_QUERY`."""
+    found = {name: (reset, current, source) for name, reset, current, source in rows}
+    timeout = found.get("statement_timeout")
+    read_only = found.get("default_transaction_read_only")
+    return ServerDefaults(
+        statement_timeout_ms=int(timeout[0]) if timeout and timeout[0].isdigit() else None,
+        read_only=bool(read_only and read_only[0] == "on"),
+        sources={name: source for name, (_, _, source) in found.items()},
+        left_set=tuple(sorted(name for name, (reset, current, _) in found.items()
+                              if reset != current)))
+
+
+def read_server_defaults(raw: Any) -> ServerDefaults:
+    """One query on ``raw`` (in autocommit: it opens no transaction), bounded by the caller."""
+    autocommit = raw.autocommit
+    raw.autocommit = True
+    try:
+        with extensions.cursor(raw) as cur:
+            cur.execute(SERVER_DEFAULTS_QUERY)
+            rows = [tuple(row) for row in cur.fetchall()]
+    finally:
+        if not raw.closed:
+            raw.autocommit = autocommit
+    return server_defaults(rows)
 
 
 def _as_text(raw: Any, query: bytes) -> str:
@@ -308,3 +365,33 @@ class ThroughPooler:
         if parameter == "in_hot_standby":
             return None
         return super().get_parameter_status(parameter)  # type: ignore[misc]
+
+
+def prefix_verdict(statement_timeout_ms: int | None, readonly: bool,
+                   server: ServerDefaults) -> str:
+    """One sentence for ``greenpool check``: does a group with these settings need the
+    per-transaction prefix through this pooler, and why."""
+    prefix = settings_prefix(statement_timeout_ms, readonly, server)
+    where = ", ".join(f"{name} from {source}" for name, source in sorted(server.sources.items()))
+    if not readonly and server.read_only:
+        source = server.sources.get("default_transaction_read_only")
+        return ("WARNING: the server starts every transaction read-only "
+                f"(default_transaction_read_only from {source}), and this group is not "
+                "readonly: its writes will fail")
+    if not (statement_timeout_ms is not None or readonly):
+        return "no settings to send"
+    if not prefix:
+        said = " and ".join(part for part in (
+            f"statement_timeout = {statement_timeout_ms} ms"
+            if statement_timeout_ms is not None else "",
+            "default_transaction_read_only = on" if readonly else "") if part)
+        verdict = f"the server enforces {said} ({where}): no per-transaction prefix is sent"
+    else:
+        verdict = (f"the server does not enforce it all (statement_timeout "
+                   f"{server.statement_timeout_ms} ms, default_transaction_read_only "
+                   f"{'on' if server.read_only else 'off'}): each transaction carries "
+                   f"{prefix.strip()!r}")
+    if server.left_set:
+        verdict += (f"; WARNING: a client left a session SET of {', '.join(server.left_set)} "
+                    "on this server connection (in transaction mode it reaches other clients)")
+    return verdict

@@ -36,6 +36,10 @@ CLEAN: set[str] = set()
 #: parser reads ``'\\'`` as PostgreSQL does then; with it off, a literal may end elsewhere)
 _CLEAN_IF_STANDARD: set[str] = set()
 _CLEAN_MAX = 4096
+#: statement texts known to change the session (an ``INSERT``, a ``SET``: dirty whatever
+#: ``standard_conforming_strings`` says), so the parser runs once per distinct text, dirty
+#: ones too; bounded like CLEAN
+_DIRTY: set[str] = set()
 
 
 def _standard_strings(conn: Any) -> bool:
@@ -70,9 +74,15 @@ def changes_session(query: Any, conn: Any = None) -> bool:
     backslash = "\\" in text
     if backslash and not _standard_strings(conn):
         return True
-    if text in _CLEAN_IF_STANDARD:
+    if text in CLEAN or text in _CLEAN_IF_STANDARD:
         return False
+    if text in _DIRTY:
+        return True
     if sql.changes_session(text):
+        if query.__class__ is str:
+            if len(_DIRTY) >= _CLEAN_MAX:
+                _DIRTY.clear()
+            _DIRTY.add(query)
         return True
     if query.__class__ is str:
         cache = _CLEAN_IF_STANDARD if backslash else CLEAN

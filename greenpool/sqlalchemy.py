@@ -19,7 +19,14 @@ How SQLAlchemy's pool duties map onto greenpool's:
   status, ``DISCARD ALL`` when the loan may have changed the session, each bounded).
   SQLAlchemy's ``reset_on_return`` is off, so a returned connection is never rolled back
   twice; a ``Connection`` still ends its own transaction first, as always;
-* **recycle, pre-ping**: greenpool's ``max_lifetime`` and its borrow check.
+* **recycle, pre-ping**: greenpool's ``max_lifetime`` and its borrow check;
+* **``connect`` listeners** run when the engine first meets a connection and again, before
+  the engine's next checkout of it, after every ``DISCARD ALL`` that wiped their setup (a
+  dirty loan by anyone): a ``SET search_path`` made there holds on every loan. Their setup
+  is this engine's, not the group's, so a loan of an engine with listeners of the user's
+  is always reset on return (another borrower of the group must not inherit it): one
+  ``DISCARD ALL`` and the listeners again per loan. Setup every borrower of the group
+  shares costs nothing per loan in the group's ``configure`` hook instead.
 
 Two engine listeners (installed by the ``greenpool`` engine plugin, which
 :func:`create_engine` and :func:`engine_options` use) tell greenpool which loans ran a
@@ -131,6 +138,16 @@ class GreenpoolPool(_SAPool):
         self._pending: weakref.WeakKeyDictionary[_ConnectionRecord, PooledConnection] = (
             weakref.WeakKeyDictionary()
         )
+        #: each connection's ``resets`` when this engine's ``connect`` listeners last ran on
+        #: it: after a ``DISCARD ALL`` since, they run again before the next checkout
+        self._set_up_at: weakref.WeakKeyDictionary[PooledConnection, int] = (
+            weakref.WeakKeyDictionary()
+        )
+        #: the ``connect`` listeners SQLAlchemy itself installed (the dialect's: client-side
+        #: setup that survives ``DISCARD ALL``), set by the engine plugin. Any other is the
+        #: user's, whose session state is this engine's own: its loans are reset on return
+        #: and it runs again after each reset. None: unknown, all of them count as the user's
+        self.dialect_listeners: frozenset[Any] | None = None
 
     # --- the group ------------------------------------------------------------------------
 
@@ -156,10 +173,18 @@ class GreenpoolPool(_SAPool):
 
     # --- SQLAlchemy's Pool interface ------------------------------------------------------
 
+    def user_listeners(self) -> list[Any]:
+        """The ``connect`` listeners beyond the dialect's: their setup (``SET search_path``,
+        ...) is this engine's, not the group's session."""
+        own = self.dialect_listeners or frozenset()
+        return [fn for fn in self.dispatch.connect if fn not in own]
+
     def _do_get(self) -> _ConnectionRecord:
         pc = self._borrow()
         record = self._records.get(pc)
         if record is not None and record.dbapi_connection is pc.raw:
+            if self._set_up_at.get(pc) != pc.resets:
+                self._set_up_again(pc, record)
             return record
         # a connection this engine has not seen: a record whose connect step (run by
         # SQLAlchemy next, with its connect events) adopts the loan
@@ -174,7 +199,23 @@ class GreenpoolPool(_SAPool):
         if pc is None:
             pc = self._borrow()
         self._records[pc] = record
+        self._set_up_at[pc] = pc.resets  # SQLAlchemy runs the connect listeners next
         return pc.raw
+
+    def _set_up_again(self, pc: PooledConnection, record: _ConnectionRecord) -> None:
+        """A ``DISCARD ALL`` wiped what this engine's ``connect`` listeners set up on
+        ``pc`` (any borrower's dirty loan): run the user's again (the dialect's own set up
+        the client side only, which a reset leaves alone). If one fails, the
+        connection is discarded, as SQLAlchemy closes a connection whose listeners fail."""
+        try:
+            for listener in self.user_listeners():
+                listener(pc.raw, record)
+        except BaseException:
+            self._loans.pop(id(pc.raw), None)
+            self._records.pop(pc, None)
+            self.group.release(pc, discard="invalidated")
+            raise
+        self._set_up_at[pc] = pc.resets
 
     def _do_return_conn(self, record: Any) -> None:
         raw = record.dbapi_connection
@@ -211,7 +252,7 @@ class GreenpoolPool(_SAPool):
 
     def recreate(self) -> GreenpoolPool:
         self.logger.info("Pool recreating")
-        return self.__class__(
+        made = self.__class__(
             self._source,
             self._group_name,
             timeout=self._timeout,
@@ -221,6 +262,8 @@ class GreenpoolPool(_SAPool):
             _dispatch=self.dispatch,
             dialect=self._dialect,
         )
+        made.dialect_listeners = self.dialect_listeners
+        return made
 
     def status(self) -> str:
         if self._group is None:
@@ -288,6 +331,7 @@ class GreenpoolPlugin(CreateEnginePlugin):
         pool = engine.pool
         if isinstance(pool, GreenpoolPool):
             pool.track_statements = True
+            pool.dialect_listeners = frozenset(pool.dispatch.connect)
             event.listen(engine, "engine_connect", _trust_loan)
             event.listen(engine, "before_cursor_execute", _track_statement)
 
@@ -302,7 +346,7 @@ def _trust_loan(conn: Any) -> None:
     pool = conn.engine.pool
     fairy = conn.connection
     pc = pool.loan_of(fairy.dbapi_connection) if isinstance(pool, GreenpoolPool) else None
-    if pc is not None:
+    if pc is not None and not pool.user_listeners():  # (one empty list per loan)
         pc.dirty = False
 
 

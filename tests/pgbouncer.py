@@ -30,8 +30,11 @@ class PgBouncer:
     """``PgBouncer(cluster, **settings)``: trust auth on the client side; PgBouncer logs into
     ``cluster`` as its superuser with the password from the userlist."""
 
-    def __init__(self, cluster: Cluster, **settings: Any) -> None:
+    def __init__(self, cluster: Cluster, databases: dict[str, str] | None = None,
+                 **settings: Any) -> None:
         self.cluster = cluster
+        #: more ``[databases]`` entries: alias -> extra connection string (``user=x ...``)
+        self.databases = dict(databases or {})
         self.host = "127.0.0.1"
         self.port = free_port(self.host)
         self.dbname = cluster.dbname
@@ -47,7 +50,10 @@ class PgBouncer:
     def start(self) -> PgBouncer:
         c = self.cluster
         ini = "[databases]\n"
-        ini += f"{c.dbname} = host={c.host} port={c.port} dbname={c.dbname}\n\n[pgbouncer]\n"
+        ini += f"{c.dbname} = host={c.host} port={c.port} dbname={c.dbname}\n"
+        ini += "".join(f"{alias} = host={c.host} port={c.port} dbname={c.dbname} {extra}\n"
+                       for alias, extra in self.databases.items())
+        ini += "\n[pgbouncer]\n"
         ini += "".join(f"{k} = {v}\n" for k, v in self.settings.items())
         (self.root / "pgbouncer.ini").write_text(ini)
         (self.root / "userlist.txt").write_text(f'"{c.user}" "{c.password}"\n')

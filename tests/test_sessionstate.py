@@ -290,3 +290,15 @@ def test_old_style_literals_are_read_the_server_s_way(pg_factory: Callable[..., 
             assert db.query_one("SHOW search_path")[0] == '"$user", public'
     finally:
         pool.close()
+
+
+def test_the_parser_reads_each_distinct_text_once_clean_or_dirty(monkeypatch) -> None:
+    from greenpool import sessionstate, sql
+
+    calls: list[str] = []
+    parse = sql._parse
+    monkeypatch.setattr(sql, "_parse", lambda text: calls.append(text) or parse(text))
+    texts = ["SELECT 41 AS once", "INSERT INTO once_t VALUES (1)", "SET work_mem = '4MB'"]
+    verdicts = [[sessionstate.changes_session(t) for t in texts] for _ in range(5)]
+    assert verdicts == [[False, True, True]] * 5
+    assert sorted(calls) == sorted(texts)

@@ -157,6 +157,66 @@ def test_a_loan_that_changed_the_session_is_reset_before_the_next(make_pool, tab
     assert group_stats(pool)["connects"] == 1  # the same connection, reset, not replaced
 
 
+def test_a_connect_listener_setup_survives_every_reset_and_stays_the_engines(make_pool, pg):
+    """SQLAlchemy's documented recipe: ``SET search_path`` in a ``connect`` listener. A dirty
+    loan's ``DISCARD ALL`` wipes it; the engine runs its listeners again before the next
+    checkout. Another borrower of the same group never inherits the engine's setup."""
+    pg.execute("CREATE SCHEMA IF NOT EXISTS sqla_tenant")
+    pool = make_pool({"write": {"connection_count": 1}})
+    engine = create_engine(pool, "write")
+    ran = []
+
+    @sqlalchemy.event.listens_for(engine, "connect")
+    def set_search_path(dbapi_connection: Any, record: Any) -> None:
+        ran.append(1)
+        autocommit = dbapi_connection.autocommit
+        dbapi_connection.autocommit = True
+        with dbapi_connection.cursor() as cur:
+            cur.execute("SET search_path = sqla_tenant, public")
+        dbapi_connection.autocommit = autocommit
+
+    for _ in range(3):
+        with engine.connect() as conn:
+            assert conn.execute(text("SHOW search_path")).scalar() == "sqla_tenant, public"
+            conn.execute(text("SET work_mem = '7MB'"))  # a dirty loan: DISCARD ALL on return
+    with pool.handler("write") as db:  # the group's session, not the engine's
+        assert db.query_one("SHOW search_path")[0] == '"$user", public'
+        db.query("SET work_mem = '5MB'")  # a dirty loan: reset again
+    with Session(engine) as session:
+        assert session.execute(text("SHOW search_path")).scalar() == "sqla_tenant, public"
+    assert len(ran) == 4
+    assert group_stats(pool)["connects"] == 1  # the same connection throughout
+
+
+def test_a_connect_listener_that_fails_when_run_again_costs_its_connection_not_a_slot(
+        make_pool, pg):
+    """Run again after a reset, a listener that raises fails that checkout, as a failed
+    ``connect`` listener does under SQLAlchemy's own pools: the connection is discarded,
+    its slot is free, and the next checkout sets up a new connection."""
+    pool = make_pool({"write": {"connection_count": 1}})
+    engine = create_engine(pool, "write")
+    calls = []
+
+    @sqlalchemy.event.listens_for(engine, "connect")
+    def flaky(dbapi_connection: Any, record: Any) -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("listener failed")
+        with dbapi_connection.cursor() as cur:
+            cur.execute("SET application_name = 'set-up'")
+        dbapi_connection.commit()
+
+    with engine.connect() as conn:
+        assert conn.execute(text("SHOW application_name")).scalar() == "set-up"
+    with pytest.raises(RuntimeError, match="listener failed"), engine.connect():
+        pass
+    assert group_stats(pool)["in_use"] == 0
+    with engine.connect() as conn:
+        assert conn.execute(text("SHOW application_name")).scalar() == "set-up"
+    stats = group_stats(pool)
+    assert stats["connects"] == 2 and stats["in_use"] == 0 and len(calls) == 3
+
+
 def test_raw_connections_and_isolation_levels_start_from_the_configured_session(
     make_pool, tables
 ):

@@ -26,6 +26,7 @@ from typing import Any
 from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.base.base import NO_DB_ALIAS
 
+from .. import pooler
 from .flavour import postgresql_base
 from .loans import Loan, NamedTrackingCursor, TrackingCursor
 from .pools import DJANGO_KEYS, ENDPOINT_KEYS, GROUP_KEYS, POOL_KEYS, close_all, group_for
@@ -109,6 +110,15 @@ class DatabaseWrapper(_DjangoWrapper):
         group = group_for(self.alias, self.settings_dict, self.timezone_name)
         loan = self._loan = Loan(group, None)
         raw = loan.raw
+        if (self.settings_dict.get("OPTIONS") or {}).get("assume_role") and self._shared_server():
+            self._loan = None
+            loan.give_back()
+            raise ImproperlyConfigured(
+                f"DATABASES[{self.alias!r}]['OPTIONS']['assume_role']: refused behind a "
+                f"pooler in transaction mode (or of unknown mode): its SET ROLE would stay on "
+                f"a server connection that other clients' transactions get, so they would run "
+                f"as that role. Log in as the role instead (USER), or give the pooler its own "
+                f"database entry for it")
         if not getattr(raw, "_greenpool_django_jsonb", False):
             # as Django's backend does: JSONField decodes the text itself (once per
             # connection: the typecaster stays registered across loans)
@@ -144,7 +154,21 @@ class DatabaseWrapper(_DjangoWrapper):
         self._wanted_autocommit = None  # a new connection starts from the AUTOCOMMIT setting
         super().close()
 
+    def _shared_server(self) -> bool:
+        """Whether this loan's session state would stay on a server connection other
+        clients' transactions get: a pooler in transaction mode, or of unknown mode."""
+        loan = self._loan
+        pc = loan.pc if loan is not None else None
+        return pc is not None and pooler.mode_of(pc.endpoint.config) == pooler.TRANSACTION
+
     def create_cursor(self, name: str | None = None) -> Any:
+        if name and self.connection is not None and self.connection.autocommit and (
+                self._shared_server()):
+            # a server-side cursor in autocommit is WITH HOLD: an unfinished iterator would
+            # leave it open on a server connection the pooler gives others, and its next
+            # fetch may reach another server connection. The rows come in one go instead
+            # (Django's DISABLE_SERVER_SIDE_CURSORS, decided per loan)
+            return super().create_cursor(None)
         if name and self._loan is not None and self._loan.pc is not None:
             self._loan.pc.dirty = True  # a WITH HOLD cursor outlives its transaction
             raw: Any = self.connection

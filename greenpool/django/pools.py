@@ -220,7 +220,8 @@ def _make_pool(alias: str, settings_dict: Mapping[str, Any], key: tuple[Any, ...
             if at not in labels:
                 labels[at] = len(db)
                 options = dict(parts["libpq"])
-                if time_zone:  # Django then finds it set and sends no SET TIME ZONE per loan
+                if time_zone and parts["endpoint"].get("pooler") in (None, "none"):
+                    # Django then finds it set and sends no SET TIME ZONE per loan
                     extra = f"-c TimeZone={time_zone}"
                     options["options"] = f"{options['options']} {extra}" if "options" in \
                         options else extra
@@ -233,12 +234,37 @@ def _make_pool(alias: str, settings_dict: Mapping[str, Any], key: tuple[Any, ...
             indices.append(labels[at])
         groups[name] = {**parts["group"], "autocommit": bool(member.get("AUTOCOMMIT", True)),
                         "endpoints": indices}
+        if time_zone and parts["endpoint"].get("pooler") in ("session", "transaction"):
+            groups[name]["configure"] = _time_zone_hook(time_zone, parts["group"].get("configure"))
     config = {"application_name": "greenpool-django", "type": _detected_mode(), **pool_keys,
               "db": db, "groups": groups}
     try:
         return Pool(config)
     except ConfigError as exc:
         raise ImproperlyConfigured(f"DATABASES[{alias!r}]: {exc}") from exc
+
+
+def _time_zone_hook(time_zone: str, then: Any) -> Any:
+    """Django's time zone for a connection that may be behind a pooler, as the group's
+    ``configure`` hook (run when a connection opens and after each ``DISCARD ALL``): a
+    pooler refuses ``-c TimeZone`` in ``options``. PgBouncer keeps ``TimeZone`` per client
+    and sets it on whichever server connection the client's transaction gets (measured
+    with 1.18: two clients on one server connection each read their own), so a ``SET TIME
+    ZONE`` made once by this client holds on every transaction, in either pool mode, and
+    leaves nothing to another client. Where the server's own zone is already Django's
+    (``ALTER DATABASE ... SET TimeZone``), nothing is sent. Django checks the zone the
+    server reports at each loan and sets it again should it differ. Without the ``pooler``
+    key the zone travels in the startup packet, as directly (no round trip)."""
+
+    def set_time_zone(raw: Any) -> None:
+        if raw.info.parameter_status("TimeZone") != time_zone:
+            with raw.cursor() as cursor:
+                cursor.execute("SELECT pg_catalog.set_config('TimeZone', %s, false)",
+                               (time_zone,))
+        if then is not None:
+            then(raw)
+
+    return set_time_zone
 
 
 def _detected_mode() -> str:

@@ -1,0 +1,176 @@
+"""Settings the server enforces itself, behind a real PgBouncer in transaction mode.
+
+The sound set-up through a transaction pooler needs no text at all: a PgBouncer database
+entry per group, logging in to the server as a role whose settings are its own (``ALTER
+ROLE ... SET default_transaction_read_only = on``, ``... SET statement_timeout``). Then the
+per-transaction prefix is not sent (the server log shows it), the server refuses writes and
+cancels slow statements on its own, and ``greenpool check`` says so per group. What the
+server enforces is read from ``pg_settings.reset_val``, which another client's session
+``SET`` on the shared server connection does not change.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg2
+import psycopg2.errors
+import pytest
+from modes import MODE
+from pgbouncer import PgBouncer, available
+
+from greenpool import Pool
+from greenpool.throwaway import Cluster
+
+pytestmark = pytest.mark.skipif(not available(), reason="/usr/sbin/pgbouncer not installed")
+
+ROLE, PASSWORD = "greenpool_ro", "ro-secret"
+
+
+@pytest.fixture
+def server(pg_factory: Callable[..., Cluster]) -> Cluster:
+    """A server that logs every statement, with a role whose settings are its own."""
+    cluster = pg_factory(settings={"log_statement": "all"})
+    cluster.create_user(ROLE, PASSWORD)
+    cluster.execute(f"ALTER ROLE {ROLE} SET default_transaction_read_only = on")
+    cluster.execute(f"ALTER ROLE {ROLE} SET statement_timeout = 300")
+    cluster.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {ROLE}")
+    cluster.execute("CREATE TABLE enforced (x int)")
+    return cluster
+
+
+@pytest.fixture
+def bouncer(server: Cluster) -> Iterator[PgBouncer]:
+    """Transaction mode, one server connection per PgBouncer pool (every client shares it);
+    ``reports`` logs in to the server as the role with enforced settings."""
+    with PgBouncer(server, databases={"reports": f"user={ROLE} password={PASSWORD}"},
+                   pool_mode="transaction", default_pool_size=1) as b:
+        yield b
+
+
+@pytest.fixture
+def pools(mode: str) -> Iterator[Callable[..., Pool]]:
+    made: list[Pool] = []
+
+    def make(db: Any, groups: dict[str, Any]) -> Pool:
+        pool = Pool({"type": mode, "db": db, "groups": groups})
+        made.append(pool)
+        return pool
+
+    yield make
+    for pool in made:
+        pool.close()
+
+
+def prefixes_logged(server: Cluster) -> int:
+    log = server.logfile.read_text(errors="replace")
+    return log.count("SET LOCAL statement_timeout") + log.count("SET TRANSACTION READ ONLY")
+
+
+@pytest.mark.parametrize("autocommit", [True, False])
+def test_settings_the_server_enforces_are_not_sent_and_still_hold(
+        server: Cluster, bouncer: PgBouncer, pools: Any, autocommit: bool) -> None:
+    pool = pools(bouncer.endpoint(name="reports", pooler="transaction"), {
+        "ro": {"readonly": True, "statement_timeout": 0.3, "autocommit": autocommit}})
+    before = prefixes_logged(server)
+    for _ in range(2):
+        with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction), pool.handler("ro") as db:
+            db.query("INSERT INTO enforced VALUES (1)")
+        with pytest.raises(psycopg2.errors.QueryCanceled), pool.handler("ro") as db:
+            db.query("SELECT pg_sleep(3)")
+        with pool.handler("ro") as db:
+            assert db.query_one("SHOW transaction_read_only")[0] == "on"
+            assert db.query_one("SELECT current_user")[0] == ROLE
+            # no text is read: what a pooler with a prefix must refuse is the server's to judge
+            assert db.query_one("SELECT 1; COMMIT; SELECT 2")[0] == 2
+    assert prefixes_logged(server) == before
+    assert server.execute("SELECT count(*) FROM enforced")[0][0] == 0
+
+
+def test_in_session_mode_the_reset_keeps_what_the_server_enforces(server: Cluster,
+                                                                  pools: Any) -> None:
+    """Session mode resets a dirty loan with DISCARD ALL, which goes back to the role's
+    settings: still enforced, still no prefix."""
+    with PgBouncer(server, databases={"reports": f"user={ROLE} password={PASSWORD}"},
+                   pool_mode="session", default_pool_size=2) as b:
+        pool = pools(b.endpoint(name="reports", pooler="session"), {
+            "ro": {"readonly": True, "statement_timeout": 0.3, "connection_count": 1}})
+        before = prefixes_logged(server)
+        with pool.handler("ro") as db:
+            db.query("SET statement_timeout = 0")  # a dirty loan: DISCARD ALL on return
+            db.query("SET default_transaction_read_only = off")
+        with pool.handler("ro") as db:
+            assert db.query_one("SHOW statement_timeout")[0] == "300ms"
+            assert db.query_one("SHOW transaction_read_only")[0] == "on"
+        assert prefixes_logged(server) == before
+        assert pool.stats()["groups"]["ro"]["connects"] == 1
+
+
+def test_only_what_the_server_does_not_enforce_travels(server: Cluster, bouncer: PgBouncer,
+                                                       pools: Any) -> None:
+    pool = pools(bouncer.endpoint(name="reports", pooler="transaction"), {
+        "slower": {"readonly": True, "statement_timeout": 0.6}})
+    with pool.handler("slower") as db:
+        assert db.query_one("SHOW statement_timeout")[0] == "600ms"
+        assert db.query_one("SHOW transaction_read_only")[0] == "on"
+    log = server.logfile.read_text(errors="replace")
+    assert "SET LOCAL statement_timeout = 600" in log
+    assert "SET TRANSACTION READ ONLY" not in log
+
+
+def test_a_session_set_left_by_another_client_does_not_fool_the_check(
+        server: Cluster, bouncer: PgBouncer, pools: Any) -> None:
+    """Another client of the same PgBouncer pool SETs statement_timeout for the session on
+    the one shared server connection: a SHOW would say the server enforces something else,
+    ``reset_val`` does not change; what the other client left is reported."""
+    from greenpool.pooler import read_server_defaults
+
+    other = psycopg2.connect(host=bouncer.host, port=bouncer.port, dbname="reports",
+                             user=server.user, password=server.password, connect_timeout=5)
+    try:
+        other.autocommit = True
+        with other.cursor() as cur:
+            cur.execute("SET statement_timeout = 600")
+            cur.execute("SET default_transaction_read_only = off")
+        pool = pools(bouncer.endpoint(name="reports", pooler="transaction"), {
+            "ro": {"readonly": True, "statement_timeout": 0.3}})
+        with pool.handler("ro") as db:
+            assert db.connection.greenpool_prefix == ""
+            found = read_server_defaults(db.connection)
+        assert (found.statement_timeout_ms, found.read_only) == (300, True)
+        assert found.left_set == ("default_transaction_read_only", "statement_timeout")
+        with other.cursor() as cur:
+            cur.execute("RESET ALL")
+    finally:
+        other.close()
+
+
+@pytest.mark.skipif(MODE != "gevent", reason="a subprocess: runs once, in the gevent process")
+def test_check_says_per_group_whether_the_prefix_is_needed(server: Cluster, bouncer: PgBouncer,
+                                                           tmp_path: Any) -> None:
+    path = tmp_path / "pool.json"
+    path.write_text(json.dumps({
+        "db": [bouncer.endpoint(name="reports", pooler="transaction"),
+               bouncer.endpoint(pooler="transaction")],
+        "groups": {"ro": {"readonly": True, "statement_timeout": 0.3, "endpoints": [0]},
+                   "mixed": {"readonly": True, "statement_timeout": 0.3, "endpoints": [1]},
+                   "writer": {"endpoints": [0]}}}))
+    result = subprocess.run([sys.executable, "-m", "greenpool", "check", str(path)],
+                            capture_output=True, text=True, timeout=60, check=False)
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    lines = out.splitlines()
+    ro = lines[lines.index(next(line for line in lines if line.startswith("group 'ro'"))) + 1]
+    assert "the server enforces" in ro and "no per-transaction prefix" in ro, out
+    assert "default_transaction_read_only from user" in ro, out
+    mixed = lines[lines.index(next(line for line in lines
+                                   if line.startswith("group 'mixed'"))) + 1]
+    assert "each transaction carries" in mixed and "SET TRANSACTION READ ONLY" in mixed, out
+    writer = lines[lines.index(next(line for line in lines
+                                    if line.startswith("group 'writer'"))) + 1]
+    assert "WARNING" in writer and "its writes will fail" in writer, out
+    assert "WARNING" not in ro + mixed
