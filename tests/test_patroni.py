@@ -28,7 +28,7 @@ from greenpool.throwaway_patroni import PatroniCluster, PatroniNode, missing
 
 pytestmark = pytest.mark.timeout(240)
 #: eventlet runs the kill drill (direct endpoints) only, to keep CI within its budget (the
-#: module takes about 2.5 minutes per mode); eventlet shares gevent's cooperative waits
+#: module takes about 2 minutes per mode); eventlet shares gevent's cooperative waits
 NOT_IN_EVENTLET = pytest.mark.skipif(MODE == "eventlet", reason=(
     "in eventlet mode only the kill drill through direct endpoints runs (CI budget); the"
     " others run in gevent and threaded mode"))
