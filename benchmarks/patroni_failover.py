@@ -10,7 +10,8 @@ once Patroni has elected a new leader the old one is started again (Patroni rewi
 it comes back as a replica). Each pool is set up the way its users set it up for a cluster:
 
 * greenpool: the three nodes as endpoints; a ``write`` group (role ``primary``) and a
-  ``read`` group (role ``prefer-standby``, ``max_lag`` 1 s), 5 connections each.
+  ``read`` group (role ``prefer-standby``, ``max_lag`` 1 s), 5 connections each;
+  ``role_check_interval`` 0.5 s (the README's Patroni set-up).
 * psycopg_pool ``ConnectionPool`` and psycopg2 ``SimpleConnectionPool``: two pools of 5
   each, over libpq's multi-host form listing the three nodes, ``target_session_attrs``
   ``read-write`` for writes and ``prefer-standby`` for reads. SimpleConnectionPool's
@@ -137,7 +138,7 @@ class _Greenpool:
 
         db = [{"host": h, "port": p, "name": "postgres", "user": "postgres",
                "pass": spec["password"], "connect_timeout": 2} for h, p in spec["nodes"]]
-        self._pool = Pool({"type": "gevent", "db": db, "groups": {
+        self._pool = Pool({"type": "gevent", "db": db, "role_check_interval": 0.5, "groups": {
             "write": {"role": "primary", "connection_count": SIZE, "timeout": 10},
             "read": {"role": "prefer-standby", "max_lag": 1.0, "connection_count": SIZE,
                      "timeout": 10, "autocommit": True}}})
