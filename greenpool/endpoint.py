@@ -115,6 +115,10 @@ class Endpoint:
         self.connects = 0
         self.connect_attempts = 0
         self.connect_errors = 0
+        #: attempts that ended with no verdict (cut by the caller's time, interrupted, or
+        #: the first query after the login lost): attempts = connects + errors + these +
+        #: those in flight
+        self.connects_abandoned = 0
         self.quarantines = 0
         self.split_brain = 0  # times it was seen claiming primary together with another
         self.last_error: str | None = None
@@ -233,6 +237,7 @@ class Endpoint:
         """The attempt was interrupted (timeout or kill of the caller): no verdict."""
         with self._lock:
             self.connecting -= 1
+            self.connects_abandoned += 1
             if self.state == PROBING:
                 self.state = QUARANTINED  # let the next prober in at once
 
@@ -396,6 +401,7 @@ class Endpoint:
             "connects": self.connects,
             "connect_attempts": self.connect_attempts,
             "connect_errors": self.connect_errors,
+            "connects_abandoned": self.connects_abandoned,
             "quarantines": self.quarantines,
             "full": self.full,
             "timeline": self.timeline,

@@ -116,6 +116,11 @@ class Load:
         stamps = sorted([start, end] + [a[2] for a in self.acked if start < a[2] < end])
         return max((b - a for a, b in itertools.pairwise(stamps)), default=0.0)
 
+    def longest_read_gap(self, start: float, end: float) -> float:
+        """Longest time without a completed read within [start, end]."""
+        stamps = sorted([start, end] + [r.end for r in self.reads if start < r.end < end])
+        return max((b - a for a, b in itertools.pairwise(stamps)), default=0.0)
+
     def stale_reads(self, bound: float) -> list[tuple[Read, int]]:
         """Reads that missed a write acknowledged more than ``bound`` s before they began,
         each with the highest such id."""

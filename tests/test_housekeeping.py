@@ -148,3 +148,64 @@ and serves a borrower with a 1 s budget (it is not taken out for a ping at the s
     finally:
         os.kill(stalled, signal.SIGCONT)
 
+
+
+@pytest.mark.skipif(MODE == "non-threaded", reason="needs housekeeping")
+@pytest.mark.timeout(120)
+def test_standby_back_with_every_group_full_is_measured_and_then_read_from(
+    make_pool, pg_factory
+):
+    """A standby whose lag is unknown (its WAL receiver stopped; an old leader rewound and
+    back as a replica) starts streaming again while every group is full and busy. No group
+    should be on it, so housekeeping measures it on a short-lived connection of its own,
+    not within a group's room: its lag is known again within a few role checks (it stayed
+    unknown for good when those probes waited for room, which the busy groups, or probes of
+    the other endpoints, always took first). Once connections come back, the max_lag group
+    reads from it."""
+    primary = pg_factory()
+    primary.execute("CREATE TABLE ticks (id serial)")
+    serving, back = pg_factory(standby_of=primary), pg_factory(standby_of=primary)
+    conninfo = str(back.execute("SELECT setting FROM pg_settings"
+                                " WHERE name = 'primary_conninfo'")[0][0])
+
+    def set_conninfo(value: str) -> None:
+        back.execute("ALTER SYSTEM SET primary_conninfo = %s", (value,))
+        back.execute("SELECT pg_reload_conf()")
+
+    set_conninfo("")  # its WAL receiver stops: lag unknown
+    wait_until(lambda: back.execute("SELECT count(*) FROM pg_stat_wal_receiver")[0][0] == 0,
+               10, "the WAL receiver to stop")
+    groups = {"write": {"role": "primary", "connection_count": 1, "timeout": 5},
+              "read": {"role": "standby", "max_lag": 1, "connection_count": 2, "timeout": 5,
+                       "autocommit": True}}
+    pool = make_pool(groups, db=[primary.endpoint(), serving.endpoint(), back.endpoint()],
+                     **PROBING, quarantine_initial=0.05)
+    def lag(cluster) -> float:
+        measured = endpoint_stats(pool, cluster)["lag"]
+        return float("inf") if measured is None else float(measured)
+
+    wait_until(lambda: lag(back) == float("inf") and lag(serving) <= 1, 10,
+               "housekeeping to measure both standbys")
+    write, read = pool.group("write"), pool.group("read")
+    held = [(write, write.acquire()), (read, read.acquire()), (read, read.acquire())]
+    try:
+        assert [pc.endpoint.label for _g, pc in held] == [label(primary)] + [label(serving)] * 2
+        set_conninfo(conninfo)  # it streams again
+        wait_until(lambda: back.execute("SELECT count(*) FROM pg_stat_wal_receiver"
+                                        " WHERE status = 'streaming'")[0][0] == 1,
+                   10, "the WAL receiver to stream")
+        primary.execute("INSERT INTO ticks DEFAULT VALUES")  # something to replay
+        try:  # its receiver counts once it has lived RECEIVER_SETTLE (1 s)
+            wait_until(lambda: lag(back) <= 1, 5,
+                       "the returned standby's lag to be measured while every group is full")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {endpoint_stats(pool, back)}") from None
+    finally:
+        for group, pc in held:
+            group.release(pc)
+
+    def read_port() -> int:
+        with pool.handler("read") as db:
+            return int(db.query_one("SELECT inet_server_port()")[0])
+
+    wait_until(lambda: read_port() == back.port, 10, "a read served by the returned standby")

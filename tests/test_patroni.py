@@ -14,7 +14,6 @@ and Patroni's REST API, polled with deadlines; nothing waits a fixed time for an
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -27,13 +26,12 @@ from patroni_load import TABLE, Load, wait_for
 from greenpool import Pool
 from greenpool.throwaway_patroni import PatroniCluster, PatroniNode, missing
 
-pytestmark = [
-    pytest.mark.timeout(240),
-    pytest.mark.skipif(MODE == "eventlet", reason=(
-        "the Patroni drills run in gevent and threaded mode only, to keep CI within its budget"
-        " (about two minutes per mode); eventlet shares gevent's cooperative waits, and the"
-        " kill and switchover drills passed under eventlet when run by hand")),
-]
+pytestmark = pytest.mark.timeout(240)
+#: eventlet runs the kill drill (direct endpoints) only, to keep CI within its budget (the
+#: module takes about 2 minutes per mode); eventlet shares gevent's cooperative waits
+NOT_IN_EVENTLET = pytest.mark.skipif(MODE == "eventlet", reason=(
+    "in eventlet mode only the kill drill through direct endpoints runs (CI budget); the"
+    " others run in gevent and threaded mode"))
 
 MAX_LAG = 1.0
 ROLE_CHECK = 0.25
@@ -97,7 +95,7 @@ def _has_table(node: PatroniNode) -> bool:
 def make_pool(pc: PatroniCluster, via: str, read_connections: int = 30) -> Any:
     """The drills' pool: 10 write connections for 25 writers, and by default 30 read
     connections for 25 readers: room for housekeeping's role and lag probes on idle
-    connections (a saturated group gets none: SATURATED_DEFECT)."""
+    connections (a saturated group gets none: its borrows measure a lag that went stale)."""
     groups: dict[str, Any] = {
         "write": {"role": "primary", "connection_count": 10, "timeout": 30},
         "read": {"role": "standby", "connection_count": read_connections, "timeout": 30,
@@ -152,7 +150,7 @@ def _started(load: Load, pc: PatroniCluster) -> None:
 # --- 1. the leader dies --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("via", ["direct", "haproxy"])
+@pytest.mark.parametrize("via", ["direct", pytest.param("haproxy", marks=NOT_IN_EVENTLET)])
 def test_leader_killed_writes_resume_on_new_leader_and_no_acknowledged_write_is_lost(
     restored: PatroniCluster, via: str
 ) -> None:
@@ -194,18 +192,7 @@ def test_leader_killed_writes_resume_on_new_leader_and_no_acknowledged_write_is_
 # --- 2. the old leader comes back as a replica ----------------------------------------------
 
 
-OLD_LEADER_UNREAD = (
-    "intermittent (2 of the last 4 gevent runs of the module, never alone), cause not yet"
-    " determined, likely a greenpool defect: the old leader streams (the leader's"
-    " pg_stat_replication says so, and greenpool's PROBE_SQL run by hand there answers a"
-    " receiver streaming for 20 s, lag 0) but the pool keeps its lag unknown (inf, no"
-    " connection open, a free slot in the read group, 'probe' discards) for 20 s and more,"
-    " so the read group does not use it; the failure message carries the pool's stats, the"
-    " probe's answer and pg_stat_wal_receiver of that node. Not in CI;"
-    " GREENPOOL_DRILL_KNOWN_DEFECTS=1 runs it")
-
-
-@pytest.mark.skipif(not os.environ.get("GREENPOOL_DRILL_KNOWN_DEFECTS"), reason=OLD_LEADER_UNREAD)
+@NOT_IN_EVENTLET
 def test_old_leader_returns_as_replica_used_for_reads_never_for_writes_and_never_stale(
     restored: PatroniCluster,
 ) -> None:
@@ -248,8 +235,8 @@ def test_old_leader_returns_as_replica_used_for_reads_never_for_writes_and_never
     finally:
         load.stop()
         pool.close()
-    print(f"\n[{MODE}] old leader streaming {back - killed:.2f} s after the kill;"
-          f" {load.summary()}")
+    print(f"\n[{MODE}] old leader streaming {back - killed:.2f} s after the kill; longest"
+          f" time without a read {load.longest_read_gap(killed, back):.2f} s; {load.summary()}")
     assert not load.acks_on(old.port, killed + 0.5), "the demoted server acknowledged writes"
     assert all(r.in_recovery for r in load.reads_on(old.port, killed))
     stale = load.stale_reads(STALE_BOUND)
@@ -260,36 +247,14 @@ def test_old_leader_returns_as_replica_used_for_reads_never_for_writes_and_never
 # --- 3. planned switchover -------------------------------------------------------------------
 
 
-HAPROXY_STALL_DEFECT = (
-    "intermittent, so run on request until it has proven stable: the product now re-tries, once"
-    " a second, an endpoint last seen as primary for a standby group with nothing to use. "
-    "greenpool defect, intermittent (about half the runs): a standby group reached only"
-    " through HAProxy's replica listener, once a connect there landed on a primary (a"
-    " candidate just promoted, or a misrouted listener), keeps the endpoint at role 'primary'"
-    " (timeline unknown, no connection open) after the listener leads to replicas again:"
-    " connect tasks holding the group's slots find no endpoint fitting 'standby', the role"
-    " probe needs an idle connection or a free slot, and no standby group re-tries an"
-    " endpoint last seen as primary (a primary group re-tries standbys once a second); only"
-    " a failed connect (quarantine, then a probe) or the waiters' timeouts end it, so reads"
-    " stall for their whole timeout (PoolTimeout/NoHealthyEndpoint '... [up, primary,"
-    " timeline unknown]. None of them is known to fit role standby'). Not in CI because it"
-    " is intermittent; GREENPOOL_DRILL_KNOWN_DEFECTS=1 runs it")
-KNOWN_DEFECT = pytest.mark.skipif(not os.environ.get("GREENPOOL_DRILL_KNOWN_DEFECTS"),
-                                  reason=HAPROXY_STALL_DEFECT)
-
-
-@pytest.mark.parametrize("via", [
-    "direct",
-    pytest.param("haproxy", marks=KNOWN_DEFECT),
-])
+@NOT_IN_EVENTLET
+@pytest.mark.parametrize("via", ["direct", "haproxy"])
 def test_switchover_reads_see_no_error_and_writes_pause_no_longer_than_it(
     restored: PatroniCluster, via: str
 ) -> None:
     """Drill 3: ``patronictl switchover`` to a replica under load. The read group sees no
     error at all; the longest time without an acknowledged write is no longer than the
-    switchover command took (+ 1 s); nothing acknowledged is lost.
-
-    Through HAProxy only on request: see HAPROXY_STALL_DEFECT."""
+    switchover command took (+ 1 s); nothing acknowledged is lost."""
     pc = restored
     old = pc.leader()
     assert old is not None
@@ -316,7 +281,7 @@ def test_switchover_reads_see_no_error_and_writes_pause_no_longer_than_it(
     load.check_rows(_rows(new))
 
 
-@KNOWN_DEFECT
+@NOT_IN_EVENTLET
 def test_haproxy_replica_listener_routed_to_the_primary_for_a_moment_is_read_from_again(
     restored: PatroniCluster,
 ) -> None:
@@ -361,6 +326,7 @@ def test_haproxy_replica_listener_routed_to_the_primary_for_a_moment_is_read_fro
 # --- 4. the leader cut off from etcd -------------------------------------------------------------
 
 
+@NOT_IN_EVENTLET
 def test_leader_cut_off_from_etcd_acknowledges_no_write_after_it_demotes(
     restored: PatroniCluster,
 ) -> None:
@@ -414,23 +380,10 @@ def test_leader_cut_off_from_etcd_acknowledges_no_write_after_it_demotes(
 # --- 5. a replica whose replay is paused ---------------------------------------------------------
 
 
-SATURATED_DEFECT = (
-    "intermittent, so run on request until it has proven stable: the product now counts a lag"
-    " at its worst since measured and re-measures it on a borrowed connection. "
-    "greenpool defect, not deterministic (so not in CI; GREENPOOL_DRILL_KNOWN_DEFECTS=1 runs"
-    " it): a max_lag read group whose every connection is always lent (25 readers, 10"
-    " connections) gets no lag probe (housekeeping skips the probe of a full, busy group),"
-    " and a lag counts as fresh for max(6 s, 3 role checks) (endpoint.ROLE_STALE_AFTER, set"
-    " in pool.py), not the three role checks the README promises: a replica whose replay"
-    " stopped just after its lag was measured is read from for up to 6 s, whatever"
-    " role_check_interval is (seen: 3164 reads past max_lag), and once replay resumes it"
-    " may not be read from again for over 15 s (its lag is not measured again)")
-
-
+@NOT_IN_EVENTLET
 @pytest.mark.parametrize("read_connections", [
     pytest.param(30, id="room"),
-    pytest.param(10, id="saturated", marks=pytest.mark.skipif(
-        not os.environ.get("GREENPOOL_DRILL_KNOWN_DEFECTS"), reason=SATURATED_DEFECT)),
+    pytest.param(10, id="saturated"),
 ])
 def test_replica_with_paused_replay_is_left_by_max_lag_group_and_taken_back(
     restored: PatroniCluster, read_connections: int

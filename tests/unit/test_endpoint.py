@@ -85,3 +85,29 @@ def test_recovery_is_a_slow_start_and_an_interrupted_probe_lets_the_next_one_in(
     ep.connect_succeeded("primary")
     ep.connect_succeeded("primary")
     assert ep.ramp == 8 and ep.may_connect(time.monotonic())
+
+
+def test_every_attempt_is_counted_as_it_ends_connected_failed_or_abandoned():
+    """``connect_attempts`` is ``connects + connect_errors + connects_abandoned`` plus the
+    attempts in flight: an attempt with no verdict (cut by its caller's time, interrupted,
+    its first query after the login lost) is counted too, so the stats add up."""
+    ep = make()
+    ep.ramp = None
+
+    def balance() -> int:
+        stats = ep.export()
+        return (int(stats["connect_attempts"]) - int(stats["connects"])
+                - int(stats["connect_errors"]) - int(stats["connects_abandoned"]))
+
+    for _ in range(6):
+        assert ep.begin_connect(time.monotonic())
+    assert balance() == ep.connecting == 6
+    ep.connect_succeeded("standby")
+    ep.connect_refused("password authentication failed")
+    ep.connect_full("too many clients")
+    ep.connect_cut(0.1)  # the caller's time ran out
+    ep.connect_abandoned()  # interrupted, or its role query lost
+    assert balance() == ep.connecting == 1
+    ep.connect_failed("refused")
+    assert balance() == ep.connecting == 0
+    assert ep.export()["connects_abandoned"] == 2

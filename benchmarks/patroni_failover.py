@@ -1,0 +1,339 @@
+"""Kill the leader of a Patroni cluster under load: greenpool beside its peers, in one run.
+
+``python -m benchmarks.patroni_failover [--seconds 22] [--out DIR]`` starts a throwaway
+Patroni cluster (:mod:`greenpool.throwaway_patroni`: etcd, three nodes, ``synchronous_mode``),
+then one worker process per pool, all at once, so that every pool sees the very same failover.
+Each worker runs 10 writers (``INSERT`` of its own unique ids, one transaction each) and 10
+readers (``SELECT inet_server_port(), pg_is_in_recovery()``), each pausing 10 ms between
+operations, for ``--seconds``. At 4 s the leader's PostgreSQL and Patroni are SIGKILLed;
+once Patroni has elected a new leader the old one is started again (Patroni rewinds it and
+it comes back as a replica). Each pool is set up the way its users set it up for a cluster:
+
+* greenpool: the three nodes as endpoints; a ``write`` group (role ``primary``) and a
+  ``read`` group (role ``prefer-standby``, ``max_lag`` 1 s), 5 connections each;
+  ``role_check_interval`` 0.5 s (the README's Patroni set-up).
+* psycopg_pool ``ConnectionPool`` and psycopg2 ``SimpleConnectionPool``: two pools of 5
+  each, over libpq's multi-host form listing the three nodes, ``target_session_attrs``
+  ``read-write`` for writes and ``prefer-standby`` for reads. SimpleConnectionPool's
+  ``getconn`` raises at once when exhausted, so it is wrapped in the usual bounded retry
+  (10 ms, up to 3 s); a connection found closed goes back with ``close=True``.
+
+Reported per pool: errors the application saw (writes, reads), time from the kill to the
+first write acknowledged by the new leader, the longest time without an acknowledged write,
+acknowledged writes missing from the new leader's table (lost), and reads served. The
+results go to ``DIR/patroni_failover.json`` and ``.md`` (default ``benchmarks/results``).
+psycopg_pool and psycopg 3 need not be in the environment: put them on ``PYTHONPATH``
+(``pip install --target DIR 'psycopg[binary]' psycopg_pool``); a pool whose package is
+missing is reported as skipped.
+"""
+
+from __future__ import annotations
+
+import sys
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
+    from gevent import monkey
+
+    monkey.patch_all()
+
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+PEERS = ("greenpool", "psycopg_pool", "psycopg2_simple")
+WRITERS = READERS = 10
+SIZE = 5  # connections per pool (writes) and per pool (reads)
+PACE = 0.01  # seconds between two operations of one task
+KILL_AT = 4.0  # seconds after the start
+TABLE = "bench_failover"
+GETCONN_RETRY_SLEEP, GETCONN_RETRY_ATTEMPTS = 0.01, 300
+
+
+# --- the worker (one pool, one process) -----------------------------------------------------
+
+
+def _dsn(spec: dict[str, Any], attrs: str) -> str:
+    hosts = spec["nodes"]
+    return (f"host={','.join(h for h, _ in hosts)} port={','.join(str(p) for _, p in hosts)}"
+            f" dbname=postgres user=postgres password={spec['password']} connect_timeout=2"
+            f" target_session_attrs={attrs} application_name=bench-{spec['peer']}")
+
+
+class _Psycopg2Simple:
+    """A SimpleConnectionPool per role with the helper its users write around it."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        from psycogreen.gevent import patch_psycopg
+        from psycopg2 import pool
+
+        patch_psycopg()
+        self._error = pool.PoolError
+        self._pools = {"write": pool.SimpleConnectionPool(SIZE, SIZE, _dsn(spec, "read-write")),
+                       "read": pool.SimpleConnectionPool(SIZE, SIZE,
+                                                         _dsn(spec, "prefer-standby"))}
+
+    def _getconn(self, which: str) -> Any:
+        for _ in range(GETCONN_RETRY_ATTEMPTS):
+            try:
+                conn = self._pools[which].getconn()
+                conn.autocommit = which == "read"
+                return conn
+            except self._error as exc:
+                if "exhausted" not in str(exc):
+                    raise
+                time.sleep(GETCONN_RETRY_SLEEP)
+        raise self._error("connection pool exhausted (gave up retrying)")
+
+    @contextlib.contextmanager
+    def session(self, which: str) -> Iterator[Any]:
+        conn = self._getconn(which)
+        try:
+            with conn.cursor() as cur:
+                yield cur
+            conn.commit()
+        except Exception:
+            with contextlib.suppress(Exception):
+                conn.rollback()
+            raise
+        finally:
+            self._pools[which].putconn(conn, close=bool(conn.closed))
+
+    def close(self) -> None:
+        for p in self._pools.values():
+            p.closeall()
+
+
+class _PsycopgPool:
+    def __init__(self, spec: dict[str, Any]) -> None:
+        from psycopg_pool import ConnectionPool
+
+        self._pools = {
+            "write": ConnectionPool(_dsn(spec, "read-write"), min_size=SIZE, max_size=SIZE,
+                                    timeout=10, open=True),
+            "read": ConnectionPool(_dsn(spec, "prefer-standby"), min_size=SIZE, max_size=SIZE,
+                                   kwargs={"autocommit": True}, timeout=10, open=True)}
+        for p in self._pools.values():
+            p.wait(30)
+
+    @contextlib.contextmanager
+    def session(self, which: str) -> Iterator[Any]:
+        with self._pools[which].connection() as conn, conn.cursor() as cur:
+            yield cur
+
+    def close(self) -> None:
+        for p in self._pools.values():
+            p.close()
+
+
+class _Greenpool:
+    def __init__(self, spec: dict[str, Any]) -> None:
+        from greenpool import Pool
+
+        db = [{"host": h, "port": p, "name": "postgres", "user": "postgres",
+               "pass": spec["password"], "connect_timeout": 2} for h, p in spec["nodes"]]
+        self._pool = Pool({"type": "gevent", "db": db, "role_check_interval": 0.5, "groups": {
+            "write": {"role": "primary", "connection_count": SIZE, "timeout": 10},
+            "read": {"role": "prefer-standby", "max_lag": 1.0, "connection_count": SIZE,
+                     "timeout": 10, "autocommit": True}}})
+
+    @contextlib.contextmanager
+    def session(self, which: str) -> Iterator[Any]:
+        with self._pool.handler(which) as db:
+            yield _GreenCursor(db)
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+class _GreenCursor:
+    def __init__(self, db: Any) -> None:
+        self._db = db
+        self._row: Any = None
+
+    def execute(self, sql: str, params: Any = None) -> None:
+        self._row = self._db.query_one(sql, params)
+
+    def fetchone(self) -> Any:
+        return self._row
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    import gevent
+
+    pool = {"greenpool": _Greenpool, "psycopg_pool": _PsycopgPool,
+            "psycopg2_simple": _Psycopg2Simple}[spec["peer"]](spec)
+    ids = itertools.count(1)
+    acked: list[tuple[int, int, float]] = []  # (id, port, time)
+    reads: list[tuple[float, int, bool]] = []  # (time, port, in recovery)
+    write_errors: list[tuple[float, str]] = []
+    read_errors: list[tuple[float, str]] = []
+    sys.stdout.write("READY\n")
+    sys.stdout.flush()
+    start = float(sys.stdin.readline())
+    end = start + spec["seconds"]
+    gevent.sleep(max(0.0, start - time.monotonic()))
+
+    def writer() -> None:
+        while time.monotonic() < end:
+            i = next(ids)
+            try:
+                with pool.session("write") as cur:
+                    cur.execute(f"INSERT INTO {TABLE} VALUES (%s, %s) "
+                                "RETURNING inet_server_port()", (spec["peer"], i))
+                    port = cur.fetchone()[0]
+            except Exception as exc:
+                write_errors.append((time.monotonic(), f"{type(exc).__name__}: {exc}"[:200]))
+            else:
+                acked.append((i, port, time.monotonic()))
+            gevent.sleep(PACE)
+
+    def reader() -> None:
+        while time.monotonic() < end:
+            try:
+                with pool.session("read") as cur:
+                    cur.execute("SELECT inet_server_port(), pg_is_in_recovery()")
+                    port, recovery = cur.fetchone()
+            except Exception as exc:
+                read_errors.append((time.monotonic(), f"{type(exc).__name__}: {exc}"[:200]))
+            else:
+                reads.append((time.monotonic(), port, recovery))
+            gevent.sleep(PACE)
+
+    tasks = [gevent.spawn(writer) for _ in range(WRITERS)]
+    tasks += [gevent.spawn(reader) for _ in range(READERS)]
+    gevent.joinall(tasks, timeout=spec["seconds"] + 30)
+    gevent.killall(tasks, timeout=5)
+    with contextlib.suppress(Exception):
+        pool.close()
+    return {"acked": acked, "reads": reads, "write_errors": write_errors,
+            "read_errors": read_errors}
+
+
+# --- the orchestrator ---------------------------------------------------------------------
+
+
+def _summary(peer: str, out: dict[str, Any], killed: float, new_port: int,
+             rows: set[int]) -> dict[str, Any]:
+    acked = out["acked"]
+    first = min((t for _i, port, t in acked if port == new_port and t > killed), default=None)
+    stamps = sorted([killed, *(t for *_x, t in acked if t > killed)])
+    lost = [i for i, _port, _t in acked if i not in rows]
+    errors = out["write_errors"] + out["read_errors"]
+    kinds = sorted({e.split(":", 1)[0] for _t, e in errors})
+    return {
+        "pool": peer, "writes_acknowledged": len(acked), "write_errors": len(out["write_errors"]),
+        "read_errors": len(out["read_errors"]), "error_kinds": kinds,
+        "writes_resumed_s": None if first is None else round(first - killed, 2),
+        "longest_write_gap_s": round(max(b - a for a, b in itertools.pairwise(stamps)), 2)
+        if len(stamps) > 1 else None,
+        "acknowledged_writes_lost": len(lost),
+        "reads_served": len(out["reads"]),
+        "reads_after_kill": sum(1 for t, *_x in out["reads"] if t > killed),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=22.0)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--peers", default=",".join(PEERS))
+    args = parser.parse_args(argv)
+    from greenpool.throwaway_patroni import PatroniCluster, missing
+
+    reason = missing()
+    if reason:
+        print(f"skipped: {reason}")
+        return 1
+    peers = [p for p in args.peers.split(",") if p]
+    with PatroniCluster(synchronous_mode=True, password="bench-pw") as pc:
+        leader = pc.leader()
+        assert leader is not None
+        leader.execute(f"CREATE TABLE {TABLE} (peer text NOT NULL, id bigint NOT NULL)")
+        pc.wait_healthy(60)
+        nodes = [(n.host, n.port) for n in pc.nodes]
+        procs: dict[str, subprocess.Popen[str]] = {}
+        skipped: dict[str, str] = {}
+        for peer in peers:
+            spec = {"peer": peer, "nodes": nodes, "password": pc.password,
+                    "seconds": args.seconds}
+            proc = subprocess.Popen([sys.executable, "-m", "benchmarks.patroni_failover",
+                                     "--worker", json.dumps(spec)], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            assert proc.stdout is not None
+            line = proc.stdout.readline().strip()
+            if line != "READY":
+                proc.kill()
+                skipped[peer] = (line + proc.communicate(timeout=30)[1])[-300:]
+                continue
+            procs[peer] = proc
+        start = time.monotonic() + 0.5
+        for proc in procs.values():
+            assert proc.stdin is not None
+            proc.stdin.write(f"{start}\n")
+            proc.stdin.flush()
+        time.sleep(max(0.0, start + KILL_AT - time.monotonic()))
+        killed = time.monotonic()
+        leader.kill()
+        pc.wait_for(lambda: pc.leader() not in (None, leader), 60, "a new leader")
+        elected = time.monotonic()
+        new = pc.leader()
+        assert new is not None
+        leader.start()
+        results: dict[str, Any] = {}
+        for peer, proc in procs.items():
+            out, err = proc.communicate(timeout=args.seconds + 90)
+            found = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+            results[peer] = json.loads(found[-1][7:]) if found else {"error": err[-500:]}
+        rows_by_peer: dict[str, set[int]] = {}
+        for peer, i in new.execute(f"SELECT peer, id FROM {TABLE}"):
+            rows_by_peer.setdefault(peer, set()).add(i)
+    summaries = [_summary(peer, out, killed, new.port, rows_by_peer.get(peer, set()))
+                 if "error" not in out else {"pool": peer, "failed": out["error"]}
+                 for peer, out in results.items()]
+    report = {"seconds": args.seconds, "leader_elected_s": round(elected - killed, 2),
+              "summaries": summaries, "skipped": skipped}
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "patroni_failover.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out_dir / "patroni_failover.md").write_text(_markdown(report))
+    print(_markdown(report))
+    return 0
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    lines = [f"# Kill the Patroni leader under load ({report['seconds']:.0f} s, kill at"
+             f" {KILL_AT:.0f} s; Patroni elected a new leader {report['leader_elected_s']} s"
+             " after the kill)", "",
+             "| pool | write errors | read errors | writes resumed (s after kill) |"
+             " longest write gap (s) | acked writes lost | writes acked | reads served"
+             " (after kill) |", "|---|---|---|---|---|---|---|---|"]
+    for s in report["summaries"]:
+        if "failed" in s:
+            lines.append(f"| {s['pool']} | failed: {s['failed'][-120:]} |||||||")
+            continue
+        lines.append(f"| {s['pool']} | {s['write_errors']} | {s['read_errors']} |"
+                     f" {s['writes_resumed_s']} | {s['longest_write_gap_s']} |"
+                     f" {s['acknowledged_writes_lost']} | {s['writes_acknowledged']} |"
+                     f" {s['reads_served']} ({s['reads_after_kill']}) |")
+    for s in report["summaries"]:
+        if s.get("error_kinds"):
+            lines.append(f"\n{s['pool']} errors: {', '.join(s['error_kinds'])}")
+    for peer, why in report["skipped"].items():
+        lines.append(f"\n{peer}: skipped ({why.strip()})")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--worker"]:
+        result = worker(json.loads(sys.argv[2]))
+        sys.stdout.write("RESULT " + json.dumps(result) + "\n")
+        sys.stdout.flush()
+        os._exit(0)
+    sys.exit(main())
