@@ -149,7 +149,6 @@ and serves a borrower with a 1 s budget (it is not taken out for a ping at the s
         os.kill(stalled, signal.SIGCONT)
 
 
-
 @pytest.mark.skipif(MODE == "non-threaded", reason="needs housekeeping")
 @pytest.mark.timeout(120)
 def test_standby_back_with_every_group_full_is_measured_and_then_read_from(
