@@ -1,0 +1,147 @@
+"""An endpoint's password given as a function: asked at each new connection, bounded, its
+failure a connect failure that says so, its value never shown.
+
+Real servers throughout: the password is changed with ALTER ROLE while the pool runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import psycopg2
+import pytest
+from lending import discards, group_stats, lend_all
+from load import Load
+from modes import MODE, sleep
+from psycopg2 import sql as pgsql
+
+from greenpool import Pool, PoolError
+
+pytestmark = pytest.mark.skipif(MODE == "non-threaded", reason="background connects")
+
+
+def _role(pg, password):
+    name = f"rot_{uuid.uuid4().hex[:8]}"
+    pg.create_user(name, password)
+    return name
+
+
+def _set_password(pg, user, password):
+    pg.execute(pgsql.SQL("ALTER ROLE {} PASSWORD %s").format(pgsql.Identifier(user)),
+               (password,))
+
+
+def _logs_in(pg, user, password):
+    try:
+        psycopg2.connect(host=pg.host, port=pg.port, dbname="postgres", user=user,
+                         password=password, connect_timeout=5).close()
+    except psycopg2.OperationalError:
+        return False
+    return True
+
+
+@pytest.mark.timeout(90)
+def test_password_function_follows_a_rotation_under_load(pg, mode):
+    """The role's password changes (ALTER ROLE) while 8 tasks borrow; the function starts
+    returning the new one only 0.3 s later, and the pool is drained in between, so new
+    connects meet the old password refused for a while. They are retried (the function is
+    asked again), not failed: zero application errors, and afterwards every connection
+    was opened with the new password (the old one no longer logs in)."""
+    old, new = f"old-{uuid.uuid4().hex}", f"new-{uuid.uuid4().hex}"
+    user = _role(pg, old)
+    current = {"password": old}
+    asked = []
+
+    def password():
+        asked.append(current["password"])
+        return current["password"]
+
+    pool = Pool({"type": mode, "db": {**pg.endpoint(user=user), "pass": password},
+                 "groups": {"g": {"connection_count": 4, "timeout": 10}},
+                 "maintenance_interval": 0.1})
+    load = Load(pool, "g", tasks=8)
+    try:
+        load.until(200)
+        _set_password(pg, user, new)
+        pool.drain()
+        sleep(0.3)  # connects meanwhile ask the function and get the old password: refused
+        current["password"] = new
+        load.until(300)
+        assert asked.count(new) >= 1
+        assert discards(pool, "g", "drained") >= 1
+    finally:
+        load.stop()
+        pool.close()
+    assert not _logs_in(pg, user, old) and _logs_in(pg, user, new)
+    assert pool.stats()["endpoints"][f"{pg.host}:{pg.port}/postgres"]["quarantines"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_password_function_that_raises_fails_the_connect_and_says_so(pg, mode, caplog):
+    """A function that raises: the borrow fails at its timeout with an error naming the
+    password function and its exception type, not the exception's text (which may hold
+    a secret); the server is not quarantined. When the function recovers, the pool
+    connects."""
+    secret = f"s3cret-{uuid.uuid4().hex}"
+    user = _role(pg, secret)
+    broken = {"now": True}
+
+    def password():
+        if broken["now"]:
+            raise RuntimeError(f"vault is down (token {secret})")
+        return secret
+
+    pool = Pool({"type": mode, "db": {**pg.endpoint(user=user), "pass": password},
+                 "groups": {"g": {"connection_count": 2, "timeout": 1}}})
+    try:
+        with caplog.at_level(logging.INFO, logger="greenpool"), pytest.raises(
+                PoolError) as info, pool.handler("g") as db:
+            db.query("SELECT 1")
+        text = str(info.value)
+        assert "the password function raised RuntimeError" in text, text
+        assert secret not in text and secret not in repr(info.value.__cause__)
+        endpoint = pool.stats()["endpoints"][f"{pg.host}:{pg.port}/postgres"]
+        assert endpoint["quarantines"] == 0 and endpoint["state"] == "up", endpoint
+        broken["now"] = False
+        assert len(lend_all(pool, "g", 2, within=5)) == 2
+    finally:
+        pool.close()
+
+
+@pytest.mark.timeout(60)
+def test_password_function_that_hangs_is_bounded_by_connect_timeout(pg, mode):
+    """A function that never answers costs each attempt its connect_timeout (0.5 s), not
+    the caller's whole wait: the borrow fails at its timeout saying the function gave no
+    answer, and other groups keep working."""
+    def password():
+        sleep(30)
+
+    pool = Pool({"type": mode, "db": {**pg.endpoint(), "pass": password,
+                                      "connect_timeout": 0.5},
+                 "groups": {"g": {"connection_count": 2, "timeout": 2}}})
+    try:
+        with pytest.raises(PoolError, match="gave no answer within"), pool.handler("g") as db:
+            db.query("SELECT 1")
+    finally:
+        pool.close()
+
+
+@pytest.mark.timeout(60)
+def test_supplied_password_never_appears_in_errors_logs_or_reprs(pg, mode, caplog):
+    """The function returns a wrong password: the error, every log line and the reprs of
+    the pool and its configuration hold no trace of it."""
+    wrong = f"wrong-{uuid.uuid4().hex}"
+    pool = Pool({"type": mode, "db": {**pg.endpoint(), "pass": lambda: wrong},
+                 "groups": {"g": {"connection_count": 1, "timeout": 1}}})
+    try:
+        with caplog.at_level(logging.DEBUG), pytest.raises(PoolError) as info, pool.handler(
+                "g") as db:
+            db.query("SELECT 1")
+        shown = [str(info.value), repr(pool), repr(pool.config), str(pool.stats()),
+                 caplog.text]
+        assert "authentication failed" in str(info.value) or "password" in str(info.value)
+        assert not [text for text in shown if wrong in text]
+        assert group_stats(pool, "g")["size"] <= 1
+    finally:
+        pool.close()
