@@ -628,7 +628,8 @@ class Group:
             slot.attach(pc)
             self._connecting -= 1
             closed = self._closed
-            if not closed:
+            surplus = self._size > self.config.connection_count  # resize() lowered it
+            if not closed and not surplus:
                 if self._line:
                     self._line.serve(pc)
                 else:
@@ -639,8 +640,8 @@ class Group:
                     elif self._turns is not None:
                         targets.extend(self._unserved_endpoints())
                     starts = [self._take_slot() for _ in targets]
-        if closed:
-            self._discard(pc, "pool_closed", reconnect=False)
+        if closed or surplus:
+            self._discard(pc, "pool_closed" if closed else "resized", reconnect=False)
             return
         for new, target in zip(starts, targets, strict=True):
             self.connector.start(new, target)
