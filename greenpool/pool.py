@@ -41,6 +41,7 @@ class Pool:
         self._backend: Backend = backend_for(self.config.mode)
         self._current_task = self._backend.current  # on every handler entry: bound once
         self._events = Events(self.config.on_event, self._backend)
+        self._changing = self._backend.lock()  # one live change at a time (_apply)
         self._endpoints = [self._new_endpoint(c) for c in self.config.endpoints]
         self._groups = {
             name: Group(
@@ -219,8 +220,9 @@ class Pool:
                          maximum=262143)
         low = min(found.config.min_size, count) if min_size is None else _integer(
             f"resize({group!r}).min_size", min_size, maximum=count)
-        new = replace(found.config, connection_count=count, min_size=low)
-        self._apply(replace(self.config, groups={**self.config.groups, found.name: new}))
+        with self._changing:  # this group's settings as they are now, two keys changed
+            new = replace(self.config.groups[found.name], connection_count=count, min_size=low)
+            self._apply_now(replace(self.config, groups={**self.config.groups, found.name: new}))
 
     def reconfigure(self, config: Mapping[str, Any] | PoolConfig) -> None:
         """Apply a new configuration to the running pool, without failing a loan in flight.
@@ -236,6 +238,10 @@ class Pool:
         self._apply(parse_config(config))
 
     def _apply(self, new: PoolConfig) -> None:
+        with self._changing:
+            self._apply_now(new)
+
+    def _apply_now(self, new: PoolConfig) -> None:
         if self._closed:
             raise PoolClosed("the pool is closed")
         change = live.plan(self.config, new)  # refuses before anything is touched

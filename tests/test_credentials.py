@@ -145,3 +145,42 @@ def test_supplied_password_never_appears_in_errors_logs_or_reprs(pg, mode, caplo
         assert group_stats(pool, "g")["size"] <= 1
     finally:
         pool.close()
+
+
+@pytest.mark.timeout(60)
+def test_password_function_returning_no_string_fails_the_connect_and_says_what_it_got(pg, mode):
+    """A function returning a number: the error names the type it got, not the value."""
+    pool = Pool({"type": mode, "db": {**pg.endpoint(), "pass": lambda: 123456789},
+                 "groups": {"g": {"connection_count": 1, "timeout": 1}}})
+    try:
+        with pytest.raises(PoolError, match="returned a int, not a password") as info, \
+                pool.handler("g") as db:
+            db.query("SELECT 1")
+        assert "123456789" not in str(info.value)
+    finally:
+        pool.close()
+
+
+@pytest.mark.skipif(MODE != "gevent", reason="a call that blocks the gevent hub")
+@pytest.mark.timeout(60)
+def test_password_function_that_blocks_the_hub_fails_and_is_named(pg, mode, caplog):
+    """A function that blocks without yielding (the unpatched time.sleep) past its bound
+    cannot be interrupted: the attempt fails anyway, and a warning says the function must
+    cooperate."""
+    from gevent.monkey import get_original
+
+    blocking_sleep = get_original("time", "sleep")
+
+    def password():
+        blocking_sleep(0.6)
+        return pg.password
+
+    pool = Pool({"type": mode, "db": {**pg.endpoint(), "pass": password, "connect_timeout": 0.3},
+                 "groups": {"g": {"connection_count": 1, "timeout": 1}}})
+    try:
+        with caplog.at_level(logging.WARNING, logger="greenpool"), pytest.raises(
+                PoolError, match="blocked the event loop"), pool.handler("g") as db:
+            db.query("SELECT 1")
+        assert "make it cooperative" in caplog.text
+    finally:
+        pool.close()
