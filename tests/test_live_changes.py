@@ -152,3 +152,25 @@ def test_reconfigure_refuses_what_it_cannot_apply_live_and_changes_nothing(pg, m
         assert len(lend_all(pool, "g", 4, within=10)) == 4
     finally:
         pool.close()
+
+
+@pytest.mark.timeout(60)
+def test_reconfigure_with_a_new_password_retires_connections_made_with_the_old(pg, mode):
+    """The role's password changes (ALTER ROLE) and the new configuration carries it: the
+    endpoint's connections are retired, the new ones log in with the new password."""
+    import uuid
+
+    from psycopg2 import sql as pgsql
+
+    user = f"live_{uuid.uuid4().hex[:8]}"
+    pg.create_user(user, "first")
+    config = _config(mode, {**pg.endpoint(user=user), "pass": "first"})
+    pool = Pool(config)
+    try:
+        before = set(lend_all(pool, "g", 4, within=10))
+        pg.execute(pgsql.SQL("ALTER ROLE {} PASSWORD 'second'").format(pgsql.Identifier(user)))
+        pool.reconfigure({**config, "db": {**pg.endpoint(user=user), "pass": "second"}})
+        assert discards(pool, "g", "drained") == 4
+        assert not set(lend_all(pool, "g", 4, within=10)) & before
+    finally:
+        pool.close()
