@@ -475,8 +475,8 @@ class Group:
         if discard:
             self.drop(pc, discard)
             return
-        if pc.expires == DRAINED or self._size > self.config.connection_count:
-            self._retire(pc)
+        if (pc.expires == DRAINED or self._size > self.config.connection_count) and (
+                self._retired(pc)):
             return
         try:
             reason = reset_on_return(pc, self.config, self._backend)
@@ -494,8 +494,8 @@ class Group:
         belongs (load moves back even when every connection is busy)."""
         if pc.generation != self._generation:
             return  # the parent's, handed back by a task that went on in the child
-        if pc.expires == DRAINED or self._size > self.config.connection_count:
-            self._retire(pc)
+        if (pc.expires == DRAINED or self._size > self.config.connection_count) and (
+                self._retired(pc)):
             return
         if self._roles_matter and self._line and pc.endpoint not in self.preferred_endpoints():
             # A waiter gets it without a borrow check: not one the group should use now (a
@@ -519,11 +519,20 @@ class Group:
             self._discard(pc, "rebalance", reconnect=False)
             self.grow(1, target, if_idle=False)
 
-    def _retire(self, pc: PooledConnection) -> None:
+    def _retired(self, pc: PooledConnection) -> bool:
         """Close a drained connection (or one beyond a lowered ``connection_count``) as it
-        comes back; with callers waiting, a new connection takes its room at once."""
-        reason = "drained" if pc.expires == DRAINED else "resized"
-        self._discard(pc, reason, reconnect=True if self._line else None)
+        comes back; with callers waiting, a new connection takes its room at once. A drain
+        under load rolls: while callers wait and ``_MOVES_IN_FLIGHT`` replacements are under
+        way, a drained connection serves on (False) instead of leaving its room empty for
+        a connect's time, so a caller waits at most about one connect, not one per
+        replacement."""
+        if self._size > self.config.connection_count:
+            self._discard(pc, "resized", reconnect=False)
+            return True
+        if self._line and self._connecting >= _MOVES_IN_FLIGHT:
+            return False
+        self._discard(pc, "drained", reconnect=True if self._line else None)
+        return True
 
     def _move_target(self, pc: PooledConnection) -> Endpoint | None:
         if self._connecting >= _MOVES_IN_FLIGHT:
