@@ -62,8 +62,10 @@ class Events:
             return
         self._queue.append(PoolEvent(kind, endpoint, group, detail, time.time()))
         with self._lock:
-            if self._pid != os.getpid():  # forked: the parent's delivering task is not ours
+            if self._pid != os.getpid():  # forked: the parent's task and events are its own
                 self._pid, self._delivering = os.getpid(), False
+                while len(self._queue) > 1:
+                    self._queue.popleft()
             if self._delivering:
                 return
             self._delivering = True

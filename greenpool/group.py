@@ -803,6 +803,7 @@ class Group:
         Connections beyond a lowered ``connection_count`` are closed as they come back.
         Whether the connections must be drained."""
         old = self.config
+        left = [ep for ep in self.endpoints if ep not in endpoints]
         with self._lock:
             self.config = config
             self._max_waiting = config.max_waiting or math.inf
@@ -827,6 +828,8 @@ class Group:
         if travels:
             self.drain()
         else:
+            for endpoint in left:  # still in the pool's configuration, no longer this group's
+                self.drain(endpoint)
             self.refill()
         return travels
 

@@ -174,3 +174,24 @@ def test_reconfigure_with_a_new_password_retires_connections_made_with_the_old(p
         assert not set(lend_all(pool, "g", 4, within=10)) & before
     finally:
         pool.close()
+
+
+@pytest.mark.timeout(60)
+def test_reconfigure_retires_a_groups_connections_to_an_endpoint_it_no_longer_uses(
+        pg, mode, server_conns):
+    """Two endpoints (two databases of one server); the group's `endpoints` drops one that
+    stays in `db`: the group's connections to it close, the group lends its full size."""
+    app = "live-subset"
+    db = [pg.endpoint(), pg.endpoint(name="template1")]
+    config = {**_config(mode, db), "application_name": app}
+    pool = Pool(config)
+    try:
+        lend_all(pool, "g", 4, within=10)
+        assert server_conns(app, dbname="template1") > 0
+        pool.reconfigure({**config, "groups": {"g": {"connection_count": 4, "timeout": 10,
+                                                     "endpoints": [0]}}})
+        assert server_conns(app, dbname="template1", expect=0) == 0
+        assert len(lend_all(pool, "g", 4, within=10)) == 4
+        assert server_conns(app, dbname="template1") == 0
+    finally:
+        pool.close()
