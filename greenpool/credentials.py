@@ -29,6 +29,7 @@ since it is the application's own).
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -81,6 +82,17 @@ def password_now(supplier: Callable[[], Any], label: str, backend: Backend,
                               f"string (or None)")
 
 
+def _original_lock() -> Any:
+    """A lock of the real ``_thread`` module, whichever library patched it."""
+    if "eventlet.patcher" in sys.modules:
+        from eventlet import patcher
+
+        return patcher.original("_thread").allocate_lock()
+    from gevent.monkey import get_original
+
+    return get_original("_thread", "allocate_lock")()
+
+
 def _failed(label: str, exc: BaseException) -> PasswordUnavailable:
     logger.warning("endpoint %s: the password function raised %s", label,
                    type(exc).__name__, exc_info=exc)
@@ -104,9 +116,8 @@ def _in_task(supplier: Callable[[], Any], label: str, backend: Backend, seconds:
 
 
 def _in_thread(supplier: Callable[[], Any], label: str, seconds: float) -> Any:
-    import threading
-
-    done = threading.Event()
+    done = _original_lock()  # real OS threads on both sides, whatever a library patched
+    done.acquire()
     box: list[Any] = []
 
     def run() -> None:
@@ -115,10 +126,10 @@ def _in_thread(supplier: Callable[[], Any], label: str, seconds: float) -> Any:
         except BaseException as exc:
             box.append((False, exc))
         finally:
-            done.set()
+            done.release()
 
     _original_start_thread()(run, ())
-    if not done.wait(seconds):
+    if not done.acquire(timeout=seconds):
         raise PasswordUnavailable(f"the password function gave no answer within "
                                   f"{seconds:.2f} s (it is left running)")
     ok, value = box[0]

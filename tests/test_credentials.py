@@ -184,3 +184,29 @@ def test_password_function_that_blocks_the_hub_fails_and_is_named(pg, mode, capl
         assert "make it cooperative" in caplog.text
     finally:
         pool.close()
+
+
+@pytest.mark.skipif(MODE != "threaded", reason="a non-threaded pool runs in the threaded process")
+@pytest.mark.timeout(60)
+def test_password_function_in_a_non_threaded_pool(pg):
+    """non-threaded: the connect is made inline by the borrower, and asks the function
+    there; its failure is that borrow's error, saying so."""
+    calls = []
+
+    def password():
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("secrets store unreachable")
+        return pg.password
+
+    pool = Pool({"type": "non-threaded", "db": {**pg.endpoint(), "pass": password},
+                 "groups": {"g": {"connection_count": 1, "timeout": 0.1}}})
+    try:
+        with pytest.raises(PoolError, match="the password function raised OSError"), \
+                pool.handler("g") as db:
+            db.query("SELECT 1")
+        sleep(0.6)  # the endpoint is left alone for a moment after such a failure
+        with pool.handler("g", timeout=5) as db:
+            assert db.query_one("SELECT 1") == (1,)
+    finally:
+        pool.close()
