@@ -210,3 +210,15 @@ def test_password_function_in_a_non_threaded_pool(pg):
             assert db.query_one("SELECT 1") == (1,)
     finally:
         pool.close()
+
+
+def test_password_is_a_string_a_function_or_none(pg):
+    """Anything else is refused when the configuration is read, without showing it."""
+    from greenpool import ConfigError
+    from greenpool.config import parse_config
+
+    with pytest.raises(ConfigError, match="a function returning one, or null; got a int") as info:
+        parse_config({"db": {**pg.endpoint(), "pass": 987654321}})
+    assert "987654321" not in str(info.value)
+    supplier = parse_config({"db": {**pg.endpoint(), "pass": lambda: "x"}}).endpoints[0]
+    assert callable(supplier.password) and "***" in repr(supplier)

@@ -133,3 +133,12 @@ def test_on_event_runs_off_the_borrow_path_and_its_exceptions_are_logged(pg, mod
             wait_until(lambda: "on_event callback raised" in caplog.text, 5, "the log line")
     finally:
         pool.close()
+
+
+def test_on_event_must_be_a_function(pg):
+    """A value that cannot be called is refused when the configuration is read."""
+    from greenpool import ConfigError
+    from greenpool.config import parse_config
+
+    with pytest.raises(ConfigError, match="on_event: expected a function taking a"):
+        parse_config({"db": pg.endpoint(), "on_event": "alerts"})
