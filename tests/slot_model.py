@@ -133,6 +133,7 @@ class SlotAccountingMachine(RuleBasedStateMachine):
         self.pool: Pool | None = None
         self.app = f"gp-model-{os.getpid()}-{next(_example_numbers)}"
         self.counts: dict[str, int] = {}
+        self.groups: dict[str, dict[str, Any]] = {}  # the groups as last configured
         #: the most a group may hold: its connection_count, or more for a while after
         #: resize() lowered it (the loans and connects under way then), never growing
         self.limits: dict[str, int] = {}
@@ -174,16 +175,20 @@ class SlotAccountingMachine(RuleBasedStateMachine):
                    "timeout": ACQUIRE_TIMEOUT, "autocommit": True}
             for name in GROUPS
         }
-        self.pool = Pool({
+        self.groups = groups
+        self.pool = Pool(self._config())
+
+    def _config(self) -> dict[str, Any]:
+        return {
             "type": self.setup.pool_type,
             "db": self.cluster.endpoint(connect_timeout=CONNECT_TIMEOUT),
-            "groups": groups,
+            "groups": self.groups,
             "application_name": self.app,
             "maintenance_interval": self.setup.maintenance_interval,
             "role_check_interval": self.setup.role_check_interval,
             "quarantine_initial": 0.05,
             "quarantine_max": self.setup.quarantine_max,
-        })
+        }
 
     def group(self, name: str) -> Any:
         assert self.pool is not None
@@ -427,6 +432,19 @@ class SlotAccountingMachine(RuleBasedStateMachine):
         """A new connection_count, lower or higher, while the model may hold loans."""
         assert self.pool is not None
         self.pool.resize(name, count)
+        self.counts[name] = count
+        self.groups[name] = {**self.groups[name], "connection_count": count}
+        self.limits[name] = max(count, self.group(name).stats()["size"])
+
+    @rule(name=st.sampled_from(GROUPS), count=st.integers(1, 4),
+          statement_timeout=st.sampled_from([None, 30]))
+    def reconfigure(self, name: str, count: int, statement_timeout: float | None) -> None:
+        """A whole new configuration: the group's size and a setting that travels with each
+        connection (a change drains the group)."""
+        assert self.pool is not None
+        self.groups[name] = {**self.groups[name], "connection_count": count,
+                             "statement_timeout": statement_timeout}
+        self.pool.reconfigure(self._config())
         self.counts[name] = count
         self.limits[name] = max(count, self.group(name).stats()["size"])
 
