@@ -15,6 +15,10 @@ Invariants (all changed only under ``self._lock``, in sections that never block)
   (``pc.slot``) when the group discards it (:meth:`drop`, :meth:`replace`). A slot whose
   holder vanished without giving it back (a signal handler's exception between two lines)
   is collected and counted back at the group's next look (:meth:`orphaned`).
+* Live changes (:meth:`drain`, :meth:`apply`) never take a loan back: they mark
+  connections (``expires = DRAINED``) that are then retired through :meth:`_discard` when
+  they come back, and a lowered ``connection_count`` is reached as loans return (no slot
+  is taken while ``_size`` is at or above it).
 * Someone waits only if nothing is idle; a returned or new connection goes to the oldest
   waiter directly (first come, first served). A waiter never connects itself: it asks the
   connector, and whatever connection comes first serves the oldest waiter.
