@@ -11,6 +11,8 @@ task of their own (a greenlet, or a thread in ``threaded`` mode) calls the callb
 event at a time, in order. The callback may block (send an HTTP request) without holding
 up a borrow; an exception it raises is logged and the next event is delivered.
 ``non-threaded`` mode has no background: the callback runs where the event was noticed.
+A callback slower than the events come keeps the latest ``QUEUE_MAX`` of them (the older
+ones are dropped, with a warning): alerting lags, memory does not grow.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from .concurrency import Backend
 logger = logging.getLogger("greenpool")
 
 #: every ``PoolEvent.kind``
+#: events kept for a callback that cannot keep up
+QUEUE_MAX = 1000
 KINDS = ("quarantined", "back", "promoted", "demoted", "lagging", "caught_up", "split_brain",
          "cannot_connect", "connected")
 
@@ -50,7 +54,8 @@ class Events:
     def __init__(self, callback: Callable[[PoolEvent], object] | None, backend: Backend) -> None:
         self.callback = callback
         self._backend = backend
-        self._queue: deque[PoolEvent] = deque()
+        self._queue: deque[PoolEvent] = deque(maxlen=QUEUE_MAX)
+        self.dropped = 0
         self._lock = backend.lock()
         self._delivering = False
         self._pid = os.getpid()
@@ -60,6 +65,11 @@ class Events:
         """Queue an event (never blocks, never raises) and make sure a task delivers it."""
         if self.callback is None:
             return
+        if len(self._queue) == QUEUE_MAX:
+            self.dropped += 1
+            if self.dropped == 1:
+                logger.warning("the on_event callback cannot keep up: %d events wait; the "
+                               "oldest are dropped from now on", QUEUE_MAX)
         self._queue.append(PoolEvent(kind, endpoint, group, detail, time.time()))
         with self._lock:
             if self._pid != os.getpid():  # forked: the parent's task and events are its own

@@ -142,3 +142,32 @@ def test_on_event_must_be_a_function(pg):
 
     with pytest.raises(ConfigError, match="on_event: expected a function taking a"):
         parse_config({"db": pg.endpoint(), "on_event": "alerts"})
+
+
+@pytest.mark.timeout(30)
+def test_a_callback_that_cannot_keep_up_keeps_the_latest_events(mode, caplog):
+    """A callback blocked while 1005 events come: the oldest few are dropped with one
+    warning, the latest 1000 are delivered in order once it goes on."""
+    import threading
+
+    from greenpool.concurrency import backend_for
+    from greenpool.events import QUEUE_MAX, Events
+
+    go = threading.Event()
+    seen: list[str] = []
+
+    def callback(event):
+        if not seen:
+            go.wait(10)
+        seen.append(event.detail)
+
+    events = Events(callback, backend_for(mode))
+    with caplog.at_level(logging.WARNING, logger="greenpool"):
+        events.emit("back", detail="0")
+        wait_until(lambda: not events._queue, 5, "the first event to be taken")
+        for i in range(1, QUEUE_MAX + 5):
+            events.emit("back", detail=str(i))
+        go.set()
+        wait_until(lambda: len(seen) == QUEUE_MAX + 1, 10, "the rest to be delivered")
+    assert seen[:2] == ["0", "5"] and seen[-1] == str(QUEUE_MAX + 4)
+    assert events.dropped == 4 and "cannot keep up" in caplog.text
