@@ -242,8 +242,9 @@ class Endpoint:
             self.connect_errors += 1
             self.last_error = message
             self.full_until = time.monotonic() + random.uniform(*_UNSUPPLIED_PAUSE)
-            if self.state == PROBING:
-                self.state = QUARANTINED  # let the next prober in at once
+            if self.state == PROBING:  # the next probe after the same pause, not at once
+                self.state = QUARANTINED
+                self.quarantined_until = max(self.quarantined_until, self.full_until)
 
     def cut(self, now: float) -> bool:
         """Whether a recent attempt got no answer within its caller's time (see

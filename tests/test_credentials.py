@@ -222,3 +222,37 @@ def test_password_is_a_string_a_function_or_none(pg):
     assert "987654321" not in str(info.value)
     supplier = parse_config({"db": {**pg.endpoint(), "pass": lambda: "x"}}).endpoints[0]
     assert callable(supplier.password) and "***" in repr(supplier)
+
+
+@pytest.mark.timeout(60)
+def test_a_failing_password_function_is_not_asked_in_a_tight_loop(pg_factory, mode):
+    """The server was down (quarantined, probed by housekeeping) and comes back while the
+    password function fails: probes and connects ask it a few times a second, not at every
+    turn of the loop, for 2 s of min_size refills."""
+    server = pg_factory()
+    calls = []
+    failing = {"now": False}
+
+    def password():
+        calls.append(1)
+        if failing["now"]:
+            raise RuntimeError("secrets store down")
+        return server.password
+
+    pool = Pool({"type": mode, "db": {**server.endpoint(), "pass": password,
+                                      "connect_timeout": 1},
+                 "groups": {"g": {"connection_count": 2, "min_size": 2, "timeout": 1}},
+                 "maintenance_interval": 0.05, "quarantine_initial": 0.05,
+                 "quarantine_max": 0.1})
+    try:
+        lend_all(pool, "g", 2, within=10)
+        server.stop("immediate")
+        with pytest.raises(PoolError), pool.handler("g") as db:
+            db.query("SELECT 1")
+        failing["now"] = True
+        server.start()
+        calls.clear()
+        sleep(2.0)
+        assert 1 <= len(calls) <= 25, len(calls)
+    finally:
+        pool.close()
