@@ -16,6 +16,15 @@ from greenpool import ConfigError, Pool
 pytestmark = pytest.mark.skipif(MODE == "non-threaded", reason="background connects")
 
 
+@pytest.fixture(scope="module")
+def second_db(pg):
+    """A second database on the shared server: a second endpoint without a second server."""
+    name = "live_second"
+    if not pg.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)):
+        pg.create_database(name)
+    return name
+
+
 def _config(mode, db, **group):
     return {"type": mode, "db": db, "maintenance_interval": 0.1,
             "groups": {"g": {"connection_count": 4, "timeout": 10, **group}}}
@@ -178,20 +187,63 @@ def test_reconfigure_with_a_new_password_retires_connections_made_with_the_old(p
 
 @pytest.mark.timeout(60)
 def test_reconfigure_retires_a_groups_connections_to_an_endpoint_it_no_longer_uses(
-        pg, mode, server_conns):
+        pg, mode, server_conns, second_db):
     """Two endpoints (two databases of one server); the group's `endpoints` drops one that
     stays in `db`: the group's connections to it close, the group lends its full size."""
     app = "live-subset"
-    db = [pg.endpoint(), pg.endpoint(name="template1")]
+    db = [pg.endpoint(), pg.endpoint(name=second_db)]
     config = {**_config(mode, db), "application_name": app}
     pool = Pool(config)
     try:
         lend_all(pool, "g", 4, within=10)
-        assert server_conns(app, dbname="template1") > 0
+        assert server_conns(app, dbname=second_db) > 0
         pool.reconfigure({**config, "groups": {"g": {"connection_count": 4, "timeout": 10,
                                                      "endpoints": [0]}}})
-        assert server_conns(app, dbname="template1", expect=0) == 0
+        assert server_conns(app, dbname=second_db, expect=0) == 0
         assert len(lend_all(pool, "g", 4, within=10)) == 4
-        assert server_conns(app, dbname="template1") == 0
+        assert server_conns(app, dbname=second_db) == 0
+    finally:
+        pool.close()
+
+
+@pytest.mark.timeout(120)
+def test_reconfigure_at_random_under_load_keeps_the_books_and_fails_no_one(
+        pg, mode, server_conns, second_db):
+    """30 random configurations in a row under load (endpoints swapped, re-weighted, added
+    and removed; sizes up and down; a setting that travels; a drain now and then): zero
+    errors, and at rest the books balance and nothing is left on a removed endpoint."""
+    import random
+
+    from modes import sleep
+
+    rng = random.Random(7)
+    app = "live-random"
+    a, b = pg.endpoint(), pg.endpoint(name=second_db)
+    dbs = [[a], [a, b], [b], [{**b, "weight": 3}, a], [{**a, "weight": 2}, b]]
+    base = {"type": mode, "maintenance_interval": 0.1, "application_name": app}
+    pool = Pool({**base, "db": [a], "groups": {"g": {"connection_count": 6, "timeout": 10}}})
+    load = Load(pool, "g", tasks=12, hold=0.003)
+    try:
+        load.until(50)
+        for _ in range(30):
+            count = rng.randint(2, 8)
+            pool.reconfigure({**base, "db": rng.choice(dbs), "groups": {"g": {
+                "connection_count": count, "min_size": min(2, count), "timeout": 10,
+                "statement_timeout": rng.choice([None, 5])}}})
+            if rng.random() < 0.3:
+                pool.drain()
+            sleep(rng.choice([0, 0.01, 0.05]))
+        pool.reconfigure({**base, "db": [a], "groups": {"g": {"connection_count": 6,
+                                                              "timeout": 10}}})
+        load.until(100)
+    finally:
+        load.stop()
+    try:
+        wait_until(lambda: group_stats(pool, "g")["connecting"] == 0, 10, "connects to end")
+        s = group_stats(pool, "g")
+        assert s["size"] == s["idle"] + s["in_use"] + s["connecting"] <= 6, s
+        assert s["connects"] - s["discards"] == s["idle"] + s["in_use"], s
+        assert server_conns(app, dbname=second_db, expect=0) == 0
+        assert len(lend_all(pool, "g", 6, within=10)) == 6
     finally:
         pool.close()
