@@ -171,3 +171,32 @@ def test_a_callback_that_cannot_keep_up_keeps_the_latest_events(mode, caplog):
         wait_until(lambda: len(seen) == QUEUE_MAX + 1, 10, "the rest to be delivered")
     assert seen[:2] == ["0", "5"] and seen[-1] == str(QUEUE_MAX + 4)
     assert events.dropped == 4 and "cannot keep up" in caplog.text
+
+
+@pytest.mark.timeout(120)
+def test_events_report_a_switchover_as_promoted_and_demoted(pg_factory, mode):
+    """A switchover: the primary stopped cleanly, its standby promoted, the old primary
+    started again as a standby of the new one: "promoted" for the one, "demoted" for the
+    other."""
+    primary = pg_factory()
+    standby = pg_factory(standby_of=primary)
+    events: list[PoolEvent] = []
+    pool = Pool({"type": mode, "db": [primary.endpoint(connect_timeout=1), standby.endpoint()],
+                 "groups": {"w": {"role": "primary", "connection_count": 2, "timeout": 10},
+                            "r": {"role": "standby", "connection_count": 2, "timeout": 10}},
+                 "maintenance_interval": 0.1, "role_check_interval": 0.05,
+                 "quarantine_initial": 0.1, "quarantine_max": 0.3, "on_event": events.append})
+    try:
+        lend_all(pool, "w", 1, within=10)
+        lend_all(pool, "r", 1, within=10)
+        primary.stop("fast")
+        standby.promote()
+        (primary.datadir / "standby.signal").touch()
+        primary._append_conf({"primary_conninfo": f"host={standby.host} port={standby.port} "
+                                                  f"user={standby.user} "
+                                                  f"password={standby.password}"})
+        primary.start()
+        wait_until(lambda: "promoted" in _kinds(events, _label(standby)), 30, "promoted")
+        wait_until(lambda: "demoted" in _kinds(events, _label(primary)), 30, "demoted")
+    finally:
+        pool.close()
