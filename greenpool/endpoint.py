@@ -122,8 +122,10 @@ class Endpoint:
         self.connect_errors = 0
         self.quarantines = 0
         self.split_brain = 0  # times it was seen claiming primary together with another
-        #: taken out of the configuration (``Pool.reconfigure``): its connections retire
-        self.removed = False
+        #: connects to it that began before this (monotonic) used settings since changed,
+        #: or it was taken out of the configuration (``inf``; ``Pool.reconfigure``): what
+        #: they open is retired after one loan
+        self.retire_before = 0.0
         #: told ``(kind, detail)`` of each state change (``greenpool.events``; never blocks)
         self.on_event: Callable[[str, str], None] = _no_event
         #: the smallest ``max_lag`` of the groups that use it: beyond it, a "lagging" event

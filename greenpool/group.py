@@ -635,7 +635,7 @@ class Group:
             return
         starts: list[Slot] = []
         targets: list[Endpoint | None] = []
-        if slot.since < self._retire_before or pc.endpoint.removed:
+        if slot.since < self._retire_before or slot.since < pc.endpoint.retire_before:
             pc.expires = DRAINED  # begun before a drain: it serves once, then is retired
         with self._lock:
             slot.attach(pc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 import weakref
@@ -252,8 +253,11 @@ class Pool:
         by_label.update((ep.label, ep) for ep in added)
         endpoints = [by_label[c.label] for c in new.endpoints]
         removed = [by_label[label] for label in change.removed]
+        now = time.monotonic()
+        for label in change.retire:
+            by_label[label].retire_before = now
         for endpoint in removed:
-            endpoint.removed = True
+            endpoint.retire_before = math.inf
         self.config = new
         self._events.callback = new.on_event
         self._endpoints = endpoints
