@@ -123,6 +123,7 @@ def _measure(cluster: Cluster, seconds: float) -> dict[str, Any]:
         "one_connect_ms": one_connect * 1e3,
         "loans": len(loans), "password_asked": asked[0],
         "drained": stats["discards_by_reason"].get("drained", 0),
+        "connects": stats["connects"],
     }
     first = min(events.values())
     steady = [lat for end, lat in loans if end < first]
@@ -166,9 +167,10 @@ def report(result: dict[str, Any]) -> str:
     lines += [
         "",
         f"Application errors: {result['errors']} {result['error_kinds'] or ''}. Connections "
-        f"drained: {result['drained']}; the password function was asked "
-        f"{result['password_asked']} times. The bound is the slowest steady-state loan plus "
-        f"one connect: a caller waited at most for one new connection.",
+        f"opened: {result['connects']} ({result['connections']} first, the rest "
+        f"replacements), {result['drained']} closed as drained; the password function was "
+        f"asked {result['password_asked']} times. The bound is the slowest steady-state loan "
+        f"plus one connect: a caller waited at most for one new connection.",
         "",
     ]
     return "\n".join(lines)

@@ -322,7 +322,7 @@ class Group:
             self.replace(pc, reason)
             self.on_endpoint_failure(pc.endpoint)
         else:
-            self.drop(pc, reason)
+            self.drop(pc, "drained" if pc.expires == DRAINED else reason)
         return None
 
     def _lend(self, pc: PooledConnection) -> PooledConnection:
@@ -487,6 +487,8 @@ class Group:
         except BaseException:
             self.drop(pc, "interrupted")
             raise
+        if reason == "max_lifetime" and pc.expires == DRAINED:
+            reason = ""  # serving on in a rolling drain: give_back decides again
         if reason:
             self.drop(pc, reason)
         else:
