@@ -82,7 +82,9 @@ class EndpointConfig:
     port: int = 5432
     dbname: str = "postgres"
     user: str | None = None
-    password: str | None = None
+    #: a string, or a function taking no argument asked at each connect (see
+    #: :mod:`greenpool.credentials`)
+    password: str | Callable[[], str | None] | None = None
     sslmode: str | None = None
     connect_timeout: float = 5.0
     retry_sleep: float | None = None
@@ -103,7 +105,7 @@ class EndpointConfig:
 
     def secrets(self) -> tuple[str, ...]:
         """The secret values this endpoint holds, for scrubbing them out of driver messages."""
-        found = [self.password or ""]
+        found = [self.password if isinstance(self.password, str) else ""]
         found += [v for k, v in self.options.items() if k in SECRET_OPTIONS]
         return tuple(s for s in found if s)
 
@@ -165,6 +167,8 @@ class PoolConfig:
     quarantine_max: float = 30.0
     role_check_interval: float = 2.0
     startup_timeout: float = 0.0
+    #: called with each ``greenpool.events.PoolEvent`` (endpoint and group state changes)
+    on_event: Callable[[Any], object] | None = None
 
 
 # --- value checkers -----------------------------------------------------------------------
@@ -248,13 +252,14 @@ def _text(path: str, value: Any, *, allow_none: bool = False) -> Any:
     return value
 
 
-def _password(path: str, value: Any) -> str | None:
-    """``None`` means "no password" (libpq's .pgpass/environment may still supply one)."""
-    if value is None:
-        return None
+def _password(path: str, value: Any) -> Any:
+    """``None`` means "no password" (libpq's .pgpass/environment may still supply one); a
+    function taking no argument is asked at each connect (:mod:`greenpool.credentials`)."""
+    if value is None or callable(value):
+        return value
     if not isinstance(value, str):
-        raise _fail(path, f"expected a string or null; got a {type(value).__name__} "
-                          "(not shown: it is a secret)")
+        raise _fail(path, f"expected a string, a function returning one, or null; got a "
+                          f"{type(value).__name__} (not shown: it is a secret)")
     if "\x00" in value:
         raise _fail(path, "must not contain a NUL character (value not shown: it is a secret)")
     return value
@@ -263,6 +268,13 @@ def _password(path: str, value: Any) -> str | None:
 def _callable(path: str, value: Any) -> Any:
     if value is not None and not callable(value):
         raise _fail(path, f"expected a function taking the psycopg2 connection, got {value!r}")
+    return value
+
+
+def _event_callback(path: str, value: Any) -> Any:
+    if value is not None and not callable(value):
+        raise _fail(path, f"expected a function taking a greenpool.events.PoolEvent, got "
+                          f"{_short.repr(value)}")
     return value
 
 
@@ -573,6 +585,7 @@ _TOP_KEYS = {
     "quarantine_max": None,
     "role_check_interval": None,
     "startup_timeout": None,
+    "on_event": None,
 }
 
 
@@ -639,4 +652,5 @@ def parse_config(raw: Any) -> PoolConfig:
         ),
         startup_timeout=_number("startup_timeout", top.get("startup_timeout", 0.0),
                                 maximum=3600.0),
+        on_event=_event_callback("on_event", top.get("on_event")),
     )

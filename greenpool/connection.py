@@ -32,7 +32,7 @@ import psycopg2
 import psycopg2.extras
 from psycopg2 import extensions
 
-from . import pooler
+from . import credentials, pooler
 from .concurrency import Backend
 from .config import EndpointConfig, GroupConfig
 from .endpoint import Endpoint
@@ -79,10 +79,11 @@ class ConnectError(Exception):
         return cls(endpoint, message, fatal=verdict.fatal, kind=verdict.kind, hint=verdict.hint)
 
 
-def _scrubbed(message: str, endpoint: EndpointConfig) -> str:
-    """A driver message on one line, without any secret of the endpoint in it."""
+def _scrubbed(message: str, endpoint: EndpointConfig, supplied: str | None = None) -> str:
+    """A driver message on one line, without any secret of the endpoint in it (nor the
+    password its function ``supplied`` for this attempt)."""
     text = " ".join(message.split())
-    for secret in endpoint.secrets():
+    for secret in (*endpoint.secrets(), *([supplied] if supplied else [])):
         text = text.replace(secret, "***")
     return text
 
@@ -174,7 +175,7 @@ def connect_kwargs(
     }
     if endpoint.user is not None:
         kwargs["user"] = endpoint.user
-    if endpoint.password is not None:
+    if isinstance(endpoint.password, str):  # a function is asked at each connect
         kwargs["password"] = endpoint.password
     if endpoint.sslmode is not None:
         kwargs["sslmode"] = endpoint.sslmode
@@ -241,6 +242,10 @@ def open_connection(
     each transaction.
     """
     started = time.monotonic()
+    if credentials.is_supplied(endpoint.password):
+        kwargs = _with_supplied_password(endpoint, kwargs, backend, seconds)
+        seconds = max(seconds - (time.monotonic() - started), 0.001)
+        started = time.monotonic()
     through_pooler = pooler.mode_of(endpoint) != pooler.NONE
     refused: ConnectError | None = None
     try:
@@ -301,6 +306,26 @@ def open_connection(
     return raw
 
 
+def _with_supplied_password(endpoint: EndpointConfig, kwargs: dict[str, Any], backend: Backend,
+                            seconds: float) -> dict[str, Any]:
+    """``kwargs`` with the password the endpoint's function gives now (ConnectError if it
+    gives none in time: no verdict on the server, see :mod:`greenpool.credentials`)."""
+    problem = None
+    try:
+        password = credentials.password_now(endpoint.password,  # type: ignore[arg-type]
+                                            endpoint.label, backend, seconds)
+    except credentials.PasswordUnavailable as exc:
+        problem = str(exc)
+    if problem is not None:
+        raise ConnectError(endpoint, problem, kind=credentials.KIND,
+                           hint="the connect is tried again, asking the function again")
+    kwargs = dict(kwargs)
+    kwargs.pop("password", None)
+    if password is not None:
+        kwargs["password"] = password
+    return kwargs
+
+
 def configure(raw: Any, group: GroupConfig, backend: Backend, seconds: float) -> None:
     """The group's ``configure`` hook on ``raw`` (opened, or reset), within ``seconds``. A
     transaction it leaves open is committed (a ``SET`` it made would be lost otherwise)."""
@@ -345,8 +370,14 @@ def _open(
         deadline.__traceback__ = None
         failure = ConnectError.judged(endpoint, f"no answer within {seconds:.2f} s", no_answer())
     except psycopg2.Error as exc:
-        message = _scrubbed(str(exc), endpoint)
-        failure = ConnectError.judged(endpoint, message, classify(message))
+        supplied = kwargs.get("password") if credentials.is_supplied(endpoint.password) else None
+        message = _scrubbed(str(exc), endpoint, supplied)
+        verdict = classify(message)
+        if supplied is not None and verdict.kind == "authentication":
+            # a rotation in progress: the function may give the new password next time
+            verdict = Verdict(False, credentials.KIND, "the password the function gave was "
+                              "refused; it is asked again at the next attempt")
+        failure = ConnectError.judged(endpoint, message, verdict)
     except OSError as exc:  # name resolution failed
         message = _scrubbed(f"cannot resolve host: {exc}", endpoint)
         failure = ConnectError.judged(endpoint, message, unresolvable())

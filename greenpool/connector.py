@@ -61,6 +61,10 @@ _RECHECK_PAUSE = 0.02  # seconds between looks while no endpoint may take a conn
 _LIFETIME_JITTER = 0.1  # up to 10 % shorter, so connections opened together do not expire together
 
 
+def _no_event(kind: str, detail: str) -> None:
+    pass
+
+
 class Slots(Protocol):
     """What the connector needs from its group. A connect task holds a :class:`Slot`, which
     names the group generation it was taken in, so that a task inherited across ``fork()``
@@ -95,6 +99,7 @@ class Connector:
         self.counters = counters
         self._backend = backend
         self._lock = backend.lock()
+        self._application_name = application_name
         self._kwargs = {ep: connect_kwargs(ep.config, config, application_name) for ep in endpoints}
         #: the group's open connections per endpoint (placement balances on these)
         self.counts: dict[Endpoint, int] = dict.fromkeys(self.endpoints, 0)
@@ -103,6 +108,8 @@ class Connector:
         self._fatal: dict[Endpoint, tuple[float, str]] = {}
         #: True while the latest finished round of attempts found no endpoint to take one
         self.failing = False
+        #: told ``(kind, detail)`` when ``failing`` flips (``greenpool.events``)
+        self.on_event: Callable[[str, str], None] = _no_event
         self._tasks: set[Task] = set()
         #: every connection this connector opened and has not seen collected: after fork
         #: the child silences them all, idle, lent or in transit (being checked or reset)
@@ -252,12 +259,37 @@ class Connector:
                      f"or timeline not yet measured counts as unknown, never as fresh)")
         return text
 
+    def apply(self, config: GroupConfig, endpoints: Sequence[Endpoint]) -> None:
+        """A new configuration of the group and its endpoints (``Pool.reconfigure``): the
+        next connects use them. An endpoint taken out stays in :attr:`counts` until its
+        last connection is closed."""
+        kwargs = {ep: connect_kwargs(ep.config, config, self._application_name)
+                  for ep in endpoints}
+        with self._lock:
+            self.config = config
+            self.endpoints = list(endpoints)
+            self._kwargs = kwargs
+            counts = {ep: self.counts.get(ep, 0) for ep in self.endpoints}
+            counts.update((ep, n) for ep, n in self.counts.items() if n and ep not in counts)
+            self.counts = counts  # a new dict: others iterate the old one without the lock
+            self._fatal = {ep: v for ep, v in self._fatal.items() if ep in counts}
+            self._fatal_pause = max(ep.backoff_max for ep in self.endpoints)
+            self._explores = config.role == "primary" and len(self.endpoints) > 1
+
+    def _uncounted(self, endpoint: Endpoint) -> None:
+        """One connection to ``endpoint`` fewer (the caller holds the lock)."""
+        left = self.counts[endpoint] - 1
+        if left or endpoint in self._kwargs:
+            self.counts[endpoint] = left
+        else:  # the last connection to an endpoint taken out of the configuration
+            self.counts = {ep: n for ep, n in self.counts.items() if ep is not endpoint}
+
     def close(self, pc: PooledConnection, reason: str) -> None:
         """Close ``pc`` and count why. Only its group calls this (``Group._discard``), which
         gives its slot back; a dedicated connection, which has none, is closed here too."""
         with self._lock:  # counted under the lock: exact in threaded mode too
             self.counters.discards[reason] += 1
-            self.counts[pc.endpoint] -= 1
+            self._uncounted(pc.endpoint)
         pc.endpoint.connection_closed()
         close_quietly(pc)
         logger.debug("group %r: discarded a connection to %s (%s)", self.config.name,
@@ -267,14 +299,14 @@ class Connector:
         """A connection to ``endpoint`` was collected unclosed (its slot was orphaned): the
         driver closed it; take it out of the counts."""
         with self._lock:
-            self.counts[endpoint] -= 1
+            self._uncounted(endpoint)
         endpoint.connection_closed()
 
     def uncount(self, pc: PooledConnection) -> None:
         """Leave ``pc`` out of :attr:`counts`: a dedicated connection (exclusive.py) lives
         outside the group's slots, and placement balances only what it can move."""
         with self._lock:
-            self.counts[pc.endpoint] -= 1
+            self._uncounted(pc.endpoint)
 
     def stop(self) -> None:
         """End background connects: green ones are killed; a thread ends at its next look
@@ -358,11 +390,14 @@ class Connector:
             if pc is not None:
                 if moved_on:
                     self.counters.failovers += 1
-                self.failing = False
+                if self.failing:
+                    self.failing = False
+                    self.on_event("connected", f"a connect to {endpoint.label} succeeded")
                 return pc
             moved_on = True
-        if moved_on:
+        if moved_on and not self.failing:
             self.failing = True
+            self.on_event("cannot_connect", f"no endpoint took a connection: {self.describe()}")
         return None
 
     def _attempt(
@@ -381,9 +416,13 @@ class Connector:
             left = deadline - _monotonic()
             if left < seconds:
                 seconds, cut_by_caller = max(left, 0.001), True
+        kwargs = self._kwargs.get(endpoint)
+        if kwargs is None:  # taken out of the configuration since the round began
+            endpoint.connect_abandoned()
+            return None
         started = _monotonic()
         try:
-            raw = open_connection(endpoint.config, self.config, self._kwargs[endpoint],
+            raw = open_connection(endpoint.config, self.config, kwargs,
                                   self._backend, seconds)
             pooled_role = self._pooled_role(raw, endpoint) if is_pooled(raw) else None
         except ConnectError as exc:
@@ -439,7 +478,10 @@ class Connector:
             return None
         with self._lock:
             self.counters.connects += 1
-            self.counts[endpoint] += 1
+            if endpoint in self.counts:
+                self.counts[endpoint] += 1
+            else:  # taken out meanwhile: counted until closed (a new dict, see apply)
+                self.counts = {**self.counts, endpoint: 1}
         lifetime = config.max_lifetime * (1 - _LIFETIME_JITTER * random.random())
         pc = PooledConnection(raw, endpoint, _monotonic() + lifetime, generation,
                               self._backend)

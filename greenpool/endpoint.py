@@ -45,6 +45,7 @@ _SLOW_START = 2  # connects in flight allowed right after recovery
 #: failure kinds (failures.py) that say the server is full, not down
 FULL_KINDS = frozenset({"too_many_connections", "pooler_full"})
 _FULL_PAUSE = (0.05, 0.25)  # seconds (jittered) a full server is left alone by connects
+_UNSUPPLIED_PAUSE = (0.2, 0.5)  # seconds (jittered) between asks of a failing password function
 _SLOW_START_DONE = 32  # past this many, the endpoint is treated as fully recovered
 _BACKOFF_SHARE_OF_OUTAGE = 0.25  # the backoff ceiling, as a share of the time down so far
 #: a role not seen for this long is stale (3 of the default role_check_interval; the pool
@@ -57,6 +58,10 @@ _ranks = itertools.count()  # endpoints are made in configuration order: the las
 
 
 def _nothing() -> None:
+    pass
+
+
+def _no_event(kind: str, detail: str) -> None:
     pass
 
 
@@ -121,6 +126,14 @@ class Endpoint:
         self.connects_abandoned = 0
         self.quarantines = 0
         self.split_brain = 0  # times it was seen claiming primary together with another
+        #: connects to it that began before this (monotonic) used settings since changed,
+        #: or it was taken out of the configuration (``inf``; ``Pool.reconfigure``): what
+        #: they open is retired after one loan
+        self.retire_before = 0.0
+        #: told ``(kind, detail)`` of each state change (``greenpool.events``; never blocks)
+        self.on_event: Callable[[str, str], None] = _no_event
+        #: the smallest ``max_lag`` of the groups that use it: beyond it, a "lagging" event
+        self.lag_alert: float | None = None
         self.last_error: str | None = None
         #: Called when a quarantine begins (the pool wakes its housekeeping to probe on time).
         self.on_quarantine: Callable[[], None] = _nothing
@@ -161,6 +174,7 @@ class Endpoint:
                 logger.warning("endpoint %s is back up (role %s)", self.label, role)
                 self.state = UP
                 self.ramp = _SLOW_START
+                self.on_event("back", f"a connect succeeded (role {role})")
             elif self.ramp is not None:
                 self.ramp *= 2
                 if self.ramp >= _SLOW_START_DONE:
@@ -189,6 +203,7 @@ class Endpoint:
             self.last_error = message
             if self.state == PROBING:
                 logger.warning("endpoint %s answers again (it refused: %s)", self.label, message)
+                self.on_event("back", f"it answers again (and refused: {message})")
                 self.state = UP
                 self.ramp = _SLOW_START
                 self._failures = 0
@@ -204,6 +219,7 @@ class Endpoint:
             self.last_error = message
             self.full_until = time.monotonic() + random.uniform(*_FULL_PAUSE)
             if self.state == PROBING:
+                self.on_event("back", f"it answers again (it is full: {message})")
                 self.state = UP
                 self.ramp = _SLOW_START
                 self._failures = 0
@@ -213,12 +229,28 @@ class Endpoint:
         the failure says the server is unhealthy (its idle connections are suspect)."""
         if fatal:
             self.connect_refused(message)
+        elif kind == "credentials":  # the password function failed: the server is not at fault
+            self.connect_unsupplied(message)
         elif kind in FULL_KINDS:
             self.connect_full(message)
         else:
             self.connect_failed(message)
             return True
         return False
+
+    def connect_unsupplied(self, message: str) -> None:
+        """No password to connect with (the endpoint's password function failed, or the
+        server refused the one it gave): nothing is known about the server's health, so
+        nothing is quarantined or evicted; connects leave it alone for a moment and then ask
+        the function again."""
+        with self._lock:
+            self.connecting -= 1
+            self.connect_errors += 1
+            self.last_error = message
+            self.full_until = time.monotonic() + random.uniform(*_UNSUPPLIED_PAUSE)
+            if self.state == PROBING:  # the next probe after the same pause, not at once
+                self.state = QUARANTINED
+                self.quarantined_until = max(self.quarantined_until, self.full_until)
 
     def cut(self, now: float) -> bool:
         """Whether a recent attempt got no answer within its caller's time (see
@@ -259,6 +291,7 @@ class Endpoint:
             logger.warning(
                 "endpoint %s quarantined for %.2f s: %s", self.label, delay, self.last_error
             )
+            self.on_event("quarantined", f"{self.last_error}; probed again in {delay:.2f} s")
         self.state = QUARANTINED
         self.on_quarantine()
 
@@ -297,10 +330,12 @@ class Endpoint:
                 self.lag = None
                 if self.role == STANDBY:
                     logger.warning("endpoint %s was promoted: it is now a primary", self.label)
+                    self.on_event("promoted", "it was a standby and is now a primary")
             else:
                 self.primary_since = self.timeline = self.wal_lsn = None
                 if self.role == PRIMARY:
                     logger.warning("endpoint %s is now a standby", self.label)
+                    self.on_event("demoted", "it was a primary and is now a standby")
             self.role = role
             self._changed()
 
@@ -375,8 +410,24 @@ class Endpoint:
                     lag = math.inf
             self.lag_seen_at = now
             if lag != self.lag:
+                self._lag_news(self.lag, lag)
                 self.lag = lag
                 self._changed()
+
+    def _lag_news(self, before: float | None, lag: float | None) -> None:
+        """A "lagging" event when the lag crosses above the smallest ``max_lag`` of the
+        groups that use this standby (or stops being known), "caught_up" back below."""
+        alert = self.lag_alert
+        if alert is None:
+            return
+        was = before is not None and before > alert
+        now = lag is not None and lag > alert
+        if now and not was:
+            shown = "unknown (the WAL receiver is not streaming)" if lag == math.inf else (
+                f"{lag:.1f} s")
+            self.on_event("lagging", f"replay lag {shown}, beyond max_lag {alert:g} s")
+        elif was and lag is not None and not now:
+            self.on_event("caught_up", f"replay lag {lag:.1f} s, within max_lag {alert:g} s")
 
     # --- reporting ------------------------------------------------------------------------
 

@@ -15,6 +15,10 @@ Invariants (all changed only under ``self._lock``, in sections that never block)
   (``pc.slot``) when the group discards it (:meth:`drop`, :meth:`replace`). A slot whose
   holder vanished without giving it back (a signal handler's exception between two lines)
   is collected and counted back at the group's next look (:meth:`orphaned`).
+* Live changes (:meth:`drain`, :meth:`apply`) never take a loan back: they mark
+  connections (``expires = DRAINED``) that are then retired through :meth:`_discard` when
+  they come back, and a lowered ``connection_count`` is reached as loans return (no slot
+  is taken while ``_size`` is at or above it).
 * Someone waits only if nothing is idle; a returned or new connection goes to the oldest
   waiter directly (first come, first served). A waiter never connects itself: it asks the
   connector, and whatever connection comes first serves the oldest waiter.
@@ -57,11 +61,17 @@ _monotonic = time.monotonic
 # Connections that were lent out, or being opened, when this process was forked from its
 # parent; kept referenced so that they are never deallocated (see after_fork_in_child).
 _inherited_in_use: list[PooledConnection] = []
+#: group settings that travel with each connection (startup packet, cursor factory, the
+#: configure hook): a change retires the group's connections
+TRAVELS = ("autocommit", "readonly", "statement_timeout", "row_factory", "configure")
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _MOVES_IN_FLIGHT = 2  # a connection moves only while fewer connects than this are under way
 _STUCK_AFTER = 0.25  # seconds: a connect under way this long may be stuck (_wants_connect)
 _SPREAD_EVERY = 1.0  # seconds between a non-threaded group's looks for where to spread
+#: ``PooledConnection.expires`` of a connection to retire when it comes back (drain, an
+#: endpoint removed, a setting that travels with the connection changed)
+DRAINED = -1.0
 
 
 def _caller_outside_greenpool() -> str:
@@ -93,6 +103,8 @@ class Group:
         self.connector = Connector(config, self.endpoints, backend, application_name,
                                    self.counters)
         self.connector.slots = self
+        #: connects that began before this (monotonic) deliver a connection to retire
+        self._retire_before = 0.0
         self._idle: deque[PooledConnection] = deque()  # right end = most recently returned
         # smooth weighted round robin over endpoints on borrow (None: a single endpoint)
         self._turns: dict[Endpoint, float] | None = (
@@ -320,7 +332,7 @@ class Group:
             self.replace(pc, reason)
             self.on_endpoint_failure(pc.endpoint)
         else:
-            self.drop(pc, reason)
+            self.drop(pc, "drained" if pc.expires == DRAINED else reason)
         return None
 
     def _lend(self, pc: PooledConnection) -> PooledConnection:
@@ -480,11 +492,16 @@ class Group:
         if discard:
             self.drop(pc, discard)
             return
+        if (pc.expires == DRAINED or self._size > self.config.connection_count) and (
+                self._retired(pc)):
+            return
         try:
             reason = reset_on_return(pc, self.config, self._backend)
         except BaseException:
             self.drop(pc, "interrupted")
             raise
+        if reason == "max_lifetime" and pc.expires == DRAINED:
+            reason = ""  # serving on in a rolling drain: give_back decides again
         if reason:
             self.drop(pc, reason)
         else:
@@ -496,6 +513,9 @@ class Group:
         belongs (load moves back even when every connection is busy)."""
         if pc.generation != self._generation:
             return  # the parent's, handed back by a task that went on in the child
+        if (pc.expires == DRAINED or self._size > self.config.connection_count) and (
+                self._retired(pc)):
+            return
         if self._roles_matter and self._line and pc.endpoint not in self.preferred_endpoints():
             # A waiter gets it without a borrow check: not one the group should use now (a
             # standby that began to lag while housekeeping probed this very connection)
@@ -517,6 +537,21 @@ class Group:
         else:
             self._discard(pc, "rebalance", reconnect=False)
             self.grow(1, target, if_idle=False)
+
+    def _retired(self, pc: PooledConnection) -> bool:
+        """Close a drained connection (or one beyond a lowered ``connection_count``) as it
+        comes back; with callers waiting, a new connection takes its room at once. A drain
+        under load rolls: while callers wait and ``_MOVES_IN_FLIGHT`` replacements are under
+        way, a drained connection serves on (False) instead of leaving its room empty for
+        a connect's time, so a caller waits at most about one connect, not one per
+        replacement."""
+        if self._size > self.config.connection_count:
+            self._discard(pc, "resized", reconnect=False)
+            return True
+        if self._line and self._connecting >= _MOVES_IN_FLIGHT:
+            return False
+        self._discard(pc, "drained", reconnect=True if self._line else None)
+        return True
 
     def _move_target(self, pc: PooledConnection) -> Endpoint | None:
         if self._connecting >= _MOVES_IN_FLIGHT:
@@ -582,6 +617,7 @@ class Group:
             if self._closed or not self._can_wait:
                 return
             wanted = self._wants_connect(len(self._line)) if reconnect is None else reconnect
+            wanted = wanted and self._size < self.config.connection_count  # (resize lowered it)
             slot = self._take_slot() if wanted else None
         if slot is not None:
             self.connector.start(slot)
@@ -614,11 +650,14 @@ class Group:
             return
         starts: list[Slot] = []
         targets: list[Endpoint | None] = []
+        if slot.since < self._retire_before or slot.since < pc.endpoint.retire_before:
+            pc.expires = DRAINED  # begun before a drain: it serves once, then is retired
         with self._lock:
             slot.attach(pc)
             self._connecting -= 1
             closed = self._closed
-            if not closed:
+            surplus = self._size > self.config.connection_count  # resize() lowered it
+            if not closed and not surplus:
                 if self._line:
                     self._line.serve(pc)
                 else:
@@ -629,8 +668,8 @@ class Group:
                     elif self._turns is not None:
                         targets.extend(self._unserved_endpoints())
                     starts = [self._take_slot() for _ in targets]
-        if closed:
-            self._discard(pc, "pool_closed", reconnect=False)
+        if closed or surplus:
+            self._discard(pc, "pool_closed" if closed else "resized", reconnect=False)
             return
         for new, target in zip(starts, targets, strict=True):
             self.connector.start(new, target)
@@ -732,6 +771,86 @@ class Group:
 
     def uses(self, endpoint: Endpoint) -> bool:
         return endpoint in self.connector.counts
+
+    # --- live changes (Pool.drain, resize, reconfigure) ---------------------------------
+
+    def drain(self, endpoint: Endpoint | None = None) -> int:
+        """Retire every connection of the group (only those to ``endpoint`` if given): idle
+        ones now, lent ones (and those a task holds for a check) when they come back,
+        connects under way once they have served one caller. New connections serve
+        meanwhile. Returns how many idle ones were closed now."""
+        with self._lock:
+            if endpoint is None:
+                self._retire_before = _monotonic()
+        for pc in self._opened():
+            if endpoint is None or pc.endpoint is endpoint:
+                pc.expires = DRAINED
+        idle = self.take_idle(lambda idle: [pc for pc in idle if pc.expires == DRAINED])
+        for pc in idle:
+            self._discard(pc, "drained", reconnect=None)
+        self.refill()
+        return len(idle)
+
+    def _opened(self) -> list[PooledConnection]:
+        """Every connection the group's connector opened that is still alive (idle, lent,
+        or in a task's hands)."""
+        while True:
+            try:  # another thread may add one while we copy
+                return [pc for pc in list(self.connector.opened)
+                        if pc.generation == self._generation]
+            except RuntimeError:
+                continue
+
+    def refill(self) -> None:
+        """Open what the group lacks now: a connect per waiter beyond those under way, and
+        up to ``min_size`` (housekeeping would at its next round)."""
+        with self._lock:
+            if self._closed:
+                return
+            room = self.config.connection_count - self._size
+            wanted = max(len(self._line) - self._connecting, self.config.min_size - self._size)
+            count = max(0, min(room, wanted))
+            slots = [self._take_slot() for _ in range(count)] if self._can_wait else []
+        for slot in slots:
+            self.connector.start(slot)
+
+    def apply(self, config: GroupConfig, endpoints: Sequence[Endpoint]) -> bool:
+        """Take a new configuration of this group (same name and role) and endpoint list
+        (``Pool.reconfigure``): what only the pool reads applies at once; a setting that
+        travels with each connection (autocommit, readonly, statement_timeout, row_factory,
+        configure) or a changed endpoint retires the connections it concerns, as drain does.
+        Connections beyond a lowered ``connection_count`` are closed as they come back.
+        Whether the connections must be drained."""
+        old = self.config
+        left = [ep for ep in self.endpoints if ep not in endpoints]
+        with self._lock:
+            self.config = config
+            self._max_waiting = config.max_waiting or math.inf
+            self._line_keeps_time = self._backend.can_call_later and math.isfinite(
+                config.timeout)
+            self._leak_threshold = config.leak_threshold
+            if list(endpoints) != self.endpoints:
+                self.endpoints = list(endpoints)
+                turns = self._turns or {}
+                self._turns = ({ep: turns.get(ep, 0.0) for ep in self.endpoints}
+                               if len(self.endpoints) > 1 else None)
+                self._spread_inline = not self._can_wait and len(self.endpoints) > 1
+                for endpoint in self.endpoints:
+                    if self._forget_placement not in endpoint._watchers:
+                        endpoint.watch(self._forget_placement)
+            self._preferred_until = 0.0
+        self.connector.apply(config, self.endpoints)
+        travels = any(getattr(old, key) != getattr(config, key) for key in TRAVELS)
+        surplus = self.take_idle(lambda idle: idle[:max(0, self._size - config.connection_count)])
+        for pc in surplus:
+            self._discard(pc, "resized", reconnect=False)
+        if travels:
+            self.drain()
+        else:
+            for endpoint in left:  # still in the pool's configuration, no longer this group's
+                self.drain(endpoint)
+            self.refill()
+        return travels
 
     # --- lifecycle ------------------------------------------------------------------------
 

@@ -74,6 +74,14 @@ class Housekeeping:
         for endpoint in self._endpoints:
             endpoint.on_quarantine = self.wake
 
+    def reconfigured(self, config: PoolConfig, endpoints: Sequence[Endpoint]) -> None:
+        """The pool's configuration changed live (``Pool.reconfigure``): probe these
+        endpoints from now on."""
+        for endpoint in endpoints:
+            endpoint.on_quarantine = self.wake
+        self._config = config
+        self._endpoints = list(endpoints)
+
     # --- the loop -------------------------------------------------------------------------
 
     def start(self) -> None:

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
+from . import live
 from .concurrency import Backend, backend_for, check_mode_fits, resolve_mode
-from .config import PoolConfig, parse_config
+from .config import GroupConfig, PoolConfig, _integer, parse_config
 from .endpoint import ROLE_STALE_AFTER, Endpoint
 from .errors import ConfigError, PoolClosed
+from .events import Events
 from .exclusive import Exclusive, ExclusiveSlots, missing_connections
 from .group import Group
 from .handler import Handler
@@ -36,7 +40,8 @@ def fit_to_process(config: PoolConfig) -> PoolConfig:
 class Pool:
     """Connections to one or more PostgreSQL endpoints, organised in named groups.
 
-    Create it after ``gevent.monkey.patch_all()`` (in gunicorn: lazily on first use or in
+    Its mode is the process's (``type: 'auto'``, the default) or the one named; under gevent
+    create it after ``monkey.patch_all()`` (in gunicorn: lazily on first use or in
     ``post_worker_init``, never in the master before fork) and ``close()`` it at exit.
     """
 
@@ -44,18 +49,13 @@ class Pool:
         self.config = fit_to_process(parse_config(config))
         self._backend: Backend = backend_for(self.config.mode)
         self._current_task = self._backend.current  # on every handler entry: bound once
-        self._endpoints = [
-            Endpoint(c, self.config.quarantine_initial, self.config.quarantine_max,
-                     self._backend.rlock())
-            for c in self.config.endpoints
-        ]
-        for endpoint in self._endpoints:  # a role unseen for 3 probe rounds is stale
-            endpoint.role_stale_after = max(ROLE_STALE_AFTER, 3 * self.config.role_check_interval)
-        every = range(len(self._endpoints))
+        self._events = Events(self.config.on_event, self._backend)
+        self._changing = self._backend.lock()  # one live change at a time (_apply)
+        self._endpoints = [self._new_endpoint(c) for c in self.config.endpoints]
         self._groups = {
             name: Group(
                 group,
-                [self._endpoints[i] for i in (group.endpoints or every)],
+                self._endpoints_of(group, self._endpoints),
                 self._backend,
                 self.config.application_name,
             )
@@ -63,6 +63,8 @@ class Pool:
         }
         for group in self._groups.values():
             group.on_endpoint_failure = self._endpoint_failed
+            group.connector.on_event = partial(self._group_event, group.name)
+        self._set_lag_alerts()
         self._only_group = next(iter(self._groups)) if len(self._groups) == 1 else None
         self._exclusive = {name: ExclusiveSlots(group, self._backend, self._room_needed)
                            for name, group in self._groups.items()}
@@ -205,6 +207,109 @@ class Pool:
         state = "closed" if self._closed else "open"
         groups = ", ".join(repr(g) for g in self._groups.values())
         return f"<greenpool.Pool {self._backend.name} {state}: {groups}>"
+
+    # --- live changes ---------------------------------------------------------------------
+
+    def drain(self, group: str | None = None) -> None:
+        """Replace every connection (of ``group``, or of every group if None) without
+        failing anyone: idle ones are closed now, lent ones when they come back, connects
+        under way after they served once; new ones serve meanwhile (callers waiting get the
+        first new ones). For a rotated password, a server's changed settings, a rolling
+        restart of a pooler."""
+        for found in self._chosen(group):
+            found.drain()
+
+    def resize(self, group: str, connection_count: int, min_size: int | None = None) -> None:
+        """Change a group's ``connection_count`` (and ``min_size``; kept if None, and lowered
+        with ``connection_count`` if above it) live. Growing opens what waiters need and
+        ``min_size`` at once; shrinking closes idle connections beyond the new count now and
+        lent ones as they come back (until then the group holds more than the new count)."""
+        found = self.group(group)
+        count = _integer(f"resize({group!r}).connection_count", connection_count, minimum=1,
+                         maximum=262143)
+        low = min(found.config.min_size, count) if min_size is None else _integer(
+            f"resize({group!r}).min_size", min_size, maximum=count)
+        with self._changing:  # this group's settings as they are now, two keys changed
+            new = replace(self.config.groups[found.name], connection_count=count, min_size=low)
+            self._apply_now(replace(self.config, groups={**self.config.groups, found.name: new}))
+
+    def reconfigure(self, config: Mapping[str, Any] | PoolConfig) -> None:
+        """Apply a new configuration to the running pool, without failing a loan in flight.
+
+        Endpoints (by ``host:port/dbname``) may be added, removed, re-weighted or changed
+        (password, user, options ...: their connections are retired as by :meth:`drain`);
+        a removed endpoint's connections close as they come back. Group settings apply at
+        once, those that travel with each connection (autocommit, readonly,
+        statement_timeout, row_factory, configure) by draining the group. A change that
+        cannot be applied live (the mode, groups added or removed, a group's role, the
+        housekeeping intervals) raises :class:`ConfigError` naming it, and nothing changes.
+        """
+        self._apply(fit_to_process(parse_config(config)))
+
+    def _apply(self, new: PoolConfig) -> None:
+        with self._changing:
+            self._apply_now(new)
+
+    def _apply_now(self, new: PoolConfig) -> None:
+        if self._closed:
+            raise PoolClosed("the pool is closed")
+        change = live.plan(self.config, new)  # refuses before anything is touched
+        by_label = {ep.label: ep for ep in self._endpoints}
+        for label, endpoint_config in change.changed.items():
+            by_label[label].config = endpoint_config
+        added = [self._new_endpoint(c) for c in change.added]
+        by_label.update((ep.label, ep) for ep in added)
+        endpoints = [by_label[c.label] for c in new.endpoints]
+        removed = [by_label[label] for label in change.removed]
+        now = time.monotonic()
+        for label in change.retire:
+            by_label[label].retire_before = now
+        for endpoint in removed:
+            endpoint.retire_before = math.inf
+        self.config = new
+        self._events.callback = new.on_event
+        self._endpoints = endpoints
+        self._housekeeping.reconfigured(new, endpoints)
+        for name, group in self._groups.items():
+            group.apply(new.groups[name], self._endpoints_of(new.groups[name], endpoints))
+            for label in change.retire:
+                group.drain(by_label[label])
+            for endpoint in removed:
+                group.drain(endpoint)
+        self._set_lag_alerts()
+        if added or removed or change.changed:
+            logger.info("reconfigured: endpoints added %s, removed %s, changed %s",
+                        [ep.label for ep in added], sorted(change.removed),
+                        sorted(change.changed))
+
+    def _chosen(self, group: str | None) -> list[Group]:
+        if self._closed:
+            raise PoolClosed("the pool is closed")
+        return list(self._groups.values()) if group is None else [self.group(group)]
+
+    def _new_endpoint(self, config: Any) -> Endpoint:
+        endpoint = Endpoint(config, self.config.quarantine_initial, self.config.quarantine_max,
+                            self._backend.rlock())
+        # a role unseen for 3 probe rounds is stale
+        endpoint.role_stale_after = max(ROLE_STALE_AFTER, 3 * self.config.role_check_interval)
+        endpoint.on_event = partial(self._endpoint_event, endpoint.label)
+        return endpoint
+
+    @staticmethod
+    def _endpoints_of(group: GroupConfig, endpoints: list[Endpoint]) -> list[Endpoint]:
+        return [endpoints[i] for i in group.endpoints] if group.endpoints else list(endpoints)
+
+    def _set_lag_alerts(self) -> None:
+        for endpoint in self._endpoints:
+            lags = [g.config.max_lag for g in self._groups.values()
+                    if g.config.max_lag is not None and endpoint in g.endpoints]
+            endpoint.lag_alert = min(lags) if lags else None
+
+    def _endpoint_event(self, label: str, kind: str, detail: str) -> None:
+        self._events.emit(kind, endpoint=label, detail=detail)
+
+    def _group_event(self, name: str, kind: str, detail: str) -> None:
+        self._events.emit(kind, group=name, detail=detail)
 
     # --- housekeeping and fork -----------------------------------------------------------
 

@@ -230,6 +230,8 @@ def _chosen_primary(endpoints: Sequence[Endpoint], primaries: list[Endpoint]) ->
         for ep in claiming:
             ep.split_reported.add(together)
             ep.split_brain += 1
+            ep.on_event("split_brain", "it claims to be primary together with "
+                        + ", ".join(sorted(o.label for o in claiming if o is not ep)))
         logger.error(
             "split brain: %s all answer as primary; using %s (highest timeline, then highest "
             "WAL position, then first configured). Fence the other one.",

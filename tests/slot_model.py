@@ -133,6 +133,10 @@ class SlotAccountingMachine(RuleBasedStateMachine):
         self.pool: Pool | None = None
         self.app = f"gp-model-{os.getpid()}-{next(_example_numbers)}"
         self.counts: dict[str, int] = {}
+        self.groups: dict[str, dict[str, Any]] = {}  # the groups as last configured
+        #: the most a group may hold: its connection_count, or more for a while after
+        #: resize() lowered it (the loans and connects under way then), never growing
+        self.limits: dict[str, int] = {}
         self.held: list[tuple[str, PooledConnection]] = []
         self.acquires = dict.fromkeys(GROUPS, 0)
         self.stalled: set[int] = set()
@@ -165,21 +169,26 @@ class SlotAccountingMachine(RuleBasedStateMachine):
     @initialize(rw=st.integers(2, 4), any_=st.integers(2, 4))
     def open_pool(self, rw: int, any_: int) -> None:
         self.counts = {"rw": rw, "any": any_}
+        self.limits = dict(self.counts)
         groups = {
             name: {"connection_count": self.counts[name], "role": ROLES[name],
                    "timeout": ACQUIRE_TIMEOUT, "autocommit": True}
             for name in GROUPS
         }
-        self.pool = Pool({
+        self.groups = groups
+        self.pool = Pool(self._config())
+
+    def _config(self) -> dict[str, Any]:
+        return {
             "type": self.setup.pool_type,
             "db": self.cluster.endpoint(connect_timeout=CONNECT_TIMEOUT),
-            "groups": groups,
+            "groups": self.groups,
             "application_name": self.app,
             "maintenance_interval": self.setup.maintenance_interval,
             "role_check_interval": self.setup.role_check_interval,
             "quarantine_initial": 0.05,
             "quarantine_max": self.setup.quarantine_max,
-        })
+        }
 
     def group(self, name: str) -> Any:
         assert self.pool is not None
@@ -410,6 +419,35 @@ class SlotAccountingMachine(RuleBasedStateMachine):
         assert self.pool is not None
         self.pool._housekeeping._upkeep(self.group(name))
 
+    # --- live changes ---------------------------------------------------------------------
+
+    @rule(name=st.sampled_from(GROUPS))
+    def drain(self, name: str) -> None:
+        """Retire every connection: idle ones now, the model's loans when it returns them."""
+        assert self.pool is not None
+        self.pool.drain(name)
+
+    @rule(name=st.sampled_from(GROUPS), count=st.integers(1, 4))
+    def resize(self, name: str, count: int) -> None:
+        """A new connection_count, lower or higher, while the model may hold loans."""
+        assert self.pool is not None
+        self.pool.resize(name, count)
+        self.counts[name] = count
+        self.groups[name] = {**self.groups[name], "connection_count": count}
+        self.limits[name] = max(count, self.group(name).stats()["size"])
+
+    @rule(name=st.sampled_from(GROUPS), count=st.integers(1, 4),
+          statement_timeout=st.sampled_from([None, 30]))
+    def reconfigure(self, name: str, count: int, statement_timeout: float | None) -> None:
+        """A whole new configuration: the group's size and a setting that travels with each
+        connection (a change drains the group)."""
+        assert self.pool is not None
+        self.groups[name] = {**self.groups[name], "connection_count": count,
+                             "statement_timeout": statement_timeout}
+        self.pool.reconfigure(self._config())
+        self.counts[name] = count
+        self.limits[name] = max(count, self.group(name).stats()["size"])
+
     # --- at rest ----------------------------------------------------------------------------
 
     @rule()
@@ -483,9 +521,13 @@ class SlotAccountingMachine(RuleBasedStateMachine):
             return
         for name in GROUPS:
             group = self.group(name)
-            if group.stats()["size"] > self.counts[name]:
-                raise AccountingError(f"group {name!r} above its connection_count: "
-                                      f"{group.stats()}")
+            size = group.stats()["size"]
+            if size > self.limits[name]:
+                raise AccountingError(f"group {name!r} above its connection_count (or the "
+                                      f"size it had when resize() lowered it, "
+                                      f"{self.limits[name]}): {group.stats()}")
+            self.limits[name] = max(self.counts[name], size)  # a lowered size never grows
+
             _wait_for(_books_of(name, group), SETTLE_SECONDS)
 
     @invariant()
@@ -495,7 +537,7 @@ class SlotAccountingMachine(RuleBasedStateMachine):
         asynchronously)."""
         if self.pool is None or not self.server_up:
             return
-        budget = sum(self.counts.values())
+        budget = sum(self.limits.values())
 
         def check() -> str:
             live = [p for p in self.server_pids() if p not in self.stalled]

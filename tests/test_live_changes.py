@@ -1,0 +1,249 @@
+"""Changing a running pool: drain(), resize() and reconfigure() under load, on real servers.
+
+The promise: no loan in flight is dropped and no caller sees an error, while connections
+are replaced, the group's size changes, or endpoints are added and removed.
+"""
+
+from __future__ import annotations
+
+import pytest
+from lending import discards, group_stats, lend_all
+from load import Load
+from modes import MODE, wait_until
+
+from greenpool import ConfigError, Pool
+
+pytestmark = pytest.mark.skipif(MODE == "non-threaded", reason="background connects")
+
+
+@pytest.fixture(scope="module")
+def second_db(pg):
+    """A second database on the shared server: a second endpoint without a second server."""
+    name = "live_second"
+    if not pg.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)):
+        pg.create_database(name)
+    return name
+
+
+def _config(mode, db, **group):
+    return {"type": mode, "db": db, "maintenance_interval": 0.1,
+            "groups": {"g": {"connection_count": 4, "timeout": 10, **group}}}
+
+
+def _pids(pool, group="g"):
+    return {int(pc.raw.get_backend_pid()) for pc in pool.group(group).connector.opened
+            if not pc.raw.closed}
+
+
+@pytest.mark.timeout(90)
+def test_drain_under_load_replaces_every_connection_without_an_error(pg, mode):
+    """8 tasks borrow from 4 connections; drain() retires all 4 (idle now, lent on return)
+    while the load goes on: zero errors, none of the old backends serves afterwards."""
+    pool = Pool(_config(mode, pg.endpoint(), min_size=2))
+    load = Load(pool, "g", tasks=8)
+    try:
+        load.until(200)
+        before = _pids(pool)
+        pool.drain()
+        wait_until(lambda: not _pids(pool) & before, 10, "the old connections to close")
+        load.pids.clear()
+        load.until(200)
+        assert not load.pids & before
+        assert discards(pool, "g", "drained") >= 1  # (a few may expire on borrow instead)
+    finally:
+        load.stop()
+        pool.close()
+    assert load.longest_wait < 5
+
+
+@pytest.mark.timeout(60)
+def test_drain_retires_a_lent_connection_only_when_it_comes_back(pg, mode):
+    """A connection lent across drain() keeps working inside its block; it is closed when
+    returned, and the group lends its full size again."""
+    pool = Pool(_config(mode, pg.endpoint()))
+    try:
+        lend_all(pool, "g", 4, within=10)
+        with pool.handler("g") as db:
+            (pid,) = db.query_one("SELECT pg_backend_pid()")
+            pool.drain("g")
+            assert group_stats(pool, "g")["idle"] == 0
+            assert db.query_one("SELECT pg_backend_pid()") == (pid,)
+        wait_until(lambda: pid not in _pids(pool), 5, "the lent connection to close")
+        assert len(lend_all(pool, "g", 4, within=10)) == 4
+        assert group_stats(pool, "g")["size"] <= 4
+    finally:
+        pool.close()
+
+
+@pytest.mark.timeout(60)
+def test_resize_grows_at_once_and_shrinks_as_loans_return(pg, mode):
+    """resize() to 6 lends 6 at once; resize() to 2 while 5 are lent keeps those 5 working
+    and closes them down to 2 as they come back; min_size follows."""
+    pool = Pool(_config(mode, pg.endpoint()))
+    try:
+        pool.resize("g", 6, min_size=1)
+        assert len(lend_all(pool, "g", 6, within=10)) == 6
+        group = pool.group("g")
+        held = [group.acquire(5) for _ in range(5)]
+        pool.resize("g", 2)
+        assert pool.config.groups["g"].min_size == 1
+        for pc in held:
+            group.release(pc)
+        stats = group_stats(pool, "g")
+        assert stats["size"] == 2 and stats["max_size"] == 2, stats
+        assert len(lend_all(pool, "g", 2, within=10)) == 2
+        with pytest.raises(ConfigError, match="min_size"):
+            pool.resize("g", 2, min_size=3)
+    finally:
+        pool.close()
+
+
+@pytest.mark.timeout(120)
+def test_reconfigure_adds_and_removes_endpoints_under_load(pg_factory, mode, server_conns):
+    """Load on one server; reconfigure() adds a second (connections reach it), then removes
+    the first (its connections all close, lent ones as they return): zero errors."""
+    a, b = pg_factory(), pg_factory()
+    app = "live-endpoints"
+    config = _config(mode, [a.endpoint()], connection_count=6)
+    pool = Pool({**config, "application_name": app})
+    load = Load(pool, "g", tasks=8, hold=0.005)
+    try:
+        load.until(100)
+        pool.reconfigure({**config, "application_name": app, "db": [a.endpoint(), b.endpoint()]})
+        wait_until(lambda: server_conns(app, cluster=b) > 0, 15, "connections on the new server")
+        load.until(100)
+        pool.reconfigure({**config, "application_name": app, "db": [b.endpoint()]})
+        assert server_conns(app, cluster=a, expect=0, timeout=15) == 0
+        load.until(100)
+        assert [*pool.stats()["endpoints"]] == [f"{b.host}:{b.port}/postgres"]
+        assert group_stats(pool, "g")["size"] <= 6
+    finally:
+        load.stop()
+        pool.close()
+
+
+@pytest.mark.timeout(60)
+def test_reconfigure_applies_settings_that_travel_with_connections(pg, mode):
+    """A new statement_timeout reaches every connection (by draining the group); a new
+    weight alone retires none."""
+    config = _config(mode, pg.endpoint())
+    pool = Pool(config)
+    try:
+        lend_all(pool, "g", 4, within=10)
+        pool.reconfigure({**config, "db": {**pg.endpoint(), "weight": 3}})
+        assert discards(pool, "g") == 0
+        pool.reconfigure({**config, "db": {**pg.endpoint(), "weight": 3},
+                          "groups": {"g": {"connection_count": 4, "statement_timeout": 7}}})
+        for _ in range(6):
+            with pool.handler("g") as db:
+                assert db.query_one("SHOW statement_timeout") == ("7s",)
+    finally:
+        pool.close()
+
+
+@pytest.mark.timeout(60)
+def test_reconfigure_refuses_what_it_cannot_apply_live_and_changes_nothing(pg, mode):
+    """Another mode, a group added or removed, a group's role: refused with a sentence that
+    names the key; the pool goes on with its old configuration."""
+    config = _config(mode, pg.endpoint())
+    pool = Pool(config)
+    try:
+        other = "threaded" if mode != "threaded" else "gevent"
+        for change, words in (
+            ({"type": other}, "type: cannot change in a running pool"),
+            ({"groups": {"g": {}, "h": {}}}, "a running pool keeps its groups"),
+            ({"groups": {"g": {"role": "primary"}}}, "groups.g.role: cannot change"),
+            ({"maintenance_interval": 3}, "maintenance_interval: cannot change"),
+        ):
+            with pytest.raises(ConfigError, match=words):
+                pool.reconfigure({**config, **change})
+        assert pool.config.groups["g"].role == "any" and pool.config.mode == mode
+        assert len(lend_all(pool, "g", 4, within=10)) == 4
+    finally:
+        pool.close()
+
+
+@pytest.mark.timeout(60)
+def test_reconfigure_with_a_new_password_retires_connections_made_with_the_old(pg, mode):
+    """The role's password changes (ALTER ROLE) and the new configuration carries it: the
+    endpoint's connections are retired, the new ones log in with the new password."""
+    import uuid
+
+    from psycopg2 import sql as pgsql
+
+    user = f"live_{uuid.uuid4().hex[:8]}"
+    pg.create_user(user, "first")
+    config = _config(mode, {**pg.endpoint(user=user), "pass": "first"})
+    pool = Pool(config)
+    try:
+        before = set(lend_all(pool, "g", 4, within=10))
+        pg.execute(pgsql.SQL("ALTER ROLE {} PASSWORD 'second'").format(pgsql.Identifier(user)))
+        pool.reconfigure({**config, "db": {**pg.endpoint(user=user), "pass": "second"}})
+        assert discards(pool, "g", "drained") == 4
+        assert not set(lend_all(pool, "g", 4, within=10)) & before
+    finally:
+        pool.close()
+
+
+@pytest.mark.timeout(60)
+def test_reconfigure_retires_a_groups_connections_to_an_endpoint_it_no_longer_uses(
+        pg, mode, server_conns, second_db):
+    """Two endpoints (two databases of one server); the group's `endpoints` drops one that
+    stays in `db`: the group's connections to it close, the group lends its full size."""
+    app = "live-subset"
+    db = [pg.endpoint(), pg.endpoint(name=second_db)]
+    config = {**_config(mode, db), "application_name": app}
+    pool = Pool(config)
+    try:
+        lend_all(pool, "g", 4, within=10)
+        assert server_conns(app, dbname=second_db) > 0
+        pool.reconfigure({**config, "groups": {"g": {"connection_count": 4, "timeout": 10,
+                                                     "endpoints": [0]}}})
+        assert server_conns(app, dbname=second_db, expect=0) == 0
+        assert len(lend_all(pool, "g", 4, within=10)) == 4
+        assert server_conns(app, dbname=second_db) == 0
+    finally:
+        pool.close()
+
+
+@pytest.mark.timeout(120)
+def test_reconfigure_at_random_under_load_keeps_the_books_and_fails_no_one(
+        pg, mode, server_conns, second_db):
+    """30 random configurations in a row under load (endpoints swapped, re-weighted, added
+    and removed; sizes up and down; a setting that travels; a drain now and then): zero
+    errors, and at rest the books balance and nothing is left on a removed endpoint."""
+    import random
+
+    from modes import sleep
+
+    rng = random.Random(7)
+    app = "live-random"
+    a, b = pg.endpoint(), pg.endpoint(name=second_db)
+    dbs = [[a], [a, b], [b], [{**b, "weight": 3}, a], [{**a, "weight": 2}, b]]
+    base = {"type": mode, "maintenance_interval": 0.1, "application_name": app}
+    pool = Pool({**base, "db": [a], "groups": {"g": {"connection_count": 6, "timeout": 10}}})
+    load = Load(pool, "g", tasks=12, hold=0.003)
+    try:
+        load.until(50)
+        for _ in range(30):
+            count = rng.randint(2, 8)
+            pool.reconfigure({**base, "db": rng.choice(dbs), "groups": {"g": {
+                "connection_count": count, "min_size": min(2, count), "timeout": 10,
+                "statement_timeout": rng.choice([None, 5])}}})
+            if rng.random() < 0.3:
+                pool.drain()
+            sleep(rng.choice([0, 0.01, 0.05]))
+        pool.reconfigure({**base, "db": [a], "groups": {"g": {"connection_count": 6,
+                                                              "timeout": 10}}})
+        load.until(100)
+    finally:
+        load.stop()
+    try:
+        wait_until(lambda: group_stats(pool, "g")["connecting"] == 0, 10, "connects to end")
+        s = group_stats(pool, "g")
+        assert s["size"] == s["idle"] + s["in_use"] + s["connecting"] <= 6, s
+        assert s["connects"] - s["discards"] == s["idle"] + s["in_use"], s
+        assert server_conns(app, dbname=second_db, expect=0) == 0
+        assert len(lend_all(pool, "g", 6, within=10)) == 6
+    finally:
+        pool.close()
