@@ -244,7 +244,8 @@ class Pool:
         cannot be applied live (the mode, groups added or removed, a group's role, the
         housekeeping intervals) raises :class:`ConfigError` naming it, and nothing changes.
         """
-        self._apply(fit_to_process(parse_config(config)))
+        new = parse_config(config)  # 'auto' is this process's mode: a change of it is refused
+        self._apply(replace(new, mode=resolve_mode(new.mode)))
 
     def _apply(self, new: PoolConfig) -> None:
         with self._changing:

@@ -141,6 +141,20 @@ def test_reconfigure_applies_settings_that_travel_with_connections(pg, mode):
         pool.close()
 
 
+@pytest.mark.skipif(MODE == "non-threaded", reason="auto never picks non-threaded")
+@pytest.mark.timeout(60)
+def test_reconfigure_of_a_pool_whose_mode_was_picked_for_it_keeps_that_mode(pg, mode):
+    """A configuration without ``type`` (``auto``) applied to a running pool made from one
+    without ``type`` too is no change of mode: it applies."""
+    config = {k: v for k, v in _config(mode, pg.endpoint()).items() if k != "type"}
+    pool = Pool(config)
+    try:
+        pool.reconfigure({**config, "groups": {"g": {"connection_count": 5}}})
+        assert pool.config.mode == mode and pool.group("g").config.connection_count == 5
+    finally:
+        pool.close()
+
+
 @pytest.mark.timeout(60)
 def test_reconfigure_refuses_what_it_cannot_apply_live_and_changes_nothing(pg, mode):
     """Another mode, a group added or removed, a group's role: refused with a sentence that
