@@ -273,18 +273,14 @@ class ExclusiveSlots:
                 raise PoolClosed(f"group {group.name!r}: the pool is closed")
             waiter = self._backend.waiter()
             self._wanting.append(waiter)
-            now = time.monotonic()
-            covering = sum(1 for since in self._rounds.values() if now - since < STUCK_AFTER)
-            start = covering < len(self._wanting) and self._connects < 2 * self.limit
-            if start:
-                rescue = covering < self._connects  # the others may be stuck
-                task_id = next(self._task_ids)
-                self._rounds[task_id] = now
-                self._connects += 1
-        if start:
-            self._start_connect(task_id, rescue)
         try:
-            waiter.wait(max(0.0, deadline - time.monotonic()))
+            # a task stuck on a server that never answers covers no one: the caller looks
+            # again every STUCK_AFTER, and starts a task (trying that server last) if need be
+            while waiter.item is None and waiter.error is None:
+                self._cover_callers()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or waiter.wait(min(remaining, STUCK_AFTER)):
+                    break
         except BaseException:
             self._abandon_connect(waiter)
             raise
@@ -327,9 +323,23 @@ class ExclusiveSlots:
             f"connect is under way (an attempt may take up to connect_timeout, and goes on "
             f"for the next caller). Endpoints: {connector.describe()}")
 
-    def _start_connect(self, task_id: int, rescue: bool) -> None:
+    def _cover_callers(self) -> None:
+        """Start a connect task if the callers waiting outnumber the tasks covering them."""
+        with self._lock:
+            if self._closed:
+                return
+            covering = self._covering()
+            if covering >= len(self._wanting) or self._connects >= 2 * self.limit:
+                return
+            rescue = covering < self._connects  # the others may be stuck
+            task_id = next(self._task_ids)
+            self._rounds[task_id] = time.monotonic()
+            self._connects += 1
+            generation = self.generation
+        self._start_connect(task_id, rescue, generation)
+
+    def _start_connect(self, task_id: int, rescue: bool, generation: int) -> None:
         """Start a dedicated connect task (the caller counted it in ``_connects``)."""
-        generation = self.generation
         if self.group.connector.run_in_background(
                 lambda: self._connect_task(generation, task_id, rescue)):
             return
@@ -357,23 +367,31 @@ class ExclusiveSlots:
                     connector.uncount(pc)  # a task of the parent's, going on in a forked
                     self.close_connection(pc)  # child: that wait is over
                     return
+                delivered = False
                 if pc is not None:
                     try:
                         error = self._vet(pc)
                     except _Retry:
-                        pc = None
+                        pass
                     else:
                         self._deliver(pc if error is None else error)
+                        delivered = True
+                if not delivered:
+                    fatal = connector.fatal_error()
+                    if fatal is not None:
+                        with self._lock:
+                            if generation == self.generation:
+                                self._wanting.fail_all(partial(ConnectFailed, str(fatal)))
                         return
-                fatal = connector.fatal_error()
-                if fatal is not None:
-                    with self._lock:
-                        if generation == self.generation:
-                            self._wanting.fail_all(partial(ConnectFailed, str(fatal)))
-                    return
                 with self._lock:  # keep going only while a caller is not covered without us
-                    if len(self._wanting) < self._connects or generation != self.generation:
+                    # (a task stuck on a black hole covers no one: after serving the oldest
+                    # caller, a rescue task goes on for the next)
+                    if (generation != self.generation
+                            or len(self._wanting) <= self._covering(besides=task_id)):
+                        self._rounds.pop(task_id, None)  # now: the others count without it
                         return
+                    if delivered:
+                        continue
                     # pausing until an endpoint may take an attempt, it still covers its
                     # caller: another task would find no endpoint either
                     self._rounds[task_id] = math.inf
@@ -386,6 +404,14 @@ class ExclusiveSlots:
                     self._connects -= 1
                     self._rounds.pop(task_id, None)
                     self._admit()
+
+    def _covering(self, besides: int | None = None) -> int:
+        """How many connect tasks (other than ``besides``) cover a caller: those in a round
+        begun under ``STUCK_AFTER`` ago, or pausing for an endpoint's next chance (lock
+        held)."""
+        now = time.monotonic()
+        return sum(1 for task_id, since in self._rounds.items()
+                   if task_id != besides and now - since < STUCK_AFTER)
 
     def _deliver(self, result: PooledConnection | BaseException) -> None:
         """Hand a new connection (or the verdict that replaces one) to the oldest caller

@@ -23,7 +23,7 @@ import psycopg2
 import pytest
 from endpoints import label
 from faults import BlackHole
-from modes import MODE, join_all, spawn, wait_until
+from modes import MODE, join_all, sleep, spawn, wait_until
 from pgbouncer import available as pgbouncer_available
 
 from greenpool import NoHealthyEndpoint, PoolError, PoolTimeout
@@ -418,3 +418,30 @@ def test_a_dedicated_connection_goes_to_an_endpoint_with_spare_slots(pg_factory,
     finally:
         for conn in others:
             conn.close()
+
+
+def test_callers_behind_a_connect_stuck_on_a_black_hole_are_served_by_a_live_server(
+    make_pool, pg, blackhole
+):
+    """A black hole (``connect_timeout`` 10, weighted to be tried first) and a real server;
+    callers of ``exclusive(timeout=3)``, alone and two at once: a connect stuck on the black
+    hole stops covering its caller after a quarter second, and every caller is connected to
+    the real server well within its timeout (none waits out the black hole)."""
+    pool = make_pool({"g": {"exclusive_limit": 5}},
+                     db=[dict(blackhole.endpoint(connect_timeout=10), weight=1000),
+                         dict(pg.endpoint(), weight=1)])
+    ports: list[Any] = []
+
+    def block(delay: float) -> None:
+        sleep(delay)
+        started = time.monotonic()
+        with pool.exclusive("g", timeout=3) as conn:
+            cur = conn.cursor()
+            cur.execute("SELECT inet_server_port()")
+            ports.append((cur.fetchone()[0], time.monotonic() - started))
+
+    tasks = [spawn(block, 0.0), spawn(block, 0.4)]
+    join_all(tasks, 10)
+    assert [t.error for t in tasks] == [None, None], [t.error for t in tasks]
+    assert [p for p, _ in ports] == [pg.port, pg.port], ports
+    assert all(took < 2 for _, took in ports), ports
