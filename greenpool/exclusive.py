@@ -324,7 +324,9 @@ class ExclusiveSlots:
             f"for the next caller). Endpoints: {connector.describe()}")
 
     def _cover_callers(self) -> None:
-        """Start a connect task if the callers waiting outnumber the tasks covering them."""
+        """Start a connect task if the callers waiting outnumber the tasks covering them (a
+        rescue for callers whose tasks seem stuck only while some endpoint has no attempt
+        under way: else it would join the stuck ones)."""
         with self._lock:
             if self._closed:
                 return
@@ -332,8 +334,12 @@ class ExclusiveSlots:
             if covering >= len(self._wanting) or self._connects >= 2 * self.limit:
                 return
             rescue = covering < self._connects  # the others may be stuck
+            now = time.monotonic()
+            if rescue and not any(not ep.connecting and ep.may_connect(now)
+                                  for ep in self.group.endpoints):
+                return  # each endpoint free to take an attempt has one under way: wait
             task_id = next(self._task_ids)
-            self._rounds[task_id] = time.monotonic()
+            self._rounds[task_id] = now
             self._connects += 1
             generation = self.generation
         self._start_connect(task_id, rescue, generation)

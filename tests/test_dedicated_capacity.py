@@ -335,7 +335,7 @@ def test_connections_whose_callers_gave_up_serve_the_next_callers_and_leak_nothi
 
 
 @pytest.mark.skipif(MODE != "threaded", reason="non-threaded runs once, in the threaded process")
-def test_non_threaded_pools_vet_dedicated_connections_inline(pg_factory):
+def test_non_threaded_pools_vet_dedicated_connections_inline(pg_factory, server_conns):
     """``non-threaded`` has no background: a dedicated connect runs inline, and the same
     rule holds: blocks beyond the server's spare slots are refused with PoolTimeout, the
     group still opens all its connections, and nothing is left open at the end."""
@@ -359,8 +359,8 @@ def test_non_threaded_pools_vet_dedicated_connections_inline(pg_factory):
         for block in blocks:
             block.__exit__(None, None, None)
         pool.close()
-    assert server.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
-                          (APP,))[0][0] == 0
+    # backends leave asynchronously after their clients disconnect
+    assert server_conns(application_name=APP, cluster=server, expect=0) == 0
 
 
 @pytest.mark.skipif(MODE != "threaded", reason="non-threaded runs once, in the threaded process")
@@ -445,3 +445,15 @@ def test_callers_behind_a_connect_stuck_on_a_black_hole_are_served_by_a_live_ser
     assert [t.error for t in tasks] == [None, None], [t.error for t in tasks]
     assert [p for p, _ in ports] == [pg.port, pg.port], ports
     assert all(took < 2 for _, took in ports), ports
+
+
+def test_a_caller_waiting_out_a_lone_black_hole_starts_one_connect(make_pool, blackhole):
+    """The only endpoint never answers (``connect_timeout`` 10); ``exclusive(timeout=1.5)``
+    looks again every quarter second, yet starts no second attempt on the server that one
+    already waits on: one connect task, one attempt under way."""
+    pool = make_pool({"g": {"exclusive_limit": 5}},
+                     db=blackhole.endpoint(connect_timeout=10))
+    with pytest.raises(NoHealthyEndpoint), pool.exclusive("g", timeout=1.5):
+        pass
+    assert group_stats(pool, "g")["exclusive_connecting"] == 1
+    assert pool._endpoints[0].connecting == 1
