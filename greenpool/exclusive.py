@@ -446,16 +446,17 @@ class ExclusiveSlots:
                     group.counters.timeouts -= 1  # the connector counted it as an acquire's
                 raise
             try:
-                error = self._vet(pc)
+                error = self._vet(pc, deadline)
             except _Retry:
                 continue
             if error is not None:
                 raise error
             return self._handed(pc)
 
-    def _vet(self, pc: PooledConnection) -> BaseException | None:
+    def _vet(self, pc: PooledConnection, deadline: float = math.inf) -> BaseException | None:
         """None if the fresh ``pc`` may be a dedicated connection; else it is closed and
-        the error for the caller is returned. Raises :class:`_Retry` (``pc`` closed) when
+        the error for the caller is returned. Its query is bounded by ``connect_timeout``
+        and ``deadline`` (an inline caller's). Raises :class:`_Retry` (``pc`` closed) when
         its first query failed, or when its server has no spare slot while another
         endpoint of the group may have."""
         group = self.group
@@ -475,7 +476,8 @@ class ExclusiveSlots:
             autocommit = raw.autocommit
             raw.autocommit = True
             rows = round_trip(raw, _SESSION_CHECK, self._backend,
-                              endpoint.config.connect_timeout)
+                              min(endpoint.config.connect_timeout,
+                                  deadline - time.monotonic()))
             raw.autocommit = autocommit
         except psycopg2.Error as exc:
             logger.info("group %r: a new dedicated connection to %s failed its first "

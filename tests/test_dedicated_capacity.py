@@ -21,6 +21,7 @@ from typing import Any
 
 import psycopg2
 import pytest
+from delayproxy import DelayProxy
 from endpoints import label
 from faults import BlackHole
 from modes import MODE, join_all, sleep, spawn, wait_until
@@ -457,3 +458,27 @@ def test_a_caller_waiting_out_a_lone_black_hole_starts_one_connect(make_pool, bl
         pass
     assert group_stats(pool, "g")["exclusive_connecting"] == 1
     assert pool._endpoints[0].connecting == 1
+
+
+@pytest.mark.skipif(MODE != "threaded", reason="non-threaded runs once, in the threaded process")
+def test_non_threaded_vetting_query_is_cut_at_the_callers_deadline(pg, server_conns):
+    """``non-threaded`` vets a dedicated connection inline: through a proxy that holds its
+    first query (the session check) for 8 s, ``exclusive(timeout=0.5)`` returns after its
+    0.5 s, not after the endpoint's ``connect_timeout`` of 5 s, and leaves no session."""
+    from greenpool import Pool
+
+    with DelayProxy(pg.port, 8, b"pg_stat_activity") as proxy:
+        pool = Pool({"type": "non-threaded", "application_name": APP,
+                     "db": pg.endpoint(port=proxy.port, connect_timeout=5),
+                     "groups": {"g": {"exclusive_limit": 5}}})
+        try:
+            started = time.monotonic()
+            with pytest.raises(NoHealthyEndpoint), pool.exclusive("g", timeout=0.5):
+                pass
+            took = time.monotonic() - started
+            assert proxy.held() == 1
+            assert took < 2, took
+        finally:
+            pool.close()
+    # (the proxy keeps its side to the server while it holds the query: counted once gone)
+    assert server_conns(application_name=APP, expect=0) == 0
