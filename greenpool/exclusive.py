@@ -90,13 +90,6 @@ _SESSION_CHECK = (
 )
 
 
-def _own_group_only(group: Group) -> Callable[[Endpoint], int]:
-    def needed(endpoint: Endpoint) -> int:
-        return missing_connections(group) if group.uses(endpoint) else 0
-
-    return needed
-
-
 def missing_connections(group: Group) -> int:
     """How many more pooled connections ``group`` may open (its ``connection_count`` less
     those it has open): server room the group must find when its load grows."""
@@ -113,13 +106,13 @@ class ExclusiveSlots:
     under one lock, in sections that never block.
 
     ``room_needed(endpoint)``: how many connection slots on that endpoint's server the
-    pool's groups may still need (the pool sums its groups; by default this group's)."""
+    pool's groups may still need (the pool sums its groups)."""
 
     def __init__(
         self,
         group: Group,
         backend: Backend,
-        room_needed: Callable[[Endpoint], int] | None = None,
+        room_needed: Callable[[Endpoint], int],
     ) -> None:
         self.group = group
         self.limit = group.config.exclusive_limit
@@ -129,7 +122,7 @@ class ExclusiveSlots:
         self._line = WaitLine()
         self._taken = 0
         self._closed = False
-        self._room_needed = room_needed or _own_group_only(group)
+        self._room_needed = room_needed
         #: callers (each holding a slot) waiting for a dedicated connect task's connection
         self._wanting = WaitLine()
         #: dedicated connect tasks under way; those beyond the callers wanting one are
