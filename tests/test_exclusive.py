@@ -289,3 +289,35 @@ def test_short_exclusive_blocks_are_not_spent_on_an_endpoint_that_never_answers(
     failed = [o for o in outcomes if o != pg.port]
     assert len(failed) <= 1 and all(isinstance(o, str) for o in failed), (
         outcomes, pool.stats()["endpoints"])
+
+
+@pytest.mark.skipif(MODE != "threaded", reason="a signal lands in a thread's start")
+def test_an_interrupt_while_its_connect_task_starts_leaves_no_waiter_and_no_session(
+    make_pool, server_conns, pg
+):
+    """A KeyboardInterrupt from a signal handler lands in the main thread while it starts
+    the dedicated connect thread (``Thread.start`` waits for it to run). Mocked: the
+    interrupt is raised right after the thread started, where the signal would land. The
+    caller gets it; it leaves the line, so the connection the task opens is closed as
+    unclaimed: no slot, waiter, task or session is left."""
+    pool = make_pool({"g": {"exclusive_limit": 2}}, application_name=APP)
+    backend = pool._backend
+    real_spawn = backend.spawn
+
+    def interrupted_spawn(func: Any) -> Any:
+        real_spawn(func)
+        raise KeyboardInterrupt
+
+    backend.spawn = interrupted_spawn
+    try:
+        with pytest.raises(KeyboardInterrupt), pool.exclusive("g", timeout=5):
+            pass
+    finally:
+        del backend.spawn
+    slots = pool._exclusive["g"]
+    assert len(slots._wanting) == 0
+    wait_until(lambda: group_stats(pool)["exclusive_connecting"] == 0, 10, "the task to end")
+    assert group_stats(pool)["exclusive_open"] == 0
+    assert server_conns(application_name=APP, expect=0) == 0
+    with pool.exclusive("g", timeout=5) as conn:
+        assert scalar(conn, "SELECT 1") == 1
