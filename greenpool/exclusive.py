@@ -80,14 +80,18 @@ STUCK_AFTER = 0.25
 #: compare with the login's), the slots ordinary roles may use, and the slots in use. Rows
 #: of other roles' sessions hide their backend_type from an unprivileged role: a row with
 #: a database and no visible type is counted as a client (the error is on the safe side).
+#: Schema-qualified: a search_path that puts a schema before pg_catalog changes nothing.
 _SESSION_CHECK = (
-    "SELECT pg_backend_pid(), "
-    "current_setting('max_connections')::int "
-    "- current_setting('superuser_reserved_connections')::int "
-    "- coalesce(nullif(current_setting('reserved_connections', true), '')::int, 0), "
-    "(SELECT count(*) FROM pg_stat_activity WHERE datid IS NOT NULL "
+    "SELECT pg_catalog.pg_backend_pid(), "
+    "pg_catalog.current_setting('max_connections')::int "
+    "- pg_catalog.current_setting('superuser_reserved_connections')::int "
+    "- coalesce(nullif(pg_catalog.current_setting('reserved_connections', true), '')::int, 0), "
+    "(SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE datid IS NOT NULL "
     "AND coalesce(backend_type, 'client backend') = 'client backend')"
 )
+#: SQLSTATE classes of a session check that failed through no fault of the query (the
+#: connection was lost, the session terminated or cancelled): try again on a new one
+_CHECK_RETRIED = ("08", "57")
 
 
 def missing_connections(group: Group) -> int:
@@ -450,8 +454,8 @@ class ExclusiveSlots:
         """None if the fresh ``pc`` may be a dedicated connection; else it is closed and
         the error for the caller is returned. Its query is bounded by ``connect_timeout``
         and ``deadline`` (an inline caller's). Raises :class:`_Retry` (``pc`` closed) when
-        its first query failed, or when its server has no spare slot while another
-        endpoint of the group may have."""
+        its first query was cut (connection lost, session ended), or when its server has
+        no spare slot while another endpoint of the group may have."""
         group = self.group
         endpoint = pc.endpoint
         group.connector.uncount(pc)
@@ -473,10 +477,17 @@ class ExclusiveSlots:
                                   deadline - time.monotonic()))
             raw.autocommit = autocommit
         except psycopg2.Error as exc:
-            logger.info("group %r: a new dedicated connection to %s failed its first "
-                        "query: %s", group.name, endpoint.label, exc)
             self.close_connection(pc, "failed_check")
-            raise _Retry from None
+            if exc.pgcode is None or exc.pgcode.startswith(_CHECK_RETRIED):
+                logger.info("group %r: a new dedicated connection to %s failed its first "
+                            "query: %s", group.name, endpoint.label, exc)
+                raise _Retry from None
+            # the server refused the query itself: every new connection would, in a storm
+            return PoolError(
+                f"group {group.name!r}: {endpoint.label} refused the query a dedicated "
+                f"connection begins with (it counts the server's connection slots in "
+                f"pg_stat_activity): {str(exc).strip()}. The role needs to read "
+                f"pg_catalog.pg_stat_activity and current_setting('max_connections')")
         except BaseException:
             self.close_connection(pc, "interrupted")
             raise

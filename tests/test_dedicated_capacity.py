@@ -482,3 +482,46 @@ def test_non_threaded_vetting_query_is_cut_at_the_callers_deadline(pg, server_co
             pool.close()
     # (the proxy keeps its side to the server while it holds the query: counted once gone)
     assert server_conns(application_name=APP, expect=0) == 0
+
+
+def test_the_session_check_is_read_from_pg_catalog_whatever_the_search_path(pg_factory):
+    """A database whose search_path puts ``public`` before ``pg_catalog``, where a table
+    named ``pg_stat_activity`` (without the columns of the view) exists: dedicated
+    connections still count the server's real sessions, and connect."""
+    from greenpool import Pool
+
+    server = pg_factory()
+    server.execute("CREATE TABLE public.pg_stat_activity (x int)")
+    server.execute("ALTER DATABASE postgres SET search_path = public, pg_catalog")
+    pool = Pool({"type": MODE, "db": server.endpoint(), "groups": {"g": {}}})
+    try:
+        with pool.exclusive("g", timeout=5) as conn:
+            conn.cursor().execute("SELECT 1")
+        assert group_stats(pool, "g")["discards_by_reason"] == {}
+    finally:
+        pool.close()
+
+
+def test_a_server_that_refuses_the_session_check_gets_a_clear_error_not_a_connect_storm(
+    pg_factory
+):
+    """A hardened server where PUBLIC may not read ``pg_stat_activity``: an unprivileged
+    role's ``exclusive()`` fails at once with a PoolError that says what the role needs,
+    after one connect (not one new connection every few milliseconds until the timeout)."""
+    from greenpool import Pool
+
+    server = pg_factory()
+    server.create_user("plain", "plain-secret")
+    server.execute("REVOKE SELECT ON pg_catalog.pg_stat_activity FROM PUBLIC")
+    pool = Pool({"type": MODE, "db": server.endpoint(user="plain", **{"pass": "plain-secret"}),
+                 "groups": {"g": {}}})
+    try:
+        started = time.monotonic()
+        with pytest.raises(PoolError, match="pg_stat_activity") as caught, \
+                pool.exclusive("g", timeout=3):
+            pass
+        assert not isinstance(caught.value, (PoolTimeout, NoHealthyEndpoint))
+        assert time.monotonic() - started < 2
+        assert pool.stats()["endpoints"][label(server)]["connects"] == 1
+    finally:
+        pool.close()
