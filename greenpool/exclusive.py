@@ -632,7 +632,8 @@ class Exclusive:
         try:
             self._pc = slots.open(deadline)
         except BaseException:
-            slots.give()
+            if self._generation == slots.generation:  # else taken before a fork
+                slots.give()
             raise
         return self._pc.raw
 
