@@ -17,8 +17,9 @@ Inside the pool's model:
   the group's connects do (a black hole is quarantined, "too many clients" is not), and a
   connection whose caller gave up goes to the next caller waiting for one (else it is
   closed). A task starts only for a caller whom no task under way covers (one that has
-  spent over a quarter second in a round may be stuck on a black hole, and covers no one),
-  never more than twice ``exclusive_limit`` at once.
+  spent over a quarter second in a round may be stuck on a black hole, and covers no one:
+  a waiting caller looks again every quarter second, and a task that served one goes on
+  for the next), never more than twice ``exclusive_limit`` at once.
   ``non-threaded`` mode has no background: it connects inline, as its groups do.
 * **The groups come first**: a fresh dedicated connection asks its server (one query,
   bounded by ``connect_timeout``) how many connection slots are usable by ordinary roles
