@@ -28,6 +28,7 @@ in ``greenpool_endpoint_state{state}``.
 
 from __future__ import annotations
 
+import math
 import threading
 import weakref
 from collections.abc import Iterator
@@ -183,12 +184,20 @@ class PoolCollector(Collector):
                 for value in _ROLES:
                     role.add_metric([*key, value], 1 if values["role"] == value else 0)
                 open_.add_metric(key, values["open"])
-                if values["lag"] is not None:
-                    lag.add_metric(key, values["lag"])
+                lag.add_metric(key, _lag_value(values))
                 for counter, stat in counters:
                     counter.add_metric(key, values[stat])
         yield from (up, state, role, open_, lag)
         yield from (counter for counter, _ in counters)
+
+
+def _lag_value(values: dict[str, Any]) -> float:
+    """The lag series of every endpoint, whatever its role, so that no series ends at a
+    failover: a standby's measured lag (``+Inf`` while unknown: beyond any ``max_lag``), 0
+    for a primary (it is the source), NaN when nothing is known yet (role unknown)."""
+    if values["lag"] is not None:
+        return float(values["lag"])
+    return 0.0 if values["role"] == PRIMARY else math.nan
 
 
 _collectors: weakref.WeakKeyDictionary[CollectorRegistry, PoolCollector] = (
