@@ -192,10 +192,11 @@ def exclusive(group: str | None = None, *, timeout: float | None = None) -> Excl
 
 def listen(
     group: str | None, channels: str | Iterable[str], *, timeout: float | None = None,
-    heartbeat: float = 5.0,
+    heartbeat: float = 5.0, max_backlog: int = 1000,
 ) -> Listener:
     """``greenpool.listen("write", ["jobs"])`` on the process-wide pool (see Pool.listen)."""
-    return get_pool().listen(group, channels, timeout=timeout, heartbeat=heartbeat)
+    return get_pool().listen(group, channels, timeout=timeout, heartbeat=heartbeat,
+                             max_backlog=max_backlog)
 
 
 def stats() -> dict[str, Any]:

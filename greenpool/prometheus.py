@@ -54,7 +54,12 @@ _GROUP_GAUGES = (
     ("exclusive_connections_max", "exclusive_max", "The group's exclusive_limit"),
     ("exclusive_connections_pending", "exclusive_waiting",
      "Callers waiting for an exclusive_limit slot"),
-    ("listeners", "listeners", "Listeners open (each holds one dedicated connection)"),
+    ("listeners", "listeners",
+     "Listeners open (all of a group's share one dedicated connection)"),
+    ("listen_connections", "listen_connections",
+     "The group's shared listening connection: 1 while listening, else 0"),
+    ("listen_backlog", "listen_backlog", "Notifications queued for listeners, not read yet"),
+    ("listen_backlog_max", "listen_backlog_max", "The largest queue of one listener"),
 )
 _GROUP_COUNTERS = (
     ("connections_acquired", "acquires", "Connections handed out"),
@@ -70,7 +75,9 @@ _GROUP_COUNTERS = (
     ("exclusive_connections_timeout", "exclusive_timeouts",
      "Callers refused because exclusive_limit stayed reached"),
     ("listen_gaps", "listen_gaps",
-     "Listener reconnects (notifications sent meanwhile may have been missed)"),
+     "Gaps reported to listeners (after a reconnect, or when one fell behind)"),
+    ("listen_dropped", "listen_dropped",
+     "Notifications not queued for a listener that fell behind its max_backlog"),
 )
 _ENDPOINT_COUNTERS = (
     ("endpoint_quarantines", "quarantines", "Times the endpoint was quarantined"),

@@ -103,15 +103,24 @@ def test_bad_arguments_are_refused_at_once(make_pool):
     assert group_stats(pool)["exclusive_open"] == 0
 
 
-def test_listeners_count_against_exclusive_limit(make_pool):
-    pool = make_pool({"g": {"exclusive_limit": 1}})
-    with pool.listen("g", "jobs"):
-        with pytest.raises(PoolTimeout, match="exclusive_limit"):
-            pool.listen("g", "jobs", timeout=0.2)
+def test_the_listeners_of_a_group_share_one_exclusive_limit_slot(make_pool, pg):
+    """All listeners of a group share one connection: with ``exclusive_limit`` 1 a second
+    listener joins it, while an ``exclusive()`` block finds the slot taken; the slot comes
+    back when the last listener goes."""
+    pool = make_pool({"g": {"exclusive_limit": 1}}, application_name=APP)
+    with pool.listen("g", "jobs") as first, pool.listen("g", ["jobs", "other"]) as second:
+        assert group_stats(pool)["exclusive_open"] == 1
+        assert group_stats(pool)["listen_connections"] == 1
+        assert group_stats(pool)["listeners"] == 2
         with pytest.raises(PoolTimeout, match="exclusive_limit"), pool.exclusive("g", timeout=0):
             pass
-    assert group_stats(pool)["listeners"] == 0
-    with pool.listen("g", "jobs", timeout=2):
+        assert listening_sessions(pg) == 1
+        pg.execute("NOTIFY other, 'o'; NOTIFY jobs, 'j'")
+        assert first.get(5).payload == "j"
+        assert [second.get(5).payload for _ in range(2)] == ["o", "j"]
+    assert group_stats(pool)["listeners"] == 0 and group_stats(pool)["exclusive_open"] == 0
+    no_session_left(pg)
+    with pool.exclusive("g", timeout=2):
         pass
 
 
@@ -336,6 +345,171 @@ def test_a_refused_reconnect_keeps_trying_and_never_shows_the_password(
     listener.close()
 
 
+# --- the fan-out: one connection per group, bounded queues, gaps --------------------------
+
+
+def hub_pid(cluster: Any) -> int:
+    """The backend of the group's shared listening connection (the one session of APP)."""
+    rows = cluster.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s",
+                           (APP,))
+    assert len(rows) == 1, rows
+    return int(rows[0][0])
+
+
+def test_a_gap_reaches_every_subscriber_after_a_reconnect(make_pool, pg):
+    """Three subscribers on different channels share the connection; it is terminated:
+    each gets one Gap, then what is sent after, on its own channels only."""
+    pool = make_pool({"g": {}}, application_name=APP)
+    subs = [pool.listen("g", "a"), pool.listen("g", ["a", "b"]), pool.listen("g", "c")]
+    try:
+        assert group_stats(pool)["listen_connections"] == 1
+        pg.execute("SELECT pg_terminate_backend(%s)", (hub_pid(pg),))
+        for sub in subs:
+            gap = sub.get(10)
+            assert isinstance(gap, Gap), gap
+            assert gap.previous == gap.endpoint == label(pg)
+        pg.execute("NOTIFY a, '1'; NOTIFY b, '2'; NOTIFY c, '3'")
+        counts = (1, 2, 1)
+        got = [[sub.get(5).payload for _ in range(n)] for sub, n in zip(subs, counts, strict=True)]
+        assert got == [["1"], ["1", "2"], ["3"]]
+        assert all(sub.get(0.1) is None for sub in subs)
+        assert group_stats(pool)["listen_gaps"] == 3
+    finally:
+        for sub in subs:
+            sub.close()
+    no_session_left(pg)
+
+
+def test_gap_lost_at_precedes_every_notification_lost(make_pool, pg):
+    """The shared connection's backend is stopped (SIGSTOP); a NOTIFY committed meanwhile
+    never reaches the client. The Gap's ``lost_at`` is no later than that commit, so
+    re-reading "everything since lost_at" finds it."""
+    pool = make_pool({"g": {}}, db=pg.endpoint(connect_timeout=1), application_name=APP)
+    with pool.listen("g", "jobs", heartbeat=0.3) as listener:
+        pg.execute("NOTIFY jobs, 'before'")
+        assert listener.get(5).payload == "before"
+        sleep(0.7)  # a few heartbeats answered
+        pid = hub_pid(pg)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            sent_at = time.time()  # the commit comes after this
+            pg.execute("NOTIFY jobs, 'lost'")
+            gap = listener.get(10)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert isinstance(gap, Gap), gap
+        assert "heartbeat" in gap.reason
+        assert gap.lost_at <= sent_at, (gap.lost_at - sent_at)
+        assert sent_at - gap.lost_at < 2  # within about one heartbeat
+        pg.execute("NOTIFY jobs, 'after'")
+        assert listener.get(5).payload == "after"
+
+
+def test_gap_lost_at_is_safe_when_the_session_is_terminated_while_nobody_reads(make_pool, pg):
+    """Subscribers busy elsewhere: a NOTIFY, then the session is terminated. Either the
+    notification was received (it is queued before the Gap) or ``lost_at`` precedes it."""
+    pool = make_pool({"g": {}}, application_name=APP)
+    with pool.listen("g", "jobs", heartbeat=0.2) as listener:
+        sleep(0.5)
+        sent_at = time.time()
+        pg.execute("NOTIFY jobs, 'maybe'")
+        pg.execute("SELECT pg_terminate_backend(%s)", (hub_pid(pg),))
+        sleep(0.5)  # nobody reads meanwhile
+        items = []
+        while not any(isinstance(i, Gap) for i in items):
+            items.append(listener.get(10))
+            assert items[-1] is not None
+        gap = items[-1]
+        if "maybe" not in [getattr(i, "payload", None) for i in items]:
+            assert gap.lost_at <= sent_at
+
+
+def test_channel_names_are_the_exact_strings_pg_notify_takes(make_pool, pg):
+    """``listen('Jobs')`` hears ``pg_notify('Jobs')`` and ``NOTIFY "Jobs"``, not ``NOTIFY
+    Jobs`` (folded to ``jobs`` by PostgreSQL), which ``listen('jobs')`` hears."""
+    pool = make_pool({"g": {}}, application_name=APP)
+    with pool.listen("g", "Jobs") as upper, pool.listen("g", "jobs") as lower:
+        pg.execute("SELECT pg_notify('Jobs', 'exact'); NOTIFY \"Jobs\", 'quoted'; "
+                   "NOTIFY Jobs, 'folded'; SELECT pg_notify('jobs', 'lower')")
+        assert [upper.get(5).payload for _ in range(2)] == ["exact", "quoted"]
+        assert [lower.get(5).payload for _ in range(2)] == ["folded", "lower"]
+        assert upper.get(0.2) is None and lower.get(0) is None
+
+
+def test_a_slow_subscriber_is_bounded_and_owed_a_gap_while_the_others_get_everything(
+    make_pool, pg
+):
+    """One subscriber reads nothing while 50 notifications come (``max_backlog`` 10): the
+    fast one gets all 50; the slow one holds 10, the rest is counted as dropped (stats and
+    Prometheus), and once it has read its queue it gets a Gap whose ``lost_at`` precedes
+    what it missed, then new notifications again."""
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from greenpool.prometheus import register
+
+    pool = make_pool({"g": {}}, application_name=APP)
+    registry = prometheus_client.CollectorRegistry()
+    register(pool, name="app", registry=registry)
+    with pool.listen("g", "feed", max_backlog=10) as slow, pool.listen("g", "feed") as fast:
+        sent_at = time.time()
+        pg.execute("SELECT pg_notify('feed', i::text) FROM generate_series(1, 50) i")
+        assert [fast.get(5).payload for _ in range(50)] == [str(i) for i in range(1, 51)]
+        stats = group_stats(pool)
+        assert (stats["listen_backlog"], stats["listen_backlog_max"]) == (10, 10)
+        assert stats["listen_dropped"] == 40 and slow.backlog == 10
+        value = registry.get_sample_value
+        assert value("greenpool_listen_backlog_max", {"pool": "app", "group": "g"}) == 10
+        assert value("greenpool_listen_dropped_total", {"pool": "app", "group": "g"}) == 40
+        assert [slow.get(5).payload for _ in range(10)] == [str(i) for i in range(1, 11)]
+        gap = slow.get(5)
+        assert isinstance(gap, Gap) and "max_backlog" in gap.reason, gap
+        assert "40 notifications" in gap.reason and gap.lost_at <= sent_at
+        pg.execute("NOTIFY feed, 'again'")
+        assert slow.get(5).payload == "again" and fast.get(5).payload == "again"
+        assert group_stats(pool)["listen_backlog"] == 0
+
+
+@pytest.mark.skipif(not GREEN, reason="killing a task needs greenlets")
+def test_a_subscriber_killed_mid_get_leaves_the_others_listening(make_pool, pg):
+    """Of two subscribers, the one alone on channel ``b`` is killed inside get(): the hub
+    UNLISTENs ``b``, keeps the connection for the other, which still receives."""
+    pool = make_pool({"g": {}}, application_name=APP)
+    keeper = pool.listen("g", "a")
+    victim = pool.listen("g", ["a", "b"])
+    reader = spawn(lambda: list(victim))
+    wait_until(lambda: victim._busy, 5, "the victim to wait")
+    if MODE == "gevent":
+        reader._handle.kill(block=True, timeout=5)
+    else:
+        reader._handle.kill()
+    assert reader.join(5) and victim.closed
+    assert group_stats(pool)["listeners"] == 1
+    wait_until(lambda: pg.execute(
+        "SELECT query FROM pg_stat_activity WHERE application_name = %s", (APP,)
+    )[0][0].startswith("UNLISTEN"), 10, "b to be unlistened")
+    pg.execute("NOTIFY a, 'still'; NOTIFY b, 'nobody'")
+    assert keeper.get(5).payload == "still" and keeper.get(0.2) is None
+    assert group_stats(pool)["exclusive_open"] == 1
+    keeper.close()
+    assert group_stats(pool)["exclusive_open"] == 0
+    no_session_left(pg)
+
+
+def test_non_threaded_subscribers_share_the_connection_read_by_whoever_waits(make_pool, pg):
+    """No background task in non-threaded mode: the subscriber inside get() reads the
+    connection and queues for the others, whose get(0) then returns at once."""
+    pool = make_pool({"g": {}}, application_name=APP, type="non-threaded")
+    with pool.listen("g", "jobs") as first, pool.listen("g", "jobs") as second:
+        assert group_stats(pool)["listen_connections"] == 1
+        pg.execute("NOTIFY jobs, 'one'; NOTIFY jobs, 'two'")
+        assert first.get(5).payload == "one"
+        assert [second.get(0).payload, second.get(0).payload] == ["one", "two"]
+        assert first.get(0).payload == "two"
+        pg.execute("SELECT pg_terminate_backend(%s)", (hub_pid(pg),))
+        assert isinstance(first.get(10), Gap) and isinstance(second.get(0), Gap)
+    assert group_stats(pool)["exclusive_open"] == 0
+    no_session_left(pg)
+
+
 # --- the example app's server-sent events -------------------------------------------------
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "gunicorn"
@@ -409,19 +583,50 @@ def test_the_example_stream_ends_when_the_pool_closes(example_app):
     assert reader.error is None and chunks == []
 
 
-def test_the_example_refuses_a_stream_over_the_limit_with_a_503(example_app):
-    streams = [request(example_app, "GET", "/events")[1] for _ in range(2)]
+def test_the_example_serves_more_streams_than_exclusive_limit_on_one_connection(
+    example_app, pg
+):
+    """Five streams with ``exclusive_limit`` 2: every stream is served, all of them share
+    one server connection, and each gets the note."""
+    streams = [request(example_app, "GET", "/events") for _ in range(5)]
     try:
-        for stream in streams:
-            next(stream)
-        started = time.monotonic()
-        status, body = request(example_app, "GET", "/events")
-        assert status.startswith("503"), status
-        assert json.loads(b"".join(body))["error"] == "PoolTimeout"
-        assert time.monotonic() - started < 5
+        assert [status for status, _ in streams] == ["200 OK"] * 5
+        for _, stream in streams:
+            assert next(stream) == b"retry: 2000\n\n"
+        write = greenpool.stats()["groups"]["write"]
+        assert (write["listeners"], write["exclusive_open"]) == (5, 1)
+        assert listening_sessions(pg) == 1
+        _, body = request(example_app, "POST", "/notes", json.dumps({"body": "x"}).encode())
+        note_id = json.loads(b"".join(body))["id"]
+        for _, stream in streams:
+            assert next(stream) == f"event: note\ndata: {note_id}\n\n".encode()
     finally:
-        for stream in streams:
+        for _, stream in streams:
             stream.close()
+    assert greenpool.stats()["groups"]["write"]["exclusive_open"] == 0
+
+
+def test_the_example_ends_every_stream_at_once_when_the_worker_stops(example_app):
+    """end_streams() (the worker's SIGTERM): each stream's body ends cleanly, and a new
+    /events is refused with a 503 while the rest of the app still answers."""
+    responses = [request(example_app, "GET", "/events")[1] for _ in range(3)]
+    for stream in responses:
+        assert next(stream) == b"retry: 2000\n\n"
+    chunks: list[list[bytes]] = [[] for _ in responses]
+    readers = [spawn(lambda i=i: chunks[i].extend(responses[i])) for i in range(3)]
+    wait_until(lambda: all(r._busy for r in (s.listener for s in responses)), 5, "waiting")
+    started = time.monotonic()
+    example_app.end_streams()
+    join_all(readers, 5)
+    assert time.monotonic() - started < 2
+    assert [r.error for r in readers] == [None] * 3 and chunks == [[], [], []]
+    status, _ = request(example_app, "GET", "/events")
+    assert status.startswith("503")
+    status, _ = request(example_app, "GET", "/notes")
+    assert status == "200 OK"
+    for stream in responses:
+        stream.close()
+    example_app._ending = False
 
 
 @pytest.mark.skipif(MODE == "eventlet", reason="eventlet's fork support is not exercised")
