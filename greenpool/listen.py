@@ -74,6 +74,7 @@ _MAX_CHANNEL_BYTES = 63  # PostgreSQL's NAMEDATALEN - 1: a longer name would be 
 _RETRY_PAUSE = 0.2  # seconds between reconnect rounds while no endpoint takes one...
 _RETRY_PAUSE_MAX = 2.0  # ...doubling up to this while the outage lasts
 _RECONNECT_ROUND = 1.0  # seconds of connect attempts between looks at the subscribers
+_END_MARGIN = 3.0  # seconds a closer waits for the reader beyond its current call's bound
 DEFAULT_MAX_BACKLOG = 1000  # items a subscriber may have queued before it is dropped
 
 
@@ -307,7 +308,7 @@ class _Hub:
                 return
             waiter = self.backend.waiter()
             self._end_waiters.append(waiter)
-        waiter.wait(max(self.busy_until - time.monotonic(), 0.0) + 1.0)
+        waiter.wait(max(self.busy_until - time.monotonic(), 0.0) + _END_MARGIN)
 
     def _bounded_by(self, seconds: float) -> None:
         """The reader is about to block for at most ``seconds`` (libpq waits at least 2 s

@@ -754,3 +754,203 @@ def test_the_example_under_gunicorn_streams_a_note_and_drops_a_client_that_left(
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
+
+
+class GunicornExample:
+    """examples/gunicorn under real gunicorn (``-k gevent``, its gunicorn.conf.py), on a
+    database of its own; stopped (SIGTERM, then SIGKILL) at the end."""
+
+    def __init__(self, pg: Any, tmp_path: Path, app_name: str, workers: int = 1,
+                 env: dict[str, str] | None = None) -> None:
+        import subprocess
+        import sys
+
+        from greenpool.throwaway import free_port
+
+        self.app_name = app_name
+        name = app_name.replace("-", "_")
+        pg.execute(f"DROP DATABASE IF EXISTS {name}")
+        pg.create_database(name)
+        config = {"db": pg.endpoint(name=name), "application_name": app_name,
+                  "groups": {"write": {"connection_count": 2, "exclusive_limit": 1,
+                                       "timeout": 5},
+                             "read": {"connection_count": 2, "timeout": 5}}}
+        self.env = {**os.environ, "GREENPOOL_CONFIG": json.dumps(config), **(env or {})}
+        done = subprocess.run([sys.executable, str(EXAMPLE / "app.py"), "schema"],
+                              env=self.env, capture_output=True, text=True, timeout=30,
+                              check=False)
+        assert done.returncode == 0, done.stderr
+        self.port = free_port()
+        self.log = tmp_path / "gunicorn.log"
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gunicorn", "-w", str(workers), "-c",
+                 str(EXAMPLE / "gunicorn.conf.py"), "-b", f"127.0.0.1:{self.port}"],
+                env=self.env, stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True)
+        wait_until(self.answers, 30, "gunicorn to listen")
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def answers(self) -> bool:
+        import socket
+
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+        except OSError:
+            assert self.proc.poll() is None, self.log_text()[-3000:]
+            return False
+
+    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.request(method, path, body=None if body is None else json.dumps(body),
+                         headers={"Content-Type": "application/json"})
+            reply = conn.getresponse()
+            return reply.status, json.loads(reply.read() or b"null")
+        finally:
+            conn.close()
+
+    def stream(self, rcvbuf: int = 0) -> Any:
+        """A raw socket that sent ``GET /events`` and read up to the first event."""
+        import socket
+
+        client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        client.settimeout(10)
+        client.connect(("127.0.0.1", self.port))
+        client.sendall(b"GET /events HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        received = b""
+        while b"retry: 2000" not in received:
+            chunk = client.recv(4096)
+            assert chunk, received
+            received += chunk
+        return client
+
+    def stop(self) -> None:
+        import subprocess
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+
+def read_to_end(client: Any, deadline: float) -> bytes:
+    """What the server sends until it closes the connection (or ``deadline`` seconds)."""
+    client.settimeout(deadline)
+    received = b""
+    try:
+        while True:
+            chunk = client.recv(65536)
+            if not chunk:
+                return received
+            received += chunk
+    except OSError:
+        return received + b"<timed out>"
+
+
+gunicorn_only = pytest.mark.skipif(MODE != "gevent",
+                                   reason="the example runs under gunicorn's gevent worker")
+
+
+@gunicorn_only
+@pytest.mark.timeout(90)
+def test_the_example_under_gunicorn_ends_its_streams_at_once_on_sigterm(pg, tmp_path):
+    """Three open streams: SIGTERM to gunicorn ends each cleanly (the chunked body's last
+    chunk), the worker's ``worker_exit`` runs (the pool is closed), and gunicorn is gone
+    well within its 10 s graceful timeout."""
+    pytest.importorskip("gunicorn")
+    app = GunicornExample(pg, tmp_path, "greenpool-listen-sigterm")
+    try:
+        clients = [app.stream() for _ in range(3)]
+        wait_until(lambda: app.call("GET", "/stats")[1]["groups"]["write"]["listeners"] == 3,
+                   10, "three streams")
+        assert listening_sessions(pg, app.app_name) == 1  # one connection for all three
+        started = time.monotonic()
+        os.killpg(app.proc.pid, signal.SIGTERM)
+        ends = [read_to_end(c, 8) for c in clients]
+        app.proc.wait(15)
+        took = time.monotonic() - started
+        for end in ends:
+            assert end.endswith(b"0\r\n\r\n"), end[-200:]
+        assert took < 5, f"gunicorn took {took:.1f} s to stop"
+        assert "greenpool: pool closed in worker" in app.log_text()
+    finally:
+        app.stop()
+
+
+@gunicorn_only
+@pytest.mark.timeout(90)
+def test_the_example_under_gunicorn_ends_its_streams_at_once_on_reload(pg, tmp_path):
+    """SIGHUP (reload): the old worker's streams end cleanly within a few seconds, and a
+    new stream is served by the new worker."""
+    pytest.importorskip("gunicorn")
+    app = GunicornExample(pg, tmp_path, "greenpool-listen-sighup")
+    try:
+        clients = [app.stream() for _ in range(2)]
+        old_pid = app.call("GET", "/stats")[1]["pid"]
+        started = time.monotonic()
+        app.proc.send_signal(signal.SIGHUP)
+        ends = [read_to_end(c, 8) for c in clients]
+        took = time.monotonic() - started
+        for end in ends:
+            assert end.endswith(b"0\r\n\r\n"), end[-200:]
+        assert took < 5, f"the streams lasted {took:.1f} s into the reload"
+        wait_until(lambda: app.call("GET", "/stats")[1]["pid"] != old_pid, 15, "new worker")
+        fresh = app.stream()
+        fresh.close()
+        assert app.proc.poll() is None
+    finally:
+        app.stop()
+
+
+@gunicorn_only
+@pytest.mark.timeout(120)
+def test_the_example_under_gunicorn_drops_a_client_that_stopped_reading(pg, tmp_path):
+    """A client keeps its connection but reads nothing while large notes stream: its queue
+    stays within the example's backlog bound, a reading client gets everything, and once
+    the socket buffers are full the stopped one's stream is cut after the write timeout."""
+    pytest.importorskip("gunicorn")
+    app = GunicornExample(pg, tmp_path, "greenpool-listen-stalled",
+                          env={"EVENTS_WRITE_TIMEOUT": "1"})
+    try:
+        stalled = app.stream(rcvbuf=4096)
+        reader = app.stream()
+        got = bytearray()
+
+        def read_all() -> None:
+            read = read_to_end(reader, 60)
+            got.extend(read)
+
+        task = spawn(read_all)
+        wait_until(lambda: app.call("GET", "/stats")[1]["groups"]["write"]["listeners"] == 2,
+                   10, "two streams")
+        worst = 0
+        sender = pg.connect(dbname=app.app_name.replace("-", "_"))
+        for _ in range(40):
+            with sender.cursor() as cur:
+                cur.execute("SELECT pg_notify('notes', repeat('x', 7990) || i) "
+                            "FROM generate_series(1, 100) i")
+            write = app.call("GET", "/stats")[1]["groups"]["write"]
+            worst = max(worst, write["listen_backlog_max"])
+            if write["listeners"] == 1:
+                break
+            sleep(0.3)
+        assert write["listeners"] == 1, write
+        assert worst <= 100
+        sender.close()
+        reader.shutdown(2)
+        join_all([task], 30)
+        assert got.count(b"event: note") >= 100 * (len(got) > 0)
+        stalled.close()
+    finally:
+        app.stop()

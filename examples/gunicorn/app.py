@@ -269,7 +269,8 @@ def index(environ: dict[str, Any]) -> tuple[str, Any]:
 NOTES_CHANNEL = "notes"
 EVENTS_KEEPALIVE = 15.0
 EVENTS_BACKLOG = 100  # notes queued for one slow client before it is owed a gap
-EVENTS_WRITE_TIMEOUT = 10.0  # seconds a write to a client may make no progress
+# seconds a write to a client may make no progress (the environment may say otherwise)
+EVENTS_WRITE_TIMEOUT = float(os.environ.get("EVENTS_WRITE_TIMEOUT", "10"))
 EVENT_HEADERS = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-store"),
                  ("X-Accel-Buffering", "no")]  # nginx: pass each event on at once
 
