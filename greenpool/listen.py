@@ -5,7 +5,9 @@ dedicated connection of the group (one ``exclusive_limit`` slot, see exclusive.p
 autocommit, on which the hub sends ``LISTEN`` for a channel when its first subscriber comes
 and ``UNLISTEN`` when its last one goes. The connection is closed when the last subscriber
 of the group leaves (no linger: the slot is free for ``exclusive()`` at once, and a new
-subscriber reconnects in one round trip).
+subscriber reconnects in one round trip). A subscriber gets every notification committed
+after ``listen()`` returned; one that joins a channel already listened on may also get one
+committed just before (it was on its way to the hub), never fewer.
 
 **Who reads the connection.** Where the mode has background tasks (gevent, eventlet,
 threaded) one reader task per hub (a greenlet, or a thread) is its only user: it reads
@@ -356,8 +358,11 @@ class _Hub:
             for sub in subs:
                 sub.start_error = error
                 self._forget(sub)
+            over = not self.subs
         for _ in subs:
             self.slots.count_listener(-1)
+        if over and self.inline:  # no reader task to give the slot back
+            self.finish()
 
     # --- the reader's work (the reader task, or a waiting subscriber when inline) --------
 
@@ -508,9 +513,7 @@ class _Hub:
                     sub.wake()
 
     def _lost(self, pc: PooledConnection, reason: str, discard: str, failed: bool = True) -> None:
-        raw = pc.raw
-        if not raw.closed:
-            self._deliver(raw)  # what came before the loss is still news
+        self._deliver(pc.raw)  # what came before the loss is still news
         lost_at = self.good_at
         with self._lock:
             self.pc = None
@@ -841,9 +844,13 @@ class Listeners:
         try:
             listener.wait_started(deadline, wait)
         except _Retry:
+            listener.close()
             left = deadline - time.monotonic()
             return self.listen(slots, channels, timeout=max(0.0, left),
                                heartbeat=heartbeat, max_backlog=max_backlog)
+        except BaseException:  # interrupted while waiting: leave the hub as it was
+            listener.close()
+            raise
         return listener
 
     def stats(self, group: str) -> dict[str, Any]:

@@ -510,6 +510,164 @@ def test_non_threaded_subscribers_share_the_connection_read_by_whoever_waits(mak
     no_session_left(pg)
 
 
+def test_a_failed_first_connect_gives_the_slot_back_in_every_mode(make_pool, pg):
+    """Nobody listens on the endpoint's port: listen() raises the connect's error, and the
+    slot is free again at once (non-threaded mode has no reader task to give it back)."""
+    from greenpool.throwaway import free_port
+
+    for mode in {MODE, "non-threaded"}:
+        pool = make_pool({"g": {"exclusive_limit": 1, "timeout": 1}}, type=mode,
+                         db=dict(pg.endpoint(connect_timeout=1), port=free_port()),
+                         application_name=APP, quarantine_initial=0.05, quarantine_max=0.1)
+        for _ in range(2):
+            with pytest.raises(greenpool.PoolError) as raised:
+                pool.listen("g", "jobs", timeout=1)
+            assert "exclusive_limit" not in str(raised.value), raised.value
+            stats = group_stats(pool)
+            assert (stats["exclusive_open"], stats["listeners"]) == (0, 0), (mode, stats)
+
+
+@pytest.mark.skipif(not GREEN, reason="interrupting a task needs greenlets")
+def test_a_listen_interrupted_while_connecting_leaves_nothing(make_pool, pg_factory):
+    """The postmaster is stopped (the connect hangs) and listen() is cut by a Timeout: the
+    subscriber is gone at once, and the slot comes back when the reader's connect ends."""
+    server = pg_factory()
+    pool = make_pool({"g": {"exclusive_limit": 1}}, db=server.endpoint(connect_timeout=1),
+                     application_name=APP)
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(Timeout), Timeout(0.3):
+            pool.listen("g", "jobs", timeout=10)
+        assert group_stats(pool)["listeners"] == 0
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+    wait_until(lambda: group_stats(pool)["exclusive_open"] == 0, 10, "the slot back")
+    with pool.listen("g", "jobs", timeout=10) as listener:
+        server.execute("NOTIFY jobs, 'works'")
+        assert listener.get(5).payload == "works"
+
+
+class FanOutMachine:
+    """Listeners open and close on overlapping channels, notifications go out, the shared
+    session is terminated: every listener gets exactly what was sent on its channels while
+    it was open, in order, or a Gap whose ``lost_at`` precedes what it missed; the group
+    holds one connection (and one slot) while any listener is open, none otherwise.
+    (A listener joining a channel the connection already listens on may also get one sent
+    just before it joined, still on its way: those are skipped, never required.)"""
+
+    CHANNELS = ("a", "b", "Mixed")
+
+    @staticmethod
+    def build(pool: Any, pg: Any) -> Any:
+        from hypothesis import strategies as st
+        from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
+
+        class Machine(RuleBasedStateMachine):
+            listeners = Bundle("listeners")
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.open: dict[Any, list[tuple[str, float]]] = {}
+                self.first: dict[Any, int] = {}  # the first payload sent after it opened
+                self.sent = 0
+
+            def next_item(self, listener: Any, timeout: float) -> Any:
+                """The next item, skipping what was sent before the listener opened."""
+                while True:
+                    item = listener.get(timeout)
+                    if isinstance(item, Gap) or item is None:
+                        return item
+                    if int(item.payload) >= self.first[listener]:
+                        return item
+
+            @rule(target=listeners, channels=st.sets(
+                st.sampled_from(FanOutMachine.CHANNELS), min_size=1, max_size=3))
+            def listen(self, channels: set[str]) -> Any:
+                listener = pool.listen("g", sorted(channels), timeout=10, max_backlog=50)
+                self.open[listener] = []
+                self.first[listener] = self.sent
+                return listener
+
+            @rule(listener=consumes(listeners))
+            def close(self, listener: Any) -> None:
+                self.read(listener)
+                listener.close()
+                del self.open[listener]
+                assert listener.get(0) is None
+
+            @rule(channel=st.sampled_from(FanOutMachine.CHANNELS), count=st.integers(1, 3))
+            def notify(self, channel: str, count: int) -> None:
+                sent_at = time.time()
+                payloads = [str(self.sent + i) for i in range(count)]
+                self.sent += count
+                pg.execute("SELECT pg_notify(%s, p) FROM unnest(%s::text[]) p",
+                           (channel, payloads))
+                for listener, expected in self.open.items():
+                    if channel in listener.channels:
+                        expected.extend((p, sent_at) for p in payloads)
+
+            @rule(listener=listeners)
+            def read(self, listener: Any) -> None:
+                if listener not in self.open:
+                    return
+                expected = self.open[listener]
+                got = [self.next_item(listener, 10).payload for _ in expected]
+                assert got == [p for p, _ in expected]
+                expected.clear()
+                assert self.next_item(listener, 0.02) is None
+
+            @rule()
+            def terminate(self) -> None:
+                rows = pg.execute("SELECT pid FROM pg_stat_activity WHERE application_name"
+                                  " = %s", (APP,))
+                if not rows:
+                    return
+                pg.execute("SELECT pg_terminate_backend(%s)", (rows[0][0],))
+                for listener, expected in self.open.items():
+                    received = []
+                    while True:
+                        item = self.next_item(listener, 15)
+                        assert item is not None, "no Gap after the session ended"
+                        if isinstance(item, Gap):
+                            break
+                        received.append(item.payload)
+                    assert received == [p for p, _ in expected[:len(received)]]
+                    missed = expected[len(received):]
+                    if missed:
+                        assert item.lost_at <= missed[0][1], (item, missed)
+                    expected.clear()
+
+            @invariant()
+            def one_connection_while_anyone_listens(self) -> None:
+                stats = group_stats(pool)
+                assert stats["listeners"] == len(self.open)
+                assert stats["exclusive_open"] == (1 if self.open else 0), stats
+                assert stats["listen_backlog_max"] <= 50
+
+            def teardown(self) -> None:
+                for listener in list(self.open):
+                    listener.close()
+
+        return Machine
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("pool_type", sorted({MODE, "non-threaded"}))
+def test_listeners_coming_and_going_through_terminations_keep_their_promises(
+    make_pool, pg, pool_type
+):
+    from hypothesis import HealthCheck, settings
+    from hypothesis.stateful import run_state_machine_as_test
+
+    pool = make_pool({"g": {"exclusive_limit": 1}}, type=pool_type, application_name=APP,
+                     quarantine_initial=0.05, quarantine_max=0.2)
+    machine = FanOutMachine.build(pool, pg)
+    run_state_machine_as_test(machine, settings=settings(
+        max_examples=15, stateful_step_count=15, deadline=None, derandomize=True,
+        suppress_health_check=list(HealthCheck)))
+    no_session_left(pg)
+
+
 # --- the example app's server-sent events -------------------------------------------------
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "gunicorn"
