@@ -547,6 +547,39 @@ def test_a_listen_interrupted_while_connecting_leaves_nothing(make_pool, pg_fact
         assert listener.get(5).payload == "works"
 
 
+def test_listen_and_get_keep_their_timeout_against_a_server_that_never_answers(
+    make_pool, pg, blackhole
+):
+    """A black hole (TCP accepted, never a word) with a 3 s connect_timeout: listen(0.3)
+    gives up after 0.3 s, not after the connect attempt; and while a listener's connection
+    is re-made against a stopped postmaster, get(0.3) returns None on time (the reader
+    task reconnects, not the caller; non-threaded mode has none, and may overrun)."""
+    pool = make_pool({"g": {}}, db=blackhole.endpoint(connect_timeout=3), application_name=APP)
+    started = time.monotonic()
+    with pytest.raises(PoolTimeout, match="not listening"):
+        pool.listen("g", "jobs", timeout=0.3)
+    assert time.monotonic() - started < 1.0
+    assert group_stats(pool)["listeners"] == 0
+    wait_until(lambda: group_stats(pool)["exclusive_open"] == 0, 10, "the slot back")
+
+    # the listener's backend ends while the postmaster is stopped: reconnects hang
+    server = pg
+    pool = make_pool({"g": {}}, db=server.endpoint(connect_timeout=3), application_name=APP)
+    with pool.listen("g", "jobs", timeout=10) as listener:
+        backend = hub_pid(server)
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            os.kill(backend, signal.SIGTERM)  # what pg_terminate_backend does
+            for _ in range(4):
+                started = time.monotonic()
+                assert listener.get(0.3) is None
+                assert time.monotonic() - started < 0.8
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        gap = listener.get(15)
+        assert isinstance(gap, Gap), gap
+
+
 class FanOutMachine:
     """Listeners open and close on overlapping channels, notifications go out, the shared
     session is terminated: every listener gets exactly what was sent on its channels while
