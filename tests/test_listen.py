@@ -580,6 +580,51 @@ def test_listen_and_get_keep_their_timeout_against_a_server_that_never_answers(
         assert isinstance(gap, Gap), gap
 
 
+def test_listeners_churning_concurrently_through_notifications_and_terminations(
+    make_pool, pg
+):
+    """30 tasks open and close listeners on overlapping channels, read a little, while
+    notifications stream and the shared session is terminated twice: no task fails, and
+    at the end the group holds nothing (no slot, no listener, no session)."""
+    import random
+
+    pool = make_pool({"g": {"exclusive_limit": 2, "timeout": 10}}, application_name=APP,
+                     quarantine_initial=0.05, quarantine_max=0.2)
+    channels = ["a", "b", "c"]
+    stop = [False]
+
+    def churn(seed: int) -> int:
+        rng = random.Random(seed)
+        seen = 0
+        for _ in range(15):
+            names = rng.sample(channels, rng.randint(1, 3))
+            with pool.listen("g", names, timeout=10, max_backlog=5) as listener:
+                for _ in range(rng.randint(0, 3)):
+                    if listener.get(rng.uniform(0, 0.02)) is not None:
+                        seen += 1
+        return seen
+
+    def notify() -> None:
+        while not stop[0]:
+            pg.execute("SELECT pg_notify(c, 'x') FROM unnest(array['a','b','c']) c")
+            sleep(0.01)
+
+    notifier = spawn(notify)
+    tasks = [spawn(churn, i) for i in range(30)]
+    for _ in range(2):
+        sleep(0.3)
+        pg.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                   "WHERE application_name = %s", (APP,))
+    join_all(tasks, 60)
+    stop[0] = True
+    join_all([notifier], 10)
+    assert [t.error for t in tasks] == [None] * 30
+    assert sum(t.result for t in tasks) > 0
+    stats = group_stats(pool)
+    assert (stats["listeners"], stats["exclusive_open"], stats["listen_backlog"]) == (0, 0, 0)
+    no_session_left(pg)
+
+
 class FanOutMachine:
     """Listeners open and close on overlapping channels, notifications go out, the shared
     session is terminated: every listener gets exactly what was sent on its channels while
