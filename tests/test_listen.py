@@ -1098,6 +1098,34 @@ gunicorn_only = pytest.mark.skipif(MODE != "gevent",
                                    reason="the example runs under gunicorn's gevent worker")
 
 
+@pytest.mark.skipif(MODE == "eventlet", reason="eventlet's fork support is not exercised")
+def test_a_forked_child_that_keeps_running_never_reads_the_parents_connection(make_pool, pg):
+    """The child lives on for a second (its event loop runs: a reader greenlet copied from
+    the parent would wake there) while the parent's listener is sent notifications and
+    heartbeats: the parent receives every one, with no Gap."""
+    pool = make_pool({"g": {}}, application_name=APP)
+    listener = pool.listen("g", "jobs", heartbeat=0.2)
+    child = os.fork()
+    if child == 0:
+        code = 1
+        try:
+            sleep(1.0)
+            code = 0 if listener.closed else 3
+        finally:
+            os._exit(code)
+    try:
+        for i in range(5):
+            pg.execute(f"NOTIFY jobs, '{i}'")
+            sleep(0.1)
+    finally:
+        _, status = os.waitpid(child, 0)
+    assert status == 0
+    got = [listener.get(5) for _ in range(5)]
+    assert [getattr(i, "payload", i) for i in got] == [str(i) for i in range(5)]
+    assert listener.get(0.5) is None  # no Gap: the parent's connection was never touched
+    listener.close()
+
+
 @gunicorn_only
 @pytest.mark.timeout(90)
 def test_the_example_under_gunicorn_ends_its_streams_at_once_on_sigterm(pg, tmp_path):
