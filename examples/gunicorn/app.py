@@ -269,6 +269,7 @@ def index(environ: dict[str, Any]) -> tuple[str, Any]:
 NOTES_CHANNEL = "notes"
 EVENTS_KEEPALIVE = 15.0
 EVENTS_BACKLOG = 100  # notes queued for one slow client before it is owed a gap
+EVENTS_PER_WRITE = 50  # events already queued for a client go out in one write
 # seconds a write to a client may make no progress (the environment may say otherwise)
 EVENTS_WRITE_TIMEOUT = float(os.environ.get("EVENTS_WRITE_TIMEOUT", "10"))
 EVENT_HEADERS = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-store"),
@@ -289,14 +290,23 @@ def note_events(listener: greenpool.Listener,
                 if listener.closed:
                     return  # the worker is shutting down: end the response cleanly
                 yield b": keep-alive\n\n"
-            elif isinstance(item, greenpool.Gap):
-                gap = {"reason": item.reason, "lost_at": item.lost_at,
-                       "resumed_at": item.resumed_at}
-                yield f"event: gap\ndata: {json.dumps(gap)}\n\n".encode()
-            else:
-                yield f"event: note\ndata: {item.payload}\n\n".encode()
+                continue
+            events = [event_text(item)]
+            while len(events) < EVENTS_PER_WRITE:  # what is queued already: one write
+                item = listener.get(0)
+                if item is None:
+                    break
+                events.append(event_text(item))
+            yield "".join(events).encode()
     finally:
         listener.close()
+
+
+def event_text(item: greenpool.Gap | Any) -> str:
+    if isinstance(item, greenpool.Gap):
+        gap = {"reason": item.reason, "lost_at": item.lost_at, "resumed_at": item.resumed_at}
+        return f"event: gap\ndata: {json.dumps(gap)}\n\n"
+    return f"event: note\ndata: {item.payload}\n\n"
 
 
 class EventStream:
