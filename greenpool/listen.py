@@ -407,7 +407,6 @@ class _Hub:
         raw = pc.raw
         if raw.notifies:
             self._deliver(raw)
-            return True
         now = time.monotonic()
         wait = self._check_at - now
         if until is not None:
@@ -428,8 +427,7 @@ class _Hub:
                 self._lost(pc, f"connection lost: {_one_line(exc)}", "broken")
                 return True
             self._deliver(raw)
-            return True
-        if time.monotonic() >= self._check_at:
+        if time.monotonic() >= self._check_at:  # whatever the traffic: lost_at stays fresh
             self._check(pc)
         return True
 
@@ -500,7 +498,8 @@ class _Hub:
         except psycopg2.Error as exc:
             self._lost(pc, f"LISTEN failed: {_one_line(exc)}", "failed_listen")
             return
-        self._active = set(wanted)
+        with self._lock:
+            self._active = set(wanted)
         self._deliver(raw)
         self._started()
 
