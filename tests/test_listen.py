@@ -558,7 +558,7 @@ def test_listen_and_get_keep_their_timeout_against_a_server_that_never_answers(
     task reconnects, not the caller; non-threaded mode has none, and may overrun)."""
     pool = make_pool({"g": {}}, db=blackhole.endpoint(connect_timeout=3), application_name=APP)
     started = time.monotonic()
-    with pytest.raises(PoolTimeout, match="not listening"):
+    with pytest.raises(PoolTimeout):  # its own, or the connect's NoHealthyEndpoint
         pool.listen("g", "jobs", timeout=0.3)
     assert time.monotonic() - started < 1.0
     assert group_stats(pool)["listeners"] == 0
