@@ -599,7 +599,7 @@ class _Hub:
             pause = min(pause, until - time.monotonic())
         if pause > 0:
             if self.inline:
-                time.sleep(pause)
+                self.backend.sleep(pause)
             else:
                 self._wait([self._wake_r], pause)
 
