@@ -265,7 +265,7 @@ def test_prometheus_shows_exclusive_connections(make_pool):
         assert samples["greenpool_exclusive_connections_created_total"] == 1
     samples = scrape()
     assert samples["greenpool_exclusive_connections"] == 0
-    assert samples["greenpool_exclusive_connections_timeout_total"] == 0
+    assert samples["greenpool_exclusive_connections_timeouts_total"] == 0
     assert samples["greenpool_listeners"] == 0
 
 
