@@ -143,7 +143,8 @@ def _statement_timeout_ms(endpoint: EndpointConfig, group: GroupConfig) -> int |
     seconds = group.statement_timeout
     if seconds is None:
         seconds = endpoint.statement_timeout
-    return None if seconds is None else int(seconds * 1000)
+    # round, not truncate: 1.001 s is 1000.9999999999999 ms in floating point
+    return None if seconds is None else round(seconds * 1000)
 
 
 def connect_kwargs(
