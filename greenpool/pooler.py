@@ -138,10 +138,14 @@ def settings_prefix(statement_timeout_ms: int | None, readonly: bool,
     the group asks for and the server (``server``, its sessions' defaults) does not already
     enforce on every session of that pooler database."""
     parts = []
+    # enforced: the session's default and its value now (a session SET left by a previous
+    # client of the server session, without a server_reset_query, is not a default)
     if statement_timeout_ms is not None and not (
-            server is not None and server.statement_timeout_ms == int(statement_timeout_ms)):
+            server is not None and server.statement_timeout_ms == int(statement_timeout_ms)
+            and "statement_timeout" not in server.left_set):
         parts.append(f"SET LOCAL statement_timeout = {int(statement_timeout_ms)}; ")
-    if readonly and not (server is not None and server.read_only):
+    if readonly and not (server is not None and server.read_only
+                         and "default_transaction_read_only" not in server.left_set):
         parts.append("SET TRANSACTION READ ONLY; ")
     return "".join(parts)
 

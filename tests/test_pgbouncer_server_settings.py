@@ -156,6 +156,29 @@ def test_in_transaction_mode_a_role_setting_gone_from_a_new_server_connection_st
     assert pool.stats()["groups"]["ro"]["connects"] == 1
 
 
+def test_in_session_mode_what_a_previous_client_left_on_the_server_session_is_not_trusted(
+        server: Cluster, pools: Any) -> None:
+    """PgBouncer without ``server_reset_query`` hands the next client the server session as
+    the previous one left it: its current values, not only ``reset_val``, must be the
+    group's."""
+    with PgBouncer(server, databases={"reports": f"user={ROLE} password={PASSWORD}"},
+                   pool_mode="session", default_pool_size=1, server_reset_query="") as b:
+        before = psycopg2.connect(host=b.host, port=b.port, dbname="reports",
+                                  user=server.user, password=server.password,
+                                  connect_timeout=5)
+        try:
+            before.autocommit = True
+            with before.cursor() as cur:
+                cur.execute("SET default_transaction_read_only = off; "
+                            "SET statement_timeout = 0")
+        finally:
+            before.close()
+        pool = pools(b.endpoint(name="reports", pooler="session"), {
+            "ro": {"readonly": True, "statement_timeout": 0.3, "connection_count": 1}})
+        refused_write_and_cancelled_sleep(pool)
+    assert server.execute("SELECT count(*) FROM enforced")[0][0] == 0
+
+
 def test_in_session_mode_without_the_reset_the_prefix_travels(server: Cluster,
                                                               pools: Any) -> None:
     """``reset: 'never'``: a loan's session SET would stay for the next loan."""
