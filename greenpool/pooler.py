@@ -168,7 +168,8 @@ class ServerDefaults(NamedTuple):
     only, and ``RESET`` goes back to ``reset_val``). So another client of the pooler that
     left a session ``SET`` on the server connection cannot fool it, as it could fool a
     ``SHOW``. ``left_set``: names whose current value differs from that default (some
-    client left a session ``SET`` on this server connection), for ``greenpool check``."""
+    client left a session ``SET`` on this server connection): not enforced on this
+    session; ``greenpool check`` warns."""
 
     statement_timeout_ms: int | None
     read_only: bool
