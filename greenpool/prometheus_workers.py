@@ -56,6 +56,7 @@ class WorkerExport:
         self._registry = registry
         self._interval = interval
         self._stopped = threading.Event()
+        self._writing = threading.Lock()  # the thread's round and stop()'s last one share .tmp
         self._thread = threading.Thread(target=self._run, name="greenpool-metrics-writer",
                                         daemon=True)
 
@@ -65,11 +66,13 @@ class WorkerExport:
         return self
 
     def write(self) -> None:
-        """Write the registry's exposition, atomically (a reader never sees half a file)."""
-        text = generate_latest(self._registry)
-        temporary = self.path.with_suffix(".tmp")
-        temporary.write_bytes(text)
-        os.replace(temporary, self.path)
+        """Write the registry's exposition, atomically (a reader never sees half a file, and
+        an older snapshot never replaces a newer one)."""
+        with self._writing:
+            text = generate_latest(self._registry)
+            temporary = self.path.with_suffix(".tmp")
+            temporary.write_bytes(text)
+            os.replace(temporary, self.path)
 
     def stop(self) -> None:
         """Stop writing, after a last snapshot (gunicorn's ``worker_exit``)."""

@@ -7,6 +7,8 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,10 @@ pytestmark = [
 ]
 prometheus_client = pytest.importorskip("prometheus_client")
 from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
+from prometheus_client.core import CounterMetricFamily  # noqa: E402
+from prometheus_client.metrics_core import Metric  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from prometheus_client.registry import Collector  # noqa: E402
 
 from greenpool import prometheus_workers  # noqa: E402
 
@@ -82,3 +87,29 @@ def test_partial_file_of_a_writer_killed_mid_write_is_removed(tmp_path: Path) ->
     assert merged_jobs(tmp_path) == 2
     assert not partial.exists()
     assert sorted(path.name for path in tmp_path.iterdir()) == [".lock", "retired.json"]
+
+
+def test_last_snapshot_at_stop_is_not_replaced_by_an_older_round(tmp_path: Path) -> None:
+    """A threaded worker (gunicorn sync/gthread): the writer thread's round, collected
+    before stop() and written after it, must not replace stop()'s last snapshot."""
+    jobs = {"done": 0}
+    in_round, go_on = threading.Event(), threading.Event()
+
+    class SlowCollector(Collector):
+        def collect(self) -> Iterator[Metric]:
+            done = jobs["done"]  # read first, as a registry's collection does
+            if threading.current_thread() is not threading.main_thread():
+                in_round.set()
+                go_on.wait(10)
+            yield CounterMetricFamily("jobs", "Jobs done", value=done)
+
+    registry = CollectorRegistry()
+    registry.register(SlowCollector())
+    export = prometheus_workers.start_worker(tmp_path, registry, interval=0.01)
+    assert in_round.wait(10)
+    jobs["done"] = 5
+    threading.Timer(0.2, go_on.set).start()  # the round ends while stop() is under way
+    export.stop()
+    export._thread.join(10)
+
+    assert merged_jobs(tmp_path) == 5
