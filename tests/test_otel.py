@@ -141,6 +141,22 @@ def test_instrumenting_a_pool_twice_under_one_name_is_refused(make_pool, reader)
     otel.instrument(pool, meter_provider=provider)  # allowed once the first is stopped
 
 
+def test_two_pools_on_one_provider_are_both_reported_under_names_of_their_own(
+        make_pool, reader):
+    """The SDK keeps one instrument per name: each pool's gauges still come through; the
+    same name twice is refused (one pool's series would hide the other's)."""
+    reader, provider = reader
+    first = make_pool({"g": {"connection_count": 3}})
+    second = make_pool({"g": {"connection_count": 7}})
+    otel.instrument(first, meter_provider=provider)
+    with pytest.raises(ValueError, match="another pool is instrumented as 'default'"):
+        otel.instrument(second, meter_provider=provider)
+    otel.instrument(second, name="jobs", meter_provider=provider)
+    points = read(reader)
+    assert point(points, "db.client.connection.max", **{otel.POOL_NAME: "g"}).value == 3
+    assert point(points, "db.client.connection.max", **{otel.POOL_NAME: "jobs.g"}).value == 7
+
+
 class _BrokenHistogram:
     """An SDK whose record() fails: a fault no real server can produce, hence a stand-in."""
 
