@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -55,7 +56,9 @@ class _Buffer:
     """The durations one :class:`Timing` recorded since the last collection."""
 
     def __init__(self, histogram: Any, attributes: dict[str, Any]) -> None:
-        self.values: list[float] = []
+        #: a deque: each popleft is atomic, so two flushes at once (a loan's and the
+        #: collector's, in threads) never take one value twice nor drop one
+        self.values: deque[float] = deque()
         self.histogram = histogram
         self.attributes = attributes
 
@@ -73,9 +76,13 @@ class _Buffer:
         """Record the buffered values. Never raises: it runs on the loan path when the
         buffer is full, and a metrics failure must not fail a loan (the values are then
         lost, and that is logged)."""
-        values = self.values
-        taken = values[:]
-        del values[:len(taken)]  # values appended meanwhile (threads) stay for the next one
+        values, take = self.values, self.values.popleft
+        taken: list[float] = []
+        for _ in range(len(values)):  # what is there now; later ones wait for the next
+            try:
+                taken.append(take())
+            except IndexError:  # another flush took the rest
+                break
         record, attributes = self.histogram.record, self.attributes
         try:
             for seconds in taken:
