@@ -474,9 +474,9 @@ class _Hub:
         except psycopg2.Error as exc:
             self._lost(pc, f"heartbeat failed: {_one_line(exc)}", "failed_check")
             return
+        self._deliver(raw)  # before good_at moves: these may be older than sent_at
         self.good_at = sent_at
         self._check_at = time.monotonic() + self.heartbeat
-        self._deliver(raw)
         role = role_of(raw)
         if role == UNKNOWN:
             role = pc.endpoint.role

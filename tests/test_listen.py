@@ -406,6 +406,34 @@ def test_gap_lost_at_precedes_every_notification_lost(make_pool, pg):
         assert listener.get(5).payload == "after"
 
 
+def test_a_notification_dropped_with_a_heartbeat_answer_is_after_the_gaps_lost_at(
+    make_pool, pg
+):
+    """A subscriber at its ``max_backlog``; the shared backend is stopped (SIGSTOP) while a
+    NOTIFY commits and the next heartbeat is sent, then resumed: the notification arrives
+    with the heartbeat's answer and is dropped for the full subscriber. It was committed
+    before that heartbeat was sent, so the Gap's ``lost_at`` must precede it (not be the
+    heartbeat's send time)."""
+    pool = make_pool({"g": {}}, db=pg.endpoint(connect_timeout=5), application_name=APP)
+    with pool.listen("g", "feed", heartbeat=0.3, max_backlog=2) as slow:
+        pg.execute("NOTIFY feed, 'fills'; NOTIFY feed, 'full'")
+        wait_until(lambda: slow.backlog == 2, 5, "the slow subscriber's queue to fill")
+        pid = hub_pid(pg)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            committing_at = time.time()
+            pg.execute("NOTIFY feed, 'dropped'")
+            sleep(1.0)  # a heartbeat is sent (and waits for its answer) meanwhile
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        wait_until(lambda: group_stats(pool)["listen_dropped"] == 1, 5,
+                   "the notification to be dropped")
+        assert [slow.get(5).payload for _ in range(2)] == ["fills", "full"]
+        gap = slow.get(5)
+        assert isinstance(gap, Gap) and "max_backlog" in gap.reason, gap
+        assert gap.lost_at <= committing_at, gap.lost_at - committing_at
+
+
 def test_gap_lost_at_is_safe_when_the_session_is_terminated_while_nobody_reads(make_pool, pg):
     """Subscribers busy elsewhere: a NOTIFY, then the session is terminated. Either the
     notification was received (it is queued before the Gap) or ``lost_at`` precedes it."""
