@@ -49,6 +49,7 @@ import itertools
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -143,6 +144,10 @@ class ExclusiveSlots:
         self.no_room = 0  # callers refused because the groups need the server's slots
         #: listeners open now (each holds one slot while it lives)
         self.listeners = 0
+        #: what listeners dropped without close() held (``listen._Held``), appended by their
+        #: finalizers at garbage collection (no lock there: it may run inside a locked
+        #: section) and given back by :meth:`reclaim` on the next use of these slots
+        self.orphans: deque[Any] = deque()
         #: bumped in a forked child: a slot taken in the parent is never given back here
         self.generation = 0
 
@@ -158,6 +163,7 @@ class ExclusiveSlots:
         """Hold one slot, waiting up to ``timeout`` (the group's acquire timeout if None)
         for one to be given back. Raises :class:`PoolTimeout`, :class:`PoolClosed`, or
         :class:`PoolError` when the group allows none."""
+        self.reclaim()
         wait_for = self.group.config.timeout if timeout is None else timeout
         name = self.group.name
         with self._lock:
@@ -190,6 +196,15 @@ class ExclusiveSlots:
             raise waiter.error
         if waiter.item is None:
             raise self._timeout_error(wait_for)
+
+    def reclaim(self) -> None:
+        """Give back what garbage-collected listeners held: connections, slots."""
+        while self.orphans:
+            try:
+                held = self.orphans.popleft()
+            except IndexError:
+                return
+            held.release(self)
 
     def count_listener(self, change: int) -> None:
         with self._lock:
@@ -551,6 +566,7 @@ class ExclusiveSlots:
     # --- reporting and lifecycle ----------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
+        self.reclaim()
         return {
             "exclusive_open": self._taken,
             "exclusive_max": self.limit,
@@ -563,6 +579,7 @@ class ExclusiveSlots:
 
     def close(self) -> None:
         """Refuse new slots; every waiter gets :class:`PoolClosed`."""
+        self.reclaim()
         with self._lock:
             self._closed = True
             self._line.fail_all(self._closed_error)
@@ -583,6 +600,7 @@ class ExclusiveSlots:
         self._rounds = {}
         self._no_room = {}
         self.listeners = 0
+        self.orphans = deque()
         self.generation += 1
         for line in (old_line, old_wanting):
             line.fail_all(lambda: PoolError(
