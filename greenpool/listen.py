@@ -656,7 +656,9 @@ def _orphaned(hub: _Hub, sub: _Sub) -> None:
     """A listener was garbage-collected unclosed: the hub removes it at its next round (no
     lock here: this may run inside any locked section) and is woken for that."""
     hub.orphans.append(sub)
-    if not hub.finished and not hub.inline:
+    if hub.inline:  # no reader task: the slots' next use collects it
+        hub.slots.orphans.append(hub.take_orphans)
+    elif not hub.finished:
         try:
             _write(hub._wake_w, b"x")
         except OSError:

@@ -539,6 +539,25 @@ def test_non_threaded_subscribers_share_the_connection_read_by_whoever_waits(mak
     no_session_left(pg)
 
 
+@pytest.mark.parametrize("kind", ["non-threaded", None])
+def test_a_listener_collected_unclosed_gives_the_slot_back_to_exclusive(make_pool, pg, kind):
+    """The only listener of a group is garbage-collected without close(): an
+    ``exclusive()`` that needs its slot gets it (non-threaded mode has no reader task to
+    notice the collection; the slots' next use must) and its session ends."""
+    import gc
+
+    extra = {} if kind is None else {"type": kind}
+    pool = make_pool({"g": {"exclusive_limit": 1}}, application_name=APP, **extra)
+    listener = pool.listen("g", "jobs")
+    assert listening_sessions(pg) == 1
+    del listener
+    gc.collect()
+    with pool.exclusive("g", timeout=5) as conn:
+        assert conn.closed == 0
+    no_session_left(pg)
+    assert group_stats(pool)["listeners"] == 0
+
+
 def test_a_failed_first_connect_gives_the_slot_back_in_every_mode(make_pool, pg):
     """Nobody listens on the endpoint's port: listen() raises the connect's error, and the
     slot is free again at once (non-threaded mode has no reader task to give it back)."""
