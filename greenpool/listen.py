@@ -491,6 +491,8 @@ class _Hub:
         parts = [sql.SQL("LISTEN {}").format(sql.Identifier(n)) for n in adding]
         parts += [sql.SQL("UNLISTEN {}").format(sql.Identifier(n)) for n in dropping]
         raw = pc.raw
+        with self._lock:  # a subscriber joining a channel being dropped waits for its LISTEN
+            self._active.difference_update(dropping)
         self._bounded_by(pc.endpoint.config.connect_timeout)
         try:
             statement = sql.SQL("; ").join(parts).as_string(raw)

@@ -453,6 +453,35 @@ def test_gap_lost_at_is_safe_when_the_session_is_terminated_while_nobody_reads(m
             assert gap.lost_at <= sent_at
 
 
+def test_a_listen_joining_a_channel_being_unlistened_waits_for_its_listen_again(
+    make_pool, pg
+):
+    """The last holder of ``x`` closes, and the hub's ``UNLISTEN x`` is held up (SIGSTOP);
+    a new listener of ``x`` meanwhile must not return before ``x`` is listened on again
+    (else a notification committed between the UNLISTEN and the next LISTEN is lost)."""
+    pool = make_pool({"g": {}}, db=pg.endpoint(connect_timeout=5), application_name=APP)
+    with pool.listen("g", "y") as keeper:
+        first = pool.listen("g", "x")
+        pid = hub_pid(pg)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            first.close()
+            sleep(0.3)  # the reader sends UNLISTEN x and waits for the stopped backend
+
+            task = spawn(lambda: pool.listen("g", "x", timeout=10))
+            returned_early = task.join(0.5)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        join_all([task], 10)
+        assert task.error is None, task.error
+        with task.result as second:
+            assert not returned_early, "listen() returned while its channel was unlistened"
+            pg.execute("NOTIFY x, 'after listen returned'")
+            note = second.get(5)
+            assert note is not None and note.payload == "after listen returned", note
+        assert keeper.get(0) is None
+
+
 def test_channel_names_are_the_exact_strings_pg_notify_takes(make_pool, pg):
     """``listen('Jobs')`` hears ``pg_notify('Jobs')`` and ``NOTIFY "Jobs"``, not ``NOTIFY
     Jobs`` (folded to ``jobs`` by PostgreSQL), which ``listen('jobs')`` hears."""
