@@ -514,6 +514,8 @@ class _Hub:
                     sub.wake()
 
     def _lost(self, pc: PooledConnection, reason: str, discard: str, failed: bool = True) -> None:
+        if self._forked():  # a copied reader read the silenced socket: nothing was lost
+            return
         self._deliver(pc.raw)  # what came before the loss is still news
         lost_at = self.good_at
         with self._lock:

@@ -1158,6 +1158,41 @@ def test_a_forked_child_that_keeps_running_never_reads_the_parents_connection(ma
     listener.close()
 
 
+@pytest.mark.skipif(not GREEN, reason="only greenlets live on in a forked child")
+def test_a_child_forked_mid_heartbeat_neither_reports_a_loss_nor_evicts(make_pool, pg):
+    """The reader greenlet waits for a heartbeat's answer (the backend is stopped) when
+    the process forks: in the child its copy reads the silenced socket (EOF); it must end
+    quietly, not log a lost connection nor report the endpoint failed."""
+    import logging
+
+    pool = make_pool({"g": {}}, db=pg.endpoint(connect_timeout=5), application_name=APP)
+    listener = pool.listen("g", "jobs", heartbeat=0.2)
+    pid = hub_pid(pg)
+    failed: list[object] = []
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("greenpool").addHandler(handler)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        sleep(0.6)  # a heartbeat is sent and waits for its answer
+        pool._groups["g"].on_endpoint_failure = failed.append
+        child = os.fork()
+        if child == 0:
+            code = 1
+            try:
+                sleep(1.0)
+                code = 0 if not failed and not records else 3
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(child, 0)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        logging.getLogger("greenpool").removeHandler(handler)
+    assert os.WEXITSTATUS(status) == 0, status
+    listener.close()
+
+
 @gunicorn_only
 @pytest.mark.timeout(90)
 def test_the_example_under_gunicorn_ends_its_streams_at_once_on_sigterm(pg, tmp_path):
