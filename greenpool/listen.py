@@ -225,7 +225,9 @@ class _Hub:
             self.subs[sub] = None
             for name in sub.channels:
                 self._by_channel.setdefault(name, {})[sub] = None
-            self.heartbeat = min(self.heartbeat, heartbeat)
+            if heartbeat < self.heartbeat:  # the next heartbeat no later than this one's
+                self.heartbeat = heartbeat
+                self._check_at = min(self._check_at, time.monotonic() + heartbeat)
             if self.pc is not None and self._active.issuperset(sub.channels):
                 sub.started = True
             self._poke()

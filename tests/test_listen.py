@@ -406,6 +406,27 @@ def test_gap_lost_at_precedes_every_notification_lost(make_pool, pg):
         assert listener.get(5).payload == "after"
 
 
+def test_a_listener_with_a_shorter_heartbeat_is_heard_at_once_by_a_running_hub(
+    make_pool, pg
+):
+    """A hub running with a 30 s heartbeat; a listener asking for 0.3 s joins and the
+    backend stops (SIGSTOP): it gets its Gap within its own heartbeat plus the round
+    trip's bound, not after the hub's old 30 s."""
+    pool = make_pool({"g": {}}, db=pg.endpoint(connect_timeout=1), application_name=APP)
+    with pool.listen("g", "jobs", heartbeat=30) as _, pool.listen(
+            "g", "jobs", heartbeat=0.3) as quick:
+        pid = hub_pid(pg)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            gap = quick.get(10)
+            waited = time.monotonic() - started
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert isinstance(gap, Gap) and "heartbeat" in gap.reason, gap
+        assert waited < 4, waited
+
+
 def test_a_notification_dropped_with_a_heartbeat_answer_is_after_the_gaps_lost_at(
     make_pool, pg
 ):
