@@ -101,3 +101,7 @@ class Events:
             except Exception:
                 logger.warning("the on_event callback raised on a %r event; the pool goes on",
                                event.kind, exc_info=True)
+            except BaseException:  # this task ends (killed, a signal): the next emit starts one
+                with self._lock:
+                    self._delivering = False
+                raise

@@ -200,3 +200,34 @@ def test_events_report_a_switchover_as_promoted_and_demoted(pg_factory, mode):
         wait_until(lambda: "demoted" in _kinds(events, _label(primary)), 30, "demoted")
     finally:
         pool.close()
+
+
+class _TaskEnded(BaseException):
+    """What kills the delivering task from inside the callback (as greenlet.kill or a
+    signal handler's exception would)."""
+
+
+@pytest.mark.timeout(30)
+def test_events_are_still_delivered_after_the_delivering_task_was_killed_in_the_callback(
+        mode):
+    """The callback's first call ends its task with a BaseException; the events emitted
+    after it are delivered by a new task (the queue was not left marked as being
+    delivered forever)."""
+    from greenpool.concurrency import backend_for, resolve_mode
+    from greenpool.events import Events
+
+    if MODE == "non-threaded":
+        pytest.skip("non-threaded delivers in the emitting caller: nothing to restart")
+    seen = []
+
+    def callback(event):
+        seen.append(event.kind)
+        if len(seen) == 1:
+            raise _TaskEnded()
+
+    events = Events(callback, backend_for(resolve_mode(mode)))
+    events.emit("quarantined", endpoint="a")
+    wait_until(lambda: seen == ["quarantined"], 10, "the first event")
+    sleep(0.1)  # the killed task's unwinding
+    events.emit("back", endpoint="a")
+    wait_until(lambda: seen == ["quarantined", "back"], 10, "the event after the kill")
