@@ -313,3 +313,21 @@ def test_resize_down_while_loans_return_at_once_leaves_no_waiter_without_a_conne
                 pool.close()
     finally:
         sys.setswitchinterval(interval)
+
+
+@pytest.mark.timeout(60)
+def test_reconfigure_of_retry_sleep_keeps_the_connections_and_applies_to_the_next_quarantine(
+        pg, mode):
+    """``connection_retry_sleep`` only paces the pool's own retries: a new value keeps the
+    endpoint's connections (nothing travels with them) and is its backoff from then on."""
+    config = _config(mode, pg.endpoint())
+    pool = Pool(config)
+    try:
+        before = set(lend_all(pool, "g", 4, within=10))
+        pool.reconfigure({**config, "db": {**pg.endpoint(), "connection_retry_sleep": 45.0}})
+        assert discards(pool, "g") == 0
+        assert set(lend_all(pool, "g", 4, within=10)) == before
+        (endpoint,) = pool.group("g").endpoints
+        assert endpoint.backoff_max == 45.0  # the first quarantine's length, at least
+    finally:
+        pool.close()
