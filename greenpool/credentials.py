@@ -21,8 +21,9 @@ The call is bounded by what is left of the attempt's ``connect_timeout``:
   bound) rather than start another call, so a hung function costs one thread, not one
   per attempt.
 
-A failure (it raised, hung, or returned something that is not a string) fails that attempt
-only: it says nothing about the server, so the endpoint is neither quarantined nor evicted;
+A failure (it raised, hung, returned something that is not a string, or took longer than
+the time it left the server, which then did not answer) fails that attempt only: it says
+nothing about the server, so the endpoint is neither quarantined nor evicted;
 connects leave it alone for a moment and ask again. Its value never appears in a log, an
 error or a repr; errors name the function's exception type only (its traceback is logged,
 since it is the application's own).

@@ -28,9 +28,9 @@ from .concurrency import Backend
 
 logger = logging.getLogger("greenpool")
 
-#: every ``PoolEvent.kind``
 #: events kept for a callback that cannot keep up
 QUEUE_MAX = 1000
+#: every ``PoolEvent.kind``
 KINDS = ("quarantined", "back", "promoted", "demoted", "lagging", "caught_up", "split_brain",
          "cannot_connect", "connected")
 
