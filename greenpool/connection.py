@@ -243,15 +243,22 @@ def open_connection(
     each transaction.
     """
     started = time.monotonic()
+    asked = 0.0  # seconds the password function took of the attempt's time
     if credentials.is_supplied(endpoint.password):
         kwargs = _with_supplied_password(endpoint, kwargs, backend, seconds)
-        seconds = max(seconds - (time.monotonic() - started), 0.001)
-        started = time.monotonic()
+        asked = time.monotonic() - started
+        seconds, started = max(seconds - asked, 0.001), time.monotonic()
     through_pooler = pooler.mode_of(endpoint) != pooler.NONE
     refused: ConnectError | None = None
     try:
         raw = _open(endpoint, kwargs, backend, seconds, through_pooler)
     except ConnectError as exc:
+        if asked > seconds and exc.kind == no_answer().kind:
+            # the server had less time than the function: its silence says nothing of it
+            raise ConnectError(endpoint, f"{exc.reason}, after the password function took "
+                               f"{asked:.2f} s of the attempt's time", kind=credentials.KIND,
+                               hint="make the password function faster (cache its result) "
+                               "or raise connect_timeout") from None
         if through_pooler or exc.kind != "pooler_startup_parameter" or not (
             pooler.may_detect(endpoint)
         ):

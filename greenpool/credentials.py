@@ -17,10 +17,13 @@ The call is bounded by what is left of the attempt's ``connect_timeout``:
   can interrupt it. One that outlives its bound that way is a failure, with a warning that
   says so, rather than a silent stall;
 * threaded modes call it in a helper thread and wait for it up to the bound; one that hangs
-  is left behind and the attempt fails.
+  is left behind and the attempt fails; later attempts wait on it (within their own
+  bound) rather than start another call, so a hung function costs one thread, not one
+  per attempt.
 
-A failure (it raised, hung, or returned something that is not a string) fails that attempt
-only: it says nothing about the server, so the endpoint is neither quarantined nor evicted;
+A failure (it raised, hung, returned something that is not a string, or took longer than
+the time it left the server, which then did not answer) fails that attempt only: it says
+nothing about the server, so the endpoint is neither quarantined nor evicted;
 connects leave it alone for a moment and ask again. Its value never appears in a log, an
 error or a repr; errors name the function's exception type only (its traceback is logged,
 since it is the application's own).
@@ -115,7 +118,23 @@ def _in_task(supplier: Callable[[], Any], label: str, backend: Backend, seconds:
     raise failure  # outside the except: the function's exception is not even its context
 
 
+#: per password function (by id; kept referenced so that the id stays its own), the done
+#: lock of a call that outlived its caller's bound: the next connects wait on it rather
+#: than each leave one more thread behind
+_overdue: dict[int, tuple[Callable[[], Any], Any]] = {}
+
+
 def _in_thread(supplier: Callable[[], Any], label: str, seconds: float) -> Any:
+    started = time.monotonic()
+    hung = _overdue.get(id(supplier), (None, None))[1]
+    if hung is not None:
+        if not hung.acquire(timeout=seconds):
+            raise PasswordUnavailable(f"the password function gave no answer within "
+                                      f"{seconds:.2f} s to a call begun earlier (none more "
+                                      f"is started until it returns)")
+        hung.release()  # done: every waiter on it sees so
+        _overdue.pop(id(supplier), None)
+        seconds = max(seconds - (time.monotonic() - started), 0.001)
     done = _original_lock()  # real OS threads on both sides, whatever a library patched
     done.acquire()
     box: list[Any] = []
@@ -130,6 +149,7 @@ def _in_thread(supplier: Callable[[], Any], label: str, seconds: float) -> Any:
 
     _original_start_thread()(run, ())
     if not done.acquire(timeout=seconds):
+        _overdue[id(supplier)] = (supplier, done)
         raise PasswordUnavailable(f"the password function gave no answer within "
                                   f"{seconds:.2f} s (it is left running)")
     ok, value = box[0]

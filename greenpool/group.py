@@ -545,7 +545,9 @@ class Group:
         a connect's time, so a caller waits at most about one connect, not one per
         replacement."""
         if self._size > self.config.connection_count:
-            self._discard(pc, "resized", reconnect=False)
+            # looked at without the lock: threads returning at once may all see the surplus,
+            # so whether the room goes to a waiter is decided under it (reconnect=None)
+            self._discard(pc, "resized", reconnect=None)
             return True
         if self._line and self._connecting >= _MOVES_IN_FLIGHT:
             return False
@@ -668,7 +670,8 @@ class Group:
                         targets.extend(self._unserved_endpoints())
                     starts = [self._take_slot() for _ in targets]
         if closed or surplus:
-            self._discard(pc, "pool_closed" if closed else "resized", reconnect=False)
+            self._discard(pc, "pool_closed" if closed else "resized",
+                          reconnect=False if closed else None)
             return
         for new, target in zip(starts, targets, strict=True):
             self.connector.start(new, target)
@@ -842,7 +845,7 @@ class Group:
         travels = any(getattr(old, key) != getattr(config, key) for key in TRAVELS)
         surplus = self.take_idle(lambda idle: idle[:max(0, self._size - config.connection_count)])
         for pc in surplus:
-            self._discard(pc, "resized", reconnect=False)
+            self._discard(pc, "resized", reconnect=None)
         if travels:
             self.drain()
         else:

@@ -267,7 +267,7 @@ class Pool:
         change = live.plan(self.config, new)  # refuses before anything is touched
         by_label = {ep.label: ep for ep in self._endpoints}
         for label, endpoint_config in change.changed.items():
-            by_label[label].config = endpoint_config
+            by_label[label].reconfigure(endpoint_config)
         added = [self._new_endpoint(c) for c in change.added]
         by_label.update((ep.label, ep) for ep in added)
         endpoints = [by_label[c.label] for c in new.endpoints]
