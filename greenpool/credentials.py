@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -97,8 +98,12 @@ def _original_lock() -> Any:
 
 
 def _failed(label: str, exc: BaseException) -> PasswordUnavailable:
-    logger.warning("endpoint %s: the password function raised %s", label,
-                   type(exc).__name__, exc_info=exc)
+    """The failure as a connect error. Neither the log nor the error holds the exception's
+    text (a vault client's message may quote the token): its type and where it was raised."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
+    logger.warning("endpoint %s: the password function raised %s%s (its message is not "
+                   "logged: it may hold a secret)", label, type(exc).__name__, where)
     return PasswordUnavailable(f"the password function raised {type(exc).__name__}")
 
 

@@ -101,6 +101,7 @@ def test_password_function_that_raises_fails_the_connect_and_says_so(pg, mode, c
         text = str(info.value)
         assert "the password function raised RuntimeError" in text, text
         assert secret not in text and secret not in repr(info.value.__cause__)
+        assert "RuntimeError" in caplog.text and secret not in caplog.text
         endpoint = pool.stats()["endpoints"][f"{pg.host}:{pg.port}/postgres"]
         assert endpoint["quarantines"] == 0 and endpoint["state"] == "up", endpoint
         broken["now"] = False
