@@ -33,7 +33,7 @@ import psycopg2.extras
 from psycopg2 import extensions
 
 from . import credentials, pooler
-from .concurrency import Backend
+from .concurrency.backend import Backend
 from .config import EndpointConfig, GroupConfig
 from .endpoint import Endpoint
 from .failures import Verdict, classify, no_answer, unresolvable
@@ -196,7 +196,7 @@ class _Connection(extensions.connection):
     too (psycopg2 itself hides only ``password``)."""
 
     #: tells the green wait callback that this connect is greenpool's (see
-    #: ``concurrency.InheritedAcrossFork``): a user's own connections are left alone
+    #: ``concurrency.fork.InheritedAcrossFork``): a user's own connections are left alone
     greenpool_owned = True
 
     @property

@@ -35,7 +35,8 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, Protocol
 
-from .concurrency import Backend, InheritedAcrossFork, Task, still_connecting
+from .concurrency.backend import Backend, Task
+from .concurrency.fork import InheritedAcrossFork, still_connecting
 from .config import GroupConfig
 from .connection import (
     ConnectError,

@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .concurrency import Backend
+from .concurrency.backend import Backend
 
 logger = logging.getLogger("greenpool")
 

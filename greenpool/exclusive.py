@@ -56,7 +56,8 @@ from typing import TYPE_CHECKING, Any
 import psycopg2
 
 from . import pooler
-from .concurrency import Backend, InheritedAcrossFork, Waiter
+from .concurrency.backend import Backend, Waiter
+from .concurrency.fork import InheritedAcrossFork
 from .connection import PooledConnection, close_quietly, round_trip
 from .endpoint import UP
 from .errors import ConnectFailed, NoHealthyEndpoint, PoolClosed, PoolError, PoolTimeout

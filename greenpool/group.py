@@ -35,7 +35,7 @@ from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .concurrency import Backend, Waiter
+from .concurrency.backend import Backend, Waiter
 from .config import GroupConfig
 from .connection import (
     PooledConnection,

@@ -31,7 +31,8 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
-from .concurrency import Backend, InheritedAcrossFork, Signal
+from .concurrency.backend import Backend, Signal
+from .concurrency.fork import InheritedAcrossFork
 from .config import PoolConfig
 from .connection import (
     PooledConnection,

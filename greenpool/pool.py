@@ -13,7 +13,9 @@ from functools import partial
 from typing import Any
 
 from . import live
-from .concurrency import Backend, backend_for, check_mode_fits, resolve_mode
+from .concurrency.backend import Backend
+from .concurrency.detection import check_mode_fits, resolve_mode
+from .concurrency.modes import backend_for
 from .config import GroupConfig, PoolConfig, _integer, parse_config
 from .endpoint import ROLE_STALE_AFTER, Endpoint
 from .errors import ConfigError, PoolClosed

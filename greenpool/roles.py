@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import psycopg2
 from psycopg2 import extensions
 
-from .concurrency import Backend
+from .concurrency.backend import Backend
 from .endpoint import PRIMARY, STANDBY, UNKNOWN, UP, Endpoint
 
 logger = logging.getLogger("greenpool")

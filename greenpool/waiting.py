@@ -3,7 +3,7 @@
 A queue that waiters ``get()`` from is not fair: a greenlet that returns a connection and
 asks again at once can take it back ahead of everyone already waiting. Here a returned
 (or newly opened) connection is *given* to the oldest waiter, whose signal is then set; no
-one can overtake. Each waiter is a small object (the backend's :class:`~.concurrency.Waiter`)
+one can overtake. Each waiter is a small object (a :class:`~.concurrency.backend.Waiter`)
 so that a waiter that gives up (timeout, kill) can be taken out of the line, and so that a
 hand-off that raced with its giving up is never lost (see :meth:`Group._abandon`).
 
@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from .concurrency import Waiter
+from .concurrency.backend import Waiter
 
 
 class WaitLine(deque[Waiter]):

@@ -30,7 +30,7 @@ from typing import Any
 import psycopg2
 import psycopg2.extras
 
-from ...concurrency import process_mode
+from ...concurrency.detection import process_mode
 from ...config import PoolConfig, parse_config
 from ...errors import (
     ConfigError,
