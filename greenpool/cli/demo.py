@@ -20,8 +20,8 @@ import secrets
 import time
 from typing import Any
 
-from .check import BAD_INPUT, FAILED, OK, UNREACHABLE, CheckFailed, shielded
-from .errors import ConfigError
+from ..errors import ConfigError
+from .process import BAD_INPUT, FAILED, OK, UNREACHABLE, CheckFailed, shielded
 
 
 class _Timeline(logging.Handler):
