@@ -286,7 +286,7 @@ class Connector:
             self.counts = {ep: n for ep, n in self.counts.items() if ep is not endpoint}
 
     def close(self, pc: PooledConnection, reason: str) -> None:
-        """Close ``pc`` and count why. Only its group calls this (``Group._discard``), which
+        """Close ``pc`` and count why. Only its group calls this (``Group.discard``), which
         gives its slot back; a dedicated connection, which has none, is closed here too."""
         with self._lock:  # counted under the lock: exact in threaded mode too
             self.counters.discards[reason] += 1

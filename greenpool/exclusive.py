@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg2
 
 from . import pooler
-from .concurrency.backend import Backend, Waiter
+from .concurrency.backend import Backend
 from .concurrency.fork import InheritedAcrossFork
 from .connection import PooledConnection, close_quietly, round_trip
 from .endpoint import UP
@@ -187,18 +187,10 @@ class ExclusiveSlots:
         try:
             waiter.wait(wait_for)
         except BaseException:
-            self._abandon(waiter)
+            self._line.abandon(waiter, self._lock, lambda _slot: self.give())
             raise
-        if waiter.item is not None:
-            return
-        with self._lock:
-            served = self._line.served(waiter)
-            if not served:
-                self._line.leave(waiter)
-        if waiter.error is not None:
-            raise waiter.error
         if waiter.item is None:
-            raise self._timeout_error(wait_for)
+            self._line.outcome(waiter, self._lock, lambda: self._timeout_error(wait_for))
 
     def reclaim(self) -> None:
         """Give back what garbage-collected listeners held: connections, slots."""
@@ -224,15 +216,6 @@ class ExclusiveSlots:
         while self._line and not self._closed and self._room():
             self._taken += 1
             self._line.serve(True)
-
-    def _abandon(self, waiter: Waiter) -> None:
-        """A waiter was interrupted: leave the line, or pass on the slot it was just given."""
-        with self._lock:
-            if not self._line.served(waiter):
-                self._line.leave(waiter)
-                return
-        if waiter.item is not None:
-            self.give()
 
     def _timeout_error(self, wait_for: float) -> PoolTimeout:
         self.counters.timeouts += 1
@@ -287,33 +270,19 @@ class ExclusiveSlots:
         try:
             waiter.wait(max(0.0, deadline - time.monotonic()))
         except BaseException:
-            self._abandon_connect(waiter)
+            # a connection handed over meanwhile is closed: nobody will use it
+            self._wanting.abandon(waiter, self._lock,
+                                  lambda pc: self.close_connection(pc, "interrupted"))
             raise
         item = waiter.item
         if item is None:
-            with self._lock:
-                if not self._wanting.served(waiter):
-                    self._wanting.leave(waiter)
-            if waiter.error is not None:
-                raise waiter.error
-            item = waiter.item
-            if item is None:
-                raise self._no_connection_error(caller_waits)
+            item = self._wanting.outcome(waiter, self._lock,
+                                         lambda: self._no_connection_error(caller_waits))
         return self._handed(item)
 
     def _handed(self, pc: PooledConnection) -> PooledConnection:
         self.counters.opened += 1
         return pc
-
-    def _abandon_connect(self, waiter: Waiter) -> None:
-        """A caller waiting for a connection was interrupted: leave the line; a connection
-        handed over meanwhile is closed (nobody will use it)."""
-        with self._lock:
-            if not self._wanting.served(waiter):
-                self._wanting.leave(waiter)
-                return
-        if waiter.item is not None:
-            self.close_connection(waiter.item, "interrupted")
 
     def _no_connection_error(self, caller_waits: bool) -> NoHealthyEndpoint:
         connector = self.group.connector

@@ -17,7 +17,7 @@ healthy endpoints): it is one short-lived connection of its own, at most one per
 (the endpoint lets a single prober through), closed at once.
 
 Every connection taken from a group here holds that group's slot (``pc.slot``) and is given
-back (``give_back``) or discarded through the group (``drop``), which returns the slot; a
+back (``reuse``) or discarded through the group (``discard``), which returns the slot; a
 connection opened in a slot housekeeping reserved (``reserve_slot``) is held ``with`` that
 slot until the group takes it (``deliver``).
 """
@@ -190,7 +190,7 @@ class Housekeeping:
             return chosen
 
         for pc in group.take_idle(retire):  # no round trip: all at once
-            group.drop(pc, "closed" if pc.raw.closed else
+            group.discard(pc, "closed" if pc.raw.closed else
                        "expired" if expired(pc) else "max_idle")
 
         checked: set[int] = set()
@@ -223,27 +223,27 @@ class Housekeeping:
         try:
             reason = check()
         except BaseException:
-            group.drop(pc, "interrupted")
+            group.discard(pc, "interrupted")
             raise
         if reason:
-            group.drop(pc, reason)
+            group.discard(pc, reason)
             if reason == "failed_check":
                 self._on_endpoint_failure(pc.endpoint)
             return
         pc.last_used = time.monotonic()
-        group.give_back(pc)
+        group.reuse(pc)
 
     def _rebalance(self, group: Group) -> None:
         """Idle connections on the wrong endpoint are closed and reopened through the normal
         choice; while a busy group holds more than its share somewhere, returns move
-        connections (``Group.imbalanced``, see ``Group.give_back``)."""
+        connections (``Group.imbalanced``, see ``Group.reuse``)."""
         preferred = group.preferred_endpoints()
         counts = group.connector.counts
         moving = group.take_idle(
             lambda idle: misplaced(idle, preferred, group.role, counts)
         )
         for pc in moving:
-            group.drop(pc, "rebalance")
+            group.discard(pc, "rebalance")
         if moving:
             group.grow(len(moving))
         now = time.monotonic()
@@ -288,12 +288,12 @@ class Housekeeping:
             try:
                 answered = self._read_role(pc)
             except BaseException:
-                group.drop(pc, "interrupted")
+                group.discard(pc, "interrupted")
                 raise
             if answered:
-                group.give_back(pc)
+                group.reuse(pc)
             else:
-                group.drop(pc, "failed_check")
+                group.discard(pc, "failed_check")
                 self._on_endpoint_failure(endpoint)
             return
         self._probe(endpoint)

@@ -53,7 +53,7 @@ from sqlalchemy.pool.base import _ConnectionRecord
 from sqlalchemy.sql import Select
 
 from .errors import ConfigError
-from .sessionstate import CLEAN, changes_session
+from .sessionstate import changes_session
 
 if TYPE_CHECKING:
     from .connection import PooledConnection
@@ -354,12 +354,12 @@ def _track_statement(conn: Any, cursor: Any, statement: Any, parameters: Any,
                      context: Any, executemany: bool) -> None:
     """Mark the loan dirty when a statement may leave session state behind (SET, LISTEN,
     temporary tables, ...: see sessionstate.py); the common case is one set lookup."""
-    if statement.__class__ is str and statement in CLEAN:
-        return
     raw = cursor.connection
+    if not changes_session(statement, raw):
+        return
     pool = conn.engine.pool
     pc = pool.loan_of(raw) if isinstance(pool, GreenpoolPool) else None
-    if pc is not None and changes_session(statement, raw):
+    if pc is not None:
         pc.dirty = True
 
 
