@@ -21,6 +21,10 @@ the same rule (each attempt bounded by ``connect_timeout``, never by the caller'
 
 The group talks to the connector through :meth:`Connector.start`, and the connector back to
 the group through the small :class:`Slots` interface: nothing here knows the waiting line.
+
+Why one module of this length: opening, retrying across endpoints and closing share the
+per-endpoint counts of connects under way and connections open, read under one lock; the
+connect itself is connection.py's, the failures' wording failures.py's.
 """
 
 from __future__ import annotations

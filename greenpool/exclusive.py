@@ -40,6 +40,10 @@ Inside the pool's model:
 
 Every path that can be interrupted gives its limit slot back before re-raising, and a
 connection opened for a caller who was interrupted is closed.
+
+Why one module of this length: the limit's slots, the line for them and the dedicated
+connect tasks share one lock and one set of counts (a caller holds a slot while a task
+connects for it); the waiting line itself is waiting.py's.
 """
 
 from __future__ import annotations

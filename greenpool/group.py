@@ -22,6 +22,11 @@ Invariants (all changed only under ``self._lock``, in sections that never block)
 * Someone waits only if nothing is idle; a returned or new connection goes to the oldest
   waiter directly (first come, first served). A waiter never connects itself: it asks the
   connector, and whatever connection comes first serves the oldest waiter.
+
+Why one module of this length: the group's bookkeeping (idle stack, waiting line, slots,
+lent set, generation) changes under its one lock, in sections that rely on each other's
+invariants; split, each part would reach into the others' private state. What can stand
+alone already does: placement.py, waiting.py, slots.py, borrow_return.py, connector.py.
 """
 
 from __future__ import annotations
@@ -35,15 +40,10 @@ from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .borrow_return import check_on_borrow, reset_on_return
 from .concurrency.backend import Backend
 from .config import GroupConfig
-from .connection import (
-    PooledConnection,
-    check_on_borrow,
-    close_quietly,
-    reset_on_return,
-    silence_inherited,
-)
+from .connection import PooledConnection, close_quietly, silence_inherited
 from .connector import Connector
 from .endpoint import STANDBY, UNKNOWN, UP, Endpoint
 from .errors import PoolClosed, PoolError, PoolTimeout, TooManyWaiters

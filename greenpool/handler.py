@@ -27,6 +27,11 @@ gone) only when re-running cannot duplicate a write and cannot lose earlier work
   written, so it is re-run once on the primary).
 
 Everything else propagates: in particular a write whose connection died is never re-run.
+
+Why one module of this length: the block, its nesting (savepoints), the commit by server
+status and the replays all act on the one connection a nest holds and on its epoch;
+split, each would reach into the others' state. What a failure teaches the pool is
+statement_failures.py's, which SQL dirties the session sessionstate.py's.
 """
 
 from __future__ import annotations

@@ -31,16 +31,11 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
+from .borrow_return import check_on_borrow
 from .concurrency.backend import Backend, Signal
 from .concurrency.fork import InheritedAcrossFork
 from .config import PoolConfig
-from .connection import (
-    PooledConnection,
-    check_on_borrow,
-    connect_kwargs,
-    open_connection,
-    ping,
-)
+from .connection import PooledConnection, connect_kwargs, open_connection, ping
 from .endpoint import QUARANTINED, UP, Endpoint
 from .group import Group
 from .placement import misplaced, move_target

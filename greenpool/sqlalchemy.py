@@ -34,6 +34,9 @@ statement that may change the session, so a clean loan costs no ``DISCARD ALL``:
 taken by a ``Connection`` starts clean (``engine_connect``) and each statement is checked
 (``before_cursor_execute``). A loan nobody watched (``engine.raw_connection()``, or a
 :class:`GreenpoolPool` handed to ``sqlalchemy.create_engine`` by hand) is reset.
+
+Why one module of this length: the pool class SQLAlchemy subclasses and the event hooks
+that track loans and dirty sessions share one loan table.
 """
 
 from __future__ import annotations
