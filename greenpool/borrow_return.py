@@ -186,7 +186,8 @@ def _reset_session(pc: PooledConnection, group: GroupConfig, backend: Backend) -
     # Through a transaction-mode pooler the loan's session state (if it made any, which it
     # must not) is on whatever server connection ran it, and DISCARD ALL would run on
     # whichever the pooler picks now: it cannot undo anything, so it is not sent. The
-    # group's settings travel per transaction there, so there is nothing to restore either.
+    # group's settings always travel per transaction there (pooler.trusts_server_defaults),
+    # so there is nothing to restore either.
     discard = group.reset != "never" and pooler.discards_reach(pc.endpoint.config)
     try:
         if discard:

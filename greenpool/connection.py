@@ -139,7 +139,8 @@ def _statement_timeout_ms(endpoint: EndpointConfig, group: GroupConfig) -> int |
     seconds = group.statement_timeout
     if seconds is None:
         seconds = endpoint.statement_timeout
-    return None if seconds is None else int(seconds * 1000)
+    # round, not truncate: 1.001 s is 1000.9999999999999 ms in floating point
+    return None if seconds is None else round(seconds * 1000)
 
 
 def connect_kwargs(
@@ -272,7 +273,8 @@ def open_connection(
     if through_pooler:
         timeout_ms = _statement_timeout_ms(endpoint, group)
         server = None
-        if timeout_ms is not None or group.readonly:  # what the server already enforces
+        if (timeout_ms is not None or group.readonly) and pooler.trusts_server_defaults(
+                endpoint, group.reset):  # what the server already enforces
             left = max(seconds - (time.monotonic() - started), 0.001)
             try:
                 server = bounded(backend, left, "the server defaults query",
