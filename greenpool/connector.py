@@ -75,7 +75,7 @@ class Slots(Protocol):
     names the group generation it was taken in, so that a task inherited across ``fork()``
     touches nothing; a task that ends without a connection gives the slot back itself."""
 
-    def deliver(self, slot: Slot, pc: PooledConnection) -> None:
+    def _deliver(self, slot: Slot, pc: PooledConnection) -> None:
         """A new connection, for the slot the task held (attached to it by the group)."""
 
     def still_needed(self, slot: Slot) -> bool:
@@ -342,7 +342,7 @@ class Connector:
             while not self._stopped:
                 pc = self._round(target, generation)
                 if pc is not None:
-                    slots.deliver(slot, pc)
+                    slots._deliver(slot, pc)
                     return
                 target = None  # a failed preference falls back to the normal choice
                 error = self.fatal_error()

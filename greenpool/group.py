@@ -517,7 +517,7 @@ class Group:
             self.discard(pc, "pool_closed", reconnect=False)
         else:
             self.discard(pc, "rebalance", reconnect=False)
-            self.grow(1, target, if_idle=False)
+            self._grow(1, target, if_idle=False)
 
     def _retired(self, pc: PooledConnection) -> bool:
         """Close a drained connection (or one beyond a lowered ``connection_count``) as it
@@ -615,7 +615,7 @@ class Group:
 
     # --- what the connector calls (connector.Slots) ---------------------------------------
 
-    def deliver(self, slot: Slot, pc: PooledConnection) -> None:
+    def _deliver(self, slot: Slot, pc: PooledConnection) -> None:
         if slot.generation != self._generation:  # opened by a task inherited across fork
             silence_inherited(pc)
             _inherited_in_use.append(pc)
@@ -678,9 +678,9 @@ class Group:
     def endpoint_failed(self, endpoint: Endpoint) -> None:
         self.on_endpoint_failure(endpoint)
 
-    # --- what housekeeping calls ----------------------------------------------------------
+    # --- what housekeeping calls (underscored: the package's, not the public surface) -----
 
-    def take_idle(
+    def _take_idle(
         self, choose: Callable[[list[PooledConnection]], list[PooledConnection]]
     ) -> list[PooledConnection]:
         """Take the idle connections ``choose`` picks (given them oldest-returned first).
@@ -694,7 +694,7 @@ class Group:
                 self._idle.remove(pc)
             return taken
 
-    def grow(self, count: int, target: Endpoint | None = None, *, if_idle: bool = True) -> int:
+    def _grow(self, count: int, target: Endpoint | None = None, *, if_idle: bool = True) -> int:
         """Start up to ``count`` connects within the group's room (refill, probes, moves);
         the number started. With ``if_idle``, only while nobody waits."""
         with self._lock:
@@ -707,10 +707,10 @@ class Group:
             self.connector.start(slot, target)
         return count
 
-    def reserve_slot(self) -> Slot | None:
+    def _reserve_slot(self) -> Slot | None:
         """One slot of the group's room for a connect housekeeping makes itself (a role
         probe); None when the group is full. Hold it in ``with``: attach it with
-        :meth:`deliver`, or give it back."""
+        :meth:`_deliver`, or give it back."""
         with self._lock:
             if self._closed or self._size >= self.config.connection_count:
                 return None
@@ -724,7 +724,7 @@ class Group:
         """Close every idle connection to ``endpoint`` at once: one of its connections proved
         dead, so the rest are suspect, and checking them one borrow at a time would hand
         the failure to one caller after another."""
-        for pc in self.take_idle(lambda idle: [c for c in idle if c.endpoint is endpoint]):
+        for pc in self._take_idle(lambda idle: [c for c in idle if c.endpoint is endpoint]):
             self.discard(pc, "evicted")
 
     def lent(self) -> list[PooledConnection]:
@@ -758,7 +758,7 @@ class Group:
         for pc in self._opened():
             if endpoint is None or pc.endpoint is endpoint:
                 pc.expires = DRAINED
-        idle = self.take_idle(lambda idle: [pc for pc in idle if pc.expires == DRAINED])
+        idle = self._take_idle(lambda idle: [pc for pc in idle if pc.expires == DRAINED])
         for pc in idle:
             self.discard(pc, "drained", reconnect=None)
         self.refill()
@@ -814,7 +814,7 @@ class Group:
             self._preferred_until = 0.0
         self.connector.apply(config, self.endpoints)
         travels = any(getattr(old, key) != getattr(config, key) for key in TRAVELS)
-        surplus = self.take_idle(lambda idle: idle[:max(0, self._size - config.connection_count)])
+        surplus = self._take_idle(lambda idle: idle[:max(0, self._size - config.connection_count)])
         for pc in surplus:
             self.discard(pc, "resized", reconnect=False)
         if travels:
