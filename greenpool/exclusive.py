@@ -149,10 +149,10 @@ class ExclusiveSlots:
         self.no_room = 0  # callers refused because the groups need the server's slots
         #: listeners open now (each holds one slot while it lives)
         self.listeners = 0
-        #: what listeners dropped without close() held (``listen._Held``), appended by their
-        #: finalizers at garbage collection (no lock there: it may run inside a locked
-        #: section) and given back by :meth:`reclaim` on the next use of these slots
-        self.orphans: deque[Any] = deque()
+        #: what must run before these slots are next used: a non-threaded listener hub whose
+        #: listener was garbage-collected unclosed has no task of its own to give its slot
+        #: back (appended by the finalizer without a lock: it may run inside a locked section)
+        self.orphans: deque[Callable[[], object]] = deque()
         #: bumped in a forked child: a slot taken in the parent is never given back here
         self.generation = 0
 
@@ -195,13 +195,13 @@ class ExclusiveSlots:
             self._line.outcome(waiter, self._lock, lambda: self._timeout_error(wait_for))
 
     def reclaim(self) -> None:
-        """Give back what garbage-collected listeners held: connections, slots."""
+        """Let what garbage-collected listeners held be given back (see ``orphans``)."""
         while self.orphans:
             try:
-                held = self.orphans.popleft()
+                collect = self.orphans.popleft()
             except IndexError:
                 return
-            held.release(self)
+            collect()
 
     def count_listener(self, change: int) -> None:
         with self._lock:
