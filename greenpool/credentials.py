@@ -38,7 +38,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from .concurrency import Backend, _original_start_thread
+from .concurrency.backend import Backend
+from .concurrency.originals import original_start_thread
 
 logger = logging.getLogger("greenpool")
 
@@ -152,7 +153,7 @@ def _in_thread(supplier: Callable[[], Any], label: str, seconds: float) -> Any:
         finally:
             done.release()
 
-    _original_start_thread()(run, ())
+    original_start_thread()(run, ())
     if not done.acquire(timeout=seconds):
         _overdue[id(supplier)] = (supplier, done)
         raise PasswordUnavailable(f"the password function gave no answer within "

@@ -21,6 +21,10 @@ by every waiting greenlet at once.
 The role (primary or standby) is *detected*, never configured: from the ``in_hot_standby``
 parameter status at connect and on every borrow (no round trip), and by housekeeping probes,
 which also give a primary's timeline and WAL position (the split-brain rule in roles.py).
+
+Why one module of this length: an endpoint's health, role and replication facts change
+together under its lock (a probe's answer updates them at once); separating the facts from
+the health state is a larger change, not made here.
 """
 
 from __future__ import annotations

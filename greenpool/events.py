@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
-from .concurrency import Backend
+from .concurrency.backend import Backend
 
 logger = logging.getLogger("greenpool")
 
