@@ -17,13 +17,21 @@ it comes back as a replica). Each pool is set up the way its users set it up for
   ``read-write`` for writes and ``prefer-standby`` for reads. SimpleConnectionPool's
   ``getconn`` raises at once when exhausted, so it is wrapped in the usual bounded retry
   (10 ms, up to 3 s); a connection found closed goes back with ``close=True``.
+* SQLAlchemy ``QueuePool`` (an engine per role over psycopg2 and the same DSN,
+  ``pool_size`` 5, ``max_overflow`` 0, ``pool_pre_ping=True``) and DBUtils ``PooledDB``
+  (over psycopg2, the same DSN, 5 connections, ``blocking=True``, ``ping=1``, its default).
 
 Reported per pool: errors the application saw (writes, reads), time from the kill to the
 first write acknowledged by the new leader, the longest time without an acknowledged write,
-acknowledged writes missing from the new leader's table (lost), and reads served. The
-results go to ``DIR/patroni_failover.json`` and ``.md`` (default ``benchmarks/results``).
-psycopg_pool and psycopg 3 need not be in the environment: put them on ``PYTHONPATH``
-(``pip install --target DIR 'psycopg[binary]' psycopg_pool``); a pool whose package is
+acknowledged writes missing from the new leader's table (lost), reads served, reads served
+by the killed leader once back (as a replica: allowed), reads answered by a primary (the read
+group prefers a standby; one was up throughout), and operations answered by a node in a role
+the group did not ask for (each operation returns ``pg_is_in_recovery()``: a write
+acknowledged in recovery or by the killed leader after the kill, a read from the killed
+leader after the kill while not in recovery; must be 0). The results go to
+``DIR/patroni_failover.json`` and ``.md`` (default ``benchmarks/results``). psycopg_pool,
+psycopg 3 and DBUtils need not be in the environment: put them on ``PYTHONPATH`` (``pip
+install --target DIR 'psycopg[binary]' psycopg_pool DBUtils``); a pool whose package is
 missing is reported as skipped.
 """
 
@@ -47,7 +55,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-PEERS = ("greenpool", "psycopg_pool", "psycopg2_simple")
+PEERS = ("greenpool", "psycopg_pool", "sqlalchemy_queuepool", "dbutils_pooleddb", "psycopg2_simple")
 WRITERS = READERS = 10
 SIZE = 5  # connections per pool (writes) and per pool (reads)
 PACE = 0.01  # seconds between two operations of one task
@@ -110,6 +118,82 @@ class _Psycopg2Simple:
             p.closeall()
 
 
+class _SQLAlchemyQueuePool:
+    """An engine per role (QueuePool, ``pool_pre_ping``) over psycopg2 and the libpq DSN."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        import psycopg2
+        from psycogreen.gevent import patch_psycopg
+        from sqlalchemy import create_engine
+
+        patch_psycopg()
+
+        def engine(attrs: str, **options: Any) -> Any:
+            dsn = _dsn(spec, attrs)
+            return create_engine("postgresql+psycopg2://", creator=lambda: psycopg2.connect(dsn),
+                                 pool_size=SIZE, max_overflow=0, pool_timeout=10,
+                                 pool_pre_ping=True, **options)
+
+        self._engines = {"write": engine("read-write"),
+                         "read": engine("prefer-standby", isolation_level="AUTOCOMMIT")}
+
+    @contextlib.contextmanager
+    def session(self, which: str) -> Iterator[Any]:
+        with self._engines[which].begin() as conn:
+            yield _DriverCursor(conn)
+
+    def close(self) -> None:
+        for e in self._engines.values():
+            e.dispose()
+
+
+class _DriverCursor:
+    """The cursor face of an SQLAlchemy connection (``exec_driver_sql``)."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+        self._row: Any = None
+
+    def execute(self, sql: str, params: Any = None) -> None:
+        self._row = self._conn.exec_driver_sql(sql, params).fetchone()
+
+    def fetchone(self) -> Any:
+        return self._row
+
+
+class _DBUtilsPooledDB:
+    """A DBUtils ``PooledDB`` per role over psycopg2: blocking, ``ping=1`` (its default)."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        import psycopg2
+        from dbutils.pooled_db import PooledDB
+        from psycogreen.gevent import patch_psycopg
+
+        patch_psycopg()
+        self._pools = {which: PooledDB(psycopg2, mincached=SIZE, maxcached=SIZE,
+                                       maxconnections=SIZE, blocking=True, ping=1,
+                                       dsn=_dsn(spec, attrs))
+                       for which, attrs in (("write", "read-write"), ("read", "prefer-standby"))}
+
+    @contextlib.contextmanager
+    def session(self, which: str) -> Iterator[Any]:
+        conn = self._pools[which].connection()
+        try:
+            with conn.cursor() as cur:
+                yield cur
+            conn.commit()
+        except Exception:
+            with contextlib.suppress(Exception):
+                conn.rollback()
+            raise
+        finally:
+            conn.close()  # back to the pool
+
+    def close(self) -> None:
+        for p in self._pools.values():
+            p.close()
+
+
 class _PsycopgPool:
     def __init__(self, spec: dict[str, Any]) -> None:
         from psycopg_pool import ConnectionPool
@@ -168,9 +252,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     import gevent
 
     pool = {"greenpool": _Greenpool, "psycopg_pool": _PsycopgPool,
+            "sqlalchemy_queuepool": _SQLAlchemyQueuePool, "dbutils_pooleddb": _DBUtilsPooledDB,
             "psycopg2_simple": _Psycopg2Simple}[spec["peer"]](spec)
     ids = itertools.count(1)
-    acked: list[tuple[int, int, float]] = []  # (id, port, time)
+    acked: list[tuple[int, int, float, bool]] = []  # (id, port, time, in recovery)
     reads: list[tuple[float, int, bool]] = []  # (time, port, in recovery)
     write_errors: list[tuple[float, str]] = []
     read_errors: list[tuple[float, str]] = []
@@ -186,12 +271,13 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             try:
                 with pool.session("write") as cur:
                     cur.execute(f"INSERT INTO {TABLE} VALUES (%s, %s) "
-                                "RETURNING inet_server_port()", (spec["peer"], i))
-                    port = cur.fetchone()[0]
+                                "RETURNING inet_server_port(), pg_is_in_recovery()",
+                                (spec["peer"], i))
+                    port, recovery = cur.fetchone()
             except Exception as exc:
                 write_errors.append((time.monotonic(), f"{type(exc).__name__}: {exc}"[:200]))
             else:
-                acked.append((i, port, time.monotonic()))
+                acked.append((i, port, time.monotonic(), recovery))
             gevent.sleep(PACE)
 
     def reader() -> None:
@@ -219,14 +305,20 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 # --- the orchestrator ---------------------------------------------------------------------
 
 
-def _summary(peer: str, out: dict[str, Any], killed: float, new_port: int,
-             rows: set[int]) -> dict[str, Any]:
-    acked = out["acked"]
-    first = min((t for _i, port, t in acked if port == new_port and t > killed), default=None)
-    stamps = sorted([killed, *(t for *_x, t in acked if t > killed)])
-    lost = [i for i, _port, _t in acked if i not in rows]
+def _summary(peer: str, out: dict[str, Any], killed: float, dead: float, old_port: int,
+             new_port: int, rows: set[int]) -> dict[str, Any]:
+    acked, reads = out["acked"], out["reads"]
+    first = min((t for _i, port, t, _r in acked if port == new_port and t > killed), default=None)
+    stamps = sorted([killed, *(t for _i, _p, t, _r in acked if t > killed)])
+    lost = [i for i, _port, _t, _r in acked if i not in rows]
     errors = out["write_errors"] + out["read_errors"]
     kinds = sorted({e.split(":", 1)[0] for _t, e in errors})
+    # a node answering in a role the group did not ask for: a write acknowledged by a node in
+    # recovery or by the killed leader once dead (until every process of it has been SIGKILLed,
+    # its backends still commit, legitimately); a read answered by the killed leader once dead
+    # while it was not (yet) a replica
+    wrong = sum(1 for _i, port, t, rec in acked if rec or (port == old_port and t > dead))
+    wrong += sum(1 for t, port, rec in reads if port == old_port and t > dead and not rec)
     return {
         "pool": peer, "writes_acknowledged": len(acked), "write_errors": len(out["write_errors"]),
         "read_errors": len(out["read_errors"]), "error_kinds": kinds,
@@ -234,8 +326,12 @@ def _summary(peer: str, out: dict[str, Any], killed: float, new_port: int,
         "longest_write_gap_s": round(max(b - a for a, b in itertools.pairwise(stamps)), 2)
         if len(stamps) > 1 else None,
         "acknowledged_writes_lost": len(lost),
-        "reads_served": len(out["reads"]),
-        "reads_after_kill": sum(1 for t, *_x in out["reads"] if t > killed),
+        "reads_served": len(reads),
+        "reads_after_kill": sum(1 for t, *_x in reads if t > killed),
+        "reads_by_demoted_node": sum(1 for t, port, _r in reads
+                                     if port == old_port and t > dead),
+        "reads_on_a_primary": sum(1 for _t, _p, rec in reads if not rec),
+        "answered_in_wrong_role": wrong,
     }
 
 
@@ -281,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(max(0.0, start + KILL_AT - time.monotonic()))
         killed = time.monotonic()
         leader.kill()
+        dead = time.monotonic()
         pc.wait_for(lambda: pc.leader() not in (None, leader), 60, "a new leader")
         elected = time.monotonic()
         new = pc.leader()
@@ -294,10 +391,12 @@ def main(argv: list[str] | None = None) -> int:
         rows_by_peer: dict[str, set[int]] = {}
         for peer, i in new.execute(f"SELECT peer, id FROM {TABLE}"):
             rows_by_peer.setdefault(peer, set()).add(i)
-    summaries = [_summary(peer, out, killed, new.port, rows_by_peer.get(peer, set()))
+    summaries = [_summary(peer, out, killed, dead, leader.port, new.port,
+                          rows_by_peer.get(peer, set()))
                  if "error" not in out else {"pool": peer, "failed": out["error"]}
                  for peer, out in results.items()]
     report = {"seconds": args.seconds, "leader_elected_s": round(elected - killed, 2),
+              "kill_took_s": round(dead - killed, 3),
               "summaries": summaries, "skipped": skipped}
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -310,18 +409,21 @@ def main(argv: list[str] | None = None) -> int:
 def _markdown(report: dict[str, Any]) -> str:
     lines = [f"# Kill the Patroni leader under load ({report['seconds']:.0f} s, kill at"
              f" {KILL_AT:.0f} s; Patroni elected a new leader {report['leader_elected_s']} s"
-             " after the kill)", "",
+             f" after the kill; the SIGKILLs took {report.get('kill_took_s')} s)", "",
              "| pool | write errors | read errors | writes resumed (s after kill) |"
              " longest write gap (s) | acked writes lost | writes acked | reads served"
-             " (after kill) |", "|---|---|---|---|---|---|---|---|"]
+             " (after kill) | reads by the demoted node (as a replica) | reads on a primary |"
+             " answered in the wrong role |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in report["summaries"]:
         if "failed" in s:
-            lines.append(f"| {s['pool']} | failed: {s['failed'][-120:]} |||||||")
+            lines.append(f"| {s['pool']} | failed: {s['failed'][-120:]} ||||||||||")
             continue
         lines.append(f"| {s['pool']} | {s['write_errors']} | {s['read_errors']} |"
                      f" {s['writes_resumed_s']} | {s['longest_write_gap_s']} |"
                      f" {s['acknowledged_writes_lost']} | {s['writes_acknowledged']} |"
-                     f" {s['reads_served']} ({s['reads_after_kill']}) |")
+                     f" {s['reads_served']} ({s['reads_after_kill']}) |"
+                     f" {s['reads_by_demoted_node']} | {s['reads_on_a_primary']} |"
+                     f" {s['answered_in_wrong_role']} |")
     for s in report["summaries"]:
         if s.get("error_kinds"):
             lines.append(f"\n{s['pool']} errors: {', '.join(s['error_kinds'])}")
