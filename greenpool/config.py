@@ -87,7 +87,9 @@ def _doc(meaning: str, allowed: str, *, keys: tuple[str, ...] = (), default: str
 class EndpointConfig:
     """One PostgreSQL server. Its repr shows neither the password nor a secret option."""
 
-    host: str
+    host: str = field(metadata=_doc(
+        "address, name, or Unix socket directory; names are resolved through gevent, so DNS "
+        "never blocks the hub", "non-empty string, no `,`", default="(required)"))
     port: int = field(default=5432, metadata=_doc(
         'TCP port',
         '1 to 65535'))
