@@ -24,7 +24,7 @@ from greenpool import config
 from greenpool.throwaway import Cluster
 
 ROOT = Path(__file__).resolve().parent.parent
-FENCE = re.compile(r"^(`{3,})\s*(\w*)\s*$")
+FENCE = re.compile(r"^(\s*)(`{3,})\s*(\w*)\s*$")
 FRAGMENT = re.compile(r"^<!--\s*fragment:\s*(\S.*?)\s*-->$")
 EXAMPLE_TIMEOUT = 60
 
@@ -51,11 +51,11 @@ def _examples(page: Path) -> list[Example]:
         if not m:
             i += 1
             continue
-        fence, language, start = m.group(1), m.group(2), i
+        indent, fence, language, start = len(m.group(1)), m.group(2), m.group(3), i
         i += 1
         body = []
         while i < len(lines) and lines[i].strip() != fence:
-            body.append(lines[i])
+            body.append(lines[i][indent:])  # a block inside a list item is indented
             i += 1
         i += 1
         if language not in ("python", "py"):
