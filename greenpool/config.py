@@ -281,7 +281,7 @@ class PoolConfig:
     quarantine_max: float = field(default=30.0, metadata=_doc(
         "longest quarantine; each failed probe doubles the ceiling, never beyond a quarter of"
         " how long the endpoint has been down",
-        '0.01 to 86400'))
+        '0.01 to 86400, and at least `quarantine_initial`'))
     role_check_interval: float = field(default=2.0, metadata=_doc(
         'seconds between probes of role and replay lag (only when a group has a `role`)',
         '0.01 to 3600'))

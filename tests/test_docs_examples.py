@@ -124,3 +124,43 @@ def test_configuration_reference_renders_every_key() -> None:
     text = _configref().render()
     every = set(config._TOP_KEYS) | set(config._ENDPOINT_KEYS) | set(config._GROUP_KEYS)
     assert all(f"`{key}`" in text for key in every)
+
+
+RANGE = re.compile(r"^(\d+(?:\.\d+)?) (?:\(\w+\) )?to (\d+(?:\.\d+)?)(?: \(.*\))?(?:, or `None`)?$")
+
+
+def _ranged_keys() -> list[tuple[str, str, float, float]]:
+    """(section, key, min, max) of every key whose documented `allowed` is a plain range."""
+    found = []
+    for section, cls in (("top", config.PoolConfig), ("endpoint", config.EndpointConfig),
+                         ("group", config.GroupConfig)):
+        for keys, _, allowed, _ in _configref().rows(cls):
+            m = RANGE.match(allowed)
+            if m:
+                found += [(section, key, float(m.group(1)), float(m.group(2))) for key in keys]
+    return found
+
+
+def _config_with(section: str, key: str, value: float) -> dict:
+    if section == "top":
+        return {"db": "host=db.invalid", key: value}
+    if section == "endpoint":
+        return {"db": {"host": "db.invalid", key: value}}
+    return {"db": "host=db.invalid", "groups": {"g": {key: value}}}
+
+
+@pytest.mark.parametrize(("section", "key", "low", "high"), _ranged_keys(),
+                         ids=[f"{s}.{k}" for s, k, *_ in _ranged_keys()])
+def test_documented_range_is_the_checked_range(section: str, key: str, low: float,
+                                               high: float) -> None:
+    """The reference's `allowed` text is written by hand beside each field: the checks it
+    describes are asked whether they accept its bounds and refuse what lies beyond."""
+    whole = low.is_integer() and high.is_integer()
+    as_given = (lambda x: int(x)) if whole else (lambda x: x)
+    for inside in (low, high):
+        config.parse_config(_config_with(section, key, as_given(inside)))
+    below = low - 1 if whole else low / 2 if low > 0 else -1.0
+    beyond = high + 1 if whole else high * 2
+    for outside in (below, beyond):
+        with pytest.raises(config.ConfigError):
+            config.parse_config(_config_with(section, key, as_given(outside)))
