@@ -101,7 +101,7 @@ class EndpointConfig:
         'string, or `None`', default="libpq's"))
     password: str | Callable[[], str | None] | None = field(default=None, metadata=_doc(
         "never appears in errors, logs or reprs; a function is asked at each new connection "
-        "(see Credentials that change)",
+        "(see [Credentials that change](operations.md#credentials-that-change))",
         "string, a function taking no argument that returns one, or `None` (libpq's `.pgpass`"
         " may still supply one)",
         keys=('pass', 'password'), default='none'))
