@@ -34,7 +34,7 @@ from .errors import (
 )
 from .exclusive import Exclusive
 from .handler import Handler
-from .listen import Gap, Listener
+from .listen import DEFAULT_MAX_BACKLOG, Gap, Listener
 from .pool import Pool, fit_to_process
 
 __version__ = "0.1.0"
@@ -191,10 +191,11 @@ def exclusive(group: str | None = None, *, timeout: float | None = None) -> Excl
 
 def listen(
     group: str | None, channels: str | Iterable[str], *, timeout: float | None = None,
-    heartbeat: float = 5.0,
+    heartbeat: float = 5.0, max_backlog: int = DEFAULT_MAX_BACKLOG,
 ) -> Listener:
     """``greenpool.listen("write", ["jobs"])`` on the process-wide pool (see Pool.listen)."""
-    return get_pool().listen(group, channels, timeout=timeout, heartbeat=heartbeat)
+    return get_pool().listen(group, channels, timeout=timeout, heartbeat=heartbeat,
+                             max_backlog=max_backlog)
 
 
 def stats() -> dict[str, Any]:

@@ -26,7 +26,13 @@ from .config import PoolConfig, parse_config
 from .connection import ConnectError, _statement_timeout_ms, connect_kwargs, open_connection
 from .endpoint import PRIMARY, STANDBY, UNKNOWN
 from .errors import ConfigError
-from .pooler import NONE, mode_of, prefix_verdict, read_server_defaults
+from .pooler import (
+    NONE,
+    mode_of,
+    prefix_verdict,
+    read_server_defaults,
+    trusts_server_defaults,
+)
 from .roles import fits, query_role, role_of
 
 # The exit statuses of every ``greenpool`` command (the README's command table lists them).
@@ -319,7 +325,8 @@ def run(path: str | None) -> int:
             if rows[i].get("server_defaults") is not None:
                 print(f"  through {rows[i]['endpoint']}: " + prefix_verdict(
                     _statement_timeout_ms(config.endpoints[i], group), group.readonly,
-                    rows[i]["server_defaults"]))
+                    rows[i]["server_defaults"],
+                    trusts_server_defaults(config.endpoints[i], group.reset)))
     return FAILED if failing else OK
 
 

@@ -696,20 +696,22 @@ def resolve_mode(mode: str) -> str:
     """The mode a pool of ``mode`` runs in: ``auto`` becomes the one that fits this process
     (asked at ``Pool()``, so a configuration read before monkey-patching still follows it).
 
-    A process a green library patched only in part (``socket`` but not ``threading``) was
-    meant to be green but is not: ``auto`` refuses to guess there rather than pick threads
-    that would block every greenlet in each query.
+    A process a green library patched only in part (``socket`` but not ``threading``, or
+    the reverse) was meant to be green but is not: ``auto`` refuses to guess there rather
+    than pick a mode whose waits would block every greenlet or die with ``LoopExit``.
     """
     if mode != "auto":
         return mode
     for library in GREEN_MODES:
         patched = patched_modules(library)
-        if patched["threading"]:
+        if all(patched.values()):
             return library
-        if patched["socket"]:
+        if any(patched.values()):
+            done, missing = (("socket", "threading") if patched["socket"]
+                             else ("threading", "socket"))
             raise ConfigError(
                 f"type: 'auto' cannot tell this process's mode: {library} has monkey-patched "
-                f"socket but not threading; patch threading too ({_HOW_TO_PATCH[library]}), "
+                f"{done} but not {missing}; patch {missing} too ({_HOW_TO_PATCH[library]}), "
                 f"or name the mode in type"
             )
     return "threaded"
@@ -730,7 +732,7 @@ def check_mode_fits(mode: str) -> None:
         patched = patched_modules(mode)
         if all(patched.values()):
             return
-        if actual != "threaded":
+        if actual not in ("threaded", mode):
             raise ConfigError(
                 f"type: {mode!r}, but this process was monkey-patched by {actual}, not "
                 f"{mode}; set type to {actual!r}"

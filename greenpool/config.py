@@ -433,7 +433,7 @@ def _statement_timeout(path: str, value: Any) -> float | None:
     seconds = _number(path, value, maximum=maximum, allow_none=True)
     if seconds is None or seconds == 0:
         return seconds
-    if int(seconds * 1000) < 1:
+    if round(seconds * 1000) < 1:  # as greenpool.connection sends it
         raise _fail(path, f"{value!r} s is below 1 ms and would round to 0, which turns the "
                           "timeout off; give at least 0.001 (or 0 to mean no timeout)")
     return float(seconds)

@@ -144,7 +144,8 @@ def _statement_timeout_ms(endpoint: EndpointConfig, group: GroupConfig) -> int |
     seconds = group.statement_timeout
     if seconds is None:
         seconds = endpoint.statement_timeout
-    return None if seconds is None else int(seconds * 1000)
+    # round, not truncate: 1.001 s is 1000.9999999999999 ms in floating point
+    return None if seconds is None else round(seconds * 1000)
 
 
 def connect_kwargs(
@@ -277,7 +278,8 @@ def open_connection(
     if through_pooler:
         timeout_ms = _statement_timeout_ms(endpoint, group)
         server = None
-        if timeout_ms is not None or group.readonly:  # what the server already enforces
+        if (timeout_ms is not None or group.readonly) and pooler.trusts_server_defaults(
+                endpoint, group.reset):  # what the server already enforces
             left = max(seconds - (time.monotonic() - started), 0.001)
             try:
                 server = _bounded(backend, left, "the server defaults query",
@@ -573,7 +575,8 @@ def _reset_session(pc: PooledConnection, group: GroupConfig, backend: Backend) -
     # Through a transaction-mode pooler the loan's session state (if it made any, which it
     # must not) is on whatever server connection ran it, and DISCARD ALL would run on
     # whichever the pooler picks now: it cannot undo anything, so it is not sent. The
-    # group's settings travel per transaction there, so there is nothing to restore either.
+    # group's settings always travel per transaction there (pooler.trusts_server_defaults),
+    # so there is nothing to restore either.
     discard = group.reset != "never" and pooler.discards_reach(pc.endpoint.config)
     try:
         if discard:

@@ -59,7 +59,7 @@ def run(dsn: str | None, clients: int, seconds: float) -> int:
     tasks: list[Any] = []
     clusters: list[Any] = []
     table = f"greenpool_demo_{secrets.token_hex(6)}"  # this run's own: never one it met
-    created: list[str] = []  # the table, once this run created it
+    created: list[str] = []  # the table, from the moment this run may have created it
     try:
         try:
             endpoints = _servers(dsn, clusters)
@@ -114,7 +114,7 @@ def _drop(greenpool: Any, table: str) -> None:
     """Drop the table this run created on the user's server, or say that it is left."""
     try:
         with greenpool.handler("write", timeout=5) as db:
-            db.execute(f"DROP TABLE {table}")
+            db.execute(f"DROP TABLE IF EXISTS {table}")
         _say(f"dropped table {table}, which this run created")
     except Exception as exc:  # reported: the user must know what is left on their server
         _say(f"could not drop table {table}, which this run created ({type(exc).__name__}: "
@@ -150,14 +150,18 @@ def _demo(greenpool: Any, gevent: Any, timeline: _Timeline, tasks: list[Any],
 
     if not clusters:
         _say(f"creating table {table} for this run; it is dropped at the end")
+    # named before the CREATE: an interruption may come after the server committed it,
+    # before this process heard so (the drop is IF EXISTS; the name is this run's own)
+    created.append(table)
     try:
         with greenpool.handler("write") as db:
             db.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY)")
-        created.append(table)
     except greenpool.PoolError as exc:
+        created.clear()
         raise CheckFailed(f"cannot reach the database: {type(exc).__name__}: {exc}",
                           UNREACHABLE) from None
     except (psycopg2.ProgrammingError, psycopg2.InternalError) as exc:  # no privilege, read-only
+        created.clear()  # refused, maybe as a name taken: not this run's to drop
         raise CheckFailed(f"cannot create the demo's table {table} with --dsn's user: "
                           f"{' '.join(str(exc).split())}; the demo needs a user that may "
                           f"create a table in its search_path", BAD_INPUT) from None

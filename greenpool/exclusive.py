@@ -17,8 +17,9 @@ Inside the pool's model:
   the group's connects do (a black hole is quarantined, "too many clients" is not), and a
   connection whose caller gave up goes to the next caller waiting for one (else it is
   closed). A task starts only for a caller whom no task under way covers (one that has
-  spent over a quarter second in a round may be stuck on a black hole, and covers no one),
-  never more than twice ``exclusive_limit`` at once.
+  spent over a quarter second in a round may be stuck on a black hole, and covers no one:
+  a waiting caller looks again every quarter second, and a task that served one goes on
+  for the next), never more than twice ``exclusive_limit`` at once.
   ``non-threaded`` mode has no background: it connects inline, as its groups do.
 * **The groups come first**: a fresh dedicated connection asks its server (one query,
   bounded by ``connect_timeout``) how many connection slots are usable by ordinary roles
@@ -80,21 +81,18 @@ STUCK_AFTER = 0.25
 #: compare with the login's), the slots ordinary roles may use, and the slots in use. Rows
 #: of other roles' sessions hide their backend_type from an unprivileged role: a row with
 #: a database and no visible type is counted as a client (the error is on the safe side).
+#: Schema-qualified: a search_path that puts a schema before pg_catalog changes nothing.
 _SESSION_CHECK = (
-    "SELECT pg_backend_pid(), "
-    "current_setting('max_connections')::int "
-    "- current_setting('superuser_reserved_connections')::int "
-    "- coalesce(nullif(current_setting('reserved_connections', true), '')::int, 0), "
-    "(SELECT count(*) FROM pg_stat_activity WHERE datid IS NOT NULL "
+    "SELECT pg_catalog.pg_backend_pid(), "
+    "pg_catalog.current_setting('max_connections')::int "
+    "- pg_catalog.current_setting('superuser_reserved_connections')::int "
+    "- coalesce(nullif(pg_catalog.current_setting('reserved_connections', true), '')::int, 0), "
+    "(SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE datid IS NOT NULL "
     "AND coalesce(backend_type, 'client backend') = 'client backend')"
 )
-
-
-def _own_group_only(group: Group) -> Callable[[Endpoint], int]:
-    def needed(endpoint: Endpoint) -> int:
-        return missing_connections(group) if group.uses(endpoint) else 0
-
-    return needed
+#: SQLSTATE classes of a session check that failed through no fault of the query (the
+#: connection was lost, the session terminated or cancelled): try again on a new one
+_CHECK_RETRIED = ("08", "57")
 
 
 def missing_connections(group: Group) -> int:
@@ -113,13 +111,13 @@ class ExclusiveSlots:
     under one lock, in sections that never block.
 
     ``room_needed(endpoint)``: how many connection slots on that endpoint's server the
-    pool's groups may still need (the pool sums its groups; by default this group's)."""
+    pool's groups may still need (the pool sums its groups)."""
 
     def __init__(
         self,
         group: Group,
         backend: Backend,
-        room_needed: Callable[[Endpoint], int] | None = None,
+        room_needed: Callable[[Endpoint], int],
     ) -> None:
         self.group = group
         self.limit = group.config.exclusive_limit
@@ -129,7 +127,7 @@ class ExclusiveSlots:
         self._line = WaitLine()
         self._taken = 0
         self._closed = False
-        self._room_needed = room_needed or _own_group_only(group)
+        self._room_needed = room_needed
         #: callers (each holding a slot) waiting for a dedicated connect task's connection
         self._wanting = WaitLine()
         #: dedicated connect tasks under way; those beyond the callers wanting one are
@@ -273,18 +271,14 @@ class ExclusiveSlots:
                 raise PoolClosed(f"group {group.name!r}: the pool is closed")
             waiter = self._backend.waiter()
             self._wanting.append(waiter)
-            now = time.monotonic()
-            covering = sum(1 for since in self._rounds.values() if now - since < STUCK_AFTER)
-            start = covering < len(self._wanting) and self._connects < 2 * self.limit
-            if start:
-                rescue = covering < self._connects  # the others may be stuck
-                task_id = next(self._task_ids)
-                self._rounds[task_id] = now
-                self._connects += 1
-        if start:
-            self._start_connect(task_id, rescue)
         try:
-            waiter.wait(max(0.0, deadline - time.monotonic()))
+            # a task stuck on a server that never answers covers no one: the caller looks
+            # again every STUCK_AFTER, and starts a task (trying that server last) if need be
+            while waiter.item is None and waiter.error is None:
+                self._cover_callers()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or waiter.wait(min(remaining, STUCK_AFTER)):
+                    break
         except BaseException:
             self._abandon_connect(waiter)
             raise
@@ -327,9 +321,29 @@ class ExclusiveSlots:
             f"connect is under way (an attempt may take up to connect_timeout, and goes on "
             f"for the next caller). Endpoints: {connector.describe()}")
 
-    def _start_connect(self, task_id: int, rescue: bool) -> None:
+    def _cover_callers(self) -> None:
+        """Start a connect task if the callers waiting outnumber the tasks covering them (a
+        rescue for callers whose tasks seem stuck only while some endpoint has no attempt
+        under way: else it would join the stuck ones)."""
+        with self._lock:
+            if self._closed:
+                return
+            covering = self._covering()
+            if covering >= len(self._wanting) or self._connects >= 2 * self.limit:
+                return
+            rescue = covering < self._connects  # the others may be stuck
+            now = time.monotonic()
+            if rescue and not any(not ep.connecting and ep.may_connect(now)
+                                  for ep in self.group.endpoints):
+                return  # each endpoint free to take an attempt has one under way: wait
+            task_id = next(self._task_ids)
+            self._rounds[task_id] = now
+            self._connects += 1
+            generation = self.generation
+        self._start_connect(task_id, rescue, generation)
+
+    def _start_connect(self, task_id: int, rescue: bool, generation: int) -> None:
         """Start a dedicated connect task (the caller counted it in ``_connects``)."""
-        generation = self.generation
         if self.group.connector.run_in_background(
                 lambda: self._connect_task(generation, task_id, rescue)):
             return
@@ -357,23 +371,31 @@ class ExclusiveSlots:
                     connector.uncount(pc)  # a task of the parent's, going on in a forked
                     self.close_connection(pc)  # child: that wait is over
                     return
+                delivered = False
                 if pc is not None:
                     try:
                         error = self._vet(pc)
                     except _Retry:
-                        pc = None
+                        pass
                     else:
                         self._deliver(pc if error is None else error)
+                        delivered = True
+                if not delivered:
+                    fatal = connector.fatal_error()
+                    if fatal is not None:
+                        with self._lock:
+                            if generation == self.generation:
+                                self._wanting.fail_all(partial(ConnectFailed, str(fatal)))
                         return
-                fatal = connector.fatal_error()
-                if fatal is not None:
-                    with self._lock:
-                        if generation == self.generation:
-                            self._wanting.fail_all(partial(ConnectFailed, str(fatal)))
-                    return
                 with self._lock:  # keep going only while a caller is not covered without us
-                    if len(self._wanting) < self._connects or generation != self.generation:
+                    # (a task stuck on a black hole covers no one: after serving the oldest
+                    # caller, a rescue task goes on for the next)
+                    if (generation != self.generation
+                            or len(self._wanting) <= self._covering(besides=task_id)):
+                        self._rounds.pop(task_id, None)  # now: the others count without it
                         return
+                    if delivered:
+                        continue
                     # pausing until an endpoint may take an attempt, it still covers its
                     # caller: another task would find no endpoint either
                     self._rounds[task_id] = math.inf
@@ -386,6 +408,14 @@ class ExclusiveSlots:
                     self._connects -= 1
                     self._rounds.pop(task_id, None)
                     self._admit()
+
+    def _covering(self, besides: int | None = None) -> int:
+        """How many connect tasks (other than ``besides``) cover a caller: those in a round
+        begun under ``STUCK_AFTER`` ago, or pausing for an endpoint's next chance (lock
+        held)."""
+        now = time.monotonic()
+        return sum(1 for task_id, since in self._rounds.items()
+                   if task_id != besides and now - since < STUCK_AFTER)
 
     def _deliver(self, result: PooledConnection | BaseException) -> None:
         """Hand a new connection (or the verdict that replaces one) to the oldest caller
@@ -414,18 +444,19 @@ class ExclusiveSlots:
                     group.counters.timeouts -= 1  # the connector counted it as an acquire's
                 raise
             try:
-                error = self._vet(pc)
+                error = self._vet(pc, deadline)
             except _Retry:
                 continue
             if error is not None:
                 raise error
             return self._handed(pc)
 
-    def _vet(self, pc: PooledConnection) -> BaseException | None:
+    def _vet(self, pc: PooledConnection, deadline: float = math.inf) -> BaseException | None:
         """None if the fresh ``pc`` may be a dedicated connection; else it is closed and
-        the error for the caller is returned. Raises :class:`_Retry` (``pc`` closed) when
-        its first query failed, or when its server has no spare slot while another
-        endpoint of the group may have."""
+        the error for the caller is returned. Its query is bounded by ``connect_timeout``
+        and ``deadline`` (an inline caller's). Raises :class:`_Retry` (``pc`` closed) when
+        its first query was cut (connection lost, session ended), or when its server has
+        no spare slot while another endpoint of the group may have."""
         group = self.group
         endpoint = pc.endpoint
         group.connector.uncount(pc)
@@ -443,13 +474,21 @@ class ExclusiveSlots:
             autocommit = raw.autocommit
             raw.autocommit = True
             rows = round_trip(raw, _SESSION_CHECK, self._backend,
-                              endpoint.config.connect_timeout)
+                              min(endpoint.config.connect_timeout,
+                                  deadline - time.monotonic()))
             raw.autocommit = autocommit
         except psycopg2.Error as exc:
-            logger.info("group %r: a new dedicated connection to %s failed its first "
-                        "query: %s", group.name, endpoint.label, exc)
             self.close_connection(pc, "failed_check")
-            raise _Retry from None
+            if exc.pgcode is None or exc.pgcode.startswith(_CHECK_RETRIED):
+                logger.info("group %r: a new dedicated connection to %s failed its first "
+                            "query: %s", group.name, endpoint.label, exc)
+                raise _Retry from None
+            # the server refused the query itself: every new connection would, in a storm
+            return PoolError(
+                f"group {group.name!r}: {endpoint.label} refused the query a dedicated "
+                f"connection begins with (it counts the server's connection slots in "
+                f"pg_stat_activity): {str(exc).strip()}. The role needs to read "
+                f"pg_catalog.pg_stat_activity and current_setting('max_connections')")
         except BaseException:
             self.close_connection(pc, "interrupted")
             raise
@@ -594,7 +633,8 @@ class Exclusive:
         try:
             self._pc = slots.open(deadline)
         except BaseException:
-            slots.give()
+            if self._generation == slots.generation:  # else taken before a fork
+                slots.give()
             raise
         return self._pc.raw
 

@@ -157,17 +157,16 @@ class Group:
         Raises :class:`PoolTimeout` (:class:`NoHealthyEndpoint` when connecting kept
         failing), :class:`TooManyWaiters`, :class:`ConnectFailed` or :class:`PoolClosed`.
         """
+        started = _monotonic()
         timings = self.counters.timings
         if timings is None:
-            return self._acquire(timeout)
-        started = _monotonic()
-        pc = self._acquire(timeout)
+            return self._acquire(timeout, started)
+        pc = self._acquire(timeout, started)
         pc.lent_at = now = _monotonic()  # where the use time starts
         timings.wait.record(now - started)
         return pc
 
-    def _acquire(self, timeout: float | None) -> PooledConnection:
-        now = _monotonic()
+    def _acquire(self, timeout: float | None, now: float) -> PooledConnection:
         wait_for = self.config.timeout if timeout is None else timeout
         self.counters.acquires += 1
         if self._spread_inline and now >= self._next_spread and wait_for > 0:

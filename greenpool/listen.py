@@ -1,43 +1,67 @@
-"""``pool.listen('write', ['jobs'])``: notifications that survive a lost server or a failover.
+"""``pool.listen('write', ['jobs'])``: notifications fanned out from one connection per group.
 
-A :class:`Listener` owns one dedicated connection of the group (see exclusive.py: it holds
-one ``exclusive_limit`` slot for its whole life), in autocommit, on which it has sent
-``LISTEN`` for each channel. Reading it waits for the socket without blocking the hub (the
-mode's cooperative ``select``; a real one in the blocking modes) and, every ``heartbeat``
-seconds of silence, sends a bounded ``SELECT 1`` and asks placement whether the group still
-belongs on that server: a server that went away, or a primary that moved, is noticed
-within one heartbeat (at once when the server closed the socket).
+Every :class:`Listener` (subscriber) of a group in this process shares one **hub**: one
+dedicated connection of the group (one ``exclusive_limit`` slot, see exclusive.py), in
+autocommit, on which the hub sends ``LISTEN`` for a channel when its first subscriber comes
+and ``UNLISTEN`` when its last one goes. The connection is closed when the last subscriber
+of the group leaves (no linger: the slot is free for ``exclusive()`` at once, and a new
+subscriber reconnects in one round trip). A subscriber gets every notification committed
+after ``listen()`` returned; one that joins a channel already listened on may also get one
+committed just before (it was on its way to the hub), never fewer.
 
-When the connection is lost (or must move) the listener connects again through the
-group's connector (role, quarantine, connect deadline), sends ``LISTEN`` again, and puts a
-:class:`Gap` in the stream before anything else it reads: notifications sent while it was
-away are lost (PostgreSQL queues them only for sessions listening at the time), and the
-caller must re-read whatever state they announce.
+**Who reads the connection.** Where the mode has background tasks (gevent, eventlet,
+threaded) one reader task per hub (a greenlet, or a thread) is its only user: it reads
+notifications as they come, whatever the subscribers are doing, so a slow subscriber never
+holds the server's NOTIFY queue; it sends the LISTEN/UNLISTEN the subscribers ask for,
+the heartbeat, and reconnects. ``get(timeout)`` only waits on the subscriber's own queue, so
+it returns on time even while the hub reconnects. In ``non-threaded`` mode there is no
+background task: the subscriber that waits in ``get()`` does the reader's work inline
+(delivery happens only while some subscriber waits, and a reconnect may overrun its
+``timeout`` by one ``connect_timeout``).
 
-It stops on :meth:`Listener.close` (from any task) or when the task reading it is killed or
-interrupted: any exception out of :meth:`Listener.get` closes the connection (ending the
-session, so nothing stays listening on the server) and gives the slot back.
+**Bounded queues.** Each subscriber queues at most ``max_backlog`` items. One that falls
+behind its bound is dropped from delivery: what comes meanwhile is not queued for it (its
+``dropped`` count grows), and once it has read its queue down to half, it gets a
+:class:`Gap` and delivery resumes. Memory stays bounded, the other subscribers and the
+server are not held up, and the subscriber learns exactly what a reconnect would tell it.
+
+**Gap.** A Gap reaches every subscriber after a reconnect (or after it fell behind), before
+anything received later. ``lost_at`` is the moment from which nothing is promised: the
+send time of the last heartbeat the server answered (every ``heartbeat`` seconds, traffic or
+not), or of the ``LISTEN`` that began the session. PostgreSQL delivers every notification
+committed before a statement to a listening session before that statement's answer, so
+everything committed before ``lost_at`` was received: re-reading what changed since
+``lost_at`` is safe (it may re-read up to one heartbeat more than needed).
+
+**Channel names** are the exact strings ``pg_notify()`` takes and ``Notify.channel`` shows:
+``listen(g, 'Jobs')`` sends ``LISTEN "Jobs"`` and hears ``pg_notify('Jobs', ...)`` and
+``NOTIFY "Jobs"``, never ``NOTIFY Jobs`` (which PostgreSQL folds to ``jobs``).
+
+**Fork.** A child gets nothing of the parent's hubs: its copies of the parent's listeners
+are closed, the parent's connection is never touched there, and a reader greenlet copied
+into the child stops at its next wake-up without reading.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import select
 import time
 import weakref
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Union
 
 import psycopg2
 from psycopg2 import sql
 
-from .concurrency import Backend
-from .connection import PooledConnection, close_raw, round_trip
+from .concurrency import Backend, Waiter
+from .connection import PooledConnection, round_trip
 from .endpoint import UNKNOWN
-from .errors import PoolClosed, PoolError
+from .errors import PoolClosed, PoolError, PoolTimeout
 from .exclusive import ExclusiveSlots
 from .roles import role_of
 
@@ -51,19 +75,22 @@ logger = logging.getLogger("greenpool")
 _MAX_CHANNEL_BYTES = 63  # PostgreSQL's NAMEDATALEN - 1: a longer name would be truncated
 _RETRY_PAUSE = 0.2  # seconds between reconnect rounds while no endpoint takes one...
 _RETRY_PAUSE_MAX = 2.0  # ...doubling up to this while the outage lasts
-_RECONNECT_ROUND = 1.0  # seconds of connect attempts between looks at close()
+_RECONNECT_ROUND = 1.0  # seconds of connect attempts between looks at the subscribers
+_END_MARGIN = 3.0  # seconds a closer waits for the reader beyond its current call's bound
+DEFAULT_MAX_BACKLOG = 1000  # items a subscriber may have queued before it is dropped
 
 
 @dataclass(frozen=True)
 class Gap:
-    """A marker in a listener's stream: the connection was lost (or moved) and has been
-    re-established, so notifications sent in between may have been missed. Re-read the
-    state they would have announced. Times are ``time.time()`` seconds."""
+    """A marker in a listener's stream: notifications may have been missed since
+    ``lost_at`` (the connection was lost or moved, or this listener fell behind its
+    ``max_backlog``). Everything committed before ``lost_at`` was delivered: re-read the
+    state changed since then. Times are ``time.time()`` seconds."""
 
-    reason: str  #: why the old connection ended
+    reason: str  #: why delivery stopped
     lost_at: float
     resumed_at: float
-    previous: str  #: label of the endpoint that was lost
+    previous: str  #: label of the endpoint listened on when it stopped
     endpoint: str  #: label of the endpoint listened on now
 
 
@@ -112,43 +139,528 @@ def _readable_wait(backend: Backend) -> Callable[[list[int], float | None], list
     return poll_wait
 
 
-class _Held:
-    """What a listener holds on the server and in the pool, apart from the listener itself,
-    so that a listener dropped without :meth:`Listener.close` is still given back (see
-    :meth:`ExclusiveSlots.reclaim`): its connection, its limit slot, its wake-up pipe."""
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
-    __slots__ = ("fds", "holds_slot", "pc")
 
-    def __init__(self, fds: tuple[int, ...]) -> None:
+class _Retry(Exception):
+    """To a subscriber that joined a hub whose maker failed to take its slot (timed out,
+    interrupted): start over with a hub of its own, within its own timeout."""
+
+
+class _Sub:
+    """A subscriber's state as the hub sees it (the :class:`Listener` is only a handle, so
+    that a listener dropped without ``close()`` can be garbage-collected)."""
+
+    __slots__ = ("busy", "channels", "closed", "deadline", "dropped", "lost", "max_backlog",
+                 "queue", "start_error", "started", "waiter")
+
+    def __init__(self, channels: tuple[str, ...], max_backlog: int, deadline: float) -> None:
+        self.channels = channels
+        self.deadline = deadline  # of listen(): how long the first connect may try
+        self.max_backlog = max_backlog
+        self.queue: deque[Item] = deque()
+        self.started = False  # every channel is listened on
+        self.start_error: BaseException | None = None
+        self.closed = False
+        self.busy = False  # a task is inside get()
+        self.waiter: Waiter | None = None
+        #: (reason, lost_at, previous endpoint) while this subscriber owes a Gap
+        self.lost: tuple[str, float, str] | None = None
+        self.dropped = 0  # notifications not queued since ``lost`` was set
+
+    def wake(self) -> None:
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None:
+            waiter.set()
+
+
+class _Hub:
+    """One group's shared listening connection and its subscribers (see the module doc).
+
+    State shared with the subscribers changes under ``_lock``, in sections that never
+    block. The connection itself is used by one task at a time: the reader task, or in
+    non-threaded mode the subscriber inside ``get()``.
+    """
+
+    def __init__(self, slots: ExclusiveSlots, backend: Backend, counters: Counter[str]) -> None:
+        self.slots = slots
+        self.group = slots.group
+        self.backend = backend
+        self.inline = not backend.can_wait  # non-threaded: no reader task
+        self.counters = counters  # the group's ``listen_dropped``, kept across hubs
+        self._lock = backend.lock()
+        self._wait = _readable_wait(backend)
+        self.subs: dict[_Sub, None] = {}  # in order of arrival
+        self._by_channel: dict[str, dict[_Sub, None]] = {}
+        self._active: set[str] = set()  # LISTENed on the current connection
+        self.orphans: deque[_Sub] = deque()  # appended by finalizers, no lock there
         self.pc: PooledConnection | None = None
+        self.heartbeat = math.inf  # the smallest of the subscribers'
+        self._check_at = 0.0
+        self.good_at = 0.0  # time.time(): everything committed before was received
         self.holds_slot = False
-        self.fds = fds
+        self.ever_connected = False
+        self.last_error = ""
+        self._lost_info: tuple[str, float, str] | None = None  # the loss a Gap will report
+        self.ended = False  # no subscriber may join (the hub is over or ending)
+        self.finished = False  # everything given back
+        self._end_waiters: list[Waiter] = []
+        self._failed_rounds = 0  # connect rounds failed in a row (the pause doubles)
+        #: monotonic time by which the reader's current blocking call (a connect, a round
+        #: trip) ends at the latest: how long a closer waits for the reader to give back
+        self.busy_until = 0.0
+        self._pid = os.getpid()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        os.set_blocking(self._wake_r, False)
 
-    def release(self, slots: ExclusiveSlots) -> None:
-        """Give everything back (once; the caller makes sure nobody else uses it)."""
+    # --- subscribers (any task) ---------------------------------------------------------
+
+    def join(self, sub: _Sub, heartbeat: float) -> bool:
+        """Add ``sub``; False if this hub is ending (the caller makes a new one)."""
+        with self._lock:
+            if self.ended:
+                return False
+            self.subs[sub] = None
+            for name in sub.channels:
+                self._by_channel.setdefault(name, {})[sub] = None
+            self.heartbeat = min(self.heartbeat, heartbeat)
+            if self.pc is not None and self._active.issuperset(sub.channels):
+                sub.started = True
+            self._poke()
+        self.slots.count_listener(1)
+        return True
+
+    def leave(self, sub: _Sub) -> bool:
+        """Remove ``sub`` (idempotent); True if it was the last one (the hub is ending)."""
+        with self._lock:
+            if sub not in self.subs:
+                sub.closed = True
+                return False
+            self._forget(sub)
+            last = not self.subs
+            if last:
+                self.ended = True
+            self._poke()
+        self.slots.count_listener(-1)
+        return last
+
+    def _forget(self, sub: _Sub) -> None:
+        """Under the lock: ``sub`` leaves the maps and is woken."""
+        sub.closed = True
+        del self.subs[sub]
+        for name in sub.channels:
+            peers = self._by_channel.get(name)
+            if peers is not None:
+                peers.pop(sub, None)
+                if not peers:
+                    del self._by_channel[name]
+        sub.queue.clear()
+        sub.wake()
+
+    def _poke(self) -> None:
+        """Under the lock: wake the reader task (the pipe is open while the hub is)."""
+        if not self.finished and not self.inline:
+            try:
+                _write(self._wake_w, b"x")
+            except OSError:
+                pass  # full: the reader wakes anyway
+
+    def take_orphans(self) -> int:
+        """Remove the subscribers garbage-collected without close(); how many."""
+        count = 0
+        while self.orphans:
+            try:
+                sub = self.orphans.popleft()
+            except IndexError:
+                break
+            if self.leave(sub):
+                count += 1
+                if self.inline:
+                    self.finish()
+        return count
+
+    def next_item(self, sub: _Sub) -> Item | None:
+        """Under the lock: ``sub``'s next item, or a Gap it is owed once its queue is empty
+        and the hub is listening again."""
+        if sub.queue:
+            return sub.queue.popleft()
+        if sub.lost is not None and self.pc is not None and self._active.issuperset(
+                sub.channels):
+            return self._gap_for(sub)
+        return None
+
+    def _gap_for(self, sub: _Sub) -> Gap:
+        assert sub.lost is not None and self.pc is not None
+        reason, lost_at, previous = sub.lost
+        if sub.dropped:
+            reason = f"{reason} ({sub.dropped} notifications not delivered)"
+        sub.lost, sub.dropped = None, 0
+        self.slots.counters.gaps += 1
+        return Gap(reason, lost_at, time.time(), previous, self.pc.endpoint.label)
+
+    def end_wait(self) -> None:
+        """Wait until the reader has given everything back: at most until its current
+        blocking call (a connect, a round trip) ends, plus a moment."""
+        if self.inline:
+            return
+        with self._lock:
+            if self.finished:
+                return
+            waiter = self.backend.waiter()
+            self._end_waiters.append(waiter)
+        waiter.wait(max(self.busy_until - time.monotonic(), 0.0) + _END_MARGIN)
+
+    def _bounded_by(self, seconds: float) -> None:
+        """The reader is about to block for at most ``seconds`` (libpq waits at least 2 s
+        for a connect, whatever ``connect_timeout`` says)."""
+        self.busy_until = time.monotonic() + seconds
+
+    def close(self) -> None:
+        """Pool.close(): every subscriber is closed, the reader ends."""
+        with self._lock:
+            self.ended = True
+            subs = list(self.subs)
+            for sub in subs:
+                self._forget(sub)
+            self._poke()
+        for _ in subs:
+            self.slots.count_listener(-1)
+        if self.inline:
+            self.finish()
+
+    # --- starting -----------------------------------------------------------------------
+
+    def start(self, timeout: float | None, deadline: float) -> None:
+        """By the subscriber that made this hub: take the slot, then start the reader (or,
+        non-threaded, connect here). A failure is every waiting subscriber's."""
+        try:
+            self.slots.take(max(0.0, deadline - time.monotonic()) if timeout is not None
+                            else None)
+            self.holds_slot = True
+            if self.inline:
+                self._connect(deadline, first=True)
+            else:
+                task = self.backend.spawn(self._run)
+                if task is None:
+                    raise PoolError("this mode cannot start a reader task")
+        except BaseException as exc:
+            # the others waited for this caller's slot: they try on their own (own timeout)
+            self._fail_start(exc if isinstance(exc, PoolClosed) else _Retry())
+            self.finish()
+            raise
+
+    def _fail_start(self, error: BaseException) -> None:
+        with self._lock:
+            self.ended = True
+            subs = [s for s in self.subs if not s.started]
+            for sub in subs:
+                sub.start_error = error
+                self._forget(sub)
+            over = not self.subs
+        for _ in subs:
+            self.slots.count_listener(-1)
+        if over and self.inline:  # no reader task to give the slot back
+            self.finish()
+
+    # --- the reader's work (the reader task, or a waiting subscriber when inline) --------
+
+    def _run(self) -> None:
+        """The reader task: until no subscriber is left, the pool closes, or a fork."""
+        try:
+            while self.step(None):
+                pass
+        except BaseException as exc:
+            if self._forked():
+                return
+            if isinstance(exc, Exception):
+                logger.exception("group %r: the listening connection's reader failed",
+                                 self.group.name)
+            self.close()
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self.finish()
+
+    def _forked(self) -> bool:
+        return os.getpid() != self._pid
+
+    def step(self, until: float | None) -> bool:
+        """One round of the reader's work, waiting at most until ``until`` (monotonic);
+        False when the hub is over."""
+        if self._forked():
+            return False
+        self.take_orphans()
+        with self._lock:
+            if not self.subs or (self.ended and not self.inline):
+                self.ended = True
+                return False
+            wanted = set(self._by_channel)
+        pc = self.pc
+        if pc is None:
+            self._connect(until, first=not self.ever_connected)
+            return True
+        if wanted != self._active:
+            self._sync(pc, wanted)
+            return True
+        raw = pc.raw
+        if raw.notifies:
+            self._deliver(raw)
+        now = time.monotonic()
+        wait = self._check_at - now
+        if until is not None:
+            wait = min(wait, until - now)
+        fds = [raw.fileno()] if self.inline else [raw.fileno(), self._wake_r]
+        ready = self._wait(fds, max(0.0, wait))
+        if self._forked():
+            return False
+        if self._wake_r in ready:
+            try:
+                os.read(self._wake_r, 4096)
+            except OSError:
+                pass
+        if raw.fileno() in ready:
+            try:
+                raw.poll()  # reads what came: notifications, status changes, or EOF
+            except psycopg2.Error as exc:
+                self._lost(pc, f"connection lost: {_one_line(exc)}", "broken")
+                return True
+            self._deliver(raw)
+        if time.monotonic() >= self._check_at:  # whatever the traffic: lost_at stays fresh
+            self._check(pc)
+        return True
+
+    def _deliver(self, raw: Any) -> None:
+        """Hand what the connection received to the subscribers of each channel."""
+        notes = list(raw.notifies)
+        del raw.notifies[:]
+        if not notes:
+            return
+        woken: dict[_Sub, None] = {}
+        dropped = 0
+        with self._lock:
+            label = self.pc.endpoint.label if self.pc is not None else ""
+            for note in notes:
+                for sub in self._by_channel.get(note.channel, ()):
+                    queue = sub.queue
+                    if sub.lost is not None:
+                        if len(queue) > sub.max_backlog // 2 or self.pc is None:
+                            sub.dropped += 1
+                            dropped += 1
+                            continue
+                        queue.append(self._gap_for(sub))
+                    elif len(queue) >= sub.max_backlog:
+                        sub.lost = (f"this listener fell behind its max_backlog "
+                                    f"({sub.max_backlog})", self.good_at, label)
+                        sub.dropped = 1
+                        dropped += 1
+                        continue
+                    queue.append(note)
+                    woken[sub] = None
+            for sub in woken:
+                sub.wake()
+        if dropped:
+            self.counters["dropped"] += dropped
+
+    def _check(self, pc: PooledConnection) -> None:
+        """A heartbeat: the server answers (so everything committed before it was sent has
+        been received), and the group still belongs on it."""
+        raw = pc.raw
+        sent_at = time.time()
+        self._bounded_by(pc.endpoint.config.connect_timeout)
+        try:
+            round_trip(raw, "SELECT 1", self.backend, pc.endpoint.config.connect_timeout)
+        except psycopg2.Error as exc:
+            self._lost(pc, f"heartbeat failed: {_one_line(exc)}", "failed_check")
+            return
+        self.good_at = sent_at
+        self._check_at = time.monotonic() + self.heartbeat
+        self._deliver(raw)
+        role = role_of(raw)
+        if role == UNKNOWN:
+            role = pc.endpoint.role
+        if not self.group.connector.belongs(pc.endpoint, role):
+            self._lost(pc, f"the group no longer belongs on {pc.endpoint.label} "
+                           f"(role {role})", "wrong_role", failed=False)
+
+    def _sync(self, pc: PooledConnection, wanted: set[str]) -> None:
+        """LISTEN the channels a new subscriber wants, UNLISTEN those nobody wants now."""
+        adding = sorted(wanted - self._active)
+        dropping = sorted(self._active - wanted)
+        parts = [sql.SQL("LISTEN {}").format(sql.Identifier(n)) for n in adding]
+        parts += [sql.SQL("UNLISTEN {}").format(sql.Identifier(n)) for n in dropping]
+        raw = pc.raw
+        self._bounded_by(pc.endpoint.config.connect_timeout)
+        try:
+            statement = sql.SQL("; ").join(parts).as_string(raw)
+            round_trip(raw, statement, self.backend, pc.endpoint.config.connect_timeout)
+        except psycopg2.Error as exc:
+            self._lost(pc, f"LISTEN failed: {_one_line(exc)}", "failed_listen")
+            return
+        with self._lock:
+            self._active = set(wanted)
+        self._deliver(raw)
+        self._started()
+
+    def _started(self) -> None:
+        """Under no lock: subscribers whose channels are all listened on may return."""
+        with self._lock:
+            for sub in self.subs:
+                if not sub.started and self._active.issuperset(sub.channels):
+                    sub.started = True
+                    sub.wake()
+
+    def _lost(self, pc: PooledConnection, reason: str, discard: str, failed: bool = True) -> None:
+        self._deliver(pc.raw)  # what came before the loss is still news
+        lost_at = self.good_at
+        with self._lock:
+            self.pc = None
+            self._active = set()
+            self._lost_info = (reason, lost_at, pc.endpoint.label)
+            for sub in self.subs:
+                if sub.lost is None:
+                    sub.lost = (reason, lost_at, pc.endpoint.label)
+        self.slots.close_connection(pc, discard)
+        if failed:
+            self.group.on_endpoint_failure(pc.endpoint)  # its idle peers are suspect
+        logger.warning("group %r: listening connection on %s: %s; reconnecting",
+                       self.group.name, pc.endpoint.label, reason)
+
+    def _connect(self, until: float | None, first: bool) -> None:
+        """One round of connect attempts and LISTEN; on failure a pause (a poke ends it).
+        The first connect of a hub hands its error to the subscribers waiting for it."""
+        with self._lock:
+            wanted = set(self._by_channel)
+            pending = [s for s in self.subs if not s.started]
+        budget = _RECONNECT_ROUND
+        if first and pending:  # as long as the subscribers wait for it
+            budget = max(s.deadline for s in pending) - time.monotonic()
+        if until is not None:
+            budget = min(budget, until - time.monotonic())
+        if budget <= 0:
+            return
+        slowest = max((e.config.connect_timeout for e in self.group.connector.endpoints),
+                      default=0.0)
+        self._bounded_by(budget + max(slowest, 2.0) + 0.5)
+        try:
+            pc = self.slots.open(time.monotonic() + budget, caller_waits=first)
+        except (PoolError, psycopg2.Error) as exc:
+            self.last_error = _one_line(exc)
+            if isinstance(exc, PoolClosed) or (first and pending):
+                self._fail_start(exc)
+                if isinstance(exc, PoolClosed):
+                    self.close()
+                return
+            logger.info("group %r: listening connection cannot reconnect yet: %s",
+                        self.group.name, self.last_error)
+            self._pause(until)
+            return
+        sent_at = time.time()
+        self._bounded_by(pc.endpoint.config.connect_timeout)
+        try:
+            raw = pc.raw
+            raw.autocommit = True  # LISTEN takes effect, and notifications arrive, outside
+            statement = sql.SQL("; ").join(                     # transactions only
+                sql.SQL("LISTEN {}").format(sql.Identifier(n)) for n in sorted(wanted)
+            ).as_string(raw)
+            round_trip(raw, statement, self.backend, pc.endpoint.config.connect_timeout)
+        except psycopg2.Error as exc:
+            self.slots.close_connection(pc, "failed_listen")
+            self.last_error = _one_line(exc)
+            self._pause(until)
+            return
+        except BaseException:
+            self.slots.close_connection(pc, "failed_listen")
+            raise
+        self._check_at = time.monotonic() + self.heartbeat
+        self.good_at = sent_at
+        was_lost = self._lost_info
+        with self._lock:
+            self.pc = pc
+            self._active = set(wanted)
+            self.ever_connected = True
+            self.last_error = ""
+            self._lost_info = None
+            for sub in self.subs:
+                if sub.lost is not None and len(sub.queue) <= sub.max_backlog // 2:
+                    sub.queue.append(self._gap_for(sub))
+                    sub.wake()
+        self._started()
+        self._failed_rounds = 0
+        if was_lost is not None:
+            logger.warning("group %r: listening again on %s; notifications since the loss "
+                           "may be missing", self.group.name, pc.endpoint.label)
+
+    def _pause(self, until: float | None) -> None:
+        pause = min(_RETRY_PAUSE * 2 ** min(self._failed_rounds, 8), _RETRY_PAUSE_MAX)
+        self._failed_rounds += 1
+        if until is not None:
+            pause = min(pause, until - time.monotonic())
+        if pause > 0:
+            if self.inline:
+                self.backend.sleep(pause)
+            else:
+                self._wait([self._wake_r], pause)
+
+    def finish(self) -> None:
+        """Give everything back, once: the connection, the slot, the pipe (never in a
+        forked child: the parent's are not ours)."""
+        with self._lock:
+            if self.finished:
+                return
+            self.ended = self.finished = True
+            waiters, self._end_waiters = self._end_waiters, []
+            subs = list(self.subs)
+            for sub in subs:
+                self._forget(sub)
+        for _ in subs:
+            self.slots.count_listener(-1)
+        if self._forked():
+            return
         pc, self.pc = self.pc, None
         try:
             if pc is not None:
-                slots.close_connection(pc)
+                self.slots.close_connection(pc)
         finally:
             if self.holds_slot:
                 self.holds_slot = False
-                slots.count_listener(-1)
-                slots.give()
-            fds, self.fds = self.fds, ()
-            for fd in fds:
+                self.slots.give()
+            for fd in (self._wake_r, self._wake_w):
                 try:
                     os.close(fd)
                 except OSError:
                     pass
+            for waiter in waiters:
+                waiter.set()
+
+    def after_fork_in_child(self) -> None:
+        """In the child: drop everything untouched (the group silenced the connection)."""
+        self._lock = self.backend.lock()
+        self.ended = self.finished = True
+        self.pc = None
+        self.holds_slot = False
+        for sub in self.subs:
+            sub.closed = True
+        self.subs = {}
+        self._by_channel = {}
+
+    def stats(self) -> tuple[int, int, int]:
+        """(connections, total backlog, largest backlog) of this hub."""
+        with self._lock:
+            sizes = [len(s.queue) for s in self.subs]
+            return (1 if self.pc is not None else 0, sum(sizes), max(sizes, default=0))
 
 
-def _orphaned(orphans: deque[_Held], held: _Held) -> None:
-    """A listener was garbage-collected unclosed: end its session now (a driver call, no
-    lock: this may run inside any locked section) and leave the rest to the slots."""
-    if held.pc is not None:
-        close_raw(held.pc.raw)
-    orphans.append(held)
+def _orphaned(hub: _Hub, sub: _Sub) -> None:
+    """A listener was garbage-collected unclosed: the hub removes it at its next round (no
+    lock here: this may run inside any locked section) and is woken for that."""
+    hub.orphans.append(sub)
+    if not hub.finished and not hub.inline:
+        try:
+            _write(hub._wake_w, b"x")
+        except OSError:
+            pass
 
 
 class Listener:
@@ -160,106 +672,77 @@ class Listener:
     tick). Use it as a context manager, or call :meth:`close`.
     """
 
-    def __init__(
-        self,
-        slots: ExclusiveSlots,
-        channels: tuple[str, ...],
-        backend: Backend,
-        heartbeat: float,
-        on_close: Callable[[Listener], None] | None = None,
-    ) -> None:
-        self.channels = channels
+    def __init__(self, hub: _Hub, sub: _Sub, heartbeat: float) -> None:
+        self.channels = sub.channels
         self.heartbeat = heartbeat
-        self._slots = slots
-        self._group = slots.group
-        self._backend = backend
-        self._lock = backend.lock()
-        self._wait = _readable_wait(backend)
-        self._pending: deque[Item] = deque()
-        self._busy = False  # a task is inside get()
-        self._closing = False  # close() was asked
-        self._closed = False  # everything given back
-        self._check_at = 0.0
-        self._on_close = on_close
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_w, False)
-        self._held = _Held((self._wake_r, self._wake_w))
-        # dropped without close(): the slots give it all back at their next use
-        self._finalizer = weakref.finalize(self, _orphaned, slots.orphans, self._held)
-        self._finalizer.atexit = False  # at exit the process ends the sessions itself
-        #: (reason, when, endpoint label) of the latest loss, for the Gap that follows it
-        self._lost_info = ("", 0.0, "")
-
-    @property
-    def _pc(self) -> PooledConnection | None:
-        return self._held.pc
-
-    @_pc.setter
-    def _pc(self, pc: PooledConnection | None) -> None:
-        self._held.pc = pc
-
-    @property
-    def _holds_slot(self) -> bool:
-        return self._held.holds_slot
-
-    @_holds_slot.setter
-    def _holds_slot(self, holds: bool) -> None:
-        self._held.holds_slot = holds
-
-    # --- life cycle -----------------------------------------------------------------------
-
-    def start(self, timeout: float | None) -> Listener:
-        """Take a limit slot, connect and LISTEN within ``timeout`` (the group's acquire
-        timeout if None); any failure closes the listener and propagates."""
-        with self._lock:
-            self._busy = True  # a close() meanwhile (Pool.close()) is acted on below
-        try:
-            deadline = self._slots.deadline(timeout)
-            self._slots.take(timeout)
-            self._holds_slot = True
-            self._slots.count_listener(1)
-            pc = self._slots.open(deadline)
-            self._listen_on(pc)
-        except BaseException:
-            with self._lock:
-                self._busy = False
-            self._shut()
-            raise
-        with self._lock:
-            self._busy = False
-            closing = self._closing
-        if closing:  # else the session would listen on the server for ever
-            self._shut()
-            raise PoolClosed(f"group {self._group.name!r}: the listener was closed (the "
-                             f"pool was closed) while it connected")
-        return self
-
-    def close(self) -> None:
-        """Stop listening (from any task): the connection is closed, so the server forgets
-        the session's LISTENs, and the slot is given back. A task blocked in :meth:`get`
-        wakes and gets None (its ``for`` loop ends). Idempotent."""
-        with self._lock:
-            if self._closed or self._closing:
-                return
-            self._closing = True
-            busy = self._busy
-            if busy:  # under the lock: _shut() closes the pipe only after it sets _closed
-                try:
-                    _write(self._wake_w, b"x")
-                except OSError:
-                    pass  # the pipe is full: the reader will wake anyway
-        if not busy:
-            self._shut()
+        self.max_backlog = sub.max_backlog
+        self._hub = hub
+        self._sub = sub
+        self._finalizer = weakref.finalize(self, _orphaned, hub, sub)
+        self._finalizer.atexit = False
 
     @property
     def closed(self) -> bool:
-        return self._closed or self._closing
+        return self._sub.closed
+
+    @property
+    def _busy(self) -> bool:
+        """A task is inside :meth:`get` (for tests that wait for a reader to block)."""
+        return self._sub.busy
+
+    @property
+    def backlog(self) -> int:
+        """Items queued for this listener and not read yet."""
+        return len(self._sub.queue)
 
     @property
     def endpoint(self) -> str | None:
         """Label of the endpoint listened on now (None while reconnecting or closed)."""
-        pc = self._pc
-        return pc.endpoint.label if pc is not None else None
+        pc = self._hub.pc
+        return pc.endpoint.label if pc is not None and not self.closed else None
+
+    def wait_started(self, deadline: float, timeout: float) -> None:
+        """Until every channel is listened on; the hub's error, or PoolTimeout."""
+        hub, sub = self._hub, self._sub
+        while True:
+            with hub._lock:
+                if sub.started and not sub.closed:
+                    return
+                error = sub.start_error
+                closed = sub.closed
+                remaining = deadline - time.monotonic()
+                waiter = None
+                if error is None and not closed and remaining > 0 and not hub.inline:
+                    waiter = sub.waiter = hub.backend.waiter()
+            if error is not None:
+                self.close()
+                raise error
+            if closed:
+                self.close()
+                raise PoolClosed(f"group {hub.group.name!r}: the listener was closed (the "
+                                 f"pool was closed) while it connected")
+            if remaining <= 0:
+                self.close()
+                why = f"; last error: {hub.last_error}" if hub.last_error else ""
+                raise PoolTimeout(f"group {hub.group.name!r}: not listening on "
+                                  f"{list(self.channels)} within {timeout:.2f} s{why}")
+            if waiter is not None:
+                waiter.wait(remaining)
+            else:
+                hub.step(deadline)
+
+    def close(self) -> None:
+        """Stop listening (from any task): the channels nobody else wants are UNLISTENed,
+        and the last listener of a group closes the shared connection (waiting at most one
+        round trip for that). A task blocked in :meth:`get` wakes and gets None (its
+        ``for`` loop ends). Idempotent."""
+        self._finalizer.detach()
+        hub = self._hub
+        if hub.leave(self._sub):
+            if hub.inline:
+                hub.finish()
+            else:
+                hub.end_wait()
 
     def __enter__(self) -> Listener:
         return self
@@ -276,192 +759,124 @@ class Listener:
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else (self.endpoint or "reconnecting")
-        return f"<Listener group={self._group.name!r} channels={list(self.channels)} {state}>"
+        return (f"<Listener group={self._hub.group.name!r} channels={list(self.channels)} "
+                f"{state}>")
 
     # --- reading --------------------------------------------------------------------------
 
     def get(self, timeout: float | None = None) -> Item | None:
         """The next notification or :class:`Gap`; None once closed, or when ``timeout``
-        seconds passed with nothing to return. A reconnect in progress may overrun
-        ``timeout`` by up to one ``connect_timeout``. Any exception out of here (a kill,
-        a ``gevent.Timeout``) closes the listener."""
+        seconds passed with nothing to return. Any exception out of here (a kill, a
+        ``gevent.Timeout``) closes the listener."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._lock:
-            if self._closing or self._closed:
+        hub, sub = self._hub, self._sub
+        with hub._lock:
+            if sub.closed:
                 return None
-            if self._busy:
+            if sub.busy:
                 raise RuntimeError("a listener is read by one task at a time")
-            self._busy = True
+            sub.busy = True
         try:
-            item = self._next(deadline)
+            return self._next(deadline)
         except BaseException:
-            with self._lock:
-                self._busy = False
-            self._shut()
+            self.close()
             raise
-        with self._lock:
-            self._busy = False
-            closing = self._closing
-        if closing:
-            self._shut()
-            return None
-        return item
+        finally:
+            sub.busy = False
 
     def _next(self, deadline: float | None) -> Item | None:
+        hub, sub = self._hub, self._sub
         while True:
-            if self._closing:
+            with hub._lock:
+                if sub.closed:
+                    return None
+                item = hub.next_item(sub)
+                if item is not None:
+                    return item
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None
+                waiter = None
+                if not hub.inline:
+                    if hub.ended:
+                        sub.closed = True
+                        return None
+                    waiter = sub.waiter = hub.backend.waiter()
+            if waiter is not None:
+                waiter.wait(remaining)
+            elif not hub.step(deadline):
+                self.close()
                 return None
-            if self._pending:
-                return self._pending.popleft()
-            pc = self._pc
-            if pc is None:
-                self._reconnect(deadline)
-                if self._pc is None:
-                    return None  # closing, or out of time
-                continue
-            raw = pc.raw
-            if raw.notifies:
-                self._pending.extend(raw.notifies)
-                del raw.notifies[:]
-                continue
-            now = time.monotonic()
-            wait = self._check_at - now
-            if deadline is not None:
-                wait = min(wait, deadline - now)
-            ready = self._wait([raw.fileno(), self._wake_r], max(0.0, wait))
-            if self._closing:
-                return None
-            if ready and raw.fileno() in ready:
-                try:
-                    raw.poll()  # reads what came: notifications, status changes, or EOF
-                except psycopg2.Error as exc:
-                    self._lost(pc, f"connection lost: {' '.join(str(exc).split())}", "broken")
-                    continue
-                self._check_at = time.monotonic() + self.heartbeat
-                continue
-            if time.monotonic() >= self._check_at:
-                self._check(pc)
-                continue
-            if deadline is not None and time.monotonic() >= deadline:
-                return None
-
-    def _check(self, pc: PooledConnection) -> None:
-        """A heartbeat: the server answers, and the group still belongs on it."""
-        raw = pc.raw
-        try:
-            round_trip(raw, "SELECT 1", self._backend, pc.endpoint.config.connect_timeout)
-        except psycopg2.Error as exc:
-            self._lost(pc, f"heartbeat failed: {' '.join(str(exc).split())}", "failed_check")
-            return
-        self._check_at = time.monotonic() + self.heartbeat
-        role = role_of(raw)
-        if role == UNKNOWN:
-            role = pc.endpoint.role
-        if not self._group.connector.belongs(pc.endpoint, role):
-            self._lost(pc, f"the group no longer belongs on {pc.endpoint.label} "
-                           f"(role {role})", "wrong_role", failed=False)
-
-    # --- losing and regaining the connection ----------------------------------------------
-
-    def _lost(self, pc: PooledConnection, reason: str, discard: str, failed: bool = True) -> None:
-        raw = pc.raw
-        if not raw.closed and raw.notifies:  # what came before the loss is still news
-            self._pending.extend(raw.notifies)
-        self._pc = None
-        self._lost_info = (reason, time.time(), pc.endpoint.label)
-        self._slots.close_connection(pc, discard)
-        if failed:
-            self._group.on_endpoint_failure(pc.endpoint)  # its idle peers are suspect
-        logger.warning("group %r: listener on %s: %s; reconnecting", self._group.name,
-                       pc.endpoint.label, reason)
-
-    def _reconnect(self, deadline: float | None) -> None:
-        """Connect and LISTEN again, until it works, the listener closes or ``deadline``;
-        on success a :class:`Gap` is queued."""
-        pause = _RETRY_PAUSE
-        while not self._closing:
-            budget = _RECONNECT_ROUND  # short rounds, so a close() is seen between them
-            if deadline is not None:
-                budget = min(budget, deadline - time.monotonic())
-                if budget <= 0:
-                    return
-            try:
-                pc = self._slots.open(time.monotonic() + budget, caller_waits=False)
-                self._listen_on(pc)
-            except PoolClosed:
-                self._closing = True
-                return
-            except (PoolError, psycopg2.Error) as exc:
-                logger.info("group %r: listener cannot reconnect yet: %s", self._group.name, exc)
-                rest = pause if deadline is None else min(pause, deadline - time.monotonic())
-                if rest > 0:
-                    self._wait([self._wake_r], rest)  # a close() ends the pause
-                pause = min(pause * 2, _RETRY_PAUSE_MAX)
-                continue
-            reason, lost_at, previous = self._lost_info
-            self._slots.counters.gaps += 1
-            self._pending.appendleft(Gap(reason, lost_at, time.time(), previous,
-                                         pc.endpoint.label))
-            logger.warning("group %r: listener resumed on %s; notifications since the loss "
-                           "may be missing", self._group.name, pc.endpoint.label)
-            return
-
-    def _listen_on(self, pc: PooledConnection) -> None:
-        """LISTEN on every channel (bounded round trips), then make ``pc`` the listener's.
-        The connection is closed if that fails or is interrupted."""
-        try:
-            raw = pc.raw
-            raw.autocommit = True  # LISTEN takes effect, and notifications arrive, outside
-            statement = sql.SQL("; ").join(                     # transactions only
-                sql.SQL("LISTEN {}").format(sql.Identifier(name)) for name in self.channels
-            ).as_string(raw)
-            round_trip(raw, statement, self._backend, pc.endpoint.config.connect_timeout)
-        except BaseException:
-            self._slots.close_connection(pc, "failed_listen")
-            raise
-        self._pc = pc
-        self._check_at = time.monotonic() + self.heartbeat
-
-    def _shut(self) -> None:
-        """Give everything back, once: the connection, the slot, the wake-up pipe."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        self._finalizer.detach()
-        try:
-            self._held.release(self._slots)
-        finally:
-            if self._on_close is not None:
-                self._on_close(self)
-
-    def after_fork_in_child(self) -> None:
-        """In the child: the connection was silenced with the group's; drop it untouched."""
-        self._finalizer.detach()
-        self._lock = self._backend.lock()  # a parent's thread may have held it at fork
-        self._pc = None
-        self._holds_slot = False
-        self._closing = self._closed = True
-        self._held.release(self._slots)  # only the pipe is left to close
 
 
 class Listeners:
-    """The live listeners of a pool, held weakly, so that ``Pool.close()`` can stop them."""
+    """The hubs of a pool (one per group at most), so that ``Pool.close()`` can stop them
+    and ``stats()`` report their subscribers' backlog."""
 
-    def __init__(self) -> None:
-        self._live: weakref.WeakSet[Listener] = weakref.WeakSet()
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
+        self._lock = backend.lock()
+        self._hubs: dict[str, _Hub] = {}
+        self._dropped: dict[str, Counter[str]] = {}
 
-    def add(self, listener: Listener) -> None:
-        self._live.add(listener)
+    def listen(self, slots: ExclusiveSlots, channels: tuple[str, ...], *,
+               timeout: float | None, heartbeat: float, max_backlog: int) -> Listener:
+        name = slots.group.name
+        deadline = slots.deadline(timeout)
+        sub = _Sub(channels, max_backlog, deadline)
+        with self._lock:
+            hub = self._hubs.get(name)
+            new = hub is None or not hub.join(sub, heartbeat)
+            if new:
+                counters = self._dropped.setdefault(name, Counter())
+                hub = self._hubs[name] = _Hub(slots, self._backend, counters)
+                hub.join(sub, heartbeat)
+        assert hub is not None
+        listener = Listener(hub, sub, heartbeat)
+        if new:
+            try:
+                hub.start(timeout, deadline)
+            except BaseException:
+                listener._finalizer.detach()
+                raise
+        wait = slots.group.config.timeout if timeout is None else timeout
+        try:
+            listener.wait_started(deadline, wait)
+        except _Retry:
+            listener.close()
+            left = deadline - time.monotonic()
+            return self.listen(slots, channels, timeout=max(0.0, left),
+                               heartbeat=heartbeat, max_backlog=max_backlog)
+        except BaseException:  # interrupted while waiting: leave the hub as it was
+            listener.close()
+            raise
+        return listener
 
-    def discard(self, listener: Listener) -> None:
-        self._live.discard(listener)
+    def stats(self, group: str) -> dict[str, Any]:
+        hub = self._hubs.get(group)
+        if hub is not None:
+            hub.take_orphans()
+        connections, backlog, largest = hub.stats() if hub is not None else (0, 0, 0)
+        return {"listen_connections": connections, "listen_backlog": backlog,
+                "listen_backlog_max": largest,
+                "listen_dropped": self._dropped.get(group, Counter())["dropped"]}
 
     def close_all(self) -> None:
-        for listener in list(self._live):
-            listener.close()
+        """Close every listener; the readers end on their own (see :meth:`wait_ended`)."""
+        with self._lock:
+            hubs = list(self._hubs.values())
+        for hub in hubs:
+            hub.close()
+
+    def wait_ended(self) -> None:
+        """Wait for the readers to give their connections and slots back (bounded)."""
+        with self._lock:
+            hubs = list(self._hubs.values())
+        for hub in hubs:
+            hub.end_wait()
 
     def after_fork_in_child(self) -> None:
-        for listener in list(self._live):
-            listener.after_fork_in_child()
-        self._live = weakref.WeakSet()
+        for hub in list(self._hubs.values()):
+            hub.after_fork_in_child()
+        self._lock = self._backend.lock()
+        self._hubs = {}

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -55,7 +56,9 @@ class _Buffer:
     """The durations one :class:`Timing` recorded since the last collection."""
 
     def __init__(self, histogram: Any, attributes: dict[str, Any]) -> None:
-        self.values: list[float] = []
+        #: a deque: each popleft is atomic, so two flushes at once (a loan's and the
+        #: collector's, in threads) never take one value twice nor drop one
+        self.values: deque[float] = deque()
         self.histogram = histogram
         self.attributes = attributes
 
@@ -73,9 +76,13 @@ class _Buffer:
         """Record the buffered values. Never raises: it runs on the loan path when the
         buffer is full, and a metrics failure must not fail a loan (the values are then
         lost, and that is logged)."""
-        values = self.values
-        taken = values[:]
-        del values[:len(taken)]  # values appended meanwhile (threads) stay for the next one
+        values, take = self.values, self.values.popleft
+        taken: list[float] = []
+        for _ in range(len(values)):  # what is there now; later ones wait for the next
+            try:
+                taken.append(take())
+            except IndexError:  # another flush took the rest
+                break
         record, attributes = self.histogram.record, self.attributes
         try:
             for seconds in taken:
@@ -89,7 +96,9 @@ class Instrumentation:
     """One pool's instruments; :meth:`stop` detaches them (the pool is held weakly, and a
     closed one reports nothing)."""
 
-    def __init__(self, pool: Pool, name: str, meter: Meter) -> None:
+    def __init__(self, pool: Pool, name: str, meter: Meter,
+                 meter_provider: MeterProvider | None = None) -> None:
+        self.meter_provider = meter_provider  # None: the global one
         self._pool = weakref.ref(pool)
         self._lock = threading.Lock()
         self._stopped = False
@@ -106,6 +115,42 @@ class Instrumentation:
                 sink = buffer.sink()
                 timing.sinks = (*timing.sinks, sink)
                 self._buffers.append((timing, sink, buffer))
+        _observers_of(meter).members.append(self)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
+    def stop(self) -> None:
+        """Record what is buffered, stop buffering, and report nothing more."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        for timing, sink, buffer in self._buffers:
+            timing.sinks = tuple(s for s in timing.sinks if s is not sink)
+            buffer.flush()
+
+    def flush(self) -> None:
+        for _, _, buffer in self._buffers:
+            buffer.flush()
+
+    def groups(self) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+        """(attributes, stats) of each group, none once stopped or the pool is closed."""
+        pool = self._pool()
+        if pool is None or pool.closed or self._stopped:
+            return
+        for group, values in pool.stats()["groups"].items():
+            yield self._attributes[group], values
+
+
+class _Observers:
+    """The observable instruments of one meter, reporting every pool instrumented on it:
+    the SDK keeps the first instrument of a name and ignores a second one's callbacks, so
+    each pool cannot have its own."""
+
+    def __init__(self, meter: Meter) -> None:
+        self.members: list[Instrumentation] = []
         meter.create_observable_up_down_counter(
             "db.client.connection.count", [self._count], unit="{connection}",
             description="The number of connections that are currently in state described "
@@ -125,42 +170,34 @@ class Instrumentation:
             description="The number of connection timeouts that have occurred trying to "
                         "obtain a connection from the pool")
 
-    @property
-    def stopped(self) -> bool:
-        return self._stopped
-
-    def stop(self) -> None:
-        """Record what is buffered, stop buffering, and report nothing more."""
-        with self._lock:
-            if self._stopped:
-                return
-            self._stopped = True
-        for timing, sink, buffer in self._buffers:
-            timing.sinks = tuple(s for s in timing.sinks if s is not sink)
-            buffer.flush()
-
-    def _groups(self) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
-        pool = self._pool()
-        if pool is None or pool.closed or self._stopped:
-            return
-        for group, values in pool.stats()["groups"].items():
-            yield self._attributes[group], values
+    def _live(self) -> list[Instrumentation]:
+        self.members[:] = [member for member in self.members if not member.stopped]
+        return list(self.members)
 
     def _count(self, options: CallbackOptions) -> Iterable[Observation]:
-        for _, _, buffer in self._buffers:  # first: the collection reads histograms next
-            buffer.flush()
+        members = self._live()
+        for member in members:  # first: the collection reads histograms next
+            member.flush()
         found = []
-        for attributes, values in self._groups():
-            found.append(Observation(values["idle"], {**attributes, STATE: "idle"}))
-            found.append(Observation(values["in_use"], {**attributes, STATE: "used"}))
+        for member in members:
+            for attributes, values in member.groups():
+                found.append(Observation(values["idle"], {**attributes, STATE: "idle"}))
+                found.append(Observation(values["in_use"], {**attributes, STATE: "used"}))
         return found
 
     def _observer(self, key: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def observe(options: CallbackOptions) -> Iterable[Observation]:
             return [Observation(values[key], attributes)
-                    for attributes, values in self._groups()]
+                    for member in self._live() for attributes, values in member.groups()]
 
         return observe
+
+
+def _observers_of(meter: Meter) -> _Observers:
+    observers = _observers.get(meter)
+    if observers is None:
+        _observers[meter] = observers = _Observers(meter)
+    return observers
 
 
 def _group_attributes(pool: Pool, name: str, group: str) -> dict[str, Any]:
@@ -186,11 +223,19 @@ def instrument(pool: Pool, name: str = "default",
         if held is not None and not held.stopped:
             raise ValueError(f"instrument(): this pool is already instrumented as {name!r} "
                              f"(each loan would be recorded twice); stop() that one first")
+        for other, names in _instrumented.items():
+            clash = names.get(name)
+            if (other is not pool and not other.closed and clash is not None
+                    and not clash.stopped and clash.meter_provider is meter_provider):
+                raise ValueError(f"instrument(): another pool is instrumented as {name!r} on "
+                                 f"this meter provider (their series would merge and one "
+                                 f"hide the other); give each pool its own name")
         meter = get_meter("greenpool", meter_provider=meter_provider)
-        live[name] = instrumentation = Instrumentation(pool, name, meter)
+        live[name] = instrumentation = Instrumentation(pool, name, meter, meter_provider)
     return instrumentation
 
 
 _instrumented: weakref.WeakKeyDictionary[Pool, dict[str, Instrumentation]] = (
     weakref.WeakKeyDictionary())
 _instrumenting = threading.Lock()
+_observers: weakref.WeakKeyDictionary[Meter, _Observers] = weakref.WeakKeyDictionary()

@@ -22,7 +22,7 @@ from .exclusive import Exclusive, ExclusiveSlots, missing_connections
 from .group import Group
 from .handler import Handler
 from .housekeeping import Housekeeping
-from .listen import Listener, Listeners, channel_names
+from .listen import DEFAULT_MAX_BACKLOG, Listener, Listeners, channel_names
 
 logger = logging.getLogger("greenpool")
 
@@ -68,7 +68,7 @@ class Pool:
         self._only_group = next(iter(self._groups)) if len(self._groups) == 1 else None
         self._exclusive = {name: ExclusiveSlots(group, self._backend, self._room_needed)
                            for name, group in self._groups.items()}
-        self._listeners = Listeners()
+        self._listeners = Listeners(self._backend)
         self._closed = False
         self._forked = False
         self._housekeeping = Housekeeping(self.config, list(self._groups.values()),
@@ -116,24 +116,32 @@ class Pool:
         *,
         timeout: float | None = None,
         heartbeat: float = 5.0,
+        max_backlog: int = DEFAULT_MAX_BACKLOG,
     ) -> Listener:
-        """A :class:`~greenpool.listen.Listener` of ``channels`` on a dedicated connection
-        of ``group`` (one ``exclusive_limit`` slot), already listening when this returns.
+        """A :class:`~greenpool.listen.Listener` of ``channels`` (exact names, as
+        ``pg_notify()`` takes them), already listening when this returns. Every listener of
+        a group in this process shares one dedicated connection (one ``exclusive_limit``
+        slot), each with a queue of at most ``max_backlog`` items of its own.
 
-        Iterate it (or call ``get(timeout)``) for notifications; it reconnects after the
-        server is lost or the group's primary moves and then yields a
-        :class:`~greenpool.listen.Gap` first. ``timeout`` bounds the first connect;
-        ``heartbeat`` is how long a silent connection goes unchecked. Close it (or use
+        Iterate it (or call ``get(timeout)``) for notifications; after the server is lost,
+        the group's primary moves or this listener fell behind, it yields a
+        :class:`~greenpool.listen.Gap` first. ``timeout`` bounds the wait until listening;
+        ``heartbeat`` is how often the shared connection is checked. Close it (or use
         ``with``) when done.
         """
         names = channel_names(channels)
         if not (isinstance(heartbeat, (int, float)) and 0 < heartbeat < 86400):
             raise ValueError(f"listen(): heartbeat must be seconds above 0, not {heartbeat!r}")
+        if not (isinstance(max_backlog, int) and not isinstance(max_backlog, bool)
+                and 2 <= max_backlog <= 10_000_000):
+            raise ValueError(f"listen(): max_backlog must be an int from 2 to 10000000, not "
+                             f"{max_backlog!r}")
+        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout >= 0):
+            raise ValueError(f"listen(): timeout must be seconds (>= 0) or None, not "
+                             f"{timeout!r}")
         slots = self._exclusive_slots(group)
-        listener = Listener(slots, names, self._backend, float(heartbeat),
-                            on_close=self._listeners.discard)
-        self._listeners.add(listener)
-        return listener.start(timeout)
+        return self._listeners.listen(slots, names, timeout=timeout, heartbeat=float(heartbeat),
+                                      max_backlog=max_backlog)
 
     def _exclusive_slots(self, group: str | None) -> ExclusiveSlots:
         if self._forked:
@@ -174,7 +182,8 @@ class Pool:
     def stats(self) -> dict[str, Any]:
         """Gauges and counters per group, and what is known per endpoint."""
         return {
-            "groups": {name: {**group.stats(), **self._exclusive[name].stats()}
+            "groups": {name: {**group.stats(), **self._listeners.stats(name),
+                              **self._exclusive[name].stats()}
                        for name, group in self._groups.items()},
             "endpoints": {ep.label: ep.export() for ep in self._endpoints},
         }
@@ -195,6 +204,7 @@ class Pool:
             slots.close()
         for group in self._groups.values():
             group.close()
+        self._listeners.wait_ended()  # after the groups: their close ends a connect sooner
         _live_pools.discard(self)
 
     def __enter__(self) -> Pool:

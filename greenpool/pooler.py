@@ -10,9 +10,11 @@ round trip as its first statement::
     SET LOCAL statement_timeout = 500; SET TRANSACTION READ ONLY; <the statement>
 
 ``SET LOCAL`` and ``SET TRANSACTION`` end with their transaction, so nothing outlives it, in
-either pool mode. What the server already enforces on every session with the group's value
-(:class:`ServerDefaults`, read once per connection) is left out; with nothing left, no
-text is read at all: that is the sound set-up (README, Behind PgBouncer).
+either pool mode. Behind a session-mode pooler, what the server already enforces on the
+connection's session with the group's value (:class:`ServerDefaults`, read once per
+connection) is left out; with nothing left, no text is read at all: that is the sound
+set-up (README, Behind PgBouncer; :func:`trusts_server_defaults` says why not in
+transaction mode).
 
 In autocommit the text is one simple query, which PostgreSQL runs as one implicit
 transaction block: the settings cover the statement and end with it (a ``BEGIN`` in the
@@ -136,12 +138,27 @@ def settings_prefix(statement_timeout_ms: int | None, readonly: bool,
     the group asks for and the server (``server``, its sessions' defaults) does not already
     enforce on every session of that pooler database."""
     parts = []
+    # enforced: the session's default and its value now (a session SET left by a previous
+    # client of the server session, without a server_reset_query, is not a default)
     if statement_timeout_ms is not None and not (
-            server is not None and server.statement_timeout_ms == int(statement_timeout_ms)):
+            server is not None and server.statement_timeout_ms == int(statement_timeout_ms)
+            and "statement_timeout" not in server.left_set):
         parts.append(f"SET LOCAL statement_timeout = {int(statement_timeout_ms)}; ")
-    if readonly and not (server is not None and server.read_only):
+    if readonly and not (server is not None and server.read_only
+                         and "default_transaction_read_only" not in server.left_set):
         parts.append("SET TRANSACTION READ ONLY; ")
     return "".join(parts)
+
+
+def trusts_server_defaults(endpoint: EndpointConfig, reset: str) -> bool:
+    """Whether what the server enforces (:class:`ServerDefaults`) may stand in for the
+    prefix: only where the server session is this connection's alone and a dirty loan's
+    ``DISCARD ALL`` returns it to those defaults (a pooler said to be in session mode, the
+    group's reset on). In transaction mode the server connection is shared: a session
+    ``SET`` left on it by any client (a greenpool loan too: no ``DISCARD ALL`` reaches it
+    there) reaches transactions that carry no prefix, and the pooler may open another
+    server connection, logged in before or after the role's settings changed."""
+    return endpoint.pooler == SESSION and reset != "never"
 
 
 class ServerDefaults(NamedTuple):
@@ -151,7 +168,8 @@ class ServerDefaults(NamedTuple):
     only, and ``RESET`` goes back to ``reset_val``). So another client of the pooler that
     left a session ``SET`` on the server connection cannot fool it, as it could fool a
     ``SHOW``. ``left_set``: names whose current value differs from that default (some
-    client left a session ``SET`` on this server connection), for ``greenpool check``."""
+    client left a session ``SET`` on this server connection): not enforced on this
+    session; ``greenpool check`` warns."""
 
     statement_timeout_ms: int | None
     read_only: bool
@@ -368,10 +386,11 @@ class ThroughPooler:
 
 
 def prefix_verdict(statement_timeout_ms: int | None, readonly: bool,
-                   server: ServerDefaults) -> str:
+                   server: ServerDefaults, trusted: bool) -> str:
     """One sentence for ``greenpool check``: does a group with these settings need the
-    per-transaction prefix through this pooler, and why."""
-    prefix = settings_prefix(statement_timeout_ms, readonly, server)
+    per-transaction prefix through this pooler, and why (``trusted``: see
+    :func:`trusts_server_defaults`)."""
+    prefix = settings_prefix(statement_timeout_ms, readonly, server if trusted else None)
     where = ", ".join(f"{name} from {source}" for name, source in sorted(server.sources.items()))
     if not readonly and server.read_only:
         source = server.sources.get("default_transaction_read_only")
@@ -386,6 +405,10 @@ def prefix_verdict(statement_timeout_ms: int | None, readonly: bool,
             if statement_timeout_ms is not None else "",
             "default_transaction_read_only = on" if readonly else "") if part)
         verdict = f"the server enforces {said} ({where}): no per-transaction prefix is sent"
+    elif not settings_prefix(statement_timeout_ms, readonly, server):
+        verdict = (f"the server enforces it ({where}), but only a session-mode pooler with "
+                   f"the group's reset keeps the server session this connection's own: "
+                   f"each transaction carries {prefix.strip()!r}")
     else:
         verdict = (f"the server does not enforce it all (statement_timeout "
                    f"{server.statement_timeout_ms} ms, default_transaction_read_only "

@@ -32,6 +32,7 @@ in ``greenpool_endpoint_state{state}``.
 
 from __future__ import annotations
 
+import math
 import threading
 import weakref
 from collections.abc import Iterator
@@ -59,7 +60,12 @@ _GROUP_GAUGES = (
     ("exclusive_connections_max", "exclusive_max", "The group's exclusive_limit"),
     ("exclusive_connections_pending", "exclusive_waiting",
      "Callers waiting for an exclusive_limit slot"),
-    ("listeners", "listeners", "Listeners open (each holds one dedicated connection)"),
+    ("listeners", "listeners",
+     "Listeners open (all of a group's share one dedicated connection)"),
+    ("listen_connections", "listen_connections",
+     "The group's shared listening connection: 1 while listening, else 0"),
+    ("listen_backlog", "listen_backlog", "Notifications queued for listeners, not read yet"),
+    ("listen_backlog_max", "listen_backlog_max", "The largest queue of one listener"),
 )
 _GROUP_COUNTERS = (
     ("connections_acquired", "acquires", "Connections handed out"),
@@ -75,7 +81,9 @@ _GROUP_COUNTERS = (
     ("exclusive_connections_timeouts", "exclusive_timeouts",
      "Callers refused because exclusive_limit stayed reached"),
     ("listen_gaps", "listen_gaps",
-     "Listener reconnects (notifications sent meanwhile may have been missed)"),
+     "Gaps reported to listeners (after a reconnect, or when one fell behind)"),
+    ("listen_dropped", "listen_dropped",
+     "Notifications not queued for a listener that fell behind its max_backlog"),
 )
 _ENDPOINT_COUNTERS = (
     ("endpoint_quarantines", "quarantines", "Times the endpoint was quarantined"),
@@ -213,12 +221,20 @@ class PoolCollector(Collector):
                 for value in _ROLES:
                     role.add_metric([*key, value], 1 if values["role"] == value else 0)
                 open_.add_metric(key, values["open"])
-                if values["lag"] is not None:
-                    lag.add_metric(key, values["lag"])
+                lag.add_metric(key, _lag_value(values))
                 for counter, stat in counters:
                     counter.add_metric(key, values[stat])
         yield from (up, state, role, open_, lag)
         yield from (counter for counter, _ in counters)
+
+
+def _lag_value(values: dict[str, Any]) -> float:
+    """The lag series of every endpoint, whatever its role, so that no series ends at a
+    failover: a standby's measured lag (``+Inf`` while unknown: beyond any ``max_lag``), 0
+    for a primary (it is the source), NaN when nothing is known yet (role unknown)."""
+    if values["lag"] is not None:
+        return float(values["lag"])
+    return 0.0 if values["role"] == PRIMARY else math.nan
 
 
 _collectors: weakref.WeakKeyDictionary[CollectorRegistry, PoolCollector] = (

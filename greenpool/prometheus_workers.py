@@ -56,6 +56,7 @@ class WorkerExport:
         self._registry = registry
         self._interval = interval
         self._stopped = threading.Event()
+        self._writing = threading.Lock()  # the thread's round and stop()'s last one share .tmp
         self._thread = threading.Thread(target=self._run, name="greenpool-metrics-writer",
                                         daemon=True)
 
@@ -65,11 +66,13 @@ class WorkerExport:
         return self
 
     def write(self) -> None:
-        """Write the registry's exposition, atomically (a reader never sees half a file)."""
-        text = generate_latest(self._registry)
-        temporary = self.path.with_suffix(".tmp")
-        temporary.write_bytes(text)
-        os.replace(temporary, self.path)
+        """Write the registry's exposition, atomically (a reader never sees half a file, and
+        an older snapshot never replaces a newer one)."""
+        with self._writing:
+            text = generate_latest(self._registry)
+            temporary = self.path.with_suffix(".tmp")
+            temporary.write_bytes(text)
+            os.replace(temporary, self.path)
 
     def stop(self) -> None:
         """Stop writing, after a last snapshot (gunicorn's ``worker_exit``)."""
@@ -118,16 +121,25 @@ class DirectoryCollector(Collector):
             gone = []
             for path in sorted(self.directory.glob(f"*{SUFFIX}")):
                 pid = _pid_of(path)
+                alive = pid is not None and _alive(pid)  # asked first: a dead one's file is final
+                if not alive and path.name in retired["folded"]:
+                    gone.append(path)  # folded by a collect that died before removing it
+                    continue
                 try:
                     snapshot = _parse(path.read_text())
                 except (OSError, ValueError):
                     continue  # removed meanwhile, or not ours
-                if pid is not None and _alive(pid):
+                if alive and pid is not None:
                     live.append((pid, snapshot))
                 else:
                     _add(retired, snapshot, summed_only=True)
+                    retired["folded"].add(path.name)
                     gone.append(path)
-            if gone:  # folded in first, removed after: a crash in between counts nothing twice
+            for path in self.directory.glob("*.tmp"):  # a writer killed mid-write
+                pid = _pid_of(path)
+                if pid is not None and not _alive(pid):
+                    path.unlink(missing_ok=True)
+            if gone:  # folded and named in retired.json first, removed after: each file once
                 self._write_retired(retired)
                 for path in gone:
                     path.unlink(missing_ok=True)
@@ -148,14 +160,17 @@ class DirectoryCollector(Collector):
         try:
             raw = json.loads((self.directory / RETIRED).read_text())
         except (OSError, ValueError):
-            return {"families": {}, "samples": {}}
+            return {"families": {}, "samples": {}, "folded": set()}
         return {"families": {name: tuple(info) for name, info in raw["families"].items()},
-                "samples": {_key_from_json(key): value for key, value in raw["samples"]}}
+                "samples": {_key_from_json(key): value for key, value in raw["samples"]},
+                "folded": {name for name in raw.get("folded", ())  # those not yet removed
+                           if (self.directory / name).exists()}}
 
     def _write_retired(self, retired: dict[str, Any]) -> None:
         data = {"families": retired["families"],
                 "samples": [[[family, name, [list(pair) for pair in labels]], value]
-                            for (family, name, labels), value in retired["samples"].items()]}
+                            for (family, name, labels), value in retired["samples"].items()],
+                "folded": sorted(retired["folded"])}
         temporary = self.directory / (RETIRED + ".tmp")
         temporary.write_text(json.dumps(data))
         os.replace(temporary, self.directory / RETIRED)

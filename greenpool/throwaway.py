@@ -127,6 +127,9 @@ class Cluster:
         self.logfile = self.root / "server.log"
         self._owner = pwd.getpwnam(SERVER_OS_USER) if os.geteuid() == 0 else None
         self._chown(self.root)
+        #: the process that made this cluster: the only one whose exit hook may destroy it
+        #: (a child made with os.fork() inherits ``_live`` but owns none of it)
+        self.owner_pid = os.getpid()
         _live.add(self)
 
     def __repr__(self) -> str:
@@ -423,8 +426,12 @@ def _pids_naming(root: Path) -> list[int]:
 
 
 def destroy_all() -> None:
-    """Destroy every cluster of this process not destroyed yet (cleanup after a signal)."""
+    """Destroy every cluster this process made and has not destroyed yet (cleanup after a
+    signal, and at exit). A forked child's copy of the list names its parent's clusters:
+    they are left alone."""
     for cluster in list(_live):
+        if cluster.owner_pid != os.getpid():
+            continue
         with contextlib.suppress(Exception):
             cluster.destroy()
 

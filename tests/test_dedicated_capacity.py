@@ -16,14 +16,15 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import psycopg2
 import pytest
+from delayproxy import DelayProxy
 from endpoints import label
 from faults import BlackHole
-from modes import MODE, join_all, spawn, wait_until
+from modes import MODE, join_all, sleep, spawn, wait_until
 from pgbouncer import available as pgbouncer_available
 
 from greenpool import NoHealthyEndpoint, PoolError, PoolTimeout
@@ -46,7 +47,8 @@ def connect_directly(cluster: Any) -> Any:
 
 def test_listeners_and_exclusive_blocks_leave_the_groups_the_slots_they_need(pg_factory):
     """max_connections 20 (17 for ordinary roles), groups of 5 and 5, exclusive_limit 60:
-    40 listeners asked for, then exclusive blocks; those beyond the spare slots are refused
+    a listener, then 40 exclusive blocks held open, then one more in the other group; those
+    beyond the spare slots are refused
     with PoolTimeout (which does not advise raising exclusive_limit), and afterwards both
     groups still serve every one of their connections at once; the endpoint was never
     quarantined and no group connection was evicted."""
@@ -58,12 +60,17 @@ def test_listeners_and_exclusive_blocks_leave_the_groups_the_slots_they_need(pg_
                             "read": {"connection_count": 5, "exclusive_limit": 60}}})
     listeners: list[Any] = []
     refusals: list[str] = []
+    blocks = ExitStack()
     try:
-        for i in range(40):
+        listeners.append(pool.listen("write", "ch0", timeout=3))
+        held = 0
+        for _ in range(40):
             try:
-                listeners.append(pool.listen("write", f"ch{i}", timeout=3))
+                blocks.enter_context(pool.exclusive("write", timeout=3))
+                held += 1
             except PoolTimeout as exc:
                 refusals.append(str(exc))
+        assert 0 < held < 40
         with pytest.raises(PoolTimeout) as caught, pool.exclusive("read", timeout=3):
             pass
         refusals.append(str(caught.value))
@@ -101,6 +108,7 @@ def test_listeners_and_exclusive_blocks_leave_the_groups_the_slots_they_need(pg_
         server.execute("NOTIFY ch0, 'still here'")
         assert listeners[0].get(5).payload == "still here"
     finally:
+        blocks.close()
         for listener in listeners:
             listener.close()
         pool.close()
@@ -219,7 +227,7 @@ def test_exclusive_and_listen_timeouts_bound_the_wait_and_the_attempt_judges_the
     for call in (lambda: pool.exclusive("g", timeout=0.3).__enter__(),
                  lambda: pool.listen("g", "jobs", timeout=0.3)):
         started = time.monotonic()
-        with pytest.raises(NoHealthyEndpoint):
+        with pytest.raises(PoolTimeout):  # exclusive: NoHealthyEndpoint, one of them
             call()
         assert time.monotonic() - started < 0.6
     stats = group_stats(pool, "g")
@@ -335,7 +343,7 @@ def test_connections_whose_callers_gave_up_serve_the_next_callers_and_leak_nothi
 
 
 @pytest.mark.skipif(MODE != "threaded", reason="non-threaded runs once, in the threaded process")
-def test_non_threaded_pools_vet_dedicated_connections_inline(pg_factory):
+def test_non_threaded_pools_vet_dedicated_connections_inline(pg_factory, server_conns):
     """``non-threaded`` has no background: a dedicated connect runs inline, and the same
     rule holds: blocks beyond the server's spare slots are refused with PoolTimeout, the
     group still opens all its connections, and nothing is left open at the end."""
@@ -359,8 +367,8 @@ def test_non_threaded_pools_vet_dedicated_connections_inline(pg_factory):
         for block in blocks:
             block.__exit__(None, None, None)
         pool.close()
-    assert server.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
-                          (APP,))[0][0] == 0
+    # backends leave asynchronously after their clients disconnect
+    assert server_conns(application_name=APP, cluster=server, expect=0) == 0
 
 
 @pytest.mark.skipif(MODE != "threaded", reason="non-threaded runs once, in the threaded process")
@@ -418,3 +426,109 @@ def test_a_dedicated_connection_goes_to_an_endpoint_with_spare_slots(pg_factory,
     finally:
         for conn in others:
             conn.close()
+
+
+def test_callers_behind_a_connect_stuck_on_a_black_hole_are_served_by_a_live_server(
+    make_pool, pg, blackhole
+):
+    """A black hole (``connect_timeout`` 10, weighted to be tried first) and a real server;
+    callers of ``exclusive(timeout=3)``, alone and two at once: a connect stuck on the black
+    hole stops covering its caller after a quarter second, and every caller is connected to
+    the real server well within its timeout (none waits out the black hole)."""
+    pool = make_pool({"g": {"exclusive_limit": 5}},
+                     db=[dict(blackhole.endpoint(connect_timeout=10), weight=1000),
+                         dict(pg.endpoint(), weight=1)])
+    ports: list[Any] = []
+
+    def block(delay: float) -> None:
+        sleep(delay)
+        started = time.monotonic()
+        with pool.exclusive("g", timeout=3) as conn:
+            cur = conn.cursor()
+            cur.execute("SELECT inet_server_port()")
+            ports.append((cur.fetchone()[0], time.monotonic() - started))
+
+    tasks = [spawn(block, 0.0), spawn(block, 0.4)]
+    join_all(tasks, 10)
+    assert [t.error for t in tasks] == [None, None], [t.error for t in tasks]
+    assert [p for p, _ in ports] == [pg.port, pg.port], ports
+    assert all(took < 2 for _, took in ports), ports
+
+
+def test_a_caller_waiting_out_a_lone_black_hole_starts_one_connect(make_pool, blackhole):
+    """The only endpoint never answers (``connect_timeout`` 10); ``exclusive(timeout=1.5)``
+    looks again every quarter second, yet starts no second attempt on the server that one
+    already waits on: one connect task, one attempt under way."""
+    pool = make_pool({"g": {"exclusive_limit": 5}},
+                     db=blackhole.endpoint(connect_timeout=10))
+    with pytest.raises(NoHealthyEndpoint), pool.exclusive("g", timeout=1.5):
+        pass
+    assert group_stats(pool, "g")["exclusive_connecting"] == 1
+    assert pool._endpoints[0].connecting == 1
+
+
+@pytest.mark.skipif(MODE != "threaded", reason="non-threaded runs once, in the threaded process")
+def test_non_threaded_vetting_query_is_cut_at_the_callers_deadline(pg, server_conns):
+    """``non-threaded`` vets a dedicated connection inline: through a proxy that holds its
+    first query (the session check) for 8 s, ``exclusive(timeout=0.5)`` returns after its
+    0.5 s, not after the endpoint's ``connect_timeout`` of 5 s, and leaves no session."""
+    from greenpool import Pool
+
+    with DelayProxy(pg.port, 8, b"pg_stat_activity") as proxy:
+        pool = Pool({"type": "non-threaded", "application_name": APP,
+                     "db": pg.endpoint(port=proxy.port, connect_timeout=5),
+                     "groups": {"g": {"exclusive_limit": 5}}})
+        try:
+            started = time.monotonic()
+            with pytest.raises(NoHealthyEndpoint), pool.exclusive("g", timeout=0.5):
+                pass
+            took = time.monotonic() - started
+            assert proxy.held() == 1
+            assert took < 2, took
+        finally:
+            pool.close()
+    # (the proxy keeps its side to the server while it holds the query: counted once gone)
+    assert server_conns(application_name=APP, expect=0) == 0
+
+
+def test_the_session_check_is_read_from_pg_catalog_whatever_the_search_path(pg_factory):
+    """A database whose search_path puts ``public`` before ``pg_catalog``, where a table
+    named ``pg_stat_activity`` (without the columns of the view) exists: dedicated
+    connections still count the server's real sessions, and connect."""
+    from greenpool import Pool
+
+    server = pg_factory()
+    server.execute("CREATE TABLE public.pg_stat_activity (x int)")
+    server.execute("ALTER DATABASE postgres SET search_path = public, pg_catalog")
+    pool = Pool({"type": MODE, "db": server.endpoint(), "groups": {"g": {}}})
+    try:
+        with pool.exclusive("g", timeout=5) as conn:
+            conn.cursor().execute("SELECT 1")
+        assert group_stats(pool, "g")["discards_by_reason"] == {}
+    finally:
+        pool.close()
+
+
+def test_a_server_that_refuses_the_session_check_gets_a_clear_error_not_a_connect_storm(
+    pg_factory
+):
+    """A hardened server where PUBLIC may not read ``pg_stat_activity``: an unprivileged
+    role's ``exclusive()`` fails at once with a PoolError that says what the role needs,
+    after one connect (not one new connection every few milliseconds until the timeout)."""
+    from greenpool import Pool
+
+    server = pg_factory()
+    server.create_user("plain", "plain-secret")
+    server.execute("REVOKE SELECT ON pg_catalog.pg_stat_activity FROM PUBLIC")
+    pool = Pool({"type": MODE, "db": server.endpoint(user="plain", **{"pass": "plain-secret"}),
+                 "groups": {"g": {}}})
+    try:
+        started = time.monotonic()
+        with pytest.raises(PoolError, match="pg_stat_activity") as caught, \
+                pool.exclusive("g", timeout=3):
+            pass
+        assert not isinstance(caught.value, (PoolTimeout, NoHealthyEndpoint))
+        assert time.monotonic() - started < 2
+        assert pool.stats()["endpoints"][label(server)]["connects"] == 1
+    finally:
+        pool.close()

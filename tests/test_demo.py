@@ -262,3 +262,39 @@ def test_demo_with_dsn_says_when_its_user_may_not_create_a_table(user_db: Any) -
     assert result.stderr.startswith("greenpool demo: cannot create the demo's table "
                                     "greenpool_demo_"), result.stderr
     assert "permission denied" in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+@pytest.mark.skipif(MODE != "gevent", reason="runs once, in the gevent test process")
+def test_demo_with_dsn_drops_its_table_when_interrupted_after_the_server_committed_it(
+        pg_factory: Any) -> None:
+    """The server commits the CREATE while the demo is stopped (SIGSTOP) waiting for the
+    answer, which a SIGINT then cuts short: the table the demo never heard of is dropped."""
+    server = pg_factory(settings={"synchronous_standby_names": "nobody",  # holds the commit
+                                  "synchronous_commit": "on"})
+    env = {k: v for k, v in os.environ.items() if k != "GREENPOOL_DSN"}
+    proc = subprocess.Popen([sys.executable, "-m", "greenpool", "demo", "--dsn", server.dsn(),
+                             "--seconds", "30", "--clients", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        waiting = "SELECT pid FROM pg_stat_activity WHERE wait_event = 'SyncRep'"
+        deadline = time.monotonic() + 30
+        while not (committing := server.execute(waiting)):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGSTOP)
+        server.execute("ALTER SYSTEM SET synchronous_standby_names = ''")
+        server.execute("SELECT pg_reload_conf()")  # the commit completes, its answer is sent
+        while committing[0] in server.execute(waiting):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert server.execute("SELECT 1 FROM pg_class WHERE relname LIKE 'greenpool_demo%'")
+        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGCONT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert proc.returncode == 128 + signal.SIGINT, out.decode() + err.decode()
+    assert server.execute("SELECT relname FROM pg_class WHERE relname LIKE 'greenpool_demo%'"
+                          ) == [], out.decode() + err.decode()

@@ -265,7 +265,7 @@ def test_prometheus_shows_exclusive_connections(make_pool):
         assert samples["greenpool_exclusive_connections_created_total"] == 1
     samples = scrape()
     assert samples["greenpool_exclusive_connections"] == 0
-    assert samples["greenpool_exclusive_connections_timeout_total"] == 0
+    assert samples["greenpool_exclusive_connections_timeouts_total"] == 0
     assert samples["greenpool_listeners"] == 0
 
 
@@ -289,3 +289,81 @@ def test_short_exclusive_blocks_are_not_spent_on_an_endpoint_that_never_answers(
     failed = [o for o in outcomes if o != pg.port]
     assert len(failed) <= 1 and all(isinstance(o, str) for o in failed), (
         outcomes, pool.stats()["endpoints"])
+
+
+@pytest.mark.skipif(MODE != "threaded", reason="a signal lands in a thread's start")
+def test_an_interrupt_while_its_connect_task_starts_leaves_no_waiter_and_no_session(
+    make_pool, server_conns, pg
+):
+    """A KeyboardInterrupt from a signal handler lands in the main thread while it starts
+    the dedicated connect thread (``Thread.start`` waits for it to run). Mocked: the
+    interrupt is raised right after the thread started, where the signal would land. The
+    caller gets it; it leaves the line, so the connection the task opens is closed as
+    unclaimed: no slot, waiter, task or session is left."""
+    pool = make_pool({"g": {"exclusive_limit": 2}}, application_name=APP)
+    backend = pool._backend
+    real_spawn = backend.spawn
+
+    def interrupted_spawn(func: Any) -> Any:
+        real_spawn(func)
+        raise KeyboardInterrupt
+
+    backend.spawn = interrupted_spawn
+    try:
+        with pytest.raises(KeyboardInterrupt), pool.exclusive("g", timeout=5):
+            pass
+    finally:
+        del backend.spawn
+    slots = pool._exclusive["g"]
+    assert len(slots._wanting) == 0
+    wait_until(lambda: group_stats(pool)["exclusive_connecting"] == 0, 10, "the task to end")
+    assert group_stats(pool)["exclusive_open"] == 0
+    assert server_conns(application_name=APP, expect=0) == 0
+    with pool.exclusive("g", timeout=5) as conn:
+        assert scalar(conn, "SELECT 1") == 1
+
+
+@pytest.mark.skipif(MODE != "gevent", reason="only greenlets live on in a forked child")
+def test_a_block_waiting_for_its_connection_at_a_fork_gives_back_no_slot_in_the_child(
+    make_pool, blackhole
+):
+    """A greenlet waits for its dedicated connection (a server that never answers) when
+    the process forks: in the child it fails, and gives back no slot, since the child never
+    counted one for it (the count went to -1: one block more than exclusive_limit)."""
+    import json
+    import os
+
+    import gevent
+
+    pool = make_pool({"g": {"exclusive_limit": 1}},
+                     db=blackhole.endpoint(connect_timeout=10))
+    errors: list[str] = []
+
+    def block() -> None:
+        try:
+            with pool.exclusive("g", timeout=8):
+                pass
+        except PoolError as exc:
+            errors.append(type(exc).__name__)
+
+    task = gevent.spawn(block)
+    wait_until(lambda: group_stats(pool)["exclusive_open"] == 1, 5, "the block's slot")
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: report what it sees, then leave without cleanup
+        code = 1
+        try:
+            os.close(read_end)
+            task.join(5)
+            os.write(write_end, json.dumps([errors, group_stats(pool)["exclusive_open"]])
+                     .encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    _, status = os.waitpid(child, 0)
+    reported = json.loads(os.read(read_end, 4096).decode())
+    os.close(read_end)
+    task.kill()
+    assert status == 0
+    assert reported == [["PoolError"], 0]

@@ -310,6 +310,12 @@ def test_statement_timeout_and_readonly_are_session_settings(make_pool, table):
         assert db.query("SHOW default_transaction_read_only") == [("on",)]
 
 
+def test_statement_timeout_in_seconds_reaches_the_server_as_the_same_milliseconds(make_pool):
+    pool = make_pool({"g": {"statement_timeout": 1.001}})  # 1000.9999999999999 ms as a float
+    with pool.handler("g") as db:
+        assert db.query("SHOW statement_timeout") == [("1001ms",)]
+
+
 def test_settings_changed_in_a_block_are_restored(make_pool):
     pool = make_pool({"g": {"connection_count": 1, "autocommit": False}})
     with pool.handler("g") as db:

@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -101,15 +102,24 @@ def test_bad_arguments_are_refused_at_once(make_pool):
     assert group_stats(pool)["exclusive_open"] == 0
 
 
-def test_listeners_count_against_exclusive_limit(make_pool):
-    pool = make_pool({"g": {"exclusive_limit": 1}})
-    with pool.listen("g", "jobs"):
-        with pytest.raises(PoolTimeout, match="exclusive_limit"):
-            pool.listen("g", "jobs", timeout=0.2)
+def test_the_listeners_of_a_group_share_one_exclusive_limit_slot(make_pool, pg):
+    """All listeners of a group share one connection: with ``exclusive_limit`` 1 a second
+    listener joins it, while an ``exclusive()`` block finds the slot taken; the slot comes
+    back when the last listener goes."""
+    pool = make_pool({"g": {"exclusive_limit": 1}}, application_name=APP)
+    with pool.listen("g", "jobs") as first, pool.listen("g", ["jobs", "other"]) as second:
+        assert group_stats(pool)["exclusive_open"] == 1
+        assert group_stats(pool)["listen_connections"] == 1
+        assert group_stats(pool)["listeners"] == 2
         with pytest.raises(PoolTimeout, match="exclusive_limit"), pool.exclusive("g", timeout=0):
             pass
-    assert group_stats(pool)["listeners"] == 0
-    with pool.listen("g", "jobs", timeout=2):
+        assert listening_sessions(pg) == 1
+        pg.execute("NOTIFY other, 'o'; NOTIFY jobs, 'j'")
+        assert first.get(5).payload == "j"
+        assert [second.get(5).payload for _ in range(2)] == ["o", "j"]
+    assert group_stats(pool)["listeners"] == 0 and group_stats(pool)["exclusive_open"] == 0
+    no_session_left(pg)
+    with pool.exclusive("g", timeout=2):
         pass
 
 
@@ -334,6 +344,409 @@ def test_a_refused_reconnect_keeps_trying_and_never_shows_the_password(
     listener.close()
 
 
+# --- the fan-out: one connection per group, bounded queues, gaps --------------------------
+
+
+def hub_pid(cluster: Any) -> int:
+    """The backend of the group's shared listening connection (the one session of APP)."""
+    rows = cluster.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s",
+                           (APP,))
+    assert len(rows) == 1, rows
+    return int(rows[0][0])
+
+
+def test_a_gap_reaches_every_subscriber_after_a_reconnect(make_pool, pg):
+    """Three subscribers on different channels share the connection; it is terminated:
+    each gets one Gap, then what is sent after, on its own channels only."""
+    pool = make_pool({"g": {}}, application_name=APP)
+    subs = [pool.listen("g", "a"), pool.listen("g", ["a", "b"]), pool.listen("g", "c")]
+    try:
+        assert group_stats(pool)["listen_connections"] == 1
+        pg.execute("SELECT pg_terminate_backend(%s)", (hub_pid(pg),))
+        for sub in subs:
+            gap = sub.get(10)
+            assert isinstance(gap, Gap), gap
+            assert gap.previous == gap.endpoint == label(pg)
+        pg.execute("NOTIFY a, '1'; NOTIFY b, '2'; NOTIFY c, '3'")
+        counts = (1, 2, 1)
+        got = [[sub.get(5).payload for _ in range(n)] for sub, n in zip(subs, counts, strict=True)]
+        assert got == [["1"], ["1", "2"], ["3"]]
+        assert all(sub.get(0.1) is None for sub in subs)
+        assert group_stats(pool)["listen_gaps"] == 3
+    finally:
+        for sub in subs:
+            sub.close()
+    no_session_left(pg)
+
+
+def test_gap_lost_at_precedes_every_notification_lost(make_pool, pg):
+    """The shared connection's backend is stopped (SIGSTOP); a NOTIFY committed meanwhile
+    never reaches the client. The Gap's ``lost_at`` is no later than that commit, so
+    re-reading "everything since lost_at" finds it."""
+    pool = make_pool({"g": {}}, db=pg.endpoint(connect_timeout=1), application_name=APP)
+    with pool.listen("g", "jobs", heartbeat=0.3) as listener:
+        traffic_from = time.time()
+        while time.time() < traffic_from + 1.5:  # busy: heartbeats go on all the same
+            pg.execute("NOTIFY jobs, 'before'")
+            assert listener.get(5).payload == "before"
+            sleep(0.02)
+        pid = hub_pid(pg)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            sent_at = time.time()  # the commit comes after this
+            pg.execute("NOTIFY jobs, 'lost'")
+            gap = listener.get(10)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert isinstance(gap, Gap), gap
+        assert "heartbeat" in gap.reason
+        assert gap.lost_at <= sent_at, (gap.lost_at - sent_at)
+        assert gap.lost_at > traffic_from + 0.9  # a heartbeat answered during the traffic
+        pg.execute("NOTIFY jobs, 'after'")
+        assert listener.get(5).payload == "after"
+
+
+def test_gap_lost_at_is_safe_when_the_session_is_terminated_while_nobody_reads(make_pool, pg):
+    """Subscribers busy elsewhere: a NOTIFY, then the session is terminated. Either the
+    notification was received (it is queued before the Gap) or ``lost_at`` precedes it."""
+    pool = make_pool({"g": {}}, application_name=APP)
+    with pool.listen("g", "jobs", heartbeat=0.2) as listener:
+        sleep(0.5)
+        sent_at = time.time()
+        pg.execute("NOTIFY jobs, 'maybe'")
+        pg.execute("SELECT pg_terminate_backend(%s)", (hub_pid(pg),))
+        sleep(0.5)  # nobody reads meanwhile
+        items = []
+        while not any(isinstance(i, Gap) for i in items):
+            items.append(listener.get(10))
+            assert items[-1] is not None
+        gap = items[-1]
+        if "maybe" not in [getattr(i, "payload", None) for i in items]:
+            assert gap.lost_at <= sent_at
+
+
+def test_channel_names_are_the_exact_strings_pg_notify_takes(make_pool, pg):
+    """``listen('Jobs')`` hears ``pg_notify('Jobs')`` and ``NOTIFY "Jobs"``, not ``NOTIFY
+    Jobs`` (folded to ``jobs`` by PostgreSQL), which ``listen('jobs')`` hears."""
+    pool = make_pool({"g": {}}, application_name=APP)
+    with pool.listen("g", "Jobs") as upper, pool.listen("g", "jobs") as lower:
+        pg.execute("SELECT pg_notify('Jobs', 'exact'); NOTIFY \"Jobs\", 'quoted'; "
+                   "NOTIFY Jobs, 'folded'; SELECT pg_notify('jobs', 'lower')")
+        assert [upper.get(5).payload for _ in range(2)] == ["exact", "quoted"]
+        assert [lower.get(5).payload for _ in range(2)] == ["folded", "lower"]
+        assert upper.get(0.2) is None and lower.get(0) is None
+
+
+def test_a_slow_subscriber_is_bounded_and_owed_a_gap_while_the_others_get_everything(
+    make_pool, pg
+):
+    """One subscriber reads nothing while 50 notifications come (``max_backlog`` 10): the
+    fast one gets all 50; the slow one holds 10, the rest is counted as dropped (stats and
+    Prometheus), and once it has read its queue it gets a Gap whose ``lost_at`` precedes
+    what it missed, then new notifications again."""
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from greenpool.prometheus import register
+
+    pool = make_pool({"g": {}}, application_name=APP)
+    registry = prometheus_client.CollectorRegistry()
+    register(pool, name="app", registry=registry)
+    with pool.listen("g", "feed", max_backlog=10) as slow, pool.listen("g", "feed") as fast:
+        sent_at = time.time()
+        pg.execute("SELECT pg_notify('feed', i::text) FROM generate_series(1, 50) i")
+        assert [fast.get(5).payload for _ in range(50)] == [str(i) for i in range(1, 51)]
+        stats = group_stats(pool)
+        assert (stats["listen_backlog"], stats["listen_backlog_max"]) == (10, 10)
+        assert stats["listen_dropped"] == 40 and slow.backlog == 10
+        value = registry.get_sample_value
+        assert value("greenpool_listen_backlog_max", {"pool": "app", "group": "g"}) == 10
+        assert value("greenpool_listen_dropped_total", {"pool": "app", "group": "g"}) == 40
+        assert [slow.get(5).payload for _ in range(10)] == [str(i) for i in range(1, 11)]
+        gap = slow.get(5)
+        assert isinstance(gap, Gap) and "max_backlog" in gap.reason, gap
+        assert "40 notifications" in gap.reason and gap.lost_at <= sent_at
+        pg.execute("NOTIFY feed, 'again'")
+        assert slow.get(5).payload == "again" and fast.get(5).payload == "again"
+        assert group_stats(pool)["listen_backlog"] == 0
+
+
+@pytest.mark.skipif(not GREEN, reason="killing a task needs greenlets")
+def test_a_subscriber_killed_mid_get_leaves_the_others_listening(make_pool, pg):
+    """Of two subscribers, the one alone on channel ``b`` is killed inside get(): the hub
+    UNLISTENs ``b``, keeps the connection for the other, which still receives."""
+    pool = make_pool({"g": {}}, application_name=APP)
+    keeper = pool.listen("g", "a")
+    victim = pool.listen("g", ["a", "b"])
+    reader = spawn(lambda: list(victim))
+    wait_until(lambda: victim._busy, 5, "the victim to wait")
+    if MODE == "gevent":
+        reader._handle.kill(block=True, timeout=5)
+    else:
+        reader._handle.kill()
+    assert reader.join(5) and victim.closed
+    assert group_stats(pool)["listeners"] == 1
+    wait_until(lambda: pg.execute(
+        "SELECT query FROM pg_stat_activity WHERE application_name = %s", (APP,)
+    )[0][0].startswith("UNLISTEN"), 10, "b to be unlistened")
+    pg.execute("NOTIFY a, 'still'; NOTIFY b, 'nobody'")
+    assert keeper.get(5).payload == "still" and keeper.get(0.2) is None
+    assert group_stats(pool)["exclusive_open"] == 1
+    keeper.close()
+    assert group_stats(pool)["exclusive_open"] == 0
+    no_session_left(pg)
+
+
+def test_non_threaded_subscribers_share_the_connection_read_by_whoever_waits(make_pool, pg):
+    """No background task in non-threaded mode: the subscriber inside get() reads the
+    connection and queues for the others, whose get(0) then returns at once."""
+    pool = make_pool({"g": {}}, application_name=APP, type="non-threaded")
+    with pool.listen("g", "jobs") as first, pool.listen("g", "jobs") as second:
+        assert group_stats(pool)["listen_connections"] == 1
+        pg.execute("NOTIFY jobs, 'one'; NOTIFY jobs, 'two'")
+        assert first.get(5).payload == "one"
+        assert [second.get(0).payload, second.get(0).payload] == ["one", "two"]
+        assert first.get(0).payload == "two"
+        pg.execute("SELECT pg_terminate_backend(%s)", (hub_pid(pg),))
+        assert isinstance(first.get(10), Gap) and isinstance(second.get(0), Gap)
+    assert group_stats(pool)["exclusive_open"] == 0
+    no_session_left(pg)
+
+
+def test_a_failed_first_connect_gives_the_slot_back_in_every_mode(make_pool, pg):
+    """Nobody listens on the endpoint's port: listen() raises the connect's error, and the
+    slot is free again at once (non-threaded mode has no reader task to give it back)."""
+    from greenpool.throwaway import free_port
+
+    for mode in {MODE, "non-threaded"}:
+        pool = make_pool({"g": {"exclusive_limit": 1, "timeout": 1}}, type=mode,
+                         db=dict(pg.endpoint(connect_timeout=1), port=free_port()),
+                         application_name=APP, quarantine_initial=0.05, quarantine_max=0.1)
+        for _ in range(2):
+            with pytest.raises(greenpool.PoolError) as raised:
+                pool.listen("g", "jobs", timeout=1)
+            assert "exclusive_limit" not in str(raised.value), raised.value
+            stats = group_stats(pool)
+            assert (stats["exclusive_open"], stats["listeners"]) == (0, 0), (mode, stats)
+
+
+@pytest.mark.skipif(not GREEN, reason="interrupting a task needs greenlets")
+def test_a_listen_interrupted_while_connecting_leaves_nothing(make_pool, pg_factory):
+    """The postmaster is stopped (the connect hangs) and listen() is cut by a Timeout: the
+    subscriber is gone at once, and the slot comes back when the reader's connect ends."""
+    server = pg_factory()
+    pool = make_pool({"g": {"exclusive_limit": 1}}, db=server.endpoint(connect_timeout=1),
+                     application_name=APP)
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(Timeout), Timeout(0.3):
+            pool.listen("g", "jobs", timeout=10)
+        assert group_stats(pool)["listeners"] == 0
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+    wait_until(lambda: group_stats(pool)["exclusive_open"] == 0, 10, "the slot back")
+    with pool.listen("g", "jobs", timeout=10) as listener:
+        server.execute("NOTIFY jobs, 'works'")
+        assert listener.get(5).payload == "works"
+
+
+def test_listen_and_get_keep_their_timeout_against_a_server_that_never_answers(
+    make_pool, pg, blackhole
+):
+    """A black hole (TCP accepted, never a word) with a 3 s connect_timeout: listen(0.3)
+    gives up after 0.3 s, not after the connect attempt; and while a listener's connection
+    is re-made against a stopped postmaster, get(0.3) returns None on time (the reader
+    task reconnects, not the caller; non-threaded mode has none, and may overrun)."""
+    pool = make_pool({"g": {}}, db=blackhole.endpoint(connect_timeout=3), application_name=APP)
+    started = time.monotonic()
+    with pytest.raises(PoolTimeout):  # its own, or the connect's NoHealthyEndpoint
+        pool.listen("g", "jobs", timeout=0.3)
+    assert time.monotonic() - started < 1.0
+    assert group_stats(pool)["listeners"] == 0
+    wait_until(lambda: group_stats(pool)["exclusive_open"] == 0, 10, "the slot back")
+
+    # the listener's backend ends while the postmaster is stopped: reconnects hang
+    server = pg
+    pool = make_pool({"g": {}}, db=server.endpoint(connect_timeout=3), application_name=APP)
+    with pool.listen("g", "jobs", timeout=10) as listener:
+        backend = hub_pid(server)
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            os.kill(backend, signal.SIGTERM)  # what pg_terminate_backend does
+            for _ in range(4):
+                started = time.monotonic()
+                assert listener.get(0.3) is None
+                assert time.monotonic() - started < 0.8
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        gap = listener.get(15)
+        assert isinstance(gap, Gap), gap
+
+
+def test_listeners_churning_concurrently_through_notifications_and_terminations(
+    make_pool, pg
+):
+    """30 tasks open and close listeners on overlapping channels, read a little, while
+    notifications stream and the shared session is terminated twice: no task fails, and
+    at the end the group holds nothing (no slot, no listener, no session)."""
+    import random
+
+    pool = make_pool({"g": {"exclusive_limit": 2, "timeout": 10}}, application_name=APP,
+                     quarantine_initial=0.05, quarantine_max=0.2)
+    channels = ["a", "b", "c"]
+    stop = [False]
+
+    def churn(seed: int) -> int:
+        rng = random.Random(seed)
+        seen = 0
+        for _ in range(15):
+            names = rng.sample(channels, rng.randint(1, 3))
+            with pool.listen("g", names, timeout=10, max_backlog=5) as listener:
+                for _ in range(rng.randint(0, 3)):
+                    if listener.get(rng.uniform(0, 0.02)) is not None:
+                        seen += 1
+        return seen
+
+    def notify() -> None:
+        while not stop[0]:
+            pg.execute("SELECT pg_notify(c, 'x') FROM unnest(array['a','b','c']) c")
+            sleep(0.01)
+
+    notifier = spawn(notify)
+    tasks = [spawn(churn, i) for i in range(30)]
+    for _ in range(2):
+        sleep(0.3)
+        pg.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                   "WHERE application_name = %s", (APP,))
+    join_all(tasks, 60)
+    stop[0] = True
+    join_all([notifier], 10)
+    assert [t.error for t in tasks] == [None] * 30
+    assert sum(t.result for t in tasks) > 0
+    stats = group_stats(pool)
+    assert (stats["listeners"], stats["exclusive_open"], stats["listen_backlog"]) == (0, 0, 0)
+    no_session_left(pg)
+
+
+class FanOutMachine:
+    """Listeners open and close on overlapping channels, notifications go out, the shared
+    session is terminated: every listener gets exactly what was sent on its channels while
+    it was open, in order, or a Gap whose ``lost_at`` precedes what it missed; the group
+    holds one connection (and one slot) while any listener is open, none otherwise.
+    (A listener joining a channel the connection already listens on may also get one sent
+    just before it joined, still on its way: those are skipped, never required.)"""
+
+    CHANNELS = ("a", "b", "Mixed")
+
+    @staticmethod
+    def build(pool: Any, pg: Any) -> Any:
+        from hypothesis import strategies as st
+        from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
+
+        class Machine(RuleBasedStateMachine):
+            listeners = Bundle("listeners")
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.open: dict[Any, list[tuple[str, float]]] = {}
+                self.first: dict[Any, int] = {}  # the first payload sent after it opened
+                self.sent = 0
+
+            def next_item(self, listener: Any, timeout: float) -> Any:
+                """The next item, skipping what was sent before the listener opened."""
+                while True:
+                    item = listener.get(timeout)
+                    if isinstance(item, Gap) or item is None:
+                        return item
+                    if int(item.payload) >= self.first[listener]:
+                        return item
+
+            @rule(target=listeners, channels=st.sets(
+                st.sampled_from(FanOutMachine.CHANNELS), min_size=1, max_size=3))
+            def listen(self, channels: set[str]) -> Any:
+                listener = pool.listen("g", sorted(channels), timeout=10, max_backlog=50)
+                self.open[listener] = []
+                self.first[listener] = self.sent
+                return listener
+
+            @rule(listener=consumes(listeners))
+            def close(self, listener: Any) -> None:
+                self.read(listener)
+                listener.close()
+                del self.open[listener]
+                assert listener.get(0) is None
+
+            @rule(channel=st.sampled_from(FanOutMachine.CHANNELS), count=st.integers(1, 3))
+            def notify(self, channel: str, count: int) -> None:
+                sent_at = time.time()
+                payloads = [str(self.sent + i) for i in range(count)]
+                self.sent += count
+                pg.execute("SELECT pg_notify(%s, p) FROM unnest(%s::text[]) p",
+                           (channel, payloads))
+                for listener, expected in self.open.items():
+                    if channel in listener.channels:
+                        expected.extend((p, sent_at) for p in payloads)
+
+            @rule(listener=listeners)
+            def read(self, listener: Any) -> None:
+                if listener not in self.open:
+                    return
+                expected = self.open[listener]
+                got = [self.next_item(listener, 10).payload for _ in expected]
+                assert got == [p for p, _ in expected]
+                expected.clear()
+                assert self.next_item(listener, 0.02) is None
+
+            @rule()
+            def terminate(self) -> None:
+                rows = pg.execute("SELECT pid FROM pg_stat_activity WHERE application_name"
+                                  " = %s", (APP,))
+                if not rows:
+                    return
+                pg.execute("SELECT pg_terminate_backend(%s)", (rows[0][0],))
+                for listener, expected in self.open.items():
+                    received = []
+                    while True:
+                        item = self.next_item(listener, 15)
+                        assert item is not None, "no Gap after the session ended"
+                        if isinstance(item, Gap):
+                            break
+                        received.append(item.payload)
+                    assert received == [p for p, _ in expected[:len(received)]]
+                    missed = expected[len(received):]
+                    if missed:
+                        assert item.lost_at <= missed[0][1], (item, missed)
+                    expected.clear()
+
+            @invariant()
+            def one_connection_while_anyone_listens(self) -> None:
+                stats = group_stats(pool)
+                assert stats["listeners"] == len(self.open)
+                assert stats["exclusive_open"] == (1 if self.open else 0), stats
+                assert stats["listen_backlog_max"] <= 50
+
+            def teardown(self) -> None:
+                for listener in list(self.open):
+                    listener.close()
+
+        return Machine
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("pool_type", sorted({MODE, "non-threaded"}))
+def test_listeners_coming_and_going_through_terminations_keep_their_promises(
+    make_pool, pg, pool_type
+):
+    from hypothesis import HealthCheck, settings
+    from hypothesis.stateful import run_state_machine_as_test
+
+    pool = make_pool({"g": {"exclusive_limit": 1}}, type=pool_type, application_name=APP,
+                     quarantine_initial=0.05, quarantine_max=0.2)
+    machine = FanOutMachine.build(pool, pg)
+    run_state_machine_as_test(machine, settings=settings(
+        max_examples=15, stateful_step_count=15, deadline=None, derandomize=True,
+        suppress_health_check=list(HealthCheck)))
+    no_session_left(pg)
+
+
 # --- the example app's server-sent events -------------------------------------------------
 
 def test_the_example_streams_committed_notes_as_server_sent_events(example_app, pg):
@@ -362,19 +775,50 @@ def test_the_example_stream_ends_when_the_pool_closes(example_app):
     assert reader.error is None and chunks == []
 
 
-def test_the_example_refuses_a_stream_over_the_limit_with_a_503(example_app):
-    streams = [request(example_app, "GET", "/events")[1] for _ in range(2)]
+def test_the_example_serves_more_streams_than_exclusive_limit_on_one_connection(
+    example_app, pg
+):
+    """Five streams with ``exclusive_limit`` 2: every stream is served, all of them share
+    one server connection, and each gets the note."""
+    streams = [request(example_app, "GET", "/events") for _ in range(5)]
     try:
-        for stream in streams:
-            next(stream)
-        started = time.monotonic()
-        status, body = request(example_app, "GET", "/events")
-        assert status.startswith("503"), status
-        assert json.loads(b"".join(body))["error"] == "PoolTimeout"
-        assert time.monotonic() - started < 5
+        assert [status for status, _ in streams] == ["200 OK"] * 5
+        for _, stream in streams:
+            assert next(stream) == b"retry: 2000\n\n"
+        write = greenpool.stats()["groups"]["write"]
+        assert (write["listeners"], write["exclusive_open"]) == (5, 1)
+        assert listening_sessions(pg) == 1
+        _, body = request(example_app, "POST", "/notes", json.dumps({"body": "x"}).encode())
+        note_id = json.loads(b"".join(body))["id"]
+        for _, stream in streams:
+            assert next(stream) == f"event: note\ndata: {note_id}\n\n".encode()
     finally:
-        for stream in streams:
+        for _, stream in streams:
             stream.close()
+    assert greenpool.stats()["groups"]["write"]["exclusive_open"] == 0
+
+
+def test_the_example_ends_every_stream_at_once_when_the_worker_stops(example_app):
+    """end_streams() (the worker's SIGTERM): each stream's body ends cleanly, and a new
+    /events is refused with a 503 while the rest of the app still answers."""
+    responses = [request(example_app, "GET", "/events")[1] for _ in range(3)]
+    for stream in responses:
+        assert next(stream) == b"retry: 2000\n\n"
+    chunks: list[list[bytes]] = [[] for _ in responses]
+    readers = [spawn(lambda i=i: chunks[i].extend(responses[i])) for i in range(3)]
+    wait_until(lambda: all(r._busy for r in (s.listener for s in responses)), 5, "waiting")
+    started = time.monotonic()
+    example_app.end_streams()
+    join_all(readers, 5)
+    assert time.monotonic() - started < 2
+    assert [r.error for r in readers] == [None] * 3 and chunks == [[], [], []]
+    status, _ = request(example_app, "GET", "/events")
+    assert status.startswith("503")
+    status, _ = request(example_app, "GET", "/notes")
+    assert status == "200 OK"
+    for stream in responses:
+        stream.close()
+    example_app._ending = False
 
 
 @pytest.mark.skipif(MODE == "eventlet", reason="eventlet's fork support is not exercised")
@@ -502,3 +946,231 @@ def test_the_example_under_gunicorn_streams_a_note_and_drops_a_client_that_left(
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
+
+
+class GunicornExample:
+    """examples/gunicorn under real gunicorn (``-k gevent``, its gunicorn.conf.py), on a
+    database of its own; stopped (SIGTERM, then SIGKILL) at the end."""
+
+    def __init__(self, pg: Any, tmp_path: Path, app_name: str, workers: int = 1,
+                 env: dict[str, str] | None = None) -> None:
+        import subprocess
+        import sys
+
+        from greenpool.throwaway import free_port
+
+        self.app_name = app_name
+        name = app_name.replace("-", "_")
+        pg.execute(f"DROP DATABASE IF EXISTS {name}")
+        pg.create_database(name)
+        config = {"db": pg.endpoint(name=name), "application_name": app_name,
+                  "groups": {"write": {"connection_count": 2, "exclusive_limit": 1,
+                                       "timeout": 5},
+                             "read": {"connection_count": 2, "timeout": 5}}}
+        self.env = {**os.environ, "GREENPOOL_CONFIG": json.dumps(config), **(env or {})}
+        done = subprocess.run([sys.executable, str(EXAMPLE / "app.py"), "schema"],
+                              env=self.env, capture_output=True, text=True, timeout=30,
+                              check=False)
+        assert done.returncode == 0, done.stderr
+        self.port = free_port()
+        self.log = tmp_path / "gunicorn.log"
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gunicorn", "-w", str(workers), "-c",
+                 str(EXAMPLE / "gunicorn.conf.py"), "-b", f"127.0.0.1:{self.port}"],
+                env=self.env, stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True)
+        wait_until(self.answers, 30, "gunicorn to listen")
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def answers(self) -> bool:
+        import socket
+
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+        except OSError:
+            assert self.proc.poll() is None, self.log_text()[-3000:]
+            return False
+
+    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.request(method, path, body=None if body is None else json.dumps(body),
+                         headers={"Content-Type": "application/json"})
+            reply = conn.getresponse()
+            return reply.status, json.loads(reply.read() or b"null")
+        finally:
+            conn.close()
+
+    def stream(self, rcvbuf: int = 0) -> Any:
+        """A raw socket that sent ``GET /events`` and read up to the first event."""
+        import socket
+
+        client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        client.settimeout(10)
+        client.connect(("127.0.0.1", self.port))
+        client.sendall(b"GET /events HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        received = b""
+        while b"retry: 2000" not in received:
+            chunk = client.recv(4096)
+            assert chunk, received
+            received += chunk
+        return client
+
+    def stop(self) -> None:
+        import subprocess
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+
+def read_to_end(client: Any, deadline: float) -> bytes:
+    """What the server sends until it closes the connection (or ``deadline`` seconds)."""
+    client.settimeout(deadline)
+    received = b""
+    try:
+        while True:
+            chunk = client.recv(65536)
+            if not chunk:
+                return received
+            received += chunk
+    except OSError:
+        return received + b"<timed out>"
+
+
+gunicorn_only = pytest.mark.skipif(MODE != "gevent",
+                                   reason="the example runs under gunicorn's gevent worker")
+
+
+@pytest.mark.skipif(MODE == "eventlet", reason="eventlet's fork support is not exercised")
+def test_a_forked_child_that_keeps_running_never_reads_the_parents_connection(make_pool, pg):
+    """The child lives on for a second (its event loop runs: a reader greenlet copied from
+    the parent would wake there) while the parent's listener is sent notifications and
+    heartbeats: the parent receives every one, with no Gap."""
+    pool = make_pool({"g": {}}, application_name=APP)
+    listener = pool.listen("g", "jobs", heartbeat=0.2)
+    child = os.fork()
+    if child == 0:
+        code = 1
+        try:
+            sleep(1.0)
+            code = 0 if listener.closed else 3
+        finally:
+            os._exit(code)
+    try:
+        for i in range(5):
+            pg.execute(f"NOTIFY jobs, '{i}'")
+            sleep(0.1)
+    finally:
+        _, status = os.waitpid(child, 0)
+    assert status == 0
+    got = [listener.get(5) for _ in range(5)]
+    assert [getattr(i, "payload", i) for i in got] == [str(i) for i in range(5)]
+    assert listener.get(0.5) is None  # no Gap: the parent's connection was never touched
+    listener.close()
+
+
+@gunicorn_only
+@pytest.mark.timeout(90)
+def test_the_example_under_gunicorn_ends_its_streams_at_once_on_sigterm(pg, tmp_path):
+    """Three open streams: SIGTERM to gunicorn ends each cleanly (the chunked body's last
+    chunk), the worker's ``worker_exit`` runs (the pool is closed), and gunicorn is gone
+    well within its 10 s graceful timeout."""
+    pytest.importorskip("gunicorn")
+    app = GunicornExample(pg, tmp_path, "greenpool-listen-sigterm")
+    try:
+        clients = [app.stream() for _ in range(3)]
+        wait_until(lambda: app.call("GET", "/stats")[1]["groups"]["write"]["listeners"] == 3,
+                   10, "three streams")
+        assert listening_sessions(pg, app.app_name) == 1  # one connection for all three
+        started = time.monotonic()
+        os.killpg(app.proc.pid, signal.SIGTERM)
+        ends = [read_to_end(c, 8) for c in clients]
+        app.proc.wait(15)
+        took = time.monotonic() - started
+        for end in ends:
+            assert end.endswith(b"0\r\n\r\n"), end[-200:]
+        assert took < 5, f"gunicorn took {took:.1f} s to stop"
+        assert "greenpool: pool closed in worker" in app.log_text()
+    finally:
+        app.stop()
+
+
+@gunicorn_only
+@pytest.mark.timeout(90)
+def test_the_example_under_gunicorn_ends_its_streams_at_once_on_reload(pg, tmp_path):
+    """SIGHUP (reload): the old worker's streams end cleanly within a few seconds, and a
+    new stream is served by the new worker."""
+    pytest.importorskip("gunicorn")
+    app = GunicornExample(pg, tmp_path, "greenpool-listen-sighup")
+    try:
+        clients = [app.stream() for _ in range(2)]
+        old_pid = app.call("GET", "/stats")[1]["pid"]
+        started = time.monotonic()
+        app.proc.send_signal(signal.SIGHUP)
+        ends = [read_to_end(c, 8) for c in clients]
+        took = time.monotonic() - started
+        for end in ends:
+            assert end.endswith(b"0\r\n\r\n"), end[-200:]
+        assert took < 5, f"the streams lasted {took:.1f} s into the reload"
+        wait_until(lambda: app.call("GET", "/stats")[1]["pid"] != old_pid, 15, "new worker")
+        fresh = app.stream()
+        fresh.close()
+        assert app.proc.poll() is None
+    finally:
+        app.stop()
+
+
+@gunicorn_only
+@pytest.mark.timeout(120)
+def test_the_example_under_gunicorn_drops_a_client_that_stopped_reading(pg, tmp_path):
+    """A client keeps its connection but reads nothing while large notes stream: its queue
+    stays within the example's backlog bound, a reading client gets everything, and once
+    the socket buffers are full the stopped one's stream is cut after the write timeout."""
+    pytest.importorskip("gunicorn")
+    app = GunicornExample(pg, tmp_path, "greenpool-listen-stalled",
+                          env={"EVENTS_WRITE_TIMEOUT": "1"})
+    try:
+        stalled = app.stream(rcvbuf=4096)
+        reader = app.stream()
+        got = bytearray()
+
+        def read_all() -> None:
+            read = read_to_end(reader, 60)
+            got.extend(read)
+
+        task = spawn(read_all)
+        wait_until(lambda: app.call("GET", "/stats")[1]["groups"]["write"]["listeners"] == 2,
+                   10, "two streams")
+        worst = 0
+        sender = pg.connect(dbname=app.app_name.replace("-", "_"))
+        for _ in range(40):
+            with sender.cursor() as cur:
+                cur.execute("SELECT pg_notify('notes', repeat('x', 7990) || i) "
+                            "FROM generate_series(1, 100) i")
+            write = app.call("GET", "/stats")[1]["groups"]["write"]
+            worst = max(worst, write["listen_backlog_max"])
+            if write["listeners"] == 1:
+                break
+            sleep(0.3)
+        assert write["listeners"] == 1, write
+        assert worst <= 100
+        sender.close()
+        reader.shutdown(2)
+        join_all([task], 30)
+        assert got.count(b"event: note") >= 100 * (len(got) > 0)
+        stalled.close()
+    finally:
+        app.stop()

@@ -33,6 +33,8 @@ if patch == "gevent":
     from gevent import monkey; monkey.patch_all()
 elif patch == "gevent-without-threading":
     from gevent import monkey; monkey.patch_all(thread=False)
+elif patch == "gevent-without-socket":
+    from gevent import monkey; monkey.patch_all(socket=False)
 elif patch == "eventlet":
     warnings.simplefilter("ignore"); import eventlet; eventlet.monkey_patch()
 if kind != "-":
@@ -102,6 +104,8 @@ def build(patch: str, kind: str) -> tuple[int, str]:
     ("none", "gevent", ["monkey.patch_all()", "threading and socket are not", "'threaded'"]),
     ("gevent-without-threading", "-", ["type: 'auto' cannot tell", "socket but not threading"]),
     ("gevent-without-threading", "gevent", ["its threading is not", "LoopExit"]),
+    ("gevent-without-socket", "-", ["type: 'auto' cannot tell", "threading but not socket"]),
+    ("gevent-without-socket", "gevent", ["its socket is not"]),
     ("gevent", "threaded", ["patched by gevent", "set type to 'gevent'"]),
     pytest.param("gevent", "eventlet", ["patched by gevent, not eventlet"],
                  marks=needs_eventlet),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -141,6 +142,22 @@ def test_instrumenting_a_pool_twice_under_one_name_is_refused(make_pool, reader)
     otel.instrument(pool, meter_provider=provider)  # allowed once the first is stopped
 
 
+def test_two_pools_on_one_provider_are_both_reported_under_names_of_their_own(
+        make_pool, reader):
+    """The SDK keeps one instrument per name: each pool's gauges still come through; the
+    same name twice is refused (one pool's series would hide the other's)."""
+    reader, provider = reader
+    first = make_pool({"g": {"connection_count": 3}})
+    second = make_pool({"g": {"connection_count": 7}})
+    otel.instrument(first, meter_provider=provider)
+    with pytest.raises(ValueError, match="another pool is instrumented as 'default'"):
+        otel.instrument(second, meter_provider=provider)
+    otel.instrument(second, name="jobs", meter_provider=provider)
+    points = read(reader)
+    assert point(points, "db.client.connection.max", **{otel.POOL_NAME: "g"}).value == 3
+    assert point(points, "db.client.connection.max", **{otel.POOL_NAME: "jobs.g"}).value == 7
+
+
 class _BrokenHistogram:
     """An SDK whose record() fails: a fault no real server can produce, hence a stand-in."""
 
@@ -160,3 +177,39 @@ def test_a_failing_sdk_never_fails_a_loan(make_pool, reader, monkeypatch, caplog
             assert db.query("SELECT 1") == [(1,)]
     assert "recording 2 durations failed" in caplog.text
     assert pool.stats()["groups"]["g"]["in_use"] == 0
+
+
+def test_durations_flushed_from_several_threads_at_once_are_each_recorded_once(
+    reader, monkeypatch
+):
+    """Loans fill the buffer and flush it while the collector flushes it too (threads in
+    threaded mode): every duration appended is recorded exactly once (value for value, not
+    only in number)."""
+    reader, provider = reader
+    monkeypatch.setattr(otel, "BUFFER_LIMIT", 50)
+    histogram = provider.get_meter("test").create_histogram("durations", unit="s")
+    buffer = otel._Buffer(histogram, {})
+    sink = buffer.sink()
+    stop: list[bool] = []
+
+    def loans() -> None:
+        for k in range(5000):  # distinct values: a value taken twice and one dropped show
+            sink(float(k))
+
+    def collector() -> None:
+        while not stop:
+            buffer.flush()
+            time.sleep(0)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch often: a race shows at once
+    try:
+        flusher = spawn(collector)
+        join_all([spawn(loans) for _ in range(4)], 60)
+        stop.append(True)
+        join_all([flusher], 10)
+    finally:
+        sys.setswitchinterval(interval)
+    buffer.flush()
+    recorded = point(read(reader), "durations")
+    assert (recorded.count, recorded.sum) == (20000, 4 * sum(range(5000)))

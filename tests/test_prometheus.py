@@ -185,11 +185,12 @@ def test_series_stay_the_same_through_a_failover(make_pool, pg_factory, http_reg
     assert value(after, "greenpool_endpoint_role", pool="app", endpoint=new, role="standby") == 0
     assert value(after, "greenpool_endpoint_up", pool="app", endpoint=old) == 0
     assert value(after, "greenpool_endpoint_up", pool="app", endpoint=new) == 1
+    assert value(after, "greenpool_endpoint_lag_seconds", pool="app", endpoint=new) == 0
     assert value(after, "greenpool_endpoint_quarantines_total", pool="app", endpoint=old) >= 1
-    # the endpoint series (lag aside, which only a standby has) are the same before,
-    # during and after: no series ended, none began
+    # the endpoint series (the lag's too: every endpoint has one, whatever its role) are
+    # the same before, during and after: no series ended, none began
     def stable(samples: Samples) -> set[Any]:
-        return {k for k in series(samples, "greenpool_endpoint_") if "lag" not in k[0]}
+        return set(series(samples, "greenpool_endpoint_"))
 
     for during in scrapes:
         assert stable(during) == stable(before)

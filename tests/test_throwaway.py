@@ -198,3 +198,34 @@ def test_an_interrupted_initdb_is_killed_with_its_children(mode: str) -> None:
         cluster.destroy()
     assert not cluster.root.exists()
     assert _naming(cluster.root) == []
+
+
+FORKED_CHILD_EXITS = """
+import os, sys
+from greenpool.throwaway import Cluster
+cluster = Cluster()
+cluster.init()
+cluster.start()
+child = os.fork()
+if child == 0:
+    sys.exit(0)  # a normal exit: atexit hooks run in the child
+_, status = os.waitpid(child, 0)
+print(status, cluster.is_running(), cluster.datadir.exists(), flush=True)
+cluster.destroy()
+"""
+
+
+def test_a_forked_child_that_exits_normally_leaves_the_parents_cluster_running(
+    tmp_path: Path,
+) -> None:
+    """Only the process that made a cluster destroys it at exit: a child made with
+    ``os.fork()`` inherits the list of live clusters, and its exit hook must skip them."""
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", FORKED_CHILD_EXITS], capture_output=True,
+                          text=True, timeout=120, check=False,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["0", "True", "True"], done.stdout + done.stderr

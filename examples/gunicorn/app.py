@@ -36,6 +36,7 @@ import os
 import re
 import sys
 import traceback
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 from urllib.parse import parse_qs
@@ -52,9 +53,10 @@ CREATE TABLE IF NOT EXISTS notes (
 )"""
 
 # Used when GREENPOOL_CONFIG has no "groups". Each gunicorn worker has its own pool, so the
-# server sees up to workers * (5 + 10) connections from this app.
+# server sees up to workers * (5 + 10 + 1) connections from this app: the groups' own, and
+# one dedicated connection per worker that every /events stream of the worker shares.
 DEFAULT_GROUPS = {
-    "write": {"connection_count": 5, "timeout": 5},
+    "write": {"connection_count": 5, "exclusive_limit": 1, "timeout": 5},
     "read": {"connection_count": 10, "autocommit": True, "timeout": 5},
 }
 DEFAULT_APPLICATION_NAME = "greenpool-gunicorn-example"
@@ -242,24 +244,39 @@ def index(environ: dict[str, Any]) -> tuple[str, Any]:
 
 # --- GET /events: server-sent events fed by NOTIFY -----------------------------------------
 #
-# Each client gets a greenpool listener of its own: one dedicated connection of the write
-# group (notifications exist on the primary only; standbys never see them), counted against
-# the group's exclusive_limit, not its connection_count. The stream:
+# Every client of a worker is one greenpool listener, and all of them share ONE server
+# connection of the write group (notifications exist on the primary only; standbys never
+# see them): greenpool fans each notification out to the listeners' own bounded queues. So
+# a worker serves as many streams as gunicorn's worker_connections allows, and costs the
+# server one connection per worker for all of them (one exclusive_limit slot of the write
+# group). The stream:
 #
 #     retry: 2000                the browser reconnects 2 s after a drop
 #     event: note / data: 42     a note was committed; data is its id
-#     event: gap / data: {...}   the listener lost its server and is back (a failover): notes
-#                                committed meanwhile were not announced; re-read GET /notes
+#     event: gap / data: {...}   notes committed since lost_at may not have been announced
+#                                (a failover, or this client fell behind): re-read GET /notes
 #     : keep-alive               every EVENTS_KEEPALIVE s of silence, so that a client that
 #                                went away is noticed (the write fails) and its listener closed
 #
-# The listener is closed when the client goes (gunicorn closes the generator), when the
-# worker shuts down (greenpool.close() stops every listener) or on any error.
+# A client that stops reading: its listener queues at most EVENTS_BACKLOG notes (then it is
+# skipped and owed a gap), and once the socket's buffers are full a write that makes no
+# progress for EVENTS_WRITE_TIMEOUT s ends the stream. The listener is closed when the
+# client goes (gunicorn closes the response), when the worker shuts down or reloads
+# (end_streams(), called from the SIGTERM handler that gunicorn.conf.py installs: every
+# stream ends cleanly at once, so the worker does not wait out its graceful timeout), or
+# on any error.
 
 NOTES_CHANNEL = "notes"
 EVENTS_KEEPALIVE = 15.0
+EVENTS_BACKLOG = 100  # notes queued for one slow client before it is owed a gap
+EVENTS_PER_WRITE = 50  # events already queued for a client go out in one write
+# seconds a write to a client may make no progress (the environment may say otherwise)
+EVENTS_WRITE_TIMEOUT = float(os.environ.get("EVENTS_WRITE_TIMEOUT", "10"))
 EVENT_HEADERS = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-store"),
                  ("X-Accel-Buffering", "no")]  # nginx: pass each event on at once
+
+_streams: weakref.WeakSet[EventStream] = weakref.WeakSet()  # the open ones, for end_streams()
+_ending = False  # end_streams() was called: this worker takes no new stream
 
 
 def note_events(listener: greenpool.Listener,
@@ -271,16 +288,25 @@ def note_events(listener: greenpool.Listener,
             item = listener.get(keepalive)
             if item is None:
                 if listener.closed:
-                    return  # the pool was closed: the worker is shutting down
+                    return  # the worker is shutting down: end the response cleanly
                 yield b": keep-alive\n\n"
-            elif isinstance(item, greenpool.Gap):
-                gap = {"reason": item.reason, "lost_at": item.lost_at,
-                       "resumed_at": item.resumed_at}
-                yield f"event: gap\ndata: {json.dumps(gap)}\n\n".encode()
-            else:
-                yield f"event: note\ndata: {item.payload}\n\n".encode()
+                continue
+            events = [event_text(item)]
+            while len(events) < EVENTS_PER_WRITE:  # what is queued already: one write
+                item = listener.get(0)
+                if item is None:
+                    break
+                events.append(event_text(item))
+            yield "".join(events).encode()
     finally:
         listener.close()
+
+
+def event_text(item: greenpool.Gap | Any) -> str:
+    if isinstance(item, greenpool.Gap):
+        gap = {"reason": item.reason, "lost_at": item.lost_at, "resumed_at": item.resumed_at}
+        return f"event: gap\ndata: {json.dumps(gap)}\n\n"
+    return f"event: note\ndata: {item.payload}\n\n"
 
 
 class EventStream:
@@ -291,6 +317,7 @@ class EventStream:
     def __init__(self, listener: greenpool.Listener) -> None:
         self.listener = listener
         self._events = note_events(listener)
+        _streams.add(self)
 
     def __iter__(self) -> Iterator[bytes]:
         return self
@@ -299,10 +326,31 @@ class EventStream:
         return next(self._events)
 
     def close(self) -> None:
+        _streams.discard(self)
         try:
             self._events.close()
         finally:
             self.listener.close()
+
+
+def end_streams() -> None:
+    """End every open stream now and refuse new ones (a worker stopping or reloading): each
+    stream's listener is closed, so its body ends cleanly and the browser reconnects, to
+    another worker. Safe to call from any greenlet, more than once."""
+    global _ending
+    _ending = True
+    for stream in list(_streams):
+        stream.listener.close()
+
+
+def open_stream(environ: dict[str, Any]) -> EventStream:
+    if _ending:
+        raise greenpool.PoolClosed("this worker is shutting down")
+    sock = environ.get("gunicorn.socket")
+    if sock is not None:  # a client that stops reading cannot hold this greenlet for ever
+        sock.settimeout(EVENTS_WRITE_TIMEOUT)
+    # listening before the response starts: no note committed after this is missed
+    return EventStream(greenpool.listen("write", NOTES_CHANNEL, max_backlog=EVENTS_BACKLOG))
 
 
 Route = Callable[..., tuple[str, Any]]
@@ -336,10 +384,9 @@ def application(environ: dict[str, Any], start_response: Callable[..., Any]) -> 
     try:
         if environ.get("PATH_INFO") == "/events" and environ["REQUEST_METHOD"] == "GET":
             open_pool()
-            # listening before the response starts: no note committed after this is missed
-            listener = greenpool.listen("write", NOTES_CHANNEL)  # errors: a JSON 503
+            stream = open_stream(environ)  # errors: a JSON 503
             start_response("200 OK", EVENT_HEADERS)
-            return EventStream(listener)
+            return stream
         status, body = dispatch(environ)
     except HTTPError as exc:
         status, body = exc.status, {"error": exc.error, "detail": exc.detail}

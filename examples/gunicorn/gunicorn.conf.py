@@ -6,7 +6,10 @@ Pool life cycle per worker (see README.md here for why):
   is opened, so nothing can be shared with the workers through fork.
 - ``post_fork``: runs in the new worker *before* the gevent worker monkey-patches, so it is
   too early for the pool. Not used.
-- ``post_worker_init``: after patching and after the app is loaded: the pool is created.
+- ``post_worker_init``: after patching and after the app is loaded: the pool is created,
+  and SIGTERM (stop, and the old workers of a SIGHUP reload) also ends the open
+  ``/events`` streams at once (``end_streams()``), so the worker exits within about a
+  second instead of waiting out ``graceful_timeout`` for streams that never end.
 - ``worker_exit``: after the worker stopped serving (graceful shutdown): the pool is closed,
   so no server connection outlives the worker.
 
@@ -16,6 +19,7 @@ Command-line options override these, e.g. ``-b 127.0.0.1:9000 -w 4``.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Any
 
@@ -44,6 +48,23 @@ def post_worker_init(worker: Any) -> None:
     if app is not None and hasattr(app, "open_pool"):
         app.open_pool()
         worker.log.info("greenpool: pool opened in worker %s", worker.pid)
+    if app is not None and hasattr(app, "end_streams"):
+        _end_streams_on_sigterm(worker, app)
+
+
+def _end_streams_on_sigterm(worker: Any, app: Any) -> None:
+    """Chain onto the worker's SIGTERM handler: it stops accepting (gunicorn's own), and the
+    streams end (ours, in a greenlet of its own: a signal handler must not block)."""
+    import gevent
+
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        if callable(previous):
+            previous(signum, frame)
+        gevent.spawn(app.end_streams)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def worker_exit(server: Any, worker: Any) -> None:
