@@ -35,7 +35,7 @@ ROW_FACTORIES = ("tuple", "dict", "namedtuple")
 ROLES = ("any", "primary", "standby", "prefer-standby")
 LAG_POLICIES = ("use-primary", "fail")
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
-#: when a returned connection's session is reset (see connection.reset_on_return)
+#: when a returned connection's session is reset (see borrow_return.reset_on_return)
 RESET_POLICIES = ("auto", "always", "never")
 #: what an endpoint is: PostgreSQL itself, or a pooler (PgBouncer) in that pool mode
 POOLER_MODES = ("none", "session", "transaction")

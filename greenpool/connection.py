@@ -1,22 +1,17 @@
-"""One pooled psycopg2 connection: how it is opened, checked on borrow and reset on return.
+"""One pooled psycopg2 connection: how it is opened (its arguments, the deadline around the
+connect, the pooler and password cases), bounded round trips, ping and close. What it goes
+through when it is lent and given back is in borrow_return.py.
 
 The rules come from measured driver behaviour (see docs/field-notes in the README):
 
 * Under a green wait callback libpq ignores ``connect_timeout``, so every connect runs under
   a deadline of our own.
-* An idle connection whose server went away still says ``closed == 0``; its socket is
-  readable, though. So borrowing costs one zero-timeout poll, and a real ``SELECT 1`` is
-  only sent when the socket is readable or the connection sat idle for a while.
-* psycopg2's ``rollback()`` does nothing in autocommit mode, so the reset on return is
-  judged by the server-reported transaction status, not by the autocommit flag.
 * Anything whose state is unknown (interrupted mid-query, mid-rollback) is discarded.
-* A loan that may have changed the session (``PooledConnection.dirty``: the handler sets
-  it for SQL that can, and for any use of the raw cursor or connection) is reset with one
-  ``DISCARD ALL``, which also restores the startup packet's settings (the group's
-  ``statement_timeout``, ``readonly``). A clean loan costs no round trip. Through a
-  transaction-mode pooler no ``DISCARD ALL`` is sent (see :func:`_reset_session`).
-* Every round trip the pool makes is bounded (:func:`round_trip`): the borrow check by the
-  caller's remaining time, the rollback and reset on return by ``connect_timeout``.
+* Every round trip the pool makes is bounded (:func:`round_trip`).
+
+Why one module of this length: the ways to open a connection (direct, behind a pooler,
+with a password asked for at connect) share the connect deadline, the secret scrubbing and
+the error wording.
 """
 
 from __future__ import annotations
@@ -33,7 +28,7 @@ import psycopg2.extras
 from psycopg2 import extensions
 
 from . import credentials, pooler
-from .concurrency import Backend
+from .concurrency.backend import Backend
 from .config import EndpointConfig, GroupConfig
 from .endpoint import Endpoint
 from .failures import Verdict, classify, no_answer, unresolvable
@@ -197,7 +192,7 @@ class _Connection(extensions.connection):
     too (psycopg2 itself hides only ``password``)."""
 
     #: tells the green wait callback that this connect is greenpool's (see
-    #: ``concurrency.InheritedAcrossFork``): a user's own connections are left alone
+    #: ``concurrency.fork.InheritedAcrossFork``): a user's own connections are left alone
     greenpool_owned = True
 
     @property
@@ -243,15 +238,22 @@ def open_connection(
     each transaction.
     """
     started = time.monotonic()
+    asked = 0.0  # seconds the password function took of the attempt's time
     if credentials.is_supplied(endpoint.password):
         kwargs = _with_supplied_password(endpoint, kwargs, backend, seconds)
-        seconds = max(seconds - (time.monotonic() - started), 0.001)
-        started = time.monotonic()
+        asked = time.monotonic() - started
+        seconds, started = max(seconds - asked, 0.001), time.monotonic()
     through_pooler = pooler.mode_of(endpoint) != pooler.NONE
     refused: ConnectError | None = None
     try:
         raw = _open(endpoint, kwargs, backend, seconds, through_pooler)
     except ConnectError as exc:
+        if asked > seconds and exc.kind == no_answer().kind:
+            # the server had less time than the function: its silence says nothing of it
+            raise ConnectError(endpoint, f"{exc.reason}, after the password function took "
+                               f"{asked:.2f} s of the attempt's time", kind=credentials.KIND,
+                               hint="make the password function faster (cache its result) "
+                               "or raise connect_timeout") from None
         if through_pooler or exc.kind != "pooler_startup_parameter" or not (
             pooler.may_detect(endpoint)
         ):
@@ -282,7 +284,7 @@ def open_connection(
                 endpoint, group.reset):  # what the server already enforces
             left = max(seconds - (time.monotonic() - started), 0.001)
             try:
-                server = _bounded(backend, left, "the server defaults query",
+                server = bounded(backend, left, "the server defaults query",
                                   pooler.read_server_defaults, raw)
             except Exception as exc:
                 close_raw(raw)
@@ -334,10 +336,10 @@ def configure(raw: Any, group: GroupConfig, backend: Backend, seconds: float) ->
     hook = group.configure
     if hook is None:
         return
-    _bounded(backend, seconds, "the configure hook", hook, raw)
+    bounded(backend, seconds, "the configure hook", hook, raw)
     status = raw.get_transaction_status()
     if status == extensions.TRANSACTION_STATUS_INTRANS:
-        _bounded(backend, seconds, "the configure hook's COMMIT", raw.commit)
+        bounded(backend, seconds, "the configure hook's COMMIT", raw.commit)
     elif status != _STATUS_IDLE:
         raise psycopg2.InterfaceError("the configure hook left the connection in a failed "
                                       "transaction")
@@ -410,7 +412,7 @@ def round_trip(
         raise RoundTripTimeout(f"no answer to {sql!r} within {seconds:.2f} s") from None
 
 
-def _bounded(backend: Backend, seconds: float, what: str, func: Callable[..., Any],
+def bounded(backend: Backend, seconds: float, what: str, func: Callable[..., Any],
              *args: Any) -> Any:
     """``func(*args)`` (driver calls inside) within ``seconds``, else RoundTripTimeout."""
     deadline = _Deadline()
@@ -423,7 +425,7 @@ def _bounded(backend: Backend, seconds: float, what: str, func: Callable[..., An
         raise RoundTripTimeout(f"no answer to {what} within {seconds:.2f} s") from None
 
 
-def _outside_transaction(raw: Any, sql: str, backend: Backend, seconds: float) -> None:
+def outside_transaction(raw: Any, sql: str, backend: Backend, seconds: float) -> None:
     """Run ``sql`` in autocommit: a ping must not open a transaction, and ``DISCARD ALL``
     refuses to run in one (which psycopg2 would open without autocommit)."""
     if raw.autocommit:
@@ -435,181 +437,6 @@ def _outside_transaction(raw: Any, sql: str, backend: Backend, seconds: float) -
     finally:
         if not raw.closed:
             raw.autocommit = False
-
-
-def _settings_dropped(pc: PooledConnection) -> bool:
-    """Opened before its endpoint was found to be a pooler that drops ``options`` (another
-    group's readonly connection finds that out): its settings never reached the server;
-    a new connection carries them with each transaction."""
-    return bool(pooler.detected_addresses) and not is_pooled(pc.raw) and (
-        pooler.mode_of(pc.endpoint.config) != pooler.NONE)  # first: one truth test per loan
-
-
-def check_on_borrow(
-    pc: PooledConnection,
-    group: GroupConfig,
-    backend: Backend,
-    now: float,
-    deadline: float | None = None,
-) -> str:
-    """'' if ``pc`` may be handed out, else the reason to discard it.
-
-    Costs one zero-timeout poll; sends ``SELECT 1`` only when the socket has something to say
-    (a closed server, a NOTIFY) or the connection sat idle longer than ``check_idle_after``.
-    The ping is bounded by ``connect_timeout`` and by ``deadline`` (the caller's, in
-    ``time.monotonic()`` terms) when that comes first. A ping cut short by the caller's
-    deadline says nothing about the server: the reason is then ``check_timeout``, not
-    ``failed_check``. A caller with no time left at all (``timeout=0``) gets a connection
-    that sat idle past ``check_idle_after`` unpinged when its socket shows nothing: that
-    free check is all it has time for (a readable one is ``check_timeout``, still open).
-    """
-    raw = pc.raw
-    if raw.closed:
-        return "closed"
-    if _settings_dropped(pc):
-        return "pooler_detected"
-    if now >= pc.expires:
-        return "max_lifetime"
-    idle_for = now - pc.last_used
-    if idle_for >= group.max_idle:
-        return "max_idle"
-    if idle_for < group.check_idle_after and not pc.readable():
-        return ""
-    bound = pc.endpoint.config.connect_timeout
-    cut_by_caller = False
-    if deadline is not None:
-        left = deadline - time.monotonic()
-        if not left > 0 and not pc.readable():
-            return ""  # no time for a ping, and the free check found nothing: lend it
-        if not left >= bound:
-            bound, cut_by_caller = left, True
-    try:
-        _outside_transaction(raw, "SELECT 1", backend, bound)
-    except RoundTripTimeout:
-        return "check_timeout" if cut_by_caller else "failed_check"
-    except psycopg2.Error:
-        return "failed_check"
-    del raw.notifies[:]
-    return ""
-
-
-def reset_on_return(pc: PooledConnection, group: GroupConfig, backend: Backend) -> str:
-    """Bring ``pc`` back to the group's configured session and mark it used now; '' if
-    reusable, else the reason to discard it.
-
-    A clean loan costs no round trip beyond the rollback of a transaction left open. A
-    dirty one (see :attr:`PooledConnection.dirty`; every loan with ``reset: 'always'``)
-    costs one more: ``DISCARD ALL``, then the group's ``on_return`` hook if it has one.
-    Each round trip is bounded by the endpoint's ``connect_timeout``. May raise a
-    BaseException (timeout, kill); the caller then discards.
-    """
-    raw = pc.raw
-    if raw.closed:
-        return "broken"
-    if _settings_dropped(pc):
-        return "pooler_detected"
-    autocommit = raw.autocommit
-    status = raw.get_transaction_status()
-    if status != _STATUS_IDLE:
-        if status not in _STATUS_OPEN:
-            return "unknown_state"  # a command still running, or the link is gone
-        bound = pc.endpoint.config.connect_timeout
-        try:
-            if autocommit:  # psycopg2's rollback() is a no-op here
-                round_trip(raw, "ROLLBACK", backend, bound)
-            else:
-                _bounded(backend, bound, "ROLLBACK", raw.rollback)
-        except psycopg2.Error:
-            return "reset_failed"
-        if raw.get_transaction_status() != _STATUS_IDLE:
-            return "reset_failed"
-    elif not autocommit and raw.status != _PSYCOPG_READY:
-        # a COMMIT or ROLLBACK sent as SQL: the server is idle, but psycopg2 still thinks a
-        # transaction is open and would not send BEGIN for the next borrower. Its own
-        # rollback() puts it right (the server only warns that nothing was open).
-        try:
-            _bounded(backend, pc.endpoint.config.connect_timeout, "ROLLBACK", raw.rollback)
-        except psycopg2.Error:
-            return "reset_failed"
-    if raw.readonly is not None or raw.isolation_level is not None or raw.deferrable is not None:
-        # psycopg2 may have sent these to the server as SETs (in autocommit) or kept them
-        # client-side; which one depends on history we cannot see. Start afresh instead.
-        return "session_changed"
-    if autocommit != group.autocommit:
-        raw.autocommit = group.autocommit
-    if pc.dirty or group.reset == "always":
-        reason = _reset_session(pc, group, backend)
-        if reason:
-            return reason
-    pc.dirty = True  # until a handler takes it again
-    if raw.notices:
-        del raw.notices[:]
-    if raw.notifies:
-        del raw.notifies[:]
-    now = time.monotonic()
-    if now >= pc.expires:
-        return "max_lifetime"
-    pc.last_used = now
-    return ""
-
-
-def _user_hook_ran(group: GroupConfig, failed: str, call: Callable[..., Any], *args: Any) -> bool:
-    """Run a user's hook on return; False (logged, the connection to be discarded) when it
-    raised anything but a driver error, which the caller judges like its own statements."""
-    try:
-        call(*args)
-    except psycopg2.Error:
-        raise
-    except Exception:
-        logger.warning("group %r: %s; the connection is discarded", group.name, failed,
-                       exc_info=True)
-        return False
-    return True
-
-
-def _reset_session(pc: PooledConnection, group: GroupConfig, backend: Backend) -> str:
-    """``DISCARD ALL`` (unless ``reset: 'never'``) and the user's hook, on an idle connection
-    with the group's autocommit flag; '' if the session is the configured one again."""
-    raw = pc.raw
-    bound = pc.endpoint.config.connect_timeout
-    # Through a transaction-mode pooler the loan's session state (if it made any, which it
-    # must not) is on whatever server connection ran it, and DISCARD ALL would run on
-    # whichever the pooler picks now: it cannot undo anything, so it is not sent. The
-    # group's settings always travel per transaction there (pooler.trusts_server_defaults),
-    # so there is nothing to restore either.
-    discard = group.reset != "never" and pooler.discards_reach(pc.endpoint.config)
-    try:
-        if discard:
-            pc.resets += 1  # (before: a DISCARD ALL cut short may have run)
-            _outside_transaction(raw, "DISCARD ALL", backend, bound)
-            if group.configure is not None:
-                if raw.autocommit != group.autocommit:
-                    raw.autocommit = group.autocommit
-                if not _user_hook_ran(group, "the configure hook failed after the reset",
-                                      configure, raw, group, backend, bound):
-                    return "reset_failed"
-        hook = group.on_return
-        if hook is not None and not _user_hook_ran(
-                group, "the on_return hook failed", _bounded, backend, bound,
-                "the on_return hook", hook, raw):
-            return "reset_failed"
-    except psycopg2.Error:
-        return "reset_failed"
-    if raw.closed or raw.get_transaction_status() != _STATUS_IDLE:
-        return "reset_failed"
-    if raw.autocommit != group.autocommit:
-        raw.autocommit = group.autocommit
-    info = raw.info
-    datestyle = info.parameter_status("DateStyle") or "ISO"
-    encoding = info.parameter_status("client_encoding") or raw.encoding
-    if not datestyle.startswith("ISO") or _norm(encoding) != _norm(raw.encoding):
-        # psycopg2 set these at connect and parses by them; the reset undid its setting
-        return "session_changed"
-    return ""
-
-
-def _norm(encoding: str) -> str:
-    return encoding.upper().replace("-", "").replace("_", "")
 
 
 def close_quietly(pc: PooledConnection) -> None:
@@ -662,7 +489,7 @@ def ping(pc: PooledConnection, backend: Backend, seconds: float) -> str:
     if raw.closed:
         return "closed"
     try:
-        _outside_transaction(raw, "SELECT 1", backend, seconds)
+        outside_transaction(raw, "SELECT 1", backend, seconds)
     except psycopg2.Error:
         return "failed_check"
     del raw.notifies[:]

@@ -21,6 +21,10 @@ the same rule (each attempt bounded by ``connect_timeout``, never by the caller'
 
 The group talks to the connector through :meth:`Connector.start`, and the connector back to
 the group through the small :class:`Slots` interface: nothing here knows the waiting line.
+
+Why one module of this length: opening, retrying across endpoints and closing share the
+per-endpoint counts of connects under way and connections open, read under one lock; the
+connect itself is connection.py's, the failures' wording failures.py's.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, Protocol
 
-from .concurrency import Backend, InheritedAcrossFork, Task, still_connecting
+from .concurrency.backend import Backend, Task
+from .concurrency.fork import InheritedAcrossFork, still_connecting
 from .config import GroupConfig
 from .connection import (
     ConnectError,
@@ -70,7 +75,7 @@ class Slots(Protocol):
     names the group generation it was taken in, so that a task inherited across ``fork()``
     touches nothing; a task that ends without a connection gives the slot back itself."""
 
-    def deliver(self, slot: Slot, pc: PooledConnection) -> None:
+    def _deliver(self, slot: Slot, pc: PooledConnection) -> None:
         """A new connection, for the slot the task held (attached to it by the group)."""
 
     def still_needed(self, slot: Slot) -> bool:
@@ -285,7 +290,7 @@ class Connector:
             self.counts = {ep: n for ep, n in self.counts.items() if ep is not endpoint}
 
     def close(self, pc: PooledConnection, reason: str) -> None:
-        """Close ``pc`` and count why. Only its group calls this (``Group._discard``), which
+        """Close ``pc`` and count why. Only its group calls this (``Group.discard``), which
         gives its slot back; a dedicated connection, which has none, is closed here too."""
         with self._lock:  # counted under the lock: exact in threaded mode too
             self.counters.discards[reason] += 1
@@ -337,7 +342,7 @@ class Connector:
             while not self._stopped:
                 pc = self._round(target, generation)
                 if pc is not None:
-                    slots.deliver(slot, pc)
+                    slots._deliver(slot, pc)
                     return
                 target = None  # a failed preference falls back to the normal choice
                 error = self.fatal_error()

@@ -17,10 +17,13 @@ The call is bounded by what is left of the attempt's ``connect_timeout``:
   can interrupt it. One that outlives its bound that way is a failure, with a warning that
   says so, rather than a silent stall;
 * threaded modes call it in a helper thread and wait for it up to the bound; one that hangs
-  is left behind and the attempt fails.
+  is left behind and the attempt fails; later attempts wait on it (within their own
+  bound) rather than start another call, so a hung function costs one thread, not one
+  per attempt.
 
-A failure (it raised, hung, or returned something that is not a string) fails that attempt
-only: it says nothing about the server, so the endpoint is neither quarantined nor evicted;
+A failure (it raised, hung, returned something that is not a string, or took longer than
+the time it left the server, which then did not answer) fails that attempt only: it says
+nothing about the server, so the endpoint is neither quarantined nor evicted;
 connects leave it alone for a moment and ask again. Its value never appears in a log, an
 error or a repr; errors name the function's exception type only (its traceback is logged,
 since it is the application's own).
@@ -31,10 +34,12 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
-from .concurrency import Backend, _original_start_thread
+from .concurrency.backend import Backend
+from .concurrency.originals import original_start_thread
 
 logger = logging.getLogger("greenpool")
 
@@ -94,8 +99,12 @@ def _original_lock() -> Any:
 
 
 def _failed(label: str, exc: BaseException) -> PasswordUnavailable:
-    logger.warning("endpoint %s: the password function raised %s", label,
-                   type(exc).__name__, exc_info=exc)
+    """The failure as a connect error. Neither the log nor the error holds the exception's
+    text (a vault client's message may quote the token): its type and where it was raised."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
+    logger.warning("endpoint %s: the password function raised %s%s (its message is not "
+                   "logged: it may hold a secret)", label, type(exc).__name__, where)
     return PasswordUnavailable(f"the password function raised {type(exc).__name__}")
 
 
@@ -115,7 +124,23 @@ def _in_task(supplier: Callable[[], Any], label: str, backend: Backend, seconds:
     raise failure  # outside the except: the function's exception is not even its context
 
 
+#: per password function (by id; kept referenced so that the id stays its own), the done
+#: lock of a call that outlived its caller's bound: the next connects wait on it rather
+#: than each leave one more thread behind
+_overdue: dict[int, tuple[Callable[[], Any], Any]] = {}
+
+
 def _in_thread(supplier: Callable[[], Any], label: str, seconds: float) -> Any:
+    started = time.monotonic()
+    hung = _overdue.get(id(supplier), (None, None))[1]
+    if hung is not None:
+        if not hung.acquire(timeout=seconds):
+            raise PasswordUnavailable(f"the password function gave no answer within "
+                                      f"{seconds:.2f} s to a call begun earlier (none more "
+                                      f"is started until it returns)")
+        hung.release()  # done: every waiter on it sees so
+        _overdue.pop(id(supplier), None)
+        seconds = max(seconds - (time.monotonic() - started), 0.001)
     done = _original_lock()  # real OS threads on both sides, whatever a library patched
     done.acquire()
     box: list[Any] = []
@@ -128,8 +153,9 @@ def _in_thread(supplier: Callable[[], Any], label: str, seconds: float) -> Any:
         finally:
             done.release()
 
-    _original_start_thread()(run, ())
+    original_start_thread()(run, ())
     if not done.acquire(timeout=seconds):
+        _overdue[id(supplier)] = (supplier, done)
         raise PasswordUnavailable(f"the password function gave no answer within "
                                   f"{seconds:.2f} s (it is left running)")
     ok, value = box[0]

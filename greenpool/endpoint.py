@@ -21,6 +21,10 @@ by every waiting greenlet at once.
 The role (primary or standby) is *detected*, never configured: from the ``in_hot_standby``
 parameter status at connect and on every borrow (no round trip), and by housekeeping probes,
 which also give a primary's timeline and WAL position (the split-brain rule in roles.py).
+
+Why one module of this length: an endpoint's health, role and replication facts change
+together under its lock (a probe's answer updates them at once); separating the facts from
+the health state is a larger change, not made here.
 """
 
 from __future__ import annotations
@@ -115,8 +119,9 @@ class Endpoint:
         self.full = 0  # times it said so
         self.down_since = 0.0  # when the current outage began (monotonic); while not up
         self._failures = 0  # consecutive failed connects, drives the backoff
-        self._initial = config.retry_sleep if config.retry_sleep is not None else quarantine_initial
-        self._max = max(quarantine_max, self._initial)
+        self._quarantine_bounds = (quarantine_initial, quarantine_max)
+        self._initial = self._max = 0.0
+        self.reconfigure(config)
         self.connects = 0
         self.connect_attempts = 0
         self.connect_errors = 0
@@ -137,6 +142,14 @@ class Endpoint:
         self.last_error: str | None = None
         #: Called when a quarantine begins (the pool wakes its housekeeping to probe on time).
         self.on_quarantine: Callable[[], None] = _nothing
+
+    def reconfigure(self, config: EndpointConfig) -> None:
+        """Its settings (at creation, or ``Pool.reconfigure``); ``retry_sleep`` applies from
+        the next quarantine on."""
+        initial, longest = self._quarantine_bounds
+        self.config = config
+        self._initial = config.retry_sleep if config.retry_sleep is not None else initial
+        self._max = max(longest, self._initial)
 
     # --- health ---------------------------------------------------------------------------
 

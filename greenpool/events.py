@@ -23,14 +23,15 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
-from .concurrency import Backend
+from .concurrency.backend import Backend
 
 logger = logging.getLogger("greenpool")
 
-#: every ``PoolEvent.kind``
 #: events kept for a callback that cannot keep up
 QUEUE_MAX = 1000
+#: every ``PoolEvent.kind``
 KINDS = ("quarantined", "back", "promoted", "demoted", "lagging", "caught_up", "split_brain",
          "cannot_connect", "connected")
 
@@ -72,23 +73,31 @@ class Events:
                                "oldest are dropped from now on", QUEUE_MAX)
         self._queue.append(PoolEvent(kind, endpoint, group, detail, time.time()))
         with self._lock:
-            if self._pid != os.getpid():  # forked: the parent's task and events are its own
-                self._pid, self._delivering = os.getpid(), False
-                while len(self._queue) > 1:
-                    self._queue.popleft()
+            self._forget_if_forked()
             if self._delivering:
                 return
             self._delivering = True
         try:
-            task = self._backend.spawn(self._deliver)
+            task = self._backend.spawn(partial(self._deliver, os.getpid()))
         except Exception:
             task = None
         if task is None:  # non-threaded (or no task could start): here and now
-            self._deliver()
+            self._deliver(os.getpid())
 
-    def _deliver(self) -> None:
+    def _forget_if_forked(self) -> None:
+        """In a child forked since the last look (the caller holds the lock): the parent's
+        queued events and delivering task are the parent's; only the last event, just
+        noticed here, is kept."""
+        if self._pid != os.getpid():
+            self._pid, self._delivering = os.getpid(), False
+            while len(self._queue) > 1:
+                self._queue.popleft()
+
+    def _deliver(self, pid: int) -> None:
         while True:
             with self._lock:
+                if os.getpid() != pid:  # a green task the forked child inherited: the parent's
+                    return
                 if not self._queue:
                     self._delivering = False
                     return
@@ -101,3 +110,7 @@ class Events:
             except Exception:
                 logger.warning("the on_event callback raised on a %r event; the pool goes on",
                                event.kind, exc_info=True)
+            except BaseException:  # this task ends (killed, a signal): the next emit starts one
+                with self._lock:
+                    self._delivering = False
+                raise

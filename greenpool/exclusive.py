@@ -41,6 +41,10 @@ Inside the pool's model:
 
 Every path that can be interrupted gives its limit slot back before re-raising, and a
 connection opened for a caller who was interrupted is closed.
+
+Why one module of this length: the limit's slots, the line for them and the dedicated
+connect tasks share one lock and one set of counts (a caller holds a slot while a task
+connects for it); the waiting line itself is waiting.py's.
 """
 
 from __future__ import annotations
@@ -57,7 +61,8 @@ from typing import TYPE_CHECKING, Any
 import psycopg2
 
 from . import pooler
-from .concurrency import Backend, InheritedAcrossFork, Waiter
+from .concurrency.backend import Backend
+from .concurrency.fork import InheritedAcrossFork
 from .connection import PooledConnection, close_quietly, round_trip
 from .endpoint import UP
 from .errors import ConnectFailed, NoHealthyEndpoint, PoolClosed, PoolError, PoolTimeout
@@ -144,10 +149,10 @@ class ExclusiveSlots:
         self.no_room = 0  # callers refused because the groups need the server's slots
         #: listeners open now (each holds one slot while it lives)
         self.listeners = 0
-        #: what listeners dropped without close() held (``listen._Held``), appended by their
-        #: finalizers at garbage collection (no lock there: it may run inside a locked
-        #: section) and given back by :meth:`reclaim` on the next use of these slots
-        self.orphans: deque[Any] = deque()
+        #: what must run before these slots are next used: a non-threaded listener hub whose
+        #: listener was garbage-collected unclosed has no task of its own to give its slot
+        #: back (appended by the finalizer without a lock: it may run inside a locked section)
+        self.orphans: deque[Callable[[], object]] = deque()
         #: bumped in a forked child: a slot taken in the parent is never given back here
         self.generation = 0
 
@@ -184,27 +189,19 @@ class ExclusiveSlots:
         try:
             waiter.wait(wait_for)
         except BaseException:
-            self._abandon(waiter)
+            self._line.abandon(waiter, self._lock, lambda _slot: self.give())
             raise
-        if waiter.item is not None:
-            return
-        with self._lock:
-            served = self._line.served(waiter)
-            if not served:
-                self._line.leave(waiter)
-        if waiter.error is not None:
-            raise waiter.error
         if waiter.item is None:
-            raise self._timeout_error(wait_for)
+            self._line.outcome(waiter, self._lock, lambda: self._timeout_error(wait_for))
 
     def reclaim(self) -> None:
-        """Give back what garbage-collected listeners held: connections, slots."""
+        """Let what garbage-collected listeners held be given back (see ``orphans``)."""
         while self.orphans:
             try:
-                held = self.orphans.popleft()
+                collect = self.orphans.popleft()
             except IndexError:
                 return
-            held.release(self)
+            collect()
 
     def count_listener(self, change: int) -> None:
         with self._lock:
@@ -221,15 +218,6 @@ class ExclusiveSlots:
         while self._line and not self._closed and self._room():
             self._taken += 1
             self._line.serve(True)
-
-    def _abandon(self, waiter: Waiter) -> None:
-        """A waiter was interrupted: leave the line, or pass on the slot it was just given."""
-        with self._lock:
-            if not self._line.served(waiter):
-                self._line.leave(waiter)
-                return
-        if waiter.item is not None:
-            self.give()
 
     def _timeout_error(self, wait_for: float) -> PoolTimeout:
         self.counters.timeouts += 1
@@ -280,33 +268,19 @@ class ExclusiveSlots:
                 if remaining <= 0 or waiter.wait(min(remaining, STUCK_AFTER)):
                     break
         except BaseException:
-            self._abandon_connect(waiter)
+            # a connection handed over meanwhile is closed: nobody will use it
+            self._wanting.abandon(waiter, self._lock,
+                                  lambda pc: self.close_connection(pc, "interrupted"))
             raise
         item = waiter.item
         if item is None:
-            with self._lock:
-                if not self._wanting.served(waiter):
-                    self._wanting.leave(waiter)
-            if waiter.error is not None:
-                raise waiter.error
-            item = waiter.item
-            if item is None:
-                raise self._no_connection_error(caller_waits)
+            item = self._wanting.outcome(waiter, self._lock,
+                                         lambda: self._no_connection_error(caller_waits))
         return self._handed(item)
 
     def _handed(self, pc: PooledConnection) -> PooledConnection:
         self.counters.opened += 1
         return pc
-
-    def _abandon_connect(self, waiter: Waiter) -> None:
-        """A caller waiting for a connection was interrupted: leave the line; a connection
-        handed over meanwhile is closed (nobody will use it)."""
-        with self._lock:
-            if not self._wanting.served(waiter):
-                self._wanting.leave(waiter)
-                return
-        if waiter.item is not None:
-            self.close_connection(waiter.item, "interrupted")
 
     def _no_connection_error(self, caller_waits: bool) -> NoHealthyEndpoint:
         connector = self.group.connector

@@ -12,16 +12,21 @@ Invariants (all changed only under ``self._lock``, in sections that never block)
   ``connection_count`` however tasks interleave.
 * A slot is given back only through its object, which lets that happen once: a connect
   task's slot when the connect ends without a connection, a connection's slot
-  (``pc.slot``) when the group discards it (:meth:`drop`, :meth:`replace`). A slot whose
+  (``pc.slot``) when the group discards it (:meth:`discard`). A slot whose
   holder vanished without giving it back (a signal handler's exception between two lines)
   is collected and counted back at the group's next look (:meth:`orphaned`).
 * Live changes (:meth:`drain`, :meth:`apply`) never take a loan back: they mark
-  connections (``expires = DRAINED``) that are then retired through :meth:`_discard` when
+  connections (``expires = DRAINED``) that are then retired through :meth:`discard` when
   they come back, and a lowered ``connection_count`` is reached as loans return (no slot
   is taken while ``_size`` is at or above it).
 * Someone waits only if nothing is idle; a returned or new connection goes to the oldest
   waiter directly (first come, first served). A waiter never connects itself: it asks the
   connector, and whatever connection comes first serves the oldest waiter.
+
+Why one module of this length: the group's bookkeeping (idle stack, waiting line, slots,
+lent set, generation) changes under its one lock, in sections that rely on each other's
+invariants; split, each part would reach into the others' private state. What can stand
+alone already does: placement.py, waiting.py, slots.py, borrow_return.py, connector.py.
 """
 
 from __future__ import annotations
@@ -35,15 +40,10 @@ from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .concurrency import Backend, Waiter
+from .borrow_return import check_on_borrow, reset_on_return
+from .concurrency.backend import Backend
 from .config import GroupConfig
-from .connection import (
-    PooledConnection,
-    check_on_borrow,
-    close_quietly,
-    reset_on_return,
-    silence_inherited,
-)
+from .connection import PooledConnection, close_quietly, silence_inherited
 from .connector import Connector
 from .endpoint import STANDBY, UNKNOWN, UP, Endpoint
 from .errors import PoolClosed, PoolError, PoolTimeout, TooManyWaiters
@@ -145,6 +145,8 @@ class Group:
         #: task identity -> the outermost handler block that task holds in this group (a
         #: nested block of the same task reuses its connection: see handler.py)
         self.holders: dict[Hashable, Handler] = {}
+        #: the identity of the running task (a greenlet, a thread id): the key of holders
+        self.current_task: Callable[[], Hashable] = backend.current
         #: Called with an endpoint whose connections proved dead: the pool evicts that
         #: endpoint's idle connections in every group at once.
         self.on_endpoint_failure: Callable[[Endpoint], None] = self.evict_idle
@@ -218,7 +220,8 @@ class Group:
                 else:
                     own_timeout = wait_for
         if slot is not None and not self.connector.start(slot) and not refuse and not self._lent:
-            self._abandon(waiter)  # no connect can start and none is lent: nothing will come
+            # no connect can start and none is lent: nothing will come
+            self._line.abandon(waiter, self._lock, self.reuse)
             raise self._timeout_error(wait_for)
         if refuse:
             self._refuse_to_wait(wait_for)
@@ -226,13 +229,13 @@ class Group:
         try:
             waiter.wait(own_timeout)
         except BaseException:
-            self._abandon(waiter)
+            self._line.abandon(waiter, self._lock, self.reuse)
             raise
         finally:
             counters.wait_time += _monotonic() - now
         item = waiter.item
-        if item is None:
-            item = self._not_served(waiter, wait_for)
+        if item is None:  # closed, a failure retrying cannot fix, or the timeout
+            item = self._line.outcome(waiter, self._lock, lambda: self._timeout_error(wait_for))
         return self._lend(item)  # handed over by release() or the connector: already clean
 
     def _wants_connect(self, waiters: int) -> bool:
@@ -317,21 +320,21 @@ class Group:
             if not reason and self._roles_matter and not self._role_fits(pc):
                 reason = self._measured_again(pc, deadline)
         except BaseException:  # interrupted while checking it: its state is unknown
-            self.drop(pc, "interrupted")
+            self.discard(pc, "interrupted")
             raise
         if not reason:
             return pc
         if reason == "check_timeout":
             if pc.raw.closed:
-                self.drop(pc, reason)
+                self.discard(pc, reason)
             else:
-                self.give_back(pc)  # nothing was sent: it is as good as before
+                self.reuse(pc)  # nothing was sent: it is as good as before
             raise self._timeout_error(deadline - now)
         if reason in ("closed", "failed_check"):
-            self.replace(pc, reason)
+            self.discard(pc, reason, reconnect=True)
             self.on_endpoint_failure(pc.endpoint)
         else:
-            self.drop(pc, "drained" if pc.expires == DRAINED else reason)
+            self.discard(pc, "drained" if pc.expires == DRAINED else reason)
         return None
 
     def _lend(self, pc: PooledConnection) -> PooledConnection:
@@ -390,27 +393,6 @@ class Group:
             return self.connector.no_endpoint_error()
         self.counters.timeouts += 1
         return PoolTimeout(self._busy_message(wait_for))
-
-    def _not_served(self, waiter: Waiter, wait_for: float) -> Any:
-        """The wait ended without a connection in hand: an error (closed, a failure
-        retrying cannot fix), or the timeout, unless a hand-off raced with it."""
-        with self._lock:
-            if not self._line.served(waiter):
-                self._line.leave(waiter)
-        if waiter.error is not None:
-            raise waiter.error
-        if waiter.item is None:
-            raise self._timeout_error(wait_for)
-        return waiter.item
-
-    def _abandon(self, waiter: Waiter) -> None:
-        """A waiter was interrupted: leave the line, or pass on what it was just handed."""
-        with self._lock:
-            if not self._line.served(waiter):
-                self._line.leave(waiter)
-                return
-        if waiter.item is not None:
-            self.give_back(waiter.item)
 
     def _role_fits(self, pc: PooledConnection) -> bool:
         """Zero-round-trip role check on borrow: the server's last ParameterStatus. Only a
@@ -489,7 +471,7 @@ class Group:
         if timings is not None and pc.lent_at:
             timings.use.record(_monotonic() - pc.lent_at)
         if discard:
-            self.drop(pc, discard)
+            self.discard(pc, discard)
             return
         if (pc.expires == DRAINED or self._size > self.config.connection_count) and (
                 self._retired(pc)):
@@ -497,19 +479,19 @@ class Group:
         try:
             reason = reset_on_return(pc, self.config, self._backend)
         except BaseException:
-            self.drop(pc, "interrupted")
+            self.discard(pc, "interrupted")
             raise
         if reason == "max_lifetime" and pc.expires == DRAINED:
-            reason = ""  # serving on in a rolling drain: give_back decides again
+            reason = ""  # serving on in a rolling drain: reuse decides again
         if reason:
-            self.drop(pc, reason)
+            self.discard(pc, reason)
         else:
-            self.give_back(pc)
+            self.reuse(pc)
 
-    def give_back(self, pc: PooledConnection) -> None:
-        """A clean connection we hold a slot for: to the oldest waiter, else idle; or, while
-        the group is imbalanced, retired so that its slot opens a connection where it
-        belongs (load moves back even when every connection is busy)."""
+    def reuse(self, pc: PooledConnection) -> None:
+        """Put a clean connection we hold a slot for back in service: to the oldest waiter,
+        else idle; or, while the group is imbalanced, retired so that its slot opens a
+        connection where it belongs (load moves back even when every connection is busy)."""
         if pc.generation != self._generation:
             return  # the parent's, handed back by a task that went on in the child
         if (pc.expires == DRAINED or self._size > self.config.connection_count) and (
@@ -518,7 +500,7 @@ class Group:
         if self._roles_matter and self._line and pc.endpoint not in self.preferred_endpoints():
             # A waiter gets it without a borrow check: not one the group should use now (a
             # standby that began to lag while housekeeping probed this very connection)
-            self.drop(pc, "wrong_role")
+            self.discard(pc, "wrong_role")
             return
         with self._lock:
             if self._closed:
@@ -532,10 +514,10 @@ class Group:
                         self._idle.append(pc)
                     return
         if target is None:
-            self._discard(pc, "pool_closed", reconnect=False)
+            self.discard(pc, "pool_closed", reconnect=False)
         else:
-            self._discard(pc, "rebalance", reconnect=False)
-            self.grow(1, target, if_idle=False)
+            self.discard(pc, "rebalance", reconnect=False)
+            self._grow(1, target, if_idle=False)
 
     def _retired(self, pc: PooledConnection) -> bool:
         """Close a drained connection (or one beyond a lowered ``connection_count``) as it
@@ -545,11 +527,13 @@ class Group:
         a connect's time, so a caller waits at most about one connect, not one per
         replacement."""
         if self._size > self.config.connection_count:
-            self._discard(pc, "resized", reconnect=False)
+            # looked at without the lock: threads returning at once may all see the surplus,
+            # so whether the room goes to a waiter is decided under it (reconnect=None)
+            self.discard(pc, "resized", reconnect=None)
             return True
         if self._line and self._connecting >= _MOVES_IN_FLIGHT:
             return False
-        self._discard(pc, "drained", reconnect=True if self._line else None)
+        self.discard(pc, "drained", reconnect=True if self._line else None)
         return True
 
     def _move_target(self, pc: PooledConnection) -> Endpoint | None:
@@ -561,21 +545,13 @@ class Group:
             self.imbalanced = False  # nothing more to move: returns stop looking
         return target
 
-    def drop(self, pc: PooledConnection, reason: str) -> None:
-        """Discard a connection we hold a slot for; the slot goes to a connect if waiters
-        need one, else it is freed."""
-        self._discard(pc, reason, reconnect=None)
-
-    def replace(self, pc: PooledConnection, reason: str) -> None:
-        """Discard a connection a borrow found dead and open another in its slot, in the
-        background: the connect finds out at once whether the server is gone (a
-        quarantine) or only that connection was. (Housekeeping, in quiet times, only
-        drops: a server that ends idle sessions on purpose is not fought.)"""
-        self._discard(pc, reason, reconnect=True)
-
-    def _discard(self, pc: PooledConnection, reason: str, reconnect: bool | None) -> None:
-        """The one way a connection of this group is closed: with it goes its slot. A new
-        connect takes the room at once if ``reconnect`` (None: if waiters need one)."""
+    def discard(self, pc: PooledConnection, reason: str, reconnect: bool | None = None) -> None:
+        """The one way a connection of this group (one it holds a slot for) is closed: with
+        it goes its slot. A new connect takes the room at once if ``reconnect``; None: if
+        waiters need one, else the room is freed. A borrow that found a connection dead
+        reconnects at once: the connect finds out whether the server is gone (a quarantine)
+        or only that connection was. (Housekeeping, in quiet times, does not: a server that
+        ends idle sessions on purpose is not fought.)"""
         if pc.generation != self._generation:
             return  # the parent's: silenced and kept at fork, never closed here
         slot = pc.slot
@@ -641,7 +617,7 @@ class Group:
 
     # --- what the connector calls (connector.Slots) ---------------------------------------
 
-    def deliver(self, slot: Slot, pc: PooledConnection) -> None:
+    def _deliver(self, slot: Slot, pc: PooledConnection) -> None:
         if slot.generation != self._generation:  # opened by a task inherited across fork
             silence_inherited(pc)
             _inherited_in_use.append(pc)
@@ -668,7 +644,8 @@ class Group:
                         targets.extend(self._unserved_endpoints())
                     starts = [self._take_slot() for _ in targets]
         if closed or surplus:
-            self._discard(pc, "pool_closed" if closed else "resized", reconnect=False)
+            self.discard(pc, "pool_closed" if closed else "resized",
+                         reconnect=False if closed else None)
             return
         for new, target in zip(starts, targets, strict=True):
             self.connector.start(new, target)
@@ -704,13 +681,13 @@ class Group:
     def endpoint_failed(self, endpoint: Endpoint) -> None:
         self.on_endpoint_failure(endpoint)
 
-    # --- what housekeeping calls ----------------------------------------------------------
+    # --- what housekeeping calls (underscored: the package's, not the public surface) -----
 
-    def take_idle(
+    def _take_idle(
         self, choose: Callable[[list[PooledConnection]], list[PooledConnection]]
     ) -> list[PooledConnection]:
         """Take the idle connections ``choose`` picks (given them oldest-returned first).
-        Their slots stay held: give each back (:meth:`give_back`) or :meth:`drop` it."""
+        Their slots stay held: give each back (:meth:`reuse`) or :meth:`discard` it."""
         with self._lock:
             if self._closed:
                 return []
@@ -720,7 +697,7 @@ class Group:
                 self._idle.remove(pc)
             return taken
 
-    def grow(self, count: int, target: Endpoint | None = None, *, if_idle: bool = True) -> int:
+    def _grow(self, count: int, target: Endpoint | None = None, *, if_idle: bool = True) -> int:
         """Start up to ``count`` connects within the group's room (refill, probes, moves);
         the number started. With ``if_idle``, only while nobody waits."""
         with self._lock:
@@ -733,10 +710,10 @@ class Group:
             self.connector.start(slot, target)
         return count
 
-    def reserve_slot(self) -> Slot | None:
+    def _reserve_slot(self) -> Slot | None:
         """One slot of the group's room for a connect housekeeping makes itself (a role
         probe); None when the group is full. Hold it in ``with``: attach it with
-        :meth:`deliver`, or give it back."""
+        :meth:`_deliver`, or give it back."""
         with self._lock:
             if self._closed or self._size >= self.config.connection_count:
                 return None
@@ -750,8 +727,8 @@ class Group:
         """Close every idle connection to ``endpoint`` at once: one of its connections proved
         dead, so the rest are suspect, and checking them one borrow at a time would hand
         the failure to one caller after another."""
-        for pc in self.take_idle(lambda idle: [c for c in idle if c.endpoint is endpoint]):
-            self.drop(pc, "evicted")
+        for pc in self._take_idle(lambda idle: [c for c in idle if c.endpoint is endpoint]):
+            self.discard(pc, "evicted")
 
     def lent(self) -> list[PooledConnection]:
         return list(self._lent)
@@ -784,9 +761,9 @@ class Group:
         for pc in self._opened():
             if endpoint is None or pc.endpoint is endpoint:
                 pc.expires = DRAINED
-        idle = self.take_idle(lambda idle: [pc for pc in idle if pc.expires == DRAINED])
+        idle = self._take_idle(lambda idle: [pc for pc in idle if pc.expires == DRAINED])
         for pc in idle:
-            self._discard(pc, "drained", reconnect=None)
+            self.discard(pc, "drained", reconnect=None)
         self.refill()
         return len(idle)
 
@@ -840,9 +817,9 @@ class Group:
             self._preferred_until = 0.0
         self.connector.apply(config, self.endpoints)
         travels = any(getattr(old, key) != getattr(config, key) for key in TRAVELS)
-        surplus = self.take_idle(lambda idle: idle[:max(0, self._size - config.connection_count)])
+        surplus = self._take_idle(lambda idle: idle[:max(0, self._size - config.connection_count)])
         for pc in surplus:
-            self._discard(pc, "resized", reconnect=False)
+            self.discard(pc, "resized", reconnect=None)
         if travels:
             self.drain()
         else:
@@ -866,7 +843,7 @@ class Group:
             self._idle.clear()
             self._line.fail_all(self._closed_error)
         for pc in idle:
-            self._discard(pc, "pool_closed", reconnect=False)
+            self.discard(pc, "pool_closed", reconnect=False)
         self.connector.stop()
 
     def _closed_error(self) -> BaseException:

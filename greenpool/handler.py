@@ -27,6 +27,11 @@ gone) only when re-running cannot duplicate a write and cannot lose earlier work
   written, so it is re-run once on the primary).
 
 Everything else propagates: in particular a write whose connection died is never re-run.
+
+Why one module of this length: the block, its nesting (savepoints), the commit by server
+status and the replays all act on the one connection a nest holds and on its epoch;
+split, each would reach into the others' state. What a failure teaches the pool is
+statement_failures.py's, which SQL dirties the session sessionstate.py's.
 """
 
 from __future__ import annotations
@@ -39,10 +44,9 @@ import psycopg2.extras
 from psycopg2 import extensions
 from psycopg2 import sql as pgsql
 
-from .endpoint import STANDBY
 from .errors import CommitOutcomeUnknown, TransactionAborted
-from .roles import failure_kind, role_of
-from .sessionstate import CLEAN, changes_session
+from .sessionstate import changes_session
+from .statement_failures import statement_failed
 
 if TYPE_CHECKING:
     from .connection import PooledConnection
@@ -69,7 +73,7 @@ class Handler:
     def __init__(
         self, pool: Pool, group: Group, timeout: float | None, idempotent: bool = False
     ) -> None:
-        self._pool = pool
+        self._pool = pool  # holds the pool while its block runs
         self._group = group
         self._timeout = timeout
         self._idempotent = idempotent
@@ -103,7 +107,7 @@ class Handler:
                 f"this handler of group {self._group.name!r} was already used for a 'with' "
                 f"block; a handler is single-use: call handler({self._group.name!r}) again"
             )
-        task = self._task = self._pool._current_task()  # a failed entry cannot be retried
+        task = self._task = self._group.current_task()  # a failed entry cannot be retried
         holders = self._group.holders
         outer = holders.get(task)
         if outer is not None and outer._pc is not None and outer._pc.raw.closed:
@@ -220,8 +224,8 @@ class Handler:
         never reported as committed: TransactionAborted (explicit ``commit()`` also rolls it
         back at once, so the block can go on)."""
         raw = pc.raw
-        where = f"group {self._group.name!r} on {pc.endpoint.label}"
         if raw.closed:
+            where = self._where(pc)
             if not raw.autocommit:
                 raise TransactionAborted(
                     f"{where}: the connection was lost inside the block (the error was "
@@ -237,8 +241,9 @@ class Handler:
         if status == _IDLE:
             return
         if status == _INTRANS:
-            self._commit(raw, where, self._group, pc)
+            self._commit(raw, pc)
             return
+        where = self._where(pc)  # only now: a clean exit builds no message
         if status == _INERROR:
             aborted = TransactionAborted(
                 f"{where}: a statement failed inside the block and its error was caught; "
@@ -252,10 +257,10 @@ class Handler:
             raise aborted
         raise TransactionAborted(f"{where}: the connection is in an unknown state; not committed")
 
-    @staticmethod
-    def _commit(
-        raw: Any, where: str, group: Group | None = None, pc: PooledConnection | None = None
-    ) -> None:
+    def _where(self, pc: PooledConnection) -> str:
+        return f"group {self._group.name!r} on {pc.endpoint.label}"
+
+    def _commit(self, raw: Any, pc: PooledConnection) -> None:
         try:
             if raw.autocommit:  # a BEGIN sent by hand: psycopg2's commit() would skip it
                 with raw.cursor() as cursor:
@@ -264,11 +269,10 @@ class Handler:
                 raw.commit()
         except psycopg2.Error as exc:
             if raw.closed:
-                if group is not None and pc is not None:
-                    group.on_endpoint_failure(pc.endpoint)
+                self._group.on_endpoint_failure(pc.endpoint)
                 raise CommitOutcomeUnknown(
-                    f"{where}: the connection broke during COMMIT, so the transaction may or "
-                    f"may not have been applied; it is not retried. Check before retrying."
+                    f"{self._where(pc)}: the connection broke during COMMIT, so the transaction "
+                    f"may or may not have been applied; it is not retried. Check before retrying."
                 ) from exc
             raise
 
@@ -292,13 +296,11 @@ class Handler:
 
     def query(self, sql: str, params: Any = None) -> list[Any] | int:
         """Run one statement: its rows if it returns rows, else the number of rows affected."""
-        changes = (sql.__class__ is not str or sql not in CLEAN) and self._changes(sql)
-        return self._run(changes, _rows_or_count, sql, params)
+        return self._run(self._changes(sql), _rows_or_count, sql, params)
 
     def query_one(self, sql: str, params: Any = None) -> Any:
         """The first row of the result, or None."""
-        changes = (sql.__class__ is not str or sql not in CLEAN) and self._changes(sql)
-        return self._run(changes, _first_row, sql, params)
+        return self._run(self._changes(sql), _first_row, sql, params)
 
     def execute(self, statements: Statement | Iterable[Statement], params: Any = None) -> int:
         """Run one statement, a ``;``-separated script, or a list of statements (each what
@@ -311,7 +313,7 @@ class Handler:
         changes = False
         for item in items:
             sql = item[0] if isinstance(item, (tuple, list)) else item
-            if (sql.__class__ is not str or sql not in CLEAN) and self._changes(sql):
+            if self._changes(sql):
                 changes = True
                 break
         return self._run(changes, _affected_rows, items)
@@ -319,7 +321,7 @@ class Handler:
     def executemany(self, sql: str, params_seq: Sequence[Any], page_size: int = 100) -> None:
         """Run ``sql`` for each parameter set, batching round trips (``execute_batch``)."""
         pc = self._current()
-        if (sql.__class__ is not str or sql not in CLEAN) and self._changes(sql):
+        if changes_session(sql, pc.raw):
             pc.dirty = True
         raw = pc.raw
         open_before = raw.get_transaction_status() != _IDLE
@@ -327,12 +329,15 @@ class Handler:
             with raw.cursor() as cursor:
                 psycopg2.extras.execute_batch(cursor, sql, params_seq, page_size=page_size)
         except psycopg2.Error as exc:
-            if open_before and failure_kind(exc, raw) == "lost":
+            if statement_failed(exc, pc, self._group) == "lost" and open_before:
                 (self._outer or self)._lost_open = True
             raise
 
     def _changes(self, sql: Any) -> bool:
-        pc = self._held()
+        """May ``sql`` change the session (read with the held connection's settings)?"""
+        pc = self._pc
+        if pc is None:
+            pc = self._held()
         return changes_session(sql, pc.raw if pc is not None else None)
 
     def _held(self) -> PooledConnection | None:
@@ -360,28 +365,24 @@ class Handler:
                 with raw.cursor() as cursor:
                     return work(cursor, *args)
             except psycopg2.Error as exc:
-                kind = failure_kind(exc, raw)
-                if kind == "lost":
-                    self._group.on_endpoint_failure(pc.endpoint)
-                    if not first:  # the transaction went with the connection
-                        (self._outer or self)._lost_open = True
-                if not kind or not first or session_set or replays >= self._MAX_REPLAYS:
+                kind = statement_failed(exc, pc, self._group)
+                if kind == "lost" and not first:  # the transaction went with the connection
+                    (self._outer or self)._lost_open = True
+                if not first or session_set or replays >= self._MAX_REPLAYS:
                     raise
-                if not self._may_replay(kind, raw, pc):
+                if not self._may_replay(kind):
                     raise
                 self._replace_connection(pc, "lost" if kind == "lost" else "wrong_role")
                 replays += 1
                 self._group.counters.replays += 1
 
-    def _may_replay(self, kind: str, raw: Any, pc: PooledConnection) -> bool:
+    def _may_replay(self, kind: str) -> bool:
+        """A lost connection: where the group or the caller says statements may re-run.
+        ``demoted`` (a refused write on a server now standby, in a primary group): always,
+        on the primary (a read-only transaction the caller asked for is no role problem)."""
         if kind == "lost":
             return self._group.config.readonly or self._idempotent
-        # 25006 in a group that wants the primary, and the server now says it is a standby
-        # (a read-only transaction asked for by the caller is not a role problem)
-        role = role_of(raw)
-        if role == STANDBY:
-            pc.endpoint.observe_role(role)
-        return self._group.role == "primary" and role == STANDBY
+        return kind == "demoted"
 
     def _current(self) -> PooledConnection:
         """The connection of the block, for the task that entered it."""
@@ -394,7 +395,7 @@ class Handler:
                     f"this handler of group {self._group.name!r} is used outside its 'with' "
                     f"block"
                 )
-        if self._task != self._pool._current_task():
+        if self._task != self._group.current_task():
             raise RuntimeError(
                 f"this handler of group {self._group.name!r} belongs to the task that entered "
                 f"its 'with' block; another greenlet or thread must open its own "

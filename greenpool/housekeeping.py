@@ -17,9 +17,9 @@ healthy endpoints): it is one short-lived connection of its own, at most one per
 (the endpoint lets a single prober through), closed at once.
 
 Every connection taken from a group here holds that group's slot (``pc.slot``) and is given
-back (``give_back``) or discarded through the group (``drop``), which returns the slot; a
-connection opened in a slot housekeeping reserved (``reserve_slot``) is held ``with`` that
-slot until the group takes it (``deliver``).
+back (``reuse``) or discarded through the group (``discard``), which returns the slot; a
+connection opened in a slot housekeeping reserved (``_reserve_slot``) is held ``with`` that
+slot until the group takes it (``_deliver``).
 """
 
 from __future__ import annotations
@@ -31,15 +31,11 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
-from .concurrency import Backend, InheritedAcrossFork, Signal
+from .borrow_return import check_on_borrow
+from .concurrency.backend import Backend, Signal
+from .concurrency.fork import InheritedAcrossFork
 from .config import PoolConfig
-from .connection import (
-    PooledConnection,
-    check_on_borrow,
-    connect_kwargs,
-    open_connection,
-    ping,
-)
+from .connection import PooledConnection, connect_kwargs, open_connection, ping
 from .endpoint import QUARANTINED, UP, Endpoint
 from .group import Group
 from .placement import misplaced, move_target
@@ -188,8 +184,8 @@ class Housekeeping:
                     spare -= 1
             return chosen
 
-        for pc in group.take_idle(retire):  # no round trip: all at once
-            group.drop(pc, "closed" if pc.raw.closed else
+        for pc in group._take_idle(retire):  # no round trip: all at once
+            group.discard(pc, "closed" if pc.raw.closed else
                        "expired" if expired(pc) else "max_idle")
 
         checked: set[int] = set()
@@ -205,7 +201,7 @@ class Housekeeping:
 
         # one at a time: a ping stuck on a stalled backend keeps only its own connection
         # out of reach, never the healthy ones
-        while taken := group.take_idle(next_to_check):
+        while taken := group._take_idle(next_to_check):
             (pc,) = taken
             checked.add(id(pc))
             if pc.readable():  # while idle: a NOTIFY, or the server went away
@@ -214,7 +210,7 @@ class Housekeeping:
                 self._check(group, pc, partial(ping, pc, self._backend,
                                                pc.endpoint.config.connect_timeout))
         if group.size < config.min_size:
-            group.grow(config.min_size - group.size)
+            group._grow(config.min_size - group.size)
         if len(group.endpoints) > 1:
             self._rebalance(group)
 
@@ -222,29 +218,29 @@ class Housekeeping:
         try:
             reason = check()
         except BaseException:
-            group.drop(pc, "interrupted")
+            group.discard(pc, "interrupted")
             raise
         if reason:
-            group.drop(pc, reason)
+            group.discard(pc, reason)
             if reason == "failed_check":
                 self._on_endpoint_failure(pc.endpoint)
             return
         pc.last_used = time.monotonic()
-        group.give_back(pc)
+        group.reuse(pc)
 
     def _rebalance(self, group: Group) -> None:
         """Idle connections on the wrong endpoint are closed and reopened through the normal
         choice; while a busy group holds more than its share somewhere, returns move
-        connections (``Group.imbalanced``, see ``Group.give_back``)."""
+        connections (``Group.imbalanced``, see ``Group.reuse``)."""
         preferred = group.preferred_endpoints()
         counts = group.connector.counts
-        moving = group.take_idle(
+        moving = group._take_idle(
             lambda idle: misplaced(idle, preferred, group.role, counts)
         )
         for pc in moving:
-            group.drop(pc, "rebalance")
+            group.discard(pc, "rebalance")
         if moving:
-            group.grow(len(moving))
+            group._grow(len(moving))
         now = time.monotonic()
         group.imbalanced = any(
             move_target(ep, preferred, counts, now) is not None
@@ -280,19 +276,19 @@ class Housekeeping:
         """Refresh ``endpoint``'s role and lag with one bounded query on an idle connection
         to it, else on a connection opened for it (:meth:`_probe`)."""
         for group in self._users(endpoint):
-            taken = group.take_idle(partial(_latest_to, endpoint))
+            taken = group._take_idle(partial(_latest_to, endpoint))
             if not taken:
                 continue
             (pc,) = taken
             try:
                 answered = self._read_role(pc)
             except BaseException:
-                group.drop(pc, "interrupted")
+                group.discard(pc, "interrupted")
                 raise
             if answered:
-                group.give_back(pc)
+                group.reuse(pc)
             else:
-                group.drop(pc, "failed_check")
+                group.discard(pc, "failed_check")
                 self._on_endpoint_failure(endpoint)
             return
         self._probe(endpoint)
@@ -308,7 +304,7 @@ class Housekeeping:
         users = self._users(endpoint)
         wanted_by = [group for group in users if endpoint in group.preferred_endpoints()]
         for group in wanted_by:
-            slot = group.reserve_slot()
+            slot = group._reserve_slot()
             if slot is None:
                 continue
             connector = group.connector
@@ -323,7 +319,7 @@ class Housekeeping:
                     connector.close(pc, "interrupted")
                     raise
                 if answered and connector.belongs(endpoint, pc.role):
-                    group.deliver(slot, pc)
+                    group._deliver(slot, pc)
                 else:
                     connector.close(pc, "probe" if answered else "failed_check")
                     slot.give_back()

@@ -225,7 +225,9 @@ class _Hub:
             self.subs[sub] = None
             for name in sub.channels:
                 self._by_channel.setdefault(name, {})[sub] = None
-            self.heartbeat = min(self.heartbeat, heartbeat)
+            if heartbeat < self.heartbeat:  # the next heartbeat no later than this one's
+                self.heartbeat = heartbeat
+                self._check_at = min(self._check_at, time.monotonic() + heartbeat)
             if self.pc is not None and self._active.issuperset(sub.channels):
                 sub.started = True
             self._poke()
@@ -474,9 +476,9 @@ class _Hub:
         except psycopg2.Error as exc:
             self._lost(pc, f"heartbeat failed: {_one_line(exc)}", "failed_check")
             return
+        self._deliver(raw)  # before good_at moves: these may be older than sent_at
         self.good_at = sent_at
         self._check_at = time.monotonic() + self.heartbeat
-        self._deliver(raw)
         role = role_of(raw)
         if role == UNKNOWN:
             role = pc.endpoint.role
@@ -491,6 +493,8 @@ class _Hub:
         parts = [sql.SQL("LISTEN {}").format(sql.Identifier(n)) for n in adding]
         parts += [sql.SQL("UNLISTEN {}").format(sql.Identifier(n)) for n in dropping]
         raw = pc.raw
+        with self._lock:  # a subscriber joining a channel being dropped waits for its LISTEN
+            self._active.difference_update(dropping)
         self._bounded_by(pc.endpoint.config.connect_timeout)
         try:
             statement = sql.SQL("; ").join(parts).as_string(raw)
@@ -512,6 +516,8 @@ class _Hub:
                     sub.wake()
 
     def _lost(self, pc: PooledConnection, reason: str, discard: str, failed: bool = True) -> None:
+        if self._forked():  # a copied reader read the silenced socket: nothing was lost
+            return
         self._deliver(pc.raw)  # what came before the loss is still news
         lost_at = self.good_at
         with self._lock:
@@ -656,7 +662,9 @@ def _orphaned(hub: _Hub, sub: _Sub) -> None:
     """A listener was garbage-collected unclosed: the hub removes it at its next round (no
     lock here: this may run inside any locked section) and is woken for that."""
     hub.orphans.append(sub)
-    if not hub.finished and not hub.inline:
+    if hub.inline:  # no reader task: the slots' next use collects it
+        hub.slots.orphans.append(hub.take_orphans)
+    elif not hub.finished:
         try:
             _write(hub._wake_w, b"x")
         except OSError:

@@ -21,13 +21,13 @@ _FIXED_TOP = ("mode", "application_name", "maintenance_interval", "quarantine_in
 #: what housekeeping probes; the dedicated slots were counted with the limit)
 _FIXED_GROUP = ("role", "exclusive_limit")
 #: endpoint keys whose change leaves its open connections as good as new ones
-_ENDPOINT_ONLY_POOL = ("weight", "connect_timeout")
+_ENDPOINT_ONLY_POOL = ("weight", "connect_timeout", "retry_sleep")
 
 
 @dataclass(frozen=True)
 class Plan:
     """The endpoints by label: kept unchanged, kept with new settings (their connections to
-    retire unless only ``weight``/``connect_timeout`` changed), added, removed."""
+    retire unless only ``weight``/``connect_timeout``/``retry_sleep`` changed), added, removed."""
 
     changed: dict[str, EndpointConfig]
     retire: frozenset[str]

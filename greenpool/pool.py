@@ -13,7 +13,9 @@ from functools import partial
 from typing import Any
 
 from . import live
-from .concurrency import Backend, backend_for, check_mode_fits, resolve_mode
+from .concurrency.backend import Backend
+from .concurrency.detection import check_mode_fits, resolve_mode
+from .concurrency.modes import backend_for
 from .config import GroupConfig, PoolConfig, _integer, parse_config
 from .endpoint import ROLE_STALE_AFTER, Endpoint
 from .errors import ConfigError, PoolClosed
@@ -48,7 +50,6 @@ class Pool:
     def __init__(self, config: Mapping[str, Any] | PoolConfig) -> None:
         self.config = fit_to_process(parse_config(config))
         self._backend: Backend = backend_for(self.config.mode)
-        self._current_task = self._backend.current  # on every handler entry: bound once
         self._events = Events(self.config.on_event, self._backend)
         self._changing = self._backend.lock()  # one live change at a time (_apply)
         self._endpoints = [self._new_endpoint(c) for c in self.config.endpoints]
@@ -267,7 +268,7 @@ class Pool:
         change = live.plan(self.config, new)  # refuses before anything is touched
         by_label = {ep.label: ep for ep in self._endpoints}
         for label, endpoint_config in change.changed.items():
-            by_label[label].config = endpoint_config
+            by_label[label].reconfigure(endpoint_config)
         added = [self._new_endpoint(c) for c in change.added]
         by_label.update((ep.label, ep) for ep in added)
         endpoints = [by_label[c.label] for c in new.endpoints]

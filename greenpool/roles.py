@@ -1,4 +1,5 @@
-"""Roles: detecting primary/standby, choosing endpoints for a group, classifying failures.
+"""Roles: detecting primary/standby, choosing endpoints for a group (what a failed statement
+means lives in statement_failures.py).
 
 **Split brain** (two endpoints answer as primary, e.g. an old primary still running after a
 promotion). Every process chooses alike, from what the servers said in their probes, never
@@ -24,7 +25,7 @@ from typing import Any, NamedTuple
 import psycopg2
 from psycopg2 import extensions
 
-from .concurrency import Backend
+from .concurrency.backend import Backend
 from .endpoint import PRIMARY, STANDBY, UNKNOWN, UP, Endpoint
 
 logger = logging.getLogger("greenpool")
@@ -56,7 +57,6 @@ PROBE_SQL = (
 #: The lag of a standby whose WAL receiver is not streaming: unknown, beyond any max_lag.
 LAG_UNKNOWN = math.inf
 
-_LOST_STATES = ("57P01", "57P02", "57P03")  # admin/crash shutdown, cannot connect now
 _STATUS_IDLE = extensions.TRANSACTION_STATUS_IDLE
 _PLAIN = extensions.cursor  # tuples, whatever the group's row_factory (its columns repeat names)
 
@@ -151,19 +151,6 @@ def fits(group_role: str, role: str) -> bool:
     if group_role == "standby":
         return role != PRIMARY
     return True
-
-
-def failure_kind(exc: BaseException, raw: Any) -> str:
-    """'lost' (the connection or server is gone), 'read_only' (a write reached a standby),
-    or '' (an ordinary error: the endpoint is fine)."""
-    code = getattr(exc, "pgcode", None)
-    if code == "25006":
-        return "read_only"
-    if raw.closed or (code and (code.startswith("08") or code in _LOST_STATES)):
-        return "lost"
-    if raw.get_transaction_status() == extensions.TRANSACTION_STATUS_UNKNOWN:
-        return "lost"
-    return ""
 
 
 def _answering(primaries: list[Endpoint], now: float) -> list[Endpoint]:

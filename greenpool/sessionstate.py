@@ -16,8 +16,10 @@ FROM``, ``DEFAULT`` in an ``UPDATE``, ``nextval``/``setval`` (a serial default s
 ``currval``/``lastval`` for the session). What a function body does is invisible here:
 ``reset: 'always'`` is for that.
 
-The answer for a plain string is cached (a set lookup, about 30 ns), so the parser runs once
-per distinct statement text.
+The answer for a plain string is cached, so the parser runs once per distinct statement
+text, and a clean loan's statement costs one set lookup: the first line of
+:func:`changes_session`, which every caller (the handler, Django's cursors, SQLAlchemy's
+event, the pgdbpool layer) asks.
 """
 
 from __future__ import annotations
@@ -29,8 +31,7 @@ from psycopg2 import sql as pgsql
 
 from . import sql
 
-#: statement texts known not to change the session (bounded: cleared when full); callers
-#: test membership first, so a clean loan's statement costs a set lookup
+#: statement texts known not to change the session (bounded: cleared when full)
 CLEAN: set[str] = set()
 #: texts with a backslash, clean only where ``standard_conforming_strings`` is on (the
 #: parser reads ``'\\'`` as PostgreSQL does then; with it off, a literal may end elsewhere)
@@ -68,6 +69,8 @@ def _text_of(query: Any, conn: Any) -> str | None:
 def changes_session(query: Any, conn: Any = None) -> bool:
     """True if ``query`` (a string, bytes, or a ``psycopg2.sql`` object, rendered with
     ``conn``) may change session state that outlives its transaction."""
+    if query.__class__ is str and query in CLEAN:  # the fast path of every clean statement
+        return False
     text = _text_of(query, conn)
     if text is None:
         return True  # something we cannot read: assume the worst

@@ -9,7 +9,7 @@ that object, which lets it happen once:
 * while a connect is under way the slot is *connecting*; the connect either attaches it to
   the connection it opened (:meth:`Slot.attach`), or gives it back;
 * attached, the slot lives on the connection (``PooledConnection.slot``): discarding the
-  connection gives the slot back, through the group (``Group.drop``);
+  connection gives the slot back, through the group (``Group.discard``);
 * ``with slot:`` gives it back on any exception (``gevent.Timeout``, a kill, a failed thread
   start, ``KeyboardInterrupt``) unless it was attached by then;
 * a slot that is garbage-collected while still held (its holder was interrupted between two

@@ -34,6 +34,9 @@ statement that may change the session, so a clean loan costs no ``DISCARD ALL``:
 taken by a ``Connection`` starts clean (``engine_connect``) and each statement is checked
 (``before_cursor_execute``). A loan nobody watched (``engine.raw_connection()``, or a
 :class:`GreenpoolPool` handed to ``sqlalchemy.create_engine`` by hand) is reset.
+
+Why one module of this length: the pool class SQLAlchemy subclasses and the event hooks
+that track loans and dirty sessions share one loan table.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ from sqlalchemy.pool.base import _ConnectionRecord
 from sqlalchemy.sql import Select
 
 from .errors import ConfigError
-from .sessionstate import CLEAN, changes_session
+from .sessionstate import changes_session
 
 if TYPE_CHECKING:
     from .connection import PooledConnection
@@ -354,12 +357,12 @@ def _track_statement(conn: Any, cursor: Any, statement: Any, parameters: Any,
                      context: Any, executemany: bool) -> None:
     """Mark the loan dirty when a statement may leave session state behind (SET, LISTEN,
     temporary tables, ...: see sessionstate.py); the common case is one set lookup."""
-    if statement.__class__ is str and statement in CLEAN:
-        return
     raw = cursor.connection
+    if not changes_session(statement, raw):
+        return
     pool = conn.engine.pool
     pc = pool.loan_of(raw) if isinstance(pool, GreenpoolPool) else None
-    if pc is not None and changes_session(statement, raw):
+    if pc is not None:
         pc.dirty = True
 
 

@@ -13,6 +13,9 @@ as root, so when this process is root Patroni (which runs PostgreSQL) runs as th
 ``postgres`` OS user. Timeouts are short (``ttl`` 5 s, ``loop_wait`` 1 s, ``retry_timeout``
 2 s) so that a failover takes seconds. :func:`missing` says which programs are absent, for a
 test to skip with that reason.
+
+Why one module of this length: one throwaway cluster (etcd, Patroni nodes, HAProxy) whose
+processes start, fail and are cleaned up together.
 """
 
 from __future__ import annotations

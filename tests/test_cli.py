@@ -21,7 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from modes import MODE
 
-from greenpool.check import BAD_INPUT, FAILED, UNREACHABLE, CheckFailed, read_config
+from greenpool.cli.config_file import read_config
+from greenpool.cli.process import BAD_INPUT, FAILED, UNREACHABLE, CheckFailed
 
 pytestmark = pytest.mark.skipif(MODE != "gevent", reason="runs the command once, from gevent")
 
@@ -305,10 +306,10 @@ def test_debug_shows_a_traceback_only_for_an_unexpected_error(tmp_path: Path) ->
     this one is simulated: a wrapper breaks ``check.run`` before calling main()."""
     script = tmp_path / "broken.py"
     script.write_text(
-        "import sys, greenpool.check as c\n"
+        "import sys, greenpool.cli.check as c\n"
         "def broken(path): raise ZeroDivisionError('a bug')\n"
         "c.run = broken\n"
-        "from greenpool.__main__ import main\n"
+        "from greenpool.cli.main import main\n"
         "sys.exit(main(sys.argv[1:]))\n")
     plain = subprocess.run([sys.executable, str(script), "check"], capture_output=True,
                            text=True, timeout=60, env=ENV, check=False)
@@ -327,7 +328,7 @@ def test_every_exit_status_is_in_the_readme() -> None:
 
 def test_a_signal_inside_a_shielded_cleanup_waits_for_its_end() -> None:
     """A real SIGTERM to this process: held while shielded, raised after; later ones ignored."""
-    from greenpool.check import Interrupted, shielded, signals_as_exceptions
+    from greenpool.cli.process import Interrupted, shielded, signals_as_exceptions
 
     steps = []
     with signals_as_exceptions() as received, pytest.raises(Interrupted) as info, shielded():

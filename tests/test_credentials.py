@@ -101,6 +101,7 @@ def test_password_function_that_raises_fails_the_connect_and_says_so(pg, mode, c
         text = str(info.value)
         assert "the password function raised RuntimeError" in text, text
         assert secret not in text and secret not in repr(info.value.__cause__)
+        assert "RuntimeError" in caplog.text and secret not in caplog.text
         endpoint = pool.stats()["endpoints"][f"{pg.host}:{pg.port}/postgres"]
         assert endpoint["quarantines"] == 0 and endpoint["state"] == "up", endpoint
         broken["now"] = False
@@ -256,3 +257,60 @@ def test_a_failing_password_function_is_not_asked_in_a_tight_loop(pg_factory, mo
         assert 1 <= len(calls) <= 25, len(calls)
     finally:
         pool.close()
+
+
+@pytest.mark.timeout(60)
+def test_password_function_that_hangs_is_not_called_again_while_a_call_runs_on(pg, mode):
+    """Threads cannot be interrupted: a call that outlives its bound is left running. The
+    next attempts wait on it instead of each leaving one more thread behind (a Vault that
+    hangs for an hour would otherwise pile up thousands), and once it returns the function
+    is asked afresh."""
+    import threading
+
+    if MODE not in ("threaded",):
+        pytest.skip("green modes interrupt the call at its bound")
+    release, calls = threading.Event(), []
+
+    def password():
+        calls.append(1)
+        release.wait(30)
+        return pg.password
+
+    pool = Pool({"type": mode, "db": {**pg.endpoint(), "pass": password,
+                                      "connect_timeout": 0.3},
+                 "groups": {"g": {"connection_count": 2, "min_size": 1, "timeout": 3}}})
+    try:
+        with pytest.raises(PoolError, match="gave no answer within"), pool.handler("g"):
+            pass
+        assert len(calls) <= 2, f"{len(calls)} calls left running"
+        release.set()
+        with pool.handler("g") as db:
+            assert db.query_one("SELECT 1") == (1,)
+    finally:
+        release.set()
+        pool.close()
+
+
+@pytest.mark.timeout(60)
+def test_password_function_that_takes_most_of_connect_timeout_does_not_quarantine_the_server(
+        pg, mode):
+    """The function answers (in 0.49 of connect_timeout's 0.5 s), leaving the server less
+    time than it took: the connect that then gets no answer in time says nothing about
+    the server, which is not quarantined; the error names the function's share."""
+    def password():
+        sleep(0.49)
+        return pg.password
+
+    pool = Pool({"type": mode, "db": {**pg.endpoint(), "pass": password,
+                                      "connect_timeout": 0.5},
+                 "groups": {"g": {"connection_count": 2, "timeout": 2}}})
+    try:
+        with pool.handler("g") as db:
+            db.query_one("SELECT 1")
+    except PoolError as exc:
+        assert "password function" in str(exc)  # took most of it, or all (by a hair)
+    finally:
+        (endpoint,) = pool.group("g").endpoints
+        quarantines = endpoint.quarantines
+        pool.close()
+    assert quarantines == 0

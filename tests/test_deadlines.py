@@ -15,8 +15,9 @@ from faults import Ticker
 from modes import GREEN, MODE, Timeout, join_all, sleep, spawn, wait_until
 
 from greenpool import PoolTimeout
+from greenpool.borrow_return import check_on_borrow
 from greenpool.cancel import cancels_in_flight
-from greenpool.connection import RoundTripTimeout, check_on_borrow, round_trip
+from greenpool.connection import RoundTripTimeout, round_trip
 
 MARGIN = 0.25  # scheduling slack on a shared 2-core machine
 

@@ -156,7 +156,7 @@ def test_a_failure_in_init_removes_both_servers(tmp_path: Path) -> None:
         "import sys, greenpool\n"
         "def broken(config): raise RuntimeError('init broke')\n"
         "greenpool.init = broken\n"
-        "from greenpool.__main__ import main\n"
+        "from greenpool.cli.main import main\n"
         "sys.exit(main(['demo', '--seconds', '1']))\n")
     env = {k: v for k, v in os.environ.items() if k != "GREENPOOL_DSN"}
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,

@@ -200,3 +200,75 @@ def test_events_report_a_switchover_as_promoted_and_demoted(pg_factory, mode):
         wait_until(lambda: "demoted" in _kinds(events, _label(primary)), 30, "demoted")
     finally:
         pool.close()
+
+
+class _TaskEnded(BaseException):
+    """What kills the delivering task from inside the callback (as greenlet.kill or a
+    signal handler's exception would)."""
+
+
+@pytest.mark.timeout(30)
+def test_events_are_still_delivered_after_the_delivering_task_was_killed_in_the_callback(
+        mode):
+    """The callback's first call ends its task with a BaseException; the events emitted
+    after it are delivered by a new task (the queue was not left marked as being
+    delivered forever)."""
+    from greenpool.concurrency import backend_for, resolve_mode
+    from greenpool.events import Events
+
+    if MODE == "non-threaded":
+        pytest.skip("non-threaded delivers in the emitting caller: nothing to restart")
+    seen = []
+
+    def callback(event):
+        seen.append(event.kind)
+        if len(seen) == 1:
+            raise _TaskEnded()
+
+    events = Events(callback, backend_for(resolve_mode(mode)))
+    events.emit("quarantined", endpoint="a")
+    wait_until(lambda: seen == ["quarantined"], 10, "the first event")
+    sleep(0.1)  # the killed task's unwinding
+    events.emit("back", endpoint="a")
+    wait_until(lambda: seen == ["quarantined", "back"], 10, "the event after the kill")
+
+
+@pytest.mark.timeout(30)
+def test_events_queued_at_fork_are_delivered_by_the_parent_only(mode):
+    """Three events queued for a slow callback, then fork: a green delivering task goes on
+    in the child too, and must not deliver the parent's queue there a second time (each
+    forked worker would re-send the parent's alerts). Only the call in flight at the fork
+    completes in both."""
+    import json
+    import os
+
+    from greenpool.concurrency import backend_for, resolve_mode
+    from greenpool.events import Events
+
+    if MODE == "non-threaded":
+        pytest.skip("non-threaded delivers in the emitting caller: nothing is queued")
+    seen = []
+
+    def callback(event):
+        sleep(0.3)
+        seen.append(event.kind)
+
+    events = Events(callback, backend_for(resolve_mode(mode)))
+    for kind in ("quarantined", "back", "promoted"):
+        events.emit(kind, endpoint="a")
+    sleep(0.1)  # the first call is in flight
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report what it delivered, then leave at once
+        try:
+            sleep(1.5)
+            os.write(write, json.dumps(seen).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    in_child = json.loads(os.read(read, 4096) or b"[]")
+    os.close(read)
+    wait_until(lambda: len(seen) == 3, 10, "the parent's deliveries")
+    assert seen == ["quarantined", "back", "promoted"]
+    assert in_child in ([], ["quarantined"]), in_child

@@ -92,8 +92,8 @@ def test_role_probe_of_a_stalled_standby_leaves_a_primary_group_its_room(make_po
         wait_until(lambda: endpoint_stats(pool, standby)["role"] == "standby", 10,
                    "housekeeping to probe the standby")
         wait_until(lambda: group.stats()["connecting"] == 0, 10, "the group's connects to end")
-        for pc in group.take_idle(list):  # the probe must find the group with room
-            group.drop(pc, "rebalance")
+        for pc in group._take_idle(list):  # the probe must find the group with room
+            group.discard(pc, "rebalance")
         (to_standby,) = [ep for ep in group.endpoints if ep.label == label(standby)]
         wait_until(lambda: to_standby.connecting == 0, 10, "probes of the standby to end")
         attempts = to_standby.connect_attempts

@@ -406,6 +406,55 @@ def test_gap_lost_at_precedes_every_notification_lost(make_pool, pg):
         assert listener.get(5).payload == "after"
 
 
+def test_a_listener_with_a_shorter_heartbeat_is_heard_at_once_by_a_running_hub(
+    make_pool, pg
+):
+    """A hub running with a 30 s heartbeat; a listener asking for 0.3 s joins and the
+    backend stops (SIGSTOP): it gets its Gap within its own heartbeat plus the round
+    trip's bound, not after the hub's old 30 s."""
+    pool = make_pool({"g": {}}, db=pg.endpoint(connect_timeout=1), application_name=APP)
+    with pool.listen("g", "jobs", heartbeat=30) as _, pool.listen(
+            "g", "jobs", heartbeat=0.3) as quick:
+        pid = hub_pid(pg)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            gap = quick.get(10)
+            waited = time.monotonic() - started
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert isinstance(gap, Gap) and "heartbeat" in gap.reason, gap
+        assert waited < 4, waited
+
+
+def test_a_notification_dropped_with_a_heartbeat_answer_is_after_the_gaps_lost_at(
+    make_pool, pg
+):
+    """A subscriber at its ``max_backlog``; the shared backend is stopped (SIGSTOP) while a
+    NOTIFY commits and the next heartbeat is sent, then resumed: the notification arrives
+    with the heartbeat's answer and is dropped for the full subscriber. It was committed
+    before that heartbeat was sent, so the Gap's ``lost_at`` must precede it (not be the
+    heartbeat's send time)."""
+    pool = make_pool({"g": {}}, db=pg.endpoint(connect_timeout=5), application_name=APP)
+    with pool.listen("g", "feed", heartbeat=0.3, max_backlog=2) as slow:
+        pg.execute("NOTIFY feed, 'fills'; NOTIFY feed, 'full'")
+        wait_until(lambda: slow.backlog == 2, 5, "the slow subscriber's queue to fill")
+        pid = hub_pid(pg)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            committing_at = time.time()
+            pg.execute("NOTIFY feed, 'dropped'")
+            sleep(1.0)  # a heartbeat is sent (and waits for its answer) meanwhile
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        wait_until(lambda: group_stats(pool)["listen_dropped"] == 1, 5,
+                   "the notification to be dropped")
+        assert [slow.get(5).payload for _ in range(2)] == ["fills", "full"]
+        gap = slow.get(5)
+        assert isinstance(gap, Gap) and "max_backlog" in gap.reason, gap
+        assert gap.lost_at <= committing_at, gap.lost_at - committing_at
+
+
 def test_gap_lost_at_is_safe_when_the_session_is_terminated_while_nobody_reads(make_pool, pg):
     """Subscribers busy elsewhere: a NOTIFY, then the session is terminated. Either the
     notification was received (it is queued before the Gap) or ``lost_at`` precedes it."""
@@ -423,6 +472,35 @@ def test_gap_lost_at_is_safe_when_the_session_is_terminated_while_nobody_reads(m
         gap = items[-1]
         if "maybe" not in [getattr(i, "payload", None) for i in items]:
             assert gap.lost_at <= sent_at
+
+
+def test_a_listen_joining_a_channel_being_unlistened_waits_for_its_listen_again(
+    make_pool, pg
+):
+    """The last holder of ``x`` closes, and the hub's ``UNLISTEN x`` is held up (SIGSTOP);
+    a new listener of ``x`` meanwhile must not return before ``x`` is listened on again
+    (else a notification committed between the UNLISTEN and the next LISTEN is lost)."""
+    pool = make_pool({"g": {}}, db=pg.endpoint(connect_timeout=5), application_name=APP)
+    with pool.listen("g", "y") as keeper:
+        first = pool.listen("g", "x")
+        pid = hub_pid(pg)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            first.close()
+            sleep(0.3)  # the reader sends UNLISTEN x and waits for the stopped backend
+
+            task = spawn(lambda: pool.listen("g", "x", timeout=10))
+            returned_early = task.join(0.5)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        join_all([task], 10)
+        assert task.error is None, task.error
+        with task.result as second:
+            assert not returned_early, "listen() returned while its channel was unlistened"
+            pg.execute("NOTIFY x, 'after listen returned'")
+            note = second.get(5)
+            assert note is not None and note.payload == "after listen returned", note
+        assert keeper.get(0) is None
 
 
 def test_channel_names_are_the_exact_strings_pg_notify_takes(make_pool, pg):
@@ -509,6 +587,25 @@ def test_non_threaded_subscribers_share_the_connection_read_by_whoever_waits(mak
         assert isinstance(first.get(10), Gap) and isinstance(second.get(0), Gap)
     assert group_stats(pool)["exclusive_open"] == 0
     no_session_left(pg)
+
+
+@pytest.mark.parametrize("kind", ["non-threaded", None])
+def test_a_listener_collected_unclosed_gives_the_slot_back_to_exclusive(make_pool, pg, kind):
+    """The only listener of a group is garbage-collected without close(): an
+    ``exclusive()`` that needs its slot gets it (non-threaded mode has no reader task to
+    notice the collection; the slots' next use must) and its session ends."""
+    import gc
+
+    extra = {} if kind is None else {"type": kind}
+    pool = make_pool({"g": {"exclusive_limit": 1}}, application_name=APP, **extra)
+    listener = pool.listen("g", "jobs")
+    assert listening_sessions(pg) == 1
+    del listener
+    gc.collect()
+    with pool.exclusive("g", timeout=5) as conn:
+        assert conn.closed == 0
+    no_session_left(pg)
+    assert group_stats(pool)["listeners"] == 0
 
 
 def test_a_failed_first_connect_gives_the_slot_back_in_every_mode(make_pool, pg):
@@ -1079,6 +1176,41 @@ def test_a_forked_child_that_keeps_running_never_reads_the_parents_connection(ma
     got = [listener.get(5) for _ in range(5)]
     assert [getattr(i, "payload", i) for i in got] == [str(i) for i in range(5)]
     assert listener.get(0.5) is None  # no Gap: the parent's connection was never touched
+    listener.close()
+
+
+@pytest.mark.skipif(not GREEN, reason="only greenlets live on in a forked child")
+def test_a_child_forked_mid_heartbeat_neither_reports_a_loss_nor_evicts(make_pool, pg):
+    """The reader greenlet waits for a heartbeat's answer (the backend is stopped) when
+    the process forks: in the child its copy reads the silenced socket (EOF); it must end
+    quietly, not log a lost connection nor report the endpoint failed."""
+    import logging
+
+    pool = make_pool({"g": {}}, db=pg.endpoint(connect_timeout=5), application_name=APP)
+    listener = pool.listen("g", "jobs", heartbeat=0.2)
+    pid = hub_pid(pg)
+    failed: list[object] = []
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("greenpool").addHandler(handler)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        sleep(0.6)  # a heartbeat is sent and waits for its answer
+        pool._groups["g"].on_endpoint_failure = failed.append
+        child = os.fork()
+        if child == 0:
+            code = 1
+            try:
+                sleep(1.0)
+                code = 0 if not failed and not records else 3
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(child, 0)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        logging.getLogger("greenpool").removeHandler(handler)
+    assert os.WEXITSTATUS(status) == 0, status
     listener.close()
 
 

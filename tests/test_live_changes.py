@@ -6,10 +6,13 @@ are replaced, the group's size changes, or endpoints are added and removed.
 
 from __future__ import annotations
 
+import sys
+import threading
+
 import pytest
 from lending import discards, group_stats, lend_all
 from load import Load
-from modes import MODE, wait_until
+from modes import MODE, spawn, wait_until
 
 from greenpool import ConfigError, Pool
 
@@ -259,5 +262,72 @@ def test_reconfigure_at_random_under_load_keeps_the_books_and_fails_no_one(
         assert s["connects"] - s["discards"] == s["idle"] + s["in_use"], s
         assert server_conns(app, dbname=second_db, expect=0) == 0
         assert len(lend_all(pool, "g", 6, within=10)) == 6
+    finally:
+        pool.close()
+
+
+@pytest.mark.timeout(120)
+def test_resize_down_while_loans_return_at_once_leaves_no_waiter_without_a_connection(
+        pg, mode):
+    """8 loans held, 30 callers waiting; resize to 1, then all 8 come back at once. Each
+    return sees the group above its new count and closes its connection; threads doing so
+    together must not close the last one too and leave the waiters with no connection and
+    no connect under way (they timed out). A fast thread switch interval makes the returns
+    interleave."""
+    if MODE != "threaded":
+        pytest.skip("returns interleave between a check and its accounting only in threads")
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(3):
+            pool = Pool(_config(mode, [pg.endpoint()], connection_count=8, min_size=0,
+                                timeout=4))
+            go, held, errors, served = threading.Event(), [], [], []
+
+            def hold(pool=pool, go=go, held=held):
+                with pool.handler("g") as db:
+                    db.query_one("SELECT 1")
+                    held.append(1)
+                    go.wait(30)
+
+            def wait(pool=pool, errors=errors, served=served):
+                try:
+                    with pool.handler("g") as db:
+                        served.append(db.query_one("SELECT 1"))
+                except Exception as exc:
+                    errors.append(exc)
+
+            holders = [spawn(hold) for _ in range(8)]
+            wait_until(lambda held=held: len(held) == 8, 10, "8 loans held")
+            waiters = [spawn(wait) for _ in range(30)]
+            wait_until(lambda pool=pool: group_stats(pool, "g")["waiting"] == 30, 10,
+                       "30 callers waiting")
+            pool.resize("g", 1)
+            go.set()
+            for task in holders + waiters:
+                task.join(30)
+            try:
+                assert not errors, f"{len(errors)} waiters failed: {errors[0]!r}"
+                assert len(served) == 30
+            finally:
+                pool.close()
+    finally:
+        sys.setswitchinterval(interval)
+
+
+@pytest.mark.timeout(60)
+def test_reconfigure_of_retry_sleep_keeps_the_connections_and_applies_to_the_next_quarantine(
+        pg, mode):
+    """``connection_retry_sleep`` only paces the pool's own retries: a new value keeps the
+    endpoint's connections (nothing travels with them) and is its backoff from then on."""
+    config = _config(mode, pg.endpoint())
+    pool = Pool(config)
+    try:
+        before = set(lend_all(pool, "g", 4, within=10))
+        pool.reconfigure({**config, "db": {**pg.endpoint(), "connection_retry_sleep": 45.0}})
+        assert discards(pool, "g") == 0
+        assert set(lend_all(pool, "g", 4, within=10)) == before
+        (endpoint,) = pool.group("g").endpoints
+        assert endpoint.backoff_max == 45.0  # the first quarantine's length, at least
     finally:
         pool.close()

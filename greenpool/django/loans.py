@@ -33,10 +33,9 @@ import psycopg2
 from psycopg2 import extensions
 
 from ..connection import PooledConnection
-from ..endpoint import STANDBY
 from ..group import Group
-from ..roles import failure_kind, role_of
-from ..sessionstate import CLEAN, changes_session
+from ..sessionstate import changes_session
+from ..statement_failures import statement_failed
 
 #: raw connection -> its loan, while lent to Django
 _loans: dict[Any, Loan] = {}
@@ -65,9 +64,7 @@ class TrackingCursor(extensions.cursor):
 
     def execute(self, query: Any, vars: Any = None) -> Any:
         self._check_loan()
-        if (query.__class__ is not str or query not in CLEAN) and changes_session(
-            query, self.connection
-        ):
+        if changes_session(query, self.connection):
             _dirty(self.connection)
         loan = self._greenpool_loan
         try:
@@ -81,9 +78,7 @@ class TrackingCursor(extensions.cursor):
 
     def executemany(self, query: Any, vars_list: Any) -> Any:
         self._check_loan()
-        if (query.__class__ is not str or query not in CLEAN) and changes_session(
-            query, self.connection
-        ):
+        if changes_session(query, self.connection):
             _dirty(self.connection)
         loan = self._greenpool_loan
         try:
@@ -147,14 +142,8 @@ def _failed(raw: Any, exc: psycopg2.Error) -> None:
     loan = _loans.get(raw)
     if loan is None or loan.pc is None:
         return
-    kind = failure_kind(exc, raw)
-    if kind == "lost":
-        loan.group.on_endpoint_failure(loan.pc.endpoint)
-    elif kind == "read_only" and loan.group.role == "primary":
-        role = role_of(raw)  # a write reached a server that was demoted under us
-        if role == STANDBY:
-            loan.pc.endpoint.observe_role(role)
-            loan.discard = "wrong_role"
+    if statement_failed(exc, loan.pc, loan.group) == "demoted":
+        loan.discard = "wrong_role"  # a write reached a server that was demoted under us
 
 
 class Loan:

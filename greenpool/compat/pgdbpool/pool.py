@@ -30,7 +30,7 @@ from typing import Any
 import psycopg2
 import psycopg2.extras
 
-from ...concurrency import process_mode
+from ...concurrency.detection import process_mode
 from ...config import PoolConfig, parse_config
 from ...errors import (
     ConfigError,
@@ -42,7 +42,6 @@ from ...errors import (
     TooManyWaiters,
 )
 from ...pool import Pool
-from ...sessionstate import CLEAN
 
 logger = logging.getLogger("greenpool")
 
@@ -338,8 +337,7 @@ class Handler:
         """Run one statement; the executed ``DictCursor`` (iterate it, ``fetchone()``,
         ``fetchall()``, ``rowcount``), as in pgdbpool. Errors are :class:`DBQueryError`."""
         db = self._db
-        changes = (statement.__class__ is not str or statement not in CLEAN) \
-            and db._changes(statement)
+        changes = db._changes(statement)
         return self._call(changes, _dict_cursor, statement, params)
 
     def query_prepared(self, params: Any) -> Any:

@@ -20,8 +20,8 @@ import secrets
 import time
 from typing import Any
 
-from .check import BAD_INPUT, FAILED, OK, UNREACHABLE, CheckFailed, shielded
-from .errors import ConfigError
+from ..errors import ConfigError
+from .process import BAD_INPUT, FAILED, OK, UNREACHABLE, CheckFailed, shielded
 
 
 class _Timeline(logging.Handler):
@@ -43,7 +43,7 @@ def run(dsn: str | None, clients: int, seconds: float) -> int:
     """Run the demo; returns the process exit status (0: the pool behaved).
 
     Whatever ends it (the normal end, an error at any step, SIGINT/SIGTERM turned into
-    :class:`~greenpool.check.Interrupted` by the command line), the ``finally`` below stops
+    :class:`~greenpool.cli.process.Interrupted` by the command line), the ``finally`` below stops
     and removes every throwaway server this process started, by PID (see throwaway.py).
     """
     from gevent import monkey

@@ -20,14 +20,14 @@ import time
 from collections import Counter
 from typing import Any
 
-from .check import (
+from .config_file import read_config
+from .process import (
     BAD_INPUT,
     FAILED,
     OK,
     UNREACHABLE,
     CheckFailed,
     end_progress,
-    read_config,
     shielded,
     write_progress,
 )

@@ -1,0 +1,83 @@
+"""The ``gevent`` mode."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
+
+from .backend import Backend, Task, is_address
+from .waits import gevent_wait_callback, install_wait_callback
+
+
+def gevent_waiter_class(base: Any) -> type:
+    """A waiter that *is* a gevent ``Waiter`` (a subclass of the compiled one), not an
+    ``Event``: a waiting line needs only "wake this one greenlet", once, on the hot path of
+    every hand-off under contention, and one object per wait is cheaper than three.
+    ``item``/``error`` default on the class, so making one costs no dictionary.
+    A wake-up that arrives after the waiter gave up (its timer fired, or it was killed) is
+    only stored by gevent's ``Waiter``, never switched into.
+    """
+
+    class GeventWaiter(base):
+        item: Any = None
+        error: BaseException | None = None
+        deadline: float | None = None
+
+        def set(self) -> None:
+            self.hub.loop.run_callback(self.switch, True)
+
+        def wait(self, timeout: float | None) -> bool:
+            if timeout is None:
+                return bool(self.get())
+            timer = self.hub.loop.timer(timeout)
+            timer.start(self.switch, False)
+            try:
+                return bool(self.get())
+            finally:
+                timer.close()
+
+    return GeventWaiter
+
+
+class GeventBackend(Backend):
+    name = "gevent"
+    can_call_later = True
+
+    def __init__(self) -> None:
+        import gevent
+        import gevent.hub
+        import gevent.socket
+
+        self._gevent = gevent
+        self.current = gevent.getcurrent
+        #: the class itself: with no argument its compiled constructor finds the hub
+        self.waiter = gevent_waiter_class(gevent.hub.Waiter)  # type: ignore[method-assign]
+        self._getaddrinfo = gevent.socket.getaddrinfo
+
+    def deadline(self, seconds: float, error: BaseException) -> AbstractContextManager[Any]:
+        return self._gevent.Timeout(seconds, error)
+
+    def call_later(self, seconds: float, func: Callable[[], None]) -> Callable[[], None]:
+        timer = self._gevent.get_hub().loop.timer(seconds, ref=False)  # never keeps a hub alive
+        timer.start(func)
+        return timer.close
+
+    def sleep(self, seconds: float) -> None:
+        self._gevent.sleep(seconds)
+
+    def spawn(self, func: Callable[[], None]) -> Task:
+        return self._gevent.spawn(func)
+
+    def resolve(self, host: str, port: int) -> str | None:
+        if is_address(host):
+            return None
+        infos = self._getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+        return str(infos[0][4][0]) if infos else None
+
+    def offload(self, func: Callable[[Any], Any], arg: Any) -> Any:
+        return self._gevent.get_hub().threadpool.apply(func, (arg,))
+
+    def patch_driver(self) -> None:
+        install_wait_callback("gevent", gevent_wait_callback)

@@ -1,0 +1,194 @@
+"""psycopg2's wait callbacks, one per kind of mode.
+
+Every mode installs a psycopg2 wait callback of ours. In the green modes it waits as
+psycogreen's does (gevent's own loop; eventlet's wraps psycogreen's), plus one thing: when
+the wait is interrupted (a timeout, a kill) while a statement runs, it
+asks the server to cancel that statement, from an OS thread (see cancel.py). In the blocking
+modes it is a ``poll()`` loop that honours the running thread's :meth:`Backend.deadline`:
+a gevent timeout cannot reach a blocking libpq call, so without it a stalled server would
+hold a thread for ever.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psycopg2
+from psycopg2 import extensions
+
+from ..cancel import cancel_job, run_cancel
+from .fork import InheritedAcrossFork, connects_in_flight
+from .originals import POLLIN, original_select, original_start_thread
+
+_STATUS_SETUP = extensions.STATUS_SETUP
+_POLL_OK = extensions.POLL_OK
+_POLL_READ = extensions.POLL_READ
+_POLL_WRITE = extensions.POLL_WRITE
+
+
+def cancel_interrupted(conn: Any) -> None:
+    """A wait on ``conn`` was interrupted: cancel its running statement, off the hub."""
+    job = cancel_job(conn)
+    if job is not None:
+        try:
+            run_cancel(job, original_start_thread())
+        except Exception:
+            pass  # best effort: the interruption itself is what the caller must see
+
+
+def cancelling(wait: Callable[..., None]) -> Callable[[Any], None]:
+    """``wait`` (psycogreen's callback) that cancels the statement it was waiting for when
+    interrupted. It must happen here: once the callback has raised, psycopg2 closes the
+    connection and the chance is gone. A try block costs nothing until something raises."""
+
+    def cancelling_wait(conn: Any) -> None:
+        try:
+            wait(conn)
+        except BaseException:
+            cancel_interrupted(conn)
+            raise
+
+    return cancelling_wait
+
+
+def gevent_wait_callback() -> Callable[[Any], None]:
+    """psycopg2's non-blocking protocol, each wait a gevent I/O wait (what psycogreen does),
+    in one frame with the cancel on interruption: this runs for every statement. A connect
+    of greenpool's is tracked while it runs, so that a fork meeting it in flight cannot let
+    the child's copy of the task read the parent's handshake."""
+    from gevent.socket import wait_read, wait_write
+
+    getpid = os.getpid
+
+    def gevent_wait(conn: Any) -> None:
+        if conn.status == _STATUS_SETUP and getattr(conn, "greenpool_owned", False):
+            _connecting_wait(conn)
+            return
+        try:
+            while True:
+                state = conn.poll()
+                if state == _POLL_OK:
+                    return
+                if state == _POLL_READ:
+                    wait_read(conn.fileno())
+                elif state == _POLL_WRITE:
+                    wait_write(conn.fileno())
+                else:
+                    raise psycopg2.OperationalError(f"unexpected poll state {state!r}")
+        except BaseException:
+            cancel_interrupted(conn)
+            raise
+
+    def _connecting_wait(conn: Any) -> None:
+        pid = getpid()
+        connects_in_flight.add(conn)
+        try:
+            while True:
+                if getpid() != pid:
+                    raise InheritedAcrossFork("a connect of the parent process, in the child")
+                state = conn.poll()
+                if state == _POLL_OK:
+                    return
+                if state == _POLL_READ:
+                    wait_read(conn.fileno())
+                elif state == _POLL_WRITE:
+                    wait_write(conn.fileno())
+                else:
+                    raise psycopg2.OperationalError(f"unexpected poll state {state!r}")
+        finally:
+            connects_in_flight.discard(conn)
+
+    return gevent_wait
+
+
+class _Deadlines(threading.local):
+    """The running thread's earliest driver deadline: ``(monotonic time, error)`` or None."""
+
+    current: tuple[float, BaseException] | None = None
+
+
+_deadlines = _Deadlines()
+_POLL_OK = extensions.POLL_OK
+_POLL_READ = extensions.POLL_READ
+_POLL_WRITE = extensions.POLL_WRITE
+
+
+def blocking_wait_callback() -> Callable[[Any], None]:
+    """The wait callback of the blocking modes: psycopg2 in its non-blocking protocol, waited
+    for with ``poll()`` up to the thread's deadline. Past it, the running statement is
+    cancelled and the deadline's error raised; psycopg2 then closes the connection, which
+    the pool discards. Without a deadline it waits as long as a blocking call would."""
+    poll_class = original_select("poll")
+    monotonic = time.monotonic
+    pollin, pollout = POLLIN, getattr(select, "POLLOUT", 4)
+
+    def blocking_wait(conn: Any) -> None:
+        try:
+            deadline = _deadlines.current
+            while True:
+                state = conn.poll()
+                if state == _POLL_OK:
+                    return
+                if state == _POLL_READ:
+                    mask = pollin
+                elif state == _POLL_WRITE:
+                    mask = pollout
+                else:
+                    raise psycopg2.OperationalError(f"unexpected poll state {state!r}")
+                if deadline is None:
+                    timeout_ms = None
+                else:
+                    left = deadline[0] - monotonic()
+                    if left <= 0:
+                        raise deadline[1]
+                    timeout_ms = int(left * 1000) + 1
+                poller = poll_class()
+                poller.register(conn.fileno(), mask)
+                poller.poll(timeout_ms)
+        except BaseException:
+            cancel_interrupted(conn)
+            raise
+
+    return blocking_wait
+
+
+class BlockingDeadline:
+    """:meth:`Backend.deadline` of the blocking modes: read by :func:`blocking_wait`, so it
+    bounds the driver's waits (connects, queries), not arbitrary code in the body."""
+
+    __slots__ = ("_error", "_saved", "_seconds")
+
+    def __init__(self, seconds: float, error: BaseException) -> None:
+        self._seconds = seconds
+        self._error = error
+        self._saved: tuple[float, BaseException] | None = None
+
+    def __enter__(self) -> None:
+        saved = self._saved = _deadlines.current
+        at = time.monotonic() + self._seconds
+        if saved is None or at < saved[0]:  # a nested deadline never extends an outer one
+            _deadlines.current = (at, self._error)
+
+    def __exit__(self, *exc_info: object) -> None:
+        _deadlines.current = self._saved
+
+
+#: one callback object per kind, so re-installing is recognised (and idempotent)
+_WAIT_CALLBACKS: dict[str, Callable[[Any], None]] = {}
+
+
+def install_wait_callback(
+    kind: str, make: Callable[[], Callable[[Any], None]], *, only_if_none: bool = False
+) -> None:
+    callback = _WAIT_CALLBACKS.get(kind)
+    if callback is None:
+        callback = _WAIT_CALLBACKS.setdefault(kind, make())
+    current = extensions.get_wait_callback()
+    if current is callback or (only_if_none and current is not None):
+        return
+    extensions.set_wait_callback(callback)

@@ -1,0 +1,58 @@
+"""What a failed statement teaches the pool, learnt in one place for every caller (the
+handler, Django's cursors).
+
+:func:`failure_kind` reads the error and the connection: ``lost`` (the connection or its
+server is gone), ``read_only`` (a write reached a server that refuses writes), or ``''`` (an
+ordinary error: the endpoint is fine). :func:`statement_failed` acts on it: a lost
+connection makes the idle connections to its endpoint suspect; a refused write on a server
+that now reports itself a standby is news about the endpoint, and in a group that wants the
+primary it means the server was demoted under us (``demoted``: the connection has the wrong
+role; a statement that may be re-run can be, elsewhere).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from psycopg2 import extensions
+
+from .endpoint import STANDBY
+from .roles import role_of
+
+if TYPE_CHECKING:
+    from .connection import PooledConnection
+    from .group import Group
+
+_LOST_STATES = ("57P01", "57P02", "57P03")  # admin/crash shutdown, cannot connect now
+_UNKNOWN = extensions.TRANSACTION_STATUS_UNKNOWN
+
+
+def failure_kind(exc: BaseException, raw: Any) -> str:
+    """'lost' (the connection or server is gone), 'read_only' (a write reached a standby),
+    or '' (an ordinary error: the endpoint is fine)."""
+    code = getattr(exc, "pgcode", None)
+    if code == "25006":
+        return "read_only"
+    if raw.closed or (code and (code.startswith("08") or code in _LOST_STATES)):
+        return "lost"
+    if raw.get_transaction_status() == _UNKNOWN:
+        return "lost"
+    return ""
+
+
+def statement_failed(exc: BaseException, pc: PooledConnection, group: Group) -> str:
+    """Learn from ``exc``, raised by a statement on ``pc`` lent by ``group``; return its kind:
+    :func:`failure_kind`'s, or ``demoted`` for a refused write in a group that wants the
+    primary, on a server that now says it is a standby. The error itself is the caller's to
+    raise (or to answer with a replay where that is safe)."""
+    raw = pc.raw
+    kind = failure_kind(exc, raw)
+    if kind == "lost":
+        group.on_endpoint_failure(pc.endpoint)
+    elif kind == "read_only":
+        role = role_of(raw)  # the server's last ParameterStatus: no round trip
+        if role == STANDBY:
+            pc.endpoint.observe_role(role)
+            if group.role == "primary":
+                return "demoted"
+    return kind
