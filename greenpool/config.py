@@ -74,28 +74,78 @@ _short.maxstring = 60
 _short.maxother = 60
 
 
+def _doc(meaning: str, allowed: str, *, keys: tuple[str, ...] = (), default: str = "") -> dict:
+    """A field's documentation: the configuration reference is generated from it.
+
+    ``keys`` are the configuration keys that set the field (when not the field's own name),
+    ``default`` describes a default the field's value cannot show (libpq's, derived).
+    """
+    return {"doc": meaning, "allowed": allowed, "keys": keys, "default": default}
+
+
 @dataclass(frozen=True, repr=False)
 class EndpointConfig:
     """One PostgreSQL server. Its repr shows neither the password nor a secret option."""
 
-    host: str
-    port: int = 5432
-    dbname: str = "postgres"
-    user: str | None = None
-    #: a string, or a function taking no argument asked at each connect (see
-    #: :mod:`greenpool.credentials`)
-    password: str | Callable[[], str | None] | None = None
-    sslmode: str | None = None
-    connect_timeout: float = 5.0
-    retry_sleep: float | None = None
-    statement_timeout: float | None = None
-    temp_buffers_mb: int | None = None
-    weight: int = 1
-    keepalives: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_KEEPALIVES))
-    options: Mapping[str, str] = field(default_factory=dict)
+    host: str = field(metadata=_doc(
+        "address, name, or Unix socket directory; names are resolved through gevent, so DNS "
+        "never blocks the hub", "non-empty string, no `,`", default="(required)"))
+    port: int = field(default=5432, metadata=_doc(
+        'TCP port',
+        '1 to 65535'))
+    dbname: str = field(default="postgres", metadata=_doc(
+        'database (give one of the two keys)',
+        'non-empty string', keys=('name', 'dbname')))
+    user: str | None = field(default=None, metadata=_doc(
+        'role to log in as',
+        'string, or `None`', default="libpq's"))
+    password: str | Callable[[], str | None] | None = field(default=None, metadata=_doc(
+        "never appears in errors, logs or reprs; a function is asked at each new connection "
+        "(see [Credentials that change](operations.md#credentials-that-change))",
+        "string, a function taking no argument that returns one, or `None` (libpq's `.pgpass`"
+        " may still supply one)",
+        keys=('pass', 'password'), default='none'))
+    sslmode: str | None = field(default=None, metadata=_doc(
+        'TLS mode',
+        "`True` (`require`), `False` (`disable`), or an sslmode word (`disable` … "
+        "`verify-full`)",
+        keys=('ssl', 'sslmode'), default="libpq's"))
+    connect_timeout: float = field(default=5.0, metadata=_doc(
+        "seconds per connect attempt, enforced by the pool in every mode; also bounds the "
+        "pool's own round trips on return and in housekeeping",
+        '0.001 to 3600'))
+    retry_sleep: float | None = field(default=None, metadata=_doc(
+        'first pause before this endpoint is tried again after a failed connect',
+        "0.01 to 3600, or `None`",
+        keys=('connection_retry_sleep',), default='`quarantine_initial`'))
+    statement_timeout: float | None = field(default=None, metadata=_doc(
+        "statement timeout; `query_timeout` is pgdbpool's, in **milliseconds** (below 1 ms "
+        "refused: it would round to 0, which turns it off); 0 means none",
+        "`statement_timeout`: 0, or 0.001 to 2147483.647 seconds, or `None`; `query_timeout`:"
+        " 0, or 1 to 2147483647 ms",
+        keys=('statement_timeout', 'query_timeout'), default='none'))
+    temp_buffers_mb: int | None = field(default=None, metadata=_doc(
+        '`temp_buffers` in MB',
+        '1 to 8388607', keys=('session_tmp_buffer',), default='none'))
+    weight: int = field(default=1, metadata=_doc(
+        'share of connections, and of borrows, when a group spans several endpoints',
+        '1 to 1000'))
+    keepalives: Mapping[str, int] = field(
+        default_factory=lambda: dict(DEFAULT_KEEPALIVES), metadata=_doc(
+            "TCP keepalives, so a vanished peer is noticed in about a minute",
+            "`True`/`False` or a dict: `keepalives` 0/1, `keepalives_idle` and "
+            "`keepalives_interval` 0 to 32767, `keepalives_count` 0 to 127",
+            default="on: 30 s idle, 10 s interval, 3 probes"))
+    options: Mapping[str, str] = field(default_factory=dict, metadata=_doc(
+        "any other libpq connection parameter; unknown names (libpq is asked) and those with "
+        "a key of their own are refused; `password`/`sslpassword` values are hidden",
+        "dict of libpq parameter to string or whole number", default="`{}`"))
     #: None: not said (a pooler is detected by its refusal of ``options``); else ``none``
     #: (PostgreSQL itself), ``session`` or ``transaction`` (a pooler in that pool mode)
-    pooler: str | None = None
+    pooler: str | None = field(default=None, metadata=_doc(
+        "the endpoint is PostgreSQL itself, or a pooler (PgBouncer) in that pool mode; without "
+        "the key a refusal of `options` marks it `transaction`",
+        "`none`, `session`, `transaction`", default="detected"))
 
     @property
     def label(self) -> str:
@@ -125,50 +175,127 @@ class EndpointConfig:
 
 @dataclass(frozen=True)
 class GroupConfig:
-    """Settings of one endpoint group; see the README's configuration table."""
+    """Settings of one endpoint group (the configuration reference is generated from it)."""
 
     name: str
-    connection_count: int = 10
-    min_size: int = 0
-    autocommit: bool = False
-    readonly: bool = False
-    timeout: float = 30.0
-    max_waiting: int = 0
-    max_lifetime: float = 3600.0
-    max_idle: float = 600.0
-    check_idle_after: float = 5.0
-    statement_timeout: float | None = None
-    row_factory: str = "tuple"
-    endpoints: tuple[int, ...] = ()
-    role: str = "any"
-    max_lag: float | None = None
-    on_lag: str = "use-primary"
-    leak_threshold: float | None = None
-    reset: str = "auto"
-    on_return: Callable[[Any], None] | None = None
+    connection_count: int = field(default=10, metadata=_doc(
+        'most connections the group holds (open + opening), never exceeded',
+        '1 to 262143'))
+    min_size: int = field(default=0, metadata=_doc(
+        'connections kept open and warmed up by housekeeping',
+        '0 to `connection_count`'))
+    autocommit: bool = field(default=False, metadata=_doc(
+        'each statement commits by itself',
+        'bool'))
+    readonly: bool = field(default=False, metadata=_doc(
+        "sessions start read-only (through a pooler: `SET TRANSACTION READ ONLY` per "
+        "transaction); a default against mistakes, not a security boundary",
+        'bool', default='`False` (`True` for roles `standby` and `prefer-standby`)'))
+    timeout: float = field(default=30.0, metadata=_doc(
+        "acquire timeout in seconds, waiting plus connecting; `handler(group, timeout=…)` "
+        "overrides it",
+        '0 to 86400'))
+    max_waiting: int = field(default=0, metadata=_doc(
+        'longest waiting line; beyond it `TooManyWaiters` is raised at once',
+        '0 (unbounded) to 1000000'))
+    max_lifetime: float = field(default=3600.0, metadata=_doc(
+        "seconds before a connection is replaced; each gets up to 10 % less, so connections "
+        "opened together do not expire together",
+        '1 to 2592000 (30 days)'))
+    max_idle: float = field(default=600.0, metadata=_doc(
+        'idle seconds before housekeeping closes a connection (never below `min_size`)',
+        '0.1 to 2592000'))
+    check_idle_after: float = field(default=5.0, metadata=_doc(
+        "a connection idle longer gets a `SELECT 1` on borrow; a fresher one only when its "
+        "socket is readable",
+        '0 to 86400'))
+    statement_timeout: float | None = field(default=None, metadata=_doc(
+        'seconds, set in the startup packet (through a pooler: with each transaction)',
+        'as the endpoint key', default="the endpoint's"))
+    row_factory: str = field(default="tuple", metadata=_doc(
+        'shape of the rows `query` returns',
+        '`tuple`, `dict`, `namedtuple`'))
+    endpoints: tuple[int, ...] = field(default=(), metadata=_doc(
+        'the subset of `db` the group uses',
+        "non-empty list of indexes into `db` or `host:port/dbname` labels, each once",
+        default='all'))
+    role: str = field(default="any", metadata=_doc(
+        "libpq's `target_session_attrs` words; roles are detected, never configured",
+        '`primary`, `standby`, `prefer-standby`, `any`'))
+    max_lag: float | None = field(default=None, metadata=_doc(
+        'seconds of replay lag beyond which a standby is skipped while another qualifies',
+        '0 to 86400, or `None`', default='none'))
+    on_lag: str = field(default="use-primary", metadata=_doc(
+        'what to do when every standby lags',
+        '`use-primary`, `fail`'))
+    leak_threshold: float | None = field(default=None, metadata=_doc(
+        'seconds a connection may be held before one warning names the code that took it',
+        '0.001 to 86400, or `None`', default='none'))
+    reset: str = field(default="auto", metadata=_doc(
+        "when a returned session is reset with `DISCARD ALL`: `auto` only after a loan that "
+        "may have changed it",
+        '`auto`, `always`, `never`'))
+    on_return: Callable[[Any], None] | None = field(default=None, metadata=_doc(
+        "function taking the psycopg2 connection, run after each reset (Python configurations"
+        " only)",
+        'a callable, or `None`', default='none'))
     #: run with the psycopg2 connection when it opens and again after each ``DISCARD ALL``,
     #: so setup made per connection survives the reset
-    configure: Callable[[Any], None] | None = None
+    configure: Callable[[Any], None] | None = field(default=None, metadata=_doc(
+        "function taking the psycopg2 connection, run when it opens and after each `DISCARD "
+        "ALL`; a transaction it leaves open is committed; if it raises, the connect fails "
+        "(Python configurations only; not for a transaction-mode pooler)",
+        "a callable, or `None`", default="none"))
     #: dedicated connections (``pool.exclusive()``, ``pool.listen()``) open at once, outside
     #: ``connection_count``; 0 turns them off for the group
-    exclusive_limit: int = 10
+    exclusive_limit: int = field(default=10, metadata=_doc(
+        "most dedicated connections (`exclusive()` blocks and listeners) open at once, outside "
+        "`connection_count`; 0 turns them off", "0 to 262143"))
 
 
 @dataclass(frozen=True)
 class PoolConfig:
     """The whole validated configuration."""
 
-    mode: str
-    endpoints: tuple[EndpointConfig, ...]
-    groups: Mapping[str, GroupConfig]
-    application_name: str = "greenpool"
-    maintenance_interval: float = 1.0
-    quarantine_initial: float = 0.5
-    quarantine_max: float = 30.0
-    role_check_interval: float = 2.0
-    startup_timeout: float = 0.0
-    #: called with each ``greenpool.events.PoolEvent`` (endpoint and group state changes)
-    on_event: Callable[[Any], object] | None = None
+    mode: str = field(metadata=_doc(
+        'concurrency mode; `auto` picks the one the process runs on at `Pool()`',
+        "`auto`, `gevent`, `eventlet`, `threaded`, `non-threaded`",
+        keys=('type',), default='`auto`'))
+    endpoints: tuple[EndpointConfig, ...] = field(metadata=_doc(
+        "the servers: one endpoint or a list (dicts, or libpq DSN / `postgresql://` strings, "
+        "or dicts with `dsn` plus overrides)",
+        'see Endpoint keys', keys=('db',), default='(required, unless `PGHOST` is set)'))
+    groups: Mapping[str, GroupConfig] = field(metadata=_doc(
+        'named groups of connections',
+        'dict of group name to group keys', default='`{"default": {}}`'))
+    application_name: str = field(default="greenpool", metadata=_doc(
+        '`application_name` of every session',
+        'non-empty string'))
+    maintenance_interval: float = field(default=1.0, metadata=_doc(
+        'seconds between housekeeping rounds',
+        '0.01 to 3600'))
+    quarantine_initial: float = field(default=0.5, metadata=_doc(
+        "first quarantine of a failed endpoint, in seconds (an endpoint's "
+        "`connection_retry_sleep` overrides it)",
+        '0.01 to 3600, and at most `quarantine_max`'))
+    quarantine_max: float = field(default=30.0, metadata=_doc(
+        "longest quarantine; each failed probe doubles the ceiling, never beyond a quarter of"
+        " how long the endpoint has been down",
+        '0.01 to 86400, and at least `quarantine_initial`'))
+    role_check_interval: float = field(default=2.0, metadata=_doc(
+        'seconds between probes of role and replay lag (only when a group has a `role`)',
+        '0.01 to 3600'))
+    startup_timeout: float = field(default=0.0, metadata=_doc(
+        "`Pool()` waits this long for every group to get one connection; no live endpoint at "
+        "all raises `NoHealthyEndpoint`",
+        '0 to 3600'))
+    on_event: Callable[[Any], object] | None = field(default=None, metadata=_doc(
+        "called with each `greenpool.events.PoolEvent` (endpoint and group state changes)",
+        "a function, or `None`", default="none"))
+
+#: The top-level key that sets no field of its own: its values land in each GroupConfig.
+TOP_ONLY_KEYS = {"defaults": _doc("group keys applied to every group; a group's own keys win",
+                                  "dict of group keys", default="`{}`")}
 
 
 # --- value checkers -----------------------------------------------------------------------
