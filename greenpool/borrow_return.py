@@ -2,7 +2,7 @@
 it comes back (:func:`reset_on_return`): the two steps of every loan, so the cheapest code of
 the package.
 
-The rules come from measured driver behaviour (see docs/field-notes in the README):
+The rules come from measured driver behaviour, each kept by a test:
 
 * An idle connection whose server went away still says ``closed == 0``; its socket is
   readable, though. So borrowing costs one zero-timeout poll, and a real ``SELECT 1`` is

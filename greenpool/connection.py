@@ -2,7 +2,7 @@
 connect, the pooler and password cases), bounded round trips, ping and close. What it goes
 through when it is lent and given back is in borrow_return.py.
 
-The rules come from measured driver behaviour (see docs/field-notes in the README):
+The rules come from measured driver behaviour, each kept by a test:
 
 * Under a green wait callback libpq ignores ``connect_timeout``, so every connect runs under
   a deadline of our own.

@@ -11,7 +11,7 @@ deadlock a group of size 1). Without autocommit the inner block runs in a SAVEPO
 exception rolls back only its own work; its clean exit commits nothing — the outermost
 block decides. A statement error caught inside it rolls back to its savepoint and raises
 TransactionAborted at its exit. ``commit()``/``rollback()`` act on the whole transaction,
-then give each open nested block a fresh savepoint. The README has the full table.
+then give each open nested block a fresh savepoint. docs/quickstart.md has the full table.
 
 Session state: the handler marks a loan dirty when a statement may change the session (see
 sessionstate.py) or the raw cursor/connection is used; only a dirty loan is reset on return.

@@ -13,7 +13,7 @@ round trip as its first statement::
 either pool mode. Behind a session-mode pooler, what the server already enforces on the
 connection's session with the group's value (:class:`ServerDefaults`, read once per
 connection) is left out; with nothing left, no text is read at all: that is the sound
-set-up (README, Behind PgBouncer; :func:`trusts_server_defaults` says why not in
+set-up (docs/pgbouncer.md; :func:`trusts_server_defaults` says why not in
 transaction mode).
 
 In autocommit the text is one simple query, which PostgreSQL runs as one implicit

@@ -13,7 +13,7 @@ the one thing recorded as loans happen, switched on for a pool when it is regist
 bisect and two additions per loan). Names follow Prometheus' conventions (a ``_total``
 counter, base units, ``_seconds`` histograms) and what HikariCP users graph
 (``*_connections_active``, ``*_connections_idle``, ``*_connections_pending``,
-``*_connections_max``). ``PoolCollector().describe()`` lists every family; the README's
+``*_connections_max``). ``PoolCollector().describe()`` lists every family; docs/observability.md's
 list is checked against it.
 
 Labels: ``pool`` (the name given to :func:`register`), ``group``, and ``endpoint``

@@ -17,7 +17,7 @@ registry's exposition to ``DIR/<pid>-<token>.prom`` every ``interval`` seconds a
 
 A snapshot is at most ``interval`` seconds old at scrape time. One process serves a
 directory (a lock file makes a second one wait, not corrupt it); :func:`reset` empties it
-when the server starts (gunicorn's ``on_starting``). See the README's recipe.
+when the server starts (gunicorn's ``on_starting``). See the recipe in docs/observability.md.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
 * ``greenpool bench [CONFIG]``: N greenlets for T seconds through one group (see cli/bench.py).
 
 Every way a command can fail ends in one sentence on stderr and a documented exit status
-(the constants in cli/process.py; the README's command table), never in a traceback unless
+(the constants in cli/process.py; docs/cli.md's command table), never in a traceback unless
 ``--debug`` asks for it. SIGINT, SIGTERM and SIGHUP become :class:`Interrupted`, raised
 wherever the process is, so every ``finally`` runs (the demo removes its servers); further
 signals during that cleanup are ignored, so it cannot be cut short.

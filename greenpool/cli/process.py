@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-# The exit statuses of every ``greenpool`` command (the README's command table lists them).
+# The exit statuses of every ``greenpool`` command (docs/cli.md's command table lists them).
 OK = 0  # done; check: every group has an eligible endpoint
 FAILED = 1  # it ran and found a failure: check: a group without endpoint; bench: nothing served
 BAD_INPUT = 2  # bad command line or configuration

@@ -5,7 +5,7 @@ Both of pgdbpool's import forms work::
     import greenpool.compat.pgdbpool as dbpool             # was: import pgdbpool as dbpool
     from greenpool.compat.pgdbpool import pool as dbpool   # was: from pgdbpool import pool ...
 
-See :mod:`greenpool.compat.pgdbpool.pool` and the README for what differs and why.
+See :mod:`greenpool.compat.pgdbpool.pool` and docs/migrating.md for what differs and why.
 """
 
 from . import pool

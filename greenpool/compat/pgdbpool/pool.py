@@ -5,7 +5,7 @@ What pgdbpool code does keeps working: ``Connection.init(config)`` with pgdbpool
 ``.rowcount``, iteration) whose rows read as ``row[0]`` and ``row['col']`` (psycopg2's own
 ``DictCursor``), ``db.commit()``, and pgdbpool's four exceptions.
 
-What greenpool fixes stays fixed (the README lists every difference):
+What greenpool fixes stays fixed (docs/migrating.md lists every difference):
 
 * an exception leaving the block rolls back (pgdbpool committed it);
 * waiting for a connection is bounded by the group's ``timeout`` (pgdbpool polled for ever);
