@@ -135,6 +135,24 @@ def make_pool(pg: Cluster, mode: str) -> Iterator[Callable[..., Any]]:
 
 
 @pytest.fixture
+def pool_at(mode: str) -> Iterator[Callable[..., Any]]:
+    """``make(db, groups) -> Pool`` in this test's mode at any endpoint (a PgBouncer's, a
+    cluster's), closed after the test."""
+    from greenpool import Pool
+
+    made: list[Any] = []
+
+    def make(db: Any, groups: dict[str, Any]) -> Any:
+        pool = Pool({"type": mode, "db": db, "groups": groups})
+        made.append(pool)
+        return pool
+
+    yield make
+    for pool in made:
+        pool.close()
+
+
+@pytest.fixture
 def server_conns(pg: Cluster) -> Callable[..., int]:
     """``count(application_name=None, dbname=None, user=None, cluster=None, expect=None)``.
 

@@ -55,20 +55,6 @@ def bouncer(server: Cluster) -> Iterator[PgBouncer]:
         yield b
 
 
-@pytest.fixture
-def pools(mode: str) -> Iterator[Callable[..., Pool]]:
-    made: list[Pool] = []
-
-    def make(db: Any, groups: dict[str, Any]) -> Pool:
-        pool = Pool({"type": mode, "db": db, "groups": groups})
-        made.append(pool)
-        return pool
-
-    yield make
-    for pool in made:
-        pool.close()
-
-
 def prefixes_logged(server: Cluster) -> int:
     log = server.logfile.read_text(errors="replace")
     return log.count("SET LOCAL statement_timeout") + log.count("SET TRANSACTION READ ONLY")
@@ -76,11 +62,11 @@ def prefixes_logged(server: Cluster) -> int:
 
 @pytest.mark.parametrize("autocommit", [True, False])
 def test_settings_the_server_enforces_are_not_sent_and_still_hold(
-        server: Cluster, pools: Any, autocommit: bool) -> None:
+        server: Cluster, pool_at: Any, autocommit: bool) -> None:
     """Session mode: the server session is the connection's own for its lifetime."""
     with PgBouncer(server, databases={"reports": f"user={ROLE} password={PASSWORD}"},
                    pool_mode="session", default_pool_size=1) as b:
-        pool = pools(b.endpoint(name="reports", pooler="session"), {
+        pool = pool_at(b.endpoint(name="reports", pooler="session"), {
             "ro": {"readonly": True, "statement_timeout": 0.3, "autocommit": autocommit,
                    "connection_count": 1}})
         before = prefixes_logged(server)
@@ -106,7 +92,7 @@ def refused_write_and_cancelled_sleep(pool: Pool) -> None:
 
 
 def test_in_transaction_mode_a_session_set_by_another_client_cannot_make_ro_write(
-        server: Cluster, bouncer: PgBouncer, pools: Any) -> None:
+        server: Cluster, bouncer: PgBouncer, pool_at: Any) -> None:
     """The role enforces both settings, but another client of the same PgBouncer pool
     leaves them off on the one shared server connection: the prefix still travels."""
     other = psycopg2.connect(host=bouncer.host, port=bouncer.port, dbname="reports",
@@ -115,7 +101,7 @@ def test_in_transaction_mode_a_session_set_by_another_client_cannot_make_ro_writ
         other.autocommit = True
         with other.cursor() as cur:
             cur.execute("SET default_transaction_read_only = off; SET statement_timeout = 0")
-        pool = pools(bouncer.endpoint(name="reports", pooler="transaction"), {
+        pool = pool_at(bouncer.endpoint(name="reports", pooler="transaction"), {
             "ro": {"readonly": True, "statement_timeout": 0.3}})
         refused_write_and_cancelled_sleep(pool)
     finally:
@@ -124,10 +110,10 @@ def test_in_transaction_mode_a_session_set_by_another_client_cannot_make_ro_writ
 
 
 def test_in_transaction_mode_a_loans_session_set_cannot_make_the_next_loan_write(
-        server: Cluster, bouncer: PgBouncer, pools: Any) -> None:
+        server: Cluster, bouncer: PgBouncer, pool_at: Any) -> None:
     """No DISCARD ALL reaches the server connection in transaction mode: what a loan of the
     group itself left there must not reach the next loan's transactions."""
-    pool = pools(bouncer.endpoint(name="reports", pooler="transaction"), {
+    pool = pool_at(bouncer.endpoint(name="reports", pooler="transaction"), {
         "ro": {"readonly": True, "statement_timeout": 0.3, "connection_count": 1}})
     with pool.handler("ro") as db:
         db.query("SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE")
@@ -137,10 +123,10 @@ def test_in_transaction_mode_a_loans_session_set_cannot_make_the_next_loan_write
 
 
 def test_in_transaction_mode_a_role_setting_gone_from_a_new_server_connection_still_holds(
-        server: Cluster, bouncer: PgBouncer, pools: Any) -> None:
+        server: Cluster, bouncer: PgBouncer, pool_at: Any) -> None:
     """The role's settings are removed and PgBouncer replaces its server connection (the
     greenpool connection stays): the new server session enforces nothing."""
-    pool = pools(bouncer.endpoint(name="reports", pooler="transaction"), {
+    pool = pool_at(bouncer.endpoint(name="reports", pooler="transaction"), {
         "ro": {"readonly": True, "statement_timeout": 0.3, "connection_count": 1}})
     with pool.handler("ro") as db:
         db.query("SELECT 1")
@@ -157,7 +143,7 @@ def test_in_transaction_mode_a_role_setting_gone_from_a_new_server_connection_st
 
 
 def test_in_session_mode_what_a_previous_client_left_on_the_server_session_is_not_trusted(
-        server: Cluster, pools: Any) -> None:
+        server: Cluster, pool_at: Any) -> None:
     """PgBouncer without ``server_reset_query`` hands the next client the server session as
     the previous one left it: its current values, not only ``reset_val``, must be the
     group's."""
@@ -173,18 +159,18 @@ def test_in_session_mode_what_a_previous_client_left_on_the_server_session_is_no
                             "SET statement_timeout = 0")
         finally:
             before.close()
-        pool = pools(b.endpoint(name="reports", pooler="session"), {
+        pool = pool_at(b.endpoint(name="reports", pooler="session"), {
             "ro": {"readonly": True, "statement_timeout": 0.3, "connection_count": 1}})
         refused_write_and_cancelled_sleep(pool)
     assert server.execute("SELECT count(*) FROM enforced")[0][0] == 0
 
 
 def test_in_session_mode_without_the_reset_the_prefix_travels(server: Cluster,
-                                                              pools: Any) -> None:
+                                                              pool_at: Any) -> None:
     """``reset: 'never'``: a loan's session SET would stay for the next loan."""
     with PgBouncer(server, databases={"reports": f"user={ROLE} password={PASSWORD}"},
                    pool_mode="session", default_pool_size=1) as b:
-        pool = pools(b.endpoint(name="reports", pooler="session"), {
+        pool = pool_at(b.endpoint(name="reports", pooler="session"), {
             "ro": {"readonly": True, "statement_timeout": 0.3, "connection_count": 1,
                    "reset": "never"}})
         with pool.handler("ro") as db:
@@ -194,12 +180,12 @@ def test_in_session_mode_without_the_reset_the_prefix_travels(server: Cluster,
 
 
 def test_in_session_mode_the_reset_keeps_what_the_server_enforces(server: Cluster,
-                                                                  pools: Any) -> None:
+                                                                  pool_at: Any) -> None:
     """Session mode resets a dirty loan with DISCARD ALL, which goes back to the role's
     settings: still enforced, still no prefix."""
     with PgBouncer(server, databases={"reports": f"user={ROLE} password={PASSWORD}"},
                    pool_mode="session", default_pool_size=2) as b:
-        pool = pools(b.endpoint(name="reports", pooler="session"), {
+        pool = pool_at(b.endpoint(name="reports", pooler="session"), {
             "ro": {"readonly": True, "statement_timeout": 0.3, "connection_count": 1}})
         before = prefixes_logged(server)
         with pool.handler("ro") as db:
@@ -212,10 +198,10 @@ def test_in_session_mode_the_reset_keeps_what_the_server_enforces(server: Cluste
         assert pool.stats()["groups"]["ro"]["connects"] == 1
 
 
-def test_only_what_the_server_does_not_enforce_travels(server: Cluster, pools: Any) -> None:
+def test_only_what_the_server_does_not_enforce_travels(server: Cluster, pool_at: Any) -> None:
     with PgBouncer(server, databases={"reports": f"user={ROLE} password={PASSWORD}"},
                    pool_mode="session", default_pool_size=1) as b:
-        pool = pools(b.endpoint(name="reports", pooler="session"), {
+        pool = pool_at(b.endpoint(name="reports", pooler="session"), {
             "slower": {"readonly": True, "statement_timeout": 0.6, "connection_count": 1}})
         with pool.handler("slower") as db:
             assert db.query_one("SHOW statement_timeout")[0] == "600ms"
@@ -226,7 +212,7 @@ def test_only_what_the_server_does_not_enforce_travels(server: Cluster, pools: A
 
 
 def test_a_session_set_left_by_another_client_does_not_fool_the_check(
-        server: Cluster, bouncer: PgBouncer, pools: Any) -> None:
+        server: Cluster, bouncer: PgBouncer, pool_at: Any) -> None:
     """Another client of the same PgBouncer pool SETs statement_timeout for the session on
     the one shared server connection: a SHOW would say the server enforces something else,
     ``reset_val`` does not change; what the other client left is reported."""
@@ -239,7 +225,7 @@ def test_a_session_set_left_by_another_client_does_not_fool_the_check(
         with other.cursor() as cur:
             cur.execute("SET statement_timeout = 600")
             cur.execute("SET default_transaction_read_only = off")
-        pool = pools(bouncer.endpoint(name="reports", pooler="transaction"), {
+        pool = pool_at(bouncer.endpoint(name="reports", pooler="transaction"), {
             "ro": {"readonly": True, "statement_timeout": 0.3}})
         with pool.handler("ro") as db:
             found = read_server_defaults(db.connection)

@@ -15,7 +15,7 @@ The attacks:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg2
@@ -48,22 +48,8 @@ def bouncer(request: pytest.FixtureRequest, pg: Cluster) -> Iterator[PgBouncer]:
     pg.execute("DROP FUNCTION IF EXISTS greenpool_pooled_write()")
 
 
-@pytest.fixture
-def pool_on(mode: str) -> Iterator[Callable[..., Pool]]:
-    made: list[Pool] = []
-
-    def make(db: Any, groups: dict[str, Any]) -> Pool:
-        pool = Pool({"type": mode, "db": db, "groups": groups})
-        made.append(pool)
-        return pool
-
-    yield make
-    for pool in made:
-        pool.close()
-
-
-def _readonly(bouncer: PgBouncer, pool_on: Any, autocommit: bool) -> Pool:
-    return pool_on(bouncer.endpoint(pooler=str(bouncer.settings["pool_mode"])),
+def _readonly(bouncer: PgBouncer, pool_at: Any, autocommit: bool) -> Pool:
+    return pool_at(bouncer.endpoint(pooler=str(bouncer.settings["pool_mode"])),
                  {"ro": {"readonly": True, "statement_timeout": 0.3, "autocommit": autocommit}})
 
 
@@ -83,9 +69,9 @@ WRITES = [
 @needs_pgbouncer
 @pytest.mark.parametrize("autocommit", [True, False])
 @pytest.mark.parametrize("sql", WRITES)
-def test_a_readonly_group_never_writes(bouncer: PgBouncer, pool_on: Any, pg: Cluster,
+def test_a_readonly_group_never_writes(bouncer: PgBouncer, pool_at: Any, pg: Cluster,
                                        autocommit: bool, sql: str) -> None:
-    pool = _readonly(bouncer, pool_on, autocommit)
+    pool = _readonly(bouncer, pool_at, autocommit)
     with pytest.raises(psycopg2.Error), pool.handler("ro") as db, db.cursor() as cur:
         cur.execute(sql)
     assert _rows(pg) == []
@@ -94,9 +80,9 @@ def test_a_readonly_group_never_writes(bouncer: PgBouncer, pool_on: Any, pg: Clu
 @needs_pgbouncer
 @pytest.mark.parametrize("autocommit", [True, False])
 def test_callproc_and_a_held_cursor_of_a_readonly_group_never_write(
-    bouncer: PgBouncer, pool_on: Any, pg: Cluster, autocommit: bool
+    bouncer: PgBouncer, pool_at: Any, pg: Cluster, autocommit: bool
 ) -> None:
-    pool = _readonly(bouncer, pool_on, autocommit)
+    pool = _readonly(bouncer, pool_at, autocommit)
     with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction), pool.handler("ro") as db, \
             db.cursor() as cur:
         cur.callproc("greenpool_pooled_write")
@@ -122,9 +108,9 @@ def test_callproc_and_a_held_cursor_of_a_readonly_group_never_write(
     "/* /* */ vacuum */ SELECT pg_sleep(2)",
     "SELECT 1; ROLLBACK; SELECT pg_sleep(2)",
 ])
-def test_statement_timeout_always_applies(bouncer: PgBouncer, pool_on: Any, autocommit: bool,
+def test_statement_timeout_always_applies(bouncer: PgBouncer, pool_at: Any, autocommit: bool,
                                           sql: str) -> None:
-    pool = _readonly(bouncer, pool_on, autocommit)
+    pool = _readonly(bouncer, pool_at, autocommit)
     with pytest.raises((psycopg2.errors.QueryCanceled, psycopg2.ProgrammingError)), \
             pool.handler("ro") as db, db.cursor() as cur:
         cur.execute(sql)
@@ -132,9 +118,9 @@ def test_statement_timeout_always_applies(bouncer: PgBouncer, pool_on: Any, auto
 
 @needs_pgbouncer
 def test_a_text_that_commits_midway_is_refused_before_it_is_sent(
-    bouncer: PgBouncer, pool_on: Any, pg: Cluster
+    bouncer: PgBouncer, pool_at: Any, pg: Cluster
 ) -> None:
-    pool = pool_on(bouncer.endpoint(pooler=str(bouncer.settings["pool_mode"])),
+    pool = pool_at(bouncer.endpoint(pooler=str(bouncer.settings["pool_mode"])),
                  {"rw": {"statement_timeout": 0.3, "autocommit": True}})
     with pytest.raises(psycopg2.ProgrammingError, match="own execute"), \
             pool.handler("rw") as db, db.cursor() as cur:
@@ -174,7 +160,7 @@ def _outcome(conn: Any, sql: str) -> str:
 
 @needs_pgbouncer
 def test_a_readonly_autocommit_group_is_refused_what_the_server_refuses_directly(
-    bouncer: PgBouncer, pool_on: Any, pg: Cluster
+    bouncer: PgBouncer, pool_at: Any, pg: Cluster
 ) -> None:
     direct = pg.connect(options="-c default_transaction_read_only=on")
     direct.autocommit = True
@@ -183,7 +169,7 @@ def test_a_readonly_autocommit_group_is_refused_what_the_server_refuses_directly
     finally:
         direct.close()
     assert expected["CREATE DATABASE greenpool_pooled_never"] == "refused: read-only"
-    pool = _readonly(bouncer, pool_on, True)
+    pool = _readonly(bouncer, pool_at, True)
     got = {}
     for sql in OUTSIDE_A_BLOCK:
         with pool.handler("ro") as db:
@@ -195,13 +181,13 @@ def test_a_readonly_autocommit_group_is_refused_what_the_server_refuses_directly
 
 @needs_pgbouncer
 @pytest.mark.parametrize("autocommit", [True, False])
-def test_executemany_reports_the_rows_of_every_statement(bouncer: PgBouncer, pool_on: Any,
+def test_executemany_reports_the_rows_of_every_statement(bouncer: PgBouncer, pool_at: Any,
                                                          pg: Cluster, autocommit: bool) -> None:
     """psycopg2's executemany sums the rowcounts; through a pooler it runs the statements
     one by one (each may start a transaction) and must report the same sum."""
     pg.execute(f"INSERT INTO {TABLE} SELECT g::text FROM generate_series(1, 5) AS g")
     try:
-        pool = pool_on(bouncer.endpoint(pooler=str(bouncer.settings["pool_mode"])),
+        pool = pool_at(bouncer.endpoint(pooler=str(bouncer.settings["pool_mode"])),
                      {"rw": {"statement_timeout": 1, "autocommit": autocommit}})
         with pool.handler("rw") as db, db.cursor() as cur:
             cur.executemany(f"UPDATE {TABLE} SET x = x WHERE x::int <= %s", [(2,), (3,), (1,)])
@@ -231,8 +217,8 @@ def test_pgdbpool_config_behind_a_declared_pooler(bouncer: PgBouncer) -> None:
 
 @needs_pgbouncer
 def test_a_sql_function_body_is_not_taken_for_a_transaction_end(bouncer: PgBouncer,
-                                                                pool_on: Any) -> None:
-    pool = pool_on(bouncer.endpoint(pooler=str(bouncer.settings["pool_mode"])),
+                                                                pool_at: Any) -> None:
+    pool = pool_at(bouncer.endpoint(pooler=str(bouncer.settings["pool_mode"])),
                  {"rw": {"statement_timeout": 1}})
     with pool.handler("rw") as db, db.cursor() as cur:
         cur.execute("CREATE FUNCTION greenpool_pooled_f() RETURNS int LANGUAGE sql "
@@ -243,7 +229,7 @@ def test_a_sql_function_body_is_not_taken_for_a_transaction_end(bouncer: PgBounc
 
 @needs_pgbouncer
 def test_connections_opened_before_a_dropping_pooler_was_detected_are_not_lent_again(
-    pg: Cluster, pool_on: Any
+    pg: Cluster, pool_at: Any
 ) -> None:
     """``ignore_startup_parameters = options``: a group with only a statement_timeout cannot
     tell that its settings were dropped; once a readonly group finds out, the connections
@@ -252,7 +238,7 @@ def test_connections_opened_before_a_dropping_pooler_was_detected_are_not_lent_a
 
     with PgBouncer(pg, pool_mode="transaction", ignore_startup_parameters="options") as b:
         try:
-            pool = pool_on(b.endpoint(), {"rw": {"statement_timeout": 0.3, "connection_count": 1},
+            pool = pool_at(b.endpoint(), {"rw": {"statement_timeout": 0.3, "connection_count": 1},
                                         "ro": {"readonly": True, "statement_timeout": 0.3}})
             with pool.handler("rw") as db:
                 assert db.query_one("SHOW statement_timeout")[0] == "0"  # dropped, unseen
@@ -268,14 +254,14 @@ def test_connections_opened_before_a_dropping_pooler_was_detected_are_not_lent_a
 
 @needs_pgbouncer
 def test_a_callproc_whose_server_connection_dies_raises_its_own_error(
-    bouncer: PgBouncer, pool_on: Any, pg: Cluster
+    bouncer: PgBouncer, pool_at: Any, pg: Cluster
 ) -> None:
     """In autocommit the call runs in a transaction of greenpool's; when the server
     connection dies in it, the caller sees that error (not the failed ROLLBACK's), and no
     slot is lost."""
     pg.execute("CREATE OR REPLACE FUNCTION greenpool_pooled_die() RETURNS bool LANGUAGE sql "
                "AS $$ SELECT pg_terminate_backend(pg_backend_pid()) $$")
-    pool = pool_on(bouncer.endpoint(pooler=str(bouncer.settings["pool_mode"])),
+    pool = pool_at(bouncer.endpoint(pooler=str(bouncer.settings["pool_mode"])),
                  {"ro": {"readonly": True, "autocommit": True, "connection_count": 1}})
     with pytest.raises(psycopg2.OperationalError), pool.handler("ro") as db, \
             db.cursor() as cur:
@@ -287,7 +273,7 @@ def test_a_callproc_whose_server_connection_dies_raises_its_own_error(
 
 @needs_pgbouncer
 def test_sqlalchemy_orm_updates_several_rows_through_pgbouncer(
-    bouncer: PgBouncer, pool_on: Any, pg: Cluster
+    bouncer: PgBouncer, pool_at: Any, pg: Cluster
 ) -> None:
     """The ORM checks executemany's rowcount: with the last statement's count it raised
     StaleDataError ("expected to update 5 row(s); 1 were matched") on every flush that
@@ -307,7 +293,7 @@ def test_sqlalchemy_orm_updates_several_rows_through_pgbouncer(
 
     pg.execute("CREATE TABLE IF NOT EXISTS greenpool_pooled_items (id int primary key, v text)")
     try:
-        pool = pool_on(bouncer.endpoint(pooler=str(bouncer.settings["pool_mode"])),
+        pool = pool_at(bouncer.endpoint(pooler=str(bouncer.settings["pool_mode"])),
                      {"w": {"statement_timeout": 2}})
         engine = create_engine(pool, "w")
         with Session(engine) as session:

@@ -37,29 +37,15 @@ def bouncer(request: pytest.FixtureRequest, pg: Cluster) -> Iterator[PgBouncer]:
 
 
 @pytest.fixture
-def pools(mode: str) -> Iterator[Callable[..., Pool]]:
-    made: list[Pool] = []
-
-    def make(db: Any, groups: dict[str, Any]) -> Pool:
-        pool = Pool({"type": mode, "db": db, "groups": groups})
-        made.append(pool)
-        return pool
-
-    yield make
-    for pool in made:
-        pool.close()
-
-
-@pytest.fixture
 def empty(pg: Cluster, bouncer: PgBouncer) -> Iterator[Callable[[], list[Any]]]:
     pg.execute(f"TRUNCATE {T}")
     yield lambda: pg.execute(f"SELECT x FROM {T}")
     pg.execute(f"TRUNCATE {T}")
 
 
-def _group(bouncer: PgBouncer, pools: Any, autocommit: bool, readonly: bool = True,
+def _group(bouncer: PgBouncer, pool_at: Any, autocommit: bool, readonly: bool = True,
            timeout: float = 0.5) -> Pool:
-    return pools(bouncer.endpoint(pooler=str(bouncer.settings["pool_mode"])),
+    return pool_at(bouncer.endpoint(pooler=str(bouncer.settings["pool_mode"])),
                  {"g": {"readonly": readonly, "statement_timeout": timeout,
                         "autocommit": autocommit}})
 
@@ -77,10 +63,10 @@ HIDDEN_COMMITS = [
 @pytest.mark.parametrize("autocommit", [True, False])
 @pytest.mark.parametrize("text", HIDDEN_COMMITS)
 def test_a_hidden_commit_is_refused_before_anything_is_sent(
-    bouncer: PgBouncer, pools: Any, empty: Callable[[], list[Any]], autocommit: bool,
+    bouncer: PgBouncer, pool_at: Any, empty: Callable[[], list[Any]], autocommit: bool,
     text: str,
 ) -> None:
-    pool = _group(bouncer, pools, autocommit)
+    pool = _group(bouncer, pool_at, autocommit)
     with pytest.raises(psycopg2.ProgrammingError, match="own execute"), \
             pool.handler("g") as db, db.cursor() as cur:
         cur.execute(text)
@@ -89,9 +75,9 @@ def test_a_hidden_commit_is_refused_before_anything_is_sent(
 
 @pytest.mark.parametrize("autocommit", [True, False])
 def test_a_named_cursor_s_query_is_one_statement(
-    bouncer: PgBouncer, pools: Any, empty: Callable[[], list[Any]], autocommit: bool,
+    bouncer: PgBouncer, pool_at: Any, empty: Callable[[], list[Any]], autocommit: bool,
 ) -> None:
-    pool = _group(bouncer, pools, autocommit)
+    pool = _group(bouncer, pool_at, autocommit)
     with pytest.raises(psycopg2.ProgrammingError, match="one statement"), \
             pool.handler("g") as db:
         cur = db.cursor("named", withhold=True)
@@ -100,9 +86,9 @@ def test_a_named_cursor_s_query_is_one_statement(
 
 
 @pytest.mark.parametrize("autocommit", [True, False])
-def test_statement_timeout_after_a_hidden_commit(bouncer: PgBouncer, pools: Any,
+def test_statement_timeout_after_a_hidden_commit(bouncer: PgBouncer, pool_at: Any,
                                                  autocommit: bool) -> None:
-    pool = _group(bouncer, pools, autocommit, readonly=False)
+    pool = _group(bouncer, pool_at, autocommit, readonly=False)
     started = time.monotonic()
     with pytest.raises(psycopg2.Error), pool.handler("g") as db, db.cursor() as cur:
         cur.execute("SELECT 1 -- c\r; COMMIT; SELECT pg_sleep(1.5)")
@@ -111,9 +97,9 @@ def test_statement_timeout_after_a_hidden_commit(bouncer: PgBouncer, pools: Any,
 
 @pytest.mark.parametrize("autocommit", [True, False])
 def test_a_write_spelled_like_vacuum_keeps_the_settings(
-    bouncer: PgBouncer, pools: Any, empty: Callable[[], list[Any]], autocommit: bool,
+    bouncer: PgBouncer, pool_at: Any, empty: Callable[[], list[Any]], autocommit: bool,
 ) -> None:
-    pool = _group(bouncer, pools, autocommit)
+    pool = _group(bouncer, pool_at, autocommit)
     with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction), pool.handler("g") as db, \
             db.cursor() as cur:
         cur.execute(f"-- c\rINSERT INTO {T} SELECT 'v' AS \nvacuum")
@@ -121,16 +107,16 @@ def test_a_write_spelled_like_vacuum_keeps_the_settings(
 
 
 def test_a_statement_that_may_run_in_a_block_keeps_its_transaction_settings(
-    bouncer: PgBouncer, pools: Any, empty: Callable[[], list[Any]],
+    bouncer: PgBouncer, pool_at: Any, empty: Callable[[], list[Any]],
 ) -> None:
     """``DROP SUBSCRIPTION IF EXISTS`` runs inside a block when there is nothing to drop:
     without autocommit it is sent with the settings, as is the rest of its transaction."""
-    readonly = _group(bouncer, pools, autocommit=False)
+    readonly = _group(bouncer, pool_at, autocommit=False)
     with pytest.raises(psycopg2.Error), readonly.handler("g") as db, db.cursor() as cur:
         cur.execute("DROP SUBSCRIPTION IF EXISTS greenpool_ps_none")
         cur.execute(f"INSERT INTO {T} VALUES ('after drop subscription')")
     assert empty() == []
-    timed = _group(bouncer, pools, autocommit=False, readonly=False)
+    timed = _group(bouncer, pool_at, autocommit=False, readonly=False)
     with pytest.raises(psycopg2.errors.QueryCanceled), timed.handler("g") as db, \
             db.cursor() as cur:
         cur.execute("DROP SUBSCRIPTION IF EXISTS greenpool_ps_none")
@@ -144,8 +130,8 @@ def test_a_statement_that_may_run_in_a_block_keeps_its_transaction_settings(
     ("SELECT $A$ $a$; COMMIT; $a$ $A$", " $a$; COMMIT; $a$ "),  # tags are case-sensitive
     ("SELECT E'a'\n'\\'; COMMIT; SELECT 1 -- '", "a'; COMMIT; SELECT 1 -- "),
 ])
-def test_valid_texts_run(bouncer: PgBouncer, pools: Any, text: str, value: str) -> None:
-    pool = _group(bouncer, pools, autocommit=False)
+def test_valid_texts_run(bouncer: PgBouncer, pool_at: Any, text: str, value: str) -> None:
+    pool = _group(bouncer, pool_at, autocommit=False)
     with pool.handler("g") as db, db.cursor() as cur:
         cur.execute(text)
         assert cur.fetchone()[0] == value
@@ -153,12 +139,12 @@ def test_valid_texts_run(bouncer: PgBouncer, pools: Any, text: str, value: str) 
         assert cur.fetchone()[0] == "500ms"
 
 
-def test_statements_that_refuse_a_block_run_alone(bouncer: PgBouncer, pools: Any,
+def test_statements_that_refuse_a_block_run_alone(bouncer: PgBouncer, pool_at: Any,
                                                   pg: Cluster) -> None:
     pg.execute("DROP TABLE IF EXISTS greenpool_ps_part")
     pg.execute("CREATE TABLE greenpool_ps_part PARTITION OF greenpool_ps_parts "
                "FOR VALUES FROM (0) TO (10)")
-    pool = _group(bouncer, pools, autocommit=True, readonly=False, timeout=5)
+    pool = _group(bouncer, pool_at, autocommit=True, readonly=False, timeout=5)
     with pool.handler("g") as db:
         db.query("CLUSTER")
         db.query("REINDEX (CONCURRENTLY) TABLE greenpool_ps_reindexed")
@@ -167,10 +153,10 @@ def test_statements_that_refuse_a_block_run_alone(bouncer: PgBouncer, pools: Any
         db.query("VACUUM (ANALYZE) greenpool_ps_part")
 
 
-def test_a_long_text_does_not_stall_the_caller(bouncer: PgBouncer, pools: Any,
+def test_a_long_text_does_not_stall_the_caller(bouncer: PgBouncer, pool_at: Any,
                                                empty: Callable[[], list[Any]]) -> None:
     """60 KB of ';/*' in a value took the hand-written lexer seconds (quadratic)."""
-    pool = _group(bouncer, pools, autocommit=True, readonly=False)
+    pool = _group(bouncer, pool_at, autocommit=True, readonly=False)
     value = ";/*" * 20_000
     with pool.handler("g") as db, db.cursor() as cur:
         started = time.monotonic()
@@ -180,22 +166,22 @@ def test_a_long_text_does_not_stall_the_caller(bouncer: PgBouncer, pools: Any,
 
 
 def test_old_style_literals_are_refused_at_connect(pg_factory: Callable[..., Cluster],
-                                                   pools: Any) -> None:
+                                                   pool_at: Any) -> None:
     server = pg_factory(settings={"standard_conforming_strings": "off"})
     with PgBouncer(server, pool_mode="transaction") as b:
-        pool = pools(b.endpoint(pooler="transaction"), {"g": {"timeout": 5}})
+        pool = pool_at(b.endpoint(pooler="transaction"), {"g": {"timeout": 5}})
         with pytest.raises(ConnectFailed, match="standard_conforming_strings=off"), \
                 pool.handler("g"):
             pass
 
 
 def test_a_detected_pooler_still_gets_the_session_reset(pg_factory: Callable[..., Cluster],
-                                                        pools: Any) -> None:
+                                                        pool_at: Any) -> None:
     """Its mode is unknown: a session-mode PgBouncer pins the server connection, and what a
     loan left there reaches the next one unless it is reset."""
     server = pg_factory()
     with PgBouncer(server, pool_mode="session") as b:
-        pool = pools(b.endpoint(), {"g": {"statement_timeout": 0.4, "connection_count": 1}})
+        pool = pool_at(b.endpoint(), {"g": {"statement_timeout": 0.4, "connection_count": 1}})
         with pool.handler("g") as db:
             db.execute("SET search_path TO greenpool_ps_elsewhere")
         with pool.handler("g") as db:
