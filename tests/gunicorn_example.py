@@ -24,16 +24,21 @@ APP = "greenpool-listen-test"  # the example's application_name
 
 
 @contextmanager
-def loaded(pg: Cluster) -> Iterator[Any]:
-    """examples/gunicorn/app.py imported in this process, on a database of its own."""
+def loaded(pg: Cluster, name: str = "listen_example_inprocess", application_name: str = APP,
+           groups: dict[str, Any] | None = None, mode: str | None = MODE) -> Iterator[Any]:
+    """examples/gunicorn/app.py imported in this process, its pool on a database of its own
+    (``name``), configured through ``GREENPOOL_CONFIG`` as the app expects; ``mode`` None
+    leaves the type to the app's default."""
     import importlib.util
 
-    name = "listen_example_inprocess"
     pg.execute(f"DROP DATABASE IF EXISTS {name}")
     pg.create_database(name)
-    config = {"type": MODE, "db": pg.endpoint(name=name), "application_name": APP,
-              "groups": {"write": {"connection_count": 2, "exclusive_limit": 2, "timeout": 1},
-                         "read": {"connection_count": 2}}}
+    config: dict[str, Any] = {
+        "db": pg.endpoint(name=name), "application_name": application_name,
+        "groups": groups or {"write": {"connection_count": 2, "exclusive_limit": 2, "timeout": 1},
+                             "read": {"connection_count": 2}}}
+    if mode is not None:
+        config["type"] = mode
     previous = os.environ.get("GREENPOOL_CONFIG")
     os.environ["GREENPOOL_CONFIG"] = json.dumps(config)
     try:

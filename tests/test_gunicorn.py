@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from gunicorn_example import loaded
 from modes import MODE
 
 import greenpool.config
@@ -419,35 +420,9 @@ def test_malformed_requests_are_400_and_stats_hide_endpoint_errors(
 @pytest.fixture(scope="module")
 def app_module(pg: Cluster) -> Iterator[Any]:
     """examples/gunicorn/app.py imported in this process, its pool on a database of its own."""
-    import importlib.util
-
-    import greenpool as gp
-
-    name = "gunicorn_example_inprocess"
-    pg.execute(f"DROP DATABASE IF EXISTS {name}")
-    pg.create_database(name)
-    config = {"db": pg.endpoint(name=name), "application_name": APP_NAME,
-              "groups": groups()}
-    previous = os.environ.get("GREENPOOL_CONFIG")
-    os.environ["GREENPOOL_CONFIG"] = json.dumps(config)
-    try:
-        spec = importlib.util.spec_from_file_location(name, EXAMPLE / "app.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        if previous is None:
-            del os.environ["GREENPOOL_CONFIG"]
-        else:
-            os.environ["GREENPOOL_CONFIG"] = previous
-    gp.close()
-    module.open_pool()
-    try:
-        with gp.handler("write") as db:
-            db.execute(module.SCHEMA)
+    with loaded(pg, name="gunicorn_example_inprocess", application_name=APP_NAME,
+                groups=groups(), mode=None) as module:
         yield module
-    finally:
-        gp.close()
 
 
 def wsgi(module: Any, method: str, path: str, body: bytes = b"",
