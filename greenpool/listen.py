@@ -204,7 +204,8 @@ class _Hub:
         self.last_error = ""
         self._lost_info: tuple[str, float, str] | None = None  # the loss a Gap will report
         self.ended = False  # no subscriber may join (the hub is over or ending)
-        self.finished = False  # everything given back
+        self.finished = False  # giving everything back has begun (it happens once)
+        self.given_back = False  # ... and is over: the slot is free
         self._end_waiters: list[Waiter] = []
         self._failed_rounds = 0  # connect rounds failed in a row (the pause doubles)
         #: monotonic time by which the reader's current blocking call (a connect, a round
@@ -308,7 +309,7 @@ class _Hub:
         if self.inline:
             return
         with self._lock:
-            if self.finished:
+            if self.given_back:  # not merely begun: the slot may not be free yet
                 return
             waiter = self.backend.waiter()
             self._end_waiters.append(waiter)
@@ -616,7 +617,6 @@ class _Hub:
             if self.finished:
                 return
             self.ended = self.finished = True
-            waiters, self._end_waiters = self._end_waiters, []
             subs = list(self.subs)
             for sub in subs:
                 self._forget(sub)
@@ -637,13 +637,16 @@ class _Hub:
                     os.close(fd)
                 except OSError:
                     pass
+            with self._lock:  # a closer that came meanwhile is waiting: wake it too
+                self.given_back = True
+                waiters, self._end_waiters = self._end_waiters, []
             for waiter in waiters:
                 waiter.set()
 
     def after_fork_in_child(self) -> None:
         """In the child: drop everything untouched (the group silenced the connection)."""
         self._lock = self.backend.lock()
-        self.ended = self.finished = True
+        self.ended = self.finished = self.given_back = True
         self.pc = None
         self.holds_slot = False
         for sub in self.subs:

@@ -241,9 +241,13 @@ def test_a_hand_spawned_greenlet_gives_its_connection_back(
     app.start(1)
     replies = run_all([lambda: app.get("/spawn/") for _ in range(size * 10)], 60)
     assert [r for r in replies if r.status != 200] == []
-    stats = app.get("/stats/").body["groups"]["default"]
-    assert stats["in_use"] == 0 and stats["size"] <= size, stats
-    assert server_conns(application_name=app_name) <= size
+    groups = app.get("/stats/").body["groups"]
+    for stats in groups.values():
+        assert stats["in_use"] == 0 and stats["size"] <= size, groups
+    # a role probe of housekeeping may hold a short-lived connection of its own meanwhile
+    bound = sum(stats["size"] for stats in groups.values())
+    wait_until(lambda: server_conns(application_name=app_name) <= bound, 10,
+               f"at most the groups' {bound} connections on the server")
 
 
 # --- exhaustion ------------------------------------------------------------------------------

@@ -135,21 +135,28 @@ def test_celery_recipe_runs_tasks_in_a_gevent_worker_and_closes_its_pool(
     # come from celeryconfig, loaded by a tiny wrapper so the recipe stays as written
     (tmp_path / "worker_app.py").write_text(
         "from tasks import app\napp.config_from_object('celeryconfig')\n")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "worker_app:app", "worker", "-P", "gevent",
-         "-c", "20", "--without-heartbeat", "--without-gossip", "--without-mingle",
-         "-l", "INFO"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "worker.log"  # a file, not a pipe: a full pipe would stall the worker
+    with log.open("w") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "worker_app:app", "worker", "-P", "gevent",
+             "-c", "20", "--without-heartbeat", "--without-gossip", "--without-mingle",
+             "-l", "INFO"],
+            cwd=tmp_path, env=env, stdout=sink, stderr=subprocess.STDOUT, text=True)
     try:
+        deadline = time.monotonic() + 60
+        while " ready." not in log.read_text():
+            assert proc.poll() is None, f"the worker exited:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"the worker not ready in 60 s:\n{log.read_text()}"
+            time.sleep(0.1)
         client = subprocess.run(
             [sys.executable, "-c",
              "from worker_app import app\nimport tasks, json\n"
              "results = [tasks.add_note.delay(f'n{i}') for i in range(40)]\n"
              "print(json.dumps(sorted(r.get(timeout=60) for r in results)))\n"],
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90)
-        assert client.returncode == 0, client.stderr
+        assert client.returncode == 0, f"{client.stderr}\n--- worker ---\n{log.read_text()}"
         assert json.loads(client.stdout.splitlines()[-1]) == list(range(1, 41))
         assert 1 <= _connections(pg, database) <= 10  # the recipe's connection_count
     finally:
-        out = _stop(proc)
-    assert _connections(pg, database) == 0, out
+        _stop(proc)
+    assert _connections(pg, database) == 0, log.read_text()
