@@ -58,7 +58,10 @@ def _connections(pg: Cluster, dsn: str) -> int:
 
 
 def _env(dsn: str, **extra: str) -> dict[str, str]:
-    return {**os.environ, "DATABASE_URL": dsn, **extra,
+    # not the Django tests' settings module (left in this process's environment): Celery
+    # would load Django's fix-ups for a project the recipe does not have
+    inherited = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
+    return {**inherited, "DATABASE_URL": dsn, **extra,
             "PYTHONPATH": os.pathsep.join([".", str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
 
