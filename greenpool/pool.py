@@ -16,7 +16,8 @@ from . import live
 from .concurrency.backend import Backend
 from .concurrency.detection import check_mode_fits, resolve_mode
 from .concurrency.modes import backend_for
-from .config import GroupConfig, PoolConfig, _integer, parse_config
+from .config import CONNECTIONS_MAX, GroupConfig, PoolConfig, parse_config
+from .config.checks import integer
 from .endpoint import ROLE_STALE_AFTER, Endpoint
 from .errors import ConfigError, PoolClosed
 from .events import Events
@@ -236,9 +237,9 @@ class Pool:
         ``min_size`` at once; shrinking closes idle connections beyond the new count now and
         lent ones as they come back (until then the group holds more than the new count)."""
         found = self.group(group)
-        count = _integer(f"resize({group!r}).connection_count", connection_count, minimum=1,
-                         maximum=262143)
-        low = min(found.config.min_size, count) if min_size is None else _integer(
+        count = integer(f"resize({group!r}).connection_count", connection_count, minimum=1,
+                        maximum=CONNECTIONS_MAX)
+        low = min(found.config.min_size, count) if min_size is None else integer(
             f"resize({group!r}).min_size", min_size, maximum=count)
         with self._changing:  # this group's settings as they are now, two keys changed
             new = replace(self.config.groups[found.name], connection_count=count, min_size=low)

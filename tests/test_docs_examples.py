@@ -1,4 +1,5 @@
-"""Every Python example in README.md and docs/ runs, and the configuration reference is whole.
+"""Every Python example in README.md and docs/ runs (the configuration reference:
+tests/unit/test_config_declarations.py).
 
 Each ```python block runs as a script in a process of its own, with ``DATABASE_URL`` set to a
 fresh database on the session's throwaway server (the examples read it, falling back to a
@@ -9,7 +10,6 @@ process only: they pick their own mode, so running them per mode would only cost
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 
-from greenpool import config
 from greenpool.throwaway import Cluster
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,69 +97,3 @@ def test_example_runs(example: Example, pg: Cluster, mode: str, tmp_path: Path) 
     finally:
         pg.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
     assert done.returncode == 0, f"{example.where} failed:\n{done.stdout}\n{done.stderr}"
-
-
-def _configref():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("configref", ROOT / "docs/_ext/configref.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.mark.parametrize(("cls", "accepted"), [
-    (config.PoolConfig, set(config._TOP_KEYS) - set(config.TOP_ONLY_KEYS)),
-    (config.EndpointConfig, set(config._ENDPOINT_KEYS)),
-    (config.GroupConfig, set(config._GROUP_KEYS)),
-], ids=["top", "endpoint", "group"])
-def test_every_configuration_key_is_documented(cls: type, accepted: set[str]) -> None:
-    documented = _configref().documented_keys(cls)
-    assert accepted == documented, (
-        f"{cls.__name__}: undocumented {sorted(accepted - documented)}, "
-        f"documented but not accepted {sorted(documented - accepted)}")
-
-
-def test_configuration_reference_renders_every_key() -> None:
-    text = _configref().render()
-    every = set(config._TOP_KEYS) | set(config._ENDPOINT_KEYS) | set(config._GROUP_KEYS)
-    assert all(f"`{key}`" in text for key in every)
-
-
-RANGE = re.compile(r"^(\d+(?:\.\d+)?) (?:\(\w+\) )?to (\d+(?:\.\d+)?)(?: \(.*\))?(?:, or `None`)?$")
-
-
-def _ranged_keys() -> list[tuple[str, str, float, float]]:
-    """(section, key, min, max) of every key whose documented `allowed` is a plain range."""
-    found = []
-    for section, cls in (("top", config.PoolConfig), ("endpoint", config.EndpointConfig),
-                         ("group", config.GroupConfig)):
-        for keys, _, allowed, _ in _configref().rows(cls):
-            m = RANGE.match(allowed)
-            if m:
-                found += [(section, key, float(m.group(1)), float(m.group(2))) for key in keys]
-    return found
-
-
-def _config_with(section: str, key: str, value: float) -> dict:
-    if section == "top":
-        return {"db": "host=db.invalid", key: value}
-    if section == "endpoint":
-        return {"db": {"host": "db.invalid", key: value}}
-    return {"db": "host=db.invalid", "groups": {"g": {key: value}}}
-
-
-@pytest.mark.parametrize(("section", "key", "low", "high"), _ranged_keys(),
-                         ids=[f"{s}.{k}" for s, k, *_ in _ranged_keys()])
-def test_documented_range_is_the_checked_range(section: str, key: str, low: float,
-                                               high: float) -> None:
-    """The reference's `allowed` text is written by hand beside each field: the checks it
-    describes are asked whether they accept its bounds and refuse what lies beyond."""
-    whole = low.is_integer() and high.is_integer()
-    as_given = (lambda x: int(x)) if whole else (lambda x: x)
-    for inside in (low, high):
-        config.parse_config(_config_with(section, key, as_given(inside)))
-    below = low - 1 if whole else low / 2 if low > 0 else -1.0
-    beyond = high + 1 if whole else high * 2
-    for outside in (below, beyond):
-        with pytest.raises(config.ConfigError):
-            config.parse_config(_config_with(section, key, as_given(outside)))

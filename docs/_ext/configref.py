@@ -1,10 +1,11 @@
-"""The configuration reference, generated from greenpool/config.py's own declarations.
+"""The configuration reference, generated from the keys' own declarations.
 
-Each dataclass field of ``EndpointConfig``, ``GroupConfig`` and ``PoolConfig`` carries its
-documentation in ``metadata`` (``config._doc``); the keys ``parse_config`` accepts are the
-tables ``_ENDPOINT_KEYS``, ``_GROUP_KEYS`` and ``_TOP_KEYS``. This module renders one MyST
-table per section; ``conf.py`` writes it to ``_generated/configuration-keys.md`` before the
-build, and tests/test_docs_examples.py checks that every accepted key has a row.
+Each key is declared once, as a field of ``EndpointConfig``, ``GroupConfig`` or
+``PoolConfig`` made by ``greenpool.config.declare.setting``: default, checker (whose bounds
+write the "allowed" column), documentation. pgdbpool's names for a setting come from
+``greenpool.compat.pgdbpool.dialect``. This module renders one MyST table per section;
+``conf.py`` writes it to ``_generated/configuration-keys.md`` before the build, and
+tests/unit/test_config_declarations.py checks that every accepted key has a row.
 """
 
 from __future__ import annotations
@@ -14,13 +15,23 @@ from pathlib import Path
 from typing import Any
 
 from greenpool import config
+from greenpool.compat.pgdbpool import dialect
 
-_HIDDEN_FIELDS = {"name"}  # GroupConfig.name is the group's key in ``groups``, not a setting
+#: (keys, default, allowed, meaning) of one row
+Row = tuple[tuple[str, ...], str, str, str]
+
+_TABLES: dict[type, Any] = {
+    config.PoolConfig: config.TOP_KEYS,
+    config.EndpointConfig: config.ENDPOINT_KEYS,
+    config.GroupConfig: config.GROUP_KEYS,
+}
+#: pgdbpool's keys read in a unit of their own (their allowed values and meaning differ)
+_TRANSLATED: dict[str, Any] = {**dialect.ENDPOINT_TRANSLATIONS}
 
 
-def _default(f: dataclasses.Field[Any], meta: dict[str, Any]) -> str:
-    if meta.get("default"):
-        return str(meta["default"])
+def _default(f: dataclasses.Field[Any], found: config.Setting) -> str:
+    if found.default_text:
+        return found.default_text
     if f.default is not dataclasses.MISSING:
         value = f.default
     elif f.default_factory is not dataclasses.MISSING:
@@ -30,17 +41,32 @@ def _default(f: dataclasses.Field[Any], meta: dict[str, Any]) -> str:
     return f"`{value!r}`"
 
 
-def rows(cls: type) -> list[tuple[tuple[str, ...], str, str, str]]:
-    """(keys, default, allowed, meaning) for each documented field of ``cls``."""
+def _keys_of(cls: type, name: str) -> tuple[str, ...]:
+    """The keys that set field ``name``: greenpool's first, then pgdbpool's."""
+    return tuple(key for key, found in _TABLES[cls].items() if found.field == name)
+
+
+def _words(keys: tuple[str, ...], found: config.Setting, default_text: str,
+           ) -> tuple[str, str]:
+    """(allowed, meaning), with what a pgdbpool key read in its own unit says besides."""
+    allowed, meaning = found.allowed, found.doc
+    for key in keys:
+        if key in _TRANSLATED:
+            allowed = f"`{keys[0]}`: {allowed}; `{key}`: {_TRANSLATED[key].allowed}"
+            meaning = f"{meaning}; `{key}` is {_TRANSLATED[key].doc}"
+    return allowed, meaning
+
+
+def rows(cls: type) -> list[Row]:
+    """(keys, default, allowed, meaning) for each declared field of ``cls``."""
     out = []
     for f in dataclasses.fields(cls):
-        if f.name in _HIDDEN_FIELDS:
-            continue
-        meta = dict(f.metadata)
-        if "doc" not in meta:
-            raise ValueError(f"{cls.__name__}.{f.name} has no documentation (config._doc)")
-        keys = tuple(meta.get("keys") or (f.name,))
-        out.append((keys, _default(f, meta), meta["allowed"], meta["doc"]))
+        found = f.metadata.get("setting")
+        if found is None:
+            continue  # GroupConfig.name is the group's key in ``groups``, not a setting
+        keys = _keys_of(cls, f.name)
+        default = _default(f, found)
+        out.append((keys, default, *_words(keys, found, default)))
     return out
 
 
@@ -48,7 +74,7 @@ def documented_keys(cls: type) -> set[str]:
     return {key for keys, *_ in rows(cls) for key in keys}
 
 
-def _table(entries: list[tuple[tuple[str, ...], str, str, str]]) -> str:
+def _table(entries: list[Row]) -> str:
     lines = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
     for keys, default, allowed, meaning in entries:
         cells = [" / ".join(f"`{k}`" for k in keys), default, allowed, meaning]
@@ -58,10 +84,11 @@ def _table(entries: list[tuple[tuple[str, ...], str, str, str]]) -> str:
 
 def render() -> str:
     top = rows(config.PoolConfig)
-    top += [((key,), meta["default"], meta["allowed"], meta["doc"])
-            for key, meta in config.TOP_ONLY_KEYS.items()]
+    top += [((key,), found.default_text, found.allowed, found.doc)
+            for key, found in config.TOP_ONLY_KEYS.items()]
     return "\n\n".join([
-        "<!-- generated by docs/_ext/configref.py from greenpool/config.py: do not edit -->",
+        "<!-- generated by docs/_ext/configref.py from the declarations in greenpool/config/"
+        ": do not edit -->",
         "## Top-level keys", _table(top),
         "## Endpoint keys (each entry of `db`)", _table(rows(config.EndpointConfig)),
         "## Group keys (each entry of `groups`, and `defaults`)",

@@ -33,7 +33,8 @@ from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
 
-from ..config import _ENDPOINT_KEYS, _GROUP_KEYS, ConfigError
+from .. import config as greenpool_config
+from ..config import ConfigError, EndpointConfig
 from ..group import Group
 from ..pool import Pool
 
@@ -43,16 +44,16 @@ ENGINE = "greenpool.django"
 #: Group keys an alias may set in OPTIONS. ``autocommit`` follows Django's AUTOCOMMIT,
 #: ``row_factory`` must stay tuples (Django reads rows by index), ``endpoints`` comes from
 #: ``servers``, and ``on_return`` is a Python hook Django settings have no use for.
-GROUP_KEYS = frozenset(_GROUP_KEYS) - {"autocommit", "row_factory", "endpoints"}
-#: Endpoint keys an alias may set in OPTIONS; they apply to each of its servers.
-ENDPOINT_KEYS = frozenset(_ENDPOINT_KEYS) - {
-    "host", "port", "name", "dbname", "user", "pass", "password", "weight",
-}
+GROUP_KEYS = frozenset(greenpool_config.GROUP_KEYS) - {
+    "autocommit", "row_factory", "endpoints"}
+#: Endpoint keys an alias may set in OPTIONS; they apply to each of its servers. Those of
+#: the settings that DATABASES and ``servers`` give are not.
+ENDPOINT_KEYS = frozenset(
+    key for key, found in greenpool_config.ENDPOINT_KEYS.items()
+    if found.field not in ("host", "port", "dbname", "user", "password", "weight"))
 #: Keys of the ``'greenpool'`` dict: settings of the whole pool.
-POOL_KEYS = frozenset({
-    "type", "application_name", "maintenance_interval", "quarantine_initial",
-    "quarantine_max", "role_check_interval", "startup_timeout",
-})
+POOL_KEYS = frozenset(key for key, found in greenpool_config.TOP_KEYS.items()
+                      if found.field not in ("endpoints", "groups", "on_event"))
 #: OPTIONS that Django's postgresql backend reads itself.
 DJANGO_KEYS = frozenset({"isolation_level", "assume_role"})
 
@@ -114,7 +115,7 @@ def _servers(alias: str, settings_dict: Mapping[str, Any], servers: Any) -> list
     where = f"DATABASES[{alias!r}]['OPTIONS']['servers']"
     if servers is None:
         host = settings_dict.get("HOST") or "localhost"
-        port = settings_dict.get("PORT") or 5432
+        port = settings_dict.get("PORT") or EndpointConfig.port
         return [{"host": host, "port": int(port)}]
     if isinstance(servers, (str, Mapping)) or not servers:
         raise ImproperlyConfigured(f"{where}: a non-empty list of 'host:port' strings or "
@@ -213,7 +214,7 @@ def _make_pool(alias: str, settings_dict: Mapping[str, Any], key: tuple[Any, ...
         pool_keys = parts["pool"]
         indices = []
         for server in _servers(name, member, parts["servers"]):
-            at = (str(server["host"]), int(server.get("port", 5432)))
+            at = (str(server["host"]), int(server.get("port", EndpointConfig.port)))
             if labels.get(at) in indices:
                 raise ImproperlyConfigured(f"DATABASES[{name!r}]['OPTIONS']['servers']: "
                                            f"{at[0]}:{at[1]} is listed twice")
@@ -227,7 +228,8 @@ def _make_pool(alias: str, settings_dict: Mapping[str, Any], key: tuple[Any, ...
                         options else extra
                 db.append({
                     **parts["endpoint"], "host": at[0], "port": at[1],
-                    "name": member.get("NAME") or "postgres", "user": member.get("USER") or None,
+                    "name": member.get("NAME") or EndpointConfig.dbname,
+                    "user": member.get("USER") or None,
                     "pass": member.get("PASSWORD") or None, "options": options,
                     **({"weight": server["weight"]} if "weight" in server else {}),
                 })
