@@ -9,9 +9,8 @@ from typing import Any
 
 from psycopg2.extensions import parse_dsn
 
-from .. import environ
 from ..compat.pgdbpool import dialect as pgdbpool
-from . import checks
+from . import checks, environ
 from .checks import SECRET_OPTIONS, fail, short
 from .declare import Custom, Seconds, Text, Whole, key_table, read, setting
 
@@ -228,6 +227,7 @@ class EndpointConfig:
 
 #: every key of an entry of ``db``: greenpool's, then pgdbpool's
 KEYS = key_table(EndpointConfig, pgdbpool.ENDPOINT_KEYS, pgdbpool.ENDPOINT_TRANSLATIONS)
+_SETTING_OF = {key: found.field for key, found in KEYS.items()}
 
 
 # --- reading an entry of ``db`` -----------------------------------------------------------
@@ -293,7 +293,8 @@ def _given(path: str, raw: Any) -> dict[str, Any]:
 
 def parse_endpoint(path: str, raw: Any) -> EndpointConfig:
     """One entry of ``db``: a pgdbpool dict, a dict with ``dsn``, or a DSN/URI string."""
-    given, sources = environ.fill_endpoint(_given(path, raw))  # libpq's PG* fill the gaps
+    # libpq's PG* variables fill the gaps
+    given, sources = environ.fill_endpoint(_given(path, raw), setting_of=_SETTING_OF)
     checks.reject_unknown(path, given, KEYS)
     values = read(path, given, KEYS, where=lambda key: environ.where(path, key, sources))
     if "host" not in values:

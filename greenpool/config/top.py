@@ -6,9 +6,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .. import environ
 from ..compat.pgdbpool import dialect as pgdbpool
-from . import checks
+from . import checks, environ
 from .checks import DAY, fail, short
 from .declare import Custom, Hook, OneOf, Seconds, Setting, Text, key_table, read, setting
 from .endpoint import MIN_RETRY_SLEEP, EndpointConfig, parse_endpoint

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from leaks import texts
 
 from greenpool import ConfigError, parse_config
-from greenpool.environ import ENDPOINT_VARIABLES, fill_endpoint
+from greenpool.config.environ import ENDPOINT_VARIABLES, fill_endpoint
 
 pytestmark = pytest.mark.usefixtures("no_pg_variables")
 
@@ -23,7 +23,7 @@ SECRET = "Env-Pw-8841-walrus"
 @pytest.mark.parametrize("name, value, says", [
     ("PGPORT", "54x2", r"^\$PGPORT as db\[0\]\.port: expected a whole number"),
     ("PGPORT", "70000", r"^\$PGPORT as db\[0\]\.port"),
-    ("PGSSLMODE", "sometimes", r"^\$PGSSLMODE as db\[0\]\.ssl: expected one of disable"),
+    ("PGSSLMODE", "sometimes", r"^\$PGSSLMODE as db\[0\]\.sslmode: expected one of disable"),
     ("PGHOST", "a,b", r"^\$PGHOST as db\[0\]\.host: .*multi-host"),
     ("PGCONNECT_TIMEOUT", "soon", r"^\$PGCONNECT_TIMEOUT as db\[0\]\.connect_timeout"),
 ])

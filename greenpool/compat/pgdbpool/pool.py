@@ -42,17 +42,9 @@ from ...errors import (
     TooManyWaiters,
 )
 from ...pool import Pool
+from . import dialect
 
 logger = logging.getLogger("greenpool")
-
-#: pgdbpool's defaults, applied through libpq's PGOPTIONS to every connection of the process:
-#: a 5 s statement_timeout and 128 MB of temp_buffers. Kept (per connection, not by
-#: rewriting the process environment) since pgdbpool code relies on them without knowing.
-DEFAULT_QUERY_TIMEOUT_MS = 5000
-DEFAULT_SESSION_TMP_BUFFER_MB = 128
-#: keys pgdbpool writes into the caller's config dict; ignored if a used dict comes back
-_PGDBPOOL_INTERNAL = ("connections", "connection_iter")
-
 
 class DBConnectionError(PoolError):
     """No connection could be lent: a connect failed for a reason retrying cannot fix (a
@@ -103,60 +95,7 @@ def _query_error(exc: psycopg2.Error) -> DBQueryError:
 def _mode(pgdbpool_type: str) -> str:
     """greenpool's mode for pgdbpool's ``type``: ``threaded`` means "callers run
     concurrently", which in a gevent (eventlet) patched process are greenlets."""
-    return process_mode() if pgdbpool_type == "threaded" else pgdbpool_type
-
-
-def _endpoint(entry: Any, first: Mapping[str, Any]) -> Any:
-    """One ``db`` entry with pgdbpool's session defaults, taken from the first entry as
-    pgdbpool does (it sets them once for the whole process) unless the entry has its own."""
-    if isinstance(entry, str):
-        entry = {"dsn": entry}
-    if not isinstance(entry, Mapping):
-        return entry  # parse_config names the problem
-    entry = dict(entry)
-    if "query_timeout" not in entry and "statement_timeout" not in entry:
-        entry["query_timeout"] = first.get("query_timeout", DEFAULT_QUERY_TIMEOUT_MS)
-    # temp_buffers cannot travel through a pooler (the config refuses the key there): the
-    # default is left out for an endpoint that says it is one, a key the user gave is not
-    behind_pooler = entry.get("pooler") in ("session", "transaction")
-    if "session_tmp_buffer" not in entry and not behind_pooler:
-        entry["session_tmp_buffer"] = first.get("session_tmp_buffer",
-                                                DEFAULT_SESSION_TMP_BUFFER_MB)
-    return entry
-
-
-def _group(name: str, spec: Any) -> Any:
-    if not isinstance(spec, Mapping):
-        return spec
-    spec = {k: v for k, v in spec.items() if k not in _PGDBPOOL_INTERNAL}
-    if spec.pop("sqlprepare", False):
-        raise ConfigError(
-            f"groups.{name}.sqlprepare: not supported: it needs WEBcodeX1's pg_extensions "
-            f"prepared-query functions run on every new connection; remove the key (or set "
-            f"it to false) and call the functions with db.query()"
-        )
-    return spec
-
-
-def translate(config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-    """pgdbpool's ``type`` word and the greenpool config for ``config`` (mode unresolved:
-    ``type`` is left out). The caller's dict is not changed."""
-    if not isinstance(config, Mapping):
-        raise ConfigError(f"config: expected a dictionary, got {type(config).__name__}")
-    raw = {k: v for k, v in config.items() if k != "type"}
-    kind = config.get("type", "threaded")
-    if kind not in ("threaded", "non-threaded", "gevent", "eventlet"):
-        raise ConfigError(f"type: expected threaded, non-threaded, gevent or eventlet; "
-                          f"got {kind!r}")
-    db = raw.get("db")
-    if db is not None:
-        entries = list(db) if isinstance(db, (list, tuple)) else [db]
-        first = entries[0] if entries and isinstance(entries[0], Mapping) else {}
-        raw["db"] = [_endpoint(entry, first) for entry in entries]
-    groups = raw.get("groups")
-    if isinstance(groups, Mapping):
-        raw["groups"] = {name: _group(str(name), spec) for name, spec in groups.items()}
-    return str(kind), raw
+    return process_mode() if pgdbpool_type == dialect.DEFAULT_TYPE else pgdbpool_type
 
 
 # --- the API ------------------------------------------------------------------------------
@@ -165,7 +104,7 @@ def translate(config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
 class Connection:
     """pgdbpool's process-wide pool, as class methods."""
 
-    _type: str = "threaded"
+    _type: str = dialect.DEFAULT_TYPE
     _config: PoolConfig | None = None
     _pool: Pool | None = None
     _lock = threading.Lock()
@@ -175,7 +114,7 @@ class Connection:
         """Validate ``config`` (pgdbpool's format; greenpool's keys are accepted too) and
         make it the process's pool; a pool made by an earlier ``init`` is closed.
         Connections open on demand (``min_size`` keeps some open)."""
-        kind, raw = translate(config)
+        kind, raw = dialect.translate(config)
         # validated now, whatever the mode: a bad config fails at init, not on a request
         parsed = parse_config({**raw, "type": "non-threaded"})
         with cls._lock:

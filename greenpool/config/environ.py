@@ -27,15 +27,16 @@ from typing import Any
 
 logger = logging.getLogger("greenpool")
 
-#: variable -> the endpoint keys (pgdbpool's word first) it fills when none of them is given
-ENDPOINT_VARIABLES: dict[str, tuple[str, ...]] = {
-    "PGHOST": ("host",),
-    "PGPORT": ("port",),
-    "PGDATABASE": ("name", "dbname"),
-    "PGUSER": ("user",),
-    "PGPASSWORD": ("pass", "password"),
-    "PGSSLMODE": ("ssl", "sslmode"),
-    "PGCONNECT_TIMEOUT": ("connect_timeout",),
+#: variable -> the endpoint setting (greenpool's key for it) it fills when none of its keys
+#: is given
+ENDPOINT_VARIABLES: dict[str, str] = {
+    "PGHOST": "host",
+    "PGPORT": "port",
+    "PGDATABASE": "dbname",
+    "PGUSER": "user",
+    "PGPASSWORD": "password",
+    "PGSSLMODE": "sslmode",
+    "PGCONNECT_TIMEOUT": "connect_timeout",
 }
 #: ``options`` is sent whenever greenpool has session settings, so libpq would drop it
 OPTION_VARIABLES: dict[str, str] = {"PGOPTIONS": "options"}
@@ -62,16 +63,20 @@ def _converted(name: str, value: str) -> Any:
 
 
 def fill_endpoint(
-    given: Mapping[str, Any], env: Mapping[str, str] | None = None
+    given: Mapping[str, Any], env: Mapping[str, str] | None = None,
+    setting_of: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, Any], Sources]:
-    """``given`` (one ``db`` entry, pgdbpool's words) with the environment's values for the
-    keys it leaves out, and where each filled value came from."""
+    """``given`` (one ``db`` entry) with the environment's values for the settings it leaves
+    out, and where each filled value came from. ``setting_of`` maps a key to the setting it
+    sets (pgdbpool's ``pass`` to ``password``); a key it does not map sets its namesake."""
     env = os.environ if env is None else env
+    setting_of = setting_of or {}
     filled = dict(given)
+    present = {setting_of.get(key, key) for key in filled}
     sources: Sources = {}
-    for name, keys in ENDPOINT_VARIABLES.items():
+    for name, key in ENDPOINT_VARIABLES.items():
         value = _get(env, name)
-        if value is None or any(k in filled for k in keys):
+        if value is None or key in present:
             continue
         converted = _converted(name, value)
         if name == "PGCONNECT_TIMEOUT" and isinstance(converted, int) and converted <= 0:
@@ -79,8 +84,8 @@ def fill_endpoint(
             logger.warning("PGCONNECT_TIMEOUT=%s (no timeout) ignored: greenpool bounds "
                            "every connect and keeps its default", value)
             continue
-        filled[keys[0]] = converted
-        sources[keys[0]] = name
+        filled[key] = converted
+        sources[key] = name
     for name, option in OPTION_VARIABLES.items():
         value = _get(env, name)
         options = filled.get("options", {})
