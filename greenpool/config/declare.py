@@ -183,8 +183,8 @@ class Key:
     check: Callable[[str, Any], Any]
 
 
-def key_table(cls: type, dialect: Mapping[str, str] = {},
-              translations: Mapping[str, Check] = {}) -> dict[str, Key]:
+def key_table(cls: type, dialect: Mapping[str, str] | None = None,
+              translations: Mapping[str, Check] | None = None) -> dict[str, Key]:
     """Every key that sets a field of ``cls``: greenpool's (the field's name and its
     aliases), then ``dialect``'s (key -> field) read through its ``translations``."""
     table: dict[str, Key] = {}
@@ -192,8 +192,8 @@ def key_table(cls: type, dialect: Mapping[str, str] = {},
     for name, found in settings.items():
         for key in ((name,) if found.own_key else ()) + found.aliases:
             table[key] = Key(name, found.check)
-    for key, name in dialect.items():
-        table[key] = Key(name, translations.get(key, settings[name].check))
+    for key, name in (dialect or {}).items():
+        table[key] = Key(name, (translations or {}).get(key, settings[name].check))
     return table
 
 

@@ -9,7 +9,18 @@ from typing import Any
 from ..compat.pgdbpool import dialect as pgdbpool
 from . import checks, environ
 from .checks import DAY, fail, short
-from .declare import Custom, Hook, OneOf, Seconds, Setting, Text, key_table, read, setting
+from .declare import (
+    Custom,
+    Hook,
+    OneOf,
+    Seconds,
+    Setting,
+    Text,
+    declared,
+    key_table,
+    read,
+    setting,
+)
 from .endpoint import MIN_RETRY_SLEEP, EndpointConfig, parse_endpoint
 from .group import KEYS as GROUP_KEYS
 from .group import GroupConfig, parse_group
@@ -99,6 +110,14 @@ def _key_of(name: str) -> str:
     return next(key for key, found in KEYS.items() if found.field == name)
 
 
+def _in_declared_order(top: Mapping[str, Any]) -> dict[str, Any]:
+    """The given keys that set a field, in the order of the fields: errors come in the same
+    order whatever the order of the dict."""
+    order = {name: i for i, name in enumerate(declared(PoolConfig))}
+    return dict(sorted(((k, v) for k, v in top.items() if k in KEYS),
+                       key=lambda item: order[KEYS[item[0]].field]))
+
+
 def parse_config(raw: Any) -> PoolConfig:
     """Validate a pgdbpool-style dictionary; raise :class:`ConfigError` naming the bad key.
     A key not given takes its field's default."""
@@ -107,14 +126,19 @@ def parse_config(raw: Any) -> PoolConfig:
     top = checks.mapping("config", raw)
     checks.reject_unknown("", top, dict.fromkeys(ACCEPTED))
     top = environ.fill_top(top)
-    values = read("", {key: value for key, value in top.items() if key in KEYS}, KEYS)
-    if "endpoints" not in values:
-        db = _key_of("endpoints")
-        if not environ.has_host():
-            raise fail(db, "missing: give one endpoint (dict or DSN) or a list of them, or "
-                           "set PGHOST")
+    given = _in_declared_order(top)
+    values = read("", {k: v for k, v in given.items() if KEYS[k].field == "mode"}, KEYS)
+    db = _key_of("endpoints")
+    if db in given:
+        values["endpoints"] = _endpoints(db, given[db])
+    elif environ.has_host():
         values["endpoints"] = _endpoints(db, {})  # one endpoint, all from the environment
+    else:
+        raise fail(db, "missing: give one endpoint (dict or DSN) or a list of them, or "
+                       "set PGHOST")
     values["groups"] = _groups(top, values["endpoints"])
+    values.update(read("", {k: v for k, v in given.items()
+                            if KEYS[k].field not in ("mode", "endpoints", "groups")}, KEYS))
     config = PoolConfig(**values)
     if config.quarantine_initial > config.quarantine_max:
         raise fail("quarantine_initial", f"{config.quarantine_initial:g} exceeds "
