@@ -185,3 +185,20 @@ def test_pool_works_or_raises_config_error(raw: dict[str, Any]) -> None:
         assert _secret_free(repr(pool.config)) and _secret_free(str(pool.stats()))
     finally:
         pool.close()
+
+
+def _outcome(raw: dict[str, Any]) -> str:
+    try:
+        return repr(parse_config(raw))
+    except ConfigError as exc:
+        return f"ConfigError: {exc}"
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(configs, st.randoms(use_true_random=False))
+def test_the_order_of_top_level_keys_changes_nothing(raw: dict[str, Any], rnd: Any) -> None:
+    """Top-level keys are checked in the order of their declarations, so a config with
+    several mistakes is told the same first one however its dict is ordered."""
+    items = list(raw.items())
+    rnd.shuffle(items)
+    assert _outcome(dict(items)) == _outcome(raw)
