@@ -44,8 +44,8 @@ ENGINE = "greenpool.django"
 #: Group keys an alias may set in OPTIONS. ``autocommit`` follows Django's AUTOCOMMIT,
 #: ``row_factory`` must stay tuples (Django reads rows by index), ``endpoints`` comes from
 #: ``servers``, and ``on_return`` is a Python hook Django settings have no use for.
-GROUP_KEYS = frozenset(greenpool_config.GROUP_KEYS) - {
-    "autocommit", "row_factory", "endpoints"}
+_NOT_IN_OPTIONS = frozenset({"autocommit", "row_factory", "endpoints"})
+GROUP_KEYS = frozenset(greenpool_config.GROUP_KEYS) - _NOT_IN_OPTIONS
 #: Endpoint keys an alias may set in OPTIONS; they apply to each of its servers. Those of
 #: the settings that DATABASES and ``servers`` give are not.
 ENDPOINT_KEYS = frozenset(
@@ -100,7 +100,7 @@ def split_options(alias: str, settings_dict: Mapping[str, Any]) -> dict[str, Any
             endpoint[key] = value
         elif key in DJANGO_KEYS:
             continue
-        elif key in ("autocommit", "row_factory", "endpoints"):
+        elif key in _NOT_IN_OPTIONS:
             raise ImproperlyConfigured(
                 f"{where}[{key!r}]: not settable here (autocommit follows AUTOCOMMIT, rows are "
                 f"tuples for Django, a group's servers are 'servers')"
