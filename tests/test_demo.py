@@ -92,7 +92,7 @@ def _assert_gone(out: str) -> None:
 
 
 def _pg_ctl_status(root: str) -> int:
-    from greenpool.throwaway import find_pg_bin
+    from greenpool.testing.postgres import find_pg_bin
 
     return subprocess.run([str(find_pg_bin() / "pg_ctl"), "status", "-D", f"{root}/data"],
                           capture_output=True, timeout=30, check=False).returncode
