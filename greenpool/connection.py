@@ -36,6 +36,11 @@ from .slots import Slot
 
 logger = logging.getLogger("greenpool")
 
+#: seconds after which a connect under way may be stuck on a server that never answers (a
+#: black hole holds it for ``connect_timeout``): it no longer counts as serving a waiter, so
+#: the group (and the dedicated connect tasks) may start another, trying that server last
+STUCK_AFTER = 0.25
+
 _STATUS_IDLE = extensions.TRANSACTION_STATUS_IDLE
 _PSYCOPG_READY = extensions.STATUS_READY
 _STATUS_OPEN = (extensions.TRANSACTION_STATUS_INTRANS, extensions.TRANSACTION_STATUS_INERROR)
