@@ -14,6 +14,7 @@ import pytest
 from faults import BlackHole, Ticker
 
 from greenpool.testing.postgres import Cluster, ClusterError, PostgresNotFound, find_pg_bin
+from greenpool.testing.processes import pids_naming
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, step: float = 0.05) -> Any:
@@ -160,18 +161,6 @@ def test_ticker_sees_a_blocked_hub(mode: str) -> None:
     assert ticker.stop() >= 0.29
 
 
-def _naming(root: Any) -> list[int]:
-    needle = (str(root) + "/").encode()
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if needle in cmdline.read_bytes():
-                found.append(int(cmdline.parent.name))
-        except OSError:
-            continue
-    return found
-
-
 def test_an_interrupted_initdb_is_killed_with_its_children(mode: str) -> None:
     """A BaseException while initdb runs (thrown into the caller, as a signal handler's
     exception would be): the tool's whole process group is gone before the exception goes
@@ -184,7 +173,7 @@ def test_an_interrupted_initdb_is_killed_with_its_children(mode: str) -> None:
     main = gevent.getcurrent()
 
     def interrupt_once_initdb_runs() -> None:
-        while not _naming(cluster.root):
+        while not pids_naming(cluster.root):
             gevent.sleep(0.005)
         main.throw(KeyboardInterrupt)
 
@@ -192,12 +181,12 @@ def test_an_interrupted_initdb_is_killed_with_its_children(mode: str) -> None:
     try:
         with pytest.raises(KeyboardInterrupt):
             cluster.init()
-        assert _naming(cluster.root) == []  # initdb and its postgres children are gone
+        assert pids_naming(cluster.root) == []  # initdb and its postgres children are gone
     finally:
         interrupter.kill()
         cluster.destroy()
     assert not cluster.root.exists()
-    assert _naming(cluster.root) == []
+    assert pids_naming(cluster.root) == []
 
 
 FORKED_CHILD_EXITS = """
