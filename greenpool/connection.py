@@ -8,10 +8,14 @@ The rules come from measured driver behaviour, each kept by a test:
   a deadline of our own.
 * Anything whose state is unknown (interrupted mid-query, mid-rollback) is discarded.
 * Every round trip the pool makes is bounded (:func:`round_trip`).
+* libpq's own ``connect_timeout`` (blocking modes) counts whole seconds, at least 2
+  (:func:`libpq_connect_timeout`); a connect under way longer than :data:`STUCK_AFTER` may
+  be stuck on a server that never answers.
 
 Why one module of this length: the ways to open a connection (direct, behind a pooler,
 with a password asked for at connect) share the connect deadline, the secret scrubbing and
-the error wording.
+the error wording (:class:`ConnectError`), and the round trips on an open connection share
+their deadline with the connect's first query (:func:`behind_pooler`, :func:`bounded`).
 """
 
 from __future__ import annotations
