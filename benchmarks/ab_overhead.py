@@ -30,7 +30,7 @@ from psycogreen.gevent import patch_psycopg  # noqa: E402
 
 patch_psycopg()
 
-from greenpool.throwaway import Cluster  # noqa: E402
+from greenpool.testing.postgres import Cluster  # noqa: E402
 
 from .adapters import GreenPool, Psycopg2Simple, Target  # noqa: E402
 from .workloads import DIRTYING  # noqa: E402

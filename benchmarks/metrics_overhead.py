@@ -31,7 +31,7 @@ from typing import Any  # noqa: E402
 import greenpool  # noqa: E402
 from greenpool import otel, prometheus  # noqa: E402
 from greenpool.stats import Timing  # noqa: E402
-from greenpool.throwaway import Cluster  # noqa: E402
+from greenpool.testing.postgres import Cluster  # noqa: E402
 from opentelemetry.sdk.metrics import MeterProvider  # noqa: E402
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader  # noqa: E402
 from prometheus_client import CollectorRegistry  # noqa: E402

@@ -1,7 +1,7 @@
 """Kill the leader of a Patroni cluster under load: greenpool beside its peers, in one run.
 
 ``python -m benchmarks.patroni_failover [--seconds 22] [--out DIR]`` starts a throwaway
-Patroni cluster (:mod:`greenpool.throwaway_patroni`: etcd, three nodes, ``synchronous_mode``),
+Patroni cluster (:mod:`greenpool.testing.patroni`: etcd, three nodes, ``synchronous_mode``),
 then one worker process per pool, all at once, so that every pool sees the very same failover.
 Each worker runs 10 writers (``INSERT`` of its own unique ids, one transaction each) and 10
 readers (``SELECT inet_server_port(), pg_is_in_recovery()``), each pausing 10 ms between
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--peers", default=",".join(PEERS))
     args = parser.parse_args(argv)
-    from greenpool.throwaway_patroni import PatroniCluster, missing
+    from greenpool.testing.patroni import PatroniCluster, missing
 
     reason = missing()
     if reason:

@@ -2,7 +2,7 @@
 PgBouncer in transaction mode, for greenpool and the two fastest peers, in one run.
 
 ``python -m benchmarks.pgbouncer`` (about 3 minutes with the default 3 repetitions) starts one
-throwaway cluster and one PgBouncer in front of it (``tests/pgbouncer.py``'s helper: loopback,
+throwaway cluster and one PgBouncer in front of it (``greenpool.testing.pgbouncer``: loopback,
 a free port, trust auth on the client side). Every (workload, pool, route) runs in a fresh
 process under ``monkey.patch_all()`` plus psycogreen, repetitions interleaved in a seeded
 shuffled order, so each pool's direct and PgBouncer runs see the same machine. The workloads
@@ -191,8 +191,8 @@ def run_suite(reps: int = 3, quick: bool = False, out: Path = HERE / "results") 
 
     ``run_suite(args.reps, args.quick, out)`` is all ``benchmarks/run.py`` would need to call
     to include it."""
-    from greenpool.throwaway import Cluster
-    from tests.pgbouncer import BINARY, PgBouncer, available
+    from greenpool.testing.pgbouncer import BINARY, PgBouncer, available
+    from greenpool.testing.postgres import Cluster
 
     if not available():
         raise SystemExit(f"PgBouncer not found at {BINARY} (apt-get install pgbouncer)")

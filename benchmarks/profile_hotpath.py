@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from greenpool.throwaway import Cluster
+from greenpool.testing.postgres import Cluster
 
 LOOPS = 20000
 

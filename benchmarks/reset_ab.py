@@ -34,7 +34,7 @@ patch_psycopg()
 
 import greenpool  # noqa: E402
 from greenpool import sql  # noqa: E402
-from greenpool.throwaway import Cluster  # noqa: E402
+from greenpool.testing.postgres import Cluster  # noqa: E402
 
 from .adapters import Psycopg2Simple, Target  # noqa: E402
 

@@ -36,7 +36,7 @@ import gevent  # noqa: E402
 import gevent.lock  # noqa: E402
 import greenpool  # noqa: E402
 import psycopg2  # noqa: E402
-from greenpool.throwaway import Cluster  # noqa: E402
+from greenpool.testing.postgres import Cluster  # noqa: E402
 from psycopg2 import sql as pgsql  # noqa: E402
 
 HERE = Path(__file__).resolve().parent

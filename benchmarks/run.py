@@ -23,7 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from greenpool.throwaway import Cluster
+from greenpool.testing.postgres import Cluster
 
 from . import report, web
 from .adapters import ADAPTERS, Target

@@ -55,7 +55,7 @@ def main() -> int:
             import eventlet
         eventlet.monkey_patch()
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from greenpool.throwaway import Cluster
+    from greenpool.testing.postgres import Cluster
 
     from slot_model import ModelSetup, run_model
 

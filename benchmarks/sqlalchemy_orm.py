@@ -252,7 +252,7 @@ def run_suite(reps: int = 3, quick: bool = False, out: Path = HERE / "results") 
     ``benchmarks/run.py`` would need to call to include it."""
     from importlib import metadata
 
-    from greenpool.throwaway import Cluster
+    from greenpool.testing.postgres import Cluster
 
     durations = QUICK if quick else FULL
     raw: dict[str, Any] = {"reps": reps, "quick": quick, "runs": {name: [] for name in ENGINES}}

@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args(argv)
 
-    from greenpool.throwaway import Cluster, free_port
+    from greenpool.testing.postgres import Cluster, free_port
 
     results: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S")}
     with Cluster(settings={"max_connections": 100}) as cluster:

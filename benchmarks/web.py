@@ -24,7 +24,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-from greenpool.throwaway import Cluster, free_port
+from greenpool.testing.postgres import Cluster, free_port
 
 HERE = Path(__file__).resolve().parent
 EXAMPLE = HERE.parent / "examples" / "gunicorn"

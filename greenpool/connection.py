@@ -8,10 +8,14 @@ The rules come from measured driver behaviour, each kept by a test:
   a deadline of our own.
 * Anything whose state is unknown (interrupted mid-query, mid-rollback) is discarded.
 * Every round trip the pool makes is bounded (:func:`round_trip`).
+* libpq's own ``connect_timeout`` (blocking modes) counts whole seconds, at least 2
+  (:func:`libpq_connect_timeout`); a connect under way longer than :data:`STUCK_AFTER` may
+  be stuck on a server that never answers.
 
 Why one module of this length: the ways to open a connection (direct, behind a pooler,
 with a password asked for at connect) share the connect deadline, the secret scrubbing and
-the error wording.
+the error wording (:class:`ConnectError`), and the round trips on an open connection share
+their deadline with the connect's first query (:func:`behind_pooler`, :func:`bounded`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import os
 import re
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg2
 import psycopg2.extras
@@ -35,6 +39,13 @@ from .failures import Verdict, classify, no_answer, unresolvable
 from .slots import Slot
 
 logger = logging.getLogger("greenpool")
+
+T = TypeVar("T")
+
+#: seconds after which a connect under way may be stuck on a server that never answers (a
+#: black hole holds it for ``connect_timeout``): it no longer counts as serving a waiter, so
+#: the group (and the dedicated connect tasks) may start another, trying that server last
+STUCK_AFTER = 0.25
 
 _STATUS_IDLE = extensions.TRANSACTION_STATUS_IDLE
 _PSYCOPG_READY = extensions.STATUS_READY
@@ -135,7 +146,9 @@ def _escape_option(value: str) -> str:
     return value.replace("\\", "\\\\").replace(" ", "\\ ")
 
 
-def _statement_timeout_ms(endpoint: EndpointConfig, group: GroupConfig) -> int | None:
+def statement_timeout_ms(endpoint: EndpointConfig, group: GroupConfig) -> int | None:
+    """The ``statement_timeout`` a connection of ``group`` to ``endpoint`` runs with, in ms
+    (the group's, else the endpoint's; None: the server's own)."""
     seconds = group.statement_timeout
     if seconds is None:
         seconds = endpoint.statement_timeout
@@ -153,9 +166,9 @@ def connect_kwargs(
     :mod:`greenpool.pooler`), where they travel with each transaction instead.
     """
     settings: list[str] = []
-    statement_timeout_ms = _statement_timeout_ms(endpoint, group)
-    if statement_timeout_ms is not None:
-        settings.append(f"statement_timeout={statement_timeout_ms}")
+    timeout_ms = statement_timeout_ms(endpoint, group)
+    if timeout_ms is not None:
+        settings.append(f"statement_timeout={timeout_ms}")
     if endpoint.temp_buffers_mb is not None:
         settings.append(f"temp_buffers={endpoint.temp_buffers_mb}MB")
     if group.readonly:
@@ -278,20 +291,13 @@ def open_connection(
         raise ConnectError(endpoint, pooler.NONSTANDARD_STRINGS, fatal=True,
                            kind="nonstandard_strings")
     if through_pooler:
-        timeout_ms = _statement_timeout_ms(endpoint, group)
+        timeout_ms = statement_timeout_ms(endpoint, group)
         server = None
         if (timeout_ms is not None or group.readonly) and pooler.trusts_server_defaults(
                 endpoint, group.reset):  # what the server already enforces
             left = max(seconds - (time.monotonic() - started), 0.001)
-            try:
-                server = bounded(backend, left, "the server defaults query",
-                                  pooler.read_server_defaults, raw)
-            except Exception as exc:
-                close_raw(raw)
-                raise failed_behind_pooler(endpoint, exc) from None
-            except BaseException:
-                close_raw(raw)
-                raise
+            server = behind_pooler(endpoint, raw, bounded, backend, left,
+                                   "the server defaults query", pooler.read_server_defaults, raw)
         raw.greenpool_prefix = pooler.settings_prefix(timeout_ms, group.readonly, server)
         raw.greenpool_offload = backend.offload
     raw.autocommit = group.autocommit
@@ -354,8 +360,8 @@ def _open(
 ) -> Any:
     kwargs = _without_our_options(endpoint, kwargs) if through_pooler else dict(kwargs)
     factory = _PoolerConnection if through_pooler else _Connection
-    # Blocking modes: libpq's own timeout works there (whole seconds, at least 2).
-    kwargs["connect_timeout"] = max(2, int(seconds + 0.999))
+    # Blocking modes: libpq's own timeout works there
+    kwargs["connect_timeout"] = libpq_connect_timeout(seconds)
     deadline = _Deadline()
     # Each failure is raised after its ``except`` block, so the driver's exception is not even
     # the ``__context__`` of ours: its message may echo a conninfo value.
@@ -450,6 +456,27 @@ def close_raw(raw: Any) -> None:
         raw.close()
     except Exception:
         pass
+
+
+def libpq_connect_timeout(seconds: float) -> int:
+    """libpq's own ``connect_timeout`` for a connect bounded by ``seconds``: whole seconds,
+    at least 2 (libpq waits 2 s when told 1), so also the longest a blocking connect told
+    ``seconds`` may take."""
+    return max(2, int(seconds + 0.999))
+
+
+def behind_pooler(endpoint: EndpointConfig, raw: Any, call: Callable[..., T], *args: Any) -> T:
+    """``call(*args)``: a first query through a pooler on the fresh ``raw``. Its failure is
+    judged like a failed connect (:func:`failed_behind_pooler`); on any way out but a
+    return, ``raw`` is closed."""
+    try:
+        return call(*args)
+    except Exception as exc:
+        close_raw(raw)
+        raise failed_behind_pooler(endpoint, exc) from None
+    except BaseException:
+        close_raw(raw)
+        raise
 
 
 def failed_behind_pooler(endpoint: EndpointConfig, exc: BaseException) -> ConnectError:

@@ -45,15 +45,15 @@ from .config import GroupConfig
 from .connection import (
     ConnectError,
     PooledConnection,
+    behind_pooler,
     close_quietly,
-    close_raw,
     connect_kwargs,
-    failed_behind_pooler,
     is_pooled,
     open_connection,
 )
 from .endpoint import QUARANTINED, STANDBY, UNKNOWN, Endpoint
 from .errors import ConnectFailed, NoHealthyEndpoint
+from .events import no_event
 from .placement import connect_order, where_to_be
 from .roles import EXPLORE_WAIT, fits, read_role, role_of, unexplored
 from .slots import Slot
@@ -64,10 +64,6 @@ logger = logging.getLogger("greenpool")
 _monotonic = time.monotonic
 _RECHECK_PAUSE = 0.02  # seconds between looks while no endpoint may take a connect
 _LIFETIME_JITTER = 0.1  # up to 10 % shorter, so connections opened together do not expire together
-
-
-def _no_event(kind: str, detail: str) -> None:
-    pass
 
 
 class Slots(Protocol):
@@ -114,7 +110,7 @@ class Connector:
         #: True while the latest finished round of attempts found no endpoint to take one
         self.failing = False
         #: told ``(kind, detail)`` when ``failing`` flips (``greenpool.events``)
-        self.on_event: Callable[[str, str], None] = _no_event
+        self.on_event: Callable[[str, str], None] = no_event
         self._tasks: set[Task] = set()
         #: every connection this connector opened and has not seen collected: after fork
         #: the child silences them all, idle, lent or in transit (being checked or reset)
@@ -515,14 +511,8 @@ class Connector:
         like a failed connect (PgBouncer's ``server login has been failing``,
         ``query_wait_timeout``, a missing server database ...); ``raw`` is then closed."""
         config = endpoint.config
-        try:
-            report = read_role(raw, self._backend, config.connect_timeout)
-        except Exception as exc:
-            close_raw(raw)
-            raise failed_behind_pooler(config, exc) from None
-        except BaseException:
-            close_raw(raw)
-            raise
+        report = behind_pooler(config, raw, read_role, raw, self._backend,
+                               config.connect_timeout)
         endpoint.observe(report)
         return report.role
 

@@ -39,6 +39,7 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from .config import EndpointConfig
+from .events import no_event
 
 logger = logging.getLogger("greenpool")
 
@@ -62,10 +63,6 @@ _ranks = itertools.count()  # endpoints are made in configuration order: the las
 
 
 def _nothing() -> None:
-    pass
-
-
-def _no_event(kind: str, detail: str) -> None:
     pass
 
 
@@ -136,7 +133,7 @@ class Endpoint:
         #: they open is retired after one loan
         self.retire_before = 0.0
         #: told ``(kind, detail)`` of each state change (``greenpool.events``; never blocks)
-        self.on_event: Callable[[str, str], None] = _no_event
+        self.on_event: Callable[[str, str], None] = no_event
         #: the smallest ``max_lag`` of the groups that use it: beyond it, a "lagging" event
         self.lag_alert: float | None = None
         self.last_error: str | None = None

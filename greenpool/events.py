@@ -36,6 +36,10 @@ KINDS = ("quarantined", "back", "promoted", "demoted", "lagging", "caught_up", "
          "cannot_connect", "connected")
 
 
+def no_event(kind: str, detail: str) -> None:
+    """The ``on_event`` of an endpoint or connector that nobody listens to yet."""
+
+
 @dataclass(frozen=True)
 class PoolEvent:
     """One state change. ``endpoint`` is the endpoint's label (``host:port/dbname``, never a

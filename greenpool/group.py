@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 from .borrow_return import check_on_borrow, reset_on_return
 from .concurrency.backend import Backend
 from .config import GroupConfig
+from .connection import STUCK_AFTER as _STUCK_AFTER
 from .connection import PooledConnection, close_quietly, silence_inherited
 from .connector import Connector
 from .endpoint import STANDBY, UNKNOWN, UP, Endpoint
@@ -67,7 +68,6 @@ TRAVELS = ("autocommit", "readonly", "statement_timeout", "row_factory", "config
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _MOVES_IN_FLIGHT = 2  # a connection moves only while fewer connects than this are under way
-_STUCK_AFTER = 0.25  # seconds: a connect under way this long may be stuck (_wants_connect)
 _SPREAD_EVERY = 1.0  # seconds between a non-threaded group's looks for where to spread
 #: ``PooledConnection.expires`` of a connection to retire when it comes back (drain, an
 #: endpoint removed, a setting that travels with the connection changed)

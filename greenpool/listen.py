@@ -59,7 +59,7 @@ import psycopg2
 from psycopg2 import sql
 
 from .concurrency import Backend, Waiter
-from .connection import PooledConnection, round_trip
+from .connection import PooledConnection, libpq_connect_timeout, round_trip
 from .endpoint import UNKNOWN
 from .errors import PoolClosed, PoolError, PoolTimeout
 from .exclusive import ExclusiveSlots
@@ -316,8 +316,7 @@ class _Hub:
         waiter.wait(max(self.busy_until - time.monotonic(), 0.0) + _END_MARGIN)
 
     def _bounded_by(self, seconds: float) -> None:
-        """The reader is about to block for at most ``seconds`` (libpq waits at least 2 s
-        for a connect, whatever ``connect_timeout`` says)."""
+        """The reader is about to block for at most ``seconds``."""
         self.busy_until = time.monotonic() + seconds
 
     def close(self) -> None:
@@ -549,7 +548,7 @@ class _Hub:
             return
         slowest = max((e.config.connect_timeout for e in self.group.connector.endpoints),
                       default=0.0)
-        self._bounded_by(budget + max(slowest, 2.0) + 0.5)
+        self._bounded_by(budget + libpq_connect_timeout(slowest) + 0.5)
         try:
             pc = self.slots.open(time.monotonic() + budget, caller_waits=first)
         except (PoolError, psycopg2.Error) as exc:

@@ -328,7 +328,7 @@ class Pool:
 
     def _room_needed(self, endpoint: Endpoint) -> int:
         """Server connection slots on ``endpoint`` the groups may still need: a dedicated
-        connection may take only what is left over (see exclusive.py)."""
+        connection may take only what is left over (see exclusive/capacity.py)."""
         return sum(missing_connections(group) for group in self._groups.values()
                    if group.uses(endpoint))
 

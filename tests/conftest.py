@@ -31,7 +31,10 @@ from typing import Any  # noqa: E402
 import pytest  # noqa: E402
 from faults import BlackHole  # noqa: E402
 
-from greenpool.throwaway import Cluster  # noqa: E402
+from greenpool.testing.postgres import Cluster  # noqa: E402
+
+# pg and pg_factory: the public fixtures, imported after the monkey-patching above
+pytest_plugins = ["greenpool.testing.fixtures"]
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -74,39 +77,6 @@ def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> bool | None:
 def mode() -> str:
     """The concurrency mode of this test process: gevent, threaded or eventlet."""
     return MODE
-
-
-@pytest.fixture(scope="session")
-def pg() -> Iterator[Cluster]:
-    """One started throwaway cluster shared by the whole session; do not stop it in tests."""
-    with Cluster() as cluster:
-        yield cluster
-
-
-@pytest.fixture
-def pg_factory() -> Iterator[Callable[..., Cluster]]:
-    """``make(start=True, standby_of=None, **Cluster_kwargs)``: extra clusters, gone after the test.
-
-    Use these for anything destructive (stop, restart, promote); ``standby_of=primary``
-    returns a started streaming standby of ``primary``.
-    """
-    made: list[Cluster] = []
-
-    def make(start: bool = True, standby_of: Cluster | None = None, **kw: Any) -> Cluster:
-        if standby_of is not None:
-            cluster = standby_of.make_standby(**kw)
-            made.append(cluster)
-            return cluster
-        cluster = Cluster(**kw)
-        made.append(cluster)
-        cluster.init()
-        if start:
-            cluster.start()
-        return cluster
-
-    yield make
-    for cluster in reversed(made):
-        cluster.destroy()
 
 
 @pytest.fixture

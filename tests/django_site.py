@@ -13,7 +13,7 @@ from typing import Any
 
 from modes import MODE
 
-from greenpool.throwaway import Cluster
+from greenpool.testing.postgres import Cluster
 
 PROJECT = Path(__file__).resolve().parent / "django_project"
 APP_NAME = "greenpool-django-tests"

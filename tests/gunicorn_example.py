@@ -17,7 +17,7 @@ from typing import Any
 from modes import MODE
 
 import greenpool
-from greenpool.throwaway import Cluster
+from greenpool.testing.postgres import Cluster
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "gunicorn"
 APP = "greenpool-listen-test"  # the example's application_name

@@ -61,7 +61,7 @@ from modes import GREEN, MODE, sleep, spawn
 from greenpool import Pool
 from greenpool.connection import PooledConnection, round_trip
 from greenpool.errors import PoolError
-from greenpool.throwaway import Cluster
+from greenpool.testing.postgres import Cluster
 
 GROUPS = ("rw", "any")
 ROLES = {"rw": "primary", "any": "any"}

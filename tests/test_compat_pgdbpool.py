@@ -26,7 +26,7 @@ from modes import Timeout, join_all, spawn, wait_until
 import greenpool
 import greenpool.compat.pgdbpool as dbpool  # README §5.3: `import pgdbpool as dbpool`
 from greenpool.compat.pgdbpool import pool as pool_module  # examples.rst / tests' form
-from greenpool.throwaway import free_port
+from greenpool.testing.postgres import free_port
 
 
 @pytest.fixture

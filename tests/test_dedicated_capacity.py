@@ -25,10 +25,10 @@ from delayproxy import DelayProxy
 from endpoints import label
 from faults import BlackHole
 from modes import MODE, join_all, sleep, spawn, wait_until
-from pgbouncer import available as pgbouncer_available
 
 from greenpool import NoHealthyEndpoint, PoolError, PoolTimeout
-from greenpool.throwaway import free_port
+from greenpool.testing.pgbouncer import available as pgbouncer_available
+from greenpool.testing.postgres import free_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -156,7 +156,7 @@ def test_an_undeclared_pooler_is_refused_for_dedicated_connections(make_pool, pg
     not the session's, so exclusive() and listen() refuse with a PoolError that names the
     pooler and the ``pooler: 'session'`` key, and leave no slot taken. (A transaction-mode
     listener would otherwise hear nothing.) Pooled loans through it still work."""
-    from pgbouncer import PgBouncer
+    from greenpool.testing.pgbouncer import PgBouncer
 
     with PgBouncer(pg, pool_mode=pool_mode, max_client_conn=50) as bouncer:
         pool = make_pool({"g": {"exclusive_limit": 2}}, db=bouncer.endpoint(),

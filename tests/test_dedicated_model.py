@@ -29,7 +29,7 @@ from hypothesis.stateful import (
 from modes import GREEN, MODE, Timeout, join_all, spawn, wait_until
 
 from greenpool import Pool, PoolError
-from greenpool.throwaway import Cluster
+from greenpool.testing.postgres import Cluster
 
 APP = "greenpool-dedicated-model"
 LIMIT = 16  # more than the server can spare: the room rule, not the limit, holds them back

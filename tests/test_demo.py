@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 from modes import MODE
 
+from greenpool.testing.processes import pids_naming
+
 
 @pytest.mark.skipif(MODE != "gevent", reason="runs once, in the gevent test process")
 def test_demo_runs_a_failover_and_reports_it():
@@ -49,19 +51,6 @@ def _alive(pid: int) -> bool:
     return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
 
 
-def _naming(root: str) -> list[int]:
-    """PIDs whose command line names ``root`` (initdb, pg_basebackup, postgres -D ...)."""
-    needle = (root + "/").encode()
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if needle in cmdline.read_bytes():
-                found.append(int(cmdline.parent.name))
-        except OSError:
-            continue
-    return found
-
-
 def _tool_running(tool: bytes, needle: bytes) -> bool:
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
@@ -86,13 +75,13 @@ def _assert_gone(out: str) -> None:
     assert roots, out
     for root in roots:
         assert not Path(root).exists(), f"{root} left behind"
-        assert _naming(root) == [], f"processes still use {root}"
+        assert pids_naming(Path(root)) == [], f"processes still use {root}"
     for pid in pids:
         assert not _alive(pid), f"postmaster {pid} still running"
 
 
 def _pg_ctl_status(root: str) -> int:
-    from greenpool.throwaway import find_pg_bin
+    from greenpool.testing.postgres import find_pg_bin
 
     return subprocess.run([str(find_pg_bin() / "pg_ctl"), "status", "-D", f"{root}/data"],
                           capture_output=True, timeout=30, check=False).returncode
@@ -124,7 +113,7 @@ def test_a_signal_at_any_step_stops_and_removes_both_servers(sig: signal.Signals
         pids = [int(p) for p in PID.findall(out)]
         assert len(pids) == servers and all(_alive(p) for p in pids), out
         if step == "initdb":  # initdb itself is running
-            wait_for(lambda: _naming(ROOT.findall(out)[0]))
+            wait_for(lambda: pids_naming(Path(ROOT.findall(out)[0])))
         elif step == "pg_basebackup":  # pg_basebackup itself is running
             port = re.findall(r"127\.0\.0\.1:(\d+)", out)[0]
             wait_for(lambda: _tool_running(b"pg_basebackup", f"-p\0{port}\0".encode()))

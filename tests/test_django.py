@@ -32,7 +32,7 @@ from django_site import (
 from modes import MODE, Task, join_all, spawn, wait_until
 
 import greenpool
-from greenpool.throwaway import Cluster
+from greenpool.testing.postgres import Cluster
 
 django = pytest.importorskip("django")
 

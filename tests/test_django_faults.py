@@ -10,7 +10,7 @@ import pytest
 from django_site import APP_NAME, backend_pid, group_stats
 from modes import MODE, join_all, spawn, wait_until
 
-from greenpool.throwaway import Cluster
+from greenpool.testing.postgres import Cluster
 
 django = pytest.importorskip("django")
 

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from modes import MODE, wait_until
 
-from greenpool.throwaway import Cluster, free_port
+from greenpool.testing.postgres import Cluster, free_port
 
 pytestmark = [
     pytest.mark.skipif(MODE != "gevent", reason="drives gunicorn from greenlets: gevent mode"),

@@ -24,9 +24,9 @@ from typing import Any
 import psycopg2
 import pytest
 from modes import MODE
-from pgbouncer import PgBouncer, available
 
-from greenpool.throwaway import Cluster
+from greenpool.testing.pgbouncer import PgBouncer, available
+from greenpool.testing.postgres import Cluster
 
 django = pytest.importorskip("django")
 

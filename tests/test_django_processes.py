@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from modes import MODE
 
-from greenpool.throwaway import Cluster
+from greenpool.testing.postgres import Cluster
 
 django = pytest.importorskip("django")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from greenpool.throwaway import Cluster
+from greenpool.testing.postgres import Cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 FENCE = re.compile(r"^(\s*)(`{3,})\s*(\w*)\s*$")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from greenpool.throwaway import Cluster, free_port
+from greenpool.testing.postgres import Cluster, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = re.compile(r"^```python\n(.*?)^```$", re.M | re.S)

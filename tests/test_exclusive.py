@@ -315,7 +315,7 @@ def test_an_interrupt_while_its_connect_task_starts_leaves_no_waiter_and_no_sess
     finally:
         del backend.spawn
     slots = pool._exclusive["g"]
-    assert len(slots._wanting) == 0
+    assert slots.connects.waiting == 0
     wait_until(lambda: group_stats(pool)["exclusive_connecting"] == 0, 10, "the task to end")
     assert group_stats(pool)["exclusive_open"] == 0
     assert server_conns(application_name=APP, expect=0) == 0

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 from listening import group_stats, sessions
 from modes import GREEN, Timeout, join_all, spawn, wait_until
-from pgbouncer import available as pgbouncer_available
+
+from greenpool.testing.pgbouncer import available as pgbouncer_available
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -86,9 +87,8 @@ def test_a_transaction_pooler_cannot_give_a_session_and_says_so(make_pool, pg):
     transaction may run on another server connection): a LISTEN there would silently hear
     nothing, a session advisory lock would be held by a stranger. exclusive() and listen()
     refuse at once, naming the endpoint and the ``pooler`` key; session mode works."""
-    from pgbouncer import PgBouncer
-
     from greenpool import PoolError
+    from greenpool.testing.pgbouncer import PgBouncer
 
     with PgBouncer(pg, pool_mode="transaction", max_client_conn=50) as tx, \
             PgBouncer(pg, pool_mode="session", max_client_conn=50) as session:

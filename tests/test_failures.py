@@ -19,12 +19,12 @@ from typing import Any
 
 import psycopg2
 import pytest
-from pgbouncer import PgBouncer, available
 
 from greenpool import ConnectFailed, PoolTimeout, parse_config
 from greenpool.concurrency import backend_for
 from greenpool.connection import ConnectError, connect_kwargs, open_connection
-from greenpool.throwaway import Cluster, free_port
+from greenpool.testing.pgbouncer import PgBouncer, available
+from greenpool.testing.postgres import Cluster, free_port
 
 # --- real servers -----------------------------------------------------------------------------
 

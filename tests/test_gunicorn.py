@@ -25,7 +25,7 @@ from gunicorn_example import loaded
 from modes import MODE
 
 import greenpool.config
-from greenpool.throwaway import Cluster, free_port
+from greenpool.testing.postgres import Cluster, free_port
 
 pytestmark = [
     pytest.mark.skipif(MODE != "gevent", reason="drives gunicorn from greenlets: gevent mode"),

@@ -611,7 +611,7 @@ def test_a_listener_collected_unclosed_gives_the_slot_back_to_exclusive(make_poo
 def test_a_failed_first_connect_gives_the_slot_back_in_every_mode(make_pool, pg):
     """Nobody listens on the endpoint's port: listen() raises the connect's error, and the
     slot is free again at once (non-threaded mode has no reader task to give it back)."""
-    from greenpool.throwaway import free_port
+    from greenpool.testing.postgres import free_port
 
     for mode in {MODE, "non-threaded"}:
         pool = make_pool({"g": {"exclusive_limit": 1, "timeout": 1}}, type=mode,
@@ -970,7 +970,7 @@ def test_the_example_under_gunicorn_streams_a_note_and_drops_a_client_that_left(
     import sys
 
     pytest.importorskip("gunicorn")
-    from greenpool.throwaway import free_port
+    from greenpool.testing.postgres import free_port
 
     app_name = "greenpool-listen-gunicorn"
     name = "listen_example_gunicorn"
@@ -1054,7 +1054,7 @@ class GunicornExample:
         import subprocess
         import sys
 
-        from greenpool.throwaway import free_port
+        from greenpool.testing.postgres import free_port
 
         self.app_name = app_name
         name = app_name.replace("-", "_")

@@ -1,5 +1,5 @@
 """Failover drills under load against a real Patroni cluster
-(greenpool.throwaway_patroni): one etcd, three PostgreSQL nodes with ``synchronous_mode:
+(greenpool.testing.patroni): one etcd, three PostgreSQL nodes with ``synchronous_mode:
 true``, HAProxy in front.
 
 One cluster serves the whole module (it takes ~10 s to start); before each drill the
@@ -24,7 +24,7 @@ from modes import MODE
 from patroni_load import TABLE, Load, wait_for
 
 from greenpool import Pool
-from greenpool.throwaway_patroni import PatroniCluster, PatroniNode, missing
+from greenpool.testing.patroni import PatroniCluster, PatroniNode, missing
 
 pytestmark = pytest.mark.timeout(240)
 #: eventlet runs the kill drill (direct endpoints) only, to keep CI within its budget (the

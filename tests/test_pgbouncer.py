@@ -20,12 +20,12 @@ import psycopg2
 import psycopg2.errors
 import pytest
 from modes import wait_until
-from pgbouncer import PgBouncer, available
 
 from greenpool import ConnectFailed, NoHealthyEndpoint, Pool, PoolError
 from greenpool.connection import is_pooled
 from greenpool.roles import role_of
-from greenpool.throwaway import Cluster
+from greenpool.testing.pgbouncer import PgBouncer, available
+from greenpool.testing.postgres import Cluster
 
 pytestmark = pytest.mark.skipif(not available(), reason="/usr/sbin/pgbouncer not installed")
 

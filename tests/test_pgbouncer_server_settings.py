@@ -22,10 +22,10 @@ import psycopg2
 import psycopg2.errors
 import pytest
 from modes import MODE
-from pgbouncer import PgBouncer, available
 
 from greenpool import Pool
-from greenpool.throwaway import Cluster
+from greenpool.testing.pgbouncer import PgBouncer, available
+from greenpool.testing.postgres import Cluster
 
 pytestmark = pytest.mark.skipif(not available(), reason="/usr/sbin/pgbouncer not installed")
 

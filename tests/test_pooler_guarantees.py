@@ -21,10 +21,10 @@ from typing import Any
 import psycopg2
 import psycopg2.errors
 import pytest
-from pgbouncer import PgBouncer, available
 
 from greenpool import Pool
-from greenpool.throwaway import Cluster
+from greenpool.testing.pgbouncer import PgBouncer, available
+from greenpool.testing.postgres import Cluster
 
 TABLE = "greenpool_pooled_never"
 

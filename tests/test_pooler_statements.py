@@ -15,10 +15,10 @@ from typing import Any
 import psycopg2
 import psycopg2.errors
 import pytest
-from pgbouncer import PgBouncer, available
 
 from greenpool import ConnectFailed, Pool
-from greenpool.throwaway import Cluster
+from greenpool.testing.pgbouncer import PgBouncer, available
+from greenpool.testing.postgres import Cluster
 
 pytestmark = pytest.mark.skipif(not available(), reason="/usr/sbin/pgbouncer not installed")
 

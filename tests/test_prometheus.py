@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from modes import join_all, spawn
 
-from greenpool.throwaway import free_port
+from greenpool.testing.postgres import free_port
 
 prometheus_client = pytest.importorskip("prometheus_client")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402

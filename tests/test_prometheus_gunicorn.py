@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from modes import MODE
 
-from greenpool.throwaway import free_port
+from greenpool.testing.postgres import free_port
 
 pytestmark = [
     pytest.mark.skipif(MODE != "gevent", reason="drives gunicorn once, from the gevent run"),

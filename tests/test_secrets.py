@@ -18,7 +18,7 @@ from leaks import PASSWORD, WRONG, assert_no_secret
 from leaks import secret_endpoint as endpoint
 
 from greenpool import Pool, PoolError
-from greenpool.throwaway import Cluster, free_port
+from greenpool.testing.postgres import Cluster, free_port
 
 
 def assert_clean_logs(caplog: pytest.LogCaptureFixture) -> None:

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from psycopg2 import sql as pgsql
 
 from greenpool.sessionstate import changes_session
-from greenpool.throwaway import Cluster
+from greenpool.testing.postgres import Cluster
 
 CHANGING = [
     "SET search_path TO x", "set statement_timeout = 0", "RESET ALL", "SET ROLE r",

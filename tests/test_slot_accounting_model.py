@@ -22,7 +22,7 @@ from modes import MODE, wait_until
 from slot_model import ModelSetup, run_model
 
 from greenpool import Pool
-from greenpool.throwaway import Cluster
+from greenpool.testing.postgres import Cluster
 
 #: shrinking a failure replays it many times: then the tests get more time
 SHRINKING = os.environ.get("GREENPOOL_MODEL_SHRINK") == "1"

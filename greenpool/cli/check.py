@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from ..config import PoolConfig
-from ..connection import ConnectError, _statement_timeout_ms, connect_kwargs, open_connection
+from ..connection import ConnectError, connect_kwargs, open_connection, statement_timeout_ms
 from ..endpoint import PRIMARY, STANDBY, UNKNOWN
 from ..pooler import (
     NONE,
@@ -116,7 +116,7 @@ def run(path: str | None) -> int:
         for i in members:  # through a pooler: must the settings travel per transaction?
             if rows[i].get("server_defaults") is not None:
                 print(f"  through {rows[i]['endpoint']}: " + prefix_verdict(
-                    _statement_timeout_ms(config.endpoints[i], group), group.readonly,
+                    statement_timeout_ms(config.endpoints[i], group), group.readonly,
                     rows[i]["server_defaults"],
                     trusts_server_defaults(config.endpoints[i], group.reset)))
     return FAILED if failing else OK

@@ -44,7 +44,8 @@ def run(dsn: str | None, clients: int, seconds: float) -> int:
 
     Whatever ends it (the normal end, an error at any step, SIGINT/SIGTERM turned into
     :class:`~greenpool.cli.process.Interrupted` by the command line), the ``finally`` below stops
-    and removes every throwaway server this process started, by PID (see throwaway.py).
+    and removes every throwaway server this process started, by PID
+    (see :mod:`greenpool.testing.postgres`).
     """
     from gevent import monkey
 
@@ -52,7 +53,7 @@ def run(dsn: str | None, clients: int, seconds: float) -> int:
     import gevent
 
     import greenpool
-    from greenpool.throwaway import ClusterError, PostgresNotFound, destroy_all
+    from greenpool.testing.postgres import ClusterError, PostgresNotFound, destroy_all
 
     log = logging.getLogger("greenpool")
     timeline = _Timeline(time.monotonic())
@@ -90,7 +91,7 @@ def run(dsn: str | None, clients: int, seconds: float) -> int:
 def _servers(dsn: str | None, clusters: list[Any]) -> list[Any]:
     """The endpoints to load: ``dsn``, or a throwaway primary and its synchronous standby
     (appended to ``clusters`` as soon as each exists)."""
-    from greenpool.throwaway import Cluster
+    from greenpool.testing.postgres import Cluster
 
     if dsn:
         _say("using the server in --dsn/GREENPOOL_DSN (no failover without a standby)")

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from greenpool.throwaway import Cluster
+from greenpool.testing.postgres import Cluster
 
 NO_SERVER = "tests/unit runs without a server: a test that needs one belongs in tests/"
 

@@ -1,6 +1,6 @@
 """A throwaway Patroni cluster on free loopback ports: one etcd, three PostgreSQL nodes, HAProxy.
 
-The testing helper beside :mod:`greenpool.throwaway` (kept apart so that module stays small)
+The testing helper beside :mod:`greenpool.testing.postgres` (kept apart so it stays small)
 for failover drills the way production runs them: a high-availability orchestrator elects,
 fences, demotes, rewinds and re-admits the servers, and optionally an HAProxy in front asks
 Patroni's REST API which node is the leader (``/primary``) or a replica (``/replica``).
@@ -25,7 +25,6 @@ import contextlib
 import glob
 import json
 import os
-import pwd
 import shutil
 import signal
 import subprocess
@@ -40,14 +39,14 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 
-from greenpool.throwaway import (
-    SERVER_OS_USER,
-    PostgresNotFound,
-    _alive,
-    _pids_naming,
-    _stop_pid,
-    find_pg_bin,
-    free_port,
+from greenpool.testing.postgres import PostgresNotFound, find_pg_bin, free_port
+from greenpool.testing.processes import (
+    alive,
+    as_owner,
+    give_to,
+    pids_naming,
+    server_owner,
+    stop_pid,
 )
 
 __all__ = ["PatroniCluster", "PatroniError", "PatroniNode", "destroy_all", "missing"]
@@ -177,7 +176,7 @@ class PatroniNode:
             pid = int((self.datadir / "postmaster.pid").read_text().split("\n", 1)[0])
         except (OSError, ValueError):
             return None
-        return pid if _alive(pid) else None
+        return pid if alive(pid) else None
 
     @property
     def patroni_pid(self) -> int | None:
@@ -205,7 +204,7 @@ class PatroniNode:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         for pid in pids:
-            _stop_pid(pid, signal.SIGKILL, STOP_WAIT)
+            stop_pid(pid, signal.SIGKILL, STOP_WAIT)
         if self.proc is not None:
             with contextlib.suppress(Exception):
                 self.proc.wait(STOP_WAIT)
@@ -225,15 +224,15 @@ class PatroniNode:
         if pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
-            _stop_pid(pid, signal.SIGTERM, STOP_WAIT)
+            stop_pid(pid, signal.SIGTERM, STOP_WAIT)
             with contextlib.suppress(Exception):
                 assert self.proc is not None
                 self.proc.wait(STOP_WAIT)
         postmaster = self.postmaster_pid
         if postmaster is not None:
-            _stop_pid(postmaster, signal.SIGQUIT, STOP_WAIT)
-        for other in _pids_naming(self.root):
-            _stop_pid(other, signal.SIGKILL, STOP_WAIT)
+            stop_pid(postmaster, signal.SIGQUIT, STOP_WAIT)
+        for other in pids_naming(self.root):
+            stop_pid(other, signal.SIGKILL, STOP_WAIT)
 
     def config(self, scope: str, etcd_port: int, bin_dir: str, bootstrap: dict[str, Any],
                socket_dir: str) -> dict[str, Any]:
@@ -307,7 +306,7 @@ class PatroniCluster:
         # short: PostgreSQL's Unix socket paths are limited to ~107 bytes
         self.root = Path(tempfile.mkdtemp(prefix="gp-patroni-"))
         self.scope = "greenpool-" + self.root.name.rsplit("-", 1)[-1]
-        self._owner = pwd.getpwnam(SERVER_OS_USER) if os.geteuid() == 0 else None
+        self._owner = server_owner()
         self._procs: list[subprocess.Popen[bytes]] = []
         self.etcd_port = free_port(HOST)
         self.etcd_peer_port = free_port(HOST)
@@ -317,7 +316,7 @@ class PatroniCluster:
         self.primary_port = free_port(HOST) if haproxy else 0
         self.replica_port = free_port(HOST) if haproxy else 0
         self.nodes = [PatroniNode(self, i) for i in range(nodes)]
-        self._chown(self.root)
+        give_to(self._owner, self.root)
         _live.add(self)
 
     def __repr__(self) -> str:
@@ -368,12 +367,12 @@ class PatroniCluster:
         }
         for node in self.nodes:
             node.root.mkdir()
-            self._chown(node.root)
+            give_to(self._owner, node.root)
             text = _yaml(node.config(self.scope, self.etcd_port, str(self.bin), bootstrap,
                                      str(node.root)))
             node.config_file.touch(mode=0o600)  # it holds the passwords
             node.config_file.write_text(text + "\n")
-            self._chown(node.config_file)
+            give_to(self._owner, node.config_file)
         self.nodes[0].start()
         self.wait_for(lambda: self.leader() is self.nodes[0], START_TIMEOUT,
                       "the first node to bootstrap and lead")
@@ -393,12 +392,12 @@ class PatroniCluster:
                 if proc is not None and proc.poll() is None:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(proc.pid, signal.SIGCONT)
-                    _stop_pid(proc.pid, signal.SIGTERM, STOP_WAIT)
+                    stop_pid(proc.pid, signal.SIGTERM, STOP_WAIT)
             for proc in self._procs:
                 with contextlib.suppress(Exception):
                     proc.wait(STOP_WAIT)
-            for other in _pids_naming(self.root):
-                _stop_pid(other, signal.SIGKILL, STOP_WAIT)
+            for other in pids_naming(self.root):
+                stop_pid(other, signal.SIGKILL, STOP_WAIT)
         finally:
             _live.discard(self)
             shutil.rmtree(self.root, ignore_errors=True)
@@ -537,18 +536,12 @@ class PatroniCluster:
 
     # -- plumbing -----------------------------------------------------------------------
 
-    def _chown(self, path: Path) -> None:
-        if self._owner is not None:
-            os.chown(path, self._owner.pw_uid, self._owner.pw_gid)
-
     def _spawn(self, args: list[str], log: Any, as_server_user: bool,
                cwd: Path) -> subprocess.Popen[bytes]:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("PG", "PATRONI", "ETCD", "PYTHON"))}
         env.update(LC_ALL="C.UTF-8", LANG="C.UTF-8", TMPDIR=str(cwd), HOME=str(cwd))
-        kw: dict[str, Any] = {}
-        if as_server_user and self._owner is not None:
-            kw = {"user": self._owner.pw_uid, "group": self._owner.pw_gid, "extra_groups": []}
+        kw = as_owner(self._owner if as_server_user else None)
         proc = subprocess.Popen(args, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True, **kw)
         self._procs.append(proc)
@@ -585,7 +578,7 @@ class PatroniCluster:
         ``inter 3s fall 3 rise 2``) and this REST check for the replica listener (``/primary``
         routes it to the leader: a misrouted listener)."""
         if self.haproxy is not None and self.haproxy.poll() is None:
-            _stop_pid(self.haproxy.pid, signal.SIGTERM, STOP_WAIT)
+            stop_pid(self.haproxy.pid, signal.SIGTERM, STOP_WAIT)
             with contextlib.suppress(Exception):
                 self.haproxy.wait(STOP_WAIT)
         self._start_haproxy(checks, replica_check)

@@ -5,39 +5,39 @@ from __future__ import annotations
 
 import pytest
 
-from greenpool import throwaway_patroni
-from greenpool.throwaway import PostgresNotFound
+from greenpool.testing import patroni
+from greenpool.testing.postgres import PostgresNotFound
 
 
 def test_missing_programs_are_named_with_the_packages_to_install(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(throwaway_patroni, "_which",
+    monkeypatch.setattr(patroni, "_which",
                         lambda *names: None if names[0] in ("etcd", "haproxy") else "/bin/x")
-    reason = throwaway_patroni.missing(haproxy=True)
+    reason = patroni.missing(haproxy=True)
     assert reason is not None
     assert reason.startswith("etcd, haproxy not installed")
     assert "apt-get install patroni etcd-server haproxy" in reason
-    assert throwaway_patroni.missing(haproxy=False) == reason.replace("etcd, haproxy", "etcd")
+    assert patroni.missing(haproxy=False) == reason.replace("etcd, haproxy", "etcd")
 
 
 def test_missing_postgres_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     def no_postgres() -> None:
         raise PostgresNotFound("none")
 
-    monkeypatch.setattr(throwaway_patroni, "_which", lambda *names: "/bin/x")
-    monkeypatch.setattr(throwaway_patroni, "find_pg_bin", no_postgres)
-    reason = throwaway_patroni.missing()
+    monkeypatch.setattr(patroni, "_which", lambda *names: "/bin/x")
+    monkeypatch.setattr(patroni, "find_pg_bin", no_postgres)
+    reason = patroni.missing()
     assert reason is not None and reason.startswith("the PostgreSQL server binaries")
 
 
 def test_a_cluster_is_refused_with_that_reason(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(throwaway_patroni, "_which", lambda *names: None)
-    with pytest.raises(throwaway_patroni.PatroniError, match="patroni, patronictl, etcd"):
-        throwaway_patroni.PatroniCluster()
+    monkeypatch.setattr(patroni, "_which", lambda *names: None)
+    with pytest.raises(patroni.PatroniError, match="patroni, patronictl, etcd"):
+        patroni.PatroniCluster()
 
 
 def test_config_yaml_nests_maps_and_lists() -> None:
-    text = throwaway_patroni._yaml({"a": {"b": 1, "c": ["x y", {"k": "v"}]}, "d": {}, "e": True})
+    text = patroni._yaml({"a": {"b": 1, "c": ["x y", {"k": "v"}]}, "d": {}, "e": True})
     assert text.splitlines() == ['a:', '  b: 1', '  c:', '    - "x y"', '    - {"k": "v"}',
                                  'd: {}', 'e: true']

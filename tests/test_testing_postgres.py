@@ -13,7 +13,8 @@ import psycopg2
 import pytest
 from faults import BlackHole, Ticker
 
-from greenpool.throwaway import Cluster, ClusterError, PostgresNotFound, find_pg_bin
+from greenpool.testing.postgres import Cluster, ClusterError, PostgresNotFound, find_pg_bin
+from greenpool.testing.processes import pids_naming
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, step: float = 0.05) -> Any:
@@ -160,18 +161,6 @@ def test_ticker_sees_a_blocked_hub(mode: str) -> None:
     assert ticker.stop() >= 0.29
 
 
-def _naming(root: Any) -> list[int]:
-    needle = (str(root) + "/").encode()
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if needle in cmdline.read_bytes():
-                found.append(int(cmdline.parent.name))
-        except OSError:
-            continue
-    return found
-
-
 def test_an_interrupted_initdb_is_killed_with_its_children(mode: str) -> None:
     """A BaseException while initdb runs (thrown into the caller, as a signal handler's
     exception would be): the tool's whole process group is gone before the exception goes
@@ -184,7 +173,7 @@ def test_an_interrupted_initdb_is_killed_with_its_children(mode: str) -> None:
     main = gevent.getcurrent()
 
     def interrupt_once_initdb_runs() -> None:
-        while not _naming(cluster.root):
+        while not pids_naming(cluster.root):
             gevent.sleep(0.005)
         main.throw(KeyboardInterrupt)
 
@@ -192,17 +181,17 @@ def test_an_interrupted_initdb_is_killed_with_its_children(mode: str) -> None:
     try:
         with pytest.raises(KeyboardInterrupt):
             cluster.init()
-        assert _naming(cluster.root) == []  # initdb and its postgres children are gone
+        assert pids_naming(cluster.root) == []  # initdb and its postgres children are gone
     finally:
         interrupter.kill()
         cluster.destroy()
     assert not cluster.root.exists()
-    assert _naming(cluster.root) == []
+    assert pids_naming(cluster.root) == []
 
 
 FORKED_CHILD_EXITS = """
 import os, sys
-from greenpool.throwaway import Cluster
+from greenpool.testing.postgres import Cluster
 cluster = Cluster()
 cluster.init()
 cluster.start()
@@ -229,3 +218,54 @@ def test_a_forked_child_that_exits_normally_leaves_the_parents_cluster_running(
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["0", "True", "True"], done.stdout + done.stderr
+
+
+USERS_CONFTEST = 'pytest_plugins = ["greenpool.testing.fixtures"]\n'
+USERS_TEST = '''
+import psycopg2
+
+
+def test_a_users_test_gets_a_server(pg, pg_factory):
+    standby = pg_factory(standby_of=pg)
+    with psycopg2.connect(pg.dsn()) as conn, conn.cursor() as cur:
+        cur.execute("SELECT 1")
+        assert cur.fetchone() == (1,)
+    assert standby.execute("SELECT pg_is_in_recovery()") == [(True,)]
+    with open("roots.txt", "w") as roots:
+        roots.write(f"{pg.root}\\n{standby.root}\\n")
+'''
+
+
+def test_the_fixtures_plugin_serves_a_users_suite_that_opts_in(tmp_path: Path) -> None:
+    """A suite of its own (no greenpool conftest) that lists the plugin gets ``pg`` and
+    ``pg_factory``, and every server they started is gone when it ends."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "conftest.py").write_text(USERS_CONFTEST)
+    (tmp_path / "test_users.py").write_text(USERS_TEST)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           str(tmp_path)], capture_output=True, text=True, timeout=120,
+                          check=False, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 passed" in done.stdout
+    roots = (tmp_path / "roots.txt").read_text().split()
+    assert len(roots) == 2 and not any(Path(root).exists() for root in roots)  # both removed
+
+
+def test_without_opting_in_a_suite_has_no_pg_fixture(tmp_path: Path) -> None:
+    """Installing greenpool registers no pytest plugin: a suite that did not ask for the
+    fixtures does not get them (nor the imports they make before its own conftest runs)."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "test_users.py").write_text("def test_x(pg):\n    pass\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           str(tmp_path)], capture_output=True, text=True, timeout=120,
+                          check=False, cwd=tmp_path, env=env)
+    assert done.returncode != 0
+    assert "fixture 'pg' not found" in done.stdout

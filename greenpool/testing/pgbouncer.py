@@ -1,14 +1,15 @@
 """A real PgBouncer in front of a throwaway cluster, for the errors only a pooler produces.
 
-PgBouncer refuses to run as root, so when the tests run as root it runs as the ``postgres``
+PgBouncer refuses to run as root, so when this process is root it runs as the ``postgres``
 OS user (like the throwaway servers). It listens on a free loopback port, with a generated
-ini and userlist in a temporary directory that :meth:`PgBouncer.stop` removes.
+ini and userlist in a temporary directory that :meth:`PgBouncer.stop` removes. The binary is
+``$PGBOUNCER`` if set, else ``pgbouncer`` on ``PATH``, else Debian's ``/usr/sbin/pgbouncer``;
+:func:`available` says whether there is one, for a test to skip.
 """
 
 from __future__ import annotations
 
 import os
-import pwd
 import shutil
 import socket
 import subprocess
@@ -17,12 +18,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from greenpool.throwaway import Cluster, free_port
+from greenpool.testing.postgres import Cluster, free_port
+from greenpool.testing.processes import as_owner, give_to, server_owner
 
-BINARY = "/usr/sbin/pgbouncer"
+__all__ = ["BINARY", "PgBouncer", "available"]
+
+BINARY = (os.environ.get("PGBOUNCER") or shutil.which("pgbouncer")
+          or shutil.which("pgbouncer", path="/usr/sbin") or "/usr/sbin/pgbouncer")
 
 
 def available() -> bool:
+    """Whether :data:`BINARY` is an executable PgBouncer here."""
     return os.access(BINARY, os.X_OK)
 
 
@@ -57,12 +63,9 @@ class PgBouncer:
         ini += "".join(f"{k} = {v}\n" for k, v in self.settings.items())
         (self.root / "pgbouncer.ini").write_text(ini)
         (self.root / "userlist.txt").write_text(f'"{c.user}" "{c.password}"\n')
-        kw: dict[str, Any] = {}
-        if os.geteuid() == 0:
-            owner = pwd.getpwnam("postgres")
-            for path in (self.root, *self.root.iterdir()):
-                os.chown(path, owner.pw_uid, owner.pw_gid)
-            kw = {"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": []}
+        owner = server_owner()
+        give_to(owner, self.root, *self.root.iterdir())
+        kw = as_owner(owner)
         self._proc = subprocess.Popen([BINARY, str(self.root / "pgbouncer.ini")],
                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL, cwd=self.root, **kw)

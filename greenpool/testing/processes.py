@@ -1,0 +1,110 @@
+"""The servers' processes, for every helper here: who runs them, and how they are stopped.
+
+PostgreSQL and PgBouncer refuse to run as root, so when this process is root each server
+runs as the ``postgres`` OS user (:func:`server_owner`, :func:`as_owner`, :func:`give_to`).
+Every server is stopped by its own PID, never by name, and its leftovers are found by the
+temporary directory on their command line (:func:`pids_naming`), through ``/proc``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import pwd
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["SERVER_OS_USER", "alive", "as_owner", "give_to", "kill_group", "pids_naming",
+           "server_owner", "stop_pid"]
+
+SERVER_OS_USER = "postgres"  # who runs the servers when we are root
+
+
+def server_owner() -> pwd.struct_passwd | None:
+    """The OS user the servers run as: ``postgres`` when we are root, else ``None`` (us)."""
+    return pwd.getpwnam(SERVER_OS_USER) if os.geteuid() == 0 else None
+
+
+def give_to(owner: pwd.struct_passwd | None, *paths: Path) -> None:
+    """Hand ``paths`` to the servers' OS user (nothing to do when that is us)."""
+    if owner is not None:
+        for path in paths:
+            os.chown(path, owner.pw_uid, owner.pw_gid)
+
+
+def as_owner(owner: pwd.struct_passwd | None) -> dict[str, Any]:
+    """``subprocess.Popen`` keywords that run a program as ``owner``, without root's groups."""
+    if owner is None:
+        return {}
+    return {"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": []}
+
+
+def kill_group(proc: subprocess.Popen[str], within: float) -> None:
+    """SIGKILL ``proc``'s whole process group (it was started in a session of its own) and
+    wait up to ``within`` seconds for it and its children to go."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(Exception):
+        proc.wait(within)
+    deadline = time.monotonic() + within  # its children die (and are reaped) a bit later
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            break
+        time.sleep(0.005)
+    for stream in (proc.stdout, proc.stderr):
+        # gevent's communicate() may still be reading it in another greenlet: then it is
+        # closed when that reader sees the EOF of the killed tool, not here
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                stream.close()
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie child of ours counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def stop_pid(pid: int, first: signal.Signals, within: float) -> None:
+    """Send ``first``; if ``pid`` is still alive after ``within`` seconds, SIGKILL it."""
+    for sig, wait in ((first, within), (signal.SIGKILL, within)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not alive(pid):
+            return
+
+
+def pids_naming(root: Path) -> list[int]:
+    """Processes (other than us) whose command line mentions ``root``: by /proc, no tools."""
+    needle = os.fsencode(str(root)) + b"/"
+    found = []
+    for entry in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            with open(entry, "rb") as handle:
+                cmdline = handle.read()
+        except OSError:
+            continue
+        pid = int(entry.split("/")[2])
+        if needle in cmdline and pid != os.getpid():
+            found.append(pid)
+    return found
