@@ -203,3 +203,10 @@ def test_endpoint_repr_hides_secret_options():
     text = repr(endpoint) + str(endpoint)
     assert "pw1" not in text and "pw2" not in text and "'sslpassword': '***'" in text
     assert endpoint.secrets() == ("pw1", "pw2")
+
+
+def test_uri_with_an_encoded_at_or_an_at_in_its_query_is_accepted():
+    (a, b) = parse_config({"db": ["postgresql://app:p%40ss%2Fw@h1/d?sslmode=require",
+                                  "postgresql://h2/d?user=app@tenant"]}).endpoints
+    assert (a.host, a.user, a.password, a.dbname) == ("h1", "app", "p@ss/w", "d")
+    assert (b.host, b.user) == ("h2", "app@tenant")
