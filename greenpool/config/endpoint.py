@@ -236,10 +236,29 @@ _SETTING_OF = {key: found.field for key, found in KEYS.items()}
 _DSN_NUMERIC = ("port", "connect_timeout")
 
 
+#: libpq's DSN parse errors, less the token of the DSN each quotes (it may be the password).
+#: The token may hold a `"` itself, so quotes cannot be paired: each form is matched whole.
+_LIBPQ_DSN_ERRORS = (
+    (re.compile(r'missing "=" after ".*" in connection info string'),
+     'missing "=" after a word in connection info string'),
+    (re.compile(r'invalid connection option ".*"'), "invalid connection option"),
+    (re.compile(r'unexpected character ".*" at position (\d+) in URI '
+                r'\(expected ":" or "/"\): ".*"'),
+     r'unexpected character at position \1 in URI (expected ":" or "/")'),
+    # "invalid percent-encoded token: …", "missing key/value separator "=" in URI …: …"
+    (re.compile(r'([^"]*(?:"[=\]]"[^"]*)?): ".*"'), r"\1"),
+)
+
+
 def _masked(libpq_message: str) -> str:
-    """libpq's DSN parse error with every quoted token hidden: it may echo the password."""
+    """libpq's DSN parse error without the DSN's token it quotes; a form not known here is
+    left out whole if it quotes anything."""
     first = libpq_message.strip().splitlines()[0] if libpq_message.strip() else ""
-    return re.sub(r'"[^"]*"', '"…"', first)
+    for form, without_token in _LIBPQ_DSN_ERRORS:
+        found = form.fullmatch(first)
+        if found:
+            return found.expand(without_token)
+    return "" if '"' in first else first
 
 
 #: said whenever a value read from a DSN is refused: it is not shown, since a password with

@@ -90,3 +90,17 @@ def test_a_refused_dsn_value_is_named_but_not_shown(dsn: str) -> None:
         assert info.value.__cause__ is None and info.value.__context__ is None
         assert_no_secret(info.value)
         assert "99999" not in str(info.value)
+
+
+@pytest.mark.parametrize("dsn", [
+    f'host=127.0.0.1 {PASSWORD[:4]}"{PASSWORD[4:]}',  # missing "=" after "…"…"
+    f'host=127.0.0.1 {PASSWORD[:4]}"{PASSWORD[4:]}=x',  # invalid connection option "…"…"
+    f'postgresql://127.0.0.1/db?{PASSWORD[:4]}"{PASSWORD[4:]}',  # …separator: "…"…"
+])
+def test_a_dsn_token_holding_a_quote_is_hidden_from_libpqs_error(dsn: str) -> None:
+    """libpq quotes the token it could not read; one holding a `"` must not split the
+    hiding of it in two."""
+    with pytest.raises(ConfigError, match=r"not a valid libpq DSN .*\(libpq: \w") as info:
+        parse_config({"db": dsn})
+    for part in (PASSWORD[:4], PASSWORD[4:]):
+        assert part not in str(info.value)
