@@ -165,8 +165,8 @@ class EndpointConfig:
             "never appears in errors, logs or reprs; a function is asked at each new "
             "connection (see [Credentials that change](operations.md#credentials-that-change))"))
     sslmode: str | None = setting(None, check=Custom(_sslmode, (
-        "`True` (`require`), `False` (`disable`), or an sslmode word (`disable` … "
-        "`verify-full`)")), doc="TLS mode", default_text="libpq's")
+        "`True` (`require`), `False` (`disable`), an sslmode word (`disable` … "
+        "`verify-full`), or `None`")), doc="TLS mode", default_text="libpq's")
     connect_timeout: float = setting(5.0, check=Seconds(0.001, 3600.0), doc=(
         "seconds per connect attempt, enforced by the pool in every mode; also bounds the "
         "pool's own round trips on return and in housekeeping"))
