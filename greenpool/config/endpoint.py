@@ -122,7 +122,11 @@ def _options(path: str, value: Any) -> Mapping[str, str]:
         if key in _OWN_KEYS:
             raise fail(where, f"give it as the endpoint key `{key}`, not in options")
         if isinstance(item, int) and not isinstance(item, bool):
-            options[key] = str(item)
+            try:
+                options[key] = str(item)
+            except ValueError:  # beyond sys.get_int_max_str_digits(): no parameter's value
+                raise fail(where, f"expected a string or a whole number; got "
+                                  f"{short.repr(item)}") from None
         elif isinstance(item, str):
             if "\x00" in item:
                 raise fail(where, "must not contain a NUL character")

@@ -210,3 +210,22 @@ def test_uri_with_an_encoded_at_or_an_at_in_its_query_is_accepted():
                                   "postgresql://h2/d?user=app@tenant"]}).endpoints
     assert (a.host, a.user, a.password, a.dbname) == ("h1", "app", "p@ss/w", "d")
     assert (b.host, b.user) == ("h2", "app@tenant")
+
+
+TOO_LONG_TO_PRINT = 10**5000  # beyond sys.get_int_max_str_digits(): str() raises ValueError
+
+
+@pytest.mark.parametrize(("raw", "names"), [
+    ({"db": "host=h", "groups": {"g": {"connection_count": TOO_LONG_TO_PRINT}}},
+     r"groups\.g\.connection_count"),
+    ({"db": {"host": "h", "options": {"application_name": TOO_LONG_TO_PRINT}}},
+     r"db\[0\]\.options\.application_name"),
+    ({"db": "host=h", "quarantine_initial": TOO_LONG_TO_PRINT}, "quarantine_initial"),
+    ({"db": "host=h", "groups": {"g": {"endpoints": [TOO_LONG_TO_PRINT]}}},
+     r"groups\.g\.endpoints"),
+    ({"db": "host=h", "groups": {TOO_LONG_TO_PRINT: {}}}, r"groups\.<a whole number"),
+    ({"db": {"host": "h", TOO_LONG_TO_PRINT: 1}}, r"db\[0\]\.<a whole number .*unknown key"),
+])
+def test_a_whole_number_too_long_to_print_is_a_config_error(raw, names):
+    with pytest.raises(ConfigError, match=names):
+        parse_config(raw)
