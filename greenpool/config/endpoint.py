@@ -268,8 +268,8 @@ def _masked(libpq_message: str) -> str:
 #: said whenever a value read from a DSN is refused: it is not shown, since a password with
 #: an unencoded ``@`` or ``/`` makes libpq read part of it as the host, port or database
 _DSN_HIDDEN = ("the value is not shown because the DSN may hold the password; in a "
-               "postgresql:// URI, write `@`, `/` and `:` in the user name or password "
-               "percent-encoded (`%40`, `%2F`, `%3A`)")
+               "postgresql:// URI, write `@`, `/` and `:` in a user name, password or "
+               "database name percent-encoded (`%40`, `%2F`, `%3A`)")
 _URI_PREFIXES = ("postgresql://", "postgres://")  # libpq's, matched as libpq does
 
 
@@ -302,8 +302,8 @@ def _dsn_to_keys(path: str, dsn: str) -> dict[str, Any]:
         raise fail(path, f"not a valid libpq DSN or postgresql:// URI{detail}; the DSN "
                          "is not shown because it may hold the password")
     if _uri_splits_credentials(dsn):
-        raise fail(path, "libpq would read part of the user name or password as the host or "
-                         f"database (an `@` or `/` in them); {_DSN_HIDDEN}")
+        raise fail(path, "an `@` after the URI's user name and password: libpq would read "
+                         f"part of them as the host or database; {_DSN_HIDDEN}")
     keys: dict[str, Any] = {}
     options: dict[str, str] = {}
     for key, value in parsed.items():
