@@ -121,7 +121,8 @@ def parse_group(
     name: str, raw: Any, defaults: Mapping[str, Any], endpoints: tuple[EndpointConfig, ...]
 ) -> GroupConfig:
     path = f"groups.{name}"
-    given = {**defaults, **checks.mapping(path, raw)}
+    own = checks.mapping(path, raw)
+    given = {**defaults, **own}
     checks.reject_unknown(path, given, KEYS)
     values = read(path, given, KEYS)
     if "endpoints" in values:
@@ -130,7 +131,10 @@ def parse_group(
         values["readonly"] = True  # a read group: replaying a read after a failover is safe
     group = GroupConfig(name=name, **values)
     if group.min_size > group.connection_count:
+        inherited = [key for key in ("min_size", "connection_count")
+                     if key in defaults and key not in own]
+        origin = f" ({' and '.join(inherited)} from `defaults`)" if inherited else ""
         raise fail(f"{path}.min_size", f"{group.min_size} exceeds connection_count "
-                                       f"({group.connection_count}); allowed: 0 to "
+                                       f"({group.connection_count}){origin}; allowed: 0 to "
                                        f"connection_count")
     return group

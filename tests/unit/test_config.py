@@ -229,3 +229,11 @@ TOO_LONG_TO_PRINT = 10**5000  # beyond sys.get_int_max_str_digits(): str() raise
 def test_a_whole_number_too_long_to_print_is_a_config_error(raw, names):
     with pytest.raises(ConfigError, match=names):
         parse_config(raw)
+
+
+def test_a_bad_default_is_named_where_it_is_written():
+    with pytest.raises(ConfigError, match=r"^defaults\.timeout: expected a number"):
+        parse_config({"db": "host=h", "defaults": {"timeout": -1}, "groups": {"web": {}}})
+    with pytest.raises(ConfigError, match=r"^groups\.web\.min_size: .*\(min_size from "
+                                          r"`defaults`\)"):
+        parse_config({"db": "host=h", "defaults": {"min_size": 20}, "groups": {"web": {}}})
