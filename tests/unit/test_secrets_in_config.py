@@ -6,6 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from leaks import PASSWORD, SSL_PASSWORD, assert_no_secret
 from leaks import secret_endpoint as endpoint
 
@@ -104,3 +106,25 @@ def test_a_dsn_token_holding_a_quote_is_hidden_from_libpqs_error(dsn: str) -> No
         parse_config({"db": dsn})
     for part in (PASSWORD[:4], PASSWORD[4:]):
         assert part not in str(info.value)
+
+
+_reserved = st.text(alphabet="ab12@/:?#&=%[] ", max_size=5)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_reserved, _reserved, st.sampled_from([
+    "postgresql://app:{}@db.example:5432/prod", "postgres://app:{}@db.example/prod?sslmode=require",
+    "postgresql://app:{}@db.example", "host=db.example password={} dbname=prod"]))
+def test_a_password_with_unencoded_reserved_characters_never_shows(before: str, after: str,
+                                                                   form: str) -> None:
+    """Whatever libpq makes of a password holding `@`, `/`, `:`, `?`… written unencoded,
+    no piece of it shows: the DSN is refused without it, or the password is read whole,
+    or nothing of it reaches the endpoint's label or repr."""
+    password = f"{before}{PASSWORD}{after}"
+    try:
+        (endpoint,) = parse_config({"db": form.format(password)}).endpoints
+    except ConfigError as exc:
+        assert_no_secret(exc)
+        return
+    if endpoint.password != password:
+        assert_no_secret(endpoint, endpoint.label)
