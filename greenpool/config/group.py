@@ -122,9 +122,10 @@ def parse_group(
 ) -> GroupConfig:
     path = f"groups.{name}"
     own = checks.mapping(path, raw)
-    given = {**defaults, **own}
-    checks.reject_unknown(path, given, KEYS)
-    values = read(path, given, KEYS)
+    checks.reject_unknown(path, own, KEYS)
+    # a default the group takes is named where it is written (one it overrides is unused)
+    values = read("defaults", {k: v for k, v in defaults.items() if k not in own}, KEYS)
+    values.update(read(path, own, KEYS))
     if "endpoints" in values:
         values["endpoints"] = _group_endpoints(f"{path}.endpoints", values["endpoints"], endpoints)
     if "readonly" not in values and values.get("role") in _READ_ROLES:

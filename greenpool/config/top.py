@@ -94,7 +94,6 @@ ACCEPTED = frozenset({*KEYS, *TOP_ONLY_KEYS})
 def _groups(top: Mapping[str, Any], endpoints: tuple[EndpointConfig, ...]) -> dict:
     defaults = checks.mapping("defaults", top.get("defaults", {}))
     checks.reject_unknown("defaults", defaults, GROUP_KEYS)
-    read("defaults", defaults, GROUP_KEYS)  # a bad default is named where it is written
     groups_raw = checks.mapping("groups", top.get("groups", {DEFAULT_GROUP: {}}))
     if not groups_raw:
         raise fail("groups", "no group configured")

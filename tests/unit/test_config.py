@@ -237,3 +237,10 @@ def test_a_bad_default_is_named_where_it_is_written():
     with pytest.raises(ConfigError, match=r"^groups\.web\.min_size: .*\(min_size from "
                                           r"`defaults`\)"):
         parse_config({"db": "host=h", "defaults": {"min_size": 20}, "groups": {"web": {}}})
+
+
+def test_a_default_every_group_overrides_is_not_checked():
+    """As before defaults were named where written: an unused default does not fail."""
+    config = parse_config({"db": "host=h", "defaults": {"timeout": -1},
+                           "groups": {"web": {"timeout": 5}}})
+    assert config.groups["web"].timeout == 5
