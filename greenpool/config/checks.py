@@ -24,7 +24,6 @@ SECRET_OPTIONS = frozenset({"password", "sslpassword"})
 SECRET_NAMES = frozenset({"password", "pass", "dsn", *SECRET_OPTIONS})
 
 
-
 class _Short(reprlib.Repr):
     """reprlib's short repr, and one for a whole number too long for Python to write out
     (beyond ``sys.get_int_max_str_digits()``), which would raise ValueError instead."""
