@@ -23,7 +23,19 @@ SECRET_OPTIONS = frozenset({"password", "sslpassword"})
 #: declarations' secret flag), a DSN (it may carry the password) and libpq's secret options
 SECRET_NAMES = frozenset({"password", "pass", "dsn", *SECRET_OPTIONS})
 
-short = reprlib.Repr()
+
+class _Short(reprlib.Repr):
+    """reprlib's short repr, and one for a whole number too long for Python to write out
+    (beyond ``sys.get_int_max_str_digits()``), which would raise ValueError instead."""
+
+    def repr_int(self, x: int, level: int) -> str:
+        try:
+            return super().repr_int(x, level)
+        except ValueError:
+            return f"<a whole number of {x.bit_length()} bits>"
+
+
+short = _Short()
 short.maxstring = 60
 short.maxother = 60
 
@@ -134,9 +146,9 @@ def choice(path: str, value: Any, choices: tuple[str, ...]) -> str:
 def reject_unknown(path: str, given: Mapping[Any, Any], known: Mapping[str, Any]) -> None:
     for key in given:
         if key not in known:
-            hint = difflib.get_close_matches(str(key), list(known), n=1)
-            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
             name = short.repr(key) if not isinstance(key, str) else key
+            hint = difflib.get_close_matches(name, list(known), n=1)
+            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
             raise fail(f"{path}.{name}" if path else name, f"unknown key{suggestion}")
 
 

@@ -101,7 +101,7 @@ class Text:
 
     @property
     def allowed(self) -> str:
-        return "string, or `None`" if self.optional else "non-empty string"
+        return "non-empty string, or `None`" if self.optional else "non-empty string"
 
     def __call__(self, path: str, value: Any) -> Any:
         return checks.text(path, value, allow_none=self.optional)

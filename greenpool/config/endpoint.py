@@ -10,9 +10,10 @@ from typing import Any
 from psycopg2.extensions import parse_dsn
 
 from ..compat.pgdbpool import dialect as pgdbpool
+from ..errors import ConfigError
 from . import checks, environ
 from .checks import SECRET_OPTIONS, fail, short
-from .declare import Custom, Seconds, Text, Whole, key_table, read, setting
+from .declare import Custom, Seconds, Text, Whole, declared, key_table, read, setting
 
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 #: what an endpoint is: PostgreSQL itself, or a pooler (PgBouncer) in that pool mode
@@ -121,7 +122,11 @@ def _options(path: str, value: Any) -> Mapping[str, str]:
         if key in _OWN_KEYS:
             raise fail(where, f"give it as the endpoint key `{key}`, not in options")
         if isinstance(item, int) and not isinstance(item, bool):
-            options[key] = str(item)
+            try:
+                options[key] = str(item)
+            except ValueError:  # beyond sys.get_int_max_str_digits(): no parameter's value
+                raise fail(where, f"expected a string or a whole number; got "
+                                  f"{short.repr(item)}") from None
         elif isinstance(item, str):
             if "\x00" in item:
                 raise fail(where, "must not contain a NUL character")
@@ -164,8 +169,8 @@ class EndpointConfig:
             "never appears in errors, logs or reprs; a function is asked at each new "
             "connection (see [Credentials that change](operations.md#credentials-that-change))"))
     sslmode: str | None = setting(None, check=Custom(_sslmode, (
-        "`True` (`require`), `False` (`disable`), or an sslmode word (`disable` … "
-        "`verify-full`)")), doc="TLS mode", default_text="libpq's")
+        "`True` (`require`), `False` (`disable`), an sslmode word (`disable` … "
+        "`verify-full`), or `None`")), doc="TLS mode", default_text="libpq's")
     connect_timeout: float = setting(5.0, check=Seconds(0.001, 3600.0), doc=(
         "seconds per connect attempt, enforced by the pool in every mode; also bounds the "
         "pool's own round trips on return and in housekeeping"))
@@ -235,15 +240,56 @@ _SETTING_OF = {key: found.field for key, found in KEYS.items()}
 _DSN_NUMERIC = ("port", "connect_timeout")
 
 
+#: libpq's DSN parse errors, less the token of the DSN each quotes (it may be the password).
+#: The token may hold a `"` itself, so quotes cannot be paired: each form is matched whole.
+_LIBPQ_DSN_ERRORS = (
+    (re.compile(r'missing "=" after ".*" in connection info string'),
+     'missing "=" after a word in connection info string'),
+    (re.compile(r'invalid connection option ".*"'), "invalid connection option"),
+    (re.compile(r'unexpected character ".*" at position (\d+) in URI '
+                r'\(expected ":" or "/"\): ".*"'),
+     r'unexpected character at position \1 in URI (expected ":" or "/")'),
+    # "invalid percent-encoded token: …", "missing key/value separator "=" in URI …: …"
+    (re.compile(r'([^"]*(?:"[=\]]"[^"]*)?): ".*"'), r"\1"),
+)
+
+
 def _masked(libpq_message: str) -> str:
-    """libpq's DSN parse error with every quoted token hidden: it may echo the password."""
+    """libpq's DSN parse error without the DSN's token it quotes; a form not known here is
+    left out whole if it quotes anything."""
     first = libpq_message.strip().splitlines()[0] if libpq_message.strip() else ""
-    return re.sub(r'"[^"]*"', '"…"', first)
+    for form, without_token in _LIBPQ_DSN_ERRORS:
+        found = form.fullmatch(first)
+        if found:
+            return found.expand(without_token)
+    return "" if '"' in first else first
+
+
+#: said whenever a value read from a DSN is refused: it is not shown, since a password with
+#: an unencoded ``@`` or ``/`` makes libpq read part of it as the host, port or database
+_DSN_HIDDEN = ("the value is not shown because the DSN may hold the password; in a "
+               "postgresql:// URI, write `@`, `/` and `:` in a user name, password or "
+               "database name percent-encoded (`%40`, `%2F`, `%3A`)")
+_URI_PREFIXES = ("postgresql://", "postgres://")  # libpq's, matched as libpq does
+
+
+def _uri_splits_credentials(dsn: str) -> bool:
+    """Whether libpq reads part of a URI's user name or password as its host, port or
+    database. libpq takes the credentials up to the first ``@``, and only when no ``/``
+    comes first; an ``@`` left after them, before the query, was one of theirs."""
+    prefix = next((p for p in _URI_PREFIXES if dsn.startswith(p)), None)
+    if prefix is None:
+        return False
+    body = dsn[len(prefix):]
+    ends = [i for i in (body.find("@"), body.find("/")) if i >= 0]
+    if ends and body[min(ends)] == "@":
+        body = body[min(ends) + 1:]
+    return "@" in body.split("?", 1)[0]
 
 
 def _dsn_to_keys(path: str, dsn: str) -> dict[str, Any]:
     """A libpq DSN or URI as endpoint keys: the parameters with a key of their own, and the
-    rest in ``options``."""
+    rest in ``options``. No error shows a value of the DSN (see ``_DSN_HIDDEN``)."""
     # The raise happens outside the ``except``: libpq's error must not even be the
     # ``__context__`` of ours, since its message echoes the DSN's tokens.
     problem = None
@@ -255,15 +301,18 @@ def _dsn_to_keys(path: str, dsn: str) -> dict[str, Any]:
         detail = f" (libpq: {problem})" if problem else ""
         raise fail(path, f"not a valid libpq DSN or postgresql:// URI{detail}; the DSN "
                          "is not shown because it may hold the password")
+    if _uri_splits_credentials(dsn):
+        raise fail(path, "an `@` after the URI's user name and password: libpq would read "
+                         f"part of them as the host or database; {_DSN_HIDDEN}")
     keys: dict[str, Any] = {}
     options: dict[str, str] = {}
     for key, value in parsed.items():
         if key in ("host", "hostaddr", "port") and "," in value:
-            raise fail(f"{path}.{key}", f"{short.repr(value)}: {_MULTI_HOST}")
+            raise fail(f"{path}.{key}", f"{_MULTI_HOST}; {_DSN_HIDDEN}")
         if key in _DSN_NUMERIC:
             number = int(value) if re.fullmatch(r"\s*[0-9]{1,9}\s*", value) else None
             if number is None:
-                raise fail(f"{path}.{key}", f"expected a whole number; got {short.repr(value)}")
+                raise fail(f"{path}.{key}", f"expected a whole number; {_DSN_HIDDEN}")
             keys[key] = number
         elif key in _OWN_KEYS:
             keys[key] = value
@@ -274,29 +323,58 @@ def _dsn_to_keys(path: str, dsn: str) -> dict[str, Any]:
     return keys
 
 
-def _given(path: str, raw: Any) -> dict[str, Any]:
+def _given(path: str, raw: Any) -> tuple[dict[str, Any], frozenset[str]]:
     """The keys of one ``db`` entry: a dict, a DSN string, or a dict with ``dsn`` whose own
-    keys override the DSN's (and whose ``options`` add to the DSN's)."""
+    keys override the DSN's (and whose ``options`` add to the DSN's); and which of them
+    were read from the DSN alone."""
     if isinstance(raw, str):
-        return _dsn_to_keys(path, checks.text(f"{path}.dsn", raw))
+        keys = _dsn_to_keys(path, checks.text(f"{path}.dsn", raw))
+        return keys, frozenset(keys)
     given = dict(checks.mapping(path, raw))
     if "dsn" not in given:
-        return given
+        return given, frozenset()
     from_dsn = _dsn_to_keys(f"{path}.dsn", checks.text(f"{path}.dsn", given.pop("dsn")))
     if "options" in from_dsn and "options" in given:
         extra = checks.mapping(f"{path}.options", given["options"])
         given["options"] = {**from_dsn.pop("options"), **extra}
     explicit = {KEYS[key].field for key in given if key in KEYS}
     kept = {key: value for key, value in from_dsn.items() if KEYS[key].field not in explicit}
-    return {**kept, **given}
+    return {**kept, **given}, frozenset(kept)
+
+
+def _read_dsn_values(path: str, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings a DSN gave, checked like any key, but refused without their value."""
+    refused = None
+    try:
+        return read(path, given, KEYS)
+    except ConfigError:
+        # which key: the first the checks refuse (read checks them in this order)
+        refused = next((key for key in given if not _accepts(path, key, given[key])), None)
+    # raised outside the ``except``: the checker's message, which shows the value, must
+    # not even be our error's ``__context__``
+    if refused is None:
+        raise fail(path, f"the DSN's settings are not valid; {_DSN_HIDDEN}")
+    allowed = declared(EndpointConfig)[KEYS[refused].field].allowed
+    raise fail(f"{path}.{refused}", f"not valid (allowed: {allowed}); {_DSN_HIDDEN}")
+
+
+def _accepts(path: str, key: str, value: Any) -> bool:
+    try:
+        KEYS[key].check(f"{path}.{key}", value)
+    except ConfigError:
+        return False
+    return True
 
 
 def parse_endpoint(path: str, raw: Any) -> EndpointConfig:
     """One entry of ``db``: a pgdbpool dict, a dict with ``dsn``, or a DSN/URI string."""
+    given, dsn_keys = _given(path, raw)
     # libpq's PG* variables fill the gaps
-    given, sources = environ.fill_endpoint(_given(path, raw), setting_of=_SETTING_OF)
+    given, sources = environ.fill_endpoint(given, setting_of=_SETTING_OF)
     checks.reject_unknown(path, given, KEYS)
-    values = read(path, given, KEYS, where=lambda key: environ.where(path, key, sources))
+    values = _read_dsn_values(path, {k: v for k, v in given.items() if k in dsn_keys})
+    values.update(read(path, {k: v for k, v in given.items() if k not in dsn_keys}, KEYS,
+                       where=lambda key: environ.where(path, key, sources)))
     if "host" not in values:
         raise fail(f"{path}.host", "missing: the server's address (or a Unix socket directory)"
                                    "; give it, or set PGHOST")

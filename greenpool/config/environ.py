@@ -68,9 +68,10 @@ def fill_endpoint(
 ) -> tuple[dict[str, Any], Sources]:
     """``given`` (one ``db`` entry) with the environment's values for the settings it leaves
     out, and where each filled value came from. ``setting_of`` maps a key to the setting it
-    sets (pgdbpool's ``pass`` to ``password``); a key it does not map sets its namesake."""
+    sets (pgdbpool's ``pass`` to ``password``; by default, as the endpoint keys do); a key
+    it does not map sets its namesake."""
     env = os.environ if env is None else env
-    setting_of = setting_of or {}
+    setting_of = _endpoint_settings() if setting_of is None else setting_of
     filled = dict(given)
     present = {setting_of.get(key, key) for key in filled}
     sources: Sources = {}
@@ -94,6 +95,14 @@ def fill_endpoint(
         filled["options"] = {**options, option: value}
         sources["options"] = name
     return filled, sources
+
+
+def _endpoint_settings() -> dict[str, str]:
+    """Endpoint key -> the setting it sets, from the declarations (imported here: the
+    endpoint module reads this one while it loads)."""
+    from .endpoint import KEYS
+
+    return {key: found.field for key, found in KEYS.items()}
 
 
 def fill_top(given: Mapping[str, Any], env: Mapping[str, str] | None = None) -> dict[str, Any]:

@@ -121,16 +121,21 @@ def parse_group(
     name: str, raw: Any, defaults: Mapping[str, Any], endpoints: tuple[EndpointConfig, ...]
 ) -> GroupConfig:
     path = f"groups.{name}"
-    given = {**defaults, **checks.mapping(path, raw)}
-    checks.reject_unknown(path, given, KEYS)
-    values = read(path, given, KEYS)
+    own = checks.mapping(path, raw)
+    checks.reject_unknown(path, own, KEYS)
+    # a default the group takes is named where it is written (one it overrides is unused)
+    values = read("defaults", {k: v for k, v in defaults.items() if k not in own}, KEYS)
+    values.update(read(path, own, KEYS))
     if "endpoints" in values:
         values["endpoints"] = _group_endpoints(f"{path}.endpoints", values["endpoints"], endpoints)
     if "readonly" not in values and values.get("role") in _READ_ROLES:
         values["readonly"] = True  # a read group: replaying a read after a failover is safe
     group = GroupConfig(name=name, **values)
     if group.min_size > group.connection_count:
+        inherited = [key for key in ("min_size", "connection_count")
+                     if key in defaults and key not in own]
+        origin = f" ({' and '.join(inherited)} from `defaults`)" if inherited else ""
         raise fail(f"{path}.min_size", f"{group.min_size} exceeds connection_count "
-                                       f"({group.connection_count}); allowed: 0 to "
+                                       f"({group.connection_count}){origin}; allowed: 0 to "
                                        f"connection_count")
     return group

@@ -64,3 +64,12 @@ def test_any_pgdbpool_config_inits_or_is_a_config_error_and_is_left_unchanged(
         dbpool.Connection.close()
     assert config == before  # (a NaN compares equal here: deepcopy keeps the same float)
 
+
+
+@pytest.mark.parametrize("config", [
+    {"type": 10**5000, "db": {"host": "h"}},  # beyond what str()/repr() will write out
+    {"db": {"host": "h"}, "groups": {10**5000: {"sqlprepare": True}}},
+])
+def test_a_whole_number_too_long_to_print_is_a_config_error(config: dict[str, Any]) -> None:
+    with pytest.raises(greenpool.ConfigError, match="a whole number of"):
+        dbpool.Connection.init(config)

@@ -203,3 +203,44 @@ def test_endpoint_repr_hides_secret_options():
     text = repr(endpoint) + str(endpoint)
     assert "pw1" not in text and "pw2" not in text and "'sslpassword': '***'" in text
     assert endpoint.secrets() == ("pw1", "pw2")
+
+
+def test_uri_with_an_encoded_at_or_an_at_in_its_query_is_accepted():
+    (a, b) = parse_config({"db": ["postgresql://app:p%40ss%2Fw@h1/d?sslmode=require",
+                                  "postgresql://h2/d?user=app@tenant"]}).endpoints
+    assert (a.host, a.user, a.password, a.dbname) == ("h1", "app", "p@ss/w", "d")
+    assert (b.host, b.user) == ("h2", "app@tenant")
+
+
+TOO_LONG_TO_PRINT = 10**5000  # beyond sys.get_int_max_str_digits(): str() raises ValueError
+
+
+@pytest.mark.parametrize(("raw", "names"), [
+    ({"db": "host=h", "groups": {"g": {"connection_count": TOO_LONG_TO_PRINT}}},
+     r"groups\.g\.connection_count"),
+    ({"db": {"host": "h", "options": {"application_name": TOO_LONG_TO_PRINT}}},
+     r"db\[0\]\.options\.application_name"),
+    ({"db": "host=h", "quarantine_initial": TOO_LONG_TO_PRINT}, "quarantine_initial"),
+    ({"db": "host=h", "groups": {"g": {"endpoints": [TOO_LONG_TO_PRINT]}}},
+     r"groups\.g\.endpoints"),
+    ({"db": "host=h", "groups": {TOO_LONG_TO_PRINT: {}}}, r"groups\.<a whole number"),
+    ({"db": {"host": "h", TOO_LONG_TO_PRINT: 1}}, r"db\[0\]\.<a whole number .*unknown key"),
+])
+def test_a_whole_number_too_long_to_print_is_a_config_error(raw, names):
+    with pytest.raises(ConfigError, match=names):
+        parse_config(raw)
+
+
+def test_a_bad_default_is_named_where_it_is_written():
+    with pytest.raises(ConfigError, match=r"^defaults\.timeout: expected a number"):
+        parse_config({"db": "host=h", "defaults": {"timeout": -1}, "groups": {"web": {}}})
+    with pytest.raises(ConfigError, match=r"^groups\.web\.min_size: .*\(min_size from "
+                                          r"`defaults`\)"):
+        parse_config({"db": "host=h", "defaults": {"min_size": 20}, "groups": {"web": {}}})
+
+
+def test_a_default_every_group_overrides_is_not_checked():
+    """As before defaults were named where written: an unused default does not fail."""
+    config = parse_config({"db": "host=h", "defaults": {"timeout": -1},
+                           "groups": {"web": {"timeout": 5}}})
+    assert config.groups["web"].timeout == 5

@@ -109,6 +109,36 @@ def test_ranges_are_found_for_most_keys() -> None:
     assert len(_ranged_keys()) >= 15
 
 
+def _documented_allowed() -> list[tuple[str, str, str]]:
+    """(section, key, the reference's `allowed` for that key) of every key."""
+    found = []
+    for section, cls in SECTIONS.items():
+        for key, entry in TABLES[cls].items():
+            translated = dialect.ENDPOINT_TRANSLATIONS.get(key) if section == "endpoint" else None
+            allowed = translated.allowed if translated else declared(cls)[entry.field].allowed
+            found.append((section, key, allowed))
+    return found
+
+
+def _accepts(section: str, key: str, value: Any) -> bool:
+    try:
+        config.parse_config(_config_with(section, key, value))
+    except config.ConfigError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(("section", "key", "allowed"), _documented_allowed(),
+                         ids=[f"{s}.{k}" for s, k, _ in _documented_allowed()])
+def test_documented_none_and_empty_text_are_what_the_parser_takes(section: str, key: str,
+                                                                  allowed: str) -> None:
+    """`None` is accepted exactly where the reference lists it, and where it says a
+    non-empty string the empty one is refused."""
+    assert _accepts(section, key, None) == ("`None`" in allowed), allowed
+    if allowed.startswith(("string", "non-empty string")) and not _accepts(section, key, ""):
+        assert "non-empty string" in allowed, allowed
+
+
 # --- defaults: declared once --------------------------------------------------------------
 
 def test_a_key_left_out_takes_its_declared_default() -> None:

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from leaks import texts
 
 from greenpool import ConfigError, parse_config
+from greenpool.config import ENDPOINT_KEYS
 from greenpool.config.environ import ENDPOINT_VARIABLES, fill_endpoint
 
 pytestmark = pytest.mark.usefixtures("no_pg_variables")
@@ -77,8 +78,9 @@ def test_the_environment_only_fills_gaps(env: dict[str, str], given_keys: dict) 
     filled, sources = fill_endpoint(given_keys, env)
     for key, value in given_keys.items():
         assert filled[key] == value and key not in sources  # a given key is never replaced
-    for key, name in sources.items():
-        assert env[name] and key not in given_keys
+    given_settings = {ENDPOINT_KEYS[key].field for key in given_keys}
+    for key, name in sources.items():  # nor is a setting given under another name (`pass`)
+        assert env[name] and ENDPOINT_KEYS[key].field not in given_settings
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -101,3 +103,9 @@ def test_any_environment_parses_or_is_a_config_error_without_the_password(
     if "host" in given_keys:
         assert endpoint.host == "db.example"
 
+
+
+def test_a_setting_given_by_its_pgdbpool_name_is_not_filled_again() -> None:
+    env = {"PGPASSWORD": SECRET, "PGDATABASE": "env_db", "PGSSLMODE": "require"}
+    filled, sources = fill_endpoint({"pass": "given-pw", "name": "given_db", "ssl": False}, env)
+    assert filled == {"pass": "given-pw", "name": "given_db", "ssl": False} and sources == {}

@@ -112,7 +112,7 @@ def translate(config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     kind = config.get("type", DEFAULT_TYPE)
     if kind not in TYPES:
         raise ConfigError(f"type: expected {', '.join(TYPES[:-1])} or {TYPES[-1]}; "
-                          f"got {kind!r}")
+                          f"got {checks.short.repr(kind)}")
     db = raw.get("db")
     if db is not None:
         entries = list(db) if isinstance(db, (list, tuple)) else [db]
@@ -120,5 +120,7 @@ def translate(config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         raw["db"] = [_endpoint(entry, first) for entry in entries]
     groups = raw.get("groups")
     if isinstance(groups, Mapping):
-        raw["groups"] = {name: _group(str(name), spec) for name, spec in groups.items()}
+        raw["groups"] = {name: _group(name if isinstance(name, str) else
+                                      checks.short.repr(name), spec)
+                         for name, spec in groups.items()}
     return str(kind), raw
