@@ -50,6 +50,7 @@ import itertools
 import json
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,6 +63,7 @@ PACE = 0.01  # seconds between two operations of one task
 KILL_AT = 4.0  # seconds after the start
 TABLE = "bench_failover"
 GETCONN_RETRY_SLEEP, GETCONN_RETRY_ATTEMPTS = 0.01, 300
+PROMOTION_POLL = 0.005  # seconds between the orchestrator's looks at the survivors' role
 
 
 # --- the worker (one pool, one process) -----------------------------------------------------
@@ -248,8 +250,29 @@ class _GreenCursor:
         return self._row
 
 
+def _log_to_stderr() -> None:
+    """greenpool's log at DEBUG on stderr, each line stamped with ``time.monotonic()`` (the
+    clock of the orchestrator's kill and promotion times, in the JSON)."""
+    import logging
+
+    class Stamp(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            record.mono = time.monotonic()
+            return True
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(Stamp())
+    handler.setFormatter(logging.Formatter("%(mono).3f %(levelname)s %(message)s"))
+    logger = logging.getLogger("greenpool")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+
+
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     import gevent
+
+    if spec.get("log"):
+        _log_to_stderr()
 
     pool = {"greenpool": _Greenpool, "psycopg_pool": _PsycopgPool,
             "sqlalchemy_queuepool": _SQLAlchemyQueuePool, "dbutils_pooleddb": _DBUtilsPooledDB,
@@ -305,8 +328,45 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 # --- the orchestrator ---------------------------------------------------------------------
 
 
-def _summary(peer: str, out: dict[str, Any], killed: float, dead: float, old_port: int,
-             new_port: int, rows: set[int]) -> dict[str, Any]:
+class _PromotionWatch:
+    """When the first of ``nodes`` (the survivors) left recovery: each is asked
+    ``pg_is_in_recovery()`` every ``PROMOTION_POLL`` seconds on a connection of its own, in a
+    thread, so that every pool's resumption is measured from the promotion itself (Patroni's
+    REST API reports the new leader a moment before or after it)."""
+
+    def __init__(self, nodes: list[Any]) -> None:
+        self._conns = [n.connect(connect_timeout=1) for n in nodes]
+        self.at: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> _PromotionWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for conn in self._conns:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def _watch(self) -> None:
+        while self.at is None and not self._stop.wait(PROMOTION_POLL):
+            for conn in self._conns:
+                try:
+                    with conn.cursor() as cur:
+                        cur.execute("SELECT pg_is_in_recovery()")
+                        promoted = not cur.fetchone()[0]
+                except Exception:
+                    continue  # restarted by Patroni: another node, or the next poll, tells
+                if promoted:
+                    self.at = time.monotonic()
+                    return
+
+
+def _summary(peer: str, out: dict[str, Any], killed: float, dead: float, promoted: float,
+             old_port: int, new_port: int, rows: set[int]) -> dict[str, Any]:
     acked, reads = out["acked"], out["reads"]
     first = min((t for _i, port, t, _r in acked if port == new_port and t > killed), default=None)
     stamps = sorted([killed, *(t for _i, _p, t, _r in acked if t > killed)])
@@ -323,6 +383,8 @@ def _summary(peer: str, out: dict[str, Any], killed: float, dead: float, old_por
         "pool": peer, "writes_acknowledged": len(acked), "write_errors": len(out["write_errors"]),
         "read_errors": len(out["read_errors"]), "error_kinds": kinds,
         "writes_resumed_s": None if first is None else round(first - killed, 2),
+        "writes_resumed_after_promotion_ms": None if first is None
+        else round((first - promoted) * 1000),
         "longest_write_gap_s": round(max(b - a for a, b in itertools.pairwise(stamps)), 2)
         if len(stamps) > 1 else None,
         "acknowledged_writes_lost": len(lost),
@@ -340,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=22.0)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--peers", default=",".join(PEERS))
+    parser.add_argument("--log", metavar="DIR", help="write each worker's stderr, greenpool's"
+                        " DEBUG log stamped with time.monotonic(), to DIR/<pool>.log")
     args = parser.parse_args(argv)
     from greenpool.throwaway_patroni import PatroniCluster, missing
 
@@ -358,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         skipped: dict[str, str] = {}
         for peer in peers:
             spec = {"peer": peer, "nodes": nodes, "password": pc.password,
-                    "seconds": args.seconds}
+                    "seconds": args.seconds, "log": bool(args.log)}
             proc = subprocess.Popen([sys.executable, "-m", "benchmarks.patroni_failover",
                                      "--worker", json.dumps(spec)], stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -376,27 +440,36 @@ def main(argv: list[str] | None = None) -> int:
             proc.stdin.flush()
         time.sleep(max(0.0, start + KILL_AT - time.monotonic()))
         killed = time.monotonic()
-        leader.kill()
-        dead = time.monotonic()
-        pc.wait_for(lambda: pc.leader() not in (None, leader), 60, "a new leader")
-        elected = time.monotonic()
-        new = pc.leader()
-        assert new is not None
+        with _PromotionWatch([n for n in pc.nodes if n is not leader]) as promotion:
+            leader.kill()
+            dead = time.monotonic()
+            pc.wait_for(lambda: pc.leader() not in (None, leader), 60, "a new leader")
+            elected = time.monotonic()
+            new = pc.leader()
+            assert new is not None
+            pc.wait_for(lambda: promotion.at is not None, 30, "the new leader's promotion")
+        promoted = promotion.at
+        assert promoted is not None
         leader.start()
         results: dict[str, Any] = {}
         for peer, proc in procs.items():
             out, err = proc.communicate(timeout=args.seconds + 90)
             found = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
             results[peer] = json.loads(found[-1][7:]) if found else {"error": err[-500:]}
+            if args.log:
+                Path(args.log).mkdir(parents=True, exist_ok=True)
+                (Path(args.log) / f"{peer}.log").write_text(err)
         rows_by_peer: dict[str, set[int]] = {}
         for peer, i in new.execute(f"SELECT peer, id FROM {TABLE}"):
             rows_by_peer.setdefault(peer, set()).add(i)
-    summaries = [_summary(peer, out, killed, dead, leader.port, new.port,
+    summaries = [_summary(peer, out, killed, dead, promoted, leader.port, new.port,
                           rows_by_peer.get(peer, set()))
                  if "error" not in out else {"pool": peer, "failed": out["error"]}
                  for peer, out in results.items()]
     report = {"seconds": args.seconds, "leader_elected_s": round(elected - killed, 2),
+              "leader_promoted_s": round(promoted - killed, 2),
               "kill_took_s": round(dead - killed, 3),
+              "clock": {"killed": killed, "promoted": promoted, "elected": elected},
               "summaries": summaries, "skipped": skipped}
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -408,18 +481,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def _markdown(report: dict[str, Any]) -> str:
     lines = [f"# Kill the Patroni leader under load ({report['seconds']:.0f} s, kill at"
-             f" {KILL_AT:.0f} s; Patroni elected a new leader {report['leader_elected_s']} s"
-             f" after the kill; the SIGKILLs took {report.get('kill_took_s')} s)", "",
+             f" {KILL_AT:.0f} s; the new leader left recovery {report.get('leader_promoted_s')} s"
+             f" after the kill, Patroni's REST API reported it at {report['leader_elected_s']} s;"
+             f" the SIGKILLs took {report.get('kill_took_s')} s)", "",
              "| pool | write errors | read errors | writes resumed (s after kill) |"
+             " writes resumed (ms after promotion) |"
              " longest write gap (s) | acked writes lost | writes acked | reads served"
              " (after kill) | reads by the demoted node (as a replica) | reads on a primary |"
-             " answered in the wrong role |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             " answered in the wrong role |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in report["summaries"]:
         if "failed" in s:
-            lines.append(f"| {s['pool']} | failed: {s['failed'][-120:]} ||||||||||")
+            lines.append(f"| {s['pool']} | failed: {s['failed'][-120:]} |||||||||||")
             continue
         lines.append(f"| {s['pool']} | {s['write_errors']} | {s['read_errors']} |"
-                     f" {s['writes_resumed_s']} | {s['longest_write_gap_s']} |"
+                     f" {s['writes_resumed_s']} | {s.get('writes_resumed_after_promotion_ms')} |"
+                     f" {s['longest_write_gap_s']} |"
                      f" {s['acknowledged_writes_lost']} | {s['writes_acknowledged']} |"
                      f" {s['reads_served']} ({s['reads_after_kill']}) |"
                      f" {s['reads_by_demoted_node']} | {s['reads_on_a_primary']} |"
