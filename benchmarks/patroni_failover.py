@@ -22,13 +22,18 @@ it comes back as a replica). Each pool is set up the way its users set it up for
   (over psycopg2, the same DSN, 5 connections, ``blocking=True``, ``ping=1``, its default).
 
 Reported per pool: errors the application saw (writes, reads), time from the kill to the
-first write acknowledged by the new leader, the longest time without an acknowledged write,
-acknowledged writes missing from the new leader's table (lost), reads served, reads served
-by the killed leader once back (as a replica: allowed), reads answered by a primary (the read
-group prefers a standby; one was up throughout), and operations answered by a node in a role
-the group did not ask for (each operation returns ``pg_is_in_recovery()``: a write
-acknowledged in recovery or by the killed leader after the kill, a read from the killed
-leader after the kill while not in recovery; must be 0). The results go to
+first write acknowledged by the new leader, and from the new leader's promotion (the moment
+it first answered ``pg_is_in_recovery()`` false to the orchestrator, which asks the
+survivors every 5 ms), the longest time without an acknowledged write, acknowledged writes
+missing from the new leader's table (lost), reads served, reads served by the killed leader
+once back (as a replica: allowed), reads answered by a primary (the read group prefers a
+standby; one was up throughout), and operations answered by a node in a role the group did
+not ask for (each operation returns the server's port, ``pg_is_in_recovery()`` and clock: a
+write acknowledged in recovery, or by the killed leader once back, by its clock after all
+its processes had been killed; a read from the killed leader once back while not in
+recovery; must be 0). ``--log DIR`` keeps each worker's stderr, greenpool's DEBUG log
+stamped with ``time.monotonic()`` (the JSON's ``clock`` has the kill and the promotion on
+that clock). The results go to
 ``DIR/patroni_failover.json`` and ``.md`` (default ``benchmarks/results``). psycopg_pool,
 psycopg 3 and DBUtils need not be in the environment: put them on ``PYTHONPATH`` (``pip
 install --target DIR 'psycopg[binary]' psycopg_pool DBUtils``); a pool whose package is
@@ -63,6 +68,8 @@ PACE = 0.01  # seconds between two operations of one task
 KILL_AT = 4.0  # seconds after the start
 TABLE = "bench_failover"
 GETCONN_RETRY_SLEEP, GETCONN_RETRY_ATTEMPTS = 0.01, 300
+#: what every operation returns: who answered, in which role, at what time by its clock
+ANSWERED_BY = "inet_server_port(), pg_is_in_recovery(), extract(epoch FROM clock_timestamp())"
 PROMOTION_POLL = 0.005  # seconds between the orchestrator's looks at the survivors' role
 
 
@@ -278,8 +285,9 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             "sqlalchemy_queuepool": _SQLAlchemyQueuePool, "dbutils_pooleddb": _DBUtilsPooledDB,
             "psycopg2_simple": _Psycopg2Simple}[spec["peer"]](spec)
     ids = itertools.count(1)
-    acked: list[tuple[int, int, float, bool]] = []  # (id, port, time, in recovery)
-    reads: list[tuple[float, int, bool]] = []  # (time, port, in recovery)
+    # (id, port, time, in recovery, the server's clock): what answered, as it said then
+    acked: list[tuple[int, int, float, bool, float]] = []
+    reads: list[tuple[float, int, bool, float]] = []  # (time, port, in recovery, its clock)
     write_errors: list[tuple[float, str]] = []
     read_errors: list[tuple[float, str]] = []
     sys.stdout.write("READY\n")
@@ -294,25 +302,25 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             try:
                 with pool.session("write") as cur:
                     cur.execute(f"INSERT INTO {TABLE} VALUES (%s, %s) "
-                                "RETURNING inet_server_port(), pg_is_in_recovery()",
+                                f"RETURNING {ANSWERED_BY}",
                                 (spec["peer"], i))
-                    port, recovery = cur.fetchone()
+                    port, recovery, server_at = cur.fetchone()
             except Exception as exc:
                 write_errors.append((time.monotonic(), f"{type(exc).__name__}: {exc}"[:200]))
             else:
-                acked.append((i, port, time.monotonic(), recovery))
+                acked.append((i, port, time.monotonic(), recovery, float(server_at)))
             gevent.sleep(PACE)
 
     def reader() -> None:
         while time.monotonic() < end:
             try:
                 with pool.session("read") as cur:
-                    cur.execute("SELECT inet_server_port(), pg_is_in_recovery()")
-                    port, recovery = cur.fetchone()
+                    cur.execute(f"SELECT {ANSWERED_BY}")
+                    port, recovery, server_at = cur.fetchone()
             except Exception as exc:
                 read_errors.append((time.monotonic(), f"{type(exc).__name__}: {exc}"[:200]))
             else:
-                reads.append((time.monotonic(), port, recovery))
+                reads.append((time.monotonic(), port, recovery, float(server_at)))
             gevent.sleep(PACE)
 
     tasks = [gevent.spawn(writer) for _ in range(WRITERS)]
@@ -365,20 +373,25 @@ class _PromotionWatch:
                     return
 
 
-def _summary(peer: str, out: dict[str, Any], killed: float, dead: float, promoted: float,
-             old_port: int, new_port: int, rows: set[int]) -> dict[str, Any]:
+def _summary(peer: str, out: dict[str, Any], killed: float, dead_wall: float,
+             promoted: float, old_port: int, new_port: int, rows: set[int]) -> dict[str, Any]:
     acked, reads = out["acked"], out["reads"]
-    first = min((t for _i, port, t, _r in acked if port == new_port and t > killed), default=None)
-    stamps = sorted([killed, *(t for _i, _p, t, _r in acked if t > killed)])
-    lost = [i for i, _port, _t, _r in acked if i not in rows]
+    first = min((t for _i, port, t, *_x in acked if port == new_port and t > killed),
+                default=None)
+    stamps = sorted([killed, *(t for _i, _p, t, *_x in acked if t > killed)])
+    lost = [i for i, *_x in acked if i not in rows]
     errors = out["write_errors"] + out["read_errors"]
     kinds = sorted({e.split(":", 1)[0] for _t, e in errors})
     # a node answering in a role the group did not ask for: a write acknowledged by a node in
-    # recovery or by the killed leader once dead (until every process of it has been SIGKILLed,
-    # its backends still commit, legitimately); a read answered by the killed leader once dead
-    # while it was not (yet) a replica
-    wrong = sum(1 for _i, port, t, rec in acked if rec or (port == old_port and t > dead))
-    wrong += sum(1 for t, port, rec in reads if port == old_port and t > dead and not rec)
+    # recovery, or by the killed leader once back (by its own clock, after every process of
+    # it had been SIGKILLed: until then its backends still commit, legitimately, and a busy
+    # worker may note the time of such an answer late); a read answered by the killed leader
+    # once back while not a replica
+    wrong_writes = [(round(t - killed, 3), port, rec) for _i, port, t, rec, at in acked
+                    if rec or (port == old_port and at > dead_wall)]
+    wrong_reads = [(round(t - killed, 3), port, rec) for t, port, rec, at in reads
+                   if port == old_port and at > dead_wall and not rec]
+    wrong = len(wrong_writes) + len(wrong_reads)
     return {
         "pool": peer, "writes_acknowledged": len(acked), "write_errors": len(out["write_errors"]),
         "read_errors": len(out["read_errors"]), "error_kinds": kinds,
@@ -390,10 +403,12 @@ def _summary(peer: str, out: dict[str, Any], killed: float, dead: float, promote
         "acknowledged_writes_lost": len(lost),
         "reads_served": len(reads),
         "reads_after_kill": sum(1 for t, *_x in reads if t > killed),
-        "reads_by_demoted_node": sum(1 for t, port, _r in reads
-                                     if port == old_port and t > dead),
-        "reads_on_a_primary": sum(1 for _t, _p, rec in reads if not rec),
+        "reads_by_demoted_node": sum(1 for _t, port, _r, at in reads
+                                     if port == old_port and at > dead_wall),
+        "reads_on_a_primary": sum(1 for _t, _p, rec, _at in reads if not rec),
         "answered_in_wrong_role": wrong,
+        # (seconds after the kill, port, in recovery) of the first few, to look into them
+        "wrong_role_writes": wrong_writes[:10], "wrong_role_reads": wrong_reads[:10],
     }
 
 
@@ -442,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         killed = time.monotonic()
         with _PromotionWatch([n for n in pc.nodes if n is not leader]) as promotion:
             leader.kill()
-            dead = time.monotonic()
+            dead, dead_wall = time.monotonic(), time.time()
             pc.wait_for(lambda: pc.leader() not in (None, leader), 60, "a new leader")
             elected = time.monotonic()
             new = pc.leader()
@@ -462,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         rows_by_peer: dict[str, set[int]] = {}
         for peer, i in new.execute(f"SELECT peer, id FROM {TABLE}"):
             rows_by_peer.setdefault(peer, set()).add(i)
-    summaries = [_summary(peer, out, killed, dead, promoted, leader.port, new.port,
+    summaries = [_summary(peer, out, killed, dead_wall, promoted, leader.port, new.port,
                           rows_by_peer.get(peer, set()))
                  if "error" not in out else {"pool": peer, "failed": out["error"]}
                  for peer, out in results.items()]

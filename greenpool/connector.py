@@ -336,6 +336,7 @@ class Connector:
         self.opened = weakref.WeakSet()
         self.counts = dict.fromkeys(self.endpoints, 0)
         self._tasks = set()
+        self._watched = set()  # the parent's watches are not the child's
         self._lock = self._backend.lock()
         self._stopping = threading.Event()
         self.failing = False
