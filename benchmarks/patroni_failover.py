@@ -1,6 +1,6 @@
 """Kill the leader of a Patroni cluster under load: greenpool beside its peers, in one run.
 
-``python -m benchmarks.patroni_failover [--seconds 22] [--out DIR]`` starts a throwaway
+``python -m benchmarks.patroni_failover [--seconds 22] [--runs 3] [--out DIR]`` starts a throwaway
 Patroni cluster (:mod:`greenpool.throwaway_patroni`: etcd, three nodes, ``synchronous_mode``),
 then one worker process per pool, all at once, so that every pool sees the very same failover.
 Each worker runs 10 writers (``INSERT`` of its own unique ids, one transaction each) and 10
@@ -419,14 +419,55 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers", default=",".join(PEERS))
     parser.add_argument("--log", metavar="DIR", help="write each worker's stderr, greenpool's"
                         " DEBUG log stamped with time.monotonic(), to DIR/<pool>.log")
+    parser.add_argument("--runs", type=int, default=1, help="kill a leader this many times,"
+                        " each on a fresh cluster with every pool at once (noise hits all)")
     args = parser.parse_args(argv)
-    from greenpool.throwaway_patroni import PatroniCluster, missing
+    from greenpool.throwaway_patroni import missing
 
     reason = missing()
     if reason:
         print(f"skipped: {reason}")
         return 1
-    peers = [p for p in args.peers.split(",") if p]
+    runs = []
+    for n in range(args.runs):
+        log = None if not args.log else str(Path(args.log) / f"run{n + 1}")
+        runs.append(_run(args.seconds, [p for p in args.peers.split(",") if p], log))
+    report = runs[0] if len(runs) == 1 else {"runs": runs}
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "patroni_failover.json").write_text(json.dumps(report, indent=1) + "\n")
+    text = "\n".join(_markdown(run) for run in runs)
+    if len(runs) > 1:
+        text = _across_runs(runs) + "\n" + text
+    (out_dir / "patroni_failover.md").write_text(text)
+    print(text)
+    return 0
+
+
+def _across_runs(runs: list[dict[str, Any]]) -> str:
+    """Each pool's write gap and resumption in every run, side by side."""
+    pools = [s["pool"] for s in runs[0]["summaries"]]
+    lines = [f"# Kill the Patroni leader under load: {len(runs)} runs, every pool at once in"
+             " each", "", "Longest write gap (s) / writes resumed after the new leader's"
+             " promotion (ms), per run:", "",
+             "| pool | " + " | ".join(f"run {n + 1}" for n in range(len(runs))) + " |",
+             "|---|" + "---|" * len(runs)]
+    for pool in pools:
+        cells = []
+        for run in runs:
+            s = next((x for x in run["summaries"] if x["pool"] == pool), {})
+            cells.append(f"{s.get('longest_write_gap_s')} / "
+                         f"{s.get('writes_resumed_after_promotion_ms')}")
+        lines.append(f"| {pool} | " + " | ".join(cells) + " |")
+    lines.append("| (promotion, s after the kill) | "
+                 + " | ".join(str(run["leader_promoted_s"]) for run in runs) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _run(seconds: float, peers: list[str], log: str | None) -> dict[str, Any]:
+    """One kill of the leader, every pool in ``peers`` at once, on a fresh cluster."""
+    from greenpool.throwaway_patroni import PatroniCluster
+
     with PatroniCluster(synchronous_mode=True, password="bench-pw") as pc:
         leader = pc.leader()
         assert leader is not None
@@ -437,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         skipped: dict[str, str] = {}
         for peer in peers:
             spec = {"peer": peer, "nodes": nodes, "password": pc.password,
-                    "seconds": args.seconds, "log": bool(args.log)}
+                    "seconds": seconds, "log": bool(log)}
             proc = subprocess.Popen([sys.executable, "-m", "benchmarks.patroni_failover",
                                      "--worker", json.dumps(spec)], stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -468,12 +509,12 @@ def main(argv: list[str] | None = None) -> int:
         leader.start()
         results: dict[str, Any] = {}
         for peer, proc in procs.items():
-            out, err = proc.communicate(timeout=args.seconds + 90)
+            out, err = proc.communicate(timeout=seconds + 90)
             found = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
             results[peer] = json.loads(found[-1][7:]) if found else {"error": err[-500:]}
-            if args.log:
-                Path(args.log).mkdir(parents=True, exist_ok=True)
-                (Path(args.log) / f"{peer}.log").write_text(err)
+            if log:
+                Path(log).mkdir(parents=True, exist_ok=True)
+                (Path(log) / f"{peer}.log").write_text(err)
         rows_by_peer: dict[str, set[int]] = {}
         for peer, i in new.execute(f"SELECT peer, id FROM {TABLE}"):
             rows_by_peer.setdefault(peer, set()).add(i)
@@ -481,17 +522,11 @@ def main(argv: list[str] | None = None) -> int:
                           rows_by_peer.get(peer, set()))
                  if "error" not in out else {"pool": peer, "failed": out["error"]}
                  for peer, out in results.items()]
-    report = {"seconds": args.seconds, "leader_elected_s": round(elected - killed, 2),
-              "leader_promoted_s": round(promoted - killed, 2),
-              "kill_took_s": round(dead - killed, 3),
-              "clock": {"killed": killed, "promoted": promoted, "elected": elected},
-              "summaries": summaries, "skipped": skipped}
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "patroni_failover.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out_dir / "patroni_failover.md").write_text(_markdown(report))
-    print(_markdown(report))
-    return 0
+    return {"seconds": seconds, "leader_elected_s": round(elected - killed, 2),
+            "leader_promoted_s": round(promoted - killed, 2),
+            "kill_took_s": round(dead - killed, 3),
+            "clock": {"killed": killed, "promoted": promoted, "elected": elected},
+            "summaries": summaries, "skipped": skipped}
 
 
 def _markdown(report: dict[str, Any]) -> str:

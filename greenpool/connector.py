@@ -390,7 +390,11 @@ class Connector:
         self._watched.add(endpoint)
         try:
             pc = self._attempt(endpoint, generation, placed=False)
-            return None if pc is None else self._watch(pc)
+            if pc is None:
+                return None
+            logger.debug("group %r: no primary is up and callers wait: watching %s for its"
+                         " promotion", self.config.name, endpoint.label)
+            return self._watch(pc)
         finally:
             self._watched.discard(endpoint)
 
@@ -409,6 +413,9 @@ class Connector:
                     pc.role = report.role
                     endpoint.observe(report)
                     if self.belongs(endpoint, report.role):
+                        logger.info("group %r: %s was promoted; its watched connection goes"
+                                    " to the first caller in line", self.config.name,
+                                    endpoint.label)
                         return pc
                     break  # another primary is chosen (split brain): the rounds go there
                 # still a standby, seen just now: the rounds need no connect to learn it
