@@ -54,7 +54,13 @@ from .connection import (
 )
 from .endpoint import PRIMARY, QUARANTINED, STANDBY, UNKNOWN, Endpoint
 from .errors import ConnectFailed, NoHealthyEndpoint
-from .placement import connect_order, standby_to_watch, where_to_be, without_primary
+from .placement import (
+    ROLE_RECHECK,
+    connect_order,
+    standby_to_watch,
+    where_to_be,
+    without_primary,
+)
 from .roles import EXPLORE_WAIT, fits, primary_report, read_role, role_of, unexplored
 from .slots import Slot
 from .stats import GroupCounters
@@ -405,9 +411,15 @@ class Connector:
         endpoint, slots = pc.endpoint, self.slots
         seconds = endpoint.config.connect_timeout
         assert slots is not None
+        # a group with fewer connect tasks than standbys cannot watch them all: after a
+        # ROLE_RECHECK the watch makes way for a round, which connects to the others
+        make_way_at = _monotonic() + ROLE_RECHECK
         try:
             while not self._stopped and slots.waiting and (
                     endpoint.role == PRIMARY or without_primary(self.endpoints)):
+                if _monotonic() >= make_way_at and standby_to_watch(
+                        self.endpoints, self._watched, _monotonic()) is not None:
+                    break
                 report = primary_report(pc.raw, self._backend, seconds)
                 if report is not None:
                     pc.role = report.role

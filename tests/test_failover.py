@@ -228,6 +228,57 @@ def test_writers_waiting_for_a_primary_get_the_promoted_standby_on_a_connection_
         assert str(exc).strip()
 
 
+def test_a_write_group_with_fewer_connections_than_standbys_finds_the_one_it_does_not_watch(
+    make_pool, pg_factory
+):
+    """One write connection, two standbys, the primary crashed, writers wait: the group's one
+    connect task watches the first standby, and every half second makes way for a round of
+    connects that asks the other one. The second standby is promoted: writes land on it
+    within about that half second (a watch that never made way would hold the group until
+    the writers' timeout; role checks, every 5 s here, would not reach a full group)."""
+    primary = pg_factory()
+    primary.execute("CREATE TABLE promoted_writes (id int)")
+    first = pg_factory(standby_of=primary)
+    second = pg_factory(standby_of=primary)
+    for standby in (first, second):
+        wait_until(lambda s=standby: s.execute(
+            "SELECT to_regclass('promoted_writes') IS NOT NULL")[0][0], 10, "the table")
+    pool = make_pool({"write": {"role": "primary", "connection_count": 1, "timeout": 30}},
+                     db=[primary.endpoint(), first.endpoint(), second.endpoint()],
+                     role_check_interval=5)
+    with pool.handler("write") as db:
+        assert db.query_one("SELECT inet_server_port()") == (primary.port,)
+    primary.stop("immediate")
+    acked: list[tuple[float, int]] = []
+    running = [True]
+
+    def writer() -> None:
+        while running[0]:
+            try:
+                with pool.handler("write") as db:
+                    row = db.query_one("INSERT INTO promoted_writes VALUES (1)"
+                                       " RETURNING inet_server_port()")
+            except psycopg2.Error:  # the dead idle connection to the old primary
+                sleep(0.01)
+            else:
+                acked.append((time.monotonic(), row[0]))
+
+    tasks = [spawn(writer) for _ in range(3)]
+    try:
+        wait_until(lambda: endpoint_stats(pool, primary)["state"] != "up", 10,
+                   "the primary quarantined")
+        sleep(0.6)  # the watch of the first standby is under way
+        before = time.monotonic()
+        second.promote()
+        wait_until(lambda: bool(acked), 10, "a write on the promoted standby")
+    finally:
+        running[0] = False
+        join_all(tasks, 15)
+    first_at, port = min(acked)
+    assert port == second.port
+    assert first_at - before <= 1.5, f"first write {first_at - before:.3f} s after promote"
+
+
 # --- 3. losing one of two endpoints under read load ---------------------------------------------
 
 
