@@ -390,11 +390,14 @@ class Connector:
         slots = self.slots
         if self.config.role != "primary" or slots is None or not slots.waiting:
             return None
-        endpoint = standby_to_watch(self.endpoints, self._watched, _monotonic())
-        if endpoint is None or not endpoint.begin_connect(_monotonic()):
-            return None
-        self._watched.add(endpoint)
+        with self._lock:  # two connect threads never watch the same standby
+            endpoint = standby_to_watch(self.endpoints, self._watched, _monotonic())
+            if endpoint is None:
+                return None
+            self._watched.add(endpoint)
         try:
+            if not endpoint.begin_connect(_monotonic()):
+                return None
             pc = self._attempt(endpoint, generation, placed=False)
             if pc is None:
                 return None
