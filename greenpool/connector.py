@@ -51,11 +51,17 @@ from .connection import (
     is_pooled,
     open_connection,
 )
-from .endpoint import QUARANTINED, STANDBY, UNKNOWN, Endpoint
+from .endpoint import PRIMARY, QUARANTINED, STANDBY, UNKNOWN, Endpoint
 from .errors import ConnectFailed, NoHealthyEndpoint
 from .events import no_event
-from .placement import connect_order, where_to_be
-from .roles import EXPLORE_WAIT, fits, read_role, role_of, unexplored
+from .placement import (
+    ROLE_RECHECK,
+    connect_order,
+    standby_to_watch,
+    where_to_be,
+    without_primary,
+)
+from .roles import EXPLORE_WAIT, fits, primary_report, read_role, role_of, unexplored
 from .slots import Slot
 from .stats import GroupCounters
 
@@ -63,6 +69,9 @@ logger = logging.getLogger("greenpool")
 
 _monotonic = time.monotonic
 _RECHECK_PAUSE = 0.02  # seconds between looks while no endpoint may take a connect
+#: seconds between two ``pg_is_in_recovery()`` on a standby a write group watches while
+#: callers wait and no primary is up (one light query on an open connection: no connect)
+PROMOTION_POLL = 0.01
 _LIFETIME_JITTER = 0.1  # up to 10 % shorter, so connections opened together do not expire together
 
 
@@ -82,6 +91,10 @@ class Slots(Protocol):
 
     def endpoint_failed(self, endpoint: Endpoint) -> None:
         """A connect to ``endpoint`` failed for a server reason: its idle peers are suspect."""
+
+    @property
+    def waiting(self) -> int:
+        """How many callers wait for a connection now."""
 
 
 class Connector:
@@ -126,6 +139,8 @@ class Connector:
         #: set by :meth:`stop`: a connect thread sleeping out a quarantine ends at once
         #: (green tasks are killed instead)
         self._stopping = threading.Event()
+        #: standbys a connect task of this group watches for their promotion (one task each)
+        self._watched: set[Endpoint] = set()
 
     # --- asked by the group -------------------------------------------------------------
 
@@ -323,6 +338,7 @@ class Connector:
         self.opened = weakref.WeakSet()
         self.counts = dict.fromkeys(self.endpoints, 0)
         self._tasks = set()
+        self._watched = set()  # the parent's watches are not the child's
         self._lock = self._backend.lock()
         self._stopping = threading.Event()
         self.failing = False
@@ -348,8 +364,85 @@ class Connector:
                     break
                 if not slots.still_needed(slot):
                     return
+                pc = self._await_promotion(generation)
+                if pc is not None:
+                    slots._deliver(slot, pc)
+                    return
                 self._pause(self._next_chance())
             slot.give_back()
+
+    # --- waiting for a promotion ----------------------------------------------------------
+
+    def _await_promotion(self, generation: int) -> PooledConnection | None:
+        """While callers wait for a ``primary`` group and no primary is up (it died, and the
+        orchestrator has not promoted a standby yet), watch one standby that no other task
+        of this group watches: one connection to it, asked ``pg_is_in_recovery()`` (with a
+        primary's timeline and WAL position, for the split-brain rule) every
+        ``PROMOTION_POLL``. The moment it answers as primary, that connection, already open
+        and authenticated, goes to the first caller in line: no connect after the promotion,
+        no waiting for the next role check. None when there is nothing to watch, or the
+        watch ended without a promotion (nobody waits, another endpoint became the primary,
+        the standby failed)."""
+        slots = self.slots
+        if self.config.role != "primary" or slots is None or not slots.waiting:
+            return None
+        with self._lock:  # two connect threads never watch the same standby
+            endpoint = standby_to_watch(self.endpoints, self._watched, _monotonic())
+            if endpoint is None:
+                return None
+            self._watched.add(endpoint)
+        try:
+            if not endpoint.begin_connect(_monotonic()):
+                return None
+            pc = self._attempt(endpoint, generation, placed=False)
+            if pc is None:
+                return None
+            logger.debug("group %r: no primary is up and callers wait: watching %s for its"
+                         " promotion", self.config.name, endpoint.label)
+            return self._watch(pc)
+        finally:
+            self._watched.discard(endpoint)
+
+    def _watch(self, pc: PooledConnection) -> PooledConnection | None:
+        """``pc`` (to a standby) if its server is promoted and is the primary the split-brain
+        rule chooses, while callers wait; else None, ``pc`` closed. Each question is
+        bounded by ``connect_timeout``."""
+        endpoint, slots = pc.endpoint, self.slots
+        seconds = endpoint.config.connect_timeout
+        assert slots is not None
+        # a group with fewer connect tasks than standbys cannot watch them all: after a
+        # ROLE_RECHECK the watch makes way for a round, which connects to the others
+        make_way_at = _monotonic() + ROLE_RECHECK
+        try:
+            while not self._stopped and slots.waiting and (
+                    endpoint.role == PRIMARY or without_primary(self.endpoints)):
+                if _monotonic() >= make_way_at and standby_to_watch(
+                        self.endpoints, self._watched, _monotonic()) is not None:
+                    break
+                report = primary_report(pc.raw, self._backend, seconds)
+                if report is not None:
+                    pc.role = report.role
+                    endpoint.observe(report)
+                    if self.belongs(endpoint, report.role):
+                        logger.info("group %r: %s was promoted; its watched connection goes"
+                                    " to the first caller in line", self.config.name,
+                                    endpoint.label)
+                        return pc
+                    break  # another primary is chosen (split brain): the rounds go there
+                # still a standby, seen just now: the rounds need no connect to learn it
+                endpoint.observe_role(STANDBY)
+                self._pause(PROMOTION_POLL)
+        except Exception as exc:
+            logger.info("group %r: a standby watched for its promotion, %s, did not answer:"
+                        " %s", self.config.name, endpoint.label, exc)
+            self.close(pc, "failed_check")
+            slots.endpoint_failed(endpoint)
+            return None
+        except BaseException:
+            self.close(pc, "interrupted")
+            raise
+        self.close(pc, "probe")
+        return None
 
     def _round(
         self,

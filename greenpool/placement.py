@@ -16,7 +16,7 @@ how connections are made, so each rule can be read (and tested) on its own:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 from .endpoint import PRIMARY, STANDBY, UP, Endpoint
@@ -78,6 +78,24 @@ def connect_order(
         return [ep for ep in endpoints if ep.role == PRIMARY and ep.may_connect(now)
                 and now - ep.role_seen_at >= ROLE_RECHECK]
     return []
+
+
+def without_primary(endpoints: Sequence[Endpoint]) -> bool:
+    """No endpoint is a primary that is up: a ``primary`` group has nowhere to write until
+    a standby is promoted (or the old primary is back)."""
+    return not any(ep.role == PRIMARY and ep.state == UP for ep in endpoints)
+
+
+def standby_to_watch(
+    endpoints: Sequence[Endpoint], watched: Collection[Endpoint], now: float
+) -> Endpoint | None:
+    """The standby a ``primary`` group with callers waiting should watch for its promotion
+    (the first one up, not yet ``watched``, that may take a connect); None while a primary
+    is up: writes go there, and the split-brain rule decides between primaries."""
+    if not without_primary(endpoints):
+        return None
+    return next((ep for ep in endpoints if ep.role == STANDBY and ep.state == UP
+                 and ep not in watched and ep.may_connect(now)), None)
 
 
 def take_in_turn(endpoints_of_idle: Sequence[Endpoint], turns: dict[Endpoint, float]) -> int:

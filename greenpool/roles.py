@@ -54,6 +54,13 @@ PROBE_SQL = (
     "CASE WHEN NOT pg_is_in_recovery() THEN pg_current_wal_lsn() END AS lsn OFFSET 0) AS s"
 )
 
+#: PROBE_SQL's primary half: on a standby one function call, no statistics view read
+PRIMARY_SQL = (
+    "SELECT r, CASE WHEN NOT r THEN pg_walfile_name(lsn) END, CASE WHEN NOT r THEN lsn::text END "
+    "FROM (SELECT pg_is_in_recovery() AS r, "
+    "CASE WHEN NOT pg_is_in_recovery() THEN pg_current_wal_lsn() END AS lsn OFFSET 0) AS s"
+)
+
 #: The lag of a standby whose WAL receiver is not streaming: unknown, beyond any max_lag.
 LAG_UNKNOWN = math.inf
 
@@ -101,6 +108,29 @@ def read_role(
     (under ``backend.deadline``; no bound when either is None). A probe that runs out of
     time raises ``psycopg2.OperationalError``; the connection is then in an unknown state
     and must be discarded. Never leaves a transaction open."""
+    in_recovery, receiver, receiver_age, lag, walfile, lsn = _one_row(
+        raw, PROBE_SQL, backend, seconds)
+    if in_recovery:
+        return RoleReport(STANDBY, LAG_UNKNOWN if receiver is None else float(lag), None, None,
+                          receiver, None if receiver_age is None else float(receiver_age))
+    return RoleReport(PRIMARY, None, int(walfile[:8], 16), _lsn_bytes(lsn))
+
+
+def primary_report(
+    raw: Any, backend: Backend | None = None, seconds: float | None = None
+) -> RoleReport | None:
+    """The report of a primary (timeline, WAL position), or None while the server is in
+    recovery: the lightest round trip that tells a promotion and what the split-brain rule
+    needs (a write group watching a standby asks it many times a second). Bounded and
+    failing like :func:`read_role`."""
+    in_recovery, walfile, lsn = _one_row(raw, PRIMARY_SQL, backend, seconds)
+    if in_recovery:
+        return None
+    return RoleReport(PRIMARY, None, int(walfile[:8], 16), _lsn_bytes(lsn))
+
+
+def _one_row(raw: Any, sql: str, backend: Backend | None, seconds: float | None) -> Any:
+    """The first row of ``sql``, in autocommit, under a deadline of ``seconds``."""
     if seconds is not None and not seconds > 0:  # also NaN: no time left, send nothing
         raise psycopg2.OperationalError(f"no time left for the role probe ({seconds!r} s)")
     bounded = backend is not None and seconds is not None and seconds != math.inf
@@ -113,12 +143,11 @@ def read_role(
                 assert backend is not None and seconds is not None
                 with backend.deadline(seconds, deadline), \
                         raw.cursor(cursor_factory=_PLAIN) as cursor:
-                    cursor.execute(PROBE_SQL)
-                    row = cursor.fetchone()
-            else:
-                with raw.cursor(cursor_factory=_PLAIN) as cursor:
-                    cursor.execute(PROBE_SQL)
-                    row = cursor.fetchone()
+                    cursor.execute(sql)
+                    return cursor.fetchone()
+            with raw.cursor(cursor_factory=_PLAIN) as cursor:
+                cursor.execute(sql)
+                return cursor.fetchone()
         finally:
             # Interrupted mid-query (a deadline, a kill), the connection is busy or closed:
             # touching it would raise and hide the interruption. Its caller discards it.
@@ -129,11 +158,6 @@ def read_role(
             raise
         raise psycopg2.OperationalError(f"no answer to the role probe within {seconds:.2f} s"
                                         ) from None
-    in_recovery, receiver, receiver_age, lag, walfile, lsn = row
-    if in_recovery:
-        return RoleReport(STANDBY, LAG_UNKNOWN if receiver is None else float(lag), None, None,
-                          receiver, None if receiver_age is None else float(receiver_age))
-    return RoleReport(PRIMARY, None, int(walfile[:8], 16), _lsn_bytes(lsn))
 
 
 def query_role(

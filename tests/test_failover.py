@@ -158,6 +158,127 @@ def test_promotion_under_write_load_moves_writes_and_loses_no_acknowledged_write
     assert endpoint_stats(pool, primary)["state"] != "up"
 
 
+def test_writers_waiting_for_a_primary_get_the_promoted_standby_on_a_connection_already_open(
+    make_pool, pg_factory
+):
+    """The primary crashes (`pg_ctl stop -m immediate`) and writers wait; no primary is up,
+    so the write group keeps one connection open on the standby and asks it whether it was
+    promoted every PROMOTION_POLL, instead of a connect to it every half second. Then
+    `pg_ctl promote`: the first write after it runs on that very connection (its backend
+    started before the promotion: no connect after it) within PROMPT seconds of the
+    promote (well below the half second a standby used to wait for its next connect, and
+    the 5 s role_check_interval here), and while the writers waited the standby saw at most
+    one connect from the write group, however long they waited (no connect storm)."""
+    prompt = 0.35
+    primary = pg_factory()
+    primary.execute("CREATE TABLE promoted_writes (id int)")
+    standby = pg_factory(standby_of=primary)
+    wait_until(lambda: standby.execute(
+        "SELECT to_regclass('promoted_writes') IS NOT NULL")[0][0], 10, "the table on the standby")
+    pool = make_pool({"write": {"role": "primary", "connection_count": 4, "timeout": 30}},
+                     db=[primary.endpoint(), standby.endpoint()], role_check_interval=5)
+    with pool.handler("write") as db:
+        assert db.query_one("SELECT inet_server_port()") == (primary.port,)
+    primary.stop("immediate")
+    # (monotonic time acknowledged, server port, the backend's start, the server's clock)
+    acked: list[tuple[float, int, Any, Any]] = []
+    errors: list[BaseException] = []
+    running = [True]
+
+    def writer() -> None:
+        while running[0]:
+            try:
+                with pool.handler("write") as db:
+                    row = db.query_one(
+                        "INSERT INTO promoted_writes VALUES (1) RETURNING inet_server_port(),"
+                        " (SELECT backend_start FROM pg_stat_activity"
+                        " WHERE pid = pg_backend_pid()), clock_timestamp()")
+            except psycopg2.Error as exc:  # a dead idle connection to the old primary
+                errors.append(exc)
+                sleep(0.01)
+            else:
+                acked.append((time.monotonic(), *row))
+
+    tasks = [spawn(writer) for _ in range(6)]
+    try:
+        wait_until(lambda: endpoint_stats(pool, primary)["state"] != "up"
+                   and standby.execute("SELECT count(*) FROM pg_stat_activity WHERE"
+                                       " backend_type = 'client backend' AND"
+                                       " application_name <> 'greenpool-throwaway'")[0][0] >= 1,
+                   10, "the primary quarantined and the write group on the standby")
+        connects_before = endpoint_stats(pool, standby)["connect_attempts"]
+        sleep(1.5)  # writers wait: three times the old connect interval to a standby
+        connects_waiting = endpoint_stats(pool, standby)["connect_attempts"] - connects_before
+        assert not acked
+        server_before = standby.execute("SELECT clock_timestamp()")[0][0]
+        before = time.monotonic()
+        standby.promote()
+        wait_until(lambda: bool(acked), 10, "a write on the promoted standby")
+    finally:
+        running[0] = False
+        join_all(tasks, 15)
+    first_at, port, backend_start, _ = min(acked)
+    assert port == standby.port
+    assert backend_start < server_before, (
+        f"the first write ran on a connection opened {backend_start - server_before} after"
+        " the promote began: it was connected after the promotion")
+    assert first_at - before <= prompt, f"first write {first_at - before:.3f} s after promote"
+    assert connects_waiting <= 1, f"{connects_waiting} connects to the standby while waiting"
+    for exc in errors:
+        assert str(exc).strip()
+
+
+def test_a_write_group_with_fewer_connections_than_standbys_finds_the_one_it_does_not_watch(
+    make_pool, pg_factory
+):
+    """One write connection, two standbys, the primary crashed, writers wait: the group's one
+    connect task watches the first standby, and every half second makes way for a round of
+    connects that asks the other one. The second standby is promoted: writes land on it
+    within about that half second (a watch that never made way would hold the group until
+    the writers' timeout; role checks, every 5 s here, would not reach a full group)."""
+    primary = pg_factory()
+    primary.execute("CREATE TABLE promoted_writes (id int)")
+    first = pg_factory(standby_of=primary)
+    second = pg_factory(standby_of=primary)
+    for standby in (first, second):
+        wait_until(lambda s=standby: s.execute(
+            "SELECT to_regclass('promoted_writes') IS NOT NULL")[0][0], 10, "the table")
+    pool = make_pool({"write": {"role": "primary", "connection_count": 1, "timeout": 30}},
+                     db=[primary.endpoint(), first.endpoint(), second.endpoint()],
+                     role_check_interval=5)
+    with pool.handler("write") as db:
+        assert db.query_one("SELECT inet_server_port()") == (primary.port,)
+    primary.stop("immediate")
+    acked: list[tuple[float, int]] = []
+    running = [True]
+
+    def writer() -> None:
+        while running[0]:
+            try:
+                with pool.handler("write") as db:
+                    row = db.query_one("INSERT INTO promoted_writes VALUES (1)"
+                                       " RETURNING inet_server_port()")
+            except psycopg2.Error:  # the dead idle connection to the old primary
+                sleep(0.01)
+            else:
+                acked.append((time.monotonic(), row[0]))
+
+    tasks = [spawn(writer) for _ in range(3)]
+    try:
+        wait_until(lambda: endpoint_stats(pool, primary)["state"] != "up", 10,
+                   "the primary quarantined")
+        sleep(0.6)  # the watch of the first standby is under way
+        before = time.monotonic()
+        second.promote()
+        wait_until(lambda: bool(acked), 10, "a write on the promoted standby")
+    finally:
+        running[0] = False
+        join_all(tasks, 15)
+    first_at, port = min(acked)
+    assert port == second.port
+    assert first_at - before <= 1.5, f"first write {first_at - before:.3f} s after promote"
+
+
 # --- 3. losing one of two endpoints under read load ---------------------------------------------
 
 

@@ -22,7 +22,7 @@ from modes import GREEN, MODE, Timeout, join_all, sleep, spawn, wait_until
 from greenpool.concurrency import backend_for
 from greenpool.config import EndpointConfig
 from greenpool.endpoint import PRIMARY, STANDBY, Endpoint
-from greenpool.roles import candidates, read_role
+from greenpool.roles import candidates, primary_report, read_role
 
 SPLIT = "split brain"
 
@@ -224,6 +224,32 @@ def test_an_outer_timeout_during_the_probe_is_not_turned_into_a_probe_error(stop
     with pytest.raises(type(outer)) as info, outer:
         read_role(conn, backend_for(MODE), 5.0)
     assert info.value is outer
+
+
+def test_the_promotion_watch_sees_a_standby_as_none_and_its_promotion_with_the_new_timeline(
+    pg_factory,
+):
+    """``primary_report``, the light question a waiting write group asks a standby many
+    times a second, gives what the split-brain rule needs as the full probe does: nothing
+    while in recovery, then, on the same connection opened before the promotion, the
+    primary's new timeline and a WAL position."""
+    primary = pg_factory()
+    standby = pg_factory(standby_of=primary)
+    backend = backend_for(MODE)
+    old, watched = primary.connect(), standby.connect()
+    try:
+        full = read_role(old, backend, 5.0)
+        light = primary_report(old, backend, 5.0)
+        assert light is not None and (light.role, light.timeline) == (PRIMARY, full.timeline)
+        assert light.lsn is not None and light.lsn >= (full.lsn or 0)
+        assert primary_report(watched, backend, 5.0) is None
+        standby.promote()
+        promoted = primary_report(watched, backend, 5.0)
+        assert promoted is not None and promoted.role == PRIMARY
+        assert promoted.timeline == (full.timeline or 0) + 1
+    finally:
+        old.close()
+        watched.close()
 
 
 @pytest.mark.parametrize("seconds", [0.0, -1.0, math.nan])

@@ -11,7 +11,7 @@ import pytest
 
 from greenpool.config import EndpointConfig
 from greenpool.endpoint import PRIMARY, QUARANTINED, STANDBY, Endpoint
-from greenpool.placement import connect_order, where_to_be
+from greenpool.placement import connect_order, standby_to_watch, where_to_be, without_primary
 from greenpool.roles import RoleReport
 
 pytestmark = pytest.mark.timeout(10)
@@ -128,3 +128,18 @@ def test_a_standby_group_with_nothing_to_use_retries_an_endpoint_seen_as_primary
     now = time.monotonic()
     assert connect_order([ep], "standby", None, "fail", {}, now, 0) == []
     assert connect_order([ep], "standby", None, "fail", {}, now + 1.5, 0) == [ep]
+
+
+def test_a_standby_is_watched_for_its_promotion_only_while_no_primary_is_up() -> None:
+    primary, first, second = _endpoints(3)
+    _primary(primary, timeline=1)
+    _standby(first, lag=0.1)
+    _standby(second, lag=0.1)
+    now = time.monotonic()
+    assert not without_primary([primary, first, second])
+    assert standby_to_watch([primary, first, second], set(), now) is None  # writes go there
+    primary.state, primary.quarantined_until = QUARANTINED, now + 10  # its connect failed
+    assert without_primary([primary, first, second])
+    assert standby_to_watch([primary, first, second], set(), now) is first
+    assert standby_to_watch([primary, first, second], {first}, now) is second  # one watch each
+    assert standby_to_watch([primary, first, second], {first, second}, now) is None
