@@ -30,6 +30,7 @@ from greenpool.testing.processes import (
     as_owner,
     give_to,
     kill_group,
+    names,
     pids_naming,
     server_owner,
     stop_pid,
@@ -220,18 +221,14 @@ class Cluster:
 
     @property
     def pid(self) -> int | None:
-        """The postmaster's PID from postmaster.pid, or None when it is not running."""
+        """The postmaster's PID from postmaster.pid, or None when it is not running. A
+        postmaster killed outright leaves that file behind, and its PID may since have gone
+        to another process: the PID counts only while its command line names this cluster."""
         try:
             pid = int((self.datadir / "postmaster.pid").read_text().split("\n", 1)[0])
         except (OSError, ValueError):
             return None
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass  # alive, but owned by another OS user
-        return pid
+        return pid if names(pid, self.root) else None
 
     def destroy(self) -> None:
         """Stop at once and delete every file; safe to call from cleanup after a signal.

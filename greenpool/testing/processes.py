@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SERVER_OS_USER", "alive", "as_owner", "give_to", "kill_group", "pids_naming",
-           "server_owner", "stop_pid"]
+__all__ = ["SERVER_OS_USER", "alive", "as_owner", "give_to", "kill_group", "names",
+           "pids_naming", "server_owner", "stop_pid"]
 
 SERVER_OS_USER = "postgres"  # who runs the servers when we are root
 
@@ -94,9 +94,23 @@ def stop_pid(pid: int, first: signal.Signals, within: float) -> None:
             return
 
 
+def _mentions(cmdline: bytes, root: Path) -> bool:
+    return os.fsencode(str(root)) + b"/" in cmdline
+
+
+def names(pid: int, root: Path) -> bool:
+    """Whether ``pid`` runs and its command line mentions a path under ``root``: a PID read
+    from a file (a postmaster.pid left by a crash) may since belong to another process,
+    which must not get our signals."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return alive(pid) and _mentions(handle.read(), root)
+    except OSError:
+        return False  # gone (or not ours to read): not one of the processes started there
+
+
 def pids_naming(root: Path) -> list[int]:
     """Processes (other than us) whose command line mentions ``root``: by /proc, no tools."""
-    needle = os.fsencode(str(root)) + b"/"
     found = []
     for entry in glob.glob("/proc/[0-9]*/cmdline"):
         try:
@@ -105,6 +119,6 @@ def pids_naming(root: Path) -> list[int]:
         except OSError:
             continue
         pid = int(entry.split("/")[2])
-        if needle in cmdline and pid != os.getpid():
+        if _mentions(cmdline, root) and pid != os.getpid():
             found.append(pid)
     return found
