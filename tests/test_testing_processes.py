@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from scripts import run_script
 
-from greenpool.testing import patroni
+from greenpool.testing import patroni, processes
 from greenpool.testing.postgres import Cluster
 from greenpool.testing.processes import alive, names, pids_naming
 
@@ -52,6 +52,16 @@ def test_a_running_postmaster_names_its_cluster(pg: Cluster) -> None:
     assert pg.pid is not None and names(pg.pid, pg.root)
     assert not names(pg.pid, Path("/tmp/greenpool-pg-elsewhere"))
     assert not names(os.getpid(), pg.root)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the servers' OS user matters to root only")
+def test_as_root_without_the_servers_os_user_a_cluster_is_refused_by_name_leaving_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(processes, "SERVER_OS_USER", "greenpool-no-such-user")
+    with pytest.raises(RuntimeError, match=r"'greenpool-no-such-user' OS user .*useradd --system"):
+        Cluster(base_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []  # no directory made for it
 
 
 PATRONI_FORKED_CHILD_EXITS = """

@@ -303,10 +303,10 @@ class PatroniCluster:
         self.ttl, self.loop_wait, self.retry_timeout = ttl, loop_wait, retry_timeout
         self.synchronous_mode = synchronous_mode
         self.parameters = dict(parameters or {})
+        self._owner = server_owner()  # before the directory: no directory left by its error
         # short: PostgreSQL's Unix socket paths are limited to ~107 bytes
         self.root = Path(tempfile.mkdtemp(prefix="gp-patroni-"))
         self.scope = "greenpool-" + self.root.name.rsplit("-", 1)[-1]
-        self._owner = server_owner()
         self._procs: list[subprocess.Popen[bytes]] = []
         self.etcd_port = free_port(HOST)
         self.etcd_peer_port = free_port(HOST)

@@ -51,6 +51,7 @@ class PgBouncer:
         self.host = "127.0.0.1"
         self.port = free_port(self.host)
         self.dbname = cluster.dbname
+        self._owner = server_owner()  # before the directory: no directory left by its error
         self.root = Path(tempfile.mkdtemp(prefix="greenpool-pgbouncer-"))
         self.settings = {
             "listen_addr": self.host, "listen_port": self.port, "unix_socket_dir": "",
@@ -83,9 +84,8 @@ class PgBouncer:
         ini += "".join(f"{k} = {v}\n" for k, v in self.settings.items())
         (self.root / "pgbouncer.ini").write_text(ini)
         (self.root / "userlist.txt").write_text(f'"{c.user}" "{c.password}"\n')
-        owner = server_owner()
-        give_to(owner, self.root, *self.root.iterdir())
-        kw = as_owner(owner)
+        give_to(self._owner, self.root, *self.root.iterdir())
+        kw = as_owner(self._owner)
         self._proc = subprocess.Popen([BINARY, str(self.root / "pgbouncer.ini")],
                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL, cwd=self.root,

@@ -128,11 +128,11 @@ class Cluster:
         self.password = password
         self.settings = dict(settings or {})
         self.base_dir = base_dir
+        self._owner = server_owner()  # before the directory: no directory left by its error
         # a fresh directory per cluster, so destroy() never removes anything it did not create
         self.root = Path(tempfile.mkdtemp(prefix="greenpool-pg-", dir=base_dir))
         self.datadir = self.root / "data"
         self.logfile = self.root / "server.log"
-        self._owner = server_owner()
         give_to(self._owner, self.root)
         #: the process that made this cluster: the only one whose exit hook may destroy it
         #: (a child made with os.fork() inherits ``_live`` but owns none of it)

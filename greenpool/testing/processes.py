@@ -25,8 +25,17 @@ SERVER_OS_USER = "postgres"  # who runs the servers when we are root
 
 
 def server_owner() -> pwd.struct_passwd | None:
-    """The OS user the servers run as: ``postgres`` when we are root, else ``None`` (us)."""
-    return pwd.getpwnam(SERVER_OS_USER) if os.geteuid() == 0 else None
+    """The OS user the servers run as: ``postgres`` when we are root, else ``None`` (us).
+    Raises :class:`RuntimeError` when we are root and that user does not exist."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam(SERVER_OS_USER)
+    except KeyError:
+        raise RuntimeError(
+            f"running as root, the throwaway servers run as the {SERVER_OS_USER!r} OS user "
+            f"(PostgreSQL and PgBouncer refuse root), and there is none: create it "
+            f"(`useradd --system {SERVER_OS_USER}`) or run as an unprivileged user") from None
 
 
 def give_to(owner: pwd.struct_passwd | None, *paths: Path) -> None:
