@@ -129,8 +129,9 @@ class Cluster:
         self.settings = dict(settings or {})
         self.base_dir = base_dir
         self._owner = server_owner()  # before the directory: no directory left by its error
-        # a fresh directory per cluster, so destroy() never removes anything it did not create
-        self.root = Path(tempfile.mkdtemp(prefix="greenpool-pg-", dir=base_dir))
+        # a fresh directory per cluster, so destroy() never removes anything it did not create;
+        # absolute: the server commands run in it, and a relative path would not be found
+        self.root = Path(tempfile.mkdtemp(prefix="greenpool-pg-", dir=base_dir)).absolute()
         self.datadir = self.root / "data"
         self.logfile = self.root / "server.log"
         give_to(self._owner, self.root)
