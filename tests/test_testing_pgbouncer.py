@@ -26,7 +26,7 @@ cluster = Cluster()
 cluster.init()
 cluster.start()
 bouncer = PgBouncer(cluster).start()
-print(json.dumps({"pid": bouncer._proc.pid, "root": str(bouncer.root)}), flush=True)
+print(json.dumps({"pid": bouncer.pid, "root": str(bouncer.root)}), flush=True)
 # a test run that ends without stop(): a failure, a forgotten fixture
 """
 
@@ -51,8 +51,8 @@ if child == 0:
     bouncer.stop()  # the parent's: a no-op here
     sys.exit(0)  # a normal exit: atexit hooks run in the child
 _, status = os.waitpid(child, 0)
-running = bouncer._proc.poll() is None and bouncer.root.exists()
-pid = bouncer._proc.pid
+pid = bouncer.pid
+running = pid is not None and bouncer.root.exists()
 bouncer.stop()
 cluster.destroy()
 print(json.dumps({"status": status, "running": running, "pid": pid}), flush=True)

@@ -101,6 +101,13 @@ class PgBouncer:
                                        ) from None
                 time.sleep(0.05)
 
+    @property
+    def pid(self) -> int | None:
+        """PgBouncer's PID while it runs (None before start() and once it has exited)."""
+        if self._proc is None or self._proc.poll() is not None:
+            return None
+        return self._proc.pid
+
     def log(self) -> str:
         try:
             return (self.root / "pgbouncer.log").read_text(errors="replace")
