@@ -7,6 +7,10 @@ connect (green modes), closed in any order, their backends terminated, and the s
 by other clients; after every step the slots held equal the blocks alive plus one for the
 listeners (they share a connection), connect tasks stay within their bound, and, whenever
 no outsider fills the server, every group still lends all of its connections at once.
+
+A second machine drives the ``exclusive_limit`` line itself (a limit of two, green modes):
+callers killed while waiting, at the hand-off or after it, and timing out; the holders are
+always the first in arrival order, and no unit is lost or counted twice.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from hypothesis.stateful import (
 )
 from modes import GREEN, MODE, Timeout, join_all, spawn, wait_until
 
-from greenpool import Pool, PoolError
+from greenpool import Pool, PoolError, PoolTimeout
 from greenpool.testing.postgres import Cluster
 
 APP = "greenpool-dedicated-model"
@@ -192,4 +196,156 @@ def test_dedicated_connections_keep_exact_books_and_leave_the_groups_their_slots
     DedicatedModel.server = small_server
     run_state_machine_as_test(DedicatedModel, settings=settings(
         max_examples=20, stateful_step_count=20, deadline=None, phases=PHASES,
+        suppress_health_check=list(HealthCheck)))
+
+
+LINE_LIMIT = 2
+LINE_APP = "greenpool-exclusive-line-model"
+
+
+class ExclusiveLineModel(RuleBasedStateMachine):
+    """The ``exclusive_limit`` line (green modes, where a waiter can be killed): callers
+    arrive, give back, are killed while they wait, at the hand-off (just before it, or just
+    after, while their connection is being opened), or time out; after every step the
+    holders are exactly the first ones in arrival order that model says, and the books
+    match."""
+
+    server: Cluster
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = Pool({"type": MODE, "db": self.server.endpoint(),
+                          "application_name": LINE_APP,
+                          "groups": {"g": {"connection_count": 1,
+                                           "exclusive_limit": LINE_LIMIT}}})
+        self.arrivals = 0
+        self.holders: list[int] = []  # what the model says, oldest first
+        self.waiting: list[int] = []
+        self.entered: dict[int, Any] = {}  # caller -> its Exclusive, once inside the block
+        self.tasks: dict[int, Any] = {}
+        self.ended: list[Any] = []  # killed or timed-out callers' tasks
+
+    def stats(self) -> dict[str, Any]:
+        return self.pool.stats()["groups"]["g"]  # type: ignore[no-any-return]
+
+    def settle(self) -> None:
+        """Wait until every holder the model names is inside its block, the line is as long
+        as the model's, and every interrupted caller has ended."""
+        wait_until(lambda: (all(h in self.entered for h in self.holders)
+                            and self.stats()["exclusive_waiting"] == len(self.waiting)
+                            and all(t.join(0) for t in self.ended)), 20,
+                   f"holders {self.holders}, {len(self.waiting)} waiting: {self.stats()}")
+
+    def kill(self, caller: int) -> None:
+        task = self.tasks.pop(caller)
+        if MODE == "gevent":
+            task._handle.kill(block=False)
+        else:
+            task._handle.kill()
+        self.ended.append(task)
+
+    @rule()
+    def arrive(self) -> None:
+        caller = self.arrivals
+        self.arrivals += 1
+
+        def enter() -> None:
+            block = self.pool.exclusive("g", timeout=60)
+            block.__enter__()
+            self.entered[caller] = block
+
+        if len(self.holders) < LINE_LIMIT and not self.waiting:
+            self.holders.append(caller)
+        else:
+            self.waiting.append(caller)
+        self.tasks[caller] = spawn(enter)
+        # arrival order is the line's order: each caller is in line before the next comes
+        wait_until(lambda: caller in self.entered
+                   or self.stats()["exclusive_waiting"] == len(self.waiting), 20, "in line")
+        self.settle()
+
+    def _give_back(self, pick: int) -> None:
+        caller = self.holders.pop(pick % len(self.holders))
+        self.tasks.pop(caller, None)
+        self.entered.pop(caller).__exit__(None, None, None)
+
+    def _promote(self) -> None:
+        if self.waiting:
+            self.holders.append(self.waiting.pop(0))
+
+    @precondition(lambda self: self.holders)
+    @rule(pick=st.integers(0, 10))
+    def give_back(self, pick: int) -> None:
+        self._give_back(pick)
+        self._promote()
+        self.settle()
+
+    @precondition(lambda self: self.waiting)
+    @rule(pick=st.integers(0, 10))
+    def kill_a_waiter(self, pick: int) -> None:
+        self.kill(self.waiting.pop(pick % len(self.waiting)))
+        self.settle()
+
+    @precondition(lambda self: self.waiting and self.holders)
+    @rule(kill_first=st.booleans(), pick=st.integers(0, 10))
+    def kill_the_next_one_at_the_hand_off(self, kill_first: bool, pick: int) -> None:
+        """The oldest waiter is killed in the same turn as a unit is given back to it:
+        before its hand-off, or after it (then it is woken, and killed while its
+        connection is being opened). Either way the unit goes on to the next one."""
+        victim = self.waiting.pop(0)
+        if kill_first:
+            self.kill(victim)
+            self._give_back(pick)
+        else:
+            self._give_back(pick)
+            self.kill(victim)
+        self._promote()
+        self.settle()
+
+    @precondition(lambda self: len(self.holders) == LINE_LIMIT)
+    @rule(own_timeout=st.booleans())
+    def a_caller_times_out_in_line(self, own_timeout: bool) -> None:
+        def enter() -> None:
+            if own_timeout:
+                self.pool.exclusive("g", timeout=0.02).__enter__()
+            else:
+                with Timeout(0.02):
+                    self.pool.exclusive("g", timeout=60).__enter__()
+
+        task = spawn(enter)
+        join_all([task], 10)
+        assert isinstance(task.error, PoolTimeout if own_timeout else Timeout), task.error
+        self.settle()
+
+    @invariant()
+    def holders_are_the_models(self) -> None:
+        stats = self.stats()
+        assert sorted(self.entered) == sorted(self.holders), (self.entered, self.holders)
+        assert stats["exclusive_open"] == len(self.holders), stats
+        assert stats["exclusive_waiting"] == len(self.waiting), stats
+
+    def teardown(self) -> None:
+        try:
+            for caller in list(self.waiting):
+                self.kill(caller)
+            for block in self.entered.values():
+                block.__exit__(None, None, None)
+            join_all(self.ended, 10)
+            wait_until(lambda: self.stats()["exclusive_connecting"] == 0, 15,
+                       "the connect tasks to end")
+            stats = self.stats()
+            assert (stats["exclusive_open"], stats["exclusive_waiting"]) == (0, 0), stats
+        finally:
+            self.pool.close()
+        wait_until(lambda: self.server.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+            (LINE_APP,))[0][0] == 0, 10, "no session left")
+
+
+@pytest.mark.skipif(not GREEN, reason="kills a waiting task")
+@pytest.mark.timeout(600)
+def test_the_exclusive_line_is_first_come_first_served_and_loses_no_unit_to_a_kill(pg):
+    ExclusiveLineModel.server = pg
+    run_state_machine_as_test(ExclusiveLineModel, settings=settings(
+        max_examples=15, stateful_step_count=25, deadline=None, phases=PHASES,
         suppress_health_check=list(HealthCheck)))

@@ -189,6 +189,26 @@ def test_an_interrupted_initdb_is_killed_with_its_children(mode: str) -> None:
     assert pids_naming(cluster.root) == []
 
 
+def test_a_cluster_in_a_relative_base_dir_serves_and_is_removed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import os
+    import shutil
+    import tempfile
+
+    parent = Path(tempfile.mkdtemp(prefix="greenpool-base-"))
+    try:
+        os.chmod(parent, 0o755)  # the servers' OS user (as root: postgres) must reach it
+        (parent / "servers").mkdir(mode=0o755)
+        monkeypatch.chdir(parent)
+        with Cluster(base_dir="servers") as cluster:
+            assert cluster.root.is_absolute() and cluster.root.parent == parent / "servers"
+            assert cluster.execute("SELECT 1") == [(1,)]
+        assert list((parent / "servers").iterdir()) == []
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
+
+
 FORKED_CHILD_EXITS = """
 import os, sys
 from greenpool.testing.postgres import Cluster

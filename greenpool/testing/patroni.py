@@ -41,9 +41,9 @@ import psycopg2.extensions
 
 from greenpool.testing.postgres import PostgresNotFound, find_pg_bin, free_port
 from greenpool.testing.processes import (
-    alive,
     as_owner,
     give_to,
+    names,
     pids_naming,
     server_owner,
     stop_pid,
@@ -176,7 +176,7 @@ class PatroniNode:
             pid = int((self.datadir / "postmaster.pid").read_text().split("\n", 1)[0])
         except (OSError, ValueError):
             return None
-        return pid if alive(pid) else None
+        return pid if names(pid, self.root) else None  # not a later owner of a stale PID
 
     @property
     def patroni_pid(self) -> int | None:
@@ -303,10 +303,10 @@ class PatroniCluster:
         self.ttl, self.loop_wait, self.retry_timeout = ttl, loop_wait, retry_timeout
         self.synchronous_mode = synchronous_mode
         self.parameters = dict(parameters or {})
+        self._owner = server_owner()  # before the directory: no directory left by its error
         # short: PostgreSQL's Unix socket paths are limited to ~107 bytes
         self.root = Path(tempfile.mkdtemp(prefix="gp-patroni-"))
         self.scope = "greenpool-" + self.root.name.rsplit("-", 1)[-1]
-        self._owner = server_owner()
         self._procs: list[subprocess.Popen[bytes]] = []
         self.etcd_port = free_port(HOST)
         self.etcd_peer_port = free_port(HOST)
@@ -317,6 +317,9 @@ class PatroniCluster:
         self.replica_port = free_port(HOST) if haproxy else 0
         self.nodes = [PatroniNode(self, i) for i in range(nodes)]
         give_to(self._owner, self.root)
+        #: the process that made this cluster: the only one whose exit hook may destroy it
+        #: (a child made with os.fork() inherits ``_live`` but owns none of it)
+        self.owner_pid = os.getpid()
         _live.add(self)
 
     def __repr__(self) -> str:
@@ -626,8 +629,11 @@ class PatroniCluster:
 
 
 def destroy_all() -> None:
-    """Destroy every Patroni cluster of this process not destroyed yet."""
+    """Destroy every Patroni cluster this process made and has not destroyed yet. A forked
+    child's copy of the list names its parent's clusters: they are left alone."""
     for cluster in list(_live):
+        if cluster.owner_pid != os.getpid():
+            continue
         with contextlib.suppress(Exception):
             cluster.destroy()
 

@@ -2,15 +2,20 @@
 
 PgBouncer refuses to run as root, so when this process is root it runs as the ``postgres``
 OS user (like the throwaway servers). It listens on a free loopback port, with a generated
-ini and userlist in a temporary directory that :meth:`PgBouncer.stop` removes. The binary is
+ini and userlist in a temporary directory that :meth:`PgBouncer.stop` removes (with the
+process, stopped by its PID), or the exit hook if a test run forgets (or fails) to: only in
+the process that made it, never in a child made with ``os.fork()``. The binary is
 ``$PGBOUNCER`` if set, else ``pgbouncer`` on ``PATH``, else Debian's ``/usr/sbin/pgbouncer``;
 :func:`available` says whether there is one, for a test to skip.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -19,12 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from greenpool.testing.postgres import Cluster, free_port
-from greenpool.testing.processes import as_owner, give_to, server_owner
+from greenpool.testing.processes import as_owner, give_to, pids_naming, server_owner, stop_pid
 
-__all__ = ["BINARY", "PgBouncer", "available"]
+__all__ = ["BINARY", "PgBouncer", "available", "stop_all"]
 
 BINARY = (os.environ.get("PGBOUNCER") or shutil.which("pgbouncer")
           or shutil.which("pgbouncer", path="/usr/sbin") or "/usr/sbin/pgbouncer")
+STOP_WAIT = 10.0  # seconds PgBouncer gets to exit after SIGTERM before SIGKILL
+_live: set[PgBouncer] = set()  # not stopped yet: stopped at exit
 
 
 def available() -> bool:
@@ -44,6 +51,7 @@ class PgBouncer:
         self.host = "127.0.0.1"
         self.port = free_port(self.host)
         self.dbname = cluster.dbname
+        self._owner = server_owner()  # before the directory: no directory left by its error
         self.root = Path(tempfile.mkdtemp(prefix="greenpool-pgbouncer-"))
         self.settings = {
             "listen_addr": self.host, "listen_port": self.port, "unix_socket_dir": "",
@@ -52,8 +60,21 @@ class PgBouncer:
             "pidfile": str(self.root / "pgbouncer.pid"), **settings,
         }
         self._proc: subprocess.Popen[bytes] | None = None
+        #: the process that made it: the only one that stops it (see :func:`stop_all`)
+        self.owner_pid = os.getpid()
+        _live.add(self)
 
     def start(self) -> PgBouncer:
+        """Start PgBouncer; return once it accepts connections. On any way out but a
+        return (it did not start, a timeout, a signal turned into an exception) it is
+        stopped and its directory removed before the exception goes on."""
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> PgBouncer:
         c = self.cluster
         ini = "[databases]\n"
         ini += f"{c.dbname} = host={c.host} port={c.port} dbname={c.dbname}\n"
@@ -63,12 +84,12 @@ class PgBouncer:
         ini += "".join(f"{k} = {v}\n" for k, v in self.settings.items())
         (self.root / "pgbouncer.ini").write_text(ini)
         (self.root / "userlist.txt").write_text(f'"{c.user}" "{c.password}"\n')
-        owner = server_owner()
-        give_to(owner, self.root, *self.root.iterdir())
-        kw = as_owner(owner)
+        give_to(self._owner, self.root, *self.root.iterdir())
+        kw = as_owner(self._owner)
         self._proc = subprocess.Popen([BINARY, str(self.root / "pgbouncer.ini")],
                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL, cwd=self.root, **kw)
+                                      stderr=subprocess.DEVNULL, cwd=self.root,
+                                      start_new_session=True, **kw)
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -76,10 +97,16 @@ class PgBouncer:
                 return self
             except OSError:
                 if self._proc.poll() is not None or time.monotonic() > deadline:
-                    log = self.log()
-                    self.stop()
-                    raise RuntimeError(f"pgbouncer did not start: {log[-2000:]}") from None
+                    raise RuntimeError(f"pgbouncer did not start: {self.log()[-2000:]}"
+                                       ) from None
                 time.sleep(0.05)
+
+    @property
+    def pid(self) -> int | None:
+        """PgBouncer's PID while it runs (None before start() and once it has exited)."""
+        if self._proc is None or self._proc.poll() is not None:
+            return None
+        return self._proc.pid
 
     def log(self) -> str:
         try:
@@ -94,17 +121,41 @@ class PgBouncer:
                 "pass": c.password, **overrides}
 
     def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(10)
-        shutil.rmtree(self.root, ignore_errors=True)
+        """Stop PgBouncer by its PID (SIGTERM, then SIGKILL after :data:`STOP_WAIT`) and
+        remove its directory. Idempotent; a no-op in any process but the one that made it
+        (a forked child's copy is its parent's)."""
+        if self.owner_pid != os.getpid():
+            return
+        proc, self._proc = self._proc, None
+        try:
+            if proc is not None and proc.poll() is None:  # not reaped: the PID is still its
+                stop_pid(proc.pid, signal.SIGTERM, STOP_WAIT)
+                with contextlib.suppress(Exception):
+                    proc.wait(STOP_WAIT)  # reaped
+            # one started by an interrupted Popen() (no handle): found by its ini's path
+            for other in pids_naming(self.root):
+                stop_pid(other, signal.SIGKILL, STOP_WAIT)
+        finally:
+            _live.discard(self)
+            shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> PgBouncer:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+def stop_all() -> None:
+    """Stop every PgBouncer this process made and has not stopped yet (never its parent's,
+    in a forked child)."""
+    for bouncer in list(_live):
+        if bouncer.owner_pid == os.getpid():
+            with contextlib.suppress(Exception):
+                bouncer.stop()
+
+
+@atexit.register
+def _stop_leftovers() -> None:
+    """Never leave a PgBouncer behind when a test run forgets (or fails) to stop one."""
+    stop_all()

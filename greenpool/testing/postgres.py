@@ -30,6 +30,7 @@ from greenpool.testing.processes import (
     as_owner,
     give_to,
     kill_group,
+    names,
     pids_naming,
     server_owner,
     stop_pid,
@@ -127,11 +128,12 @@ class Cluster:
         self.password = password
         self.settings = dict(settings or {})
         self.base_dir = base_dir
-        # a fresh directory per cluster, so destroy() never removes anything it did not create
-        self.root = Path(tempfile.mkdtemp(prefix="greenpool-pg-", dir=base_dir))
+        self._owner = server_owner()  # before the directory: no directory left by its error
+        # a fresh directory per cluster, so destroy() never removes anything it did not create;
+        # absolute: the server commands run in it, and a relative path would not be found
+        self.root = Path(tempfile.mkdtemp(prefix="greenpool-pg-", dir=base_dir)).absolute()
         self.datadir = self.root / "data"
         self.logfile = self.root / "server.log"
-        self._owner = server_owner()
         give_to(self._owner, self.root)
         #: the process that made this cluster: the only one whose exit hook may destroy it
         #: (a child made with os.fork() inherits ``_live`` but owns none of it)
@@ -220,18 +222,14 @@ class Cluster:
 
     @property
     def pid(self) -> int | None:
-        """The postmaster's PID from postmaster.pid, or None when it is not running."""
+        """The postmaster's PID from postmaster.pid, or None when it is not running. A
+        postmaster killed outright leaves that file behind, and its PID may since have gone
+        to another process: the PID counts only while its command line names this cluster."""
         try:
             pid = int((self.datadir / "postmaster.pid").read_text().split("\n", 1)[0])
         except (OSError, ValueError):
             return None
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass  # alive, but owned by another OS user
-        return pid
+        return pid if names(pid, self.root) else None
 
     def destroy(self) -> None:
         """Stop at once and delete every file; safe to call from cleanup after a signal.

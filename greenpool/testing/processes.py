@@ -18,15 +18,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SERVER_OS_USER", "alive", "as_owner", "give_to", "kill_group", "pids_naming",
-           "server_owner", "stop_pid"]
+__all__ = ["SERVER_OS_USER", "alive", "as_owner", "give_to", "kill_group", "names",
+           "pids_naming", "server_owner", "stop_pid"]
 
 SERVER_OS_USER = "postgres"  # who runs the servers when we are root
 
 
 def server_owner() -> pwd.struct_passwd | None:
-    """The OS user the servers run as: ``postgres`` when we are root, else ``None`` (us)."""
-    return pwd.getpwnam(SERVER_OS_USER) if os.geteuid() == 0 else None
+    """The OS user the servers run as: ``postgres`` when we are root, else ``None`` (us).
+    Raises :class:`RuntimeError` when we are root and that user does not exist."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam(SERVER_OS_USER)
+    except KeyError:
+        raise RuntimeError(
+            f"running as root, the throwaway servers run as the {SERVER_OS_USER!r} OS user "
+            f"(PostgreSQL and PgBouncer refuse root), and there is none: create it "
+            f"(`useradd --system {SERVER_OS_USER}`) or run as an unprivileged user") from None
 
 
 def give_to(owner: pwd.struct_passwd | None, *paths: Path) -> None:
@@ -94,9 +103,23 @@ def stop_pid(pid: int, first: signal.Signals, within: float) -> None:
             return
 
 
+def _mentions(cmdline: bytes, root: Path) -> bool:
+    return os.fsencode(str(root)) + b"/" in cmdline
+
+
+def names(pid: int, root: Path) -> bool:
+    """Whether ``pid`` runs and its command line mentions a path under ``root``: a PID read
+    from a file (a postmaster.pid left by a crash) may since belong to another process,
+    which must not get our signals."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return alive(pid) and _mentions(handle.read(), root)
+    except OSError:
+        return False  # gone (or not ours to read): not one of the processes started there
+
+
 def pids_naming(root: Path) -> list[int]:
     """Processes (other than us) whose command line mentions ``root``: by /proc, no tools."""
-    needle = os.fsencode(str(root)) + b"/"
     found = []
     for entry in glob.glob("/proc/[0-9]*/cmdline"):
         try:
@@ -105,6 +128,6 @@ def pids_naming(root: Path) -> list[int]:
         except OSError:
             continue
         pid = int(entry.split("/")[2])
-        if needle in cmdline and pid != os.getpid():
+        if _mentions(cmdline, root) and pid != os.getpid():
             found.append(pid)
     return found

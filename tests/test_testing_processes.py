@@ -1,0 +1,87 @@
+"""Who the testing helpers stop: only processes they started, found by PID and checked
+against their directory, and only in the process that started them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from scripts import run_script
+
+from greenpool.testing import patroni, processes
+from greenpool.testing.postgres import Cluster
+from greenpool.testing.processes import alive, names, pids_naming
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_a_stale_postmaster_pid_that_went_to_another_process_is_never_signalled(
+    pg_factory,
+) -> None:
+    """A postmaster killed outright leaves postmaster.pid behind; once its PID belongs to
+    another process, the cluster is not running and destroy() leaves that process alone.
+    (PID reuse cannot be forced: the file is made to name a process of ours, as it would
+    after reuse.)"""
+    cluster = pg_factory()
+    os.kill(cluster.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while pids_naming(cluster.root) and time.monotonic() < deadline:
+        time.sleep(0.05)  # its backends notice the postmaster's death and exit
+    assert pids_naming(cluster.root) == []
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        pidfile = cluster.datadir / "postmaster.pid"
+        lines = pidfile.read_text().split("\n")
+        pidfile.write_text("\n".join([str(bystander.pid), *lines[1:]]))
+        assert not names(bystander.pid, cluster.root)
+        assert cluster.pid is None and not cluster.is_running()
+        cluster.stop()  # a no-op: nothing of this cluster runs
+        cluster.destroy()
+        assert bystander.poll() is None, "destroy() signalled a process it did not start"
+    finally:
+        bystander.kill()
+        bystander.wait()
+    assert not cluster.root.exists()
+
+
+def test_a_running_postmaster_names_its_cluster(pg: Cluster) -> None:
+    assert pg.pid is not None and names(pg.pid, pg.root)
+    assert not names(pg.pid, Path("/tmp/greenpool-pg-elsewhere"))
+    assert not names(os.getpid(), pg.root)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the servers' OS user matters to root only")
+def test_as_root_without_the_servers_os_user_a_cluster_is_refused_by_name_leaving_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(processes, "SERVER_OS_USER", "greenpool-no-such-user")
+    with pytest.raises(RuntimeError, match=r"'greenpool-no-such-user' OS user .*useradd --system"):
+        Cluster(base_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []  # no directory made for it
+
+
+PATRONI_FORKED_CHILD_EXITS = """
+import json, os, sys
+from greenpool.testing.patroni import PatroniCluster
+cluster = PatroniCluster(nodes=1)
+cluster._start_etcd()  # a real process of the cluster's (enough: no node needed)
+child = os.fork()
+if child == 0:
+    sys.exit(0)  # a normal exit: atexit hooks run in the child
+_, status = os.waitpid(child, 0)
+running = cluster.etcd.poll() is None and cluster.root.exists()
+pid = cluster.etcd.pid
+print(json.dumps({"status": status, "running": running, "pid": pid}), flush=True)
+# the parent's own exit destroys it
+"""
+
+
+@pytest.mark.skipif(patroni.missing() is not None, reason=str(patroni.missing()))
+def test_a_forked_child_that_exits_leaves_the_parents_patroni_cluster_running() -> None:
+    result = run_script(PATRONI_FORKED_CHILD_EXITS)
+    assert result["status"] == 0 and result["running"] is True, result["stderr"]
+    assert not alive(result["pid"])  # stopped by the exit hook of the process that made it
