@@ -50,7 +50,7 @@ from .errors import PoolClosed, PoolError, PoolTimeout, TooManyWaiters
 from .placement import connect_order, move_target, take_in_turn, unserved, where_to_be
 from .roles import fits, read_role, role_of
 from .slots import CONNECTING, RETURNED, Slot
-from .stats import GroupCounters
+from .stats import FOLD_AT, GroupCounters
 from .waiting import WaitLine
 
 if TYPE_CHECKING:
@@ -158,35 +158,63 @@ class Group:
 
         Raises :class:`PoolTimeout` (:class:`NoHealthyEndpoint` when connecting kept
         failing), :class:`TooManyWaiters`, :class:`ConnectFailed` or :class:`PoolClosed`.
-        """
-        started = _monotonic()
-        timings = self.counters.timings
-        if timings is None:
-            return self._acquire(timeout, started)
-        pc = self._acquire(timeout, started)
-        pc.lent_at = now = _monotonic()  # where the use time starts
-        timings.wait.record(now - started)
-        return pc
 
-    def _acquire(self, timeout: float | None, now: float) -> PooledConnection:
+        The clean borrow (an idle connection that passes its check) runs in this one frame:
+        each call saved here is saved on every loan.
+        """
+        now = _monotonic()
         wait_for = self.config.timeout if timeout is None else timeout
         self.counters.acquires += 1
+        pc: PooledConnection | None = None
         if self._spread_inline and now >= self._next_spread and wait_for > 0:
-            spread = self._spread(now, now + wait_for)
-            if spread is not None:
-                return self._lend(spread)
-        while True:
+            pc = self._spread(now, now + wait_for)
+        while pc is None:
             with self._lock:
                 if self._closed:
                     raise PoolClosed(f"group {self.name!r}: the pool is closed")
                 if self._line or not self._idle:
                     break
                 pc = self._idle.pop() if self._turns is None else self._take_idle_in_turn()
-            found = self._checked(pc, now, now + wait_for)
-            if found is not None:
-                return self._lend(found)
-            # that one was dead: try the next idle connection, else wait for a new one
-        return self._wait(now, wait_for, timeout is None)
+            try:
+                reason = check_on_borrow(pc, self.config, self._backend, now, now + wait_for)
+                if not reason and self._roles_matter and not self._role_fits(pc):
+                    reason = self._measured_again(pc, now + wait_for)
+            except BaseException:  # interrupted while checking it: its state is unknown
+                self.discard(pc, "interrupted")
+                raise
+            if reason:  # that one was dead: try the next idle one, else wait for a new one
+                self._rejected(pc, reason, now, wait_for)
+                pc = None
+        if pc is None:
+            pc = self._wait(now, wait_for, timeout is None)
+        self._lent.add(pc)
+        if self._leak_threshold is not None:
+            pc.lent_from = _caller_outside_greenpool()
+            pc.lent_at = _monotonic()
+        timings = self.counters.timings
+        if timings is not None:  # the wait ends here; the use time starts here
+            pc.lent_at = lent_at = _monotonic()
+            wait = timings.wait.values
+            wait.append(lent_at - now)
+            if len(wait) >= FOLD_AT:  # a use time is recorded per loan too: fold both
+                timings.wait.fold()
+                timings.use.fold()
+        return pc
+
+    def _rejected(self, pc: PooledConnection, reason: str, now: float, wait_for: float) -> None:
+        """An idle connection failed its borrow check for ``reason``: discard it (its slot
+        goes to a connect), or raise when the caller's time ran out during the check."""
+        if reason == "check_timeout":  # the caller's time cut the ping short
+            if pc.raw.closed:
+                self.discard(pc, reason)
+            else:
+                self.reuse(pc)  # nothing was sent: it is as good as before
+            raise self._timeout_error(wait_for)
+        if reason in ("closed", "failed_check"):
+            self.discard(pc, reason, reconnect=True)
+            self.on_endpoint_failure(pc.endpoint)
+        else:
+            self.discard(pc, "drained" if pc.expires == DRAINED else reason)
 
     def _wait(self, now: float, wait_for: float, default_timeout: bool) -> PooledConnection:
         """Nothing idle (or others were first): ask for a connection if the group has room,
@@ -236,7 +264,7 @@ class Group:
         item = waiter.item
         if item is None:  # closed, a failure retrying cannot fix, or the timeout
             item = self._line.outcome(waiter, self._lock, lambda: self._timeout_error(wait_for))
-        return self._lend(item)  # handed over by release() or the connector: already clean
+        return item  # handed over by release() or the connector: already clean
 
     def _wants_connect(self, waiters: int) -> bool:
         """Whether ``waiters`` callers need one more connect than is under way. Cold (none
@@ -299,7 +327,7 @@ class Group:
         with slot:
             pc = self.connector.open_now(deadline, slot.generation)
             self._attach(slot, pc)
-            return self._lend(pc)
+            return pc
 
     def _take_idle_in_turn(self) -> PooledConnection:
         idle = self._idle
@@ -307,41 +335,6 @@ class Group:
         index = take_in_turn([pc.endpoint for pc in idle], self._turns)
         pc = idle[index]
         del idle[index]
-        return pc
-
-    def _checked(
-        self, pc: PooledConnection, now: float, deadline: float
-    ) -> PooledConnection | None:
-        """``pc`` if it may be lent; else it is discarded and its slot goes to a connect.
-        The check's ping is bounded by the caller's ``deadline``: a ping the caller's time
-        cut short says nothing about the server."""
-        try:
-            reason = check_on_borrow(pc, self.config, self._backend, now, deadline)
-            if not reason and self._roles_matter and not self._role_fits(pc):
-                reason = self._measured_again(pc, deadline)
-        except BaseException:  # interrupted while checking it: its state is unknown
-            self.discard(pc, "interrupted")
-            raise
-        if not reason:
-            return pc
-        if reason == "check_timeout":
-            if pc.raw.closed:
-                self.discard(pc, reason)
-            else:
-                self.reuse(pc)  # nothing was sent: it is as good as before
-            raise self._timeout_error(deadline - now)
-        if reason in ("closed", "failed_check"):
-            self.discard(pc, reason, reconnect=True)
-            self.on_endpoint_failure(pc.endpoint)
-        else:
-            self.discard(pc, "drained" if pc.expires == DRAINED else reason)
-        return None
-
-    def _lend(self, pc: PooledConnection) -> PooledConnection:
-        self._lent.add(pc)
-        if self._leak_threshold is not None:
-            pc.lent_at = _monotonic()
-            pc.lent_from = _caller_outside_greenpool()
         return pc
 
     def _arm_sweep(self, seconds: float) -> None:
@@ -458,6 +451,7 @@ class Group:
         Releasing a connection this group did not lend, or releasing it twice, raises
         :class:`PoolError` and changes nothing.
         """
+        now = _monotonic()  # the use time ends, the idle time starts (see reset_on_return)
         try:
             self._lent.remove(pc)  # one atomic step: two releases cannot both pass
         except KeyError:
@@ -468,8 +462,8 @@ class Group:
                 f"twice, or taken from another group or pool); nothing was changed"
             ) from None
         timings = self.counters.timings
-        if timings is not None and pc.lent_at:
-            timings.use.record(_monotonic() - pc.lent_at)
+        if timings is not None and pc.lent_at:  # (folded with the wait times: see acquire)
+            timings.use.values.append(now - pc.lent_at)
         if discard:
             self.discard(pc, discard)
             return
@@ -477,7 +471,7 @@ class Group:
                 self._retired(pc)):
             return
         try:
-            reason = reset_on_return(pc, self.config, self._backend)
+            reason = reset_on_return(pc, self.config, self._backend, now)
         except BaseException:
             self.discard(pc, "interrupted")
             raise

@@ -296,11 +296,11 @@ class Handler:
 
     def query(self, sql: str, params: Any = None) -> list[Any] | int:
         """Run one statement: its rows if it returns rows, else the number of rows affected."""
-        return self._run(self._changes(sql), _rows_or_count, sql, params)
+        return self._run(sql, _rows_or_count, sql, params)
 
     def query_one(self, sql: str, params: Any = None) -> Any:
         """The first row of the result, or None."""
-        return self._run(self._changes(sql), _first_row, sql, params)
+        return self._run(sql, _first_row, sql, params)
 
     def execute(self, statements: Statement | Iterable[Statement], params: Any = None) -> int:
         """Run one statement, a ``;``-separated script, or a list of statements (each what
@@ -349,12 +349,18 @@ class Handler:
 
     _MAX_REPLAYS = 3
 
-    def _run(self, changes: bool, work: Callable[..., Any], *args: Any) -> Any:
+    def _run(self, changes: bool | Statement, work: Callable[..., Any], *args: Any) -> Any:
         """Run ``work(cursor, *args)``; re-run it on a fresh connection where that is safe.
-        ``changes``: the statement may change the session (the reset on return must run)."""
+        ``changes``: whether the work may change the session (the reset on return must
+        run), or the one statement to ask that of (:func:`changes_session`, read with the
+        held connection's settings)."""
+        pc = self._current()
+        if changes.__class__ is not bool:
+            changes = changes_session(changes, pc.raw)
         replays = 0
         while True:
-            pc = self._current()
+            if replays:
+                pc = self._current()
             raw = pc.raw
             first = raw.get_transaction_status() == _IDLE
             # state set by earlier statements would be missing on a fresh connection
