@@ -97,7 +97,6 @@ class Group(GroupRetiring):
                 pc = None
         if pc is None:
             pc = self._wait(now, wait_for, timeout is None)
-        self._lent.add(pc)
         if self._leak_threshold is not None:
             pc.lent_from = _caller_outside_greenpool()
             pc.lent_at = _monotonic()
@@ -109,6 +108,9 @@ class Group(GroupRetiring):
             if len(wait) >= FOLD_AT:  # a use time is recorded per loan too: fold both
                 timings.wait.fold()
                 timings.use.fold()
+        # last: an exception above leaves no loan behind (the connection, referenced by
+        # nobody, is collected, and its slot counted back as orphaned)
+        self._lent.add(pc)
         return pc
 
     def _rejected(self, pc: PooledConnection, reason: str, now: float, wait_for: float) -> None:
