@@ -48,12 +48,17 @@ _PSYCOPG_READY = extensions.STATUS_READY
 _STATUS_OPEN = (extensions.TRANSACTION_STATUS_INTRANS, extensions.TRANSACTION_STATUS_INERROR)
 
 
+#: addresses found to be poolers (pooler.py's set, mutated in place there): while it is empty,
+#: as it is but behind an undeclared pooler, a loan's whole cost of this rule is one truth test
+_poolers_found = pooler.detected_addresses
+
+
 def _settings_dropped(pc: PooledConnection) -> bool:
     """Opened before its endpoint was found to be a pooler that drops ``options`` (another
     group's readonly connection finds that out): its settings never reached the server;
-    a new connection carries them with each transaction."""
-    return bool(pooler.detected_addresses) and not is_pooled(pc.raw) and (
-        pooler.mode_of(pc.endpoint.config) != pooler.NONE)  # first: one truth test per loan
+    a new connection carries them with each transaction. Callers test ``_poolers_found``
+    first."""
+    return not is_pooled(pc.raw) and pooler.mode_of(pc.endpoint.config) != pooler.NONE
 
 
 def check_on_borrow(
@@ -77,7 +82,7 @@ def check_on_borrow(
     raw = pc.raw
     if raw.closed:
         return "closed"
-    if _settings_dropped(pc):
+    if _poolers_found and _settings_dropped(pc):
         return "pooler_detected"
     if now >= pc.expires:
         return "max_lifetime"
@@ -104,9 +109,12 @@ def check_on_borrow(
     return ""
 
 
-def reset_on_return(pc: PooledConnection, group: GroupConfig, backend: Backend) -> str:
-    """Bring ``pc`` back to the group's configured session and mark it used now; '' if
-    reusable, else the reason to discard it.
+def reset_on_return(
+    pc: PooledConnection, group: GroupConfig, backend: Backend, now: float
+) -> str:
+    """Bring ``pc`` back to the group's configured session and mark it used at ``now`` (the
+    return's ``time.monotonic()``, taken by the caller, which also ends the use time with
+    it); '' if reusable, else the reason to discard it.
 
     A clean loan costs no round trip beyond the rollback of a transaction left open. A
     dirty one (see :attr:`PooledConnection.dirty`; every loan with ``reset: 'always'``)
@@ -117,7 +125,7 @@ def reset_on_return(pc: PooledConnection, group: GroupConfig, backend: Backend) 
     raw = pc.raw
     if raw.closed:
         return "broken"
-    if _settings_dropped(pc):
+    if _poolers_found and _settings_dropped(pc):
         return "pooler_detected"
     autocommit = raw.autocommit
     status = raw.get_transaction_status()
@@ -157,7 +165,6 @@ def reset_on_return(pc: PooledConnection, group: GroupConfig, backend: Backend) 
         del raw.notices[:]
     if raw.notifies:
         del raw.notifies[:]
-    now = time.monotonic()
     if now >= pc.expires:
         return "max_lifetime"
     pc.last_used = now

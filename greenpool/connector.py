@@ -96,6 +96,9 @@ class Slots(Protocol):
     def waiting(self) -> int:
         """How many callers wait for a connection now."""
 
+    def preferred_endpoints(self) -> frozenset[Endpoint]:
+        """Where the group should be now (placement.where_to_be, cached by the group)."""
+
 
 class Connector:
     """Opens and closes the connections of one group, and knows where they are."""
@@ -232,11 +235,13 @@ class Connector:
         """Whether a connection to ``endpoint`` (whose server reports ``role``) may serve
         the group now."""
         config = self.config
-        return fits(config.role, role) and (
-            config.role == "any"
-            or endpoint in where_to_be(self.endpoints, config.role, config.max_lag,
-                                       config.on_lag)
-        )
+        if not fits(config.role, role):
+            return False
+        if config.role == "any":
+            return True
+        slots = self.slots  # the group caches where it should be: not computed twice
+        return endpoint in (slots.preferred_endpoints() if slots is not None else where_to_be(
+            self.endpoints, config.role, config.max_lag, config.on_lag))
 
     def fatal_error(self) -> ConnectFailed | None:
         """The error to raise at once when every endpoint refused this group for a reason

@@ -107,8 +107,9 @@ class Handler:
                 f"this handler of group {self._group.name!r} was already used for a 'with' "
                 f"block; a handler is single-use: call handler({self._group.name!r}) again"
             )
-        task = self._task = self._group.current_task()  # a failed entry cannot be retried
-        holders = self._group.holders
+        group = self._group
+        task = self._task = group.current_task()  # a failed entry cannot be retried
+        holders = group.holders
         outer = holders.get(task)
         if outer is not None and outer._pc is not None and outer._pc.raw.closed:
             outer._give_up(task)  # its connection is gone: no block can go on inside it
@@ -126,7 +127,7 @@ class Handler:
                 outer._nest = []
             outer._nest.append(self)
         else:
-            pc = self._group.acquire(self._timeout)
+            pc = group.acquire(self._timeout)
             try:
                 pc.dirty = False  # this handler sees everything the loan does from here
                 self._pc = pc
@@ -135,7 +136,7 @@ class Handler:
                 if holders.get(task) is self:
                     del holders[task]
                 self._pc = None
-                self._group.release(pc, discard="interrupted")
+                group.release(pc, discard="interrupted")
                 raise
         return self
 
@@ -159,15 +160,16 @@ class Handler:
                     f"is known to be committed")
             return
         self._pc = None
-        self._group.holders.pop(self._task, None)
+        group = self._group
+        group.holders.pop(self._task, None)
         raw = pc.raw
         if exc_type is None and (raw.closed or raw.get_transaction_status() != _IDLE):
             try:
                 self._commit_open(pc, explicit=False)
             except BaseException:
-                self._group.release(pc)
+                group.release(pc)
                 raise
-        self._group.release(pc)  # rolls back whatever is still open, or discards
+        group.release(pc)  # rolls back whatever is still open, or discards
 
     def _give_up(self, task: Any) -> None:
         """A later block of the same task found this one's connection closed: this block's
@@ -296,11 +298,11 @@ class Handler:
 
     def query(self, sql: str, params: Any = None) -> list[Any] | int:
         """Run one statement: its rows if it returns rows, else the number of rows affected."""
-        return self._run(self._changes(sql), _rows_or_count, sql, params)
+        return self._run(sql, _rows_or_count, sql, params)
 
     def query_one(self, sql: str, params: Any = None) -> Any:
         """The first row of the result, or None."""
-        return self._run(self._changes(sql), _first_row, sql, params)
+        return self._run(sql, _first_row, sql, params)
 
     def execute(self, statements: Statement | Iterable[Statement], params: Any = None) -> int:
         """Run one statement, a ``;``-separated script, or a list of statements (each what
@@ -349,12 +351,18 @@ class Handler:
 
     _MAX_REPLAYS = 3
 
-    def _run(self, changes: bool, work: Callable[..., Any], *args: Any) -> Any:
+    def _run(self, changes: bool | Statement, work: Callable[..., Any], *args: Any) -> Any:
         """Run ``work(cursor, *args)``; re-run it on a fresh connection where that is safe.
-        ``changes``: the statement may change the session (the reset on return must run)."""
+        ``changes``: whether the work may change the session (the reset on return must
+        run), or the one statement to ask that of (:func:`changes_session`, read with the
+        held connection's settings)."""
+        pc = self._current()
+        if changes.__class__ is not bool:
+            changes = changes_session(changes, pc.raw)
         replays = 0
         while True:
-            pc = self._current()
+            if replays:
+                pc = self._current()
             raw = pc.raw
             first = raw.get_transaction_status() == _IDLE
             # state set by earlier statements would be missing on a fresh connection

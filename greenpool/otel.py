@@ -12,11 +12,12 @@ server). Gauges and the timeouts counter are observed at collection from ``Pool.
 
 The three histograms (``create_time``, ``wait_time``, ``use_time``) need every value, and
 an SDK histogram's ``record()`` costs microseconds: too much for the borrow path. So a loan
-only appends its durations to a per-group buffer, and the buffers are recorded into the
-histograms at the start of each collection (the SDK runs observable callbacks before it
-reads the histograms, so they land in that collection). A buffer holds at most
-:data:`BUFFER_LIMIT` values; a full one is recorded on the spot, so nothing is lost and
-memory stays bounded even with a provider that never collects.
+only appends its durations to the group's :class:`~greenpool.stats.Timing` (as for
+Prometheus), each fold of which passes them to a per-group buffer here, and the buffers are
+recorded into the histograms at the start of each collection (the SDK runs observable
+callbacks before it reads the histograms, so they land in that collection). A buffer holds
+at most :data:`BUFFER_LIMIT` values; a full one is recorded on the spot, so nothing is lost
+and memory stays bounded even with a provider that never collects.
 """
 
 from __future__ import annotations
@@ -62,13 +63,13 @@ class _Buffer:
         self.histogram = histogram
         self.attributes = attributes
 
-    def sink(self) -> Callable[[float], None]:
-        values, append, flush = self.values, self.values.append, self.flush
+    def sink(self) -> Callable[[list[float]], None]:
+        values, extend, flush = self.values, self.values.extend, self.flush
 
-        def buffered(seconds: float) -> None:
-            if len(values) >= BUFFER_LIMIT:
+        def buffered(batch: list[float]) -> None:
+            if len(values) + len(batch) > BUFFER_LIMIT:
                 flush()
-            append(seconds)
+            extend(batch)  # one C call: atomic, like each popleft of a flush
 
         return buffered
 
@@ -104,7 +105,7 @@ class Instrumentation:
         self._stopped = False
         self._attributes = {group: _group_attributes(pool, name, group)
                             for group in pool.config.groups}
-        self._buffers: list[tuple[Timing, Callable[[float], None], _Buffer]] = []
+        self._buffers: list[tuple[Timing, Callable[[list[float]], None], _Buffer]] = []
         for metric, kind, doc in _HISTOGRAMS:
             histogram = meter.create_histogram(
                 metric, unit="s", description=doc,
@@ -113,6 +114,7 @@ class Instrumentation:
                 timing: Timing = getattr(timings_of(pool.group(group)), kind)
                 buffer = _Buffer(histogram, attributes)
                 sink = buffer.sink()
+                timing.fold()  # values recorded before this instrumentation are not its own
                 timing.sinks = (*timing.sinks, sink)
                 self._buffers.append((timing, sink, buffer))
         _observers_of(meter).members.append(self)
@@ -128,11 +130,13 @@ class Instrumentation:
                 return
             self._stopped = True
         for timing, sink, buffer in self._buffers:
+            timing.fold()  # what the loans recorded so far goes to the buffer first
             timing.sinks = tuple(s for s in timing.sinks if s is not sink)
             buffer.flush()
 
     def flush(self) -> None:
-        for _, _, buffer in self._buffers:
+        for timing, _, buffer in self._buffers:
+            timing.fold()
             buffer.flush()
 
     def groups(self) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:

@@ -128,3 +128,45 @@ def test_non_threaded_timeout_zero_lends_the_idle_connection_after_a_discard(pg)
         assert group.stats()["timeouts"] == 0
     finally:
         pool.close()
+
+
+# --- a failure while timing a borrow leaves no loan behind ----------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_a_failing_histogram_sink_on_the_borrow_path_loses_no_slot(pg, mode, monkeypatch):
+    """The borrow path folds the duration histograms itself once enough values wait; a sink
+    that raises there (a fault of an exporter, not of a server: a stand-in) fails that
+    borrow, and the connection, lent to nobody, gives its slot back: the group can still
+    lend all of its connections."""
+    import gc
+
+    from greenpool import group as group_module
+    from greenpool.stats import timings_of
+
+    monkeypatch.setattr(group_module, "FOLD_AT", 1)
+    pool = Pool({"type": mode, "db": pg.endpoint(), "groups": {"g": {"connection_count": 1}}})
+    try:
+        group = pool.group("g")
+        timings = timings_of(group)
+
+        def broken(batch: list[float]) -> None:
+            raise RuntimeError("exporter broke")
+
+        timings.wait.sinks = (broken,)
+        try:  # (not pytest.raises: its traceback would keep the connection referenced)
+            group.acquire(timeout=5)
+            pytest.fail("the borrow should have raised the sink's error")
+        except RuntimeError as exc:
+            assert "exporter broke" in str(exc)
+        timings.wait.sinks = ()
+        assert group.stats()["in_use"] == 0
+        # collected once nothing holds it (under gevent, the hub's last hand-off callback
+        # may hold it until the loop turns)
+        wait_until(lambda: gc.collect() >= 0 and group.stats()["size"] == 0, 10,
+                   "the connection lent to nobody to give its slot back")
+        with pool.handler("g", timeout=5) as db:  # the one slot came back
+            assert db.query("SELECT 1") == [(1,)]
+        assert group.stats()["size"] <= 1
+    finally:
+        pool.close()

@@ -13,6 +13,7 @@ pytest.importorskip("opentelemetry.sdk")
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
+from greenpool import group as group_module
 from greenpool import otel
 from greenpool.stats import TIME_BUCKETS
 
@@ -114,16 +115,19 @@ def test_timeouts_are_counted(make_pool, reader):
 
 
 def test_a_buffer_never_outgrows_its_limit(make_pool, reader, monkeypatch):
-    """With nothing collecting, durations are recorded on the spot once the buffer is full:
-    memory stays bounded and no value is lost."""
+    """With nothing collecting, the loans fold their durations on the spot once enough wait,
+    and a full buffer is recorded on the spot: memory stays bounded and no value is lost."""
     reader, provider = reader
     monkeypatch.setattr(otel, "BUFFER_LIMIT", 3)
+    monkeypatch.setattr(group_module, "FOLD_AT", 2)
     pool = make_pool({"g": {"connection_count": 1}})
     instrumentation = otel.instrument(pool, meter_provider=provider)
     for _ in range(10):
         with pool.handler("g") as db:
             db.query("SELECT 1")
     assert all(len(buffer.values) <= 3 for _, _, buffer in instrumentation._buffers)
+    timings = pool.group("g").counters.timings
+    assert len(timings.wait.values) < 2 and len(timings.use.values) <= 2  # folded as they came
     use = point(read(reader), "db.client.connection.use_time", **{POOL_NAME: "g"})
     assert use.count == 10
     instrumentation.stop()
@@ -168,6 +172,7 @@ class _BrokenHistogram:
 def test_a_failing_sdk_never_fails_a_loan(make_pool, reader, monkeypatch, caplog):
     reader, provider = reader
     monkeypatch.setattr(otel, "BUFFER_LIMIT", 2)
+    monkeypatch.setattr(group_module, "FOLD_AT", 2)
     pool = make_pool({"g": {"connection_count": 1}})
     instrumentation = otel.instrument(pool, meter_provider=provider)
     for _, _, buffer in instrumentation._buffers:
@@ -194,7 +199,7 @@ def test_durations_flushed_from_several_threads_at_once_are_each_recorded_once(
 
     def loans() -> None:
         for k in range(5000):  # distinct values: a value taken twice and one dropped show
-            sink(float(k))
+            sink([float(k)])
 
     def collector() -> None:
         while not stop:

@@ -1,0 +1,231 @@
+"""A group's room and the connects that fill it: slots taken and given back (each exactly
+once, :mod:`greenpool.slots`), when one more connect is wanted, the connector's deliveries,
+refills, and the non-threaded mode's connects in the caller's own time."""
+
+from __future__ import annotations
+
+from .connection import STUCK_AFTER as _STUCK_AFTER
+from .connection import PooledConnection, silence_inherited
+from .endpoint import UP, Endpoint
+from .errors import PoolTimeout
+from .group_base import DRAINED, GroupBase, _inherited_in_use, _monotonic
+from .placement import connect_order, unserved
+from .slots import CONNECTING, RETURNED, Slot
+
+_SPREAD_EVERY = 1.0  # seconds between a non-threaded group's looks for where to spread
+
+
+class GroupGrowth(GroupBase):
+    # --- slots (greenpool.slots) ------------------------------------------------------------
+
+    def _take_slot(self) -> Slot:
+        """Room for one more connection (the caller holds the lock and checked the room)."""
+        self._size += 1
+        self._connecting += 1
+        slot = Slot(self, self._generation)
+        self._connects.add(slot)
+        return slot
+
+    def _attach(self, slot: Slot, pc: PooledConnection) -> None:
+        """A connect in ``slot`` opened ``pc`` for a caller who takes it at once."""
+        with self._lock:
+            slot.attach(pc)
+            self._connecting -= 1
+
+    def returned(self, slot: Slot, was: int, reconnect: bool | None) -> None:
+        """A connect or probe ended without a connection (``Slot.give_back``): the room goes
+        to a connect if waiters need one, else it is freed."""
+        self._slot_returned(slot.generation, was, reconnect)
+
+    def _slot_returned(self, generation: int, was: int, reconnect: bool | None) -> None:
+        if generation != self._generation:
+            return  # taken before a fork: this process never counted it
+        with self._lock:
+            self._size -= 1
+            if was == CONNECTING:
+                self._connecting -= 1
+            if self._closed or not self._can_wait:
+                return
+            wanted = self._wants_connect(len(self._line)) if reconnect is None else reconnect
+            wanted = wanted and self._size < self.config.connection_count  # (resize lowered it)
+            slot = self._take_slot() if wanted else None
+        if slot is not None:
+            self.connector.start(slot)
+
+    def orphaned(self, generation: int, was: int, endpoint: Endpoint | None) -> None:
+        """A slot collected while held (its holder vanished mid-line): only recorded here,
+        since this may run inside any code, even our own locked sections."""
+        if generation == self._generation:
+            self._orphans.append((was, endpoint))
+
+    def _count_orphans(self) -> None:
+        """Give back the room of orphaned slots (called with the lock held)."""
+        orphans = self._orphans
+        while orphans:
+            was, endpoint = orphans.popleft()
+            self._size -= 1
+            if was == CONNECTING:
+                self._connecting -= 1
+            elif endpoint is not None:  # its connection was lost in transit, unclosed
+                self.connector.forget(endpoint)
+                self.counters.discards["orphaned"] += 1
+
+    # --- connects ---------------------------------------------------------------------------
+
+    def _wants_connect(self, waiters: int) -> bool:
+        """Whether ``waiters`` callers need one more connect than is under way. Cold (none
+        lent, so none will come back) every waiter gets one; warm, the group grows one
+        connect at a time, because a returned connection usually comes sooner than a new
+        one (a burst does not grow the group to its maximum for nothing). A connect under
+        way longer than ``_STUCK_AFTER`` (a black hole holds it for ``connect_timeout``) no
+        longer stops a warm group from growing on its other endpoints."""
+        connecting = self._connecting
+        if self.connector.fatal_error() is not None:
+            return False
+        if not self._lent:
+            return waiters > connecting
+        if connecting:
+            now = _monotonic()
+            connecting = sum(1 for slot in self._connects
+                             if slot.state == CONNECTING and now - slot.since < _STUCK_AFTER)
+        return waiters > connecting and connecting == 0
+
+    def _spread(self, now: float, deadline: float) -> PooledConnection | None:
+        """``non-threaded``: one connect attempt, within the caller's
+        time, to the first endpoint where a connect should go and the group has none (an
+        endpoint no light load reached, a standby whose lag must be measured again). None
+        when there is none, no room, or the attempt failed: the borrow goes on as usual, and
+        the next look is a second away."""
+        config = self.config
+        counts = self.connector.counts
+        targets = [ep for ep in connect_order(self.endpoints, config.role, config.max_lag,
+                                              config.on_lag, counts, now, 0)
+                   if not counts.get(ep) and ep.state == UP and not ep.cut(now)]
+        if not targets:
+            self._next_spread = now + _SPREAD_EVERY  # nothing to do: look again later
+            return None
+        with self._lock:
+            if self._closed or self._size >= config.connection_count:
+                return None
+            slot = self._take_slot()
+        with slot:
+            pc = self.connector.try_once(targets[0], slot.generation, deadline)
+            if pc is None:
+                self._next_spread = now + _SPREAD_EVERY  # it failed: not at every borrow
+                slot.give_back(reconnect=False)
+                return None
+            self._attach(slot, pc)
+            return pc
+
+    def _connect_inline(self, deadline: float) -> PooledConnection:
+        """``non-threaded``: nobody else can return a connection, so connect now if the
+        group has room, else refuse at once."""
+        with self._lock:
+            self._count_orphans()
+            slot = self._take_slot() if self._size < self.config.connection_count else None
+        if slot is None:
+            self.counters.timeouts += 1
+            raise PoolTimeout(
+                f"group {self.name!r}: all {self.config.connection_count} connections are in "
+                f"use, and in non-threaded mode nobody can return one while you wait; return "
+                f"connections before taking another, or raise connection_count"
+            )
+        with slot:
+            pc = self.connector.open_now(deadline, slot.generation)
+            self._attach(slot, pc)
+            return pc
+
+    def _grow(self, count: int, target: Endpoint | None = None, *, if_idle: bool = True) -> int:
+        """Start up to ``count`` connects within the group's room (refill, probes, moves);
+        the number started. With ``if_idle``, only while nobody waits."""
+        with self._lock:
+            self._count_orphans()
+            if self._closed or (if_idle and self._line):
+                return 0
+            count = max(0, min(count, self.config.connection_count - self._size))
+            slots = [self._take_slot() for _ in range(count)]
+        for slot in slots:
+            self.connector.start(slot, target)
+        return count
+
+    def _reserve_slot(self) -> Slot | None:
+        """One slot of the group's room for a connect housekeeping makes itself (a role
+        probe); None when the group is full. Hold it in ``with``: attach it with
+        :meth:`_deliver`, or give it back."""
+        with self._lock:
+            if self._closed or self._size >= self.config.connection_count:
+                return None
+            return self._take_slot()
+
+    def refill(self) -> None:
+        """Open what the group lacks now: a connect per waiter beyond those under way, and
+        up to ``min_size`` (housekeeping would at its next round)."""
+        with self._lock:
+            if self._closed:
+                return
+            room = self.config.connection_count - self._size
+            wanted = max(len(self._line) - self._connecting, self.config.min_size - self._size)
+            count = max(0, min(room, wanted))
+            slots = [self._take_slot() for _ in range(count)] if self._can_wait else []
+        for slot in slots:
+            self.connector.start(slot)
+
+    # --- what the connector calls (connector.Slots) ---------------------------------------
+
+    def _deliver(self, slot: Slot, pc: PooledConnection) -> None:
+        if slot.generation != self._generation:  # opened by a task inherited across fork
+            silence_inherited(pc)
+            _inherited_in_use.append(pc)
+            slot.state = RETURNED
+            return
+        starts: list[Slot] = []
+        targets: list[Endpoint | None] = []
+        if slot.since < self._retire_before or slot.since < pc.endpoint.retire_before:
+            pc.expires = DRAINED  # begun before a drain: it serves once, then is retired
+        with self._lock:
+            slot.attach(pc)
+            self._connecting -= 1
+            closed = self._closed
+            surplus = self._size > self.config.connection_count  # resize() lowered it
+            if not closed and not surplus:
+                if self._line:
+                    self._line.serve(pc)
+                else:
+                    self._idle.append(pc)
+                if self._size < self.config.connection_count:
+                    if self._wants_connect(len(self._line)):
+                        targets.append(None)  # waiters remain: grow by one more
+                    elif self._turns is not None:
+                        targets.extend(self._unserved_endpoints())
+                    starts = [self._take_slot() for _ in targets]
+        if closed or surplus:
+            self.discard(pc, "pool_closed" if closed else "resized",
+                         reconnect=False if closed else None)
+            return
+        for new, target in zip(starts, targets, strict=True):
+            self.connector.start(new, target)
+
+    def _unserved_endpoints(self) -> list[Endpoint]:
+        """A group with room and several endpoints opens one connection on each preferred
+        endpoint that has none, so that even a light load is spread by weight."""
+        room = self.config.connection_count - self._size
+        if room <= 0 or self._connecting:
+            return []
+        return unserved(self.preferred_endpoints(), self.connector.counts)[:room]
+
+    def still_needed(self, slot: Slot) -> bool:
+        """After a failed round of connects: keep trying (True), or the slot is given back
+        (nobody waits and the group is at ``min_size``)."""
+        if slot.generation != self._generation:
+            slot.state = RETURNED
+            return False
+        with self._lock:
+            if not self._closed and (self._line or self._size <= self.config.min_size):
+                return True
+            slot.state = RETURNED
+            self._connecting -= 1
+            self._size -= 1
+            return False
+
+    def endpoint_failed(self, endpoint: Endpoint) -> None:
+        self.on_endpoint_failure(endpoint)
