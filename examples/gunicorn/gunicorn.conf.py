@@ -18,6 +18,7 @@ Command-line options override these, e.g. ``-b 127.0.0.1:9000 -w 4``.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -50,6 +51,10 @@ def post_worker_init(worker: Any) -> None:
         worker.log.info("greenpool: pool opened in worker %s", worker.pid)
     if app is not None and hasattr(app, "end_streams"):
         _end_streams_on_sigterm(worker, app)
+    # Everything loaded so far lives as long as the worker: the garbage collector need not
+    # scan it again. A full collection then pauses the worker (all its /events streams) for
+    # a few ms instead of 20-30 ms (measured with 500 streams, benchmarks/sse_fanout.py).
+    gc.freeze()
 
 
 def _end_streams_on_sigterm(worker: Any, app: Any) -> None:
