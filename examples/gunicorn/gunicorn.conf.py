@@ -9,7 +9,8 @@ Pool life cycle per worker (see README.md here for why):
 - ``post_worker_init``: after patching and after the app is loaded: the pool is created,
   and SIGTERM (stop, and the old workers of a SIGHUP reload) also ends the open
   ``/events`` streams at once (``end_streams()``), so the worker exits within about a
-  second instead of waiting out ``graceful_timeout`` for streams that never end.
+  second instead of waiting out ``graceful_timeout`` for streams that never end; and
+  ``gc.freeze()``, so full collections skip what the worker loaded (shorter pauses).
 - ``worker_exit``: after the worker stopped serving (graceful shutdown): the pool is closed,
   so no server connection outlives the worker.
 
