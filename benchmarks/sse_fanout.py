@@ -268,9 +268,9 @@ def report(results: dict[str, Any]) -> str:
         ("worker RSS per subscriber KB", "rss_per_subscriber_kb", None),
         ("largest listener backlog / dropped", "listen_backlog_max", "listen_dropped"),
         ("latency max ms", "latency_max_ms", None),
-        ("per notification, first client's latency p50, p99 ms", "first_receiver_p50_p99_ms",
+        ("per notification, first client's latency p50 / p99 ms", "first_receiver_p50_p99_ms",
          None),
-        ("per notification, last client's latency p50, p99 ms", "last_receiver_p50_p99_ms",
+        ("per notification, last client's latency p50 / p99 ms", "last_receiver_p50_p99_ms",
          None),
         ("load average (1 min) before the phase", "load_average_1min", None),
     ]
@@ -292,7 +292,8 @@ def report(results: dict[str, Any]) -> str:
         cells = []
         for phase in ("steady", "one_slow_client"):
             r = results[phase]
-            cells.append(str(r[a]) if b is None else f"{r[a]} / {r[b]}")
+            value = " / ".join(map(str, r[a])) if isinstance(r[a], list) else str(r[a])
+            cells.append(value if b is None else f"{value} / {r[b]}")
         lines.append(f"| {title} | {cells[0]} | {cells[1]} |")
     for title, (a1, a2), (b1, b2) in cpu_rows:
         cells = [f"{results[phase][a1][a2]} / {results[phase][b1][b2]}"
