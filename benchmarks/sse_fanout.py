@@ -286,7 +286,8 @@ def report(results: dict[str, Any]) -> str:
     ]
     lines = [f"# SSE fan-out ({results['started']})", "",
              "examples/gunicorn under `gunicorn -k gevent -w 2`, `python -m "
-             "benchmarks.sse_fanout`; see the script's docstring.", "",
+             f"benchmarks.sse_fanout {results.get('arguments', '')}`; see the script's "
+             "docstring.", "",
              "| | steady | one slow client |", "|---|---|---|"]
     for title, a, b in rows:
         cells = []
@@ -302,6 +303,16 @@ def report(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def shown_arguments(argv: list[str] | None) -> str:
+    """The command line's arguments as the report shows them: where the files went is not
+    part of what was measured."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--out" in args:
+        at = args.index("--out")
+        del args[at:at + 2]
+    return " ".join(a for a in args if not a.startswith("--out="))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=1000)
@@ -309,11 +320,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--client-processes", type=int, default=1)
     parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--name", default="sse_fanout",
+                        help="the results' file names (NAME.json, NAME.md, NAME.log)")
     args = parser.parse_args(argv)
+    stem = args.name
 
     from greenpool.throwaway import Cluster, free_port
 
-    results: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    results: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                               "arguments": shown_arguments(argv)}
     with Cluster(settings={"max_connections": 100}) as cluster:
         cluster.create_database(DB)
         config = {"db": cluster.endpoint(name=DB), "application_name": APP_NAME,
@@ -324,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([sys.executable, str(EXAMPLE / "app.py"), "schema"], env=env,
                        check=True, capture_output=True, timeout=60)
         port = free_port()
-        log = open(Path(args.out) / "sse_fanout.log", "w")  # noqa: SIM115
+        log = open(Path(args.out) / f"{stem}.log", "w")  # noqa: SIM115
         master = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-w", "2", "-c", str(EXAMPLE / "gunicorn.conf.py"),
              "-b", f"127.0.0.1:{port}", "--worker-connections", str(args.clients + 100)],
@@ -359,9 +374,9 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 os.killpg(master.pid, signal.SIGKILL)
             log.close()
-    out = Path(args.out) / "sse_fanout.json"
+    out = Path(args.out) / f"{stem}.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
-    (Path(args.out) / "sse_fanout.md").write_text(report(results))
+    (Path(args.out) / f"{stem}.md").write_text(report(results))
     for phase in ("steady", "one_slow_client"):
         r = {k: v for k, v in results[phase].items() if k != "worker_rss_kb"}
         print(phase, json.dumps(r))
