@@ -284,10 +284,10 @@ def report(results: dict[str, Any]) -> str:
         ("CPU µs per event: client / workers", ("cpu_us_per_event", "client"),
          ("cpu_us_per_event", "workers")),
     ]
+    command = f"python -m benchmarks.sse_fanout {results.get('arguments', '')}".strip()
     lines = [f"# SSE fan-out ({results['started']})", "",
-             "examples/gunicorn under `gunicorn -k gevent -w 2`, `python -m "
-             f"benchmarks.sse_fanout {results.get('arguments', '')}`; see the script's "
-             "docstring.", "",
+             f"examples/gunicorn under `gunicorn -k gevent -w 2`, `{command}`; see the "
+             "script's docstring.", "",
              "| | steady | one slow client |", "|---|---|---|"]
     for title, a, b in rows:
         cells = []
