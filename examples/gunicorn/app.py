@@ -292,7 +292,8 @@ def note_events(listener: greenpool.Listener,
                 yield b": keep-alive\n\n"
                 continue
             events = [event_text(item)]
-            while len(events) < EVENTS_PER_WRITE:  # what is queued already: one write
+            # what is queued already goes in the same write (one send for the client)
+            while listener.backlog and len(events) < EVENTS_PER_WRITE:
                 item = listener.get(0)
                 if item is None:
                     break

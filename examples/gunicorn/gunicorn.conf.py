@@ -9,7 +9,8 @@ Pool life cycle per worker (see README.md here for why):
 - ``post_worker_init``: after patching and after the app is loaded: the pool is created,
   and SIGTERM (stop, and the old workers of a SIGHUP reload) also ends the open
   ``/events`` streams at once (``end_streams()``), so the worker exits within about a
-  second instead of waiting out ``graceful_timeout`` for streams that never end.
+  second instead of waiting out ``graceful_timeout`` for streams that never end; and
+  ``gc.freeze()``, so full collections skip what the worker loaded (shorter pauses).
 - ``worker_exit``: after the worker stopped serving (graceful shutdown): the pool is closed,
   so no server connection outlives the worker.
 
@@ -18,6 +19,7 @@ Command-line options override these, e.g. ``-b 127.0.0.1:9000 -w 4``.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -50,6 +52,10 @@ def post_worker_init(worker: Any) -> None:
         worker.log.info("greenpool: pool opened in worker %s", worker.pid)
     if app is not None and hasattr(app, "end_streams"):
         _end_streams_on_sigterm(worker, app)
+    # Everything loaded so far lives as long as the worker: the garbage collector need not
+    # scan it again. A full collection then pauses the worker (all its /events streams) for
+    # a few ms instead of 20-30 ms (measured with 500 streams, benchmarks/sse_fanout.py).
+    gc.freeze()
 
 
 def _end_streams_on_sigterm(worker: Any, app: Any) -> None:
