@@ -19,7 +19,8 @@ a large dependency (pydantic and its compiled core) into every application for a
 ~40 keys checked once at startup.
 
 Modules: :mod:`.checks` (value checkers), :mod:`.declare` (what a declaration is),
-:mod:`.endpoint`, :mod:`.group`, :mod:`.top` (each section's keys and reader).
+:mod:`.endpoint`, :mod:`.group`, :mod:`.top` (each section's keys and reader),
+:mod:`.environ` (libpq's ``PG*`` variables).
 """
 
 from __future__ import annotations

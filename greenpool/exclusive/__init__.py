@@ -18,7 +18,7 @@ One module per job:
 * :mod:`.capacity`: the one query a fresh connection begins with: a session of its own
   (not a pooler's), in room the groups do not need, else a refusal;
 * :mod:`.slots`: :class:`ExclusiveSlots`, the three together for one group (what the pool
-  and listen.py use), with its statistics;
+  and the listen package use), with its statistics;
 * :mod:`.handle`: :class:`Exclusive`, the public ``with`` block.
 
 Every path that can be interrupted gives its unit back before re-raising, and a connection
