@@ -406,15 +406,18 @@ class Connector:
     def _watch(self, pc: PooledConnection) -> PooledConnection | None:
         """``pc`` (to a standby) if its server is promoted and is the primary the split-brain
         rule chooses, while callers wait; else None, ``pc`` closed. Each question is
-        bounded by ``connect_timeout``."""
+        bounded by ``connect_timeout``. The watch of a parent process, copied into a forked
+        child with its green task, ends there without a byte or a count
+        (:class:`InheritedAcrossFork`): the connection is the parent's, silenced at fork."""
         endpoint, slots = pc.endpoint, self.slots
         seconds = endpoint.config.connect_timeout
         assert slots is not None
+        pid = os.getpid()
         # a group with fewer connect tasks than standbys cannot watch them all: after a
         # ROLE_RECHECK the watch makes way for a round, which connects to the others
         make_way_at = _monotonic() + ROLE_RECHECK
         try:
-            while not self._stopped and slots.waiting and (
+            while not self._stopped and slots.waiting and os.getpid() == pid and (
                     endpoint.role == PRIMARY or without_primary(self.endpoints)):
                 if _monotonic() >= make_way_at and standby_to_watch(
                         self.endpoints, self._watched, _monotonic()) is not None:
@@ -432,15 +435,20 @@ class Connector:
                 # still a standby, seen just now: the rounds need no connect to learn it
                 endpoint.observe_role(STANDBY)
                 self._pause(PROMOTION_POLL)
-        except Exception as exc:
+        except BaseException as exc:
+            if os.getpid() != pid:
+                raise InheritedAcrossFork("a watch of the parent process, in the child"
+                                          ) from None
+            if not isinstance(exc, Exception):
+                self.close(pc, "interrupted")
+                raise
             logger.info("group %r: a standby watched for its promotion, %s, did not answer:"
                         " %s", self.config.name, endpoint.label, exc)
             self.close(pc, "failed_check")
             slots.endpoint_failed(endpoint)
             return None
-        except BaseException:
-            self.close(pc, "interrupted")
-            raise
+        if os.getpid() != pid:
+            raise InheritedAcrossFork("a watch of the parent process, in the child")
         self.close(pc, "probe")
         return None
 

@@ -7,6 +7,8 @@ immediate``, ``pg_ctl promote``, a black-hole listener, ``pg_terminate_backend``
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import time
 from typing import Any
 
@@ -15,7 +17,7 @@ import psycopg2.errors
 import pytest
 from endpoints import endpoint_stats, held_ports, label
 from faults import Ticker
-from modes import GREEN, join_all, sleep, spawn, wait_until
+from modes import GREEN, MODE, join_all, sleep, spawn, wait_until
 
 from greenpool import CommitOutcomeUnknown, NoHealthyEndpoint, PoolTimeout
 
@@ -277,6 +279,64 @@ def test_a_write_group_with_fewer_connections_than_standbys_finds_the_one_it_doe
     first_at, port = min(acked)
     assert port == second.port
     assert first_at - before <= 1.5, f"first write {first_at - before:.3f} s after promote"
+
+
+def pool_backends(cluster: Any) -> int:
+    """The pool's sessions on ``cluster`` (not the test's own, not this query's)."""
+    return int(cluster.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
+        " AND application_name <> 'greenpool-throwaway' AND pid <> pg_backend_pid()")[0][0])
+
+
+@pytest.mark.skipif(MODE != "gevent", reason="greenlets are copied into a forked child")
+@pytest.mark.timeout(60)
+def test_a_standby_watch_copied_into_a_forked_child_ends_there_without_a_count(
+    make_pool, pg_factory
+):
+    """The process forks while the write group watches the standby. The child's copy of
+    the watching task ends touching nothing (the child has no connection to the standby:
+    its counts stay at 0, not -1 from closing the parent's); the parent's watch goes on,
+    and hands the standby to its writer once promoted."""
+    primary = pg_factory()
+    standby = pg_factory(standby_of=primary)
+    pool = make_pool({"write": {"role": "primary", "connection_count": 1, "timeout": 20}},
+                     db=[primary.endpoint(), standby.endpoint()], role_check_interval=5)
+    group = pool.group("write")
+    with pool.handler("write") as db:
+        db.query_one("SELECT 1")
+    primary.stop("immediate")
+
+    def write() -> int:
+        with pool.handler("write") as db:
+            return int(db.query_one("SELECT inet_server_port()")[0])
+
+    writer = spawn(write)
+    wait_until(lambda: endpoint_stats(pool, standby)["open"] == 1
+               and pool_backends(standby) == 1, 10, "the watch of the standby")
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:
+        code = 1
+        try:
+            os.close(read_end)
+            sleep(1.0)  # the copied watch task runs in the child meanwhile
+            report = {"open": endpoint_stats(pool, standby)["open"],
+                      "counts": sorted(group.connector.counts.values()), **group.stats()}
+            os.write(write_end, json.dumps(report).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    _, status = os.waitpid(child, 0)
+    report = json.loads(os.read(read_end, 65536).decode())
+    os.close(read_end)
+    assert status == 0
+    assert report["open"] == 0 and report["counts"] == [0, 0], report
+    assert report["size"] == report["connecting"] == 0, report
+    standby.promote()
+    join_all([writer], 15)
+    assert writer.error is None, repr(writer.error)
+    assert writer.result == standby.port
 
 
 # --- 3. losing one of two endpoints under read load ---------------------------------------------
