@@ -387,7 +387,7 @@ class Connector:
         if self.config.role != "primary" or slots is None or not slots.waiting:
             return None
         with self._lock:  # two connect threads never watch the same standby
-            endpoint = standby_to_watch(self.endpoints, self._watched, _monotonic())
+            endpoint = standby_to_watch(self.endpoints, self._not_to_watch(), _monotonic())
             if endpoint is None:
                 return None
             self._watched.add(endpoint)
@@ -402,6 +402,14 @@ class Connector:
             return self._watch(pc)
         finally:
             self._watched.discard(endpoint)
+
+    def _not_to_watch(self) -> set[Endpoint]:
+        """Endpoints a watch leaves alone: watched by another task of this group, or
+        refused to it for a reason retrying cannot fix (until that pause ends, as rounds
+        do: a connect to it every few milliseconds would fail the same way)."""
+        now = _monotonic()
+        return self._watched | {ep for ep, (until, _) in list(self._fatal.items())
+                                if until > now}
 
     def _watch(self, pc: PooledConnection) -> PooledConnection | None:
         """``pc`` (to a standby) if its server is promoted and is the primary the split-brain
@@ -420,7 +428,7 @@ class Connector:
             while not self._stopped and slots.waiting and os.getpid() == pid and (
                     endpoint.role == PRIMARY or without_primary(self.endpoints)):
                 if _monotonic() >= make_way_at and standby_to_watch(
-                        self.endpoints, self._watched, _monotonic()) is not None:
+                        self.endpoints, self._not_to_watch(), _monotonic()) is not None:
                     break
                 report = primary_report(pc.raw, self._backend, seconds)
                 if report is not None:

@@ -288,6 +288,44 @@ def pool_backends(cluster: Any) -> int:
         " AND application_name <> 'greenpool-throwaway' AND pid <> pg_backend_pid()")[0][0])
 
 
+def _create_temp_table(raw: Any) -> None:
+    with raw.cursor() as cursor:  # a hot standby refuses it: read-only transaction
+        cursor.execute("CREATE TEMP TABLE IF NOT EXISTS session_scratch (id int)")
+
+
+def test_a_write_group_watches_no_standby_that_refuses_it_for_good(make_pool, pg_factory):
+    """A write group whose configure hook writes (a temporary table) cannot connect to a
+    standby: a failure retrying cannot fix, which rounds of connects leave alone for the
+    group's pause. The primary crashes and writers wait for 2 s: the watch leaves that
+    standby alone too (it used to connect to it again every few milliseconds, each failing
+    the same way). A read group makes the standby known as one."""
+    primary = pg_factory()
+    standby = pg_factory(standby_of=primary)
+    pool = make_pool({"write": {"role": "primary", "connection_count": 2, "timeout": 2,
+                                "configure": _create_temp_table},
+                      "read": {"role": "standby", "connection_count": 1}},
+                     db=[primary.endpoint(), standby.endpoint()], role_check_interval=5)
+    with pool.handler("write") as db:
+        assert db.query_one("SELECT inet_server_port()") == (primary.port,)
+    with pool.handler("read") as db:
+        assert db.query_one("SELECT inet_server_port()") == (standby.port,)
+    primary.stop("immediate")
+    before = endpoint_stats(pool, standby)["connect_attempts"]
+
+    def write() -> BaseException | None:
+        try:
+            with pool.handler("write"):
+                return None
+        except Exception as exc:
+            return exc
+
+    tasks = [spawn(write) for _ in range(3)]
+    join_all(tasks, 10)
+    attempts = endpoint_stats(pool, standby)["connect_attempts"] - before
+    assert all(isinstance(task.result, NoHealthyEndpoint) for task in tasks)
+    assert attempts <= 2, f"{attempts} connects to the refusing standby in 2 s"
+
+
 @pytest.mark.skipif(MODE != "gevent", reason="greenlets are copied into a forked child")
 @pytest.mark.timeout(60)
 def test_a_standby_watch_copied_into_a_forked_child_ends_there_without_a_count(
