@@ -57,6 +57,7 @@ from .events import no_event
 from .placement import (
     ROLE_RECHECK,
     connect_order,
+    left_unwatched,
     standby_to_watch,
     where_to_be,
     without_primary,
@@ -422,13 +423,16 @@ class Connector:
         assert slots is not None
         pid = os.getpid()
         # a group with fewer connect tasks than standbys cannot watch them all: after a
-        # ROLE_RECHECK the watch makes way for a round, which connects to the others
+        # ROLE_RECHECK the watch makes way for a round, which connects to the others (and
+        # to an endpoint a reconfiguration added, which nothing else asks while the group
+        # is full)
         make_way_at = _monotonic() + ROLE_RECHECK
         try:
             while not self._stopped and slots.waiting and os.getpid() == pid and (
+                    endpoint in self.endpoints) and (
                     endpoint.role == PRIMARY or without_primary(self.endpoints)):
-                if _monotonic() >= make_way_at and standby_to_watch(
-                        self.endpoints, self._not_to_watch(), _monotonic()) is not None:
+                if _monotonic() >= make_way_at and left_unwatched(
+                        self.endpoints, self._not_to_watch(), _monotonic()):
                     break
                 report = primary_report(pc.raw, self._backend, seconds)
                 if report is not None:

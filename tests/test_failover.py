@@ -288,6 +288,87 @@ def pool_backends(cluster: Any) -> int:
         " AND application_name <> 'greenpool-throwaway' AND pid <> pg_backend_pid()")[0][0])
 
 
+def write_forever(pool: Any, acked: list[tuple[float, int]], running: list[bool]) -> None:
+    """Write through group ``write`` until ``running[0]`` is False: (time, server port)
+    of each acknowledged write; a write that fails waits a moment and tries again."""
+    while running[0]:
+        try:
+            with pool.handler("write") as db:
+                row = db.query_one("SELECT inet_server_port()")
+        except psycopg2.Error:  # the dead idle connection to the old primary
+            sleep(0.01)
+        else:
+            acked.append((time.monotonic(), row[0]))
+
+
+def test_a_write_group_whose_connects_all_watch_reaches_a_primary_added_by_reconfigure(
+    make_pool, pg_factory, mode
+):
+    """One write connection, the primary crashed, writers wait: the group's one connect
+    task watches the standby. A reconfiguration adds another primary (the database moved):
+    writes land on it within about a ROLE_RECHECK. Nothing else asks an endpoint added to a
+    full group (housekeeping's role probe needs room in it), so a watch that never made way
+    for a round held the writers until their timeout."""
+    primary = pg_factory()
+    standby = pg_factory(standby_of=primary)
+    moved = pg_factory()
+    groups = {"write": {"role": "primary", "connection_count": 1, "timeout": 30}}
+    pool = make_pool(groups, db=[primary.endpoint(), standby.endpoint()],
+                     role_check_interval=5)
+    with pool.handler("write") as db:
+        assert db.query_one("SELECT inet_server_port()") == (primary.port,)
+    primary.stop("immediate")
+    acked: list[tuple[float, int]] = []
+    running = [True]
+    tasks = [spawn(write_forever, pool, acked, running) for _ in range(3)]
+    try:
+        wait_until(lambda: pool_backends(standby) == 1, 10, "the watch of the standby")
+        sleep(0.3)
+        before = time.monotonic()
+        pool.reconfigure({"type": mode, "groups": groups, "role_check_interval": 5,
+                          "db": [primary.endpoint(), standby.endpoint(), moved.endpoint()]})
+        wait_until(lambda: bool(acked), 20, "a write on the added primary")
+    finally:
+        running[0] = False
+        join_all(tasks, 35)
+    first_at, port = min(acked)
+    assert port == moved.port
+    assert first_at - before <= 2.0, f"first write {first_at - before:.3f} s after reconfigure"
+
+
+def test_a_watched_standby_taken_out_by_reconfigure_is_let_go_while_writers_wait(
+    make_pool, pg_factory, mode
+):
+    """The primary crashed, writers wait, the write group watches the standby; then a
+    reconfiguration takes the standby out. The watch ends at once: its session on the
+    standby closes while the writers still wait (not at their timeout), and the group's
+    room adds up."""
+    primary = pg_factory()
+    standby = pg_factory(standby_of=primary)
+    groups = {"write": {"role": "primary", "connection_count": 2, "timeout": 30}}
+    pool = make_pool(groups, db=[primary.endpoint(), standby.endpoint()],
+                     role_check_interval=5)
+    group = pool.group("write")
+    with pool.handler("write") as db:
+        db.query_one("SELECT 1")
+    primary.stop("immediate")
+    acked: list[tuple[float, int]] = []
+    running = [True]
+    tasks = [spawn(write_forever, pool, acked, running) for _ in range(3)]
+    try:
+        wait_until(lambda: pool_backends(standby) == 1, 10, "the watch of the standby")
+        pool.reconfigure({"type": mode, "groups": groups, "role_check_interval": 5,
+                          "db": [primary.endpoint()]})
+        wait_until(lambda: pool_backends(standby) == 0, 3, "the watch to let the standby go")
+        stats = group.stats()
+        assert stats["waiting"] > 0 and not acked  # the writers still wait
+        assert stats["size"] == stats["idle"] + stats["in_use"] + stats["connecting"], stats
+    finally:
+        running[0] = False
+        pool.close()  # the writers wait for a primary that is gone: PoolClosed ends them
+        join_all(tasks, 10)
+
+
 def _create_temp_table(raw: Any) -> None:
     with raw.cursor() as cursor:  # a hot standby refuses it: read-only transaction
         cursor.execute("CREATE TEMP TABLE IF NOT EXISTS session_scratch (id int)")
