@@ -57,6 +57,7 @@ from .events import no_event
 from .placement import (
     ROLE_RECHECK,
     connect_order,
+    left_unwatched,
     standby_to_watch,
     where_to_be,
     without_primary,
@@ -392,7 +393,7 @@ class Connector:
         if self.config.role != "primary" or slots is None or not slots.waiting:
             return None
         with self._lock:  # two connect threads never watch the same standby
-            endpoint = standby_to_watch(self.endpoints, self._watched, _monotonic())
+            endpoint = standby_to_watch(self.endpoints, self._not_to_watch(), _monotonic())
             if endpoint is None:
                 return None
             self._watched.add(endpoint)
@@ -408,21 +409,35 @@ class Connector:
         finally:
             self._watched.discard(endpoint)
 
+    def _not_to_watch(self) -> set[Endpoint]:
+        """Endpoints a watch leaves alone: watched by another task of this group, or
+        refused to it for a reason retrying cannot fix (until that pause ends, as rounds
+        do: a connect to it every few milliseconds would fail the same way)."""
+        now = _monotonic()
+        return self._watched | {ep for ep, (until, _) in list(self._fatal.items())
+                                if until > now}
+
     def _watch(self, pc: PooledConnection) -> PooledConnection | None:
         """``pc`` (to a standby) if its server is promoted and is the primary the split-brain
         rule chooses, while callers wait; else None, ``pc`` closed. Each question is
-        bounded by ``connect_timeout``."""
+        bounded by ``connect_timeout``. The watch of a parent process, copied into a forked
+        child with its green task, ends there without a byte or a count
+        (:class:`InheritedAcrossFork`): the connection is the parent's, silenced at fork."""
         endpoint, slots = pc.endpoint, self.slots
         seconds = endpoint.config.connect_timeout
         assert slots is not None
+        pid = os.getpid()
         # a group with fewer connect tasks than standbys cannot watch them all: after a
-        # ROLE_RECHECK the watch makes way for a round, which connects to the others
+        # ROLE_RECHECK the watch makes way for a round, which connects to the others (and
+        # to an endpoint a reconfiguration added, which nothing else asks while the group
+        # is full)
         make_way_at = _monotonic() + ROLE_RECHECK
         try:
-            while not self._stopped and slots.waiting and (
+            while not self._stopped and slots.waiting and os.getpid() == pid and (
+                    endpoint in self.endpoints) and (
                     endpoint.role == PRIMARY or without_primary(self.endpoints)):
-                if _monotonic() >= make_way_at and standby_to_watch(
-                        self.endpoints, self._watched, _monotonic()) is not None:
+                if _monotonic() >= make_way_at and left_unwatched(
+                        self.endpoints, self._not_to_watch(), _monotonic()):
                     break
                 report = primary_report(pc.raw, self._backend, seconds)
                 if report is not None:
@@ -437,15 +452,20 @@ class Connector:
                 # still a standby, seen just now: the rounds need no connect to learn it
                 endpoint.observe_role(STANDBY)
                 self._pause(PROMOTION_POLL)
-        except Exception as exc:
+        except BaseException as exc:
+            if os.getpid() != pid:
+                raise InheritedAcrossFork("a watch of the parent process, in the child"
+                                          ) from None
+            if not isinstance(exc, Exception):
+                self.close(pc, "interrupted")
+                raise
             logger.info("group %r: a standby watched for its promotion, %s, did not answer:"
                         " %s", self.config.name, endpoint.label, exc)
             self.close(pc, "failed_check")
             slots.endpoint_failed(endpoint)
             return None
-        except BaseException:
-            self.close(pc, "interrupted")
-            raise
+        if os.getpid() != pid:
+            raise InheritedAcrossFork("a watch of the parent process, in the child")
         self.close(pc, "probe")
         return None
 

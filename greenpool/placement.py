@@ -19,7 +19,7 @@ import math
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
-from .endpoint import PRIMARY, STANDBY, UP, Endpoint
+from .endpoint import PRIMARY, STANDBY, UNKNOWN, UP, Endpoint
 from .roles import candidates, fits
 
 #: A standby is re-tried by a ``primary`` group (it may have been promoted) at most this often.
@@ -96,6 +96,18 @@ def standby_to_watch(
         return None
     return next((ep for ep in endpoints if ep.role == STANDBY and ep.state == UP
                  and ep not in watched and ep.may_connect(now)), None)
+
+
+def left_unwatched(
+    endpoints: Sequence[Endpoint], watched: Collection[Endpoint], now: float
+) -> bool:
+    """Whether an endpoint no watch covers may take a connect now: a standby not
+    ``watched`` (it may be the one promoted), or one up whose role was never seen (added by
+    ``Pool.reconfigure``: it may be the primary). A watching task makes way for a round of
+    connects then: while every connect task of a group watches, nothing else asks them."""
+    return standby_to_watch(endpoints, watched, now) is not None or any(
+        ep.role == UNKNOWN and ep.state == UP and ep not in watched and ep.may_connect(now)
+        for ep in endpoints)
 
 
 def take_in_turn(endpoints_of_idle: Sequence[Endpoint], turns: dict[Endpoint, float]) -> int:

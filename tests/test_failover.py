@@ -7,6 +7,8 @@ immediate``, ``pg_ctl promote``, a black-hole listener, ``pg_terminate_backend``
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import time
 from typing import Any
 
@@ -15,7 +17,7 @@ import psycopg2.errors
 import pytest
 from endpoints import endpoint_stats, held_ports, label
 from faults import Ticker
-from modes import GREEN, join_all, sleep, spawn, wait_until
+from modes import GREEN, MODE, join_all, sleep, spawn, wait_until
 
 from greenpool import CommitOutcomeUnknown, NoHealthyEndpoint, PoolTimeout
 
@@ -277,6 +279,183 @@ def test_a_write_group_with_fewer_connections_than_standbys_finds_the_one_it_doe
     first_at, port = min(acked)
     assert port == second.port
     assert first_at - before <= 1.5, f"first write {first_at - before:.3f} s after promote"
+
+
+def pool_backends(cluster: Any) -> int:
+    """The pool's sessions on ``cluster`` (not the test's own, not this query's)."""
+    return int(cluster.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
+        " AND application_name <> 'greenpool-throwaway' AND pid <> pg_backend_pid()")[0][0])
+
+
+def write_forever(pool: Any, acked: list[tuple[float, int]], running: list[bool]) -> None:
+    """Write through group ``write`` until ``running[0]`` is False: (time, server port)
+    of each acknowledged write; a write that fails waits a moment and tries again."""
+    while running[0]:
+        try:
+            with pool.handler("write") as db:
+                row = db.query_one("SELECT inet_server_port()")
+        except psycopg2.Error:  # the dead idle connection to the old primary
+            sleep(0.01)
+        else:
+            acked.append((time.monotonic(), row[0]))
+
+
+def test_a_write_group_whose_connects_all_watch_reaches_a_primary_added_by_reconfigure(
+    make_pool, pg_factory, mode
+):
+    """One write connection, the primary crashed, writers wait: the group's one connect
+    task watches the standby. A reconfiguration adds another primary (the database moved):
+    writes land on it within about a ROLE_RECHECK. Nothing else asks an endpoint added to a
+    full group (housekeeping's role probe needs room in it), so a watch that never made way
+    for a round held the writers until their timeout."""
+    primary = pg_factory()
+    standby = pg_factory(standby_of=primary)
+    moved = pg_factory()
+    groups = {"write": {"role": "primary", "connection_count": 1, "timeout": 30}}
+    pool = make_pool(groups, db=[primary.endpoint(), standby.endpoint()],
+                     role_check_interval=5)
+    with pool.handler("write") as db:
+        assert db.query_one("SELECT inet_server_port()") == (primary.port,)
+    primary.stop("immediate")
+    acked: list[tuple[float, int]] = []
+    running = [True]
+    tasks = [spawn(write_forever, pool, acked, running) for _ in range(3)]
+    try:
+        wait_until(lambda: pool_backends(standby) == 1, 10, "the watch of the standby")
+        sleep(0.3)
+        before = time.monotonic()
+        pool.reconfigure({"type": mode, "groups": groups, "role_check_interval": 5,
+                          "db": [primary.endpoint(), standby.endpoint(), moved.endpoint()]})
+        wait_until(lambda: bool(acked), 20, "a write on the added primary")
+    finally:
+        running[0] = False
+        join_all(tasks, 35)
+    first_at, port = min(acked)
+    assert port == moved.port
+    assert first_at - before <= 2.0, f"first write {first_at - before:.3f} s after reconfigure"
+
+
+def test_a_watched_standby_taken_out_by_reconfigure_is_let_go_while_writers_wait(
+    make_pool, pg_factory, mode
+):
+    """The primary crashed, writers wait, the write group watches the standby; then a
+    reconfiguration takes the standby out. The watch ends at once: its session on the
+    standby closes while the writers still wait (not at their timeout), and the group's
+    room adds up."""
+    primary = pg_factory()
+    standby = pg_factory(standby_of=primary)
+    groups = {"write": {"role": "primary", "connection_count": 2, "timeout": 30}}
+    pool = make_pool(groups, db=[primary.endpoint(), standby.endpoint()],
+                     role_check_interval=5)
+    group = pool.group("write")
+    with pool.handler("write") as db:
+        db.query_one("SELECT 1")
+    primary.stop("immediate")
+    acked: list[tuple[float, int]] = []
+    running = [True]
+    tasks = [spawn(write_forever, pool, acked, running) for _ in range(3)]
+    try:
+        wait_until(lambda: pool_backends(standby) == 1, 10, "the watch of the standby")
+        pool.reconfigure({"type": mode, "groups": groups, "role_check_interval": 5,
+                          "db": [primary.endpoint()]})
+        wait_until(lambda: pool_backends(standby) == 0, 3, "the watch to let the standby go")
+        stats = group.stats()
+        assert stats["waiting"] > 0 and not acked  # the writers still wait
+        assert stats["size"] == stats["idle"] + stats["in_use"] + stats["connecting"], stats
+    finally:
+        running[0] = False
+        pool.close()  # the writers wait for a primary that is gone: PoolClosed ends them
+        join_all(tasks, 10)
+
+
+def _create_temp_table(raw: Any) -> None:
+    with raw.cursor() as cursor:  # a hot standby refuses it: read-only transaction
+        cursor.execute("CREATE TEMP TABLE IF NOT EXISTS session_scratch (id int)")
+
+
+def test_a_write_group_watches_no_standby_that_refuses_it_for_good(make_pool, pg_factory):
+    """A write group whose configure hook writes (a temporary table) cannot connect to a
+    standby: a failure retrying cannot fix, which rounds of connects leave alone for the
+    group's pause. The primary crashes and writers wait for 2 s: the watch leaves that
+    standby alone too (it used to connect to it again every few milliseconds, each failing
+    the same way). A read group makes the standby known as one."""
+    primary = pg_factory()
+    standby = pg_factory(standby_of=primary)
+    pool = make_pool({"write": {"role": "primary", "connection_count": 2, "timeout": 2,
+                                "configure": _create_temp_table},
+                      "read": {"role": "standby", "connection_count": 1}},
+                     db=[primary.endpoint(), standby.endpoint()], role_check_interval=5)
+    with pool.handler("write") as db:
+        assert db.query_one("SELECT inet_server_port()") == (primary.port,)
+    with pool.handler("read") as db:
+        assert db.query_one("SELECT inet_server_port()") == (standby.port,)
+    primary.stop("immediate")
+    before = endpoint_stats(pool, standby)["connect_attempts"]
+
+    def write() -> BaseException | None:
+        try:
+            with pool.handler("write"):
+                return None
+        except Exception as exc:
+            return exc
+
+    tasks = [spawn(write) for _ in range(3)]
+    join_all(tasks, 10)
+    attempts = endpoint_stats(pool, standby)["connect_attempts"] - before
+    assert all(isinstance(task.result, NoHealthyEndpoint) for task in tasks)
+    assert attempts <= 2, f"{attempts} connects to the refusing standby in 2 s"
+
+
+@pytest.mark.skipif(MODE != "gevent", reason="greenlets are copied into a forked child")
+@pytest.mark.timeout(60)
+def test_a_standby_watch_copied_into_a_forked_child_ends_there_without_a_count(
+    make_pool, pg_factory
+):
+    """The process forks while the write group watches the standby. The child's copy of
+    the watching task ends touching nothing (the child has no connection to the standby:
+    its counts stay at 0, not -1 from closing the parent's); the parent's watch goes on,
+    and hands the standby to its writer once promoted."""
+    primary = pg_factory()
+    standby = pg_factory(standby_of=primary)
+    pool = make_pool({"write": {"role": "primary", "connection_count": 1, "timeout": 20}},
+                     db=[primary.endpoint(), standby.endpoint()], role_check_interval=5)
+    group = pool.group("write")
+    with pool.handler("write") as db:
+        db.query_one("SELECT 1")
+    primary.stop("immediate")
+
+    def write() -> int:
+        with pool.handler("write") as db:
+            return int(db.query_one("SELECT inet_server_port()")[0])
+
+    writer = spawn(write)
+    wait_until(lambda: endpoint_stats(pool, standby)["open"] == 1
+               and pool_backends(standby) == 1, 10, "the watch of the standby")
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:
+        code = 1
+        try:
+            os.close(read_end)
+            sleep(1.0)  # the copied watch task runs in the child meanwhile
+            report = {"open": endpoint_stats(pool, standby)["open"],
+                      "counts": sorted(group.connector.counts.values()), **group.stats()}
+            os.write(write_end, json.dumps(report).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    _, status = os.waitpid(child, 0)
+    report = json.loads(os.read(read_end, 65536).decode())
+    os.close(read_end)
+    assert status == 0
+    assert report["open"] == 0 and report["counts"] == [0, 0], report
+    assert report["size"] == report["connecting"] == 0, report
+    standby.promote()
+    join_all([writer], 15)
+    assert writer.error is None, repr(writer.error)
+    assert writer.result == standby.port
 
 
 # --- 3. losing one of two endpoints under read load ---------------------------------------------

@@ -11,7 +11,13 @@ import pytest
 
 from greenpool.config import EndpointConfig
 from greenpool.endpoint import PRIMARY, QUARANTINED, STANDBY, Endpoint
-from greenpool.placement import connect_order, standby_to_watch, where_to_be, without_primary
+from greenpool.placement import (
+    connect_order,
+    left_unwatched,
+    standby_to_watch,
+    where_to_be,
+    without_primary,
+)
 from greenpool.roles import RoleReport
 
 pytestmark = pytest.mark.timeout(10)
@@ -143,3 +149,19 @@ def test_a_standby_is_watched_for_its_promotion_only_while_no_primary_is_up() ->
     assert standby_to_watch([primary, first, second], set(), now) is first
     assert standby_to_watch([primary, first, second], {first}, now) is second  # one watch each
     assert standby_to_watch([primary, first, second], {first, second}, now) is None
+
+
+def test_a_watch_makes_way_for_a_standby_nobody_watches_or_an_endpoint_of_unknown_role() -> None:
+    primary, first, second, added = _endpoints(4)
+    now = time.monotonic()
+    primary.state, primary.quarantined_until = QUARANTINED, now + 10
+    _standby(first, lag=0.1)
+    _standby(second, lag=0.1)
+    endpoints = [primary, first, second]
+    assert left_unwatched(endpoints, {first}, now)  # the second: a round asks it
+    assert not left_unwatched(endpoints, {first, second}, now)  # every standby watched
+    # an endpoint a reconfiguration added, role never seen: it may be the primary
+    assert left_unwatched([*endpoints, added], {first, second}, now)
+    assert not left_unwatched([*endpoints, added], {first, second, added}, now)
+    _primary(added, timeline=2)  # it answered as primary: writes go there, no watch
+    assert not left_unwatched([*endpoints, added], {first}, now)
