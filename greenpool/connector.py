@@ -325,7 +325,7 @@ class Connector:
         endpoint.connection_closed()
 
     def uncount(self, pc: PooledConnection) -> None:
-        """Leave ``pc`` out of :attr:`counts`: a dedicated connection (exclusive.py) lives
+        """Leave ``pc`` out of :attr:`counts`: a dedicated connection (the exclusive package) lives
         outside the group's slots, and placement balances only what it can move."""
         with self._lock:
             self._uncounted(pc.endpoint)

@@ -43,6 +43,10 @@ PgBouncer 1.18). A connection through a pooler therefore hides that status
 (:func:`greenpool.roles.role_of` says "unknown"), and the connector asks the server by query
 instead (bounded by ``connect_timeout``); the answer is kept on the connection and the
 endpoint, and housekeeping's probes (queries already) keep it fresh.
+
+Why one module of this length: the settings prefix, the per-transaction decision it rests
+on and the detection that decides whether a prefix is needed at all are one rule seen from
+three sides; split apart, each part would have to restate the others' assumptions.
 """
 
 from __future__ import annotations
