@@ -292,7 +292,8 @@ class PatroniCluster:
 
     def __init__(self, nodes: int = 3, synchronous_mode: bool = False, haproxy: bool = False,
                  password: str = "greenpool", ttl: int = 5, loop_wait: int = 1,
-                 retry_timeout: int = 2, parameters: dict[str, Any] | None = None) -> None:
+                 retry_timeout: int = 2, parameters: dict[str, Any] | None = None,
+                 post_bootstrap: str | None = None) -> None:
         reason = missing(haproxy)
         if reason:
             raise PatroniError(reason)
@@ -303,6 +304,11 @@ class PatroniCluster:
         self.ttl, self.loop_wait, self.retry_timeout = ttl, loop_wait, retry_timeout
         self.synchronous_mode = synchronous_mode
         self.parameters = dict(parameters or {})
+        #: Patroni's ``bootstrap.post_bootstrap``: a command it runs (as the servers' OS user)
+        #: once the first node has bootstrapped; a failure fails that bootstrap
+        self.post_bootstrap = post_bootstrap
+        #: how many times the first node's bootstrap failed and was started over
+        self.bootstrap_retries = 0
         self._owner = server_owner()  # before the directory: no directory left by its error
         # short: PostgreSQL's Unix socket paths are limited to ~107 bytes
         self.root = Path(tempfile.mkdtemp(prefix="gp-patroni-"))
@@ -368,6 +374,8 @@ class PatroniCluster:
             },
             "initdb": [{"encoding": "UTF8"}, {"locale": "C"}, {"auth": "scram-sha-256"}],
         }
+        if self.post_bootstrap is not None:
+            bootstrap["post_bootstrap"] = self.post_bootstrap
         for node in self.nodes:
             node.root.mkdir()
             give_to(self._owner, node.root)
@@ -376,14 +384,33 @@ class PatroniCluster:
             node.config_file.touch(mode=0o600)  # it holds the passwords
             node.config_file.write_text(text + "\n")
             give_to(self._owner, node.config_file)
-        self.nodes[0].start()
-        self.wait_for(lambda: self.leader() is self.nodes[0], START_TIMEOUT,
-                      "the first node to bootstrap and lead")
+        self._bootstrap()
         for node in self.nodes[1:]:
             node.start()
         self.wait_healthy(START_TIMEOUT)
         if self.with_haproxy:
             self._start_haproxy()
+
+    def _bootstrap(self) -> None:
+        """Start the first node on an empty data directory and wait until it leads.
+
+        Patroni gives up on a bootstrap whose server does not come up in time or whose
+        post-bootstrap step fails ("Failed to bootstrap cluster": its process exits, seen on
+        a loaded 2-core machine); such a node is started over once, on an empty directory,
+        before the cluster is declared broken."""
+        first = self.nodes[0]
+        for attempt in (1, 2):
+            first.start()
+            self.wait_for(lambda: self.leader() is first or first.patroni_pid is None,
+                          START_TIMEOUT, "the first node to bootstrap and lead")
+            if first.patroni_pid is not None:
+                return
+            if attempt == 2:
+                raise PatroniError("the first node's Patroni gave up bootstrapping twice"
+                                   + self.log_tails(40))
+            self.bootstrap_retries += 1
+            first.stop()
+            shutil.rmtree(first.datadir, ignore_errors=True)
 
     def destroy(self) -> None:
         """Stop everything by PID (nodes, HAProxy, etcd) and delete the directory. Idempotent."""
