@@ -100,6 +100,7 @@ class GroupRetiring(GroupLine):
         (``Pool.reconfigure``): what only the pool reads applies at once; a setting that
         travels with each connection (autocommit, readonly, statement_timeout, row_factory,
         configure) or a changed endpoint retires the connections it concerns, as drain does.
+        Connects under way to an endpoint taken out are abandoned, their room free at once.
         Connections beyond a lowered ``connection_count`` are closed as they come back.
         Whether the connections must be drained."""
         old = self.config
@@ -121,6 +122,9 @@ class GroupRetiring(GroupLine):
                         endpoint.watch(self._forget_placement)
             self._preferred_until = 0.0
         self.connector.apply(config, self.endpoints)
+        # connects under way to an endpoint taken out give their room back now (and one
+        # that still opens a connection brings it to _deliver, which closes it)
+        self.abandon_connects(left)
         travels = any(getattr(old, key) != getattr(config, key) for key in TRAVELS)
         surplus = self._take_idle(lambda idle: idle[:max(0, self._size - config.connection_count)])
         for pc in surplus:

@@ -331,3 +331,59 @@ def test_reconfigure_of_retry_sleep_keeps_the_connections_and_applies_to_the_nex
         assert endpoint.backoff_max == 45.0  # the first quarantine's length, at least
     finally:
         pool.close()
+
+
+@pytest.mark.timeout(60)
+def test_removing_an_endpoint_frees_the_slots_of_connects_under_way_to_it_at_once(
+        pg, mode, blackhole):
+    """Both slots of a group are held by connects to a server that never answers; a
+    reconfigure() that removes it for a healthy one lends a connection within the caller's
+    short timeout, not after the black hole's connect_timeout; the books stay exact."""
+    config = {"type": mode, "maintenance_interval": 0.1,
+              "groups": {"g": {"connection_count": 2, "min_size": 2, "timeout": 2}}}
+    pool = Pool({**config, "db": [blackhole.endpoint(connect_timeout=20)]})
+    try:
+        group = pool.group("g")
+        hole = group.connector.endpoints[0]
+        wait_until(lambda: hole.connecting == 2, 10, "two connects to the black hole")
+        pool.reconfigure({**config, "db": [pg.endpoint()]})
+        with pool.handler("g", timeout=3) as db:
+            assert db.query_one("SELECT 1") == (1,)
+        stats = group_stats(pool, "g")
+        assert stats["size"] <= 2 and stats["connecting"] <= 2, stats
+        assert all(pc.endpoint.label != f"{blackhole.host}:{blackhole.port}/blackhole"
+                   for pc in group.connector.opened)
+    finally:
+        pool.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_connect_under_way_to_an_endpoint_a_group_drops_never_reaches_that_group(
+        pg, mode, second_db):
+    """Group g uses servers A and B, group h only B; while g's connect to B is held up (a
+    proxy delays its login), reconfigure() takes B out of g. The connection that arrives
+    is closed, never idle or lent in g; g and h keep exact books."""
+    from delayproxy import DelayProxy
+
+    app = "live-dropped"
+    with DelayProxy(pg.port, 3.0, app.encode()) as proxy:
+        a, b = pg.endpoint(), proxy.endpoint(pg, name=second_db)
+        config = {"type": mode, "application_name": app, "maintenance_interval": 0.1,
+                  "db": [a, b],
+                  "groups": {"g": {"connection_count": 4, "min_size": 1, "endpoints": [0, 1]},
+                             "h": {"connection_count": 2, "endpoints": [1]}}}
+        pool = Pool(config)
+        try:
+            group = pool.group("g")
+            wait_until(lambda: proxy.held() >= 1, 10, "g's connect to B to be held")
+            pool.reconfigure({**config, "groups": {**config["groups"],
+                                                   "g": {**config["groups"]["g"],
+                                                         "endpoints": [0]}}})
+            wait_until(lambda: group_stats(pool, "g")["connecting"] == 0, 10,
+                       "the held connect to end")
+            assert [pc.endpoint.label for pc in group.connector.opened
+                    if not pc.raw.closed and pc.endpoint.label.endswith(second_db)] == []
+            stats = group_stats(pool, "g")
+            assert stats["size"] == stats["idle"] + stats["in_use"] + stats["connecting"], stats
+        finally:
+            pool.close()
