@@ -359,7 +359,7 @@ def test_removing_an_endpoint_frees_the_slots_of_connects_under_way_to_it_at_onc
 
 @pytest.mark.timeout(60)
 def test_a_connect_under_way_to_an_endpoint_a_group_drops_never_reaches_that_group(
-        pg, mode, second_db):
+        pg, mode, second_db, server_conns):
     """Group g uses servers A and B, group h only B; while g's connect to B is held up (a
     proxy delays its login), reconfigure() takes B out of g. The connection that arrives
     is closed, never idle or lent in g; g and h keep exact books."""
@@ -379,11 +379,46 @@ def test_a_connect_under_way_to_an_endpoint_a_group_drops_never_reaches_that_gro
             pool.reconfigure({**config, "groups": {**config["groups"],
                                                    "g": {**config["groups"]["g"],
                                                          "endpoints": [0]}}})
-            wait_until(lambda: group_stats(pool, "g")["connecting"] == 0, 10,
-                       "the held connect to end")
+            wait_until(lambda: discards(pool, "g", "endpoint_removed") == 1, 10,
+                       "the held connect's connection to arrive and be closed")
             assert [pc.endpoint.label for pc in group.connector.opened
                     if not pc.raw.closed and pc.endpoint.label.endswith(second_db)] == []
             stats = group_stats(pool, "g")
             assert stats["size"] == stats["idle"] + stats["in_use"] + stats["connecting"], stats
+            assert server_conns(app, dbname=second_db, expect=0) == 0  # closed, not leaked
+            assert server_conns(app, dbname=pg.endpoint()["name"]) == stats["size"]
         finally:
             pool.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_connection_to_an_endpoint_the_group_no_longer_has_is_closed_as_it_is_delivered(
+        pg, mode, second_db, server_conns):
+    """A connect the group could not abandon (one housekeeping made in a slot it reserved)
+    opens a connection to B; meanwhile reconfigure() takes B out of the group (B stays in
+    the pool). Delivered, that connection is closed and its slot given back: it is never
+    idle or lent, and the server's count matches the group's."""
+    app = "live-delivered"
+    config = {"type": mode, "application_name": app, "maintenance_interval": 60,
+              "db": [pg.endpoint(), pg.endpoint(name=second_db)],
+              "groups": {"g": {"connection_count": 2, "endpoints": [0, 1]}}}
+    pool = Pool(config)
+    try:
+        group = pool.group("g")
+        slot = group._reserve_slot()
+        assert slot is not None
+        with slot:
+            pc = group.connector.probe(group.endpoints[1], slot.generation)
+            assert pc is not None
+            pool.reconfigure({**config, "groups": {"g": {"connection_count": 2,
+                                                         "endpoints": [0]}}})
+            group._deliver(slot, pc)
+        assert pc.raw.closed
+        stats = group_stats(pool, "g")
+        assert (stats["size"], stats["idle"], stats["connecting"]) == (0, 0, 0), stats
+        assert discards(pool, "g", "endpoint_removed") == 1
+        assert server_conns(app, dbname=second_db, expect=0) == 0
+        with pool.handler("g", timeout=5) as db:
+            assert db.query_one("SELECT current_database()") == (pg.endpoint()["name"],)
+    finally:
+        pool.close()
