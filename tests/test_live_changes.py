@@ -422,3 +422,35 @@ def test_a_connection_to_an_endpoint_the_group_no_longer_has_is_closed_as_it_is_
             assert db.query_one("SELECT current_database()") == (pg.endpoint()["name"],)
     finally:
         pool.close()
+
+
+@pytest.mark.timeout(60)
+def test_resize_below_the_connects_under_way_keeps_only_the_new_count_trying(
+        pg, mode, blackhole):
+    """4 callers wait on a group of 4 whose one server never answers: 4 connects under way.
+    resize() to 1: when their attempts time out, only one goes on trying (the group holds
+    its new count, not 4, for as long as callers wait); swapped to a healthy server by
+    reconfigure(), the callers are served."""
+    from modes import Task
+
+    config = {"type": mode, "maintenance_interval": 0.1,
+              "groups": {"g": {"connection_count": 4, "timeout": 20}}}
+    pool = Pool({**config, "db": [blackhole.endpoint(connect_timeout=0.5)]})
+    try:
+        def borrow():
+            with pool.handler("g") as db:
+                return db.query_one("SELECT 1")
+
+        callers = [Task(borrow) for _ in range(4)]
+        wait_until(lambda: group_stats(pool, "g")["connecting"] == 4, 10, "4 connects")
+        pool.resize("g", 1)
+        wait_until(lambda: group_stats(pool, "g")["size"] == 1, 10,
+                   "the surplus connects to end after their attempt")
+        assert group_stats(pool, "g")["waiting"] == 4
+        pool.reconfigure({**config, "db": [pg.endpoint()],
+                          "groups": {"g": {"connection_count": 1, "timeout": 20}}})
+        for caller in callers:
+            assert caller.join(15)
+            assert caller.error is None and caller.result == (1,)
+    finally:
+        pool.close()
