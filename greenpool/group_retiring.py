@@ -27,13 +27,15 @@ class GroupRetiring(GroupLine):
         under load rolls: while callers wait and ``_MOVES_IN_FLIGHT`` replacements are under
         way, a drained connection serves on (False) instead of leaving its room empty for
         a connect's time, so a caller waits at most about one connect, not one per
-        replacement."""
+        replacement; not one to an endpoint the group no longer has, which is never lent
+        again."""
         if self._size > self.config.connection_count:
             # looked at without the lock: threads returning at once may all see the surplus,
             # so whether the room goes to a waiter is decided under it (reconnect=None)
             self.discard(pc, "resized", reconnect=None)
             return True
-        if self._line and self._connecting >= _MOVES_IN_FLIGHT:
+        if self._line and self._connecting >= _MOVES_IN_FLIGHT and (
+                pc.endpoint in self.endpoints):  # never one to an endpoint taken out
             return False
         self.discard(pc, "drained", reconnect=True if self._line else None)
         return True

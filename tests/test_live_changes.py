@@ -454,3 +454,43 @@ def test_resize_below_the_connects_under_way_keeps_only_the_new_count_trying(
             assert caller.error is None and caller.result == (1,)
     finally:
         pool.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_rolling_drain_never_lends_on_a_connection_to_an_endpoint_the_group_dropped(
+        pg, mode, second_db):
+    """4 connections to B lent, 4 callers waiting; reconfigure() moves the group to A, whose
+    connects are slow (a proxy holds each login 1 s). As the B connections come back, the
+    first two open replacements; the rolling drain would lend the others on to the waiters
+    meanwhile, but they are to an endpoint the group no longer has: closed, every waiter
+    is served on A."""
+    from delayproxy import DelayProxy
+    from modes import Task
+
+    app = "live-rolling"
+    with DelayProxy(pg.port, 1.0, app.encode()) as proxy:
+        config = {"type": mode, "application_name": app, "maintenance_interval": 0.1,
+                  "db": [proxy.endpoint(pg), pg.endpoint(name=second_db)],
+                  "groups": {"g": {"connection_count": 4, "timeout": 20, "endpoints": [1]}}}
+        pool = Pool(config)
+        try:
+            group = pool.group("g")
+            held = [group.acquire(10) for _ in range(4)]
+            got: list[str] = []
+
+            def borrow():
+                with pool.handler("g") as db:
+                    got.append(db.query_one("SELECT current_database()")[0])
+
+            callers = [Task(borrow) for _ in range(4)]
+            wait_until(lambda: group_stats(pool, "g")["waiting"] == 4, 10, "4 waiters")
+            pool.reconfigure({**config, "groups": {"g": {**config["groups"]["g"],
+                                                         "endpoints": [0]}}})
+            for pc in held:
+                group.release(pc)
+            for caller in callers:
+                assert caller.join(15)
+                assert caller.error is None
+            assert got == [pg.endpoint()["name"]] * 4
+        finally:
+            pool.close()
