@@ -494,3 +494,102 @@ def test_a_rolling_drain_never_lends_on_a_connection_to_an_endpoint_the_group_dr
             assert got == [pg.endpoint()["name"]] * 4
         finally:
             pool.close()
+
+
+@pytest.mark.timeout(240)
+def test_live_changes_at_random_keep_the_books_and_lend_only_the_groups_endpoints(
+        pg, mode, second_db, blackhole, server_conns):
+    """A model (hypothesis) of live changes against real servers: A (healthy), B (a proxy
+    that holds each login 0.3 s) and H (a black hole), in random sequences of reconfigure()
+    of the group's endpoints, resize(), drain(), borrows and returns. After every step the
+    books balance, no idle connection is to an endpoint the group does not have, and every
+    loan made after a change is to one of the group's endpoints; at rest the server counts
+    exactly the connections the pool holds open."""
+    from delayproxy import DelayProxy
+    from hypothesis import HealthCheck, Phase, settings
+    from hypothesis import strategies as st
+    from hypothesis.stateful import (
+        RuleBasedStateMachine,
+        invariant,
+        rule,
+        run_state_machine_as_test,
+    )
+
+    from greenpool import PoolError
+
+    app = "live-model"
+    with DelayProxy(pg.port, 0.3, app.encode()) as proxy:
+        db = [pg.endpoint(), proxy.endpoint(pg, name=second_db),
+              blackhole.endpoint(connect_timeout=0.5)]
+        base = {"type": mode, "application_name": app, "maintenance_interval": 0.1, "db": db}
+
+        def config(endpoints, count):
+            return {**base, "groups": {"g": {"connection_count": count, "timeout": 0.5,
+                                             "min_size": min(1, count),
+                                             "endpoints": sorted(endpoints)}}}
+
+        class LiveChanges(RuleBasedStateMachine):
+            def __init__(self):
+                super().__init__()
+                self.endpoints, self.count = [0], 3
+                self.pool = Pool(config(self.endpoints, self.count))
+                self.group = self.pool.group("g")
+                self.held = []
+
+            @rule(endpoints=st.sets(st.sampled_from([0, 1, 2]), min_size=1),
+                  count=st.integers(1, 4))
+            def reconfigure(self, endpoints, count):
+                self.endpoints, self.count = sorted(endpoints), count
+                self.pool.reconfigure(config(self.endpoints, count))
+
+            @rule(count=st.integers(1, 4))
+            def resize(self, count):
+                self.count = count
+                self.pool.resize("g", count, min_size=min(1, count))
+
+            @rule()
+            def drain(self):
+                self.pool.drain("g")
+
+            @rule()
+            def borrow(self):
+                try:
+                    pc = self.group.acquire(0.4)
+                except PoolError:
+                    return  # H may hold every connect, or the group is full
+                assert pc.endpoint in self.group.endpoints, pc.endpoint
+                self.held.append(pc)
+
+            @rule(index=st.integers(0, 7))
+            def give_back(self, index):
+                if self.held:
+                    self.group.release(self.held.pop(index % len(self.held)))
+
+            @invariant()
+            def books_balance(self):
+                with self.group._lock:
+                    s = self.group.stats()
+                    idle = list(self.group._idle)
+                assert s["size"] == s["idle"] + s["in_use"] + s["connecting"], s
+                assert all(pc.endpoint in self.group.endpoints for pc in idle)
+
+            def teardown(self):
+                try:
+                    for pc in self.held:
+                        self.group.release(pc)
+                    wait_until(lambda: not any(ep.connecting for ep in self.pool._endpoints),
+                               10, "the connects under way to end")
+                    wait_until(lambda: group_stats(self.pool, "g")["connecting"] == 0, 10,
+                               "the group's connects to end")
+                    s = group_stats(self.pool, "g")
+                    assert s["connects"] - s["discards"] == s["idle"] + s["in_use"], s
+                    opened = sum(1 for pc in self.group.connector.opened if not pc.raw.closed)
+                    assert opened == s["idle"], s
+                    assert server_conns(app, expect=opened) == opened
+                finally:
+                    self.pool.close()
+
+        run_state_machine_as_test(LiveChanges, settings=settings(
+            max_examples=8, stateful_step_count=15, deadline=None, database=None,
+            phases=[Phase.explicit, Phase.generate],  # shrinking replays for minutes
+            suppress_health_check=list(HealthCheck)))
