@@ -514,6 +514,7 @@ def test_live_changes_at_random_keep_the_books_and_lend_only_the_groups_endpoint
         rule,
         run_state_machine_as_test,
     )
+    from modes import sleep
 
     from greenpool import PoolError
 
@@ -559,6 +560,10 @@ def test_live_changes_at_random_keep_the_books_and_lend_only_the_groups_endpoint
                     return  # H may hold every connect, or the group is full
                 assert pc.endpoint in self.group.endpoints, pc.endpoint
                 self.held.append(pc)
+
+            @rule(seconds=st.sampled_from([0.05, 0.35]))
+            def time_passes(self, seconds):
+                sleep(seconds)  # held logins to B complete, H's attempts time out
 
             @rule(index=st.integers(0, 7))
             def give_back(self, index):
