@@ -63,7 +63,7 @@ from .placement import (
     without_primary,
 )
 from .roles import EXPLORE_WAIT, fits, primary_report, read_role, role_of, unexplored
-from .slots import Slot
+from .slots import CONNECTING, Slot
 from .stats import GroupCounters
 
 logger = logging.getLogger("greenpool")
@@ -358,7 +358,7 @@ class Connector:
         generation = slot.generation
         with slot:  # whatever ends this task, the slot is given back unless delivered
             while not self._stopped:
-                pc = self._round(target, generation)
+                pc = self._round(target, generation, slot=slot)
                 if pc is not None:
                     slots._deliver(slot, pc)
                     return
@@ -370,7 +370,7 @@ class Connector:
                     break
                 if not slots.still_needed(slot):
                     return
-                pc = self._await_promotion(generation)
+                pc = self._await_promotion(generation, slot)
                 if pc is not None:
                     slots._deliver(slot, pc)
                     return
@@ -379,7 +379,7 @@ class Connector:
 
     # --- waiting for a promotion ----------------------------------------------------------
 
-    def _await_promotion(self, generation: int) -> PooledConnection | None:
+    def _await_promotion(self, generation: int, slot: Slot) -> PooledConnection | None:
         """While callers wait for a ``primary`` group and no primary is up (it died, and the
         orchestrator has not promoted a standby yet), watch one standby that no other task
         of this group watches: one connection to it, asked ``pg_is_in_recovery()`` (with a
@@ -400,6 +400,7 @@ class Connector:
         try:
             if not endpoint.begin_connect(_monotonic()):
                 return None
+            slot.trying = endpoint  # (the group abandons this connect if it drops endpoint)
             pc = self._attempt(endpoint, generation, placed=False)
             if pc is None:
                 return None
@@ -475,9 +476,11 @@ class Connector:
         generation: int,
         deadline: float | None = None,
         last: Sequence[Endpoint] = (),
+        slot: Slot | None = None,
     ) -> PooledConnection | None:
         """One attempt on each endpoint that may take one now, best first, until one
-        succeeds. None if none did (``failing`` then says whether any server failed)."""
+        succeeds. None if none did (``failing`` then says whether any server failed), or
+        the group abandoned the connect (gave ``slot`` back: its endpoint left the group)."""
         now = _monotonic()
         config = self.config
         order = connect_order(self.endpoints, config.role, config.max_lag, config.on_lag,
@@ -491,7 +494,8 @@ class Connector:
             order.sort(key=last.__contains__)  # stable: the rest keep their order
         moved_on = False
         for endpoint in order:
-            if self._stopped or (deadline is not None and _monotonic() >= deadline):
+            if self._stopped or (deadline is not None and _monotonic() >= deadline) or (
+                    slot is not None and slot.state != CONNECTING):
                 break
             fatal = self._fatal.get(endpoint)
             if fatal is not None and fatal[0] > now:
@@ -505,6 +509,8 @@ class Connector:
                 bound = explored_by if bound is None else min(bound, explored_by)
             if not endpoint.begin_connect(_monotonic()):
                 continue  # another task probes it, or its slow start is at its limit
+            if slot is not None:  # the group abandons this connect if it drops endpoint
+                slot.trying = endpoint
             pc = self._attempt(endpoint, generation, deadline=bound)
             if pc is not None:
                 if moved_on:

@@ -4,6 +4,8 @@ refills, and the non-threaded mode's connects in the caller's own time."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from .connection import STUCK_AFTER as _STUCK_AFTER
 from .connection import PooledConnection, silence_inherited
 from .endpoint import UP, Endpoint
@@ -35,12 +37,15 @@ class GroupGrowth(GroupBase):
     def returned(self, slot: Slot, was: int, reconnect: bool | None) -> None:
         """A connect or probe ended without a connection (``Slot.give_back``): the room goes
         to a connect if waiters need one, else it is freed."""
-        self._slot_returned(slot.generation, was, reconnect)
+        self._slot_returned(slot.generation, was, reconnect, slot)
 
-    def _slot_returned(self, generation: int, was: int, reconnect: bool | None) -> None:
+    def _slot_returned(self, generation: int, was: int, reconnect: bool | None,
+                       slot: Slot | None = None) -> None:
         if generation != self._generation:
             return  # taken before a fork: this process never counted it
         with self._lock:
+            if slot is not None and slot.abandoned:
+                return  # the group gave its room back already (abandon_connects)
             self._size -= 1
             if was == CONNECTING:
                 self._connecting -= 1
@@ -183,11 +188,17 @@ class GroupGrowth(GroupBase):
         if slot.since < self._retire_before or slot.since < pc.endpoint.retire_before:
             pc.expires = DRAINED  # begun before a drain: it serves once, then is retired
         with self._lock:
-            slot.attach(pc)
-            self._connecting -= 1
+            # the one door into the group: a connect the group abandoned (its room is
+            # already given back) or one to an endpoint the group no longer has brings a
+            # stray, closed here (checked under the lock apply() changes endpoints under)
+            abandoned = slot.state != CONNECTING
+            if not abandoned:
+                slot.attach(pc)
+                self._connecting -= 1
+            stray = abandoned or pc.endpoint not in self.endpoints
             closed = self._closed
             surplus = self._size > self.config.connection_count  # resize() lowered it
-            if not closed and not surplus:
+            if not closed and not surplus and not stray:
                 if self._line:
                     self._line.serve(pc)
                 else:
@@ -198,9 +209,12 @@ class GroupGrowth(GroupBase):
                     elif self._turns is not None:
                         targets.extend(self._unserved_endpoints())
                     starts = [self._take_slot() for _ in targets]
-        if closed or surplus:
-            self.discard(pc, "pool_closed" if closed else "resized",
-                         reconnect=False if closed else None)
+        if abandoned:
+            self.connector.close(pc, "endpoint_removed")
+            return
+        if closed or surplus or stray:
+            self.discard(pc, "pool_closed" if closed else "endpoint_removed" if stray
+                         else "resized", reconnect=False if closed else None)
             return
         for new, target in zip(starts, targets, strict=True):
             self.connector.start(new, target)
@@ -220,12 +234,35 @@ class GroupGrowth(GroupBase):
             slot.state = RETURNED
             return False
         with self._lock:
-            if not self._closed and (self._line or self._size <= self.config.min_size):
+            if slot.state != CONNECTING:
+                return False  # abandoned: the group gave its room back (abandon_connects)
+            if not self._closed and self._size <= self.config.connection_count and (
+                    self._line or self._size <= self.config.min_size):
                 return True
             slot.state = RETURNED
             self._connecting -= 1
             self._size -= 1
             return False
+
+    def abandon_connects(self, endpoints: Sequence[Endpoint]) -> int:
+        """Give back at once the room of connects under way to ``endpoints`` (taken out of
+        the group): a connect to a server that never answers would hold it for its whole
+        ``connect_timeout`` while callers wait. Their tasks end at their next look; a
+        connection one of them still opens is closed on arrival (``_deliver``). How many
+        were abandoned; waiters get connects in the freed room."""
+        if not endpoints:
+            return 0
+        with self._lock:
+            abandoned = [slot for slot in list(self._connects)
+                         if slot.state == CONNECTING and slot.trying in endpoints
+                         and slot.generation == self._generation]
+            for slot in abandoned:
+                slot.state, slot.abandoned = RETURNED, True
+                self._size -= 1
+                self._connecting -= 1
+        if abandoned:
+            self.refill()
+        return len(abandoned)
 
     def endpoint_failed(self, endpoint: Endpoint) -> None:
         self.on_endpoint_failure(endpoint)

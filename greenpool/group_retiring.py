@@ -27,13 +27,15 @@ class GroupRetiring(GroupLine):
         under load rolls: while callers wait and ``_MOVES_IN_FLIGHT`` replacements are under
         way, a drained connection serves on (False) instead of leaving its room empty for
         a connect's time, so a caller waits at most about one connect, not one per
-        replacement."""
+        replacement; not one to an endpoint the group no longer has, which is never lent
+        again."""
         if self._size > self.config.connection_count:
             # looked at without the lock: threads returning at once may all see the surplus,
             # so whether the room goes to a waiter is decided under it (reconnect=None)
             self.discard(pc, "resized", reconnect=None)
             return True
-        if self._line and self._connecting >= _MOVES_IN_FLIGHT:
+        if self._line and self._connecting >= _MOVES_IN_FLIGHT and (
+                pc.endpoint in self.endpoints):  # never one to an endpoint taken out
             return False
         self.discard(pc, "drained", reconnect=True if self._line else None)
         return True
@@ -100,6 +102,7 @@ class GroupRetiring(GroupLine):
         (``Pool.reconfigure``): what only the pool reads applies at once; a setting that
         travels with each connection (autocommit, readonly, statement_timeout, row_factory,
         configure) or a changed endpoint retires the connections it concerns, as drain does.
+        Connects under way to an endpoint taken out are abandoned, their room free at once.
         Connections beyond a lowered ``connection_count`` are closed as they come back.
         Whether the connections must be drained."""
         old = self.config
@@ -121,6 +124,9 @@ class GroupRetiring(GroupLine):
                         endpoint.watch(self._forget_placement)
             self._preferred_until = 0.0
         self.connector.apply(config, self.endpoints)
+        # connects under way to an endpoint taken out give their room back now (and one
+        # that still opens a connection brings it to _deliver, which closes it)
+        self.abandon_connects(left)
         travels = any(getattr(old, key) != getattr(config, key) for key in TRAVELS)
         surplus = self._take_idle(lambda idle: idle[:max(0, self._size - config.connection_count)])
         for pc in surplus:

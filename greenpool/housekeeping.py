@@ -308,6 +308,7 @@ class Housekeeping:
             if slot is None:
                 continue
             connector = group.connector
+            slot.trying = endpoint  # abandoned (its room freed) if the group drops endpoint
             with slot:
                 pc = connector.probe(endpoint, slot.generation)
                 if pc is None:

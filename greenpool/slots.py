@@ -12,6 +12,9 @@ that object, which lets it happen once:
   connection gives the slot back, through the group (``Group.discard``);
 * ``with slot:`` gives it back on any exception (``gevent.Timeout``, a kill, a failed thread
   start, ``KeyboardInterrupt``) unless it was attached by then;
+* a connect's slot may be *abandoned*: its group gives the room back itself when the
+  endpoint the connect is trying (``trying``) leaves the group; the task's own give_back
+  then does nothing, and a connection it still opens is closed on arrival;
 * a slot that is garbage-collected while still held (its holder was interrupted between two
   lines, where no ``finally`` can reach: a signal handler's exception) is given back at the
   group's next look (:meth:`SlotOwner.orphaned`, which must not block: it may run anywhere).
@@ -41,7 +44,16 @@ class SlotOwner(Protocol):
 class Slot:
     """One unit of a group's room, from the moment it is reserved until it is given back."""
 
-    __slots__ = ("__weakref__", "_owner", "endpoint", "generation", "since", "state")
+    __slots__ = (
+        "__weakref__",
+        "_owner",
+        "abandoned",
+        "endpoint",
+        "generation",
+        "since",
+        "state",
+        "trying",
+    )
 
     def __init__(self, owner: SlotOwner, generation: int) -> None:
         self._owner = owner
@@ -51,6 +63,12 @@ class Slot:
         self.since = time.monotonic()  # when it was taken (a connect under way this long)
         #: where its connection is, once attached (a lost connection's count is mended too)
         self.endpoint: Endpoint | None = None
+        #: the endpoint its connect is trying now, set by the connector: the group abandons
+        #: the connect (gives the room back at once) when that endpoint leaves it
+        self.trying: Endpoint | None = None
+        #: set (under the group's lock) when the group gave the room back itself: a
+        #: give_back racing it from the task (threads) then counts nothing twice
+        self.abandoned = False
 
     def attach(self, pc: PooledConnection) -> None:
         """The connect succeeded: the slot now lives on ``pc`` (the owner counts the change

@@ -331,3 +331,273 @@ def test_reconfigure_of_retry_sleep_keeps_the_connections_and_applies_to_the_nex
         assert endpoint.backoff_max == 45.0  # the first quarantine's length, at least
     finally:
         pool.close()
+
+
+@pytest.mark.timeout(60)
+def test_removing_an_endpoint_frees_the_slots_of_connects_under_way_to_it_at_once(
+        pg, mode, blackhole):
+    """Both slots of a group are held by connects to a server that never answers; a
+    reconfigure() that removes it for a healthy one lends a connection within the caller's
+    short timeout, not after the black hole's connect_timeout; the books stay exact."""
+    config = {"type": mode, "maintenance_interval": 0.1,
+              "groups": {"g": {"connection_count": 2, "min_size": 2, "timeout": 2}}}
+    pool = Pool({**config, "db": [blackhole.endpoint(connect_timeout=20)]})
+    try:
+        group = pool.group("g")
+        hole = group.connector.endpoints[0]
+        wait_until(lambda: hole.connecting == 2, 10, "two connects to the black hole")
+        pool.reconfigure({**config, "db": [pg.endpoint()]})
+        with pool.handler("g", timeout=3) as db:
+            assert db.query_one("SELECT 1") == (1,)
+        stats = group_stats(pool, "g")
+        assert stats["size"] <= 2 and stats["connecting"] <= 2, stats
+        assert all(pc.endpoint.label != f"{blackhole.host}:{blackhole.port}/blackhole"
+                   for pc in group.connector.opened)
+    finally:
+        pool.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_connect_under_way_to_an_endpoint_a_group_drops_never_reaches_that_group(
+        pg, mode, second_db, server_conns):
+    """Group g uses servers A and B, group h only B; while g's connect to B is held up (a
+    proxy delays its login), reconfigure() takes B out of g. The connection that arrives
+    is closed, never idle or lent in g; g and h keep exact books."""
+    from delayproxy import DelayProxy
+
+    app = "live-dropped"
+    with DelayProxy(pg.port, 3.0, app.encode()) as proxy:
+        a, b = pg.endpoint(), proxy.endpoint(pg, name=second_db)
+        config = {"type": mode, "application_name": app, "maintenance_interval": 0.1,
+                  "db": [a, b],
+                  "groups": {"g": {"connection_count": 4, "min_size": 1, "endpoints": [0, 1]},
+                             "h": {"connection_count": 2, "endpoints": [1]}}}
+        pool = Pool(config)
+        try:
+            group = pool.group("g")
+            wait_until(lambda: proxy.held() >= 1, 10, "g's connect to B to be held")
+            pool.reconfigure({**config, "groups": {**config["groups"],
+                                                   "g": {**config["groups"]["g"],
+                                                         "endpoints": [0]}}})
+            wait_until(lambda: discards(pool, "g", "endpoint_removed") == 1, 10,
+                       "the held connect's connection to arrive and be closed")
+            assert [pc.endpoint.label for pc in group.connector.opened
+                    if not pc.raw.closed and pc.endpoint.label.endswith(second_db)] == []
+            stats = group_stats(pool, "g")
+            assert stats["size"] == stats["idle"] + stats["in_use"] + stats["connecting"], stats
+            assert server_conns(app, dbname=second_db, expect=0) == 0  # closed, not leaked
+            assert server_conns(app, dbname=pg.endpoint()["name"]) == stats["size"]
+        finally:
+            pool.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_connection_to_an_endpoint_the_group_no_longer_has_is_closed_as_it_is_delivered(
+        pg, mode, second_db, server_conns):
+    """A connect the group could not abandon (one housekeeping made in a slot it reserved)
+    opens a connection to B; meanwhile reconfigure() takes B out of the group (B stays in
+    the pool). Delivered, that connection is closed and its slot given back: it is never
+    idle or lent, and the server's count matches the group's."""
+    app = "live-delivered"
+    config = {"type": mode, "application_name": app, "maintenance_interval": 60,
+              "db": [pg.endpoint(), pg.endpoint(name=second_db)],
+              "groups": {"g": {"connection_count": 2, "endpoints": [0, 1]}}}
+    pool = Pool(config)
+    try:
+        group = pool.group("g")
+        slot = group._reserve_slot()
+        assert slot is not None
+        with slot:
+            pc = group.connector.probe(group.endpoints[1], slot.generation)
+            assert pc is not None
+            pool.reconfigure({**config, "groups": {"g": {"connection_count": 2,
+                                                         "endpoints": [0]}}})
+            group._deliver(slot, pc)
+        assert pc.raw.closed
+        stats = group_stats(pool, "g")
+        assert (stats["size"], stats["idle"], stats["connecting"]) == (0, 0, 0), stats
+        assert discards(pool, "g", "endpoint_removed") == 1
+        assert server_conns(app, dbname=second_db, expect=0) == 0
+        with pool.handler("g", timeout=5) as db:
+            assert db.query_one("SELECT current_database()") == (pg.endpoint()["name"],)
+    finally:
+        pool.close()
+
+
+@pytest.mark.timeout(60)
+def test_resize_below_the_connects_under_way_keeps_only_the_new_count_trying(
+        pg, mode, blackhole):
+    """4 callers wait on a group of 4 whose one server never answers: 4 connects under way.
+    resize() to 1: when their attempts time out, only one goes on trying (the group holds
+    its new count, not 4, for as long as callers wait); swapped to a healthy server by
+    reconfigure(), the callers are served."""
+    from modes import Task
+
+    config = {"type": mode, "maintenance_interval": 0.1,
+              "groups": {"g": {"connection_count": 4, "timeout": 20}}}
+    pool = Pool({**config, "db": [blackhole.endpoint(connect_timeout=0.5)]})
+    try:
+        def borrow():
+            with pool.handler("g") as db:
+                return db.query_one("SELECT 1")
+
+        callers = [Task(borrow) for _ in range(4)]
+        wait_until(lambda: group_stats(pool, "g")["connecting"] == 4, 10, "4 connects")
+        pool.resize("g", 1)
+        wait_until(lambda: group_stats(pool, "g")["size"] == 1, 10,
+                   "the surplus connects to end after their attempt")
+        assert group_stats(pool, "g")["waiting"] == 4
+        pool.reconfigure({**config, "db": [pg.endpoint()],
+                          "groups": {"g": {"connection_count": 1, "timeout": 20}}})
+        for caller in callers:
+            assert caller.join(15)
+            assert caller.error is None and caller.result == (1,)
+    finally:
+        pool.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_rolling_drain_never_lends_on_a_connection_to_an_endpoint_the_group_dropped(
+        pg, mode, second_db):
+    """4 connections to B lent, 4 callers waiting; reconfigure() moves the group to A, whose
+    connects are slow (a proxy holds each login 1 s). As the B connections come back, the
+    first two open replacements; the rolling drain would lend the others on to the waiters
+    meanwhile, but they are to an endpoint the group no longer has: closed, every waiter
+    is served on A."""
+    from delayproxy import DelayProxy
+    from modes import Task
+
+    app = "live-rolling"
+    with DelayProxy(pg.port, 1.0, app.encode()) as proxy:
+        config = {"type": mode, "application_name": app, "maintenance_interval": 0.1,
+                  "db": [proxy.endpoint(pg), pg.endpoint(name=second_db)],
+                  "groups": {"g": {"connection_count": 4, "timeout": 20, "endpoints": [1]}}}
+        pool = Pool(config)
+        try:
+            group = pool.group("g")
+            held = [group.acquire(10) for _ in range(4)]
+            got: list[str] = []
+
+            def borrow():
+                with pool.handler("g") as db:
+                    got.append(db.query_one("SELECT current_database()")[0])
+
+            callers = [Task(borrow) for _ in range(4)]
+            wait_until(lambda: group_stats(pool, "g")["waiting"] == 4, 10, "4 waiters")
+            pool.reconfigure({**config, "groups": {"g": {**config["groups"]["g"],
+                                                         "endpoints": [0]}}})
+            for pc in held:
+                group.release(pc)
+            for caller in callers:
+                assert caller.join(15)
+                assert caller.error is None
+            assert got == [pg.endpoint()["name"]] * 4
+        finally:
+            pool.close()
+
+
+@pytest.mark.timeout(240)
+def test_live_changes_at_random_keep_the_books_and_lend_only_the_groups_endpoints(
+        pg, mode, second_db, blackhole, server_conns):
+    """A model (hypothesis) of live changes against real servers: A (healthy), B (a proxy
+    that holds each login 0.3 s) and H (a black hole), in random sequences of reconfigure()
+    of the group's endpoints, resize(), drain(), borrows and returns. After every step the
+    books balance, no idle connection is to an endpoint the group does not have, and every
+    loan made after a change is to one of the group's endpoints; at rest the server counts
+    exactly the connections the pool holds open."""
+    from delayproxy import DelayProxy
+    from hypothesis import HealthCheck, Phase, settings
+    from hypothesis import strategies as st
+    from hypothesis.stateful import (
+        RuleBasedStateMachine,
+        invariant,
+        rule,
+        run_state_machine_as_test,
+    )
+    from modes import sleep
+
+    from greenpool import PoolError
+
+    app = "live-model"
+    with DelayProxy(pg.port, 0.3, app.encode()) as proxy:
+        db = [pg.endpoint(), proxy.endpoint(pg, name=second_db),
+              blackhole.endpoint(connect_timeout=0.5)]
+        base = {"type": mode, "application_name": app, "maintenance_interval": 0.1, "db": db}
+
+        def config(endpoints, count):
+            return {**base, "groups": {"g": {"connection_count": count, "timeout": 0.5,
+                                             "min_size": min(1, count),
+                                             "endpoints": sorted(endpoints)}}}
+
+        class LiveChanges(RuleBasedStateMachine):
+            def __init__(self):
+                super().__init__()
+                self.endpoints, self.count = [0], 3
+                self.pool = Pool(config(self.endpoints, self.count))
+                self.group = self.pool.group("g")
+                self.held = []
+
+            @rule(endpoints=st.sets(st.sampled_from([0, 1, 2]), min_size=1),
+                  count=st.integers(1, 4))
+            def reconfigure(self, endpoints, count):
+                self.endpoints, self.count = sorted(endpoints), count
+                self.pool.reconfigure(config(self.endpoints, count))
+
+            @rule(count=st.integers(1, 4))
+            def resize(self, count):
+                self.count = count
+                self.pool.resize("g", count, min_size=min(1, count))
+
+            @rule()
+            def drain(self):
+                self.pool.drain("g")
+
+            @rule()
+            def borrow(self):
+                try:
+                    pc = self.group.acquire(0.4)
+                except PoolError:
+                    return  # H may hold every connect, or the group is full
+                assert pc.endpoint in self.group.endpoints, pc.endpoint
+                self.held.append(pc)
+
+            @rule(seconds=st.sampled_from([0.05, 0.35]))
+            def time_passes(self, seconds):
+                sleep(seconds)  # held logins to B complete, H's attempts time out
+
+            @rule(index=st.integers(0, 7))
+            def give_back(self, index):
+                if self.held:
+                    self.group.release(self.held.pop(index % len(self.held)))
+
+            @invariant()
+            def books_balance(self):
+                with self.group._lock:
+                    s = self.group.stats()
+                    idle = list(self.group._idle)
+                assert s["size"] == s["idle"] + s["in_use"] + s["connecting"], s
+                assert all(pc.endpoint in self.group.endpoints for pc in idle)
+
+            def teardown(self):
+                try:
+                    for pc in self.held:
+                        self.group.release(pc)
+                    # at rest on A alone (on H alone min_size keeps a connect trying)
+                    self.pool.reconfigure(config([0], self.count))
+                    a, b = self.pool._endpoints[:2]
+                    wait_until(lambda: not a.connecting and not b.connecting, 10,
+                               "the connects under way to A and B to end")
+                    wait_until(lambda: group_stats(self.pool, "g")["connecting"] == 0, 10,
+                               "the group's connects to end")
+                    s = group_stats(self.pool, "g")
+                    assert s["connects"] - s["discards"] == s["idle"] + s["in_use"], s
+                    opened = sum(1 for pc in self.group.connector.opened if not pc.raw.closed)
+                    assert opened == s["idle"], s
+                    assert server_conns(app, expect=opened) == opened
+                finally:
+                    self.pool.close()
+
+        run_state_machine_as_test(LiveChanges, settings=settings(
+            max_examples=8, stateful_step_count=15, deadline=None, database=None,
+            phases=[Phase.explicit, Phase.generate],  # shrinking replays for minutes
+            suppress_health_check=list(HealthCheck)))
