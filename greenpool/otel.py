@@ -23,6 +23,7 @@ and memory stays bounded even with a provider that never collects.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import weakref
 from collections import deque
@@ -134,6 +135,13 @@ class Instrumentation:
             timing.sinks = tuple(s for s in timing.sinks if s is not sink)
             buffer.flush()
 
+    def after_fork_in_child(self) -> None:
+        """Durations the parent buffered are the parent's to record (the loans' own, not
+        folded yet, are dropped by :meth:`Timing.after_fork`)."""
+        self._lock = threading.Lock()
+        for _, _, buffer in self._buffers:
+            buffer.values.clear()
+
     def flush(self) -> None:
         for timing, _, buffer in self._buffers:
             timing.fold()
@@ -243,3 +251,15 @@ _instrumented: weakref.WeakKeyDictionary[Pool, dict[str, Instrumentation]] = (
     weakref.WeakKeyDictionary())
 _instrumenting = threading.Lock()
 _observers: weakref.WeakKeyDictionary[Meter, _Observers] = weakref.WeakKeyDictionary()
+
+
+def _after_fork_in_child() -> None:
+    global _instrumenting
+    _instrumenting = threading.Lock()  # a parent's thread may have held it
+    for instrumentations in list(_instrumented.values()):
+        for instrumentation in instrumentations.values():
+            instrumentation.after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Any
 
 import pytest
-from modes import join_all, spawn
+from modes import MODE, join_all, spawn
 
 pytest.importorskip("opentelemetry.sdk")
 from opentelemetry.sdk.metrics import MeterProvider
@@ -218,3 +219,41 @@ def test_durations_flushed_from_several_threads_at_once_are_each_recorded_once(
     buffer.flush()
     recorded = point(read(reader), "durations")
     assert (recorded.count, recorded.sum) == (20000, 4 * sum(range(5000)))
+
+
+@pytest.mark.skipif(MODE == "eventlet", reason="eventlet's fork support is not exercised")
+def test_a_forked_child_records_its_own_loans_only(make_pool, reader, monkeypatch):
+    """Durations the parent folded into its buffer and had not recorded by the fork are the
+    parent's to record: the child's histograms get the child's loans, each once."""
+    reader, provider = reader
+    monkeypatch.setattr(group_module, "FOLD_AT", 4)  # the parent's loans fold on the spot
+    pool = make_pool({"g": {"connection_count": 1}})
+    instrumentation = otel.instrument(pool, meter_provider=provider)
+
+    def loans(n: int) -> None:
+        for _ in range(n):
+            with pool.handler("g") as db:
+                db.query("SELECT 1")
+
+    loans(10)  # nothing collected: the parent's buffers hold its folded durations
+    assert any(buffer.values for _, _, buffer in instrumentation._buffers)
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: report what it records, then leave without cleanup
+        code = 1
+        try:
+            os.close(read_end)
+            loans(2)
+            wait = point(read(reader), "db.client.connection.wait_time", **{POOL_NAME: "g"})
+            os.write(write_end, str(wait.count).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    _, status = os.waitpid(child, 0)
+    reported = os.read(read_end, 64).decode()
+    os.close(read_end)
+    assert status == 0
+    assert reported == "2"
+    assert point(read(reader), "db.client.connection.wait_time", **{POOL_NAME: "g"}).count == 10
+    instrumentation.stop()
