@@ -23,9 +23,9 @@ and memory stays bounded even with a provider that never collects.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import weakref
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -54,43 +54,50 @@ _HISTOGRAMS = (
 
 
 class _Buffer:
-    """The durations one :class:`Timing` recorded since the last collection."""
+    """The durations one :class:`Timing` recorded since the last collection.
+
+    Nothing is lost to an interruption (a ``KeyboardInterrupt`` from a signal handler, in
+    a collection or on the loan path): a fold's batch enters the buffer in the sink's first
+    step, one C call; a flush takes the buffer's values and empties it in one statement
+    without a call (no signal handler nor other thread runs in between), and puts back what
+    it had not recorded when interrupted. The one duration being recorded at that moment
+    may be recorded twice (whether the SDK's ``record()`` finished is not known)."""
 
     def __init__(self, histogram: Any, attributes: dict[str, Any]) -> None:
-        #: a deque: each popleft is atomic, so two flushes at once (a loan's and the
-        #: collector's, in threads) never take one value twice nor drop one
-        self.values: deque[float] = deque()
+        self.values: list[float] = []
         self.histogram = histogram
         self.attributes = attributes
 
     def sink(self) -> Callable[[list[float]], None]:
-        values, extend, flush = self.values, self.values.extend, self.flush
+        values, flush = self.values, self.flush
 
         def buffered(batch: list[float]) -> None:
-            if len(values) + len(batch) > BUFFER_LIMIT:
+            values.extend(batch)  # first, one C call: see the class's docstring
+            if len(values) > BUFFER_LIMIT:
                 flush()
-            extend(batch)  # one C call: atomic, like each popleft of a flush
 
         return buffered
 
     def flush(self) -> None:
-        """Record the buffered values. Never raises: it runs on the loan path when the
-        buffer is full, and a metrics failure must not fail a loan (the values are then
-        lost, and that is logged)."""
-        values, take = self.values, self.values.popleft
-        taken: list[float] = []
-        for _ in range(len(values)):  # what is there now; later ones wait for the next
-            try:
-                taken.append(take())
-            except IndexError:  # another flush took the rest
-                break
+        """Record the buffered values. Never raises an ``Exception``: it runs on the loan
+        path when the buffer is full, and a metrics failure must not fail a loan (the values
+        are then lost, and that is logged)."""
+        values = self.values
+        taken, values[:] = values[:], []  # one statement, no call in it: two flushes at once
+        if not taken:                     # (threads) never take one value twice nor drop one
+            return
         record, attributes = self.histogram.record, self.attributes
+        recorded = 0
         try:
             for seconds in taken:
                 record(seconds, attributes)
+                recorded += 1
         except Exception:
             logger.exception("greenpool.otel: recording %d durations failed; they are lost",
-                             len(taken))
+                             len(taken) - recorded)
+        except BaseException:  # interrupted: the rest wait for the next flush
+            values[0:0] = taken[recorded:]
+            raise
 
 
 class Instrumentation:
@@ -133,6 +140,13 @@ class Instrumentation:
             timing.fold()  # what the loans recorded so far goes to the buffer first
             timing.sinks = tuple(s for s in timing.sinks if s is not sink)
             buffer.flush()
+
+    def after_fork_in_child(self) -> None:
+        """Durations the parent buffered are the parent's to record (the loans' own, not
+        folded yet, are dropped by :meth:`Timing.after_fork`)."""
+        self._lock = threading.Lock()
+        for _, _, buffer in self._buffers:
+            buffer.values.clear()
 
     def flush(self) -> None:
         for timing, _, buffer in self._buffers:
@@ -243,3 +257,15 @@ _instrumented: weakref.WeakKeyDictionary[Pool, dict[str, Instrumentation]] = (
     weakref.WeakKeyDictionary())
 _instrumenting = threading.Lock()
 _observers: weakref.WeakKeyDictionary[Meter, _Observers] = weakref.WeakKeyDictionary()
+
+
+def _after_fork_in_child() -> None:
+    global _instrumenting
+    _instrumenting = threading.Lock()  # a parent's thread may have held it
+    for instrumentations in list(_instrumented.values()):
+        for instrumentation in instrumentations.values():
+            instrumentation.after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

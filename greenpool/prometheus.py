@@ -9,12 +9,12 @@ label, so several pools share the default registry::
 
 It reads :meth:`Pool.stats` at scrape time, so it costs nothing between scrapes and never
 drifts from what the pool reports; the three duration histograms (wait, use, create) are
-the one thing recorded as loans happen, switched on for a pool when it is registered (a
-bisect and two additions per loan). Names follow Prometheus' conventions (a ``_total``
-counter, base units, ``_seconds`` histograms) and what HikariCP users graph
-(``*_connections_active``, ``*_connections_idle``, ``*_connections_pending``,
-``*_connections_max``). ``PoolCollector().describe()`` lists every family; docs/observability.md's
-list is checked against it.
+the one thing recorded as loans happen, switched on for a pool when it is registered (an
+append per loan, folded at scrape: see :class:`~greenpool.stats.Timing`). Names follow
+Prometheus' conventions (a ``_total`` counter, base units, ``_seconds`` histograms) and
+what HikariCP users graph (``*_connections_active``, ``*_connections_idle``,
+``*_connections_pending``, ``*_connections_max``). ``PoolCollector().describe()`` lists
+every family; docs/observability.md's list is checked against it.
 
 Labels: ``pool`` (the name given to :func:`register`), ``group``, and ``endpoint``
 (``host:port/db``, never credentials). An endpoint's series keep the same labels through
@@ -153,7 +153,7 @@ class PoolCollector(Collector):
                 for group, recorded in groups.items():
                     if recorded is not None:
                         timing = getattr(recorded, kind)
-                        family.add_metric([name, group], timing.cumulative(), timing.total)
+                        family.add_metric([name, group], *timing.snapshot())
             yield family
 
     def collect(self) -> Iterator[Any]:

@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from math import fsum
+from operator import add
 from typing import Any
 
 #: Upper bounds (seconds) of the duration histograms' buckets, for every exporter: a clean
@@ -19,28 +20,34 @@ TIME_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05
                 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 #: values a :class:`Timing` keeps unfolded before the loan path folds them itself (128 KiB)
 FOLD_AT = 16384
+_NO_COUNTS = (0,) * (len(TIME_BUCKETS) + 1)
+_NO_VALUES = array("d")  # assigned to the slice of values a fold took: deletes them
 
 
 class Timing:
     """A histogram of durations whose cost on the loan path is one append: the code where a
     duration ends appends it to ``values`` (an ``array('d')``: 8 bytes a value), and
-    :meth:`fold` turns what is there into ``counts`` (one per bucket of
-    :data:`TIME_BUCKETS`, then one above the last) and ``total``, with a sort, 17 bisects and
+    :meth:`fold` turns what is there into bucket counts (one per bucket of
+    :data:`TIME_BUCKETS`, then one above the last) and a total, with a sort, 17 bisects and
     a sum, all in C. Exporters fold at collection; the loan path folds on the spot only once
     :data:`FOLD_AT` values wait (memory stays bounded when nothing collects).
 
-    Exact in every mode: an append is one atomic step under the GIL, and a fold takes the
-    values present with one slice and deletes them with one ``del`` (an append racing with
-    it lands after the slice, and stays for the next fold); folds are serialised by a lock
-    of their own, never taken on the loan path. ``sinks`` get every folded batch as well
-    (the OpenTelemetry exporter's buffer)."""
+    Exact in every mode, and through interruptions: an append is one atomic step under the
+    GIL; a fold computes the new counts and total aside, then publishes them and deletes the
+    values it took in one statement without a call in it, where neither a signal handler
+    (a ``KeyboardInterrupt``) nor another thread can run, so a fold interrupted anywhere
+    counts its values once or leaves them all for the next (an append racing with it lands
+    after the values taken, and stays). Counts and total are one tuple, so a reader never
+    sees one without the other. Folds are serialised by a lock of their own, taken on the
+    loan path only by the fold every :data:`FOLD_AT` loans. ``sinks`` get every folded
+    batch as well (the OpenTelemetry exporter's buffer), after the counts."""
 
-    __slots__ = ("_fold_lock", "counts", "sinks", "total", "values")
+    __slots__ = ("_fold_lock", "_state", "sinks", "values")
 
     def __init__(self) -> None:
         self.values = array("d")
-        self.counts = [0] * (len(TIME_BUCKETS) + 1)
-        self.total = 0.0
+        #: (counts, total), replaced whole by each fold
+        self._state: tuple[tuple[int, ...], float] = (_NO_COUNTS, 0.0)
         self.sinks: tuple[Callable[[list[float]], object], ...] = ()
         self._fold_lock = threading.Lock()
 
@@ -58,34 +65,56 @@ class Timing:
             if not taken:
                 return
             batch = sorted(values[:taken])
-            del values[:taken]
-            counts, below = self.counts, 0
-            for index, bound in enumerate(TIME_BUCKETS):
+            counts, total = self._state
+            added, below = [], 0
+            for bound in TIME_BUCKETS:
                 upto = bisect_right(batch, bound)  # a value equal to a bound is in its bucket
-                counts[index] += upto - below
+                added.append(upto - below)
                 below = upto
-            counts[-1] += taken - below
-            self.total += fsum(batch)
+            added.append(taken - below)
+            state = (tuple(map(add, counts, added)), total + fsum(batch))
+            # the commit: one statement, no call in it (see the class's docstring)
+            self._state, values[:taken] = state, _NO_VALUES
             for sink in self.sinks:
                 sink(batch)
 
     def after_fork(self) -> None:
-        """In a forked child: a parent's thread may have held the fold lock."""
+        """In a forked child: its histograms count its own loans only (the parent reports
+        its own, values not folded yet included), and a parent's thread may have held the
+        fold lock."""
         self._fold_lock = threading.Lock()
+        del self.values[:]
+        self._state = (_NO_COUNTS, 0.0)
+
+    @property
+    def counts(self) -> list[int]:
+        """Per bucket, as folded so far."""
+        return list(self._state[0])
+
+    @property
+    def total(self) -> float:
+        """The sum of the values folded so far."""
+        return self._state[1]
 
     @property
     def count(self) -> int:
         self.fold()
-        return sum(self.counts)
+        return sum(self._state[0])
 
     def cumulative(self) -> list[tuple[str, int]]:
         """``(le, count)`` pairs as Prometheus wants them, ``+Inf`` last (folds first)."""
+        return self.snapshot()[0]
+
+    def snapshot(self) -> tuple[list[tuple[str, int]], float]:
+        """:meth:`cumulative` and the total of the same values (folds first): a fold by
+        another thread in between cannot give a sum that is not the buckets'."""
         self.fold()
+        counts, total = self._state
         pairs, running = [], 0
-        for bound, count in zip((*TIME_BUCKETS, float("inf")), self.counts, strict=True):
+        for bound, count in zip((*TIME_BUCKETS, float("inf")), counts, strict=True):
             running += count
             pairs.append(("+Inf" if bound == float("inf") else repr(bound), running))
-        return pairs
+        return pairs, total
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 import urllib.request
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from modes import join_all, spawn
+from modes import MODE, join_all, spawn
 
 from greenpool.testing.postgres import free_port
 
@@ -305,3 +306,43 @@ def test_every_series_is_documented_and_nothing_else():
     exported = set(_exported_families())
     assert exported - documented == set(), "exported but not documented"
     assert documented - exported == set(), "documented but not exported"
+
+
+@pytest.mark.skipif(MODE == "eventlet", reason="eventlet's fork support is not exercised")
+def test_a_forked_child_exports_its_own_loans_only(make_pool):
+    """Loans the parent made before the fork, scraped (folded) or not yet, are the parent's
+    to report; the child's histograms count the child's loans, each once."""
+    pool = make_pool({"g": {"connection_count": 1}})
+    registry = prometheus_client.CollectorRegistry()
+    register(pool, name="app", registry=registry)
+
+    def loans(n: int) -> None:
+        for _ in range(n):
+            with pool.handler("g") as db:
+                db.query("SELECT 1")
+
+    def used() -> float:
+        samples = parse(prometheus_client.generate_latest(registry).decode())
+        return value(samples, "greenpool_connections_use_seconds_count", pool="app", group="g")
+
+    loans(5)
+    assert used() == 5  # folded at this scrape
+    loans(7)  # recorded, not folded yet at fork
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: report what it exports, then leave without cleanup
+        code = 1
+        try:
+            os.close(read_end)
+            loans(2)
+            os.write(write_end, f"{used()} {pool.group('g').counters.timings.wait.count}".encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    _, status = os.waitpid(child, 0)
+    reported = os.read(read_end, 64).decode()
+    os.close(read_end)
+    assert status == 0
+    assert reported == "2.0 2"
+    assert used() == 12  # the parent's own, the unfolded ones included

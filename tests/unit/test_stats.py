@@ -6,7 +6,9 @@ import random
 import sys
 import threading
 import time
+from array import array
 from bisect import bisect_left
+from typing import Any
 
 from greenpool.stats import TIME_BUCKETS, Timing
 
@@ -71,3 +73,49 @@ def test_values_appended_while_threads_fold_are_each_counted_once():
     finally:
         sys.setswitchinterval(interval)
     assert (timing.count, timing.total) == (20000, 4 * sum(range(5000)))
+
+
+def _fold_interrupted_at(timing: Timing, line: int) -> bool:
+    """``timing.fold()`` with a ``KeyboardInterrupt`` raised as the fold reaches ``line``,
+    where a signal handler would run it (a call returned, a loop turned); whether it was."""
+    fold_code, raised = Timing.fold.__code__, []
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        if event == "line" and frame.f_lineno == line and not raised:
+            raised.append(line)
+            raise KeyboardInterrupt
+        return local
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        return local if frame.f_code is fold_code else None
+
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        timing.fold()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sys.settrace(previous)
+    return bool(raised)
+
+
+def test_a_fold_interrupted_at_any_line_counts_each_value_once():
+    """A KeyboardInterrupt from a signal handler can stop a fold (a scrape's, a loan's)
+    between any two of its lines: wherever it lands, every value is counted exactly once,
+    by that fold or by the next, and the total is theirs."""
+    code = Timing.fold.__code__
+    lines = sorted({line for _, _, line in code.co_lines() if line and line > code.co_firstlineno})
+    values = [*TIME_BUCKETS, *(random.expovariate(100) for _ in range(200))]
+    expected = [0] * (len(TIME_BUCKETS) + 1)
+    for value in values:
+        expected[bisect_left(TIME_BUCKETS, value)] += 1
+    interrupted = 0
+    for line in lines:
+        timing = Timing()
+        timing.values.extend(array("d", values))
+        interrupted += _fold_interrupted_at(timing, line)
+        assert timing.count == len(values), f"interrupted at line {line}"
+        assert timing.counts == expected, f"interrupted at line {line}"
+        assert abs(timing.total - sum(values)) < 1e-9, f"interrupted at line {line}"
+    assert interrupted >= len(lines) - 2  # (lines past the commit are not reached on a fold)
