@@ -580,6 +580,10 @@ class Connector:
                     report = read_role(raw, self._backend, endpoint.config.connect_timeout)
                 endpoint.observe(report)
                 role = report.role
+            timings = self.counters.timings
+            if timings is not None:  # every connect counted in connects, a misplaced one too;
+                # in this block, so that an interrupted fold closes the connection it timed
+                timings.create.record(_monotonic() - started)
         except BaseException as exc:
             if os.getpid() != pid:  # the parent's connect, copied into a forked child
                 raise InheritedAcrossFork("a connect of the parent process, in the child"
@@ -590,9 +594,6 @@ class Connector:
                 return None
             raise
         endpoint.connect_succeeded(role)
-        timings = self.counters.timings
-        if timings is not None:  # every connect counted in connects, a misplaced one too
-            timings.create.record(_monotonic() - started)
         config = self.config
         if placed and not self.belongs(endpoint, role):
             raw.close()  # e.g. a cold start met the primary first in a prefer-standby group

@@ -447,3 +447,41 @@ succeeds, and its healthy server is not quarantined."""
     assert endpoint["state"] == "up" and endpoint["quarantines"] == 0, endpoint
     assert consistent(group.stats()), group.stats()
 
+
+
+@pytest.mark.skipif(MODE != "gevent", reason="greenlets are copied into a forked child")
+@pytest.mark.timeout(60)
+def test_a_forked_child_never_cancels_the_statement_its_parent_is_running(make_pool, pg):
+    """A statement runs in one of the parent's greenlets when the process forks, and the
+child runs its hub before it exits (as a gevent app's subprocess child can before exec):
+the child's copy of that greenlet wakes on the silenced socket and fails there. It must
+not send the server a cancel request, which carries the parent's backend key: the
+parent's statement runs to its end."""
+    from gevent import monkey
+
+    real_sleep = monkey.get_original("time", "sleep")
+    pool = make_pool({"g": {"connection_count": 1, "timeout": 5}})
+    outcome: list[object] = []
+
+    def long_statement() -> None:
+        try:
+            with pool.handler("g") as db:
+                outcome.append(db.query_one("SELECT pg_sleep(1.0), 'finished'")[1])
+        except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
+            outcome.append(exc)
+
+    task = spawn(long_statement)
+    wait_until(lambda: pg.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(1.0)%'"
+        )[0][0] == 1, 5, "the statement to run")
+    child = os.fork()
+    if child == 0:
+        try:
+            sleep(0.3)  # the copied greenlet wakes on /dev/null and fails in the child
+            real_sleep(0.3)  # a cancel request, if one was started, reaches the server
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(child, 0)
+    join_all([task], 10)
+    assert status == 0
+    assert outcome == ["finished"], outcome

@@ -28,11 +28,16 @@ class InheritedAcrossFork(_TaskEnd):
 
 #: greenpool's connections that are being opened by a green wait callback right now
 connects_in_flight: weakref.WeakSet[Any] = weakref.WeakSet()
+#: how many times this process's line was forked (one cell, read on every wait: cheaper
+#: than ``os.getpid()``, a system call): a wait that began under another count began in the
+#: parent, and whatever ends it in the child is none of the server's business
+forks = [0]
 
 
 def _silence_connects_in_child() -> None:
     """At fork, in the child: every connect in flight is the parent's (see
     :class:`InheritedAcrossFork`). Only syscalls: the child may be about to ``exec``."""
+    forks[0] += 1
     for conn in list(connects_in_flight):
         try:
             devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)

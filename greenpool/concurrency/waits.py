@@ -22,7 +22,7 @@ import psycopg2
 from psycopg2 import extensions
 
 from ..cancel import cancel_job, run_cancel
-from .fork import InheritedAcrossFork, connects_in_flight
+from .fork import InheritedAcrossFork, connects_in_flight, forks
 from .originals import POLLIN, original_select, original_start_thread
 
 _STATUS_SETUP = extensions.STATUS_SETUP
@@ -44,13 +44,17 @@ def cancel_interrupted(conn: Any) -> None:
 def cancelling(wait: Callable[..., None]) -> Callable[[Any], None]:
     """``wait`` (psycogreen's callback) that cancels the statement it was waiting for when
     interrupted. It must happen here: once the callback has raised, psycopg2 closes the
-    connection and the chance is gone. A try block costs nothing until something raises."""
+    connection and the chance is gone. A try block costs nothing until something raises.
+    A wait the process was forked in is the parent's: its statement is never cancelled
+    from the child (see :func:`gevent_wait_callback`)."""
 
     def cancelling_wait(conn: Any) -> None:
+        began = forks[0]
         try:
             wait(conn)
         except BaseException:
-            cancel_interrupted(conn)
+            if forks[0] == began:
+                cancel_interrupted(conn)
             raise
 
     return cancelling_wait
@@ -60,7 +64,12 @@ def gevent_wait_callback() -> Callable[[Any], None]:
     """psycopg2's non-blocking protocol, each wait a gevent I/O wait (what psycogreen does),
     in one frame with the cancel on interruption: this runs for every statement. A connect
     of greenpool's is tracked while it runs, so that a fork meeting it in flight cannot let
-    the child's copy of the task read the parent's handshake."""
+    the child's copy of the task read the parent's handshake.
+
+    A wait the process was forked in (a ``subprocess`` child of a gevent app can run the
+    parent's green tasks before it execs) ends in the child with an error, its connection
+    pointed at /dev/null; it must not cancel: the request would carry the parent's backend
+    key to the server and cancel the parent's statement, which goes on unharmed otherwise."""
     from gevent.socket import wait_read, wait_write
 
     getpid = os.getpid
@@ -69,6 +78,7 @@ def gevent_wait_callback() -> Callable[[Any], None]:
         if conn.status == _STATUS_SETUP and getattr(conn, "greenpool_owned", False):
             _connecting_wait(conn)
             return
+        began = forks[0]
         try:
             while True:
                 state = conn.poll()
@@ -81,7 +91,8 @@ def gevent_wait_callback() -> Callable[[Any], None]:
                 else:
                     raise psycopg2.OperationalError(f"unexpected poll state {state!r}")
         except BaseException:
-            cancel_interrupted(conn)
+            if forks[0] == began:
+                cancel_interrupted(conn)
             raise
 
     def _connecting_wait(conn: Any) -> None:
@@ -128,6 +139,7 @@ def blocking_wait_callback() -> Callable[[Any], None]:
     pollin, pollout = POLLIN, getattr(select, "POLLOUT", 4)
 
     def blocking_wait(conn: Any) -> None:
+        began = forks[0]
         try:
             deadline = _deadlines.current
             while True:
@@ -151,7 +163,8 @@ def blocking_wait_callback() -> Callable[[Any], None]:
                 poller.register(conn.fileno(), mask)
                 poller.poll(timeout_ms)
         except BaseException:
-            cancel_interrupted(conn)
+            if forks[0] == began:
+                cancel_interrupted(conn)
             raise
 
     return blocking_wait
