@@ -645,3 +645,36 @@ def test_a_round_begun_before_an_endpoint_left_never_goes_on_to_that_endpoint(
             assert all(pc.endpoint is not removed for pc in group.connector.opened)
         finally:
             pool.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(MODE != "threaded", reason="a non-threaded pool, next to threaded tests")
+def test_a_callers_own_connect_to_an_endpoint_a_signal_handler_drops_is_never_lent(
+        pg, second_db):
+    """non-threaded: the caller connects in its own time to B (a proxy delays its login);
+    a signal handler calls reconfigure() meanwhile, replacing B by A. The connection that
+    arrives is closed, and the caller, and every later one, is served from A."""
+    import signal
+
+    from delayproxy import DelayProxy
+
+    app = "live-inline"
+    with DelayProxy(pg.port, 1.0, app.encode()) as proxy:
+        a, b = pg.endpoint(), proxy.endpoint(pg, name=second_db)
+        config = {"type": "non-threaded", "application_name": app,
+                  "groups": {"g": {"connection_count": 2, "timeout": 5}}}
+        pool = Pool({**config, "db": [b]})
+        previous = signal.signal(signal.SIGALRM,
+                                 lambda *_: pool.reconfigure({**config, "db": [a]}))
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.4)
+            for _ in range(3):
+                with pool.handler("g", timeout=5) as db:
+                    assert db.query_one("SELECT current_database()") == (a["name"],)
+            assert discards(pool, "g", "endpoint_removed") == 1
+            stats = group_stats(pool, "g")
+            assert (stats["size"], stats["idle"], stats["connecting"]) == (1, 1, 0), stats
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+            pool.close()
