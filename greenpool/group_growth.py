@@ -28,11 +28,21 @@ class GroupGrowth(GroupBase):
         self._connects.add(slot)
         return slot
 
-    def _attach(self, slot: Slot, pc: PooledConnection) -> None:
-        """A connect in ``slot`` opened ``pc`` for a caller who takes it at once."""
+    def _attach(self, slot: Slot, pc: PooledConnection) -> bool:
+        """A connect in ``slot`` opened ``pc`` for a caller who takes it at once; False if
+        ``pc``'s endpoint left the group meanwhile (a ``reconfigure()`` from a signal
+        handler during the caller's own connect): it is closed, never lent."""
         with self._lock:
-            slot.attach(pc)
-            self._connecting -= 1
+            abandoned = slot.state != CONNECTING
+            if not abandoned:
+                slot.attach(pc)
+                self._connecting -= 1
+            stray = pc.endpoint not in self.endpoints
+        if abandoned:
+            self.connector.close(pc, "endpoint_removed")
+        elif stray:
+            self.discard(pc, "endpoint_removed", reconnect=False)
+        return not (abandoned or stray)
 
     def returned(self, slot: Slot, was: int, reconnect: bool | None) -> None:
         """A connect or probe ended without a connection (``Slot.give_back``): the room goes
@@ -115,30 +125,30 @@ class GroupGrowth(GroupBase):
             slot = self._take_slot()
         with slot:
             pc = self.connector.try_once(targets[0], slot.generation, deadline)
-            if pc is None:
+            if pc is None or not self._attach(slot, pc):
                 self._next_spread = now + _SPREAD_EVERY  # it failed: not at every borrow
                 slot.give_back(reconnect=False)
                 return None
-            self._attach(slot, pc)
             return pc
 
     def _connect_inline(self, deadline: float) -> PooledConnection:
         """``non-threaded``: nobody else can return a connection, so connect now if the
         group has room, else refuse at once."""
-        with self._lock:
-            self._count_orphans()
-            slot = self._take_slot() if self._size < self.config.connection_count else None
-        if slot is None:
-            self.counters.timeouts += 1
-            raise PoolTimeout(
-                f"group {self.name!r}: all {self.config.connection_count} connections are in "
-                f"use, and in non-threaded mode nobody can return one while you wait; return "
-                f"connections before taking another, or raise connection_count"
-            )
-        with slot:
-            pc = self.connector.open_now(deadline, slot.generation)
-            self._attach(slot, pc)
-            return pc
+        while True:  # again only if the endpoint connected to left the group meanwhile
+            with self._lock:
+                self._count_orphans()
+                slot = self._take_slot() if self._size < self.config.connection_count else None
+            if slot is None:
+                self.counters.timeouts += 1
+                raise PoolTimeout(
+                    f"group {self.name!r}: all {self.config.connection_count} connections are "
+                    f"in use, and in non-threaded mode nobody can return one while you wait; "
+                    f"return connections before taking another, or raise connection_count"
+                )
+            with slot:
+                pc = self.connector.open_now(deadline, slot.generation)
+                if self._attach(slot, pc):
+                    return pc
 
     def _grow(self, count: int, target: Endpoint | None = None, *, if_idle: bool = True) -> int:
         """Start up to ``count`` connects within the group's room (refill, probes, moves);

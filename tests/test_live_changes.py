@@ -12,7 +12,7 @@ import threading
 import pytest
 from lending import discards, group_stats, lend_all
 from load import Load
-from modes import MODE, spawn, wait_until
+from modes import MODE, join_all, sleep, spawn, wait_until
 
 from greenpool import ConfigError, Pool
 
@@ -601,3 +601,80 @@ def test_live_changes_at_random_keep_the_books_and_lend_only_the_groups_endpoint
             max_examples=8, stateful_step_count=15, deadline=None, database=None,
             phases=[Phase.explicit, Phase.generate],  # shrinking replays for minutes
             suppress_health_check=list(HealthCheck)))
+
+
+@pytest.mark.timeout(60)
+def test_a_round_begun_before_an_endpoint_left_never_goes_on_to_that_endpoint(
+        pg, mode, blackhole):
+    """A connect's round tries one of two servers that never answer and would try the
+    other next; while it waits on the first, reconfigure() keeps the first, takes the other
+    out and adds a healthy server. The round must not go on to the endpoint taken out with
+    its stale order (holding the group's only slot for another connect_timeout): no connect
+    ever reaches it, and a caller is served from the healthy server."""
+    from faults import BlackHole
+
+    with BlackHole() as other:
+        holes = {blackhole.port: blackhole.endpoint(connect_timeout=4),
+                 other.port: other.endpoint(connect_timeout=4, name="other")}
+        config = {"type": mode, "maintenance_interval": 0.1,
+                  "groups": {"g": {"connection_count": 1, "min_size": 1, "timeout": 15}}}
+        pool = Pool({**config, "db": list(holes.values())})
+        try:
+            group = pool.group("g")
+            wait_until(lambda: any(ep.connecting for ep in group.connector.endpoints), 10,
+                       "the round to try one black hole")
+            (first,) = [ep for ep in group.connector.endpoints if ep.connecting]
+            (removed,) = [ep for ep in group.connector.endpoints if ep is not first]
+            pool.reconfigure({**config, "db": [holes[first.config.port], pg.endpoint()]})
+            tried_removed: list[int] = []
+            served = threading.Event()
+
+            def watch() -> None:
+                while not served.is_set():
+                    tried_removed.append(removed.connecting)
+                    sleep(0.02)
+
+            watcher = spawn(watch)
+            try:
+                with pool.handler("g", timeout=15) as db:
+                    assert db.query_one("SELECT 1") == (1,)
+            finally:
+                served.set()
+                join_all([watcher], 2)
+            assert not any(tried_removed), "a connect went on to the endpoint taken out"
+            assert all(pc.endpoint is not removed for pc in group.connector.opened)
+        finally:
+            pool.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(MODE != "threaded", reason="a non-threaded pool, next to threaded tests")
+def test_a_callers_own_connect_to_an_endpoint_a_signal_handler_drops_is_never_lent(
+        pg, second_db):
+    """non-threaded: the caller connects in its own time to B (a proxy delays its login);
+    a signal handler calls reconfigure() meanwhile, replacing B by A. The connection that
+    arrives is closed, and the caller, and every later one, is served from A."""
+    import signal
+
+    from delayproxy import DelayProxy
+
+    app = "live-inline"
+    with DelayProxy(pg.port, 1.0, app.encode()) as proxy:
+        a, b = pg.endpoint(), proxy.endpoint(pg, name=second_db)
+        config = {"type": "non-threaded", "application_name": app,
+                  "groups": {"g": {"connection_count": 2, "timeout": 5}}}
+        pool = Pool({**config, "db": [b]})
+        previous = signal.signal(signal.SIGALRM,
+                                 lambda *_: pool.reconfigure({**config, "db": [a]}))
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.4)
+            for _ in range(3):
+                with pool.handler("g", timeout=5) as db:
+                    assert db.query_one("SELECT current_database()") == (a["name"],)
+            assert discards(pool, "g", "endpoint_removed") == 1
+            stats = group_stats(pool, "g")
+            assert (stats["size"], stats["idle"], stats["connecting"]) == (1, 1, 0), stats
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+            pool.close()
