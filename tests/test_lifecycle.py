@@ -467,7 +467,7 @@ parent's statement runs to its end."""
         try:
             with pool.handler("g") as db:
                 outcome.append(db.query_one("SELECT pg_sleep(1.0), 'finished'")[1])
-        except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
+        except BaseException as exc:  # recorded for the assertion
             outcome.append(exc)
 
     task = spawn(long_statement)
