@@ -63,7 +63,7 @@ from .placement import (
     without_primary,
 )
 from .roles import EXPLORE_WAIT, fits, primary_report, read_role, role_of, unexplored
-from .slots import CONNECTING, Slot
+from .slots import Slot
 from .stats import GroupCounters
 
 logger = logging.getLogger("greenpool")
@@ -495,7 +495,7 @@ class Connector:
         moved_on = False
         for endpoint in order:
             if self._stopped or (deadline is not None and _monotonic() >= deadline) or (
-                    slot is not None and slot.state != CONNECTING):
+                    slot is not None and slot.abandoned):
                 break
             fatal = self._fatal.get(endpoint)
             if fatal is not None and fatal[0] > now:

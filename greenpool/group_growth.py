@@ -33,7 +33,7 @@ class GroupGrowth(GroupBase):
         ``pc``'s endpoint left the group meanwhile (a ``reconfigure()`` from a signal
         handler during the caller's own connect): it is closed, never lent."""
         with self._lock:
-            abandoned = slot.state != CONNECTING
+            abandoned = slot.abandoned  # set only by abandon_connects, under this lock
             if not abandoned:
                 slot.attach(pc)
                 self._connecting -= 1
@@ -201,7 +201,7 @@ class GroupGrowth(GroupBase):
             # the one door into the group: a connect the group abandoned (its room is
             # already given back) or one to an endpoint the group no longer has brings a
             # stray, closed here (checked under the lock apply() changes endpoints under)
-            abandoned = slot.state != CONNECTING
+            abandoned = slot.abandoned  # set only by abandon_connects, under this lock
             if not abandoned:
                 slot.attach(pc)
                 self._connecting -= 1
@@ -244,8 +244,8 @@ class GroupGrowth(GroupBase):
             slot.state = RETURNED
             return False
         with self._lock:
-            if slot.state != CONNECTING:
-                return False  # abandoned: the group gave its room back (abandon_connects)
+            if slot.abandoned:
+                return False  # the group gave its room back (abandon_connects)
             if not self._closed and self._size <= self.config.connection_count and (
                     self._line or self._size <= self.config.min_size):
                 return True
