@@ -20,13 +20,16 @@ from typing import Any
 
 import psycopg2
 import pytest
+from machine import turn
 from modes import MODE
 from patroni_load import TABLE, Load, wait_for
 
 from greenpool import Pool
 from greenpool.testing.patroni import PatroniCluster, PatroniNode, missing
 
-pytestmark = pytest.mark.timeout(240)
+#: a drill's bound, plus waiting for the other modes' test runs to finish their drills (see
+#: the ``patroni`` fixture)
+pytestmark = pytest.mark.timeout(480)
 #: eventlet runs the kill drill (direct endpoints) only, to keep CI within its budget (the
 #: module takes about 2 minutes per mode); eventlet shares gevent's cooperative waits
 NOT_IN_EVENTLET = pytest.mark.skipif(MODE == "eventlet", reason=(
@@ -47,7 +50,10 @@ def patroni() -> Iterator[PatroniCluster]:
     reason = missing(haproxy=True)
     if reason:
         pytest.skip(reason)
-    with PatroniCluster(synchronous_mode=True, haproxy=True, password=SECRET) as cluster:
+    # the drills time failovers against Patroni's own timers: the modes' test runs, which
+    # run at once, take turns for the whole module rather than share the 2 cores
+    with turn("patroni", timeout=360), PatroniCluster(
+            synchronous_mode=True, haproxy=True, password=SECRET) as cluster:
         yield cluster
         logs = [p for p in cluster.root.rglob("*") if p.is_file() and p.suffix in (".log", "")
                 and "log" in p.name]
