@@ -22,6 +22,10 @@ the same rule (each attempt bounded by ``connect_timeout``, never by the caller'
 The group talks to the connector through :meth:`Connector.start`, and the connector back to
 the group through the small :class:`Slots` interface: nothing here knows the waiting line.
 
+While callers wait for a write group and no primary is up, a task that failed its round
+watches a standby for its promotion (promotion.py); refusals retrying cannot fix are
+remembered per endpoint in refusals.py.
+
 Why one module of this length: opening, retrying across endpoints and closing share the
 per-endpoint counts of connects under way and connections open, read under one lock; the
 connect itself is connection.py's, the failures' wording failures.py's.
@@ -32,15 +36,15 @@ from __future__ import annotations
 import logging
 import os
 import random
-import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, Protocol
 
-from .concurrency.backend import Backend, Task
+from .concurrency.backend import Backend
 from .concurrency.fork import InheritedAcrossFork, still_connecting
+from .concurrency.tasks import BackgroundTasks
 from .config import GroupConfig
 from .connection import (
     ConnectError,
@@ -51,18 +55,13 @@ from .connection import (
     is_pooled,
     open_connection,
 )
-from .endpoint import PRIMARY, QUARANTINED, STANDBY, UNKNOWN, Endpoint
+from .endpoint import QUARANTINED, Endpoint
 from .errors import ConnectFailed, NoHealthyEndpoint
 from .events import no_event
-from .placement import (
-    ROLE_RECHECK,
-    connect_order,
-    left_unwatched,
-    standby_to_watch,
-    where_to_be,
-    without_primary,
-)
-from .roles import EXPLORE_WAIT, fits, primary_report, read_role, role_of, unexplored
+from .placement import connect_order, where_to_be
+from .promotion import PromotionWatch
+from .refusals import Refusals
+from .roles import EXPLORE_WAIT, fits, must_measure, read_role, role_of, unexplored
 from .slots import Slot
 from .stats import GroupCounters
 
@@ -70,9 +69,6 @@ logger = logging.getLogger("greenpool")
 
 _monotonic = time.monotonic
 _RECHECK_PAUSE = 0.02  # seconds between looks while no endpoint may take a connect
-#: seconds between two ``pg_is_in_recovery()`` on a standby a write group watches while
-#: callers wait and no primary is up (one light query on an open connection: no connect)
-PROMOTION_POLL = 0.01
 _LIFETIME_JITTER = 0.1  # up to 10 % shorter, so connections opened together do not expire together
 
 
@@ -122,29 +118,22 @@ class Connector:
         #: the group's open connections per endpoint (placement balances on these)
         self.counts: dict[Endpoint, int] = dict.fromkeys(self.endpoints, 0)
         self._rotation = random.randrange(len(self.endpoints))
-        #: endpoint -> (until when, message): a failure retrying cannot fix, for this group
-        self._fatal: dict[Endpoint, tuple[float, str]] = {}
+        #: the endpoints that refused this group for a reason retrying cannot fix
+        self.refusals = Refusals(self.endpoints)
         #: True while the latest finished round of attempts found no endpoint to take one
         self.failing = False
         #: told ``(kind, detail)`` when ``failing`` flips (``greenpool.events``)
         self.on_event: Callable[[str, str], None] = no_event
-        self._tasks: set[Task] = set()
+        #: connect tasks (and dedicated connections' ones): :meth:`stop` ends them
+        self._tasks = BackgroundTasks(backend)
         #: every connection this connector opened and has not seen collected: after fork
         #: the child silences them all, idle, lent or in transit (being checked or reset)
         self.opened: weakref.WeakSet[PooledConnection] = weakref.WeakSet()
-        #: how long a group leaves an endpoint alone after a failure retrying cannot fix
-        self._fatal_pause = max(ep.backoff_max for ep in self.endpoints)
         self.slots: Slots | None = None
         #: a primary group over several endpoints explores unknown ones before it writes
         self._explores = config.role == "primary" and len(self.endpoints) > 1
-        #: why the latest connect task could not start (a process limit on threads), if so
-        self.cannot_start: str | None = None
-        self._stopped = False
-        #: set by :meth:`stop`: a connect thread sleeping out a quarantine ends at once
-        #: (green tasks are killed instead)
-        self._stopping = threading.Event()
-        #: standbys a connect task of this group watches for their promotion (one task each)
-        self._watched: set[Endpoint] = set()
+        #: while callers wait and no primary is up, a failed connect task watches a standby
+        self._promotion = PromotionWatch(self, backend)
 
     # --- asked by the group -------------------------------------------------------------
 
@@ -177,25 +166,12 @@ class Connector:
     def run_in_background(self, work: Callable[[], None]) -> bool:
         """Run ``work`` in a task of its own that :meth:`stop` ends (a group's connect, a
         dedicated one); False if no task could start (``cannot_start`` says why)."""
-        holder: list[Task] = []
+        return self._tasks.spawn(work)
 
-        def run() -> None:
-            try:
-                work()
-            finally:
-                for task in holder:
-                    self._tasks.discard(task)
-
-        try:
-            task = self._backend.spawn(run)
-        except Exception as exc:  # RuntimeError: can't start new thread
-            self.cannot_start = f"{type(exc).__name__}: {exc}"
-            return False
-        self.cannot_start = None
-        if task is not None:
-            holder.append(task)
-            self._tasks.add(task)
-        return True
+    @property
+    def cannot_start(self) -> str | None:
+        """Why the latest task could not start (a process limit on threads), if so."""
+        return self._tasks.cannot_start
 
     def open_round(
         self, generation: int, last: Sequence[Endpoint] = ()
@@ -204,17 +180,21 @@ class Connector:
         bounded by its endpoint's ``connect_timeout`` alone (a background task's, for a
         dedicated connection): the first connection, or None (``failing`` says whether a
         server failed)."""
-        if self._stopped:
+        if self.stopped:
             return None
         return self._round(None, generation, last=last)
 
     def wait_for_next_chance(self) -> None:
         """Sleep until an endpoint may take an attempt again (cut short by :meth:`stop`)."""
-        self._pause(self._next_chance())
+        self.pause(self._next_chance())
+
+    def pause(self, seconds: float) -> None:
+        """Sleep ``seconds``, cut short by :meth:`stop`."""
+        self._tasks.pause(seconds)
 
     @property
     def stopped(self) -> bool:
-        return self._stopped
+        return self._tasks.stopped
 
     def try_once(
         self, endpoint: Endpoint, generation: int, deadline: float
@@ -225,11 +205,17 @@ class Connector:
             return None
         return self._attempt(endpoint, generation, deadline=deadline)
 
-    def probe(self, endpoint: Endpoint, generation: int) -> PooledConnection | None:
-        """One connect to ``endpoint`` whatever placement says (housekeeping's probes, in a
-        slot the group reserved); None if it may not be tried now or failed."""
+    def probe(
+        self, endpoint: Endpoint, generation: int, slot: Slot | None = None
+    ) -> PooledConnection | None:
+        """One connect to ``endpoint`` whatever placement says (housekeeping's probes, the
+        promotion watch's connect, in a slot the group reserved); None if it may not be
+        tried now or failed. With ``slot``, the group abandons the connect if it drops
+        ``endpoint``."""
         if not endpoint.begin_connect(_monotonic()):
             return None
+        if slot is not None:
+            slot.trying = endpoint
         return self._attempt(endpoint, generation, placed=False)
 
     def belongs(self, endpoint: Endpoint, role: str) -> bool:
@@ -247,19 +233,7 @@ class Connector:
     def fatal_error(self) -> ConnectFailed | None:
         """The error to raise at once when every endpoint refused this group for a reason
         retrying cannot fix (within the last ``quarantine_max``), else None."""
-        if not self._fatal:
-            return None
-        now = _monotonic()
-        messages = []
-        for ep in self.endpoints:
-            until, message = self._fatal.get(ep, (0.0, ""))
-            if until <= now:
-                return None
-            messages.append(f"{ep.label}: {message}")
-        return ConnectFailed(
-            f"group {self.config.name!r}: {'; '.join(messages)}; retrying cannot help: fix "
-            f"the configuration (credentials, database name, settings a pooler refuses)"
-        )
+        return self.refusals.error(self.config.name, self.endpoints, _monotonic())
 
     def no_endpoint_error(self) -> NoHealthyEndpoint:
         self.counters.timeouts += 1
@@ -294,8 +268,7 @@ class Connector:
             counts = {ep: self.counts.get(ep, 0) for ep in self.endpoints}
             counts.update((ep, n) for ep, n in self.counts.items() if n and ep not in counts)
             self.counts = counts  # a new dict: others iterate the old one without the lock
-            self._fatal = {ep: v for ep, v in self._fatal.items() if ep in counts}
-            self._fatal_pause = max(ep.backoff_max for ep in self.endpoints)
+            self.refusals.apply(self.endpoints, counts)
             self._explores = config.role == "primary" and len(self.endpoints) > 1
 
     def _uncounted(self, endpoint: Endpoint) -> None:
@@ -333,20 +306,16 @@ class Connector:
     def stop(self) -> None:
         """End background connects: green ones are killed; a thread ends at its next look
         (its pause between rounds is cut short), never connecting again."""
-        self._stopped = True
-        self._stopping.set()
-        for task in list(self._tasks):
-            task.kill()
+        self._tasks.stop()
 
     def forget_after_fork(self) -> list[PooledConnection]:
         """In the child: forget everything; the parent's connections, to be silenced."""
         inherited = list(self.opened)
         self.opened = weakref.WeakSet()
         self.counts = dict.fromkeys(self.endpoints, 0)
-        self._tasks = set()
-        self._watched = set()  # the parent's watches are not the child's
+        self._tasks.forget_after_fork()
+        self._promotion.forget_after_fork()
         self._lock = self._backend.lock()
-        self._stopping = threading.Event()
         self.failing = False
         return inherited
 
@@ -357,7 +326,7 @@ class Connector:
         assert slots is not None
         generation = slot.generation
         with slot:  # whatever ends this task, the slot is given back unless delivered
-            while not self._stopped:
+            while not self.stopped:
                 pc = self._round(target, generation, slot=slot)
                 if pc is not None:
                     slots._deliver(slot, pc)
@@ -370,105 +339,12 @@ class Connector:
                     break
                 if not slots.still_needed(slot):
                     return
-                pc = self._await_promotion(generation, slot)
+                pc = self._promotion.await_promotion(generation, slot)
                 if pc is not None:
                     slots._deliver(slot, pc)
                     return
-                self._pause(self._next_chance())
+                self.pause(self._next_chance())
             slot.give_back()
-
-    # --- waiting for a promotion ----------------------------------------------------------
-
-    def _await_promotion(self, generation: int, slot: Slot) -> PooledConnection | None:
-        """While callers wait for a ``primary`` group and no primary is up (it died, and the
-        orchestrator has not promoted a standby yet), watch one standby that no other task
-        of this group watches: one connection to it, asked ``pg_is_in_recovery()`` (with a
-        primary's timeline and WAL position, for the split-brain rule) every
-        ``PROMOTION_POLL``. The moment it answers as primary, that connection, already open
-        and authenticated, goes to the first caller in line: no connect after the promotion,
-        no waiting for the next role check. None when there is nothing to watch, or the
-        watch ended without a promotion (nobody waits, another endpoint became the primary,
-        the standby failed)."""
-        slots = self.slots
-        if self.config.role != "primary" or slots is None or not slots.waiting:
-            return None
-        with self._lock:  # two connect threads never watch the same standby
-            endpoint = standby_to_watch(self.endpoints, self._not_to_watch(), _monotonic())
-            if endpoint is None:
-                return None
-            self._watched.add(endpoint)
-        try:
-            if not endpoint.begin_connect(_monotonic()):
-                return None
-            slot.trying = endpoint  # (the group abandons this connect if it drops endpoint)
-            pc = self._attempt(endpoint, generation, placed=False)
-            if pc is None:
-                return None
-            logger.debug("group %r: no primary is up and callers wait: watching %s for its"
-                         " promotion", self.config.name, endpoint.label)
-            return self._watch(pc)
-        finally:
-            self._watched.discard(endpoint)
-
-    def _not_to_watch(self) -> set[Endpoint]:
-        """Endpoints a watch leaves alone: watched by another task of this group, or
-        refused to it for a reason retrying cannot fix (until that pause ends, as rounds
-        do: a connect to it every few milliseconds would fail the same way)."""
-        now = _monotonic()
-        return self._watched | {ep for ep, (until, _) in list(self._fatal.items())
-                                if until > now}
-
-    def _watch(self, pc: PooledConnection) -> PooledConnection | None:
-        """``pc`` (to a standby) if its server is promoted and is the primary the split-brain
-        rule chooses, while callers wait; else None, ``pc`` closed. Each question is
-        bounded by ``connect_timeout``. The watch of a parent process, copied into a forked
-        child with its green task, ends there without a byte or a count
-        (:class:`InheritedAcrossFork`): the connection is the parent's, silenced at fork."""
-        endpoint, slots = pc.endpoint, self.slots
-        seconds = endpoint.config.connect_timeout
-        assert slots is not None
-        pid = os.getpid()
-        # a group with fewer connect tasks than standbys cannot watch them all: after a
-        # ROLE_RECHECK the watch makes way for a round, which connects to the others (and
-        # to an endpoint a reconfiguration added, which nothing else asks while the group
-        # is full)
-        make_way_at = _monotonic() + ROLE_RECHECK
-        try:
-            while not self._stopped and slots.waiting and os.getpid() == pid and (
-                    endpoint in self.endpoints) and (
-                    endpoint.role == PRIMARY or without_primary(self.endpoints)):
-                if _monotonic() >= make_way_at and left_unwatched(
-                        self.endpoints, self._not_to_watch(), _monotonic()):
-                    break
-                report = primary_report(pc.raw, self._backend, seconds)
-                if report is not None:
-                    pc.role = report.role
-                    endpoint.observe(report)
-                    if self.belongs(endpoint, report.role):
-                        logger.info("group %r: %s was promoted; its watched connection goes"
-                                    " to the first caller in line", self.config.name,
-                                    endpoint.label)
-                        return pc
-                    break  # another primary is chosen (split brain): the rounds go there
-                # still a standby, seen just now: the rounds need no connect to learn it
-                endpoint.observe_role(STANDBY)
-                self._pause(PROMOTION_POLL)
-        except BaseException as exc:
-            if os.getpid() != pid:
-                raise InheritedAcrossFork("a watch of the parent process, in the child"
-                                          ) from None
-            if not isinstance(exc, Exception):
-                self.close(pc, "interrupted")
-                raise
-            logger.info("group %r: a standby watched for its promotion, %s, did not answer:"
-                        " %s", self.config.name, endpoint.label, exc)
-            self.close(pc, "failed_check")
-            slots.endpoint_failed(endpoint)
-            return None
-        if os.getpid() != pid:
-            raise InheritedAcrossFork("a watch of the parent process, in the child")
-        self.close(pc, "probe")
-        return None
 
     def _round(
         self,
@@ -494,11 +370,10 @@ class Connector:
             order.sort(key=last.__contains__)  # stable: the rest keep their order
         moved_on = False
         for endpoint in order:
-            if self._stopped or (deadline is not None and _monotonic() >= deadline) or (
+            if self.stopped or (deadline is not None and _monotonic() >= deadline) or (
                     slot is not None and slot.abandoned):
                 break
-            fatal = self._fatal.get(endpoint)
-            if fatal is not None and fatal[0] > now:
+            if self.refusals.blocks(endpoint, now):
                 continue
             bound = deadline
             if self._explores and unexplored(endpoint):
@@ -558,7 +433,7 @@ class Connector:
             unhealthy = endpoint.connect_error(exc.fatal, exc.kind, exc.reason)
             if exc.fatal:  # the server answered: nothing wrong with its health
                 told = f"{exc.reason} ({exc.hint})" if exc.hint else exc.reason
-                self._fatal[endpoint] = (_monotonic() + self._fatal_pause, told)
+                self.refusals.remember(endpoint, told, _monotonic())
                 logger.warning("group %r: %s refused the connection: %s", self.config.name,
                                endpoint.label, exc.reason)
             else:
@@ -571,11 +446,12 @@ class Connector:
         except BaseException:
             endpoint.connect_abandoned()
             raise
-        self._fatal.pop(endpoint, None)
-        pid = os.getpid()
+        self.refusals.forget(endpoint)
+        pid, config = os.getpid(), self.config
         try:
             role = pooled_role or role_of(raw)
-            if pooled_role is None and self._must_measure(endpoint, role):
+            if pooled_role is None and must_measure(config.role, config.max_lag,
+                                                    len(self.endpoints) > 1, role):
                 with still_connecting(raw):
                     report = read_role(raw, self._backend, endpoint.config.connect_timeout)
                 endpoint.observe(report)
@@ -594,7 +470,6 @@ class Connector:
                 return None
             raise
         endpoint.connect_succeeded(role)
-        config = self.config
         if placed and not self.belongs(endpoint, role):
             raw.close()  # e.g. a cold start met the primary first in a prefer-standby group
             endpoint.connection_closed()
@@ -615,20 +490,6 @@ class Connector:
         self.opened.add(pc)
         return pc
 
-    def _must_measure(self, endpoint: Endpoint, role: str) -> bool:
-        """Whether a new connection's server must be asked, one round trip, what its
-        login did not say: the role on PostgreSQL < 14; for a ``max_lag`` group, a
-        standby's lag; where several endpoints may be primary, a primary's timeline (so
-        that a new pool never picks a primary by configuration order in a split brain)."""
-        config = self.config
-        if config.role == "any":
-            return False
-        if role == UNKNOWN:
-            return True
-        if role == STANDBY:
-            return config.max_lag is not None
-        return len(self.endpoints) > 1
-
     def _pooled_role(self, raw: Any, endpoint: Endpoint) -> str:
         """The role of the server behind a pooler, by one query bounded by
         ``connect_timeout``: the pooler's login says nothing about that server (it answers
@@ -640,12 +501,6 @@ class Connector:
                                config.connect_timeout)
         endpoint.observe(report)
         return report.role
-
-    def _pause(self, seconds: float) -> None:
-        if self._backend.can_call_later:
-            self._backend.sleep(seconds)  # green: stop() kills the task
-        else:
-            self._stopping.wait(seconds)
 
     def _raise_if_hopeless(self) -> None:
         error = self.fatal_error()

@@ -177,6 +177,20 @@ def fits(group_role: str, role: str) -> bool:
     return True
 
 
+def must_measure(group_role: str, max_lag: float | None, several: bool, role: str) -> bool:
+    """Whether a new connection's server must be asked, one round trip, what its login did
+    not say: the role on PostgreSQL < 14; for a ``max_lag`` group, a standby's lag; where
+    ``several`` endpoints may be primary, a primary's timeline (so that a new pool never
+    picks a primary by configuration order in a split brain)."""
+    if group_role == "any":
+        return False
+    if role == UNKNOWN:
+        return True
+    if role == STANDBY:
+        return max_lag is not None
+    return several
+
+
 def _answering(primaries: list[Endpoint], now: float) -> list[Endpoint]:
     """Primaries that are up and whose role is not stale: those the rule chooses among."""
     return [

@@ -35,8 +35,10 @@ taken by a ``Connection`` starts clean (``engine_connect``) and each statement i
 (``before_cursor_execute``). A loan nobody watched (``engine.raw_connection()``, or a
 :class:`GreenpoolPool` handed to ``sqlalchemy.create_engine`` by hand) is reset.
 
-Why one module of this length: the pool class SQLAlchemy subclasses and the event hooks
-that track loans and dirty sessions share one loan table.
+Why one module of this length: the pool class SQLAlchemy subclasses, the engine plugin and
+the event hooks that track loans and dirty sessions share one loan table
+(:meth:`GreenpoolPool.loan_of`); :class:`RoutingSession`, its one other job (30 lines), stays
+beside them so that the integration is one import.
 """
 
 from __future__ import annotations

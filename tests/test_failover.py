@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import time
 from typing import Any
 
@@ -17,6 +16,7 @@ import psycopg2.errors
 import pytest
 from endpoints import endpoint_stats, held_ports, label
 from faults import Ticker
+from forking import run_in_forked_child
 from modes import GREEN, MODE, join_all, sleep, spawn, wait_until
 
 from greenpool import CommitOutcomeUnknown, NoHealthyEndpoint, PoolTimeout
@@ -432,24 +432,13 @@ def test_a_standby_watch_copied_into_a_forked_child_ends_there_without_a_count(
     writer = spawn(write)
     wait_until(lambda: endpoint_stats(pool, standby)["open"] == 1
                and pool_backends(standby) == 1, 10, "the watch of the standby")
-    read_end, write_end = os.pipe()
-    child = os.fork()
-    if child == 0:
-        code = 1
-        try:
-            os.close(read_end)
-            sleep(1.0)  # the copied watch task runs in the child meanwhile
-            report = {"open": endpoint_stats(pool, standby)["open"],
-                      "counts": sorted(group.connector.counts.values()), **group.stats()}
-            os.write(write_end, json.dumps(report).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    _, status = os.waitpid(child, 0)
-    report = json.loads(os.read(read_end, 65536).decode())
-    os.close(read_end)
-    assert status == 0
+
+    def in_child() -> str:
+        sleep(1.0)  # the copied watch task runs in the child meanwhile
+        return json.dumps({"open": endpoint_stats(pool, standby)["open"],
+                           "counts": sorted(group.connector.counts.values()), **group.stats()})
+
+    report = json.loads(run_in_forked_child(in_child))
     assert report["open"] == 0 and report["counts"] == [0, 0], report
     assert report["size"] == report["connecting"] == 0, report
     standby.promote()

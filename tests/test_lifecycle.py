@@ -7,6 +7,7 @@ import os
 import signal
 
 import pytest
+from forking import run_in_forked_child
 from modes import GREEN, MODE, join_all, sleep, spawn, wait_until
 
 STATS_KEYS = {
@@ -79,24 +80,12 @@ def test_fork_child_never_uses_the_parents_connections(make_pool):
     parent_pids = {pc.raw.get_backend_pid() for pc in held}
     for pc in held:
         group.release(pc)
-    read_end, write_end = os.pipe()
-    child = os.fork()
-    if child == 0:  # the child: report the backend it gets, then leave without cleanup
-        code = 1
-        try:
-            os.close(read_end)
-            with pool.handler("g") as db:
-                pid = db.query("SELECT pg_backend_pid()")[0][0]
-            os.write(write_end, str(pid).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    _, status = os.waitpid(child, 0)
-    reported = os.read(read_end, 64).decode()
-    os.close(read_end)
-    assert status == 0
-    assert int(reported) not in parent_pids
+
+    def in_child() -> int:  # the backend the child gets
+        with pool.handler("g") as db:
+            return int(db.query("SELECT pg_backend_pid()")[0][0])
+
+    assert int(run_in_forked_child(in_child)) not in parent_pids
     # the parent's sessions survived the child's exit: the same backends still answer
     with pool.handler("g") as db:
         assert db.query("SELECT pg_backend_pid()")[0][0] in parent_pids
@@ -165,27 +154,16 @@ def test_fork_while_a_connection_is_being_reset_gives_the_child_none_of_it(make_
     try:
         returning = spawn(group.release, pc)
         wait_until(lambda: group.stats()["in_use"] == 0, 5, "the return to start its reset")
-        read_end, write_end = os.pipe()
-        child = os.fork()
-        if child == 0:
-            code = 1
-            try:
-                os.close(read_end)
-                with pool.handler("g") as db:
-                    pid = db.query("SELECT pg_backend_pid()")[0][0]
-                size = group.stats()["size"]
-                os.write(write_end, f"{pid} {size}".encode())
-                code = 0
-            finally:
-                os._exit(code)
-        os.close(write_end)
-        _, status = os.waitpid(child, 0)
-        reported = os.read(read_end, 64).decode().split()
-        os.close(read_end)
+
+        def in_child() -> str:  # the backend the child gets, and its group's size then
+            with pool.handler("g") as db:
+                pid = db.query("SELECT pg_backend_pid()")[0][0]
+            return f"{pid} {group.stats()['size']}"
+
+        reported = run_in_forked_child(in_child).split()
     finally:
         os.kill(parent_pid, signal.SIGCONT)
     join_all([returning], 10)
-    assert status == 0 and reported
     child_pid, child_size = int(reported[0]), int(reported[1])
     assert child_pid != parent_pid and child_size == 1
     stats = group.stats()

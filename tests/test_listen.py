@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from endpoints import label
 from faults import Ticker
+from forking import run_in_forked_child
 from gunicorn_example import EXAMPLE, request
 from modes import GREEN, MODE, Timeout, join_all, sleep, spawn, wait_until
 
@@ -927,27 +928,16 @@ def test_a_forked_child_drops_the_parents_listener_and_its_session_survives(make
     listener = pool.listen("g", "jobs")
     block = pool.exclusive("g")
     block.__enter__()  # an exclusive block open across the fork, ended in both processes
-    read_end, write_end = os.pipe()
-    child = os.fork()
-    if child == 0:  # the child: report what it sees, then leave without cleanup
-        code = 1
-        try:
-            os.close(read_end)
-            block.__exit__(None, None, None)  # the parent's slot: not given back here
-            stats = pool.stats()["groups"]["g"]
-            mine = pool.listen("g", "jobs", timeout=5)
-            report = [listener.closed, stats["exclusive_open"], stats["listeners"],
-                      mine.endpoint]
-            mine.close()
-            os.write(write_end, json.dumps(report).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    _, status = os.waitpid(child, 0)
-    reported = json.loads(os.read(read_end, 512).decode())
-    os.close(read_end)
-    assert status == 0
+
+    def in_child() -> str:  # what the child sees
+        block.__exit__(None, None, None)  # the parent's slot: not given back here
+        stats = pool.stats()["groups"]["g"]
+        mine = pool.listen("g", "jobs", timeout=5)
+        report = [listener.closed, stats["exclusive_open"], stats["listeners"], mine.endpoint]
+        mine.close()
+        return json.dumps(report)
+
+    reported = json.loads(run_in_forked_child(in_child))
     assert reported == [True, 0, 0, label(pg)]
     block.__exit__(None, None, None)
     assert group_stats(pool)["exclusive_open"] == 1  # the listener's

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 import time
 from typing import Any
 
 import pytest
+from forking import run_in_forked_child
 from modes import MODE, join_all, spawn
 
 pytest.importorskip("opentelemetry.sdk")
@@ -238,24 +238,12 @@ def test_a_forked_child_records_its_own_loans_only(make_pool, reader, monkeypatc
 
     loans(10)  # nothing collected: the parent's buffers hold its folded durations
     assert any(buffer.values for _, _, buffer in instrumentation._buffers)
-    read_end, write_end = os.pipe()
-    child = os.fork()
-    if child == 0:  # the child: report what it records, then leave without cleanup
-        code = 1
-        try:
-            os.close(read_end)
-            loans(2)
-            wait = point(read(reader), "db.client.connection.wait_time", **{POOL_NAME: "g"})
-            os.write(write_end, str(wait.count).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    _, status = os.waitpid(child, 0)
-    reported = os.read(read_end, 64).decode()
-    os.close(read_end)
-    assert status == 0
-    assert reported == "2"
+
+    def in_child() -> int:  # what the child records
+        loans(2)
+        return point(read(reader), "db.client.connection.wait_time", **{POOL_NAME: "g"}).count
+
+    assert run_in_forked_child(in_child) == "2"
     assert point(read(reader), "db.client.connection.wait_time", **{POOL_NAME: "g"}).count == 10
     instrumentation.stop()
 

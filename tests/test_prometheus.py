@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import time
 import urllib.request
@@ -11,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from forking import run_in_forked_child
 from modes import MODE, join_all, spawn
 
 from greenpool.testing.postgres import free_port
@@ -328,21 +328,10 @@ def test_a_forked_child_exports_its_own_loans_only(make_pool):
     loans(5)
     assert used() == 5  # folded at this scrape
     loans(7)  # recorded, not folded yet at fork
-    read_end, write_end = os.pipe()
-    child = os.fork()
-    if child == 0:  # the child: report what it exports, then leave without cleanup
-        code = 1
-        try:
-            os.close(read_end)
-            loans(2)
-            os.write(write_end, f"{used()} {pool.group('g').counters.timings.wait.count}".encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    _, status = os.waitpid(child, 0)
-    reported = os.read(read_end, 64).decode()
-    os.close(read_end)
-    assert status == 0
-    assert reported == "2.0 2"
+
+    def in_child() -> str:  # what the child exports
+        loans(2)
+        return f"{used()} {pool.group('g').counters.timings.wait.count}"
+
+    assert run_in_forked_child(in_child) == "2.0 2"
     assert used() == 12  # the parent's own, the unfolded ones included

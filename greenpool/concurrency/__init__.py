@@ -9,6 +9,7 @@ made to yield.
 - ``gevent_backend``, ``eventlet_backend``, ``thread_backends``: one module per mode;
 - ``waits``: psycopg2's wait callbacks (cancel on interruption, blocking-mode deadlines);
 - ``fork``: connects in flight across ``fork()``;
+- ``tasks``: background tasks one owner starts and ends together;
 - ``originals``: the real ``select``/``_thread`` whichever library patched them;
 - ``modes``: a mode's name to its backend; ``detection``: which mode fits the process.
 """

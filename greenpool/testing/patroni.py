@@ -20,7 +20,6 @@ processes start, fail and are cleaned up together.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import glob
 import json
@@ -45,8 +44,11 @@ from greenpool.testing.processes import (
     give_to,
     names,
     pids_naming,
+    register,
     server_owner,
     stop_pid,
+    stop_started,
+    unregister,
 )
 
 __all__ = ["PatroniCluster", "PatroniError", "PatroniNode", "destroy_all", "missing"]
@@ -56,7 +58,6 @@ START_TIMEOUT = 90.0  # seconds for the whole cluster to come up (initdb + two b
 STOP_WAIT = 10.0
 #: HAProxy's health checks of Patroni's REST API: a dead or demoted node is out within ~0.6 s
 HAPROXY_CHECKS = "inter 300ms fall 2 rise 1"
-_live: set[PatroniCluster] = set()
 
 
 class PatroniError(RuntimeError):
@@ -323,10 +324,7 @@ class PatroniCluster:
         self.replica_port = free_port(HOST) if haproxy else 0
         self.nodes = [PatroniNode(self, i) for i in range(nodes)]
         give_to(self._owner, self.root)
-        #: the process that made this cluster: the only one whose exit hook may destroy it
-        #: (a child made with os.fork() inherits ``_live`` but owns none of it)
-        self.owner_pid = os.getpid()
-        _live.add(self)
+        register(self, self.destroy)  # destroyed at exit if forgotten (processes.py)
 
     def __repr__(self) -> str:
         return f"<PatroniCluster {self.scope} {self.nodes}>"
@@ -429,7 +427,7 @@ class PatroniCluster:
             for other in pids_naming(self.root):
                 stop_pid(other, signal.SIGKILL, STOP_WAIT)
         finally:
-            _live.discard(self)
+            unregister(self)
             shutil.rmtree(self.root, ignore_errors=True)
 
     # -- state --------------------------------------------------------------------------
@@ -657,14 +655,5 @@ class PatroniCluster:
 
 def destroy_all() -> None:
     """Destroy every Patroni cluster this process made and has not destroyed yet. A forked
-    child's copy of the list names its parent's clusters: they are left alone."""
-    for cluster in list(_live):
-        if cluster.owner_pid != os.getpid():
-            continue
-        with contextlib.suppress(Exception):
-            cluster.destroy()
-
-
-@atexit.register
-def _destroy_leftovers() -> None:
-    destroy_all()
+    child leaves its parent's alone; the exit hook does it too."""
+    stop_started(PatroniCluster)

@@ -11,7 +11,6 @@ the process that made it, never in a child made with ``os.fork()``. The binary i
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
 import shutil
@@ -24,14 +23,23 @@ from pathlib import Path
 from typing import Any
 
 from greenpool.testing.postgres import Cluster, free_port
-from greenpool.testing.processes import as_owner, give_to, pids_naming, server_owner, stop_pid
+from greenpool.testing.processes import (
+    as_owner,
+    give_to,
+    inherited,
+    pids_naming,
+    register,
+    server_owner,
+    stop_pid,
+    stop_started,
+    unregister,
+)
 
 __all__ = ["BINARY", "PgBouncer", "available", "stop_all"]
 
 BINARY = (os.environ.get("PGBOUNCER") or shutil.which("pgbouncer")
           or shutil.which("pgbouncer", path="/usr/sbin") or "/usr/sbin/pgbouncer")
 STOP_WAIT = 10.0  # seconds PgBouncer gets to exit after SIGTERM before SIGKILL
-_live: set[PgBouncer] = set()  # not stopped yet: stopped at exit
 
 
 def available() -> bool:
@@ -60,9 +68,7 @@ class PgBouncer:
             "pidfile": str(self.root / "pgbouncer.pid"), **settings,
         }
         self._proc: subprocess.Popen[bytes] | None = None
-        #: the process that made it: the only one that stops it (see :func:`stop_all`)
-        self.owner_pid = os.getpid()
-        _live.add(self)
+        register(self, self.stop)  # stopped at exit if forgotten (processes.py)
 
     def start(self) -> PgBouncer:
         """Start PgBouncer; return once it accepts connections. On any way out but a
@@ -124,7 +130,7 @@ class PgBouncer:
         """Stop PgBouncer by its PID (SIGTERM, then SIGKILL after :data:`STOP_WAIT`) and
         remove its directory. Idempotent; a no-op in any process but the one that made it
         (a forked child's copy is its parent's)."""
-        if self.owner_pid != os.getpid():
+        if inherited(self):
             return
         proc, self._proc = self._proc, None
         try:
@@ -136,7 +142,7 @@ class PgBouncer:
             for other in pids_naming(self.root):
                 stop_pid(other, signal.SIGKILL, STOP_WAIT)
         finally:
-            _live.discard(self)
+            unregister(self)
             shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> PgBouncer:
@@ -148,14 +154,5 @@ class PgBouncer:
 
 def stop_all() -> None:
     """Stop every PgBouncer this process made and has not stopped yet (never its parent's,
-    in a forked child)."""
-    for bouncer in list(_live):
-        if bouncer.owner_pid == os.getpid():
-            with contextlib.suppress(Exception):
-                bouncer.stop()
-
-
-@atexit.register
-def _stop_leftovers() -> None:
-    """Never leave a PgBouncer behind when a test run forgets (or fails) to stop one."""
-    stop_all()
+    in a forked child); the exit hook does it too."""
+    stop_started(PgBouncer)

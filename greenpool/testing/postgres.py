@@ -9,8 +9,6 @@ greenpool, so tests can build servers before (and independently of) the pool.
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import glob
 import os
 import re
@@ -32,8 +30,11 @@ from greenpool.testing.processes import (
     kill_group,
     names,
     pids_naming,
+    register,
     server_owner,
     stop_pid,
+    stop_started,
+    unregister,
 )
 
 __all__ = ["Cluster", "ClusterError", "PostgresNotFound", "destroy_all", "find_pg_bin",
@@ -42,7 +43,6 @@ __all__ = ["Cluster", "ClusterError", "PostgresNotFound", "destroy_all", "find_p
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 TIMEOUT = 60  # seconds; every server command gets one so a wedged tool cannot hang a test run
 STOP_WAIT = 10.0  # seconds a postmaster gets to exit after SIGQUIT before SIGKILL
-_live: set[Cluster] = set()  # clusters not destroyed yet, cleaned up at exit
 
 _HBA = """\
 # greenpool.testing.postgres: password (scram) everywhere, loopback only
@@ -135,10 +135,7 @@ class Cluster:
         self.datadir = self.root / "data"
         self.logfile = self.root / "server.log"
         give_to(self._owner, self.root)
-        #: the process that made this cluster: the only one whose exit hook may destroy it
-        #: (a child made with os.fork() inherits ``_live`` but owns none of it)
-        self.owner_pid = os.getpid()
-        _live.add(self)
+        register(self, self.destroy)  # destroyed at exit if forgotten (processes.py)
 
     def __repr__(self) -> str:
         state = "running" if self.is_running() else "stopped"
@@ -247,7 +244,7 @@ class Cluster:
             for other in pids_naming(self.root):
                 stop_pid(other, signal.SIGKILL, STOP_WAIT)
         finally:
-            _live.discard(self)
+            unregister(self)
             shutil.rmtree(self.root, ignore_errors=True)
 
     # -- client side -------------------------------------------------------------------
@@ -362,16 +359,5 @@ class Cluster:
 
 def destroy_all() -> None:
     """Destroy every cluster this process made and has not destroyed yet (cleanup after a
-    signal, and at exit). A forked child's copy of the list names its parent's clusters:
-    they are left alone."""
-    for cluster in list(_live):
-        if cluster.owner_pid != os.getpid():
-            continue
-        with contextlib.suppress(Exception):
-            cluster.destroy()
-
-
-@atexit.register
-def _destroy_leftovers() -> None:
-    """Never leave a postmaster behind when a test run forgets (or fails) to destroy one."""
-    destroy_all()
+    signal; the exit hook does it too). A forked child leaves its parent's alone."""
+    stop_started(Cluster)

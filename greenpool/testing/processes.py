@@ -4,10 +4,17 @@ PostgreSQL and PgBouncer refuse to run as root, so when this process is root eac
 runs as the ``postgres`` OS user (:func:`server_owner`, :func:`as_owner`, :func:`give_to`).
 Every server is stopped by its own PID, never by name, and its leftovers are found by the
 temporary directory on their command line (:func:`pids_naming`), through ``/proc``.
+
+One registry of what is left to clean up, for every helper (:func:`register` when a helper
+first holds something, its temporary directory; :func:`unregister` once stopped and removed):
+one exit hook stops what *this* process made and left running, newest first. A child made
+with ``os.fork()`` inherits the registry but owns none of it, so its exit (a normal one runs
+the hooks) never stops its parent's servers: each entry names the PID that made it.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import glob
 import os
@@ -15,13 +22,57 @@ import pwd
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-__all__ = ["SERVER_OS_USER", "alive", "as_owner", "give_to", "kill_group", "names",
-           "pids_naming", "server_owner", "stop_pid"]
+__all__ = ["SERVER_OS_USER", "alive", "as_owner", "give_to", "inherited", "kill_group", "names",
+           "pids_naming", "register", "server_owner", "stop_pid", "stop_started", "unregister"]
 
 SERVER_OS_USER = "postgres"  # who runs the servers when we are root
+
+class _Started(NamedTuple):
+    thing: object
+    pid: int  # the process that made it: the only one that stops it at exit
+    stop: Callable[[], None]
+
+
+#: id(thing) -> what made it and how it is stopped; in the order things were made
+_started: dict[int, _Started] = {}
+
+
+def register(thing: object, stop: Callable[[], None]) -> None:
+    """``thing`` holds something to clean up (its directory, soon its processes): ``stop``
+    it at exit unless :func:`unregister` is called first (only in this process)."""
+    _started[id(thing)] = _Started(thing, os.getpid(), stop)
+
+
+def unregister(thing: object) -> None:
+    """``thing`` is stopped and removed: nothing is left for the exit hook."""
+    _started.pop(id(thing), None)
+
+
+def inherited(thing: object) -> bool:
+    """Whether ``thing`` was made by another process (this one is a forked child of it)."""
+    entry = _started.get(id(thing))
+    return entry is not None and entry.pid != os.getpid()
+
+
+def stop_started(kind: type = object) -> None:
+    """Stop every thing (of ``kind``) this process made and has not stopped yet, newest
+    first (a PgBouncer before the cluster behind it); never its parent's, in a forked
+    child. A failure to stop one does not keep the others running."""
+    pid = os.getpid()
+    for entry in reversed(list(_started.values())):
+        if entry.pid == pid and isinstance(entry.thing, kind):
+            with contextlib.suppress(Exception):
+                entry.stop()
+
+
+@atexit.register
+def _stop_leftovers() -> None:
+    """Never leave a server behind when a run forgets (or fails) to stop one."""
+    stop_started()
 
 
 def server_owner() -> pwd.struct_passwd | None:

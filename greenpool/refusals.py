@@ -1,0 +1,62 @@
+"""What one group remembers of connect failures retrying cannot fix: who refused, why, until when.
+
+Such a refusal (bad password, missing database or role, a parameter a pooler refuses: see
+failures.py) says nothing against the server's health, so it never quarantines the server.
+The group leaves that endpoint alone instead, for the endpoints' longest ``quarantine_max``
+(its rounds skip it, the promotion watch too: a connect every few milliseconds would fail
+the same way), and once every endpoint refused it, callers get :meth:`Refusals.error` at
+once rather than waiting out their acquire timeout. A connect that succeeds forgets it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+
+from .endpoint import Endpoint
+from .errors import ConnectFailed
+
+
+class Refusals:
+    """The endpoints that refused one group for a reason retrying cannot fix, and why."""
+
+    def __init__(self, endpoints: Sequence[Endpoint]) -> None:
+        #: endpoint -> (until when, message)
+        self._by_endpoint: dict[Endpoint, tuple[float, str]] = {}
+        self._pause = max(ep.backoff_max for ep in endpoints)
+
+    def remember(self, endpoint: Endpoint, message: str, now: float) -> None:
+        self._by_endpoint[endpoint] = (now + self._pause, message)
+
+    def forget(self, endpoint: Endpoint) -> None:
+        self._by_endpoint.pop(endpoint, None)
+
+    def blocks(self, endpoint: Endpoint, now: float) -> bool:
+        """Whether ``endpoint`` refused the group and its pause has not ended yet."""
+        refusal = self._by_endpoint.get(endpoint)
+        return refusal is not None and refusal[0] > now
+
+    def refused(self, now: float) -> set[Endpoint]:
+        """The endpoints :meth:`blocks` now."""
+        return {ep for ep, (until, _) in list(self._by_endpoint.items()) if until > now}
+
+    def error(self, group: str, endpoints: Sequence[Endpoint], now: float) -> ConnectFailed | None:
+        """The error to raise at once when every one of ``endpoints`` refused the group
+        within its pause, else None."""
+        if not self._by_endpoint:
+            return None
+        messages = []
+        for ep in endpoints:
+            until, message = self._by_endpoint.get(ep, (0.0, ""))
+            if until <= now:
+                return None
+            messages.append(f"{ep.label}: {message}")
+        return ConnectFailed(
+            f"group {group!r}: {'; '.join(messages)}; retrying cannot help: fix the "
+            f"configuration (credentials, database name, settings a pooler refuses)"
+        )
+
+    def apply(self, endpoints: Sequence[Endpoint], kept: Collection[Endpoint]) -> None:
+        """A new configuration: the pause follows ``endpoints``; refusals of endpoints not
+        ``kept`` are forgotten (a new dict: others read the old one without a lock)."""
+        self._by_endpoint = {ep: v for ep, v in self._by_endpoint.items() if ep in kept}
+        self._pause = max(ep.backoff_max for ep in endpoints)
