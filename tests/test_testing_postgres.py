@@ -240,6 +240,38 @@ def test_a_forked_child_that_exits_normally_leaves_the_parents_cluster_running(
     assert done.stdout.split() == ["0", "True", "True"], done.stdout + done.stderr
 
 
+FORKED_CHILD_UNWINDS = """
+import os, sys
+from greenpool.testing.postgres import Cluster
+how = sys.argv[1]
+with Cluster() as cluster:
+    child = os.fork()
+    if child == 0:  # the child leaves through the with block, as a test's teardown would
+        if how == "exit":
+            sys.exit(0)
+        raise RuntimeError("the child fails")
+    _, status = os.waitpid(child, 0)
+    print(status != 0, cluster.is_running(), cluster.datadir.exists(), flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["exit", "raise"])
+def test_a_forked_child_leaving_a_with_block_leaves_the_parents_cluster_running(
+    how: str,
+) -> None:
+    """A child made with ``os.fork()`` inside ``with Cluster()`` (or a fixture) that exits
+    by ``sys.exit`` or an exception unwinds through destroy(): a no-op there."""
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", FORKED_CHILD_UNWINDS, how],
+                          capture_output=True, text=True, timeout=120, check=False,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(how == "raise"), "True", "True"], done.stdout + done.stderr
+
+
 USERS_CONFTEST = 'pytest_plugins = ["greenpool.testing.fixtures"]\n'
 USERS_TEST = '''
 import psycopg2

@@ -90,6 +90,18 @@ def test_a_forked_child_that_exits_leaves_the_parents_patroni_cluster_running() 
     assert not alive(result["pid"])  # stopped by the exit hook of the process that made it
 
 
+PATRONI_FORKED_CHILD_DESTROYS = PATRONI_FORKED_CHILD_EXITS.replace(
+    "sys.exit(0)  # a normal exit: atexit hooks run in the child",
+    "cluster.destroy(); sys.exit(0)  # as a with block or a fixture unwinding in the child")
+
+
+@pytest.mark.skipif(patroni.missing() is not None, reason=str(patroni.missing()))
+def test_a_forked_child_destroying_the_parents_patroni_cluster_leaves_it_running() -> None:
+    result = run_script(PATRONI_FORKED_CHILD_DESTROYS)
+    assert result["status"] == 0 and result["running"] is True, result["stderr"]
+    assert not alive(result["pid"])
+
+
 @pytest.mark.skipif(patroni.missing() is not None, reason=str(patroni.missing()))
 @pytest.mark.skipif(MODE != "gevent", reason="the harness alone: runs once, in the gevent process")
 def test_a_first_node_whose_bootstrap_fails_is_started_over_once() -> None:

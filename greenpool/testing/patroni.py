@@ -42,6 +42,7 @@ from greenpool.testing.postgres import PostgresNotFound, find_pg_bin, free_port
 from greenpool.testing.processes import (
     as_owner,
     give_to,
+    inherited,
     names,
     pids_naming,
     register,
@@ -411,7 +412,10 @@ class PatroniCluster:
             shutil.rmtree(first.datadir, ignore_errors=True)
 
     def destroy(self) -> None:
-        """Stop everything by PID (nodes, HAProxy, etcd) and delete the directory. Idempotent."""
+        """Stop everything by PID (nodes, HAProxy, etcd) and delete the directory. Idempotent;
+        a no-op in a child made with ``os.fork()`` (the cluster is its parent's)."""
+        if inherited(self):
+            return
         try:
             for node in self.nodes:
                 with contextlib.suppress(Exception):

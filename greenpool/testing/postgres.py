@@ -27,6 +27,7 @@ from psycopg2 import sql as pgsql
 from greenpool.testing.processes import (
     as_owner,
     give_to,
+    inherited,
     kill_group,
     names,
     pids_naming,
@@ -235,8 +236,12 @@ class Cluster:
         gets SIGQUIT by PID, which is what ``pg_ctl stop -m immediate`` sends, then SIGKILL if
         it has not exited within ``STOP_WAIT``. Any other process still naming this cluster's
         directory on its command line (an ``initdb``, a ``pg_basebackup``, a postmaster that
-        had not written its PID file yet) is killed too. Idempotent.
+        had not written its PID file yet) is killed too. Idempotent; a no-op in a child made
+        with ``os.fork()`` (its ``with`` block or fixture teardown unwinding there must not
+        destroy the parent's server).
         """
+        if inherited(self):
+            return
         try:
             pid = self.pid
             if pid is not None:
