@@ -12,9 +12,10 @@ from typing import Any
 import psycopg2
 import pytest
 from faults import BlackHole, Ticker
+from scripts import run_script
 
 from greenpool.testing.postgres import Cluster, ClusterError, PostgresNotFound, find_pg_bin
-from greenpool.testing.processes import pids_naming
+from greenpool.testing.processes import alive, pids_naming
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, step: float = 0.05) -> Any:
@@ -270,6 +271,48 @@ def test_a_forked_child_leaving_a_with_block_leaves_the_parents_cluster_running(
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [str(how == "raise"), "True", "True"], done.stdout + done.stderr
+
+
+LEFT_AT_EXIT = """
+import json, os, signal
+from greenpool.testing.pgbouncer import PgBouncer
+from greenpool.testing.postgres import Cluster
+from greenpool.testing.processes import alive, pids_naming
+primary = Cluster()
+primary.init()
+primary.start()
+standby = primary.make_standby()
+bouncer = PgBouncer(primary).start()
+never_started = Cluster()
+stopped = Cluster()
+stopped.init()
+stopped.start()
+stopped.stop()
+interrupted = Cluster()
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+signal.signal(signal.SIGALRM, interrupt)
+signal.setitimer(signal.ITIMER_REAL, 0.2)  # within initdb
+try:
+    interrupted.init()
+except KeyboardInterrupt:
+    pass
+signal.setitimer(signal.ITIMER_REAL, 0)
+made = [primary, standby, bouncer, never_started, stopped, interrupted]
+pids = [bouncer.pid] + [pid for c in (primary, standby) for pid in pids_naming(c.root)]
+print(json.dumps({"roots": [str(c.root) for c in made], "pids": pids}))
+"""
+
+
+def test_what_a_process_leaves_running_is_stopped_and_removed_at_its_exit() -> None:
+    """Servers running, stopped, never started, an initdb cut short by a signal: the
+    process's exit hook stops each by PID and removes every directory."""
+    result = run_script(LEFT_AT_EXIT, timeout=120)
+    still = [pid for pid in result["pids"] if alive(pid)]
+    assert len(result["pids"]) >= 3 and still == [], still
+    assert [root for root in result["roots"] if Path(root).exists()] == []
 
 
 USERS_CONFTEST = 'pytest_plugins = ["greenpool.testing.fixtures"]\n'
