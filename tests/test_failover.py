@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import threading
 import time
 from typing import Any
 
@@ -19,7 +20,7 @@ from faults import Ticker
 from forking import run_in_forked_child
 from modes import GREEN, MODE, join_all, sleep, spawn, wait_until
 
-from greenpool import CommitOutcomeUnknown, NoHealthyEndpoint, PoolTimeout
+from greenpool import CommitOutcomeUnknown, NoHealthyEndpoint, PoolClosed, PoolTimeout
 
 SECRET = "Failover-S3cret-pw"
 
@@ -367,6 +368,40 @@ def test_a_watched_standby_taken_out_by_reconfigure_is_let_go_while_writers_wait
         running[0] = False
         pool.close()  # the writers wait for a primary that is gone: PoolClosed ends them
         join_all(tasks, 10)
+
+
+def test_closing_the_pool_during_a_watch_ends_it_and_the_writers_leaving_no_session_or_slot(
+    make_pool, pg_factory
+):
+    """The primary crashed, writers wait, the write group watches the standby; then the
+    pool is closed. Every writer gets PoolClosed, the watch's session on the standby
+    closes, no connect task is left (no thread, in threaded mode), and the group's room
+    and its per-endpoint counts are back to zero."""
+    primary = pg_factory()
+    standby = pg_factory(standby_of=primary)
+    pool = make_pool({"write": {"role": "primary", "connection_count": 2, "timeout": 30}},
+                     db=[primary.endpoint(), standby.endpoint()], role_check_interval=5)
+    group = pool.group("write")
+    with pool.handler("write") as db:
+        db.query_one("SELECT 1")
+    primary.stop("immediate")
+
+    def write() -> int:
+        with pool.handler("write") as db:
+            return int(db.query_one("SELECT inet_server_port()")[0])
+
+    threads_before = set(threading.enumerate())
+    writers = [spawn(write) for _ in range(3)]
+    wait_until(lambda: pool_backends(standby) == 1, 10, "the watch of the standby")
+    pool.close()
+    join_all(writers, 10)
+    assert all(isinstance(writer.error, PoolClosed) for writer in writers), [
+        repr(writer.error) for writer in writers]
+    wait_until(lambda: pool_backends(standby) == 0, 5, "the watch's session to close")
+    wait_until(lambda: set(threading.enumerate()) <= threads_before, 5, "no task left")
+    stats = group.stats()
+    assert (stats["size"], stats["in_use"], stats["connecting"]) == (0, 0, 0), stats
+    assert sorted(group.connector.counts.values()) == [0, 0]
 
 
 def _create_temp_table(raw: Any) -> None:
