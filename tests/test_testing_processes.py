@@ -67,6 +67,37 @@ def test_as_root_without_the_servers_os_user_a_cluster_is_refused_by_name_leavin
     assert list(tmp_path.iterdir()) == []  # no directory made for it
 
 
+INTERRUPTED_AT_EXIT = """
+import json, os, signal
+from greenpool.testing.postgres import Cluster
+first = Cluster()
+first.init()
+first.start()
+last = Cluster()
+last.init()
+last.start()
+os.kill(last.pid, signal.SIGSTOP)  # the exit hook stops it first, and waits for it
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt  # a second Ctrl-C, while the exit hook waits
+
+signal.signal(signal.SIGALRM, interrupt)
+print(json.dumps({"pids": [first.pid, last.pid], "roots": [str(first.root), str(last.root)]}))
+signal.setitimer(signal.ITIMER_REAL, 0.5)
+"""
+
+
+def test_an_exit_hook_interrupted_while_it_waits_for_a_server_still_stops_every_one() -> None:
+    """The server being stopped is killed at once, and the others are stopped too."""
+    result = run_script(INTERRUPTED_AT_EXIT, timeout=60)
+    assert "KeyboardInterrupt" in result["stderr"]  # it did come while the hook waited
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in result["pids"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [pid for pid in result["pids"] if alive(pid)] == []
+    assert [root for root in result["roots"] if Path(root).exists()] == []
+
+
 PATRONI_FORKED_CHILD_EXITS = """
 import json, os, sys
 from greenpool.testing.patroni import PatroniCluster

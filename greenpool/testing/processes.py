@@ -61,12 +61,21 @@ def inherited(thing: object) -> bool:
 def stop_started(kind: type = object) -> None:
     """Stop every thing (of ``kind``) this process made and has not stopped yet, newest
     first (a PgBouncer before the cluster behind it); never its parent's, in a forked
-    child. A failure to stop one does not keep the others running."""
+    child. A failure to stop one does not keep the others running, nor does an interruption
+    (a second Ctrl-C while the exit hook waits for a server): it is raised once every other
+    thing was stopped."""
     pid = os.getpid()
+    interrupted: BaseException | None = None
     for entry in reversed(list(_started.values())):
         if entry.pid == pid and isinstance(entry.thing, kind):
-            with contextlib.suppress(Exception):
+            try:
                 entry.stop()
+            except Exception:
+                pass
+            except BaseException as exc:
+                interrupted = interrupted or exc
+    if interrupted is not None:
+        raise interrupted
 
 
 @atexit.register
@@ -141,17 +150,24 @@ def alive(pid: int) -> bool:
 
 
 def stop_pid(pid: int, first: signal.Signals, within: float) -> None:
-    """Send ``first``; if ``pid`` is still alive after ``within`` seconds, SIGKILL it."""
-    for sig, wait in ((first, within), (signal.SIGKILL, within)):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        while alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        if not alive(pid):
-            return
+    """Send ``first``; if ``pid`` is still alive after ``within`` seconds, SIGKILL it. An
+    interruption while waiting (a signal's exception, a timeout) SIGKILLs it at once before
+    it goes on: a stop cut short never leaves the process running."""
+    try:
+        for sig, wait in ((first, within), (signal.SIGKILL, within)):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                return
+            deadline = time.monotonic() + wait
+            while alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if not alive(pid):
+                return
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+        raise
 
 
 def _mentions(cmdline: bytes, root: Path) -> bool:

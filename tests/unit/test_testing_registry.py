@@ -51,6 +51,24 @@ def test_what_this_process_made_is_stopped_newest_first_even_if_one_fails(
     assert not any(id(server) in processes._started for server in servers)
 
 
+class Interrupted(Server):
+    def stop(self) -> None:
+        super().stop()
+        raise KeyboardInterrupt  # a second Ctrl-C while the exit hook waits for it
+
+
+def test_an_interrupted_stop_keeps_none_of_the_others_running_and_is_raised_after(
+    stopped: list[str],
+) -> None:
+    servers = [Server("cluster", stopped), Interrupted("bouncer", stopped),
+               Server("standby", stopped)]
+    for server in servers:
+        register(server, server.stop)
+    with pytest.raises(KeyboardInterrupt):
+        stop_started()
+    assert stopped == ["standby", "bouncer", "cluster"]
+
+
 def test_only_the_kind_asked_for_is_stopped(stopped: list[str]) -> None:
     cluster, bouncer = Server("cluster", stopped), Bouncer("bouncer", stopped)
     register(cluster, cluster.stop)
