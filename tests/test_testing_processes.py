@@ -133,6 +133,36 @@ def test_a_forked_child_destroying_the_parents_patroni_cluster_leaves_it_running
     assert not alive(result["pid"])
 
 
+PATRONI_INTERRUPTED_AT_EXIT = """
+import json, os, signal
+from greenpool.testing.patroni import PatroniCluster
+cluster = PatroniCluster(nodes=1)
+cluster.start()
+os.kill(cluster.nodes[0].postmaster_pid, signal.SIGSTOP)  # Patroni waits for it at stop
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt  # a second Ctrl-C, while the exit hook waits for Patroni
+
+signal.signal(signal.SIGALRM, interrupt)
+print(json.dumps({"root": str(cluster.root), "etcd": cluster.etcd.pid}))
+signal.setitimer(signal.ITIMER_REAL, 0.5)
+"""
+
+
+@pytest.mark.skipif(patroni.missing() is not None, reason=str(patroni.missing()))
+@pytest.mark.skipif(MODE != "gevent", reason="the harness alone: runs once, in the gevent process")
+def test_a_patroni_cluster_whose_destroy_is_interrupted_leaves_no_process() -> None:
+    """The node being stopped, its PostgreSQL and etcd are all killed before it goes on."""
+    result = run_script(PATRONI_INTERRUPTED_AT_EXIT, timeout=150)
+    assert "KeyboardInterrupt" in result["stderr"]  # it did come while the hook waited
+    root = Path(result["root"])
+    deadline = time.monotonic() + 10
+    while pids_naming(root) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pids_naming(root) == [] and not alive(result["etcd"])
+    assert not root.exists()
+
+
 @pytest.mark.skipif(patroni.missing() is not None, reason=str(patroni.missing()))
 @pytest.mark.skipif(MODE != "gevent", reason="the harness alone: runs once, in the gevent process")
 def test_a_first_node_whose_bootstrap_fails_is_started_over_once() -> None:

@@ -43,6 +43,7 @@ from greenpool.testing.processes import (
     as_owner,
     give_to,
     inherited,
+    kill_naming,
     names,
     pids_naming,
     register,
@@ -430,6 +431,9 @@ class PatroniCluster:
                     proc.wait(STOP_WAIT)
             for other in pids_naming(self.root):
                 stop_pid(other, signal.SIGKILL, STOP_WAIT)
+        except BaseException:  # interrupted while waiting for one: the rest go at once
+            kill_naming(self.root)
+            raise
         finally:
             unregister(self)
             shutil.rmtree(self.root, ignore_errors=True)

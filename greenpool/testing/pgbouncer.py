@@ -27,6 +27,7 @@ from greenpool.testing.processes import (
     as_owner,
     give_to,
     inherited,
+    kill_naming,
     pids_naming,
     register,
     server_owner,
@@ -141,6 +142,9 @@ class PgBouncer:
             # one started by an interrupted Popen() (no handle): found by its ini's path
             for other in pids_naming(self.root):
                 stop_pid(other, signal.SIGKILL, STOP_WAIT)
+        except BaseException:  # interrupted while waiting for one: the rest go at once
+            kill_naming(self.root)
+            raise
         finally:
             unregister(self)
             shutil.rmtree(self.root, ignore_errors=True)

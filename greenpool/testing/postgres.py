@@ -29,6 +29,7 @@ from greenpool.testing.processes import (
     give_to,
     inherited,
     kill_group,
+    kill_naming,
     names,
     pids_naming,
     register,
@@ -248,6 +249,9 @@ class Cluster:
                 stop_pid(pid, signal.SIGQUIT, STOP_WAIT)
             for other in pids_naming(self.root):
                 stop_pid(other, signal.SIGKILL, STOP_WAIT)
+        except BaseException:  # interrupted while waiting for one: the rest go at once
+            kill_naming(self.root)
+            raise
         finally:
             unregister(self)
             shutil.rmtree(self.root, ignore_errors=True)
