@@ -9,7 +9,10 @@ One registry of what is left to clean up, for every helper (:func:`register` whe
 first holds something, its temporary directory; :func:`unregister` once stopped and removed):
 one exit hook stops what *this* process made and left running, newest first. A child made
 with ``os.fork()`` inherits the registry but owns none of it, so its exit (a normal one runs
-the hooks) never stops its parent's servers: each entry names the PID that made it.
+the hooks) never stops its parent's servers: each entry names the PID that made it, and
+each helper's cleanup is a no-op there. A stop cut short (a second Ctrl-C, a timeout)
+SIGKILLs what it was waiting for and every process naming that directory
+(:func:`kill_naming`), and the exit hook still stops the others.
 """
 
 from __future__ import annotations
