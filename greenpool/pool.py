@@ -99,7 +99,7 @@ class Pool:
         if self._forked:
             self._resume_after_fork()
         found = self._groups.get(group) if group is not None else None
-        return Handler(self, found or self.group(group), timeout, idempotent)
+        return Handler(found or self.group(group), timeout, idempotent)
 
     def exclusive(self, group: str | None = None, *, timeout: float | None = None) -> Exclusive:
         """A context manager giving a raw psycopg2 connection of the caller's own for a
