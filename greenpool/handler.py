@@ -129,12 +129,11 @@ class Handler:
         task = self._task = group.current_task()  # a failed entry cannot be retried
         holders = group.holders
         outer = holders.get(task)
-        if outer is not None and outer._pc is not None and outer._pc.raw.closed:
-            outer._give_up(task)  # its connection is gone: no block can go on inside it
-            outer = None
         if outer is not None and outer._pc is not None:
-            self._enter_nested(outer, outer._pc)
-            return self
+            if not outer._pc.raw.closed:
+                self._enter_nested(outer, outer._pc)
+                return self
+            outer._give_up(task)  # its connection is gone: no block can go on inside it
         pc = group.acquire(self._timeout)
         try:
             pc.dirty = False  # this handler sees everything the loan does from here
