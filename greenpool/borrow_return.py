@@ -16,6 +16,11 @@ The rules come from measured driver behaviour, each kept by a test:
   transaction-mode pooler no ``DISCARD ALL`` is sent (see :func:`_reset_session`).
 * The borrow check is bounded by the caller's remaining time, the rollback and reset on
   return by ``connect_timeout``.
+
+A clean loan's return is one test after the connection's state is read (open, idle, not
+dirty, psycopg2 agreeing nothing is open): a connection whose raw object never reached the
+caller (a handler's clean loan) still has the group's autocommit and session flags, so
+they are looked at only for the loans that go on to :func:`_reset`.
 """
 
 from __future__ import annotations

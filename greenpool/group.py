@@ -8,6 +8,12 @@ line in :mod:`greenpool.group_line`, retiring and live changes in
 :mod:`greenpool.group_retiring`. How connections are made is the connector's job
 (:mod:`greenpool.connector`), which endpoint they go to is placement's
 (:mod:`greenpool.placement`), and upkeep is housekeeping's (:mod:`greenpool.housekeeping`).
+
+A clean loan here: the borrow takes the most recently returned idle connection and checks
+it (:func:`~greenpool.borrow_return.check_on_borrow`: a zero-timeout poll, no round trip);
+the return resets it (:func:`~greenpool.borrow_return.reset_on_return`: one test for a
+clean loan) and puts it back (:meth:`Group.reuse`), whether it retires decided once, after
+the reset. In the modes with one thread both sections run without the lock's ``with``.
 """
 
 from __future__ import annotations

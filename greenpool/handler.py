@@ -16,6 +16,14 @@ then give each open nested block a fresh savepoint. docs/quickstart.md has the f
 Session state: the handler marks a loan dirty when a statement may change the session (see
 sessionstate.py) or the raw cursor/connection is used; only a dirty loan is reset on return.
 
+The clean loan (``with pool.handler() as db: db.query(sql)``, the path every request takes)
+is what this module keeps cheap: one object of 7 slots per block (what only a nest, a lost
+connection or a given-up block needs is made on demand); the task asked at entry and by
+each statement (a block is its task's); the nesting table looked up and written once at
+entry, cleared at exit; and
+``query()`` runs a statement already known clean in its own frame, on the task that
+entered the block, without the replay loop (which it enters only when the statement fails).
+
 Replays: a statement is re-run on a fresh connection (another endpoint if its server is
 gone) only when re-running cannot duplicate a write and cannot lose earlier work:
 
