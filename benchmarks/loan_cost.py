@@ -14,7 +14,11 @@ that a swing hits both alike, and still needs many rounds). Two counts do not mo
   minus one running none, so start-up and connects cancel out (repeatable to about ±1 %;
   the kernel's share, a system call like the borrow check's ``poll``, is not counted).
 
-Each child process connects to one throwaway server started here.
+Each child process holds both pools, on one throwaway server started here, and lends from
+one: as in ``ab_overhead``, both share the process's gevent hub and psycopg2 wait callback
+(greenpool's, installed by its pool), whose costs depend on the process's history (how deep
+the C stack was when the hub first ran sets what every switch to it copies), not on the
+pool.
 """
 
 from __future__ import annotations
@@ -40,14 +44,16 @@ import collections, json, sys
 from benchmarks.adapters import GreenPool, Psycopg2Simple, Target
 target = Target(**json.loads(sys.argv[1]))
 which, loans, trace = sys.argv[2], int(sys.argv[3]), sys.argv[4] == "trace"
-adapter = (GreenPool if which == "greenpool" else Psycopg2Simple)(target, 10)
+both = {"greenpool": GreenPool(target, 10), "simple": Psycopg2Simple(target, 10)}
 
-def run(n):
+def run(adapter, n):
     for _ in range(n):
         with adapter.session() as db:
             db.query("SELECT 1")
 
-run(300)  # connects, caches, the interpreter's specialisation
+for adapter in both.values():  # connects, caches, the interpreter's specialisation
+    run(adapter, 300)
+adapter = both[which]
 if trace:
     counts = collections.Counter()
     def tracer(frame, event, arg):
@@ -56,13 +62,14 @@ if trace:
             counts[f"{frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_code.co_name}"] += 1
         return tracer
     sys.settrace(tracer)
-    run(loans)
+    run(adapter, loans)
     sys.settrace(None)
     del counts[f"<string>:run"]  # the loop itself
     print(json.dumps({k: v / loans for k, v in counts.most_common()}))
 else:
-    run(loans)
-adapter.close()
+    run(adapter, loans)
+for adapter in both.values():
+    adapter.close()
 """
 
 POOLS = ("greenpool", "simple")

@@ -332,13 +332,14 @@ class Handler:
     def query(self, sql: str, params: Any = None) -> list[Any] | int:
         """Run one statement: its rows if it returns rows, else the number of rows affected."""
         pc = self._pc
-        if (pc is None or sql.__class__ is not str or sql not in CLEAN
-                or self._task is not self._group.current_task()):
+        if pc is None or sql.__class__ is not str or sql not in CLEAN:
             return self._run(sql, _rows_or_count, sql, params)
+        task = self._group.current_task()
+        if task is not self._task and task != self._task:  # (a thread id: equal, not same)
+            return self._run(sql, _rows_or_count, sql, params)  # says whose block it is
         # The clean loan's statement: a text known not to change the session, in the
-        # outermost block, on the task that entered it (a thread id is not always the same
-        # object: threaded mode asks _run). What _run does on its first pass, without the
-        # questions answered above.
+        # outermost block, on the task that entered it. What _run does on its first pass,
+        # without the questions answered above.
         raw = pc.raw
         first = raw.get_transaction_status() == _IDLE
         session_set = pc.dirty
