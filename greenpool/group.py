@@ -12,8 +12,8 @@ line in :mod:`greenpool.group_line`, retiring and live changes in
 A clean loan here: the borrow takes the most recently returned idle connection and checks
 it (:func:`~greenpool.borrow_return.check_on_borrow`: a zero-timeout poll, no round trip);
 the return resets it (:func:`~greenpool.borrow_return.reset_on_return`: one test for a
-clean loan) and puts it back (:meth:`Group.reuse`), whether it retires decided once, after
-the reset. In the modes with one thread both sections run without the lock's ``with``.
+clean loan) and puts it back (:meth:`Group.reuse`). In the modes with one thread both
+sections run without the lock's ``with``.
 """
 
 from __future__ import annotations
@@ -236,13 +236,16 @@ class Group(GroupRetiring):
         if discard:
             self.discard(pc, discard)
             return
+        if (pc.expires == DRAINED or self._size > self.config.connection_count) and (
+                self._retired(pc)):
+            return  # no reset for a connection that retires: its server may be gone
         try:
             reason = reset_on_return(pc, self.config, self._backend, now)
         except BaseException:
             self.discard(pc, "interrupted")
             raise
-        # a drained connection comes back past its lifetime: whether it retires (or serves
-        # on, in a rolling drain) is reuse's to decide, after the reset
+        # serving on in a rolling drain, past its lifetime: reuse decides again (the reset
+        # may have waited on the server, and a drain or resize come meanwhile)
         if reason and (reason != "max_lifetime" or pc.expires != DRAINED):
             self.discard(pc, reason)
         else:
