@@ -16,11 +16,6 @@ The rules come from measured driver behaviour, each kept by a test:
   transaction-mode pooler no ``DISCARD ALL`` is sent (see :func:`_reset_session`).
 * The borrow check is bounded by the caller's remaining time, the rollback and reset on
   return by ``connect_timeout``.
-
-A clean loan's return is one test after the connection's state is read (open, idle, not
-dirty, psycopg2 agreeing nothing is open): a connection whose raw object never reached the
-caller (a handler's clean loan) still has the group's autocommit and session flags, so
-they are looked at only for the loans that go on to :func:`_reset`.
 """
 
 from __future__ import annotations
@@ -132,32 +127,8 @@ def reset_on_return(
         return "broken"
     if _poolers_found and _settings_dropped(pc):
         return "pooler_detected"
-    status = raw.get_transaction_status()
-    # A clean loan (see the module's docstring) skips the rest at one test: nothing is open,
-    # nothing changed the session, and psycopg2 agrees nothing is open. Its raw connection
-    # was never in the caller's hands (that makes it dirty), so its autocommit, readonly,
-    # isolation and deferrable flags are still the group's.
-    if status != _STATUS_IDLE or pc.dirty or group.reset == "always" or (
-            not group.autocommit and raw.status != _PSYCOPG_READY):
-        reason = _reset(pc, group, backend, status)
-        if reason:
-            return reason
-    pc.dirty = True  # until a handler takes it again
-    if raw.notices:
-        del raw.notices[:]
-    if raw.notifies:
-        del raw.notifies[:]
-    if now >= pc.expires:
-        return "max_lifetime"
-    pc.last_used = now
-    return ""
-
-
-def _reset(pc: PooledConnection, group: GroupConfig, backend: Backend, status: int) -> str:
-    """What :func:`reset_on_return` does beyond a clean loan: roll back what is open, put
-    psycopg2's flags back, reset the session if the loan was dirty; '' if reusable."""
-    raw = pc.raw
     autocommit = raw.autocommit
+    status = raw.get_transaction_status()
     if status != _STATUS_IDLE:
         if status not in _STATUS_OPEN:
             return "unknown_state"  # a command still running, or the link is gone
@@ -186,7 +157,17 @@ def _reset(pc: PooledConnection, group: GroupConfig, backend: Backend, status: i
     if autocommit != group.autocommit:
         raw.autocommit = group.autocommit
     if pc.dirty or group.reset == "always":
-        return _reset_session(pc, group, backend)
+        reason = _reset_session(pc, group, backend)
+        if reason:
+            return reason
+    pc.dirty = True  # until a handler takes it again
+    if raw.notices:
+        del raw.notices[:]
+    if raw.notifies:
+        del raw.notifies[:]
+    if now >= pc.expires:
+        return "max_lifetime"
+    pc.last_used = now
     return ""
 
 

@@ -11,8 +11,8 @@ line in :mod:`greenpool.group_line`, retiring and live changes in
 
 A clean loan here: the borrow takes the most recently returned idle connection and checks
 it (:func:`~greenpool.borrow_return.check_on_borrow`: a zero-timeout poll, no round trip);
-the return resets it (:func:`~greenpool.borrow_return.reset_on_return`: one test for a
-clean loan) and puts it back (:meth:`Group.reuse`). In the modes with one thread both
+the return resets it (:func:`~greenpool.borrow_return.reset_on_return`: no round trip for
+a clean loan) and puts it back (:meth:`Group.reuse`). In the modes with one thread both
 sections run without the lock's ``with``.
 """
 
