@@ -43,7 +43,7 @@ from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING
 
-from .concurrency.backend import Backend
+from .concurrency.backend import NO_LOCK, Backend
 from .config import GroupConfig
 from .connection import PooledConnection
 from .connector import Connector
@@ -80,6 +80,10 @@ class GroupBase:
         self.counters = GroupCounters()
         self._backend = backend
         self._lock = backend.lock()
+        #: False in the modes with one thread (gevent, eventlet, non-threaded), where the
+        #: lock is NO_LOCK: a section that never blocks runs as one step there, so the
+        #: loan's two sections skip even its ``with`` (see Group.acquire, Group.reuse)
+        self._locking = self._lock is not NO_LOCK
         self.endpoints = list(endpoints)
         self.connector = Connector(config, self.endpoints, backend, application_name,
                                    self.counters)

@@ -16,6 +16,14 @@ then give each open nested block a fresh savepoint. docs/quickstart.md has the f
 Session state: the handler marks a loan dirty when a statement may change the session (see
 sessionstate.py) or the raw cursor/connection is used; only a dirty loan is reset on return.
 
+The clean loan (``with pool.handler() as db: db.query(sql)``, the path every request takes)
+is what this module keeps cheap: one object of 7 slots per block (what only a nest, a lost
+connection or a given-up block needs is made on demand); the task asked at entry and by
+each statement (a block is its task's); the nesting table looked up and written once at
+entry, cleared at exit; and
+``query()`` runs a statement already known clean in its own frame, on the task that
+entered the block, without the replay loop (which it enters only when the statement fails).
+
 Replays: a statement is re-run on a fresh connection (another endpoint if its server is
 gone) only when re-running cannot duplicate a write and cannot lose earlier work:
 
@@ -45,13 +53,12 @@ from psycopg2 import extensions
 from psycopg2 import sql as pgsql
 
 from .errors import CommitOutcomeUnknown, TransactionAborted
-from .sessionstate import changes_session
+from .sessionstate import CLEAN, changes_session
 from .statement_failures import statement_failed
 
 if TYPE_CHECKING:
     from .connection import PooledConnection
     from .group import Group
-    from .pool import Pool
 
 Statement = Union[str, bytes, pgsql.Composable, "tuple[Any, Any]"]
 
@@ -60,20 +67,45 @@ _INTRANS = extensions.TRANSACTION_STATUS_INTRANS
 _INERROR = extensions.TRANSACTION_STATUS_INERROR
 
 
+class _BlockState:
+    """What a block keeps beyond its connection: made only when a block nests, loses its
+    connection or is given up, so a plain block (the clean loan) carries none of it."""
+
+    __slots__ = ("epoch", "given_up", "lost_open", "nest", "savepoint")
+
+    def __init__(self) -> None:
+        #: outermost block: bumped whenever the transaction ends or the connection is
+        #: replaced inside the nest; a nested block records it at entry: its savepoint
+        #: exists only while that epoch is current
+        self.epoch = 0
+        #: outermost block: its open nested blocks, innermost last
+        self.nest: list[Handler] = []
+        #: nested block: the name of its savepoint (None: autocommit, none)
+        self.savepoint: str | None = None
+        #: outermost block: a statement found the connection lost while a transaction was
+        #: open. Needed on autocommit, where a closed connection otherwise means "nothing
+        #: pending" and the server can no longer say a hand-made BEGIN was open
+        self.lost_open = False
+        #: a later block of the same task found this block's connection closed and took
+        #: its place (see Handler._give_up)
+        self.given_up = False
+
+
+_NO_STATE = _BlockState()  # read, never written: the state of a block that has none
+
+
 class Handler:
     """The object bound by ``with ... as db``: single-use, and bound to the task that
     entered it (a second ``with``, or use from another greenlet or thread, raises
-    ``RuntimeError`` and takes nothing)."""
+    ``RuntimeError`` and takes nothing).
 
-    __slots__ = (
-        "_epoch", "_given_up", "_group", "_idempotent", "_lost_open", "_nest", "_outer", "_pc",
-        "_pool", "_savepoint", "_task", "_timeout",
-    )
+    Made for every loan, so it holds only what every loan needs (each slot set here costs
+    every loan); the rest is in a :class:`_BlockState` made on demand. It holds no
+    reference to the pool of its own: its group does (``on_endpoint_failure``)."""
 
-    def __init__(
-        self, pool: Pool, group: Group, timeout: float | None, idempotent: bool = False
-    ) -> None:
-        self._pool = pool  # holds the pool while its block runs
+    __slots__ = ("_group", "_idempotent", "_outer", "_pc", "_state", "_task", "_timeout")
+
+    def __init__(self, group: Group, timeout: float | None, idempotent: bool = False) -> None:
         self._group = group
         self._timeout = timeout
         self._idempotent = idempotent
@@ -81,23 +113,17 @@ class Handler:
         #: it through ``_outer``, so a replay that replaces it is seen at every level)
         self._pc: PooledConnection | None = None
         self._outer: Handler | None = None  # the outermost block, for a nested one
-        self._savepoint: str | None = None
-        #: outermost block: bumped whenever the transaction ends or the connection is
-        #: replaced inside the nest; a nested block's savepoint exists only while the epoch
-        #: it recorded at entry is current
-        self._epoch = 0
-        #: outermost block: its open nested blocks, innermost last (made on first nesting)
-        self._nest: list[Handler] | None = None
-        #: outermost block: a statement found the connection lost while a transaction was
-        #: open. Needed on autocommit, where a closed connection otherwise means "nothing
-        #: pending" and the server can no longer say a hand-made BEGIN was open
-        self._lost_open = False
-        #: a later block of the same task found this block's connection closed and took
-        #: its place (see _give_up)
-        self._given_up = False
+        self._state: _BlockState = _NO_STATE
         #: the task that entered the block; set once, first thing on entry, and never
         #: cleared: it is also what makes the handler single-use
         self._task: Any = None
+
+    def _own_state(self) -> _BlockState:
+        """This block's state, made on first need (``_state`` is shared until then)."""
+        state = self._state
+        if state is _NO_STATE:
+            state = self._state = _BlockState()
+        return state
 
     # --- the block ------------------------------------------------------------------------
 
@@ -111,41 +137,46 @@ class Handler:
         task = self._task = group.current_task()  # a failed entry cannot be retried
         holders = group.holders
         outer = holders.get(task)
-        if outer is not None and outer._pc is not None and outer._pc.raw.closed:
-            outer._give_up(task)  # its connection is gone: no block can go on inside it
-            outer = None
         if outer is not None and outer._pc is not None:
-            raw = outer._pc.raw
-            if not raw.autocommit:
-                savepoint = f"greenpool_{id(self):x}"
-                with raw.cursor() as cursor:
-                    cursor.execute(f"SAVEPOINT {savepoint}")
-                self._savepoint = savepoint
-                self._epoch = outer._epoch
-            self._outer = outer
-            if outer._nest is None:
-                outer._nest = []
-            outer._nest.append(self)
-        else:
-            pc = group.acquire(self._timeout)
-            try:
-                pc.dirty = False  # this handler sees everything the loan does from here
-                self._pc = pc
-                holders[task] = self
-            except BaseException:  # a signal handler's exception: no block, no holder
-                if holders.get(task) is self:
-                    del holders[task]
-                self._pc = None
-                group.release(pc, discard="interrupted")
-                raise
+            if not outer._pc.raw.closed:
+                self._enter_nested(outer, outer._pc)
+                return self
+            outer._give_up(task)  # its connection is gone: no block can go on inside it
+        pc = group.acquire(self._timeout)
+        try:
+            pc.dirty = False  # this handler sees everything the loan does from here
+            self._pc = pc
+            holders[task] = self
+        except BaseException:  # a signal handler's exception: no block, no holder
+            if holders.get(task) is self:
+                del holders[task]
+            self._pc = None
+            group.release(pc, discard="interrupted")
+            raise
         return self
+
+    def _enter_nested(self, outer: Handler, pc: PooledConnection) -> None:
+        """Enter inside ``outer`` (the task's outermost block): on its connection, in a
+        savepoint unless autocommit."""
+        raw = pc.raw
+        root = outer._own_state()
+        if not raw.autocommit:
+            savepoint = f"greenpool_{id(self):x}"
+            with raw.cursor() as cursor:
+                cursor.execute(f"SAVEPOINT {savepoint}")
+            mine = self._own_state()
+            mine.savepoint = savepoint
+            mine.epoch = root.epoch
+        self._outer = outer
+        root.nest.append(self)
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         outer = self._outer
         if outer is not None:
             self._outer = None
-            if outer._nest and self in outer._nest:
-                outer._nest.remove(self)
+            nest = outer._state.nest
+            if self in nest:
+                nest.remove(self)
             self._exit_nested(outer, exc_type is None)
             return
         pc = self._pc
@@ -153,7 +184,7 @@ class Handler:
             holders = self._group.holders
             if self._task is not None and holders.get(self._task) is self:
                 del holders[self._task]
-            if self._given_up and exc_type is None:
+            if self._state.given_up and exc_type is None:
                 raise TransactionAborted(
                     f"group {self._group.name!r}: this block's connection was lost, and a "
                     f"later block of the same task took a new one; nothing of this block "
@@ -176,7 +207,8 @@ class Handler:
         ``__exit__`` may never run (a signal handler's exception can skip it), so its
         discarded connection is not taken for a live outer block; if it does exit, it
         says so (TransactionAborted) rather than nothing."""
-        pc, self._pc, self._given_up = self._pc, None, True
+        state = self._own_state()
+        pc, self._pc, state.given_up = self._pc, None, True
         holders = self._group.holders
         if holders.get(task) is self:
             del holders[task]
@@ -189,9 +221,10 @@ class Handler:
         TransactionAborted here: the block's work is gone, and saying nothing would let the
         outer block commit as if it were not. Without a savepoint (autocommit) or after the
         transaction it belonged to ended (commit, rollback, replay), there is nothing to do."""
-        savepoint = self._savepoint
+        mine = self._state
+        savepoint = mine.savepoint
         pc = outer._pc
-        if savepoint is None or self._epoch != outer._epoch or pc is None or pc.raw.closed:
+        if savepoint is None or mine.epoch != outer._state.epoch or pc is None or pc.raw.closed:
             return
         raw = pc.raw
         status = raw.get_transaction_status()
@@ -233,7 +266,7 @@ class Handler:
                     f"{where}: the connection was lost inside the block (the error was "
                     f"caught); nothing was committed"
                 )
-            if (self._outer or self)._lost_open:
+            if (self._outer or self)._state.lost_open:
                 raise TransactionAborted(
                     f"{where}: the connection was lost inside the block while a transaction "
                     f"was open (the error was caught); that transaction was not committed"
@@ -298,7 +331,28 @@ class Handler:
 
     def query(self, sql: str, params: Any = None) -> list[Any] | int:
         """Run one statement: its rows if it returns rows, else the number of rows affected."""
-        return self._run(sql, _rows_or_count, sql, params)
+        pc = self._pc
+        if pc is None or sql.__class__ is not str or sql not in CLEAN:
+            return self._run(sql, _rows_or_count, sql, params)
+        task = self._group.current_task()
+        if task is not self._task and task != self._task:  # (a thread id: equal, not same)
+            return self._run(sql, _rows_or_count, sql, params)  # says whose block it is
+        # The clean loan's statement: a text known not to change the session, in the
+        # outermost block, on the task that entered it. What _run does on its first pass,
+        # without the questions answered above.
+        raw = pc.raw
+        first = raw.get_transaction_status() == _IDLE
+        session_set = pc.dirty
+        try:
+            with raw.cursor() as cursor:  # _rows_or_count, inline (a frame less per loan)
+                cursor.execute(sql, params)
+                if cursor.description is None:
+                    return int(cursor.rowcount)
+                return cursor.fetchall()
+        except psycopg2.Error as exc:
+            if not self._replaced(exc, pc, first, session_set, 0):
+                raise
+        return self._run(sql, _rows_or_count, sql, params, replays=1)
 
     def query_one(self, sql: str, params: Any = None) -> Any:
         """The first row of the result, or None."""
@@ -332,7 +386,7 @@ class Handler:
                 psycopg2.extras.execute_batch(cursor, sql, params_seq, page_size=page_size)
         except psycopg2.Error as exc:
             if statement_failed(exc, pc, self._group) == "lost" and open_before:
-                (self._outer or self)._lost_open = True
+                (self._outer or self)._own_state().lost_open = True
             raise
 
     def _changes(self, sql: Any) -> bool:
@@ -351,15 +405,16 @@ class Handler:
 
     _MAX_REPLAYS = 3
 
-    def _run(self, changes: bool | Statement, work: Callable[..., Any], *args: Any) -> Any:
+    def _run(
+        self, changes: bool | Statement, work: Callable[..., Any], *args: Any, replays: int = 0
+    ) -> Any:
         """Run ``work(cursor, *args)``; re-run it on a fresh connection where that is safe.
         ``changes``: whether the work may change the session (the reset on return must
         run), or the one statement to ask that of (:func:`changes_session`, read with the
-        held connection's settings)."""
+        held connection's settings). ``replays``: how many times it was re-run already."""
         pc = self._current()
         if changes.__class__ is not bool:
             changes = changes_session(changes, pc.raw)
-        replays = 0
         while True:
             if replays:
                 pc = self._current()
@@ -373,16 +428,28 @@ class Handler:
                 with raw.cursor() as cursor:
                     return work(cursor, *args)
             except psycopg2.Error as exc:
-                kind = statement_failed(exc, pc, self._group)
-                if kind == "lost" and not first:  # the transaction went with the connection
-                    (self._outer or self)._lost_open = True
-                if not first or session_set or replays >= self._MAX_REPLAYS:
+                if not self._replaced(exc, pc, first, session_set, replays):
                     raise
-                if not self._may_replay(kind):
-                    raise
-                self._replace_connection(pc, "lost" if kind == "lost" else "wrong_role")
                 replays += 1
-                self._group.counters.replays += 1
+
+    def _replaced(
+        self, exc: psycopg2.Error, pc: PooledConnection, first: bool, session_set: bool,
+        replays: int,
+    ) -> bool:
+        """A statement failed with ``exc`` on ``pc``: learn from it; True when it may be
+        re-run and a fresh connection took ``pc``'s place. ``first``: it was the first
+        statement of its transaction; ``session_set``: the loan had changed the session
+        before it."""
+        kind = statement_failed(exc, pc, self._group)
+        if kind == "lost" and not first:  # the transaction went with the connection
+            (self._outer or self)._own_state().lost_open = True
+        if not first or session_set or replays >= self._MAX_REPLAYS:
+            return False
+        if not self._may_replay(kind):
+            return False
+        self._replace_connection(pc, "lost" if kind == "lost" else "wrong_role")
+        self._group.counters.replays += 1
+        return True
 
     def _may_replay(self, kind: str) -> bool:
         """A lost connection: where the group or the caller says statements may re-run.
@@ -416,7 +483,7 @@ class Handler:
         Every level of a nest sees the new one: only the outermost block holds it."""
         root = self._outer or self
         root._pc = None
-        root._epoch += 1
+        root._end_savepoints()
         self._group.release(old, discard=reason)
         new = self._group.acquire(self._timeout)
         new.dirty = False
@@ -432,7 +499,7 @@ class Handler:
         raw = pc.raw
         if raw.closed or raw.get_transaction_status() != _IDLE:
             root = self._outer or self
-            root._epoch += 1  # the nest's savepoints end with the transaction
+            root._end_savepoints()
             try:
                 self._commit_open(pc, explicit=True)
             finally:
@@ -444,23 +511,32 @@ class Handler:
         raw = self._current().raw
         if raw.get_transaction_status() != _IDLE:
             root = self._outer or self
-            root._epoch += 1
+            root._end_savepoints()
             try:
                 _rollback(raw)
             finally:
                 self._renew_savepoints(root, raw)
 
+    def _end_savepoints(self) -> None:
+        """The outermost block's transaction ended or its connection was replaced: the
+        savepoints of its nested blocks are gone (a block with no state has none)."""
+        state = self._state
+        if state is not _NO_STATE:
+            state.epoch += 1
+
     @staticmethod
     def _renew_savepoints(root: Handler, raw: Any) -> None:
         """After a commit or rollback inside a nest, give each open nested block a fresh
         savepoint, so an error leaving it still undoes only what it did since then."""
-        if not root._nest or raw.closed or raw.get_transaction_status() != _IDLE:
+        state = root._state
+        if not state.nest or raw.closed or raw.get_transaction_status() != _IDLE:
             return
-        for nested in root._nest:
-            if nested._savepoint is not None:
+        for nested in state.nest:
+            mine = nested._state
+            if mine.savepoint is not None:
                 with raw.cursor() as cursor:
-                    cursor.execute(f"SAVEPOINT {nested._savepoint}")
-                nested._epoch = root._epoch
+                    cursor.execute(f"SAVEPOINT {mine.savepoint}")
+                mine.epoch = state.epoch
 
     def __repr__(self) -> str:
         pc = self._held()

@@ -98,8 +98,11 @@ class Pool:
         """
         if self._forked:
             self._resume_after_fork()
-        found = self._groups.get(group) if group is not None else None
-        return Handler(self, found or self.group(group), timeout, idempotent)
+        try:
+            found = self._groups[group]  # type: ignore[index]
+        except (KeyError, TypeError):  # None, or a name to be explained by group()
+            found = self.group(group)
+        return Handler(found, timeout, idempotent)
 
     def exclusive(self, group: str | None = None, *, timeout: float | None = None) -> Exclusive:
         """A context manager giving a raw psycopg2 connection of the caller's own for a

@@ -17,9 +17,10 @@ FROM``, ``DEFAULT`` in an ``UPDATE``, ``nextval``/``setval`` (a serial default s
 ``reset: 'always'`` is for that.
 
 The answer for a plain string is cached, so the parser runs once per distinct statement
-text, and a clean loan's statement costs one set lookup: the first line of
-:func:`changes_session`, which every caller (the handler, Django's cursors, SQLAlchemy's
-event, the pgdbpool layer) asks.
+text, and a clean loan's statement costs one set lookup (:data:`CLEAN`): the first line of
+:func:`changes_session`, which every caller (Django's cursors, SQLAlchemy's event, the
+pgdbpool layer, the handler's other statements) asks; ``Handler.query`` reads the set
+itself, a call less on the loan's path.
 """
 
 from __future__ import annotations

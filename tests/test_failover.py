@@ -815,6 +815,30 @@ def test_idempotent_handler_replays_its_first_statement_after_a_lost_connection(
         assert db.query("SELECT 1") == [(1,)]
 
 
+def test_a_known_clean_query_is_replayed_like_any_statement(make_pool, pg, server_conns):
+    """query() runs a statement already known clean without the replay loop, until it
+    fails: a lost connection under an idempotent handler still re-runs it on a new one,
+    and a plain handler still raises the driver's error."""
+    app = "gp-failover-replay-query"
+    pool = make_pool({"g": {"connection_count": 1, "autocommit": True, "timeout": 5}},
+                     application_name=app)
+    with pool.handler("g") as db:
+        old_pid = db.query("SELECT pg_backend_pid()")[0][0]  # known clean from here on
+
+    with pool.handler("g", idempotent=True) as db:
+        _terminate_and_wait(pg, server_conns, app)
+        new_pid = db.query("SELECT pg_backend_pid()")[0][0]
+    assert new_pid != old_pid
+    assert pool.stats()["groups"]["g"]["replays"] == 1
+
+    with pytest.raises(psycopg2.OperationalError), pool.handler("g") as db:
+        _terminate_and_wait(pg, server_conns, app)
+        db.query("SELECT pg_backend_pid()")
+    assert pool.stats()["groups"]["g"]["replays"] == 1
+    with pool.handler("g") as db:
+        assert db.query("SELECT 1") == [(1,)]
+
+
 def test_commit_outcome_unknown_is_never_retried(make_pool, pg_factory, server_conns):
     """A connection that breaks during COMMIT raises CommitOutcomeUnknown, even on an
     idempotent handler, and the transaction is not re-run. The COMMIT is held by a

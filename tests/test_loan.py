@@ -131,6 +131,25 @@ def test_a_clean_loan_costs_no_reset_and_a_dirty_one_exactly_one(make_pool, pg):
     assert last_statement(pg, pid) == "DISCARD ALL"
 
 
+@pytest.mark.parametrize("end", ["COMMIT", "ROLLBACK"])
+def test_a_transaction_ended_by_sql_leaves_the_next_borrower_a_real_transaction(
+        make_pool, pg, table, end):
+    """A clean loan (nothing dirtied the session) whose transaction was ended by a COMMIT or
+    ROLLBACK sent as SQL: the server is idle, psycopg2 still thinks a transaction is open.
+    The return puts psycopg2 right, so the next borrower's work is one transaction again
+    (its error rolls all of it back) instead of statements committed one by one."""
+    pg.execute("INSERT INTO loan_t VALUES ('seed')")
+    pool = make_pool({"g": {"connection_count": 1, "autocommit": False}})
+    with pool.handler("g") as db:  # an UPDATE leaves no session state: a clean loan
+        db.query("UPDATE loan_t SET v = 'first' WHERE v = 'seed'")
+        db.query(end)
+    with pytest.raises(ValueError), pool.handler("g") as db:
+        db.query("UPDATE loan_t SET v = 'second'")
+        raise ValueError("roll it back")
+    assert rows(pg, "second") == 0
+    assert rows(pg, "first" if end == "COMMIT" else "seed") == 1
+
+
 @pytest.mark.parametrize("use", ["connection", "cursor", "hand_loan"])
 def test_raw_access_makes_the_loan_dirty(make_pool, pg, use):
     pool = make_pool({"g": {"connection_count": 1, "autocommit": True}})
