@@ -53,13 +53,15 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds ``pid`` has used so far (0 once it is gone)."""
+def cpu_seconds(pid: int, system_only: bool = False) -> float:
+    """User + system (or only system: the kernel's share, sockets) CPU seconds ``pid`` has
+    used so far (0 once it is gone)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = int(fields[12]) if system_only else int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def machine_busy() -> tuple[float, float]:
@@ -168,6 +170,7 @@ def measure(cluster: Any, port: int, workers: list[int], rss_before: dict[int, i
     for proc in procs:
         proc.wait(60)
     result = {"events": sum(r["events"] for r in results),
+              "reads": sum(r["reads"] for r in results),
               "ended": sum(r["ended"] for r in results)}
     times = array("d")
     for file in files:
@@ -195,7 +198,8 @@ def measure(cluster: Any, port: int, workers: list[int], rss_before: dict[int, i
         "cpu_percent": cpu_percent(cpu_before, cpu_after),
         "cpu_us_per_event": {
             part: round((cpu_after[part] - cpu_before[part]) / max(1, result["events"]) * 1e6,
-                        2) for part in ("client", "workers")},
+                        2) for part in ("client", "workers", "client_system", "workers_system")},
+        "events_per_read": round(result["events"] / max(1, result["reads"]), 2),
     }
 
 
@@ -224,6 +228,8 @@ def cpu_use(clients: list[int], workers: list[int], cluster: Any) -> dict[str, f
     return {
         "client": sum(cpu_seconds(pid) for pid in clients),
         "workers": sum(cpu_seconds(pid) for pid in workers),
+        "client_system": sum(cpu_seconds(pid, system_only=True) for pid in clients),
+        "workers_system": sum(cpu_seconds(pid, system_only=True) for pid in workers),
         "postgres": sum(cpu_seconds(pid) for pid in [postmaster, *children(postmaster)]),
         "notifier": cpu_seconds(os.getpid()),
         "machine": busy, "wall": total / (os.cpu_count() or 1),
@@ -234,7 +240,8 @@ def cpu_percent(before: dict[str, float], after: dict[str, float]) -> dict[str, 
     """CPU used during the phase as a percentage of one core (the machine has
     ``os.cpu_count()`` of them); ``others`` is what the rest of the machine used."""
     wall = after["wall"] - before["wall"]
-    used = {k: (after[k] - before[k]) / wall * 100 for k in before if k != "wall"}
+    used = {k: (after[k] - before[k]) / wall * 100 for k in before
+            if k != "wall" and not k.endswith("_system")}
     used["others"] = used["machine"] - sum(v for k, v in used.items() if k != "machine")
     used["cores"] = os.cpu_count() or 1
     return {k: round(v, 1) for k, v in used.items()}
@@ -273,6 +280,8 @@ def report(results: dict[str, Any]) -> str:
         ("per notification, last client's latency p50 / p99 ms", "last_receiver_p50_p99_ms",
          None),
         ("load average (1 min) before the phase", "load_average_1min", None),
+        ("events per client read (several when a write or read was late)", "events_per_read",
+         None),
     ]
     cpu_rows = [
         ("CPU % of one core: client / workers", ("cpu_percent", "client"),
@@ -283,6 +292,8 @@ def report(results: dict[str, Any]) -> str:
          ("cpu_percent", "others"), ("cpu_percent", "machine")),
         ("CPU µs per event: client / workers", ("cpu_us_per_event", "client"),
          ("cpu_us_per_event", "workers")),
+        ("... of which in the kernel: client / workers", ("cpu_us_per_event", "client_system"),
+         ("cpu_us_per_event", "workers_system")),
     ]
     command = f"python -m benchmarks.sse_fanout {results.get('arguments', '')}".strip()
     lines = [f"# SSE fan-out ({results['started']})", "",
