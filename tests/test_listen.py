@@ -895,6 +895,28 @@ def test_the_example_serves_more_streams_than_exclusive_limit_on_one_connection(
     assert greenpool.stats()["groups"]["write"]["exclusive_open"] == 0
 
 
+def test_the_example_encodes_a_note_once_for_all_its_streams(example_app):
+    """Every stream of a worker sends the same bytes object for a note (one encoding per
+    worker, not per client), and a note queued behind another goes in the same write."""
+    streams = [request(example_app, "GET", "/events")[1] for _ in range(3)]
+    try:
+        for stream in streams:
+            assert next(stream) == b"retry: 2000\n\n"
+        ids = []
+        for body in ("a", "b"):
+            _, answer = request(example_app, "POST", "/notes", json.dumps({"body": body}).encode())
+            ids.append(json.loads(b"".join(answer))["id"])
+        wait_until(lambda: all(s.listener.backlog == 2 for s in streams), 5, "both notes queued")
+        chunks = [next(stream) for stream in streams]
+        assert chunks[0] == b"".join(f"event: note\ndata: {i}\n\n".encode() for i in ids)
+        _, answer = request(example_app, "POST", "/notes", json.dumps({"body": "c"}).encode())
+        chunks = [next(stream) for stream in streams]
+        assert all(chunk is chunks[0] for chunk in chunks)
+    finally:
+        for stream in streams:
+            stream.close()
+
+
 def test_the_example_ends_every_stream_at_once_when_the_worker_stops(example_app):
     """end_streams() (the worker's SIGTERM): each stream's body ends cleanly, and a new
     /events is refused with a 503 while the rest of the app still answers."""
