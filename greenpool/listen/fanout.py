@@ -173,8 +173,12 @@ class FanOut:
                         continue
                     queue.append(note)
                     woken[sub] = None
+            waiters = []
             for sub in woken:
-                sub.wake()
+                waiter, sub.waiter = sub.waiter, None
+                if waiter is not None:
+                    waiters.append(waiter)
+        self.backend.wake_all(waiters)
         if dropped:
             self.counters["dropped"] += dropped
 
