@@ -52,6 +52,7 @@ class Stream:
 
 def main(argv: list[str]) -> int:
     port, n, slow, latency_file = int(argv[0]), int(argv[1]), argv[2] == "1", argv[3]
+    tick = float(argv[4]) / 1000 if len(argv) > 4 else 0.0
     poller = select.epoll()
     streams: dict[int, Stream] = {}
     for i in range(n):
@@ -79,6 +80,8 @@ def main(argv: list[str]) -> int:
         if not announced and (served == n or time.monotonic() > connect_deadline):
             announced = True
             print(json.dumps({"connected": served}), flush=True)
+        if tick:
+            time.sleep(tick)
         for fd, _ in poller.poll(1.0 if not announced else -1):
             stream = streams.get(fd)
             if stream is None:  # stdin

@@ -37,6 +37,7 @@ HERE = Path(__file__).resolve().parent
 EXAMPLE = HERE.parent / "examples" / "gunicorn"
 APP_NAME = "greenpool-sse-bench"
 DB = "sse_bench"
+PHASES = {"steady": "steady", "one_slow_client": "one slow client"}
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -93,20 +94,21 @@ def listening_connections(cluster: Any) -> int:
 
 
 def run_phase(cluster: Any, port: int, master: int, clients: int, rate: float,
-              seconds: float, slow: bool, processes: int) -> dict[str, Any]:
+              seconds: float, slow: bool, processes: int, tick_ms: float) -> dict[str, Any]:
     workers = children(master)
     rss_before = {pid: rss_kb(pid) for pid in workers}
     shares = [clients // processes + (1 if i < clients % processes else 0)
               for i in range(processes)]
     files = [Path(tempfile.mkstemp(prefix="sse-latency-")[1]) for _ in shares]
     procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.sse_client", str(port),
-                               str(share), "1" if slow and i == 0 else "0", str(files[i])],
+                               str(share), "1" if slow and i == 0 else "0", str(files[i]),
+                               str(tick_ms)],
                               cwd=HERE.parent, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               text=True)
              for i, share in enumerate(shares)]
     try:
         return measure(cluster, port, workers, rss_before, procs, files, rate, seconds, slow,
-                       clients)
+                       clients, tick_ms)
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -133,7 +135,7 @@ def answers(procs: list[subprocess.Popen[str]]) -> list[dict[str, Any]]:
 
 def measure(cluster: Any, port: int, workers: list[int], rss_before: dict[int, int],
             procs: list[subprocess.Popen[str]], files: list[Path], rate: float,
-            seconds: float, slow: bool, clients: int) -> dict[str, Any]:
+            seconds: float, slow: bool, clients: int, tick_ms: float) -> dict[str, Any]:
     connected = sum(a["connected"] for a in answers(procs))
     time.sleep(1.0)
     rss_after = {pid: rss_kb(pid) for pid in workers}
@@ -182,6 +184,7 @@ def measure(cluster: Any, port: int, workers: list[int], rss_before: dict[int, i
     expected = sent * (connected - (1 if slow else 0))
     return {
         "clients": clients, "connected": connected, "rate": rate, "seconds": seconds,
+        "client_tick_ms": tick_ms,
         "client_processes": len(procs), "load_average_1min": round(load, 2),
         "slow_client": slow, "sent": sent, "events_received": result["events"],
         "events_expected": expected,
@@ -296,21 +299,22 @@ def report(results: dict[str, Any]) -> str:
          ("cpu_us_per_event", "workers_system")),
     ]
     command = f"python -m benchmarks.sse_fanout {results.get('arguments', '')}".strip()
+    phases = [p for p in PHASES if p in results]
     lines = [f"# SSE fan-out ({results['started']})", "",
              f"examples/gunicorn under `gunicorn -k gevent -w 2`, `{command}`; see the "
              "script's docstring.", "",
-             "| | steady | one slow client |", "|---|---|---|"]
+             "| | " + " | ".join(PHASES[p] for p in phases) + " |",
+             "|---|" + "---|" * len(phases)]
     for title, a, b in rows:
         cells = []
-        for phase in ("steady", "one_slow_client"):
+        for phase in phases:
             r = results[phase]
             value = " / ".join(map(str, r[a])) if isinstance(r[a], list) else str(r[a])
             cells.append(value if b is None else f"{value} / {r[b]}")
-        lines.append(f"| {title} | {cells[0]} | {cells[1]} |")
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
     for title, (a1, a2), (b1, b2) in cpu_rows:
-        cells = [f"{results[phase][a1][a2]} / {results[phase][b1][b2]}"
-                 for phase in ("steady", "one_slow_client")]
-        lines.append(f"| {title} | {cells[0]} | {cells[1]} |")
+        cells = [f"{results[phase][a1][a2]} / {results[phase][b1][b2]}" for phase in phases]
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -330,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=100.0)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--client-processes", type=int, default=1)
+    parser.add_argument("--client-tick-ms", type=float, default=1.0,
+                        help="the clients read at most once per tick (0: at every wake-up)")
+    parser.add_argument("--no-slow-phase", action="store_true",
+                        help="only the steady phase (quicker comparisons)")
     parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("--name", default="sse_fanout",
                         help="the results' file names (NAME.json, NAME.md, NAME.log)")
@@ -369,15 +377,16 @@ def main(argv: list[str] | None = None) -> int:
             # a short unrecorded round, so that the first phase's memory is per subscriber,
             # not the workers' one-time growth
             run_phase(cluster, port, master.pid, min(50, args.clients), args.rate, 1.0,
-                      slow=False, processes=1)
+                      slow=False, processes=1, tick_ms=args.client_tick_ms)
             time.sleep(1.0)
-            results["steady"] = run_phase(cluster, port, master.pid, args.clients, args.rate,
-                                          args.seconds, slow=False,
-                                          processes=args.client_processes)
-            time.sleep(2.0)
-            results["one_slow_client"] = run_phase(cluster, port, master.pid, args.clients,
-                                                   args.rate, args.seconds, slow=True,
-                                                   processes=args.client_processes)
+            for phase in PHASES:
+                if phase != "steady" and args.no_slow_phase:
+                    break
+                time.sleep(2.0)
+                results[phase] = run_phase(cluster, port, master.pid, args.clients, args.rate,
+                                           args.seconds, slow=phase != "steady",
+                                           processes=args.client_processes,
+                                           tick_ms=args.client_tick_ms)
         finally:
             os.killpg(master.pid, signal.SIGTERM)
             try:
@@ -388,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) / f"{stem}.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     (Path(args.out) / f"{stem}.md").write_text(report(results))
-    for phase in ("steady", "one_slow_client"):
+    for phase in (p for p in PHASES if p in results):
         r = {k: v for k, v in results[phase].items() if k != "worker_rss_kb"}
         print(phase, json.dumps(r))
     return 0
