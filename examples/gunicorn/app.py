@@ -343,7 +343,7 @@ class EventStream:
         _streams.add(self)
 
     def __iter__(self) -> Iterator[bytes]:
-        return self
+        return self._events  # the server iterates the body itself: no call of ours per event
 
     def __next__(self) -> bytes:
         return next(self._events)
