@@ -276,7 +276,7 @@ EVENT_HEADERS = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-st
                  ("X-Accel-Buffering", "no")]  # nginx: pass each event on at once
 RETRY_FRAME = b"retry: 2000\n\n"
 KEEPALIVE_FRAME = b": keep-alive\n\n"
-FRAMES_KEPT = 64  # notifications whose encoded frame is kept for the streams still to send it
+FRAMES_KEPT = 64  # notifications whose encoded frame is kept for the streams yet to send it
 
 _streams: weakref.WeakSet[EventStream] = weakref.WeakSet()  # the open ones, for end_streams()
 _ending = False  # end_streams() was called: this worker takes no new stream
@@ -320,8 +320,8 @@ def event_frame(item: greenpool.Gap | Any) -> bytes:
         return kept[1]
     frame = event_text(item).encode()
     if len(_frames) >= FRAMES_KEPT:
-        del _frames[next(iter(_frames))]  # the oldest: every stream has sent it by now
-    _frames[id(item)] = (item, frame)
+        _frames.clear()  # sent by every stream by now (at worst one is encoded again);
+    _frames[id(item)] = (item, frame)  # one call, safe under threads too
     return frame
 
 
