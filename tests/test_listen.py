@@ -355,6 +355,46 @@ def hub_pid(cluster: Any) -> int:
     return int(rows[0][0])
 
 
+def test_subscribers_woken_together_each_get_everything_in_order_whatever_the_others_do(
+    make_pool, pg
+):
+    """One notification wakes every subscriber at once: one that closes another from its
+    loop, one that blocks again mid fan-out and (green modes) one killed while waiting hold
+    nobody up, and every other subscriber still gets every notification, in order."""
+    pool = make_pool({"g": {}}, application_name=APP)
+    n, sent = 12, 30
+    subs = [pool.listen("g", "ch") for _ in range(n)]
+    got: list[list[int]] = [[] for _ in range(n)]
+
+    def read(i: int) -> None:
+        for item in subs[i]:
+            assert not isinstance(item, Gap)
+            got[i].append(int(item.payload))
+            if i == 0 and len(got[0]) == 10:
+                subs[1].close()  # another subscriber, from inside this one's wake-up
+            if i % 3 == 0:
+                sleep(0.001)  # blocks again while the others are being woken
+
+    tasks = [spawn(lambda i=i: read(i)) for i in range(n)]
+    try:
+        wait_until(lambda: all(sub._busy for sub in subs), 5, "every subscriber waiting")
+        if GREEN:
+            tasks[2]._handle.kill()  # killed while waiting: its listener closes
+        else:
+            subs[2].close()
+        wait_until(lambda: subs[2].closed, 5, "the killed subscriber's listener to close")
+        pg.execute("; ".join(f"SELECT pg_notify('ch', '{k}')" for k in range(sent)))
+        others = [i for i in range(n) if i not in (1, 2)]
+        wait_until(lambda: all(len(got[i]) == sent for i in others), 10, "every notification")
+        assert all(got[i] == list(range(sent)) for i in others)
+        assert got[1] == list(range(len(got[1]))) and got[2] == []
+    finally:
+        for sub in subs:
+            sub.close()
+        join_all(tasks, 5)
+    no_session_left(pg)
+
+
 def test_a_gap_reaches_every_subscriber_after_a_reconnect(make_pool, pg):
     """Three subscribers on different channels share the connection; it is terminated:
     each gets one Gap, then what is sent after, on its own channels only."""
