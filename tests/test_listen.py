@@ -395,6 +395,35 @@ def test_subscribers_woken_together_each_get_everything_in_order_whatever_the_ot
     no_session_left(pg)
 
 
+def test_get_times_out_on_its_own_timeout_whatever_the_waits_before_it(make_pool, pg):
+    """``get(timeout)`` returns None after its own timeout, never early and never held by an
+    earlier wait's: the green modes time waits out lazily, one running timer per listener
+    that a wait only re-aims (a longer wait after one cut short by a notification, a
+    shorter one while that timer still runs, then the same again)."""
+    pool = make_pool({"g": {}}, application_name=APP)
+
+    def timed_get(listener: Any, timeout: float) -> float:
+        started = time.monotonic()
+        assert listener.get(timeout) is None
+        took = time.monotonic() - started
+        assert timeout - 0.005 <= took < timeout + 0.4, (timeout, took)
+        return took
+
+    def cut_short(listener: Any, timeout: float) -> None:
+        """A wait of ``timeout`` that a notification ends after 0.1 s."""
+        notifier = spawn(lambda: (sleep(0.1), pg.execute("NOTIFY t, 'x'")))
+        assert listener.get(timeout).payload == "x"
+        join_all([notifier], 5)
+
+    with pool.listen("g", "t") as listener:
+        timed_get(listener, 0.2)
+        cut_short(listener, 0.3)  # its timer still runs...
+        timed_get(listener, 0.5)  # ...and fires before this wait's deadline: re-aimed
+        cut_short(listener, 2.0)
+        timed_get(listener, 0.2)  # shorter than the running timer: not held by it
+        timed_get(listener, 0.2)
+
+
 def test_a_gap_reaches_every_subscriber_after_a_reconnect(make_pool, pg):
     """Three subscribers on different channels share the connection; it is terminated:
     each gets one Gap, then what is sent after, on its own channels only."""
