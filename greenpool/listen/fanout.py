@@ -8,7 +8,7 @@ change what it must do.
 
 **Lazy timeouts** (green modes): a subscriber waiting in ``get(timeout)`` does not arm an
 event-loop timer per wait (with hundreds of subscribers, arming and cancelling one per
-delivered event cost about 0.6 µs, as much as the fan-out itself; benchmarks/sse_cost.py).
+delivered event cost about 0.5 µs, a sixth of the fan-out; benchmarks/sse_cost.py).
 Each subscriber has one timer that is left running: a wait only notes its deadline, and
 when the timer fires it wakes the subscriber if the current wait's deadline has passed,
 else re-arms for it. An SSE route waiting ``get(15)`` between events pays for one timer
