@@ -37,6 +37,7 @@ HERE = Path(__file__).resolve().parent
 EXAMPLE = HERE.parent / "examples" / "gunicorn"
 APP_NAME = "greenpool-sse-bench"
 DB = "sse_bench"
+PHASES = {"steady": "steady", "one_slow_client": "one slow client"}
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -53,13 +54,15 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds ``pid`` has used so far (0 once it is gone)."""
+def cpu_seconds(pid: int, system_only: bool = False) -> float:
+    """User + system (or only system: the kernel's share, sockets) CPU seconds ``pid`` has
+    used so far (0 once it is gone)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = int(fields[12]) if system_only else int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def machine_busy() -> tuple[float, float]:
@@ -91,20 +94,21 @@ def listening_connections(cluster: Any) -> int:
 
 
 def run_phase(cluster: Any, port: int, master: int, clients: int, rate: float,
-              seconds: float, slow: bool, processes: int) -> dict[str, Any]:
+              seconds: float, slow: bool, processes: int, tick_ms: float) -> dict[str, Any]:
     workers = children(master)
     rss_before = {pid: rss_kb(pid) for pid in workers}
     shares = [clients // processes + (1 if i < clients % processes else 0)
               for i in range(processes)]
     files = [Path(tempfile.mkstemp(prefix="sse-latency-")[1]) for _ in shares]
     procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.sse_client", str(port),
-                               str(share), "1" if slow and i == 0 else "0", str(files[i])],
+                               str(share), "1" if slow and i == 0 else "0", str(files[i]),
+                               str(tick_ms)],
                               cwd=HERE.parent, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               text=True)
              for i, share in enumerate(shares)]
     try:
         return measure(cluster, port, workers, rss_before, procs, files, rate, seconds, slow,
-                       clients)
+                       clients, tick_ms)
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -131,7 +135,7 @@ def answers(procs: list[subprocess.Popen[str]]) -> list[dict[str, Any]]:
 
 def measure(cluster: Any, port: int, workers: list[int], rss_before: dict[int, int],
             procs: list[subprocess.Popen[str]], files: list[Path], rate: float,
-            seconds: float, slow: bool, clients: int) -> dict[str, Any]:
+            seconds: float, slow: bool, clients: int, tick_ms: float) -> dict[str, Any]:
     connected = sum(a["connected"] for a in answers(procs))
     time.sleep(1.0)
     rss_after = {pid: rss_kb(pid) for pid in workers}
@@ -168,6 +172,7 @@ def measure(cluster: Any, port: int, workers: list[int], rss_before: dict[int, i
     for proc in procs:
         proc.wait(60)
     result = {"events": sum(r["events"] for r in results),
+              "reads": sum(r["reads"] for r in results),
               "ended": sum(r["ended"] for r in results)}
     times = array("d")
     for file in files:
@@ -179,6 +184,7 @@ def measure(cluster: Any, port: int, workers: list[int], rss_before: dict[int, i
     expected = sent * (connected - (1 if slow else 0))
     return {
         "clients": clients, "connected": connected, "rate": rate, "seconds": seconds,
+        "client_tick_ms": tick_ms,
         "client_processes": len(procs), "load_average_1min": round(load, 2),
         "slow_client": slow, "sent": sent, "events_received": result["events"],
         "events_expected": expected,
@@ -195,7 +201,8 @@ def measure(cluster: Any, port: int, workers: list[int], rss_before: dict[int, i
         "cpu_percent": cpu_percent(cpu_before, cpu_after),
         "cpu_us_per_event": {
             part: round((cpu_after[part] - cpu_before[part]) / max(1, result["events"]) * 1e6,
-                        2) for part in ("client", "workers")},
+                        2) for part in ("client", "workers", "client_system", "workers_system")},
+        "events_per_read": round(result["events"] / max(1, result["reads"]), 2),
     }
 
 
@@ -224,6 +231,8 @@ def cpu_use(clients: list[int], workers: list[int], cluster: Any) -> dict[str, f
     return {
         "client": sum(cpu_seconds(pid) for pid in clients),
         "workers": sum(cpu_seconds(pid) for pid in workers),
+        "client_system": sum(cpu_seconds(pid, system_only=True) for pid in clients),
+        "workers_system": sum(cpu_seconds(pid, system_only=True) for pid in workers),
         "postgres": sum(cpu_seconds(pid) for pid in [postmaster, *children(postmaster)]),
         "notifier": cpu_seconds(os.getpid()),
         "machine": busy, "wall": total / (os.cpu_count() or 1),
@@ -234,7 +243,8 @@ def cpu_percent(before: dict[str, float], after: dict[str, float]) -> dict[str, 
     """CPU used during the phase as a percentage of one core (the machine has
     ``os.cpu_count()`` of them); ``others`` is what the rest of the machine used."""
     wall = after["wall"] - before["wall"]
-    used = {k: (after[k] - before[k]) / wall * 100 for k in before if k != "wall"}
+    used = {k: (after[k] - before[k]) / wall * 100 for k in before
+            if k != "wall" and not k.endswith("_system")}
     used["others"] = used["machine"] - sum(v for k, v in used.items() if k != "machine")
     used["cores"] = os.cpu_count() or 1
     return {k: round(v, 1) for k, v in used.items()}
@@ -273,6 +283,8 @@ def report(results: dict[str, Any]) -> str:
         ("per notification, last client's latency p50 / p99 ms", "last_receiver_p50_p99_ms",
          None),
         ("load average (1 min) before the phase", "load_average_1min", None),
+        ("events per client read (several when a write or read was late)", "events_per_read",
+         None),
     ]
     cpu_rows = [
         ("CPU % of one core: client / workers", ("cpu_percent", "client"),
@@ -283,23 +295,26 @@ def report(results: dict[str, Any]) -> str:
          ("cpu_percent", "others"), ("cpu_percent", "machine")),
         ("CPU µs per event: client / workers", ("cpu_us_per_event", "client"),
          ("cpu_us_per_event", "workers")),
+        ("... of which in the kernel: client / workers", ("cpu_us_per_event", "client_system"),
+         ("cpu_us_per_event", "workers_system")),
     ]
     command = f"python -m benchmarks.sse_fanout {results.get('arguments', '')}".strip()
+    phases = [p for p in PHASES if p in results]
     lines = [f"# SSE fan-out ({results['started']})", "",
              f"examples/gunicorn under `gunicorn -k gevent -w 2`, `{command}`; see the "
              "script's docstring.", "",
-             "| | steady | one slow client |", "|---|---|---|"]
+             "| | " + " | ".join(PHASES[p] for p in phases) + " |",
+             "|---|" + "---|" * len(phases)]
     for title, a, b in rows:
         cells = []
-        for phase in ("steady", "one_slow_client"):
+        for phase in phases:
             r = results[phase]
             value = " / ".join(map(str, r[a])) if isinstance(r[a], list) else str(r[a])
             cells.append(value if b is None else f"{value} / {r[b]}")
-        lines.append(f"| {title} | {cells[0]} | {cells[1]} |")
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
     for title, (a1, a2), (b1, b2) in cpu_rows:
-        cells = [f"{results[phase][a1][a2]} / {results[phase][b1][b2]}"
-                 for phase in ("steady", "one_slow_client")]
-        lines.append(f"| {title} | {cells[0]} | {cells[1]} |")
+        cells = [f"{results[phase][a1][a2]} / {results[phase][b1][b2]}" for phase in phases]
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -319,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=100.0)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--client-processes", type=int, default=1)
+    parser.add_argument("--client-tick-ms", type=float, default=1.0,
+                        help="the clients read at most once per tick (0: at every wake-up)")
+    parser.add_argument("--no-slow-phase", action="store_true",
+                        help="only the steady phase (quicker comparisons)")
     parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("--name", default="sse_fanout",
                         help="the results' file names (NAME.json, NAME.md, NAME.log)")
@@ -358,15 +377,16 @@ def main(argv: list[str] | None = None) -> int:
             # a short unrecorded round, so that the first phase's memory is per subscriber,
             # not the workers' one-time growth
             run_phase(cluster, port, master.pid, min(50, args.clients), args.rate, 1.0,
-                      slow=False, processes=1)
+                      slow=False, processes=1, tick_ms=args.client_tick_ms)
             time.sleep(1.0)
-            results["steady"] = run_phase(cluster, port, master.pid, args.clients, args.rate,
-                                          args.seconds, slow=False,
-                                          processes=args.client_processes)
-            time.sleep(2.0)
-            results["one_slow_client"] = run_phase(cluster, port, master.pid, args.clients,
-                                                   args.rate, args.seconds, slow=True,
-                                                   processes=args.client_processes)
+            for phase in PHASES:
+                if phase != "steady" and args.no_slow_phase:
+                    break
+                time.sleep(2.0)
+                results[phase] = run_phase(cluster, port, master.pid, args.clients, args.rate,
+                                           args.seconds, slow=phase != "steady",
+                                           processes=args.client_processes,
+                                           tick_ms=args.client_tick_ms)
         finally:
             os.killpg(master.pid, signal.SIGTERM)
             try:
@@ -377,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) / f"{stem}.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     (Path(args.out) / f"{stem}.md").write_text(report(results))
-    for phase in ("steady", "one_slow_client"):
+    for phase in (p for p in PHASES if p in results):
         r = {k: v for k, v in results[phase].items() if k != "worker_rss_kb"}
         print(phase, json.dumps(r))
     return 0

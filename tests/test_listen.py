@@ -356,6 +356,75 @@ def hub_pid(cluster: Any) -> int:
     return int(rows[0][0])
 
 
+def test_subscribers_woken_together_each_get_everything_in_order_whatever_the_others_do(
+    make_pool, pg
+):
+    """One notification wakes every subscriber at once: one that closes another from its
+    loop, one that blocks again mid fan-out and (green modes) one killed while waiting hold
+    nobody up, and every other subscriber still gets every notification, in order."""
+    pool = make_pool({"g": {}}, application_name=APP)
+    n, sent = 12, 30
+    subs = [pool.listen("g", "ch") for _ in range(n)]
+    got: list[list[int]] = [[] for _ in range(n)]
+
+    def read(i: int) -> None:
+        for item in subs[i]:
+            assert not isinstance(item, Gap)
+            got[i].append(int(item.payload))
+            if i == 0 and len(got[0]) == 10:
+                subs[1].close()  # another subscriber, from inside this one's wake-up
+            if i % 3 == 0:
+                sleep(0.001)  # blocks again while the others are being woken
+
+    tasks = [spawn(lambda i=i: read(i)) for i in range(n)]
+    try:
+        wait_until(lambda: all(sub._busy for sub in subs), 5, "every subscriber waiting")
+        if GREEN:
+            tasks[2]._handle.kill()  # killed while waiting: its listener closes
+        else:
+            subs[2].close()
+        wait_until(lambda: subs[2].closed, 5, "the killed subscriber's listener to close")
+        pg.execute("; ".join(f"SELECT pg_notify('ch', '{k}')" for k in range(sent)))
+        others = [i for i in range(n) if i not in (1, 2)]
+        wait_until(lambda: all(len(got[i]) == sent for i in others), 10, "every notification")
+        assert all(got[i] == list(range(sent)) for i in others)
+        assert got[1] == list(range(len(got[1]))) and got[2] == []
+    finally:
+        for sub in subs:
+            sub.close()
+        join_all(tasks, 5)
+    no_session_left(pg)
+
+
+def test_get_times_out_on_its_own_timeout_whatever_the_waits_before_it(make_pool, pg):
+    """``get(timeout)`` returns None after its own timeout, never early and never held by an
+    earlier wait's: the green modes time waits out lazily, one running timer per listener
+    that a wait only re-aims (a longer wait after one cut short by a notification, a
+    shorter one while that timer still runs, then the same again)."""
+    pool = make_pool({"g": {}}, application_name=APP)
+
+    def timed_get(listener: Any, timeout: float) -> float:
+        started = time.monotonic()
+        assert listener.get(timeout) is None
+        took = time.monotonic() - started
+        assert timeout - 0.005 <= took < timeout + 0.4, (timeout, took)
+        return took
+
+    def cut_short(listener: Any, timeout: float) -> None:
+        """A wait of ``timeout`` that a notification ends after 0.1 s."""
+        notifier = spawn(lambda: (sleep(0.1), pg.execute("NOTIFY t, 'x'")))
+        assert listener.get(timeout).payload == "x"
+        join_all([notifier], 5)
+
+    with pool.listen("g", "t") as listener:
+        timed_get(listener, 0.2)
+        cut_short(listener, 0.3)  # its timer still runs...
+        timed_get(listener, 0.5)  # ...and fires before this wait's deadline: re-aimed
+        cut_short(listener, 2.0)
+        timed_get(listener, 0.2)  # shorter than the running timer: not held by it
+        timed_get(listener, 0.2)
+
+
 def test_a_gap_reaches_every_subscriber_after_a_reconnect(make_pool, pg):
     """Three subscribers on different channels share the connection; it is terminated:
     each gets one Gap, then what is sent after, on its own channels only."""
@@ -894,6 +963,28 @@ def test_the_example_serves_more_streams_than_exclusive_limit_on_one_connection(
         for _, stream in streams:
             stream.close()
     assert greenpool.stats()["groups"]["write"]["exclusive_open"] == 0
+
+
+def test_the_example_encodes_a_note_once_for_all_its_streams(example_app):
+    """Every stream of a worker sends the same bytes object for a note (one encoding per
+    worker, not per client), and a note queued behind another goes in the same write."""
+    streams = [request(example_app, "GET", "/events")[1] for _ in range(3)]
+    try:
+        for stream in streams:
+            assert next(stream) == b"retry: 2000\n\n"
+        ids = []
+        for body in ("a", "b"):
+            _, answer = request(example_app, "POST", "/notes", json.dumps({"body": body}).encode())
+            ids.append(json.loads(b"".join(answer))["id"])
+        wait_until(lambda: all(s.listener.backlog == 2 for s in streams), 5, "both notes queued")
+        chunks = [next(stream) for stream in streams]
+        assert chunks[0] == b"".join(f"event: note\ndata: {i}\n\n".encode() for i in ids)
+        _, answer = request(example_app, "POST", "/notes", json.dumps({"body": "c"}).encode())
+        chunks = [next(stream) for stream in streams]
+        assert all(chunk is chunks[0] for chunk in chunks)
+    finally:
+        for stream in streams:
+            stream.close()
 
 
 def test_the_example_ends_every_stream_at_once_when_the_worker_stops(example_app):

@@ -274,33 +274,55 @@ EVENTS_PER_WRITE = 50  # events already queued for a client go out in one write
 EVENTS_WRITE_TIMEOUT = float(os.environ.get("EVENTS_WRITE_TIMEOUT", "10"))
 EVENT_HEADERS = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-store"),
                  ("X-Accel-Buffering", "no")]  # nginx: pass each event on at once
+RETRY_FRAME = b"retry: 2000\n\n"
+KEEPALIVE_FRAME = b": keep-alive\n\n"
+FRAMES_KEPT = 64  # notifications whose encoded frame is kept for the streams yet to send it
 
 _streams: weakref.WeakSet[EventStream] = weakref.WeakSet()  # the open ones, for end_streams()
 _ending = False  # end_streams() was called: this worker takes no new stream
+#: id(item) -> (item, its frame): every listener of a worker receives the same Notify
+#: object, so its frame is encoded once for all the streams (the item is kept with it, so
+#: the id cannot be reused while the entry exists)
+_frames: dict[int, tuple[Any, bytes]] = {}
 
 
 def note_events(listener: greenpool.Listener,
                 keepalive: float = EVENTS_KEEPALIVE) -> Iterator[bytes]:
-    """The body of GET /events; closes ``listener`` however it ends."""
+    """The body of GET /events; closes ``listener`` however it ends. Each wake-up sends
+    everything queued for this client in one write (one chunk, one send)."""
     try:
-        yield b"retry: 2000\n\n"
+        yield RETRY_FRAME
         while True:
             item = listener.get(keepalive)
             if item is None:
                 if listener.closed:
                     return  # the worker is shutting down: end the response cleanly
-                yield b": keep-alive\n\n"
+                yield KEEPALIVE_FRAME
                 continue
-            events = [event_text(item)]
-            # what is queued already goes in the same write (one send for the client)
-            while listener.backlog and len(events) < EVENTS_PER_WRITE:
+            if not listener.backlog:
+                yield event_frame(item)
+                continue
+            frames = [event_frame(item)]
+            while len(frames) < EVENTS_PER_WRITE:
                 item = listener.get(0)
                 if item is None:
                     break
-                events.append(event_text(item))
-            yield "".join(events).encode()
+                frames.append(event_frame(item))
+            yield b"".join(frames)
     finally:
         listener.close()
+
+
+def event_frame(item: greenpool.Gap | Any) -> bytes:
+    """The SSE frame of a listener's item, encoded once per worker for every stream."""
+    kept = _frames.get(id(item))
+    if kept is not None and kept[0] is item:
+        return kept[1]
+    frame = event_text(item).encode()
+    if len(_frames) >= FRAMES_KEPT:
+        _frames.clear()  # sent by every stream by now (at worst one is encoded again);
+    _frames[id(item)] = (item, frame)  # one call, safe under threads too
+    return frame
 
 
 def event_text(item: greenpool.Gap | Any) -> str:
@@ -321,7 +343,7 @@ class EventStream:
         _streams.add(self)
 
     def __iter__(self) -> Iterator[bytes]:
-        return self
+        return self._events  # the server iterates the body itself: no call of ours per event
 
     def __next__(self) -> bytes:
         return next(self._events)

@@ -78,6 +78,11 @@ class Backend:
         """A fresh one-shot waiter (``item`` and ``error`` None)."""
         raise NotImplementedError
 
+    def wake_all(self, waiters: list[Waiter]) -> None:
+        """``set()`` each of ``waiters``, in order (a fan-out wakes many at once)."""
+        for waiter in waiters:
+            waiter.set()
+
     def deadline(self, seconds: float, error: BaseException) -> AbstractContextManager[Any]:
         """Raise ``error`` if the body is still blocked after ``seconds``.
 

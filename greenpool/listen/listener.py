@@ -155,11 +155,17 @@ class Listener:
                         sub.closed = True
                         return None
                     waiter = sub.waiter = hub.backend.waiter()
-            if waiter is not None:
+                    if deadline is not None and hub.time_wait(sub, deadline):
+                        remaining = None  # the subscriber's lazy timer wakes it (fanout.py)
+            if waiter is None:
+                if not hub.step(deadline):
+                    self.close()
+                    return None
+                continue
+            try:
                 waiter.wait(remaining)
-            elif not hub.step(deadline):
-                self.close()
-                return None
+            finally:
+                sub.wait_until = None
 
 
 class Listeners:

@@ -72,7 +72,7 @@ class Subscriber:
     that a listener dropped without ``close()`` can be garbage-collected)."""
 
     __slots__ = ("busy", "channels", "closed", "deadline", "dropped", "lost", "max_backlog",
-                 "queue", "start_error", "started", "waiter")
+                 "queue", "start_error", "started", "timer_at", "wait_until", "waiter")
 
     def __init__(self, channels: tuple[str, ...], max_backlog: int, deadline: float) -> None:
         self.channels = channels
@@ -87,6 +87,10 @@ class Subscriber:
         #: (reason, lost_at, previous endpoint) while this subscriber owes a Gap
         self.lost: tuple[str, float, str] | None = None
         self.dropped = 0  # notifications not queued since ``lost`` was set
+        #: monotonic deadline of the current get() wait, None when it has none (or none waits)
+        self.wait_until: float | None = None
+        #: when the hub's lazy timer for this subscriber fires (0: not armed; green modes)
+        self.timer_at = 0.0
 
     def wake(self) -> None:
         waiter, self.waiter = self.waiter, None
