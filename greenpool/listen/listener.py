@@ -122,6 +122,9 @@ class Listener:
         seconds passed with nothing to return. Any exception out of here (a kill, a
         ``gevent.Timeout``) closes the listener."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        if deadline != deadline:  # NaN: no wait could ever end (nor time out) by it
+            raise ValueError(f"Listener.get(): timeout must be a number of seconds or None, "
+                             f"not {timeout!r}")
         hub, sub = self._hub, self._sub
         with hub._lock:
             if sub.closed:
