@@ -10,6 +10,7 @@ session (``pg_listening_channels()`` only ever shows the asking session's own ch
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -423,6 +424,32 @@ def test_get_times_out_on_its_own_timeout_whatever_the_waits_before_it(make_pool
         cut_short(listener, 2.0)
         timed_get(listener, 0.2)  # shorter than the running timer: not held by it
         timed_get(listener, 0.2)
+
+
+def test_get_refuses_a_nan_timeout_at_once(make_pool, pg):
+    """``get(nan)``: a clear error, not a wait that never ends (nor a timer re-aimed in a
+    busy loop: NaN is never past)."""
+    pool = make_pool({"g": {}}, application_name=APP)
+    with pool.listen("g", "t") as listener:
+        with pytest.raises(ValueError, match="timeout"):
+            listener.get(float("nan"))
+        assert not listener.closed and listener.get(0) is None
+
+
+def test_a_closed_listener_is_held_by_no_timer_of_an_earlier_wait(make_pool, pg):
+    """A long ``get(timeout)`` cut short by a notification, then ``close()``: nothing is
+    left referring to the listener's state (a lazily re-aimed timeout timer still running
+    would keep it, and its hub, until the timeout's end: an hour here)."""
+    pool = make_pool({"g": {}}, application_name=APP)
+    listener = pool.listen("g", "t")
+    notifier = spawn(lambda: (sleep(0.1), pg.execute("NOTIFY t, 'x'")))
+    assert listener.get(3600).payload == "x"
+    join_all([notifier], 5)
+    sub = listener._sub
+    listener.close()
+    del listener
+    gc.collect()
+    assert gc.get_referrers(sub) == []
 
 
 def test_a_gap_reaches_every_subscriber_after_a_reconnect(make_pool, pg):
@@ -1257,6 +1284,34 @@ def test_a_forked_child_that_keeps_running_never_reads_the_parents_connection(ma
     got = [listener.get(5) for _ in range(5)]
     assert [getattr(i, "payload", i) for i in got] == [str(i) for i in range(5)]
     assert listener.get(0.5) is None  # no Gap: the parent's connection was never touched
+    listener.close()
+
+
+@pytest.mark.skipif(MODE != "gevent", reason="only greenlets live on in a forked child; "
+                    "eventlet's fork support is not exercised")
+def test_a_get_copied_into_a_forked_child_returns_at_its_timeout(make_pool, pg):
+    """A task waits in ``get(0.3)`` when the process forks: in the child its copy returns
+    None by its timeout (the child's listener is closed), in the parent the wait is
+    undisturbed and its next get receives."""
+    pool = make_pool({"g": {}}, application_name=APP)
+    listener = pool.listen("g", "jobs")
+    got: list[object] = []
+    waiting = spawn(lambda: got.append(listener.get(0.3)))
+    wait_until(lambda: listener._busy, 5, "the get to wait")
+    child = os.fork()
+    if child == 0:
+        code = 1
+        try:
+            sleep(1.0)
+            code = 0 if got == [None] and listener.closed else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(child, 0)
+    join_all([waiting], 5)
+    assert os.WEXITSTATUS(status) == 0, status
+    assert got == [None] and not listener.closed
+    pg.execute("NOTIFY jobs, 'after'")
+    assert listener.get(5).payload == "after"
     listener.close()
 
 

@@ -109,6 +109,9 @@ class FanOut:
                 if not peers:
                     del self._by_channel[name]
         sub.queue.clear()
+        if sub.cancel_timer is not None:  # the lazy timer would keep sub and hub until it fires
+            cancel, sub.cancel_timer, sub.timer_at = sub.cancel_timer, None, 0.0
+            cancel()
         sub.wake()
 
     def _poke(self) -> None:
@@ -160,27 +163,31 @@ class FanOut:
         if not self.backend.can_call_later:
             return False
         if sub.timer_at == 0.0:
-            self.backend.call_later(max(0.0, deadline - time.monotonic()),
-                                    lambda: self._timer_fired(sub))
-            sub.timer_at = deadline
+            self._arm(sub, deadline)
         elif sub.timer_at > deadline:
             return False  # the running timer would be late for this shorter wait
         sub.wait_until = deadline
         return True
 
+    def _arm(self, sub: Subscriber, deadline: float) -> None:
+        """Under the lock: start ``sub``'s lazy timer for ``deadline``."""
+        sub.cancel_timer = self.backend.call_later(max(0.0, deadline - time.monotonic()),
+                                                   lambda: self._timer_fired(sub))
+        sub.timer_at = deadline
+
     def _timer_fired(self, sub: Subscriber) -> None:
         """A subscriber's lazy timer (in the event loop): wake its wait if that wait's
-        deadline has passed, re-arm for it if not; nothing if it waits without one."""
+        deadline has passed, re-arm for it if not; nothing if it waits without one. A
+        closed subscriber's wait is woken whatever its deadline (in a forked child a task
+        copied from the parent waits on a subscriber closed without a wake-up)."""
         waiter = None
         with self._lock:
-            sub.timer_at = 0.0
+            sub.timer_at, sub.cancel_timer = 0.0, None
             deadline = sub.wait_until
-            if deadline is None or sub.closed or self.finished:
+            if deadline is None:
                 return
-            left = deadline - time.monotonic()
-            if left > 0:
-                self.backend.call_later(left, lambda: self._timer_fired(sub))
-                sub.timer_at = deadline
+            if not (sub.closed or self.finished) and deadline > time.monotonic():
+                self._arm(sub, deadline)
                 return
             sub.wait_until = None
             waiter, sub.waiter = sub.waiter, None
