@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -1009,6 +1010,54 @@ def test_the_example_encodes_a_note_once_for_all_its_streams(example_app):
         _, answer = request(example_app, "POST", "/notes", json.dumps({"body": "c"}).encode())
         chunks = [next(stream) for stream in streams]
         assert all(chunk is chunks[0] for chunk in chunks)
+    finally:
+        for stream in streams:
+            stream.close()
+
+
+def sse_events(stream: bytes) -> list[tuple[str, str]]:
+    """(event type, data) of each event in ``stream``, parsed as the SSE spec says (lines
+    end at CRLF, CR or LF; data lines are joined with LF; comments and retry ignored)."""
+    events, kind, data = [], "message", []
+    for line in re.split("\r\n|\r|\n", stream.decode()):
+        if not line:
+            if data:
+                events.append((kind, "\n".join(data)))
+            kind, data = "message", []
+            continue
+        field, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if field == "event":
+            kind = value
+        elif field == "data":
+            data.append(value)
+    return events
+
+
+def test_the_example_frames_any_payload_so_the_client_reads_it_back_whole(example_app, pg):
+    """Payloads that anyone may NOTIFY the notes channel with: line breaks of each kind
+    (a client cannot tell them apart: LF), an empty one, non-ASCII text, one that looks
+    like a frame of its own. Each arrives as exactly one note event with its payload, in
+    order, the same for every stream."""
+    payloads = ["a\nb", "", "é ✓\r\nx\ry", "1\n\nevent: gap\ndata: {}", "ends\n",
+                "\u2028 is no line break in SSE"]
+    streams = [request(example_app, "GET", "/events")[1] for _ in range(2)]
+    try:
+        for stream in streams:
+            assert next(stream) == b"retry: 2000\n\n"
+        conn = pg.connect(dbname="listen_example_inprocess")
+        try:
+            with conn.cursor() as cur:
+                for payload in payloads:
+                    cur.execute("SELECT pg_notify('notes', %s)", (payload,))
+        finally:
+            conn.close()
+        expected = [("note", re.sub("\r\n|\r", "\n", p)) for p in payloads]
+        for stream in streams:
+            received = b""
+            while len(sse_events(received)) < len(expected):
+                received += next(stream)
+            assert sse_events(received) == expected
     finally:
         for stream in streams:
             stream.close()
