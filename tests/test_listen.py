@@ -437,6 +437,22 @@ def test_get_refuses_a_nan_timeout_at_once(make_pool, pg):
         assert not listener.closed and listener.get(0) is None
 
 
+@pytest.mark.parametrize("timeout", [1e300, float("inf")])
+def test_get_with_a_huge_timeout_waits_for_the_next_notification(make_pool, pg, timeout):
+    """``get(1e300)`` or ``get(inf)`` is a wait without end in practice: it returns the
+    next notification (no error from a clock or a timer that cannot hold the deadline, no
+    closed listener)."""
+    pool = make_pool({"g": {}}, application_name=APP)
+    with pool.listen("g", "t") as listener:
+        waiting = spawn(listener.get, timeout)
+        wait_until(lambda: listener._busy, 5, "the get to wait")
+        sleep(0.1)
+        pg.execute("NOTIFY t, 'x'")
+        join_all([waiting], 5)
+        assert waiting.error is None and waiting.result.payload == "x"
+        assert not listener.closed
+
+
 def test_a_closed_listener_is_held_by_no_timer_of_an_earlier_wait(make_pool, pg):
     """A long ``get(timeout)`` cut short by a notification, then ``close()``: nothing is
     left referring to the listener's state (a lazily re-aimed timeout timer still running

@@ -3,6 +3,7 @@ group at most) through which ``Pool.listen()`` joins or makes a hub."""
 
 from __future__ import annotations
 
+import threading
 import time
 import weakref
 from collections import Counter
@@ -150,8 +151,11 @@ class Listener:
                 if item is not None:
                     return item
                 remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return None
+                if remaining is not None:
+                    if remaining <= 0:
+                        return None
+                    # a longer wait raises OverflowError in a thread (the loop waits again)
+                    remaining = min(remaining, threading.TIMEOUT_MAX)
                 waiter = None
                 if not hub.inline:
                     if hub.ended:
