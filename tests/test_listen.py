@@ -427,6 +427,43 @@ def test_get_times_out_on_its_own_timeout_whatever_the_waits_before_it(make_pool
         timed_get(listener, 0.2)
 
 
+@pytest.mark.skipif(MODE != "gevent", reason="an event loop per OS thread: gevent's hubs")
+def test_a_get_in_another_threads_event_loop_gets_a_notification_at_once_and_times_out(
+    make_pool, pg
+):
+    """A listener read in an OS thread with its own gevent hub (nothing else runs there):
+    ``get(timeout)`` neither fails for want of anything keeping that loop up nor waits out
+    its timeout for a notification (the reader's thread wakes it thread-safely), and the
+    next ``get`` times out on time."""
+    import gevent.monkey
+
+    start_thread = gevent.monkey.get_original("_thread", "start_new_thread")
+    pool = make_pool({"g": {}}, application_name=APP)
+    listener = pool.listen("g", "t")
+    results: list[tuple[Any, float]] = []
+
+    def in_thread() -> None:
+        for timeout in (5.0, 0.3):
+            started = time.monotonic()
+            try:
+                results.append((listener.get(timeout), time.monotonic() - started))
+            except BaseException as exc:
+                results.append((exc, time.monotonic() - started))
+
+    try:
+        start_thread(in_thread, ())
+        wait_until(lambda: listener._busy, 5, "the thread's get to wait")
+        sent = time.monotonic()
+        pg.execute("NOTIFY t, 'x'")
+        wait_until(lambda: len(results) == 2, 10, "both gets to return")
+        (item, _), (timed_out, took) = results
+        assert getattr(item, "payload", item) == "x"
+        assert time.monotonic() - sent < 4.5, "the notification waited for the timeout"
+        assert timed_out is None and 0.29 <= took < 1.5, (timed_out, took)
+    finally:
+        listener.close()
+
+
 def test_get_refuses_a_nan_timeout_at_once(make_pool, pg):
     """``get(nan)``: a clear error, not a wait that never ends (nor a timer re-aimed in a
     busy loop: NaN is never past)."""

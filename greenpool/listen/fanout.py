@@ -12,7 +12,9 @@ delivered event cost about 0.5 µs, a sixth of the fan-out; benchmarks/sse_cost.
 Each subscriber has one timer that is left running: a wait only notes its deadline, and
 when the timer fires it wakes the subscriber if the current wait's deadline has passed,
 else re-arms for it. An SSE route waiting ``get(15)`` between events pays for one timer
-per 15 s. A wait whose deadline comes before the running timer's arms one of its own.
+per 15 s. A wait whose deadline comes before the running timer's arms one of its own, as
+does a wait in another thread's event loop than the reader's (the lazy timer, left running
+unreferenced, would neither run there nor keep that loop up).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class FanOut:
         self.inline = not backend.can_wait  # non-threaded: no reader task
         self.counters = counters  # the group's ``listen_dropped``, kept across hubs
         self._lock = backend.lock()
+        self.loop = backend.event_loop()  # the reader's (it is started from here)
         self.subs: dict[Subscriber, None] = {}  # in order of arrival
         self._by_channel: dict[str, dict[Subscriber, None]] = {}
         self._active: set[str] = set()  # LISTENed on the current connection
@@ -160,8 +163,8 @@ class FanOut:
     def time_wait(self, sub: Subscriber, deadline: float) -> bool:
         """Under the lock, before ``sub`` waits until ``deadline``: True if its lazy timer
         will wake it in time (then no timer of its own is needed)."""
-        if not self.backend.can_call_later:
-            return False
+        if not self.backend.can_call_later or self.backend.event_loop() is not self.loop:
+            return False  # another thread's loop (gevent): its wait's own timer keeps it up
         if sub.timer_at == 0.0:
             self._arm(sub, deadline)
         elif sub.timer_at > deadline:
