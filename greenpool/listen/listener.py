@@ -120,8 +120,8 @@ class Listener:
 
     def get(self, timeout: float | None = None) -> Item | None:
         """The next notification or :class:`Gap`; None once closed, or when ``timeout``
-        seconds passed with nothing to return. Any exception out of here (a kill, a
-        ``gevent.Timeout``) closes the listener."""
+        seconds passed with nothing to return (a NaN ``timeout``: ValueError). Any exception
+        out of here (a kill, a ``gevent.Timeout``) closes the listener."""
         deadline = None if timeout is None else time.monotonic() + timeout
         if deadline != deadline:  # NaN: no wait could ever end (nor time out) by it
             raise ValueError(f"Listener.get(): timeout must be a number of seconds or None, "
