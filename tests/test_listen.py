@@ -10,8 +10,10 @@ session (``pg_listening_channels()`` only ever shows the asking session's own ch
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -423,6 +425,85 @@ def test_get_times_out_on_its_own_timeout_whatever_the_waits_before_it(make_pool
         cut_short(listener, 2.0)
         timed_get(listener, 0.2)  # shorter than the running timer: not held by it
         timed_get(listener, 0.2)
+
+
+@pytest.mark.skipif(MODE != "gevent", reason="an event loop per OS thread: gevent's hubs")
+def test_a_get_in_another_threads_event_loop_gets_a_notification_at_once_and_times_out(
+    make_pool, pg
+):
+    """A listener read in an OS thread with its own gevent hub (nothing else runs there):
+    ``get(timeout)`` neither fails for want of anything keeping that loop up nor waits out
+    its timeout for a notification (the reader's thread wakes it thread-safely), and the
+    next ``get`` times out on time."""
+    import gevent.monkey
+
+    start_thread = gevent.monkey.get_original("_thread", "start_new_thread")
+    pool = make_pool({"g": {}}, application_name=APP)
+    listener = pool.listen("g", "t")
+    results: list[tuple[Any, float]] = []
+
+    def in_thread() -> None:
+        for timeout in (5.0, 0.3):
+            started = time.monotonic()
+            try:
+                results.append((listener.get(timeout), time.monotonic() - started))
+            except BaseException as exc:
+                results.append((exc, time.monotonic() - started))
+
+    try:
+        start_thread(in_thread, ())
+        wait_until(lambda: listener._busy, 5, "the thread's get to wait")
+        sent = time.monotonic()
+        pg.execute("NOTIFY t, 'x'")
+        wait_until(lambda: len(results) == 2, 10, "both gets to return")
+        (item, _), (timed_out, took) = results
+        assert getattr(item, "payload", item) == "x"
+        assert time.monotonic() - sent < 4.5, "the notification waited for the timeout"
+        assert timed_out is None and 0.29 <= took < 1.5, (timed_out, took)
+    finally:
+        listener.close()
+
+
+def test_get_refuses_a_nan_timeout_at_once(make_pool, pg):
+    """``get(nan)``: a clear error, not a wait that never ends (nor a timer re-aimed in a
+    busy loop: NaN is never past)."""
+    pool = make_pool({"g": {}}, application_name=APP)
+    with pool.listen("g", "t") as listener:
+        with pytest.raises(ValueError, match="timeout"):
+            listener.get(float("nan"))
+        assert not listener.closed and listener.get(0) is None
+
+
+@pytest.mark.parametrize("timeout", [1e300, float("inf")])
+def test_get_with_a_huge_timeout_waits_for_the_next_notification(make_pool, pg, timeout):
+    """``get(1e300)`` or ``get(inf)`` is a wait without end in practice: it returns the
+    next notification (no error from a clock or a timer that cannot hold the deadline, no
+    closed listener)."""
+    pool = make_pool({"g": {}}, application_name=APP)
+    with pool.listen("g", "t") as listener:
+        waiting = spawn(listener.get, timeout)
+        wait_until(lambda: listener._busy, 5, "the get to wait")
+        sleep(0.1)
+        pg.execute("NOTIFY t, 'x'")
+        join_all([waiting], 5)
+        assert waiting.error is None and waiting.result.payload == "x"
+        assert not listener.closed
+
+
+def test_a_closed_listener_is_held_by_no_timer_of_an_earlier_wait(make_pool, pg):
+    """A long ``get(timeout)`` cut short by a notification, then ``close()``: nothing is
+    left referring to the listener's state (a lazily re-aimed timeout timer still running
+    would keep it, and its hub, until the timeout's end: an hour here)."""
+    pool = make_pool({"g": {}}, application_name=APP)
+    listener = pool.listen("g", "t")
+    notifier = spawn(lambda: (sleep(0.1), pg.execute("NOTIFY t, 'x'")))
+    assert listener.get(3600).payload == "x"
+    join_all([notifier], 5)
+    sub = listener._sub
+    listener.close()
+    del listener
+    gc.collect()
+    assert gc.get_referrers(sub) == []
 
 
 def test_a_gap_reaches_every_subscriber_after_a_reconnect(make_pool, pg):
@@ -987,6 +1068,54 @@ def test_the_example_encodes_a_note_once_for_all_its_streams(example_app):
             stream.close()
 
 
+def sse_events(stream: bytes) -> list[tuple[str, str]]:
+    """(event type, data) of each event in ``stream``, parsed as the SSE spec says (lines
+    end at CRLF, CR or LF; data lines are joined with LF; comments and retry ignored)."""
+    events, kind, data = [], "message", []
+    for line in re.split("\r\n|\r|\n", stream.decode()):
+        if not line:
+            if data:
+                events.append((kind, "\n".join(data)))
+            kind, data = "message", []
+            continue
+        field, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if field == "event":
+            kind = value
+        elif field == "data":
+            data.append(value)
+    return events
+
+
+def test_the_example_frames_any_payload_so_the_client_reads_it_back_whole(example_app, pg):
+    """Payloads that anyone may NOTIFY the notes channel with: line breaks of each kind
+    (a client cannot tell them apart: LF), an empty one, non-ASCII text, one that looks
+    like a frame of its own. Each arrives as exactly one note event with its payload, in
+    order, the same for every stream."""
+    payloads = ["a\nb", "", "é ✓\r\nx\ry", "1\n\nevent: gap\ndata: {}", "ends\n",
+                "\u2028 is no line break in SSE"]
+    streams = [request(example_app, "GET", "/events")[1] for _ in range(2)]
+    try:
+        for stream in streams:
+            assert next(stream) == b"retry: 2000\n\n"
+        conn = pg.connect(dbname="listen_example_inprocess")
+        try:
+            with conn.cursor() as cur:
+                for payload in payloads:
+                    cur.execute("SELECT pg_notify('notes', %s)", (payload,))
+        finally:
+            conn.close()
+        expected = [("note", re.sub("\r\n|\r", "\n", p)) for p in payloads]
+        for stream in streams:
+            received = b""
+            while len(sse_events(received)) < len(expected):
+                received += next(stream)
+            assert sse_events(received) == expected
+    finally:
+        for stream in streams:
+            stream.close()
+
+
 def test_the_example_ends_every_stream_at_once_when_the_worker_stops(example_app):
     """end_streams() (the worker's SIGTERM): each stream's body ends cleanly, and a new
     /events is refused with a 503 while the rest of the app still answers."""
@@ -1257,6 +1386,34 @@ def test_a_forked_child_that_keeps_running_never_reads_the_parents_connection(ma
     got = [listener.get(5) for _ in range(5)]
     assert [getattr(i, "payload", i) for i in got] == [str(i) for i in range(5)]
     assert listener.get(0.5) is None  # no Gap: the parent's connection was never touched
+    listener.close()
+
+
+@pytest.mark.skipif(MODE != "gevent", reason="only greenlets live on in a forked child; "
+                    "eventlet's fork support is not exercised")
+def test_a_get_copied_into_a_forked_child_returns_at_its_timeout(make_pool, pg):
+    """A task waits in ``get(0.3)`` when the process forks: in the child its copy returns
+    None by its timeout (the child's listener is closed), in the parent the wait is
+    undisturbed and its next get receives."""
+    pool = make_pool({"g": {}}, application_name=APP)
+    listener = pool.listen("g", "jobs")
+    got: list[object] = []
+    waiting = spawn(lambda: got.append(listener.get(0.3)))
+    wait_until(lambda: listener._busy, 5, "the get to wait")
+    child = os.fork()
+    if child == 0:
+        code = 1
+        try:
+            sleep(1.0)
+            code = 0 if got == [None] and listener.closed else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(child, 0)
+    join_all([waiting], 5)
+    assert os.WEXITSTATUS(status) == 0, status
+    assert got == [None] and not listener.closed
+    pg.execute("NOTIFY jobs, 'after'")
+    assert listener.get(5).payload == "after"
     listener.close()
 
 

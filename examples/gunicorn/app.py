@@ -284,6 +284,7 @@ _ending = False  # end_streams() was called: this worker takes no new stream
 #: object, so its frame is encoded once for all the streams (the item is kept with it, so
 #: the id cannot be reused while the entry exists)
 _frames: dict[int, tuple[Any, bytes]] = {}
+_SSE_LINE_BREAK = re.compile("\r\n|\r|\n")  # the SSE spec's, not str.splitlines()'s
 
 
 def note_events(listener: greenpool.Listener,
@@ -329,7 +330,10 @@ def event_text(item: greenpool.Gap | Any) -> str:
     if isinstance(item, greenpool.Gap):
         gap = {"reason": item.reason, "lost_at": item.lost_at, "resumed_at": item.resumed_at}
         return f"event: gap\ndata: {json.dumps(gap)}\n\n"
-    return f"event: note\ndata: {item.payload}\n\n"
+    # a payload (anyone may NOTIFY the channel) ends an SSE line at any CR or LF: one
+    # data line per line of it, so the client reads it back whole and nothing is injected
+    data = "".join(f"data: {line}\n" for line in _SSE_LINE_BREAK.split(item.payload))
+    return f"event: note\n{data}\n"
 
 
 class EventStream:

@@ -78,6 +78,11 @@ class Backend:
         """A fresh one-shot waiter (``item`` and ``error`` None)."""
         raise NotImplementedError
 
+    def event_loop(self) -> object | None:
+        """The event loop the calling task runs in (green modes; one per thread), so that a
+        timer armed by one task is known to run where another's does. None: no loop."""
+        return None
+
     def wake_all(self, waiters: list[Waiter]) -> None:
         """``set()`` each of ``waiters``, in order (a fan-out wakes many at once)."""
         for waiter in waiters:

@@ -83,6 +83,7 @@ class EventletBackend(Backend):
         self.current = eventlet.getcurrent
         self._semaphore = eventlet.semaphore.Semaphore
         self._getaddrinfo = _eventlet_getaddrinfo()
+        self.event_loop = eventlet.hubs.get_hub  # type: ignore[method-assign]
 
     def waiter(self) -> Waiter:
         return _EventletWaiter(self._semaphore)

@@ -61,16 +61,20 @@ class GeventBackend(Backend):
         #: the class itself: with no argument its compiled constructor finds the hub
         self.waiter = gevent_waiter_class(gevent.hub.Waiter)  # type: ignore[method-assign]
         self._getaddrinfo = gevent.socket.getaddrinfo
+        self.event_loop = gevent.get_hub  # type: ignore[method-assign]
 
     def wake_all(self, waiters: list[Any]) -> None:
         """One event-loop callback for the lot, as gevent's ``Event`` wakes its links, not one
         per waiter (a fan-out to hundreds of subscribers; measured in sse_cost.py)."""
         if not waiters:
             return
-        hub = waiters[0].hub
-        if any(waiter.hub is not hub for waiter in waiters):  # other threads' hubs
-            for waiter in waiters:
-                waiter.set()
+        hub: Any = self.event_loop()
+        if any(waiter.hub is not hub for waiter in waiters):
+            for waiter in waiters:  # another thread's hub sleeps until told (thread-safely)
+                if waiter.hub is hub:
+                    waiter.set()
+                else:
+                    waiter.hub.loop.run_callback_threadsafe(waiter.switch, True)
             return
         hub.loop.run_callback(_switch_each, waiters)
 

@@ -12,7 +12,9 @@ delivered event cost about 0.5 µs, a sixth of the fan-out; benchmarks/sse_cost.
 Each subscriber has one timer that is left running: a wait only notes its deadline, and
 when the timer fires it wakes the subscriber if the current wait's deadline has passed,
 else re-arms for it. An SSE route waiting ``get(15)`` between events pays for one timer
-per 15 s. A wait whose deadline comes before the running timer's arms one of its own.
+per 15 s. A wait whose deadline comes before the running timer's arms one of its own, as
+does a wait in another thread's event loop than the reader's (the lazy timer, left running
+unreferenced, would neither run there nor keep that loop up).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class FanOut:
         self.inline = not backend.can_wait  # non-threaded: no reader task
         self.counters = counters  # the group's ``listen_dropped``, kept across hubs
         self._lock = backend.lock()
+        self.loop = backend.event_loop()  # the reader's (it is started from here)
         self.subs: dict[Subscriber, None] = {}  # in order of arrival
         self._by_channel: dict[str, dict[Subscriber, None]] = {}
         self._active: set[str] = set()  # LISTENed on the current connection
@@ -109,6 +112,9 @@ class FanOut:
                 if not peers:
                     del self._by_channel[name]
         sub.queue.clear()
+        if sub.cancel_timer is not None:  # the lazy timer would keep sub and hub until it fires
+            cancel, sub.cancel_timer, sub.timer_at = sub.cancel_timer, None, 0.0
+            cancel()
         sub.wake()
 
     def _poke(self) -> None:
@@ -157,30 +163,34 @@ class FanOut:
     def time_wait(self, sub: Subscriber, deadline: float) -> bool:
         """Under the lock, before ``sub`` waits until ``deadline``: True if its lazy timer
         will wake it in time (then no timer of its own is needed)."""
-        if not self.backend.can_call_later:
-            return False
+        if not self.backend.can_call_later or self.backend.event_loop() is not self.loop:
+            return False  # another thread's loop (gevent): its wait's own timer keeps it up
         if sub.timer_at == 0.0:
-            self.backend.call_later(max(0.0, deadline - time.monotonic()),
-                                    lambda: self._timer_fired(sub))
-            sub.timer_at = deadline
+            self._arm(sub, deadline)
         elif sub.timer_at > deadline:
             return False  # the running timer would be late for this shorter wait
         sub.wait_until = deadline
         return True
 
+    def _arm(self, sub: Subscriber, deadline: float) -> None:
+        """Under the lock: start ``sub``'s lazy timer for ``deadline``."""
+        sub.cancel_timer = self.backend.call_later(max(0.0, deadline - time.monotonic()),
+                                                   lambda: self._timer_fired(sub))
+        sub.timer_at = deadline
+
     def _timer_fired(self, sub: Subscriber) -> None:
         """A subscriber's lazy timer (in the event loop): wake its wait if that wait's
-        deadline has passed, re-arm for it if not; nothing if it waits without one."""
+        deadline has passed, re-arm for it if not; nothing if it waits without one. A
+        closed subscriber's wait is woken whatever its deadline (in a forked child a task
+        copied from the parent waits on a subscriber closed without a wake-up)."""
         waiter = None
         with self._lock:
-            sub.timer_at = 0.0
+            sub.timer_at, sub.cancel_timer = 0.0, None
             deadline = sub.wait_until
-            if deadline is None or sub.closed or self.finished:
+            if deadline is None:
                 return
-            left = deadline - time.monotonic()
-            if left > 0:
-                self.backend.call_later(left, lambda: self._timer_fired(sub))
-                sub.timer_at = deadline
+            if not (sub.closed or self.finished) and deadline > time.monotonic():
+                self._arm(sub, deadline)
                 return
             sub.wait_until = None
             waiter, sub.waiter = sub.waiter, None

@@ -3,6 +3,7 @@ group at most) through which ``Pool.listen()`` joins or makes a hub."""
 
 from __future__ import annotations
 
+import threading
 import time
 import weakref
 from collections import Counter
@@ -119,9 +120,12 @@ class Listener:
 
     def get(self, timeout: float | None = None) -> Item | None:
         """The next notification or :class:`Gap`; None once closed, or when ``timeout``
-        seconds passed with nothing to return. Any exception out of here (a kill, a
-        ``gevent.Timeout``) closes the listener."""
+        seconds passed with nothing to return (a NaN ``timeout``: ValueError). Any exception
+        out of here (a kill, a ``gevent.Timeout``) closes the listener."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        if deadline != deadline:  # NaN: no wait could ever end (nor time out) by it
+            raise ValueError(f"Listener.get(): timeout must be a number of seconds or None, "
+                             f"not {timeout!r}")
         hub, sub = self._hub, self._sub
         with hub._lock:
             if sub.closed:
@@ -147,8 +151,11 @@ class Listener:
                 if item is not None:
                     return item
                 remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return None
+                if remaining is not None:
+                    if remaining <= 0:
+                        return None
+                    # a longer wait raises OverflowError in a thread (the loop waits again)
+                    remaining = min(remaining, threading.TIMEOUT_MAX)
                 waiter = None
                 if not hub.inline:
                     if hub.ended:

@@ -23,7 +23,7 @@ everything committed before ``lost_at`` was received: re-reading what changed si
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Union
 
@@ -71,8 +71,9 @@ class Subscriber:
     """A subscriber's state as the hub sees it (the :class:`Listener` is only a handle, so
     that a listener dropped without ``close()`` can be garbage-collected)."""
 
-    __slots__ = ("busy", "channels", "closed", "deadline", "dropped", "lost", "max_backlog",
-                 "queue", "start_error", "started", "timer_at", "wait_until", "waiter")
+    __slots__ = ("busy", "cancel_timer", "channels", "closed", "deadline", "dropped", "lost",
+                 "max_backlog", "queue", "start_error", "started", "timer_at", "wait_until",
+                 "waiter")
 
     def __init__(self, channels: tuple[str, ...], max_backlog: int, deadline: float) -> None:
         self.channels = channels
@@ -91,6 +92,7 @@ class Subscriber:
         self.wait_until: float | None = None
         #: when the hub's lazy timer for this subscriber fires (0: not armed; green modes)
         self.timer_at = 0.0
+        self.cancel_timer: Callable[[], None] | None = None  # stops that timer
 
     def wake(self) -> None:
         waiter, self.waiter = self.waiter, None
