@@ -125,8 +125,13 @@ class Group(GroupRetiring):
                 timings.use.fold()
         # last: an exception above leaves no loan behind (the connection, referenced by
         # nobody, is collected, and its slot counted back as orphaned)
-        self._lent.add(pc)
-        return pc
+        try:
+            self._lent.add(pc)
+            return pc
+        except BaseException:  # a signal handler's, as the add returns: no caller has it
+            self._lent.discard(pc)
+            self.discard(pc, "interrupted")
+            raise
 
     def _closed_now(self) -> PoolClosed:
         return PoolClosed(f"group {self.name!r}: the pool is closed")

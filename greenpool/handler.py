@@ -142,16 +142,17 @@ class Handler:
                 self._enter_nested(outer, outer._pc)
                 return self
             outer._give_up(task)  # its connection is gone: no block can go on inside it
-        pc = group.acquire(self._timeout)
         try:
+            # stored at once: a signal handler's exception right after it still finds it
+            pc = self._pc = group.acquire(self._timeout)
             pc.dirty = False  # this handler sees everything the loan does from here
-            self._pc = pc
             holders[task] = self
-        except BaseException:  # a signal handler's exception: no block, no holder
+        except BaseException:  # no block, no holder (acquire's own error: nothing taken)
             if holders.get(task) is self:
                 del holders[task]
-            self._pc = None
-            group.release(pc, discard="interrupted")
+            taken, self._pc = self._pc, None
+            if taken is not None:
+                group.release(taken, discard="interrupted")
             raise
         return self
 

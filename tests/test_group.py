@@ -170,3 +170,45 @@ def test_a_failing_histogram_sink_on_the_borrow_path_loses_no_slot(pg, mode, mon
         assert group.stats()["size"] <= 1
     finally:
         pool.close()
+
+
+def test_an_interruption_as_the_loan_is_recorded_loses_no_slot(make_pool):
+    """A signal handler's exception (KeyboardInterrupt) can land right after acquire has
+    recorded the loan and before its caller holds the connection: the connection is
+    discarded and its slot freed, not left lent to nobody. The interruption is placed by a
+    line tracer (a signal cannot be timed to that point), at the line after the record."""
+    import sys
+    from pathlib import Path
+
+    import greenpool.group as group_module
+
+    pool = make_pool({"g": {"connection_count": 1, "autocommit": True, "timeout": 5}})
+    with pool.handler("g") as db:
+        db.query("SELECT 1")
+    source = group_module.__file__
+    lines = Path(source).read_text().splitlines()
+    after_record = lines.index("            self._lent.add(pc)") + 2  # 1-based: the next line
+
+    def tracer(frame, event, arg):
+        if frame.f_code.co_filename != source or frame.f_code.co_name != "acquire":
+            return None
+
+        def local(frame, event, arg):
+            if event == "line" and frame.f_lineno == after_record:
+                raise KeyboardInterrupt("as the loan is recorded")
+            return local
+        return local
+
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(KeyboardInterrupt), pool.handler("g"):
+            pass
+    finally:
+        sys.settrace(previous)
+    stats = pool.stats()["groups"]["g"]
+    assert stats["in_use"] == 0
+    assert stats["size"] == stats["idle"] + stats["in_use"] + stats["connecting"]
+    assert not pool.group("g").holders
+    with pool.handler("g", timeout=5) as db:
+        assert db.query("SELECT 1") == [(1,)]
