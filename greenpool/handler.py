@@ -144,7 +144,7 @@ class Handler:
             outer._give_up(task)  # its connection is gone: no block can go on inside it
         try:
             # stored at once: a signal handler's exception right after it still finds it
-            pc = self._pc = group.acquire(self._timeout)
+            self._pc = pc = group.acquire(self._timeout)
             pc.dirty = False  # this handler sees everything the loan does from here
             holders[task] = self
         except BaseException:  # no block, no holder (acquire's own error: nothing taken)
