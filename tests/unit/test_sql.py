@@ -186,7 +186,9 @@ def test_a_long_text_is_parsed_off_the_hub(mode: str) -> None:
     def ticker() -> None:
         while running[0]:
             ticks[0] += 1
-            gevent.sleep(0)
+            # not sleep(0): a ticker that never lets the hub idle holds the GIL and starves
+            # the parsing thread (the parse took 14-44 s instead of well under one)
+            gevent.sleep(0.001)
 
     task = gevent.spawn(ticker)
     gevent.sleep(0)
