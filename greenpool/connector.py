@@ -80,13 +80,13 @@ class Slots(Protocol):
     def _deliver(self, slot: Slot, pc: PooledConnection) -> None:
         """A new connection, for the slot the task held (attached to it by the group)."""
 
-    def still_needed(self, slot: Slot) -> bool:
+    def _still_needed(self, slot: Slot) -> bool:
         """After a failed round: keep the slot and try again (True), or it was given back."""
 
-    def fail_waiters(self, make_error: Callable[[], BaseException], generation: int) -> None:
+    def _fail_waiters(self, make_error: Callable[[], BaseException], generation: int) -> None:
         """Every caller waiting now gets an error (a failure retrying cannot fix)."""
 
-    def endpoint_failed(self, endpoint: Endpoint) -> None:
+    def _endpoint_failed(self, endpoint: Endpoint) -> None:
         """A connect to ``endpoint`` failed for a server reason: its idle peers are suspect."""
 
     @property
@@ -335,9 +335,9 @@ class Connector:
                 error = self.fatal_error()
                 if error is not None:
                     logger.error("%s", error)
-                    slots.fail_waiters(partial(ConnectFailed, str(error)), generation)
+                    slots._fail_waiters(partial(ConnectFailed, str(error)), generation)
                     break
-                if not slots.still_needed(slot):
+                if not slots._still_needed(slot):
                     return
                 pc = self._promotion.await_promotion(generation, slot)
                 if pc is not None:
@@ -439,7 +439,7 @@ class Connector:
             else:
                 logger.info("group %r: cannot connect to %s", self.config.name, exc)
                 if unhealthy and self.slots is not None:
-                    self.slots.endpoint_failed(endpoint)
+                    self.slots._endpoint_failed(endpoint)
             return None
         except InheritedAcrossFork:
             raise  # the parent's attempt: the child's endpoint never counted it

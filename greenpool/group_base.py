@@ -133,7 +133,7 @@ class GroupBase:
         self.current_task: Callable[[], Hashable] = backend.current
         #: Called with an endpoint whose connections proved dead: the pool evicts that
         #: endpoint's idle connections in every group at once.
-        self.on_endpoint_failure: Callable[[Endpoint], None] = self.evict_idle
+        self.on_endpoint_failure: Callable[[Endpoint], None] = self._evict_idle
 
     # --- what the parts below need from group.py ----------------------------------------
 
@@ -149,5 +149,5 @@ class GroupBase:
     def _forget_placement(self) -> None:
         raise NotImplementedError
 
-    def evict_idle(self, endpoint: Endpoint) -> None:
+    def _evict_idle(self, endpoint: Endpoint) -> None:
         raise NotImplementedError

@@ -33,7 +33,7 @@ class GroupGrowth(GroupBase):
         ``pc``'s endpoint left the group meanwhile (a ``reconfigure()`` from a signal
         handler during the caller's own connect): it is closed, never lent."""
         with self._lock:
-            abandoned = slot.abandoned  # set only by abandon_connects, under this lock
+            abandoned = slot.abandoned  # set only by _abandon_connects, under this lock
             if not abandoned:
                 slot.attach(pc)
                 self._connecting -= 1
@@ -44,7 +44,7 @@ class GroupGrowth(GroupBase):
             self.discard(pc, "endpoint_removed", reconnect=False)
         return not (abandoned or stray)
 
-    def returned(self, slot: Slot, was: int, reconnect: bool | None) -> None:
+    def _returned(self, slot: Slot, was: int, reconnect: bool | None) -> None:
         """A connect or probe ended without a connection (``Slot.give_back``): the room goes
         to a connect if waiters need one, else it is freed."""
         self._slot_returned(slot.generation, was, reconnect, slot)
@@ -55,7 +55,7 @@ class GroupGrowth(GroupBase):
             return  # taken before a fork: this process never counted it
         with self._lock:
             if slot is not None and slot.abandoned:
-                return  # the group gave its room back already (abandon_connects)
+                return  # the group gave its room back already (_abandon_connects)
             self._size -= 1
             if was == CONNECTING:
                 self._connecting -= 1
@@ -67,7 +67,7 @@ class GroupGrowth(GroupBase):
         if slot is not None:
             self.connector.start(slot)
 
-    def orphaned(self, generation: int, was: int, endpoint: Endpoint | None) -> None:
+    def _orphaned(self, generation: int, was: int, endpoint: Endpoint | None) -> None:
         """A slot collected while held (its holder vanished mid-line): only recorded here,
         since this may run inside any code, even our own locked sections."""
         if generation == self._generation:
@@ -172,7 +172,7 @@ class GroupGrowth(GroupBase):
                 return None
             return self._take_slot()
 
-    def refill(self) -> None:
+    def _refill(self) -> None:
         """Open what the group lacks now: a connect per waiter beyond those under way, and
         up to ``min_size`` (housekeeping would at its next round)."""
         with self._lock:
@@ -201,7 +201,7 @@ class GroupGrowth(GroupBase):
             # the one door into the group: a connect the group abandoned (its room is
             # already given back) or one to an endpoint the group no longer has brings a
             # stray, closed here (checked under the lock apply() changes endpoints under)
-            abandoned = slot.abandoned  # set only by abandon_connects, under this lock
+            abandoned = slot.abandoned  # set only by _abandon_connects, under this lock
             if not abandoned:
                 slot.attach(pc)
                 self._connecting -= 1
@@ -237,7 +237,7 @@ class GroupGrowth(GroupBase):
             return []
         return unserved(self.preferred_endpoints(), self.connector.counts)[:room]
 
-    def still_needed(self, slot: Slot) -> bool:
+    def _still_needed(self, slot: Slot) -> bool:
         """After a failed round of connects: keep trying (True), or the slot is given back
         (nobody waits and the group is at ``min_size``)."""
         if slot.generation != self._generation:
@@ -245,7 +245,7 @@ class GroupGrowth(GroupBase):
             return False
         with self._lock:
             if slot.abandoned:
-                return False  # the group gave its room back (abandon_connects)
+                return False  # the group gave its room back (_abandon_connects)
             if not self._closed and self._size <= self.config.connection_count and (
                     self._line or self._size <= self.config.min_size):
                 return True
@@ -254,7 +254,7 @@ class GroupGrowth(GroupBase):
             self._size -= 1
             return False
 
-    def abandon_connects(self, endpoints: Sequence[Endpoint]) -> int:
+    def _abandon_connects(self, endpoints: Sequence[Endpoint]) -> int:
         """Give back at once the room of connects under way to ``endpoints`` (taken out of
         the group): a connect to a server that never answers would hold it for its whole
         ``connect_timeout`` while callers wait. Their tasks end at their next look; a
@@ -271,8 +271,8 @@ class GroupGrowth(GroupBase):
                 self._size -= 1
                 self._connecting -= 1
         if abandoned:
-            self.refill()
+            self._refill()
         return len(abandoned)
 
-    def endpoint_failed(self, endpoint: Endpoint) -> None:
+    def _endpoint_failed(self, endpoint: Endpoint) -> None:
         self.on_endpoint_failure(endpoint)

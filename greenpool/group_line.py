@@ -135,7 +135,7 @@ class GroupLine(GroupGrowth):
             f"or look for code holding connections too long"
         )
 
-    def fail_waiters(self, make_error: Callable[[], BaseException], generation: int) -> None:
+    def _fail_waiters(self, make_error: Callable[[], BaseException], generation: int) -> None:
         if generation != self._generation:
             return
         with self._lock:

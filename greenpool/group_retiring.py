@@ -63,7 +63,7 @@ class GroupRetiring(GroupLine):
                 self._idle.remove(pc)
             return taken
 
-    def evict_idle(self, endpoint: Endpoint) -> None:
+    def _evict_idle(self, endpoint: Endpoint) -> None:
         """Close every idle connection to ``endpoint`` at once: one of its connections proved
         dead, so the rest are suspect, and checking them one borrow at a time would hand
         the failure to one caller after another."""
@@ -84,7 +84,7 @@ class GroupRetiring(GroupLine):
         idle = self._take_idle(lambda idle: [pc for pc in idle if pc.expires == DRAINED])
         for pc in idle:
             self.discard(pc, "drained", reconnect=None)
-        self.refill()
+        self._refill()
         return len(idle)
 
     def _opened(self) -> list[PooledConnection]:
@@ -126,7 +126,7 @@ class GroupRetiring(GroupLine):
         self.connector.apply(config, self.endpoints)
         # connects under way to an endpoint taken out give their room back now (and one
         # that still opens a connection brings it to _deliver, which closes it)
-        self.abandon_connects(left)
+        self._abandon_connects(left)
         travels = any(getattr(old, key) != getattr(config, key) for key in TRAVELS)
         surplus = self._take_idle(lambda idle: idle[:max(0, self._size - config.connection_count)])
         for pc in surplus:
@@ -136,5 +136,5 @@ class GroupRetiring(GroupLine):
         else:
             for endpoint in left:  # still in the pool's configuration, no longer this group's
                 self.drain(endpoint)
-            self.refill()
+            self._refill()
         return travels

@@ -338,7 +338,7 @@ class Pool:
     def _endpoint_failed(self, endpoint: Endpoint) -> None:
         """One connection to ``endpoint`` proved dead: evict its idle peers in every group."""
         for group in self._groups.values():
-            group.evict_idle(endpoint)
+            group._evict_idle(endpoint)
 
     def _after_fork_in_child(self) -> None:
         """Runs inside ``os.fork()`` in the child: only drop state, start nothing."""

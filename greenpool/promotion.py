@@ -133,7 +133,7 @@ class PromotionWatch:
             logger.info("group %r: a standby watched for its promotion, %s, did not answer:"
                         " %s", connector.config.name, endpoint.label, exc)
             connector.close(pc, "failed_check")
-            slots.endpoint_failed(endpoint)
+            slots._endpoint_failed(endpoint)
             return None
         if os.getpid() != pid:
             raise InheritedAcrossFork("a watch of the parent process, in the child")

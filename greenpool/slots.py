@@ -17,7 +17,7 @@ that object, which lets it happen once:
   then does nothing, and a connection it still opens is closed on arrival;
 * a slot that is garbage-collected while still held (its holder was interrupted between two
   lines, where no ``finally`` can reach: a signal handler's exception) is given back at the
-  group's next look (:meth:`SlotOwner.orphaned`, which must not block: it may run anywhere).
+  group's next look (:meth:`SlotOwner._orphaned`, which must not block: it may run anywhere).
 """
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ CONNECTING, ATTACHED, RETURNED = 0, 1, 2
 
 
 class SlotOwner(Protocol):
-    """The group a slot belongs to. ``returned`` and ``orphaned`` are called at most once per
-    slot; ``orphaned`` may run inside any code (a finalizer) and only records."""
+    """The group a slot belongs to. ``_returned`` and ``_orphaned`` are called at most once per
+    slot; ``_orphaned`` may run inside any code (a finalizer) and only records."""
 
-    def returned(self, slot: Slot, was: int, reconnect: bool | None) -> None: ...
+    def _returned(self, slot: Slot, was: int, reconnect: bool | None) -> None: ...
 
-    def orphaned(self, generation: int, was: int, endpoint: Endpoint | None) -> None: ...
+    def _orphaned(self, generation: int, was: int, endpoint: Endpoint | None) -> None: ...
 
 
 class Slot:
@@ -84,7 +84,7 @@ class Slot:
         if was == RETURNED:
             return
         self.state = RETURNED
-        self._owner.returned(self, was, reconnect)
+        self._owner._returned(self, was, reconnect)
 
     def __enter__(self) -> Slot:
         return self
@@ -97,7 +97,7 @@ class Slot:
         was = self.state
         if was != RETURNED:
             self.state = RETURNED
-            self._owner.orphaned(self.generation, was, self.endpoint)
+            self._owner._orphaned(self.generation, was, self.endpoint)
 
     def __repr__(self) -> str:
         state = ("connecting", "attached", "returned")[self.state]
