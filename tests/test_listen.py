@@ -351,10 +351,21 @@ def test_a_refused_reconnect_keeps_trying_and_never_shows_the_password(
 
 
 def hub_pid(cluster: Any) -> int:
-    """The backend of the group's shared listening connection (the one session of APP)."""
-    rows = cluster.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s",
-                           (APP,))
-    assert len(rows) == 1, rows
+    """The backend of the group's shared listening connection (the one session of APP).
+    Waits (bounded) for the sessions an earlier test left to end: the server is shared, and
+    a backend whose client went away (one resumed after SIGSTOP, say) exits on its own
+    time; a second session of this test's own stays and fails the test."""
+    rows: list[Any] = []
+
+    def one_session() -> bool:
+        rows[:] = cluster.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s", (APP,))
+        return len(rows) == 1
+
+    try:
+        wait_until(one_session, 10, "one session of the listening connection")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {rows}") from None
     return int(rows[0][0])
 
 
