@@ -342,6 +342,39 @@ def test_a_signal_inside_a_shielded_cleanup_waits_for_its_end() -> None:
     assert received == [signal.SIGTERM, signal.SIGINT]
 
 
+def test_a_signal_that_lands_in_c_code_which_clears_errors_still_interrupts(tmp_path: Path
+                                                                           ) -> None:
+    """A real SIGTERM whose handler runs inside ``tell()`` called by ``io.BufferedReader``'s
+    C constructor, which clears any error ``tell()`` raises (gevent's ``Popen`` opens its
+    exec pipe so: a signal there was lost and the demo ran on). Under gevent the command is
+    still interrupted, at its next wait."""
+    script = tmp_path / "lands_in_c.py"
+    script.write_text(
+        "import io, os, signal, sys\n"
+        "from greenpool.cli.process import Interrupted, signals_as_exceptions\n"
+        "class Raw(io.RawIOBase):\n"
+        "    def readable(self): return True\n"
+        "    def tell(self):\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        for _ in range(1000): pass  # the handler runs here, inside tell()\n"
+        "        return 0\n"
+        "with signals_as_exceptions():\n"
+        "    from gevent import monkey\n"
+        "    monkey.patch_all()\n"
+        "    import gevent\n"
+        "    try:\n"
+        "        io.BufferedReader(Raw())\n"
+        "        print('constructed', flush=True)\n"
+        "        gevent.sleep(5)\n"
+        "        print('never interrupted', flush=True)\n"
+        "    except Interrupted as exc:\n"
+        "        print('interrupted', exc.signum, flush=True)\n")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            timeout=60, env=ENV, check=False)
+    assert result.stdout.split("\n")[:2] == ["constructed", f"interrupted {signal.SIGTERM}"], (
+        result.stdout + result.stderr)
+
+
 def test_bench_runs_on_gevent_whatever_the_type(pg: Any, tmp_path: Path) -> None:
     for mode in ("threaded", "eventlet", "non-threaded"):
         path = tmp_path / f"{mode}.json"

@@ -43,28 +43,68 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _received: list[int] = []  # signals since signals_as_exceptions() began
 _held: list[int] = []  # the first signal, if it came inside shielded() and is not raised yet
 _shields = 0  # > 0 inside shielded()
+_delivery: list[Any] = []  # the hub's callback that will throw the first signal, under gevent
+
+
+def _gevent_hub() -> Any | None:
+    """gevent's hub, once the command has monkey-patched the process (every command does,
+    after parsing its arguments); None before that."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is None or not monkey.is_module_patched("time"):
+        return None
+    import gevent
+
+    return gevent.get_hub()
+
+
+def _interrupt(signum: int) -> None:
+    """Raise the first signal as :class:`Interrupted`, or hold it inside :func:`shielded`."""
+    if _shields:
+        _held.append(signum)
+    else:
+        raise Interrupted(signum)
+
+
+def _throw_into(main: Any, signum: int) -> None:
+    """Run by the hub: deliver the signal to the main greenlet at the cooperative wait it is
+    parked in, as gevent delivers a ``Timeout``."""
+    if not main.dead:
+        try:
+            _interrupt(signum)
+        except Interrupted as exc:
+            main.throw(exc)
 
 
 @contextmanager
 def signals_as_exceptions() -> Iterator[list[int]]:
     """The first SIGINT/SIGTERM/SIGHUP raises :class:`Interrupted`; later ones are only
-    recorded (in the yielded list), so the cleanup the first one started runs to its end."""
+    recorded (in the yielded list), so the cleanup the first one started runs to its end.
+
+    Under gevent the handler does not raise where it happens to run: a Python signal handler
+    runs between any two bytecodes, also inside C code that clears errors (the buffered file
+    gevent's ``Popen`` opens on its exec pipe swallowed it, and the demo then ran on with its
+    servers), in a ``__del__`` or in the hub. Thrown into the main greenlet by the hub, it
+    arrives where the main greenlet waits, as a ``gevent.Timeout`` would.
+    """
 
     def on_signal(signum: int, frame: Any) -> None:
         _received.append(signum)
         if len(_received) == 1:
-            if _shields:
-                _held.append(signum)
+            hub = _gevent_hub()
+            if hub is None:
+                _interrupt(signum)
             else:
-                raise Interrupted(signum)
+                _delivery.append(hub.loop.run_callback(_throw_into, hub.parent, signum))
 
-    del _received[:], _held[:]
+    del _received[:], _held[:], _delivery[:]
     previous = {sig: signal.signal(sig, on_signal) for sig in _SIGNALS}
     try:
         yield _received
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        for callback in _delivery:  # the command ended before waiting again: its work is done
+            callback.stop()
 
 
 @contextmanager
