@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -108,7 +109,7 @@ class PooledConnection:
 
     __slots__ = (
         "__weakref__", "created", "dirty", "endpoint", "expires", "generation", "last_used",
-        "lent_at", "lent_from", "raw", "readable", "resets", "role", "slot",
+        "lent_at", "lent_from", "lent_ref", "raw", "readable", "resets", "role", "slot",
     )
 
     def __init__(
@@ -136,6 +137,8 @@ class PooledConnection:
         #: the group slot this connection holds (None: a dedicated connection, outside the
         #: group's room); given back when the group discards it, or when it is collected
         self.slot: Slot | None = None
+        #: this connection, weakly, as its group's lent set holds it (made at its first loan)
+        self.lent_ref: weakref.ref[PooledConnection] | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self.raw.closed else "open"

@@ -140,14 +140,18 @@ class Connector:
     def start(self, slot: Slot, target: Endpoint | None = None) -> bool:
         """Open one connection in the background in ``slot`` (preferably to ``target``) and
         deliver it. Never raises: a task that cannot start (a process limit on threads)
-        gives the slot back, and callers waiting learn why when their time runs out."""
-        with slot:
-            if not self.run_in_background(lambda: self._run(slot, target)):
-                logger.warning("group %r: cannot start a connect task: %s", self.config.name,
-                               self.cannot_start)
-                slot.give_back(reconnect=False)  # another try would fail the same way
-                return False
+        gives the slot back, and callers waiting learn why when their time runs out. The slot
+        is the task's from the moment the task begins, even if starting it was interrupted
+        (see :meth:`BackgroundTasks.spawn`): only a task that never began gives it back here.
+        """
+        def not_started() -> None:
+            slot.give_back(reconnect=False)  # another try would fail the same way
+
+        if self.run_in_background(lambda: self._run(slot, target), not_started):
             return True
+        logger.warning("group %r: cannot start a connect task: %s", self.config.name,
+                       self.cannot_start)
+        return False
 
     def open_now(self, deadline: float, generation: int) -> PooledConnection:
         """Connect inline (``non-threaded`` mode, dedicated connections): rounds of
@@ -163,10 +167,12 @@ class Connector:
                 raise self.no_endpoint_error()
             self._backend.sleep(min(remaining, self._next_chance()))
 
-    def run_in_background(self, work: Callable[[], None]) -> bool:
+    def run_in_background(self, work: Callable[[], None],
+                          not_started: Callable[[], None]) -> bool:
         """Run ``work`` in a task of its own that :meth:`stop` ends (a group's connect, a
-        dedicated one); False if no task could start (``cannot_start`` says why)."""
-        return self._tasks.spawn(work)
+        dedicated one); False if no task could start (``cannot_start`` says why). Exactly
+        one of ``work`` and ``not_started`` runs (see :meth:`BackgroundTasks.spawn`)."""
+        return self._tasks.spawn(work, not_started)
 
     @property
     def cannot_start(self) -> str | None:

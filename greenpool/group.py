@@ -35,7 +35,6 @@ from .group_base import DRAINED, _inherited_in_use, _monotonic
 from .group_retiring import TRAVELS, GroupRetiring
 from .placement import take_in_turn, where_to_be
 from .roles import fits, read_role, role_of
-from .slots import RETURNED
 from .stats import FOLD_AT
 from .waiting import WaitLine
 
@@ -69,8 +68,11 @@ class Group(GroupRetiring):
 
     # --- borrowing ------------------------------------------------------------------------
 
-    def acquire(self, timeout: float | None = None) -> PooledConnection:
+    def acquire(self, timeout: float | None = None, holder: Any = None) -> PooledConnection:
         """A healthy connection within ``timeout`` seconds (the group's default if None).
+        With a ``holder``, its ``_pc`` is set to the connection before this returns: an
+        exception raised as the call returns (a signal handler's) still finds it there,
+        where the caller can give it back (a connection no caller has stays lent).
 
         Raises :class:`PoolTimeout` (:class:`NoHealthyEndpoint` when connecting kept
         failing), :class:`TooManyWaiters`, :class:`ConnectFailed` or :class:`PoolClosed`.
@@ -126,10 +128,18 @@ class Group(GroupRetiring):
         # last: an exception above leaves no loan behind (the connection, referenced by
         # nobody, is collected, and its slot counted back as orphaned)
         try:
-            self._lent.add(pc)
+            ref = pc.lent_ref
+            if ref is None:
+                ref = pc.lent_ref = weakref.ref(pc, self._lent.discard)
+            self._lent.add(ref)
+            if holder is not None:
+                holder._pc = pc
             return pc
         except BaseException:  # a signal handler's, as the add returns: no caller has it
-            self._lent.discard(pc)
+            if pc.lent_ref is not None:
+                self._lent.discard(pc.lent_ref)
+            if holder is not None and holder._pc is pc:
+                holder._pc = None
             self.discard(pc, "interrupted")
             raise
 
@@ -227,7 +237,8 @@ class Group(GroupRetiring):
         """
         now = _monotonic()  # the use time ends, the idle time starts (see reset_on_return)
         try:
-            self._lent.remove(pc)  # one atomic step: two releases cannot both pass
+            # one atomic step: two releases cannot both pass (never lent: None, a KeyError too)
+            self._lent.remove(pc.lent_ref)  # type: ignore[arg-type]
         except KeyError:
             if pc.generation != self._generation:
                 return  # the parent's, lent at fork time: see after_fork_in_child
@@ -306,9 +317,8 @@ class Group(GroupRetiring):
         slot = pc.slot
         pc.slot = None
         self.connector.close(pc, reason)
-        if slot is not None and slot.state != RETURNED:
-            was, slot.state = slot.state, RETURNED
-            self._slot_returned(slot.generation, was, reconnect)
+        if slot is not None:
+            self._returned(slot, reconnect)
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -352,7 +362,8 @@ class Group(GroupRetiring):
         self._line = WaitLine()
         self._sweep_armed = False  # a timer the parent armed returns at once here
         self._size = self._connecting = 0
-        self._orphans = deque()
+        self._dead_slots = deque()
+        self._slot_cells = {}
         self._connects = weakref.WeakSet()
         self._generation += 1
         if self.counters.timings is not None:  # a parent's thread may have held a fold lock
@@ -371,7 +382,7 @@ class Group(GroupRetiring):
         return self._generation
 
     def lent(self) -> list[PooledConnection]:
-        return list(self._lent)
+        return [pc for ref in list(self._lent) if (pc := ref()) is not None]
 
     @property
     def size(self) -> int:
@@ -393,7 +404,7 @@ class Group(GroupRetiring):
         return self._closed
 
     def stats(self) -> dict[str, Any]:
-        if self._orphans:
+        if self._dead_slots:
             with self._lock:
                 self._count_orphans()
         idle, in_use = len(self._idle), len(self._lent)

@@ -41,7 +41,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .concurrency.backend import NO_LOCK, Backend
 from .config import GroupConfig
@@ -94,7 +94,10 @@ class GroupBase:
         self._turns: dict[Endpoint, float] | None = (
             dict.fromkeys(self.endpoints, 0.0) if len(self.endpoints) > 1 else None
         )
-        self._lent: set[PooledConnection] = set()
+        #: the lent connections, weakly: one that no caller holds any more (its borrower was
+        #: interrupted between two lines, where no ``finally`` reaches) is collected, and its
+        #: slot counted back as orphaned; a strong set would keep it lent for ever
+        self._lent: set[weakref.ref[PooledConnection]] = set()
         self._line = WaitLine()
         self._new_waiter = backend.waiter
         self._can_wait = backend.can_wait
@@ -110,8 +113,11 @@ class GroupBase:
         self._cancel_sweep: Callable[[], None] | None = None
         self._size = 0
         self._connecting = 0  # slots held by connect tasks
-        #: (state, endpoint) of slots collected while held, counted back at the next look
-        self._orphans: deque[tuple[int, Endpoint | None]] = deque()
+        #: every slot taken, weakly, with its [state, endpoint] cell; a collected slot's
+        #: reference lands in ``_dead_slots``, and the next look counts it back if it was
+        #: still held (see _count_orphans)
+        self._slot_cells: dict[weakref.ref[Slot], list[Any]] = {}
+        self._dead_slots: deque[weakref.ref[Slot]] = deque()
         #: the slots this group made, weakly (a collected one is orphaned): those still
         #: CONNECTING are the connects under way
         self._connects: weakref.WeakSet[Slot] = weakref.WeakSet()

@@ -4,6 +4,7 @@ refills, and the non-threaded mode's connects in the caller's own time."""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 from .connection import STUCK_AFTER as _STUCK_AFTER
@@ -26,7 +27,22 @@ class GroupGrowth(GroupBase):
         self._connecting += 1
         slot = Slot(self, self._generation)
         self._connects.add(slot)
+        # collected while still held: the weakref's callback, a C method, records it in
+        # one step that no signal handler's exception can cut (a __del__ could be cut).
+        # Given back, the slot drops the weakref (_count_back): a freed weakref never calls.
+        ref = slot.ref = weakref.ref(slot, self._dead_slots.append)
+        self._slot_cells[ref] = slot.cell
         return slot
+
+    def _count_back(self, slot: Slot, was: int) -> None:
+        """The room of ``slot`` (in state ``was``), now marked returned, given back (called
+        with the lock held)."""
+        slot.state = RETURNED
+        ref, slot.ref = slot.ref, None
+        self._slot_cells.pop(ref, None)
+        self._size -= 1
+        if was == CONNECTING:
+            self._connecting -= 1
 
     def _attach(self, slot: Slot, pc: PooledConnection) -> bool:
         """A connect in ``slot`` opened ``pc`` for a caller who takes it at once; False if
@@ -44,40 +60,38 @@ class GroupGrowth(GroupBase):
             self.discard(pc, "endpoint_removed", reconnect=False)
         return not (abandoned or stray)
 
-    def _returned(self, slot: Slot, was: int, reconnect: bool | None) -> None:
-        """A connect or probe ended without a connection (``Slot.give_back``): the room goes
-        to a connect if waiters need one, else it is freed."""
-        self._slot_returned(slot.generation, was, reconnect, slot)
-
-    def _slot_returned(self, generation: int, was: int, reconnect: bool | None,
-                       slot: Slot | None = None) -> None:
-        if generation != self._generation:
+    def _returned(self, slot: Slot, reconnect: bool | None) -> None:
+        """``slot`` is given back (``Slot.give_back``, or its connection discarded): the room
+        goes to a connect if waiters need one, else it is freed. The slot is marked returned
+        in the same locked step that counts it: interrupted before that step, it is still
+        held, and counted back when it is collected (a second give_back counts nothing)."""
+        if slot.generation != self._generation:
+            slot.state = RETURNED
             return  # taken before a fork: this process never counted it
         with self._lock:
-            if slot is not None and slot.abandoned:
-                return  # the group gave its room back already (_abandon_connects)
-            self._size -= 1
-            if was == CONNECTING:
-                self._connecting -= 1
+            was = slot.state
+            if was == RETURNED:
+                return  # given back already, or its room given back by the group
+            self._count_back(slot, was)
             if self._closed or not self._can_wait:
                 return
             wanted = self._wants_connect(len(self._line)) if reconnect is None else reconnect
             wanted = wanted and self._size < self.config.connection_count  # (resize lowered it)
-            slot = self._take_slot() if wanted else None
-        if slot is not None:
-            self.connector.start(slot)
-
-    def _orphaned(self, generation: int, was: int, endpoint: Endpoint | None) -> None:
-        """A slot collected while held (its holder vanished mid-line): only recorded here,
-        since this may run inside any code, even our own locked sections."""
-        if generation == self._generation:
-            self._orphans.append((was, endpoint))
+            new = self._take_slot() if wanted else None
+        if new is not None:
+            self.connector.start(new)
 
     def _count_orphans(self) -> None:
-        """Give back the room of orphaned slots (called with the lock held)."""
-        orphans = self._orphans
-        while orphans:
-            was, endpoint = orphans.popleft()
+        """Give back the room of slots collected while still held (their holder vanished
+        between two lines, where no ``finally`` reaches); called with the lock held."""
+        dead, cells = self._dead_slots, self._slot_cells
+        while dead:
+            cell = cells.pop(dead.popleft(), None)
+            if cell is None:
+                continue
+            was, endpoint = cell
+            if was == RETURNED:
+                continue
             self._size -= 1
             if was == CONNECTING:
                 self._connecting -= 1
@@ -249,9 +263,7 @@ class GroupGrowth(GroupBase):
             if not self._closed and self._size <= self.config.connection_count and (
                     self._line or self._size <= self.config.min_size):
                 return True
-            slot.state = RETURNED
-            self._connecting -= 1
-            self._size -= 1
+            self._count_back(slot, CONNECTING)
             return False
 
     def _abandon_connects(self, endpoints: Sequence[Endpoint]) -> int:
@@ -267,9 +279,8 @@ class GroupGrowth(GroupBase):
                          if slot.state == CONNECTING and slot.trying in endpoints
                          and slot.generation == self._generation]
             for slot in abandoned:
-                slot.state, slot.abandoned = RETURNED, True
-                self._size -= 1
-                self._connecting -= 1
+                slot.abandoned = True
+                self._count_back(slot, CONNECTING)
         if abandoned:
             self._refill()
         return len(abandoned)

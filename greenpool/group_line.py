@@ -58,7 +58,8 @@ class GroupLine(GroupGrowth):
             raise
         finally:
             counters.wait_time += _monotonic() - now
-        item = waiter.item
+        item, waiter.item = waiter.item, None  # the waiter may outlive this call (the hub's
+        # pending wake-up holds it): only the caller holds the connection (see Group._lent)
         if item is None:  # closed, a failure retrying cannot fix, or the timeout
             item = self._line.outcome(waiter, self._lock, lambda: self._timeout_error(wait_for))
         return item  # handed over by release() or the connector: already clean

@@ -44,6 +44,8 @@ statement_failures.py's, which SQL dirties the session sessionstate.py's.
 
 from __future__ import annotations
 
+import logging
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Union, cast
 
@@ -53,6 +55,7 @@ from psycopg2 import extensions
 from psycopg2 import sql as pgsql
 
 from .errors import CommitOutcomeUnknown, TransactionAborted
+from .open_blocks import block_open
 from .sessionstate import CLEAN, changes_session
 from .statement_failures import statement_failed
 
@@ -61,6 +64,9 @@ if TYPE_CHECKING:
     from .group import Group
 
 Statement = Union[str, bytes, pgsql.Composable, "tuple[Any, Any]"]
+
+logger = logging.getLogger("greenpool")
+_getframe = sys._getframe
 
 _IDLE = extensions.TRANSACTION_STATUS_IDLE
 _INTRANS = extensions.TRANSACTION_STATUS_INTRANS
@@ -103,7 +109,8 @@ class Handler:
     every loan); the rest is in a :class:`_BlockState` made on demand. It holds no
     reference to the pool of its own: its group does (``on_endpoint_failure``)."""
 
-    __slots__ = ("_group", "_idempotent", "_outer", "_pc", "_state", "_task", "_timeout")
+    __slots__ = ("_entered_at", "_entered_in", "_group", "_idempotent", "_outer", "_pc",
+                 "_state", "_task", "_timeout")
 
     def __init__(self, group: Group, timeout: float | None, idempotent: bool = False) -> None:
         self._group = group
@@ -117,6 +124,11 @@ class Handler:
         #: the task that entered the block; set once, first thing on entry, and never
         #: cleared: it is also what makes the handler single-use
         self._task: Any = None
+        #: outermost block: the frame whose ``with`` entered it and that statement's offset,
+        #: so a later block of the task can tell whether this one is still open (its
+        #: ``__exit__`` can be cut short before its first line: see open_blocks.py)
+        self._entered_in: Any = None
+        self._entered_at = 0
 
     def _own_state(self) -> _BlockState:
         """This block's state, made on first need (``_state`` is shared until then)."""
@@ -138,19 +150,24 @@ class Handler:
         holders = group.holders
         outer = holders.get(task)
         if outer is not None and outer._pc is not None:
-            if not outer._pc.raw.closed:
+            if outer._pc.raw.closed:  # its connection is gone: no block can go on inside it
+                outer._give_up(task, "closed")
+            elif outer._still_open():
                 self._enter_nested(outer, outer._pc)
                 return self
-            outer._give_up(task)  # its connection is gone: no block can go on inside it
+            else:
+                outer._abandoned(task)
+        caller = self._entered_in = _getframe(1)
+        self._entered_at = caller.f_lasti
         try:
-            # stored at once: a signal handler's exception right after it still finds it
-            self._pc = pc = group.acquire(self._timeout)
+            # stored by acquire: a signal handler's exception as it returns still finds it
+            pc = group.acquire(self._timeout, self)
             pc.dirty = False  # this handler sees everything the loan does from here
             holders[task] = self
         except BaseException:  # no block, no holder (acquire's own error: nothing taken)
             if holders.get(task) is self:
                 del holders[task]
-            taken, self._pc = self._pc, None
+            taken, self._pc, self._entered_in = self._pc, None, None
             if taken is not None:
                 group.release(taken, discard="interrupted")
             raise
@@ -182,6 +199,7 @@ class Handler:
             return
         pc = self._pc
         if pc is None:  # not in a block, or a replay lost the connection and found none
+            self._entered_in = None
             holders = self._group.holders
             if self._task is not None and holders.get(self._task) is self:
                 del holders[self._task]
@@ -191,7 +209,7 @@ class Handler:
                     f"later block of the same task took a new one; nothing of this block "
                     f"is known to be committed")
             return
-        self._pc = None
+        self._pc = self._entered_in = None
         group = self._group
         group.holders.pop(self._task, None)
         raw = pc.raw
@@ -203,18 +221,34 @@ class Handler:
                 raise
         group.release(pc)  # rolls back whatever is still open, or discards
 
-    def _give_up(self, task: Any) -> None:
-        """A later block of the same task found this one's connection closed: this block's
-        ``__exit__`` may never run (a signal handler's exception can skip it), so its
-        discarded connection is not taken for a live outer block; if it does exit, it
+    def _still_open(self) -> bool:
+        """Whether this outermost block is still open, seen from a block of its task being
+        entered (two frames down from here); unknown counts as open."""
+        frame = self._entered_in
+        return frame is None or block_open(frame, self._entered_at, _getframe(2)) is not False
+
+    def _abandoned(self, task: Any) -> None:
+        """This block ended without its ``__exit__`` running (an exception from a signal
+        handler on its first instruction): nothing of it was committed, and the exception
+        told its caller so. Its connection, in a transaction nobody will end, is discarded."""
+        logger.warning(
+            "group %r: a block of this task ended without its exit running (an exception "
+            "from a signal handler as it ended); its connection is discarded, its "
+            "uncommitted work rolled back by the server", self._group.name)
+        self._give_up(task, "interrupted")
+
+    def _give_up(self, task: Any, reason: str) -> None:
+        """A later block of the same task found this one's connection closed, or this block
+        over: its ``__exit__`` may never run (a signal handler's exception can skip it), so
+        its discarded connection is not taken for a live outer block; if it does exit, it
         says so (TransactionAborted) rather than nothing."""
         state = self._own_state()
-        pc, self._pc, state.given_up = self._pc, None, True
+        pc, self._pc, self._entered_in, state.given_up = self._pc, None, None, True
         holders = self._group.holders
         if holders.get(task) is self:
             del holders[task]
         if pc is not None:
-            self._group.release(pc, discard="closed")
+            self._group.release(pc, discard=reason)
 
     def _exit_nested(self, outer: Handler, clean: bool) -> None:
         """End a nested block: release its savepoint, or roll back to it. A caught error

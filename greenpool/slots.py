@@ -17,7 +17,11 @@ that object, which lets it happen once:
   then does nothing, and a connection it still opens is closed on arrival;
 * a slot that is garbage-collected while still held (its holder was interrupted between two
   lines, where no ``finally`` can reach: a signal handler's exception) is given back at the
-  group's next look (:meth:`SlotOwner._orphaned`, which must not block: it may run anywhere).
+  group's next look: the group holds every slot by a weak reference whose callback (a C
+  method, which no signal handler can cut short, unlike a ``__del__``) records its death;
+* the group marks a slot returned in the same locked step that counts it, so an
+  interruption before that step leaves it held (and counted back once collected), never
+  returned but uncounted.
 """
 
 from __future__ import annotations
@@ -33,58 +37,64 @@ CONNECTING, ATTACHED, RETURNED = 0, 1, 2
 
 
 class SlotOwner(Protocol):
-    """The group a slot belongs to. ``_returned`` and ``_orphaned`` are called at most once per
-    slot; ``_orphaned`` may run inside any code (a finalizer) and only records."""
+    """The group a slot belongs to. ``_returned`` marks the slot returned and counts it, in
+    one locked step; a slot already returned counts nothing."""
 
-    def _returned(self, slot: Slot, was: int, reconnect: bool | None) -> None: ...
-
-    def _orphaned(self, generation: int, was: int, endpoint: Endpoint | None) -> None: ...
+    def _returned(self, slot: Slot, reconnect: bool | None) -> None: ...
 
 
 class Slot:
-    """One unit of a group's room, from the moment it is reserved until it is given back."""
+    """One unit of a group's room, from the moment it is reserved until it is given back.
 
-    __slots__ = (
-        "__weakref__",
-        "_owner",
-        "abandoned",
-        "endpoint",
-        "generation",
-        "since",
-        "state",
-        "trying",
-    )
+    Its state and endpoint live in :attr:`cell`, a two-item list the group also holds (by
+    a weak reference to the slot): when a slot still held is collected, the group reads
+    there what it held and counts it back (see ``GroupGrowth._count_orphans``)."""
+
+    __slots__ = ("__weakref__", "_owner", "abandoned", "cell", "generation", "ref", "since",
+                 "trying")
 
     def __init__(self, owner: SlotOwner, generation: int) -> None:
         self._owner = owner
         #: the group generation it was taken in: a slot taken before a fork means nothing after
         self.generation = generation
-        self.state = CONNECTING
+        #: [state, endpoint]: the state, and where its connection is once attached (a lost
+        #: connection's count is mended too)
+        self.cell: list[Any] = [CONNECTING, None]
         self.since = time.monotonic()  # when it was taken (a connect under way this long)
-        #: where its connection is, once attached (a lost connection's count is mended too)
-        self.endpoint: Endpoint | None = None
         #: the endpoint its connect is trying now, set by the connector: the group abandons
         #: the connect (gives the room back at once) when that endpoint leaves it
         self.trying: Endpoint | None = None
         #: set (under the group's lock) when the group gave the room back itself: a
         #: give_back racing it from the task (threads) then counts nothing twice
         self.abandoned = False
+        #: the group's weak reference to it, while the group counts it as held
+        self.ref: Any = None
+
+    @property
+    def state(self) -> int:
+        return int(self.cell[0])
+
+    @state.setter
+    def state(self, value: int) -> None:
+        self.cell[0] = value
+
+    @property
+    def endpoint(self) -> Endpoint | None:
+        endpoint: Endpoint | None = self.cell[1]
+        return endpoint
 
     def attach(self, pc: PooledConnection) -> None:
         """The connect succeeded: the slot now lives on ``pc`` (the owner counts the change
         under its own lock, see ``Group.deliver``)."""
-        self.state = ATTACHED
-        self.endpoint = pc.endpoint
+        self.cell[1] = pc.endpoint
+        self.cell[0] = ATTACHED
         pc.slot = self
 
     def give_back(self, reconnect: bool | None = None) -> None:
         """Give the slot back to the group; a second call does nothing. The group starts a
         connect in the freed room if ``reconnect`` (None: if its waiters need one)."""
-        was = self.state
-        if was == RETURNED:
-            return
-        self.state = RETURNED
-        self._owner._returned(self, was, reconnect)
+        if self.cell[0] != RETURNED:
+            self._owner._returned(self, reconnect)
 
     def __enter__(self) -> Slot:
         return self
@@ -92,12 +102,6 @@ class Slot:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is not None and self.state == CONNECTING:
             self.give_back()
-
-    def __del__(self) -> None:
-        was = self.state
-        if was != RETURNED:
-            self.state = RETURNED
-            self._owner._orphaned(self.generation, was, self.endpoint)
 
     def __repr__(self) -> str:
         state = ("connecting", "attached", "returned")[self.state]

@@ -1,4 +1,5 @@
-"""Real faults for the tests: a server that never answers, and a probe for a blocked hub.
+"""Real faults for the tests: a server that never answers, a probe for a blocked hub, and
+an exception placed where a signal handler's could land.
 
 Nothing here is mocked: :class:`BlackHole` is a real listening socket and :class:`Ticker`
 measures real wall-clock gaps, so a test that passes proves the behaviour on a real network
@@ -7,9 +8,13 @@ stack and a real event loop.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import socket
+import sys
 import time
+from collections.abc import Iterator
+from types import CodeType
 from typing import Any
 
 from modes import join_all, sleep, spawn
@@ -77,3 +82,25 @@ class Ticker:
         join_all([self._task], 2)
         stamps = [*self.stamps, time.monotonic()]
         return max(b - a for a, b in itertools.pairwise(stamps))
+
+
+@contextlib.contextmanager
+def raising_once_at_the_call_of(code: CodeType, exc: BaseException) -> Iterator[list[str]]:
+    """``exc`` raised once, on the first instruction of the next call of ``code`` in this
+    thread, where a signal handler's exception can land (before the function ran a line).
+    A real signal cannot be aimed at one instruction: a trace function raises it there (an
+    exception a trace function raises is raised in the frame it traces). The yielded list
+    says whether it fired."""
+    fired: list[str] = []
+
+    def tracer(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code is code and not fired:
+            fired.append(code.co_name)
+            raise exc
+
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        yield fired
+    finally:
+        sys.settrace(previous)

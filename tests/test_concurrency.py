@@ -154,7 +154,7 @@ def test_thread_shortage_fails_acquires_cleanly_and_leaves_no_lasting_damage(pg_
 # A SIGALRM handler raises KeyboardInterrupt wherever the main thread happens to be: in the
 # pool's bookkeeping, in a driver wait, between a lock and its try block.
 SIGNAL_INTERRUPTS = r'''
-import json, random, signal, sys, threading, time
+import gc, json, random, signal, sys, threading, time
 
 from greenpool import Pool
 
@@ -199,6 +199,14 @@ signal.signal(signal.SIGALRM, signal.SIG_IGN)
 result = {"interrupts": interrupts, "loans": loans, "errors": errors}
 time.sleep(0.25)  # two maintenance intervals at rest
 group = pool.group("g")
+# first a block of the task: it gives up a block whose exit an interrupt cut short (that one
+# holds its connection until the task's next block)
+try:
+    with pool.handler("g", timeout=5) as db:
+        result["query"] = db.query("SELECT 1") == [(1,)]
+except BaseException as exc:
+    result["query"] = f"{type(exc).__name__}: {exc}"
+gc.collect()  # a connection lost in a reference cycle is counted back when collected
 held = []
 try:
     for _ in range(SIZE):
@@ -212,11 +220,6 @@ except BaseException as exc:
 finally:
     for pc in held:
         group.release(pc)
-try:
-    with pool.handler("g", timeout=5) as db:
-        result["query"] = db.query("SELECT 1") == [(1,)]
-except BaseException as exc:
-    result["query"] = f"{type(exc).__name__}: {exc}"
 result["stats"] = group.stats()
 pool.close()
 print(json.dumps(result, default=str))
@@ -234,3 +237,58 @@ def test_keyboard_interrupts_from_a_signal_handler_lose_no_slot(pg):
     assert result["interrupts"] >= 800 and result["loans"] > 0, result
     assert result["lend_all"] == "ok", (result["lend_all"], result["stats"], result["errors"])
     assert result["query"] is True, result["query"]
+
+
+INTERRUPTED_THREAD_START = r'''
+import gc, json, sys, threading
+
+from greenpool import Pool
+
+endpoint = json.loads(sys.argv[1])
+pool = Pool({"type": "threaded", "db": endpoint,
+             "groups": {"g": {"connection_count": 2, "timeout": 5}}})
+group = pool.group("g")
+fired = []
+
+
+def tracer(frame, event, arg):
+    # the exception a signal handler raises while Thread.start() waits for its new thread:
+    # by then the thread runs (a signal cannot be aimed there: a trace function raises it)
+    if (event == "call" and frame.f_code is threading.Event.wait.__code__ and not fired
+            and frame.f_back is not None
+            and frame.f_back.f_code is threading.Thread.start.__code__):
+        fired.append(True)
+        raise KeyboardInterrupt
+    return None
+
+
+sys.settrace(tracer)
+try:
+    group.acquire()
+    result = {"interrupted": False}
+except KeyboardInterrupt:
+    result = {"interrupted": True}
+sys.settrace(None)
+gc.collect()
+held = [group.acquire(timeout=5) for _ in range(2)]  # the group's whole room, once
+stats = group.stats()
+result.update(fired=bool(fired), size=stats["size"], connecting=stats["connecting"],
+              idle=stats["idle"], in_use=stats["in_use"],
+              opened=stats["connects"] - stats["discards"])
+for pc in held:
+    group.release(pc)
+pool.close()
+print(json.dumps(result))
+'''
+
+
+@pytest.mark.timeout(120)
+def test_a_connect_thread_whose_start_was_interrupted_still_owns_its_slot(pg):
+    """``Thread.start()`` interrupted while it waits for the new thread: the thread runs the
+    connect anyway, so its slot is its own and is counted once (giving it back as if no task
+    had started counted it twice: a group of 2 then opened more than 2 connections)."""
+    result = run_script(INTERRUPTED_THREAD_START, json.dumps(pg.endpoint()), timeout=90)
+    assert result["fired"] and result["interrupted"], result
+    assert (result["size"], result["in_use"], result["idle"], result["connecting"]) == \
+        (2, 2, 0, 0), result
+    assert result["opened"] == 2, result  # connections open: the room, not one more

@@ -11,7 +11,7 @@ import time
 
 import psycopg2
 import pytest
-from faults import Ticker
+from faults import Ticker, raising_once_at_the_call_of
 from modes import GREEN, MODE, Timeout, join_all, sleep, spawn, wait_until
 
 from greenpool import PoolTimeout
@@ -306,3 +306,29 @@ the caller's budget, not after the ping's own bound (connect_timeout, 3 s)."""
         os.kill(stalled, signal.SIGCONT)
     assert took < 1.0, took
 
+
+
+@pytest.mark.skipif(MODE != "threaded", reason="the blocking modes' deadline; runs once")
+def test_a_deadline_whose_exit_was_cut_short_bounds_nothing_after_its_block(pg):
+    """A signal handler's exception on the first instruction of a driver deadline's exit
+    leaves it set on the thread; once its block is over it must bound nothing (every later
+    wait of the thread raised its error, a private one, into code that never asked)."""
+    from greenpool.concurrency.thread_backends import ThreadedBackend
+    from greenpool.concurrency.waits import BlockingDeadline
+
+    backend = ThreadedBackend()
+    backend.patch_driver()
+    error = RuntimeError("the deadline of a block that is over")
+    with raising_once_at_the_call_of(BlockingDeadline.__exit__.__code__,
+                                     KeyboardInterrupt()) as fired, \
+            pytest.raises(KeyboardInterrupt), backend.deadline(0.05, error):
+        pass
+    assert fired
+    time.sleep(0.1)  # the deadline has passed
+    conn = pg.connect()
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute("SELECT pg_sleep(0.05)")  # waits past it: the error is not raised
+            cursor.fetchall()
+    finally:
+        conn.close()

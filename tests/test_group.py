@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from faults import raising_once_at_the_call_of
 from modes import MODE, wait_until
 
 from greenpool import Pool
@@ -187,7 +188,7 @@ def test_an_interruption_as_the_loan_is_recorded_loses_no_slot(make_pool):
         db.query("SELECT 1")
     source = group_module.__file__
     lines = Path(source).read_text().splitlines()
-    after_record = lines.index("            self._lent.add(pc)") + 2  # 1-based: the next line
+    after_record = lines.index("            self._lent.add(ref)") + 2  # 1-based: the next line
 
     def tracer(frame, event, arg):
         if frame.f_code.co_filename != source or frame.f_code.co_name != "acquire":
@@ -210,5 +211,47 @@ def test_an_interruption_as_the_loan_is_recorded_loses_no_slot(make_pool):
     assert stats["in_use"] == 0
     assert stats["size"] == stats["idle"] + stats["in_use"] + stats["connecting"]
     assert not pool.group("g").holders
+    with pool.handler("g", timeout=5) as db:
+        assert db.query("SELECT 1") == [(1,)]
+
+
+def test_a_lent_connection_its_borrower_dropped_is_collected_and_its_slot_counted_back(
+        make_pool):
+    """The group holds lent connections weakly: one that no caller holds any more (a
+    borrower interrupted between two lines, where no ``finally`` reaches) is collected, its
+    session closed and its slot given back; a strong record would keep it lent for ever."""
+    import gc
+
+    pool = make_pool({"g": {"connection_count": 1, "timeout": 5}})
+    group = pool.group("g")
+    group.acquire()  # dropped at once: nobody holds it
+    gc.collect()
+    stats = pool.stats()["groups"]["g"]
+    assert (stats["in_use"], stats["size"]) == (0, 0)
+    assert stats["discards_by_reason"].get("orphaned") == 1
+    with pool.handler("g", timeout=5) as db:  # the group's one slot is free again
+        assert db.query("SELECT 1") == [(1,)]
+
+
+def test_a_slot_whose_give_back_was_cut_short_is_counted_back_once_collected(make_pool):
+    """An interruption on the first instruction of the group's count of a returned slot
+    leaves the slot held, not returned-but-uncounted: once collected it is counted back,
+    and the group's room is whole again."""
+    import gc
+
+    from greenpool.group_growth import GroupGrowth
+
+    pool = make_pool({"g": {"connection_count": 1, "timeout": 5}})
+    group = pool.group("g")
+    pc = group.acquire()
+    with raising_once_at_the_call_of(GroupGrowth._returned.__code__,
+                                     KeyboardInterrupt()) as fired, \
+            pytest.raises(KeyboardInterrupt):
+        group.release(pc, discard="interrupted")
+    assert fired
+    del pc
+    gc.collect()
+    stats = pool.stats()["groups"]["g"]
+    assert (stats["size"], stats["in_use"], stats["connecting"]) == (0, 0, 0)
     with pool.handler("g", timeout=5) as db:
         assert db.query("SELECT 1") == [(1,)]

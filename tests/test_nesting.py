@@ -3,8 +3,11 @@ ownership rules."""
 
 from __future__ import annotations
 
+import contextlib
+
 import psycopg2
 import pytest
+from faults import raising_once_at_the_call_of
 from modes import join_all, spawn
 
 from greenpool import TransactionAborted
@@ -197,7 +200,7 @@ def test_a_failed_entry_leaves_the_handler_unusable_and_nothing_taken(make_pool)
     from greenpool import PoolTimeout
 
     pool = make_pool({"g": {"connection_count": 1, "timeout": 0.05}})
-    held = pool.group("g").acquire()
+    held = pool.group("g").acquire(timeout=10)  # its connect may take longer on a loaded machine
     handler = pool.handler("g")
     with pytest.raises(PoolTimeout), handler:
         pass
@@ -227,3 +230,73 @@ def test_a_replay_that_finds_no_connection_leaves_nothing_behind(pg_factory, mod
             assert db.query("SELECT 1") == [(1,)]
     finally:
         pool.close()
+
+
+# --- a block whose exit was cut short -------------------------------------------------------
+
+
+class CutShort(Exception):
+    """What a signal handler raises (KeyboardInterrupt, Celery's SoftTimeLimitExceeded)."""
+
+
+def exit_cut_short_once():
+    """The next ``Handler.__exit__`` raises CutShort on its first instruction, before it
+    ran a line, as an exception from a signal handler can."""
+    from greenpool.handler import Handler
+
+    return raising_once_at_the_call_of(Handler.__exit__.__code__, CutShort())
+
+
+def _enter_and_cut(pool, value):
+    with exit_cut_short_once() as fired, pytest.raises(CutShort), \
+            pool.handler("g") as db:
+        insert(db, value)
+    assert fired, "the exit was not cut short"
+
+
+@pytest.mark.parametrize("next_block", ["the same statement again", "a later statement",
+                                        "another function"])
+def test_a_block_whose_exit_was_cut_short_is_not_nested_into(pool, pg, table, next_block,
+                                                              caplog):
+    """Its transaction will never be committed: a later block of the task that joined it
+    would lose its work without a word. It takes a connection of its own, and the cut block's
+    connection (its transaction open) is discarded."""
+    group = pool.group("g")
+    if next_block == "the same statement again":
+        for value in ("cut", "kept"):
+            with contextlib.ExitStack() as cut:
+                if value == "cut":
+                    cut.enter_context(exit_cut_short_once())
+                    cut.enter_context(pytest.raises(CutShort))
+                with pool.handler("g") as db:
+                    insert(db, value)
+    else:
+        if next_block == "a later statement":
+            with exit_cut_short_once(), pytest.raises(CutShort), pool.handler("g") as db:
+                insert(db, "cut")
+        else:
+            _enter_and_cut(pool, "cut")
+        with caplog.at_level("WARNING", logger="greenpool"), pool.handler("g") as db:
+            insert(db, "kept")
+        assert "ended without its exit running" in caplog.text
+    assert committed(pg) == ["kept"]
+    assert group.holders == {}
+    stats = pool.stats()["groups"]["g"]
+    assert stats["in_use"] == 0 and stats["discards_by_reason"].get("interrupted") == 1
+
+
+def test_a_block_inside_a_generator_suspended_in_its_own_block_still_nests(pool, pg, table):
+    """A block held open by a suspended generator (a context manager written with
+    ``contextlib.contextmanager``) is open: a block entered meanwhile nests in it."""
+
+    @contextlib.contextmanager
+    def unit_of_work():
+        with pool.handler("g") as db:
+            yield db
+
+    with unit_of_work() as outer:
+        insert(outer, "outer")
+        with pool.handler("g") as inner:
+            assert inner.connection is outer.connection
+            insert(inner, "inner")
+    assert committed(pg) == ["inner", "outer"]

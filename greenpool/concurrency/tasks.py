@@ -24,21 +24,46 @@ class BackgroundTasks:
         #: why the latest task could not start (a process limit on threads), if so
         self.cannot_start: str | None = None
 
-    def spawn(self, work: Callable[[], None]) -> bool:
+    def spawn(self, work: Callable[[], None], not_started: Callable[[], None]) -> bool:
         """Run ``work`` in a task of its own that :meth:`stop` ends; False if no task could
-        start (:attr:`cannot_start` says why)."""
+        start (:attr:`cannot_start` says why). Exactly one of ``work`` and ``not_started``
+        runs (unless the task is killed before it begins: then neither, and what ``work``
+        held is collected).
+
+        Starting a thread can be interrupted after the thread began (a signal handler's
+        exception in ``Thread.start()``'s wait for it): the work is then the task's, and the
+        exception goes on. Who owns the work is settled in one atomic step, ``list.pop()``
+        on a one-item list: the task pops it as it begins; the spawner, interrupted or
+        refused, pops it back if it still can and then runs ``not_started``.
+        """
         holder: list[Task] = []
+        claim = [work]
 
         def run() -> None:
             try:
-                work()
+                mine = claim.pop()
+            except IndexError:
+                return  # the spawner took it back: it counts this task as never started
+            try:
+                mine()
             finally:
                 for task in holder:
                     self._tasks.discard(task)
 
         try:
             task = self._backend.spawn(run)
-        except Exception as exc:  # RuntimeError: can't start new thread
+        except BaseException as exc:  # RuntimeError: can't start new thread; or interrupted
+            try:
+                claim.pop()
+            except IndexError:
+                reclaimed = False  # the task has the work and runs it
+            else:
+                reclaimed = True
+            if not reclaimed:
+                raise
+            not_started()
+            if not isinstance(exc, Exception):
+                raise
             self.cannot_start = f"{type(exc).__name__}: {exc}"
             return False
         self.cannot_start = None

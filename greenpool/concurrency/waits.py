@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import select
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ import psycopg2
 from psycopg2 import extensions
 
 from ..cancel import cancel_job, run_cancel
+from ..open_blocks import block_open
 from .fork import InheritedAcrossFork, connects_in_flight, forks
 from .originals import POLLIN, original_select, original_start_thread
 
@@ -118,9 +120,9 @@ def gevent_wait_callback() -> Callable[[Any], None]:
 
 
 class _Deadlines(threading.local):
-    """The running thread's earliest driver deadline: ``(monotonic time, error)`` or None."""
+    """The running thread's earliest driver deadline, or None."""
 
-    current: tuple[float, BaseException] | None = None
+    current: BlockingDeadline | None = None
 
 
 _deadlines = _Deadlines()
@@ -152,13 +154,17 @@ def blocking_wait_callback() -> Callable[[Any], None]:
                     mask = pollout
                 else:
                     raise psycopg2.OperationalError(f"unexpected poll state {state!r}")
-                if deadline is None:
-                    timeout_ms = None
-                else:
-                    left = deadline[0] - monotonic()
-                    if left <= 0:
-                        raise deadline[1]
-                    timeout_ms = int(left * 1000) + 1
+                timeout_ms = None
+                if deadline is not None:
+                    left = deadline.at - monotonic()
+                    if left <= 0:  # raised only if its block is open (see BlockingDeadline)
+                        deadline = _in_force(deadline, sys._getframe())
+                        if deadline is not None:
+                            left = deadline.at - monotonic()
+                            if left <= 0:
+                                raise deadline.error
+                    if deadline is not None:
+                        timeout_ms = int(left * 1000) + 1
                 poller = poll_class()
                 poller.register(conn.fileno(), mask)
                 poller.poll(timeout_ms)
@@ -172,23 +178,48 @@ def blocking_wait_callback() -> Callable[[Any], None]:
 
 class BlockingDeadline:
     """:meth:`Backend.deadline` of the blocking modes: read by :func:`blocking_wait`, so it
-    bounds the driver's waits (connects, queries), not arbitrary code in the body."""
+    bounds the driver's waits (connects, queries), not arbitrary code in the body.
 
-    __slots__ = ("_error", "_saved", "_seconds")
+    Its ``__exit__`` can be cut short before its first line (an exception from a signal
+    handler), leaving it in force on the thread after its block: every later wait would
+    raise its error, which belongs to a call long gone. So an expired deadline is raised
+    only while its ``with`` block is still open (:mod:`greenpool.open_blocks`); one whose
+    block is over is dropped for the one it had replaced."""
+
+    __slots__ = ("_entered_at", "_entered_in", "_saved", "_seconds", "at", "error")
 
     def __init__(self, seconds: float, error: BaseException) -> None:
         self._seconds = seconds
-        self._error = error
-        self._saved: tuple[float, BaseException] | None = None
+        self.error = error
+        self.at = 0.0
+        self._saved: BlockingDeadline | None = None
+        self._entered_in: Any = None
+        self._entered_at = 0
 
     def __enter__(self) -> None:
+        caller = self._entered_in = sys._getframe(1)
+        self._entered_at = caller.f_lasti
         saved = self._saved = _deadlines.current
-        at = time.monotonic() + self._seconds
-        if saved is None or at < saved[0]:  # a nested deadline never extends an outer one
-            _deadlines.current = (at, self._error)
+        at = self.at = time.monotonic() + self._seconds
+        if saved is None or at < saved.at:  # a nested deadline never extends an outer one
+            _deadlines.current = self
 
     def __exit__(self, *exc_info: object) -> None:
         _deadlines.current = self._saved
+        self._entered_in = None
+
+    def in_force(self, running: Any) -> bool:
+        frame = self._entered_in
+        return frame is not None and block_open(frame, self._entered_at, running) is not False
+
+
+def _in_force(deadline: BlockingDeadline | None, running: Any) -> BlockingDeadline | None:
+    """``deadline``, or the first one it replaced whose block is still open (the thread's
+    deadline becomes that one)."""
+    while deadline is not None and not deadline.in_force(running):
+        deadline = deadline._saved
+    _deadlines.current = deadline
+    return deadline
 
 
 #: one callback object per kind, so re-installing is recognised (and idempotent)

@@ -148,13 +148,18 @@ class DedicatedConnects:
         self._start(task_id, rescue, generation)
 
     def _start(self, task_id: int, rescue: bool, generation: int) -> None:
-        """Start a dedicated connect task (the caller counted it in ``running``)."""
+        """Start a dedicated connect task (the caller counted it in ``running``; a task
+        that never begins uncounts itself, even when starting it was interrupted)."""
+
+        def not_started() -> None:
+            with self._lock:
+                self.running -= 1
+                self._rounds.pop(task_id, None)
+
         if self.group.connector.run_in_background(
-                lambda: self._task(generation, task_id, rescue)):
+                lambda: self._task(generation, task_id, rescue), not_started):
             return
         with self._lock:  # no task could start (a process limit on threads)
-            self.running -= 1
-            self._rounds.pop(task_id, None)
             self._wanting.fail_all(lambda: PoolError(
                 f"group {self.group.name!r}: a dedicated connect could not be started "
                 f"({self.group.connector.cannot_start})"))

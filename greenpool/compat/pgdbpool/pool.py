@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -241,13 +242,17 @@ class Handler:
         self._given_back: GivenBackConnection | None = None
 
     def __enter__(self) -> Handler:
+        db = self._db
         try:
-            self._db.__enter__()
+            db.__enter__()
         except PoolError as exc:
             mapped = _lend_error(exc)
             if mapped is exc:
                 raise
             raise mapped from exc
+        if db._entered_in is not None:  # an outermost block: its with statement is our caller's
+            caller = db._entered_in = sys._getframe(1)
+            db._entered_at = caller.f_lasti
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
