@@ -13,7 +13,7 @@ from .endpoint import UP, Endpoint
 from .errors import PoolTimeout
 from .group_base import DRAINED, GroupBase, _inherited_in_use, _monotonic
 from .placement import connect_order, unserved
-from .slots import CONNECTING, RETURNED, Slot
+from .slots import ATTACHED, CONNECTING, RETURNED, Slot
 
 _SPREAD_EVERY = 1.0  # seconds between a non-threaded group's looks for where to spread
 
@@ -23,26 +23,31 @@ class GroupGrowth(GroupBase):
 
     def _take_slot(self) -> Slot:
         """Room for one more connection (the caller holds the lock and checked the room)."""
-        self._size += 1
-        self._connecting += 1
         slot = Slot(self, self._generation)
-        self._connects.add(slot)
         # collected while still held: the weakref's callback, a C method, records it in
         # one step that no signal handler's exception can cut (a __del__ could be cut).
         # Given back, the slot drops the weakref (_count_back): a freed weakref never calls.
-        ref = slot.ref = weakref.ref(slot, self._dead_slots.append)
+        ref = weakref.ref(slot, self._dead_slots.append)
+        slot.ref = ref
+        # from the registration to the counts no call, so no signal handler, can intervene:
+        # a slot is counted exactly when it is registered (the orphan count relies on it)
         self._slot_cells[ref] = slot.cell
+        self._size += 1
+        self._connecting += 1
+        self._connects.add(slot)
         return slot
 
     def _count_back(self, slot: Slot, was: int) -> None:
         """The room of ``slot`` (in state ``was``), now marked returned, given back (called
         with the lock held)."""
-        slot.state = RETURNED
-        ref, slot.ref = slot.ref, None
-        self._slot_cells.pop(ref, None)
+        # counted, then marked, with no call between (a signal handler's exception lands
+        # only at a call): a prefix of this never leaves a slot returned but uncounted
         self._size -= 1
         if was == CONNECTING:
             self._connecting -= 1
+        slot.cell[0] = RETURNED
+        ref, slot.ref = slot.ref, None
+        self._slot_cells.pop(ref, None)  # its weakref freed: it never calls back
 
     def _attach(self, slot: Slot, pc: PooledConnection) -> bool:
         """A connect in ``slot`` opened ``pc`` for a caller who takes it at once; False if
@@ -51,8 +56,9 @@ class GroupGrowth(GroupBase):
         with self._lock:
             abandoned = slot.abandoned  # set only by _abandon_connects, under this lock
             if not abandoned:
-                slot.attach(pc)
+                # counted and attached with no call between (see _count_back)
                 self._connecting -= 1
+                slot.cell[1], slot.cell[0], pc.slot = pc.endpoint, ATTACHED, slot
             stray = pc.endpoint not in self.endpoints
         if abandoned:
             self.connector.close(pc, "endpoint_removed")
@@ -86,16 +92,20 @@ class GroupGrowth(GroupBase):
         between two lines, where no ``finally`` reaches); called with the lock held."""
         dead, cells = self._dead_slots, self._slot_cells
         while dead:
-            cell = cells.pop(dead.popleft(), None)
-            if cell is None:
+            ref = dead[0]  # taken off only at the end: an interruption repeats nothing
+            if ref not in cells:
+                dead.popleft()
                 continue
-            was, endpoint = cell
+            was, endpoint = cells[ref]
+            del cells[ref]  # and counted below, with no call between
             if was == RETURNED:
+                dead.popleft()
                 continue
             self._size -= 1
             if was == CONNECTING:
                 self._connecting -= 1
-            elif endpoint is not None:  # its connection was lost in transit, unclosed
+            dead.popleft()
+            if was != CONNECTING and endpoint is not None:  # lost in transit, unclosed
                 self.connector.forget(endpoint)
                 self.counters.discards["orphaned"] += 1
 
@@ -217,8 +227,9 @@ class GroupGrowth(GroupBase):
             # stray, closed here (checked under the lock apply() changes endpoints under)
             abandoned = slot.abandoned  # set only by _abandon_connects, under this lock
             if not abandoned:
-                slot.attach(pc)
+                # counted and attached with no call between (see _count_back)
                 self._connecting -= 1
+                slot.cell[1], slot.cell[0], pc.slot = pc.endpoint, ATTACHED, slot
             stray = abandoned or pc.endpoint not in self.endpoints
             closed = self._closed
             surplus = self._size > self.config.connection_count  # resize() lowered it

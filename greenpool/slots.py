@@ -7,7 +7,7 @@ only way to take room is to make a :class:`Slot`, and the only way to give it ba
 that object, which lets it happen once:
 
 * while a connect is under way the slot is *connecting*; the connect either attaches it to
-  the connection it opened (:meth:`Slot.attach`), or gives it back;
+  the connection it opened (the group does, as it counts the change), or gives it back;
 * attached, the slot lives on the connection (``PooledConnection.slot``): discarding the
   connection gives the slot back, through the group (``Group.discard``);
 * ``with slot:`` gives it back on any exception (``gevent.Timeout``, a kill, a failed thread
@@ -30,7 +30,6 @@ import time
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from .connection import PooledConnection
     from .endpoint import Endpoint
 
 CONNECTING, ATTACHED, RETURNED = 0, 1, 2
@@ -82,13 +81,6 @@ class Slot:
     def endpoint(self) -> Endpoint | None:
         endpoint: Endpoint | None = self.cell[1]
         return endpoint
-
-    def attach(self, pc: PooledConnection) -> None:
-        """The connect succeeded: the slot now lives on ``pc`` (the owner counts the change
-        under its own lock, see ``Group.deliver``)."""
-        self.cell[1] = pc.endpoint
-        self.cell[0] = ATTACHED
-        pc.slot = self
 
     def give_back(self, reconnect: bool | None = None) -> None:
         """Give the slot back to the group; a second call does nothing. The group starts a
