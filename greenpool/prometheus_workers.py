@@ -57,6 +57,7 @@ class WorkerExport:
         self._interval = interval
         self._stopped = threading.Event()
         self._writing = threading.Lock()  # the thread's round and stop()'s last one share .tmp
+        self._final = False  # the last snapshot is written: no other follows
         self._thread = threading.Thread(target=self._run, name="greenpool-metrics-writer",
                                         daemon=True)
 
@@ -67,17 +68,27 @@ class WorkerExport:
 
     def write(self) -> None:
         """Write the registry's exposition, atomically (a reader never sees half a file, and
-        an older snapshot never replaces a newer one)."""
+        an older snapshot never replaces a newer one); nothing once :meth:`stop` wrote the
+        last one."""
+        self._write(last=False)
+
+    def stop(self) -> None:
+        """Stop writing, after a last snapshot (gunicorn's ``worker_exit``). The last one is
+        final: a round of the thread that was already under way when ``stop`` was called
+        writes nothing after it (it would run after the pool's close, whose counters have
+        left the registry, and the merged totals would go backwards)."""
+        self._stopped.set()
+        self._write(last=True)
+
+    def _write(self, last: bool) -> None:
         with self._writing:
+            if self._final:
+                return
+            self._final = last
             text = generate_latest(self._registry)
             temporary = self.path.with_suffix(".tmp")
             temporary.write_bytes(text)
             os.replace(temporary, self.path)
-
-    def stop(self) -> None:
-        """Stop writing, after a last snapshot (gunicorn's ``worker_exit``)."""
-        self._stopped.set()
-        self.write()
 
     def _run(self) -> None:
         while not self._stopped.wait(self._interval):

@@ -113,3 +113,25 @@ def test_last_snapshot_at_stop_is_not_replaced_by_an_older_round(tmp_path: Path)
     export._thread.join(10)
 
     assert merged_jobs(tmp_path) == 5
+
+
+def test_no_round_is_written_after_the_last_snapshot_at_stop(tmp_path: Path) -> None:
+    """The writer's round that woke before stop() but takes the lock after it (gunicorn's
+    ``worker_exit`` then closes the pool, whose counters leave the registry) writes
+    nothing: the worker's last file keeps its final counts, and the merged total does not
+    go backwards."""
+    jobs = {"done": 7}
+
+    class PoolCollector(Collector):
+        def collect(self) -> Iterator[Metric]:
+            if jobs["done"]:  # a closed pool drops out of the scrape
+                yield CounterMetricFamily("jobs", "Jobs done", value=jobs["done"])
+
+    registry = CollectorRegistry()
+    registry.register(PoolCollector())
+    export = prometheus_workers.start_worker(tmp_path, registry, interval=3600)
+    export.stop()
+    jobs["done"] = 0  # the pool closed after the last snapshot
+    export.write()  # the round that was already under way
+
+    assert "jobs_total 7.0" in export.path.read_text()
