@@ -237,6 +237,16 @@ class Handler:
             "uncommitted work rolled back by the server", self._group.name)
         self._give_up(task, "interrupted")
 
+    @staticmethod
+    def give_up_blocks_of_ended_tasks(group: Group, ended: Callable[[Any], bool]) -> int:
+        """Give up the blocks whose task has ended (housekeeping asks, from its own task):
+        one is still recorded only if its ``__exit__`` was cut short, and its task will never
+        enter the next block that would give it up. How many."""
+        stale = [(task, block) for task, block in list(group.holders.items()) if ended(task)]
+        for task, block in stale:
+            block._abandoned(task)
+        return len(stale)
+
     def _give_up(self, task: Any, reason: str) -> None:
         """A later block of the same task found this one's connection closed, or this block
         over: its ``__exit__`` may never run (a signal handler's exception can skip it), so

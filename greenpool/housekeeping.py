@@ -38,6 +38,7 @@ from .config import PoolConfig
 from .connection import PooledConnection, connect_kwargs, open_connection, ping
 from .endpoint import QUARANTINED, UP, Endpoint
 from .group import Group
+from .handler import Handler
 from .placement import misplaced, move_target
 from .roles import read_role
 
@@ -115,6 +116,8 @@ class Housekeeping:
             upkeep_at = now + interval
             for group in self._groups:
                 self._warn_about_leaks(group, now)
+                if group.holders:
+                    Handler.give_up_blocks_of_ended_tasks(group, self._backend.task_ended)
                 self._in_task(("upkeep", group.name), partial(self._upkeep, group))
 
     def _until_next_duty(self, upkeep_at: float) -> float:

@@ -300,3 +300,25 @@ def test_a_block_inside_a_generator_suspended_in_its_own_block_still_nests(pool,
             assert inner.connection is outer.connection
             insert(inner, "inner")
     assert committed(pg) == ["inner", "outer"]
+
+
+def test_a_block_whose_task_ended_after_its_exit_was_cut_short_is_given_up(make_pool):
+    """A task (a greenlet per request, a worker thread) whose block's exit was cut short and
+    that then ends has no next block to give the cut block up: housekeeping does, so its
+    connection, in a transaction nobody will end, does not stay lent to a task that is gone
+    (the group's one connection would be lost for good)."""
+    pool = make_pool({"g": {"connection_count": 1, "timeout": 1}}, maintenance_interval=0.1)
+    fired = []
+
+    def cut():
+        with exit_cut_short_once() as cut_now, pytest.raises(CutShort), \
+                pool.handler("g") as db:
+            db.query("SELECT 1")
+        fired.extend(cut_now)
+
+    join_all([spawn(cut)], timeout=10)
+    assert fired, "the exit was not cut short"
+    with pool.handler("g", timeout=5) as db:  # another task: the group's one connection
+        assert db.query("SELECT 1") == [(1,)]
+    stats = pool.stats()["groups"]["g"]
+    assert stats["discards_by_reason"].get("interrupted") == 1 and not pool.group("g").holders

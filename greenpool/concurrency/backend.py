@@ -113,6 +113,14 @@ class Backend:
     #: method: the handler asks on every block.
     current: Callable[[], Hashable] = staticmethod(threading.get_ident)
 
+    def task_ended(self, task: Hashable) -> bool:
+        """Whether the task ``current`` named ``task`` has ended: it can hold nothing any
+        more (a thread id no longer running; a greenlet that is dead)."""
+        dead = getattr(task, "dead", None)
+        if dead is not None:
+            return bool(dead)
+        return all(thread.ident != task for thread in threading.enumerate())
+
     def resolve(self, host: str, port: int) -> str | None:
         """An IP address for ``host`` without blocking the hub, or None to let libpq resolve."""
         return None
