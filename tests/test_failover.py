@@ -438,7 +438,8 @@ def test_a_write_group_watches_no_standby_that_refuses_it_for_good(make_pool, pg
     tasks = [spawn(write) for _ in range(3)]
     join_all(tasks, 10)
     attempts = endpoint_stats(pool, standby)["connect_attempts"] - before
-    assert all(isinstance(task.result, NoHealthyEndpoint) for task in tasks)
+    assert all(isinstance(task.result, NoHealthyEndpoint) for task in tasks), [
+        repr(task.result) for task in tasks]
     assert attempts <= 2, f"{attempts} connects to the refusing standby in 2 s"
 
 
