@@ -140,15 +140,30 @@ def run_cancel(job: Callable[[], None], start_thread: Callable[..., Any]) -> boo
         logger.debug("greenpool: %d cancel requests in flight; skipping one", len(_in_flight))
         return False
     _in_flight.append(None)
+    # who uncounts it, settled by one atomic pop: the thread, if it begins, or this caller
+    # when starting it raised before it began (an exception can also land after the thread
+    # started, as start_new_thread returns: then the thread owns it, and runs the job)
+    owner = [None]
     try:
-        start_thread(_run_and_count, (job,))
+        start_thread(_run_and_count, (job, owner))
     except BaseException:
-        _in_flight.pop()
+        if _claimed(owner):  # else the thread began: it uncounts
+            _in_flight.pop()
         raise
     return True
 
 
-def _run_and_count(job: Callable[[], None]) -> None:
+def _claimed(owner: list[None]) -> bool:
+    try:
+        owner.pop()
+    except IndexError:
+        return False
+    return True
+
+
+def _run_and_count(job: Callable[[], None], owner: list[None]) -> None:
+    if not _claimed(owner):
+        return  # the caller's start was interrupted and it took the job back
     try:
         job()
     except BaseException:

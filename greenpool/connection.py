@@ -109,7 +109,8 @@ class PooledConnection:
 
     __slots__ = (
         "__weakref__", "created", "dirty", "endpoint", "expires", "generation", "last_used",
-        "lent_at", "lent_from", "lent_ref", "raw", "readable", "resets", "role", "slot",
+        "lent_at", "lent_from", "lent_ref", "open_ref", "raw", "readable", "resets", "role",
+        "slot",
     )
 
     def __init__(
@@ -139,6 +140,10 @@ class PooledConnection:
         self.slot: Slot | None = None
         #: this connection, weakly, as its group's lent set holds it (made at its first loan)
         self.lent_ref: weakref.ref[PooledConnection] | None = None
+        #: this connection, weakly, as its endpoint's open set holds it until it is closed
+        #: (see Endpoint.connections); entered last: made and counted in one step
+        self.open_ref = ref = weakref.ref(self, endpoint.connections.discard)
+        endpoint.connections.add(ref)
 
     def __repr__(self) -> str:
         state = "closed" if self.raw.closed else "open"
@@ -449,8 +454,12 @@ def outside_transaction(raw: Any, sql: str, backend: Backend, seconds: float) ->
 
 
 def close_quietly(pc: PooledConnection) -> None:
-    """Close without raising: the connection is being thrown away anyway."""
+    """Close without raising: the connection is being thrown away anyway. The one way a
+    PooledConnection is closed: it leaves its endpoint's open set here (closed first: an
+    interruption between leaves it counted until it is collected, never an open one
+    uncounted)."""
     close_raw(pc.raw)
+    pc.endpoint.connections.discard(pc.open_ref)
 
 
 def close_raw(raw: Any) -> None:

@@ -27,8 +27,9 @@ watches a standby for its promotion (promotion.py); refusals retrying cannot fix
 remembered per endpoint in refusals.py.
 
 Why one module of this length: opening, retrying across endpoints and closing share the
-per-endpoint counts of connects under way and connections open, read under one lock; the
-connect itself is connection.py's, the failures' wording failures.py's.
+endpoints' state and the group's refusals; the connect itself is connection.py's, the
+failures' wording failures.py's. Where the group's connections are (per endpoint) is the
+group's to say: it counts them from its slots (``Group.counts``).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import os
 import random
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any, Protocol
 
@@ -96,6 +97,11 @@ class Slots(Protocol):
     def preferred_endpoints(self) -> frozenset[Endpoint]:
         """Where the group should be now (placement.where_to_be, cached by the group)."""
 
+    @property
+    def counts(self) -> Mapping[Endpoint, int]:
+        """The group's connections per endpoint: its attached slots' (0 for each endpoint
+        it has), counted when asked."""
+
 
 class Connector:
     """Opens and closes the connections of one group, and knows where they are."""
@@ -115,8 +121,6 @@ class Connector:
         self._lock = backend.lock()
         self._application_name = application_name
         self._kwargs = {ep: connect_kwargs(ep.config, config, application_name) for ep in endpoints}
-        #: the group's open connections per endpoint (placement balances on these)
-        self.counts: dict[Endpoint, int] = dict.fromkeys(self.endpoints, 0)
         self._rotation = random.randrange(len(self.endpoints))
         #: the endpoints that refused this group for a reason retrying cannot fix
         self.refusals = Refusals(self.endpoints)
@@ -224,6 +228,13 @@ class Connector:
             slot.trying = endpoint
         return self._attempt(endpoint, generation, placed=False)
 
+    @property
+    def counts(self) -> Mapping[Endpoint, int]:
+        """The group's connections per endpoint, as its slots hold them (placement balances
+        on these)."""
+        slots = self.slots
+        return slots.counts if slots is not None else dict.fromkeys(self.endpoints, 0)
+
     def belongs(self, endpoint: Endpoint, role: str) -> bool:
         """Whether a connection to ``endpoint`` (whose server reports ``role``) may serve
         the group now."""
@@ -263,51 +274,26 @@ class Connector:
 
     def apply(self, config: GroupConfig, endpoints: Sequence[Endpoint]) -> None:
         """A new configuration of the group and its endpoints (``Pool.reconfigure``): the
-        next connects use them. An endpoint taken out stays in :attr:`counts` until its
-        last connection is closed."""
+        next connects use them. Refusals are kept for the endpoints the group still has
+        connections on."""
         kwargs = {ep: connect_kwargs(ep.config, config, self._application_name)
                   for ep in endpoints}
+        counts = self.counts  # (the group's lock, taken before this one, never inside it)
         with self._lock:
             self.config = config
             self.endpoints = list(endpoints)
             self._kwargs = kwargs
-            counts = {ep: self.counts.get(ep, 0) for ep in self.endpoints}
-            counts.update((ep, n) for ep, n in self.counts.items() if n and ep not in counts)
-            self.counts = counts  # a new dict: others iterate the old one without the lock
-            self.refusals.apply(self.endpoints, counts)
+            self.refusals.apply(self.endpoints, [*self.endpoints, *counts])
             self._explores = config.role == "primary" and len(self.endpoints) > 1
-
-    def _uncounted(self, endpoint: Endpoint) -> None:
-        """One connection to ``endpoint`` fewer (the caller holds the lock)."""
-        left = self.counts[endpoint] - 1
-        if left or endpoint in self._kwargs:
-            self.counts[endpoint] = left
-        else:  # the last connection to an endpoint taken out of the configuration
-            self.counts = {ep: n for ep, n in self.counts.items() if ep is not endpoint}
 
     def close(self, pc: PooledConnection, reason: str) -> None:
         """Close ``pc`` and count why. Only its group calls this (``Group.discard``), which
         gives its slot back; a dedicated connection, which has none, is closed here too."""
         with self._lock:  # counted under the lock: exact in threaded mode too
             self.counters.discards[reason] += 1
-            self._uncounted(pc.endpoint)
-        pc.endpoint.connection_closed()
         close_quietly(pc)
         logger.debug("group %r: discarded a connection to %s (%s)", self.config.name,
                      pc.endpoint, reason)
-
-    def forget(self, endpoint: Endpoint) -> None:
-        """A connection to ``endpoint`` was collected unclosed (its slot was orphaned): the
-        driver closed it; take it out of the counts."""
-        with self._lock:
-            self._uncounted(endpoint)
-        endpoint.connection_closed()
-
-    def uncount(self, pc: PooledConnection) -> None:
-        """Leave ``pc`` out of :attr:`counts`: a dedicated connection (the exclusive package) lives
-        outside the group's slots, and placement balances only what it can move."""
-        with self._lock:
-            self._uncounted(pc.endpoint)
 
     def stop(self) -> None:
         """End background connects: green ones are killed; a thread ends at its next look
@@ -318,7 +304,6 @@ class Connector:
         """In the child: forget everything; the parent's connections, to be silenced."""
         inherited = list(self.opened)
         self.opened = weakref.WeakSet()
-        self.counts = dict.fromkeys(self.endpoints, 0)
         self._tasks.forget_after_fork()
         self._promotion.forget_after_fork()
         self._lock = self._backend.lock()
@@ -478,17 +463,12 @@ class Connector:
         endpoint.connect_succeeded(role)
         if placed and not self.belongs(endpoint, role):
             raw.close()  # e.g. a cold start met the primary first in a prefer-standby group
-            endpoint.connection_closed()
             with self._lock:  # a connect made and discarded: connects - discards stays open
                 self.counters.connects += 1
                 self.counters.discards["wrong_role"] += 1
             return None
         with self._lock:
             self.counters.connects += 1
-            if endpoint in self.counts:
-                self.counts[endpoint] += 1
-            else:  # taken out meanwhile: counted until closed (a new dict, see apply)
-                self.counts = {**self.counts, endpoint: 1}
         lifetime = config.max_lifetime * (1 - _LIFETIME_JITTER * random.random())
         pc = PooledConnection(raw, endpoint, _monotonic() + lifetime, generation,
                               self._backend)

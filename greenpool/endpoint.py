@@ -34,6 +34,7 @@ import logging
 import math
 import random
 import time
+import weakref
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -102,7 +103,11 @@ class Endpoint:
         self.rank = next(_ranks)
         #: claimant sets this endpoint was already reported in (split brain, once per change)
         self.split_reported: set[frozenset[Endpoint]] = set()
-        self.open = 0  # connections open to it, all groups together
+        #: its open connections (all groups', dedicated ones too), weakly: each
+        #: PooledConnection enters itself when made and leaves when closed, or by its
+        #: weakref's callback (a C method) when collected unclosed. ``open`` counts what is
+        #: there: no number kept beside it that an interrupted close could skew
+        self.connections: set[weakref.ref[Any]] = set()
         self.connecting = 0  # connects in flight
         #: slow-start limit on connects in flight; None: no limit. A new endpoint starts
         #: slowly too: a cold pool does not send every waiter's connect to a server that
@@ -179,7 +184,6 @@ class Endpoint:
         with self._lock:
             self.connecting -= 1
             self.connects += 1
-            self.open += 1
             if self.state != UP:
                 logger.warning("endpoint %s is back up (role %s)", self.label, role)
                 self.state = UP
@@ -309,13 +313,15 @@ class Endpoint:
         """The child has no connection and no connect of the parent's; a lock a parent
         thread held at fork would never be released, so it gets a new one."""
         self._lock = lock
-        self.open = self.connecting = 0
+        self.connections = set()
+        self.connecting = 0
         if self.state == PROBING:
             self.state = QUARANTINED  # the parent's prober is not the child's
 
-    def connection_closed(self) -> None:
-        with self._lock:
-            self.open -= 1
+    @property
+    def open(self) -> int:
+        """Connections open to it, all groups' and dedicated ones together."""
+        return len(self.connections)
 
     # --- role -----------------------------------------------------------------------------
 

@@ -316,6 +316,10 @@ class Group(GroupRetiring):
             return  # the parent's: silenced and kept at fork, never closed here
         slot = pc.slot
         pc.slot = None
+        if slot is not None:
+            # its connection leaves its endpoint's count now, before the close: a count back
+            # cut short after the close then finds no connection to count as orphaned
+            slot.cell[1] = None
         self.connector.close(pc, reason)
         if slot is not None:
             self._returned(slot, reconnect)
@@ -397,7 +401,7 @@ class Group(GroupRetiring):
         return self.config.role
 
     def uses(self, endpoint: Endpoint) -> bool:
-        return endpoint in self.connector.counts
+        return endpoint in self.endpoints or self.counts.get(endpoint, 0) > 0
 
     @property
     def closed(self) -> bool:

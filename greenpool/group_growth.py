@@ -106,8 +106,24 @@ class GroupGrowth(GroupBase):
                 self._connecting -= 1
             dead.popleft()
             if was != CONNECTING and endpoint is not None:  # lost in transit, unclosed
-                self.connector.forget(endpoint)
                 self.counters.discards["orphaned"] += 1
+
+    @property
+    def counts(self) -> dict[Endpoint, int]:
+        """The group's connections per endpoint (0 for each endpoint it has; an endpoint
+        taken out while it still has some, too): its attached slots', counted when asked.
+        No number is kept beside the slots, so none can drift from them when a discard or
+        a connect is cut short."""
+        with self._lock:
+            return self._attached_counts()
+
+    def _attached_counts(self) -> dict[Endpoint, int]:
+        """:attr:`counts`, for a caller that holds the lock."""
+        counts = dict.fromkeys(self.endpoints, 0)
+        for state, endpoint in self._slot_cells.values():
+            if state == ATTACHED and endpoint is not None:  # (None: being closed)
+                counts[endpoint] = counts.get(endpoint, 0) + 1
+        return counts
 
     # --- connects ---------------------------------------------------------------------------
 
@@ -136,7 +152,7 @@ class GroupGrowth(GroupBase):
         when there is none, no room, or the attempt failed: the borrow goes on as usual, and
         the next look is a second away."""
         config = self.config
-        counts = self.connector.counts
+        counts = self.counts
         targets = [ep for ep in connect_order(self.endpoints, config.role, config.max_lag,
                                               config.on_lag, counts, now, 0)
                    if not counts.get(ep) and ep.state == UP and not ep.cut(now)]
@@ -260,7 +276,7 @@ class GroupGrowth(GroupBase):
         room = self.config.connection_count - self._size
         if room <= 0 or self._connecting:
             return []
-        return unserved(self.preferred_endpoints(), self.connector.counts)[:room]
+        return unserved(self.preferred_endpoints(), self._attached_counts())[:room]
 
     def _still_needed(self, slot: Slot) -> bool:
         """After a failed round of connects: keep trying (True), or the slot is given back

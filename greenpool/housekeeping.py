@@ -236,7 +236,7 @@ class Housekeeping:
         choice; while a busy group holds more than its share somewhere, returns move
         connections (``Group.imbalanced``, see ``Group.reuse``)."""
         preferred = group.preferred_endpoints()
-        counts = group.connector.counts
+        counts = group.counts
         moving = group._take_idle(
             lambda idle: misplaced(idle, preferred, group.role, counts)
         )
@@ -382,7 +382,6 @@ class Housekeeping:
             report = read_role(raw, self._backend, endpoint.config.connect_timeout)
             endpoint.connect_succeeded(report.role)
             endpoint.observe(report)
-            endpoint.connection_closed()
         except Exception:
             endpoint.connect_abandoned()
         finally:

@@ -60,7 +60,7 @@ def test_a_dedicated_connection_is_outside_the_slots_keeps_its_session_and_is_cl
             stats = group_stats(pool)
             assert stats["exclusive_open"] == 1 and stats["size"] == 1
             # placement balances only pooled connections: this one is not counted there
-            assert sum(pool.group("g").connector.counts.values()) == 1
+            assert sum(pool.group("g").counts.values()) == 1
             assert pool.stats()["endpoints"][label(pg)]["open"] == 2
             assert server_conns(application_name=APP) == 2
     stats = group_stats(pool)

@@ -401,7 +401,7 @@ def test_closing_the_pool_during_a_watch_ends_it_and_the_writers_leaving_no_sess
     wait_until(lambda: set(threading.enumerate()) <= threads_before, 5, "no task left")
     stats = group.stats()
     assert (stats["size"], stats["in_use"], stats["connecting"]) == (0, 0, 0), stats
-    assert sorted(group.connector.counts.values()) == [0, 0]
+    assert sorted(group.counts.values()) == [0, 0]
 
 
 def _create_temp_table(raw: Any) -> None:
@@ -472,7 +472,7 @@ def test_a_standby_watch_copied_into_a_forked_child_ends_there_without_a_count(
     def in_child() -> str:
         sleep(1.0)  # the copied watch task runs in the child meanwhile
         return json.dumps({"open": endpoint_stats(pool, standby)["open"],
-                           "counts": sorted(group.connector.counts.values()), **group.stats()})
+                           "counts": sorted(group.counts.values()), **group.stats()})
 
     report = json.loads(run_in_forked_child(in_child))
     assert report["open"] == 0 and report["counts"] == [0, 0], report

@@ -68,7 +68,7 @@ _CHECK_RETRIED = ("08", "57")
 def missing_connections(group: Group) -> int:
     """How many more pooled connections ``group`` may open (its ``connection_count`` less
     those it has open): server room the group must find when its load grows."""
-    return max(0, group.config.connection_count - sum(group.connector.counts.values()))
+    return max(0, group.config.connection_count - sum(group.counts.values()))
 
 
 class Retry(Exception):
@@ -102,7 +102,6 @@ class Capacity:
         no spare slot while another endpoint of the group may have."""
         group = self.group
         endpoint = pc.endpoint
-        group.connector.uncount(pc)
         mode = pooler.mode_of(endpoint.config)
         if mode == pooler.TRANSACTION:
             self._close(pc, "transaction_pooler")

@@ -177,8 +177,8 @@ class DedicatedConnects:
                     last += [ep for ep in self.group.endpoints if ep.connecting]
                 pc = connector.open_round(self.group.generation, last)
                 if pc is not None and generation != self._generation:
-                    connector.uncount(pc)  # a task of the parent's, going on in a forked
-                    self._close(pc, "")  # child: that wait is over
+                    # a task of the parent's, going on in a forked child: that wait is over
+                    self._close(pc, "")
                     return
                 delivered = False
                 if pc is not None:

@@ -121,7 +121,6 @@ class ExclusiveSlots:
             return  # the parent's, silenced at fork: never touched in the child
         if reason:
             self.group.counters.discards[reason] += 1
-        pc.endpoint.connection_closed()
         close_quietly(pc)
 
     # --- reporting and lifecycle ----------------------------------------------------------

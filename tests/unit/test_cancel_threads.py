@@ -1,0 +1,73 @@
+"""The cancel requests' OS threads (greenpool.cancel.run_cancel): each counted in flight
+exactly while it runs, whatever interrupts the start of its thread."""
+
+from __future__ import annotations
+
+import _thread
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from greenpool import cancel
+
+
+def interrupted_start(began: threading.Event | None) -> Callable[..., Any]:
+    """A thread start that a signal handler's exception cuts: after the new thread began
+    (``began`` set by its job: the exception lands as the start returns), or before any
+    thread was started (None)."""
+
+    def start(function: Callable[..., Any], args: tuple[Any, ...]) -> int:
+        if began is not None:
+            _thread.start_new_thread(function, args)
+            assert began.wait(10)
+        raise KeyboardInterrupt
+
+    return start
+
+
+def test_a_cancel_whose_thread_start_was_cut_after_it_began_runs_once_and_uncounts_once():
+    ran = threading.Event()
+    before = cancel.cancels_in_flight()
+    errors: list[Any] = []
+    hook, sys.unraisablehook = sys.unraisablehook, errors.append  # a _thread's errors
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            cancel.run_cancel(ran.set, interrupted_start(ran))
+        pause = threading.Event()
+        for _ in range(1000):  # the thread uncounts as it ends, just after the job
+            if cancel.cancels_in_flight() == before:
+                break
+            pause.wait(0.01)
+    finally:
+        sys.unraisablehook = hook
+    assert cancel.cancels_in_flight() == before
+    assert not errors
+
+
+def test_a_cancel_whose_thread_never_started_is_not_counted():
+    before = cancel.cancels_in_flight()
+    with pytest.raises(KeyboardInterrupt):
+        cancel.run_cancel(lambda: None, interrupted_start(None))
+    assert cancel.cancels_in_flight() == before
+
+
+def test_a_thread_that_begins_after_its_caller_took_the_job_back_does_nothing():
+    """The start raised, then the thread began anyway (the caller judged it not started
+    and took its count back): the thread runs no job and takes nothing off."""
+    started: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+
+    def start_later(function: Callable[..., Any], args: tuple[Any, ...]) -> int:
+        started.append((function, args))
+        raise KeyboardInterrupt
+
+    ran: list[bool] = []
+    before = cancel.cancels_in_flight()
+    with pytest.raises(KeyboardInterrupt):
+        cancel.run_cancel(lambda: ran.append(True), start_later)
+    function, args = started[0]
+    function(*args)  # the thread begins now
+    assert not ran
+    assert cancel.cancels_in_flight() == before
