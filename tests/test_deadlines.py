@@ -332,3 +332,30 @@ def test_a_deadline_whose_exit_was_cut_short_bounds_nothing_after_its_block(pg):
             cursor.fetchall()
     finally:
         conn.close()
+
+
+@pytest.mark.skipif(not GREEN, reason="the green modes' deadline is an event-loop timer")
+@pytest.mark.parametrize("cut", ["exit cut short", "exit ran"])
+def test_a_green_deadline_throws_only_into_its_open_block(cut):
+    """A signal handler's exception on the first instruction of a green deadline's exit
+    leaves its timer armed; when it fires, the block is over and its error (a private one,
+    for a round trip long gone) must not be thrown into whatever the task does then. While
+    the block is open it is thrown."""
+    from greenpool.concurrency.green_deadline import GreenDeadline
+    from greenpool.concurrency.modes import backend_for
+
+    backend = backend_for(MODE)
+    error = RuntimeError("the deadline of a block that is over")
+    if cut == "exit cut short":
+        with raising_once_at_the_call_of(GreenDeadline.__exit__.__code__,
+                                         KeyboardInterrupt()) as fired, \
+                pytest.raises(KeyboardInterrupt), backend.deadline(0.05, error):
+            pass
+        assert fired
+    else:
+        with backend.deadline(0.05, error):
+            pass
+    sleep(0.3)  # the deadline passes while the task waits, after its block: nothing thrown
+    with pytest.raises(RuntimeError) as raised, backend.deadline(0.05, error):
+        sleep(5)
+    assert raised.value is error

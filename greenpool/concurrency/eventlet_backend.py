@@ -10,6 +10,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from .backend import Backend, Task, Waiter, is_address
+from .green_deadline import GreenDeadline
 from .waits import cancelling, install_wait_callback
 
 
@@ -89,7 +90,7 @@ class EventletBackend(Backend):
         return _EventletWaiter(self._semaphore)
 
     def deadline(self, seconds: float, error: BaseException) -> AbstractContextManager[Any]:
-        return self._eventlet.Timeout(seconds, error)
+        return GreenDeadline(self.call_later, self.current, seconds, error)
 
     def call_later(self, seconds: float, func: Callable[[], None]) -> Callable[[], None]:
         return self._eventlet.hubs.get_hub().schedule_call_global(seconds, func).cancel

@@ -8,6 +8,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from .backend import Backend, Task, is_address
+from .green_deadline import GreenDeadline
 from .waits import gevent_wait_callback, install_wait_callback
 
 
@@ -79,7 +80,14 @@ class GeventBackend(Backend):
         hub.loop.run_callback(_switch_each, waiters)
 
     def deadline(self, seconds: float, error: BaseException) -> AbstractContextManager[Any]:
-        return self._gevent.Timeout(seconds, error)
+        return GreenDeadline(self._timer, self.current, seconds, error)
+
+    def _timer(self, seconds: float, func: Callable[[], None]) -> Callable[[], None]:
+        """A deadline's timer: it keeps the hub alive, as a ``Timeout`` does (a body waiting
+        on nothing else gets the deadline's error, not ``LoopExit``)."""
+        timer = self._gevent.get_hub().loop.timer(seconds)
+        timer.start(func)
+        return timer.close
 
     def call_later(self, seconds: float, func: Callable[[], None]) -> Callable[[], None]:
         timer = self._gevent.get_hub().loop.timer(seconds, ref=False)  # never keeps a hub alive
