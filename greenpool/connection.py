@@ -38,6 +38,7 @@ from .config import EndpointConfig, GroupConfig
 from .endpoint import Endpoint
 from .failures import Verdict, classify, no_answer, unresolvable
 from .slots import Slot
+from .statement_failures import failure_kind
 
 logger = logging.getLogger("greenpool")
 
@@ -314,7 +315,14 @@ def open_connection(
         try:
             configure(raw, group, backend, left)
         except Exception as exc:
+            lost = failure_kind(exc, raw) == "lost"
             close_raw(raw)
+            if lost:  # the connection or its server went away under the hook (a crash,
+                # a stalled server past the bound): a connect failure like any other,
+                # retried and judged by the server's health, not a refusal of the group
+                raise ConnectError(endpoint, f"the connection was lost while the group's "
+                                             f"configure hook ran ({type(exc).__name__})",
+                                   kind="network") from None
             logger.warning("group %r: the configure hook failed on a new connection to %s",
                            group.name, endpoint.label, exc_info=True)
             # the server answered: its health is not in question (fatal: not quarantined)

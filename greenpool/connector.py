@@ -252,6 +252,21 @@ class Connector:
         retrying cannot fix (within the last ``quarantine_max``), else None."""
         return self.refusals.error(self.config.name, self.endpoints, _monotonic())
 
+    def none_usable(self) -> bool:
+        """Whether no endpoint can serve the group now: each one where the group may be (its
+        lag, a role that fits it) is quarantined or refused the group, or there is none
+        (a standby is listed for a primary group because it may be promoted, but until it
+        is, it cannot serve one). Known from
+        the endpoints' state, whether or not a connect has been tried since (a caller's
+        time can run out before the first probe of a quarantined primary)."""
+        now = _monotonic()
+        slots = self.slots
+        config = self.config
+        where = (slots.preferred_endpoints() if slots is not None else where_to_be(
+            self.endpoints, config.role, config.max_lag, config.on_lag))
+        return not any(ep.state != QUARANTINED and fits(config.role, ep.role)
+                       and not self.refusals.blocks(ep, now) for ep in where)
+
     def no_endpoint_error(self) -> NoHealthyEndpoint:
         self.counters.timeouts += 1
         return NoHealthyEndpoint(

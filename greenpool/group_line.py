@@ -109,8 +109,9 @@ class GroupLine(GroupGrowth):
         error = self.connector.fatal_error()
         if error is not None:
             return error
-        if self.connector.failing:  # the latest connects all failed: say why
-            return self.connector.no_endpoint_error()
+        connector = self.connector
+        if connector.failing or connector.none_usable():  # the endpoints are why: say so
+            return connector.no_endpoint_error()
         self.counters.timeouts += 1
         return PoolTimeout(self._busy_message(wait_for))
 

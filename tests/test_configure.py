@@ -46,6 +46,30 @@ def test_a_failing_hook_fails_the_connect_and_says_so(make_pool: Any) -> None:
         pass
 
 
+def test_a_connection_lost_under_the_hook_is_retried_not_taken_for_a_refusal(
+        make_pool: Any) -> None:
+    """The server ends the session while the hook runs (a crash, a shutdown, a terminated
+    backend): that is a lost connection, retried like any failed connect, not a hook that
+    refuses the group (which would fail every caller at once and leave the server alone
+    for the group's pause)."""
+    terminated: list[int] = []
+
+    def hook(raw: Any) -> None:
+        if not terminated:
+            terminated.append(raw.get_backend_pid())
+            with raw.cursor() as cur:
+                cur.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+        set_path(raw)
+
+    pool = make_pool({"g": {"connection_count": 1, "configure": hook, "timeout": 10}})
+    with pool.handler("g") as db:
+        assert db.query_one("SHOW search_path")[0] == "greenpool_cf, public"
+        assert db.query_one("SELECT pg_backend_pid()")[0] != terminated[0]
+    endpoint = next(iter(pool.stats()["endpoints"].values()))
+    assert endpoint["connect_errors"] == 1 and not endpoint["last_error"].startswith(
+        "the group's configure hook failed"), endpoint
+
+
 def test_the_key_takes_a_function_only() -> None:
     from greenpool import ConfigError, parse_config
 
