@@ -36,7 +36,9 @@ _ACTIVE = extensions.TRANSACTION_STATUS_ACTIVE
 #: cancels running at once, at most; more are skipped (and logged at DEBUG)
 MAX_IN_FLIGHT = 8
 
-_in_flight: list[None] = []  # list append/pop are atomic under the GIL: no lock needed
+#: a token per cancel request counted in flight: set add/discard are atomic under the GIL
+#: (no lock needed), and discarding a token twice uncounts it once
+_in_flight: set[object] = set()
 if hasattr(os, "register_at_fork"):  # a child has none of the parent's threads
     os.register_at_fork(after_in_child=_in_flight.clear)
 _libpq: Any = None
@@ -139,37 +141,41 @@ def run_cancel(job: Callable[[], None], start_thread: Callable[..., Any]) -> boo
     if len(_in_flight) >= MAX_IN_FLIGHT:
         logger.debug("greenpool: %d cancel requests in flight; skipping one", len(_in_flight))
         return False
-    _in_flight.append(None)
-    # who uncounts it, settled by one atomic pop: the thread, if it begins, or this caller
-    # when starting it raised before it began (an exception can also land after the thread
-    # started, as start_new_thread returns: then the thread owns it, and runs the job)
-    owner = [None]
+    # who runs and uncounts it, settled by one atomic pop of the token: the thread, if it
+    # begins, or this caller when starting it raised before it began (an exception can
+    # also land after the thread started, as start_new_thread returns: then the thread
+    # owns it, and runs the job). Counted inside the try: an exception landing as the add
+    # returns is this caller's to uncount too
+    token = object()
+    owner = [token]
     try:
+        _in_flight.add(token)
         start_thread(_run_and_count, (job, owner))
     except BaseException:
-        if _claimed(owner):  # else the thread began: it uncounts
-            _in_flight.pop()
+        if _claimed(owner) is not None:  # else the thread began: it uncounts
+            _in_flight.discard(token)
         raise
     return True
 
 
-def _claimed(owner: list[None]) -> bool:
+def _claimed(owner: list[object]) -> object | None:
+    """The token of ``owner``, for the first to ask (None for the second)."""
     try:
-        owner.pop()
+        return owner.pop()
     except IndexError:
-        return False
-    return True
+        return None
 
 
-def _run_and_count(job: Callable[[], None], owner: list[None]) -> None:
-    if not _claimed(owner):
+def _run_and_count(job: Callable[[], None], owner: list[object]) -> None:
+    token = _claimed(owner)
+    if token is None:
         return  # the caller's start was interrupted and it took the job back
     try:
         job()
     except BaseException:
         pass  # nobody to tell: the statement may simply have ended meanwhile
     finally:
-        _in_flight.pop()
+        _in_flight.discard(token)
 
 
 def cancels_in_flight() -> int:

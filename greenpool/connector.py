@@ -301,11 +301,15 @@ class Connector:
             self.refusals.apply(self.endpoints, [*self.endpoints, *counts])
             self._explores = config.role == "primary" and len(self.endpoints) > 1
 
-    def close(self, pc: PooledConnection, reason: str) -> None:
+    def close(self, pc: PooledConnection, reason: str, cell: list[Any] | None = None) -> None:
         """Close ``pc`` and count why. Only its group calls this (``Group.discard``), which
-        gives its slot back; a dedicated connection, which has none, is closed here too."""
+        gives its slot back; a dedicated connection, which has none, is closed here too.
+        ``cell``: its slot's, whose endpoint is cleared in the step that counts the discard
+        (the connection is being closed: the group counts it no more)."""
         with self._lock:  # counted under the lock: exact in threaded mode too
             self.counters.discards[reason] += 1
+            if cell is not None:  # no call between: a discard counted is one counted out
+                cell[1] = None
         close_quietly(pc)
         logger.debug("group %r: discarded a connection to %s (%s)", self.config.name,
                      pc.endpoint, reason)

@@ -316,11 +316,10 @@ class Group(GroupRetiring):
             return  # the parent's: silenced and kept at fork, never closed here
         slot = pc.slot
         pc.slot = None
-        if slot is not None:
-            # its connection leaves its endpoint's count now, before the close: a count back
-            # cut short after the close then finds no connection to count as orphaned
-            slot.cell[1] = None
-        self.connector.close(pc, reason)
+        # its connection leaves its endpoint's count in the step that counts its discard,
+        # before the close: a count back cut short after it then finds no connection to
+        # count as orphaned; one cut short before it, a connection to count so
+        self.connector.close(pc, reason, slot.cell if slot is not None else None)
         if slot is not None:
             self._returned(slot, reconnect)
 

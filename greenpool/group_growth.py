@@ -120,8 +120,10 @@ class GroupGrowth(GroupBase):
     def _attached_counts(self) -> dict[Endpoint, int]:
         """:attr:`counts`, for a caller that holds the lock."""
         counts = dict.fromkeys(self.endpoints, 0)
-        for state, endpoint in self._slot_cells.values():
-            if state == ATTACHED and endpoint is not None:  # (None: being closed)
+        for ref, (state, endpoint) in self._slot_cells.items():
+            # (None: being closed; a collected slot's connection was collected with it, and
+            # closed by the driver: gone now, not at the next look that counts it back)
+            if state == ATTACHED and endpoint is not None and ref() is not None:
                 counts[endpoint] = counts.get(endpoint, 0) + 1
         return counts
 

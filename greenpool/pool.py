@@ -54,6 +54,10 @@ class Pool:
         self._events = Events(self.config.on_event, self._backend)
         self._changing = self._backend.lock()  # one live change at a time (_apply)
         self._endpoints = [self._new_endpoint(c) for c in self.config.endpoints]
+        #: endpoints taken out by reconfigure() while something (their connections) still
+        #: holds them, by label: one added back is that object, where they are counted
+        self._departed: weakref.WeakValueDictionary[str, Endpoint] = (
+            weakref.WeakValueDictionary())
         self._groups = {
             name: Group(
                 group,
@@ -273,7 +277,7 @@ class Pool:
         by_label = {ep.label: ep for ep in self._endpoints}
         for label, endpoint_config in change.changed.items():
             by_label[label].reconfigure(endpoint_config)
-        added = [self._new_endpoint(c) for c in change.added]
+        added = [self._returning(c) for c in change.added]
         by_label.update((ep.label, ep) for ep in added)
         endpoints = [by_label[c.label] for c in new.endpoints]
         removed = [by_label[label] for label in change.removed]
@@ -282,6 +286,7 @@ class Pool:
             by_label[label].retire_before = now
         for endpoint in removed:
             endpoint.retire_before = math.inf
+            self._departed[endpoint.label] = endpoint
         self.config = new
         self._events.callback = new.on_event
         self._endpoints = endpoints
@@ -309,6 +314,17 @@ class Pool:
         # a role unseen for 3 probe rounds is stale
         endpoint.role_stale_after = max(ROLE_STALE_AFTER, 3 * self.config.role_check_interval)
         endpoint.on_event = partial(self._endpoint_event, endpoint.label)
+        return endpoint
+
+    def _returning(self, config: Any) -> Endpoint:
+        """An endpoint added: the one taken out under its label if something still holds it
+        (its connections: they are counted there, as open and by the groups, not on a
+        second object for the same server), else a new one."""
+        endpoint = self._departed.pop(config.label, None)
+        if endpoint is None:
+            return self._new_endpoint(config)
+        endpoint.reconfigure(config)
+        endpoint.retire_before = time.monotonic()  # what it had was drained as it left
         return endpoint
 
     @staticmethod
@@ -349,6 +365,7 @@ class Pool:
         self._listeners.after_fork_in_child()
         for endpoint in self._endpoints:
             endpoint.after_fork_in_child(self._backend.rlock())
+        self._departed = weakref.WeakValueDictionary()  # they hold the parent's connections
         self._forked = True
 
     def _resume_after_fork(self) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 from listening import group_stats, sessions
-from modes import GREEN, Timeout, join_all, spawn, wait_until
+from modes import GREEN, Timeout, join_all, sleep, spawn, wait_until
 
 from greenpool.testing.pgbouncer import available as pgbouncer_available
 
@@ -104,3 +104,29 @@ def test_a_transaction_pooler_cannot_give_a_session_and_says_so(make_pool, pg):
             pg.execute("NOTIFY jobs, 'through a session pooler'")
             assert listener.get(5).payload == "through a session pooler"
 
+
+
+@pytest.mark.skipif(not GREEN, reason="an exception lands in a background task: greenlets")
+def test_a_dedicated_connect_task_interrupted_as_it_begins_is_not_left_running(make_pool, pg):
+    """A signal handler's exception lands on the first instruction of a dedicated connect
+    task (it goes on to the main task, as gevent does with a KeyboardInterrupt): the task
+    is over, so the group counts no dedicated connect under way, and the next block
+    connects as usual."""
+    import gc
+
+    from faults import raising_once_at_the_call_of
+
+    from greenpool.exclusive.connects import DedicatedConnects
+
+    pool = make_pool({"g": {"exclusive_limit": 2}}, application_name=APP)
+    with raising_once_at_the_call_of(DedicatedConnects._task.__code__,
+                                     KeyboardInterrupt()) as fired, \
+            pytest.raises(KeyboardInterrupt), pool.exclusive("g", timeout=5):
+        pass
+    assert fired
+    sleep(0.01)  # the loop goes on: it lets go of the exception it passed on (and its task)
+    gc.collect()
+    assert group_stats(pool)["exclusive_connecting"] == 0
+    with pool.exclusive("g", timeout=5) as conn:
+        conn.cursor().execute("SELECT 1")
+    assert group_stats(pool)["exclusive_connecting"] == 0

@@ -263,3 +263,48 @@ def test_a_slot_whose_give_back_was_cut_short_is_counted_back_once_collected(mak
         assert db.query("SELECT 1") == [(1,)]
     assert (group.counts[endpoint], endpoint.open) == (1, 1)
 
+
+def test_a_lost_loan_leaves_the_group_counts_as_soon_as_its_connection_is_collected(
+        make_pool, pg):
+    """A lent connection no caller holds any more (its borrower vanished between two lines)
+    is collected and closed by the driver: from that moment the group no longer counts it
+    on its endpoint (placement and the dedicated connections' room read these counts), as
+    the endpoint's open connections no longer do; not only at the group's next look."""
+    import gc
+
+    pool = make_pool({"g": {"connection_count": 2, "timeout": 5}})
+    group = pool.group("g")
+    endpoint = group.endpoints[0]
+    pc = group.acquire()
+    assert (group.counts[endpoint], endpoint.open) == (1, 1)
+    del pc
+    gc.collect()
+    assert (group.counts[endpoint], endpoint.open) == (0, 0)
+
+
+def test_a_discard_cut_short_before_its_close_is_counted_as_one_discard(make_pool, pg):
+    """A discard interrupted on the first instruction of the connector's close (before it
+    counted the discard and closed the connection): the connection, collected, is counted
+    out once (as orphaned), so the group's books stay whole (``connects - discards`` is
+    its idle and lent connections) and its endpoint counts are exact."""
+    import gc
+
+    from greenpool.connector import Connector
+
+    pool = make_pool({"g": {"connection_count": 1, "timeout": 5}})
+    group = pool.group("g")
+    endpoint = group.endpoints[0]
+    pc = group.acquire()
+    with raising_once_at_the_call_of(Connector.close.__code__, KeyboardInterrupt()) as fired, \
+            pytest.raises(KeyboardInterrupt):
+        group.release(pc, discard="interrupted")
+    assert fired
+    del pc
+    gc.collect()
+    stats = pool.stats()["groups"]["g"]
+    assert (stats["size"], stats["idle"], stats["in_use"]) == (0, 0, 0)
+    assert stats["connects"] - stats["discards"] == 0, stats
+    assert (group.counts[endpoint], endpoint.open) == (0, 0)
+    with pool.handler("g", timeout=5) as db:
+        assert db.query("SELECT 1") == [(1,)]
+    assert (group.counts[endpoint], endpoint.open) == (1, 1)

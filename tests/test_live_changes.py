@@ -678,3 +678,34 @@ def test_a_callers_own_connect_to_an_endpoint_a_signal_handler_drops_is_never_le
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
             pool.close()
+
+
+@pytest.mark.timeout(60)
+def test_an_endpoint_removed_and_added_back_while_its_connections_are_lent_counts_them(
+        pg, mode, server_conns, second_db):
+    """An endpoint leaves the configuration while connections to it are lent, and comes
+    back before they return: its reported open connections are those the process holds
+    there (pg_stat_activity), and the group counts them on one endpoint, not on the one
+    that left and, as none, on the one that came back; once returned they are retired."""
+    app = "live-back"
+    db = [pg.endpoint(), pg.endpoint(name=second_db)]
+    config = {**_config(mode, db), "application_name": app}
+    pool = Pool(config)
+    try:
+        group = pool.group("g")
+        lent = [group.acquire() for _ in range(4)]
+        second = group.endpoints[1]
+        there = [pc for pc in lent if pc.endpoint is second]
+        assert there and server_conns(app, dbname=second_db) == len(there)
+        pool.reconfigure({**config, "db": db[:1]})
+        pool.reconfigure(config)
+        label = second.label
+        assert pool.stats()["endpoints"][label]["open"] == len(there)
+        counts = group.counts
+        assert sorted(n for ep, n in counts.items() if ep.label == label) == [len(there)]
+        for pc in lent:
+            group.release(pc)
+        assert pool.stats()["endpoints"][label]["open"] == 0
+        assert server_conns(app, dbname=second_db, expect=0) == 0
+    finally:
+        pool.close()

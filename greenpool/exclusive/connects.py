@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+import weakref
 from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING
@@ -31,6 +32,15 @@ from .capacity import Capacity, Retry
 
 if TYPE_CHECKING:
     from ..group import Group
+
+
+class _Task:
+    """A connect task's token, held by the task's own function (and nowhere else): it is
+    counted as running while the token lives, so a task that ends before its accounting
+    (an exception on its first instruction, where no ``finally`` reaches) stops being
+    counted once its function is collected."""
+
+    __slots__ = ("__weakref__",)
 
 
 class DedicatedConnects:
@@ -50,9 +60,10 @@ class DedicatedConnects:
         self._closed = False
         #: callers waiting for a dedicated connect task's connection
         self._wanting = WaitLine()
-        #: tasks under way; those beyond the callers wanting one are adrift (their callers
-        #: gave up): the next caller takes over their connection
-        self.running = 0
+        #: task id -> token of each task under way (see _Task); those beyond the callers
+        #: wanting one are adrift (their callers gave up): the next caller takes over
+        #: their connection
+        self._tasks: weakref.WeakValueDictionary[int, _Task] = weakref.WeakValueDictionary()
         #: task id -> when its current round began: a task in one round longer than
         #: STUCK_AFTER may be waiting out a server that never answers, and no longer
         #: counts as covering a caller (another task is started, which tries the
@@ -61,6 +72,11 @@ class DedicatedConnects:
         self._task_ids = itertools.count()
         #: bumped in a forked child: the parent's tasks and callers mean nothing there
         self._generation = 0
+
+    @property
+    def running(self) -> int:
+        """Connect tasks under way."""
+        return len(self._tasks)
 
     @property
     def waiting(self) -> int:
@@ -143,28 +159,29 @@ class DedicatedConnects:
                 return  # each endpoint free to take an attempt has one under way: wait
             task_id = next(self._task_ids)
             self._rounds[task_id] = now
-            self.running += 1
+            token = self._tasks[task_id] = _Task()
             generation = self._generation
-        self._start(task_id, rescue, generation)
+        self._start(task_id, rescue, generation, token)
 
-    def _start(self, task_id: int, rescue: bool, generation: int) -> None:
+    def _start(self, task_id: int, rescue: bool, generation: int, token: _Task) -> None:
         """Start a dedicated connect task (the caller counted it in ``running``; a task
-        that never begins uncounts itself, even when starting it was interrupted)."""
+        that never begins uncounts itself, even when starting it was interrupted). The
+        task's function is what holds ``token``."""
 
         def not_started() -> None:
             with self._lock:
-                self.running -= 1
+                self._tasks.pop(task_id, None)
                 self._rounds.pop(task_id, None)
 
-        if self.group.connector.run_in_background(
-                lambda: self._task(generation, task_id, rescue), not_started):
+        task = partial(self._task, generation, task_id, rescue, token)
+        if self.group.connector.run_in_background(task, not_started):
             return
         with self._lock:  # no task could start (a process limit on threads)
             self._wanting.fail_all(lambda: PoolError(
                 f"group {self.group.name!r}: a dedicated connect could not be started "
                 f"({self.group.connector.cannot_start})"))
 
-    def _task(self, generation: int, task_id: int, rescue: bool) -> None:
+    def _task(self, generation: int, task_id: int, rescue: bool, token: _Task) -> None:
         """Rounds of connect attempts until one connection (or one verdict) is delivered,
         the pool closes, or no caller needs this task any more. A ``rescue`` task (started
         while the others seemed stuck) tries endpoints with attempts under way last."""
@@ -214,7 +231,7 @@ class DedicatedConnects:
         finally:
             with self._lock:
                 if generation == self._generation:
-                    self.running -= 1
+                    self._tasks.pop(task_id, None)
                     self._rounds.pop(task_id, None)
 
     def _covering(self, besides: int | None = None) -> int:
@@ -222,8 +239,9 @@ class DedicatedConnects:
         begun under ``STUCK_AFTER`` ago, or pausing for an endpoint's next chance (lock
         held)."""
         now = time.monotonic()
+        tasks = self._tasks  # (a task that ended before its accounting is not there)
         return sum(1 for task_id, since in self._rounds.items()
-                   if task_id != besides and now - since < STUCK_AFTER)
+                   if task_id != besides and now - since < STUCK_AFTER and task_id in tasks)
 
     def _deliver(self, result: PooledConnection | BaseException) -> None:
         """Hand a new connection (or the verdict that replaces one) to the oldest caller
@@ -269,7 +287,7 @@ class DedicatedConnects:
         """Forget the parent's tasks and callers (its callers get ``make_error()``)."""
         self._lock = self._backend.lock()
         old_wanting, self._wanting = self._wanting, WaitLine()
-        self.running = 0
+        self._tasks = weakref.WeakValueDictionary()
         self._rounds = {}
         self._generation += 1
         old_wanting.fail_all(make_error)

@@ -71,3 +71,33 @@ def test_a_thread_that_begins_after_its_caller_took_the_job_back_does_nothing():
     function(*args)  # the thread begins now
     assert not ran
     assert cancel.cancels_in_flight() == before
+
+
+def test_a_cancel_interrupted_as_it_is_counted_is_uncounted():
+    """A signal handler's exception lands where a call returns: here, just after the count
+    of cancels in flight went up (the next line boundary of ``run_cancel``, where a trace
+    function raises it). The thread never started; the count goes back down."""
+    before = cancel.cancels_in_flight()
+    started: list[Any] = []
+    fired: list[int] = []
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        if event == "line" and not fired and cancel.cancels_in_flight() > before:
+            fired.append(frame.f_lineno)
+            raise KeyboardInterrupt
+        return local
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        return local if event == "call" and frame.f_code is cancel.run_cancel.__code__ else None
+
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            cancel.run_cancel(lambda: None, lambda *args: started.append(args))
+    finally:
+        sys.settrace(previous)
+    assert fired
+    for function, args in started:  # a thread started after all runs now: it must agree
+        function(*args)
+    assert cancel.cancels_in_flight() == before
