@@ -56,6 +56,14 @@ def no_session_left(cluster: Any) -> None:
     wait_until(lambda: listening_sessions(cluster) == 0, 10, "the listener's session to end")
 
 
+@pytest.fixture(autouse=True)
+def no_listening_session_of_an_earlier_test(pg: Any) -> None:
+    """Each test starts once no session of an earlier one is listed on the shared server
+    (a closed listener's backend exits on its own time, later under load): counting the
+    listening sessions then counts the test's own."""
+    no_session_left(pg)
+
+
 def test_notifications_arrive_in_order_on_every_channel_and_get_times_out(make_pool, pg):
     pool = make_pool({"g": {"exclusive_limit": 2}}, application_name=APP)
     with pool.listen("g", ["jobs", "Odd Name"]) as listener:
