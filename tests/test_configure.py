@@ -70,6 +70,26 @@ def test_a_connection_lost_under_the_hook_is_retried_not_taken_for_a_refusal(
         "the group's configure hook failed"), endpoint
 
 
+def test_a_hook_whose_own_remote_connect_fails_is_a_refusal_not_a_lost_connection(
+        make_pool: Any, pg_factory: Any) -> None:
+    """A hook whose statement fails with a connection-class SQLSTATE of its own (dblink to a
+    server that is not there: 08001) on a session that is fine: the hook failed, a refusal
+    of the group said at once, not a lost connection retried until the caller's time ends."""
+    from greenpool.testing.postgres import free_port
+
+    cluster = pg_factory()
+    cluster.execute("CREATE EXTENSION dblink")
+    nowhere = f"host=127.0.0.1 port={free_port()} dbname=postgres connect_timeout=2"
+
+    def hook(raw: Any) -> None:
+        with raw.cursor() as cur:
+            cur.execute("SELECT dblink_connect(%s)", (nowhere,))
+
+    pool = make_pool({"g": {"configure": hook, "timeout": 3}}, db=cluster.endpoint())
+    with pytest.raises(ConnectFailed, match="configure hook failed"), pool.handler("g"):
+        pass
+
+
 def test_the_key_takes_a_function_only() -> None:
     from greenpool import ConfigError, parse_config
 
