@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from modes import MODE
 
 from greenpool import ConnectFailed
 
@@ -88,6 +89,29 @@ def test_a_hook_whose_own_remote_connect_fails_is_a_refusal_not_a_lost_connectio
     pool = make_pool({"g": {"configure": hook, "timeout": 3}}, db=cluster.endpoint())
     with pytest.raises(ConnectFailed, match="configure hook failed"), pool.handler("g"):
         pass
+
+
+@pytest.mark.skipif(MODE != "threaded", reason="non-threaded runs once, in the threaded process")
+def test_a_hook_cut_short_by_the_callers_time_leaves_a_healthy_server_alone(pg: Any) -> None:
+    """``non-threaded`` connects inline, within the caller's time. A hook slower than what
+    is left of it is cut by the caller, not by the server: no verdict on the server (it is
+    not quarantined, nor the group refused): the caller's time ran out, nothing more."""
+    from greenpool import Pool, PoolTimeout
+
+    def hook(raw: Any) -> None:
+        with raw.cursor() as cur:
+            cur.execute("SELECT pg_sleep(0.5)")
+
+    pool = Pool({"type": "non-threaded", "db": pg.endpoint(),
+                 "groups": {"g": {"configure": hook}}})
+    try:
+        with pytest.raises(PoolTimeout), pool.handler("g", timeout=0.1):
+            pass
+        endpoint = next(iter(pool.stats()["endpoints"].values()))
+        assert endpoint["state"] == "up" and endpoint["quarantines"] == 0, endpoint
+        assert endpoint["connect_errors"] == 0, endpoint
+    finally:
+        pool.close()
 
 
 def test_the_key_takes_a_function_only() -> None:
