@@ -328,6 +328,23 @@ def test_non_threaded_sequential_loans_are_spread_over_both_endpoints(pg, pg_fac
         pool.close()
 
 
+@pytest.mark.skipif(MODE != "threaded", reason="non-threaded runs once, in the threaded process")
+@pytest.mark.parametrize("budget", [0.0, 0.005])
+def test_non_threaded_tiny_budget_on_a_healthy_server_is_a_plain_timeout(pg, budget):
+    """``non-threaded`` connects inline, within the caller's time. A budget too short for
+    the first connect to a healthy server is the caller's: a plain PoolTimeout, not
+    NoHealthyEndpoint (which sends the operator to check the servers)."""
+    pool = Pool({"type": "non-threaded", "db": pg.endpoint(), "groups": {"g": {}}})
+    try:
+        with pytest.raises(PoolTimeout) as info, pool.handler("g", timeout=budget):
+            pass
+        assert not isinstance(info.value, NoHealthyEndpoint), info.value
+        stats = endpoint_stats(pool, pg)
+        assert stats["state"] == "up" and stats["connect_errors"] == 0, stats
+    finally:
+        pool.close()
+
+
 # --- a black hole beside a healthy server ------------------------------------------------------
 
 
