@@ -377,7 +377,7 @@ class Connector:
             order.insert(0, target)
         if last:
             order.sort(key=last.__contains__)  # stable: the rest keep their order
-        moved_on = False
+        moved_on = failed = False
         for endpoint in order:
             if self.stopped or (deadline is not None and _monotonic() >= deadline) or (
                     slot is not None and slot.abandoned):
@@ -395,6 +395,7 @@ class Connector:
                 continue  # another task probes it, or its slow start is at its limit
             if slot is not None:  # the group abandons this connect if it drops endpoint
                 slot.trying = endpoint
+            abandoned = endpoint.connects_abandoned
             pc = self._attempt(endpoint, generation, deadline=bound)
             if pc is not None:
                 if moved_on:
@@ -404,7 +405,9 @@ class Connector:
                     self.on_event("connected", f"a connect to {endpoint.label} succeeded")
                 return pc
             moved_on = True
-        if moved_on and not self.failing:
+            # an attempt cut short by its caller's time (or its endpoint gone) is no verdict
+            failed = failed or endpoint.connects_abandoned == abandoned
+        if failed and not self.failing:
             self.failing = True
             self.on_event("cannot_connect", f"no endpoint took a connection: {self.describe()}")
         return None
