@@ -317,8 +317,13 @@ def open_connection(
         except Exception as exc:
             lost = failure_kind(exc, raw) == "lost"
             close_raw(raw)
+            if isinstance(exc, RoundTripTimeout):  # past its bound: a stalled server, or
+                # the caller's time cut it (the connector tells which, by this kind)
+                raise ConnectError(endpoint, f"no answer within {left:.2f} s while the "
+                                             f"group's configure hook ran",
+                                   kind=no_answer().kind) from None
             if lost:  # the connection or its server went away under the hook (a crash,
-                # a stalled server past the bound): a connect failure like any other,
+                # a terminated session): a connect failure like any other,
                 # retried and judged by the server's health, not a refusal of the group
                 raise ConnectError(endpoint, f"the connection was lost while the group's "
                                              f"configure hook ran ({type(exc).__name__})",

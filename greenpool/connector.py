@@ -62,7 +62,7 @@ from .events import no_event
 from .placement import connect_order, where_to_be
 from .promotion import PromotionWatch
 from .refusals import Refusals
-from .roles import EXPLORE_WAIT, fits, must_measure, read_role, role_of, unexplored
+from .roles import EXPLORE_WAIT, candidates, fits, must_measure, read_role, role_of, unexplored
 from .slots import Slot
 from .stats import GroupCounters
 
@@ -253,19 +253,18 @@ class Connector:
         return self.refusals.error(self.config.name, self.endpoints, _monotonic())
 
     def none_usable(self) -> bool:
-        """Whether no endpoint can serve the group now: each one where the group may be (its
-        lag, a role that fits it) is quarantined or refused the group, or there is none
-        (a standby is listed for a primary group because it may be promoted, but until it
-        is, it cannot serve one). Known from
-        the endpoints' state, whether or not a connect has been tried since (a caller's
-        time can run out before the first probe of a quarantined primary)."""
+        """Whether no endpoint can serve the group now: each one where a connect of the group
+        may go (a role that fits it; a standby whose lag is unknown or aged counts, a connect
+        measures it) is quarantined or refused the group, or there is none (a standby is
+        listed for a primary group because it may be promoted, but until it is, it cannot
+        serve one). Known from the endpoints' state, whether or not a connect has been tried
+        since (a caller's time can run out before the first probe of a quarantined primary)."""
         now = _monotonic()
-        slots = self.slots
         config = self.config
-        where = (slots.preferred_endpoints() if slots is not None else where_to_be(
-            self.endpoints, config.role, config.max_lag, config.on_lag))
+        tiers = candidates(self.endpoints, config.role, config.max_lag, config.on_lag,
+                           connecting=True)
         return not any(ep.state != QUARANTINED and fits(config.role, ep.role)
-                       and not self.refusals.blocks(ep, now) for ep in where)
+                       and not self.refusals.blocks(ep, now) for tier in tiers for ep in tier)
 
     def no_endpoint_error(self) -> NoHealthyEndpoint:
         self.counters.timeouts += 1
@@ -378,7 +377,7 @@ class Connector:
             order.insert(0, target)
         if last:
             order.sort(key=last.__contains__)  # stable: the rest keep their order
-        moved_on = False
+        moved_on = failed = False
         for endpoint in order:
             if self.stopped or (deadline is not None and _monotonic() >= deadline) or (
                     slot is not None and slot.abandoned):
@@ -396,6 +395,7 @@ class Connector:
                 continue  # another task probes it, or its slow start is at its limit
             if slot is not None:  # the group abandons this connect if it drops endpoint
                 slot.trying = endpoint
+            abandoned = endpoint.connects_abandoned
             pc = self._attempt(endpoint, generation, deadline=bound)
             if pc is not None:
                 if moved_on:
@@ -405,7 +405,9 @@ class Connector:
                     self.on_event("connected", f"a connect to {endpoint.label} succeeded")
                 return pc
             moved_on = True
-        if moved_on and not self.failing:
+            # an attempt cut short by its caller's time (or its endpoint gone) is no verdict
+            failed = failed or endpoint.connects_abandoned == abandoned
+        if failed and not self.failing:
             self.failing = True
             self.on_event("cannot_connect", f"no endpoint took a connection: {self.describe()}")
         return None

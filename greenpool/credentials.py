@@ -53,8 +53,10 @@ class PasswordUnavailable(Exception):
     the value)."""
 
 
-class _Overran(Exception):
-    """Raised into a green password call past its bound. Private: never escapes."""
+class _Overran(BaseException):
+    """Raised into a green password call past its bound. Private: never escapes. Not an
+    ``Exception``: a function that retries on any error (a retry decorator, a vault client)
+    would swallow it, and its call would run unbounded, holding the connect for good."""
 
 
 def is_supplied(password: Any) -> bool:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from .connection import STUCK_AFTER as _STUCK_AFTER
 from .connection import PooledConnection, silence_inherited
 from .endpoint import UP, Endpoint
-from .errors import PoolTimeout
+from .errors import NoHealthyEndpoint, PoolTimeout
 from .group_base import DRAINED, GroupBase, _inherited_in_use, _monotonic
 from .placement import connect_order, unserved
 from .slots import ATTACHED, CONNECTING, RETURNED, Slot
@@ -188,7 +188,16 @@ class GroupGrowth(GroupBase):
                     f"return connections before taking another, or raise connection_count"
                 )
             with slot:
-                pc = self.connector.open_now(deadline, slot.generation)
+                try:
+                    pc = self.connector.open_now(deadline, slot.generation)
+                except NoHealthyEndpoint:
+                    connector = self.connector
+                    if connector.failing or connector.none_usable():
+                        raise
+                    raise PoolTimeout(  # the caller's time cut the connect: no verdict
+                        f"group {self.name!r}: no connection within the timeout: the connect "
+                        f"was cut short by it (an attempt may take up to connect_timeout). "
+                        f"Endpoints: {connector.describe()}") from None
                 if self._attach(slot, pc):
                     return pc
 

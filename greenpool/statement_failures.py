@@ -27,13 +27,22 @@ _LOST_STATES = ("57P01", "57P02", "57P03")  # admin/crash shutdown, cannot conne
 _UNKNOWN = extensions.TRANSACTION_STATUS_UNKNOWN
 
 
+def _of_this_statement(exc: BaseException) -> bool:
+    """An ERROR (not FATAL): the session lives on. A connection-class SQLSTATE at that
+    severity is the statement's own (dblink or postgres_fdw failing to reach another
+    server), not news about this connection."""
+    diag = getattr(exc, "diag", None)
+    return diag is not None and diag.severity_nonlocalized == "ERROR"
+
+
 def failure_kind(exc: BaseException, raw: Any) -> str:
     """'lost' (the connection or server is gone), 'read_only' (a write reached a standby),
     or '' (an ordinary error: the endpoint is fine)."""
     code = getattr(exc, "pgcode", None)
     if code == "25006":
         return "read_only"
-    if raw.closed or (code and (code.startswith("08") or code in _LOST_STATES)):
+    if raw.closed or (code and (code.startswith("08") or code in _LOST_STATES)
+                      and not _of_this_statement(exc)):
         return "lost"
     if raw.get_transaction_status() == _UNKNOWN:
         return "lost"

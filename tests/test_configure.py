@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from modes import MODE
 
 from greenpool import ConnectFailed
 
@@ -68,6 +69,49 @@ def test_a_connection_lost_under_the_hook_is_retried_not_taken_for_a_refusal(
     endpoint = next(iter(pool.stats()["endpoints"].values()))
     assert endpoint["connect_errors"] == 1 and not endpoint["last_error"].startswith(
         "the group's configure hook failed"), endpoint
+
+
+def test_a_hook_whose_own_remote_connect_fails_is_a_refusal_not_a_lost_connection(
+        make_pool: Any, pg_factory: Any) -> None:
+    """A hook whose statement fails with a connection-class SQLSTATE of its own (dblink to a
+    server that is not there: 08001) on a session that is fine: the hook failed, a refusal
+    of the group said at once, not a lost connection retried until the caller's time ends."""
+    from greenpool.testing.postgres import free_port
+
+    cluster = pg_factory()
+    cluster.execute("CREATE EXTENSION dblink")
+    nowhere = f"host=127.0.0.1 port={free_port()} dbname=postgres connect_timeout=2"
+
+    def hook(raw: Any) -> None:
+        with raw.cursor() as cur:
+            cur.execute("SELECT dblink_connect(%s)", (nowhere,))
+
+    pool = make_pool({"g": {"configure": hook, "timeout": 3}}, db=cluster.endpoint())
+    with pytest.raises(ConnectFailed, match="configure hook failed"), pool.handler("g"):
+        pass
+
+
+@pytest.mark.skipif(MODE != "threaded", reason="non-threaded runs once, in the threaded process")
+def test_a_hook_cut_short_by_the_callers_time_leaves_a_healthy_server_alone(pg: Any) -> None:
+    """``non-threaded`` connects inline, within the caller's time. A hook slower than what
+    is left of it is cut by the caller, not by the server: no verdict on the server (it is
+    not quarantined, nor the group refused): the caller's time ran out, nothing more."""
+    from greenpool import Pool, PoolTimeout
+
+    def hook(raw: Any) -> None:
+        with raw.cursor() as cur:
+            cur.execute("SELECT pg_sleep(0.5)")
+
+    pool = Pool({"type": "non-threaded", "db": pg.endpoint(),
+                 "groups": {"g": {"configure": hook}}})
+    try:
+        with pytest.raises(PoolTimeout), pool.handler("g", timeout=0.1):
+            pass
+        endpoint = next(iter(pool.stats()["endpoints"].values()))
+        assert endpoint["state"] == "up" and endpoint["quarantines"] == 0, endpoint
+        assert endpoint["connect_errors"] == 0, endpoint
+    finally:
+        pool.close()
 
 
 def test_the_key_takes_a_function_only() -> None:

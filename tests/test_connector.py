@@ -328,6 +328,23 @@ def test_non_threaded_sequential_loans_are_spread_over_both_endpoints(pg, pg_fac
         pool.close()
 
 
+@pytest.mark.skipif(MODE != "threaded", reason="non-threaded runs once, in the threaded process")
+@pytest.mark.parametrize("budget", [0.0, 0.005])
+def test_non_threaded_tiny_budget_on_a_healthy_server_is_a_plain_timeout(pg, budget):
+    """``non-threaded`` connects inline, within the caller's time. A budget too short for
+    the first connect to a healthy server is the caller's: a plain PoolTimeout, not
+    NoHealthyEndpoint (which sends the operator to check the servers)."""
+    pool = Pool({"type": "non-threaded", "db": pg.endpoint(), "groups": {"g": {}}})
+    try:
+        with pytest.raises(PoolTimeout) as info, pool.handler("g", timeout=budget):
+            pass
+        assert not isinstance(info.value, NoHealthyEndpoint), info.value
+        stats = endpoint_stats(pool, pg)
+        assert stats["state"] == "up" and stats["connect_errors"] == 0, stats
+    finally:
+        pool.close()
+
+
 # --- a black hole beside a healthy server ------------------------------------------------------
 
 
@@ -404,3 +421,30 @@ the slot must not stay 'connecting' for good: the next borrows are served."""
     finally:
         pool.close()
 
+
+
+# --- a busy group is busy, whatever its standby's lag went unmeasured meanwhile ----------
+
+
+def test_a_busy_max_lag_standby_group_times_out_busy_not_for_want_of_an_endpoint(
+        make_pool, pg_factory):
+    """A ``max_lag`` standby group whose only connection is lent: the lag measured when it
+    was opened ages past ``max_lag`` (housekeeping, which would measure it again, is slow
+    here). The server is fine and the group merely busy: a caller whose time runs out gets
+    a plain PoolTimeout, not NoHealthyEndpoint (which sends the operator to the servers)."""
+    primary = pg_factory()
+    standby = pg_factory(standby_of=primary)
+    pool = make_pool({"r": {"role": "standby", "max_lag": 0.5, "autocommit": True,
+                            "connection_count": 1}},
+                     db=[primary.endpoint(), standby.endpoint()], role_check_interval=60,
+                     maintenance_interval=60)
+    with pool.handler("r", timeout=5) as db:
+        assert db.query_one("SELECT inet_server_port()")[0] == standby.port
+        wait_until(lambda: standby.port not in {
+            ep.config.port for ep in pool.group("r").preferred_endpoints()}, 10,
+            "the lag measured at the connect to age past max_lag")
+        other = spawn(lambda: pool.handler("r", timeout=0.3).__enter__())
+        assert other.join(10)
+    assert isinstance(other.error, PoolTimeout), other.error
+    assert not isinstance(other.error, NoHealthyEndpoint), other.error
+    assert endpoint_stats(pool, standby)["state"] == "up"

@@ -131,6 +131,28 @@ def test_password_function_that_hangs_is_bounded_by_connect_timeout(pg, mode):
 
 
 @pytest.mark.timeout(60)
+def test_password_function_that_retries_on_any_error_is_still_bounded(pg, mode):
+    """A function that retries on any ``Exception`` (as a vault client or a retry decorator
+    does) must not swallow the bound of its call: the attempt still ends at its
+    connect_timeout, saying the function gave no answer."""
+    def password():
+        while True:
+            try:
+                sleep(30)  # a secret store that does not answer
+            except Exception:
+                continue
+
+    pool = Pool({"type": mode, "db": {**pg.endpoint(), "pass": password,
+                                      "connect_timeout": 0.5},
+                 "groups": {"g": {"connection_count": 1, "timeout": 2}}})
+    try:
+        with pytest.raises(PoolError, match="gave no answer within"), pool.handler("g") as db:
+            db.query("SELECT 1")
+    finally:
+        pool.close()
+
+
+@pytest.mark.timeout(60)
 def test_supplied_password_never_appears_in_errors_logs_or_reprs(pg, mode, caplog):
     """The function returns a wrong password: the error, every log line and the reprs of
     the pool and its configuration hold no trace of it."""
