@@ -359,3 +359,25 @@ def test_a_green_deadline_throws_only_into_its_open_block(cut):
     with pytest.raises(RuntimeError) as raised, backend.deadline(0.05, error):
         sleep(5)
     assert raised.value is error
+
+
+@pytest.mark.skipif(not GREEN, reason="the green modes' deadline is an event-loop timer")
+def test_a_green_deadline_cut_short_throws_nothing_into_the_next_pass_of_its_loop():
+    """The same ``with`` statement run again in the same frame: to the frames it is the same
+    block, open again. The first pass's exit is cut short; its timer fires during the second
+    pass, whose own deadline is the one in force: nothing is thrown."""
+    from greenpool.concurrency.green_deadline import GreenDeadline
+    from greenpool.concurrency.modes import backend_for
+
+    backend = backend_for(MODE)
+    error = RuntimeError("the deadline of the first pass")
+    interrupted = []
+    with raising_once_at_the_call_of(GreenDeadline.__exit__.__code__,
+                                     KeyboardInterrupt()) as fired:
+        for seconds, nap in ((0.05, 0.0), (5.0, 0.3)):
+            try:
+                with backend.deadline(seconds, error):
+                    sleep(nap)
+            except KeyboardInterrupt:
+                interrupted.append(seconds)
+    assert fired and interrupted == [0.05]
