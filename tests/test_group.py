@@ -233,32 +233,36 @@ def test_a_lent_connection_its_borrower_dropped_is_collected_and_its_slot_counte
         assert db.query("SELECT 1") == [(1,)]
 
 
-def test_a_slot_whose_give_back_was_cut_short_is_counted_back_once_collected(make_pool):
-    """An interruption on the first instruction of the group's count of a returned slot
-    (the discard has closed the connection): the slot stays held, not returned-but-
-    uncounted; once collected it is counted back, and the group's room is whole again. The
-    connection is counted out once, not twice: the group's count on its endpoint (placement
-    balances on it), the endpoint's open connections and the discards stay exact."""
+@pytest.mark.parametrize("cut", ["before the close", "after the close"])
+def test_a_discard_cut_short_is_counted_once_and_its_slot_given_back(make_pool, cut):
+    """A discard interrupted on the first instruction of the connector's close (nothing
+    counted, nothing closed yet) or of the group's count of the returned slot (the
+    connection closed and counted out): the slot stays held, not returned-but-uncounted;
+    once collected it is counted back and the group's room is whole again. The connection
+    is counted out once, as that discard or as orphaned, never twice: the group's books
+    (``connects - discards``), its count on the endpoint (placement balances on it) and the
+    endpoint's open connections stay exact."""
     import gc
 
+    from greenpool.connector import Connector
     from greenpool.group_growth import GroupGrowth
 
+    code = (Connector.close if cut == "before the close" else GroupGrowth._returned).__code__
     pool = make_pool({"g": {"connection_count": 1, "timeout": 5}})
     group = pool.group("g")
     endpoint = group.endpoints[0]
     pc = group.acquire()
     assert (group.counts[endpoint], endpoint.open) == (1, 1)
-    with raising_once_at_the_call_of(GroupGrowth._returned.__code__,
-                                     KeyboardInterrupt()) as fired, \
+    with raising_once_at_the_call_of(code, KeyboardInterrupt()) as fired, \
             pytest.raises(KeyboardInterrupt):
         group.release(pc, discard="interrupted")
     assert fired
     del pc
     gc.collect()
     stats = pool.stats()["groups"]["g"]
-    assert (stats["size"], stats["in_use"], stats["connecting"]) == (0, 0, 0)
+    assert (stats["size"], stats["idle"], stats["in_use"], stats["connecting"]) == (0, 0, 0, 0)
+    assert stats["connects"] - stats["discards"] == 0, stats
     assert (group.counts[endpoint], endpoint.open) == (0, 0)
-    assert stats["discards_by_reason"] == {"interrupted": 1}
     with pool.handler("g", timeout=5) as db:
         assert db.query("SELECT 1") == [(1,)]
     assert (group.counts[endpoint], endpoint.open) == (1, 1)
@@ -280,31 +284,3 @@ def test_a_lost_loan_leaves_the_group_counts_as_soon_as_its_connection_is_collec
     del pc
     gc.collect()
     assert (group.counts[endpoint], endpoint.open) == (0, 0)
-
-
-def test_a_discard_cut_short_before_its_close_is_counted_as_one_discard(make_pool, pg):
-    """A discard interrupted on the first instruction of the connector's close (before it
-    counted the discard and closed the connection): the connection, collected, is counted
-    out once (as orphaned), so the group's books stay whole (``connects - discards`` is
-    its idle and lent connections) and its endpoint counts are exact."""
-    import gc
-
-    from greenpool.connector import Connector
-
-    pool = make_pool({"g": {"connection_count": 1, "timeout": 5}})
-    group = pool.group("g")
-    endpoint = group.endpoints[0]
-    pc = group.acquire()
-    with raising_once_at_the_call_of(Connector.close.__code__, KeyboardInterrupt()) as fired, \
-            pytest.raises(KeyboardInterrupt):
-        group.release(pc, discard="interrupted")
-    assert fired
-    del pc
-    gc.collect()
-    stats = pool.stats()["groups"]["g"]
-    assert (stats["size"], stats["idle"], stats["in_use"]) == (0, 0, 0)
-    assert stats["connects"] - stats["discards"] == 0, stats
-    assert (group.counts[endpoint], endpoint.open) == (0, 0)
-    with pool.handler("g", timeout=5) as db:
-        assert db.query("SELECT 1") == [(1,)]
-    assert (group.counts[endpoint], endpoint.open) == (1, 1)
