@@ -211,3 +211,29 @@ def test_standby_back_with_every_group_full_is_measured_and_then_read_from(
             return int(db.query_one("SELECT inet_server_port()")[0])
 
     wait_until(lambda: read_port() == back.port, 10, "a read served by the returned standby")
+
+
+@pytest.mark.skipif(MODE == "non-threaded", reason="needs housekeeping")
+@pytest.mark.timeout(60)
+def test_a_full_group_still_finds_out_that_an_endpoint_it_has_no_connection_on_died(
+        make_pool, pg_factory):
+    """A standby group over two standbys, full with its one connection on the first. The
+    second, where the group may go but has no connection, stops: housekeeping finds it out
+    (one short-lived connection, outside the full group), so it is not reported up while
+    dead (as an old primary was, after a failover under load)."""
+    primary = pg_factory()
+    first, second = pg_factory(standby_of=primary), pg_factory(standby_of=primary)
+    pool = make_pool({"r": {"role": "standby", "connection_count": 1, "timeout": 10}},
+                     db=[first.endpoint(), second.endpoint()], **PROBING)
+    group = pool.group("r")
+    held = group.acquire()
+    try:
+        wait_until(lambda: endpoint_stats(pool, second)["role"] == "standby", 10,
+                   "housekeeping to learn the second standby's role")
+        dead = second if held.endpoint.label == label(first) else first  # the one it lacks
+        assert group.counts.get(held.endpoint) == 1 and sum(group.counts.values()) == 1
+        dead.stop("immediate")
+        wait_until(lambda: endpoint_stats(pool, dead)["state"] != "up", 10,
+                   "housekeeping to find the stopped standby down")
+    finally:
+        group.release(held, discard="test")
