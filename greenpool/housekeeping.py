@@ -300,11 +300,12 @@ class Housekeeping:
         """One connect to ``endpoint``, and its role and lag: within the room of a group
         that should be there (the connection then serves it; a full one skips the probe,
         its borrows read the role from each connection's parameter status), else, when no
-        group should be there or no full group has a connection there to read, on a
-        short-lived connection of its own. So a probe of an endpoint a group does not use
-        never holds that group's room (a stalled standby would starve a primary group), a
-        full group still learns that a standby was promoted, and an endpoint a full group
-        has no connection on is still found dead (an old primary after a failover)."""
+        group should be there or nothing has a connection there or one under way (the
+        full groups have nothing to read it from), on a short-lived connection of its own.
+        So a probe of an endpoint a group does not use never holds that group's room (a
+        stalled standby would starve a primary group), a full group still learns that a
+        standby was promoted, and an endpoint a full group has no connection on is still
+        found dead (an old primary after a failover)."""
         users = self._users(endpoint)
         wanted_by = [group for group in users if endpoint in group.preferred_endpoints()]
         for group in wanted_by:
@@ -333,7 +334,7 @@ class Housekeeping:
                         return
             self._after_probe(endpoint)
             return
-        if users and not any(group.counts.get(endpoint) for group in wanted_by):
+        if users and (not wanted_by or not (endpoint.open or endpoint.connecting)):
             self._probe_outside_groups(users[0], endpoint)
 
     def _after_probe(self, endpoint: Endpoint) -> None:

@@ -94,6 +94,13 @@ try:
                        (kept_pids,))
     acquires = []
     for _ in range(2):
+        try:  # a thread of the pool's that ended since freed room under the limit: take it
+            while True:
+                thread = threading.Thread(target=release.wait, daemon=True)
+                thread.start()
+                parked.append(thread)
+        except RuntimeError:
+            pass
         started = time.monotonic()
         try:
             pc = g.acquire(timeout=1)
