@@ -396,9 +396,6 @@ def _open(
     except _Deadline as exc:
         if exc is not deadline:
             raise
-        # its traceback holds the frames that hold the half-open connection, in a cycle
-        # with this frame: cut it, so the session ends now, not at a garbage collection
-        deadline.__traceback__ = None
         failure = ConnectError.judged(endpoint, f"no answer within {seconds:.2f} s", no_answer())
     except psycopg2.Error as exc:
         supplied = kwargs.get("password") if credentials.is_supplied(endpoint.password) else None

@@ -151,14 +151,17 @@ class Load:
         import gevent.event
 
         self.app, self.replies, self._stop = app, [], gevent.event.Event()
+        self.in_flight: dict[int, tuple[str, float]] = {}  # greenlet index -> (kind, started)
         self.tasks = [gevent.spawn(self._loop, i, kinds) for i in range(greenlets)]
 
     def _loop(self, index: int, kinds: tuple[str, ...]) -> None:
         n = 0
         while not self._stop.is_set():
             kind = kinds[(index + n) % len(kinds)]
+            self.in_flight[index] = (kind, time.monotonic())
             reply = self.app.write(f"load {index}/{n}") if kind == "write" else \
                 self.app.read_count()
+            del self.in_flight[index]
             self.replies.append(reply)
             n += 1
             self._stop.wait(0.01)  # a fast 503 must not turn into a busy loop
@@ -168,7 +171,12 @@ class Load:
 
         self._stop.set()
         gevent.joinall(self.tasks, timeout=timeout)
-        assert all(task.dead for task in self.tasks), f"load still running after {timeout} s"
+        if not all(task.dead for task in self.tasks):
+            now = time.monotonic()
+            pending = sorted((round(now - started, 2), kind)
+                             for kind, started in self.in_flight.values())
+            pytest.fail(f"load still running after {timeout} s; requests in flight for "
+                        f"(seconds, kind): {pending}\ngunicorn's log:\n{self.app.log_text()}")
         errors = [task.exception for task in self.tasks if task.exception is not None]
         assert not errors, f"the HTTP client failed: {errors[:3]}"
         return self.replies

@@ -180,6 +180,55 @@ def _greenpool_threads(before: set) -> list:
             if t.is_alive() and t not in before and t.name.startswith("greenpool")]
 
 
+def _sockets_to(port: int) -> int:
+    """Established TCP connections to ``port`` on this machine, from the client's side."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as rows:
+                next(rows)
+                for row in rows:
+                    fields = row.split()
+                    if fields[3] == "01" and int(fields[2].rsplit(":", 1)[1], 16) == port:
+                        count += 1
+        except FileNotFoundError:
+            continue
+    return count
+
+
+@pytest.mark.timeout(30)
+def test_a_connect_cut_short_closes_its_socket_without_a_garbage_collection(make_pool,
+                                                                           blackhole):
+    """A connect still waiting when the pool is closed (its task killed in the green modes,
+    its deadline passing in the blocking ones) closes its socket at once: the exception's
+    traceback holds the half-open connection until a garbage collection, which may never
+    come soon, and meanwhile the server keeps the session waiting for authentication (a
+    minute by default; ``DROP DATABASE`` waits for it). Collections are off in this test."""
+    import gc
+    import time
+
+    from greenpool import PoolTimeout
+
+    connect_timeout = 2.0
+    pool = make_pool({"g": {"connection_count": 1}},
+                     db=blackhole.endpoint(connect_timeout=connect_timeout))
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        with pytest.raises(PoolTimeout):
+            pool.group("g").acquire(timeout=0.2)
+        assert _sockets_to(blackhole.port) == 1
+        pool.close()
+        closed_at = time.monotonic()
+        within = 0.5 if GREEN else connect_timeout + 1.0
+        wait_until(lambda: _sockets_to(blackhole.port) == 0, within,
+                   "the cut connect's socket to close")
+        assert time.monotonic() - closed_at < within
+    finally:
+        if collecting:
+            gc.enable()
+
+
 @pytest.mark.skipif(MODE != "threaded", reason="connect threads exist in threaded mode only")
 @pytest.mark.timeout(60)
 def test_threaded_close_leaves_no_connect_thread_behind_and_connects_nothing_later(

@@ -43,20 +43,40 @@ def cancel_interrupted(conn: Any) -> None:
             pass  # best effort: the interruption itself is what the caller must see
 
 
+def interrupted(conn: Any, began: int, opening: bool) -> None:
+    """A wait on ``conn`` that began at fork count ``began`` was ended by an exception;
+    ``opening``: the wait was the connect's (it began in psycopg2's setup status, which
+    its first poll leaves for a private "connecting" one).
+
+    A connect's connection is closed at once: psycopg2 never hands it to anyone, and the
+    exception's traceback holds it (through the callback's frames) until a garbage
+    collection, its half-open session kept on the server meanwhile (up to
+    ``authentication_timeout``, a minute; ``DROP DATABASE`` waits for it). A statement's is
+    cancelled on the server. A wait the process was forked in is the parent's: the child
+    touches neither (closing a half-done TLS handshake writes to the shared socket)."""
+    if forks[0] != began:
+        return
+    if opening:
+        try:
+            conn.close()
+        except Exception:
+            pass  # best effort: the interruption itself is what the caller must see
+    else:
+        cancel_interrupted(conn)
+
+
 def cancelling(wait: Callable[..., None]) -> Callable[[Any], None]:
-    """``wait`` (psycogreen's callback) that cancels the statement it was waiting for when
-    interrupted. It must happen here: once the callback has raised, psycopg2 closes the
-    connection and the chance is gone. A try block costs nothing until something raises.
-    A wait the process was forked in is the parent's: its statement is never cancelled
-    from the child (see :func:`gevent_wait_callback`)."""
+    """``wait`` (psycogreen's callback) that, when interrupted, cancels the statement it was
+    waiting for or closes the connection it was opening (:func:`interrupted`). It must
+    happen here: once the callback has raised, psycopg2 closes a statement's connection
+    and the chance is gone. A try block costs nothing until something raises."""
 
     def cancelling_wait(conn: Any) -> None:
-        began = forks[0]
+        began, opening = forks[0], conn.status == _STATUS_SETUP
         try:
             wait(conn)
         except BaseException:
-            if forks[0] == began:
-                cancel_interrupted(conn)
+            interrupted(conn, began, opening)
             raise
 
     return cancelling_wait
@@ -77,10 +97,14 @@ def gevent_wait_callback() -> Callable[[Any], None]:
     getpid = os.getpid
 
     def gevent_wait(conn: Any) -> None:
-        if conn.status == _STATUS_SETUP and getattr(conn, "greenpool_owned", False):
-            _connecting_wait(conn)
+        began, opening = forks[0], conn.status == _STATUS_SETUP
+        if opening and getattr(conn, "greenpool_owned", False):
+            try:
+                _connecting_wait(conn)
+            except BaseException:
+                interrupted(conn, began, opening)
+                raise
             return
-        began = forks[0]
         try:
             while True:
                 state = conn.poll()
@@ -93,8 +117,7 @@ def gevent_wait_callback() -> Callable[[Any], None]:
                 else:
                     raise psycopg2.OperationalError(f"unexpected poll state {state!r}")
         except BaseException:
-            if forks[0] == began:
-                cancel_interrupted(conn)
+            interrupted(conn, began, opening)
             raise
 
     def _connecting_wait(conn: Any) -> None:
@@ -141,7 +164,7 @@ def blocking_wait_callback() -> Callable[[Any], None]:
     pollin, pollout = POLLIN, getattr(select, "POLLOUT", 4)
 
     def blocking_wait(conn: Any) -> None:
-        began = forks[0]
+        began, opening = forks[0], conn.status == _STATUS_SETUP
         try:
             deadline = _deadlines.current
             while True:
@@ -169,8 +192,7 @@ def blocking_wait_callback() -> Callable[[Any], None]:
                 poller.register(conn.fileno(), mask)
                 poller.poll(timeout_ms)
         except BaseException:
-            if forks[0] == began:
-                cancel_interrupted(conn)
+            interrupted(conn, began, opening)
             raise
 
     return blocking_wait
