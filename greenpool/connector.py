@@ -266,6 +266,12 @@ class Connector:
         return not any(ep.state != QUARANTINED and fits(config.role, ep.role)
                        and not self.refusals.blocks(ep, now) for tier in tiers for ep in tier)
 
+    def endpoints_are_why(self) -> bool:
+        """Whether a caller whose time ran out should be told the endpoints are why
+        (:meth:`no_endpoint_error`): the latest connects all failed, or none can serve the
+        group now; else the group was busy, or the caller's own time cut a connect."""
+        return self.failing or self.none_usable()
+
     def no_endpoint_error(self) -> NoHealthyEndpoint:
         self.counters.timeouts += 1
         return NoHealthyEndpoint(

@@ -192,7 +192,7 @@ class GroupGrowth(GroupBase):
                     pc = self.connector.open_now(deadline, slot.generation)
                 except NoHealthyEndpoint:
                     connector = self.connector
-                    if connector.failing or connector.none_usable():
+                    if connector.endpoints_are_why():
                         raise
                     raise PoolTimeout(  # the caller's time cut the connect: no verdict
                         f"group {self.name!r}: no connection within the timeout: the connect "

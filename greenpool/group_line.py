@@ -109,9 +109,8 @@ class GroupLine(GroupGrowth):
         error = self.connector.fatal_error()
         if error is not None:
             return error
-        connector = self.connector
-        if connector.failing or connector.none_usable():  # the endpoints are why: say so
-            return connector.no_endpoint_error()
+        if self.connector.endpoints_are_why():
+            return self.connector.no_endpoint_error()
         self.counters.timeouts += 1
         return PoolTimeout(self._busy_message(wait_for))
 
