@@ -35,10 +35,10 @@ from psycopg2 import extensions
 from . import credentials, pooler
 from .concurrency.backend import Backend
 from .config import EndpointConfig, GroupConfig
-from .endpoint import Endpoint
+from .endpoint import HOOK_FAILED_FOR_NOW, HOOK_NO_ANSWER, Endpoint
 from .failures import Verdict, classify, no_answer, unresolvable
 from .slots import Slot
-from .statement_failures import failure_kind
+from .statement_failures import failure_kind, passing
 
 logger = logging.getLogger("greenpool")
 
@@ -315,19 +315,29 @@ def open_connection(
         try:
             configure(raw, group, backend, left)
         except Exception as exc:
-            lost = failure_kind(exc, raw) == "lost"
+            # past its bound the wait callback has cancelled and closed: not "lost"
+            timed_out = isinstance(exc, RoundTripTimeout)
+            lost = not timed_out and failure_kind(exc, raw) == "lost"
             close_raw(raw)
-            if isinstance(exc, RoundTripTimeout):  # past its bound: a stalled server, or
-                # the caller's time cut it (the connector tells which, by this kind)
-                raise ConnectError(endpoint, f"no answer within {left:.2f} s while the "
-                                             f"group's configure hook ran",
-                                   kind=no_answer().kind) from None
             if lost:  # the connection or its server went away under the hook (a crash,
                 # a terminated session): a connect failure like any other,
                 # retried and judged by the server's health, not a refusal of the group
                 raise ConnectError(endpoint, f"the connection was lost while the group's "
                                              f"configure hook ran ({type(exc).__name__})",
                                    kind="network") from None
+            if timed_out or passing(exc):
+                # the server answered the connect: a hook that waited on a lock, met a
+                # deadlock or ran out of time fails this group's attempt, not the server
+                # (other groups use it as before); the group tries again after a backoff.
+                # Past its bound, the caller's time may be what cut it (the connector tells).
+                if timed_out:
+                    what, kind = f"got no answer within {left:.2f} s", HOOK_NO_ANSWER
+                else:
+                    code = getattr(exc, "pgcode", None)
+                    what = f"failed ({type(exc).__name__}, SQLSTATE {code})"
+                    kind = HOOK_FAILED_FOR_NOW
+                raise ConnectError(endpoint, f"group {group.name!r}'s configure hook {what}",
+                                   kind=kind, hint="tried again after a backoff") from None
             logger.warning("group %r: the configure hook failed on a new connection to %s",
                            group.name, endpoint.label, exc_info=True)
             # the server answered: its health is not in question (fatal: not quarantined)

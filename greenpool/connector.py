@@ -56,9 +56,10 @@ from .connection import (
     is_pooled,
     open_connection,
 )
-from .endpoint import QUARANTINED, Endpoint
-from .errors import ConnectFailed, NoHealthyEndpoint
+from .endpoint import GROUP_SETBACKS, HOOK_NO_ANSWER, QUARANTINED, Endpoint
+from .errors import ConnectFailed, NoHealthyEndpoint, PoolError, PoolTimeout
 from .events import no_event
+from .failures import no_answer
 from .placement import connect_order, where_to_be
 from .promotion import PromotionWatch
 from .refusals import Refusals
@@ -69,6 +70,7 @@ from .stats import GroupCounters
 logger = logging.getLogger("greenpool")
 
 _monotonic = time.monotonic
+_NO_ANSWER = no_answer().kind
 _RECHECK_PAUSE = 0.02  # seconds between looks while no endpoint may take a connect
 _LIFETIME_JITTER = 0.1  # up to 10 % shorter, so connections opened together do not expire together
 
@@ -157,10 +159,12 @@ class Connector:
                        self.cannot_start)
         return False
 
-    def open_now(self, deadline: float, generation: int) -> PooledConnection:
+    def open_now(self, deadline: float, generation: int) -> PooledConnection | None:
         """Connect inline (``non-threaded`` mode, dedicated connections): rounds of
         attempts, each bounded by its endpoint's ``connect_timeout`` and by ``deadline``,
-        the caller's. An attempt the caller's time cut short is no verdict on the server."""
+        the caller's. None when the deadline passed first (the caller asks
+        :meth:`timed_out` what to say: an attempt its time cut short is no verdict on the
+        server); raises the refusal when the configuration is the problem."""
         while True:
             pc = self._round(None, generation, deadline)
             if pc is not None:
@@ -168,7 +172,7 @@ class Connector:
             self._raise_if_hopeless()
             remaining = deadline - _monotonic()
             if remaining <= 0:
-                raise self.no_endpoint_error()
+                return None
             self._backend.sleep(min(remaining, self._next_chance()))
 
     def run_in_background(self, work: Callable[[], None],
@@ -266,19 +270,25 @@ class Connector:
         return not any(ep.state != QUARANTINED and fits(config.role, ep.role)
                        and not self.refusals.blocks(ep, now) for tier in tiers for ep in tier)
 
-    def endpoints_are_why(self) -> bool:
-        """Whether a caller whose time ran out should be told the endpoints are why
-        (:meth:`no_endpoint_error`): the latest connects all failed, or none can serve the
-        group now; else the group was busy, or the caller's own time cut a connect."""
-        return self.failing or self.none_usable()
-
-    def no_endpoint_error(self) -> NoHealthyEndpoint:
-        self.counters.timeouts += 1
-        return NoHealthyEndpoint(
-            f"group {self.config.name!r}: no endpoint took a connection within the acquire "
-            f"timeout. Endpoints: {self.describe()}. Check that the servers are up and "
-            f"reachable."
-        )
+    def timed_out(self, busy: Callable[[], str], *, count: bool = True) -> PoolError:
+        """What a caller whose time ran out is told, decided here for every kind of caller
+        (a borrow, a dedicated connection, an inline connect): the refusal when the
+        configuration is the problem; :class:`NoHealthyEndpoint` when the endpoints are why
+        (the latest connects all failed, or none can serve the group now); else a
+        :class:`PoolTimeout` saying ``busy()``: the group was busy, or a connect had not
+        answered yet, which says nothing of the server. ``count``: the caller asked to
+        wait, so its timeout is the group's."""
+        error = self.fatal_error()
+        if error is not None:
+            return error
+        if count:
+            self.counters.timeouts += 1
+        if self.failing or self.none_usable():
+            return NoHealthyEndpoint(
+                f"group {self.config.name!r}: no endpoint took a connection within the "
+                f"timeout. Endpoints: {self.describe()}. Check that the servers are up and "
+                f"reachable.")
+        return PoolTimeout(busy())
 
     def describe(self) -> str:
         """The endpoints, and why none fits the group's role when none does (a standby
@@ -444,7 +454,7 @@ class Connector:
                                   self._backend, seconds)
             pooled_role = self._pooled_role(raw, endpoint) if is_pooled(raw) else None
         except ConnectError as exc:
-            if cut_by_caller and exc.kind == "timeout":
+            if cut_by_caller and exc.kind in (_NO_ANSWER, HOOK_NO_ANSWER):
                 endpoint.connect_cut(seconds)  # the caller's time ran out, not the server's
                 return None
             self.counters.connect_errors += 1
@@ -454,6 +464,9 @@ class Connector:
                 self.refusals.remember(endpoint, told, _monotonic())
                 logger.warning("group %r: %s refused the connection: %s", self.config.name,
                                endpoint.label, exc.reason)
+            elif exc.kind in GROUP_SETBACKS:  # the group's own, for now: others go on
+                self.refusals.set_back(endpoint, exc.reason, _monotonic())
+                logger.warning("%s", exc)  # the reason names the group
             else:
                 logger.info("group %r: cannot connect to %s", self.config.name, exc)
                 if unhealthy and self.slots is not None:
@@ -523,8 +536,10 @@ class Connector:
     def _next_chance(self) -> float:
         """How long until an endpoint of this group may take a connect attempt again."""
         now = _monotonic()
+        refusals = self.refusals
         waits = [
-            ep.quarantined_until - now if ep.state == QUARANTINED else _RECHECK_PAUSE
+            ep.quarantined_until - now if ep.state == QUARANTINED
+            else refusals.until(ep) - now if refusals.blocks(ep, now) else _RECHECK_PAUSE
             for ep in self.endpoints
         ]
         return max(0.001, min(waits))

@@ -50,6 +50,11 @@ PRIMARY, STANDBY, UNKNOWN = "primary", "standby", "unknown"
 _SLOW_START = 2  # connects in flight allowed right after recovery
 #: failure kinds (failures.py) that say the server is full, not down
 FULL_KINDS = frozenset({"too_many_connections", "pooler_full"})
+#: kinds of connect failure that are one group's own and passing: its configure hook met a
+#: lock, a deadlock, a resource limit, or got no answer in time. The server answered the
+#: connect, so its health is not in question (other groups use it as before)
+HOOK_FAILED_FOR_NOW, HOOK_NO_ANSWER = "configure_failed_for_now", "configure_no_answer"
+GROUP_SETBACKS = frozenset({HOOK_FAILED_FOR_NOW, HOOK_NO_ANSWER})
 _FULL_PAUSE = (0.05, 0.25)  # seconds (jittered) a full server is left alone by connects
 _UNSUPPLIED_PAUSE = (0.2, 0.5)  # seconds (jittered) between asks of a failing password function
 _SLOW_START_DONE = 32  # past this many, the endpoint is treated as fully recovered
@@ -156,6 +161,11 @@ class Endpoint:
     # --- health ---------------------------------------------------------------------------
 
     @property
+    def backoff_initial(self) -> float:
+        """The first quarantine (``quarantine_initial``, or the endpoint's ``retry_sleep``)."""
+        return self._initial
+
+    @property
     def backoff_max(self) -> float:
         """The longest quarantine (``quarantine_max``, at least the first one)."""
         return self._max
@@ -241,7 +251,7 @@ class Endpoint:
     def connect_error(self, fatal: bool, kind: str, message: str) -> bool:
         """End a connect attempt that failed (see ``connection.ConnectError``); True when
         the failure says the server is unhealthy (its idle connections are suspect)."""
-        if fatal:
+        if fatal or kind in GROUP_SETBACKS:  # the server answered: its health is fine
             self.connect_refused(message)
         elif kind == "credentials":  # the password function failed: the server is not at fault
             self.connect_unsupplied(message)

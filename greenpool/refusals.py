@@ -1,11 +1,14 @@
-"""What one group remembers of connect failures retrying cannot fix: who refused, why, until when.
+"""What one group remembers of connect failures that are its own: who refused, why, until when.
 
-Such a refusal (bad password, missing database or role, a parameter a pooler refuses: see
-failures.py) says nothing against the server's health, so it never quarantines the server.
-The group leaves that endpoint alone instead, for the endpoints' longest ``quarantine_max``
-(its rounds skip it, the promotion watch too: a connect every few milliseconds would fail
-the same way), and once every endpoint refused it, callers get :meth:`Refusals.error` at
-once rather than waiting out their acquire timeout. A connect that succeeds forgets it.
+A refusal (bad password, missing database or role, a parameter a pooler refuses: see
+failures.py; the group's ``configure`` hook failing) says nothing against the server's
+health, so it never quarantines the server, which other groups may use as before. The group
+leaves that endpoint alone instead (its rounds skip it, the promotion watch too: a connect
+every few milliseconds would fail the same way). One that retrying cannot fix lasts the
+endpoints' longest ``quarantine_max``, and once every endpoint refused the group so, callers
+get :meth:`Refusals.error` at once rather than waiting out their acquire timeout. A setback
+(the hook met a lock, a deadlock, a timeout: :meth:`Refusals.set_back`) lasts the endpoint's
+first backoff and is then tried again. A connect that succeeds forgets either.
 """
 
 from __future__ import annotations
@@ -20,12 +23,18 @@ class Refusals:
     """The endpoints that refused one group for a reason retrying cannot fix, and why."""
 
     def __init__(self, endpoints: Sequence[Endpoint]) -> None:
-        #: endpoint -> (until when, message)
-        self._by_endpoint: dict[Endpoint, tuple[float, str]] = {}
+        #: endpoint -> (until when, message, whether retrying cannot fix it)
+        self._by_endpoint: dict[Endpoint, tuple[float, str, bool]] = {}
         self._pause = max(ep.backoff_max for ep in endpoints)
 
     def remember(self, endpoint: Endpoint, message: str, now: float) -> None:
-        self._by_endpoint[endpoint] = (now + self._pause, message)
+        """``endpoint`` refused the group for a reason retrying cannot fix."""
+        self._by_endpoint[endpoint] = (now + self._pause, message, True)
+
+    def set_back(self, endpoint: Endpoint, message: str, now: float) -> None:
+        """A connect of the group to ``endpoint`` failed for a passing reason of its own:
+        leave the endpoint alone for its first backoff, then try again."""
+        self._by_endpoint[endpoint] = (now + endpoint.backoff_initial, message, False)
 
     def forget(self, endpoint: Endpoint) -> None:
         self._by_endpoint.pop(endpoint, None)
@@ -37,17 +46,22 @@ class Refusals:
 
     def refused(self, now: float) -> set[Endpoint]:
         """The endpoints :meth:`blocks` now."""
-        return {ep for ep, (until, _) in list(self._by_endpoint.items()) if until > now}
+        return {ep for ep, (until, _, _) in list(self._by_endpoint.items()) if until > now}
+
+    def until(self, endpoint: Endpoint) -> float:
+        """When ``endpoint``'s refusal of the group ends (0 if it has none)."""
+        refusal = self._by_endpoint.get(endpoint)
+        return 0.0 if refusal is None else refusal[0]
 
     def error(self, group: str, endpoints: Sequence[Endpoint], now: float) -> ConnectFailed | None:
-        """The error to raise at once when every one of ``endpoints`` refused the group
-        within its pause, else None."""
+        """The error to raise at once when every one of ``endpoints`` refused the group for
+        a reason retrying cannot fix, within its pause, else None."""
         if not self._by_endpoint:
             return None
         messages = []
         for ep in endpoints:
-            until, message = self._by_endpoint.get(ep, (0.0, ""))
-            if until <= now:
+            until, message, final = self._by_endpoint.get(ep, (0.0, "", False))
+            if until <= now or not final:
                 return None
             messages.append(f"{ep.label}: {message}")
         return ConnectFailed(

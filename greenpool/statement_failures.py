@@ -7,7 +7,9 @@ ordinary error: the endpoint is fine). :func:`statement_failed` acts on it: a lo
 connection makes the idle connections to its endpoint suspect; a refused write on a server
 that now reports itself a standby is news about the endpoint, and in a group that wants the
 primary it means the server was demoted under us (``demoted``: the connection has the wrong
-role; a statement that may be re-run can be, elsewhere).
+role; a statement that may be re-run can be, elsewhere). :func:`passing` tells an error that
+running the same statement again later may not meet (a lock, a deadlock, a timeout) from
+one it always will (a syntax error, a missing object, a permission).
 """
 
 from __future__ import annotations
@@ -25,6 +27,12 @@ if TYPE_CHECKING:
 
 _LOST_STATES = ("57P01", "57P02", "57P03")  # admin/crash shutdown, cannot connect now
 _UNKNOWN = extensions.TRANSACTION_STATUS_UNKNOWN
+#: SQLSTATE classes and codes of errors that depend on the moment, not on the statement:
+#: transaction rollback (serialization failure, deadlock), insufficient resources (out of
+#: memory, disk full, too many connections), lock not available (``lock_timeout``, ``NOWAIT``),
+#: query canceled (``statement_timeout``, a cancel request)
+_PASSING_CLASSES = ("40", "53")
+_PASSING_CODES = ("55P03", "57014")
 
 
 def _of_this_statement(exc: BaseException) -> bool:
@@ -33,6 +41,13 @@ def _of_this_statement(exc: BaseException) -> bool:
     server), not news about this connection."""
     diag = getattr(exc, "diag", None)
     return diag is not None and diag.severity_nonlocalized == "ERROR"
+
+
+def passing(exc: BaseException) -> bool:
+    """Whether the server refused the statement for a reason of the moment (see
+    ``_PASSING_CLASSES``), so that running it again later may succeed."""
+    code = getattr(exc, "pgcode", None) or ""
+    return code[:2] in _PASSING_CLASSES or code in _PASSING_CODES
 
 
 def failure_kind(exc: BaseException, raw: Any) -> str:

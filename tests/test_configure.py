@@ -91,6 +91,65 @@ def test_a_hook_whose_own_remote_connect_fails_is_a_refusal_not_a_lost_connectio
         pass
 
 
+def test_a_hook_that_meets_a_lock_is_tried_again_not_taken_for_a_refusal(
+        make_pool: Any, pg: Any) -> None:
+    """The hook waits on a lock another session holds and gives up (``lock_timeout``:
+    SQLSTATE 55P03). That is a failure of the moment: the group tries again after a backoff
+    and the caller gets its connection, instead of a refusal that fails every caller at
+    once with "retrying cannot help" for the group's whole pause. The server is not
+    quarantined (it answered)."""
+    holder = pg.connect()
+    holder.autocommit = False
+    with holder.cursor() as cur:
+        cur.execute("SELECT pg_advisory_xact_lock(7301)")
+    calls: list[str] = []
+
+    def hook(raw: Any) -> None:
+        with raw.cursor() as cur:
+            cur.execute("SET lock_timeout = '50ms'")
+            try:
+                cur.execute("SELECT pg_advisory_xact_lock(7301)")
+            except Exception as exc:
+                calls.append(type(exc).__name__)
+                holder.rollback()  # the lock is free for the next attempt
+                raise
+            calls.append("locked")
+
+    try:
+        pool = make_pool({"g": {"connection_count": 1, "configure": hook, "timeout": 10}})
+        with pool.handler("g") as db:
+            assert db.query_one("SELECT 1") == (1,)
+    finally:
+        holder.close()
+    assert calls == ["LockNotAvailable", "locked"]
+    endpoint = next(iter(pool.stats()["endpoints"].values()))
+    assert endpoint["quarantines"] == 0 and endpoint["state"] == "up", endpoint
+    assert "configure hook failed (LockNotAvailable, SQLSTATE 55P03)" in endpoint["last_error"]
+
+
+def test_a_hook_that_gets_no_answer_sets_back_its_own_group_not_the_server(
+        make_pool: Any, pg: Any) -> None:
+    """One group's hook outlasts ``connect_timeout`` (it sleeps on the server). Its callers
+    are told why when their time runs out; the server, which answered the connect, is not
+    quarantined: another group without the hook borrows from it at once."""
+    from greenpool import NoHealthyEndpoint
+
+    def hook(raw: Any) -> None:
+        with raw.cursor() as cur:
+            cur.execute("SELECT pg_sleep(5)")
+
+    pool = make_pool({"slow": {"connection_count": 1, "configure": hook, "timeout": 1.5},
+                      "plain": {"connection_count": 1, "timeout": 5}},
+                     db=pg.endpoint(connect_timeout=0.4))
+    with pytest.raises(NoHealthyEndpoint, match="configure hook got no answer"), \
+            pool.handler("slow"):
+        pass
+    endpoint = next(iter(pool.stats()["endpoints"].values()))
+    assert endpoint["quarantines"] == 0 and endpoint["state"] == "up", endpoint
+    with pool.handler("plain", timeout=0.5) as db:
+        assert db.query_one("SELECT 1") == (1,)
+
+
 @pytest.mark.skipif(MODE != "threaded", reason="non-threaded runs once, in the threaded process")
 def test_a_hook_cut_short_by_the_callers_time_leaves_a_healthy_server_alone(pg: Any) -> None:
     """``non-threaded`` connects inline, within the caller's time. A hook slower than what

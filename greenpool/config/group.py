@@ -85,7 +85,9 @@ class GroupConfig:
         None, check=Hook(), default_text="none", doc=(
             "function taking the psycopg2 connection, run when it opens and after each "
             "`DISCARD ALL`; a transaction it leaves open is committed; if it raises, the "
-            "connect fails (Python configurations only; not for a transaction-mode pooler)"))
+            "connect fails: tried again after a backoff for an error of the moment (a lock, "
+            "a deadlock, a timeout), else a refusal of the group (Python configurations "
+            "only; not for a transaction-mode pooler)"))
     #: dedicated connections (``pool.exclusive()``, ``pool.listen()``) open at once, outside
     #: ``connection_count``; 0 turns them off for the group
     exclusive_limit: int = setting(10, check=Whole(0, CONNECTIONS_MAX), doc=(
