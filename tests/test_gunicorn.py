@@ -15,12 +15,14 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from faults import Ticker
 from gunicorn_example import loaded
 from modes import MODE
 
@@ -169,14 +171,22 @@ class Load:
     def stop(self, timeout: float) -> list[Reply]:
         import gevent
 
+        ticker = Ticker()  # a long gap: this process's event loop was blocked
         self._stop.set()
+        began = time.monotonic()
         gevent.joinall(self.tasks, timeout=timeout)
         if not all(task.dead for task in self.tasks):
             now = time.monotonic()
+            gap = ticker.stop()
             pending = sorted((round(now - started, 2), kind)
                              for kind, started in self.in_flight.values())
-            pytest.fail(f"load still running after {timeout} s; requests in flight for "
-                        f"(seconds, kind): {pending}\ngunicorn's log:\n{self.app.log_text()}")
+            stacks = ["".join(traceback.format_stack(task.gr_frame))
+                      for task in self.tasks if not task.dead and task.gr_frame is not None]
+            pytest.fail(f"load still running {now - began:.2f} s after it was told to stop "
+                        f"(allowed {timeout} s; longest event-loop gap {gap:.2f} s); requests "
+                        f"in flight for (seconds, kind): {pending}; where the rest are:\n"
+                        f"{stacks[:2]}\ngunicorn's log:\n{self.app.log_text()}")
+        ticker.stop()
         errors = [task.exception for task in self.tasks if task.exception is not None]
         assert not errors, f"the HTTP client failed: {errors[:3]}"
         return self.replies
