@@ -138,18 +138,21 @@ def _cancel_old(lib: Any, handle: int) -> None:
 def run_cancel(job: Callable[[], None], start_thread: Callable[..., Any]) -> bool:
     """Run ``job`` in a new OS thread started by ``start_thread`` (the unpatched
     ``_thread.start_new_thread``); False if too many cancels are already in flight."""
-    if len(_in_flight) >= MAX_IN_FLIGHT:
-        logger.debug("greenpool: %d cancel requests in flight; skipping one", len(_in_flight))
-        return False
     # who runs and uncounts it, settled by one atomic pop of the token: the thread, if it
     # begins, or this caller when starting it raised before it began (an exception can
     # also land after the thread started, as start_new_thread returns: then the thread
     # owns it, and runs the job). Counted inside the try: an exception landing as the add
-    # returns is this caller's to uncount too
+    # returns is this caller's to uncount too. Counted, then checked: threads that ask at
+    # once may all back out, but never more than the bound run
     token = object()
     owner = [token]
     try:
         _in_flight.add(token)
+        if len(_in_flight) > MAX_IN_FLIGHT:
+            _in_flight.discard(token)
+            logger.debug("greenpool: %d cancel requests in flight; skipping one",
+                         MAX_IN_FLIGHT)
+            return False
         start_thread(_run_and_count, (job, owner))
     except BaseException:
         if _claimed(owner) is not None:  # else the thread began: it uncounts

@@ -4,6 +4,7 @@ exactly while it runs, whatever interrupts the start of its thread."""
 from __future__ import annotations
 
 import _thread
+import itertools
 import sys
 import threading
 from collections.abc import Callable
@@ -101,3 +102,48 @@ def test_a_cancel_interrupted_as_it_is_counted_is_uncounted():
     for function, args in started:  # a thread started after all runs now: it must agree
         function(*args)
     assert cancel.cancels_in_flight() == before
+
+
+
+def test_threads_that_read_the_count_at_once_never_run_more_cancels_than_the_bound(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many OS threads ask for a cancel at once, and each reads the count of those in flight
+    before any goes on (a barrier makes the worst interleaving certain): still no more
+    than ``MAX_IN_FLIGHT`` run (counted, then checked; checking first let them all in)."""
+    askers = 4 * cancel.MAX_IN_FLIGHT
+    barrier = threading.Barrier(askers)
+    reads = itertools.count()
+
+    class CountReadByAllAtOnce(set):  # type: ignore[type-arg]
+        def __len__(self) -> int:
+            count = super().__len__()
+            if next(reads) < askers:
+                barrier.wait(10)  # nobody goes on before all have read it
+            return count
+
+    monkeypatch.setattr(cancel, "_in_flight", CountReadByAllAtOnce())
+    release, ran = threading.Event(), []
+
+    def job() -> None:
+        ran.append(1)
+        release.wait(10)
+
+    answers: list[bool] = []
+    threads = [threading.Thread(target=lambda: answers.append(
+        cancel.run_cancel(job, _thread.start_new_thread))) for _ in range(askers)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        admitted = answers.count(True)
+    finally:
+        release.set()
+    assert len(answers) == askers
+    assert admitted <= cancel.MAX_IN_FLIGHT, f"{admitted} cancels ran at once"
+    assert len(ran) <= cancel.MAX_IN_FLIGHT
+    for _ in range(1000):  # the admitted ones end once released
+        if cancel.cancels_in_flight() == 0:
+            break
+        release.wait(0.01)
+    assert cancel.cancels_in_flight() == 0
