@@ -341,7 +341,7 @@ def open_connection(
             logger.warning("group %r: the configure hook failed on a new connection to %s",
                            group.name, endpoint.label, exc_info=True)
             # the server answered: its health is not in question (fatal: not quarantined)
-            raise ConnectError(endpoint, f"the group's configure hook failed "
+            raise ConnectError(endpoint, f"group {group.name!r}'s configure hook failed "
                                          f"({type(exc).__name__})", fatal=True, kind="configure",
                                hint="see the warning logged with its traceback") from None
     return raw

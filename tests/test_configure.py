@@ -3,12 +3,22 @@ after each reset, so ``DISCARD ALL`` does not wipe it."""
 
 from __future__ import annotations
 
+import itertools
+import time
 from typing import Any
 
 import pytest
-from modes import MODE
+from modes import MODE, join_all, spawn
 
-from greenpool import ConnectFailed
+from greenpool import ConnectFailed, NoHealthyEndpoint
+
+
+def _borrow(pool: Any, group: str) -> BaseException | None:
+    try:
+        with pool.handler(group):
+            return None
+    except Exception as exc:
+        return exc
 
 
 def set_path(raw: Any) -> None:
@@ -68,7 +78,7 @@ def test_a_connection_lost_under_the_hook_is_retried_not_taken_for_a_refusal(
         assert db.query_one("SELECT pg_backend_pid()")[0] != terminated[0]
     endpoint = next(iter(pool.stats()["endpoints"].values()))
     assert endpoint["connect_errors"] == 1 and not endpoint["last_error"].startswith(
-        "the group's configure hook failed"), endpoint
+        "group 'g''s configure hook failed"), endpoint
 
 
 def test_a_hook_whose_own_remote_connect_fails_is_a_refusal_not_a_lost_connection(
@@ -148,6 +158,102 @@ def test_a_hook_that_gets_no_answer_sets_back_its_own_group_not_the_server(
     assert endpoint["quarantines"] == 0 and endpoint["state"] == "up", endpoint
     with pool.handler("plain", timeout=0.5) as db:
         assert db.query_one("SELECT 1") == (1,)
+
+
+def _locked_out(holder: Any, runs: list[tuple[float, float]]) -> Any:
+    """A hook that waits 20 ms for an advisory lock ``holder`` keeps, and gives up
+    (``lock_timeout``: SQLSTATE 55P03, a failure of the moment); ``runs`` gets each run's
+    (start, end)."""
+    with holder.cursor() as cur:
+        cur.execute("SELECT pg_advisory_xact_lock(7302)")
+
+    def hook(raw: Any) -> None:
+        started = time.monotonic()
+        try:
+            with raw.cursor() as cur:
+                cur.execute("SET lock_timeout = '20ms'")
+                cur.execute("SELECT pg_advisory_xact_lock(7302)")
+        finally:
+            runs.append((started, time.monotonic()))
+
+    return hook
+
+
+def test_after_a_setback_one_connect_of_the_group_tries_again_not_every_waiter(
+        make_pool: Any, pg: Any) -> None:
+    """Six callers wait on a group whose hook keeps meeting a lock. Once the setback's pause
+    is over, one connect tries again while the group's other connect tasks keep away (as
+    one prober does for a quarantined server): the tries never overlap and each comes a
+    setback's pause after the one before, instead of every waiter logging in at once to
+    fail the same way."""
+    holder = pg.connect()
+    holder.autocommit = False
+    runs: list[tuple[float, float]] = []
+    try:
+        pool = make_pool({"g": {"connection_count": 6, "configure": _locked_out(holder, runs),
+                                "timeout": 1.5}}, quarantine_initial=0.2)
+        tasks = [spawn(_borrow, pool, "g") for _ in range(6)]
+        join_all(tasks, 15)
+    finally:
+        holder.close()
+    assert all(isinstance(task.result, NoHealthyEndpoint) for task in tasks), [
+        repr(task.result) for task in tasks]
+    first_verdict = min(end for _, end in runs)
+    retries = sorted(run for run in runs if run[0] > first_verdict)
+    assert len(retries) >= 2, runs
+    for (_, end), (start, _) in itertools.pairwise(retries):
+        assert start - end >= 0.15, f"a retry {start - end:.3f} s after the one before: {runs}"
+    endpoint = next(iter(pool.stats()["endpoints"].values()))
+    assert endpoint["quarantines"] == 0 and endpoint["state"] == "up", endpoint
+
+
+def test_callers_are_told_their_own_groups_hook_failure_not_another_groups(
+        make_pool: Any, pg: Any) -> None:
+    """Two groups share an endpoint. Group ``locked``'s hook keeps meeting a lock; group
+    ``broken``'s raises, last. A caller of ``locked`` whose time runs out is told of its
+    own group's failure (the endpoint's last error is the other group's, and the caller's
+    group was set back: no connect of its own came since)."""
+    holder = pg.connect()
+    holder.autocommit = False
+
+    def broken(raw: Any) -> None:
+        raise RuntimeError("no")
+
+    try:
+        pool = make_pool({"locked": {"connection_count": 1, "timeout": 1,
+                                     "configure": _locked_out(holder, [])},
+                          "broken": {"connection_count": 1, "configure": broken}},
+                         quarantine_initial=10)  # the setback lasts the whole test
+        with pytest.raises(NoHealthyEndpoint), pool.handler("locked"):
+            pass
+        with pytest.raises(ConnectFailed), pool.handler("broken"):
+            pass
+        with pytest.raises(NoHealthyEndpoint) as caught, pool.handler("locked", timeout=0.1):
+            pass
+    finally:
+        holder.close()
+    endpoint = next(iter(pool.stats()["endpoints"].values()))
+    assert "group 'broken'" in endpoint["last_error"], endpoint
+    assert "group 'locked''s configure hook failed (LockNotAvailable, SQLSTATE 55P03)" in str(
+        caught.value)
+
+
+def test_a_refused_hook_replaced_by_reconfigure_is_tried_at_once(make_pool: Any, pg: Any,
+                                                                  mode: str) -> None:
+    """The hook raises: a refusal of the group, retrying cannot help, "fix the
+    configuration". ``reconfigure()`` with a working hook is that fix: the next caller
+    connects at once, instead of meeting the old refusal for the rest of its pause."""
+    def broken(raw: Any) -> None:
+        raise RuntimeError("no")
+
+    config: dict[str, Any] = {"type": mode, "db": pg.endpoint(),
+                              "groups": {"g": {"connection_count": 1, "configure": broken}}}
+    pool = make_pool(config["groups"])
+    with pytest.raises(ConnectFailed), pool.handler("g"):
+        pass
+    pool.reconfigure({**config, "groups": {"g": {"connection_count": 1, "configure": set_path}}})
+    with pool.handler("g", timeout=5) as db:
+        assert db.query_one("SHOW search_path")[0] == "greenpool_cf, public"
 
 
 @pytest.mark.skipif(MODE != "threaded", reason="non-threaded runs once, in the threaded process")
