@@ -373,13 +373,31 @@ def configure(raw: Any, group: GroupConfig, backend: Backend, seconds: float) ->
     hook = group.configure
     if hook is None:
         return
-    bounded(backend, seconds, "the configure hook", hook, raw)
+    started = time.monotonic()
+    try:
+        bounded(backend, seconds, "the configure hook", hook, raw)
+    except RoundTripTimeout:
+        raise
+    except Exception:
+        _raise_if_cut(raw, started, seconds)
+        raise
+    _raise_if_cut(raw, started, seconds)
     status = raw.get_transaction_status()
     if status == extensions.TRANSACTION_STATUS_INTRANS:
         bounded(backend, seconds, "the configure hook's COMMIT", raw.commit)
     elif status != _STATUS_IDLE:
         raise psycopg2.InterfaceError("the configure hook left the connection in a failed "
                                       "transaction")
+
+
+def _raise_if_cut(raw: Any, started: float, seconds: float) -> None:
+    """The hook (begun at ``started``) ended past its bound on a closed connection: the
+    bound cut one of its statements (the wait callback closed the connection) and the hook
+    went on, having caught the interruption (a best-effort hook that logs its errors). That
+    is no answer in time, as if it had let the interruption through: not a lost connection,
+    which would count against the server."""
+    if raw.closed and time.monotonic() - started >= seconds:
+        raise RoundTripTimeout(f"no answer to the configure hook within {seconds:.2f} s")
 
 
 def _open(

@@ -256,6 +256,37 @@ def test_a_refused_hook_replaced_by_reconfigure_is_tried_at_once(make_pool: Any,
         assert db.query_one("SHOW search_path")[0] == "greenpool_cf, public"
 
 
+def test_a_best_effort_hook_that_swallows_its_deadline_sets_back_its_group_not_the_server(
+        make_pool: Any, pg: Any) -> None:
+    """A hook that logs and ignores its own errors runs a query that outlasts
+    ``connect_timeout``: the deadline cuts it (closing the connection) and the hook goes on.
+    That is its group's hook getting no answer in time, as when it lets the interruption
+    through, not a lost connection: the server is not quarantined, and another group keeps
+    its idle connection there."""
+    swallowed: list[str] = []
+
+    def hook(raw: Any) -> None:
+        try:
+            with raw.cursor() as cur:
+                cur.execute("SELECT pg_sleep(5)")
+        except Exception as exc:
+            swallowed.append(type(exc).__name__)
+
+    pool = make_pool({"best_effort": {"connection_count": 1, "configure": hook, "timeout": 1},
+                      "plain": {"connection_count": 1}},
+                     db=pg.endpoint(connect_timeout=0.3))
+    with pool.handler("plain") as db:
+        db.query("SELECT 1")
+    with pytest.raises(NoHealthyEndpoint, match="configure hook got no answer"), \
+            pool.handler("best_effort"):
+        pass
+    assert swallowed
+    stats = pool.stats()
+    endpoint = next(iter(stats["endpoints"].values()))
+    assert endpoint["quarantines"] == 0 and endpoint["state"] == "up", endpoint
+    assert stats["groups"]["plain"]["idle"] == 1 and not stats["groups"]["plain"]["discards"]
+
+
 @pytest.mark.skipif(MODE != "threaded", reason="non-threaded runs once, in the threaded process")
 def test_a_hook_cut_short_by_the_callers_time_leaves_a_healthy_server_alone(pg: Any) -> None:
     """``non-threaded`` connects inline, within the caller's time. A hook slower than what
