@@ -215,9 +215,12 @@ class Connector:
     ) -> PooledConnection | None:
         """One placed connect attempt to ``endpoint`` within ``deadline`` (non-threaded
         spreading); None if it may not be tried now, failed, or does not fit the group."""
-        if not endpoint.begin_connect(_monotonic()):
+        if not self._claim(endpoint):
             return None
-        return self._attempt(endpoint, generation, deadline=deadline)
+        try:
+            return self._attempt(endpoint, generation, deadline=deadline)
+        finally:
+            self._settle(endpoint)
 
     def probe(
         self, endpoint: Endpoint, generation: int, slot: Slot | None = None
@@ -415,12 +418,7 @@ class Connector:
                 # moves on to the primary that answered (no verdict on a slow server)
                 explored_by = _monotonic() + EXPLORE_WAIT
                 bound = explored_by if bound is None else min(bound, explored_by)
-            with self._lock:  # after a setback, one task tries again, the others wait
-                if not self.refusals.claim(endpoint, _monotonic(),
-                                           endpoint.config.connect_timeout):
-                    continue
-            if not endpoint.begin_connect(_monotonic()):
-                self._settle(endpoint)
+            if not self._claim(endpoint):
                 continue  # another task probes it, or its slow start is at its limit
             if slot is not None:  # the group abandons this connect if it drops endpoint
                 slot.trying = endpoint
@@ -543,6 +541,18 @@ class Connector:
                                config.connect_timeout)
         endpoint.observe(report)
         return report.role
+
+    def _claim(self, endpoint: Endpoint) -> bool:
+        """Claim a connect attempt on ``endpoint`` if the group's refusals let one go there
+        now (after a setback, one task tries again while the others wait) and the endpoint
+        takes it (``begin_connect``). End it with :meth:`_attempt`, then :meth:`_settle`."""
+        with self._lock:
+            if not self.refusals.claim(endpoint, _monotonic(), endpoint.config.connect_timeout):
+                return False
+        if not endpoint.begin_connect(_monotonic()):
+            self._settle(endpoint)
+            return False
+        return True
 
     def _settle(self, endpoint: Endpoint) -> None:
         with self._lock:

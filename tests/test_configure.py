@@ -310,6 +310,36 @@ def test_a_hook_cut_short_by_the_callers_time_leaves_a_healthy_server_alone(pg: 
         pool.close()
 
 
+@pytest.mark.skipif(MODE != "threaded", reason="non-threaded runs once, in the threaded process")
+def test_a_non_threaded_group_spreading_its_connects_leaves_a_refusing_endpoint_alone(
+        pg: Any, pg_factory: Any) -> None:
+    """``non-threaded`` spreads a group's connects to an endpoint it has no connection on,
+    a look a second. The hook refuses the second endpoint for good (it raises there): the
+    group leaves it alone for its pause, borrowing from the first, instead of connecting
+    to it again at each look to fail the same way."""
+    from greenpool import Pool
+
+    other = pg_factory()
+
+    def hook(raw: Any) -> None:
+        if raw.info.port == other.port:
+            raise RuntimeError("not there")
+
+    pool = Pool({"type": "non-threaded", "db": [pg.endpoint(), other.endpoint()],
+                 "groups": {"g": {"connection_count": 4, "configure": hook}}})
+    try:
+        started = time.monotonic()
+        while time.monotonic() - started < 2.5:  # two looks or more after the refusal
+            with pool.handler("g") as db:
+                assert db.query_one("SELECT inet_server_port()") == (pg.port,)
+            time.sleep(0.01)
+        refusing = next(stats for label, stats in pool.stats()["endpoints"].items()
+                        if f":{other.port}/" in label)
+        assert refusing["connect_attempts"] == 1, refusing
+    finally:
+        pool.close()
+
+
 def test_the_key_takes_a_function_only() -> None:
     from greenpool import ConfigError, parse_config
 
