@@ -570,7 +570,9 @@ class Connector:
         waits = []
         for ep in self.endpoints:
             quarantine = ep.quarantined_until - now if ep.state == QUARANTINED else None
-            if refusals.blocks(ep, now):  # both must end: a quarantine over does not free it
+            if refusals.retrying(ep):  # its answer may come any moment (success: go at once)
+                waits.append(_RECHECK_PAUSE)
+            elif refusals.blocks(ep, now):  # both must end: a quarantine over does not free it
                 waits.append(max(refusals.until(ep) - now, quarantine or 0.0))
             else:
                 waits.append(_RECHECK_PAUSE if quarantine is None else quarantine)

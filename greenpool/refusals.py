@@ -62,6 +62,10 @@ class Refusals:
             self._retrying.add(endpoint)
         return True
 
+    def retrying(self, endpoint: Endpoint) -> bool:
+        """Whether a connect :meth:`claim` let through is trying ``endpoint`` again now."""
+        return endpoint in self._retrying
+
     def settle(self, endpoint: Endpoint) -> None:
         """The connect :meth:`claim` let through ended (the caller holds the group's lock);
         one that left no verdict of the group's own (a server failure, cut by its caller's

@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 import pytest
-from modes import MODE, join_all, spawn
+from modes import MODE, join_all, sleep, spawn
 
 from greenpool import ConnectFailed, NoHealthyEndpoint
 
@@ -205,6 +205,33 @@ def test_after_a_setback_one_connect_of_the_group_tries_again_not_every_waiter(
         assert start - end >= 0.15, f"a retry {start - end:.3f} s after the one before: {runs}"
     endpoint = next(iter(pool.stats()["endpoints"].values()))
     assert endpoint["quarantines"] == 0 and endpoint["state"] == "up", endpoint
+
+
+def test_once_the_lock_is_free_every_waiting_caller_connects_without_waiting_out_the_retry(
+        make_pool: Any, pg: Any) -> None:
+    """Six callers wait (each keeps its loan) while the hook meets a lock; the lock is
+    freed. The connect that tries again succeeds, and the group's other connects follow at
+    once: they do not wait out the bound of that retry (``connect_timeout``, 5 s)."""
+    holder = pg.connect()
+    holder.autocommit = False
+    got: list[float] = []
+
+    def borrow(pool: Any) -> None:
+        with pool.handler("g"):
+            got.append(time.monotonic())
+            sleep(3)
+
+    try:
+        pool = make_pool({"g": {"connection_count": 6, "configure": _locked_out(holder, []),
+                                "timeout": 10}}, quarantine_initial=0.2)
+        tasks = [spawn(borrow, pool) for _ in range(6)]
+        sleep(0.5)
+        holder.rollback()
+        freed = time.monotonic()
+        join_all(tasks, 20)
+    finally:
+        holder.close()
+    assert len(got) == 6 and max(got) - freed < 2.5, [round(t - freed, 2) for t in got]
 
 
 def test_callers_are_told_their_own_groups_hook_failure_not_another_groups(

@@ -65,9 +65,10 @@ def test_after_a_setback_one_connect_tries_again_and_holds_the_others_off() -> N
     refusals = Refusals([endpoint])
     refusals.set_back(endpoint, "configure hook failed (55P03)", now=0.0)
     assert not refusals.claim(endpoint, 0.4, hold=2.0)  # the setback's pause: 0.5 s
-    assert refusals.claim(endpoint, 0.5, hold=2.0)
+    assert refusals.claim(endpoint, 0.5, hold=2.0) and refusals.retrying(endpoint)
     assert not refusals.claim(endpoint, 0.6, hold=2.0) and refusals.blocks(endpoint, 2.4)
     refusals.set_back(endpoint, "configure hook failed (40P01)", now=1.0)  # its verdict
+    assert not refusals.retrying(endpoint)
     assert refusals.blocks(endpoint, 1.4) and not refusals.blocks(endpoint, 1.5)
     refusals.settle(endpoint)  # (the verdict stands: settling lifts only a hold)
     assert refusals.blocks(endpoint, 1.4)
