@@ -318,9 +318,9 @@ class Connector:
                   for ep in endpoints}
         counts = self.counts  # (the group's lock, taken before this one, never inside it)
         with self._lock:
-            same_hook = config.configure is self.config.configure
-            kept = [ep for ep in [*endpoints, *counts]
-                    if same_hook and kwargs.get(ep, self._kwargs.get(ep)) == self._kwargs.get(ep)]
+            old_kwargs, same_hook = self._kwargs, config.configure is self.config.configure
+            kept = [ep for ep in [*endpoints, *counts]  # (an endpoint taken out: as it was)
+                    if same_hook and kwargs.get(ep, old_kwargs.get(ep)) == old_kwargs.get(ep)]
             self.config = config
             self.endpoints = list(endpoints)
             self._kwargs = kwargs

@@ -91,9 +91,9 @@ class Refusals:
     def describe(self, endpoints: Sequence[Endpoint]) -> str:
         """The group's own latest failure on each of ``endpoints`` that has one (a refusal
         or a setback, over or not), for a caller whose time ran out; '' if none."""
-        by_endpoint = self._by_endpoint
-        return "; ".join(f"{ep.label}: {by_endpoint[ep][1]}" for ep in endpoints
-                         if ep in by_endpoint)
+        found = [(ep, self._by_endpoint.get(ep)) for ep in endpoints]  # (one look each:
+        # another thread may forget one meanwhile)
+        return "; ".join(f"{ep.label}: {refusal[1]}" for ep, refusal in found if refusal)
 
     def error(self, group: str, endpoints: Sequence[Endpoint], now: float) -> ConnectFailed | None:
         """The error to raise at once when every one of ``endpoints`` refused the group for
