@@ -383,8 +383,9 @@ def configure(raw: Any, group: GroupConfig, backend: Backend, seconds: float) ->
         raise
     _raise_if_cut(raw, started, seconds)
     status = raw.get_transaction_status()
-    if status == extensions.TRANSACTION_STATUS_INTRANS:
-        bounded(backend, seconds, "the configure hook's COMMIT", raw.commit)
+    if status == extensions.TRANSACTION_STATUS_INTRANS:  # within what the hook left
+        left = max(seconds - (time.monotonic() - started), 0.001)
+        bounded(backend, left, "the configure hook's COMMIT", raw.commit)
     elif status != _STATUS_IDLE:
         raise psycopg2.InterfaceError("the configure hook left the connection in a failed "
                                       "transaction")

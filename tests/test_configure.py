@@ -367,6 +367,40 @@ def test_a_non_threaded_group_spreading_its_connects_leaves_a_refusing_endpoint_
         pool.close()
 
 
+@pytest.mark.skipif(MODE != "threaded", reason="non-threaded runs once, in the threaded process")
+def test_the_hooks_commit_is_bounded_by_what_the_hook_left_of_the_callers_time(pg: Any) -> None:
+    """The hook's transaction is committed for it, and its COMMIT runs a deferred trigger
+    that takes 2 s. ``non-threaded`` connects within the caller's time (1 s): the hook took
+    half of it, the COMMIT gets the other half, not a whole bound of its own again (the
+    caller waited 1.5 s)."""
+    from greenpool import Pool, PoolTimeout
+
+    pg.execute("CREATE TABLE IF NOT EXISTS greenpool_cf_slow_commit (id int)")
+    pg.execute("CREATE OR REPLACE FUNCTION greenpool_cf_sleep() RETURNS trigger LANGUAGE plpgsql"
+               " AS $$ BEGIN PERFORM pg_sleep(2); RETURN NULL; END $$")
+    pg.execute("DROP TRIGGER IF EXISTS greenpool_cf_slow ON greenpool_cf_slow_commit")
+    pg.execute("CREATE CONSTRAINT TRIGGER greenpool_cf_slow AFTER INSERT ON"
+               " greenpool_cf_slow_commit DEFERRABLE INITIALLY DEFERRED FOR EACH ROW"
+               " EXECUTE FUNCTION greenpool_cf_sleep()")
+
+    def hook(raw: Any) -> None:
+        with raw.cursor() as cur:
+            cur.execute("SELECT pg_sleep(0.5)")
+            cur.execute("INSERT INTO greenpool_cf_slow_commit VALUES (1)")
+
+    pool = Pool({"type": "non-threaded", "db": pg.endpoint(),
+                 "groups": {"g": {"configure": hook}}})
+    try:
+        started = time.monotonic()
+        with pytest.raises(PoolTimeout), pool.handler("g", timeout=1):
+            pass
+        assert time.monotonic() - started < 1.3
+    finally:
+        pool.close()
+        pg.execute("DROP TABLE greenpool_cf_slow_commit")
+        pg.execute("DROP FUNCTION greenpool_cf_sleep()")
+
+
 def test_the_key_takes_a_function_only() -> None:
     from greenpool import ConfigError, parse_config
 
