@@ -341,7 +341,7 @@ def open_connection(
             logger.warning("group %r: the configure hook failed on a new connection to %s",
                            group.name, endpoint.label, exc_info=True)
             # the server answered: its health is not in question (fatal: not quarantined)
-            raise ConnectError(endpoint, f"the group's configure hook failed "
+            raise ConnectError(endpoint, f"group {group.name!r}'s configure hook failed "
                                          f"({type(exc).__name__})", fatal=True, kind="configure",
                                hint="see the warning logged with its traceback") from None
     return raw
@@ -373,13 +373,32 @@ def configure(raw: Any, group: GroupConfig, backend: Backend, seconds: float) ->
     hook = group.configure
     if hook is None:
         return
-    bounded(backend, seconds, "the configure hook", hook, raw)
+    started = time.monotonic()
+    try:
+        bounded(backend, seconds, "the configure hook", hook, raw)
+    except RoundTripTimeout:
+        raise
+    except Exception:
+        _raise_if_cut(raw, started, seconds)
+        raise
+    _raise_if_cut(raw, started, seconds)
     status = raw.get_transaction_status()
-    if status == extensions.TRANSACTION_STATUS_INTRANS:
-        bounded(backend, seconds, "the configure hook's COMMIT", raw.commit)
+    if status == extensions.TRANSACTION_STATUS_INTRANS:  # within what the hook left
+        left = max(seconds - (time.monotonic() - started), 0.001)
+        bounded(backend, left, "the configure hook's COMMIT", raw.commit)
     elif status != _STATUS_IDLE:
         raise psycopg2.InterfaceError("the configure hook left the connection in a failed "
                                       "transaction")
+
+
+def _raise_if_cut(raw: Any, started: float, seconds: float) -> None:
+    """The hook (begun at ``started``) ended past its bound on a closed connection: the
+    bound cut one of its statements (the wait callback closed the connection) and the hook
+    went on, having caught the interruption (a best-effort hook that logs its errors). That
+    is no answer in time, as if it had let the interruption through: not a lost connection,
+    which would count against the server."""
+    if raw.closed and time.monotonic() - started >= seconds:
+        raise RoundTripTimeout(f"no answer to the configure hook within {seconds:.2f} s")
 
 
 def _open(

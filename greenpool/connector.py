@@ -215,9 +215,12 @@ class Connector:
     ) -> PooledConnection | None:
         """One placed connect attempt to ``endpoint`` within ``deadline`` (non-threaded
         spreading); None if it may not be tried now, failed, or does not fit the group."""
-        if not endpoint.begin_connect(_monotonic()):
+        if not self._claim(endpoint):
             return None
-        return self._attempt(endpoint, generation, deadline=deadline)
+        try:
+            return self._attempt(endpoint, generation, deadline=deadline)
+        finally:
+            self._settle(endpoint)
 
     def probe(
         self, endpoint: Endpoint, generation: int, slot: Slot | None = None
@@ -284,10 +287,14 @@ class Connector:
         if count:
             self.counters.timeouts += 1
         if self.failing or self.none_usable():
+            # the group's own failures by name: an endpoint's last error may be another
+            # group's (their hooks and refusals differ), and says nothing of a setback
+            own = self.refusals.describe(self.endpoints)
             return NoHealthyEndpoint(
                 f"group {self.config.name!r}: no endpoint took a connection within the "
-                f"timeout. Endpoints: {self.describe()}. Check that the servers are up and "
-                f"reachable.")
+                f"timeout. Endpoints: {self.describe()}. "
+                + (f"This group's own connects failed: {own}. " if own else "")
+                + "Check that the servers are up and reachable.")
         return PoolTimeout(busy())
 
     def describe(self) -> str:
@@ -305,15 +312,19 @@ class Connector:
     def apply(self, config: GroupConfig, endpoints: Sequence[Endpoint]) -> None:
         """A new configuration of the group and its endpoints (``Pool.reconfigure``): the
         next connects use them. Refusals are kept for the endpoints the group still has
-        connections on."""
+        connections on, unless what a connect to one sends or runs changed (its settings,
+        the group's, its ``configure`` hook): the fix the refusal asked for is tried at once."""
         kwargs = {ep: connect_kwargs(ep.config, config, self._application_name)
                   for ep in endpoints}
         counts = self.counts  # (the group's lock, taken before this one, never inside it)
         with self._lock:
+            old_kwargs, same_hook = self._kwargs, config.configure is self.config.configure
+            kept = [ep for ep in [*endpoints, *counts]  # (an endpoint taken out: as it was)
+                    if same_hook and kwargs.get(ep, old_kwargs.get(ep)) == old_kwargs.get(ep)]
             self.config = config
             self.endpoints = list(endpoints)
             self._kwargs = kwargs
-            self.refusals.apply(self.endpoints, [*self.endpoints, *counts])
+            self.refusals.apply(self.endpoints, kept)
             self._explores = config.role == "primary" and len(self.endpoints) > 1
 
     def close(self, pc: PooledConnection, reason: str, cell: list[Any] | None = None) -> None:
@@ -407,12 +418,15 @@ class Connector:
                 # moves on to the primary that answered (no verdict on a slow server)
                 explored_by = _monotonic() + EXPLORE_WAIT
                 bound = explored_by if bound is None else min(bound, explored_by)
-            if not endpoint.begin_connect(_monotonic()):
+            if not self._claim(endpoint):
                 continue  # another task probes it, or its slow start is at its limit
             if slot is not None:  # the group abandons this connect if it drops endpoint
                 slot.trying = endpoint
             abandoned = endpoint.connects_abandoned
-            pc = self._attempt(endpoint, generation, deadline=bound)
+            try:
+                pc = self._attempt(endpoint, generation, deadline=bound)
+            finally:
+                self._settle(endpoint)
             if pc is not None:
                 if moved_on:
                     self.counters.failovers += 1
@@ -528,6 +542,22 @@ class Connector:
         endpoint.observe(report)
         return report.role
 
+    def _claim(self, endpoint: Endpoint) -> bool:
+        """Claim a connect attempt on ``endpoint`` if the group's refusals let one go there
+        now (after a setback, one task tries again while the others wait) and the endpoint
+        takes it (``begin_connect``). End it with :meth:`_attempt`, then :meth:`_settle`."""
+        with self._lock:
+            if not self.refusals.claim(endpoint, _monotonic(), endpoint.config.connect_timeout):
+                return False
+        if not endpoint.begin_connect(_monotonic()):
+            self._settle(endpoint)
+            return False
+        return True
+
+    def _settle(self, endpoint: Endpoint) -> None:
+        with self._lock:
+            self.refusals.settle(endpoint)
+
     def _raise_if_hopeless(self) -> None:
         error = self.fatal_error()
         if error is not None:
@@ -537,10 +567,14 @@ class Connector:
         """How long until an endpoint of this group may take a connect attempt again."""
         now = _monotonic()
         refusals = self.refusals
-        waits = [
-            ep.quarantined_until - now if ep.state == QUARANTINED
-            else refusals.until(ep) - now if refusals.blocks(ep, now) else _RECHECK_PAUSE
-            for ep in self.endpoints
-        ]
+        waits = []
+        for ep in self.endpoints:
+            quarantine = ep.quarantined_until - now if ep.state == QUARANTINED else None
+            if refusals.retrying(ep):  # its answer may come any moment (success: go at once)
+                waits.append(_RECHECK_PAUSE)
+            elif refusals.blocks(ep, now):  # both must end: a quarantine over does not free it
+                waits.append(max(refusals.until(ep) - now, quarantine or 0.0))
+            else:
+                waits.append(_RECHECK_PAUSE if quarantine is None else quarantine)
         return max(0.001, min(waits))
 

@@ -8,7 +8,9 @@ every few milliseconds would fail the same way). One that retrying cannot fix la
 endpoints' longest ``quarantine_max``, and once every endpoint refused the group so, callers
 get :meth:`Refusals.error` at once rather than waiting out their acquire timeout. A setback
 (the hook met a lock, a deadlock, a timeout: :meth:`Refusals.set_back`) lasts the endpoint's
-first backoff and is then tried again. A connect that succeeds forgets either.
+first backoff; then one connect of the group tries it again (:meth:`claim`) while the
+others keep away, as one prober does for a quarantined server: the group's waiting callers
+do not all log in at once to fail the same way. A connect that succeeds forgets either.
 """
 
 from __future__ import annotations
@@ -26,18 +28,51 @@ class Refusals:
         #: endpoint -> (until when, message, whether retrying cannot fix it)
         self._by_endpoint: dict[Endpoint, tuple[float, str, bool]] = {}
         self._pause = max(ep.backoff_max for ep in endpoints)
+        #: set-back endpoints one connect tries again now (see :meth:`claim`)
+        self._retrying: set[Endpoint] = set()
 
     def remember(self, endpoint: Endpoint, message: str, now: float) -> None:
         """``endpoint`` refused the group for a reason retrying cannot fix."""
+        self._retrying.discard(endpoint)
         self._by_endpoint[endpoint] = (now + self._pause, message, True)
 
     def set_back(self, endpoint: Endpoint, message: str, now: float) -> None:
         """A connect of the group to ``endpoint`` failed for a passing reason of its own:
         leave the endpoint alone for its first backoff, then try again."""
+        self._retrying.discard(endpoint)
         self._by_endpoint[endpoint] = (now + endpoint.backoff_initial, message, False)
 
     def forget(self, endpoint: Endpoint) -> None:
+        self._retrying.discard(endpoint)
         self._by_endpoint.pop(endpoint, None)
+
+    def claim(self, endpoint: Endpoint, now: float, hold: float) -> bool:
+        """Whether a connect of the group may go to ``endpoint`` now (the caller holds the
+        group's lock). Once a setback's pause is over, True for one connect only: it tries
+        again while the others keep away for up to ``hold`` seconds (its bound), until its
+        verdict (:meth:`set_back`, :meth:`remember`, :meth:`forget`) or :meth:`settle`."""
+        refusal = self._by_endpoint.get(endpoint)
+        if refusal is None:
+            return True
+        until, message, final = refusal
+        if until > now:
+            return False
+        if not final:
+            self._by_endpoint[endpoint] = (now + hold, message, False)
+            self._retrying.add(endpoint)
+        return True
+
+    def retrying(self, endpoint: Endpoint) -> bool:
+        """Whether a connect :meth:`claim` let through is trying ``endpoint`` again now."""
+        return endpoint in self._retrying
+
+    def settle(self, endpoint: Endpoint) -> None:
+        """The connect :meth:`claim` let through ended (the caller holds the group's lock);
+        one that left no verdict of the group's own (a server failure, cut by its caller's
+        time, interrupted) lets the others try again."""
+        if endpoint in self._retrying:
+            self._retrying.discard(endpoint)
+            self._by_endpoint.pop(endpoint, None)
 
     def blocks(self, endpoint: Endpoint, now: float) -> bool:
         """Whether ``endpoint`` refused the group and its pause has not ended yet."""
@@ -52,6 +87,13 @@ class Refusals:
         """When ``endpoint``'s refusal of the group ends (0 if it has none)."""
         refusal = self._by_endpoint.get(endpoint)
         return 0.0 if refusal is None else refusal[0]
+
+    def describe(self, endpoints: Sequence[Endpoint]) -> str:
+        """The group's own latest failure on each of ``endpoints`` that has one (a refusal
+        or a setback, over or not), for a caller whose time ran out; '' if none."""
+        found = [(ep, self._by_endpoint.get(ep)) for ep in endpoints]  # (one look each:
+        # another thread may forget one meanwhile)
+        return "; ".join(f"{ep.label}: {refusal[1]}" for ep, refusal in found if refusal)
 
     def error(self, group: str, endpoints: Sequence[Endpoint], now: float) -> ConnectFailed | None:
         """The error to raise at once when every one of ``endpoints`` refused the group for
@@ -73,4 +115,5 @@ class Refusals:
         """A new configuration: the pause follows ``endpoints``; refusals of endpoints not
         ``kept`` are forgotten (a new dict: others read the old one without a lock)."""
         self._by_endpoint = {ep: v for ep, v in self._by_endpoint.items() if ep in kept}
+        self._retrying &= set(self._by_endpoint)
         self._pause = max(ep.backoff_max for ep in endpoints)

@@ -55,3 +55,34 @@ def test_a_new_configuration_forgets_the_refusals_of_endpoints_taken_out() -> No
     refusals.apply([short], kept={short})
     refusals.remember(short, "no pg_hba.conf entry", now=0.0)
     assert refusals.blocks(short, 4.9) and not refusals.blocks(short, 5.0)  # its own pause
+
+
+def test_after_a_setback_one_connect_tries_again_and_holds_the_others_off() -> None:
+    """A setback's pause over: the first connect that asks may go, the others keep away
+    while it runs (up to its bound); its verdict (another setback, a success) or its end
+    without one (a server failure, cut short) decides what comes next."""
+    (endpoint,) = _endpoints(1)
+    refusals = Refusals([endpoint])
+    refusals.set_back(endpoint, "configure hook failed (55P03)", now=0.0)
+    assert not refusals.claim(endpoint, 0.4, hold=2.0)  # the setback's pause: 0.5 s
+    assert refusals.claim(endpoint, 0.5, hold=2.0) and refusals.retrying(endpoint)
+    assert not refusals.claim(endpoint, 0.6, hold=2.0) and refusals.blocks(endpoint, 2.4)
+    refusals.set_back(endpoint, "configure hook failed (40P01)", now=1.0)  # its verdict
+    assert not refusals.retrying(endpoint)
+    assert refusals.blocks(endpoint, 1.4) and not refusals.blocks(endpoint, 1.5)
+    refusals.settle(endpoint)  # (the verdict stands: settling lifts only a hold)
+    assert refusals.blocks(endpoint, 1.4)
+    assert refusals.claim(endpoint, 1.5, hold=2.0)
+    refusals.settle(endpoint)  # ended without a verdict of the group's own
+    assert refusals.claim(endpoint, 1.6, hold=2.0) and not refusals.blocks(endpoint, 1.6)
+    assert refusals.error("g", [endpoint], 1.6) is None  # never "retrying cannot help"
+
+
+def test_a_final_refusal_is_not_held_nor_lifted_by_a_claim() -> None:
+    (endpoint,) = _endpoints(1)
+    refusals = Refusals([endpoint])
+    refusals.remember(endpoint, "password authentication failed", now=0.0)
+    assert not refusals.claim(endpoint, 29.9, hold=2.0)
+    assert refusals.claim(endpoint, 30.0, hold=2.0) and refusals.claim(endpoint, 30.0, hold=2.0)
+    refusals.settle(endpoint)
+    assert refusals.describe([endpoint]) == f"{endpoint.label}: password authentication failed"
