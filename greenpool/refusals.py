@@ -8,9 +8,10 @@ every few milliseconds would fail the same way). One that retrying cannot fix la
 endpoints' longest ``quarantine_max``, and once every endpoint refused the group so, callers
 get :meth:`Refusals.error` at once rather than waiting out their acquire timeout. A setback
 (the hook met a lock, a deadlock, a timeout: :meth:`Refusals.set_back`) lasts the endpoint's
-first backoff; then one connect of the group tries it again (:meth:`claim`) while the
-others keep away, as one prober does for a quarantined server: the group's waiting callers
-do not all log in at once to fail the same way. A connect that succeeds forgets either.
+first backoff, doubled at each one in a row up to its longest; then one connect of the group
+tries it again (:meth:`claim`) while the others keep away, as one prober does for a
+quarantined server: the group's waiting callers do not all log in at once to fail the same
+way. A connect that succeeds forgets either.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ class Refusals:
         self._pause = max(ep.backoff_max for ep in endpoints)
         #: set-back endpoints one connect tries again now (see :meth:`claim`)
         self._retrying: set[Endpoint] = set()
+        #: endpoint -> setbacks in a row (since the group's last connect to it succeeded)
+        self._setbacks: dict[Endpoint, int] = {}
 
     def remember(self, endpoint: Endpoint, message: str, now: float) -> None:
         """``endpoint`` refused the group for a reason retrying cannot fix."""
@@ -38,12 +41,18 @@ class Refusals:
 
     def set_back(self, endpoint: Endpoint, message: str, now: float) -> None:
         """A connect of the group to ``endpoint`` failed for a passing reason of its own:
-        leave the endpoint alone for its first backoff, then try again."""
+        leave the endpoint alone for its first backoff, doubled at each setback in a row up
+        to its longest (a hook that always fails is tried less and less often), then try
+        again."""
         self._retrying.discard(endpoint)
-        self._by_endpoint[endpoint] = (now + endpoint.backoff_initial, message, False)
+        times = self._setbacks[endpoint] = self._setbacks.get(endpoint, 0) + 1
+        pause = min(endpoint.backoff_initial * 2 ** min(times - 1, 30), endpoint.backoff_max)
+        self._by_endpoint[endpoint] = (now + pause, message, False)
 
     def forget(self, endpoint: Endpoint) -> None:
+        """A connect of the group to ``endpoint`` succeeded."""
         self._retrying.discard(endpoint)
+        self._setbacks.pop(endpoint, None)
         self._by_endpoint.pop(endpoint, None)
 
     def claim(self, endpoint: Endpoint, now: float, hold: float) -> bool:
@@ -115,5 +124,6 @@ class Refusals:
         """A new configuration: the pause follows ``endpoints``; refusals of endpoints not
         ``kept`` are forgotten (a new dict: others read the old one without a lock)."""
         self._by_endpoint = {ep: v for ep, v in self._by_endpoint.items() if ep in kept}
+        self._setbacks = {ep: n for ep, n in self._setbacks.items() if ep in kept}
         self._retrying &= set(self._by_endpoint)
         self._pause = max(ep.backoff_max for ep in endpoints)

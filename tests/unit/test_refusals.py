@@ -68,14 +68,14 @@ def test_after_a_setback_one_connect_tries_again_and_holds_the_others_off() -> N
     assert refusals.claim(endpoint, 0.5, hold=2.0) and refusals.retrying(endpoint)
     assert not refusals.claim(endpoint, 0.6, hold=2.0) and refusals.blocks(endpoint, 2.4)
     refusals.set_back(endpoint, "configure hook failed (40P01)", now=1.0)  # its verdict
-    assert not refusals.retrying(endpoint)
-    assert refusals.blocks(endpoint, 1.4) and not refusals.blocks(endpoint, 1.5)
+    assert not refusals.retrying(endpoint)  # a second setback in a row: 1 s
+    assert refusals.blocks(endpoint, 1.9) and not refusals.blocks(endpoint, 2.0)
     refusals.settle(endpoint)  # (the verdict stands: settling lifts only a hold)
-    assert refusals.blocks(endpoint, 1.4)
-    assert refusals.claim(endpoint, 1.5, hold=2.0)
+    assert refusals.blocks(endpoint, 1.9)
+    assert refusals.claim(endpoint, 2.0, hold=2.0)
     refusals.settle(endpoint)  # ended without a verdict of the group's own
-    assert refusals.claim(endpoint, 1.6, hold=2.0) and not refusals.blocks(endpoint, 1.6)
-    assert refusals.error("g", [endpoint], 1.6) is None  # never "retrying cannot help"
+    assert refusals.claim(endpoint, 2.1, hold=2.0) and not refusals.blocks(endpoint, 2.1)
+    assert refusals.error("g", [endpoint], 2.1) is None  # never "retrying cannot help"
 
 
 def test_a_final_refusal_is_not_held_nor_lifted_by_a_claim() -> None:
@@ -86,3 +86,21 @@ def test_a_final_refusal_is_not_held_nor_lifted_by_a_claim() -> None:
     assert refusals.claim(endpoint, 30.0, hold=2.0) and refusals.claim(endpoint, 30.0, hold=2.0)
     refusals.settle(endpoint)
     assert refusals.describe([endpoint]) == f"{endpoint.label}: password authentication failed"
+
+
+def test_setbacks_in_a_row_double_the_pause_up_to_the_longest_and_a_success_starts_over(
+) -> None:
+    """A hook that fails for a passing reason each time is tried less and less often (0.5,
+    1, 2, ... s, at most the endpoint's longest backoff); a connect that succeeds starts
+    the count over; a setback never makes callers fail at once."""
+    (endpoint,) = _endpoints(1, backoff_max=3.0)
+    refusals = Refusals([endpoint])
+    pauses = []
+    for _ in range(5):
+        refusals.set_back(endpoint, "lock timeout", now=0.0)
+        pauses.append(refusals.until(endpoint))
+    assert pauses == [0.5, 1.0, 2.0, 3.0, 3.0]
+    assert refusals.error("g", [endpoint], 0.0) is None
+    refusals.forget(endpoint)
+    refusals.set_back(endpoint, "lock timeout", now=10.0)
+    assert refusals.until(endpoint) == 10.5
