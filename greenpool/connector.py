@@ -57,7 +57,7 @@ from .connection import (
     open_connection,
 )
 from .endpoint import QUARANTINED, Endpoint
-from .errors import ConnectFailed, NoHealthyEndpoint
+from .errors import ConnectFailed, NoHealthyEndpoint, PoolError, PoolTimeout
 from .events import no_event
 from .placement import connect_order, where_to_be
 from .promotion import PromotionWatch
@@ -157,10 +157,12 @@ class Connector:
                        self.cannot_start)
         return False
 
-    def open_now(self, deadline: float, generation: int) -> PooledConnection:
+    def open_now(self, deadline: float, generation: int) -> PooledConnection | None:
         """Connect inline (``non-threaded`` mode, dedicated connections): rounds of
         attempts, each bounded by its endpoint's ``connect_timeout`` and by ``deadline``,
-        the caller's. An attempt the caller's time cut short is no verdict on the server."""
+        the caller's. None when the deadline passed first (the caller asks
+        :meth:`timed_out` what to say: an attempt its time cut short is no verdict on the
+        server); raises the refusal when the configuration is the problem."""
         while True:
             pc = self._round(None, generation, deadline)
             if pc is not None:
@@ -168,7 +170,7 @@ class Connector:
             self._raise_if_hopeless()
             remaining = deadline - _monotonic()
             if remaining <= 0:
-                raise self.no_endpoint_error()
+                return None
             self._backend.sleep(min(remaining, self._next_chance()))
 
     def run_in_background(self, work: Callable[[], None],
@@ -266,19 +268,25 @@ class Connector:
         return not any(ep.state != QUARANTINED and fits(config.role, ep.role)
                        and not self.refusals.blocks(ep, now) for tier in tiers for ep in tier)
 
-    def endpoints_are_why(self) -> bool:
-        """Whether a caller whose time ran out should be told the endpoints are why
-        (:meth:`no_endpoint_error`): the latest connects all failed, or none can serve the
-        group now; else the group was busy, or the caller's own time cut a connect."""
-        return self.failing or self.none_usable()
-
-    def no_endpoint_error(self) -> NoHealthyEndpoint:
-        self.counters.timeouts += 1
-        return NoHealthyEndpoint(
-            f"group {self.config.name!r}: no endpoint took a connection within the acquire "
-            f"timeout. Endpoints: {self.describe()}. Check that the servers are up and "
-            f"reachable."
-        )
+    def timed_out(self, busy: Callable[[], str], *, count: bool = True) -> PoolError:
+        """What a caller whose time ran out is told, decided here for every kind of caller
+        (a borrow, a dedicated connection, an inline connect): the refusal when the
+        configuration is the problem; :class:`NoHealthyEndpoint` when the endpoints are why
+        (the latest connects all failed, or none can serve the group now); else a
+        :class:`PoolTimeout` saying ``busy()``: the group was busy, or a connect had not
+        answered yet, which says nothing of the server. ``count``: the caller asked to
+        wait, so its timeout is the group's."""
+        error = self.fatal_error()
+        if error is not None:
+            return error
+        if count:
+            self.counters.timeouts += 1
+        if self.failing or self.none_usable():
+            return NoHealthyEndpoint(
+                f"group {self.config.name!r}: no endpoint took a connection within the "
+                f"timeout. Endpoints: {self.describe()}. Check that the servers are up and "
+                f"reachable.")
+        return PoolTimeout(busy())
 
     def describe(self) -> str:
         """The endpoints, and why none fits the group's role when none does (a standby

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from .connection import STUCK_AFTER as _STUCK_AFTER
 from .connection import PooledConnection, silence_inherited
 from .endpoint import UP, Endpoint
-from .errors import NoHealthyEndpoint, PoolTimeout
+from .errors import PoolTimeout
 from .group_base import DRAINED, GroupBase, _inherited_in_use, _monotonic
 from .placement import connect_order, unserved
 from .slots import ATTACHED, CONNECTING, RETURNED, Slot
@@ -188,18 +188,16 @@ class GroupGrowth(GroupBase):
                     f"return connections before taking another, or raise connection_count"
                 )
             with slot:
-                try:
-                    pc = self.connector.open_now(deadline, slot.generation)
-                except NoHealthyEndpoint:
-                    connector = self.connector
-                    if connector.endpoints_are_why():
-                        raise
-                    raise PoolTimeout(  # the caller's time cut the connect: no verdict
-                        f"group {self.name!r}: no connection within the timeout: the connect "
-                        f"was cut short by it (an attempt may take up to connect_timeout). "
-                        f"Endpoints: {connector.describe()}") from None
+                pc = self.connector.open_now(deadline, slot.generation)
+                if pc is None:
+                    raise self.connector.timed_out(self._cut_short_message)
                 if self._attach(slot, pc):
                     return pc
+
+    def _cut_short_message(self) -> str:
+        return (f"group {self.name!r}: no connection within the timeout: the connect was cut "
+                f"short by it (an attempt may take up to connect_timeout). Endpoints: "
+                f"{self.connector.describe()}")
 
     def _grow(self, count: int, target: Endpoint | None = None, *, if_idle: bool = True) -> int:
         """Start up to ``count`` connects within the group's room (refill, probes, moves);

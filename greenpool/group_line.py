@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .connection import PooledConnection
-from .errors import PoolClosed, PoolError, PoolTimeout, TooManyWaiters
+from .errors import PoolClosed, PoolError, TooManyWaiters
 from .group_base import _monotonic
 from .group_growth import GroupGrowth
 
@@ -106,13 +106,7 @@ class GroupLine(GroupGrowth):
     def _timeout_error(self, wait_for: float) -> PoolError:
         """What a caller whose time ran out gets: the reason no endpoint can be connected to
         when that is why, else a plain timeout."""
-        error = self.connector.fatal_error()
-        if error is not None:
-            return error
-        if self.connector.endpoints_are_why():
-            return self.connector.no_endpoint_error()
-        self.counters.timeouts += 1
-        return PoolTimeout(self._busy_message(wait_for))
+        return self.connector.timed_out(lambda: self._busy_message(wait_for))
 
     def _busy_message(self, wait_for: float) -> str:
         cannot_start = self.connector.cannot_start

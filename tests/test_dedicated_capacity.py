@@ -458,11 +458,14 @@ def test_callers_behind_a_connect_stuck_on_a_black_hole_are_served_by_a_live_ser
 def test_a_caller_waiting_out_a_lone_black_hole_starts_one_connect(make_pool, blackhole):
     """The only endpoint never answers (``connect_timeout`` 10); ``exclusive(timeout=1.5)``
     looks again every quarter second, yet starts no second attempt on the server that one
-    already waits on: one connect task, one attempt under way."""
+    already waits on: one connect task, one attempt under way. The caller is told a connect
+    is under way, not that the endpoint is unhealthy: it has not failed yet."""
     pool = make_pool({"g": {"exclusive_limit": 5}},
                      db=blackhole.endpoint(connect_timeout=10))
-    with pytest.raises(NoHealthyEndpoint), pool.exclusive("g", timeout=1.5):
+    with pytest.raises(PoolTimeout, match="a connect is under way") as caught, \
+            pool.exclusive("g", timeout=1.5):
         pass
+    assert not isinstance(caught.value, NoHealthyEndpoint)
     assert group_stats(pool, "g")["exclusive_connecting"] == 1
     assert pool._endpoints[0].connecting == 1
 
@@ -471,7 +474,8 @@ def test_a_caller_waiting_out_a_lone_black_hole_starts_one_connect(make_pool, bl
 def test_non_threaded_vetting_query_is_cut_at_the_callers_deadline(pg, server_conns):
     """``non-threaded`` vets a dedicated connection inline: through a proxy that holds its
     first query (the session check) for 8 s, ``exclusive(timeout=0.5)`` returns after its
-    0.5 s, not after the endpoint's ``connect_timeout`` of 5 s, and leaves no session."""
+    0.5 s, not after the endpoint's ``connect_timeout`` of 5 s, and leaves no session; the
+    caller is told its time cut the connect short, not that the server is unhealthy."""
     from greenpool import Pool
 
     with DelayProxy(pg.port, 8, b"pg_stat_activity") as proxy:
@@ -480,8 +484,10 @@ def test_non_threaded_vetting_query_is_cut_at_the_callers_deadline(pg, server_co
                      "groups": {"g": {"exclusive_limit": 5}}})
         try:
             started = time.monotonic()
-            with pytest.raises(NoHealthyEndpoint), pool.exclusive("g", timeout=0.5):
+            with pytest.raises(PoolTimeout, match="cut short") as caught, \
+                    pool.exclusive("g", timeout=0.5):
                 pass
+            assert not isinstance(caught.value, NoHealthyEndpoint)  # the server is fine
             took = time.monotonic() - started
             assert proxy.held() == 1
             assert took < 2, took

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from ..concurrency.backend import Backend
 from ..concurrency.fork import InheritedAcrossFork
 from ..connection import STUCK_AFTER, PooledConnection
-from ..errors import ConnectFailed, NoHealthyEndpoint, PoolClosed, PoolError
+from ..errors import ConnectFailed, PoolClosed, PoolError
 from ..stats import ExclusiveCounters
 from ..waiting import WaitLine
 from .capacity import Capacity, Retry
@@ -128,18 +128,21 @@ class DedicatedConnects:
         self._counters.opened += 1
         return pc
 
-    def _no_connection_error(self, caller_waits: bool) -> NoHealthyEndpoint:
+    def _no_connection_error(self, caller_waits: bool, inline: bool = False) -> PoolError:
+        """A caller's time ran out (``inline``: its own connect was cut short by it)."""
         connector = self.group.connector
-        if not caller_waits:
-            return NoHealthyEndpoint(f"group {self.group.name!r}: no dedicated connection "
-                                     f"yet. Endpoints: {connector.describe()}")
-        if connector.failing:
-            return connector.no_endpoint_error()
-        self.group.counters.timeouts += 1
-        return NoHealthyEndpoint(
-            f"group {self.group.name!r}: no dedicated connection within the timeout: a "
-            f"connect is under way (an attempt may take up to connect_timeout, and goes on "
-            f"for the next caller). Endpoints: {connector.describe()}")
+        if inline:
+            why = ("the connect was cut short by it (an attempt may take up to "
+                   "connect_timeout)")
+        elif caller_waits:
+            why = ("a connect is under way (an attempt may take up to connect_timeout, and "
+                   "goes on for the next caller)")
+        else:
+            why = "none yet, a connect is under way"
+        name = self.group.name
+        return connector.timed_out(
+            lambda: (f"group {name!r}: no dedicated connection within the timeout: {why}. "
+                     f"Endpoints: {connector.describe()}"), count=caller_waits)
 
     def _cover_callers(self) -> None:
         """Start a connect task if the callers waiting outnumber the tasks covering them (a
@@ -263,12 +266,9 @@ class DedicatedConnects:
         background can finish it for another caller)."""
         group = self.group
         while True:
-            try:
-                pc = group.connector.open_now(deadline, group.generation)
-            except NoHealthyEndpoint:
-                if not caller_waits:
-                    group.counters.timeouts -= 1  # the connector counted it as an acquire's
-                raise
+            pc = group.connector.open_now(deadline, group.generation)
+            if pc is None:
+                raise self._no_connection_error(caller_waits, inline=True)
             try:
                 error = self._capacity.vet(pc, deadline)
             except Retry:
