@@ -34,6 +34,7 @@ from psycopg2 import extensions
 
 from . import credentials, pooler
 from .concurrency.backend import Backend
+from .concurrency.fork import forks
 from .config import EndpointConfig, GroupConfig
 from .endpoint import Endpoint
 from .failures import Verdict, classify, no_answer, unresolvable
@@ -312,6 +313,7 @@ def open_connection(
     raw.autocommit = group.autocommit
     if group.configure is not None:
         left = max(seconds - (time.monotonic() - started), 0.001)
+        began = forks[0]
         try:
             configure(raw, group, backend, left)
         except Exception as exc:
@@ -334,6 +336,12 @@ def open_connection(
             raise ConnectError(endpoint, f"the group's configure hook failed "
                                          f"({type(exc).__name__})", fatal=True, kind="configure",
                                hint="see the warning logged with its traceback") from None
+        except BaseException:  # a kill, the pool's close: else the traceback holds the
+            # session open until a garbage collection (a forked child's copy of the task
+            # leaves the parent's socket alone)
+            if forks[0] == began:
+                close_raw(raw)
+            raise
     return raw
 
 
