@@ -34,7 +34,7 @@ from psycopg2 import extensions
 
 from . import credentials, pooler
 from .concurrency.backend import Backend
-from .concurrency.fork import forks
+from .concurrency.fork import InheritedAcrossFork, forks, still_connecting
 from .config import EndpointConfig, GroupConfig
 from .endpoint import Endpoint
 from .failures import Verdict, classify, no_answer, unresolvable
@@ -315,8 +315,12 @@ def open_connection(
         left = max(seconds - (time.monotonic() - started), 0.001)
         began = forks[0]
         try:
-            configure(raw, group, backend, left)
+            with still_connecting(raw):  # a fork meanwhile: the child's copy reads nothing
+                configure(raw, group, backend, left)
         except Exception as exc:
+            if forks[0] != began:  # the parent's connect, copied into a forked child
+                raise InheritedAcrossFork("a connect of the parent process, in the child"
+                                          ) from None
             lost = failure_kind(exc, raw) == "lost"
             close_raw(raw)
             if isinstance(exc, RoundTripTimeout):  # past its bound: a stalled server, or

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from forking import run_in_forked_child
@@ -484,6 +485,44 @@ succeeds, and its healthy server is not quarantined."""
     (endpoint,) = stats.values()
     assert endpoint["state"] == "up" and endpoint["quarantines"] == 0, endpoint
     assert consistent(group.stats()), group.stats()
+
+
+@pytest.mark.skipif(not GREEN, reason="green tasks are copied into a forked child")
+@pytest.mark.timeout(60)
+def test_fork_during_the_configure_hook_leaves_the_parents_session_to_the_parent(make_pool,
+                                                                                 pg):
+    """A new connection's ``configure`` hook runs a statement when the process forks, and
+the child runs its copied tasks past the statement's end. The child's copy of the hook
+must not read the reply off the shared socket: the parent's connect completes (no connect
+error, its healthy server not quarantined)."""
+    real_sleep = _unpatched_sleep()
+
+    def configure(raw: Any) -> None:
+        with raw.cursor() as cursor:
+            cursor.execute("SELECT pg_sleep(0.5)")
+
+    pool = make_pool({"g": {"connection_count": 1, "timeout": 10, "configure": configure}},
+                     db=pg.endpoint(connect_timeout=4))
+    group = pool.group("g")
+    borrower = spawn(group.acquire)
+    wait_until(lambda: pg.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(0.5)'"
+        )[0][0] == 1, 5, "the hook's statement to run")
+    child = os.fork()
+    if child == 0:
+        try:
+            sleep(1.5)  # the child's hub runs the copied connect task past the reply
+        finally:
+            os._exit(0)
+    real_sleep(0.8)  # the parent's hub is held: the child's copy would read first
+    _, status = os.waitpid(child, 0)
+    join_all([borrower], 8)
+    assert borrower.error is None, borrower.error
+    group.release(borrower.result)
+    assert status == 0
+    assert group.stats()["connect_errors"] == 0, group.stats()
+    (endpoint,) = pool.stats()["endpoints"].values()
+    assert endpoint["state"] == "up" and endpoint["quarantines"] == 0, endpoint
 
 
 @pytest.mark.skipif(MODE != "gevent", reason="greenlets are copied into a forked child")
