@@ -502,14 +502,22 @@ def libpq_connect_timeout(seconds: float) -> int:
 def behind_pooler(endpoint: EndpointConfig, raw: Any, call: Callable[..., T], *args: Any) -> T:
     """``call(*args)``: a first query through a pooler on the fresh ``raw``. Its failure is
     judged like a failed connect (:func:`failed_behind_pooler`); on any way out but a
-    return, ``raw`` is closed."""
+    return, ``raw`` is closed. It runs as a connect in flight: a fork meanwhile leaves it to
+    the parent (the child's copy of the task reads nothing, and ends as
+    :class:`InheritedAcrossFork`)."""
+    began = forks[0]
     try:
-        return call(*args)
+        with still_connecting(raw):
+            return call(*args)
     except Exception as exc:
+        if forks[0] != began:
+            raise InheritedAcrossFork("a connect of the parent process, in the child"
+                                      ) from None
         close_raw(raw)
         raise failed_behind_pooler(endpoint, exc) from None
     except BaseException:
-        close_raw(raw)
+        if forks[0] == began:
+            close_raw(raw)
         raise
 
 

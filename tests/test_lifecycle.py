@@ -525,6 +525,40 @@ error, its healthy server not quarantined)."""
     assert endpoint["state"] == "up" and endpoint["quarantines"] == 0, endpoint
 
 
+@pytest.mark.skipif(not GREEN, reason="green tasks are copied into a forked child")
+@pytest.mark.timeout(60)
+def test_fork_during_a_poolers_first_query_leaves_the_parents_session_alone(make_pool, pg):
+    """An endpoint behind a pooler (``pooler: 'session'``), reached through a proxy that
+    holds the first query a connect sends there (the role of the server behind it) for
+    1.5 s. The process forks while a borrow's connect waits for that answer; the child lives
+    on for 3 s with its copy of the connect task. The parent's connect completes, without a
+    connect error."""
+    from delayproxy import DelayProxy
+
+    from greenpool.roles import PROBE_SQL
+
+    mark = "pg_is_in_recovery"
+    assert mark in PROBE_SQL
+    with DelayProxy(pg.port, 1.5, mark.encode()) as proxy:
+        pool = make_pool({"g": {"connection_count": 1}},
+                         db=proxy.endpoint(pg, connect_timeout=2, pooler="session"))
+        group = pool.group("g")
+        taker = spawn(group.acquire, 8)
+        wait_until(lambda: proxy.held() > 0, 10, "the connect's first query to be held")
+        child = os.fork()
+        if child == 0:  # the child: outlive the held answer, then leave without cleanup
+            try:
+                sleep(3)
+            finally:
+                os._exit(0)
+        join_all([taker], 10)
+        _, status = os.waitpid(child, 0)
+        assert status == 0
+        assert taker.error is None, repr(taker.error)
+        group.release(taker.result)
+        assert group.stats()["connect_errors"] == 0, group.stats()
+
+
 @pytest.mark.skipif(MODE != "gevent", reason="greenlets are copied into a forked child")
 @pytest.mark.timeout(60)
 def test_a_forked_child_never_cancels_the_statement_its_parent_is_running(make_pool, pg):
