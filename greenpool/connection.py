@@ -34,6 +34,7 @@ from psycopg2 import extensions
 
 from . import credentials, pooler
 from .concurrency.backend import Backend
+from .concurrency.fork import InheritedAcrossFork, forks, still_connecting
 from .config import EndpointConfig, GroupConfig
 from .endpoint import HOOK_FAILED_FOR_NOW, HOOK_NO_ANSWER, Endpoint
 from .failures import Verdict, classify, no_answer, unresolvable
@@ -312,9 +313,14 @@ def open_connection(
     raw.autocommit = group.autocommit
     if group.configure is not None:
         left = max(seconds - (time.monotonic() - started), 0.001)
+        began = forks[0]
         try:
-            configure(raw, group, backend, left)
+            with still_connecting(raw):  # a fork meanwhile: the child's copy reads nothing
+                configure(raw, group, backend, left)
         except Exception as exc:
+            if forks[0] != began:  # the parent's connect, copied into a forked child
+                raise InheritedAcrossFork("a connect of the parent process, in the child"
+                                          ) from None
             # past its bound the wait callback has cancelled and closed: not "lost"
             timed_out = isinstance(exc, RoundTripTimeout)
             lost = not timed_out and failure_kind(exc, raw) == "lost"
@@ -344,6 +350,12 @@ def open_connection(
             raise ConnectError(endpoint, f"group {group.name!r}'s configure hook failed "
                                          f"({type(exc).__name__})", fatal=True, kind="configure",
                                hint="see the warning logged with its traceback") from None
+        except BaseException:  # a kill, the pool's close: else the traceback holds the
+            # session open until a garbage collection (a forked child's copy of the task
+            # leaves the parent's socket alone)
+            if forks[0] == began:
+                close_raw(raw)
+            raise
     return raw
 
 
@@ -519,14 +531,22 @@ def libpq_connect_timeout(seconds: float) -> int:
 def behind_pooler(endpoint: EndpointConfig, raw: Any, call: Callable[..., T], *args: Any) -> T:
     """``call(*args)``: a first query through a pooler on the fresh ``raw``. Its failure is
     judged like a failed connect (:func:`failed_behind_pooler`); on any way out but a
-    return, ``raw`` is closed."""
+    return, ``raw`` is closed. It runs as a connect in flight: a fork meanwhile leaves it to
+    the parent (the child's copy of the task reads nothing, and ends as
+    :class:`InheritedAcrossFork`)."""
+    began = forks[0]
     try:
-        return call(*args)
+        with still_connecting(raw):
+            return call(*args)
     except Exception as exc:
+        if forks[0] != began:
+            raise InheritedAcrossFork("a connect of the parent process, in the child"
+                                      ) from None
         close_raw(raw)
         raise failed_behind_pooler(endpoint, exc) from None
     except BaseException:
-        close_raw(raw)
+        if forks[0] == began:
+            close_raw(raw)
         raise
 
 

@@ -406,3 +406,41 @@ def test_the_key_takes_a_function_only() -> None:
 
     with pytest.raises(ConfigError, match="configure"):
         parse_config({"db": {"host": "h"}, "groups": {"g": {"configure": "SET x = 1"}}})
+
+
+@pytest.mark.skipif(MODE not in ("gevent", "eventlet"),
+                    reason="pool.close() ends a connect task only in the green modes")
+@pytest.mark.timeout(30)
+def test_a_connect_ended_inside_the_configure_hook_ends_its_session_without_a_collection(
+        make_pool, server_conns):
+    """The pool is closed while a new connection's ``configure`` hook waits on something
+    other than the server (a call to another service): the connect task is killed, and its
+    session ends at once, not at the next garbage collection (the exception's traceback
+    holds the connection). Collections are off in this test."""
+    import gc
+
+    from modes import sleep, wait_until
+
+    from greenpool import PoolTimeout
+
+    hooked: list[Any] = []
+
+    def configure(raw: Any) -> None:
+        hooked.append(raw)
+        sleep(10)
+
+    pool = make_pool({"g": {"connection_count": 1, "configure": configure}},
+                     application_name="configure-killed")
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        with pytest.raises(PoolTimeout):
+            pool.group("g").acquire(timeout=0.3)
+        wait_until(lambda: bool(hooked), 5, "the hook to run")
+        hooked.clear()  # the test holds no reference to the connection
+        assert server_conns(application_name="configure-killed") == 1
+        pool.close()
+        assert server_conns(application_name="configure-killed", expect=0, timeout=2) == 0
+    finally:
+        if collecting:
+            gc.enable()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from forking import run_in_forked_child
@@ -430,16 +432,25 @@ reply and discards nothing."""
     assert group.stats()["discards"] == 0, group.stats()
 
 
-@pytest.mark.skipif(MODE != "gevent", reason="greenlets are copied into a forked child")
+def _unpatched_sleep() -> Callable[[float], None]:
+    """``time.sleep`` as it was before the green mode patched it: it holds the hub."""
+    if MODE == "gevent":
+        from gevent import monkey
+
+        return monkey.get_original("time", "sleep")  # type: ignore[no-any-return]
+    from eventlet import patcher
+
+    return patcher.original("time").sleep  # type: ignore[no-any-return]
+
+
+@pytest.mark.skipif(not GREEN, reason="green tasks are copied into a forked child")
 @pytest.mark.timeout(60)
 def test_fork_during_a_connect_leaves_the_parents_handshake_to_the_parent(make_pool, pg):
     """A background connect is in flight when the process forks (the postmaster is stopped
 with SIGSTOP, so the startup reply is pending). The child's copy of the connect task
 must not read the parent's handshake off the shared socket: the parent's connect
 succeeds, and its healthy server is not quarantined."""
-    from gevent import monkey, spawn
-
-    real_sleep = monkey.get_original("time", "sleep")
+    real_sleep = _unpatched_sleep()
     pool = make_pool({"g": {"connection_count": 1, "timeout": 10}},
                      db=pg.endpoint(connect_timeout=4), maintenance_interval=0.1)
     group = pool.group("g")
@@ -460,9 +471,10 @@ succeeds, and its healthy server is not quarantined."""
         os.kill(postmaster, signal.SIGCONT)
     real_sleep(0.8)  # the parent's hub is held: the child's copy would read first
     _, status = os.waitpid(child, 0)
-    pc = borrower.get(timeout=8)
+    join_all([borrower], 8)
+    assert borrower.error is None, borrower.error
+    pc = borrower.result
     try:
-        assert pc.raw.cursor() is not None
         with pc.raw.cursor() as cursor:
             cursor.execute("SELECT 1")
             assert cursor.fetchone() == (1,)
@@ -474,6 +486,77 @@ succeeds, and its healthy server is not quarantined."""
     assert endpoint["state"] == "up" and endpoint["quarantines"] == 0, endpoint
     assert consistent(group.stats()), group.stats()
 
+
+@pytest.mark.skipif(not GREEN, reason="green tasks are copied into a forked child")
+@pytest.mark.timeout(60)
+def test_fork_during_the_configure_hook_leaves_the_parents_session_to_the_parent(make_pool,
+                                                                                 pg):
+    """A new connection's ``configure`` hook runs a statement when the process forks, and
+the child runs its copied tasks past the statement's end. The child's copy of the hook
+must not read the reply off the shared socket: the parent's connect completes (no connect
+error, its healthy server not quarantined)."""
+    real_sleep = _unpatched_sleep()
+
+    def configure(raw: Any) -> None:
+        with raw.cursor() as cursor:
+            cursor.execute("SELECT pg_sleep(0.5)")
+
+    pool = make_pool({"g": {"connection_count": 1, "timeout": 10, "configure": configure}},
+                     db=pg.endpoint(connect_timeout=4))
+    group = pool.group("g")
+    borrower = spawn(group.acquire)
+    wait_until(lambda: pg.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(0.5)'"
+        )[0][0] == 1, 5, "the hook's statement to run")
+    child = os.fork()
+    if child == 0:
+        try:
+            sleep(1.5)  # the child's hub runs the copied connect task past the reply
+        finally:
+            os._exit(0)
+    real_sleep(0.8)  # the parent's hub is held: the child's copy would read first
+    _, status = os.waitpid(child, 0)
+    join_all([borrower], 8)
+    assert borrower.error is None, borrower.error
+    group.release(borrower.result)
+    assert status == 0
+    assert group.stats()["connect_errors"] == 0, group.stats()
+    (endpoint,) = pool.stats()["endpoints"].values()
+    assert endpoint["state"] == "up" and endpoint["quarantines"] == 0, endpoint
+
+
+@pytest.mark.skipif(not GREEN, reason="green tasks are copied into a forked child")
+@pytest.mark.timeout(60)
+def test_fork_during_a_poolers_first_query_leaves_the_parents_session_alone(make_pool, pg):
+    """An endpoint behind a pooler (``pooler: 'session'``), reached through a proxy that
+    holds the first query a connect sends there (the role of the server behind it) for
+    1.5 s. The process forks while a borrow's connect waits for that answer; the child lives
+    on for 3 s with its copy of the connect task. The parent's connect completes, without a
+    connect error."""
+    from delayproxy import DelayProxy
+
+    from greenpool.roles import PROBE_SQL
+
+    mark = "pg_is_in_recovery"
+    assert mark in PROBE_SQL
+    with DelayProxy(pg.port, 1.5, mark.encode()) as proxy:
+        pool = make_pool({"g": {"connection_count": 1}},
+                         db=proxy.endpoint(pg, connect_timeout=2, pooler="session"))
+        group = pool.group("g")
+        taker = spawn(group.acquire, 8)
+        wait_until(lambda: proxy.held() > 0, 10, "the connect's first query to be held")
+        child = os.fork()
+        if child == 0:  # the child: outlive the held answer, then leave without cleanup
+            try:
+                sleep(3)
+            finally:
+                os._exit(0)
+        join_all([taker], 10)
+        _, status = os.waitpid(child, 0)
+        assert status == 0
+        assert taker.error is None, repr(taker.error)
+        group.release(taker.result)
+        assert group.stats()["connect_errors"] == 0, group.stats()
 
 
 @pytest.mark.skipif(MODE != "gevent", reason="greenlets are copied into a forked child")

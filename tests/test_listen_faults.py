@@ -296,3 +296,32 @@ def test_pool_close_while_the_heartbeat_waits_on_a_stopped_backend(make_pool, pg
     wait_until(lambda: pg.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s",
                                   (pid,))[0][0] == 0, 10, "the stopped session to end")
 
+
+
+@pytest.mark.timeout(30)
+def test_each_listener_whose_time_runs_out_on_a_down_server_is_told_why_and_counted(make_pool):
+    """Two ``listen()`` callers, the second joining while the connect begun for the first is
+    under way, wait for that connect, to a server that refuses connections: each is told
+    the endpoint is why (``NoHealthyEndpoint``, not a plain timeout) after its own timeout,
+    and counts once in the group's ``timeouts``: the shared connect counts no one, each
+    caller its own time running out."""
+    from greenpool import NoHealthyEndpoint
+    from greenpool.testing.postgres import free_port
+
+    pool = make_pool({"g": {"exclusive_limit": 4}},
+                     db={"host": "127.0.0.1", "port": free_port(), "name": "down", "user": "down",
+                         "pass": "down", "connect_timeout": 2})
+    errors: list[BaseException] = []
+
+    def subscribe() -> None:
+        try:
+            with pool.listen("g", "ch", timeout=0.6):
+                pass
+        except Exception as exc:  # recorded for the assertions
+            errors.append(exc)
+
+    first = spawn(subscribe)
+    sleep(0.1)  # the second joins while the connect begun for the first is under way
+    join_all([first, spawn(subscribe)], 10)
+    assert [type(e) for e in errors] == [NoHealthyEndpoint] * 2, errors
+    assert pool.stats()["groups"]["g"]["timeouts"] == 2

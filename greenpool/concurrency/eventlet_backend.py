@@ -11,7 +11,7 @@ from typing import Any
 
 from .backend import Backend, Task, Waiter, is_address
 from .green_deadline import GreenDeadline
-from .waits import cancelling, install_wait_callback
+from .waits import cancelling, connecting_wait, install_wait_callback
 
 
 class _EventletWaiter:
@@ -108,6 +108,12 @@ class EventletBackend(Backend):
         return str(infos[0][4][0]) if infos else None
 
     def patch_driver(self) -> None:
+        from eventlet.hubs import trampoline
         from psycogreen.eventlet import eventlet_wait_callback
 
-        install_wait_callback("eventlet", lambda: cancelling(eventlet_wait_callback))
+        def make() -> Callable[[Any], None]:
+            connecting = connecting_wait(lambda fd: trampoline(fd, read=True),
+                                         lambda fd: trampoline(fd, write=True))
+            return cancelling(eventlet_wait_callback, connecting)
+
+        install_wait_callback("eventlet", make)

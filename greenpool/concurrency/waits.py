@@ -65,21 +65,58 @@ def interrupted(conn: Any, began: int, opening: bool) -> None:
         cancel_interrupted(conn)
 
 
-def cancelling(wait: Callable[..., None]) -> Callable[[Any], None]:
+def cancelling(wait: Callable[..., None],
+               connecting: Callable[[Any], None] | None = None) -> Callable[[Any], None]:
     """``wait`` (psycogreen's callback) that, when interrupted, cancels the statement it was
     waiting for or closes the connection it was opening (:func:`interrupted`). It must
     happen here: once the callback has raised, psycopg2 closes a statement's connection
-    and the chance is gone. A try block costs nothing until something raises."""
+    and the chance is gone. A try block costs nothing until something raises.
+    ``connecting`` (see :func:`connecting_wait`) waits for greenpool's own connects, which
+    a fork must be able to take from the child's copy of their task."""
 
     def cancelling_wait(conn: Any) -> None:
         began, opening = forks[0], conn.status == _STATUS_SETUP
         try:
-            wait(conn)
+            if connecting is not None and opening and getattr(conn, "greenpool_owned", False):
+                connecting(conn)
+            else:
+                wait(conn)
         except BaseException:
             interrupted(conn, began, opening)
             raise
 
     return cancelling_wait
+
+
+def connecting_wait(wait_read: Callable[[int], Any],
+                    wait_write: Callable[[int], Any]) -> Callable[[Any], None]:
+    """The wait of one of greenpool's connects in a green mode (``wait_read``/``wait_write``:
+    the loop's I/O waits). The connect is tracked while it runs, so that a fork meeting it
+    in flight points its socket at /dev/null in the child, and the child's copy of the task
+    gives up (:class:`InheritedAcrossFork`) before it polls: else it would read the reply
+    the parent waits for, and answer it (a TLS alert that ends the parent's handshake)."""
+    getpid = os.getpid
+
+    def wait_connecting(conn: Any) -> None:
+        pid = getpid()
+        connects_in_flight.add(conn)
+        try:
+            while True:
+                if getpid() != pid:
+                    raise InheritedAcrossFork("a connect of the parent process, in the child")
+                state = conn.poll()
+                if state == _POLL_OK:
+                    return
+                if state == _POLL_READ:
+                    wait_read(conn.fileno())
+                elif state == _POLL_WRITE:
+                    wait_write(conn.fileno())
+                else:
+                    raise psycopg2.OperationalError(f"unexpected poll state {state!r}")
+        finally:
+            connects_in_flight.discard(conn)
+
+    return wait_connecting
 
 
 def gevent_wait_callback() -> Callable[[Any], None]:
@@ -94,7 +131,7 @@ def gevent_wait_callback() -> Callable[[Any], None]:
     key to the server and cancel the parent's statement, which goes on unharmed otherwise."""
     from gevent.socket import wait_read, wait_write
 
-    getpid = os.getpid
+    _connecting_wait = connecting_wait(wait_read, wait_write)
 
     def gevent_wait(conn: Any) -> None:
         began, opening = forks[0], conn.status == _STATUS_SETUP
@@ -119,25 +156,6 @@ def gevent_wait_callback() -> Callable[[Any], None]:
         except BaseException:
             interrupted(conn, began, opening)
             raise
-
-    def _connecting_wait(conn: Any) -> None:
-        pid = getpid()
-        connects_in_flight.add(conn)
-        try:
-            while True:
-                if getpid() != pid:
-                    raise InheritedAcrossFork("a connect of the parent process, in the child")
-                state = conn.poll()
-                if state == _POLL_OK:
-                    return
-                if state == _POLL_READ:
-                    wait_read(conn.fileno())
-                elif state == _POLL_WRITE:
-                    wait_write(conn.fileno())
-                else:
-                    raise psycopg2.OperationalError(f"unexpected poll state {state!r}")
-        finally:
-            connects_in_flight.discard(conn)
 
     return gevent_wait
 

@@ -87,12 +87,12 @@ class DedicatedConnects:
         """A new connection of the group, outside its slots, waited for until ``deadline``:
         a dedicated connect task opens it (each attempt bounded by its endpoint's
         ``connect_timeout`` alone), and a caller who stops waiting leaves it to the next
-        one. Raises :class:`NoHealthyEndpoint` (nothing came in time), :class:`PoolTimeout`
-        (the groups need the server's free slots), :class:`ConnectFailed`,
-        :class:`PoolClosed`, or :class:`PoolError` (the endpoint is a pooler that gives no
-        session of its own). Without ``caller_waits`` (a listener's reconnect round)
-        running out of time is no caller's timeout, and is left out of the group's
-        ``timeouts``."""
+        one. Raises what ``Connector.timed_out`` says when nothing came in time,
+        :class:`PoolTimeout` (the groups need the server's free slots),
+        :class:`ConnectFailed`, :class:`PoolClosed`, or :class:`PoolError` (the endpoint
+        is a pooler that gives no session of its own). Without ``caller_waits`` (a
+        listener's connects: each subscriber counts its own) running out of time is no
+        caller's timeout, and is left out of the group's ``timeouts``."""
         group = self.group
         if group.closed:
             raise PoolClosed(f"group {group.name!r}: the pool is closed")

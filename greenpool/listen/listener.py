@@ -70,6 +70,10 @@ class Listener:
                     waiter = sub.waiter = hub.backend.waiter()
             if error is not None:
                 self.close()
+                if isinstance(error, PoolTimeout) and time.monotonic() >= deadline:
+                    # the hub's connect ran out of the time of the callers it served, and
+                    # counted none: each one it fails counts its own timeout
+                    hub.group.connector.counters.timeouts += 1
                 raise error
             if closed:
                 self.close()
@@ -78,8 +82,10 @@ class Listener:
             if remaining <= 0:
                 self.close()
                 why = f"; last error: {hub.last_error}" if hub.last_error else ""
-                raise PoolTimeout(f"group {hub.group.name!r}: not listening on "
-                                  f"{list(self.channels)} within {timeout:.2f} s{why}")
+                busy = (f"group {hub.group.name!r}: not listening on {list(self.channels)} "
+                        f"within {timeout:.2f} s{why}")
+                # told (and counted) like any caller whose time ran out
+                raise hub.group.connector.timed_out(lambda: busy)  # noqa: B023 (called now)
             if waiter is not None:
                 waiter.wait(remaining)
             else:

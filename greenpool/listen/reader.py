@@ -39,6 +39,7 @@ from ..errors import PoolClosed, PoolError
 from ..exclusive import ExclusiveSlots
 from ..roles import role_of
 from .fanout import FanOut
+from .subscriber import Subscriber
 
 logger = logging.getLogger("greenpool")
 
@@ -137,12 +138,15 @@ class Hub(FanOut):
             self.finish()
             raise
 
-    def _fail_start(self, error: BaseException) -> None:
+    def _fail_start(self, error: BaseException, covered: list[Subscriber] | None = None) -> None:
+        """Every subscriber waiting gets ``error``; with ``covered`` (those a failed connect
+        was waited for), the others get :class:`RetryStart`: they joined after its time was
+        set, which says nothing of theirs."""
         with self._lock:
             self.ended = True
             subs = [s for s in self.subs if not s.started]
             for sub in subs:
-                sub.start_error = error
+                sub.start_error = error if covered is None or sub in covered else RetryStart()
                 self._forget(sub)
             over = not self.subs
         for _ in subs:
@@ -294,11 +298,12 @@ class Hub(FanOut):
                       default=0.0)
         self._bounded_by(budget + libpq_connect_timeout(slowest) + 0.5)
         try:
-            pc = self.slots.open(time.monotonic() + budget, caller_waits=first)
+            # no caller's timeout: each subscriber waiting counts its own (wait_started)
+            pc = self.slots.open(time.monotonic() + budget, caller_waits=False)
         except (PoolError, psycopg2.Error) as exc:
             self.last_error = _one_line(exc)
             if isinstance(exc, PoolClosed) or (first and pending):
-                self._fail_start(exc)
+                self._fail_start(exc, None if isinstance(exc, PoolClosed) else pending)
                 if isinstance(exc, PoolClosed):
                     self.close()
                 return
