@@ -57,7 +57,7 @@ from .connection import (
     open_connection,
 )
 from .endpoint import GROUP_SETBACKS, HOOK_NO_ANSWER, QUARANTINED, Endpoint
-from .errors import ConnectFailed, NoHealthyEndpoint, PoolError, PoolTimeout
+from .errors import ConnectFailed, NoHealthyEndpoint, PoolClosed, PoolError, PoolTimeout
 from .events import no_event
 from .failures import no_answer
 from .placement import connect_order, where_to_be
@@ -164,11 +164,14 @@ class Connector:
         attempts, each bounded by its endpoint's ``connect_timeout`` and by ``deadline``,
         the caller's. None when the deadline passed first (the caller asks
         :meth:`timed_out` what to say: an attempt its time cut short is no verdict on the
-        server); raises the refusal when the configuration is the problem."""
+        server); raises the refusal when the configuration is the problem, and
+        :class:`PoolClosed` once the pool is closed (from a signal handler, another task)."""
         while True:
             pc = self._round(None, generation, deadline)
             if pc is not None:
                 return pc
+            if self.stopped:
+                raise PoolClosed(f"group {self.config.name!r}: the pool is closed")
             self._raise_if_hopeless()
             remaining = deadline - _monotonic()
             if remaining <= 0:

@@ -595,3 +595,33 @@ parent's statement runs to its end."""
     join_all([task], 10)
     assert status == 0
     assert outcome == ["finished"], outcome
+
+
+@pytest.mark.skipif(MODE != "threaded", reason="non-threaded runs once, in the threaded process")
+@pytest.mark.timeout(30)
+def test_non_threaded_close_from_a_signal_handler_ends_an_inline_connect_with_pool_closed(
+        pg_factory):
+    """``non-threaded`` connects inline, in the caller's own loop of attempts and pauses. A
+    ``close()`` from a signal handler meanwhile (the server is down, the caller has 5 s)
+    ends that loop at its next look with :class:`PoolClosed`, not after the caller's whole
+    time with a timeout that blames the endpoints."""
+    import time
+
+    from greenpool import Pool, PoolClosed
+
+    server = pg_factory()
+    server.stop("immediate")
+    pool = Pool({"type": "non-threaded", "db": server.endpoint(), "quarantine_initial": 0.2,
+                 "quarantine_max": 0.2, "groups": {"g": {"connection_count": 1}}})
+    previous = signal.signal(signal.SIGALRM, lambda *_: pool.close())
+    try:
+        started = time.monotonic()
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        with pytest.raises(PoolClosed), pool.handler("g", timeout=5):
+            pass
+        took = time.monotonic() - started
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        pool.close()
+    assert took < 2, took
