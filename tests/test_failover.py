@@ -167,11 +167,11 @@ def test_writers_waiting_for_a_primary_get_the_promoted_standby_on_a_connection_
     """The primary crashes (`pg_ctl stop -m immediate`) and writers wait; no primary is up,
     so the write group keeps one connection open on the standby and asks it whether it was
     promoted every PROMOTION_POLL, instead of a connect to it every half second. Then
-    `pg_ctl promote`: the first write after it runs on that very connection (its backend
-    started before the promotion: no connect after it) within PROMPT seconds of the
-    promote (well below the half second a standby used to wait for its next connect, and
-    the 5 s role_check_interval here), and while the writers waited the standby saw at most
-    one connect from the write group, however long they waited (no connect storm)."""
+    `pg_ctl promote`: a write runs on that very connection (its backend started before the
+    promotion: no connect after it) within PROMPT seconds of the promote (well below the
+    half second a standby used to wait for its next connect, and the 5 s
+    role_check_interval here), and while the writers waited the standby saw at most one
+    connect from the write group, however long they waited (no connect storm)."""
     prompt = 0.35
     primary = pg_factory()
     primary.execute("CREATE TABLE promoted_writes (id int)")
@@ -220,12 +220,15 @@ def test_writers_waiting_for_a_primary_get_the_promoted_standby_on_a_connection_
     finally:
         running[0] = False
         join_all(tasks, 15)
-    first_at, port, backend_start, _ = min(acked)
-    assert port == standby.port
-    assert backend_start < server_before, (
-        f"the first write ran on a connection opened {backend_start - server_before} after"
-        " the promote began: it was connected after the promotion")
-    assert first_at - before <= prompt, f"first write {first_at - before:.3f} s after promote"
+    assert {port for _, port, _, _ in acked} == {standby.port}
+    # the watched connection goes to the first writer in line; writers served later by new
+    # connections may be acknowledged first on a busy machine: what counts is that a write
+    # ran on a connection opened before the promotion, within PROMPT of it
+    watched = [at for at, _, backend_start, _ in acked if backend_start < server_before]
+    assert watched, "no write ran on a connection opened before the promotion"
+    assert min(watched) - before <= prompt, (
+        f"the first write on the watched connection came {min(watched) - before:.3f} s "
+        f"after the promote")
     assert connects_waiting <= 1, f"{connects_waiting} connects to the standby while waiting"
     for exc in errors:
         assert str(exc).strip()
