@@ -56,7 +56,7 @@ from .connection import (
     is_pooled,
     open_connection,
 )
-from .endpoint import GROUP_SETBACKS, HOOK_NO_ANSWER, QUARANTINED, Endpoint
+from .endpoint import GROUP_SETBACKS, HOOK_NO_ANSWER, QUARANTINED, UP, Endpoint
 from .errors import ConnectFailed, NoHealthyEndpoint, PoolClosed, PoolError, PoolTimeout
 from .events import no_event
 from .failures import no_answer
@@ -268,12 +268,15 @@ class Connector:
         measures it) is quarantined or refused the group, or there is none (a standby is
         listed for a primary group because it may be promoted, but until it is, it cannot
         serve one). Known from the endpoints' state, whether or not a connect has been tried
-        since (a caller's time can run out before the first probe of a quarantined primary)."""
+        since (a caller's time can run out before the first probe of a quarantined primary).
+        An endpoint being probed is still quarantined: its last verdict stands until the
+        probe answers (another group's or housekeeping's probe of a black hole lasts
+        ``connect_timeout``, and a group that never tried it has no failure of its own)."""
         now = _monotonic()
         config = self.config
         tiers = candidates(self.endpoints, config.role, config.max_lag, config.on_lag,
                            connecting=True)
-        return not any(ep.state != QUARANTINED and fits(config.role, ep.role)
+        return not any(ep.state == UP and fits(config.role, ep.role)
                        and not self.refusals.blocks(ep, now) for tier in tiers for ep in tier)
 
     def timed_out(self, busy: Callable[[], str], *, count: bool = True) -> PoolError:
