@@ -218,12 +218,13 @@ class Connector:
     ) -> PooledConnection | None:
         """One placed connect attempt to ``endpoint`` within ``deadline`` (non-threaded
         spreading); None if it may not be tried now, failed, or does not fit the group."""
-        if not self._claim(endpoint):
+        claimed = self._claim(endpoint)
+        if claimed is None:
             return None
         try:
             return self._attempt(endpoint, generation, deadline=deadline)
         finally:
-            self._settle(endpoint)
+            self._settle(endpoint, claimed)
 
     def probe(
         self, endpoint: Endpoint, generation: int, slot: Slot | None = None
@@ -424,7 +425,8 @@ class Connector:
                 # moves on to the primary that answered (no verdict on a slow server)
                 explored_by = _monotonic() + EXPLORE_WAIT
                 bound = explored_by if bound is None else min(bound, explored_by)
-            if not self._claim(endpoint):
+            claimed = self._claim(endpoint)
+            if claimed is None:
                 continue  # another task probes it, or its slow start is at its limit
             if slot is not None:  # the group abandons this connect if it drops endpoint
                 slot.trying = endpoint
@@ -432,7 +434,7 @@ class Connector:
             try:
                 pc = self._attempt(endpoint, generation, deadline=bound)
             finally:
-                self._settle(endpoint)
+                self._settle(endpoint, claimed)
             if pc is not None:
                 if moved_on:
                     self.counters.failovers += 1
@@ -485,7 +487,7 @@ class Connector:
                 logger.warning("group %r: %s refused the connection: %s", self.config.name,
                                endpoint.label, exc.reason)
             elif exc.kind in GROUP_SETBACKS:  # the group's own, for now: others go on
-                self.refusals.set_back(endpoint, exc.reason, _monotonic())
+                self.refusals.set_back(endpoint, exc.reason, _monotonic(), began=started)
                 logger.warning("%s", exc)  # the reason names the group
             else:
                 logger.info("group %r: cannot connect to %s", self.config.name, exc)
@@ -548,21 +550,23 @@ class Connector:
         endpoint.observe(report)
         return report.role
 
-    def _claim(self, endpoint: Endpoint) -> bool:
+    def _claim(self, endpoint: Endpoint) -> float | None:
         """Claim a connect attempt on ``endpoint`` if the group's refusals let one go there
         now (after a setback, one task tries again while the others wait) and the endpoint
-        takes it (``begin_connect``). End it with :meth:`_attempt`, then :meth:`_settle`."""
+        takes it (``begin_connect``): when it was claimed, or None. End it with
+        :meth:`_attempt`, then :meth:`_settle` with that time."""
+        now = _monotonic()
         with self._lock:
-            if not self.refusals.claim(endpoint, _monotonic(), endpoint.config.connect_timeout):
-                return False
+            if not self.refusals.claim(endpoint, now, endpoint.config.connect_timeout):
+                return None
         if not endpoint.begin_connect(_monotonic()):
-            self._settle(endpoint)
-            return False
-        return True
+            self._settle(endpoint, now)
+            return None
+        return now
 
-    def _settle(self, endpoint: Endpoint) -> None:
+    def _settle(self, endpoint: Endpoint, claimed: float) -> None:
         with self._lock:
-            self.refusals.settle(endpoint)
+            self.refusals.settle(endpoint, claimed)
 
     def _raise_if_hopeless(self) -> None:
         error = self.fatal_error()
