@@ -231,13 +231,18 @@ class Connector:
     ) -> PooledConnection | None:
         """One connect to ``endpoint`` whatever placement says (housekeeping's probes, the
         promotion watch's connect, in a slot the group reserved); None if it may not be
-        tried now or failed. With ``slot``, the group abandons the connect if it drops
+        tried now (the group's refusal or setback there too: its hook would fail the same
+        way) or failed. With ``slot``, the group abandons the connect if it drops
         ``endpoint``."""
-        if not endpoint.begin_connect(_monotonic()):
+        claimed = self._claim(endpoint)
+        if claimed is None:
             return None
         if slot is not None:
             slot.trying = endpoint
-        return self._attempt(endpoint, generation, placed=False)
+        try:
+            return self._attempt(endpoint, generation, placed=False)
+        finally:
+            self._settle(endpoint, claimed)
 
     @property
     def counts(self) -> Mapping[Endpoint, int]:
