@@ -492,7 +492,8 @@ class Connector:
                 logger.warning("group %r: %s refused the connection: %s", self.config.name,
                                endpoint.label, exc.reason)
             elif exc.kind in GROUP_SETBACKS:  # the group's own, for now: others go on
-                self.refusals.set_back(endpoint, exc.reason, _monotonic(), began=started)
+                with self._lock:  # (it reads the latest verdict a claim may be changing)
+                    self.refusals.set_back(endpoint, exc.reason, _monotonic(), began=started)
                 logger.warning("%s", exc)  # the reason names the group
             else:
                 logger.info("group %r: cannot connect to %s", self.config.name, exc)
