@@ -56,7 +56,7 @@ from .connection import (
     is_pooled,
     open_connection,
 )
-from .endpoint import GROUP_SETBACKS, HOOK_NO_ANSWER, QUARANTINED, Endpoint
+from .endpoint import GROUP_SETBACKS, HOOK_NO_ANSWER, QUARANTINED, UP, Endpoint
 from .errors import ConnectFailed, NoHealthyEndpoint, PoolClosed, PoolError, PoolTimeout
 from .events import no_event
 from .failures import no_answer
@@ -218,25 +218,31 @@ class Connector:
     ) -> PooledConnection | None:
         """One placed connect attempt to ``endpoint`` within ``deadline`` (non-threaded
         spreading); None if it may not be tried now, failed, or does not fit the group."""
-        if not self._claim(endpoint):
+        claimed = self._claim(endpoint)
+        if claimed is None:
             return None
         try:
             return self._attempt(endpoint, generation, deadline=deadline)
         finally:
-            self._settle(endpoint)
+            self._settle(endpoint, claimed)
 
     def probe(
         self, endpoint: Endpoint, generation: int, slot: Slot | None = None
     ) -> PooledConnection | None:
         """One connect to ``endpoint`` whatever placement says (housekeeping's probes, the
         promotion watch's connect, in a slot the group reserved); None if it may not be
-        tried now or failed. With ``slot``, the group abandons the connect if it drops
+        tried now (the group's refusal or setback there too: its hook would fail the same
+        way) or failed. With ``slot``, the group abandons the connect if it drops
         ``endpoint``."""
-        if not endpoint.begin_connect(_monotonic()):
+        claimed = self._claim(endpoint)
+        if claimed is None:
             return None
         if slot is not None:
             slot.trying = endpoint
-        return self._attempt(endpoint, generation, placed=False)
+        try:
+            return self._attempt(endpoint, generation, placed=False)
+        finally:
+            self._settle(endpoint, claimed)
 
     @property
     def counts(self) -> Mapping[Endpoint, int]:
@@ -268,12 +274,15 @@ class Connector:
         measures it) is quarantined or refused the group, or there is none (a standby is
         listed for a primary group because it may be promoted, but until it is, it cannot
         serve one). Known from the endpoints' state, whether or not a connect has been tried
-        since (a caller's time can run out before the first probe of a quarantined primary)."""
+        since (a caller's time can run out before the first probe of a quarantined primary).
+        An endpoint being probed is still quarantined: its last verdict stands until the
+        probe answers (another group's or housekeeping's probe of a black hole lasts
+        ``connect_timeout``, and a group that never tried it has no failure of its own)."""
         now = _monotonic()
         config = self.config
         tiers = candidates(self.endpoints, config.role, config.max_lag, config.on_lag,
                            connecting=True)
-        return not any(ep.state != QUARANTINED and fits(config.role, ep.role)
+        return not any(ep.state == UP and fits(config.role, ep.role)
                        and not self.refusals.blocks(ep, now) for tier in tiers for ep in tier)
 
     def timed_out(self, busy: Callable[[], str], *, count: bool = True) -> PoolError:
@@ -421,7 +430,8 @@ class Connector:
                 # moves on to the primary that answered (no verdict on a slow server)
                 explored_by = _monotonic() + EXPLORE_WAIT
                 bound = explored_by if bound is None else min(bound, explored_by)
-            if not self._claim(endpoint):
+            claimed = self._claim(endpoint)
+            if claimed is None:
                 continue  # another task probes it, or its slow start is at its limit
             if slot is not None:  # the group abandons this connect if it drops endpoint
                 slot.trying = endpoint
@@ -429,7 +439,7 @@ class Connector:
             try:
                 pc = self._attempt(endpoint, generation, deadline=bound)
             finally:
-                self._settle(endpoint)
+                self._settle(endpoint, claimed)
             if pc is not None:
                 if moved_on:
                     self.counters.failovers += 1
@@ -482,7 +492,8 @@ class Connector:
                 logger.warning("group %r: %s refused the connection: %s", self.config.name,
                                endpoint.label, exc.reason)
             elif exc.kind in GROUP_SETBACKS:  # the group's own, for now: others go on
-                self.refusals.set_back(endpoint, exc.reason, _monotonic())
+                with self._lock:  # (it reads the latest verdict a claim may be changing)
+                    self.refusals.set_back(endpoint, exc.reason, _monotonic(), began=started)
                 logger.warning("%s", exc)  # the reason names the group
             else:
                 logger.info("group %r: cannot connect to %s", self.config.name, exc)
@@ -545,21 +556,23 @@ class Connector:
         endpoint.observe(report)
         return report.role
 
-    def _claim(self, endpoint: Endpoint) -> bool:
+    def _claim(self, endpoint: Endpoint) -> float | None:
         """Claim a connect attempt on ``endpoint`` if the group's refusals let one go there
         now (after a setback, one task tries again while the others wait) and the endpoint
-        takes it (``begin_connect``). End it with :meth:`_attempt`, then :meth:`_settle`."""
+        takes it (``begin_connect``): when it was claimed, or None. End it with
+        :meth:`_attempt`, then :meth:`_settle` with that time."""
+        now = _monotonic()
         with self._lock:
-            if not self.refusals.claim(endpoint, _monotonic(), endpoint.config.connect_timeout):
-                return False
+            if not self.refusals.claim(endpoint, now, endpoint.config.connect_timeout):
+                return None
         if not endpoint.begin_connect(_monotonic()):
-            self._settle(endpoint)
-            return False
-        return True
+            self._settle(endpoint, now)
+            return None
+        return now
 
-    def _settle(self, endpoint: Endpoint) -> None:
+    def _settle(self, endpoint: Endpoint, claimed: float) -> None:
         with self._lock:
-            self.refusals.settle(endpoint)
+            self.refusals.settle(endpoint, claimed)
 
     def _raise_if_hopeless(self) -> None:
         error = self.fatal_error()

@@ -306,7 +306,10 @@ class Housekeeping:
         stalled standby would starve a primary group), a full group still learns that a
         standby was promoted, and an endpoint a full group has no connection on is still
         found dead (an old primary after a failover)."""
-        users = self._users(endpoint)
+        now = time.monotonic()
+        # a group refused or set back there would run its failing hook again (and log it)
+        users = [g for g in self._users(endpoint)
+                 if not g.connector.refusals.blocks(endpoint, now)]
         wanted_by = [group for group in users if endpoint in group.preferred_endpoints()]
         for group in wanted_by:
             slot = group._reserve_slot()

@@ -234,6 +234,37 @@ def test_once_the_lock_is_free_every_waiting_caller_connects_without_waiting_out
     assert len(got) == 6 and max(got) - freed < 2.5, [round(t - freed, 2) for t in got]
 
 
+def test_a_burst_of_callers_meeting_one_held_lock_is_one_setback_not_one_per_caller(
+        make_pool: Any, pg: Any) -> None:
+    """Eight callers of a group come at once to a warm server (its slow start is over: all
+    eight connect together) while the hook's lock is held; the lock is freed soon after.
+    Those eight failures of one moment are one setback: the group connects again after
+    about a first backoff, not after a pause doubled once per caller (here 20 s, the
+    longest)."""
+    holder = pg.connect()
+    holder.autocommit = False
+    runs: list[tuple[float, float]] = []
+    try:
+        pool = make_pool({"g": {"connection_count": 8, "configure": _locked_out(holder, runs),
+                                "timeout": 0.5},
+                          "warm": {"connection_count": 8}},
+                         quarantine_initial=0.2, quarantine_max=20)
+        warm = pool.group("warm")
+        held = [warm.acquire() for _ in range(8)]  # successes end the endpoint's slow start
+        for pc in held:
+            warm.release(pc)
+        tasks = [spawn(_borrow, pool, "g") for _ in range(8)]
+        join_all(tasks, 15)
+    finally:
+        holder.close()  # the lock is free
+    first_verdict = min(end for _, end in runs)
+    assert sum(1 for start, _ in runs if start < first_verdict) >= 4, runs  # a burst
+    started = time.monotonic()
+    with pool.handler("g", timeout=5) as db:
+        assert db.query_one("SELECT 1") == (1,)
+    assert time.monotonic() - started < 2.5
+
+
 def test_callers_are_told_their_own_groups_hook_failure_not_another_groups(
         make_pool: Any, pg: Any) -> None:
     """Two groups share an endpoint. Group ``locked``'s hook keeps meeting a lock; group

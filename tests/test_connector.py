@@ -453,3 +453,31 @@ def test_a_busy_max_lag_standby_group_times_out_busy_not_for_want_of_an_endpoint
     assert isinstance(other.error, PoolTimeout), other.error
     assert not isinstance(other.error, NoHealthyEndpoint), other.error
     assert endpoint_stats(pool, standby)["state"] == "up"
+
+
+# --- an endpoint being probed is still down for a group that never tried it ---------------
+
+
+def test_a_caller_timing_out_while_its_dead_endpoint_is_probed_is_told_the_endpoint_is_why(
+        blackhole, mode):
+    """Another group found the one endpoint dead (a black hole) and quarantined it; while
+    its probe waits out ``connect_timeout`` the endpoint is *probing*. A group that never
+    tried it has no failure of its own, and its connect task waits for the probe: its
+    caller whose time runs out is told NoHealthyEndpoint, not a PoolTimeout about connects
+    under way."""
+    pool = Pool({"type": mode, "db": blackhole.endpoint(connect_timeout=2.0),
+                 "quarantine_initial": 0.05, "quarantine_max": 0.1,
+                 "groups": {"a": {"timeout": 2.5}, "b": {"timeout": 0.3}}})
+    try:
+        with pytest.raises(NoHealthyEndpoint), pool.handler("a"):
+            pass
+        label = f"127.0.0.1:{blackhole.port}/blackhole"
+        wait_until(lambda: pool.stats()["endpoints"][label]["state"] == "probing", 5,
+                   "the next probe of the black hole")
+        with pytest.raises(PoolTimeout) as info, pool.handler("b"):
+            pass
+        assert pool.stats()["endpoints"][label]["state"] == "probing"  # (still: 2 s each)
+    finally:
+        pool.close()
+    assert isinstance(info.value, NoHealthyEndpoint), info.value
+    assert pool.stats()["groups"]["b"]["timeouts"] == 1

@@ -15,9 +15,9 @@ import time
 import pytest
 from endpoints import endpoint_stats, label
 from lending import discards, group_stats, lend_all
-from modes import GREEN, MODE, wait_until
+from modes import GREEN, MODE, sleep, wait_until
 
-from greenpool import PoolTimeout
+from greenpool import ConnectFailed, PoolTimeout
 
 SIZE = 3
 PROBING = {"role_check_interval": 0.05, "maintenance_interval": 0.1}
@@ -238,3 +238,27 @@ def test_a_full_group_still_finds_out_that_an_endpoint_it_has_no_connection_on_d
                    "housekeeping to find the stopped standby down")
     finally:
         group.release(held, discard="test")
+
+
+@pytest.mark.skipif(MODE == "non-threaded", reason="needs housekeeping")
+def test_role_probes_leave_an_endpoint_alone_for_a_group_it_refused(make_pool, pg):
+    """A primary group's configure hook raises: the endpoint refused the group ("retrying
+    cannot help"). Housekeeping's role probes, every 50 ms, open no connection for that
+    group meanwhile: each one ran the broken hook again, failing and logging it with its
+    traceback for as long as the process lived."""
+    calls = []
+
+    def broken(raw):
+        calls.append(time.monotonic())
+        raise RuntimeError("broken hook")
+
+    pool = make_pool({"g": {"role": "primary", "timeout": 1, "configure": broken}}, **PROBING)
+    with pytest.raises(ConnectFailed), pool.handler("g"):
+        pass
+    # (a connect begun before the refusal may still run the hook: let those end)
+    wait_until(lambda: pool._endpoints[0].connecting == 0, 5, "connects under way to end")
+    refused_at = time.monotonic()
+    errors = group_stats(pool, "g")["connect_errors"]
+    sleep(0.5)  # ten role checks
+    assert [round(t - refused_at, 2) for t in calls if t > refused_at] == []
+    assert group_stats(pool, "g")["connect_errors"] == errors

@@ -104,3 +104,20 @@ def test_setbacks_in_a_row_double_the_pause_up_to_the_longest_and_a_success_star
     refusals.forget(endpoint)
     refusals.set_back(endpoint, "lock timeout", now=10.0)
     assert refusals.until(endpoint) == 10.5
+
+
+def test_failures_of_connects_begun_before_the_latest_setback_are_no_news() -> None:
+    """Connects that began together (a burst of callers) and fail one after the other for
+    the same held lock are one setback: the later ones neither double nor lengthen the
+    pause, and their ends do not lift the hold of the one connect that tries again."""
+    (endpoint,) = _endpoints(1)
+    refusals = Refusals([endpoint])
+    for failed_at in (0.10, 0.11, 0.12):  # three connects, all begun at 0.0
+        refusals.set_back(endpoint, "lock timeout", now=failed_at, began=0.0)
+    assert refusals.until(endpoint) == pytest.approx(0.6)  # the first backoff, once
+    assert refusals.claim(endpoint, 0.6, hold=2.0)  # the one that tries again
+    refusals.set_back(endpoint, "lock timeout", now=0.65, began=0.05)  # a slow one of the burst
+    refusals.settle(endpoint, claimed=0.3)  # another connect's end
+    assert refusals.retrying(endpoint) and refusals.blocks(endpoint, 2.5)
+    refusals.set_back(endpoint, "lock timeout", now=0.7, began=0.6)  # the retry's verdict
+    assert refusals.until(endpoint) == pytest.approx(1.7)  # a setback in a row: 1 s
