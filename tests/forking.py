@@ -103,3 +103,19 @@ def _read_answer(fd: int, deadline: float) -> bytes | None:
         if wanted == _LENGTH.size and len(received) >= wanted:
             wanted += _LENGTH.unpack_from(received)[0]
     return received[_LENGTH.size:]
+
+
+def fork_a_bystander(seconds: float) -> int:
+    """Fork a child that lets its copies of the parent's tasks run for ``seconds`` (the
+    mode's sleep: a gevent child runs them on its hub) and leaves without cleanup; the
+    child's PID, for the parent to reap. For tests that a fork mid-operation leaves the
+    parent's session to the parent."""
+    from modes import sleep
+
+    child = os.fork()
+    if child == 0:
+        try:
+            sleep(seconds)
+        finally:
+            os._exit(0)
+    return child

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from forking import run_in_forked_child
+from forking import fork_a_bystander, run_in_forked_child
 from modes import GREEN, MODE, join_all, sleep, spawn, wait_until
 
 STATS_KEYS = {
@@ -354,12 +354,7 @@ def test_fork_during_a_connects_role_query_leaves_the_parents_session_alone(
             taker = spawn(group.acquire, 8)
             wait_until(lambda h=held_before: proxy.held() > h, 10,
                        "a connect to send its role query through the proxy")
-            child = os.fork()
-            if child == 0:  # the child: outlive the held answer, then leave without cleanup
-                try:
-                    sleep(3)
-                finally:
-                    os._exit(0)
+            child = fork_a_bystander(3)  # it outlives the held answer
             join_all([taker], 10)
             _, status = os.waitpid(child, 0)
             assert status == 0
@@ -545,12 +540,7 @@ def test_fork_during_a_poolers_first_query_leaves_the_parents_session_alone(make
         group = pool.group("g")
         taker = spawn(group.acquire, 8)
         wait_until(lambda: proxy.held() > 0, 10, "the connect's first query to be held")
-        child = os.fork()
-        if child == 0:  # the child: outlive the held answer, then leave without cleanup
-            try:
-                sleep(3)
-            finally:
-                os._exit(0)
+        child = fork_a_bystander(3)  # it outlives the held answer
         join_all([taker], 10)
         _, status = os.waitpid(child, 0)
         assert status == 0
