@@ -305,8 +305,9 @@ class Connector:
             return NoHealthyEndpoint(
                 f"group {self.config.name!r}: no endpoint took a connection within the "
                 f"timeout. Endpoints: {self.describe()}. "
-                + (f"This group's own connects failed: {own}. " if own else "")
-                + "Check that the servers are up and reachable.")
+                + (f"This group's own connects failed: {own}. Check what they say, and "
+                   if own else "Check ")
+                + "that the servers are up and reachable.")
         return PoolTimeout(busy())
 
     def describe(self) -> str:
