@@ -108,6 +108,22 @@ def test_the_limit_holds_and_times_out_clearly(make_pool):
         assert scalar(conn, "SELECT 1") == 1
 
 
+def test_no_time_to_wait_is_a_timeout_that_says_so_on_a_healthy_server(make_pool):
+    """``exclusive(timeout=0)`` with room under ``exclusive_limit``: no connect can start in
+    no time, so the caller gets a PoolTimeout that says so (not that a connect is under way,
+    nor that the endpoints are unhealthy), counted once; nothing is opened."""
+    from greenpool import NoHealthyEndpoint
+
+    pool = make_pool({"g": {"exclusive_limit": 2}})
+    with pytest.raises(PoolTimeout, match="no time was left") as caught, \
+            pool.exclusive("g", timeout=0):
+        pass
+    assert not isinstance(caught.value, NoHealthyEndpoint)
+    stats = group_stats(pool)
+    assert (stats["timeouts"], stats["exclusive_open"], stats["exclusive_connecting"]) == \
+        (1, 0, 0), stats
+
+
 def test_a_waiter_gets_the_slot_given_back_first_come_first_served(make_pool):
     pool = make_pool({"g": {"exclusive_limit": 1}})
     order: list[int] = []

@@ -98,7 +98,7 @@ class DedicatedConnects:
             raise PoolClosed(f"group {group.name!r}: the pool is closed")
         self._capacity.refuse_if_no_room()
         if deadline <= time.monotonic():  # no time to wait: no connect for nobody
-            raise self._no_connection_error(caller_waits)
+            raise self._no_connection_error(caller_waits, "no_time")
         if not self._backend.can_wait:
             return self._open_inline(deadline, caller_waits)
         with self._lock:
@@ -128,10 +128,13 @@ class DedicatedConnects:
         self._counters.opened += 1
         return pc
 
-    def _no_connection_error(self, caller_waits: bool, inline: bool = False) -> PoolError:
-        """A caller's time ran out (``inline``: its own connect was cut short by it)."""
+    def _no_connection_error(self, caller_waits: bool, how: str = "waited") -> PoolError:
+        """A caller's time ran out: ``how`` it went: ``waited`` for the connect tasks,
+        ``inline`` (its own connect cut short by it), or ``no_time`` (none to start one)."""
         connector = self.group.connector
-        if inline:
+        if how == "no_time":
+            why = "no time was left to open one"
+        elif how == "inline":
             why = ("the connect was cut short by it (an attempt may take up to "
                    "connect_timeout)")
         elif caller_waits:
@@ -268,7 +271,7 @@ class DedicatedConnects:
         while True:
             pc = group.connector.open_now(deadline, group.generation)
             if pc is None:
-                raise self._no_connection_error(caller_waits, inline=True)
+                raise self._no_connection_error(caller_waits, "inline")
             try:
                 error = self._capacity.vet(pc, deadline)
             except Retry:
