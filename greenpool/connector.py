@@ -591,7 +591,9 @@ class Connector:
                 waits.append(_RECHECK_PAUSE)
             elif refusals.blocks(ep, now):  # both must end: a quarantine over does not free it
                 waits.append(max(refusals.until(ep) - now, quarantine or 0.0))
-            else:
-                waits.append(_RECHECK_PAUSE if quarantine is None else quarantine)
+            elif quarantine is not None:
+                waits.append(quarantine)
+            else:  # a server that said it is full is left alone until full_until
+                waits.append(max(_RECHECK_PAUSE, ep.full_until - now))
         return max(0.001, min(waits))
 

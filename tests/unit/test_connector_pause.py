@@ -29,3 +29,14 @@ def test_a_set_back_endpoint_whose_quarantine_ended_is_waited_for_not_polled() -
     assert connector._next_chance() > 0.4
     endpoint.quarantined_until = now + 2  # a quarantine that outlasts the setback
     assert connector._next_chance() > 1.9
+
+
+def test_a_server_that_said_it_is_full_is_waited_for_not_polled() -> None:
+    """A full server (``too many clients``) is left alone by connects for a jittered pause;
+    the connect task sleeps that long instead of looking every 20 ms meanwhile."""
+    endpoint = Endpoint(EndpointConfig(host="127.0.0.1"), 0.5, 30)
+    connector = Connector(GroupConfig(name="g"), [endpoint], SingleBackend(), "app",
+                          GroupCounters())
+    assert connector._next_chance() == pytest.approx(0.02)  # nothing to wait for
+    endpoint.full_until = time.monotonic() + 0.2
+    assert connector._next_chance() > 0.15
