@@ -297,7 +297,7 @@ class Connector:
         if error is not None:
             return error
         if count:
-            self.counters.timeouts += 1
+            self.count_timeout()
         if self.failing or self.none_usable():
             # the group's own failures by name: an endpoint's last error may be another
             # group's (their hooks and refusals differ), and says nothing of a setback
@@ -309,6 +309,11 @@ class Connector:
                    if own else "Check ")
                 + "that the servers are up and reachable.")
         return PoolTimeout(busy())
+
+    def count_timeout(self) -> None:
+        """One caller of the group whose time ran out (the one place the count grows: a
+        caller failed by a connect shared with others counts its own, see ``listen``)."""
+        self.counters.timeouts += 1
 
     def describe(self) -> str:
         """The endpoints, and why none fits the group's role when none does (a standby

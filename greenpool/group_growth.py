@@ -181,7 +181,7 @@ class GroupGrowth(GroupBase):
                 self._count_orphans()
                 slot = self._take_slot() if self._size < self.config.connection_count else None
             if slot is None:
-                self.counters.timeouts += 1
+                self.connector.count_timeout()
                 raise PoolTimeout(
                     f"group {self.name!r}: all {self.config.connection_count} connections are "
                     f"in use, and in non-threaded mode nobody can return one while you wait; "

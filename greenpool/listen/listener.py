@@ -73,7 +73,7 @@ class Listener:
                 if isinstance(error, PoolTimeout) and time.monotonic() >= deadline:
                     # the hub's connect ran out of the time of the callers it served, and
                     # counted none: each one it fails counts its own timeout
-                    hub.group.connector.counters.timeouts += 1
+                    hub.group.connector.count_timeout()
                 raise error
             if closed:
                 self.close()
