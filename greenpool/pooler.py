@@ -66,6 +66,7 @@ logger = logging.getLogger("greenpool")
 NONE, SESSION, TRANSACTION = "none", "session", "transaction"
 _IDLE = extensions.TRANSACTION_STATUS_IDLE
 _OPEN = (extensions.TRANSACTION_STATUS_INTRANS, extensions.TRANSACTION_STATUS_INERROR)
+_PSYCOPG_READY = extensions.STATUS_READY
 
 #: addresses found to be poolers by their refusal of ``options`` (no ``pooler`` key given);
 #: mutated in place only: the borrow path reads it directly
@@ -232,10 +233,11 @@ def _read(raw: Any, text: str) -> tuple[sql.Statement, ...]:
             "send a text it cannot read") from None
 
 
-def _plan(raw: Any, prefix: str, text: str) -> bool:
-    """Whether ``text`` (exactly what will be sent) takes the settings in front; raises
-    what a pooler cannot send with them, where the server would have applied them to a
-    direct connection."""
+def _plan(raw: Any, prefix: str, text: str) -> tuple[bool, bool]:
+    """Whether ``text`` (exactly what will be sent) takes the settings in front, and
+    whether after it (it ends with ``COMMIT AND CHAIN``: the chained transaction needs them
+    too); raises what a pooler cannot send with them, where the server would have applied
+    them to a direct connection."""
     found = _read(raw, text)
     if any(statement.ends for statement in found[:-1]):
         raise psycopg2.ProgrammingError(
@@ -249,8 +251,8 @@ def _plan(raw: Any, prefix: str, text: str) -> bool:
                 f"cannot execute {found[0].label} in a read-only transaction (greenpool "
                 "refused it: a readonly group behind a pooler cannot send it with its "
                 "readonly setting)")
-        return False
-    return bool(found)
+        return False, False
+    return bool(found), bool(found) and found[-1].chains
 
 
 class _PerTransactionCursor:
@@ -271,17 +273,20 @@ class _PerTransactionCursor:
     def _with_settings(self, call: Any) -> Any:
         """For calls whose SQL we do not compose (named cursors, COPY, callproc): the
         settings go first in a round trip of their own (psycopg2 sends its BEGIN before).
-        In autocommit they would end with that round trip, so the call gets a transaction
-        of its own that carries them, committed at once as autocommit would."""
+        Where psycopg2 sends no BEGIN (autocommit, or after a ``COMMIT`` sent as SQL) they
+        would end with that round trip, so the call gets a transaction of its own that
+        carries them, committed at once as the server would have run it alone."""
         self.__dict__.pop("_many_rowcount", None)
         conn = self.connection
         prefix = self._prefix_now()
         if not prefix:
             return call()
         with extensions.cursor(conn) as plain:
-            if not conn.autocommit:
-                plain.execute(prefix)
+            if not conn.autocommit and conn.status == _PSYCOPG_READY:
+                plain.execute(prefix)  # psycopg2 sends BEGIN first: they last the call
                 return call()
+            # autocommit, or psycopg2 believes a transaction open that a COMMIT or ROLLBACK
+            # sent as SQL ended (the server is idle): it sends no BEGIN of its own
             plain.execute("BEGIN; " + prefix)
             try:
                 result = call()
@@ -315,8 +320,11 @@ class _PerTransactionCursor:
         # what will be sent, exactly (placeholders filled): that is what the server reads
         text = self.mogrify(query, vars)  # type: ignore[attr-defined]
         prefix = self._prefix_now()
-        if _plan(conn, conn.greenpool_prefix, _as_text(conn, text)) and prefix:
+        in_front, after = _plan(conn, conn.greenpool_prefix, _as_text(conn, text))
+        if in_front and prefix:
             text = prefix.encode() + text
+        if after:  # (a newline ends a trailing ``--`` comment)
+            text += b"\n;" + conn.greenpool_prefix.encode()
         return execute(text)
 
     def executemany(self, query: Any, vars_list: Any) -> Any:

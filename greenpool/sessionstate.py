@@ -42,6 +42,9 @@ _CLEAN_MAX = 4096
 #: ``standard_conforming_strings`` says), so the parser runs once per distinct text, dirty
 #: ones too; bounded like CLEAN
 _DIRTY: set[str] = set()
+#: texts with non-ASCII characters, as the server reads them, and whether they change the
+#: session (bounded like CLEAN; see _non_ascii_changes_session)
+_NON_ASCII: dict[str, bool] = {}
 
 
 def _standard_strings(conn: Any) -> bool:
@@ -67,6 +70,20 @@ def _text_of(query: Any, conn: Any) -> str | None:
     return None
 
 
+def _as_the_server_reads(text: str, conn: Any) -> str | None:
+    """``text`` as the server will read it on ``conn``: encoded by psycopg2 with the
+    connection's codec, some of which map a non-ASCII character to an ASCII byte (EUC_JP,
+    SHIFT_JIS: ``¥`` is the byte of ``\\``); None when unknowable (no connection, a
+    character the codec cannot send)."""
+    codec = extensions.encodings.get(getattr(conn, "encoding", None) or "", None)
+    if codec is None:
+        return None
+    try:
+        return text.encode(codec).decode(codec)
+    except UnicodeError:
+        return None
+
+
 def changes_session(query: Any, conn: Any = None) -> bool:
     """True if ``query`` (a string, bytes, or a ``psycopg2.sql`` object, rendered with
     ``conn``) may change session state that outlives its transaction."""
@@ -75,6 +92,8 @@ def changes_session(query: Any, conn: Any = None) -> bool:
     text = _text_of(query, conn)
     if text is None:
         return True  # something we cannot read: assume the worst
+    if not text.isascii():
+        return _non_ascii_changes_session(text, conn)
     backslash = "\\" in text
     if backslash and not _standard_strings(conn):
         return True
@@ -94,3 +113,21 @@ def changes_session(query: Any, conn: Any = None) -> bool:
             cache.clear()
         cache.add(query)
     return False
+
+
+def _non_ascii_changes_session(text: str, conn: Any) -> bool:
+    """The same question for a text with non-ASCII characters: what it says depends on the
+    connection's encoding, so its verdict is kept apart from :data:`CLEAN` (whose fast path
+    knows no connection), by the text as the server reads it."""
+    sent = _as_the_server_reads(text, conn)
+    if sent is None:
+        return True
+    if "\\" in sent and not _standard_strings(conn):
+        return True
+    verdict = _NON_ASCII.get(sent)
+    if verdict is None:
+        verdict = sql.changes_session(sent)
+        if len(_NON_ASCII) >= _CLEAN_MAX:
+            _NON_ASCII.clear()
+        _NON_ASCII[sent] = verdict
+    return verdict

@@ -13,7 +13,9 @@ substring search answers "is there any such node" without building the tree; the
 built (``json.loads``, linear) only when the answer needs a node's fields.
 
 Anything the parser refuses is :class:`Unreadable`: the session check counts it as changing
-the session, the pooler refuses to send it.
+the session, the pooler refuses to send it. So is a tree too deep to build (``json.loads``
+recurses: a sum of ~500 terms is ~1,000 levels): it is built only where a node's fields are
+needed, and where they are and it cannot be, the text is unknown, never clean.
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ class Statement:
     #: ``COMMIT`` / ``END`` / ``ROLLBACK`` / ``ABORT`` / ``PREPARE TRANSACTION`` (with or
     #: without ``AND CHAIN``; ``ROLLBACK TO SAVEPOINT`` does not end the transaction)
     ends: bool = False
+    #: of those, ``AND CHAIN``: a new transaction begins at once (with the old one's
+    #: characteristics, none of its ``SET LOCAL`` settings)
+    chains: bool = False
     #: PostgreSQL refuses to run it inside a transaction block (or may, by server state)
     refuses_block: bool = False
     #: of those, a read-only transaction refuses it too
@@ -78,8 +83,13 @@ def _parse_or_refusal(text: str) -> Any:
 
 
 def _stmts(tree: str) -> list[dict[str, Any]]:
-    """The top-level statement nodes (each ``{"KindStmt": {fields}}``)."""
-    return [raw["stmt"] for raw in json.loads(tree).get("stmts", ())]
+    """The top-level statement nodes (each ``{"KindStmt": {fields}}``); :class:`Unreadable`
+    when the tree is too deep to build here (PostgreSQL reads it: this is greenpool's limit)."""
+    try:
+        return [raw["stmt"] for raw in json.loads(tree).get("stmts", ())]
+    except RecursionError:
+        raise Unreadable("this text nests too deeply for greenpool to read its parse tree "
+                         "(an expression of many hundreds of terms)") from None
 
 
 # --- session state ----------------------------------------------------------------------------
@@ -91,22 +101,25 @@ _PLACEHOLDER = re.compile(r"%(?:\(([^)]*)\))?s|%%")
 _MARKER_BASE = 30001
 # Found by substring in the JSON tree, before any tree is built: nodes that change the session
 # whatever their fields (an INSERT or MERGE may fire a serial default: currval()/lastval())
+# (an added column's default runs for every row: a serial's nextval() sets lastval())
 _ALWAYS = re.compile(
     r'"(?:PrepareStmt|ListenStmt|LoadStmt|DoStmt|CallStmt|InsertStmt|MergeStmt|SetToDefault)"'
-    r'|"relpersistence":"t"')
+    r'|"relpersistence":"t"|"subtype":"AT_AddColumn"')
 # ... and nodes whose fields decide (a function is suspect only if its name occurs)
 _SUSPECT = re.compile(
     r'"(?:VariableSetStmt|DeclareCursorStmt|UpdateStmt|CopyStmt)"'
     r'|"(?:sval|schemaname)":"(?:pg_temp|set_config"|pg_advisory_lock|pg_try_advisory_lock'
-    r'|dblink_connect|nextval"|setval"|pg_replication_origin_session_setup")')
+    r'|dblink_connect|nextval"|setval"|pg_replication_origin_session_setup"|query_to_xml)')
 _PARAMETER = re.compile(r'"ParamRef":\{"number":(\d+)')
 # VAR_SET_MULTI names that end with the transaction
 _TRANSACTION_SCOPED = frozenset(("TRANSACTION", "TRANSACTION SNAPSHOT"))
-# functions that leave state in the session (by their unqualified name)
+# functions that leave state in the session (by their unqualified name), or run SQL given as
+# a string (``query_to_xml``: its text is not read here)
 _SESSION_FUNCTIONS = frozenset((
     "pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock",
     "pg_try_advisory_lock_shared", "dblink_connect", "dblink_connect_u", "nextval", "setval",
-    "pg_replication_origin_session_setup",
+    "pg_replication_origin_session_setup", "query_to_xml", "query_to_xmlschema",
+    "query_to_xml_and_xmlschema",
 ))
 _CURSOR_OPT_HOLD = 0x0020
 
@@ -197,14 +210,16 @@ def changes_session(template: str) -> bool:
         return True  # a placeholder inside a literal, a comment or a name
     if _ALWAYS.search(tree) is not None:
         return True
-    return _SUSPECT.search(tree) is not None and _tree_changes_session(tree)
+    try:
+        return _SUSPECT.search(tree) is not None and _tree_changes_session(tree)
+    except Unreadable:  # too deep to build: unknown
+        return True
 
 
 # --- transactions -----------------------------------------------------------------------------
 
 # top-level statements whose kind alone answers (a long text is read without its tree)
 _TOP_KIND = re.compile(r'\{"stmt":\{"(\w+)":')
-_PLAIN = frozenset(("SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"))
 _STATEMENTS: dict[str, tuple[Statement, ...]] = {}
 
 
@@ -241,6 +256,12 @@ _BLOCKERS: dict[str, str] = {  # refuse a transaction block whatever their optio
     # refuses when the subscription has a replication slot: server state, so assume it does
     "DropSubscriptionStmt": "DROP SUBSCRIPTION",
 }
+# the statements whose fields decide what they are here (the others are ``Statement(kind)``,
+# and a text of only those is classified without building its tree)
+_READ_BY_FIELDS = frozenset((
+    "TransactionStmt", "VacuumStmt", "IndexStmt", "DropStmt", "ReindexStmt", "ClusterStmt",
+    "AlterTableStmt", "AlterDatabaseStmt", "DiscardStmt", "CreateSubscriptionStmt",
+    "AlterSubscriptionStmt", *_BLOCKERS))
 # of the statements that refuse a block, those a read-only transaction allows (PostgreSQL's
 # ClassifyUtilityCommandAsReadOnly)
 _READ_ONLY_ALLOWS = frozenset(("VacuumStmt", "ReindexStmt", "ClusterStmt", "DiscardStmt",
@@ -305,7 +326,7 @@ def _statement(node: dict[str, Any]) -> Statement:
         if what in ("TRANS_STMT_BEGIN", "TRANS_STMT_START"):
             return Statement(kind, begins=True)
         if what in ("TRANS_STMT_COMMIT", "TRANS_STMT_ROLLBACK", "TRANS_STMT_PREPARE"):
-            return Statement(kind, ends=True)
+            return Statement(kind, ends=True, chains=bool(fields.get("chain")))
     label = _refusal(kind, fields)
     if not label:
         return Statement(kind)
@@ -330,7 +351,7 @@ def statements(text: str, offload: Callable[[Callable[[str], Any], str], Any] | 
     else:
         tree = _parse(text)
     kinds = _TOP_KIND.findall(tree)
-    if all(kind in _PLAIN for kind in kinds):  # a bulk INSERT: no tree built
+    if not any(kind in _READ_BY_FIELDS for kind in kinds):  # a bulk INSERT: no tree built
         found = tuple(Statement(kind) for kind in kinds)
     else:
         found = tuple(_statement(node) for node in _stmts(tree))

@@ -10,7 +10,8 @@ The attacks:
   the rest in a new transaction without the settings;
 * a readonly autocommit group is refused what the server refuses a direct readonly
   connection (``CREATE DATABASE`` refuses a transaction block, so it travels without one);
-* ``callproc`` and a ``WITH HOLD`` cursor in autocommit carry the settings too.
+* ``callproc`` and a ``WITH HOLD`` cursor in autocommit carry the settings too, and after a
+  ``COMMIT`` sent as SQL; so does the transaction ``COMMIT AND CHAIN`` begins.
 """
 
 from __future__ import annotations
@@ -99,6 +100,57 @@ def test_callproc_and_a_held_cursor_of_a_readonly_group_never_write(
             assert cur.fetchall() == [("on", "300ms")]
         db.commit()
     assert _rows(pg) == []
+
+
+@needs_pgbouncer
+@pytest.mark.parametrize("ended_by", ["COMMIT", "ROLLBACK"])
+def test_calls_after_a_transaction_ended_as_sql_still_carry_the_settings(
+    bouncer: PgBouncer, pool_at: Any, pg: Cluster, ended_by: str
+) -> None:
+    """A ``COMMIT`` sent as SQL leaves psycopg2 believing a transaction open: it sends no
+    BEGIN before the next call, so settings sent alone would end at once."""
+    pool = _readonly(bouncer, pool_at, False)
+    with pool.handler("ro") as db:
+        with db.cursor() as cur:
+            cur.execute("SELECT 1")
+            cur.execute(ended_by)
+            with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction):
+                cur.callproc("greenpool_pooled_write")
+        db.rollback()
+        with db.cursor() as cur:
+            cur.execute(ended_by)
+            with pytest.raises(psycopg2.errors.QueryCanceled):
+                cur.callproc("pg_sleep", (2,))
+        db.rollback()
+        with db.cursor() as cur:
+            cur.execute(ended_by)
+        held = db.cursor("held_after_end", withhold=True)
+        with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction):
+            held.execute("SELECT greenpool_pooled_write()")
+            held.fetchall()
+        db.rollback()
+    assert _rows(pg) == []
+
+
+@needs_pgbouncer
+@pytest.mark.parametrize("autocommit", [True, False])
+def test_a_chained_transaction_carries_the_settings(
+    bouncer: PgBouncer, pool_at: Any, autocommit: bool
+) -> None:
+    """``COMMIT AND CHAIN`` begins the next transaction at once: it keeps READ ONLY, not
+    the ``SET LOCAL`` statement_timeout; the settings are sent again after it."""
+    pool = _readonly(bouncer, pool_at, autocommit)
+    with pool.handler("ro") as db:
+        with db.cursor() as cur:
+            if autocommit:
+                cur.execute("BEGIN")
+            cur.execute("SELECT 1")
+            cur.execute("COMMIT AND CHAIN -- and on")
+            cur.execute("SHOW statement_timeout")
+            assert cur.fetchall() == [("300ms",)]
+            with pytest.raises(psycopg2.errors.QueryCanceled):
+                cur.execute("SELECT pg_sleep(2)")
+        db.rollback()
 
 
 @needs_pgbouncer

@@ -125,6 +125,8 @@ DISGUISED_SESSION_CHANGES = [
     "CREATE/**/TEMP TABLE greenpool_ss_t (i int)", "SELECT 1 AS i INTO/**/TEMP greenpool_ss_t",
     "DECLARE greenpool_ss_c CURSOR WITH/**/HOLD FOR SELECT 1",
     "INSERT INTO greenpool_ss_serial (v) VALUES ('x')",
+    "SELECT query_to_xml('SELECT set_config(''search_path'', ''greenpool_ss_x'', false)', "
+    "false, false, '')",
 ]
 
 
@@ -254,7 +256,7 @@ def test_visible_to_the_next_borrower_iff_judged_changing(session: Any,
         with session.cursor() as cur:  # what the pool does with a loan left in a transaction
             cur.execute("ROLLBACK")  # (psycopg2's rollback() does nothing in autocommit)
     visible = _probe(session) != before
-    judged = changes_session(text)
+    judged = changes_session(text, session)
     assert judged or not visible, f"state left but judged clean: {text!r}"
     if not rolled_back:
         assert visible or not judged, f"judged changing but nothing left: {text!r}"
@@ -302,3 +304,51 @@ def test_the_parser_reads_each_distinct_text_once_clean_or_dirty(monkeypatch) ->
     verdicts = [[sessionstate.changes_session(t) for t in texts] for _ in range(5)]
     assert verdicts == [[False, True, True]] * 5
     assert sorted(calls) == sorted(texts)
+
+
+@pytest.mark.parametrize("standard_strings", ["on", "off"])
+def test_a_character_the_connection_sends_as_a_backslash_is_read_as_one(
+        pg: Cluster, make_pool: Any, standard_strings: str) -> None:
+    """In EUC_JP, psycopg2 sends ``¥`` as the byte of ``\\``: the server reads ``E'¥'`` (or,
+    with standard_conforming_strings off, ``'¥'``) as a quote escaped, and the SET hidden in
+    what looks like the next literal runs. The text is judged as the server reads it."""
+    name = f"greenpool_ss_euc_{standard_strings}"
+    pg.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    pg.execute(f"CREATE DATABASE {name} ENCODING 'EUC_JP' LC_COLLATE 'C' LC_CTYPE 'C' "
+               f"TEMPLATE template0")
+    try:
+        pg.execute(f"ALTER DATABASE {name} SET standard_conforming_strings = {standard_strings}")
+        pool = make_pool({"g": {"connection_count": 1, "autocommit": True}},
+                         db=pg.endpoint(name=name))
+        literal = "E'¥'" if standard_strings == "on" else "'¥'"
+        text = f"SELECT {literal}, '; SET search_path TO greenpool_ss_x; --'"
+        with pool.handler("g") as db:
+            before = db.query_one("SHOW search_path")[0]
+            db.query(text)
+            assert db.query_one("SHOW search_path")[0] == "greenpool_ss_x"  # it did run
+        with pool.handler("g") as db:
+            assert db.query_one("SHOW search_path")[0] == before
+        pool.close()
+    finally:
+        pg.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def test_a_non_ascii_text_judged_on_one_encoding_is_judged_again_on_another() -> None:
+    """Clean as UTF-8 sends it, a SET as EUC_JP does: the verdict of a text with non-ASCII
+    characters is never taken from the fast path's cache, which knows no connection."""
+    from greenpool import sessionstate
+
+    class Conn:  # a connection's encoding and settings, all the judgement reads of it
+        def __init__(self, encoding: str) -> None:
+            self.encoding = encoding
+            self.info = self
+
+        def parameter_status(self, name: str) -> str:
+            return "on"
+
+    text = "SELECT E'¥', '; SET search_path TO x; --'"
+    assert not changes_session(text, Conn("UTF8"))
+    assert not changes_session(text, Conn("UTF8"))
+    assert text not in sessionstate.CLEAN
+    assert changes_session(text, Conn("EUC_JP"))
+    assert changes_session(text)  # no connection: the encoding is unknown

@@ -42,8 +42,8 @@ class FakeRaw:
 ])
 def test_statements_that_refuse_a_transaction_block_go_alone_in_autocommit(text: str) -> None:
     timeout_only = settings_prefix(500, False)
-    assert not _plan(FakeRaw(autocommit=True), timeout_only, text)
-    assert _plan(FakeRaw(autocommit=False), PREFIX, text)  # in a block: as directly
+    assert _plan(FakeRaw(autocommit=True), timeout_only, text) == (False, False)
+    assert _plan(FakeRaw(autocommit=False), PREFIX, text)[0]  # in a block: as directly
 
 
 @pytest.mark.parametrize("text", [
@@ -52,13 +52,21 @@ def test_statements_that_refuse_a_transaction_block_go_alone_in_autocommit(text:
     "VACUUM t; SELECT 1",  # (the server refuses VACUUM in a multi-statement text anyway)
 ])
 def test_other_statements_carry_the_settings(text: str) -> None:
-    assert _plan(FakeRaw(autocommit=True), PREFIX, text)
+    assert _plan(FakeRaw(autocommit=True), PREFIX, text) == (True, False)
 
 
 def test_a_readonly_group_refuses_what_a_read_only_transaction_refuses() -> None:
     with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction, match="CREATE DATABASE"):
         _plan(FakeRaw(autocommit=True), PREFIX, "CREATE DATABASE x")
-    assert not _plan(FakeRaw(autocommit=True), settings_prefix(500, False), "CREATE DATABASE x")
+    assert not _plan(FakeRaw(autocommit=True), settings_prefix(500, False),
+                     "CREATE DATABASE x")[0]
+
+
+@pytest.mark.parametrize("text", ["COMMIT AND CHAIN", "SELECT 1; ROLLBACK AND CHAIN",
+                                  "commit and chain -- note"])
+def test_a_chained_end_takes_the_settings_after_it_too(text: str) -> None:
+    """The transaction it begins keeps the old one's READ ONLY, none of its SET LOCAL."""
+    assert _plan(FakeRaw(autocommit=False), PREFIX, text) == (True, True)
 
 
 def test_unreadable_texts_and_old_style_literals_are_refused() -> None:

@@ -42,6 +42,8 @@ def refusal(text: str) -> str:
     "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY", "RESET ALL",
     "SELECT pg_advisory_lock(1)", "SELECT dblink_connect('c', 'dbname=x')", "LOAD 'x'",
     "DO $$BEGIN END$$", "CALL p()", "CREATE TABLE pg_temp.t ()",
+    "SELECT query_to_xml('SET ROLE r', false, false, '')",
+    "ALTER TABLE t ADD COLUMN id serial",  # nextval() for every row: lastval()
     "SELECT '%s'",  # a placeholder inside a literal: psycopg2's quotes would split it
     "selec 1",  # unreadable
 ])
@@ -64,6 +66,34 @@ def test_clean_statements_are_clean(text: str) -> None:
 
 def test_a_text_too_long_to_parse_counts_as_changing() -> None:
     assert changes_session("SELECT 1 " + " " * sql.SESSION_CHECK_MAX)
+
+
+DEEP = " + ".join(f"c{i}" for i in range(1500))  # ~3,000 levels of tree: too deep to build
+
+
+def test_a_tree_too_deep_to_build_counts_as_changing_and_crashes_nothing() -> None:
+    assert len(f"UPDATE t SET total = {DEEP}") < sql.SESSION_CHECK_MAX
+    assert changes_session(f"UPDATE t SET total = {DEEP}")
+
+
+def test_a_deep_statement_is_split_without_its_tree_where_its_kind_is_enough() -> None:
+    """Only statements whose fields decide (a transaction's end, what refuses a block)
+    need the tree; one too deep to build is then unreadable, never misread."""
+    assert [s.kind for s in statements(f"EXPLAIN SELECT {DEEP}")] == ["ExplainStmt"]
+    assert [s.kind for s in statements(f"CREATE TABLE t AS SELECT {DEEP}")] == [
+        "CreateTableAsStmt"]
+    assert [s.kind for s in statements(f"SELECT {DEEP}; COPY t TO STDOUT")] == [
+        "SelectStmt", "CopyStmt"]
+    with pytest.raises(Unreadable, match="nests too deeply"):
+        statements(f"CREATE INDEX CONCURRENTLY i ON t (a) WHERE {DEEP} > 0")
+
+
+def test_a_chained_end_is_an_end_that_chains() -> None:
+    (commit,) = statements("COMMIT AND CHAIN")
+    (rollback,) = statements("ROLLBACK AND CHAIN")
+    (plain,) = statements("COMMIT")
+    assert commit.ends and commit.chains and rollback.ends and rollback.chains
+    assert plain.ends and not plain.chains
 
 
 # --- transactions -----------------------------------------------------------------------------
