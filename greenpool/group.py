@@ -86,7 +86,6 @@ class Group(GroupRetiring):
         """
         now = _monotonic()
         wait_for = self.config.timeout if timeout is None else timeout
-        self.counters.acquires += 1
         pc: PooledConnection | None = None
         if self._spread_inline and now >= self._next_spread and wait_for > 0:
             pc = self._spread(now, now + wait_for)
@@ -138,6 +137,7 @@ class Group(GroupRetiring):
             self._lent.add(ref)
             if holder is not None:
                 holder._pc = pc
+            self.counters.acquires += 1  # handed out: failed calls count as what failed them
             return pc
         except BaseException:  # a signal handler's, as the add returns: no caller has it
             if pc.lent_ref is not None:

@@ -20,8 +20,8 @@ Invariants, after every step:
   connections (``connects - discards``) are exactly its idle and lent ones; housekeeping may
   hold a connection for a bounded check, so this is polled for a few seconds, and a slot
   nobody holds never comes back;
-* ``in_use`` is exactly what the model holds, ``acquires`` exactly the calls it made, and no
-  connection is lent twice;
+* ``in_use`` is exactly what the model holds, ``acquires`` exactly the connections it was
+  handed, and no connection is lent twice;
 * on the server, the sessions named by the pool's ``application_name`` (besides stalled
   backends, which cannot exit until resumed) never exceed the total ``connection_count``
   (polled: a closed session's backend exits asynchronously).
@@ -210,11 +210,12 @@ class SlotAccountingMachine(RuleBasedStateMachine):
         self.held.append((name, pc))
 
     def _acquire(self, name: str, timeout: float | None) -> PooledConnection | None:
-        self.acquires[name] += 1
         try:
-            return self.group(name).acquire(timeout)  # type: ignore[no-any-return]
+            pc = self.group(name).acquire(timeout)
         except PoolError:  # timed out, no endpoint answered, closed: a refusal, not a loss
             return None
+        self.acquires[name] += 1  # counted as handed out
+        return pc  # type: ignore[no-any-return]
 
     @rule(name=st.sampled_from(GROUPS),
           timeout=st.sampled_from([None, 0.0, 0.001, 0.2]))

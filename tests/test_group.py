@@ -8,7 +8,7 @@ import pytest
 from faults import raising_once_at_the_call_of
 from modes import MODE, wait_until
 
-from greenpool import Pool
+from greenpool import Pool, PoolTimeout
 
 CHECK_IDLE_AFTER = 0.05
 
@@ -284,3 +284,23 @@ def test_a_lost_loan_leaves_the_group_counts_as_soon_as_its_connection_is_collec
     del pc
     gc.collect()
     assert (group.counts[endpoint], endpoint.open) == (0, 0)
+
+
+@pytest.mark.timeout(30)
+def test_acquires_count_connections_handed_out_and_a_call_that_timed_out_as_a_timeout(
+        make_pool):
+    """``acquires`` (``greenpool_connections_acquired_total``) is what was handed out, so
+    it equals the wait histogram's count; a failed call is counted by what failed it."""
+    from greenpool.stats import timings_of
+
+    pool = make_pool({"g": {"connection_count": 1}})
+    group = pool.group("g")
+    timings = timings_of(group)  # as an exporter switches them on
+    pc = group.acquire(5)
+    for _ in range(3):
+        with pytest.raises(PoolTimeout):
+            group.acquire(0.01)
+    group.release(pc)
+    stats = group.stats()
+    assert (stats["acquires"], stats["timeouts"]) == (1, 3), stats
+    assert timings.wait.count == 1
