@@ -110,6 +110,7 @@ class Instrumentation:
         self._pool = weakref.ref(pool)
         self._lock = threading.Lock()
         self._stopped = False
+        self._name = name
         self._attributes = {group: _group_attributes(pool, name, group)
                             for group in pool.config.groups}
         self._buffers: list[tuple[Timing, Callable[[list[float]], None], _Buffer]] = []
@@ -149,6 +150,9 @@ class Instrumentation:
             buffer.values.clear()
 
     def flush(self) -> None:
+        pool = self._pool()
+        if pool is not None and not pool.closed:
+            self._current_attributes(pool)
         for timing, _, buffer in self._buffers:
             timing.fold()
             buffer.flush()
@@ -158,8 +162,23 @@ class Instrumentation:
         pool = self._pool()
         if pool is None or pool.closed or self._stopped:
             return
+        attributes = self._current_attributes(pool)
         for group, values in pool.stats()["groups"].items():
-            yield self._attributes[group], values
+            yield attributes[group], values
+
+    def _current_attributes(self, pool: Pool) -> dict[str, dict[str, Any]]:
+        """Each group's attributes as its endpoints are now (``reconfigure()`` may move a
+        group to another server), read at each collection: a duration is recorded under
+        those of the collection that records it."""
+        for group, old in list(self._attributes.items()):
+            new = _group_attributes(pool, self._name, group)
+            if new == old:
+                continue
+            for _, _, buffer in self._buffers:
+                if buffer.attributes is old:
+                    buffer.attributes = new
+            self._attributes[group] = new
+        return self._attributes
 
 
 class _Observers:

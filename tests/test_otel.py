@@ -138,6 +138,31 @@ def test_a_buffer_never_outgrows_its_limit(make_pool, reader, monkeypatch):
     assert point(read(reader), "db.client.connection.use_time", **{POOL_NAME: "g"}).count == 10
 
 
+def test_a_group_moved_to_another_server_is_reported_under_its_new_address(
+        make_pool, pg, pg_factory, reader):
+    """``reconfigure()`` moves the group: gauges and durations name the server it is on
+    now; durations recorded before the move keep the old one."""
+    reader, provider = reader
+    other = pg_factory()
+    pool = make_pool({"g": {"connection_count": 1}})
+    otel.instrument(pool, meter_provider=provider)
+    with pool.handler("g") as db:
+        db.query("SELECT 1")
+    read(reader)  # a collection before the move
+    pool.reconfigure({"type": MODE, "db": other.endpoint(), "groups": {"g": {
+        "connection_count": 1}}})
+    with pool.handler("g") as db:
+        assert db.query("SELECT inet_server_port()") == [(other.port,)]
+    found = read(reader)
+    old = {POOL_NAME: "g", "server.port": pg.port}
+    new = {POOL_NAME: "g", "server.port": other.port}
+    assert point(found, "db.client.connection.max", **new).value == 1
+    assert not [p for p in found["db.client.connection.max"]
+                if p.attributes.get("server.port") == pg.port]
+    assert point(found, "db.client.connection.use_time", **old).count == 1
+    assert point(found, "db.client.connection.use_time", **new).count == 1
+
+
 def test_instrumenting_a_pool_twice_under_one_name_is_refused(make_pool, reader):
     reader, provider = reader
     pool = make_pool({"g": {}})
