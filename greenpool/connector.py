@@ -59,7 +59,7 @@ from .connection import (
 from .endpoint import GROUP_SETBACKS, HOOK_NO_ANSWER, QUARANTINED, UP, Endpoint
 from .errors import ConnectFailed, NoHealthyEndpoint, PoolClosed, PoolError, PoolTimeout
 from .events import no_event
-from .failures import no_answer
+from .failures import advice, no_answer
 from .placement import connect_order, where_to_be
 from .promotion import PromotionWatch
 from .refusals import Refusals
@@ -305,9 +305,9 @@ class Connector:
             return NoHealthyEndpoint(
                 f"group {self.config.name!r}: no endpoint took a connection within the "
                 f"timeout. Endpoints: {self.describe()}. "
-                + (f"This group's own connects failed: {own}. Check what they say, and "
-                   if own else "Check ")
-                + "that the servers are up and reachable.")
+                + (f"This group's own connects failed: {own}. Check what they say. "
+                   if own else "")
+                + advice(ep.last_error for ep in self.endpoints))
         return PoolTimeout(busy())
 
     def count_timeout(self) -> None:

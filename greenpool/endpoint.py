@@ -41,6 +41,7 @@ from typing import Any
 
 from .config import EndpointConfig
 from .events import no_event
+from .failures import FULL_KINDS  # kinds that say the server is full, not down
 
 logger = logging.getLogger("greenpool")
 
@@ -48,8 +49,6 @@ UP, QUARANTINED, PROBING = "up", "quarantined", "probing"
 PRIMARY, STANDBY, UNKNOWN = "primary", "standby", "unknown"
 
 _SLOW_START = 2  # connects in flight allowed right after recovery
-#: failure kinds (failures.py) that say the server is full, not down
-FULL_KINDS = frozenset({"too_many_connections", "pooler_full"})
 #: kinds of connect failure that are one group's own and passing: its configure hook met a
 #: lock, a deadlock, a resource limit, or got no answer in time. The server answered the
 #: connect, so its health is not in question (other groups use it as before)

@@ -16,9 +16,10 @@ requests a retry would have served, a wrong "transient" costs one acquire timeou
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["Verdict", "classify", "no_answer", "unresolvable"]
+__all__ = ["FULL_KINDS", "Verdict", "advice", "classify", "no_answer", "unresolvable"]
 
 
 @dataclass(frozen=True)
@@ -89,10 +90,21 @@ _RULES = (
     _rule(r"the database system is (shutting down|not accepting connections)", False,
           "shutting_down", "the server is shutting down or not accepting connections; "
           "it is retried and other endpoints are tried"),
+    # the server is up and full (for this role, in this database, or for everyone)
+    _rule(r'too many connections for role', False, "role_connection_limit",
+          "the role's CONNECTION LIMIT is reached (every session of the role counts, from "
+          "every process and client): raise it (ALTER ROLE ... CONNECTION LIMIT) or lower "
+          "connection_count, exclusive_limit and listeners across the processes that log in "
+          "as this role"),
+    _rule(r'too many connections for database', False, "database_connection_limit",
+          "the database's CONNECTION LIMIT is reached (every session in it counts, from "
+          "every process and client): raise it (ALTER DATABASE ... CONNECTION LIMIT) or "
+          "lower connection_count, exclusive_limit and listeners across the processes that "
+          "use this database"),
     _rule(r"too many clients|too many connections|connection slots are reserved|"
           r"max_connections", False, "too_many_connections",
           "the server has no free connection slot: lower connection_count across your "
-          "processes or raise the server's max_connections (or the role's CONNECTION LIMIT)"),
+          "processes or raise the server's max_connections"),
     _rule(r"no more connections allowed", False, "pooler_full",
           "the pooler's max_client_conn is reached: raise it or lower connection_count"),
     _rule(r"query_wait_timeout|server conn crashed|pgbouncer cannot connect to server|"
@@ -114,6 +126,11 @@ _RULES = (
 
 _UNKNOWN = Verdict(False, "unknown", "retried until the acquire timeout; see the server's message")
 
+#: kinds that say the server (or pooler) is up and full: for everyone, for the role, in the
+#: database. Retried, never a quarantine: the server is healthy and so are its connections
+FULL_KINDS = frozenset({"too_many_connections", "role_connection_limit",
+                        "database_connection_limit", "pooler_full"})
+
 
 def classify(message: str) -> Verdict:
     """The verdict on a connect failure from the driver's (or our own) message."""
@@ -121,6 +138,18 @@ def classify(message: str) -> Verdict:
         if pattern.search(message):
             return verdict
     return _UNKNOWN
+
+
+def advice(last_errors: Iterable[str | None]) -> str:
+    """What to do when no endpoint took a connection, given each endpoint's last error: a
+    server that said it is full is up, so it is not for the servers to be checked; what
+    its full limit asks is said instead (one sentence per limit met)."""
+    verdicts = [classify(error) if error else None for error in last_errors]
+    full = dict.fromkeys(v.hint for v in verdicts if v is not None and v.kind in FULL_KINDS)
+    said = "".join(f" {hint[0].upper()}{hint[1:]}." for hint in full)
+    if full and all(v is not None and v.kind in FULL_KINDS for v in verdicts):
+        return said.lstrip()
+    return "Check that the servers are up and reachable." + said
 
 
 def no_answer() -> Verdict:

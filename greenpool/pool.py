@@ -21,7 +21,7 @@ from .config.checks import integer
 from .endpoint import ROLE_STALE_AFTER, Endpoint
 from .errors import ConfigError, PoolClosed
 from .events import Events
-from .exclusive import Exclusive, ExclusiveSlots, missing_connections
+from .exclusive import Exclusive, ExclusiveSlots, Room, room_needed
 from .group import Group
 from .handler import Handler
 from .housekeeping import Housekeeping
@@ -72,7 +72,7 @@ class Pool:
             group.connector.on_event = partial(self._group_event, group.name)
         self._set_lag_alerts()
         self._only_group = next(iter(self._groups)) if len(self._groups) == 1 else None
-        self._exclusive = {name: ExclusiveSlots(group, self._backend, self._room_needed)
+        self._exclusive = {name: ExclusiveSlots(group, self._backend, _room_needed)
                            for name, group in self._groups.items()}
         self._listeners = Listeners(self._backend)
         self._closed = False
@@ -345,12 +345,6 @@ class Pool:
 
     # --- housekeeping and fork -----------------------------------------------------------
 
-    def _room_needed(self, endpoint: Endpoint) -> int:
-        """Server connection slots on ``endpoint`` the groups may still need: a dedicated
-        connection may take only what is left over (see exclusive/capacity.py)."""
-        return sum(missing_connections(group) for group in self._groups.values()
-                   if group.uses(endpoint))
-
     def _endpoint_failed(self, endpoint: Endpoint) -> None:
         """One connection to ``endpoint`` proved dead: evict its idle peers in every group."""
         for group in self._groups.values():
@@ -379,6 +373,15 @@ class Pool:
         self._forked = False
         if not self._closed:
             self._housekeeping.start()
+
+
+def _room_needed(endpoint: Endpoint) -> Room:
+    """What the groups of every live pool of the process may still need under the limits a
+    session on ``endpoint`` meets: a dedicated connection may take only what is left over
+    (see exclusive/capacity.py). Every pool's: the server counts the sessions of all."""
+    groups = [group for pool in list(_live_pools) if not pool._closed
+              for group in list(pool._groups.values())]
+    return room_needed(endpoint, groups)
 
 
 def _after_fork_in_child() -> None:

@@ -3,8 +3,9 @@ take the server connection slots the groups need, never quarantine a full server
 refused through a pooler that gives no session of their own, and are opened in the
 background so that a caller's timeout bounds its wait, never an attempt.
 
-Real servers throughout: a cluster with a low ``max_connections``, a real PgBouncer, and a
-black-hole listener for a server that accepts TCP and never answers.
+Real servers throughout: a cluster with a low ``max_connections`` (or a role's or a
+database's ``CONNECTION LIMIT``, or two pools of the process sharing it), a real PgBouncer,
+and a black-hole listener for a server that accepts TCP and never answers.
 """
 
 from __future__ import annotations
@@ -538,3 +539,104 @@ def test_a_server_that_refuses_the_session_check_gets_a_clear_error_not_a_connec
         assert pool.stats()["endpoints"][label(server)]["connects"] == 1
     finally:
         pool.close()
+
+
+def hold_at_once(pool: Any, group: str, count: int) -> list[BaseException | None]:
+    """``count`` loans of ``group`` held at the same time, each by a task of its own: their
+    errors (None for a loan that was served)."""
+    held: list[int] = []
+    release: list[bool] = []
+
+    def hold() -> None:
+        with pool.handler(group, timeout=5) as db:
+            db.query_one("SELECT 1")
+            held.append(1)
+            wait_until(lambda: bool(release), 20, "the release")
+
+    tasks = [spawn(hold) for _ in range(count)]
+    try:
+        wait_until(lambda: len(held) == count or any(t.error is not None for t in tasks), 20,
+                   f"{count} held connections")
+    finally:
+        release.append(True)
+        join_all(tasks, 20)
+    return [t.error for t in tasks]
+
+
+@pytest.mark.parametrize("limit", ["role", "database"])
+def test_a_role_or_database_connection_limit_leaves_the_groups_their_connections(
+    pg_factory, limit
+):
+    """The role (or the database) has CONNECTION LIMIT 4 and the group connection_count 3,
+    on a server of many more max_connections: a listener fits (3 left for the group), an
+    exclusive block then does not, and is refused with PoolTimeout naming the limit; the
+    group still holds its 3 connections at once. (Counting max_connections alone let the
+    block in, and the group's third connect met "too many connections for role".)"""
+    from greenpool import Pool
+
+    server = pg_factory(settings={"autovacuum": "off"})  # a worker would count in the database
+    server.create_user("app", "app-pw")
+    endpoint = server.endpoint(user="app", **{"pass": "app-pw"})
+    if limit == "role":
+        server.execute("ALTER ROLE app CONNECTION LIMIT 4")
+    else:
+        server.create_database("appdb", owner="app")
+        server.execute("ALTER DATABASE appdb CONNECTION LIMIT 4")
+        endpoint["name"] = "appdb"
+    pool = Pool({"type": MODE, "db": endpoint, "application_name": APP,
+                 "groups": {"g": {"connection_count": 3, "exclusive_limit": 3}}})
+    try:
+        with pool.listen("g", "jobs", timeout=5) as listener:
+            with pytest.raises(PoolTimeout, match="CONNECTION LIMIT 4") as caught, \
+                    pool.exclusive("g", timeout=3):
+                pass
+            assert f"{limit} " in str(caught.value)
+            assert hold_at_once(pool, "g", 3) == [None] * 3
+            with pool.handler("g", timeout=5) as db:  # (in the listener's database)
+                db.query_one("SELECT pg_notify('jobs', 'still here')")
+            assert listener.get(5).payload == "still here"
+        endpoint_stats = pool.stats()["endpoints"][label(server).replace(
+            "/postgres", f"/{endpoint['name']}")]
+        assert endpoint_stats["quarantines"] == 0 and endpoint_stats["full"] == 0
+    finally:
+        pool.close()
+
+
+def test_dedicated_connections_leave_room_for_the_groups_of_every_pool_of_the_process(
+    pg_factory
+):
+    """Two pools of one process on one server of 6 usable slots (max_connections 9, 3
+    reserved): pool A's group of 2 and pool B's group of 3 leave room for one dedicated
+    connection. A's first exclusive block gets it, its second is refused (the rule counts
+    B's group too); meanwhile both groups hold all their connections at once. Once B is
+    closed its room is A's to use."""
+    from greenpool import Pool
+
+    server = pg_factory(settings={"max_connections": 9, "superuser_reserved_connections": 3})
+    server.create_user("app", "app-pw")
+    endpoint = server.endpoint(user="app", **{"pass": "app-pw"})
+    a = Pool({"type": MODE, "db": endpoint, "application_name": APP,
+              "groups": {"a": {"connection_count": 2, "exclusive_limit": 3}}})
+    b = Pool({"type": MODE, "db": endpoint, "application_name": APP,
+              "groups": {"b": {"connection_count": 3}}})
+    try:
+        with a.exclusive("a", timeout=3) as conn:
+            conn.cursor().execute("SELECT 1")
+            with pytest.raises(PoolTimeout, match="groups of this process may still open 5"), \
+                    a.exclusive("a", timeout=3):
+                pass
+            assert hold_at_once(b, "b", 3) == [None] * 3
+            assert hold_at_once(a, "a", 2) == [None] * 2
+            b.close()
+
+            def admitted() -> bool:
+                try:
+                    with a.exclusive("a", timeout=1):
+                        return True
+                except PoolTimeout:
+                    return False
+
+            wait_until(admitted, 10, "an exclusive block in the room B left")
+    finally:
+        a.close()
+        b.close()

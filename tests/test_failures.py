@@ -3,8 +3,9 @@
 Every verdict a real server or a real PgBouncer can produce is tested against one: a scram
 role with a wrong password, a missing database, a role with no pg_hba.conf line, a missing
 role (under trust auth: with password auth PostgreSQL hides whether the role exists),
-max_connections and a role's CONNECTION LIMIT reached, a server shutting down, and through
-PgBouncer the refused `options` startup parameter, an unknown database and max_client_conn.
+max_connections and a role's and a database's CONNECTION LIMIT reached, a server shutting
+down, and through PgBouncer the refused `options` startup parameter, an unknown database and
+max_client_conn.
 The rest (a server starting up or in recovery, PgBouncer's query_wait_timeout and crashed
 server connections, a reset during login) cannot be produced on demand here: those are
 tested with the message strings the servers send, recorded from PostgreSQL 15, PgBouncer
@@ -41,13 +42,16 @@ host    all      limited   127.0.0.1/32  scram-sha-256
 @pytest.fixture(scope="module")
 def auth_server() -> Iterator[Cluster]:
     """A server whose pg_hba.conf has gaps, 4 connection slots (1 reserved), a scram role
-    ``alice``, a role with CONNECTION LIMIT 0 and a trust-auth database ``trustdb``."""
+    ``alice``, a role with CONNECTION LIMIT 0, a trust-auth database ``trustdb`` and a
+    database ``closeddb`` with CONNECTION LIMIT 0."""
     with Cluster(settings={"max_connections": 4, "superuser_reserved_connections": 1}) as c:
         (c.datadir / "pg_hba.conf").write_text(_HBA)
         c.execute("SELECT pg_reload_conf()")
         c.create_user("alice", "right-pw")
         c.execute("CREATE ROLE limited LOGIN PASSWORD 'limited-pw' CONNECTION LIMIT 0")
         c.create_database("trustdb")
+        c.create_database("closeddb")
+        c.execute("ALTER DATABASE closeddb CONNECTION LIMIT 0")
         yield c
 
 
@@ -89,9 +93,15 @@ def test_real_fatal_failures(auth_server: Cluster, mode: str, overrides: dict[st
 
 
 def test_real_slot_shortage_is_transient(auth_server: Cluster, mode: str) -> None:
-    """Reserved slots, then no slot at all, then a role's CONNECTION LIMIT: all retried."""
+    """A role's and a database's CONNECTION LIMIT, reserved slots, then no slot at all: all
+    retried, each named for the limit it met."""
     limited = attempt(mode, server(auth_server, user="limited", **{"pass": "limited-pw"}))
-    assert (limited.fatal, limited.kind) == (False, "too_many_connections")
+    assert (limited.fatal, limited.kind) == (False, "role_connection_limit")
+    assert "ALTER ROLE" in str(limited)
+    closed = attempt(mode, server(auth_server, user="alice", name="closeddb",
+                                  **{"pass": "right-pw"}))
+    assert (closed.fatal, closed.kind) == (False, "database_connection_limit")
+    assert "ALTER DATABASE" in str(closed)
     held = []
     try:
         for _ in range(3):
@@ -167,6 +177,33 @@ def test_a_fatal_failure_does_not_quarantine_a_healthy_server(auth_server: Clust
             pass
         (stats,) = pool.stats()["endpoints"].values()
         assert stats["state"] == "up" and stats["quarantines"] == 0
+    finally:
+        pool.close()
+
+
+@pytest.mark.parametrize(("overrides", "limit"), [
+    ({"user": "limited", "pass": "limited-pw"}, "ALTER ROLE"),
+    ({"user": "alice", "pass": "right-pw", "name": "closeddb"}, "ALTER DATABASE"),
+])
+def test_a_connection_limit_refusal_names_the_limit_and_quarantines_nothing(
+    auth_server: Cluster, mode: str, overrides: dict[str, Any], limit: str
+) -> None:
+    """A group whose connects meet a role's (or a database's) CONNECTION LIMIT: its callers
+    are told which limit and how to raise it, not to check that the servers are up (they
+    are); the endpoint is left alone for a moment like a full server, never quarantined."""
+    from greenpool import NoHealthyEndpoint, Pool
+
+    pool = Pool({"type": mode, "db": server(auth_server, **overrides),
+                 "groups": {"g": {"timeout": 1}}})
+    try:
+        with pytest.raises(NoHealthyEndpoint) as info, pool.handler("g"):
+            pass
+        message = str(info.value)
+        assert "too many connections for" in message and limit in message, message
+        assert "up and reachable" not in message, message
+        (stats,) = pool.stats()["endpoints"].values()
+        assert stats["state"] == "up" and stats["quarantines"] == 0, stats
+        assert stats["full"] >= 1, stats
     finally:
         pool.close()
 

@@ -25,8 +25,8 @@ Every path that can be interrupted gives its unit back before re-raising, and a 
 opened for a caller who was interrupted is closed.
 """
 
-from .capacity import missing_connections
+from .capacity import Room, room_needed
 from .handle import Exclusive
 from .slots import ExclusiveSlots
 
-__all__ = ["Exclusive", "ExclusiveSlots", "missing_connections"]
+__all__ = ["Exclusive", "ExclusiveSlots", "Room", "room_needed"]

@@ -18,7 +18,7 @@ from ..concurrency.backend import Backend
 from ..connection import PooledConnection, close_quietly
 from ..errors import PoolClosed, PoolError, PoolTimeout
 from ..stats import ExclusiveCounters
-from .capacity import Capacity
+from .capacity import Capacity, Room
 from .connects import DedicatedConnects
 from .limit import FairLimit
 
@@ -31,14 +31,14 @@ class ExclusiveSlots:
     """The dedicated connections of one group: the ``exclusive_limit`` units, who waits for
     one, and the connections opened for their holders.
 
-    ``room_needed(endpoint)``: how many connection slots on that endpoint's server the
-    pool's groups may still need (the pool sums its groups)."""
+    ``room_needed(endpoint)``: the :class:`~.capacity.Room` the groups of the process may
+    still need under each limit a session on that endpoint meets."""
 
     def __init__(
         self,
         group: Group,
         backend: Backend,
-        room_needed: Callable[[Endpoint], int],
+        room_needed: Callable[[Endpoint], Room],
     ) -> None:
         self.group = group
         self.limit = group.config.exclusive_limit

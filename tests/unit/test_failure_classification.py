@@ -12,7 +12,7 @@ import pytest
 
 from greenpool import parse_config
 from greenpool.connection import ConnectError
-from greenpool.failures import Verdict, classify
+from greenpool.failures import Verdict, advice, classify
 
 # --- recorded messages (not producible on demand here) ---------------------------------------
 
@@ -89,3 +89,18 @@ def test_connect_error_keeps_its_old_constructor() -> None:
     assert (judged.fatal, judged.kind) == (False, "refused")
     assert str(judged) == "h:5432/postgres: x (look)"
 
+
+
+def test_advice_for_full_servers_does_not_send_the_operator_to_check_they_are_up() -> None:
+    """Every endpoint answered that a limit is reached: the advice names each limit met,
+    once, and how to raise it; one endpoint that failed otherwise (or never answered) brings
+    back the check of the servers."""
+    role = 'FATAL:  too many connections for role "app"'
+    database = 'FATAL:  too many connections for database "appdb"'
+    both = advice([role, database, role])
+    assert "up and reachable" not in both
+    assert both.count("ALTER ROLE") == 1 and both.count("ALTER DATABASE") == 1
+    assert "max_connections" not in advice([role])
+    mixed = advice(["connection refused", role])
+    assert mixed.startswith("Check that the servers are up") and "ALTER ROLE" in mixed
+    assert advice([None]) == advice([]) == "Check that the servers are up and reachable."
