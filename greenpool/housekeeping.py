@@ -385,12 +385,17 @@ class Housekeeping:
             raise
         try:
             report = read_role(raw, self._backend, endpoint.config.connect_timeout)
-            endpoint.connect_succeeded(report.role)
-            endpoint.observe(report)
-        except Exception:
-            endpoint.connect_abandoned()
+        except InheritedAcrossFork:
+            raise
+        except BaseException as exc:  # failed, timed out or killed: no verdict, and the
+            endpoint.connect_abandoned()  # endpoint must not stay PROBING (nobody else may)
+            if not isinstance(exc, Exception):
+                raise
+            return
         finally:
             raw.close()
+        endpoint.connect_succeeded(report.role)
+        endpoint.observe(report)
         self._after_probe(endpoint)
 
 

@@ -262,3 +262,39 @@ def test_role_probes_leave_an_endpoint_alone_for_a_group_it_refused(make_pool, p
     sleep(0.5)  # ten role checks
     assert [round(t - refused_at, 2) for t in calls if t > refused_at] == []
     assert group_stats(pool, "g")["connect_errors"] == errors
+
+
+@pytest.mark.timeout(60)
+def test_a_quarantine_probe_interrupted_while_it_reads_the_role_leaves_the_endpoint_free(
+        make_pool, pg):
+    """The probe of a quarantined endpoint is killed (a ``KeyboardInterrupt``, a greenlet's
+    kill) while it waits for its role query: no verdict, and the endpoint must not stay
+    ``probing``, where no connect or probe may touch it again (every borrow failed with
+    NoHealthyEndpoint for the pool's life, the server up). The next probe brings it up."""
+    from faults import raising_once_at_the_call_of
+
+    from greenpool.endpoint import QUARANTINED, UP
+    from greenpool.roles import read_role
+
+    pool = make_pool({"g": {"connection_count": 1}}, db=pg.endpoint(connect_timeout=2),
+                     quarantine_initial=0.1, quarantine_max=0.1)
+    pool._housekeeping.stop()  # its probe is the one run here, by hand
+    group = pool.group("g")
+    (endpoint,) = group.endpoints
+    held = group.acquire(5)  # the group is full: none of its own connects runs meanwhile
+    try:
+        # a connect failure as the connector records it (the server itself stays up)
+        assert endpoint.begin_connect(time.monotonic())
+        endpoint.connect_failed("connection refused")
+        assert endpoint.state == QUARANTINED
+        wait_until(lambda: endpoint.may_connect(time.monotonic()), 5, "the quarantine to end")
+        probe = pool._housekeeping._probe_outside_groups
+        with raising_once_at_the_call_of(read_role.__code__, KeyboardInterrupt()) as fired, \
+                pytest.raises(KeyboardInterrupt):
+            probe(group, endpoint)
+        assert fired
+        assert (endpoint.state, endpoint.connecting) == (QUARANTINED, 0)
+        probe(group, endpoint)
+        assert endpoint.state == UP
+    finally:
+        group.release(held)
