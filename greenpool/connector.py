@@ -485,7 +485,8 @@ class Connector:
         try:
             raw = open_connection(endpoint.config, self.config, kwargs,
                                   self._backend, seconds)
-            pooled_role = self._pooled_role(raw, endpoint) if is_pooled(raw) else None
+            pooled_role = (self._pooled_role(raw, endpoint, deadline) if is_pooled(raw)
+                           else None)
         except ConnectError as exc:
             if cut_by_caller and exc.kind in (_NO_ANSWER, HOOK_NO_ANSWER):
                 endpoint.connect_cut(seconds)  # the caller's time ran out, not the server's
@@ -517,8 +518,8 @@ class Connector:
             role = pooled_role or role_of(raw)
             if pooled_role is None and must_measure(config.role, config.max_lag,
                                                     len(self.endpoints) > 1, role):
-                with still_connecting(raw):
-                    report = read_role(raw, self._backend, endpoint.config.connect_timeout)
+                with still_connecting(raw):  # (cut by the caller's deadline: no verdict)
+                    report = read_role(raw, self._backend, _bound(endpoint, deadline))
                 endpoint.observe(report)
                 role = report.role
             timings = self.counters.timings
@@ -550,15 +551,16 @@ class Connector:
         self.opened.add(pc)
         return pc
 
-    def _pooled_role(self, raw: Any, endpoint: Endpoint) -> str:
+    def _pooled_role(self, raw: Any, endpoint: Endpoint, deadline: float | None) -> str:
         """The role of the server behind a pooler, by one query bounded by
-        ``connect_timeout``: the pooler's login says nothing about that server (it answers
-        from a cached one), so this query is what proves it is there. Its failure is judged
-        like a failed connect (PgBouncer's ``server login has been failing``,
-        ``query_wait_timeout``, a missing server database ...); ``raw`` is then closed."""
+        ``connect_timeout`` (and the caller's ``deadline``): the pooler's login says nothing
+        about that server (it answers from a cached one), so this query is what proves it
+        is there. Its failure is judged like a failed connect (PgBouncer's ``server login
+        has been failing``, ``query_wait_timeout``, a missing server database ...); ``raw``
+        is then closed."""
         config = endpoint.config
         report = behind_pooler(config, raw, read_role, raw, self._backend,
-                               config.connect_timeout)
+                               _bound(endpoint, deadline))
         endpoint.observe(report)
         return report.role
 
@@ -602,3 +604,12 @@ class Connector:
                 waits.append(max(_RECHECK_PAUSE, ep.full_until - now))
         return max(0.001, min(waits))
 
+
+def _bound(endpoint: Endpoint, deadline: float | None) -> float:
+    """A connect's round trip after the login: ``connect_timeout``, or what is left of the
+    caller's ``deadline`` if that comes first (an inline connect answers its caller in time;
+    a no-answer then says nothing of the server, see ``Connector._attempt``)."""
+    seconds = endpoint.config.connect_timeout
+    if deadline is None:
+        return seconds
+    return max(0.001, min(seconds, deadline - _monotonic()))

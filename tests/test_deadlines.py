@@ -381,3 +381,31 @@ def test_a_green_deadline_cut_short_throws_nothing_into_the_next_pass_of_its_loo
             except KeyboardInterrupt:
                 interrupted.append(seconds)
     assert fired and interrupted == [0.05]
+
+
+@pytest.mark.skipif(MODE != "threaded", reason="non-threaded runs once, in the threaded process")
+@pytest.mark.timeout(60)
+def test_a_non_threaded_connect_measuring_its_server_answers_within_the_callers_timeout(pg):
+    """A primary group over two endpoints measures a new connection's timeline at connect:
+    one round trip after the login, which the server (through a proxy) holds 3 s. The
+    inline connect's caller still gets its answer within its own timeout, and the endpoint
+    is not judged for it (the caller's time ran out, not the server's)."""
+    from delayproxy import DelayProxy
+
+    from greenpool import Pool
+    from greenpool.endpoint import UP
+    from greenpool.testing.postgres import free_port
+
+    with DelayProxy(pg.port, 3.0, b"pg_is_in_recovery") as proxy:
+        pool = Pool({"type": "non-threaded",
+                     "db": [proxy.endpoint(pg), pg.endpoint(port=free_port())],
+                     "groups": {"w": {"connection_count": 2, "role": "primary"}}})
+        try:
+            started = time.monotonic()
+            with pytest.raises(PoolTimeout):
+                pool.group("w").acquire(timeout=0.5)
+            assert time.monotonic() - started < 0.8
+            assert proxy.held() >= 1  # the measuring query was the one held
+            assert pool.group("w").endpoints[0].state == UP
+        finally:
+            pool.close()
