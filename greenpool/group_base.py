@@ -110,6 +110,7 @@ class GroupBase:
         # whether waiters with the default timeout share one timer (see _sweep)
         self._line_keeps_time = backend.can_call_later and math.isfinite(config.timeout)
         self._sweep_armed = False
+        self._sweep_at = 0.0  # when the armed sweep fires (monotonic)
         self._cancel_sweep: Callable[[], None] | None = None
         self._size = 0
         self._connecting = 0  # slots held by connect tasks

@@ -4,6 +4,7 @@ and what a caller whose time ran out (or who may not wait) is told."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from .connection import PooledConnection
@@ -38,9 +39,11 @@ class GroupLine(GroupGrowth):
                 waiter = self._new_waiter()
                 line.append(waiter)
                 if default_timeout and self._line_keeps_time:
-                    waiter.deadline = now + wait_for
+                    waiter.deadline = deadline = now + wait_for
                     if not self._sweep_armed:
                         self._arm_sweep(wait_for)
+                    elif deadline < self._sweep_at:  # the default timeout was lowered
+                        self._rearm_sweep(wait_for)
                     own_timeout: float | None = None  # the line's timer times it out
                 else:
                     own_timeout = wait_for
@@ -68,27 +71,39 @@ class GroupLine(GroupGrowth):
         generation = self._generation
         self._cancel_sweep = self._backend.call_later(seconds, lambda: self._sweep(generation))
         self._sweep_armed = True
+        self._sweep_at = _monotonic() + seconds
+
+    def _rearm_sweep(self, seconds: float) -> None:
+        """Sooner than it was armed for (under the lock)."""
+        if self._cancel_sweep is not None:
+            self._cancel_sweep()
+        self._arm_sweep(seconds)
 
     def _sweep(self, generation: int) -> None:
         """The line's timer (green modes). Waiters with the group's default timeout do not
         each arm a timer of their own, which costs more than the rest of a hand-off: they
         joined in deadline order, so one timer, armed for the oldest one's deadline, times
         out every waiter whose deadline passed and re-arms for the next. While the line is
-        busy it fires about once per ``timeout``; once nobody waits it is not re-armed."""
+        busy it fires about once per ``timeout``; once nobody waits it is not re-armed.
+        After ``reconfigure()`` lowered the timeout, a newer waiter's deadline comes before
+        older ones': the whole line is looked at, and the timer armed for the soonest."""
         if generation != self._generation:
             return  # armed in the parent before a fork: this process's line is not its own
         now = _monotonic()
         with self._lock:
             self._sweep_armed = False
             expired = []
+            soonest = math.inf
             for waiter in self._line:  # oldest first
                 deadline = waiter.deadline
                 if deadline is None:
                     continue  # a timeout of its own: its own timer
                 if deadline > now:
-                    self._arm_sweep(deadline - now)  # re-armed before anything can fail
-                    break
-                expired.append(waiter)
+                    soonest = min(soonest, deadline)
+                else:
+                    expired.append(waiter)
+            if soonest < math.inf:
+                self._arm_sweep(soonest - now)  # re-armed before anything can fail
             for waiter in expired:
                 self._line.remove(waiter)
                 waiter.error = self._timeout_error(self.config.timeout)

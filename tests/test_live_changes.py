@@ -709,3 +709,40 @@ def test_an_endpoint_removed_and_added_back_while_its_connections_are_lent_count
         assert server_conns(app, dbname=second_db, expect=0) == 0
     finally:
         pool.close()
+
+
+@pytest.mark.timeout(60)
+def test_callers_after_the_timeout_was_lowered_wait_the_new_timeout(pg):
+    """A caller waits with the default timeout (10 s); reconfigure() lowers it to 0.5 s; a
+    caller after that waits 0.5 s, not until the older caller's deadline (one timer times
+    out the default-timeout waiters, which used to expect deadlines in joining order)."""
+    import time
+
+    from greenpool import PoolTimeout
+
+    config = {"type": MODE, "db": pg.endpoint(),
+              "groups": {"g": {"connection_count": 1, "timeout": 10}}}
+    pool = Pool(config)
+    try:
+        group = pool.group("g")
+        held = group.acquire()
+        outcome: list[BaseException] = []
+
+        def older() -> None:
+            try:
+                group.release(group.acquire())
+            except BaseException as exc:
+                outcome.append(exc)
+
+        first = spawn(older)
+        wait_until(lambda: group.stats()["waiting"] == 1, 10, "the first caller to wait")
+        pool.reconfigure({**config, "groups": {"g": {"connection_count": 1, "timeout": 0.5}}})
+        started = time.monotonic()
+        with pytest.raises(PoolTimeout):
+            group.acquire()
+        assert time.monotonic() - started < 2.0
+        group.release(held)
+        join_all([first], 10)
+        assert not outcome  # the first caller, still within its 10 s, got the connection
+    finally:
+        pool.close()
