@@ -12,10 +12,12 @@ outlives its transaction), and the connection's ``set_client_encoding`` and ``re
 Not seen: a cursor made by calling its class (``RealDictCursor(raw)``), and what a
 function body does (``reset: 'always'`` is for those).
 
-A borrower that lends a task's connection on to user code names its loan
-(``raw.greenpool_loan``, Django's): a cursor made under one loan then fails once that loan
-ended, rather than run on the next borrower's connection, and its statements run through
-the loan's ``run`` (a deadline, what a failure teaches the pool).
+A borrower that lends its connection on to user code names its loan
+(``raw.greenpool_loan``: Django's, a SQLAlchemy engine's, a handler's once its raw
+connection or cursor was asked for): a cursor made under one loan fails once that loan
+ended, rather than run on the next borrower's connection (inside its transaction, maybe
+while it waits on the socket itself), and its statements run through the loan's ``run``
+(Django's: a deadline, what a failure teaches the pool).
 
 The pool's own statements (the handler's, its round trips) run on :func:`own_cursor`: the
 connection's default class, untracked (the handler judges each statement before it runs
@@ -50,7 +52,34 @@ def _dirty(conn: Any) -> None:
 def _given_back() -> psycopg2.InterfaceError:
     return psycopg2.InterfaceError(
         "cursor of a connection already given back to greenpool (opened before "
-        "connection.close() or the end of the request that took it)")
+        "connection.close() or the end of the request, handler block or SQLAlchemy "
+        "Connection that took it): open a new cursor on the connection you hold now")
+
+
+class Loan:
+    """The loan a borrower names for the cursors of its connection when it has nothing to
+    add to their statements (a handler whose raw connection was asked for, a SQLAlchemy
+    engine's): they fail once it ended."""
+
+    __slots__ = ()
+
+    @staticmethod
+    def run(call: Any, *args: Any) -> Any:
+        return call(*args)
+
+
+def claim(raw: Any) -> None:
+    """Cursors of ``raw`` made from here on belong to the loan under way (unless it is named
+    already): once :func:`ended` is called for it, they fail instead of running on the next
+    borrower's connection."""
+    if getattr(raw, "greenpool_loan", False) is None:
+        raw.greenpool_loan = Loan()
+
+
+def ended(raw: Any) -> None:
+    """The loan of ``raw`` ended: the cursors made under it fail from now on."""
+    if getattr(raw, "greenpool_loan", None) is not None:
+        raw.greenpool_loan = None
 
 
 class TrackingConnection:
@@ -58,7 +87,7 @@ class TrackingConnection:
 
     #: the pool's record of this connection (a weak reference, set when it joins the
     #: pool), whose ``dirty`` the cursors set
-    greenpool_pc: Any = _nobody
+    greenpool_pc: Any = staticmethod(_nobody)
     #: the loan a borrower named, with its ``run(call, *args)``; None where none is named
     greenpool_loan: Any = None
     cursor_factory: Any

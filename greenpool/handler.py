@@ -54,7 +54,7 @@ import psycopg2.extras
 from psycopg2 import extensions
 from psycopg2 import sql as pgsql
 
-from .cursors import own_cursor
+from .cursors import claim, own_cursor
 from .errors import CommitOutcomeUnknown, TransactionAborted
 from .open_blocks import block_open
 from .sessionstate import CLEAN, changes_session
@@ -368,6 +368,7 @@ class Handler:
         """
         pc = self._current()
         pc.dirty = True
+        claim(pc.raw)  # its cursors fail once the loan ended (the reset on return ends it)
         return pc.raw
 
     def cursor(self, *args: Any, **kwargs: Any) -> Any:

@@ -58,6 +58,7 @@ from sqlalchemy.pool import Pool as _SAPool
 from sqlalchemy.pool.base import _ConnectionRecord
 from sqlalchemy.sql import Select
 
+from .cursors import Loan, ended
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -175,6 +176,7 @@ class GreenpoolPool(_SAPool):
     def _borrow(self) -> PooledConnection:
         pc = self.group.acquire(self._timeout)
         self._loans[id(pc.raw)] = pc
+        pc.raw.greenpool_loan = Loan()  # raw cursors kept past the loan fail
         if self.track_statements and not self.user_listeners():
             # clean before any listener runs: every cursor made on the connection from
             # here (the dialect's, ``checkout`` listeners', a Connection's, raw ones) tells
@@ -224,6 +226,7 @@ class GreenpoolPool(_SAPool):
         except BaseException:
             self._loans.pop(id(pc.raw), None)
             self._records.pop(pc, None)
+            ended(pc.raw)
             self.group.release(pc, discard="invalidated")
             raise
         self._set_up_at[pc] = pc.resets
@@ -234,6 +237,7 @@ class GreenpoolPool(_SAPool):
             return  # invalidated (already discarded) or detached (given back on close)
         pc = self._loans.pop(id(raw), None)
         if pc is not None:
+            ended(raw)
             self.group.release(pc)  # greenpool's reset; a failed one discards
 
     def _close_connection(self, connection: Any, *, terminate: bool = False) -> None:
@@ -244,6 +248,7 @@ class GreenpoolPool(_SAPool):
         pc = self._loans.pop(id(connection), None)
         if pc is None:
             return
+        ended(connection)
         self._records.pop(pc, None)
         self.group.release(pc, discard="invalidated")
 

@@ -269,6 +269,31 @@ def test_a_set_through_a_raw_cursor_of_a_connection_does_not_reach_the_next_borr
     assert the_next_borrowers_session(pool) == configured
 
 
+def test_a_raw_server_side_cursor_kept_past_its_loan_cannot_reach_the_next_borrower(
+        make_pool):
+    """A named ``WITH HOLD`` cursor of any class, left open: the loan is reset (no cursor
+    stays on the server) and a fetch after the loan raises instead of reaching the next
+    borrower's connection."""
+    import psycopg2
+    import psycopg2.extras
+
+    pool = make_pool({"write": {"connection_count": 1}})
+    engine = create_engine(pool, "write")
+    with engine.connect() as conn:
+        kept = conn.connection.cursor("kept", cursor_factory=psycopg2.extras.NamedTupleCursor,
+                                      withhold=True)
+        kept.itersize = 1
+        kept.execute("SELECT generate_series(1, 5) AS n")
+        assert kept.fetchone().n == 1
+        conn.commit()
+    with pool.handler("write") as db:
+        assert db.query_one("SELECT count(*) FROM pg_cursors")[0] == 0
+        with pytest.raises(psycopg2.InterfaceError, match="already given back"):
+            kept.fetchone()
+        kept.close()  # sends nothing: this block's transaction is untouched
+        assert db.query_one("SELECT 1")[0] == 1
+
+
 def test_a_checkout_listener_setup_does_not_reach_the_next_borrower(make_pool, pg):
     """A ``checkout`` listener's per-loan setup (a tenant's search_path, committed) holds
     for the engine's loan and is reset before another borrower of the group gets the same
