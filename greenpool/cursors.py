@@ -9,8 +9,10 @@ connection's default, psycopg2.extras' or one's own, named or not — is a
 (:func:`greenpool.sessionstate.changes_session`, the one judge) marks the loan dirty; so do
 ``callproc`` and ``copy_*`` (what they run is not read), a ``WITH HOLD`` cursor (it
 outlives its transaction), and the connection's ``set_client_encoding`` and ``reset``.
-Not seen: a cursor made by calling its class (``RealDictCursor(raw)``), and what a
-function body does (``reset: 'always'`` is for those).
+A ``cursor_factory`` that is a function, not a class, marks the loan dirty at once (its
+cursors cannot be watched). Not seen: a cursor made by calling its class
+(``RealDictCursor(raw)``), and what a function body does (``reset: 'always'`` is for
+those).
 
 A borrower that lends its connection on to user code names its loan
 (``raw.greenpool_loan``: Django's, a SQLAlchemy engine's, a handler's once its raw
@@ -94,8 +96,11 @@ class TrackingConnection:
 
     def cursor(self, name: Any = None, cursor_factory: Any = None, withhold: bool = False,
                scrollable: Any = None) -> Any:
-        factory = tracking(cursor_factory or self.cursor_factory or extensions.cursor,
-                           name is not None)
+        factory = cursor_factory or self.cursor_factory or extensions.cursor
+        if isinstance(factory, type):
+            factory = tracking(factory, name is not None)
+        else:  # a function making cursors: no class to put the mixin in front of
+            _dirty(self)
         return super().cursor(  # type: ignore[misc]
             name, cursor_factory=factory, withhold=withhold, scrollable=scrollable)
 
@@ -205,7 +210,10 @@ class NamedTrackingCursor(TrackingCursor):
             super().close()  # type: ignore[misc]
 
 
+#: (factory, named) -> its tracking class; bounded: a class made per call (a factory
+#: defined in a function) would otherwise fill it
 _CLASSES: dict[tuple[type, bool], type] = {}
+_CLASSES_MAX = 256
 
 
 def tracking(factory: type, named: bool) -> type:
@@ -217,5 +225,7 @@ def tracking(factory: type, named: bool) -> type:
     if made is None:
         mixin = NamedTrackingCursor if named else TrackingCursor
         made = type(f"{mixin.__name__[:-6]}{factory.__name__}", (mixin, factory), {})
+        if len(_CLASSES) >= _CLASSES_MAX:
+            _CLASSES.clear()
         _CLASSES[(factory, named)] = made
     return made

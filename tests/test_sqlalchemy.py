@@ -249,18 +249,22 @@ def the_next_borrowers_session(pool: Any) -> tuple[str, str, int]:
     return row[0], row[1], row[2]
 
 
-@pytest.mark.parametrize("factory", [None, "RealDictCursor", "DictCursor", "NamedTupleCursor"])
+@pytest.mark.parametrize("factory", [None, "RealDictCursor", "DictCursor", "NamedTupleCursor",
+                                     "a function"])
 def test_a_set_through_a_raw_cursor_of_a_connection_does_not_reach_the_next_borrower(
         make_pool, factory):
     """``conn.connection.cursor()`` (the pandas/COPY idiom), with any cursor class: the
     statement is seen, so the loan is reset before the next borrower of the group gets the
-    same server connection."""
+    same server connection. A factory that is a function cannot be watched: it makes the
+    loan dirty at once."""
     import psycopg2.extras
 
     pool = make_pool({"write": {"connection_count": 1}})
     configured = the_next_borrowers_session(pool)
     engine = create_engine(pool, "write")
-    kwargs = {} if factory is None else {"cursor_factory": getattr(psycopg2.extras, factory)}
+    kwargs = {} if factory is None else {"cursor_factory": (
+        (lambda conn, name: psycopg2.extensions.cursor(conn, name)) if factory == "a function"
+        else getattr(psycopg2.extras, factory))}
     with engine.connect() as conn:
         conn.execute(text("SELECT 1"))
         with conn.connection.cursor(**kwargs) as cur:
