@@ -40,6 +40,7 @@ from .connection import (
     outside_transaction,
     round_trip,
 )
+from .cursors import ended
 
 logger = logging.getLogger("greenpool")
 
@@ -157,6 +158,7 @@ def reset_on_return(
     if autocommit != group.autocommit:
         raw.autocommit = group.autocommit
     if pc.dirty or group.reset == "always":
+        ended(raw)  # (a loan that lent its raw connection on is dirty)
         reason = _reset_session(pc, group, backend)
         if reason:
             return reason

@@ -36,6 +36,7 @@ from . import credentials, pooler
 from .concurrency.backend import Backend
 from .concurrency.fork import InheritedAcrossFork, forks, still_connecting
 from .config import EndpointConfig, GroupConfig
+from .cursors import TrackingConnection, own_cursor
 from .endpoint import HOOK_FAILED_FOR_NOW, HOOK_NO_ANSWER, Endpoint
 from .failures import Verdict, classify, no_answer, unresolvable
 from .slots import Slot
@@ -146,6 +147,8 @@ class PooledConnection:
         #: (see Endpoint.connections); entered last: made and counted in one step
         self.open_ref = ref = weakref.ref(self, endpoint.connections.discard)
         endpoint.connections.add(ref)
+        if isinstance(raw, TrackingConnection):
+            raw.greenpool_pc = ref  # its cursors mark this record dirty
 
     def __repr__(self) -> str:
         state = "closed" if self.raw.closed else "open"
@@ -210,9 +213,10 @@ def connect_kwargs(
 _SECRET_IN_DSN = re.compile(r"\b(sslpassword|password)=('(?:[^'\\]|\\.)*'|\S+)")
 
 
-class _Connection(extensions.connection):
+class _Connection(TrackingConnection, extensions.connection):
     """psycopg2's connection, with the ``sslpassword`` hidden from ``dsn`` and ``repr``
-    too (psycopg2 itself hides only ``password``)."""
+    too (psycopg2 itself hides only ``password``), whose cursors tell the loan what they
+    did (:mod:`greenpool.cursors`)."""
 
     #: tells the green wait callback that this connect is greenpool's (see
     #: ``concurrency.fork.InheritedAcrossFork``): a user's own connections are left alone
@@ -468,7 +472,7 @@ def round_trip(
         raise RoundTripTimeout(f"no time left for {sql!r}")
     deadline = _Deadline()
     try:
-        with backend.deadline(seconds, deadline), raw.cursor() as cursor:
+        with backend.deadline(seconds, deadline), own_cursor(raw) as cursor:
             cursor.execute(sql, params)
             return None if cursor.description is None else cursor.fetchall()
     except _Deadline as exc:

@@ -54,6 +54,7 @@ import psycopg2.extras
 from psycopg2 import extensions
 from psycopg2 import sql as pgsql
 
+from .cursors import claim, own_cursor
 from .errors import CommitOutcomeUnknown, TransactionAborted
 from .open_blocks import block_open
 from .sessionstate import CLEAN, changes_session
@@ -180,7 +181,7 @@ class Handler:
         root = outer._own_state()
         if not raw.autocommit:
             savepoint = f"greenpool_{id(self):x}"
-            with raw.cursor() as cursor:
+            with own_cursor(raw) as cursor:
                 cursor.execute(f"SAVEPOINT {savepoint}")
             mine = self._own_state()
             mine.savepoint = savepoint
@@ -274,7 +275,7 @@ class Handler:
         raw = pc.raw
         status = raw.get_transaction_status()
         if clean and status == _INTRANS:
-            with raw.cursor() as cursor:
+            with own_cursor(raw) as cursor:
                 cursor.execute(f"RELEASE SAVEPOINT {savepoint}")
             return
         if status not in (_INTRANS, _INERROR):
@@ -282,7 +283,7 @@ class Handler:
         undo = f"ROLLBACK TO SAVEPOINT {savepoint}; RELEASE SAVEPOINT {savepoint}"
         if not clean:
             try:
-                with raw.cursor() as cursor:
+                with own_cursor(raw) as cursor:
                     cursor.execute(undo)
             except psycopg2.Error:
                 pass  # the exception in flight says more; the outer block rolls back
@@ -293,7 +294,7 @@ class Handler:
             f"savepoint, the outer transaction goes on"
         )
         try:
-            with raw.cursor() as cursor:
+            with own_cursor(raw) as cursor:
                 cursor.execute(undo)
         except psycopg2.Error as exc:
             raise aborted from exc
@@ -343,7 +344,7 @@ class Handler:
     def _commit(self, raw: Any, pc: PooledConnection) -> None:
         try:
             if raw.autocommit:  # a BEGIN sent by hand: psycopg2's commit() would skip it
-                with raw.cursor() as cursor:
+                with own_cursor(raw) as cursor:
                     cursor.execute("COMMIT")
             else:
                 raw.commit()
@@ -367,6 +368,7 @@ class Handler:
         """
         pc = self._current()
         pc.dirty = True
+        claim(pc.raw)  # its cursors fail once the loan ended (the reset on return ends it)
         return pc.raw
 
     def cursor(self, *args: Any, **kwargs: Any) -> Any:
@@ -389,7 +391,7 @@ class Handler:
         first = raw.get_transaction_status() == _IDLE
         session_set = pc.dirty
         try:
-            with raw.cursor() as cursor:  # _rows_or_count, inline (a frame less per loan)
+            with own_cursor(raw) as cursor:  # _rows_or_count, inline (a frame less per loan)
                 cursor.execute(sql, params)
                 if cursor.description is None:
                     return int(cursor.rowcount)
@@ -427,7 +429,7 @@ class Handler:
         raw = pc.raw
         open_before = raw.get_transaction_status() != _IDLE
         try:
-            with raw.cursor() as cursor:
+            with own_cursor(raw) as cursor:
                 psycopg2.extras.execute_batch(cursor, sql, params_seq, page_size=page_size)
         except psycopg2.Error as exc:
             if statement_failed(exc, pc, self._group) == "lost" and open_before:
@@ -470,7 +472,7 @@ class Handler:
             if changes:
                 pc.dirty = True
             try:
-                with raw.cursor() as cursor:
+                with own_cursor(raw) as cursor:
                     return work(cursor, *args)
             except psycopg2.Error as exc:
                 if not self._replaced(exc, pc, first, session_set, replays):
@@ -579,7 +581,7 @@ class Handler:
         for nested in state.nest:
             mine = nested._state
             if mine.savepoint is not None:
-                with raw.cursor() as cursor:
+                with own_cursor(raw) as cursor:
                     cursor.execute(f"SAVEPOINT {mine.savepoint}")
                 mine.epoch = state.epoch
 
@@ -591,7 +593,7 @@ class Handler:
 
 def _rollback(raw: Any) -> None:
     if raw.autocommit:  # psycopg2's rollback() is a no-op here
-        with raw.cursor() as cursor:
+        with own_cursor(raw) as cursor:
             cursor.execute("ROLLBACK")
     else:
         raw.rollback()

@@ -375,6 +375,10 @@ def _per_transaction(factory: type) -> type:
     return made
 
 
+#: psycopg2's slot for a connection's default cursor class (read by its C ``cursor()``)
+_DEFAULT_FACTORY: Any = extensions.connection.__dict__["cursor_factory"]
+
+
 class ThroughPooler:
     """Mixed in front of the connection class for an endpoint behind a pooler."""
 
@@ -382,11 +386,25 @@ class ThroughPooler:
     greenpool_prefix = ""
     #: runs a long text's parse off the hub (the pool's ``Backend.offload``)
     greenpool_offload: Any = None
-    cursor_factory: Any
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cursor_factory = None  # the per-transaction plain cursor, not psycopg2's
+
+    @property
+    def cursor_factory(self) -> Any:
+        return _DEFAULT_FACTORY.__get__(self)
+
+    @cursor_factory.setter
+    def cursor_factory(self, factory: Any) -> None:
+        """The default class (which ``own_cursor``, the pool's, makes) carries the settings
+        too, whoever sets it (``psycopg2.connect(cursor_factory=)``, a user)."""
+        _DEFAULT_FACTORY.__set__(
+            self, _per_transaction(factory or extensions.cursor))
 
     def cursor(self, name: Any = None, cursor_factory: Any = None, withhold: bool = False,
                scrollable: Any = None) -> Any:
-        factory = _per_transaction(cursor_factory or self.cursor_factory or extensions.cursor)
+        factory = _per_transaction(cursor_factory or self.cursor_factory)
         return super().cursor(  # type: ignore[misc]
             name, cursor_factory=factory, withhold=withhold, scrollable=scrollable)
 

@@ -18,8 +18,9 @@ FROM``, ``DEFAULT`` in an ``UPDATE``, ``nextval``/``setval`` (a serial default s
 
 The answer for a plain string is cached, so the parser runs once per distinct statement
 text, and a clean loan's statement costs one set lookup (:data:`CLEAN`): the first line of
-:func:`changes_session`, which every caller (Django's cursors, SQLAlchemy's event, the
-pgdbpool layer, the handler's other statements) asks; ``Handler.query`` reads the set
+:func:`changes_session`, which every caller (the tracking cursors every pooled
+connection makes, :mod:`greenpool.cursors`, which Django and SQLAlchemy use; the pgdbpool
+layer; the handler's other statements) asks; ``Handler.query`` reads the set
 itself, a call less on the loan's path.
 """
 

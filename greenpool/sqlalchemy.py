@@ -28,15 +28,16 @@ How SQLAlchemy's pool duties map onto greenpool's:
   ``DISCARD ALL`` and the listeners again per loan. Setup every borrower of the group
   shares costs nothing per loan in the group's ``configure`` hook instead.
 
-Two engine listeners (installed by the ``greenpool`` engine plugin, which
-:func:`create_engine` and :func:`engine_options` use) tell greenpool which loans ran a
-statement that may change the session, so a clean loan costs no ``DISCARD ALL``: a loan
-taken by a ``Connection`` starts clean (``engine_connect``) and each statement is checked
-(``before_cursor_execute``). A loan nobody watched (``engine.raw_connection()``, or a
-:class:`GreenpoolPool` handed to ``sqlalchemy.create_engine`` by hand) is reset.
+Which loans may have changed the session, so that a clean one costs no ``DISCARD ALL``:
+every cursor of a greenpool connection tells its loan (:mod:`greenpool.cursors`), the
+dialect's, ``checkout`` listeners', a ``Connection``'s and raw ones
+(``conn.connection.cursor()``, ``engine.raw_connection()``) alike. On an engine made by
+the ``greenpool`` engine plugin (which :func:`create_engine` and :func:`engine_options`
+use) a loan starts clean when it is taken, before any listener runs; on a
+:class:`GreenpoolPool` handed to ``sqlalchemy.create_engine`` by hand, every loan is reset.
 
-Why one module of this length: the pool class SQLAlchemy subclasses, the engine plugin and
-the event hooks that track loans and dirty sessions share one loan table
+Why one module of this length: the pool class SQLAlchemy subclasses and the engine plugin
+share one loan table
 (:meth:`GreenpoolPool.loan_of`); :class:`RoutingSession`, its one other job (30 lines), stays
 beside them so that the integration is one import.
 """
@@ -57,8 +58,8 @@ from sqlalchemy.pool import Pool as _SAPool
 from sqlalchemy.pool.base import _ConnectionRecord
 from sqlalchemy.sql import Select
 
+from .cursors import Loan, ended
 from .errors import ConfigError
-from .sessionstate import changes_session
 
 if TYPE_CHECKING:
     from .connection import PooledConnection
@@ -130,8 +131,9 @@ class GreenpoolPool(_SAPool):
         self._group_name = group
         self._group: Group | None = None
         self._timeout = timeout
-        #: the engine plugin watches this pool's statements (else every loan is dirty and
-        #: reset with DISCARD ALL); informational, set by the plugin
+        #: a loan starts clean (the cursors tell it what they did; the plugin also knows
+        #: which ``connect`` listeners are the dialect's); else every loan is dirty and
+        #: reset with DISCARD ALL. Set by the engine plugin
         self.track_statements = track_statements
         #: id(raw connection) -> its loan, while SQLAlchemy holds it
         self._loans: dict[int, PooledConnection] = {}
@@ -172,8 +174,14 @@ class GreenpoolPool(_SAPool):
         return self._loans.get(id(dbapi_connection))
 
     def _borrow(self) -> PooledConnection:
-        pc = self.group.acquire(self._timeout)  # dirty until a tracked Connection takes it
+        pc = self.group.acquire(self._timeout)
         self._loans[id(pc.raw)] = pc
+        pc.raw.greenpool_loan = Loan()  # raw cursors kept past the loan fail
+        if self.track_statements and not self.user_listeners():
+            # clean before any listener runs: every cursor made on the connection from
+            # here (the dialect's, ``checkout`` listeners', a Connection's, raw ones) tells
+            # the loan what it did (greenpool.cursors)
+            pc.dirty = False
         return pc
 
     # --- SQLAlchemy's Pool interface ------------------------------------------------------
@@ -218,6 +226,7 @@ class GreenpoolPool(_SAPool):
         except BaseException:
             self._loans.pop(id(pc.raw), None)
             self._records.pop(pc, None)
+            ended(pc.raw)
             self.group.release(pc, discard="invalidated")
             raise
         self._set_up_at[pc] = pc.resets
@@ -228,6 +237,7 @@ class GreenpoolPool(_SAPool):
             return  # invalidated (already discarded) or detached (given back on close)
         pc = self._loans.pop(id(raw), None)
         if pc is not None:
+            ended(raw)
             self.group.release(pc)  # greenpool's reset; a failed one discards
 
     def _close_connection(self, connection: Any, *, terminate: bool = False) -> None:
@@ -238,6 +248,7 @@ class GreenpoolPool(_SAPool):
         pc = self._loans.pop(id(connection), None)
         if pc is None:
             return
+        ended(connection)
         self._records.pop(pc, None)
         self.group.release(pc, discard="invalidated")
 
@@ -337,35 +348,9 @@ class GreenpoolPlugin(CreateEnginePlugin):
         if isinstance(pool, GreenpoolPool):
             pool.track_statements = True
             pool.dialect_listeners = frozenset(pool.dispatch.connect)
-            event.listen(engine, "engine_connect", _trust_loan)
-            event.listen(engine, "before_cursor_execute", _track_statement)
 
 
 plugins.register("greenpool", __name__, "GreenpoolPlugin")
-
-
-def _trust_loan(conn: Any) -> None:
-    """A ``Connection`` took the loan: its statements are seen from here, so the loan is
-    reset on return only if one of them may have changed the session. A loan taken with
-    ``engine.raw_connection()`` is not a Connection's and stays dirty (always reset)."""
-    pool = conn.engine.pool
-    fairy = conn.connection
-    pc = pool.loan_of(fairy.dbapi_connection) if isinstance(pool, GreenpoolPool) else None
-    if pc is not None and not pool.user_listeners():  # (one empty list per loan)
-        pc.dirty = False
-
-
-def _track_statement(conn: Any, cursor: Any, statement: Any, parameters: Any,
-                     context: Any, executemany: bool) -> None:
-    """Mark the loan dirty when a statement may leave session state behind (SET, LISTEN,
-    temporary tables, ...: see sessionstate.py); the common case is one set lookup."""
-    raw = cursor.connection
-    if not changes_session(statement, raw):
-        return
-    pool = conn.engine.pool
-    pc = pool.loan_of(raw) if isinstance(pool, GreenpoolPool) else None
-    if pc is not None:
-        pc.dirty = True
 
 
 def engine_options(

@@ -76,6 +76,89 @@ def test_a_cursor_kept_past_its_loan_cannot_reach_the_next_borrower(pools: Any) 
     connection.close()
 
 
+CURSOR_CLASSES = ["RealDictCursor", "DictCursor", "NamedTupleCursor", "OwnCursor"]
+
+
+def raw_cursor(factory: str) -> Any:
+    """A cursor of the loan's psycopg2 connection, of a class of psycopg2.extras or one's own."""
+    import psycopg2.extras
+    from django.db import connection
+
+    class OwnCursor(psycopg2.extensions.cursor):
+        pass
+
+    connection.ensure_connection()
+    cls = OwnCursor if factory == "OwnCursor" else getattr(psycopg2.extras, factory)
+    return connection.connection.cursor(cursor_factory=cls)
+
+
+@pytest.mark.parametrize("factory", CURSOR_CLASSES)
+def test_a_set_through_a_raw_cursor_of_any_class_never_reaches_the_next_request(
+        pools: Any, factory: str) -> None:
+    """``connection.connection.cursor(cursor_factory=RealDictCursor)`` (dict rows) and the
+    like: the statement is seen, so the loan is reset before the next request."""
+    from django.db import connection
+
+    pid = backend_pid()
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW work_mem")
+        configured = cursor.fetchone()[0]
+    connection.close()
+    with raw_cursor(factory) as cursor:
+        cursor.execute("SET work_mem = '2222kB'")
+    connection.close()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid(), current_setting('work_mem')")
+        assert cursor.fetchone() == (pid, configured)
+    connection.close()
+
+
+@pytest.mark.parametrize("factory", CURSOR_CLASSES)
+def test_a_raw_cursor_of_any_class_kept_past_its_loan_cannot_reach_the_next_borrower(
+        pools: Any, factory: str) -> None:
+    import psycopg2
+    from django.db import connection, transaction
+    from notes.models import Note
+
+    pid = backend_pid()
+    kept = raw_cursor(factory)
+    connection.close()
+    with transaction.atomic(using="default"):
+        assert backend_pid() == pid  # the same server connection, lent again
+        Note.objects.using("default").create(body="kept")
+        with pytest.raises(psycopg2.InterfaceError):
+            kept.execute("SELECT 1")
+        Note.objects.using("default").create(body="still fine")
+    assert Note.objects.using("default").count() == 2
+    connection.close()
+
+
+def test_a_named_raw_cursor_kept_past_its_loan_cannot_reach_the_next_borrower(
+        pools: Any) -> None:
+    """A server-side cursor of any class, WITH HOLD, left unfinished: its fetches fail once
+    its loan ended, and the cursor does not reach the next request's session."""
+    import psycopg2.extras
+    from django.db import connection
+
+    pid = backend_pid()
+    connection.ensure_connection()
+    kept = connection.connection.cursor("kept", cursor_factory=psycopg2.extras.RealDictCursor,
+                                        withhold=True)
+    kept.itersize = 1
+    kept.execute("SELECT generate_series(1, 10) AS n")
+    assert kept.fetchone() == {"n": 1}
+    connection.commit()
+    connection.close()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid(), (SELECT count(*) FROM pg_cursors)")
+        assert cursor.fetchone() == (pid, 0)
+        with pytest.raises(psycopg2.InterfaceError):
+            kept.fetchone()
+        kept.close()  # sends nothing: this loan's transaction is untouched
+        cursor.execute("SELECT 1")
+    connection.close()
+
+
 @pytest.mark.parametrize("statement", [
     "SELECT pg_advisory_lock(42)",
     "SELECT set_config('search_path', 'pg_catalog', false)",

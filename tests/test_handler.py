@@ -331,6 +331,28 @@ def test_settings_changed_in_a_block_are_restored(make_pool):
     assert pool.stats()["groups"]["g"]["discards_by_reason"] == {"session_changed": 1}
 
 
+@pytest.mark.parametrize("factory", [None, "RealDictCursor", "NamedTupleCursor"])
+def test_a_cursor_kept_past_its_block_cannot_reach_the_next_borrower(make_pool, table,
+                                                                     factory):
+    """``db.cursor()`` is the block's: used after it (the connection is lent again by then)
+    it raises instead of running inside the next borrower's transaction."""
+    import psycopg2.extras
+
+    pool = make_pool({"write": {"connection_count": 1}})
+    kwargs = {} if factory is None else {"cursor_factory": getattr(psycopg2.extras, factory)}
+    with pool.handler("write") as db:
+        pid = db.query_one("SELECT pg_backend_pid()")[0]
+        kept = db.cursor(**kwargs)
+    with pool.handler("write") as db:
+        db.query("INSERT INTO t (v) VALUES ('next')")
+        assert db.query_one("SELECT pg_backend_pid()")[0] == pid  # the same connection
+        with pytest.raises(psycopg2.InterfaceError, match="already given back"):
+            kept.execute("SELECT 1")
+        db.query("INSERT INTO t (v) VALUES ('still fine')")
+    with pool.handler("write") as db:
+        assert db.query("SELECT count(*) FROM t")[0][0] == 2
+
+
 def test_unknown_group_names_the_configured_ones(make_pool):
     pool = make_pool({"write": {}, "read": {}})
     with pytest.raises(greenpool.ConfigError, match=r"'nope'.*\['read', 'write'\]"):

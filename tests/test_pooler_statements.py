@@ -187,3 +187,25 @@ def test_a_detected_pooler_still_gets_the_session_reset(pg_factory: Callable[...
         with pool.handler("g") as db:
             assert db.query_one("SHOW search_path")[0] == '"$user", public'
             assert db.query_one("SHOW statement_timeout")[0] == "400ms"
+
+
+@pytest.mark.parametrize("autocommit", [True, False])
+def test_every_cursor_class_carries_the_settings(
+    bouncer: PgBouncer, pool_at: Any, empty: Callable[[], list[Any]], autocommit: bool,
+) -> None:
+    """The handler's own statements and raw cursors of any class (given per cursor, or set
+    as the connection's default by the user) carry the group's readonly setting."""
+    import psycopg2.extras
+
+    pool = _group(bouncer, pool_at, autocommit)
+    with pool.handler("g") as db:
+        db.connection.cursor_factory = psycopg2.extras.NamedTupleCursor
+        for factory in (None, psycopg2.extras.RealDictCursor, psycopg2.extensions.cursor):
+            with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction), \
+                    db.cursor(**({} if factory is None else {"cursor_factory": factory})) as c:
+                c.execute(f"INSERT INTO {T} VALUES ('raw')")
+            db.rollback()
+        with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction):
+            db.query(f"INSERT INTO {T} VALUES ('own')")
+        db.rollback()
+    assert empty() == []

@@ -220,9 +220,9 @@ def test_a_connect_listener_that_fails_when_run_again_costs_its_connection_not_a
 def test_raw_connections_and_isolation_levels_start_from_the_configured_session(
     make_pool, tables
 ):
-    """What the statement tracking cannot see is reset anyway: a loan taken with
-    ``engine.raw_connection()`` gets DISCARD ALL; a per-connection isolation level (which
-    psycopg2 keeps as session state) makes greenpool replace the connection."""
+    """A ``SET`` through a cursor of ``engine.raw_connection()`` is seen (DISCARD ALL on
+    return); a per-connection isolation level (which psycopg2 keeps as session state)
+    makes greenpool replace the connection."""
     pool = make_pool({"write": {"connection_count": 1}})
     engine = create_engine(pool, "write")
     raw = engine.raw_connection()
@@ -239,6 +239,109 @@ def test_raw_connections_and_isolation_levels_start_from_the_configured_session(
     stats = group_stats(pool)
     assert stats["discards_by_reason"] == {"session_changed": 1}
     assert stats["in_use"] == 0
+
+
+def the_next_borrowers_session(pool: Any) -> tuple[str, str, int]:
+    """work_mem, search_path and backend pid as a plain handler of the group finds them."""
+    with pool.handler("write") as db:
+        row = db.query_one("SELECT current_setting('work_mem'), "
+                           "current_setting('search_path'), pg_backend_pid()")
+    return row[0], row[1], row[2]
+
+
+@pytest.mark.parametrize("factory", [None, "RealDictCursor", "DictCursor", "NamedTupleCursor",
+                                     "a function"])
+def test_a_set_through_a_raw_cursor_of_a_connection_does_not_reach_the_next_borrower(
+        make_pool, factory):
+    """``conn.connection.cursor()`` (the pandas/COPY idiom), with any cursor class: the
+    statement is seen, so the loan is reset before the next borrower of the group gets the
+    same server connection. A factory that is a function cannot be watched: it makes the
+    loan dirty at once."""
+    import psycopg2.extras
+
+    pool = make_pool({"write": {"connection_count": 1}})
+    configured = the_next_borrowers_session(pool)
+    engine = create_engine(pool, "write")
+    kwargs = {} if factory is None else {"cursor_factory": (
+        (lambda conn, name: psycopg2.extensions.cursor(conn, name)) if factory == "a function"
+        else getattr(psycopg2.extras, factory))}
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+        with conn.connection.cursor(**kwargs) as cur:
+            cur.execute("SET work_mem = '1111kB'")
+        conn.commit()
+    assert the_next_borrowers_session(pool) == configured
+
+
+def test_a_raw_server_side_cursor_kept_past_its_loan_cannot_reach_the_next_borrower(
+        make_pool):
+    """A named ``WITH HOLD`` cursor of any class, left open: the loan is reset (no cursor
+    stays on the server) and a fetch after the loan raises instead of reaching the next
+    borrower's connection."""
+    import psycopg2
+    import psycopg2.extras
+
+    pool = make_pool({"write": {"connection_count": 1}})
+    engine = create_engine(pool, "write")
+    with engine.connect() as conn:
+        kept = conn.connection.cursor("kept", cursor_factory=psycopg2.extras.NamedTupleCursor,
+                                      withhold=True)
+        kept.itersize = 1
+        kept.execute("SELECT generate_series(1, 5) AS n")
+        assert kept.fetchone().n == 1
+        conn.commit()
+    with pool.handler("write") as db:
+        assert db.query_one("SELECT count(*) FROM pg_cursors")[0] == 0
+        with pytest.raises(psycopg2.InterfaceError, match="already given back"):
+            kept.fetchone()
+        kept.close()  # sends nothing: this block's transaction is untouched
+        assert db.query_one("SELECT 1")[0] == 1
+
+
+def test_a_checkout_listener_setup_does_not_reach_the_next_borrower(make_pool, pg):
+    """A ``checkout`` listener's per-loan setup (a tenant's search_path, committed) holds
+    for the engine's loan and is reset before another borrower of the group gets the same
+    server connection."""
+    pg.execute("CREATE SCHEMA IF NOT EXISTS sqla_tenant_a")
+    pool = make_pool({"write": {"connection_count": 1}})
+    configured = the_next_borrowers_session(pool)
+    engine = create_engine(pool, "write")
+
+    @sqlalchemy.event.listens_for(engine, "checkout")
+    def tenant(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        with dbapi_connection.cursor() as cur:
+            cur.execute("SET search_path TO sqla_tenant_a")
+        dbapi_connection.commit()  # (else the Connection's rollback would undo the SET)
+
+    with engine.connect() as conn:
+        assert conn.execute(text("SHOW search_path")).scalar() == "sqla_tenant_a"
+    assert the_next_borrowers_session(pool) == configured
+
+
+def test_a_checkout_listener_that_reads_leaves_the_loan_clean(make_pool):
+    """A loan starts clean before the listeners run: one that only reads costs no reset."""
+    pool = make_pool({"write": {"connection_count": 1}})
+    engine = create_engine(pool, "write")
+
+    @sqlalchemy.event.listens_for(engine, "checkout")
+    def look(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        with dbapi_connection.cursor() as cur:
+            cur.execute("SELECT 1")
+
+    def resets() -> int:  # how many times DISCARD ALL ran on the group's one connection
+        with engine.connect() as conn:
+            pc = engine.pool.loan_of(conn.connection.dbapi_connection)
+            return int(pc.resets)
+
+    before = resets()  # (the first connect: the dialect's set-up ran too)
+    for _ in range(3):
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    assert resets() == before
+    with engine.connect() as conn:
+        conn.execute(text("CREATE TEMP TABLE sqla_marker (x int)"))
+        conn.commit()
+    assert resets() == before + 1
 
 
 def test_no_pool_on_top_of_greenpool(make_pool, tables, server_conns):

@@ -28,7 +28,7 @@ from django.db.backends.base.base import NO_DB_ALIAS
 
 from .. import pooler
 from .flavour import postgresql_base
-from .loans import Loan, NamedTrackingCursor, TrackingCursor
+from .loans import Loan
 from .pools import DJANGO_KEYS, ENDPOINT_KEYS, GROUP_KEYS, POOL_KEYS, close_all, group_for
 
 _postgresql = postgresql_base()
@@ -169,15 +169,7 @@ class DatabaseWrapper(_DjangoWrapper):
             # fetch may reach another server connection. The rows come in one go instead
             # (Django's DISABLE_SERVER_SIDE_CURSORS, decided per loan)
             return super().create_cursor(None)
-        if name and self._loan is not None and self._loan.pc is not None:
-            self._loan.pc.dirty = True  # a WITH HOLD cursor outlives its transaction
-            raw: Any = self.connection
-            raw.cursor_factory = NamedTrackingCursor  # every fetch checks the loan
-            try:
-                return super().create_cursor(name)
-            finally:
-                raw.cursor_factory = TrackingCursor
-        return super().create_cursor(name)
+        return super().create_cursor(name)  # (a WITH HOLD one marks the loan dirty)
 
     def _commit(self) -> None:
         loan = self._loan

@@ -16,10 +16,13 @@ Either callback runs where the task ended (gevent: in the hub, which must not bl
 give-back itself — a ROLLBACK and maybe a DISCARD ALL, each bounded by connect_timeout — runs
 in a task of its own.
 
-Django's cursors are greenpool's too: :class:`TrackingCursor` marks the loan dirty when a
-statement may change the session (``SET``, ``SET ROLE`` from ``assume_role``, temp tables,
-...; see :mod:`greenpool.sessionstate`), so only those loans pay for ``DISCARD ALL``; and a
-statement that finds its server gone evicts that server's idle connections at once.
+Every cursor of the connection (Django's, and any made on ``connection.connection`` with
+any ``cursor_factory``) is greenpool's tracking cursor (:mod:`greenpool.cursors`): it marks
+the loan dirty when a statement may change the session (``SET``, ``SET ROLE`` from
+``assume_role``, temp tables, ...; see :mod:`greenpool.sessionstate`), so only those loans
+pay for ``DISCARD ALL``; its statements run through :meth:`Loan.run` (a deadline; a
+statement that finds its server gone evicts that server's idle connections at once); and
+it fails once its loan was given back.
 """
 
 from __future__ import annotations
@@ -30,127 +33,16 @@ import weakref
 from typing import Any
 
 import psycopg2
-from psycopg2 import extensions
 
 from ..connection import PooledConnection
 from ..group import Group
-from ..sessionstate import changes_session
 from ..statement_failures import statement_failed
-
-#: raw connection -> its loan, while lent to Django
-_loans: dict[Any, Loan] = {}
-
-
-class TrackingCursor(extensions.cursor):
-    """psycopg2's cursor, telling the loan what its statements did to the session.
-
-    It belongs to the loan it was opened in: once that loan is given back, the connection
-    stays open and is lent again, so a cursor kept past ``close()`` (or a server-side
-    iterator left unfinished at the end of a request) would otherwise run its statements on
-    the next borrower's connection — inside its transaction, maybe while it waits on the
-    socket itself. It fails instead, as with Django's own backend (whose connection is closed
-    by then)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._greenpool_loan = _loans.get(self.connection)
-
-    def _check_loan(self) -> None:
-        if _loans.get(self.connection) is not self._greenpool_loan:
-            raise psycopg2.InterfaceError(
-                "cursor of a connection already given back to greenpool (opened before "
-                "connection.close() or the end of the request that took it)"
-            )
-
-    def execute(self, query: Any, vars: Any = None) -> Any:
-        self._check_loan()
-        if changes_session(query, self.connection):
-            _dirty(self.connection)
-        loan = self._greenpool_loan
-        try:
-            if loan is None or loan.bound is None:
-                return super().execute(query, vars)
-            with loan.deadline():
-                return super().execute(query, vars)
-        except psycopg2.Error as exc:
-            _failed(self.connection, exc)
-            raise
-
-    def executemany(self, query: Any, vars_list: Any) -> Any:
-        self._check_loan()
-        if changes_session(query, self.connection):
-            _dirty(self.connection)
-        loan = self._greenpool_loan
-        try:
-            if loan is None or loan.bound is None:
-                return super().executemany(query, vars_list)
-            with loan.deadline():
-                return super().executemany(query, vars_list)
-        except psycopg2.Error as exc:
-            _failed(self.connection, exc)
-            raise
-
-    def callproc(self, procname: Any, parameters: Any = None) -> Any:
-        self._check_loan()
-        _dirty(self.connection)  # a function may change anything
-        return super().callproc(procname, parameters)
-
-
-class NamedTrackingCursor(TrackingCursor):
-    """A server-side cursor (``QuerySet.iterator()``): every fetch is a round trip, so each
-    checks the loan too; closing it after its loan ended sends nothing (the loan's
-    ``DISCARD ALL`` closed it on the server already)."""
-
-    def fetchone(self) -> Any:
-        self._check_loan()
-        return super().fetchone()
-
-    def fetchmany(self, size: Any = None) -> Any:
-        self._check_loan()
-        return super().fetchmany() if size is None else super().fetchmany(size)
-
-    def fetchall(self) -> Any:
-        self._check_loan()
-        return super().fetchall()
-
-    def scroll(self, value: Any, mode: Any = "relative") -> Any:
-        self._check_loan()
-        return super().scroll(value, mode)
-
-    def __iter__(self) -> Any:
-        self._check_loan()
-        return super().__iter__()
-
-    def __next__(self) -> Any:
-        self._check_loan()
-        return super().__next__()
-
-    def close(self) -> None:
-        if _loans.get(self.connection) is self._greenpool_loan:
-            super().close()
-
-
-def _dirty(raw: Any) -> None:
-    loan = _loans.get(raw)
-    if loan is not None and loan.pc is not None:
-        loan.pc.dirty = True
-
-
-def _failed(raw: Any, exc: psycopg2.Error) -> None:
-    """What the pool learns from a failed statement (the error still propagates: Django's
-    ORM does not replay, and a write must never be replayed)."""
-    loan = _loans.get(raw)
-    if loan is None or loan.pc is None:
-        return
-    if statement_failed(exc, loan.pc, loan.group) == "demoted":
-        loan.discard = "wrong_role"  # a write reached a server that was demoted under us
 
 
 class Loan:
     """One connection of ``group`` lent to the task that called :meth:`take`."""
 
-    __slots__ = ("__weakref__", "_unwatch", "bound", "discard", "group", "pc", "raw",
-                 "saved_factory")
+    __slots__ = ("__weakref__", "_unwatch", "bound", "discard", "group", "pc", "raw")
 
     def __init__(self, group: Group, timeout: float | None) -> None:
         self.group = group
@@ -161,10 +53,8 @@ class Loan:
         try:
             raw = self.raw = pc.raw
             self.bound = _statement_bound(group, pc)
-            pc.dirty = False  # TrackingCursor sees every statement Django sends from here
-            self.saved_factory = raw.cursor_factory
-            raw.cursor_factory = TrackingCursor
-            _loans[raw] = self
+            pc.dirty = False  # every cursor of the connection tells the loan what it did
+            raw.greenpool_loan = self  # its cursors run through run(), and fail once it ends
             self._unwatch = _watch_task(self)
         except BaseException:
             self.give_back()
@@ -178,11 +68,23 @@ class Loan:
         unwatch, self._unwatch = self._unwatch, None
         if unwatch is not None:
             unwatch()
-        raw = pc.raw
-        _loans.pop(raw, None)
-        if not raw.closed:
-            raw.cursor_factory = self.saved_factory
+        pc.raw.greenpool_loan = None
         self.group.release(pc, discard=self.discard)
+
+    def run(self, call: Any, *args: Any) -> Any:
+        """One statement of a cursor of this loan (see :mod:`greenpool.cursors`): within
+        the loan's bound; what its failure teaches the pool is learnt (the error still
+        propagates: Django's ORM does not replay, and a write must never be replayed)."""
+        try:
+            if self.bound is None:
+                return call(*args)
+            with self.deadline():
+                return call(*args)
+        except psycopg2.Error as exc:
+            pc = self.pc
+            if pc is not None and statement_failed(exc, pc, self.group) == "demoted":
+                self.discard = "wrong_role"  # a write reached a server demoted under us
+            raise
 
     def deadline(self) -> Any:
         """The client-side bound of one statement: see :func:`_statement_bound`. Past it the
