@@ -26,7 +26,8 @@ opened for a caller who was interrupted is closed.
 """
 
 from .capacity import missing_connections
+from .connects import Cancel
 from .handle import Exclusive
 from .slots import ExclusiveSlots
 
-__all__ = ["Exclusive", "ExclusiveSlots", "missing_connections"]
+__all__ = ["Cancel", "Exclusive", "ExclusiveSlots", "missing_connections"]
