@@ -890,7 +890,8 @@ def test_a_get_interrupted_while_the_heartbeat_waits_on_a_stopped_backend_return
 def test_a_listener_moves_at_once_when_reconfigure_takes_its_endpoint_out_of_the_group(
         make_pool, pg_factory, pg, mode):
     """A group of the default role (any) listens on server A; reconfigure() replaces A by
-    B while A keeps running. The listener moves at once (its heartbeat is a minute away),
+    B while A keeps running (a change that keeps A moves nothing). The listener moves at
+    once (its heartbeat is a minute away),
     each subscriber gets one Gap naming both, then B's notifications; A keeps no session."""
     old = pg_factory()
     groups = {"g": {"exclusive_limit": 2}}
@@ -899,6 +900,10 @@ def test_a_listener_moves_at_once_when_reconfigure_takes_its_endpoint_out_of_the
     second = pool.listen("g", "jobs", heartbeat=60, timeout=10)
     try:
         assert first.endpoint == label(old)
+        # a change that keeps the endpoint in the group moves nothing: no Gap
+        pool.reconfigure({"type": mode, "db": old.endpoint(), "application_name": APP,
+                          "groups": {"g": {**groups["g"], "timeout": 7}}})
+        assert first.get(0.5) is None and first.endpoint == label(old)
         pool.reconfigure({"type": mode, "db": pg.endpoint(), "groups": groups,
                           "application_name": APP})
         changed_at = time.monotonic()
