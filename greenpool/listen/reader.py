@@ -392,6 +392,8 @@ class Hub(FanOut):
         if was_lost is not None:
             logger.warning("group %r: listening again on %s; notifications since the loss "
                            "may be missing", self.group.name, pc.endpoint.label)
+        # a reconfigure() during the LISTEN asked for a check that setting _check_at undid
+        self._misplaced(pc, pc.role)
 
     def _pause(self, until: float | None) -> None:
         pause = min(_RETRY_PAUSE * 2 ** min(self._failed_rounds, 8), _RETRY_PAUSE_MAX)
