@@ -17,7 +17,7 @@ into the child stops at its next wake-up without reading.
 
 One module for the connection's whole session (start, read loop, heartbeat, sync, loss,
 reconnect, finish): these steps share the reader's private state and hand off to each other,
-and they fit in well under 400 lines together.
+and they fit in under 500 lines together.
 """
 
 from __future__ import annotations
