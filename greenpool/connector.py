@@ -253,15 +253,24 @@ class Connector:
 
     def belongs(self, endpoint: Endpoint, role: str) -> bool:
         """Whether a connection to ``endpoint`` (whose server reports ``role``) may serve
-        the group now."""
+        the group now: never once ``endpoint`` left the group (``reconfigure``), whatever
+        the role; every connect, pooled or dedicated, and every listener's heartbeat asks
+        this one place."""
         config = self.config
-        if not fits(config.role, role):
+        if endpoint not in self.endpoints or not fits(config.role, role):
             return False
         if config.role == "any":
             return True
         slots = self.slots  # the group caches where it should be: not computed twice
         return endpoint in (slots.preferred_endpoints() if slots is not None else where_to_be(
             self.endpoints, config.role, config.max_lag, config.on_lag))
+
+    def misplaced(self, endpoint: Endpoint, role: str) -> str:
+        """Why a connection to ``endpoint`` (role ``role``) may not serve the group now, as
+        a discard reason (``endpoint_removed``, ``wrong_role``); '' if it may."""
+        if self.belongs(endpoint, role):
+            return ""
+        return "wrong_role" if endpoint in self.endpoints else "endpoint_removed"
 
     def fatal_error(self) -> ConnectFailed | None:
         """The error to raise at once when every endpoint refused this group for a reason
@@ -455,7 +464,8 @@ class Connector:
                 return pc
             moved_on = True
             # an attempt cut short by its caller's time (or its endpoint gone) is no verdict
-            failed = failed or endpoint.connects_abandoned == abandoned
+            failed = failed or (endpoint.connects_abandoned == abandoned
+                                and endpoint in self.endpoints)
         if failed and not self.failing:
             self.failing = True
             self.on_event("cannot_connect", f"no endpoint took a connection: {self.describe()}")
@@ -536,11 +546,12 @@ class Connector:
                 return None
             raise
         endpoint.connect_succeeded(role)
-        if placed and not self.belongs(endpoint, role):
-            raw.close()  # e.g. a cold start met the primary first in a prefer-standby group
+        misplaced = self.misplaced(endpoint, role) if placed else ""
+        if misplaced:  # e.g. a cold start met the primary first in a prefer-standby group,
+            raw.close()  # or a reconfigure() took the endpoint out during the connect
             with self._lock:  # a connect made and discarded: connects - discards stays open
                 self.counters.connects += 1
-                self.counters.discards["wrong_role"] += 1
+                self.counters.discards[misplaced] += 1
             return None
         with self._lock:
             self.counters.connects += 1

@@ -298,6 +298,7 @@ class Pool:
             for endpoint in removed:
                 group.drain(endpoint)
         self._set_lag_alerts()
+        self._listeners.recheck()  # a listener on an endpoint the group left moves now
         if added or removed or change.changed:
             logger.info("reconfigured: endpoints added %s, removed %s, changed %s",
                         [ep.label for ep in added], sorted(change.removed),

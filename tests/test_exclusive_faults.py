@@ -68,7 +68,10 @@ def test_a_storm_of_timeouts_on_exclusive_blocks_and_listeners_loses_no_slot(mak
     assert all(t.error is None for t in tasks), [t.error for t in tasks if t.error]
     assert outcomes["cut"] > 0 and outcomes["done"] > 0, outcomes
     stats = group_stats(pool)
-    assert (stats["exclusive_open"], stats["exclusive_waiting"], stats["listeners"]) == (0, 0, 0)
+    assert (stats["exclusive_waiting"], stats["listeners"]) == (0, 0), stats
+    # a listener cut by a Timeout does not wait for its hub's reader, which gives the slot
+    # back by itself (its connect cut, its round trip bounded)
+    wait_until(lambda: group_stats(pool)["exclusive_open"] == 0, 5, "every slot back")
     wait_until(lambda: sessions(pg, APP) - group_stats(pool)["size"] == 0, 10, "no session left")
     with pool.exclusive("g", timeout=1), pool.exclusive("g", timeout=1), \
             pool.exclusive("g", timeout=1):

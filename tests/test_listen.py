@@ -294,14 +294,16 @@ def test_a_listener_killed_or_timed_out_mid_wait_leaves_nothing_behind(make_pool
         reader._handle.kill()
     assert reader.join(5)
     assert listener.closed
-    assert group_stats(pool)["listeners"] == 0 and group_stats(pool)["exclusive_open"] == 0
+    assert group_stats(pool)["listeners"] == 0
+    # the kill did not wait for the reader: it gives the slot back by itself, at once
+    wait_until(lambda: group_stats(pool)["exclusive_open"] == 0, 2, "the slot back")
     no_session_left(pg)
 
     listener = pool.listen("g", "jobs", timeout=2)  # the slot came back
     with pytest.raises(Timeout), Timeout(0.2):
         listener.get()
     assert listener.closed
-    assert group_stats(pool)["exclusive_open"] == 0
+    wait_until(lambda: group_stats(pool)["exclusive_open"] == 0, 2, "the slot back")
     no_session_left(pg)
 
 
@@ -798,21 +800,129 @@ def test_a_failed_first_connect_gives_the_slot_back_in_every_mode(make_pool, pg)
 @pytest.mark.skipif(not GREEN, reason="interrupting a task needs greenlets")
 def test_a_listen_interrupted_while_connecting_leaves_nothing(make_pool, pg_factory):
     """The postmaster is stopped (the connect hangs) and listen() is cut by a Timeout: the
-    subscriber is gone at once, and the slot comes back when the reader's connect ends."""
+    Timeout reaches the caller at once, the subscriber is gone, and the reader stops
+    waiting for its connect and gives the slot back by itself."""
     server = pg_factory()
     pool = make_pool({"g": {"exclusive_limit": 1}}, db=server.endpoint(connect_timeout=1),
                      application_name=APP)
     os.kill(server.pid, signal.SIGSTOP)
     try:
+        started = time.monotonic()
         with pytest.raises(Timeout), Timeout(0.3):
             pool.listen("g", "jobs", timeout=10)
+        assert time.monotonic() - started < 1.0  # not held up by the reader's connect
         assert group_stats(pool)["listeners"] == 0
+        # the reader's wait for its connect is cut: the slot is back long before the
+        # listen()'s 10 s (the connect task goes on, and closes what it opens)
+        wait_until(lambda: group_stats(pool)["exclusive_open"] == 0, 3, "the slot back")
     finally:
         os.kill(server.pid, signal.SIGCONT)
-    wait_until(lambda: group_stats(pool)["exclusive_open"] == 0, 10, "the slot back")
     with pool.listen("g", "jobs", timeout=10) as listener:
         server.execute("NOTIFY jobs, 'works'")
         assert listener.get(5).payload == "works"
+
+
+@pytest.mark.skipif(not GREEN, reason="interrupting a task needs greenlets")
+@pytest.mark.parametrize("interruption", ["timeout", "kill"])
+def test_a_listen_interrupted_against_a_black_hole_returns_at_once(
+        make_pool, blackhole, interruption):
+    """listen(timeout=8) on a server that never answers, cut by a gevent.Timeout or a kill:
+    the interruption reaches the caller at once (not at the listen's 8 s), and the slot
+    comes back by itself soon after."""
+    pool = make_pool({"g": {"exclusive_limit": 1}},
+                     db=blackhole.endpoint(connect_timeout=6), application_name=APP)
+    started = time.monotonic()
+    if interruption == "timeout":
+        with pytest.raises(Timeout), Timeout(0.3):
+            pool.listen("g", "jobs", timeout=8)
+        took = time.monotonic() - started
+    else:
+        task = spawn(lambda: pool.listen("g", "jobs", timeout=8))
+        wait_until(lambda: group_stats(pool)["listeners"] == 1, 5, "listen() to wait")
+        sleep(0.2)  # its hub's reader waits for the connect
+        killed_at = time.monotonic()
+        task._handle.kill()
+        assert task.join(5)
+        took = time.monotonic() - killed_at
+    assert took < 1.0, took
+    assert group_stats(pool)["listeners"] == 0
+    wait_until(lambda: group_stats(pool)["exclusive_open"] == 0, 3, "the slot back")
+
+
+@pytest.mark.skipif(not GREEN, reason="interrupting a task needs greenlets")
+@pytest.mark.parametrize("interruption", ["timeout", "kill"])
+def test_a_get_interrupted_while_the_heartbeat_waits_on_a_stopped_backend_returns_at_once(
+        make_pool, pg, interruption):
+    """The listener's backend is stopped (SIGSTOP) and the reader waits up to connect_timeout
+    (6 s) for a heartbeat's answer; a get() cut by a gevent.Timeout or a kill meanwhile
+    reaches its caller at once, and the reader gives the slot back by itself when its
+    round trip ends."""
+    pool = make_pool({"g": {"exclusive_limit": 1}}, db=pg.endpoint(connect_timeout=6),
+                     application_name=APP)
+    listener = pool.listen("g", "jobs", heartbeat=0.3, timeout=10)
+    pid = hub_pid(pg)
+    os.kill(pid, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        hub = listener._hub  # a heartbeat sent after the stop waits up to its sending + 6 s
+        wait_until(lambda: hub.busy_until > stopped_at + 6, 5,
+                   "a heartbeat to wait for the stopped backend")
+        if interruption == "timeout":
+            started = time.monotonic()
+            with pytest.raises(Timeout), Timeout(0.3):
+                listener.get()
+            took = time.monotonic() - started - 0.3
+        else:
+            task = spawn(listener.get)
+            wait_until(lambda: listener._busy, 5, "get() to wait")
+            killed_at = time.monotonic()
+            task._handle.kill()
+            assert task.join(5)
+            took = time.monotonic() - killed_at
+        assert took < 0.7, took
+        assert listener.closed and group_stats(pool)["listeners"] == 0
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_until(lambda: group_stats(pool)["exclusive_open"] == 0, 10, "the slot back")
+    no_session_left(pg)
+
+
+def test_a_listener_moves_at_once_when_reconfigure_takes_its_endpoint_out_of_the_group(
+        make_pool, pg_factory, pg, mode):
+    """A group of the default role (any) listens on server A; reconfigure() replaces A by
+    B while A keeps running (a change that keeps A moves nothing). The listener moves at
+    once (its heartbeat is a minute away),
+    each subscriber gets one Gap naming both, then B's notifications; A keeps no session."""
+    old = pg_factory()
+    groups = {"g": {"exclusive_limit": 2}}
+    pool = make_pool(groups, db=old.endpoint(), application_name=APP)
+    first = pool.listen("g", "jobs", heartbeat=60, timeout=10)
+    second = pool.listen("g", "jobs", heartbeat=60, timeout=10)
+    try:
+        assert first.endpoint == label(old)
+        # a change that keeps the endpoint in the group moves nothing: no Gap
+        pool.reconfigure({"type": mode, "db": old.endpoint(), "application_name": APP,
+                          "groups": {"g": {**groups["g"], "timeout": 7}}})
+        assert first.get(0.5) is None and first.endpoint == label(old)
+        pool.reconfigure({"type": mode, "db": pg.endpoint(), "groups": groups,
+                          "application_name": APP})
+        changed_at = time.monotonic()
+        for listener in (first, second):
+            gap = listener.get(10)
+            assert isinstance(gap, Gap), gap
+            assert gap.previous == label(old) and gap.endpoint == label(pg)
+            assert "taken out of the group" in gap.reason
+        assert time.monotonic() - changed_at < 5  # not at the next heartbeat
+        with pool.handler("g", timeout=5) as db:
+            db.execute("SELECT pg_notify('jobs', 'on the new server')")
+        for listener in (first, second):
+            assert listener.get(5).payload == "on the new server"
+            assert listener.backlog == 0  # one Gap each, nothing else
+        assert group_stats(pool)["discards_by_reason"].get("endpoint_removed", 0) >= 1
+        wait_until(lambda: listening_sessions(old) == 0, 10, "A's session to end")
+    finally:
+        first.close()
+        second.close()
 
 
 def test_listen_and_get_keep_their_timeout_against_a_server_that_never_answers(

@@ -325,3 +325,41 @@ def test_each_listener_whose_time_runs_out_on_a_down_server_is_told_why_and_coun
     join_all([first, spawn(subscribe)], 10)
     assert [type(e) for e in errors] == [NoHealthyEndpoint] * 2, errors
     assert pool.stats()["groups"]["g"]["timeouts"] == 2
+
+
+@pytest.mark.parametrize("fault", ["terminated", "stalled"])
+def test_losing_the_listening_session_evicts_no_pooled_connection(make_pool, pg, fault):
+    """The listener's own session ends while its server stays healthy: terminated
+    (``pg_terminate_backend``) or stalled (SIGSTOP, its heartbeat gives up). That says
+    nothing about the server: the hub reconnects and reports a Gap, and every idle pooled
+    connection of every group on that server survives, none evicted or quarantined."""
+    app = f"{APP}-evicts"
+    groups = {"write": {"connection_count": 3, "min_size": 3, "exclusive_limit": 1},
+              "read": {"connection_count": 3, "min_size": 3, "exclusive_limit": 0}}
+    pool = make_pool(groups, db=pg.endpoint(connect_timeout=1), application_name=app)
+    wait_until(lambda: all(g["idle"] == 3 for g in pool.stats()["groups"].values()), 15,
+               "both groups to fill")
+    pooled = {int(pc.raw.get_backend_pid()) for name in groups
+              for pc in pool.group(name).connector.opened}
+    with pool.listen("write", "jobs", heartbeat=0.3, timeout=10) as listener:
+        pid = int(listener._hub.pc.raw.get_backend_pid())
+        if fault == "terminated":
+            pg.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        else:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            gap = listener.get(10)
+        finally:
+            if fault == "stalled":
+                os.kill(pid, signal.SIGCONT)
+        assert isinstance(gap, Gap), gap
+        pg.execute("NOTIFY jobs, 'after'")
+        assert listener.get(5).payload == "after"
+    for name in groups:
+        by_reason = group_stats(pool, name)["discards_by_reason"]
+        assert by_reason.get("evicted", 0) == 0, (name, by_reason)
+    alive = {int(row[0]) for row in pg.execute(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = %s", (app,))}
+    assert pooled <= alive, pooled - alive
+    endpoint = pool.stats()["endpoints"][label(pg)]
+    assert (endpoint["state"], endpoint["quarantines"]) == ("up", 0), endpoint

@@ -392,6 +392,40 @@ def test_a_connect_under_way_to_an_endpoint_a_group_drops_never_reaches_that_gro
 
 
 @pytest.mark.timeout(60)
+def test_an_exclusive_connect_under_way_to_an_endpoint_reconfigure_removes_is_never_handed_out(
+        pg, mode, second_db, server_conns):
+    """An exclusive() waits for a dedicated connect to endpoint B (a proxy holds its login)
+    when reconfigure() replaces B by A. The connection B's connect still opens is closed
+    (``endpoint_removed``), never handed out: the block runs on A, and B keeps no session."""
+    from delayproxy import DelayProxy
+
+    app = "live-exclusive-removed"
+    with DelayProxy(pg.port, 2.0, app.encode()) as proxy:
+        groups = {"g": {"connection_count": 1, "min_size": 0, "exclusive_limit": 2,
+                        "timeout": 10}}
+        config = {"type": mode, "application_name": app, "maintenance_interval": 0.1,
+                  "groups": groups}
+        pool = Pool({**config, "db": proxy.endpoint(pg, name=second_db, connect_timeout=5)})
+        try:
+            def block() -> str:
+                with pool.exclusive("g", timeout=10) as conn, conn.cursor() as cursor:
+                    cursor.execute("SELECT current_database()")
+                    return str(cursor.fetchone()[0])
+
+            task = spawn(block)
+            wait_until(lambda: proxy.held() >= 1, 10, "the dedicated connect to B to be held")
+            pool.reconfigure({**config, "db": pg.endpoint()})
+            join_all([task], 15)
+            assert task.error is None, task.error
+            assert task.result == pg.endpoint()["name"]  # A, not B
+            wait_until(lambda: discards(pool, "g", "endpoint_removed") == 1, 10,
+                       "the held connect's connection to arrive and be closed")
+            assert server_conns(app, dbname=second_db, expect=0) == 0
+        finally:
+            pool.close()
+
+
+@pytest.mark.timeout(60)
 def test_a_connection_to_an_endpoint_the_group_no_longer_has_is_closed_as_it_is_delivered(
         pg, mode, second_db, server_conns):
     """A connect the group could not abandon (one housekeeping made in a slot it reserved)

@@ -26,7 +26,8 @@ opened for a caller who was interrupted is closed.
 """
 
 from .capacity import Room, room_needed
+from .connects import Cancel
 from .handle import Exclusive
 from .slots import ExclusiveSlots
 
-__all__ = ["Exclusive", "ExclusiveSlots", "Room", "room_needed"]
+__all__ = ["Cancel", "Exclusive", "ExclusiveSlots", "Room", "room_needed"]

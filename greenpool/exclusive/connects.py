@@ -22,7 +22,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING
 
-from ..concurrency.backend import Backend
+from ..concurrency.backend import Backend, Waiter
 from ..concurrency.fork import InheritedAcrossFork
 from ..connection import STUCK_AFTER, PooledConnection
 from ..errors import ConnectFailed, PoolClosed, PoolError
@@ -41,6 +41,19 @@ class _Task:
     counted once its function is collected."""
 
     __slots__ = ("__weakref__",)
+
+
+class Cancel:
+    """Lets another task end a wait in :meth:`DedicatedConnects.open` at once, with
+    :class:`PoolError` (``why``): a listener hub whose last subscriber left stops waiting for
+    its connect. Once cancelled, a later wait with it ends at once too."""
+
+    __slots__ = ("cancelled", "waiter", "why")
+
+    def __init__(self) -> None:
+        self.cancelled = False
+        self.waiter: Waiter | None = None  # the wait under way (DedicatedConnects' lock)
+        self.why = ""
 
 
 class DedicatedConnects:
@@ -83,7 +96,8 @@ class DedicatedConnects:
         """Callers waiting for a connection."""
         return len(self._wanting)
 
-    def open(self, deadline: float, caller_waits: bool = True) -> PooledConnection:
+    def open(self, deadline: float, caller_waits: bool = True,
+             cancel: Cancel | None = None) -> PooledConnection:
         """A new connection of the group, outside its slots, waited for until ``deadline``:
         a dedicated connect task opens it (each attempt bounded by its endpoint's
         ``connect_timeout`` alone), and a caller who stops waiting leaves it to the next
@@ -92,7 +106,8 @@ class DedicatedConnects:
         :class:`ConnectFailed`, :class:`PoolClosed`, or :class:`PoolError` (the endpoint
         is a pooler that gives no session of its own). Without ``caller_waits`` (a
         listener's connects: each subscriber counts its own) running out of time is no
-        caller's timeout, and is left out of the group's ``timeouts``."""
+        caller's timeout, and is left out of the group's ``timeouts``. ``cancel``: how
+        another task may end this wait (:meth:`cancel`)."""
         group = self.group
         if group.closed:
             raise PoolClosed(f"group {group.name!r}: the pool is closed")
@@ -104,8 +119,12 @@ class DedicatedConnects:
         with self._lock:
             if self._closed:
                 raise PoolClosed(f"group {group.name!r}: the pool is closed")
+            if cancel is not None and cancel.cancelled:
+                raise PoolError(cancel.why)
             waiter = self._backend.waiter()
             self._wanting.append(waiter)
+            if cancel is not None:
+                cancel.waiter = waiter
         try:
             # a task stuck on a server that never answers covers no one: the caller looks
             # again every STUCK_AFTER, and starts a task (trying that server last) if need be
@@ -118,11 +137,27 @@ class DedicatedConnects:
             # a connection handed over meanwhile is closed: nobody will use it
             self._wanting.abandon(waiter, self._lock, lambda pc: self._close(pc, "interrupted"))
             raise
+        finally:
+            if cancel is not None:
+                cancel.waiter = None
         item = waiter.item
         if item is None:
             item = self._wanting.outcome(waiter, self._lock,
                                          lambda: self._no_connection_error(caller_waits))
         return self._handed(item)
+
+    def cancel(self, cancel: Cancel, why: str) -> None:
+        """End the wait ``cancel`` was given to (and any later one) with ``why``: the wait
+        leaves the line; its connect task goes on for the next caller, else closes what it
+        opens (``unclaimed``)."""
+        with self._lock:
+            cancel.cancelled, cancel.why = True, why
+            waiter = cancel.waiter
+            if waiter is None or self._wanting.served(waiter):
+                return
+            self._wanting.leave(waiter)
+            waiter.error = PoolError(why)
+        waiter.set()
 
     def _handed(self, pc: PooledConnection) -> PooledConnection:
         self._counters.opened += 1
@@ -210,8 +245,9 @@ class DedicatedConnects:
                     except Retry:
                         pass
                     else:
-                        self._deliver(pc if error is None else error)
-                        delivered = True
+                        if error is not None or self._still_placed(pc):
+                            self._deliver(pc if error is None else error)
+                            delivered = True
                 if not delivered:
                     fatal = connector.fatal_error()
                     if fatal is not None:
@@ -278,7 +314,17 @@ class DedicatedConnects:
                 continue
             if error is not None:
                 raise error
-            return self._handed(pc)
+            if self._still_placed(pc):
+                return self._handed(pc)
+
+    def _still_placed(self, pc: PooledConnection) -> bool:
+        """After the vet's round trip, before a caller gets ``pc``: a connection whose
+        endpoint left the group meanwhile (``reconfigure()``) is closed, never handed out
+        (the connector's own check covered the connect only)."""
+        misplaced = self.group.connector.misplaced(pc.endpoint, pc.role)
+        if misplaced:
+            self._close(pc, misplaced)
+        return not misplaced
 
     def close(self, make_error: Callable[[], BaseException]) -> None:
         """Start no more tasks; every caller waiting gets ``make_error()``."""

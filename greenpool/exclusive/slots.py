@@ -19,7 +19,7 @@ from ..connection import PooledConnection, close_quietly
 from ..errors import PoolClosed, PoolError, PoolTimeout
 from ..stats import ExclusiveCounters
 from .capacity import Capacity, Room
-from .connects import DedicatedConnects
+from .connects import Cancel, DedicatedConnects
 from .limit import FairLimit
 
 if TYPE_CHECKING:
@@ -109,10 +109,16 @@ class ExclusiveSlots:
         """``time.monotonic()`` plus ``timeout`` (the group's acquire timeout if None)."""
         return time.monotonic() + (self.group.config.timeout if timeout is None else timeout)
 
-    def open(self, deadline: float, caller_waits: bool = True) -> PooledConnection:
+    def open(self, deadline: float, caller_waits: bool = True,
+             cancel: Cancel | None = None) -> PooledConnection:
         """A new dedicated connection for a caller holding a unit (see
         :meth:`DedicatedConnects.open <.connects.DedicatedConnects.open>`)."""
-        return self.connects.open(deadline, caller_waits)
+        return self.connects.open(deadline, caller_waits, cancel)
+
+    def cancel(self, cancel: Cancel, why: str) -> None:
+        """End the wait in :meth:`open` given ``cancel`` (see :meth:`DedicatedConnects.cancel
+        <.connects.DedicatedConnects.cancel>`)."""
+        self.connects.cancel(cancel, why)
 
     def close_connection(self, pc: PooledConnection, reason: str = "") -> None:
         """Close a dedicated connection (``reason``: why it is a discard, counted as the

@@ -94,21 +94,35 @@ class Listener:
     def close(self) -> None:
         """Stop listening (from any task): the channels nobody else wants are UNLISTENed,
         and the last listener of a group closes the shared connection (waiting at most one
-        round trip for that). A task blocked in :meth:`get` wakes and gets None (its
-        ``for`` loop ends). Idempotent."""
+        round trip for that; an interruption of ``get()`` or ``listen()``, or an exception
+        leaving the ``with`` block, does not wait). A task blocked in :meth:`get` wakes and
+        gets None (its ``for`` loop ends). Idempotent."""
+        if self._leave():
+            self._hub.end_wait()
+
+    def _leave(self) -> bool:
+        """Leave the hub without waiting for its reader: True if this was its last
+        subscriber and the reader task is still to give the connection and slot back (it
+        does so by itself: a connect it waits for is cut, a round trip ends within its
+        bound). An exception in flight (a kill, a ``gevent.Timeout``) leaves this way, so
+        that it reaches its catcher at once."""
         self._finalizer.detach()
         hub = self._hub
-        if hub.leave(self._sub):
-            if hub.inline:
-                hub.finish()
-            else:
-                hub.end_wait()
+        if not hub.leave(self._sub):
+            return False
+        if hub.inline:
+            hub.finish()
+            return False
+        return True
 
     def __enter__(self) -> Listener:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc_info: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # an exception in flight is not held up by the reader
+            self._leave()
 
     def __iter__(self) -> Iterator[Item]:
         while True:
@@ -142,7 +156,7 @@ class Listener:
         try:
             return self._next(deadline)
         except BaseException:
-            self.close()
+            self._leave()  # the interruption surfaces at once, not after the reader's call
             raise
         finally:
             sub.busy = False
@@ -219,8 +233,8 @@ class Listeners:
             left = deadline - time.monotonic()
             return self.listen(slots, channels, timeout=max(0.0, left),
                                heartbeat=heartbeat, max_backlog=max_backlog)
-        except BaseException:  # interrupted while waiting: leave the hub as it was
-            listener.close()
+        except BaseException:  # interrupted while waiting: leave the hub as it was, at
+            listener._leave()  # once (a first connect the hub waits for is cut)
             raise
         return listener
 
@@ -232,6 +246,14 @@ class Listeners:
         return {"listen_connections": connections, "listen_backlog": backlog,
                 "listen_backlog_max": largest,
                 "listen_dropped": self._dropped.get(group, Counter())["dropped"]}
+
+    def recheck(self) -> None:
+        """The groups changed (``reconfigure()``): each hub checks at once that its group
+        still belongs where it listens, and moves if not (one Gap per subscriber)."""
+        with self._lock:
+            hubs = list(self._hubs.values())
+        for hub in hubs:
+            hub.check_now()
 
     def close_all(self) -> None:
         """Close every listener; the readers end on their own (see :meth:`wait_ended`)."""

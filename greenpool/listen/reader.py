@@ -17,7 +17,7 @@ into the child stops at its next wake-up without reading.
 
 One module for the connection's whole session (start, read loop, heartbeat, sync, loss,
 reconnect, finish): these steps share the reader's private state and hand off to each other,
-and they fit in well under 400 lines together.
+and they fit in under 500 lines together.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from ..concurrency import Backend
 from ..connection import PooledConnection, libpq_connect_timeout, round_trip
 from ..endpoint import UNKNOWN
 from ..errors import PoolClosed, PoolError
-from ..exclusive import ExclusiveSlots
+from ..exclusive import Cancel, ExclusiveSlots
 from ..roles import role_of
 from .fanout import FanOut
 from .subscriber import Subscriber
@@ -100,6 +100,32 @@ class Hub(FanOut):
         #: trip) ends at the latest: how long a closer waits for the reader to give back
         self.busy_until = 0.0
         self._pid = os.getpid()
+        #: ends the reader's wait for a connect once the hub is over (no subscriber left,
+        #: the pool closed): it gives its slot back at once, not at the connect's deadline
+        self._connect_cancel = Cancel()
+
+    def leave(self, sub: Subscriber) -> bool:
+        last = super().leave(sub)
+        if last:
+            self._cut_connect()
+        return last
+
+    def close(self) -> None:
+        super().close()
+        self._cut_connect()
+
+    def check_now(self) -> None:
+        """The group changed (``reconfigure()``): the reader checks at once, not at the next
+        heartbeat, that the group still belongs where it listens."""
+        self._check_at = 0.0
+        self._poke()
+
+    def _cut_connect(self) -> None:
+        """The hub is over: a connect the reader waits for is no longer its (the connect
+        task goes on for another caller, or closes what it opens)."""
+        if not self.inline:
+            self.slots.cancel(self._connect_cancel, f"group {self.group.name!r}: the "
+                              f"listening connection is no longer needed")
 
     def end_wait(self) -> None:
         """Wait until the reader has given everything back: at most until its current
@@ -222,8 +248,12 @@ class Hub(FanOut):
         return True
 
     def _check(self, pc: PooledConnection) -> None:
-        """A heartbeat: the server answers (so everything committed before it was sent has
-        been received), and the group still belongs on it."""
+        """A heartbeat: the group still belongs on the endpoint (asked first: an endpoint
+        ``reconfigure()`` took out is left at once, whatever its server does), the server
+        answers (so everything committed before it was sent has been received), and the
+        group still belongs there with the role it reports now."""
+        if self._misplaced(pc, pc.role):
+            return
         raw = pc.raw
         sent_at = time.time()
         self._bounded_by(pc.endpoint.config.connect_timeout)
@@ -238,9 +268,19 @@ class Hub(FanOut):
         role = role_of(raw)
         if role == UNKNOWN:
             role = pc.endpoint.role
-        if not self.group.connector.belongs(pc.endpoint, role):
-            self._lost(pc, f"the group no longer belongs on {pc.endpoint.label} "
-                           f"(role {role})", "wrong_role", failed=False)
+        self._misplaced(pc, role)
+
+    def _misplaced(self, pc: PooledConnection, role: str) -> bool:
+        """Whether the group may no longer use ``pc`` (its server reporting ``role``), as
+        the connector judges every connection: then it is dropped and the hub reconnects."""
+        misplaced = self.group.connector.misplaced(pc.endpoint, role)
+        if not misplaced:
+            return False
+        why = ("it was taken out of the group" if misplaced == "endpoint_removed"
+               else f"role {role}")
+        self._lost(pc, f"the group no longer belongs on {pc.endpoint.label} ({why})",
+                   misplaced)
+        return True
 
     def _sync(self, pc: PooledConnection, wanted: set[str]) -> None:
         """LISTEN the channels a new subscriber wants, UNLISTEN those nobody wants now."""
@@ -263,7 +303,12 @@ class Hub(FanOut):
         self.deliver(raw)
         self.mark_started()
 
-    def _lost(self, pc: PooledConnection, reason: str, discard: str, failed: bool = True) -> None:
+    def _lost(self, pc: PooledConnection, reason: str, discard: str) -> None:
+        """The hub's connection is gone (or no longer the group's): every subscriber is owed
+        a Gap, and the reader reconnects. One session's end says nothing about its server
+        (``pg_terminate_backend``, one backend stalled or killed): nothing else of the
+        pool is evicted or quarantined for it; only a failed reconnect, judged by the
+        connector like any connect, is evidence about the endpoint."""
         if self._forked():  # a copied reader read the silenced socket: nothing was lost
             return
         self.deliver(pc.raw)  # what came before the loss is still news
@@ -276,8 +321,6 @@ class Hub(FanOut):
                 if sub.lost is None:
                     sub.lost = (reason, lost_at, pc.endpoint.label)
         self.slots.close_connection(pc, discard)
-        if failed:
-            self.group.on_endpoint_failure(pc.endpoint)  # its idle peers are suspect
         logger.warning("group %r: listening connection on %s: %s; reconnecting",
                        self.group.name, pc.endpoint.label, reason)
 
@@ -299,8 +342,11 @@ class Hub(FanOut):
         self._bounded_by(budget + libpq_connect_timeout(slowest) + 0.5)
         try:
             # no caller's timeout: each subscriber waiting counts its own (wait_started)
-            pc = self.slots.open(time.monotonic() + budget, caller_waits=False)
+            pc = self.slots.open(time.monotonic() + budget, caller_waits=False,
+                                 cancel=self._connect_cancel)
         except (PoolError, psycopg2.Error) as exc:
+            if self._connect_cancel.cancelled:
+                return  # the hub is over: step() ends it (no error for anyone, no pause)
             self.last_error = _one_line(exc)
             if isinstance(exc, PoolClosed) or (first and pending):
                 self._fail_start(exc, None if isinstance(exc, PoolClosed) else pending)
@@ -346,6 +392,8 @@ class Hub(FanOut):
         if was_lost is not None:
             logger.warning("group %r: listening again on %s; notifications since the loss "
                            "may be missing", self.group.name, pc.endpoint.label)
+        # a reconfigure() during the LISTEN asked for a check that setting _check_at undid
+        self._misplaced(pc, pc.role)
 
     def _pause(self, until: float | None) -> None:
         pause = min(_RETRY_PAUSE * 2 ** min(self._failed_rounds, 8), _RETRY_PAUSE_MAX)
