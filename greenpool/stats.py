@@ -171,7 +171,9 @@ class ExclusiveCounters:
     exported beside the group's own under ``exclusive_*`` and ``listen_*`` keys."""
 
     opened: int = 0  # dedicated connections opened, a listener's reconnects included
-    timeouts: int = 0  # callers refused because exclusive_limit stayed reached
+    #: dedicated callers whose time ran out: exclusive_limit stayed reached, or no
+    #: connection was opened in time (the group's own ``timeouts`` count its borrowers)
+    timeouts: int = 0
     gaps: int = 0  # listener reconnects, each one a window where notifications may be lost
 
     def export(self) -> dict[str, Any]:

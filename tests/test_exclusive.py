@@ -120,8 +120,8 @@ def test_no_time_to_wait_is_a_timeout_that_says_so_on_a_healthy_server(make_pool
         pass
     assert not isinstance(caught.value, NoHealthyEndpoint)
     stats = group_stats(pool)
-    assert (stats["timeouts"], stats["exclusive_open"], stats["exclusive_connecting"]) == \
-        (1, 0, 0), stats
+    assert (stats["exclusive_timeouts"], stats["timeouts"], stats["exclusive_open"],
+            stats["exclusive_connecting"]) == (1, 0, 0, 0), stats
 
 
 def test_a_waiter_gets_the_slot_given_back_first_come_first_served(make_pool):

@@ -303,8 +303,8 @@ def test_each_listener_whose_time_runs_out_on_a_down_server_is_told_why_and_coun
     """Two ``listen()`` callers, the second joining while the connect begun for the first is
     under way, wait for that connect, to a server that refuses connections: each is told
     the endpoint is why (``NoHealthyEndpoint``, not a plain timeout) after its own timeout,
-    and counts once in the group's ``timeouts``: the shared connect counts no one, each
-    caller its own time running out."""
+    and counts once in the group's ``exclusive_timeouts`` (its borrowers' ``timeouts`` stay
+    untouched): the shared connect counts no one, each caller its own time running out."""
     from greenpool import NoHealthyEndpoint
     from greenpool.testing.postgres import free_port
 
@@ -324,7 +324,8 @@ def test_each_listener_whose_time_runs_out_on_a_down_server_is_told_why_and_coun
     sleep(0.1)  # the second joins while the connect begun for the first is under way
     join_all([first, spawn(subscribe)], 10)
     assert [type(e) for e in errors] == [NoHealthyEndpoint] * 2, errors
-    assert pool.stats()["groups"]["g"]["timeouts"] == 2
+    stats = pool.stats()["groups"]["g"]
+    assert (stats["exclusive_timeouts"], stats["timeouts"]) == (2, 0), stats
 
 
 @pytest.mark.parametrize("fault", ["terminated", "stalled"])

@@ -178,9 +178,12 @@ class DedicatedConnects:
         else:
             why = "none yet, a connect is under way"
         name = self.group.name
-        return connector.timed_out(
+        error = connector.timed_out(
             lambda: (f"group {name!r}: no dedicated connection within the timeout: {why}. "
-                     f"Endpoints: {connector.describe()}"), count=caller_waits)
+                     f"Endpoints: {connector.describe()}"), count=False)
+        if caller_waits:  # a dedicated caller's timeout is counted with the dedicated ones
+            self._counters.timeouts += 1
+        return error
 
     def _cover_callers(self) -> None:
         """Start a connect task if the callers waiting outnumber the tasks covering them (a

@@ -73,7 +73,7 @@ class Listener:
                 if isinstance(error, PoolTimeout) and time.monotonic() >= deadline:
                     # the hub's connect ran out of the time of the callers it served, and
                     # counted none: each one it fails counts its own timeout
-                    hub.group.connector.count_timeout()
+                    hub.slots.counters.timeouts += 1
                 raise error
             if closed:
                 self.close()
@@ -84,8 +84,10 @@ class Listener:
                 why = f"; last error: {hub.last_error}" if hub.last_error else ""
                 busy = (f"group {hub.group.name!r}: not listening on {list(self.channels)} "
                         f"within {timeout:.2f} s{why}")
-                # told (and counted) like any caller whose time ran out
-                raise hub.group.connector.timed_out(lambda: busy)  # noqa: B023 (called now)
+                # told like any caller whose time ran out, counted as a dedicated one
+                hub.slots.counters.timeouts += 1
+                raise hub.group.connector.timed_out(
+                    lambda: busy, count=False)  # noqa: B023 (called now)
             if waiter is not None:
                 waiter.wait(remaining)
             else:
