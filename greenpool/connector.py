@@ -481,12 +481,7 @@ class Connector:
         """One connect attempt the caller has claimed (``endpoint.begin_connect``), bounded
         by ``connect_timeout`` and ``deadline``. With ``placed``, a connection the group
         should not use now is closed at once."""
-        seconds = endpoint.config.connect_timeout
-        cut_by_caller = False
-        if deadline is not None:
-            left = deadline - _monotonic()
-            if left < seconds:
-                seconds, cut_by_caller = max(left, 0.001), True
+        seconds, cut_by_caller = _bound(endpoint, deadline)
         kwargs = self._kwargs.get(endpoint)
         if kwargs is None:  # taken out of the configuration since the round began
             endpoint.connect_abandoned()
@@ -495,8 +490,10 @@ class Connector:
         try:
             raw = open_connection(endpoint.config, self.config, kwargs,
                                   self._backend, seconds)
-            pooled_role = (self._pooled_role(raw, endpoint, deadline) if is_pooled(raw)
-                           else None)
+            pooled_role = None
+            if is_pooled(raw):  # a no-answer now is the role query's: cut by whose bound?
+                seconds, cut_by_caller = _bound(endpoint, deadline)
+                pooled_role = self._pooled_role(raw, endpoint, seconds)
         except ConnectError as exc:
             if cut_by_caller and exc.kind in (_NO_ANSWER, HOOK_NO_ANSWER):
                 endpoint.connect_cut(seconds)  # the caller's time ran out, not the server's
@@ -529,7 +526,7 @@ class Connector:
             if pooled_role is None and must_measure(config.role, config.max_lag,
                                                     len(self.endpoints) > 1, role):
                 with still_connecting(raw):  # (cut by the caller's deadline: no verdict)
-                    report = read_role(raw, self._backend, _bound(endpoint, deadline))
+                    report = read_role(raw, self._backend, _bound(endpoint, deadline)[0])
                 endpoint.observe(report)
                 role = report.role
             timings = self.counters.timings
@@ -562,16 +559,14 @@ class Connector:
         self.opened.add(pc)
         return pc
 
-    def _pooled_role(self, raw: Any, endpoint: Endpoint, deadline: float | None) -> str:
-        """The role of the server behind a pooler, by one query bounded by
-        ``connect_timeout`` (and the caller's ``deadline``): the pooler's login says nothing
-        about that server (it answers from a cached one), so this query is what proves it
-        is there. Its failure is judged like a failed connect (PgBouncer's ``server login
-        has been failing``, ``query_wait_timeout``, a missing server database ...); ``raw``
-        is then closed."""
+    def _pooled_role(self, raw: Any, endpoint: Endpoint, seconds: float) -> str:
+        """The role of the server behind a pooler, by one query bounded by ``seconds``: the
+        pooler's login says nothing about that server (it answers from a cached one), so
+        this query is what proves it is there. Its failure is judged like a failed connect
+        (PgBouncer's ``server login has been failing``, ``query_wait_timeout``, a missing
+        server database ...); ``raw`` is then closed."""
         config = endpoint.config
-        report = behind_pooler(config, raw, read_role, raw, self._backend,
-                               _bound(endpoint, deadline))
+        report = behind_pooler(config, raw, read_role, raw, self._backend, seconds)
         endpoint.observe(report)
         return report.role
 
@@ -616,11 +611,15 @@ class Connector:
         return max(0.001, min(waits))
 
 
-def _bound(endpoint: Endpoint, deadline: float | None) -> float:
-    """A connect's round trip after the login: ``connect_timeout``, or what is left of the
-    caller's ``deadline`` if that comes first (an inline connect answers its caller in time;
-    a no-answer then says nothing of the server, see ``Connector._attempt``)."""
+def _bound(endpoint: Endpoint, deadline: float | None) -> tuple[float, bool]:
+    """A connect's bound (the login, and each round trip after it): ``connect_timeout``, or
+    what is left of the caller's ``deadline`` if that comes first (an inline connect answers
+    its caller in time), and whether it is the caller's (a no-answer then says nothing of
+    the server)."""
     seconds = endpoint.config.connect_timeout
     if deadline is None:
-        return seconds
-    return max(0.001, min(seconds, deadline - _monotonic()))
+        return seconds, False
+    left = deadline - _monotonic()
+    if left < seconds:
+        return max(0.001, left), True
+    return seconds, False

@@ -33,7 +33,7 @@ from typing import Any
 
 from .borrow_return import check_on_borrow
 from .concurrency.backend import Backend, Signal
-from .concurrency.fork import InheritedAcrossFork
+from .concurrency.fork import InheritedAcrossFork, still_connecting
 from .config import PoolConfig
 from .connection import PooledConnection, connect_kwargs, open_connection, ping
 from .endpoint import QUARANTINED, UP, Endpoint
@@ -383,17 +383,20 @@ class Housekeeping:
         except BaseException:
             endpoint.connect_abandoned()
             raise
+        pid = os.getpid()
         try:
-            report = read_role(raw, self._backend, endpoint.config.connect_timeout)
-        except InheritedAcrossFork:
-            raise
-        except BaseException as exc:  # failed, timed out or killed: no verdict, and the
-            endpoint.connect_abandoned()  # endpoint must not stay PROBING (nobody else may)
+            with still_connecting(raw):  # a fork meanwhile leaves it to the parent
+                report = read_role(raw, self._backend, endpoint.config.connect_timeout)
+        except BaseException as exc:
+            if os.getpid() != pid:  # the child's copy: the socket is the parent's
+                raise InheritedAcrossFork("a probe of the parent process, in the child"
+                                          ) from None
+            raw.close()  # failed, timed out or killed: no verdict, and the endpoint
+            endpoint.connect_abandoned()  # must not stay PROBING (nobody else may probe)
             if not isinstance(exc, Exception):
                 raise
             return
-        finally:
-            raw.close()
+        raw.close()
         endpoint.connect_succeeded(report.role)
         endpoint.observe(report)
         self._after_probe(endpoint)

@@ -217,7 +217,16 @@ def read_server_defaults(raw: Any) -> ServerDefaults:
 
 
 def _as_text(raw: Any, query: bytes) -> str:
-    return query.decode(extensions.encodings.get(raw.encoding, "utf-8"))
+    """What the server will read in ``query``, or ``ProgrammingError`` when that is not known
+    (see :func:`greenpool.sql.server_text`)."""
+    text = sql.server_text(query, extensions.encodings.get(raw.encoding, "utf-8"))
+    if text is None:
+        raise psycopg2.ProgrammingError(
+            f"this text holds a character that the connection's encoding ({raw.encoding}) "
+            "sends as an ASCII byte the server reads otherwise (SHIFT_JIS_2004 sends ¥ as "
+            "\\): through a pooler greenpool must read the text as the server does to send the "
+            "group's statement_timeout/readonly with it, so it does not send it")
+    return text
 
 
 def _read(raw: Any, text: str) -> tuple[sql.Statement, ...]:
@@ -314,7 +323,9 @@ class _PerTransactionCursor:
                 raise psycopg2.ProgrammingError(
                     "a named cursor's query is one statement; through a pooler the ones after "
                     "it could run outside the transaction that carries the group's settings")
-            if conn.autocommit and not self.withhold:  # psycopg2/the server refuse it
+            if not self.withhold and (conn.autocommit or conn.status != _PSYCOPG_READY):
+                # no BEGIN of psycopg2's before it: the server refuses it (or, in the
+                # transaction it knows open, it has the settings already)
                 return execute(query, vars)
             return self._with_settings(lambda: execute(query, vars))
         # what will be sent, exactly (placeholders filled): that is what the server reads

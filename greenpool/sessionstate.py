@@ -80,7 +80,7 @@ def _as_the_server_reads(text: str, conn: Any) -> str | None:
     if codec is None:
         return None
     try:
-        return text.encode(codec).decode(codec)
+        return sql.server_text(text.encode(codec), codec)
     except UnicodeError:
         return None
 

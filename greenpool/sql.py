@@ -20,6 +20,7 @@ needed, and where they are and it cannot be, the text is unknown, never clean.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable
@@ -63,6 +64,34 @@ class Statement:
     refused_read_only: bool = False
     #: its name in messages (``VACUUM``); '' for ordinary statements
     label: str = ""
+
+
+def server_text(data: bytes, codec: str) -> str | None:
+    """The text PostgreSQL reads in ``data``, sent in ``codec`` (Python's name of the
+    connection's encoding): the server reads every byte below 0x80 that is not part of a
+    multibyte character as ASCII. None where Python's codec reads such a byte as another
+    character and one is in the text (``shift_jis_2004`` reads 0x5C as ``¥``, the server
+    ``\\``): what the server reads is then not known here."""
+    text = data.decode(codec)
+    if not text.isascii():
+        impostors = _ascii_impostors(codec)
+        if impostors and any(char in impostors for char in text):
+            return None
+    return text
+
+
+@functools.cache
+def _ascii_impostors(codec: str) -> frozenset[str]:
+    """The characters ``codec`` reads a single ASCII byte as, other than that byte's own."""
+    found = set()
+    for byte in range(0x80):
+        try:
+            char = bytes((byte,)).decode(codec)
+        except UnicodeError:
+            continue
+        if char != chr(byte):
+            found.add(char)
+    return frozenset(found)
 
 
 def _parse(text: str) -> str:

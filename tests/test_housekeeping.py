@@ -298,3 +298,43 @@ def test_a_quarantine_probe_interrupted_while_it_reads_the_role_leaves_the_endpo
         assert endpoint.state == UP
     finally:
         group.release(held)
+
+
+@pytest.mark.skipif(MODE == "eventlet", reason="eventlet's fork support is not exercised")
+@pytest.mark.timeout(60)
+def test_a_fork_while_a_quarantine_probe_reads_the_role_leaves_the_probe_to_the_parent(
+        make_pool, pg):
+    """The probe's role query (held 1.5 s by a proxy) is under way when the process forks;
+    the child lives on 3 s (in the green modes with its copy of the probe). The child's copy
+    must neither read the parent's reply nor close its session: the parent's probe brings
+    the endpoint up."""
+    from delayproxy import DelayProxy
+    from forking import fork_a_bystander
+    from modes import join_all, spawn
+
+    from greenpool.endpoint import QUARANTINED, UP
+
+    with DelayProxy(pg.port, 1.5, b"pg_is_in_recovery") as proxy:
+        pool = make_pool({"g": {"connection_count": 1}},
+                         db=proxy.endpoint(pg, connect_timeout=5),
+                         quarantine_initial=0.1, quarantine_max=0.1)
+        pool._housekeeping.stop()  # its probe is the one run here, by hand
+        group = pool.group("g")
+        (endpoint,) = group.endpoints
+        held = group.acquire(10)  # the group is full: none of its own connects runs meanwhile
+        try:
+            assert endpoint.begin_connect(time.monotonic())
+            endpoint.connect_failed("connection refused")  # as the connector records it
+            assert endpoint.state == QUARANTINED
+            wait_until(lambda: endpoint.may_connect(time.monotonic()), 5, "the quarantine end")
+            before = proxy.held()
+            prober = spawn(pool._housekeeping._probe_outside_groups, group, endpoint)
+            wait_until(lambda: proxy.held() > before, 10, "the probe's role query, held")
+            child = fork_a_bystander(3)
+            join_all([prober], 10)
+            _, status = os.waitpid(child, 0)
+            assert status == 0
+            assert prober.error is None, prober.error
+            assert endpoint.state == UP
+        finally:
+            group.release(held)

@@ -379,3 +379,37 @@ def test_the_role_probe_reads_tuples_for_a_dict_group(pg: Cluster) -> None:
         assert read_role(raw).role == "primary"
     finally:
         raw.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_role_query_cut_by_the_callers_deadline_judges_nothing(pg: Cluster) -> None:
+    """Behind a pooler a connect's role query proves the server is there. A slow login (a
+    proxy holds it 1.2 s) leaves the inline connect's caller less than ``connect_timeout``
+    for that query, which the server (another proxy) holds 6 s: the caller's deadline cuts
+    it, which says nothing of the server. The caller gets a PoolTimeout saying its time
+    ran out, and the endpoint is not quarantined."""
+    from delayproxy import DelayProxy
+    from modes import MODE
+
+    from greenpool import PoolTimeout
+    from greenpool.endpoint import UP
+
+    if MODE != "threaded":
+        pytest.skip("non-threaded runs once, in the threaded process")
+    with PgBouncer(pg, pool_mode="transaction") as bouncer, \
+            DelayProxy(bouncer.port, 6.0, b"pg_is_in_recovery") as slow_query, \
+            DelayProxy(slow_query.port, 1.2, b"user") as slow_login:
+        pool = Pool({"type": "non-threaded",
+                     "db": bouncer.endpoint(port=slow_login.port, pooler="transaction",
+                                            connect_timeout=2),
+                     "groups": {"w": {"connection_count": 1}}})
+        try:
+            group = pool.group("w")
+            started = time.monotonic()
+            with pytest.raises(PoolTimeout, match="cut short"):
+                group.acquire(timeout=2.5)
+            assert time.monotonic() - started < 3.0
+            assert (slow_login.held(), slow_query.held()) == (1, 1)
+            assert group.endpoints[0].state == UP
+        finally:
+            pool.close()

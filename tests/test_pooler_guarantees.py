@@ -129,6 +129,12 @@ def test_calls_after_a_transaction_ended_as_sql_still_carry_the_settings(
             held.execute("SELECT greenpool_pooled_write()")
             held.fetchall()
         db.rollback()
+        with db.cursor() as cur:
+            cur.execute(ended_by)
+        unheld = db.cursor("unheld_after_end")  # refused by the server, as directly
+        with pytest.raises(psycopg2.errors.NoActiveSqlTransaction):
+            unheld.execute("SELECT 1")
+        db.rollback()
     assert _rows(pg) == []
 
 

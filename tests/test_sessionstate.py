@@ -352,3 +352,20 @@ def test_a_non_ascii_text_judged_on_one_encoding_is_judged_again_on_another() ->
     assert text not in sessionstate.CLEAN
     assert changes_session(text, Conn("EUC_JP"))
     assert changes_session(text)  # no connection: the encoding is unknown
+
+
+def test_a_text_whose_encoding_reads_an_ascii_byte_otherwise_counts_as_changing() -> None:
+    """SHIFT_JIS_2004 sends ``¥`` as 0x5C, which Python's codec reads back as ``¥`` and the
+    server as ``\\``: ``U&"¥0070g_temp"`` is ``pg_temp`` to the server. What the server
+    reads is not known here: unknown, so changing."""
+    class Conn:
+        encoding = "SHIFT_JIS_2004"
+
+        def __init__(self) -> None:
+            self.info = self
+
+        def parameter_status(self, name: str) -> str:
+            return "on"
+
+    assert changes_session('CREATE TABLE U&"¥0070g_temp".leak (x int)', Conn())
+    assert not changes_session("SELECT 'ｶﾅ'", Conn())  # nothing of the kind in it

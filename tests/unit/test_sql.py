@@ -231,3 +231,12 @@ def test_a_long_text_is_parsed_off_the_hub(mode: str) -> None:
     finally:
         running[0] = False
         task.join(5)
+
+
+def test_the_server_text_of_bytes_is_unknown_where_the_codec_reads_ascii_otherwise() -> None:
+    """PostgreSQL reads a byte below 0x80 as ASCII; Python's shift_jis_2004 reads 0x5C as
+    ``¥`` (and 0x7E as ``‾``). EUC_JP's reading agrees with the server's."""
+    assert sql.server_text("E'¥'".encode("shift_jis_2004"), "shift_jis_2004") is None
+    assert sql.server_text("E'\\'".encode("euc_jp"), "euc_jp") == "E'\\'"
+    assert sql.server_text("E'¥'".encode("euc_jp"), "euc_jp") == "E'\\'"
+    assert sql.server_text("SELECT 'é'".encode(), "utf_8") == "SELECT 'é'"
