@@ -498,6 +498,9 @@ class Connector:
             if cut_by_caller and exc.kind in (_NO_ANSWER, HOOK_NO_ANSWER):
                 endpoint.connect_cut(seconds)  # the caller's time ran out, not the server's
                 return None
+            if self.stopped:  # close() cut it (its socket closed under it): no verdict
+                endpoint.connect_abandoned()
+                return None
             self.counters.connect_errors += 1
             unhealthy = endpoint.connect_error(exc.fatal, exc.kind, exc.reason)
             if exc.fatal:  # the server answered: nothing wrong with its health

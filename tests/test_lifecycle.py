@@ -618,3 +618,4 @@ def test_non_threaded_close_from_a_signal_handler_ends_an_inline_connect_with_po
         signal.signal(signal.SIGALRM, previous)
         pool.close()
     assert took < 2, took
+

@@ -413,3 +413,41 @@ def test_a_role_query_cut_by_the_callers_deadline_judges_nothing(pg: Cluster) ->
             assert group.endpoints[0].state == UP
         finally:
             pool.close()
+
+
+
+@pytest.mark.timeout(60)
+def test_a_connect_failing_after_close_judges_nothing(pg: Cluster, pools: Any,
+                                                      caplog: Any) -> None:
+    """``close()`` while a connect's role query waits behind the pooler (a proxy holds it),
+    then the way to the server goes away (the proxy stops): a connect of a closed pool that
+    fails says nothing anyone will act on; it was judged a failed connect and logged as the
+    endpoint's quarantine (``server closed the connection unexpectedly``)."""
+    from delayproxy import DelayProxy
+    from modes import join_all, spawn
+
+    from greenpool.endpoint import QUARANTINED
+
+    with PgBouncer(pg, pool_mode="transaction") as bouncer, \
+            caplog.at_level("WARNING", logger="greenpool"):
+        with DelayProxy(bouncer.port, 3.0, b"pg_is_in_recovery") as proxy:
+            pool = pools(bouncer.endpoint(port=proxy.port, pooler="transaction",
+                                          connect_timeout=10), {"g": {"connection_count": 1}})
+            group = pool.group("g")
+            (endpoint,) = group.endpoints
+            failures: list[BaseException] = []
+
+            def borrow() -> None:
+                try:
+                    group.release(group.acquire(10))
+                except PoolError as exc:
+                    failures.append(exc)
+
+            taker = spawn(borrow)
+            wait_until(lambda: proxy.held() >= 1, 10, "the role query to be held")
+            pool.close()
+            join_all([taker], 10)
+        wait_until(lambda: not endpoint.connecting, 10, "the connect to end")
+        assert failures  # the borrower was told the pool closed
+        assert endpoint.state != QUARANTINED
+        assert not [r for r in caplog.records if "quarantined" in r.getMessage()]
