@@ -387,7 +387,8 @@ class Endpoint:
         self.observe_role(report.role, report.timeline, report.lsn)
         asked_at = report.asked_at or time.monotonic()
         if report.role == PRIMARY and report.lsn is not None:
-            self.primary_wal.saw(report.lsn, asked_at)  # outside this endpoint's lock
+            # outside this endpoint's lock: it takes the standbys'
+            self.primary_wal.saw(report.lsn, asked_at, report.timeline)
         self.observe_lag(report.lag, report.receiver, report.receiver_age,
                          report.caught_up, asked_at)
 

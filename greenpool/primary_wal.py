@@ -12,7 +12,9 @@ for every standby that had reached it, also for one probed before the primary wa
 
 One instance per pool, shared by its endpoints (a primary reports here, standbys read and
 are told of each new sighting). Only a few recent sightings are kept: a standby a little
-behind the newest one is measured against an older one it had reached.
+behind the newest one is measured against an older one it had reached. Only the highest
+timeline's sightings count: after a promotion, an old primary still answering (a split
+brain) must not vouch for a standby the new primary has moved past.
 """
 
 from __future__ import annotations
@@ -27,25 +29,36 @@ KEPT = 8
 
 
 class PrimaryWal:
-    """Recent (WAL position, monotonic time) sightings of the pool's primaries."""
+    """Recent (timeline, WAL position, monotonic time) sightings of the pool's primaries."""
 
     def __init__(self) -> None:
-        #: oldest first; replaced whole, never mutated (read without a lock in threaded mode)
-        self.sightings: tuple[tuple[int, float], ...] = ()
-        self._standbys: weakref.WeakSet[Any] = weakref.WeakSet()
+        #: (timeline, position, time), oldest first; replaced whole, never mutated (read
+        #: without a lock in threaded mode: a sighting lost to a race vouches for nothing)
+        self.sightings: tuple[tuple[int, int, float], ...] = ()
+        self._members: tuple[weakref.ref[Any], ...] = ()  # replaced whole, like sightings
 
     def join(self, endpoint: Any) -> None:
         """``endpoint`` is told (``primary_seen``) of each new sighting."""
-        self._standbys.add(endpoint)
+        self._members = (*self._members, weakref.ref(endpoint))
 
-    def saw(self, lsn: int, at: float) -> None:
-        """A primary was at ``lsn`` at ``at`` (or later): remember it, and let every standby
-        that had reached it know it is at most ``now - at`` behind. Never blocks."""
-        self.sightings = (*self.sightings[-(KEPT - 1):], (lsn, at))
-        for endpoint in list(self._standbys):
-            endpoint.primary_seen(lsn, at)
+    def saw(self, lsn: int, at: float, timeline: int | None) -> None:
+        """A primary on ``timeline`` was at ``lsn`` at ``at`` (or later): remember it, and let
+        every standby that had reached it know it is at most ``now - at`` behind. A lower
+        timeline than one seen already vouches for nothing. Never blocks."""
+        timeline = -1 if timeline is None else timeline
+        if timeline < max((t for t, _, _ in self.sightings), default=-1):
+            return
+        self.sightings = (*[seen for seen in self.sightings[-(KEPT - 1):]
+                            if seen[0] == timeline], (timeline, lsn, at))
+        for ref in self._members:
+            endpoint = ref()
+            if endpoint is not None:
+                endpoint.primary_seen(lsn, at)
 
     def reached_at(self, received: int) -> float:
         """The latest time a primary was seen at a position the standby has ``received``
         (``-inf``: none: its lag is not known from the primary's side)."""
-        return max((at for lsn, at in self.sightings if lsn <= received), default=-math.inf)
+        sightings = self.sightings
+        newest = max((timeline for timeline, _, _ in sightings), default=-1)
+        return max((at for timeline, lsn, at in sightings
+                    if timeline == newest and lsn <= received), default=-math.inf)

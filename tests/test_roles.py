@@ -24,6 +24,14 @@ def _measured_fresh(pool: Any, standby: Any, within: float = 0.5) -> bool:
     return lag is not None and lag <= within
 
 
+def _link_speaks(standby: Any) -> None:
+    """Have the standby's WAL receiver ping its primary after 0.5 s of silence, so that its
+    word (``pg_stat_wal_receiver``) vouches for it behind an idle primary where the pool
+    sees no primary (a pool of standbys only, or ``non-threaded`` mode)."""
+    standby.execute("ALTER SYSTEM SET wal_receiver_timeout = '1s'")
+    standby.execute("SELECT pg_reload_conf()")
+
+
 def read_port(pool: Any, group_name: str) -> int:
     with pool.handler(group_name) as db:
         return int(db.query_one("SELECT inet_server_port()")[0])
@@ -467,13 +475,16 @@ def test_non_threaded_prefer_standby_reads_return_to_a_standby_that_caught_up(pg
     measure the lag). The standby lags (replay paused, a commit on the primary): reads fall
     back to the primary. Once replay resumes and the standby has caught up, reads return
     to the standby as soon as the lagging measurement is stale (``role_stale_after``, 6 s)
-    and a borrow measures again (at most once a second), and stay there."""
+    and a borrow measures again (at most once a second), and stay there. The primary is
+    idle then and no housekeeping probes it: what vouches for the caught-up standby is its
+    WAL receiver, which hears from the primary at least every 0.5 s here."""
     from greenpool import Pool
     from greenpool.endpoint import ROLE_STALE_AFTER
 
     primary = pg_factory()
     primary.execute("CREATE TABLE ticks (id serial PRIMARY KEY)")
     standby = pg_factory(standby_of=primary)
+    _link_speaks(standby)
     primary.execute("INSERT INTO ticks DEFAULT VALUES")
     wait_until(lambda: standby.execute("SELECT count(*) FROM ticks")[0][0] == 1, 10,
                "the first commit to be replayed (so replay has a timestamp)")
@@ -510,7 +521,9 @@ def test_non_threaded_max_lag_group_lends_soon_after_the_wal_receiver_restarted(
     a new non-threaded ``role: 'standby'`` group with ``max_lag`` 5 and ``on_lag`` 'fail'
     is asked for a connection again and again. A receiver younger than a second has an
     unknown lag, but the group measures again once it has settled: its first loan comes
-    within about 2 s of the restart, not after the lag measurement goes stale (6 s)."""
+    within about 2 s of the restart, not after the lag measurement goes stale (6 s). The
+    pool sees no primary: what vouches for the idle standby is its WAL receiver, which
+    hears from the primary at least every 0.5 s here."""
     import os
     import signal
 
@@ -518,6 +531,7 @@ def test_non_threaded_max_lag_group_lends_soon_after_the_wal_receiver_restarted(
 
     primary = pg_factory()
     standby = pg_factory(standby_of=primary)
+    _link_speaks(standby)
     receiver = "SELECT pid FROM pg_stat_wal_receiver WHERE status = 'streaming'"
     wait_until(lambda: standby.execute(receiver), 10, "the WAL receiver to stream")
     old = standby.execute(receiver)[0][0]

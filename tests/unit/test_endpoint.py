@@ -172,3 +172,15 @@ def test_the_receivers_word_vouches_where_no_primary_was_seen():
     _, standby = _pair()
     _probe_caught_up_standby(standby, at=1000, heard=0.25)
     assert standby.lag is not None and 0.25 <= standby.lag < 0.5
+
+
+def test_an_old_primary_on_a_lower_timeline_vouches_for_no_standby():
+    primary, standby = _pair()
+    from greenpool.roles import RoleReport
+
+    primary.observe(RoleReport("primary", None, 2, 500, asked_at=time.monotonic() - 5.0))
+    _probe_caught_up_standby(standby, at=1000)
+    old = make()
+    old.primary_wal = primary.primary_wal
+    old.observe(RoleReport("primary", None, 1, 1000, asked_at=time.monotonic()))  # split brain
+    assert standby.lag is not None and standby.lag >= 5.0
