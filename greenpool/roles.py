@@ -52,9 +52,10 @@ _PRIMARY_POSITIONS = (
 # has lived (NULL where hidden); then, read once so that they agree, its receive and replay
 # positions: where they are equal (it replayed everything it received), that position, and
 # how long ago its receiver last heard from the primary if that message said the primary
-# had nothing beyond it (NULL where hidden: pg_read_all_stats); else, how far its replay is
-# behind (now - the last replayed commit's time). Caught up is not fresh: a stalled link
-# looks the same (``primary_wal``). A receiver says "streaming" before it has even
+# had nothing beyond it (NULL where hidden: pg_read_all_stats); and the time since the last
+# replayed commit (the primary wrote past what the standby shows only after that commit:
+# a bound however far replay is, on the two hosts' clocks). Caught up is not fresh: a
+# stalled link looks the same (``primary_wal``). A receiver says "streaming" before it has even
 # connected, so one that keeps restarting against a dead primary looks streaming for a
 # moment each time: ``Endpoint.observe_lag`` believes a receiver only once it has lived a
 # while. For a primary: its current WAL file (the timeline is its first 8 hex digits,
@@ -70,8 +71,7 @@ PROBE_SQL = (
     "CASE WHEN rcv = rpl THEN rcv::text END, "
     "CASE WHEN rcv = rpl THEN (SELECT extract(epoch FROM now() - last_msg_receipt_time) "
     "FROM pg_stat_wal_receiver WHERE latest_end_lsn <= rcv LIMIT 1) END, "
-    "CASE WHEN r AND rcv IS DISTINCT FROM rpl "
-    "THEN extract(epoch FROM now() - pg_last_xact_replay_timestamp()) END, "
+    "CASE WHEN r THEN extract(epoch FROM now() - pg_last_xact_replay_timestamp()) END, "
     "CASE WHEN NOT r THEN pg_walfile_name(wr) END, "
     f"CASE WHEN NOT r THEN ({_WAL_END})::text END "
     f"FROM (SELECT r, {_PRIMARY_POSITIONS}, "
@@ -101,10 +101,10 @@ class RoleReport(NamedTuple):
     """What one probe learned about a server."""
 
     role: str
-    #: standby: the most its data can be behind as the standby alone tells (replay behind
-    #: what it received: since the last replayed commit; all replayed: since its receiver
-    #: last heard that the primary had nothing more), LAG_UNKNOWN when it cannot tell or
-    #: its receiver does not stream; primary: None
+    #: standby: the most its data can be behind as the standby alone tells (the time since
+    #: its last replayed commit; all replayed: or since its receiver last heard that the
+    #: primary had nothing more), LAG_UNKNOWN when it cannot tell or its receiver does not
+    #: stream; primary: None
     lag: float | None
     #: primary: the timeline it writes on, and its current WAL position in bytes
     timeline: int | None
@@ -149,9 +149,10 @@ def read_role(
     in_recovery, receiver, receiver_age, caught_up, heard, behind, walfile, lsn = _one_row(
         raw, PROBE_SQL, backend, seconds)
     if in_recovery:
-        bound = heard if caught_up is not None else behind
+        bounds = [float(b) for b in (behind, heard if caught_up is not None else None)
+                  if b is not None]
         return RoleReport(
-            STANDBY, LAG_UNKNOWN if receiver is None or bound is None else float(bound),
+            STANDBY, LAG_UNKNOWN if receiver is None or not bounds else min(bounds),
             None, None, receiver, None if receiver_age is None else float(receiver_age),
             None if caught_up is None else _lsn_bytes(caught_up), asked_at)
     return RoleReport(PRIMARY, None, int(walfile[:8], 16), _lsn_bytes(lsn), asked_at=asked_at)
