@@ -435,12 +435,12 @@ class Endpoint:
         asked_at: float | None = None,
     ) -> None:
         """Record a probe's lag (None for a primary): the most the standby's data can be
-        behind as the standby itself tells, as of ``asked_at`` (when the probe was sent;
-        default now). ``caught_up`` is the WAL position it had received and replayed
-        everything up to, if so: a sighting of a primary at or before that position, at
-        time *t*, bounds the lag by ``now - t`` (``primary_wal``), however idle the
-        primary; without one, and without the receiver's word, the lag is unknown, never 0
-        (a stalled link looks just like an idle primary). ``receiver`` is the streaming WAL
+        behind as the standby itself tells (``roles.RoleReport.lag``), as of ``asked_at``
+        (when the probe was sent; default now). ``caught_up`` is the WAL position it had
+        received and replayed everything up to, if so: a sighting of a primary at or before
+        that position, at time *t*, bounds the lag by ``now - t`` (``primary_wal``), however
+        idle the primary. Where nothing vouches, the lag is unknown, never 0 (a stalled
+        link looks just like an idle primary). ``receiver`` is the streaming WAL
         receiver's pid and ``age`` how long it has lived. A receiver younger than
         ``RECEIVER_SETTLE`` may be one attempt of a receiver that keeps restarting against a
         dead primary: its lag is unknown until it has lived that long. Where the server
