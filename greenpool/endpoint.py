@@ -100,9 +100,9 @@ class Endpoint:
         #: pool joins its endpoints to it): what vouches for a standby that replayed all it
         #: received
         self.primary_wal = PrimaryWal()
-        #: a standby's WAL position when its last probe found everything received replayed
-        #: (its receiver streaming and settled); None otherwise
-        self._caught_up: int | None = None
+        #: (cluster's system identifier, WAL position) when a standby's last probe found
+        #: everything received replayed (its receiver streaming and settled); else None
+        self._caught_up: tuple[int, int] | None = None
         self._receiver: int | None = None  # the WAL receiver's pid, last probe (a standby)
         self._receiver_since = 0.0  # when that pid was first seen (monotonic); 0: no probe yet
         self.role_seen_at = 0.0  # when the role was last observed (monotonic)
@@ -386,11 +386,12 @@ class Endpoint:
         primary's WAL position is a sighting for the pool's standbys (``primary_wal``)."""
         self.observe_role(report.role, report.timeline, report.lsn)
         asked_at = report.asked_at or time.monotonic()
-        if report.role == PRIMARY and report.lsn is not None:
+        system = report.system
+        if report.role == PRIMARY and report.lsn is not None and system is not None:
             # outside this endpoint's lock: it takes the standbys'
-            self.primary_wal.saw(report.lsn, asked_at, report.timeline)
+            self.primary_wal.saw(system, report.timeline, report.lsn, asked_at)
         self.observe_lag(report.lag, report.receiver, report.receiver_age,
-                         report.caught_up, asked_at)
+                         None if system is None else report.caught_up, asked_at, system)
 
     def lag_known(self, now: float) -> bool:
         """Whether the lag was measured recently enough to decide on: an old measurement
@@ -433,11 +434,13 @@ class Endpoint:
         age: float | None,
         caught_up: int | None = None,
         asked_at: float | None = None,
+        system: int | None = None,
     ) -> None:
         """Record a probe's lag (None for a primary): the most the standby's data can be
         behind as the standby itself tells (``roles.RoleReport.lag``), as of ``asked_at``
         (when the probe was sent; default now). ``caught_up`` is the WAL position it had
-        received and replayed everything up to, if so: a sighting of a primary at or before
+        received and replayed everything up to, if so (with ``system``, its cluster's
+        identifier): a sighting of a primary of that cluster at or before
         that position, at time *t*, bounds the lag by ``now - t`` (``primary_wal``), however
         idle the primary. Where nothing vouches, the lag is unknown, never 0 (a stalled
         link looks just like an idle primary). ``receiver`` is the streaming WAL
@@ -463,18 +466,21 @@ class Endpoint:
                     lag = math.inf
                 else:
                     lag += now - (now if asked_at is None else min(asked_at, now))
-                    if caught_up is not None:
-                        self._caught_up = caught_up
-                        lag = min(lag, max(0.0, now - self.primary_wal.reached_at(caught_up)))
+                    if caught_up is not None and system is not None:
+                        self._caught_up = (system, caught_up)
+                        reached = self.primary_wal.reached_at(system, caught_up)
+                        lag = min(lag, max(0.0, now - reached))
             self._set_lag(lag, now)
 
-    def primary_seen(self, lsn: int, at: float) -> None:
-        """A primary was at ``lsn`` at ``at``: if this standby's last probe found it caught
-        up at or beyond that position, it is at most ``now - at`` behind (``primary_wal``),
-        also when it was probed before the primary was. Never blocks."""
+    def primary_seen(self, system: int, lsn: int, at: float) -> None:
+        """A primary of cluster ``system`` was at ``lsn`` at ``at``: if this standby's last
+        probe found it of that cluster and caught up at or beyond that position, it is at
+        most ``now - at`` behind (``primary_wal``), also when it was probed before the
+        primary was. Never blocks."""
         with self._lock:
             caught_up = self._caught_up
-            if self.role != STANDBY or caught_up is None or lsn > caught_up:
+            if self.role != STANDBY or caught_up is None or caught_up[0] != system or (
+                    lsn > caught_up[1]):
                 return
             now = time.monotonic()
             bound = max(0.0, now - at)

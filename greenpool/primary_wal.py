@@ -12,9 +12,10 @@ for every standby that had reached it, also for one probed before the primary wa
 
 One instance per pool, shared by its endpoints (a primary reports here, standbys read and
 are told of each new sighting). Only a few recent sightings are kept: a standby a little
-behind the newest one is measured against an older one it had reached. Only the highest
-timeline's sightings count: after a promotion, an old primary still answering (a split
-brain) must not vouch for a standby the new primary has moved past.
+behind the newest one is measured against an older one it had reached. Positions compare
+within one cluster only (its system identifier: a pool may span several), and only its
+highest timeline's sightings count: after a promotion, an old primary still answering (a
+split brain) must not vouch for a standby the new primary has moved past.
 """
 
 from __future__ import annotations
@@ -23,42 +24,50 @@ import math
 import weakref
 from typing import Any
 
-#: sightings kept: with probes every ``role_check_interval``, a standby behind all of them
-#: is that many intervals behind, far beyond any useful ``max_lag``
-KEPT = 8
+#: sightings kept, all clusters together: with probes every ``role_check_interval``, a
+#: standby behind all of its cluster's is several intervals behind, beyond a useful max_lag
+KEPT = 16
 
 
 class PrimaryWal:
     """Recent (timeline, WAL position, monotonic time) sightings of the pool's primaries."""
 
     def __init__(self) -> None:
-        #: (timeline, position, time), oldest first; replaced whole, never mutated (read
-        #: without a lock in threaded mode: a sighting lost to a race vouches for nothing)
-        self.sightings: tuple[tuple[int, int, float], ...] = ()
+        #: (system identifier, timeline, position, time), oldest first; replaced whole,
+        #: never mutated (read without a lock in threaded mode: a sighting lost to a race
+        #: vouches for nothing)
+        self.sightings: tuple[tuple[int, int, int, float], ...] = ()
         self._members: tuple[weakref.ref[Any], ...] = ()  # replaced whole, like sightings
 
     def join(self, endpoint: Any) -> None:
         """``endpoint`` is told (``primary_seen``) of each new sighting."""
         self._members = (*self._members, weakref.ref(endpoint))
 
-    def saw(self, lsn: int, at: float, timeline: int | None) -> None:
-        """A primary on ``timeline`` was at ``lsn`` at ``at`` (or later): remember it, and let
-        every standby that had reached it know it is at most ``now - at`` behind. A lower
-        timeline than one seen already vouches for nothing. Never blocks."""
+    def saw(self, system: int, timeline: int | None, lsn: int, at: float) -> None:
+        """A primary of cluster ``system`` on ``timeline`` was at ``lsn`` at ``at`` (or
+        later): remember it, and let every standby of that cluster that had reached it know
+        it is at most ``now - at`` behind. A lower timeline than one seen already vouches
+        for nothing. Never blocks."""
         timeline = -1 if timeline is None else timeline
-        if timeline < max((t for t, _, _ in self.sightings), default=-1):
+        if timeline < self._newest(system):
             return
-        self.sightings = (*[seen for seen in self.sightings[-(KEPT - 1):]
-                            if seen[0] == timeline], (timeline, lsn, at))
+        kept = [seen for seen in self.sightings if seen[:2] == (system, timeline)
+                or seen[0] != system]
+        self.sightings = (*kept[-(KEPT - 1):], (system, timeline, lsn, at))
         for ref in self._members:
             endpoint = ref()
             if endpoint is not None:
-                endpoint.primary_seen(lsn, at)
+                endpoint.primary_seen(system, lsn, at)
 
-    def reached_at(self, received: int) -> float:
-        """The latest time a primary was seen at a position the standby has ``received``
-        (``-inf``: none: its lag is not known from the primary's side)."""
-        sightings = self.sightings
-        newest = max((timeline for timeline, _, _ in sightings), default=-1)
-        return max((at for timeline, lsn, at in sightings
-                    if timeline == newest and lsn <= received), default=-math.inf)
+    def reached_at(self, system: int, received: int) -> float:
+        """The latest time a primary of cluster ``system`` was seen at a position its
+        standby has ``received`` (``-inf``: none: its lag is not known from the primary's
+        side)."""
+        newest = self._newest(system)
+        return max((at for sid, timeline, lsn, at in self.sightings
+                    if sid == system and timeline == newest and lsn <= received),
+                   default=-math.inf)
+
+    def _newest(self, system: int) -> int:
+        return max((timeline for sid, timeline, _, _ in self.sightings if sid == system),
+                   default=-1)

@@ -60,8 +60,10 @@ _PRIMARY_POSITIONS = (
 # moment each time: ``Endpoint.observe_lag`` believes a receiver only once it has lived a
 # while. For a primary: its current WAL file (the timeline is its first 8 hex digits,
 # right after a promotion: pg_control_checkpoint() shows the new timeline only after the
-# next checkpoint) and WAL position (``_WAL_END``). The role is read once (OFFSET 0 keeps
-# the subqueries from being inlined), so the columns agree.
+# next checkpoint) and WAL position (``_WAL_END``). Then the cluster's system identifier
+# (a primary and its physical standbys share it: positions compare within a cluster only,
+# and a pool may span several). The role is read once (OFFSET 0 keeps the subqueries from
+# being inlined), so the columns agree.
 PROBE_SQL = (
     "SELECT r, "
     "CASE WHEN r THEN (SELECT pid FROM pg_stat_wal_receiver "
@@ -73,7 +75,8 @@ PROBE_SQL = (
     "FROM pg_stat_wal_receiver WHERE latest_end_lsn <= rcv LIMIT 1) END, "
     "CASE WHEN r THEN extract(epoch FROM now() - pg_last_xact_replay_timestamp()) END, "
     "CASE WHEN NOT r THEN pg_walfile_name(wr) END, "
-    f"CASE WHEN NOT r THEN ({_WAL_END})::text END "
+    f"CASE WHEN NOT r THEN ({_WAL_END})::text END, "
+    "(SELECT system_identifier FROM pg_control_system()) "
     f"FROM (SELECT r, {_PRIMARY_POSITIONS}, "
     "CASE WHEN r THEN pg_last_wal_receive_lsn() END AS rcv, "
     "CASE WHEN r THEN pg_last_wal_replay_lsn() END AS rpl "
@@ -117,6 +120,8 @@ class RoleReport(NamedTuple):
     #: standby: the WAL position it has received and replayed, when it replayed all it
     #: received (the primary's sightings may then vouch for it: ``primary_wal``)
     caught_up: int | None = None
+    #: the cluster's system identifier (PROBE_SQL only): whose WAL positions compare
+    system: int | None = None
     #: when the probe was sent (monotonic): the server answered for this moment or later
     asked_at: float = 0.0
 
@@ -146,16 +151,17 @@ def read_role(
     time raises ``psycopg2.OperationalError``; the connection is then in an unknown state
     and must be discarded. Never leaves a transaction open."""
     asked_at = time.monotonic()
-    in_recovery, receiver, receiver_age, caught_up, heard, behind, walfile, lsn = _one_row(
-        raw, PROBE_SQL, backend, seconds)
+    (in_recovery, receiver, receiver_age, caught_up, heard, behind, walfile, lsn,
+     system) = _one_row(raw, PROBE_SQL, backend, seconds)
     if in_recovery:
         bounds = [float(b) for b in (behind, heard if caught_up is not None else None)
                   if b is not None]
         return RoleReport(
             STANDBY, LAG_UNKNOWN if receiver is None or not bounds else min(bounds),
             None, None, receiver, None if receiver_age is None else float(receiver_age),
-            None if caught_up is None else _lsn_bytes(caught_up), asked_at)
-    return RoleReport(PRIMARY, None, int(walfile[:8], 16), _lsn_bytes(lsn), asked_at=asked_at)
+            None if caught_up is None else _lsn_bytes(caught_up), system, asked_at)
+    return RoleReport(PRIMARY, None, int(walfile[:8], 16), _lsn_bytes(lsn), system=system,
+                      asked_at=asked_at)
 
 
 def primary_report(

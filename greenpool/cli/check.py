@@ -132,12 +132,13 @@ def _vouch_for_standbys(rows: list[dict[str, Any]]) -> None:
     seen = PrimaryWal()
     for row in rows:
         report = row.get("report")
-        if report is not None and report.lsn is not None:
-            seen.saw(report.lsn, report.asked_at, report.timeline)
+        if report is not None and report.lsn is not None and report.system is not None:
+            seen.saw(report.system, report.timeline, report.lsn, report.asked_at)
     for row in rows:
         report = row.get("report")
-        if report is not None and report.caught_up is not None:
-            bound = max(0.0, row["answered_at"] - seen.reached_at(report.caught_up))
+        if report is not None and report.caught_up is not None and report.system is not None:
+            reached = seen.reached_at(report.system, report.caught_up)
+            bound = max(0.0, row["answered_at"] - reached)
             row["lag"] = min(row["lag"], bound)
 
 

@@ -126,10 +126,10 @@ def _pair() -> tuple[Endpoint, Endpoint]:
     return primary, standby
 
 
-def _probe_primary(ep: Endpoint, lsn: int, asked_at: float) -> None:
+def _probe_primary(ep: Endpoint, lsn: int, asked_at: float, system: int = 7) -> None:
     from greenpool.roles import RoleReport
 
-    ep.observe(RoleReport("primary", None, 1, lsn, asked_at=asked_at))
+    ep.observe(RoleReport("primary", None, 1, lsn, system=system, asked_at=asked_at))
 
 
 def _probe_caught_up_standby(ep: Endpoint, at: int, heard: float | None = None) -> None:
@@ -140,7 +140,7 @@ def _probe_caught_up_standby(ep: Endpoint, at: int, heard: float | None = None) 
     from greenpool.roles import RoleReport
 
     ep.observe(RoleReport("standby", math.inf if heard is None else heard, None, None,
-                          receiver=4242, receiver_age=60.0, caught_up=at,
+                          receiver=4242, receiver_age=60.0, caught_up=at, system=7,
                           asked_at=time.monotonic()))
 
 
@@ -178,9 +178,18 @@ def test_an_old_primary_on_a_lower_timeline_vouches_for_no_standby():
     primary, standby = _pair()
     from greenpool.roles import RoleReport
 
-    primary.observe(RoleReport("primary", None, 2, 500, asked_at=time.monotonic() - 5.0))
+    primary.observe(RoleReport("primary", None, 2, 500, system=7,
+                               asked_at=time.monotonic() - 5.0))
     _probe_caught_up_standby(standby, at=1000)
     old = make()
     old.primary_wal = primary.primary_wal
-    old.observe(RoleReport("primary", None, 1, 1000, asked_at=time.monotonic()))  # split brain
+    old.observe(RoleReport("primary", None, 1, 1000, system=7,
+                           asked_at=time.monotonic()))  # split brain
     assert standby.lag is not None and standby.lag >= 5.0
+
+
+def test_a_primary_of_another_cluster_vouches_for_no_standby():
+    primary, standby = _pair()
+    _probe_caught_up_standby(standby, at=1000)
+    _probe_primary(primary, 10, time.monotonic(), system=8)  # a pool may span clusters
+    assert standby.lag == float("inf")
