@@ -42,6 +42,7 @@ from typing import Any
 from .config import EndpointConfig
 from .events import no_event
 from .failures import FULL_KINDS  # kinds that say the server is full, not down
+from .primary_wal import PrimaryWal
 
 logger = logging.getLogger("greenpool")
 
@@ -95,6 +96,13 @@ class Endpoint:
         #: called when the role, the timeline or the lag changes (groups cache where they
         #: should be)
         self._watchers: list[Callable[[], None]] = []
+        #: the pool's sightings of its primaries' WAL positions (one per pool, shared; the
+        #: pool joins its endpoints to it): what vouches for a standby that replayed all it
+        #: received
+        self.primary_wal = PrimaryWal()
+        #: (cluster's system identifier, WAL position) when a standby's last probe found
+        #: everything received replayed (its receiver streaming and settled); else None
+        self._caught_up: tuple[int, int] | None = None
         self._receiver: int | None = None  # the WAL receiver's pid, last probe (a standby)
         self._receiver_since = 0.0  # when that pid was first seen (monotonic); 0: no probe yet
         self.role_seen_at = 0.0  # when the role was last observed (monotonic)
@@ -374,9 +382,16 @@ class Endpoint:
             callback()
 
     def observe(self, report: Any) -> None:
-        """Record what a probe (``roles.RoleReport``) learned: role, timeline, lag."""
+        """Record what a probe (``roles.RoleReport``) learned: role, timeline, lag; a
+        primary's WAL position is a sighting for the pool's standbys (``primary_wal``)."""
         self.observe_role(report.role, report.timeline, report.lsn)
-        self.observe_lag(report.lag, report.receiver, report.receiver_age)
+        asked_at = report.asked_at or time.monotonic()
+        system = report.system
+        if report.role == PRIMARY and report.lsn is not None and system is not None:
+            # outside this endpoint's lock: it takes the standbys'
+            self.primary_wal.saw(system, report.timeline, report.lsn, asked_at)
+        self.observe_lag(report.lag, report.receiver, report.receiver_age,
+                         None if system is None else report.caught_up, asked_at, system)
 
     def lag_known(self, now: float) -> bool:
         """Whether the lag was measured recently enough to decide on: an old measurement
@@ -412,8 +427,23 @@ class Endpoint:
         within = max_lag - self.lag if self.lag <= max_lag else math.inf
         return self.lag_seen_at + min(self.role_stale_after, within)
 
-    def observe_lag(self, lag: float | None, receiver: int | None, age: float | None) -> None:
-        """Record a probe's replay lag (None for a primary). ``receiver`` is the streaming WAL
+    def observe_lag(
+        self,
+        lag: float | None,
+        receiver: int | None,
+        age: float | None,
+        caught_up: int | None = None,
+        asked_at: float | None = None,
+        system: int | None = None,
+    ) -> None:
+        """Record a probe's lag (None for a primary): the most the standby's data can be
+        behind as the standby itself tells (``roles.RoleReport.lag``), as of ``asked_at``
+        (when the probe was sent; default now). ``caught_up`` is the WAL position it had
+        received and replayed everything up to, if so (with ``system``, its cluster's
+        identifier): a sighting of a primary of that cluster at or before
+        that position, at time *t*, bounds the lag by ``now - t`` (``primary_wal``), however
+        idle the primary. Where nothing vouches, the lag is unknown, never 0 (a stalled
+        link looks just like an idle primary). ``receiver`` is the streaming WAL
         receiver's pid and ``age`` how long it has lived. A receiver younger than
         ``RECEIVER_SETTLE`` may be one attempt of a receiver that keeps restarting against a
         dead primary: its lag is unknown until it has lived that long. Where the server
@@ -422,6 +452,7 @@ class Endpoint:
         with self._lock:
             now = time.monotonic()
             first = self._receiver_since == 0.0
+            self._caught_up = None
             if lag is None or receiver is None:
                 self._receiver, self._receiver_since = None, now
             else:
@@ -433,11 +464,36 @@ class Endpoint:
                     age = now - self._receiver_since
                 if age < RECEIVER_SETTLE:
                     lag = math.inf
-            self.lag_seen_at = now
-            if lag != self.lag:
-                self._lag_news(self.lag, lag)
-                self.lag = lag
-                self._changed()
+                else:
+                    lag += now - (now if asked_at is None else min(asked_at, now))
+                    if caught_up is not None and system is not None:
+                        self._caught_up = (system, caught_up)
+                        reached = self.primary_wal.reached_at(system, caught_up)
+                        lag = min(lag, max(0.0, now - reached))
+            self._set_lag(lag, now)
+
+    def primary_seen(self, system: int, lsn: int, at: float) -> None:
+        """A primary of cluster ``system`` was at ``lsn`` at ``at``: if this standby's last
+        probe found it of that cluster and caught up at or beyond that position, it is at
+        most ``now - at`` behind (``primary_wal``), also when it was probed before the
+        primary was. Never blocks."""
+        with self._lock:
+            caught_up = self._caught_up
+            if self.role != STANDBY or caught_up is None or caught_up[0] != system or (
+                    lsn > caught_up[1]):
+                return
+            now = time.monotonic()
+            bound = max(0.0, now - at)
+            if bound < self.lag_at_worst(now):
+                self._set_lag(bound, now)
+
+    def _set_lag(self, lag: float | None, now: float) -> None:
+        """The lag as of ``now`` (under the lock): news and watchers when it changed."""
+        self.lag_seen_at = now
+        if lag != self.lag:
+            self._lag_news(self.lag, lag)
+            self.lag = lag
+            self._changed()
 
     def _lag_news(self, before: float | None, lag: float | None) -> None:
         """A "lagging" event when the lag crosses above the smallest ``max_lag`` of the

@@ -26,6 +26,7 @@ from .group import Group
 from .handler import Handler
 from .housekeeping import Housekeeping
 from .listen import DEFAULT_MAX_BACKLOG, Listener, Listeners, channel_names
+from .primary_wal import PrimaryWal
 
 logger = logging.getLogger("greenpool")
 
@@ -53,6 +54,9 @@ class Pool:
         self._backend: Backend = backend_for(self.config.mode)
         self._events = Events(self.config.on_event, self._backend)
         self._changing = self._backend.lock()  # one live change at a time (_apply)
+        #: the primaries' WAL positions as seen, shared by the endpoints: what vouches for a
+        #: standby that replayed all it received (``primary_wal``)
+        self._primary_wal = PrimaryWal()
         self._endpoints = [self._new_endpoint(c) for c in self.config.endpoints]
         #: endpoints taken out by reconfigure() while something (their connections) still
         #: holds them, by label: one added back is that object, where they are counted
@@ -315,6 +319,8 @@ class Pool:
         # a role unseen for 3 probe rounds is stale
         endpoint.role_stale_after = max(ROLE_STALE_AFTER, 3 * self.config.role_check_interval)
         endpoint.on_event = partial(self._endpoint_event, endpoint.label)
+        endpoint.primary_wal = self._primary_wal
+        self._primary_wal.join(endpoint)
         return endpoint
 
     def _returning(self, config: Any) -> Endpoint:

@@ -30,38 +30,70 @@ from .endpoint import PRIMARY, STANDBY, UNKNOWN, UP, Endpoint
 
 logger = logging.getLogger("greenpool")
 
+# A primary's WAL position: the end of the WAL inserted so far, which every commit already
+# visible there precedes (with synchronous_commit off a commit is visible before its WAL is
+# written, so pg_current_wal_lsn() alone may not cover it). The insert position reads past
+# the header of a new page, which holds no record, so where nothing but that header follows
+# the written position, the written position it is: a standby that received all there is
+# has reached it.
+_WAL_END = (
+    "CASE WHEN ins - wr = CASE "
+    "WHEN mod(wr - '0/0'::pg_lsn, pg_size_bytes(current_setting('wal_segment_size'))) = 0 "
+    "THEN 40 WHEN mod(wr - '0/0'::pg_lsn, current_setting('wal_block_size')::numeric) = 0 "
+    "THEN 24 ELSE 0 END THEN wr ELSE ins END"
+)
+_PRIMARY_POSITIONS = (
+    "CASE WHEN NOT r THEN pg_current_wal_lsn() END AS wr, "
+    "CASE WHEN NOT r THEN pg_current_wal_insert_lsn() END AS ins"
+)
+
 # One round trip. For a standby: the pid of its WAL receiver if that receiver streams (or
 # may: a role without pg_read_all_stats sees the pid, not the status), how long that process
-# has lived (NULL where hidden), and how far behind the primary its replay is (0 when
-# everything received is replayed, so an idle primary does not look like lag). A receiver
-# says "streaming" before it has even connected, so one that keeps restarting against a
-# dead primary looks streaming for a moment each time: ``Endpoint.observe_lag`` believes a
-# receiver only once it has lived a while. For a primary: its current WAL file (the
-# timeline is its first 8 hex digits, right after a promotion: pg_control_checkpoint()
-# shows the new timeline only after the next checkpoint) and WAL position. The role is read
-# once (OFFSET 0 keeps the subquery from being inlined), so the columns agree.
+# has lived (NULL where hidden); then, read once so that they agree, its receive and replay
+# positions: where they are equal (it replayed everything it received), that position, and
+# how long ago its receiver last heard from the primary if that message said the primary
+# had nothing beyond it (NULL where hidden: pg_read_all_stats); and the time since the last
+# replayed commit (the primary wrote past what the standby shows only after that commit:
+# a bound however far replay is, on the two hosts' clocks). Caught up is not fresh: a
+# stalled link looks the same (``primary_wal``). A receiver says "streaming" before it has even
+# connected, so one that keeps restarting against a dead primary looks streaming for a
+# moment each time: ``Endpoint.observe_lag`` believes a receiver only once it has lived a
+# while. For a primary: its current WAL file (the timeline is its first 8 hex digits,
+# right after a promotion: pg_control_checkpoint() shows the new timeline only after the
+# next checkpoint) and WAL position (``_WAL_END``). Then the cluster's system identifier
+# (a primary and its physical standbys share it: positions compare within a cluster only,
+# and a pool may span several). The role is read once (OFFSET 0 keeps the subqueries from
+# being inlined), so the columns agree.
 PROBE_SQL = (
     "SELECT r, "
     "CASE WHEN r THEN (SELECT pid FROM pg_stat_wal_receiver "
     "WHERE coalesce(status, 'streaming') = 'streaming' LIMIT 1) END AS receiver, "
     "CASE WHEN r THEN (SELECT extract(epoch FROM now() - a.backend_start) "
     "FROM pg_stat_activity AS a JOIN pg_stat_wal_receiver AS w USING (pid) LIMIT 1) END, "
-    "CASE WHEN r THEN CASE WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 "
-    "ELSE coalesce(extract(epoch FROM now() - pg_last_xact_replay_timestamp()), 0) END END, "
-    "CASE WHEN NOT r THEN pg_walfile_name(lsn) END, "
-    "CASE WHEN NOT r THEN lsn::text END "
-    "FROM (SELECT pg_is_in_recovery() AS r, "
-    "CASE WHEN NOT pg_is_in_recovery() THEN pg_current_wal_lsn() END AS lsn OFFSET 0) AS s"
+    "CASE WHEN rcv = rpl THEN rcv::text END, "
+    "CASE WHEN rcv = rpl THEN (SELECT extract(epoch FROM now() - last_msg_receipt_time) "
+    "FROM pg_stat_wal_receiver WHERE latest_end_lsn <= rcv LIMIT 1) END, "
+    "CASE WHEN r THEN extract(epoch FROM now() - pg_last_xact_replay_timestamp()) END, "
+    "CASE WHEN NOT r THEN pg_walfile_name(wr) END, "
+    f"CASE WHEN NOT r THEN ({_WAL_END})::text END, "
+    "(SELECT system_identifier FROM pg_control_system()) "
+    f"FROM (SELECT r, {_PRIMARY_POSITIONS}, "
+    "CASE WHEN r THEN pg_last_wal_receive_lsn() END AS rcv, "
+    "CASE WHEN r THEN pg_last_wal_replay_lsn() END AS rpl "
+    "FROM (SELECT pg_is_in_recovery() AS r OFFSET 0) AS q OFFSET 0) AS s"
 )
 
 #: PROBE_SQL's primary half: on a standby one function call, no statistics view read
 PRIMARY_SQL = (
-    "SELECT r, CASE WHEN NOT r THEN pg_walfile_name(lsn) END, CASE WHEN NOT r THEN lsn::text END "
-    "FROM (SELECT pg_is_in_recovery() AS r, "
-    "CASE WHEN NOT pg_is_in_recovery() THEN pg_current_wal_lsn() END AS lsn OFFSET 0) AS s"
+    "SELECT r, CASE WHEN NOT r THEN pg_walfile_name(wr) END, "
+    f"CASE WHEN NOT r THEN ({_WAL_END})::text END "
+    f"FROM (SELECT r, {_PRIMARY_POSITIONS} "
+    "FROM (SELECT pg_is_in_recovery() AS r OFFSET 0) AS q OFFSET 0) AS s"
 )
 
-#: The lag of a standby whose WAL receiver is not streaming: unknown, beyond any max_lag.
+#: The lag of a standby nothing vouches for (its WAL receiver is not streaming, or it
+#: replayed all it received and neither the primary nor its receiver says when that was
+#: everything): unknown, beyond any max_lag.
 LAG_UNKNOWN = math.inf
 
 _STATUS_IDLE = extensions.TRANSACTION_STATUS_IDLE
@@ -72,7 +104,10 @@ class RoleReport(NamedTuple):
     """What one probe learned about a server."""
 
     role: str
-    #: standby: seconds its replay is behind, LAG_UNKNOWN when not streaming; primary: None
+    #: standby: the most its data can be behind as the standby alone tells (the time since
+    #: its last replayed commit; all replayed: or since its receiver last heard that the
+    #: primary had nothing more), LAG_UNKNOWN when it cannot tell or its receiver does not
+    #: stream; primary: None
     lag: float | None
     #: primary: the timeline it writes on, and its current WAL position in bytes
     timeline: int | None
@@ -82,6 +117,13 @@ class RoleReport(NamedTuple):
     #: pg_read_all_stats)
     receiver: int | None = None
     receiver_age: float | None = None
+    #: standby: the WAL position it has received and replayed, when it replayed all it
+    #: received (the primary's sightings may then vouch for it: ``primary_wal``)
+    caught_up: int | None = None
+    #: the cluster's system identifier (PROBE_SQL only): whose WAL positions compare
+    system: int | None = None
+    #: when the probe was sent (monotonic): the server answered for this moment or later
+    asked_at: float = 0.0
 
 
 class _ProbeDeadline(Exception):
@@ -108,12 +150,18 @@ def read_role(
     (under ``backend.deadline``; no bound when either is None). A probe that runs out of
     time raises ``psycopg2.OperationalError``; the connection is then in an unknown state
     and must be discarded. Never leaves a transaction open."""
-    in_recovery, receiver, receiver_age, lag, walfile, lsn = _one_row(
-        raw, PROBE_SQL, backend, seconds)
+    asked_at = time.monotonic()
+    (in_recovery, receiver, receiver_age, caught_up, heard, behind, walfile, lsn,
+     system) = _one_row(raw, PROBE_SQL, backend, seconds)
     if in_recovery:
-        return RoleReport(STANDBY, LAG_UNKNOWN if receiver is None else float(lag), None, None,
-                          receiver, None if receiver_age is None else float(receiver_age))
-    return RoleReport(PRIMARY, None, int(walfile[:8], 16), _lsn_bytes(lsn))
+        bounds = [float(b) for b in (behind, heard if caught_up is not None else None)
+                  if b is not None]
+        return RoleReport(
+            STANDBY, LAG_UNKNOWN if receiver is None or not bounds else min(bounds),
+            None, None, receiver, None if receiver_age is None else float(receiver_age),
+            None if caught_up is None else _lsn_bytes(caught_up), system, asked_at)
+    return RoleReport(PRIMARY, None, int(walfile[:8], 16), _lsn_bytes(lsn), system=system,
+                      asked_at=asked_at)
 
 
 def primary_report(
@@ -123,10 +171,11 @@ def primary_report(
     recovery: the lightest round trip that tells a promotion and what the split-brain rule
     needs (a write group watching a standby asks it many times a second). Bounded and
     failing like :func:`read_role`."""
+    asked_at = time.monotonic()
     in_recovery, walfile, lsn = _one_row(raw, PRIMARY_SQL, backend, seconds)
     if in_recovery:
         return None
-    return RoleReport(PRIMARY, None, int(walfile[:8], 16), _lsn_bytes(lsn))
+    return RoleReport(PRIMARY, None, int(walfile[:8], 16), _lsn_bytes(lsn), asked_at=asked_at)
 
 
 def _one_row(raw: Any, sql: str, backend: Backend | None, seconds: float | None) -> Any:
@@ -163,7 +212,8 @@ def _one_row(raw: Any, sql: str, backend: Backend | None, seconds: float | None)
 def query_role(
     raw: Any, backend: Backend | None = None, seconds: float | None = None
 ) -> tuple[str, float | None]:
-    """Role and replay lag (see :func:`read_role`, which also gives timeline and position)."""
+    """Role and the lag the standby alone vouches for (see :func:`read_role`; the pool's
+    sightings of the primary may vouch for less: ``primary_wal``)."""
     report = read_role(raw, backend, seconds)
     return report.role, report.lag
 

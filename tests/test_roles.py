@@ -17,6 +17,21 @@ from modes import MODE, wait_until
 from greenpool import NoHealthyEndpoint, PoolTimeout
 
 
+def _measured_fresh(pool: Any, standby: Any, within: float = 0.5) -> bool:
+    """The pool knows the standby's data to be at most ``within`` seconds old (a measured
+    lag is a bound: the pool's last sight of the primary, never an exact 0)."""
+    lag = endpoint_stats(pool, standby)["lag"]
+    return lag is not None and lag <= within
+
+
+def _link_speaks(standby: Any) -> None:
+    """Have the standby's WAL receiver ping its primary after 0.5 s of silence, so that its
+    word (``pg_stat_wal_receiver``) vouches for it behind an idle primary where the pool
+    sees no primary (a pool of standbys only, or ``non-threaded`` mode)."""
+    standby.execute("ALTER SYSTEM SET wal_receiver_timeout = '1s'")
+    standby.execute("SELECT pg_reload_conf()")
+
+
 def read_port(pool: Any, group_name: str) -> int:
     with pool.handler(group_name) as db:
         return int(db.query_one("SELECT inet_server_port()")[0])
@@ -50,7 +65,7 @@ def test_lagging_standby_sends_prefer_standby_reads_to_the_primary_and_back(
     # roles first (a fresh prefer-standby group may start on the primary: test_failover)
     assert read_port(pool, "write") == primary.port
     # a WAL receiver younger than RECEIVER_SETTLE is not believed yet: its lag reads inf
-    wait_until(lambda: endpoint_stats(pool, standby)["lag"] == 0, 10,
+    wait_until(lambda: _measured_fresh(pool, standby), 10,
                "housekeeping to measure the streaming standby")
     assert held_ports(pool, "read", 4) == [standby.port] * 4
     assert endpoint_stats(pool, standby)["role"] == "standby"
@@ -193,7 +208,7 @@ def test_standby_whose_primary_died_is_not_served_by_a_max_lag_group(make_pool, 
     db = [primary.endpoint(**creds), standby.endpoint(**creds)]
     groups = {"strict": _lag_groups()["strict"]}
     before = make_pool(groups, db=db, role_check_interval=0.1, maintenance_interval=0.05)
-    wait_until(lambda: endpoint_stats(before, standby)["lag"] == 0, 10,
+    wait_until(lambda: _measured_fresh(before, standby), 10,
                "housekeeping to measure the streaming standby")
 
     _primary_dies_after_the_standby_missed_5_rows(primary, standby)
@@ -212,7 +227,7 @@ def test_an_idle_connection_to_a_standby_cut_off_is_not_lent(make_pool, replicat
     pool = make_pool({"strict": _lag_groups()["strict"]},
                      db=[primary.endpoint(**creds), standby.endpoint(**creds)],
                      role_check_interval=0.1, maintenance_interval=0.05)
-    wait_until(lambda: endpoint_stats(pool, standby)["lag"] == 0, 10,
+    wait_until(lambda: _measured_fresh(pool, standby), 10,
                "housekeeping to measure the streaming standby")
     with pool.handler("strict") as db:
         assert db.query_one("SELECT inet_server_port(), count(*) FROM rows") == (standby.port, 0)
@@ -232,7 +247,7 @@ def test_standby_with_its_wal_receiver_cut_sends_reads_to_the_primary_and_back(
     primary, standby, creds = replicated
     pool = make_pool(_lag_groups(), db=[primary.endpoint(**creds), standby.endpoint(**creds)],
                      role_check_interval=0.1, maintenance_interval=0.05)
-    wait_until(lambda: endpoint_stats(pool, standby)["lag"] == 0, 10,
+    wait_until(lambda: _measured_fresh(pool, standby), 10,
                "housekeeping to measure the streaming standby")
     # a fresh prefer-standby group may start on the primary, then moves (test_failover)
     wait_until(lambda: read_port(pool, "prefer") == standby.port, 5, "reads on the standby")
@@ -256,6 +271,76 @@ def test_standby_with_its_wal_receiver_cut_sends_reads_to_the_primary_and_back(
         assert db.query_one("SELECT inet_server_port(), count(*) FROM rows") == (standby.port, 5)
     wait_until(lambda: read_port(pool, "prefer") == standby.port, 15,
                "prefer-standby reads to come back to the standby")
+
+
+@pytest.mark.timeout(90)
+def test_a_standby_whose_walsender_is_stalled_is_not_served_beyond_max_lag(
+    make_pool, replicated
+):
+    """The primary's walsender is stopped with SIGSTOP (a stalled replication link: the
+    standby's WAL receiver still says "streaming", everything it received is replayed) and
+    a row is committed on the primary. No read of a ``max_lag=1`` group may miss that row
+    once it is surely more than 1 s old; the standby's lag goes beyond max_lag and the
+    group refuses (``on_lag='fail'``)."""
+    import os
+    import signal
+
+    primary, standby, creds = replicated
+    pool = make_pool({"strict": _lag_groups()["strict"]},
+                     db=[primary.endpoint(**creds), standby.endpoint(**creds)],
+                     role_check_interval=0.2, maintenance_interval=0.05)
+    wait_until(lambda: _measured_fresh(pool, standby), 10,
+               "housekeeping to measure the streaming standby")
+    with pool.handler("strict") as db:
+        assert db.query_one("SELECT inet_server_port(), count(*) FROM rows") == (standby.port, 0)
+    ((walsender,),) = primary.execute("SELECT pid FROM pg_stat_replication")
+    os.kill(walsender, signal.SIGSTOP)
+    try:
+        primary.execute("INSERT INTO rows VALUES (1)")
+        committed = time.monotonic()  # the row exists on the primary from before this
+        refused = None
+        while refused is None:
+            assert time.monotonic() - committed < 15, (
+                "the group still lends the stalled standby", pool.stats()["endpoints"])
+            asked = time.monotonic()
+            try:
+                with pool.handler("strict") as db:
+                    port, count = db.query_one("SELECT inet_server_port(), count(*) FROM rows")
+            except PoolTimeout as exc:
+                refused = exc
+                continue
+            assert (port, count) != (standby.port, 0) or asked - committed <= 1, (
+                f"a read {asked - committed:.2f} s after the commit missed the row (max_lag 1)",
+                pool.stats()["endpoints"])
+        assert endpoint_stats(pool, standby)["lag"] > 1
+        assert standby.execute("SELECT status FROM pg_stat_wal_receiver") == [("streaming",)]
+    finally:
+        os.kill(walsender, signal.SIGCONT)
+
+
+@pytest.mark.timeout(90)
+def test_an_idle_healthy_standby_stays_fresh_for_a_max_lag_group(make_pool, replicated):
+    """The primary writes nothing for longer than ``max_lag`` (its walsender sends nothing
+    then: the standby's receiver has not heard from it for over max_lag), yet the pool's
+    own sightings of the primary's WAL position vouch for the standby: a ``max_lag=3``
+    group keeps reading there, at the default ``role_check_interval`` (2 s)."""
+    primary, standby, creds = replicated
+    pool = make_pool({"strict": {"role": "standby", "max_lag": 3, "on_lag": "fail",
+                                 "autocommit": True, "timeout": 1}},
+                     db=[primary.endpoint(**creds), standby.endpoint(**creds)])
+    silent = ("SELECT extract(epoch FROM now() - last_msg_receipt_time) > 4 "
+              "FROM pg_stat_wal_receiver")
+    wait_until(lambda: standby.execute(silent) == [(True,)], 45,
+               "the standby's receiver to hear nothing for 4 s (an idle primary)")
+    reads = 0
+    until = time.monotonic() + 5  # over two default role checks
+    while time.monotonic() < until:
+        with pool.handler("strict") as db:
+            assert db.query_one("SELECT inet_server_port()") == (standby.port,)
+        reads += 1
+        assert endpoint_stats(pool, standby)["lag"] <= 3
+    assert standby.execute(silent) == [(True,)]  # it stayed idle: the primary vouched
+    assert reads > 10
 
 
 # --- a standby whose lag the pool has not measured yet ---------------------------------------
@@ -390,13 +475,16 @@ def test_non_threaded_prefer_standby_reads_return_to_a_standby_that_caught_up(pg
     measure the lag). The standby lags (replay paused, a commit on the primary): reads fall
     back to the primary. Once replay resumes and the standby has caught up, reads return
     to the standby as soon as the lagging measurement is stale (``role_stale_after``, 6 s)
-    and a borrow measures again (at most once a second), and stay there."""
+    and a borrow measures again (at most once a second), and stay there. The primary is
+    idle then and no housekeeping probes it: what vouches for the caught-up standby is its
+    WAL receiver, which hears from the primary at least every 0.5 s here."""
     from greenpool import Pool
     from greenpool.endpoint import ROLE_STALE_AFTER
 
     primary = pg_factory()
     primary.execute("CREATE TABLE ticks (id serial PRIMARY KEY)")
     standby = pg_factory(standby_of=primary)
+    _link_speaks(standby)
     primary.execute("INSERT INTO ticks DEFAULT VALUES")
     wait_until(lambda: standby.execute("SELECT count(*) FROM ticks")[0][0] == 1, 10,
                "the first commit to be replayed (so replay has a timestamp)")
@@ -433,7 +521,9 @@ def test_non_threaded_max_lag_group_lends_soon_after_the_wal_receiver_restarted(
     a new non-threaded ``role: 'standby'`` group with ``max_lag`` 5 and ``on_lag`` 'fail'
     is asked for a connection again and again. A receiver younger than a second has an
     unknown lag, but the group measures again once it has settled: its first loan comes
-    within about 2 s of the restart, not after the lag measurement goes stale (6 s)."""
+    within about 2 s of the restart, not after the lag measurement goes stale (6 s). The
+    pool sees no primary: what vouches for the idle standby is its WAL receiver, which
+    hears from the primary at least every 0.5 s here."""
     import os
     import signal
 
@@ -441,6 +531,7 @@ def test_non_threaded_max_lag_group_lends_soon_after_the_wal_receiver_restarted(
 
     primary = pg_factory()
     standby = pg_factory(standby_of=primary)
+    _link_speaks(standby)
     receiver = "SELECT pid FROM pg_stat_wal_receiver WHERE status = 'streaming'"
     wait_until(lambda: standby.execute(receiver), 10, "the WAL receiver to stream")
     old = standby.execute(receiver)[0][0]

@@ -25,7 +25,8 @@ from ..pooler import (
     read_server_defaults,
     trusts_server_defaults,
 )
-from ..roles import fits, query_role, role_of
+from ..primary_wal import PrimaryWal
+from ..roles import fits, read_role, role_of
 from .config_file import read_config
 from .process import FAILED, OK, first_line
 
@@ -64,8 +65,10 @@ def _probe_into(row: dict[str, Any], config: PoolConfig, index: int) -> None:
         return
     try:
         started = time.perf_counter()
-        role, lag = query_role(raw)
+        report = read_role(raw)
+        role, lag = report.role, report.lag
         row["rtt_ms"] = (time.perf_counter() - started) * 1000
+        row["report"], row["answered_at"] = report, time.monotonic()
         reported = role_of(raw)
         if mode_of(endpoint) != NONE:  # what the server enforces behind the pooler
             row["server_defaults"] = read_server_defaults(raw)
@@ -95,6 +98,7 @@ def run(path: str | None) -> int:
     finally:
         gevent.killall(tasks)
     rows = [task.value for task in tasks]
+    _vouch_for_standbys(rows)
     print(f"{'endpoint':<32} {'reachable':<9} {'version':<8} {'role':<8} {'lag s':>6} "
           f"{'rtt ms':>7} {'tls':<3}  error")
     for row in rows:
@@ -120,6 +124,22 @@ def run(path: str | None) -> int:
                     rows[i]["server_defaults"],
                     trusts_server_defaults(config.endpoints[i], group.reset)))
     return FAILED if failing else OK
+
+
+def _vouch_for_standbys(rows: list[dict[str, Any]]) -> None:
+    """A standby that replayed all it received is at most as far behind as the time since
+    a primary, probed alongside, was at a position it has (``primary_wal``)."""
+    seen = PrimaryWal()
+    for row in rows:
+        report = row.get("report")
+        if report is not None and report.lsn is not None and report.system is not None:
+            seen.saw(report.system, report.timeline, report.lsn, report.asked_at)
+    for row in rows:
+        report = row.get("report")
+        if report is not None and report.caught_up is not None and report.system is not None:
+            reached = seen.reached_at(report.system, report.caught_up)
+            bound = max(0.0, row["answered_at"] - reached)
+            row["lag"] = min(row["lag"], bound)
 
 
 def _eligible(group_role: str, row: dict[str, Any], max_lag: float | None) -> bool:

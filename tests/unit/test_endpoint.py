@@ -111,3 +111,85 @@ def test_every_attempt_is_counted_as_it_ends_connected_failed_or_abandoned():
     ep.connect_failed("refused")
     assert balance() == ep.connecting == 0
     assert ep.export()["connects_abandoned"] == 2
+
+
+def _pair() -> tuple[Endpoint, Endpoint]:
+    """A primary and a standby sharing one record of the primary's WAL positions, as a
+    pool's endpoints do."""
+    from greenpool.primary_wal import PrimaryWal
+
+    primary, standby = make(), make()
+    shared = PrimaryWal()
+    for ep in (primary, standby):
+        ep.primary_wal = shared
+        shared.join(ep)
+    return primary, standby
+
+
+def _probe_primary(ep: Endpoint, lsn: int, asked_at: float, system: int = 7) -> None:
+    from greenpool.roles import RoleReport
+
+    ep.observe(RoleReport("primary", None, 1, lsn, system=system, asked_at=asked_at))
+
+
+def _probe_caught_up_standby(ep: Endpoint, at: int, heard: float | None = None) -> None:
+    """Everything received replayed, up to ``at``; ``heard``: the receiver's word (None:
+    hidden, a role without pg_read_all_stats)."""
+    import math
+
+    from greenpool.roles import RoleReport
+
+    ep.observe(RoleReport("standby", math.inf if heard is None else heard, None, None,
+                          receiver=4242, receiver_age=60.0, caught_up=at, system=7,
+                          asked_at=time.monotonic()))
+
+
+def test_a_caught_up_standby_nothing_vouches_for_has_an_unknown_lag_never_0():
+    _, standby = _pair()
+    _probe_caught_up_standby(standby, at=1000)
+    assert standby.lag == float("inf")
+
+
+def test_a_primary_seen_at_a_position_the_standby_has_bounds_its_lag_by_the_time_since():
+    primary, standby = _pair()
+    _probe_primary(primary, 1000, time.monotonic() - 2.0)
+    _probe_caught_up_standby(standby, at=1000)
+    assert standby.lag is not None and 2.0 <= standby.lag < 2.5
+    _probe_primary(primary, 1000, time.monotonic())  # seen again: the standby is vouched for
+    assert standby.lag is not None and standby.lag < 0.5
+
+
+def test_a_primary_seen_beyond_the_standby_vouches_for_nothing_newer():
+    primary, standby = _pair()
+    _probe_primary(primary, 1000, time.monotonic() - 3.0)
+    _probe_caught_up_standby(standby, at=1000)
+    _probe_primary(primary, 1001, time.monotonic())  # a commit the standby has not got
+    assert standby.lag is not None and standby.lag >= 3.0
+    assert standby.lag_at_worst(time.monotonic()) >= 3.0
+
+
+def test_the_receivers_word_vouches_where_no_primary_was_seen():
+    _, standby = _pair()
+    _probe_caught_up_standby(standby, at=1000, heard=0.25)
+    assert standby.lag is not None and 0.25 <= standby.lag < 0.5
+
+
+def test_an_old_primary_on_a_lower_timeline_vouches_for_no_standby():
+    primary, standby = _pair()
+    from greenpool.roles import RoleReport
+
+    primary.observe(RoleReport("primary", None, 2, 500, system=7,
+                               asked_at=time.monotonic() - 5.0))
+    _probe_caught_up_standby(standby, at=1000)
+    old = make()
+    old.primary_wal = primary.primary_wal
+    old.observe(RoleReport("primary", None, 1, 1000, system=7,
+                           asked_at=time.monotonic()))  # split brain
+    assert standby.lag is not None and standby.lag >= 5.0
+
+
+def test_a_primary_of_another_cluster_vouches_for_no_standby():
+    primary, standby = _pair()
+    _probe_caught_up_standby(standby, at=1000)
+    _probe_primary(primary, 10, time.monotonic(), system=8)  # a pool may span clusters
+    assert standby.lag == float("inf")
