@@ -92,8 +92,8 @@ class Endpoint:
         #: primary); believe it only while :meth:`lag_known` says so
         self.lag: float | None = None
         self.lag_seen_at = 0.0  # when it was measured (monotonic)
-        #: called when the role, the timeline or the lag changes (groups cache where they
-        #: should be)
+        #: called when the role, the timeline or the lag changes, or it says it is full
+        #: (groups cache where they should be)
         self._watchers: list[Callable[[], None]] = []
         self._receiver: int | None = None  # the WAL receiver's pid, last probe (a standby)
         self._receiver_since = 0.0  # when that pid was first seen (monotonic); 0: no probe yet
@@ -122,6 +122,9 @@ class Endpoint:
         #: an attempt cut by its caller's deadline got no answer: tried last until then
         self.cut_until = 0.0
         self.first_attempt_at = 0.0  # when the first connect attempt to it began
+        #: when the pool made it (at start, or a ``Pool.reconfigure`` added it): a primary
+        #: known before it keeps the writes while it is explored (roles._exploring)
+        self.added_at = time.monotonic()
         self.full = 0  # times it said so
         self.down_since = 0.0  # when the current outage began (monotonic); while not up
         self._failures = 0  # consecutive failed connects, drives the backoff
@@ -246,6 +249,7 @@ class Endpoint:
                 self.state = UP
                 self.ramp = _SLOW_START
                 self._failures = 0
+            self._changed()  # no place to move connections to until full_until
 
     def connect_error(self, fatal: bool, kind: str, message: str) -> bool:
         """End a connect attempt that failed (see ``connection.ConnectError``); True when
@@ -366,7 +370,7 @@ class Endpoint:
 
     def watch(self, callback: Callable[[], None]) -> None:
         """Have ``callback`` (non-blocking) called whenever the role, the timeline or the lag
-        changes."""
+        changes, or the server says it is full."""
         self._watchers.append(callback)
 
     def _changed(self) -> None:
