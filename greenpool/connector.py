@@ -422,7 +422,8 @@ class Connector:
         config = self.config
         order = connect_order(self.endpoints, config.role, config.max_lag, config.on_lag,
                               self.counts, now, self._rotation,
-                              probe=not self._backend.can_wait)
+                              probe=not self._backend.can_wait,
+                              refused=self.refusals.refused(now))
         self._rotation += 1
         if target is not None and target in order:
             order.remove(target)

@@ -242,7 +242,7 @@ class Group(GroupRetiring):
                                 refused)
         missed = {ep: until for ep, (until, _) in list(self._aims_missed.items())
                   if until > now}
-        self._usable = open_to(preferred, refused | missed.keys(), now)
+        self._usable = open_to(preferred, refused | missed.keys(), now, config.role)
         self._preferred = preferred
         until = now + 0.05
         max_lag = config.max_lag

@@ -156,7 +156,8 @@ class GroupGrowth(GroupBase):
         config = self.config
         counts = self.counts
         targets = [ep for ep in connect_order(self.endpoints, config.role, config.max_lag,
-                                              config.on_lag, counts, now, 0)
+                                              config.on_lag, counts, now, 0,
+                                              refused=self.connector.refusals.refused(now))
                    if not counts.get(ep) and ep.state == UP and not ep.cut(now)]
         if not targets:
             self._next_spread = now + _SPREAD_EVERY  # nothing to do: look again later

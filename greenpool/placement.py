@@ -41,7 +41,7 @@ def where_to_be(
     endpoint refused the group, the first tier with one up: the connections it has there
     serve on. When none is up, every endpoint of every tier: nothing better to move to.
     Never an endpoint no tier lists (a standby whose lag is unknown, for a group that must
-    not use the primary; an endpoint whose role was never seen, for a group with a role)."""
+    not use the primary)."""
     tiers = candidates(endpoints, role, max_lag, on_lag)
     fallback: frozenset[Endpoint] = frozenset()
     for tier in tiers:
@@ -53,17 +53,21 @@ def where_to_be(
 
 
 def open_to(
-    preferred: frozenset[Endpoint], barred: Collection[Endpoint], now: float
+    preferred: frozenset[Endpoint], barred: Collection[Endpoint], now: float, role: str
 ) -> frozenset[Endpoint]:
     """Those of ``preferred`` a connection may be opened on or moved to for balance now:
     up, not ``barred`` for the group (it refused the group or set it back, so its connects
-    skip it; a move's connect there landed elsewhere lately), and not full (it said so:
-    connects leave it alone until ``full_until``). Only these count in
+    skip it; a move's connect there landed elsewhere lately), not full (it said so:
+    connects leave it alone until ``full_until``), and, for a group with a ``role``, of a
+    known role (one never reached may be a standby, or a host not reachable yet: a connect
+    that needs to be made measures it, no working connection is closed to find out). Only
+    these count in
     the shares: an endpoint the group cannot reach now is never "below its share", so no
     working connection is closed to go where no connect can follow. Connections already on
     another endpoint of ``preferred`` stay (a full server's are healthy)."""
     return frozenset(ep for ep in preferred
-                     if ep.state == UP and ep not in barred and now >= ep.full_until)
+                     if ep.state == UP and ep not in barred and now >= ep.full_until
+                     and (role == "any" or ep.role != UNKNOWN))
 
 
 def connect_order(
@@ -75,17 +79,19 @@ def connect_order(
     now: float,
     rotation: int,
     probe: bool = True,
+    refused: Collection[Endpoint] = (),
 ) -> list[Endpoint]:
     """Endpoints to try now: the first preference tier with an endpoint that may take a
-    connect; within it fewest of the group's connections per weight first, ties rotating
-    from ``rotation`` so that a fleet of workers does not all pick the first one. Without
-    ``probe`` (housekeeping probes quarantined endpoints), a quarantined endpoint is tried
-    only when no endpoint of its tier is up: a caller's connect is not spent on a probe
-    that may hang for ``connect_timeout`` while a healthy endpoint has room."""
+    connect and has not ``refused`` the group (a tier only refusals keep it from gives way
+    to the next); within it fewest of the group's connections per weight first, ties
+    rotating from ``rotation`` so that a fleet of workers does not all pick the first one.
+    Without ``probe`` (housekeeping probes quarantined endpoints), a quarantined endpoint is
+    tried only when no endpoint of its tier is up: a caller's connect is not spent on a
+    probe that may hang for ``connect_timeout`` while a healthy endpoint has room."""
     for tier in candidates(endpoints, role, max_lag, on_lag, connecting=True):
         ready = [
             ep for ep in tier
-            if ep.may_connect(now)
+            if ep.may_connect(now) and ep not in refused
             and (role != "primary" or ep.role != STANDBY or now - ep.role_seen_at >= ROLE_RECHECK)
         ]
         if not probe and len(ready) > 1:

@@ -294,11 +294,13 @@ def candidates(
 
     What is unknown is never taken for the convenient case: a standby whose lag is not
     known (never measured, or measured too long ago) is no fresh standby for a ``max_lag``
-    group, a primary whose timeline is unknown is not chosen while another answers too,
-    and an endpoint whose role was never seen is no place for a group with a role to be
-    (no working connection moves towards it). With ``connecting``, the tiers say where a
-    *connect* may go, and those unknowns are in the first tier: a connect measures them
-    (``Connector._attempt``) and keeps the connection only if it then fits."""
+    group, and a primary whose timeline is unknown is not chosen while another answers
+    too. With ``connecting``, the tiers say where a *connect* may go, and those unknowns
+    are in the first tier: a connect measures them (``Connector._attempt``) and keeps the
+    connection only if it then fits. An endpoint whose role was never seen is in the first
+    tier either way (it may be the standby a group prefers: a new pool does not settle on
+    the primary it happened to reach first), but no connection moves towards it
+    (``placement.open_to``)."""
     if group_role == "any":
         return [list(endpoints)]
     primaries = [ep for ep in endpoints if ep.role == PRIMARY]
@@ -310,7 +312,7 @@ def candidates(
         if chosen is None and connecting:
             first = [ep for ep in primaries if ep.timeline is None]
         # A standby may have been promoted since we last looked: connecting tells.
-        return [first + (unknown if connecting else []), standbys]
+        return [first + unknown, standbys]
     if max_lag is None:
         fresh, unmeasured, lagging = standbys, [], []
     else:
@@ -321,7 +323,7 @@ def candidates(
         fresh = [ep for ep in standbys
                  if ep not in unmeasured and ep.lag_at_worst(now) <= max_lag]
         lagging = [ep for ep in standbys if ep not in fresh and ep not in unmeasured]
-    tiers = [fresh + (unknown + unmeasured if connecting else [])]
+    tiers = [fresh + unknown + (unmeasured if connecting else [])]
     if group_role == "prefer-standby":
         tiers.append(primaries)
         if on_lag == "use-primary":

@@ -875,3 +875,52 @@ def test_commit_outcome_unknown_is_never_retried(make_pool, pg_factory, server_c
     assert server.execute("SELECT count(*) FROM t")[0][0] == 1  # committed once, not twice
     assert pool.stats()["groups"]["g"]["replays"] == 0
     assert endpoint_stats(pool, server)["state"] == "up"
+
+
+# --- an endpoint that refuses the group ------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("role", ["any", "primary"])
+@pytest.mark.parametrize("refusal", ["missing database", "configure hook"])
+def test_an_endpoint_that_refuses_the_group_costs_it_no_connection_elsewhere(
+        pg, mode, role, refusal):
+    """One of two endpoints refuses the group for good (its database is missing there, or
+    the group's configure hook fails there): its health is untouched, so it stays up. Under
+    load the group keeps its connections on the healthy endpoint: none is closed to move
+    towards the refusing one (where no connect can follow) and no connect is made again."""
+    from load import Load
+
+    from greenpool import Pool
+
+    if refusal == "missing database":
+        refusing, group = pg.endpoint(name="failover_no_such_db"), {}
+    else:
+        name = "failover_hook_refused"
+        if not pg.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)):
+            pg.create_database(name)
+
+        def hook(raw: Any) -> None:
+            if raw.info.dbname == name:
+                raise RuntimeError("this group may not use that database")
+
+        refusing, group = pg.endpoint(name=name), {"configure": hook}
+    pool = Pool({"type": mode, "db": [pg.endpoint(), refusing], "maintenance_interval": 0.1,
+                 "groups": {"g": {"connection_count": 4, "role": role, "timeout": 10,
+                                  **group}}})
+    load = Load(pool, "g", tasks=6, hold=0.005)
+    try:
+        g = pool.group("g")
+        wait_until(lambda: g.connector.refusals.refused(time.monotonic()), 10, "the refusal")
+        load.until(50, timeout=30)
+        before = pool.stats()["groups"]["g"]
+        load.until(1000, timeout=60)
+        after = pool.stats()["groups"]["g"]
+    finally:
+        load.stop()
+        pool.close()
+    moved = {reason: after["discards_by_reason"].get(reason, 0)
+             - before["discards_by_reason"].get(reason, 0) for reason in ("rebalance",
+                                                                          "wrong_role")}
+    assert moved == {"rebalance": 0, "wrong_role": 0}
+    assert after["connects"] - before["connects"] <= 1, (before, after)

@@ -179,7 +179,7 @@ def test_an_endpoint_that_refused_the_group_is_no_place_to_move_to() -> None:
     healthy, refusing = _endpoints(2)
     now = time.monotonic()
     preferred = where_to_be([healthy, refusing], "any", None, "fail", {refusing})
-    usable = open_to(preferred, {refusing}, now)
+    usable = open_to(preferred, {refusing}, now, "any")
     assert usable == frozenset({healthy})
     counts = {healthy: 6, refusing: 0}
     assert move_target(healthy, preferred, usable, counts, now) is None
@@ -187,7 +187,7 @@ def test_an_endpoint_that_refused_the_group_is_no_place_to_move_to() -> None:
     assert misplaced(idle, preferred, usable, "any", counts) == []
     assert unserved(usable, counts) == []
     # not refused, it would take its share
-    usable = open_to(preferred, (), now)
+    usable = open_to(preferred, (), now, "any")
     assert move_target(healthy, preferred, usable, counts, now) is refusing
 
 
@@ -198,11 +198,11 @@ def test_a_full_server_is_no_place_to_move_to_until_its_pause_ends() -> None:
     now = time.monotonic()
     preferred = where_to_be([healthy, full], "any", None, "fail")
     assert preferred == frozenset({healthy, full})  # its connections stay: they are healthy
-    usable = open_to(preferred, (), now)
+    usable = open_to(preferred, (), now, "any")
     assert usable == frozenset({healthy})
     assert move_target(healthy, preferred, usable, {healthy: 4, full: 0}, now) is None
     assert move_target(full, preferred, usable, {healthy: 0, full: 4}, now) is None
-    assert open_to(preferred, (), full.full_until) == frozenset({healthy, full})
+    assert open_to(preferred, (), full.full_until, "any") == frozenset({healthy, full})
 
 
 def test_a_tier_only_refusals_keep_the_group_from_gives_way_to_the_next() -> None:
@@ -214,6 +214,10 @@ def test_a_tier_only_refusals_keep_the_group_from_gives_way_to_the_next() -> Non
     eps = [standby, primary]
     assert where_to_be(eps, "prefer-standby", None, "fail") == frozenset({standby})
     assert where_to_be(eps, "prefer-standby", None, "fail", {standby}) == frozenset({primary})
+    now = time.monotonic()
+    assert connect_order(eps, "prefer-standby", None, "fail", {}, now, 0) == [standby]
+    assert connect_order(eps, "prefer-standby", None, "fail", {}, now, 0,
+                         refused={standby}) == [primary]
     # refused everywhere: the connections it has serve on where they are
     assert where_to_be(eps, "prefer-standby", None, "fail", {standby, primary}) == frozenset(
         {standby})
@@ -227,13 +231,14 @@ def test_an_endpoint_whose_role_is_unknown_is_no_place_for_a_group_with_a_role()
     added.added_at = time.monotonic() + 1.0  # added after the primary was known
     now = time.monotonic()
     preferred = where_to_be([primary, added], "primary", None, "fail")
-    assert preferred == frozenset({primary})
-    usable = open_to(preferred, (), now)
+    assert primary in preferred  # its connections stay
+    usable = open_to(preferred, (), now, "primary")
+    assert usable == frozenset({primary})
     assert move_target(primary, preferred, usable, {primary: 6, added: 0}, now) is None
     assert unserved(usable, {primary: 6, added: 0}) == []
     assert added in connect_order([primary, added], "primary", None, "fail", {}, now, 0)
-    for role in ("standby", "prefer-standby"):
-        assert added not in where_to_be([primary, added], role, None, "fail")
+    # a group without a role may move there: any server serves it
+    assert open_to(preferred, (), now, "any") == preferred
 
 
 def test_a_new_pool_chooses_no_primary_before_every_endpoint_was_reached() -> None:
@@ -241,6 +246,8 @@ def test_a_new_pool_chooses_no_primary_before_every_endpoint_was_reached() -> No
     brain: the one that answered first is not chosen by speed (roles.EXPLORE_WAIT)."""
     first, slow = _endpoints(2)
     _primary(first, timeline=1)  # seen after both endpoints were made
-    assert where_to_be([first, slow], "primary", None, "fail") == frozenset()
+    assert first not in where_to_be([first, slow], "primary", None, "fail")
     slow.first_attempt_at = time.monotonic() - 1.0  # explored: it did not answer in time
-    assert where_to_be([first, slow], "primary", None, "fail") == frozenset({first})
+    preferred = where_to_be([first, slow], "primary", None, "fail")
+    assert first in preferred
+    assert open_to(preferred, (), time.monotonic(), "primary") == frozenset({first})

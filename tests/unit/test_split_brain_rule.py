@@ -11,10 +11,8 @@ from greenpool.endpoint import PRIMARY, Endpoint
 from greenpool.roles import candidates
 
 
-def chosen(endpoints: list[Endpoint]) -> Endpoint | None:
-    """The primary the rule chooses; None while it cannot (an endpoint not reached yet)."""
-    first = candidates(endpoints, "primary", None, "use-primary")[0]
-    return first[0] if first else None
+def chosen(endpoints: list[Endpoint]) -> Endpoint:
+    return candidates(endpoints, "primary", None, "use-primary")[0][0]
 
 
 _state = st.tuples(st.integers(1, 3), st.integers(0, 2))  # (timeline, WAL position)
@@ -36,9 +34,7 @@ def test_every_process_chooses_alike_whatever_it_saw_first(states, rnd) -> None:
         for i in sightings:
             eps[i].observe_role(PRIMARY, *states[i])
             chosen(eps)
-        pick = chosen(eps)
-        assert pick is not None
-        picks.append(eps.index(pick))
+        picks.append(eps.index(chosen(eps)))
     best = max(range(len(states)), key=lambda i: (*states[i], -i))
     assert picks == [best] * 3
 
