@@ -924,3 +924,38 @@ def test_an_endpoint_that_refuses_the_group_costs_it_no_connection_elsewhere(
                                                                           "wrong_role")}
     assert moved == {"rebalance": 0, "wrong_role": 0}
     assert after["connects"] - before["connects"] <= 1, (before, after)
+
+
+@pytest.mark.timeout(90)
+def test_connections_open_before_every_endpoint_refused_the_group_serve_on(pg, mode):
+    """The group's password is changed on the server (the secret rotated there first) while
+    its other endpoint refuses it anyway (a missing database): every new login is refused,
+    but the sessions it holds are fine. They serve on: none is closed to move towards an
+    endpoint no connect can reach, and no caller fails."""
+    from load import Load
+
+    from greenpool import Pool
+
+    user, old = "failover_rotated", "Rotated-pw-1"
+    if not pg.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (user,)):
+        pg.create_user(user, old)
+    pg.execute(f"ALTER ROLE {user} PASSWORD '{old}'")
+    creds = {"user": user, "pass": old}
+    pool = Pool({"type": mode, "maintenance_interval": 0.1,
+                 "db": [pg.endpoint(**creds), pg.endpoint(name="failover_no_such_db", **creds)],
+                 "groups": {"g": {"connection_count": 3, "min_size": 3, "timeout": 10}}})
+    load = Load(pool, "g", tasks=3, hold=0.005)
+    try:
+        g = pool.group("g")
+        wait_until(lambda: g.size == 3 and g.connector.refusals.refused(time.monotonic()), 10,
+                   "three connections and the missing database's refusal")
+        load.until(50, timeout=30)
+        pg.execute(f"ALTER ROLE {user} PASSWORD 'Rotated-pw-2'")
+        before = pool.stats()["groups"]["g"]
+        load.until(500, timeout=60)
+        after = pool.stats()["groups"]["g"]
+    finally:
+        load.stop()  # asserts that no caller met an error
+        pool.close()
+    assert after["discards"] == before["discards"], (before, after)
+    assert after["size"] == 3
