@@ -959,3 +959,46 @@ def test_connections_open_before_every_endpoint_refused_the_group_serve_on(pg, m
         pool.close()
     assert after["discards"] == before["discards"], (before, after)
     assert after["size"] == 3
+
+
+@pytest.mark.timeout(90)
+def test_a_full_server_is_aimed_at_less_and_less_not_at_every_return(pg, pg_factory, mode):
+    """The second endpoint is a server whose connection slots other clients hold (it answers
+    "too many clients": up, not quarantined). A busy group finds it below its share; a move
+    towards it lands back on the healthy server, and the group then leaves it alone for a
+    backoff that doubles at each miss, instead of closing a working connection to aim at it
+    again every second or at every return."""
+    from load import Load
+
+    from greenpool import Pool
+
+    full = pg_factory(settings={"max_connections": 4, "superuser_reserved_connections": 1})
+    full.create_user("app", "app-pw")
+    hogs = [psycopg2.connect(full.dsn(user="app", password="app-pw")) for _ in range(3)]
+    try:
+        pool = Pool({"type": mode, "maintenance_interval": 0.1, "quarantine_initial": 1.0,
+                     "db": [pg.endpoint(), full.endpoint(user="app", **{"pass": "app-pw"})],
+                     "groups": {"g": {"connection_count": 4, "timeout": 10}}})
+        load = Load(pool, "g", tasks=6, hold=0.005)
+        try:
+            full_ep = next(ep for ep in pool.group("g").endpoints if ep.config.port == full.port)
+            group = pool.group("g")
+            wait_until(lambda: full_ep.full > 0 and group.size == 4 and not group._connecting,
+                       10, "the full server to say so, and the group to be full")
+            before = pool.stats()["groups"]["g"]
+            started = time.monotonic()
+            while time.monotonic() - started < 5:
+                load.until(50, timeout=30)
+            after = pool.stats()["groups"]["g"]
+        finally:
+            load.stop()
+            pool.close()
+    finally:
+        for hog in hogs:
+            hog.close()
+    moved = (after["discards_by_reason"].get("rebalance", 0)
+             - before["discards_by_reason"].get("rebalance", 0))
+    # at most 2 moves at once (the slow start of moves), aimed at about 0, 1 and 3 s: not
+    # about 8 a second (housekeeping looks every 0.1 s here)
+    assert moved <= 8, (before, after)
+    assert after["connects"] - before["connects"] <= moved + 1, (before, after)
