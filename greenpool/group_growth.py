@@ -330,15 +330,18 @@ class GroupGrowth(GroupBase):
         self.on_endpoint_failure(endpoint)
 
     def _landed_elsewhere(self, target: Endpoint) -> None:
-        """A move's connect opened its connection elsewhere than ``target`` (which could
-        not take it after all: full, or it failed): returns stop moving connections, and
-        ``target`` is no place to move to for its first backoff, doubled at each miss in a
-        row up to its longest, until a connection of the group lands there. Else every
-        return would close a working connection to aim at ``target`` once more, and land
-        where it came from."""
+        """A connect aimed at ``target`` (a move, or one spreading the group to an endpoint
+        it has no connection on) opened its connection elsewhere: returns stop moving
+        connections, and ``target``, if still up (a server that failed is quarantined,
+        which says more), is no place to move to for its first backoff, doubled at each
+        miss in a row up to its longest, until a connection of the group lands there. Else
+        every return would close a working connection to aim at ``target`` once more (one
+        that said it is full a moment ago), and land where it came from."""
+        self.imbalanced = False
+        if target.state != UP:
+            return
         now = _monotonic()
         _, misses = self._aims_missed.get(target, (0.0, 0))
         pause = min(target.backoff_initial * 2 ** min(misses, 30), target.backoff_max)
         self._aims_missed[target] = (now + pause, misses + 1)
-        self.imbalanced = False
         self._forget_placement()
