@@ -92,6 +92,10 @@ class Slots(Protocol):
     def _endpoint_failed(self, endpoint: Endpoint) -> None:
         """A connect to ``endpoint`` failed for a server reason: its idle peers are suspect."""
 
+    def _landed_elsewhere(self, target: Endpoint) -> None:
+        """A connect aimed at ``target`` (a move, an endpoint without a connection of the
+        group) opened its connection on another endpoint."""
+
     @property
     def waiting(self) -> int:
         """How many callers wait for a connection now."""
@@ -388,10 +392,13 @@ class Connector:
         slots = self.slots
         assert slots is not None
         generation = slot.generation
+        aimed = target
         with slot:  # whatever ends this task, the slot is given back unless delivered
             while not self.stopped:
                 pc = self._round(target, generation, slot=slot)
                 if pc is not None:
+                    if aimed is not None and pc.endpoint is not aimed:
+                        slots._landed_elsewhere(aimed)
                     slots._deliver(slot, pc)
                     return
                 target = None  # a failed preference falls back to the normal choice
@@ -424,7 +431,8 @@ class Connector:
         config = self.config
         order = connect_order(self.endpoints, config.role, config.max_lag, config.on_lag,
                               self.counts, now, self._rotation,
-                              probe=not self._backend.can_wait)
+                              probe=not self._backend.can_wait,
+                              refused=self.refusals.refused(now))
         self._rotation += 1
         if target is not None and target in order:
             order.remove(target)

@@ -93,8 +93,8 @@ class Endpoint:
         #: primary); believe it only while :meth:`lag_known` says so
         self.lag: float | None = None
         self.lag_seen_at = 0.0  # when it was measured (monotonic)
-        #: called when the role, the timeline or the lag changes (groups cache where they
-        #: should be)
+        #: called when the role, the timeline or the lag changes, or it says it is full
+        #: (groups cache where they should be)
         self._watchers: list[Callable[[], None]] = []
         #: the pool's sightings of its primaries' WAL positions (one per pool, shared; the
         #: pool joins its endpoints to it): what vouches for a standby that replayed all it
@@ -130,6 +130,9 @@ class Endpoint:
         #: an attempt cut by its caller's deadline got no answer: tried last until then
         self.cut_until = 0.0
         self.first_attempt_at = 0.0  # when the first connect attempt to it began
+        #: when the pool made it (at start, or a ``Pool.reconfigure`` added it): a primary
+        #: known before it keeps the writes while it is explored (roles._exploring)
+        self.added_at = time.monotonic()
         self.full = 0  # times it said so
         self.down_since = 0.0  # when the current outage began (monotonic); while not up
         self._failures = 0  # consecutive failed connects, drives the backoff
@@ -254,6 +257,7 @@ class Endpoint:
                 self.state = UP
                 self.ramp = _SLOW_START
                 self._failures = 0
+            self._changed()  # no place to move connections to until full_until
 
     def connect_error(self, fatal: bool, kind: str, message: str) -> bool:
         """End a connect attempt that failed (see ``connection.ConnectError``); True when
@@ -374,7 +378,7 @@ class Endpoint:
 
     def watch(self, callback: Callable[[], None]) -> None:
         """Have ``callback`` (non-blocking) called whenever the role, the timeline or the lag
-        changes."""
+        changes, or the server says it is full."""
         self._watchers.append(callback)
 
     def _changed(self) -> None:

@@ -37,7 +37,7 @@ from .endpoint import STANDBY, UNKNOWN, Endpoint
 from .errors import PoolClosed, PoolError
 from .group_base import DRAINED, _inherited_in_use, _monotonic
 from .group_retiring import TRAVELS, GroupRetiring
-from .placement import take_in_turn, where_to_be
+from .placement import open_to, take_in_turn, where_to_be
 from .roles import fits, read_role, role_of
 from .stats import FOLD_AT
 from .waiting import WaitLine
@@ -218,16 +218,40 @@ class Group(GroupRetiring):
         most every 50 ms: the borrow path asks it for every loan of a group with a role."""
         now = _monotonic()
         if now >= self._preferred_until:
-            config = self.config
-            self._preferred = where_to_be(self.endpoints, config.role, config.max_lag,
-                                          config.on_lag)
-            until = now + 0.05
-            max_lag = config.max_lag
-            if max_lag is not None:  # a lag going stale is news too, watcher or not
-                until = min([until, *(at for ep in self.endpoints
-                                      if (at := ep.fresh_until(max_lag)) > now)])
-            self._preferred_until = until
+            self._place(now)
         return self._preferred
+
+    def usable_endpoints(self) -> frozenset[Endpoint]:
+        """Those of :meth:`preferred_endpoints` a connection may be opened on or moved to
+        for balance now (:func:`placement.open_to`); cached with them."""
+        now = _monotonic()
+        if now >= self._preferred_until:
+            self._place(now)
+        return self._usable
+
+    def _place(self, now: float) -> None:
+        """Compute where the group should be, from one view of what it may use now: the
+        endpoints its connects skip (refused it, set it back), those that said they are
+        full, and those a move of the group missed lately (not moved to). Cached until one
+        of those ends by itself, or 50 ms; a change before that (a role, a lag, a refusal,
+        a full server, a miss) forgets it at once (watchers)."""
+        config = self.config
+        refusals = self.connector.refusals
+        refused = refusals.refused(now)
+        preferred = where_to_be(self.endpoints, config.role, config.max_lag, config.on_lag,
+                                refused)
+        missed = {ep: until for ep, (until, _) in list(self._aims_missed.items())
+                  if until > now}
+        self._usable = open_to(preferred, refused | missed.keys(), now, config.role)
+        self._preferred = preferred
+        until = now + 0.05
+        max_lag = config.max_lag
+        if max_lag is not None:  # a lag going stale is news too, watcher or not
+            until = min([until, *(at for ep in self.endpoints
+                                  if (at := ep.fresh_until(max_lag)) > now)])
+        ends = [refusals.until(ep) for ep in refused] + list(missed.values())
+        ends += [ep.full_until for ep in preferred if ep.full_until > now]
+        self._preferred_until = min([until, *ends])
 
     # --- returning ------------------------------------------------------------------------
 

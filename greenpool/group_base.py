@@ -126,9 +126,14 @@ class GroupBase:
         self._generation = 0
         self._roles_matter = config.role != "any"
         self._preferred: frozenset[Endpoint] = frozenset(self.endpoints)
+        self._usable: frozenset[Endpoint] = self._preferred
         self._preferred_until = 0.0
         for endpoint in self.endpoints:  # a new role or lag is news at once, not in 50 ms
             endpoint.watch(self._forget_placement)
+        self.connector.refusals.on_change = self._forget_placement  # a refusal too
+        #: endpoint -> (no move aims there before, misses in a row): a move's connect
+        #: landed elsewhere (see GroupGrowth._landed_elsewhere)
+        self._aims_missed: dict[Endpoint, tuple[float, int]] = {}
         #: set by housekeeping (and when an endpoint comes back) while connections should
         #: move to another endpoint: only then does a return look at placement
         self.imbalanced = False
@@ -151,6 +156,9 @@ class GroupBase:
         raise NotImplementedError
 
     def preferred_endpoints(self) -> frozenset[Endpoint]:
+        raise NotImplementedError
+
+    def usable_endpoints(self) -> frozenset[Endpoint]:
         raise NotImplementedError
 
     def _forget_placement(self) -> None:

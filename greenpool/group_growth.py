@@ -156,7 +156,8 @@ class GroupGrowth(GroupBase):
         config = self.config
         counts = self.counts
         targets = [ep for ep in connect_order(self.endpoints, config.role, config.max_lag,
-                                              config.on_lag, counts, now, 0)
+                                              config.on_lag, counts, now, 0,
+                                              refused=self.connector.refusals.refused(now))
                    if not counts.get(ep) and ep.state == UP and not ep.cut(now)]
         if not targets:
             self._next_spread = now + _SPREAD_EVERY  # nothing to do: look again later
@@ -256,6 +257,9 @@ class GroupGrowth(GroupBase):
                 self._connecting -= 1
                 slot.cell[1], slot.cell[0], pc.slot = pc.endpoint, ATTACHED, slot
             stray = abandoned or pc.endpoint not in self.endpoints
+            if self._aims_missed and pc.endpoint in self._aims_missed:
+                del self._aims_missed[pc.endpoint]  # it took one: a place to move to again
+                self._forget_placement()
             closed = self._closed
             surplus = self._size > self.config.connection_count  # resize() lowered it
             if not closed and not surplus and not stray:
@@ -280,12 +284,13 @@ class GroupGrowth(GroupBase):
             self.connector.start(new, target)
 
     def _unserved_endpoints(self) -> list[Endpoint]:
-        """A group with room and several endpoints opens one connection on each preferred
-        endpoint that has none, so that even a light load is spread by weight."""
+        """A group with room and several endpoints opens one connection on each endpoint it
+        may use now (placement.open_to) that has none, so that even a light load is spread
+        by weight."""
         room = self.config.connection_count - self._size
         if room <= 0 or self._connecting:
             return []
-        return unserved(self.preferred_endpoints(), self._attached_counts())[:room]
+        return unserved(self.usable_endpoints(), self._attached_counts())[:room]
 
     def _still_needed(self, slot: Slot) -> bool:
         """After a failed round of connects: keep trying (True), or the slot is given back
@@ -323,3 +328,20 @@ class GroupGrowth(GroupBase):
 
     def _endpoint_failed(self, endpoint: Endpoint) -> None:
         self.on_endpoint_failure(endpoint)
+
+    def _landed_elsewhere(self, target: Endpoint) -> None:
+        """A connect aimed at ``target`` (a move, or one spreading the group to an endpoint
+        it has no connection on) opened its connection elsewhere: returns stop moving
+        connections, and ``target``, if still up (a server that failed is quarantined,
+        which says more), is no place to move to for its first backoff, doubled at each
+        miss in a row up to its longest, until a connection of the group lands there. Else
+        every return would close a working connection to aim at ``target`` once more (one
+        that said it is full a moment ago), and land where it came from."""
+        self.imbalanced = False
+        if target.state != UP:
+            return
+        now = _monotonic()
+        _, misses = self._aims_missed.get(target, (0.0, 0))
+        pause = min(target.backoff_initial * 2 ** min(misses, 30), target.backoff_max)
+        self._aims_missed[target] = (now + pause, misses + 1)
+        self._forget_placement()

@@ -43,8 +43,8 @@ class GroupRetiring(GroupLine):
     def _move_target(self, pc: PooledConnection) -> Endpoint | None:
         if self._connecting >= _MOVES_IN_FLIGHT:
             return None  # within the slow start: at most this many connects under way
-        target = move_target(pc.endpoint, self.preferred_endpoints(), self._attached_counts(),
-                             _monotonic())
+        target = move_target(pc.endpoint, self.preferred_endpoints(), self.usable_endpoints(),
+                             self._attached_counts(), _monotonic())
         if target is None and not self._connecting:
             self.imbalanced = False  # nothing more to move: returns stop looking
         return target

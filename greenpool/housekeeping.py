@@ -235,10 +235,10 @@ class Housekeeping:
         """Idle connections on the wrong endpoint are closed and reopened through the normal
         choice; while a busy group holds more than its share somewhere, returns move
         connections (``Group.imbalanced``, see ``Group.reuse``)."""
-        preferred = group.preferred_endpoints()
+        preferred, usable = group.preferred_endpoints(), group.usable_endpoints()
         counts = group.counts
         moving = group._take_idle(
-            lambda idle: misplaced(idle, preferred, group.role, counts)
+            lambda idle: misplaced(idle, preferred, usable, group.role, counts)
         )
         for pc in moving:
             group.discard(pc, "rebalance")
@@ -246,7 +246,7 @@ class Housekeeping:
             group._grow(len(moving))
         now = time.monotonic()
         group.imbalanced = any(
-            move_target(ep, preferred, counts, now) is not None
+            move_target(ep, preferred, usable, counts, now) is not None
             for ep, count in counts.items() if count
         )
 

@@ -4,7 +4,9 @@ Pure functions over endpoints and counts. Nothing here knows about slots, waitin
 how connections are made, so each rule can be read (and tested) on its own:
 
 * :func:`where_to_be` — the endpoints a group should use now (its first preference tier
-  with an endpoint up);
+  with an endpoint up that has not refused the group);
+* :func:`open_to` — those of them a connection may be opened on or moved to for balance
+  now: the one view of "usable now" that every balancing rule below reads;
 * :func:`connect_order` — where the next connect goes: fewest of the group's connections
   per unit of weight first, ties rotating;
 * :func:`take_in_turn` — which idle connection a borrow takes (smooth weighted round robin
@@ -27,18 +29,45 @@ ROLE_RECHECK = 0.5
 
 
 def where_to_be(
-    endpoints: Sequence[Endpoint], role: str, max_lag: float | None, on_lag: str
+    endpoints: Sequence[Endpoint],
+    role: str,
+    max_lag: float | None,
+    on_lag: str,
+    refused: Collection[Endpoint] = (),
 ) -> frozenset[Endpoint]:
-    """The up endpoints of the first preference tier that has any (so not a standby that
-    started to lag, not the primary once a preferred standby is back). When none is up,
-    every endpoint of every tier: nothing better to move to. Never an endpoint no tier
-    lists (a standby whose lag is unknown, for a group that must not use the primary)."""
+    """The up endpoints of the first preference tier with one up that has not ``refused``
+    the group (so not a standby that started to lag, not the primary once a preferred
+    standby is back, not a tier only a refusal keeps the group from). When every up
+    endpoint refused the group, the first tier with one up: the connections it has there
+    serve on. When none is up, every endpoint of every tier: nothing better to move to.
+    Never an endpoint no tier lists (a standby whose lag is unknown, for a group that must
+    not use the primary)."""
     tiers = candidates(endpoints, role, max_lag, on_lag)
+    fallback: frozenset[Endpoint] = frozenset()
     for tier in tiers:
         up = frozenset(ep for ep in tier if ep.state == UP)
-        if up:
+        if up and not up <= frozenset(refused):
             return up
-    return frozenset(ep for tier in tiers for ep in tier)
+        fallback = fallback or up
+    return fallback or frozenset(ep for tier in tiers for ep in tier)
+
+
+def open_to(
+    preferred: frozenset[Endpoint], barred: Collection[Endpoint], now: float, role: str
+) -> frozenset[Endpoint]:
+    """Those of ``preferred`` a connection may be opened on or moved to for balance now:
+    up, not ``barred`` for the group (it refused the group or set it back, so its connects
+    skip it; a move's connect there landed elsewhere lately), not full (it said so:
+    connects leave it alone until ``full_until``), and, for a group with a ``role``, of a
+    known role (one never reached may be a standby, or a host not reachable yet: a connect
+    that needs to be made measures it, no working connection is closed to find out). Only
+    these count in
+    the shares: an endpoint the group cannot reach now is never "below its share", so no
+    working connection is closed to go where no connect can follow. Connections already on
+    another endpoint of ``preferred`` stay (a full server's are healthy)."""
+    return frozenset(ep for ep in preferred
+                     if ep.state == UP and ep not in barred and now >= ep.full_until
+                     and (role == "any" or ep.role != UNKNOWN))
 
 
 def connect_order(
@@ -50,17 +79,19 @@ def connect_order(
     now: float,
     rotation: int,
     probe: bool = True,
+    refused: Collection[Endpoint] = (),
 ) -> list[Endpoint]:
     """Endpoints to try now: the first preference tier with an endpoint that may take a
-    connect; within it fewest of the group's connections per weight first, ties rotating
-    from ``rotation`` so that a fleet of workers does not all pick the first one. Without
-    ``probe`` (housekeeping probes quarantined endpoints), a quarantined endpoint is tried
-    only when no endpoint of its tier is up: a caller's connect is not spent on a probe
-    that may hang for ``connect_timeout`` while a healthy endpoint has room."""
+    connect and has not ``refused`` the group (a tier only refusals keep it from gives way
+    to the next); within it fewest of the group's connections per weight first, ties
+    rotating from ``rotation`` so that a fleet of workers does not all pick the first one.
+    Without ``probe`` (housekeeping probes quarantined endpoints), a quarantined endpoint is
+    tried only when no endpoint of its tier is up: a caller's connect is not spent on a
+    probe that may hang for ``connect_timeout`` while a healthy endpoint has room."""
     for tier in candidates(endpoints, role, max_lag, on_lag, connecting=True):
         ready = [
             ep for ep in tier
-            if ep.may_connect(now)
+            if ep.may_connect(now) and ep not in refused
             and (role != "primary" or ep.role != STANDBY or now - ep.role_seen_at >= ROLE_RECHECK)
         ]
         if not probe and len(ready) > 1:
@@ -132,29 +163,33 @@ def take_in_turn(endpoints_of_idle: Sequence[Endpoint], turns: dict[Endpoint, fl
     return latest[chosen]
 
 
-def _shares(preferred: Iterable[Endpoint], counts: Mapping[Endpoint, int]) -> dict[Endpoint, float]:
-    eps = list(preferred)
+def _shares(usable: Iterable[Endpoint], counts: Mapping[Endpoint, int]) -> dict[Endpoint, float]:
+    eps = list(usable)
     total = sum(counts.get(ep, 0) for ep in eps)
     weights = sum(ep.config.weight for ep in eps)
-    return {ep: total * ep.config.weight / weights for ep in eps}
+    return {ep: total * ep.config.weight / weights for ep in eps} if weights else {}
 
 
 def move_target(
     source: Endpoint,
     preferred: frozenset[Endpoint],
+    usable: frozenset[Endpoint],
     counts: Mapping[Endpoint, int],
     now: float,
 ) -> Endpoint | None:
     """An endpoint a connection to ``source`` should move to, or None.
 
     A connection moves when ``source`` is not a preferred endpoint, or holds more than its
-    weighted share while a preferred endpoint that may take a connect now holds less than
-    its own (rounded so that a balanced group never moves back and forth)."""
-    ready = [ep for ep in preferred if ep.state == UP and ep.may_connect(now)]
+    weighted share of the ``usable`` ones (:func:`open_to`) while a usable endpoint that
+    may take a connect now holds less than its own (rounded so that a balanced group never
+    moves back and forth). One on a preferred endpoint not usable now stays."""
+    ready = [ep for ep in usable if ep.may_connect(now)]
     if not ready:
         return None
     if source in preferred:
-        shares = _shares(preferred, counts)
+        if source not in usable:
+            return None
+        shares = _shares(usable, counts)
         if counts.get(source, 0) <= math.ceil(shares[source]):
             return None
         ready = [ep for ep in ready if counts.get(ep, 0) < int(shares[ep])]
@@ -166,19 +201,21 @@ def move_target(
 def misplaced(
     idle: Sequence[Any],
     preferred: frozenset[Endpoint],
+    usable: frozenset[Endpoint],
     role: str,
     counts: Mapping[Endpoint, int],
 ) -> list[Any]:
     """Idle connections (anything with an ``endpoint``) that should move: off endpoints whose
     role no longer fits, off fallback endpoints once a preferred one is up, and off
-    endpoints above their weighted share while another is below it."""
+    ``usable`` endpoints (:func:`open_to`) above their weighted share while another usable
+    one is below it."""
     up = frozenset(ep for ep in preferred if ep.state == UP)
     if not up:
         return []
     moving = [pc for pc in idle if pc.endpoint not in up or not fits(role, pc.endpoint.role)]
-    shares = _shares(up, counts)
-    if any(counts.get(ep, 0) < int(shares[ep]) for ep in up):
-        for ep in up:
+    shares = _shares(usable, counts)
+    if any(counts.get(ep, 0) < int(shares[ep]) for ep in usable):
+        for ep in usable:
             excess = counts.get(ep, 0) - math.ceil(shares[ep])
             for pc in idle:
                 if excess <= 0:
@@ -189,7 +226,7 @@ def misplaced(
     return moving
 
 
-def unserved(preferred: frozenset[Endpoint], counts: Mapping[Endpoint, int]) -> list[Endpoint]:
-    """Preferred endpoints that are up and hold none of the group's connections: a group
-    with room opens one on each, so that even a light load is spread by weight."""
-    return [ep for ep in preferred if ep.state == UP and not counts.get(ep, 0)]
+def unserved(usable: frozenset[Endpoint], counts: Mapping[Endpoint, int]) -> list[Endpoint]:
+    """``usable`` endpoints (:func:`open_to`) that hold none of the group's connections: a
+    group with room opens one on each, so that even a light load is spread by weight."""
+    return [ep for ep in usable if not counts.get(ep, 0)]

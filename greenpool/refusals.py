@@ -19,11 +19,15 @@ either.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import NamedTuple
 
 from .endpoint import Endpoint
 from .errors import ConnectFailed
+
+
+def _nothing() -> None:
+    pass
 
 
 class _Refusal(NamedTuple):
@@ -44,11 +48,15 @@ class Refusals:
         self._retrying: dict[Endpoint, float] = {}
         #: endpoint -> setbacks in a row (since the group's last connect to it succeeded)
         self._setbacks: dict[Endpoint, int] = {}
+        #: called (non-blocking) when an endpoint starts or stops being refused before its
+        #: pause would end by itself: the group caches where it should be (placement)
+        self.on_change: Callable[[], None] = _nothing
 
     def remember(self, endpoint: Endpoint, message: str, now: float) -> None:
         """``endpoint`` refused the group for a reason retrying cannot fix."""
         self._retrying.pop(endpoint, None)
         self._by_endpoint[endpoint] = _Refusal(now + self._pause, message, True, now)
+        self.on_change()
 
     def set_back(self, endpoint: Endpoint, message: str, now: float,
                  began: float | None = None) -> None:
@@ -65,12 +73,14 @@ class Refusals:
         times = self._setbacks[endpoint] = self._setbacks.get(endpoint, 0) + 1
         pause = min(endpoint.backoff_initial * 2 ** min(times - 1, 30), endpoint.backoff_max)
         self._by_endpoint[endpoint] = _Refusal(now + pause, message, False, now)
+        self.on_change()
 
     def forget(self, endpoint: Endpoint) -> None:
         """A connect of the group to ``endpoint`` succeeded."""
         self._retrying.pop(endpoint, None)
         self._setbacks.pop(endpoint, None)
-        self._by_endpoint.pop(endpoint, None)
+        if self._by_endpoint.pop(endpoint, None) is not None:
+            self.on_change()
 
     def claim(self, endpoint: Endpoint, now: float, hold: float) -> bool:
         """Whether a connect of the group may go to ``endpoint`` now (the caller holds the
@@ -100,6 +110,7 @@ class Refusals:
         if endpoint in self._retrying and claimed in (None, self._retrying[endpoint]):
             del self._retrying[endpoint]
             self._by_endpoint.pop(endpoint, None)
+            self.on_change()
 
     def blocks(self, endpoint: Endpoint, now: float) -> bool:
         """Whether ``endpoint`` refused the group and its pause has not ended yet."""
@@ -146,3 +157,4 @@ class Refusals:
         self._retrying = {ep: claimed for ep, claimed in self._retrying.items()
                           if ep in self._by_endpoint}
         self._pause = max(ep.backoff_max for ep in endpoints)
+        self.on_change()

@@ -278,12 +278,26 @@ def unexplored(ep: Endpoint) -> bool:
     return not started or time.monotonic() - started < EXPLORE_WAIT
 
 
+def _exploring(endpoints: Sequence[Endpoint], primaries: list[Endpoint]) -> bool:
+    """Whether the choice of a primary waits for an endpoint never reached: only while no
+    primary was known before that endpoint was added (a new pool: it may be the promoted
+    primary of a split brain). A primary already known keeps the writes while an endpoint
+    added since (``Pool.reconfigure``) is explored in the background: it was the rule's
+    choice before the newcomer existed, and is until the newcomer answers."""
+    newcomers = [ep.added_at for ep in endpoints if unexplored(ep)]
+    if not newcomers:
+        return False
+    first = min(newcomers)
+    return not any(ep.primary_since is not None and ep.primary_since < first
+                   for ep in primaries)
+
+
 def _chosen_primary(endpoints: Sequence[Endpoint], primaries: list[Endpoint]) -> Endpoint | None:
     """The primary a ``primary`` group uses; None while the rule cannot choose: primaries
     answer together and one of them has an unknown timeline, or an endpoint that is up has
-    never been reached (a new pool: it may be the promoted primary of a split brain). The
-    next connect learns what is missing; configuration order is no rule."""
-    if any(unexplored(ep) for ep in endpoints):
+    never been reached (see :func:`_exploring`). The next connect learns what is missing;
+    configuration order is no rule."""
+    if _exploring(endpoints, primaries):
         return None
     if len(primaries) == 1:
         only = primaries[0]
@@ -333,7 +347,10 @@ def candidates(
     group, and a primary whose timeline is unknown is not chosen while another answers
     too. With ``connecting``, the tiers say where a *connect* may go, and those unknowns
     are in the first tier: a connect measures them (``Connector._attempt``) and keeps the
-    connection only if it then fits."""
+    connection only if it then fits. An endpoint whose role was never seen is in the first
+    tier either way (it may be the standby a group prefers: a new pool does not settle on
+    the primary it happened to reach first), but no connection moves towards it
+    (``placement.open_to``)."""
     if group_role == "any":
         return [list(endpoints)]
     primaries = [ep for ep in endpoints if ep.role == PRIMARY]

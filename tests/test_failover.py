@@ -875,3 +875,130 @@ def test_commit_outcome_unknown_is_never_retried(make_pool, pg_factory, server_c
     assert server.execute("SELECT count(*) FROM t")[0][0] == 1  # committed once, not twice
     assert pool.stats()["groups"]["g"]["replays"] == 0
     assert endpoint_stats(pool, server)["state"] == "up"
+
+
+# --- an endpoint that refuses the group ------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("role", ["any", "primary"])
+@pytest.mark.parametrize("refusal", ["missing database", "configure hook"])
+def test_an_endpoint_that_refuses_the_group_costs_it_no_connection_elsewhere(
+        pg, mode, role, refusal):
+    """One of two endpoints refuses the group for good (its database is missing there, or
+    the group's configure hook fails there): its health is untouched, so it stays up. Under
+    load the group keeps its connections on the healthy endpoint: none is closed to move
+    towards the refusing one (where no connect can follow) and no connect is made again."""
+    from load import Load
+
+    from greenpool import Pool
+
+    if refusal == "missing database":
+        refusing, group = pg.endpoint(name="failover_no_such_db"), {}
+    else:
+        name = "failover_hook_refused"
+        if not pg.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)):
+            pg.create_database(name)
+
+        def hook(raw: Any) -> None:
+            if raw.info.dbname == name:
+                raise RuntimeError("this group may not use that database")
+
+        refusing, group = pg.endpoint(name=name), {"configure": hook}
+    pool = Pool({"type": mode, "db": [pg.endpoint(), refusing], "maintenance_interval": 0.1,
+                 "groups": {"g": {"connection_count": 4, "role": role, "timeout": 10,
+                                  **group}}})
+    load = Load(pool, "g", tasks=6, hold=0.005)
+    try:
+        g = pool.group("g")
+        wait_until(lambda: g.connector.refusals.refused(time.monotonic()), 10, "the refusal")
+        load.until(50, timeout=30)
+        before = pool.stats()["groups"]["g"]
+        load.until(1000, timeout=60)
+        after = pool.stats()["groups"]["g"]
+    finally:
+        load.stop()
+        pool.close()
+    moved = {reason: after["discards_by_reason"].get(reason, 0)
+             - before["discards_by_reason"].get(reason, 0) for reason in ("rebalance",
+                                                                          "wrong_role")}
+    assert moved == {"rebalance": 0, "wrong_role": 0}
+    assert after["connects"] - before["connects"] <= 1, (before, after)
+
+
+@pytest.mark.timeout(90)
+def test_connections_open_before_every_endpoint_refused_the_group_serve_on(pg, mode):
+    """The group's password is changed on the server (the secret rotated there first) while
+    its other endpoint refuses it anyway (a missing database): every new login is refused,
+    but the sessions it holds are fine. They serve on: none is closed to move towards an
+    endpoint no connect can reach, and no caller fails."""
+    from load import Load
+
+    from greenpool import Pool
+
+    user, old = "failover_rotated", "Rotated-pw-1"
+    if not pg.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (user,)):
+        pg.create_user(user, old)
+    pg.execute(f"ALTER ROLE {user} PASSWORD '{old}'")
+    creds = {"user": user, "pass": old}
+    pool = Pool({"type": mode, "maintenance_interval": 0.1,
+                 "db": [pg.endpoint(**creds), pg.endpoint(name="failover_no_such_db", **creds)],
+                 "groups": {"g": {"connection_count": 3, "min_size": 3, "timeout": 10}}})
+    load = Load(pool, "g", tasks=3, hold=0.005)
+    try:
+        g = pool.group("g")
+        wait_until(lambda: g.size == 3 and g.connector.refusals.refused(time.monotonic()), 10,
+                   "three connections and the missing database's refusal")
+        load.until(50, timeout=30)
+        pg.execute(f"ALTER ROLE {user} PASSWORD 'Rotated-pw-2'")
+        before = pool.stats()["groups"]["g"]
+        load.until(500, timeout=60)
+        after = pool.stats()["groups"]["g"]
+    finally:
+        load.stop()  # asserts that no caller met an error
+        pool.close()
+    assert after["discards"] == before["discards"], (before, after)
+    assert after["size"] == 3
+
+
+@pytest.mark.timeout(90)
+def test_a_full_server_is_aimed_at_less_and_less_not_at_every_return(pg, pg_factory, mode):
+    """The second endpoint is a server whose connection slots other clients hold (it answers
+    "too many clients": up, not quarantined). A busy group finds it below its share; a move
+    towards it lands back on the healthy server, and the group then leaves it alone for a
+    backoff that doubles at each miss, instead of closing a working connection to aim at it
+    again every second or at every return."""
+    from load import Load
+
+    from greenpool import Pool
+
+    full = pg_factory(settings={"max_connections": 4, "superuser_reserved_connections": 1})
+    full.create_user("app", "app-pw")
+    hogs = [psycopg2.connect(full.dsn(user="app", password="app-pw")) for _ in range(3)]
+    try:
+        pool = Pool({"type": mode, "maintenance_interval": 0.1, "quarantine_initial": 1.0,
+                     "db": [pg.endpoint(), full.endpoint(user="app", **{"pass": "app-pw"})],
+                     "groups": {"g": {"connection_count": 4, "timeout": 10}}})
+        load = Load(pool, "g", tasks=6, hold=0.005)
+        try:
+            full_ep = next(ep for ep in pool.group("g").endpoints if ep.config.port == full.port)
+            group = pool.group("g")
+            wait_until(lambda: full_ep.full > 0 and group.size == 4 and not group._connecting,
+                       10, "the full server to say so, and the group to be full")
+            before = pool.stats()["groups"]["g"]
+            started = time.monotonic()
+            while time.monotonic() - started < 5:
+                load.until(50, timeout=30)
+            after = pool.stats()["groups"]["g"]
+        finally:
+            load.stop()
+            pool.close()
+    finally:
+        for hog in hogs:
+            hog.close()
+    moved = (after["discards_by_reason"].get("rebalance", 0)
+             - before["discards_by_reason"].get("rebalance", 0))
+    # at most 2 moves at once (the slow start of moves), aimed at about 0, 1 and 3 s: not
+    # about 8 a second (housekeeping looks every 0.1 s here)
+    assert moved <= 8, (before, after)
+    assert after["connects"] - before["connects"] <= moved + 1, (before, after)

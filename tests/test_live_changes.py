@@ -784,3 +784,44 @@ def test_callers_after_the_timeout_was_lowered_wait_the_new_timeout(pg):
         assert not outcome  # the first caller, still within its 10 s, got the connection
     finally:
         pool.close()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("added", ["standby", "black hole"])
+def test_adding_an_endpoint_to_a_primary_group_leaves_its_writes_on_the_primary(
+        pg_factory, mode, added):
+    """Writers borrow with a short timeout from a primary group on one primary;
+    reconfigure() adds a streaming standby of it, or a host that never answers. Nothing
+    changes for the loans: no connection to the primary is closed (as misplaced, or to move
+    towards the endpoint whose role is not known yet), no caller fails, and the new
+    endpoint's role is learned in the background."""
+    from faults import BlackHole
+
+    primary = pg_factory()
+    with BlackHole() as hole:
+        other = (pg_factory(standby_of=primary).endpoint() if added == "standby"
+                 else hole.endpoint(connect_timeout=2))
+        config = {"type": mode, "db": [primary.endpoint()], "maintenance_interval": 0.1,
+                  "role_check_interval": 0.2,
+                  "groups": {"w": {"role": "primary", "connection_count": 6, "timeout": 0.3}}}
+        pool = Pool(config)
+        load = Load(pool, "w", tasks=5, hold=0.005)
+        try:
+            load.until(100)
+            before = group_stats(pool, "w")
+            pool.reconfigure({**config, "db": [primary.endpoint(), other]})
+            added_ep = next(ep for ep in pool.group("w").endpoints
+                            if ep.config.port != primary.port)
+            learned = ((lambda: added_ep.role == "standby") if added == "standby"
+                       else (lambda: added_ep.state != "up"))
+            wait_until(learned, 15, "the new endpoint's role (or death) to be learned")
+            load.until(300)
+            after = group_stats(pool, "w")
+        finally:
+            load.stop()  # asserts that no caller met an error
+            pool.close()
+    closed = {reason: after["discards_by_reason"].get(reason, 0)
+              - before["discards_by_reason"].get(reason, 0)
+              for reason in ("rebalance", "wrong_role")}
+    assert closed == {"rebalance": 0, "wrong_role": 0}
+    assert after["connects"] - before["connects"] <= 1, (before, after)

@@ -563,3 +563,24 @@ def test_non_threaded_max_lag_group_lends_soon_after_the_wal_receiver_restarted(
         assert first_loan < 2.5, (f"first loan {first_loan:.2f} s after the restart", errors)
     finally:
         pool.close()
+
+
+@pytest.mark.timeout(90)
+def test_a_prefer_standby_group_whose_standby_refuses_it_reads_from_the_primary(
+        make_pool, pg_factory):
+    """The group's configure hook fails on the standby (a refusal retrying cannot fix): the
+    standby stays up, so its tier is not empty, but the group may not use it; reads go to
+    the primary rather than wait for a standby the group cannot log in to."""
+    primary = pg_factory()
+    standby = pg_factory(standby_of=primary)
+
+    def hook(raw: Any) -> None:
+        if raw.info.port == standby.port:
+            raise RuntimeError("this group may not read from the standby")
+
+    pool = make_pool({"r": {"role": "prefer-standby", "connection_count": 2, "timeout": 5,
+                            "configure": hook}},
+                     db=[standby.endpoint(), primary.endpoint()], maintenance_interval=0.1)
+    for _ in range(20):
+        with pool.handler("r") as db:
+            assert db.query_one("SELECT inet_server_port()") == (primary.port,)

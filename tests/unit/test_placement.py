@@ -6,6 +6,7 @@ No server is needed: endpoints are fed what a probe would have reported.
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -14,7 +15,11 @@ from greenpool.endpoint import PRIMARY, QUARANTINED, STANDBY, Endpoint
 from greenpool.placement import (
     connect_order,
     left_unwatched,
+    misplaced,
+    move_target,
+    open_to,
     standby_to_watch,
+    unserved,
     where_to_be,
     without_primary,
 )
@@ -165,3 +170,84 @@ def test_a_watch_makes_way_for_a_standby_nobody_watches_or_an_endpoint_of_unknow
     assert not left_unwatched([*endpoints, added], {first, second, added}, now)
     _primary(added, timeline=2)  # it answered as primary: writes go there, no watch
     assert not left_unwatched([*endpoints, added], {first}, now)
+
+
+def test_an_endpoint_that_refused_the_group_is_no_place_to_move_to() -> None:
+    """A group refused on one endpoint (a missing database, pg_hba, a password) keeps its
+    connections on the other: the refusing one counts in no share, so the healthy one is
+    never "above its share" and nothing is moved or asked for there."""
+    healthy, refusing = _endpoints(2)
+    now = time.monotonic()
+    preferred = where_to_be([healthy, refusing], "any", None, "fail", {refusing})
+    usable = open_to(preferred, {refusing}, now, "any")
+    assert usable == frozenset({healthy})
+    counts = {healthy: 6, refusing: 0}
+    assert move_target(healthy, preferred, usable, counts, now) is None
+    idle = [SimpleNamespace(endpoint=healthy) for _ in range(6)]
+    assert misplaced(idle, preferred, usable, "any", counts) == []
+    assert unserved(usable, counts) == []
+    # not refused, it would take its share
+    usable = open_to(preferred, (), now, "any")
+    assert move_target(healthy, preferred, usable, counts, now) is refusing
+
+
+def test_a_full_server_is_no_place_to_move_to_until_its_pause_ends() -> None:
+    healthy, full = _endpoints(2)
+    assert full.begin_connect(time.monotonic())
+    full.connect_error(False, "too_many_connections", "sorry, too many clients")
+    now = time.monotonic()
+    preferred = where_to_be([healthy, full], "any", None, "fail")
+    assert preferred == frozenset({healthy, full})  # its connections stay: they are healthy
+    usable = open_to(preferred, (), now, "any")
+    assert usable == frozenset({healthy})
+    assert move_target(healthy, preferred, usable, {healthy: 4, full: 0}, now) is None
+    assert move_target(full, preferred, usable, {healthy: 0, full: 4}, now) is None
+    assert open_to(preferred, (), full.full_until, "any") == frozenset({healthy, full})
+
+
+def test_a_tier_only_refusals_keep_the_group_from_gives_way_to_the_next() -> None:
+    """A prefer-standby group whose standby refuses it reads from the primary rather than
+    wait for a standby it may not log in to."""
+    standby, primary = _endpoints(2)
+    _standby(standby, lag=None)
+    _primary(primary, timeline=1)
+    eps = [standby, primary]
+    assert where_to_be(eps, "prefer-standby", None, "fail") == frozenset({standby})
+    assert where_to_be(eps, "prefer-standby", None, "fail", {standby}) == frozenset({primary})
+    now = time.monotonic()
+    assert connect_order(eps, "prefer-standby", None, "fail", {}, now, 0) == [standby]
+    assert connect_order(eps, "prefer-standby", None, "fail", {}, now, 0,
+                         refused={standby}) == [primary]
+    # refused everywhere: the connections it has serve on where they are
+    assert where_to_be(eps, "prefer-standby", None, "fail", {standby, primary}) == frozenset(
+        {standby})
+
+
+def test_an_endpoint_whose_role_is_unknown_is_no_place_for_a_group_with_a_role() -> None:
+    """Added by reconfigure, never reached: a connect may go there (it measures the role),
+    but no working connection moves towards it, and the known primary keeps the writes."""
+    primary, added = _endpoints(2)
+    _primary(primary, timeline=1)
+    added.added_at = time.monotonic() + 1.0  # added after the primary was known
+    now = time.monotonic()
+    preferred = where_to_be([primary, added], "primary", None, "fail")
+    assert primary in preferred  # its connections stay
+    usable = open_to(preferred, (), now, "primary")
+    assert usable == frozenset({primary})
+    assert move_target(primary, preferred, usable, {primary: 6, added: 0}, now) is None
+    assert unserved(usable, {primary: 6, added: 0}) == []
+    assert added in connect_order([primary, added], "primary", None, "fail", {}, now, 0)
+    # a group without a role may move there: any server serves it
+    assert open_to(preferred, (), now, "any") == preferred
+
+
+def test_a_new_pool_chooses_no_primary_before_every_endpoint_was_reached() -> None:
+    """In a new pool an endpoint not reached yet may be the promoted primary of a split
+    brain: the one that answered first is not chosen by speed (roles.EXPLORE_WAIT)."""
+    first, slow = _endpoints(2)
+    _primary(first, timeline=1)  # seen after both endpoints were made
+    assert first not in where_to_be([first, slow], "primary", None, "fail")
+    slow.first_attempt_at = time.monotonic() - 1.0  # explored: it did not answer in time
+    preferred = where_to_be([first, slow], "primary", None, "fail")
+    assert first in preferred
+    assert open_to(preferred, (), time.monotonic(), "primary") == frozenset({first})
