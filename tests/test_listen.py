@@ -1074,8 +1074,13 @@ class FanOutMachine:
 
             @rule()
             def terminate(self) -> None:
-                rows = pg.execute("SELECT pid FROM pg_stat_activity WHERE application_name"
-                                  " = %s", (APP,))
+                def sessions() -> list[Any]:
+                    return pg.execute("SELECT pid FROM pg_stat_activity WHERE "
+                                      "application_name = %s", (APP,))
+
+                if self.open:  # the listening session, once those closed before it left
+                    wait_until(lambda: len(sessions()) == 1, 10, "one session of the pool")
+                rows = sessions()
                 if not rows:
                     return
                 pg.execute("SELECT pg_terminate_backend(%s)", (rows[0][0],))
