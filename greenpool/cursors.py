@@ -130,22 +130,20 @@ class TrackingCursor:
         return loan
 
     def execute(self, query: Any, vars: Any = None) -> Any:
-        loan = self._check_loan()
-        conn = self.connection
-        if changes_session(query, conn):
-            _dirty(conn)
-        if loan is None:
-            return super().execute(query, vars)  # type: ignore[misc]
-        return loan.run(super().execute, query, vars)  # type: ignore[misc]
+        return self._read(super().execute, query, vars)  # type: ignore[misc]
 
     def executemany(self, query: Any, vars_list: Any) -> Any:
+        return self._read(super().executemany, query, vars_list)  # type: ignore[misc]
+
+    def _read(self, call: Any, query: Any, args: Any) -> Any:
+        """A call whose SQL is read here: the loan is dirty if it may change the session."""
         loan = self._check_loan()
         conn = self.connection
         if changes_session(query, conn):
             _dirty(conn)
         if loan is None:
-            return super().executemany(query, vars_list)  # type: ignore[misc]
-        return loan.run(super().executemany, query, vars_list)  # type: ignore[misc]
+            return call(query, args)
+        return loan.run(call, query, args)
 
     def _unread(self, call: Any, *args: Any, **kwargs: Any) -> Any:
         """A call whose SQL is not read here: it may change anything."""
