@@ -429,10 +429,14 @@ class Connector:
         the group abandoned the connect (gave ``slot`` back: its endpoint left the group)."""
         now = _monotonic()
         config = self.config
+        # a primary group's standbys are tried only to find a promotion, never because its
+        # primary refused it (that would make every endpoint look refused while sessions
+        # already open on the primary serve on)
         order = connect_order(self.endpoints, config.role, config.max_lag, config.on_lag,
                               self.counts, now, self._rotation,
                               probe=not self._backend.can_wait,
-                              refused=self.refusals.refused(now))
+                              refused=() if config.role == "primary"
+                              else self.refusals.refused(now))
         self._rotation += 1
         if target is not None and target in order:
             order.remove(target)

@@ -39,6 +39,7 @@ from .group_base import DRAINED, _inherited_in_use, _monotonic
 from .group_retiring import TRAVELS, GroupRetiring
 from .placement import open_to, take_in_turn, where_to_be
 from .roles import fits, read_role, role_of
+from .slots import ATTACHED
 from .stats import FOLD_AT
 from .waiting import WaitLine
 
@@ -238,8 +239,14 @@ class Group(GroupRetiring):
         config = self.config
         refusals = self.connector.refusals
         refused = refusals.refused(now)
+        # a tier only refusals keep the group from gives way to the next, unless the group
+        # still has connections there (the sessions already open serve on; a copy of the
+        # cells, one C call: other threads may change them), and never, for a primary
+        # group, to its standbys (a tier only for connects that look for a promotion)
+        held = {endpoint for state, endpoint in list(self._slot_cells.values())
+                if state == ATTACHED}
         preferred = where_to_be(self.endpoints, config.role, config.max_lag, config.on_lag,
-                                refused)
+                                () if config.role == "primary" else refused - held)
         missed = {ep: until for ep, (until, _) in list(self._aims_missed.items())
                   if until > now}
         self._usable = open_to(preferred, refused | missed.keys(), now, config.role)

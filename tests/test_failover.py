@@ -965,6 +965,50 @@ def test_connections_open_before_every_endpoint_refused_the_group_serve_on(pg, m
 
 
 @pytest.mark.timeout(90)
+def test_a_primary_group_whose_primary_refuses_new_logins_serves_on_its_open_sessions(
+        pg_factory, mode):
+    """A primary group over a primary and its standby. Its password is rotated on the server
+    (it replicates to the standby) and one of its sessions is cut: the reconnect is refused.
+    The sessions still open on the primary serve on: the standbys are never where a primary
+    group should be, so none is closed as of the wrong role, and no caller fails."""
+    from load import Load
+
+    from greenpool import Pool
+
+    primary = pg_factory()
+    user, old = "failover_primary_rotated", "Rotated-pw-1"
+    primary.create_user(user, old)
+    standby = pg_factory(standby_of=primary)
+    creds = {"user": user, "pass": old}
+    pool = Pool({"type": mode, "maintenance_interval": 0.1,
+                 "db": [primary.endpoint(**creds), standby.endpoint(**creds)],
+                 "groups": {"w": {"role": "primary", "connection_count": 4, "min_size": 4,
+                                  "timeout": 10}}})
+    load = Load(pool, "w", tasks=3, hold=0.005)
+    try:
+        g = pool.group("w")
+        wait_until(lambda: g.size == 4, 20, "four connections")
+        load.until(50, timeout=30)
+        primary.execute(f"ALTER ROLE {user} PASSWORD 'Rotated-pw-2'")
+        before = pool.stats()["groups"]["w"]
+        (victim,) = primary.execute("SELECT pid FROM pg_stat_activity WHERE usename = %s "
+                                    "AND state = 'idle' LIMIT 1", (user,))[0]
+        primary.execute("SELECT pg_terminate_backend(%s)", (victim,))
+        wait_until(lambda: g.connector.refusals.refused(time.monotonic()), 20,
+                   "the reconnect to be refused")
+        load.until(500, timeout=60)
+        after = pool.stats()["groups"]["w"]
+    finally:
+        # the cut session's own statement (if one ran on it then) is the only error allowed
+        load.errors[:] = [e for e in load.errors if "terminating connection" not in str(e)]
+        load.stop()  # asserts that no other caller met an error
+        pool.close()
+    wrong_role = (after["discards_by_reason"].get("wrong_role", 0)
+                  - before["discards_by_reason"].get("wrong_role", 0))
+    assert wrong_role == 0, (before, after)
+
+
+@pytest.mark.timeout(90)
 def test_a_full_server_is_aimed_at_less_and_less_not_at_every_return(pg, pg_factory, mode):
     """The second endpoint is a server whose connection slots other clients hold (it answers
     "too many clients": up, not quarantined). A busy group finds it below its share; a move
